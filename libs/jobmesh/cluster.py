@@ -1,0 +1,149 @@
+"""Start the five services as separate processes on one machine.
+
+Used by ``jobmesh dev``, the end-to-end tests and the benchmark, so all three run the
+system the same way: real processes, real NATS, real Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+
+from jobmesh import subjects
+from jobmesh.errors import Unavailable
+from jobmesh.messages.v1 import HealthReply
+
+SERVICES = ("trigger", "scheduler", "binder", "executor", "tracker")
+
+
+@dataclass
+class ServiceProcess:
+    """One running service process and where its log goes."""
+
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+
+@dataclass
+class LocalCluster:
+    """The five services (or a subset) as child processes.
+
+    Attributes:
+        nats_url: the NATS server every service connects to.
+        database_url: Postgres for the scheduler and tracker.
+        work_dir: logs go to ``work_dir/logs``; executors run jobs under ``work_dir/nodes``.
+        env: extra environment for every service (``JOBMESH_*`` settings).
+    """
+
+    nats_url: str
+    database_url: str
+    work_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+    procs: list[ServiceProcess] = field(default_factory=list)
+
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None, tag: str = "") -> ServiceProcess:
+        """Start one service process (``python -m jobmesh.<name>``)."""
+        logs = self.work_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(
+            {
+                "JOBMESH_NATS_URL": self.nats_url,
+                "JOBMESH_DATABASE_URL": self.database_url,
+                "JOBMESH_WORK_DIR": str(self.work_dir / "nodes"),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        env.update(self.env)
+        env.update(extra_env or {})
+        log_path = logs / f"{name}{tag}.log"
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", f"jobmesh.{name}"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        sp = ServiceProcess(name, proc, log_path)
+        self.procs.append(sp)
+        return sp
+
+    def start(self, services: tuple[str, ...] = SERVICES) -> "LocalCluster":
+        """Start each named service once."""
+        for name in services:
+            self.start_service(name)
+        return self
+
+    async def wait_healthy(self, services: tuple[str, ...] = SERVICES, timeout: float = 60.0) -> None:
+        """Wait until every named service answers its health check with ok.
+
+        Raises:
+            Unavailable: on timeout or when a process exits; the message names the service
+                and points at its log.
+        """
+        nc = await nats.connect(self.nats_url, connect_timeout=5)
+        try:
+            deadline = time.monotonic() + timeout
+            pending = list(services)
+            while pending:
+                self.check_alive()
+                name = pending[0]
+                try:
+                    reply = await nc.request(subjects.health(name), b"{}", timeout=1.0)
+                    health = msgspec.json.decode(reply.data, type=HealthReply)
+                    if health.ok:
+                        pending.pop(0)
+                        continue
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError, msgspec.DecodeError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise Unavailable(f"service {name} not healthy within {timeout}s; see {self.log_of(name)}")
+                await asyncio.sleep(0.1)
+        finally:
+            await nc.close()
+
+    def check_alive(self) -> None:
+        """Raise if any started service process has exited."""
+        for sp in self.procs:
+            code = sp.proc.poll()
+            if code is not None:
+                tail = sp.log_path.read_text(errors="replace")[-2000:] if sp.log_path.exists() else ""
+                raise Unavailable(f"service {sp.name} exited with code {code}; log {sp.log_path}:\n{tail}")
+
+    def log_of(self, name: str) -> Path:
+        for sp in self.procs:
+            if sp.name == name:
+                return sp.log_path
+        return self.work_dir / "logs" / f"{name}.log"
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of service ``name`` (fault tests)."""
+        for sp in [sp for sp in self.procs if sp.name == name]:
+            sp.proc.kill()
+            sp.proc.wait(10)
+            self.procs.remove(sp)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every process, wait for the graceful drain, then SIGKILL what is left."""
+        for sp in self.procs:
+            if sp.proc.poll() is None:
+                sp.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for sp in self.procs:
+            try:
+                sp.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                sp.proc.kill()
+                sp.proc.wait(5)
+        self.procs.clear()

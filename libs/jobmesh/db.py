@@ -1,0 +1,45 @@
+"""Postgres access: one asyncpg pool per service and its private schema.
+
+Each service owns one schema (``scheduler``, ``tracker``) and applies its own DDL at start;
+no service reads another's tables.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from jobmesh.errors import Unavailable
+
+
+async def connect_pool(url: str | None, schema: str, ddl: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+    """Open a pool whose connections use ``schema`` first, after applying ``ddl``.
+
+    Args:
+        url: the Postgres URL (``JOBMESH_DATABASE_URL``).
+        schema: the service's schema; created if missing.
+        ddl: idempotent statements (``CREATE TABLE IF NOT EXISTS ...``) run once.
+
+    Raises:
+        Unavailable: when no URL is set or the server does not answer.
+    """
+    if not url:
+        raise Unavailable("JOBMESH_DATABASE_URL is not set")
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise Unavailable(f"cannot reach Postgres: {exc}") from exc
+    try:
+        # Two replicas starting together must not race on CREATE: serialise on a lock.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"jobmesh-ddl-{schema}")
+            await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+            await conn.execute(ddl)
+    finally:
+        await conn.close()
+    return await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        server_settings={"search_path": schema, "application_name": f"jobmesh-{schema}"},
+    )

@@ -1,0 +1,1 @@
+"""Wire messages, one module per family, versioned in the package path (``v1``)."""

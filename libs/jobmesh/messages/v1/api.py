@@ -1,0 +1,145 @@
+"""Request/reply API messages: submit (trigger), queries and watch (tracker), health."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from msgspec import Meta, Struct
+
+from jobmesh.messages.v1.jobs import JobError, JobSpec
+
+__all__ = [
+    "Submission", "SubmitRequest", "SubmitReply", "ErrorReply", "JobGetRequest",
+    "JobListRequest", "AttemptView", "EventView", "JobView", "JobSummary", "JobListReply",
+    "JobUpdate", "HealthReply", "JobState", "TERMINAL_STATES",
+]
+
+JobState = Literal[
+    "queued", "waiting", "ready", "bound", "running", "succeeded", "failed", "expired", "lost",
+]
+TERMINAL_STATES = frozenset({"succeeded", "failed", "expired", "lost"})
+
+
+class Submission(Struct, frozen=True, kw_only=True):
+    """One job to submit; the same idempotency key always yields the same job id."""
+
+    spec: JobSpec
+    idempotency_key: Annotated[str, Meta(max_length=256)] = ""
+
+
+class SubmitRequest(Struct, frozen=True, kw_only=True, tag="api.submit"):
+    """Submit one or more jobs; the reply comes only after every PubAck."""
+
+    jobs: Annotated[list[Submission], Meta(min_length=1, max_length=1000)]
+
+
+class SubmitReply(Struct, frozen=True, kw_only=True, tag="api.submitted"):
+    """Job ids in request order; ``duplicates[i]`` is true when job i was already known."""
+
+    job_ids: list[str]
+    duplicates: list[bool]
+
+
+class ErrorReply(Struct, frozen=True, kw_only=True, tag="api.error"):
+    """Any API failure: a stable code, a message, and the offending field when known."""
+
+    code: str
+    message: str
+    field: str = ""
+    retryable: bool = False
+
+
+class JobGetRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.get"):
+    """Ask the tracker for one job with its attempts and events."""
+
+    job_id: str
+
+
+class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
+    """Ask the tracker for recent jobs, newest first."""
+
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+    state: str = ""
+    queue: str = ""
+
+
+class AttemptView(Struct, frozen=True, kw_only=True):
+    """One attempt as recorded by the tracker."""
+
+    attempt: int
+    state: str
+    node_id: str = ""
+    exit_code: int | None = None
+    error: JobError | None = None
+    output_tail: str = ""
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+class EventView(Struct, frozen=True, kw_only=True):
+    """One recorded lifecycle event."""
+
+    kind: str
+    attempt: int
+    at: float
+    detail: str = ""
+
+
+class JobView(Struct, frozen=True, kw_only=True, tag="api.job"):
+    """Everything the tracker knows about one job."""
+
+    job_id: str
+    name: str
+    queue: str
+    tenant: str
+    state: str
+    reason: str
+    attempt: int
+    node_id: str
+    submitted_at: float
+    updated_at: float
+    spec: JobSpec
+    attempts: list[AttemptView] = []
+    events: list[EventView] = []
+
+
+class JobSummary(Struct, frozen=True, kw_only=True):
+    """One row of ``jobmesh list``."""
+
+    job_id: str
+    name: str
+    queue: str
+    tenant: str
+    state: str
+    attempt: int
+    node_id: str
+    exit_code: int | None
+    submitted_at: float
+    updated_at: float
+
+
+class JobListReply(Struct, frozen=True, kw_only=True, tag="api.jobs"):
+    """Reply to ``JobListRequest``."""
+
+    jobs: list[JobSummary]
+
+
+class JobUpdate(Struct, frozen=True, kw_only=True, tag="api.job.update"):
+    """Announced on ``jobmesh.v1.watch.<job_id>`` after the tracker commits a change."""
+
+    job_id: str
+    state: str
+    attempt: int
+    node_id: str = ""
+    exit_code: int | None = None
+    reason: str = ""
+    at: float = 0.0
+
+
+class HealthReply(Struct, frozen=True, kw_only=True, tag="health"):
+    """Answer to a health check."""
+
+    service: str
+    instance: str
+    ok: bool
+    detail: str = ""

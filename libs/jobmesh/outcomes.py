@@ -1,0 +1,64 @@
+"""What happens to a consumed message, decided in one place.
+
+Handlers return an outcome per message (or raise); :func:`fate_for` turns an exception into
+an outcome. The runtime then acks, naks with a delay, or terminates and dead-letters.
+"""
+
+from __future__ import annotations
+
+from msgspec import Struct
+
+from jobmesh.errors import JobmeshError
+
+
+class Ack(Struct, frozen=True):
+    """The message's effect is durable; do not deliver it again."""
+
+
+class Retry(Struct, frozen=True):
+    """Deliver the message again after ``delay`` seconds."""
+
+    delay: float
+    reason: str = ""
+
+
+class Reject(Struct, frozen=True):
+    """Never deliver the message again; record it as a dead letter with the reason."""
+
+    code: str
+    reason: str
+
+
+Outcome = Ack | Retry | Reject
+ACK = Ack()
+
+# Redelivery backoff for retryable failures: 0.5s, 1s, 2s ... capped at 30s.
+_BASE_DELAY = 0.5
+_MAX_DELAY = 30.0
+
+
+def backoff(deliveries: int) -> float:
+    """Delay before the next delivery, given how many deliveries have happened."""
+    return min(_MAX_DELAY, _BASE_DELAY * (2 ** max(0, deliveries - 1)))
+
+
+def fate_for(exc: BaseException, deliveries: int, max_deliver: int) -> Outcome:
+    """Map an exception raised while handling a message to its outcome.
+
+    Args:
+        exc: what the handler raised.
+        deliveries: how many times this message has been delivered, this time included.
+        max_deliver: the consumer's delivery limit; the last try is rejected, not retried,
+            so the message lands in the dead letters instead of vanishing.
+
+    Returns:
+        ``Retry`` for retryable errors and unexpected exceptions, ``Reject`` for permanent
+        errors and for the last allowed delivery.
+    """
+    if isinstance(exc, JobmeshError) and not exc.retryable:
+        return Reject(exc.code, str(exc))
+    code = exc.code if isinstance(exc, JobmeshError) else "handler_error"
+    reason = f"{type(exc).__name__}: {exc}"
+    if deliveries >= max_deliver:
+        return Reject(code, f"gave up after {deliveries} deliveries: {reason}")
+    return Retry(backoff(deliveries), reason)

@@ -1,0 +1,84 @@
+"""Batched JetStream publishing with deterministic message ids and trace context."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
+
+from jobmesh.codec import encode
+from jobmesh.errors import Overloaded, Unavailable
+from jobmesh.tracing import Context, inject
+
+PUBLISH_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """One message to publish.
+
+    Attributes:
+        subject: where it goes (built by ``jobmesh.subjects``).
+        message: a msgspec struct, encoded as JSON.
+        msg_id: the Nats-Msg-Id that makes a re-publish a no-op within the duplicate window.
+        context: the trace context this message continues (usually the input's).
+    """
+
+    subject: str
+    message: Any
+    msg_id: str
+    context: Context | None = None
+
+
+class Publisher:
+    """Publishes many messages at once and waits for every PubAck together.
+
+    Args:
+        js: the JetStream context.
+        timeout: seconds to wait for all acks before raising ``Unavailable``.
+    """
+
+    def __init__(self, js: JetStreamContext, timeout: float = PUBLISH_TIMEOUT) -> None:
+        self._js = js
+        self._timeout = timeout
+
+    async def publish(self, items: Iterable[Outgoing]) -> list[Any]:
+        """Publish ``items`` concurrently; return their PubAcks in order.
+
+        Raises:
+            Overloaded: a stream refused a message because it is full (discard=new).
+            Unavailable: no stream answered, or acks did not come within the timeout.
+        """
+        futures = []
+        for item in items:
+            headers = inject({"Nats-Msg-Id": item.msg_id}, item.context)
+            futures.append(
+                await self._js.publish_async(item.subject, encode(item.message), headers=headers)
+            )
+        if not futures:
+            return []
+        try:
+            return await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+        except asyncio.TimeoutError as exc:
+            for future in futures:
+                future.cancel()
+            raise Unavailable(f"no PubAck within {self._timeout}s for {len(futures)} messages") from exc
+        except NoStreamResponseError as exc:
+            _cancel(futures)
+            raise Unavailable("no stream answered the publish; is the cluster provisioned?") from exc
+        except APIError as exc:
+            _cancel(futures)
+            if exc.code == 503 or (exc.description or "").startswith("maximum"):
+                raise Overloaded(f"stream refused the publish: {exc.description}") from exc
+            raise Unavailable(f"publish failed: {exc.description}") from exc
+
+
+def _cancel(futures: list[asyncio.Future]) -> None:
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()  # mark retrieved, so asyncio does not log it again

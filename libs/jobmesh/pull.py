@@ -1,0 +1,98 @@
+"""A continuous pull consumer: keeps pull requests outstanding and yields batches.
+
+Why not ``PullSubscription.fetch``: once its first no-wait probe finds nothing, nats-py's
+fetch waits for the whole batch (or the timeout) before returning, so at light load every
+message waits for the timeout. This class speaks the documented JetStream pull protocol
+(``$JS.API.CONSUMER.MSG.NEXT``) instead: it keeps up to ``batch`` messages requested, hands
+over whatever has arrived as soon as anything has, and re-requests when half is consumed,
+so a busy consumer gets full batches and an idle one gets each message at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+_STATUS = "Status"
+_PENDING = "Nats-Pending-Messages"
+
+
+class PullConsumer:
+    """Batches from one durable consumer.
+
+    Args:
+        nc: a connected client.
+        stream: stream name.
+        durable: durable consumer name (must exist).
+        batch: most messages handed over at once, and most requested ahead.
+        expires: seconds each pull request lives on the server.
+    """
+
+    def __init__(self, nc: NATS, stream: str, durable: str, batch: int, expires: float = 5.0) -> None:
+        self._nc = nc
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+        self._batch = batch
+        self._expires = expires
+        self._queue: asyncio.Queue[Msg] = asyncio.Queue()
+        self._requested = 0  # asked for and neither delivered nor expired
+        self._last_request = 0.0
+        self._inbox = nc.new_inbox()
+        self._sub = None
+        self._closed = False
+
+    async def start(self) -> None:
+        self._sub = await self._nc.subscribe(self._inbox, cb=self._on_message)
+        await self._top_up()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sub is not None:
+            try:
+                await self._sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - closing a dead connection is not an error
+                pass
+
+    async def _on_message(self, msg: Msg) -> None:
+        status = msg.headers.get(_STATUS) if msg.headers and not msg.reply else None
+        if status:
+            if status in ("404", "408", "409"):
+                # The request ended; the header says how many of its messages never came.
+                unfilled = msg.headers.get(_PENDING) if msg.headers else None
+                self._requested = max(0, self._requested - int(unfilled)) if unfilled else 0
+            # 100 is an idle heartbeat: nothing to do.
+            await self._top_up()
+            return
+        self._requested = max(0, self._requested - 1)
+        self._queue.put_nowait(msg)
+
+    async def _top_up(self) -> None:
+        if self._closed or not self._nc.is_connected:
+            return
+        want = self._batch - self._requested - self._queue.qsize()
+        if want < max(1, self._batch // 2):
+            return
+        self._requested += want
+        self._last_request = time.monotonic()
+        body = {"batch": want, "expires": int(self._expires * 1e9)}
+        await self._nc.publish(self._api, json.dumps(body).encode(), reply=self._inbox)
+
+    async def next_batch(self, timeout: float) -> list[Msg]:
+        """Wait up to ``timeout`` for at least one message; return all that are ready."""
+        try:
+            first = await asyncio.wait_for(self._queue.get(), timeout)
+        except asyncio.TimeoutError:
+            # A request can vanish without a status (reconnect, server restart); after
+            # its expiry has surely passed, forget it and ask again.
+            if time.monotonic() - self._last_request > self._expires + 1.0:
+                self._requested = 0
+            await self._top_up()
+            return []
+        batch = [first]
+        while len(batch) < self._batch and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        await self._top_up()
+        return batch

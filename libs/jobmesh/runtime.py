@@ -1,0 +1,429 @@
+"""The one service runtime every jobmesh service runs on.
+
+It connects to NATS, provisions streams, runs one pull loop per durable consumer and one
+responder per request/reply subject, decides every message's fate in one place (ack,
+nak with delay, or term plus a dead letter), carries trace context, answers health checks
+and drains gracefully on SIGTERM. Services supply handlers; they never ack themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Sequence
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from opentelemetry import trace
+
+from jobmesh import subjects
+from jobmesh.codec import Codec, encode
+from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
+from jobmesh.messages.v1 import DeadLetter, ErrorReply, HealthReply
+from jobmesh.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
+from jobmesh.provisioning import consumer_config, ensure_consumer, provision
+from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.pull import PullConsumer
+from jobmesh.settings import Settings
+from jobmesh.tracing import Context, extract, setup_tracing, shutdown_tracing
+
+log = logging.getLogger("jobmesh.runtime")
+
+
+@dataclass(slots=True)
+class Envelope:
+    """A decoded message with what the handler may need besides its body."""
+
+    message: Any
+    subject: str
+    headers: dict[str, str]
+    context: Context
+    deliveries: int
+    raw: Msg | None = None
+    span: Any = None
+
+
+BatchHandler = Callable[[list[Envelope]], Awaitable[Sequence[Outcome] | None]]
+RequestHandler = Callable[[Envelope], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer and the batch handler behind it.
+
+    The handler returns one outcome per envelope (``None`` means ack them all) or raises;
+    an exception is mapped by :func:`jobmesh.outcomes.fate_for` for every envelope.
+    """
+
+    stream: str
+    durable: str
+    filter_subjects: tuple[str, ...]
+    codec: Codec
+    handle: BatchHandler
+    span_name: str
+    ack_wait: float = 30.0
+    max_deliver: int = 20
+    max_ack_pending: int = 20_000
+    batch_size: int | None = None
+
+
+@dataclass(frozen=True)
+class ResponderSpec:
+    """A request/reply subject served by a queue group of every replica."""
+
+    subject: str
+    codec: Codec | None  # None: the handler gets the raw payload bytes
+    handle: RequestHandler
+    queue: str
+    concurrency: int = 256
+
+
+@dataclass
+class _Stats:
+    handled: int = 0
+    dead_lettered: int = 0
+    retried: int = 0
+    last_error: str = ""
+
+
+class Runtime:
+    """Connection, provisioning, loops and drain for one service process.
+
+    Args:
+        settings: the process settings.
+        tracer: the tracer for consumer spans; ``setup_tracing`` when omitted.
+    """
+
+    def __init__(self, settings: Settings, tracer: trace.Tracer | None = None) -> None:
+        self.settings = settings
+        self.service = settings.service
+        self.tracer = tracer or setup_tracing(settings.service)
+        self.nc: NATS = None  # type: ignore[assignment]
+        self.js: JetStreamContext = None  # type: ignore[assignment]
+        self.publisher: Publisher = None  # type: ignore[assignment]
+        self.stats = _Stats()
+        self._stopping = asyncio.Event()
+        self._busy = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._pulls: list[PullConsumer] = []
+        self._subs: list[Any] = []
+        self._tasks: list[asyncio.Task] = []
+        self._health_checks: list[Callable[[], str | None]] = []
+        self._dead_codec_max = settings.max_message_bytes
+
+    # --- lifecycle -----------------------------------------------------------------
+    async def connect(self) -> None:
+        """Connect to NATS (retrying forever on later disconnects) and provision."""
+        try:
+            self.nc = await nats.connect(
+                self.settings.nats_url,
+                name=f"jobmesh-{self.service}-{self.settings.instance}",
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                connect_timeout=5,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+            )
+        except Exception as exc:  # noqa: BLE001 - translated once, here
+            raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
+        self.js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
+        self.publisher = Publisher(self.js)
+        await provision(self.js, node_ttl=self.settings.node_ttl_seconds)
+
+    def add_health_check(self, check: Callable[[], str | None]) -> None:
+        """Register a check returning a problem description, or None when healthy."""
+        self._health_checks.append(check)
+
+    def spawn(self, coro: Awaitable[None], name: str) -> None:
+        """Run a background task for the life of the service; a crash stops the service."""
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._task_done)
+        self._tasks.append(task)
+
+    async def serve(
+        self,
+        consumers: Sequence[ConsumerSpec] = (),
+        responders: Sequence[ResponderSpec] = (),
+        on_stop: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Run until SIGTERM/SIGINT (or :meth:`stop`), then drain and close.
+
+        Args:
+            consumers: durable pull consumers to run.
+            responders: request/reply subjects to answer.
+            on_stop: called after in-flight work finished, before the connection closes.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                loop.add_signal_handler(sig, self.stop)
+            except (NotImplementedError, RuntimeError):
+                pass
+        for spec in consumers:
+            await self.add_consumer(spec)
+        for responder in responders:
+            await self.add_responder(responder)
+        await self.add_responder(
+            ResponderSpec(subjects.health(self.service), None, self._health, queue=self.service)
+        )
+        log.info("%s ready (instance %s)", self.service, self.settings.instance)
+        await self._stopping.wait()
+        await self._drain(on_stop)
+
+    def stop(self) -> None:
+        """Begin a graceful stop: no new batches; in-flight ones finish."""
+        if not self._stopping.is_set():
+            log.info("%s stopping: draining in-flight work", self.service)
+            self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def _drain(self, on_stop: Callable[[], Awaitable[None]] | None) -> None:
+        for sub in self._subs:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may already be gone
+                log.debug("unsubscribe failed during drain", exc_info=True)
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.settings.drain_seconds)
+        except asyncio.TimeoutError:
+            log.warning("%s: in-flight work did not finish within %.0fs", self.service, self.settings.drain_seconds)
+        for pull in self._pulls:
+            await pull.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if on_stop is not None:
+            await on_stop()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 5)
+            except Exception:  # noqa: BLE001 - closing anyway
+                await self.nc.close()
+        shutdown_tracing()
+        log.info("%s stopped", self.service)
+
+    # --- consumers -----------------------------------------------------------------
+    async def add_consumer(self, spec: ConsumerSpec) -> None:
+        """Ensure the durable consumer exists and start its pull loop."""
+        await ensure_consumer(
+            self.js,
+            spec.stream,
+            consumer_config(
+                spec.durable,
+                list(spec.filter_subjects),
+                ack_wait=spec.ack_wait,
+                max_deliver=spec.max_deliver,
+                max_ack_pending=spec.max_ack_pending,
+            ),
+        )
+        pull = PullConsumer(self.nc, spec.stream, spec.durable, spec.batch_size or self.settings.batch_size)
+        await pull.start()
+        self._pulls.append(pull)
+        self.spawn(self._consume(spec, pull), f"consume:{spec.durable}")
+
+    async def _consume(self, spec: ConsumerSpec, pull: PullConsumer) -> None:
+        while not self._stopping.is_set():
+            raws = await pull.next_batch(timeout=1.0)
+            if not raws:
+                continue
+            if self._stopping.is_set():
+                # Give them back at once so another replica takes them now, not after ack_wait.
+                for raw in raws:
+                    await raw.nak()
+                break
+            self._begin()
+            try:
+                await self.process_batch(spec, raws)
+            finally:
+                self._end()
+
+    async def process_batch(self, spec: ConsumerSpec, raws: list[Msg]) -> None:
+        """Decode, handle and settle one batch. Never raises for a bad message."""
+        envelopes: list[Envelope] = []
+        for raw in raws:
+            deliveries = _deliveries(raw)
+            headers = raw.headers or {}
+            try:
+                message = spec.codec.decode(raw.data)
+            except InvalidMessage as exc:
+                await self._settle(spec, raw, Reject(exc.code, str(exc)), deliveries)
+                continue
+            parent = extract(headers)
+            span = self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER)
+            context = trace.set_span_in_context(span, parent)
+            envelopes.append(Envelope(message, raw.subject, headers, context, deliveries, raw, span))
+        if not envelopes:
+            return
+        try:
+            outcomes = await spec.handle(envelopes)
+        except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
+            if not (isinstance(exc, JobmeshError) and not exc.retryable):
+                log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
+            outcomes = [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
+        if outcomes is None:
+            outcomes = [ACK] * len(envelopes)
+        for env, outcome in zip(envelopes, outcomes, strict=True):
+            await self._settle(spec, env.raw, outcome, env.deliveries)
+            env.span.end()
+        self.stats.handled += len(envelopes)
+
+    async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
+        if isinstance(outcome, Ack):
+            await raw.ack()
+        elif isinstance(outcome, Retry):
+            self.stats.retried += 1
+            await raw.nak(delay=outcome.delay)
+        else:
+            if not await self.dead_letter(raw.subject, raw.data, outcome, deliveries, _stream_seq(raw)):
+                # Could not record it: leave it for redelivery rather than lose it.
+                await raw.nak(delay=5.0)
+                return
+            await raw.term()
+
+    async def dead_letter(
+        self, subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0
+    ) -> bool:
+        """Record a refused message with its reason. Returns False if that failed."""
+        self.stats.dead_lettered += 1
+        self.stats.last_error = f"{outcome.code}: {outcome.reason}"
+        log.warning("%s: dead-lettering a message on %s: %s: %s", self.service, subject, outcome.code, outcome.reason)
+        letter = DeadLetter(
+            service=self.service,
+            subject=subject,
+            code=outcome.code,
+            reason=outcome.reason[:2000],
+            size=len(payload),
+            payload_head=payload[:512].decode("utf-8", "replace"),
+            stream_seq=stream_seq,
+            deliveries=deliveries,
+            at=time.time(),
+        )
+        msg_id = f"dl:{self.service}:{subject}:{stream_seq}" if stream_seq else f"dl:{self.service}:{time.time_ns()}"
+        try:
+            await self.publisher.publish([Outgoing(subjects.deadletter(self.service), letter, msg_id)])
+        except JobmeshError:
+            log.exception("%s: could not record a dead letter", self.service)
+            return False
+        return True
+
+    # --- responders ----------------------------------------------------------------
+    async def add_responder(self, spec: ResponderSpec) -> None:
+        """Answer requests on ``spec.subject`` in a queue group, many at a time."""
+        limit = asyncio.Semaphore(spec.concurrency)
+
+        async def on_request(msg: Msg) -> None:
+            await limit.acquire()
+            self._begin()
+            task = asyncio.ensure_future(self._respond(spec, msg))
+            task.add_done_callback(lambda _t: (limit.release(), self._end()))
+
+        self._subs.append(await self.nc.subscribe(spec.subject, queue=spec.queue, cb=on_request))
+
+    async def _respond(self, spec: ResponderSpec, msg: Msg) -> None:
+        try:
+            message = spec.codec.decode(msg.data) if spec.codec is not None else msg.data
+        except InvalidMessage as exc:
+            await self.dead_letter(msg.subject, msg.data, Reject(exc.code, str(exc)))
+            await _reply(msg, ErrorReply(code=exc.code, message=str(exc), field=exc.field or ""))
+            return
+        headers = msg.headers or {}
+        parent = extract(headers)
+        with self.tracer.start_as_current_span(
+            f"handle {spec.subject}", context=parent, kind=trace.SpanKind.SERVER
+        ) as span:
+            env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), 1, msg)
+            try:
+                reply = await spec.handle(env)
+            except JobmeshError as exc:
+                reply = ErrorReply(code=exc.code, message=str(exc), field=exc.field or "", retryable=exc.retryable)
+            except Exception as exc:  # noqa: BLE001 - the caller gets an error, we get the traceback
+                log.exception("%s: request on %s failed", self.service, msg.subject)
+                reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
+        await _reply(msg, reply)
+
+    async def _health(self, env: Envelope) -> HealthReply:
+        problems = [p for p in (check() for check in self._health_checks) if p]
+        if self.nc is None or not self.nc.is_connected:
+            problems.append("not connected to NATS")
+        return HealthReply(
+            service=self.service,
+            instance=self.settings.instance,
+            ok=not problems and not self.stopping,
+            detail="; ".join(problems) or ("stopping" if self.stopping else "ok"),
+        )
+
+    # --- bookkeeping ---------------------------------------------------------------
+    def _begin(self) -> None:
+        self._busy += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._busy -= 1
+        if self._busy == 0:
+            self._idle.set()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if task.cancelled() or self._stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s: background task %s crashed; stopping", self.service, task.get_name(), exc_info=exc)
+            self.stop()
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("%s: NATS error: %s", self.service, exc)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("%s: disconnected from NATS", self.service)
+
+    async def _on_reconnect(self) -> None:
+        log.info("%s: reconnected to NATS", self.service)
+
+
+async def _reply(msg: Msg, reply: Any) -> None:
+    if msg.reply:
+        await msg.respond(encode(reply))
+
+
+def _deliveries(raw: Msg) -> int:
+    try:
+        return raw.metadata.num_delivered or 1
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return 1
+
+
+def _stream_seq(raw: Msg) -> int:
+    try:
+        return raw.metadata.sequence.stream
+    except Exception:  # noqa: BLE001 - not a JetStream message
+        return 0
+
+
+def configure_logging(service: str, level: str = "INFO") -> None:
+    """Plain, greppable log lines on stderr, one per event."""
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
+    )
+
+
+def run_service(main: Callable[[Settings], Awaitable[None]], service: str) -> None:
+    """Entry point used by every service's ``__main__``: settings, logging, uvloop, run."""
+    import os
+
+    import uvloop
+
+    configure_logging(service, os.environ.get("JOBMESH_LOG_LEVEL", "INFO"))
+    settings = Settings.from_env(service)
+    uvloop.run(main(settings))

@@ -1,0 +1,89 @@
+"""Typed settings read once from the environment.
+
+``Settings.from_env()`` is called in each service's ``__main__`` and the result is passed
+down; nothing else reads the environment. Every variable starts with ``JOBMESH_``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from typing import Mapping
+
+import msgspec
+
+from jobmesh.errors import InvalidSpec
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything a jobmesh process needs to know about its surroundings."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    database_url: str | None = None
+    service: str = "jobmesh"
+    instance: str = ""
+    # Queues hash onto this many scheduler partitions. Fixed for the life of a cluster.
+    partitions: int = 4
+    # How many messages one pull loop takes and handles at once.
+    batch_size: int = 256
+    # A message larger than this is dead-lettered without being decoded.
+    max_message_bytes: int = 256 * 1024
+    # Seconds a service waits for in-flight batches when told to stop.
+    drain_seconds: float = 10.0
+    # Executor node identity and capacity (the executor reads these only).
+    node_id: str = ""
+    node_cpu_milli: int = 0
+    node_memory_mb: int = 0
+    node_gpu: int = 0
+    node_gpu_kind: str = ""
+    node_disk_mb: int = 10_240
+    node_zone: str = ""
+    node_labels: str = ""
+    node_isolation: str = "process"
+    work_dir: str = ""
+    heartbeat_seconds: float = 2.0
+    node_ttl_seconds: float = 10.0
+
+    @classmethod
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> "Settings":
+        """Build settings for ``service`` from ``JOBMESH_*`` variables.
+
+        Args:
+            service: the service name (trigger, scheduler, ...), used in durable names.
+            env: the environment to read; ``os.environ`` when omitted.
+
+        Returns:
+            A frozen, checked ``Settings``.
+
+        Raises:
+            InvalidSpec: when a variable does not parse; the message names the variable.
+        """
+        env = os.environ if env is None else env
+        raw: dict[str, object] = {"service": service}
+        for field in cls.__struct_fields__:
+            key = f"JOBMESH_{field.upper()}"
+            if key in env and field != "service":
+                raw[field] = env[key]
+        if not raw.get("instance"):
+            raw["instance"] = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        try:
+            settings = msgspec.convert(raw, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            raise InvalidSpec(f"bad environment: {_env_name(str(exc))}") from exc
+        if settings.partitions < 1:
+            raise InvalidSpec("JOBMESH_PARTITIONS must be >= 1", field="partitions")
+        if settings.batch_size < 1:
+            raise InvalidSpec("JOBMESH_BATCH_SIZE must be >= 1", field="batch_size")
+        return settings
+
+
+def _env_name(message: str) -> str:
+    # msgspec says "at `$.batch_size`"; a user set JOBMESH_BATCH_SIZE, so say that.
+    if "`$." in message:
+        head, _, rest = message.partition("`$.")
+        field, _, tail = rest.partition("`")
+        return f"{head}JOBMESH_{field.upper()}{tail}"
+    return message

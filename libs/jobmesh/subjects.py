@@ -1,0 +1,106 @@
+"""Every subject, stream, consumer and bucket name jobmesh uses, in one place.
+
+Services call the builders here; they never format a subject themselves. Subjects carry
+the major version (``jobmesh.v1.``); a breaking change gets ``v2`` subjects.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+PREFIX = "jobmesh.v1"
+
+# --- streams -------------------------------------------------------------------------
+STREAM_JOBS = "JM_JOBS"  # every job lifecycle event, partitioned by queue
+STREAM_DISPATCH = "JM_DISPATCH"  # bound jobs, one subject per executor node
+STREAM_LOGS = "JM_LOGS"  # stdout/stderr lines, one subject per job
+STREAM_DEADLETTER = "JM_DEADLETTER"  # messages a service refused, with the reason
+STREAM_EVENTS = "JM_EVENTS"  # external trigger events published by users
+
+# --- KV buckets ----------------------------------------------------------------------
+KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node lease
+KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revision
+KV_LEASES = "jm_leases"  # scheduler partition ownership
+
+# --- job lifecycle (stream JM_JOBS) --------------------------------------------------
+JOBS_ALL = f"{PREFIX}.job.>"
+
+SUBMITTED = "submitted"
+READY = "ready"
+UNPLACEABLE = "unplaceable"
+BOUND = "bound"
+STARTED = "started"
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+EXPIRED = "expired"
+LOST = "lost"
+TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST)
+
+
+def partition_of(queue: str, partitions: int) -> int:
+    """The scheduler partition a queue hashes to (stable across processes and versions)."""
+    return zlib.crc32(queue.encode()) % partitions
+
+
+def job_event(partition: int, kind: str) -> str:
+    """Subject of one lifecycle event kind in one partition."""
+    return f"{PREFIX}.job.{partition}.{kind}"
+
+
+def job_events(partition: int | str, kinds: tuple[str, ...]) -> list[str]:
+    """Filter subjects for several kinds in a partition (``*`` for every partition)."""
+    return [f"{PREFIX}.job.{partition}.{kind}" for kind in kinds]
+
+
+# --- dispatch (stream JM_DISPATCH) ---------------------------------------------------
+DISPATCH_ALL = f"{PREFIX}.node.*.dispatch"
+
+
+def node_dispatch(node_id: str) -> str:
+    """Subject the binder publishes a bound job to, and that node's executor consumes."""
+    return f"{PREFIX}.node.{node_id}.dispatch"
+
+
+# --- logs (stream JM_LOGS) -----------------------------------------------------------
+LOGS_ALL = f"{PREFIX}.log.>"
+
+
+def job_log(job_id: str) -> str:
+    """Subject of one job's output lines."""
+    return f"{PREFIX}.log.{job_id}"
+
+
+# --- dead letters (stream JM_DEADLETTER) ---------------------------------------------
+DEADLETTER_ALL = f"{PREFIX}.deadletter.>"
+
+
+def deadletter(service: str) -> str:
+    """Subject a service records refused messages on."""
+    return f"{PREFIX}.deadletter.{service}"
+
+
+# --- external events (stream JM_EVENTS) ----------------------------------------------
+EVENTS_ALL = f"{PREFIX}.events.>"
+
+# --- request/reply APIs (core NATS, queue groups) ------------------------------------
+API_SUBMIT = f"{PREFIX}.api.submit"
+API_JOB_GET = f"{PREFIX}.api.jobs.get"
+API_JOB_LIST = f"{PREFIX}.api.jobs.list"
+API_NODES = f"{PREFIX}.api.nodes"
+API_QUEUES = f"{PREFIX}.api.queues"
+
+
+def health(service: str) -> str:
+    """Request/reply subject every instance of ``service`` answers health checks on."""
+    return f"{PREFIX}.health.{service}"
+
+
+def job_watch(job_id: str) -> str:
+    """Core-NATS subject the tracker announces a job's state changes on, after commit."""
+    return f"{PREFIX}.watch.{job_id}"
+
+
+# --- durable consumer names ----------------------------------------------------------
+def durable(service: str, purpose: str) -> str:
+    """Name of a durable consumer shared by every replica of a service."""
+    return f"{service}-{purpose}"

