@@ -345,6 +345,10 @@ class Runtime:
             env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), 1, msg)
             try:
                 reply = await spec.handle(env)
+            except InvalidMessage as exc:
+                # Well-formed but invalid (e.g. an impossible spec): record it like garbage.
+                await self.dead_letter(msg.subject, msg.data, Reject(exc.code, str(exc)))
+                reply = ErrorReply(code=exc.code, message=str(exc), field=exc.field or "")
             except JobmeshError as exc:
                 reply = ErrorReply(code=exc.code, message=str(exc), field=exc.field or "", retryable=exc.retryable)
             except Exception as exc:  # noqa: BLE001 - the caller gets an error, we get the traceback

@@ -1,0 +1,41 @@
+# jobmesh: the two commands are `make run` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench schemas check-schemas install clean dev-stop
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH; or run: make PYTHON=python3 ..."; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+## run: set up, start a local cluster (nats-server, Postgres, five services) and show a demo
+run: $(STAMP)
+	$(BIN)/jobmesh dev --demo
+
+## test: set up, then run every test against real nats-server and Postgres processes
+test: $(STAMP)
+	$(BIN)/pytest -q -ra
+
+## bench: print throughput and latency figures (end-to-end and the raw JetStream baseline)
+bench: $(STAMP)
+	$(BIN)/python -m jobmesh.bench
+
+## schemas: regenerate schemas/ from the message types
+schemas: $(STAMP)
+	$(BIN)/python -m jobmesh.schemagen
+
+check-schemas: $(STAMP)
+	$(BIN)/python -m jobmesh.schemagen --check
+
+dev-stop: $(STAMP)
+	$(BIN)/jobmesh dev --stop
+
+clean:
+	rm -rf $(VENV) .jobmesh .pytest_cache

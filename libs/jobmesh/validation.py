@@ -1,0 +1,50 @@
+"""Checks on a job spec that its types alone cannot express.
+
+Types, ranges and patterns are checked by msgspec while decoding; this module checks the
+relations between fields. Each error names the field, relative to the spec.
+"""
+
+from __future__ import annotations
+
+from jobmesh.errors import InvalidSpec
+from jobmesh.messages.v1 import JobSpec, ProcessRuntime
+
+# Beyond these, a request is a typo rather than a real job.
+MAX_CPU_MILLI = 1_024_000
+MAX_MEMORY_MB = 64 * 1024 * 1024
+MAX_GPU = 1024
+MAX_DISK_MB = 1024 * 1024 * 1024
+
+
+def validate_spec(spec: JobSpec, where: str = "spec") -> None:
+    """Raise ``InvalidSpec`` naming the field when ``spec`` asks for something impossible.
+
+    Args:
+        spec: a decoded job spec.
+        where: the path of the spec in the request, prefixed to field names.
+    """
+    res = spec.resources
+    if isinstance(spec.runtime, ProcessRuntime) and not spec.runtime.argv[0].strip():
+        _fail(where, "runtime.argv[0]", "the command is empty")
+    if res.cpu_milli > MAX_CPU_MILLI:
+        _fail(where, "resources.cpu_milli", f"{res.cpu_milli} exceeds the maximum {MAX_CPU_MILLI}")
+    if res.memory_mb > MAX_MEMORY_MB:
+        _fail(where, "resources.memory_mb", f"{res.memory_mb} exceeds the maximum {MAX_MEMORY_MB}")
+    if res.gpu > MAX_GPU:
+        _fail(where, "resources.gpu", f"{res.gpu} exceeds the maximum {MAX_GPU}")
+    if res.disk_mb > MAX_DISK_MB:
+        _fail(where, "resources.disk_mb", f"{res.disk_mb} exceeds the maximum {MAX_DISK_MB}")
+    if res.gpu_kind and res.gpu == 0:
+        _fail(where, "resources.gpu", f"gpu_kind {res.gpu_kind!r} is set but gpu is 0")
+    if spec.concurrency_limit and not spec.concurrency_key:
+        _fail(where, "concurrency_key", "concurrency_limit is set but concurrency_key is empty")
+    if spec.concurrency_key and not spec.concurrency_limit:
+        _fail(where, "concurrency_limit", "concurrency_key is set but concurrency_limit is 0")
+    for key in spec.constraints.labels:
+        if not key or "=" in key or "," in key:
+            _fail(where, "constraints.labels", f"label key {key!r} must be non-empty without '=' or ','")
+
+
+def _fail(where: str, field: str, message: str) -> None:
+    path = f"{where}.{field}"
+    raise InvalidSpec(f"{message} - at `$.{path}`", field=path)

@@ -1,0 +1,12 @@
+"""Run the binder service: ``python -m jobmesh.binder``."""
+
+from jobmesh.binder.service import service_main
+from jobmesh.runtime import run_service
+
+
+def main() -> None:
+    run_service(service_main, "binder")
+
+
+if __name__ == "__main__":
+    main()

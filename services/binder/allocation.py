@@ -1,0 +1,102 @@
+"""Binding decisions: which candidate node gets a job. Pure functions, no I/O.
+
+A node's free capacity is what it advertises minus its reservations. ``plan`` walks each
+job's ranked candidates and takes the first whose free capacity fits, counting what earlier
+jobs of the same batch took, so one batch never overbooks a node by itself; the
+compare-and-set on the node's allocation record guards against other binders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from jobmesh.messages.v1 import Allocation, JobReady, NodeInfo, Resources
+
+
+@dataclass(frozen=True, slots=True)
+class Free:
+    """Capacity left on a node."""
+
+    cpu_milli: int
+    memory_mb: int
+    gpu: int
+    disk_mb: int
+
+    def fits(self, res: Resources) -> bool:
+        return (
+            res.cpu_milli <= self.cpu_milli and res.memory_mb <= self.memory_mb
+            and res.gpu <= self.gpu and res.disk_mb <= self.disk_mb
+        )
+
+    def minus(self, res: Resources) -> "Free":
+        return Free(self.cpu_milli - res.cpu_milli, self.memory_mb - res.memory_mb, self.gpu - res.gpu, self.disk_mb - res.disk_mb)
+
+
+def reservation_key(job_id: str, attempt: int) -> str:
+    """Key of one attempt's reservation inside a node's allocation record."""
+    return f"{job_id}:{attempt}"
+
+
+def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
+    """Advertised capacity minus every reservation on the node."""
+    free = Free(node.cpu_milli, node.memory_mb, node.gpu, node.disk_mb)
+    if alloc is not None:
+        for r in alloc.reservations.values():
+            free = free.minus(r.resources)
+    return free
+
+
+def overbooked(node: NodeInfo, alloc: Allocation) -> bool:
+    """True when reservations exceed capacity (must never happen; tests check it)."""
+    f = free_on(node, alloc)
+    return f.cpu_milli < 0 or f.memory_mb < 0 or f.gpu < 0 or f.disk_mb < 0
+
+
+@dataclass
+class Plan:
+    """Where each job of a batch goes."""
+
+    assign: dict[str, list[JobReady]] = field(default_factory=dict)  # node -> jobs
+    refused: list[tuple[JobReady, str]] = field(default_factory=list)
+
+
+def plan(
+    jobs: list[JobReady],
+    nodes: dict[str, NodeInfo],
+    allocs: dict[str, Allocation],
+    skip: dict[str, set[str]] | None = None,
+) -> Plan:
+    """Assign each job to its first candidate with room.
+
+    Args:
+        jobs: ready jobs, in the order they should be served.
+        nodes: live nodes by id.
+        allocs: current allocation record per node (missing = nothing reserved).
+        skip: per job id, candidate nodes already tried and lost in a race this batch.
+
+    Returns:
+        The assignment per node and the jobs that fit nowhere, with the reason.
+    """
+    skip = skip or {}
+    free: dict[str, Free] = {}
+    result = Plan()
+    for job in jobs:
+        chosen = None
+        tried = skip.get(job.job_id, set())
+        for node_id in job.candidates:
+            node = nodes.get(node_id)
+            if node is None or node.draining or node_id in tried:
+                continue
+            if node_id not in free:
+                free[node_id] = free_on(node, allocs.get(node_id))
+            if free[node_id].fits(job.spec.resources):
+                chosen = node_id
+                break
+        if chosen is None:
+            live = [c for c in job.candidates if c in nodes]
+            reason = "no free capacity on candidate nodes" if live else "candidate nodes are gone"
+            result.refused.append((job, reason))
+            continue
+        free[chosen] = free[chosen].minus(job.spec.resources)
+        result.assign.setdefault(chosen, []).append(job)
+    return result

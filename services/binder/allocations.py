@@ -1,0 +1,107 @@
+"""The binder's view of the ``jm_alloc`` KV bucket, and compare-and-set writes to it.
+
+Every binder replica watches the bucket, so its cache is almost always current; the
+compare-and-set on the record's revision catches the rest: a write based on a stale
+revision is refused by the server, the record is re-read and the change is recomputed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.kv import KeyValue
+
+from jobmesh import subjects
+from jobmesh.codec import encode
+from jobmesh.errors import Conflict
+from jobmesh.messages.v1 import Allocation
+
+log = logging.getLogger("jobmesh.binder")
+
+_decoder = msgspec.json.Decoder(Allocation)
+CAS_TRIES = 8
+
+
+class Allocations:
+    """Cached allocation records with their KV revisions."""
+
+    def __init__(self, js: JetStreamContext) -> None:
+        self._js = js
+        self._kv: KeyValue | None = None
+        self.records: dict[str, tuple[Allocation, int]] = {}
+        self._ready = asyncio.Event()
+
+    async def open(self) -> None:
+        self._kv = await self._js.key_value(subjects.KV_ALLOC)
+
+    def snapshot(self) -> dict[str, Allocation]:
+        return {node: alloc for node, (alloc, _) in self.records.items()}
+
+    def _store(self, node_id: str, alloc: Allocation, revision: int) -> None:
+        current = self.records.get(node_id)
+        if current is None or revision > current[1]:
+            self.records[node_id] = (alloc, revision)
+
+    async def watch(self) -> None:
+        """Keep the cache current (run as a background task)."""
+        assert self._kv is not None
+        watcher = await self._kv.watchall()
+        async for entry in watcher:
+            if entry is None:
+                self._ready.set()
+                continue
+            if entry.operation in ("DEL", "PURGE"):
+                self.records.pop(entry.key, None)
+                continue
+            try:
+                self._store(entry.key, _decoder.decode(entry.value), entry.revision)
+            except msgspec.DecodeError:
+                log.warning("ignoring a malformed allocation record for %s", entry.key)
+
+    async def wait_ready(self, timeout: float = 10.0) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def refresh(self, node_id: str) -> None:
+        """Re-read one node's record from the server."""
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(node_id)
+        except KeyNotFoundError:
+            self.records.pop(node_id, None)
+            return
+        if entry.value:
+            self._store(node_id, _decoder.decode(entry.value), entry.revision)
+
+    async def change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, object]]) -> object:
+        """Apply ``edit`` to a node's record with compare-and-set, re-reading on conflict.
+
+        Args:
+            node_id: the node.
+            edit: given the current record, returns ``(new record or None for no write,
+                result)``; it is called again after every lost race, so it must be pure.
+
+        Returns:
+            ``edit``'s result from the attempt that was written.
+
+        Raises:
+            Conflict: when every try lost a race.
+        """
+        assert self._kv is not None
+        for _ in range(CAS_TRIES):
+            alloc, revision = self.records.get(node_id, (Allocation(node_id=node_id), 0))
+            new, result = edit(alloc)
+            if new is None:
+                return result
+            try:
+                revision = await self._kv.update(node_id, encode(new), last=revision)
+            except KeyWrongLastSequenceError:
+                await self.refresh(node_id)
+                continue
+            self._store(node_id, new, revision)
+            return result
+        raise Conflict(f"allocation record of node {node_id} kept changing; gave up after {CAS_TRIES} tries")

@@ -1,0 +1,181 @@
+"""Binder handlers: reserve on JobReady, release on terminal events.
+
+Bind: plan the batch against the cached allocations, write each node's new reservations
+with one compare-and-set, retry jobs that lost a race on their next candidate, then
+publish JobBound on each node's dispatch subject (and JobUnplaceable for jobs that fit
+nowhere) and ack. Release: remove the attempt's reservation however the attempt ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Callable
+
+from jobmesh import subjects
+from jobmesh.binder.allocation import Free, free_on, plan, reservation_key
+from jobmesh.binder.allocations import Allocations
+from jobmesh.errors import Conflict
+from jobmesh.ids import event_id
+from jobmesh.messages.v1 import Allocation, JobBound, JobReady, JobUnplaceable, Reservation
+from jobmesh.nodes import NodeWatcher
+from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.runtime import Envelope
+
+log = logging.getLogger("jobmesh.binder")
+
+MAX_ROUNDS = 4  # candidates tried per job per batch after lost races
+
+
+class Binder:
+    """Reserves capacity for ready jobs and releases it when they end.
+
+    Args:
+        allocations: the allocation records (CAS writes).
+        nodes: the live node view.
+        publisher: JetStream publisher.
+        clock: returns the current unix time.
+    """
+
+    def __init__(
+        self,
+        allocations: Allocations,
+        nodes: NodeWatcher,
+        publisher: Publisher,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._allocs = allocations
+        self._nodes = nodes
+        self._publisher = publisher
+        self._clock = clock
+
+    async def bind(self, batch: list[Envelope]) -> None:
+        """Handle a batch of JobReady."""
+        by_key: dict[str, Envelope] = {}
+        for env in batch:
+            job: JobReady = env.message
+            key = reservation_key(job.job_id, job.attempt)
+            if key not in by_key or by_key[key].message.release < job.release:
+                by_key[key] = env
+        remaining = [env.message for env in by_key.values()]
+        nodes = {n.node_id: n for n in self._nodes.alive()}
+        skip: dict[str, set[str]] = {}
+        bound: list[tuple[JobReady, str, str, bool]] = []  # job, node, scratch, newly reserved
+        refused: list[tuple[JobReady, str]] = []
+        for _ in range(MAX_ROUNDS):
+            if not remaining:
+                break
+            p = plan(remaining, nodes, self._allocs.snapshot(), skip)
+            refused.extend(p.refused)
+            results = await asyncio.gather(
+                *(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items())
+            )
+            remaining = []
+            for node_id, (won, lost) in zip(p.assign, results):
+                bound.extend(won)
+                for job in lost:
+                    skip.setdefault(job.job_id, set()).add(node_id)
+                    remaining.append(job)
+        refused.extend((job, "lost every reservation race this round") for job in remaining)
+        await self._announce(by_key, bound, refused)
+
+    async def _reserve(
+        self, node_id: str, jobs: list[JobReady], nodes: dict
+    ) -> tuple[list[tuple[JobReady, str, str, bool]], list[JobReady]]:
+        node = nodes[node_id]
+        now = self._clock()
+
+        def edit(alloc: Allocation):
+            free: Free = free_on(node, alloc)
+            reservations = dict(alloc.reservations)
+            won, lost = [], []
+            for job in jobs:
+                key = reservation_key(job.job_id, job.attempt)
+                if key in reservations:  # a redelivery: already ours on this node
+                    won.append((job, node_id, reservations[key].scratch_dir, False))
+                    continue
+                if not free.fits(job.spec.resources):
+                    lost.append(job)
+                    continue
+                free = free.minus(job.spec.resources)
+                scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
+                reservations[key] = Reservation(resources=job.spec.resources, scratch_dir=scratch, at=now)
+                won.append((job, node_id, scratch, True))
+            changed = any(new for *_, new in won)
+            new_alloc = Allocation(node_id=node_id, reservations=reservations) if changed else None
+            return new_alloc, (won, lost)
+
+        try:
+            return await self._allocs.change(node_id, edit)  # type: ignore[return-value]
+        except Conflict:
+            log.warning("node %s: gave up reserving after repeated races", node_id)
+            return [], list(jobs)
+
+    async def _announce(
+        self,
+        by_key: dict[str, Envelope],
+        bound: list[tuple[JobReady, str, str, bool]],
+        refused: list[tuple[JobReady, str]],
+    ) -> None:
+        now = self._clock()
+        outgoing = []
+        for job, node_id, scratch, _ in bound:
+            message = JobBound(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                partition=job.partition,
+                node_id=node_id,
+                spec=job.spec,
+                scratch_dir=scratch,
+                submitted_at=job.submitted_at,
+                bound_at=now,
+            )
+            context = by_key[reservation_key(job.job_id, job.attempt)].context
+            outgoing.append(Outgoing(subjects.node_dispatch(node_id), message, event_id(job.job_id, job.attempt, "bound"), context))
+        for job, reason in refused:
+            message = JobUnplaceable(
+                job_id=job.job_id, attempt=job.attempt, partition=job.partition, reason=reason, at=now, release=job.release
+            )
+            context = by_key[reservation_key(job.job_id, job.attempt)].context
+            outgoing.append(
+                Outgoing(
+                    subjects.job_event(job.partition, subjects.UNPLACEABLE),
+                    message,
+                    f"{job.job_id}:{job.attempt}:unplaceable:{job.release}",
+                    context,
+                )
+            )
+        acks = await self._publisher.publish(outgoing)
+        # A duplicate JobBound for a reservation we just made means an earlier delivery
+        # was bound elsewhere (by a binder that died before acking): give ours back.
+        doubles = [
+            (job, node_id) for (job, node_id, _, new), ack in zip(bound, acks) if new and ack.duplicate
+        ]
+        if doubles:
+            await self._remove([(node_id, reservation_key(job.job_id, job.attempt)) for job, node_id in doubles])
+
+    async def release(self, batch: list[Envelope]) -> None:
+        """Handle a batch of terminal events: free each attempt's reservation."""
+        pairs = []
+        for env in batch:
+            node_id = getattr(env.message, "node_id", "")
+            if node_id:
+                pairs.append((node_id, reservation_key(env.message.job_id, env.message.attempt)))
+        await self._remove(pairs)
+
+    async def _remove(self, pairs: list[tuple[str, str]]) -> None:
+        by_node: dict[str, set[str]] = {}
+        for node_id, key in pairs:
+            by_node.setdefault(node_id, set()).add(key)
+
+        def editor(keys: set[str]):
+            def edit(alloc: Allocation):
+                if not keys & alloc.reservations.keys():
+                    return None, None
+                kept = {k: v for k, v in alloc.reservations.items() if k not in keys}
+                return Allocation(node_id=alloc.node_id, reservations=kept), None
+
+            return edit
+
+        await asyncio.gather(*(self._allocs.change(node, editor(keys)) for node, keys in by_node.items()))

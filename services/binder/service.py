@@ -1,0 +1,51 @@
+"""The binder service: atomic reservations on executor nodes.
+
+Consumes JobReady (bind) and terminal events (release); writes the ``jm_alloc`` bucket
+with compare-and-set; publishes JobBound on the chosen node's dispatch subject.
+"""
+
+from __future__ import annotations
+
+from jobmesh import subjects
+from jobmesh.binder.allocations import Allocations
+from jobmesh.binder.handlers import Binder
+from jobmesh.codec import Codec
+from jobmesh.messages.v1 import JobReady, TerminalEvent
+from jobmesh.nodes import NodeWatcher
+from jobmesh.runtime import ConsumerSpec, Runtime
+from jobmesh.settings import Settings
+
+
+async def service_main(settings: Settings) -> None:
+    """Connect, watch nodes and allocations, bind and release until told to stop."""
+    rt = Runtime(settings)
+    await rt.connect()
+    nodes = NodeWatcher(rt.js, settings.node_ttl_seconds)
+    rt.spawn(nodes.run(), "nodes-watch")
+    rt.spawn(nodes.expire_loop(), "nodes-expire")
+    allocations = Allocations(rt.js)
+    await allocations.open()
+    rt.spawn(allocations.watch(), "alloc-watch")
+    await nodes.wait_ready()
+    await allocations.wait_ready()
+    binder = Binder(allocations, nodes, rt.publisher)
+    await rt.serve(
+        consumers=[
+            ConsumerSpec(
+                stream=subjects.STREAM_JOBS,
+                durable=subjects.durable("binder", "ready"),
+                filter_subjects=tuple(subjects.job_events("*", (subjects.READY,))),
+                codec=Codec(JobReady, settings.max_message_bytes),
+                handle=binder.bind,
+                span_name="process jobmesh.v1.job.{partition}.ready",
+            ),
+            ConsumerSpec(
+                stream=subjects.STREAM_JOBS,
+                durable=subjects.durable("binder", "release"),
+                filter_subjects=tuple(subjects.job_events("*", subjects.TERMINAL_KINDS)),
+                codec=Codec(TerminalEvent, settings.max_message_bytes),
+                handle=binder.release,
+                span_name="process jobmesh.v1.job.{partition}.{terminal}",
+            ),
+        ]
+    )

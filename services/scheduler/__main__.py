@@ -1,0 +1,12 @@
+"""Run the scheduler service: ``python -m jobmesh.scheduler``."""
+
+from jobmesh.runtime import run_service
+from jobmesh.scheduler.service import service_main
+
+
+def main() -> None:
+    run_service(service_main, "scheduler")
+
+
+if __name__ == "__main__":
+    main()

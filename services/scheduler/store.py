@@ -1,0 +1,101 @@
+"""The scheduler's durable backlog: schema ``scheduler`` in Postgres.
+
+Set-based statements only (``unnest`` arrays), one round trip per batch and operation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from jobmesh.codec import encode
+
+DDL = """
+CREATE TABLE IF NOT EXISTS backlog (
+    job_id       text PRIMARY KEY,
+    partition    int NOT NULL,
+    queue        text NOT NULL,
+    tenant       text NOT NULL,
+    priority     int NOT NULL,
+    seq          bigserial,
+    state        text NOT NULL,           -- pending | released | done
+    attempt      int NOT NULL DEFAULT 1,
+    reason       text NOT NULL DEFAULT '',
+    releases     int NOT NULL DEFAULT 0,
+    trace        text NOT NULL DEFAULT '',    -- traceparent of the submit, to continue it
+    submitted    bytea NOT NULL,          -- the JobSubmitted message, as received
+    submitted_at double precision NOT NULL,
+    updated_at   double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS backlog_active ON backlog (partition, seq) WHERE state <> 'done';
+"""
+
+
+async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str]) -> dict[str, int]:
+    """Insert JobSubmitted events not seen before; return {job_id: seq} of the new ones."""
+    if not submitted:
+        return {}
+    now = time.time()
+    rows = await conn.fetch(
+        """
+        INSERT INTO backlog (job_id, partition, queue, tenant, priority, state, submitted, submitted_at, updated_at, trace)
+        SELECT j, p, q, t, pr, 'pending', s, sa, $8, tr
+          FROM unnest($1::text[], $2::int[], $3::text[], $4::text[], $5::int[], $6::bytea[], $7::float8[], $9::text[])
+               AS u(j, p, q, t, pr, s, sa, tr)
+        ON CONFLICT (job_id) DO NOTHING
+        RETURNING job_id, seq
+        """,
+        [m.job_id for m in submitted],
+        [m.partition for m in submitted],
+        [m.spec.queue for m in submitted],
+        [m.spec.tenant for m in submitted],
+        [m.spec.priority for m in submitted],
+        [encode(m) for m in submitted],
+        [m.submitted_at for m in submitted],
+        now,
+        traces,
+    )
+    return {row["job_id"]: row["seq"] for row in rows}
+
+
+async def set_state(conn: asyncpg.Connection, job_ids: list[str], state: str, reasons: list[str] | None = None) -> None:
+    """Move jobs to ``state`` (with a per-job reason when given)."""
+    if not job_ids:
+        return
+    await conn.execute(
+        """
+        UPDATE backlog AS b SET state = $2, reason = u.r, updated_at = $4
+          FROM unnest($1::text[], $3::text[]) AS u(j, r)
+         WHERE b.job_id = u.j
+        """,
+        job_ids,
+        state,
+        reasons or [""] * len(job_ids),
+        time.time(),
+    )
+
+
+async def mark_released(conn: asyncpg.Connection, job_ids: list[str], releases: list[int]) -> None:
+    """Record that jobs were released (with their release counters)."""
+    if not job_ids:
+        return
+    await conn.execute(
+        """
+        UPDATE backlog AS b SET state = 'released', reason = '', releases = u.n, updated_at = $3
+          FROM unnest($1::text[], $2::int[]) AS u(j, n)
+         WHERE b.job_id = u.j
+        """,
+        job_ids,
+        releases,
+        time.time(),
+    )
+
+
+async def load_active(pool: asyncpg.Pool, partition: int) -> list[asyncpg.Record]:
+    """Every job of ``partition`` that is not done, in submission order."""
+    return await pool.fetch(
+        "SELECT job_id, seq, state, attempt, reason, releases, trace, submitted FROM backlog"
+        " WHERE partition = $1 AND state <> 'done' ORDER BY seq",
+        partition,
+    )

@@ -1,0 +1,57 @@
+"""Trigger handlers: turn an API submit into JobSubmitted events.
+
+The reply carries job ids only after JetStream acknowledged every JobSubmitted, so a job
+id a caller holds is never lost.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from jobmesh import subjects
+from jobmesh.ids import job_id_for, new_idempotency_key
+from jobmesh.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
+from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.runtime import Envelope
+from jobmesh.validation import validate_spec
+
+
+class SubmitHandler:
+    """Handles ``jobmesh.v1.api.submit``.
+
+    Args:
+        publisher: publishes to JetStream and waits for the acks.
+        partitions: how many scheduler partitions queues hash onto.
+        clock: returns the current unix time.
+    """
+
+    def __init__(self, publisher: Publisher, partitions: int, clock: Callable[[], float] = time.time) -> None:
+        self._publisher = publisher
+        self._partitions = partitions
+        self._clock = clock
+
+    async def __call__(self, env: Envelope) -> SubmitReply:
+        request: SubmitRequest = env.message
+        for i, submission in enumerate(request.jobs):
+            validate_spec(submission.spec, where=f"jobs[{i}].spec")
+        now = self._clock()
+        outgoing = []
+        job_ids = []
+        for submission in request.jobs:
+            key = submission.idempotency_key or new_idempotency_key()
+            job_id = job_id_for(key)
+            partition = subjects.partition_of(submission.spec.queue, self._partitions)
+            event = JobSubmitted(
+                job_id=job_id,
+                partition=partition,
+                spec=submission.spec,
+                idempotency_key=key,
+                submitted_at=now,
+            )
+            job_ids.append(job_id)
+            outgoing.append(
+                Outgoing(subjects.job_event(partition, subjects.SUBMITTED), event, f"submit:{key}", env.context)
+            )
+        acks = await self._publisher.publish(outgoing)
+        return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks])

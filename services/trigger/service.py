@@ -1,0 +1,30 @@
+"""The trigger service: API submits in, JobSubmitted out.
+
+Later issues add event rules, schedules and workflow expansion here.
+"""
+
+from __future__ import annotations
+
+from jobmesh import subjects
+from jobmesh.codec import Codec
+from jobmesh.messages.v1 import SubmitRequest
+from jobmesh.runtime import ResponderSpec, Runtime
+from jobmesh.settings import Settings
+from jobmesh.trigger.handlers import SubmitHandler
+
+
+async def service_main(settings: Settings) -> None:
+    """Connect, answer submits until told to stop, then drain."""
+    rt = Runtime(settings)
+    await rt.connect()
+    submit = SubmitHandler(rt.publisher, settings.partitions)
+    await rt.serve(
+        responders=[
+            ResponderSpec(
+                subjects.API_SUBMIT,
+                Codec(SubmitRequest, settings.max_message_bytes),
+                submit,
+                queue="trigger",
+            )
+        ]
+    )
