@@ -30,7 +30,7 @@ from jobmesh.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
 from jobmesh.settings import Settings
-from jobmesh.tracing import Context, extract, setup_tracing, shutdown_tracing
+from jobmesh.tracing import Context, ensure_valid, extract, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("jobmesh.runtime")
 
@@ -260,7 +260,7 @@ class Runtime:
                 await self._settle(spec, raw, Reject(exc.code, str(exc)), deliveries)
                 continue
             parent = extract(headers)
-            span = self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER)
+            span = ensure_valid(self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER))
             context = trace.set_span_in_context(span, parent)
             envelopes.append(Envelope(message, raw.subject, headers, context, deliveries, raw, span))
         if not envelopes:
@@ -342,6 +342,7 @@ class Runtime:
         with self.tracer.start_as_current_span(
             f"handle {spec.subject}", context=parent, kind=trace.SpanKind.SERVER
         ) as span:
+            span = ensure_valid(span)
             env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), 1, msg)
             try:
                 reply = await spec.handle(env)

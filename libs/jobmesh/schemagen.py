@@ -288,19 +288,22 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         "kvNodes", _kv(subjects.KV_NODES, NODE_ID), (v1.NodeInfo,), f"KV_{subjects.KV_NODES}",
         ("executor",), ("scheduler", "binder"),
-        "Executor registrations, refreshed every heartbeat; the bucket TTL (JOBMESH_NODE_TTL_SECONDS) makes each record a lease.",
+        "Executor registrations, refreshed every heartbeat; the bucket TTL "
+        "(JOBMESH_NODE_TTL_SECONDS) makes each record a lease.",
         kv_bucket=subjects.KV_NODES,
     ),
     Channel(
         "kvAlloc", _kv(subjects.KV_ALLOC, NODE_ID), (v1.Allocation,), f"KV_{subjects.KV_ALLOC}",
         ("binder",), ("binder",),
-        "Everything reserved on a node, keyed by node id. Updated only by compare-and-set on the revision, so binder replicas never overbook a node.",
+        "Everything reserved on a node, keyed by node id. Updated only by compare-and-set on "
+        "the revision, so binder replicas never overbook a node.",
         kv_bucket=subjects.KV_ALLOC,
     ),
     Channel(
         "kvLeases", _kv(subjects.KV_LEASES, KEY), (), f"KV_{subjects.KV_LEASES}",
         ("scheduler",), ("scheduler",),
-        "Which scheduler instance owns each partition; the value is private to the scheduler and expires with the bucket TTL, so a standby takes over.",
+        "Which scheduler instance owns each partition; the value is private to the scheduler "
+        "and expires with the bucket TTL, so a standby takes over.",
         kv_bucket=subjects.KV_LEASES,
     ),
 )

@@ -126,6 +126,7 @@ class JobReady(Struct, frozen=True, kw_only=True, tag="job.ready"):
     candidates: list[str]
     submitted_at: float
     ready_at: float
+    release: Annotated[int, Meta(ge=1)] = 1  # counts re-releases of the same attempt
 
 
 class JobUnplaceable(Struct, frozen=True, kw_only=True, tag="job.unplaceable"):
@@ -136,6 +137,7 @@ class JobUnplaceable(Struct, frozen=True, kw_only=True, tag="job.unplaceable"):
     partition: NonNegInt
     reason: str
     at: float
+    release: Annotated[int, Meta(ge=1)] = 1  # the JobReady.release this answers
 
 
 class JobBound(Struct, frozen=True, kw_only=True, tag="job.bound"):

@@ -1,0 +1,241 @@
+"""``make bench``: figures, not tests.
+
+Prints, from one run on this machine:
+1. the raw JetStream limit: N messages published, pulled and republished through five
+   relay stages (five processes, nats-py, batched like the services), in msg/s;
+2. end-to-end throughput: N no-op jobs through all five services with history in Postgres,
+   in jobs/s, and as a ratio of (1);
+3. submit-to-succeeded latency p50/p99 at light load (one job at a time), measured at the
+   tracker's watch announcement, i.e. after the history row committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import nats
+from nats.js.api import AckPolicy, StorageType, StreamConfig
+
+from jobmesh import subjects
+from jobmesh.client import Client
+from jobmesh.cluster import LocalCluster
+from jobmesh.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
+from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.pull import PullConsumer
+from jobmesh.servers import NatsServer, embedded_postgres
+
+STAGES = 5
+_update = msgspec.json.Decoder(JobUpdate)
+
+
+# --- raw relay baseline ----------------------------------------------------------------
+class _Raw(msgspec.Struct):
+    i: int
+    t: float
+
+
+async def relay_stage(url: str, stage: int) -> None:
+    """One relay process: pull from stage ``stage``'s subject, republish to the next."""
+    nc = await nats.connect(url)
+    js = nc.jetstream(publish_async_max_pending=20_000)
+    publisher = Publisher(js)
+    pull = PullConsumer(nc, "BENCH", f"stage{stage}", 256)
+    await pull.start()
+    print("ready", flush=True)
+    while True:
+        batch = await pull.next_batch(1.0)
+        if not batch:
+            continue
+        await publisher.publish(
+            Outgoing(f"bench.s{stage + 1}", _Raw(0, 0), f"{stage}:{m.metadata.sequence.stream}") for m in batch
+        )
+        for m in batch:
+            await m.ack()
+
+
+async def raw_baseline(url: str, n: int) -> float:
+    nc = await nats.connect(url)
+    js = nc.jetstream(publish_async_max_pending=20_000)
+    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120))
+    for stage in range(STAGES):
+        await js.add_consumer("BENCH", durable_name=f"stage{stage}", filter_subject=f"bench.s{stage}", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000)
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "jobmesh.bench", "--relay", str(stage), "--url", url], stdout=subprocess.PIPE, text=True)
+        for stage in range(STAGES)
+    ]
+    for p in procs:
+        p.stdout.readline()
+    done = asyncio.Event()
+    count = 0
+
+    async def on_final(msg) -> None:
+        nonlocal count
+        count += 1
+        if count >= n:
+            done.set()
+
+    await nc.subscribe(f"bench.s{STAGES}", cb=on_final)
+    publisher = Publisher(js)
+    started = time.perf_counter()
+    for chunk in range(0, n, 500):
+        await publisher.publish(Outgoing("bench.s0", _Raw(i, 0), f"src:{i}") for i in range(chunk, min(n, chunk + 500)))
+    await asyncio.wait_for(done.wait(), 300)
+    elapsed = time.perf_counter() - started
+    for p in procs:
+        p.terminate()
+        p.wait()
+    await nc.close()
+    return n / elapsed
+
+
+# --- end to end ------------------------------------------------------------------------
+async def end_to_end(url: str, n: int, light: int) -> tuple[float, list[float], list[float]]:
+    client = await Client.connect(url, timeout=30)
+    finished: dict[str, float] = {}
+    waiters: dict[str, asyncio.Future] = {}
+    all_done = asyncio.Event()
+    expected = {"n": n}
+
+    async def on_update(msg) -> None:
+        update = _update.decode(msg.data)
+        if update.state in ("succeeded", "failed") and update.job_id not in finished:
+            finished[update.job_id] = time.perf_counter()
+            fut = waiters.pop(update.job_id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            if len(finished) >= expected["n"]:
+                all_done.set()
+
+    await client.nc.subscribe(f"{subjects.PREFIX}.watch.*", cb=on_update)
+    spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0), name="bench")
+
+    # Warm-up: a few jobs so every service has its consumers and caches hot.
+    warm = await client.submit([Submission(spec=spec) for _ in range(50)])
+    expected["n"] = 50
+    await asyncio.wait_for(all_done.wait(), 60)
+    all_done.clear()
+    finished.clear()
+    del warm
+
+    # Throughput: submit N in batches, several requests in flight.
+    expected["n"] = n
+    submitted_at: dict[str, float] = {}
+    started = time.perf_counter()
+    sem = asyncio.Semaphore(4)
+
+    async def submit_chunk(size: int) -> None:
+        async with sem:
+            t = time.perf_counter()
+            reply = await client.submit([Submission(spec=spec) for _ in range(size)])
+            for job_id in reply.job_ids:
+                submitted_at[job_id] = t
+
+    chunk = 250
+    await asyncio.gather(*(submit_chunk(min(chunk, n - i)) for i in range(0, n, chunk)))
+    await asyncio.wait_for(all_done.wait(), 600)
+    elapsed = time.perf_counter() - started
+    throughput = n / elapsed
+    loaded = sorted((finished[j] - submitted_at[j]) * 1000 for j in submitted_at if j in finished)
+
+    # Light load: one job at a time.
+    latencies = []
+    for _ in range(light):
+        key = uuid.uuid4().hex
+        from jobmesh.ids import job_id_for
+
+        job_id = job_id_for(key)
+        fut = asyncio.get_running_loop().create_future()
+        waiters[job_id] = fut
+        t = time.perf_counter()
+        await client.submit([Submission(spec=spec, idempotency_key=key)])
+        await asyncio.wait_for(fut, 30)
+        latencies.append((finished[job_id] - t) * 1000)
+    await client.close()
+    return throughput, sorted(latencies), loaded
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def make_database(base: str) -> str:
+    name = f"jm_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(base)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+async def drop_database(base: str, url: str) -> None:
+    name = url.rsplit("/", 1)[1].split("?")[0]
+    conn = await asyncpg.connect(base)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.bench")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
+    parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
+    parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import uvloop
+
+    if args.relay is not None:
+        uvloop.run(relay_stage(args.url, args.relay))
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="jobmesh-bench-"))
+    base = os.environ.get("JOBMESH_DATABASE_URL") or os.environ.get("JOBMESH_TEST_DATABASE_URL")
+    pg = None
+    if not base:
+        pg = embedded_postgres(tmp / "pg")
+        base = pg.get_uri()
+    raw_server = NatsServer(tmp / "nats-raw").start()
+    try:
+        print(f"raw JetStream relay, {STAGES} processes, {args.jobs} messages ...", file=sys.stderr, flush=True)
+        raw = uvloop.run(raw_baseline(raw_server.url, args.jobs))
+    finally:
+        raw_server.stop()
+    server = NatsServer(tmp / "nats").start()
+    db_url = uvloop.run(make_database(base))
+    cluster = LocalCluster(
+        server.url, db_url, tmp,
+        env={"JOBMESH_NODE_ID": "bench-node", "JOBMESH_NODE_CPU_MILLI": "100000000", "JOBMESH_NODE_MEMORY_MB": "100000000",
+             "JOBMESH_LOG_LEVEL": "WARNING"},
+    )
+    try:
+        cluster.start()
+        uvloop.run(cluster.wait_healthy())
+        print(f"end to end, {args.jobs} no-op jobs through five services ...", file=sys.stderr, flush=True)
+        throughput, light, loaded = uvloop.run(end_to_end(server.url, args.jobs, args.light))
+    finally:
+        cluster.stop()
+        server.stop()
+        uvloop.run(drop_database(base, db_url))
+        if pg is not None:
+            pg.cleanup()
+    print(f"raw JetStream relay ({STAGES} stages):  {raw:8.0f} msg/s")
+    print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw:.2f}")
+    print(f"latency at light load (n={len(light)}):  p50 {pct(light, 50):6.2f} ms   p99 {pct(light, 99):6.2f} ms")
+    print(f"latency under the burst (n={len(loaded)}): p50 {pct(loaded, 50):6.0f} ms   p99 {pct(loaded, 99):6.0f} ms")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Garbage, wrong-type and oversized messages on every consumed subject are dead-lettered
+with their reason, and every service keeps serving afterwards."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from jobmesh import subjects
+from jobmesh.client import Client
+from jobmesh.codec import encode
+from jobmesh.errors import InvalidMessage, InvalidSpec
+from jobmesh.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
+from tests.cluster_fixtures import NODE_ID, cluster, dead_letters, jobmesh_cli, nc  # noqa: F401 - fixtures
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+GARBAGE = b"\x00not json at all{"
+OVERSIZED = b'{"type":"job.submitted","pad":"' + b"x" * (300 * 1024) + b'"}'
+
+
+def wrong_type(tag: str) -> bytes:
+    # Valid JSON with the right tag but a field of the wrong type.
+    return msgspec.json.encode({"type": tag, "job_id": 12345, "attempt": "one", "partition": 0})
+
+
+# subject -> the services that consume it (each must dead-letter what it cannot read)
+CONSUMED = {
+    subjects.job_event(0, subjects.SUBMITTED): ({"scheduler", "tracker"}, "job.submitted"),
+    subjects.job_event(0, subjects.UNPLACEABLE): ({"scheduler", "tracker"}, "job.unplaceable"),
+    subjects.job_event(0, subjects.READY): ({"binder", "tracker"}, "job.ready"),
+    subjects.job_event(0, subjects.SUCCEEDED): ({"scheduler", "binder", "tracker"}, "job.succeeded"),
+    subjects.job_event(0, subjects.FAILED): ({"scheduler", "binder", "tracker"}, "job.failed"),
+    subjects.job_event(0, subjects.STARTED): ({"tracker"}, "job.started"),
+    subjects.node_dispatch(NODE_ID): ({"executor", "tracker"}, "job.bound"),
+}
+
+
+async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster, nats_server, nc):
+    js = nc.jetstream()
+    expected: set[tuple[str, str, str]] = set()
+    for subject, (services, tag) in CONSUMED.items():
+        for kind, payload in (("garbage", GARBAGE), ("wrong_type", wrong_type(tag)), ("oversized", OVERSIZED)):
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": f"bad:{subject}:{kind}"})
+            for service in services:
+                expected.add((service, subject, kind))
+
+    def classify(letter) -> str:
+        if letter.code == "oversized_message":
+            return "oversized"
+        if "malformed JSON" in letter.reason:
+            return "garbage"
+        return "wrong_type"
+
+    async def all_recorded():
+        got = {(l.service, l.subject, classify(l)) for l in await dead_letters(js)}
+        return expected <= got
+
+    await eventually(all_recorded, timeout=30, what="every bad message to be dead-lettered")
+    letters = await dead_letters(js)
+    for letter in letters:
+        assert letter.reason and letter.code in ("invalid_message", "oversized_message")
+    wrong = [l for l in letters if l.subject == subjects.job_event(0, subjects.READY) and classify(l) == "wrong_type"]
+    assert any("job_id" in l.reason or "attempt" in l.reason for l in wrong), [l.reason for l in wrong]
+
+    # The API: garbage gets a clear error reply and a dead letter; nothing is published.
+    reply = await nc.request(subjects.API_SUBMIT, GARBAGE, timeout=5)
+    error = msgspec.json.decode(reply.data, type=ErrorReply)
+    assert error.code == "invalid_message"
+    client = await Client.connect(nats_server.url)
+    try:
+        with pytest.raises(InvalidMessage) as caught:
+            await client.request(
+                subjects.API_SUBMIT,
+                {"type": "api.submit", "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["x"]}, "priority": -1}}]},
+                ErrorReply,
+                "trigger",
+            )
+        assert caught.value.field == "jobs[0].spec.priority"
+        with pytest.raises(InvalidSpec) as caught:
+            await client.submit([Submission(spec=JobSpec(runtime=ProcessRuntime(argv=["x"]), concurrency_limit=2))])
+        assert caught.value.field == "jobs[0].spec.concurrency_key"
+        reply = await nc.request(subjects.API_SUBMIT, OVERSIZED, timeout=5)
+        assert msgspec.json.decode(reply.data, type=ErrorReply).code == "oversized_message"
+
+        async def api_letters():
+            return len([l for l in await dead_letters(js) if l.service == "trigger"]) >= 4
+
+        await eventually(api_letters, what="API rejects to be dead-lettered")
+    finally:
+        await client.close()
+
+    # Every service still serves: a real job goes through all five.
+    result = jobmesh_cli(["run", "--", "sh", "-c", "echo still-alive"], nats_server.url)
+    assert result.returncode == 0, result.stderr
+    assert "still-alive" in result.stdout
+    cluster.check_alive()
