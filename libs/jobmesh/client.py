@@ -6,6 +6,7 @@ cluster that does not answer raises ``Unavailable`` with a message saying which 
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -84,10 +85,22 @@ class Client:
     async def connect(cls, url: str | None = None, timeout: float = 10.0) -> "Client":
         """Connect once, without retrying, so a missing cluster fails fast and clearly."""
         url = url or resolve_nats_url()
+        async def quiet(exc: Exception) -> None:
+            # nats-py logs connection errors itself; the one line below says it better.
+            return None
+
         try:
-            nc = await nats.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=0)
+            # max_reconnect_attempts=0 makes nats-py retry the first connect forever; 1 with
+            # a short wait fails within a fraction of a second.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1,
+                    reconnect_time_wait=0.2, error_cb=quiet,
+                ),
+                10,
+            )
         except Exception as exc:  # noqa: BLE001 - translated once, here
-            raise Unavailable(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from exc
+            raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__} {exc}".rstrip()) from exc
         return cls(nc, timeout)
 
     async def close(self) -> None:
