@@ -14,8 +14,9 @@ file, when ``schemas/`` differs; ``tests/test_schemas.py`` runs the same check.
 Everything is derived from code: message schemas from the structs (``msgspec.json``),
 addresses from the builders in :mod:`jobmesh.subjects`, streams from
 :mod:`jobmesh.provisioning`. The one hand-kept piece is :data:`CHANNELS`, the table of who
-produces and consumes what (docs/design brief, "The five services"); the generator checks it
-against the stream configuration so a renamed subject or stream cannot go unnoticed.
+produces and consumes what (the design brief's service table); the generator checks it
+against the stream configuration so a renamed subject or stream cannot go unnoticed, and
+``tests/test_schemas.py`` fails when a new wire message travels on no channel.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ EXTERNAL_EVENT = Payload(
 )
 OPEN_REQUEST = Payload(
     "QueryRequest",
-    "Query payload; `{}` asks for everything.",
-    {"type": "object", "description": "Query parameters; the reply schema is declared by the scheduler."},
+    "Query parameters as a JSON object; `{}` asks for everything.",
+    {"type": "object", "description": "Free-form query parameters; `{}` asks for everything."},
 )
 
 
@@ -261,7 +262,8 @@ CHANNELS: tuple[Channel, ...] = (
     ),
     Channel(
         "apiNodesReply", None, (v1.ErrorReply,), None, ("scheduler",), (CLIENT,),
-        "Reply to api.nodes, on the requester's inbox.",
+        "Reply to api.nodes, on the requester's inbox. Only the error reply is a declared v1 "
+        "message so far.",
     ),
     Channel(
         "apiQueues", subjects.API_QUEUES, (OPEN_REQUEST,), None,
@@ -271,7 +273,8 @@ CHANNELS: tuple[Channel, ...] = (
     ),
     Channel(
         "apiQueuesReply", None, (v1.ErrorReply,), None, ("scheduler",), (CLIENT,),
-        "Reply to api.queues, on the requester's inbox.",
+        "Reply to api.queues, on the requester's inbox. Only the error reply is a declared v1 "
+        "message so far.",
     ),
     Channel(
         "health", subjects.health(SERVICE), (HEALTH_REQUEST,), None,
