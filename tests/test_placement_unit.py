@@ -1,14 +1,14 @@
-"""Pure placement, backlog and binding decisions (no I/O)."""
+"""Pure placement and binding decisions (no I/O)."""
 
 from __future__ import annotations
 
 from jobmesh.binder.allocation import free_on, overbooked, plan, reservation_key
 from jobmesh.messages.v1 import (
-    Allocation, Constraints, JobReady, JobSpec, JobSubmitted, Locality, NodeInfo, NoopRuntime, ProcessRuntime,
-    Reservation, Resources,
+    Allocation, Constraints, JobReady, JobSpec, Locality, NodeInfo, NoopRuntime, ProcessRuntime, Reservation,
+    Resources, ZoneMap,
 )
 from jobmesh.scheduler import placement
-from jobmesh.scheduler.backlog import Backlog, Job, Park, Release
+from jobmesh.scheduler.placement import Placement
 
 
 def node(node_id: str, **kw) -> NodeInfo:
@@ -31,11 +31,45 @@ def test_hard_constraints_filter_and_name_the_reason():
     assert placement.rank(spec(), []) == ([], "no executor node registered")
     cands, reason = placement.rank(spec(constraints=Constraints(labels={"team": "ml"})), nodes)
     assert cands == [] and reason == "no node with label team=ml"
+    cands, reason = placement.rank(spec(constraints=Constraints(isolation="vm")), nodes)
+    assert cands == [] and reason == "no node with isolation vm"
+    assert placement.rank(spec(constraints=Constraints(handler="embed")), [node("h", handlers=["embed"])])[0] == ["h"]
 
 
-def test_zone_hint_prefers_nodes_in_that_zone():
-    nodes = [node("a", zone="eu", cpu_milli=8000), node("b", zone="us")]
-    assert placement.rank(spec(locality=Locality(zone="us")), nodes)[0] == ["b", "a"]
+def test_draining_nodes_are_not_candidates():
+    assert placement.rank(spec(), [node("a", draining=True)])[0] == []
+
+
+def test_zone_distance_orders_candidates_into_tiers():
+    zones = ZoneMap(distances={"eu-west": {"eu-central": 1, "us-east": 5}})
+    nodes = [node("us", zone="us-east"), node("euc", zone="eu-central"), node("euw", zone="eu-west")]
+    ids, tiers, _ = Placement(nodes, zones).place(spec(locality=Locality(zone="eu-west")))
+    assert ids == ["euw", "euc", "us"] and tiers == [0, 1, 5]
+
+
+def test_dataset_locality_prefers_holders_then_nearest_zone():
+    zones = ZoneMap(distances={"a": {"b": 1, "c": 9}})
+    nodes = [node("c1", zone="c"), node("b1", zone="b"), node("a1", zone="a", datasets=["imagenet"])]
+    ids, tiers, _ = Placement(nodes, zones).place(spec(locality=Locality(dataset="imagenet")))
+    assert ids[0] == "a1" and tiers[0] == 0
+    assert ids.index("b1") < ids.index("c1")
+
+
+def test_spread_rotates_the_first_candidate_and_pack_prefers_small_nodes():
+    nodes = [node(f"n{i}") for i in range(4)]
+    p = Placement(nodes, strategy="spread")
+    firsts = {p.place(spec())[0][0] for _ in range(4)}
+    assert firsts == {"n0", "n1", "n2", "n3"}
+    packed = Placement([node("big", cpu_milli=64000), node("small", cpu_milli=2000)], strategy="pack")
+    assert packed.place(spec())[0] == ["small", "big"]
+
+
+def test_placement_is_cached_per_signature():
+    p = Placement([node(f"n{i}") for i in range(1000)], strategy="pack")
+    first = p.place(spec())
+    assert len(first[0]) == placement.CANDIDATES
+    assert p.place(spec()) == first
+    assert len(p._cache) == 1
 
 
 def test_noop_jobs_need_a_node_offering_the_noop_runtime():
@@ -43,49 +77,31 @@ def test_noop_jobs_need_a_node_offering_the_noop_runtime():
     assert placement.rank(JobSpec(runtime=NoopRuntime()), nodes) == ([], "no node with runtime noop")
 
 
-def _job(i: int, priority: int = 5) -> Job:
-    s = spec(priority=priority)
-    return Job(f"j{i}", i, JobSubmitted(job_id=f"j{i}", partition=0, spec=s, idempotency_key=f"k{i}", submitted_at=0.0))
-
-
-def test_backlog_orders_by_priority_then_fifo_and_parks_unplaceable():
-    backlog = Backlog()
-    for i, prio in enumerate([5, 9, 5, 0, 9]):
-        backlog.add(_job(i, prio))
-    decisions = backlog.plan([node("a")])
-    assert [d.job.job_id for d in decisions] == ["j1", "j4", "j0", "j2", "j3"]
-    assert all(isinstance(d, Release) for d in decisions)
-    backlog.apply(decisions)
-    assert backlog.plan([node("a")]) == []
-
-
-def test_parked_job_waits_until_nodes_change():
-    backlog = Backlog()
-    backlog.add(_job(1))
-    [park] = backlog.plan([])
-    assert isinstance(park, Park) and park.reason == "no executor node registered"
-    backlog.apply([park])
-    assert backlog.plan([node("a")]) == []  # parked: not looked at again ...
-    backlog.unpark(nodes_changed=True)  # ... until the node set changes
-    [release] = backlog.plan([node("a")])
-    assert isinstance(release, Release) and release.candidates == ["a"]
-
-
-def _ready(job_id: str, cpu: int, candidates: list[str]) -> JobReady:
+def _ready(job_id: str, cpu: int, candidates: list[str], tiers: list[int] | None = None) -> JobReady:
     return JobReady(
         job_id=job_id, attempt=1, partition=0, spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
-        candidates=candidates, submitted_at=0.0, ready_at=0.0,
+        candidates=candidates, tiers=tiers or [], submitted_at=0.0, ready_at=0.0,
     )
 
 
 def test_binding_plan_never_overbooks_and_falls_back_to_next_candidate():
     nodes = {"a": node("a", cpu_milli=1000), "b": node("b", cpu_milli=1000)}
     jobs = [_ready(f"j{i}", 400, ["a", "b"]) for i in range(6)]
-    p = plan(jobs, nodes, {})
+    p = plan(jobs, nodes, {}, strategy="pack")
     assert [j.job_id for j in p.assign["a"]] == ["j0", "j1"]
     assert [j.job_id for j in p.assign["b"]] == ["j2", "j3"]
     assert [j.job_id for j, _ in p.refused] == ["j4", "j5"]
     assert p.refused[0][1] == "no free capacity on candidate nodes"
+
+
+def test_binding_spread_takes_the_freest_node_of_the_best_tier():
+    nodes = {"a": node("a", cpu_milli=1000), "b": node("b", cpu_milli=1000), "far": node("far", cpu_milli=9000)}
+    jobs = [_ready(f"j{i}", 100, ["a", "b", "far"], [0, 0, 3]) for i in range(4)]
+    p = plan(jobs, nodes, {}, strategy="spread")
+    assert sorted(len(v) for v in p.assign.values()) == [2, 2] and "far" not in p.assign
+    full = {"a": node("a", cpu_milli=100), "b": node("b", cpu_milli=100), "far": node("far", cpu_milli=9000)}
+    p = plan([_ready("x", 500, ["a", "b", "far"], [0, 0, 3])], full, {})
+    assert list(p.assign) == ["far"]  # the near tier is full: fall back to the next
 
 
 def test_free_capacity_counts_existing_reservations():

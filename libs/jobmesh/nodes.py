@@ -86,6 +86,11 @@ class NodeWatcher:
         now = self._clock()
         return [n for _, n in sorted(self._nodes.items()) if now - n.heartbeat_at < self._ttl]
 
+    def all(self) -> list[tuple[NodeInfo, bool]]:
+        """Every record still in the bucket, with whether its heartbeat is fresh."""
+        now = self._clock()
+        return [(n, now - n.heartbeat_at < self._ttl) for _, n in sorted(self._nodes.items())]
+
     def get(self, node_id: str) -> NodeInfo | None:
         node = self._nodes.get(node_id)
         if node is None or self._clock() - node.heartbeat_at >= self._ttl:

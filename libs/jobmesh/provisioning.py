@@ -54,6 +54,8 @@ STREAMS: dict[str, tuple[list[str], StreamLimits]] = {
 # refreshed, which is what makes a heartbeat a lease.
 BUCKETS: dict[str, tuple[int, float]] = {
     subjects.KV_ALLOC: (1, 0.0),
+    subjects.KV_CONFIG: (5, 0.0),
+    subjects.KV_STATS: (1, 3600.0),
 }
 
 

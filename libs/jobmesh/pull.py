@@ -34,6 +34,8 @@ class PullConsumer:
 
     def __init__(self, nc: NATS, stream: str, durable: str, batch: int, expires: float = 5.0) -> None:
         self._nc = nc
+        self.durable = durable
+        self.stopped = False  # set by the runtime to end this consumer's loop
         self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._batch = batch
         self._expires = expires

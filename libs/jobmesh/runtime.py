@@ -113,6 +113,7 @@ class Runtime:
         self._idle.set()
         self._pulls: list[PullConsumer] = []
         self._subs: list[Any] = []
+        self._responders: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._health_checks: list[Callable[[], str | None]] = []
         self._dead_codec_max = settings.max_message_bytes
@@ -135,18 +136,19 @@ class Runtime:
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         self.js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
         self.publisher = Publisher(self.js)
-        await provision(self.js, node_ttl=self.settings.node_ttl_seconds)
+        await provision(self.js, node_ttl=self.settings.node_ttl_seconds, lease_ttl=self.settings.lease_ttl_seconds)
 
     def add_health_check(self, check: Callable[[], str | None]) -> None:
         """Register a check returning a problem description, or None when healthy."""
         self._health_checks.append(check)
 
-    def spawn(self, coro: Awaitable[None], name: str) -> None:
-        """Run a background task for the life of the service; a crash stops the service."""
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+        """Run a background task; a crash stops the service, a cancel does not."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         task.add_done_callback(self._task_done)
         self._tasks.append(task)
+        return task
 
     async def serve(
         self,
@@ -232,12 +234,22 @@ class Runtime:
         self._pulls.append(pull)
         self.spawn(self._consume(spec, pull), f"consume:{spec.durable}")
 
+    async def remove_consumer(self, durable: str) -> None:
+        """Stop pulling from ``durable`` after the batch in hand (e.g. a lost lease).
+
+        Messages already pulled but not handled are given back at once.
+        """
+        for pull in [p for p in self._pulls if p.durable == durable]:
+            pull.stopped = True
+            self._pulls.remove(pull)
+            await pull.close()
+
     async def _consume(self, spec: ConsumerSpec, pull: PullConsumer) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.is_set() and not pull.stopped:
             raws = await pull.next_batch(timeout=1.0)
             if not raws:
                 continue
-            if self._stopping.is_set():
+            if self._stopping.is_set() or pull.stopped:
                 # Give them back at once so another replica takes them now, not after ack_wait.
                 for raw in raws:
                     await raw.nak()
@@ -328,7 +340,16 @@ class Runtime:
             task = asyncio.ensure_future(self._respond(spec, msg))
             task.add_done_callback(lambda _t: (limit.release(), self._end()))
 
-        self._subs.append(await self.nc.subscribe(spec.subject, queue=spec.queue, cb=on_request))
+        sub = await self.nc.subscribe(spec.subject, queue=spec.queue, cb=on_request)
+        self._subs.append(sub)
+        self._responders[spec.subject] = sub
+
+    async def remove_responder(self, subject: str) -> None:
+        """Stop answering on ``subject``."""
+        sub = self._responders.pop(subject, None)
+        if sub is not None:
+            self._subs.remove(sub)
+            await sub.unsubscribe()
 
     async def _respond(self, spec: ResponderSpec, msg: Msg) -> None:
         try:

@@ -46,6 +46,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     work_dir: str = ""
     heartbeat_seconds: float = 2.0
     node_ttl_seconds: float = 10.0
+    # Scheduler: a partition's owner renews its lease every third of this; a standby takes
+    # the partition over at most this long after the owner stopped renewing.
+    lease_ttl_seconds: float = 6.0
+    # Binder: within the best locality tier, "spread" prefers the node with most free
+    # capacity, "pack" the one with least that still fits.
+    placement: str = "spread"
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> "Settings":
@@ -75,6 +81,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidSpec(f"bad environment: {_env_name(str(exc))}") from exc
         if settings.partitions < 1:
             raise InvalidSpec("JOBMESH_PARTITIONS must be >= 1", field="partitions")
+        if settings.placement not in ("spread", "pack"):
+            raise InvalidSpec("JOBMESH_PLACEMENT must be spread or pack", field="placement")
         if settings.batch_size < 1:
             raise InvalidSpec("JOBMESH_BATCH_SIZE must be >= 1", field="batch_size")
         return settings

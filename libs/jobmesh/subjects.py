@@ -21,6 +21,8 @@ STREAM_EVENTS = "JM_EVENTS"  # external trigger events published by users
 KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node lease
 KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revision
 KV_LEASES = "jm_leases"  # scheduler partition ownership
+KV_CONFIG = "jm_config"  # queue, tenant and zone configuration
+KV_STATS = "jm_stats"  # queue depths published by each partition owner
 
 # --- job lifecycle (stream JM_JOBS) --------------------------------------------------
 JOBS_ALL = f"{PREFIX}.job.>"
@@ -88,6 +90,21 @@ API_JOB_GET = f"{PREFIX}.api.jobs.get"
 API_JOB_LIST = f"{PREFIX}.api.jobs.list"
 API_NODES = f"{PREFIX}.api.nodes"
 API_QUEUES = f"{PREFIX}.api.queues"
+
+
+def scheduler_explain(partition: int) -> str:
+    """Request/reply subject on which the owner of ``partition`` explains a job's wait."""
+    return f"{PREFIX}.api.scheduler.{partition}.explain"
+
+
+def lease_key(partition: int) -> str:
+    """Key of a partition's lease in ``jm_leases``."""
+    return f"partition.{partition}"
+
+
+def stats_key(partition: int) -> str:
+    """Key of a partition's queue statistics in ``jm_stats``."""
+    return f"partition.{partition}"
 
 
 def health(service: str) -> str:

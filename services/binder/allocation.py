@@ -65,14 +65,17 @@ def plan(
     nodes: dict[str, NodeInfo],
     allocs: dict[str, Allocation],
     skip: dict[str, set[str]] | None = None,
+    strategy: str = "spread",
 ) -> Plan:
-    """Assign each job to its first candidate with room.
+    """Assign each job to a candidate with room: the best tier first, then by strategy.
 
     Args:
         jobs: ready jobs, in the order they should be served.
         nodes: live nodes by id.
         allocs: current allocation record per node (missing = nothing reserved).
         skip: per job id, candidate nodes already tried and lost in a race this batch.
+        strategy: among fitting nodes of the best tier, ``spread`` takes the one with the
+            most free cpu, ``pack`` the one with the least.
 
     Returns:
         The assignment per node and the jobs that fit nowhere, with the reason.
@@ -82,16 +85,21 @@ def plan(
     result = Plan()
     for job in jobs:
         chosen = None
+        chosen_tier = None
         tried = skip.get(job.job_id, set())
-        for node_id in job.candidates:
+        for index, node_id in enumerate(job.candidates):
+            tier = job.tiers[index] if index < len(job.tiers) else 0
+            if chosen is not None and tier != chosen_tier:
+                break  # only nodes of the best tier with room compete
             node = nodes.get(node_id)
             if node is None or node.draining or node_id in tried:
                 continue
             if node_id not in free:
                 free[node_id] = free_on(node, allocs.get(node_id))
-            if free[node_id].fits(job.spec.resources):
-                chosen = node_id
-                break
+            if not free[node_id].fits(job.spec.resources):
+                continue
+            if chosen is None or _better(free[node_id], free[chosen], strategy):
+                chosen, chosen_tier = node_id, tier
         if chosen is None:
             live = [c for c in job.candidates if c in nodes]
             reason = "no free capacity on candidate nodes" if live else "candidate nodes are gone"
@@ -100,3 +108,9 @@ def plan(
         free[chosen] = free[chosen].minus(job.spec.resources)
         result.assign.setdefault(chosen, []).append(job)
     return result
+
+
+def _better(a: Free, b: Free, strategy: str) -> bool:
+    if strategy == "pack":
+        return (a.cpu_milli, a.memory_mb) < (b.cpu_milli, b.memory_mb)
+    return (a.cpu_milli, a.memory_mb) > (b.cpu_milli, b.memory_mb)

@@ -18,7 +18,9 @@ from jobmesh.binder.allocation import Free, free_on, plan, reservation_key
 from jobmesh.binder.allocations import Allocations
 from jobmesh.errors import Conflict
 from jobmesh.ids import event_id
-from jobmesh.messages.v1 import Allocation, JobBound, JobReady, JobUnplaceable, Reservation
+from jobmesh.messages.v1 import (
+    Allocation, JobBound, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
+)
 from jobmesh.nodes import NodeWatcher
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.runtime import Envelope
@@ -44,7 +46,9 @@ class Binder:
         nodes: NodeWatcher,
         publisher: Publisher,
         clock: Callable[[], float] = time.time,
+        strategy: str = "spread",
     ) -> None:
+        self._strategy = strategy
         self._allocs = allocations
         self._nodes = nodes
         self._publisher = publisher
@@ -66,7 +70,7 @@ class Binder:
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break
-            p = plan(remaining, nodes, self._allocs.snapshot(), skip)
+            p = plan(remaining, nodes, self._allocs.snapshot(), skip, self._strategy)
             refused.extend(p.refused)
             results = await asyncio.gather(
                 *(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items())
@@ -179,3 +183,22 @@ class Binder:
             return edit
 
         await asyncio.gather(*(self._allocs.change(node, editor(keys)) for node, keys in by_node.items()))
+
+    async def nodes(self, env: Envelope) -> NodesReply:
+        """Every node with its capacity, allocation and last heartbeat."""
+        views = []
+        allocs = self._allocs.snapshot()
+        for node, alive in self._nodes.all():
+            alloc = allocs.get(node.node_id)
+            used = Resources(cpu_milli=0, memory_mb=0)
+            count = 0
+            if alloc is not None:
+                count = len(alloc.reservations)
+                used = Resources(
+                    cpu_milli=sum(r.resources.cpu_milli for r in alloc.reservations.values()),
+                    memory_mb=sum(r.resources.memory_mb for r in alloc.reservations.values()),
+                    gpu=sum(r.resources.gpu for r in alloc.reservations.values()),
+                    disk_mb=sum(r.resources.disk_mb for r in alloc.reservations.values()),
+                )
+            views.append(NodeView(node=node, alive=alive, allocated=used, reservations=count))
+        return NodesReply(nodes=views)

@@ -10,9 +10,9 @@ from jobmesh import subjects
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
 from jobmesh.codec import Codec
-from jobmesh.messages.v1 import JobReady, TerminalEvent
+from jobmesh.messages.v1 import JobReady, NodesRequest, TerminalEvent
 from jobmesh.nodes import NodeWatcher
-from jobmesh.runtime import ConsumerSpec, Runtime
+from jobmesh.runtime import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.settings import Settings
 
 
@@ -28,7 +28,7 @@ async def service_main(settings: Settings) -> None:
     rt.spawn(allocations.watch(), "alloc-watch")
     await nodes.wait_ready()
     await allocations.wait_ready()
-    binder = Binder(allocations, nodes, rt.publisher)
+    binder = Binder(allocations, nodes, rt.publisher, strategy=settings.placement)
     await rt.serve(
         consumers=[
             ConsumerSpec(
@@ -47,5 +47,6 @@ async def service_main(settings: Settings) -> None:
                 handle=binder.release,
                 span_name="process jobmesh.v1.job.{partition}.{terminal}",
             ),
-        ]
+        ],
+        responders=[ResponderSpec(subjects.API_NODES, Codec(NodesRequest), binder.nodes, queue="binder")],
     )

@@ -1,32 +1,53 @@
-"""The scheduler's in-memory backlog of one partition: pure data, no I/O.
+"""The backlog of one scheduler partition and every ordering decision. Pure: no I/O.
 
-Jobs wait in a heap ordered by priority (higher first) then submission sequence (FIFO).
-A job that fits no node is parked under its reason and looked at again only when the
-node set changes, so an unplaceable job costs nothing while it waits.
+A pending job is in exactly one place, and only jobs that could start now are in the
+*ready* structures, so picking the next job never scans blocked ones:
+
+- ready: per queue, ten priority levels (9 first); within a level tenants take turns by
+  weighted fair share (``fairshare``); within a tenant FIFO by submission sequence;
+- timer: ``not_before`` still in the future (a heap by time);
+- group: behind an earlier job of the same sequential group (a list in submission order);
+- key: its concurrency key is at its limit (a heap per key, woken when a job of the key ends);
+- parked: no registered node fits (by reason; looked at again when the node set changes);
+- room: the binder found its candidates full (retried after a short delay).
+
+Queue-level gates (a token-bucket rate and a cap on jobs in flight) stop a queue as a whole,
+at no per-job cost. Concurrency keys and sequential groups are scoped to their queue (a
+queue lives in exactly one partition, so one owner sees all of a queue's jobs).
+
+Every selection is O(log n) in the backlog size: heaps and dicts only.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable
 
-from jobmesh.messages.v1 import JobSpec, JobSubmitted, NodeInfo
-from jobmesh.scheduler import placement
+from jobmesh.messages.v1 import JobSpec, JobSubmitted, QueueConfig
+from jobmesh.scheduler.fairshare import Rotation, Shares
+from jobmesh.scheduler.ratelimit import TokenBucket
+
+READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
+    "ready", "timer", "group", "key", "parked", "room", "released", "gone",
+)
+ROOM_RETRY_SECONDS = 1.0
+LEVELS = 10
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Job:
-    """A job the scheduler is responsible for until its attempt ends."""
+    """A job the scheduler holds until its attempt ends."""
 
     job_id: str
     seq: int
     submitted: JobSubmitted
     attempt: int = 1
-    state: str = "pending"  # pending | released
-    reason: str = ""
     releases: int = 0  # how often this attempt was released (numbers JobReady ids)
-    trace: dict[str, str] = field(default_factory=dict)  # the submit's trace headers
+    trace: str = ""  # traceparent of the submit, continued by JobReady
+    where: str = READY
+    reason: str = ""
 
     @property
     def spec(self) -> JobSpec:
@@ -35,114 +56,427 @@ class Job:
 
 @dataclass(frozen=True, slots=True)
 class Release:
-    """Decision: release ``job`` to the binder with these candidate nodes."""
+    """Decision: hand ``job`` to the binder with these ranked candidates."""
 
     job: Job
     candidates: list[str]
+    tiers: list[int]
 
 
 @dataclass(frozen=True, slots=True)
-class Park:
-    """Decision: ``job`` waits, for ``reason``."""
+class Expire:
+    """Decision: ``job`` was not started before its queue timeout."""
 
     job: Job
     reason: str
 
 
-@dataclass
-class Backlog:
-    """Pending and released jobs of one partition."""
+Placer = Callable[[JobSpec], tuple[list[str], list[int], str]]
 
-    jobs: dict[str, Job] = field(default_factory=dict)
-    _heap: list[tuple[int, int, str]] = field(default_factory=list)
-    _parked: dict[str, Job] = field(default_factory=dict)  # fit no node: wait for node changes
-    _no_room: dict[str, Job] = field(default_factory=dict)  # candidates full: wait for capacity
+
+class _Level:
+    """One priority level of one queue: tenants in fair rotation, FIFO inside each."""
+
+    __slots__ = ("fifo", "rotation")
+
+    def __init__(self) -> None:
+        self.fifo: dict[str, list[tuple[int, str]]] = {}
+        self.rotation = Rotation()
+
+
+@dataclass(eq=False)
+class _Group:
+    waiting: list[tuple[int, str]] = field(default_factory=list)  # (seq, job_id), sorted
+    out: str = ""  # job id of the member currently released (or waiting for room)
+
+
+class QueueState:
+    """Everything one queue needs to decide its next job."""
+
+    def __init__(self, name: str, config: QueueConfig, weight_of: Callable[[str], float], now: float) -> None:
+        self.name = name
+        self.shares = Shares(weight_of)
+        self.levels: list[_Level | None] = [None] * LEVELS
+        self.ready = 0
+        self.in_flight = 0
+        self.pending_by_tenant: dict[str, int] = {}
+        self.keys_out: dict[str, int] = {}
+        self.key_wait: dict[str, list[tuple[int, int, str]]] = {}
+        self.groups: dict[str, _Group] = {}
+        self.config = config
+        self.bucket: TokenBucket | None = None
+        self.configure(config, now)
+
+    def configure(self, config: QueueConfig, now: float) -> None:
+        self.config = config
+        self.bucket = TokenBucket(config.rate, config.burst, now) if config.rate > 0 else None
+
+    def gate(self, now: float) -> str:
+        """Why this queue may not release now ("" when it may)."""
+        if self.config.max_in_flight and self.in_flight >= self.config.max_in_flight:
+            return f"queue {self.name} at its in-flight cap of {self.config.max_in_flight}"
+        if self.bucket is not None and not self.bucket.available(now):
+            return f"queue {self.name} rate limit of {self.config.rate:g}/s"
+        return ""
+
+
+class Backlog:
+    """Pending and released jobs of one partition, and the decisions over them.
+
+    Args:
+        queue_config: the current configuration of a queue by name.
+        weight_of: the current weight of a tenant by name.
+    """
+
+    def __init__(
+        self,
+        queue_config: Callable[[str], QueueConfig] = lambda name: QueueConfig(),
+        weight_of: Callable[[str], float] = lambda tenant: 1.0,
+    ) -> None:
+        self._queue_config = queue_config
+        self._weight_of = weight_of
+        self.jobs: dict[str, Job] = {}
+        self.queues: dict[str, QueueState] = {}
+        self._timers: list[tuple[float, int, str]] = []
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._room: list[tuple[float, int, str]] = []
+        self._parked: dict[str, Job] = {}
+        self._rr: list[str] = []  # queue names in round-robin order
+        self._rr_next = 0
 
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def add(self, job: Job) -> bool:
-        """Track ``job``; returns False when it is already known."""
+    # --- intake ------------------------------------------------------------------------
+    def queue(self, name: str, now: float) -> QueueState:
+        q = self.queues.get(name)
+        if q is None:
+            q = QueueState(name, self._queue_config(name), self._weight_of, now)
+            self.queues[name] = q
+            self._rr.append(name)
+        return q
+
+    def reconfigure(self, now: float) -> None:
+        """Re-read every queue's configuration (after a config change)."""
+        for q in self.queues.values():
+            q.configure(self._queue_config(q.name), now)
+
+    def add(self, job: Job, now: float) -> bool:
+        """Take a new pending job. Returns False when the job is already held."""
         if job.job_id in self.jobs:
             return False
         self.jobs[job.job_id] = job
-        if job.state == "pending":
-            self._push(job)
+        spec = job.spec
+        q = self.queue(spec.queue, now)
+        q.pending_by_tenant[spec.tenant] = q.pending_by_tenant.get(spec.tenant, 0) + 1
+        if spec.timeouts.queue > 0:
+            heapq.heappush(self._deadlines, (job.submitted.submitted_at + spec.timeouts.queue, job.seq, job.job_id))
+        if spec.group:
+            group = q.groups.setdefault(spec.group, _Group())
+            bisect.insort(group.waiting, (job.seq, job.job_id))
+            job.where = GROUP
+            self._advance_group(q, spec.group, now)
+        else:
+            self._enter(job, now)
         return True
 
-    def discard(self, job_ids: Iterable[str]) -> None:
-        """Forget jobs (finished, or added by a batch that was rolled back)."""
-        for job_id in job_ids:
-            self.jobs.pop(job_id, None)
-            self._parked.pop(job_id, None)
-            self._no_room.pop(job_id, None)
+    def add_released(self, job: Job, now: float) -> None:
+        """Take a job that was released before a restart: it counts as in flight."""
+        self.jobs[job.job_id] = job
+        job.where = RELEASED
+        spec = job.spec
+        q = self.queue(spec.queue, now)
+        q.in_flight += 1
+        if spec.concurrency_key:
+            q.keys_out[spec.concurrency_key] = q.keys_out.get(spec.concurrency_key, 0) + 1
+        if spec.group:
+            q.groups.setdefault(spec.group, _Group()).out = job.job_id
 
-    def requeue(self, job_id: str, reason: str) -> None:
-        """A released job came back (no room on its candidates): park it with the reason."""
-        job = self.jobs.get(job_id)
-        if job is not None:
-            job.state = "pending"
-            job.reason = reason
-            self._no_room[job_id] = job
+    def _enter(self, job: Job, now: float) -> None:
+        """Put a job that is no longer behind its group where it belongs now."""
+        if job.spec.not_before > now:
+            job.where = TIMER
+            job.reason = f"not before {job.spec.not_before:.3f}"
+            heapq.heappush(self._timers, (job.spec.not_before, job.seq, job.job_id))
+            return
+        self._make_ready(job, now)
 
-    @property
-    def waiting_for_room(self) -> int:
-        return len(self._no_room)
+    def _make_ready(self, job: Job, now: float) -> None:
+        spec = job.spec
+        q = self.queue(spec.queue, now)
+        level = q.levels[spec.priority]
+        if level is None:
+            level = q.levels[spec.priority] = _Level()
+        fifo = level.fifo.get(spec.tenant)
+        if fifo is None:
+            fifo = level.fifo[spec.tenant] = []
+        if not fifo:
+            level.rotation.push(spec.tenant, q.shares.entering(spec.tenant))
+        heapq.heappush(fifo, (job.seq, job.job_id))
+        job.where = READY
+        job.reason = ""
+        q.ready += 1
 
-    def unpark(self, nodes_changed: bool) -> None:
-        """Look again at jobs waiting for room, and at every parked job if nodes changed."""
-        for job in self._no_room.values():
-            self._push(job)
-        self._no_room.clear()
-        if nodes_changed:
-            for job in self._parked.values():
-                self._push(job)
-            self._parked.clear()
+    def _advance_group(self, q: QueueState, name: str, now: float) -> None:
+        group = q.groups[name]
+        if group.out or not group.waiting:
+            if not group.out and not group.waiting:
+                del q.groups[name]
+            return
+        _, job_id = group.waiting.pop(0)
+        group.out = job_id
+        self._enter(self.jobs[job_id], now)
 
-    def plan(self, nodes: list[NodeInfo], limit: int = 10_000) -> list[Release | Park]:
-        """Decide what to release now, in order. Does not change the backlog.
+    # --- decisions -------------------------------------------------------------------
+    def plan(self, now: float, placer: Placer, limit: int = 1000) -> list[Release | Expire]:
+        """Release what may start now, in order; expire what waited too long.
+
+        Changes the backlog as it decides (a failed publish or commit is handled by
+        rebuilding the backlog from the database).
 
         Args:
-            nodes: live nodes to place on.
-            limit: at most this many decisions.
+            now: the current time.
+            placer: ranks candidate nodes for a spec, or says why none fits.
+            limit: at most this many releases.
 
         Returns:
-            Releases and parks in priority/FIFO order.
+            Releases and expiries, in decision order.
         """
-        decisions: list[Release | Park] = []
-        seen: set[str] = set()
-        for _, _, job_id in heapq.nsmallest(limit, self._heap):
-            job = self.jobs.get(job_id)
-            if job is None or job.state != "pending" or job_id in seen:
+        decisions: list[Release | Expire] = []
+        self._expire(now, decisions)
+        self._wake(now)
+        releases = 0
+        idle_rounds = 0
+        while releases < limit and self._rr and idle_rounds < len(self._rr):
+            name = self._rr[self._rr_next % len(self._rr)]
+            self._rr_next += 1
+            q = self.queues[name]
+            if q.ready == 0 or q.gate(now):
+                idle_rounds += 1
                 continue
-            if job_id in self._parked or job_id in self._no_room:
+            job = self._pick(q, placer, now)
+            if job is None:
+                idle_rounds += 1
                 continue
-            seen.add(job_id)
-            candidates, reason = placement.rank(job.spec, nodes)
-            decisions.append(Release(job, candidates) if candidates else Park(job, reason))
+            idle_rounds = 0
+            job, candidates, tiers = job
+            if q.bucket is not None:
+                q.bucket.take(now)
+            self._mark_out(q, job)
+            decisions.append(Release(job, candidates, tiers))
+            releases += 1
         return decisions
 
-    def apply(self, decisions: list[Release | Park]) -> None:
-        """Record decisions once their effects are durable."""
-        for decision in decisions:
-            job = decision.job
-            if isinstance(decision, Release):
-                job.state = "released"
-                job.reason = ""
-                job.releases += 1
-            else:
-                job.reason = decision.reason
-                self._parked[job.job_id] = job
-        self._compact()
+    def _pick(self, q: QueueState, placer: Placer, now: float):
+        """The next startable job of ``q`` by priority, fair share and FIFO, or None."""
+        for prio in range(LEVELS - 1, -1, -1):
+            level = q.levels[prio]
+            if level is None:
+                continue
+            while True:
+                tenant = level.rotation.peek(q.shares)
+                if tenant is None:
+                    break
+                fifo = level.fifo.get(tenant)
+                job = self._head(fifo)
+                if job is None:
+                    level.rotation.pop()
+                    continue
+                spec = job.spec
+                key = spec.concurrency_key
+                if key and q.keys_out.get(key, 0) >= spec.concurrency_limit:
+                    self._pop_ready(q, fifo)
+                    job.where = KEY
+                    job.reason = f"concurrency key {key} at its limit of {spec.concurrency_limit}"
+                    heapq.heappush(q.key_wait.setdefault(key, []), (-spec.priority, job.seq, job.job_id))
+                    continue
+                candidates, tiers, reason = placer(spec)
+                if not candidates:
+                    self._pop_ready(q, fifo)
+                    job.where = PARKED
+                    job.reason = reason
+                    self._parked[job.job_id] = job
+                    continue
+                self._pop_ready(q, fifo)
+                new_pass = q.shares.charge(tenant)
+                if fifo and self._head(fifo) is not None:
+                    level.rotation.replace(tenant, new_pass)
+                else:
+                    level.rotation.pop()
+                return job, candidates, tiers
+        return None
 
-    def _push(self, job: Job) -> None:
-        heapq.heappush(self._heap, (-job.spec.priority, job.seq, job.job_id))
+    def _head(self, fifo: list[tuple[int, str]] | None) -> Job | None:
+        # Entries of jobs that left the ready state (expired, finished) are dropped lazily.
+        while fifo:
+            job = self.jobs.get(fifo[0][1])
+            if job is not None and job.where == READY:
+                return job
+            heapq.heappop(fifo)
+        return None
 
-    def _compact(self) -> None:
-        # Drop heap entries that are no longer pending-and-unparked; keeps plan() cheap.
-        self._heap = [
-            entry for entry in self._heap
-            if (job := self.jobs.get(entry[2])) is not None and job.state == "pending"
-            and entry[2] not in self._parked and entry[2] not in self._no_room
+    def _pop_ready(self, q: QueueState, fifo: list[tuple[int, str]]) -> None:
+        heapq.heappop(fifo)
+        q.ready -= 1
+
+    def _mark_out(self, q: QueueState, job: Job) -> None:
+        spec = job.spec
+        job.where = RELEASED
+        job.reason = ""
+        job.releases += 1
+        q.in_flight += 1
+        q.pending_by_tenant[spec.tenant] -= 1
+        if spec.concurrency_key:
+            q.keys_out[spec.concurrency_key] = q.keys_out.get(spec.concurrency_key, 0) + 1
+
+    def _expire(self, now: float, decisions: list) -> None:
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._deadlines)
+            job = self.jobs.get(job_id)
+            if job is None or job.where in (RELEASED, GONE):
+                continue
+            q = self.queues[job.spec.queue]
+            reason = f"not started within the queue timeout of {job.spec.timeouts.queue:g}s"
+            if job.reason:
+                reason += f" (was waiting: {job.reason})"
+            self._forget_pending(q, job, now)
+            del self.jobs[job_id]
+            decisions.append(Expire(job, reason))
+
+    def _wake(self, now: float) -> None:
+        while self._timers and self._timers[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._timers)
+            job = self.jobs.get(job_id)
+            if job is not None and job.where == TIMER:
+                self._make_ready(job, now)
+        while self._room and self._room[0][0] <= now:
+            _, _, job_id = heapq.heappop(self._room)
+            job = self.jobs.get(job_id)
+            if job is not None and job.where == ROOM:
+                self._make_ready(job, now)
+
+    def next_wake(self) -> float | None:
+        """The earliest time a timer, a room retry or a deadline needs a planning round."""
+        times = [h[0][0] for h in (self._timers, self._room, self._deadlines) if h]
+        return min(times) if times else None
+
+    def next_token(self, now: float) -> float | None:
+        """The earliest time a rate-limited queue with ready jobs gets a token."""
+        times = [
+            q.bucket.next_token_at(now) for q in self.queues.values()
+            if q.ready and q.bucket is not None and not (q.config.max_in_flight and q.in_flight >= q.config.max_in_flight)
         ]
-        heapq.heapify(self._heap)
+        return min(times) if times else None
+
+    # --- outcomes --------------------------------------------------------------------
+    def finish(self, job_id: str, attempt: int, now: float) -> bool:
+        """The current attempt of ``job_id`` ended: free its slot, key and group turn."""
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt:
+            return False
+        q = self.queues[job.spec.queue]
+        if job.where == RELEASED:
+            self._release_slot(q, job, now)
+            group = job.spec.group
+            if group and group in q.groups and q.groups[group].out == job_id:
+                q.groups[group].out = ""
+                self._advance_group(q, group, now)
+        else:
+            self._forget_pending(q, job, now)
+        job.where = GONE
+        del self.jobs[job_id]
+        return True
+
+    def room_wanted(self, job_id: str, attempt: int, release: int, reason: str, now: float) -> bool:
+        """The binder found no room for this release: retry it shortly."""
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.where != RELEASED or job.releases != release:
+            return False
+        q = self.queues[job.spec.queue]
+        self._release_slot(q, job, now)
+        q.pending_by_tenant[job.spec.tenant] = q.pending_by_tenant.get(job.spec.tenant, 0) + 1
+        job.where = ROOM
+        job.reason = reason
+        heapq.heappush(self._room, (now + ROOM_RETRY_SECONDS, job.seq, job.job_id))
+        return True
+
+    def retry_rooms_now(self, now: float) -> None:
+        """Capacity was freed somewhere: jobs waiting for room may try at once."""
+        if self._room:
+            self._room = [(min(t, now), s, j) for t, s, j in self._room]
+            heapq.heapify(self._room)
+
+    def unpark(self, now: float) -> None:
+        """The node set changed: every parked job gets another look."""
+        parked, self._parked = self._parked, {}
+        for job in parked.values():
+            if job.where == PARKED:
+                self._make_ready(job, now)
+
+    def _release_slot(self, q: QueueState, job: Job, now: float) -> None:
+        q.in_flight -= 1
+        key = job.spec.concurrency_key
+        if key:
+            q.keys_out[key] -= 1
+            if not q.keys_out[key]:
+                del q.keys_out[key]
+            waiting = q.key_wait.get(key)
+            while waiting:
+                _, _, next_id = heapq.heappop(waiting)
+                nxt = self.jobs.get(next_id)
+                if nxt is not None and nxt.where == KEY:  # else: expired meanwhile
+                    self._make_ready(nxt, now)
+                    break
+            if waiting is not None and not waiting:
+                del q.key_wait[key]
+
+    def _forget_pending(self, q: QueueState, job: Job, now: float) -> None:
+        if job.where == READY:
+            q.ready -= 1  # its heap entry is dropped lazily
+        elif job.where == PARKED:
+            self._parked.pop(job.job_id, None)
+        q.pending_by_tenant[job.spec.tenant] -= 1
+        group = job.spec.group
+        if group and group in q.groups:
+            g = q.groups[group]
+            if g.out == job.job_id:
+                g.out = ""
+            else:
+                index = bisect.bisect_left(g.waiting, (job.seq, job.job_id))
+                if index < len(g.waiting) and g.waiting[index][1] == job.job_id:
+                    g.waiting.pop(index)
+            self._advance_group(q, group, now)
+        job.where = GONE
+
+    # --- visibility ------------------------------------------------------------------
+    def explain(self, job_id: str, now: float) -> str:
+        """Why a held job is not running yet, in words."""
+        job = self.jobs.get(job_id)
+        if job is None:
+            return ""
+        if job.where == READY:
+            gate = self.queues[job.spec.queue].gate(now)
+            return gate or "queued: next when its turn comes"
+        if job.where == RELEASED:
+            return "released to the binder"
+        if job.where == GROUP:
+            return f"sequential group {job.spec.group}: waiting for earlier jobs of the group"
+        return job.reason
+
+    def stats(self) -> dict[str, dict]:
+        """Per queue: pending, in flight, pending per tenant, waiting per place."""
+        out: dict[str, dict] = {}
+        for name, q in self.queues.items():
+            out[name] = {
+                "pending": sum(q.pending_by_tenant.values()),
+                "in_flight": q.in_flight,
+                "tenants": {t: n for t, n in q.pending_by_tenant.items() if n},
+                "waiting": {},
+                "rate": q.config.rate,
+                "max_in_flight": q.config.max_in_flight,
+            }
+        for job in self.jobs.values():
+            if job.where not in (RELEASED, GONE):
+                waiting = out[job.spec.queue]["waiting"]
+                waiting[job.where] = waiting.get(job.where, 0) + 1
+        return out

@@ -1,9 +1,11 @@
-"""Scheduler handlers: one ``PartitionScheduler`` per owned partition.
+"""Scheduler handlers: one ``PartitionScheduler`` per partition this process owns.
 
-Order of effects for every batch: insert new jobs, publish JobReady for the released
-ones, commit, then update memory and ack. A crash anywhere before the ack replays the
-batch; the insert skips known jobs and JobReady ids (``job:attempt:ready:n``) make the
-re-publish a no-op, so each job is released exactly once per release decision.
+Order of effects for every batch: insert new jobs, decide, publish JobReady/JobExpired,
+commit, then ack. A crash anywhere before the ack replays the batch: the insert skips known
+jobs, and JobReady ids (``job:attempt:ready:n``) make a re-publish a no-op, so every
+release decision reaches the binder exactly once. The backlog in memory changes while
+deciding; if the publish or the commit fails it is rebuilt from Postgres before the next
+batch.
 """
 
 from __future__ import annotations
@@ -17,32 +19,54 @@ import asyncpg
 import msgspec
 
 from jobmesh import subjects
+from jobmesh.clusterconfig import ClusterConfig
+from jobmesh.ids import event_id
 from jobmesh.messages.v1 import (
-    JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded, JobUnplaceable,
+    ExplainReply, ExplainRequest, JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded,
+    JobUnplaceable,
 )
 from jobmesh.nodes import NodeWatcher
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.runtime import Envelope
 from jobmesh.scheduler import store
-from jobmesh.scheduler.backlog import Backlog, Job, Park, Release
+from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
+from jobmesh.scheduler.placement import Placement
 from jobmesh.tracing import extract
 
 log = logging.getLogger("jobmesh.scheduler")
 
 TERMINAL = (JobSucceeded, JobFailed, JobExpired, JobLost)
-_submitted_decoder = msgspec.json.Decoder(JobSubmitted)
-# A job whose candidates were full is looked at again after this long at the latest.
-ROOM_RETRY_SECONDS = 1.0
+_submitted = msgspec.json.Decoder(JobSubmitted)
+PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
+
+
+class Placements:
+    """The current ``Placement`` for the live nodes and zone map, rebuilt when either changes."""
+
+    def __init__(self, nodes: NodeWatcher, config: ClusterConfig, strategy: str = "spread") -> None:
+        self._nodes = nodes
+        self._config = config
+        self._strategy = strategy
+        self._key: tuple | None = None
+        self._current: Placement | None = None
+
+    def current(self) -> Placement:
+        key = (self._nodes.version, id(self._config.zones))
+        if key != self._key or self._current is None:
+            self._current = Placement(self._nodes.alive(), self._config.zones, self._strategy)
+            self._key = key
+        return self._current
 
 
 class PartitionScheduler:
-    """Owns the backlog of one partition while this process holds it.
+    """Owns the backlog of one partition while this process holds its lease.
 
     Args:
         partition: the partition number.
         pool: Postgres pool (schema ``scheduler``).
         publisher: JetStream publisher.
-        nodes: the live node view.
+        placements: node rankings.
+        config: queue and tenant configuration.
         clock: returns the current unix time.
     """
 
@@ -51,127 +75,157 @@ class PartitionScheduler:
         partition: int,
         pool: asyncpg.Pool,
         publisher: Publisher,
-        nodes: NodeWatcher,
+        placements: Placements,
+        config: ClusterConfig,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.partition = partition
         self._pool = pool
         self._publisher = publisher
-        self._nodes = nodes
+        self._placements = placements
+        self._config = config
         self._clock = clock
-        self.backlog = Backlog()
+        self.backlog = self._new_backlog()
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
-        self._nodes_version = -1
+        self._dirty = False
+        self._nodes_key: object = None
+
+    def _new_backlog(self) -> Backlog:
+        return Backlog(queue_config=self._config.queue, weight_of=self._config.weight)
 
     async def load(self) -> None:
-        """Rebuild the backlog from Postgres (start-up and partition take-over)."""
+        """Rebuild the backlog from Postgres (start-up, take-over, or after a failure)."""
         rows = await store.load_active(self._pool, self.partition)
+        backlog = self._new_backlog()
+        now = self._clock()
         for row in rows:
             job = Job(
                 job_id=row["job_id"],
                 seq=row["seq"],
-                submitted=_submitted_decoder.decode(row["submitted"]),
+                submitted=_submitted.decode(row["submitted"]),
                 attempt=row["attempt"],
-                state=row["state"],
-                reason=row["reason"],
                 releases=row["releases"],
-                trace={"traceparent": row["trace"]} if row["trace"] else {},
+                trace=row["trace"],
             )
-            self.backlog.add(job)
+            if row["state"] == "released":
+                backlog.add_released(job, now)
+            else:
+                backlog.add(job, now)
+        self.backlog = backlog
+        self._dirty = False
         log.info("partition %d: loaded %d active jobs", self.partition, len(rows))
         self.kick()
 
     def kick(self) -> None:
-        """Ask the planner to look at the backlog again (nodes changed, room freed)."""
+        """Ask the planner to look at the backlog again."""
         self._kick.set()
+
+    def config_changed(self) -> None:
+        self.backlog.reconfigure(self._clock())
+        self.kick()
 
     async def handle(self, batch: list[Envelope]) -> None:
         """Apply a batch of submits, terminal events and unplaceable replies."""
         async with self._lock:
+            if self._dirty:
+                await self.load()
+            now = self._clock()
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
             finished = [env.message for env in batch if isinstance(env.message, TERMINAL)]
             refused = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
-            added: list[str] = []
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
                     new = await store.insert_new(conn, [env.message for env in submits], traces)
                     for env, trace in zip(submits, traces):
                         seq = new.get(env.message.job_id)
-                        if seq is not None and self.backlog.add(
-                            Job(env.message.job_id, seq, env.message, trace={"traceparent": trace} if trace else {})
-                        ):
-                            added.append(env.message.job_id)
-                    done = [m.job_id for m in finished if self._is_current(m.job_id, m.attempt)]
+                        if seq is not None:
+                            self.backlog.add(Job(env.message.job_id, seq, env.message, trace=trace), now)
+                    done = [m.job_id for m in finished if self.backlog.finish(m.job_id, m.attempt, now)]
                     await store.set_state(conn, done, "done")
-                    back = [m for m in refused if self._is_current(m.job_id, m.attempt, m.release)]
+                    back = [m for m in refused if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now)]
                     await store.set_state(conn, [m.job_id for m in back], "pending", [m.reason for m in back])
-                    decisions = await self._release(conn)
+                    if done:
+                        self.backlog.retry_rooms_now(now)
+                    await self._decide(conn, now)
             except BaseException:
-                self.backlog.discard(added)
+                self._dirty = True
                 raise
-            # Committed: now memory may follow.
-            self.backlog.apply(decisions)
-            for m in back:
-                self.backlog.requeue(m.job_id, m.reason)
-            self.backlog.discard(done)
-            if done and self.backlog.waiting_for_room:
-                self.kick()  # room was freed
+        self.kick()
 
     async def run_planner(self) -> None:
-        """Release waiting jobs when nodes change or room may have been freed."""
+        """Plan when nodes change, config changes, timers fire or tokens refill."""
         while True:
-            timeout = ROOM_RETRY_SECONDS if self.backlog.waiting_for_room else None
+            now = self._clock()
+            wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
+            timeout = max(0.0, min(wakes) - now) if wakes else None
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout)
             except asyncio.TimeoutError:
                 pass
             self._kick.clear()
-            async with self._lock:
-                self.backlog.unpark(nodes_changed=self._nodes_changed())
-                async with self._pool.acquire() as conn, conn.transaction():
-                    decisions = await self._release(conn)
-                self.backlog.apply(decisions)
+            try:
+                async with self._lock:
+                    if self._dirty:
+                        await self.load()
+                    now = self._clock()
+                    nodes_key = self._placements.current()
+                    if nodes_key is not self._nodes_key:
+                        self._nodes_key = nodes_key
+                        self.backlog.unpark(now)
+                    async with self._pool.acquire() as conn, conn.transaction():
+                        more = await self._decide(conn, now)
+                if more:
+                    self.kick()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The round's effects are undone by the reload; try again shortly.
+                log.exception("partition %d: planning round failed; retrying", self.partition)
+                self._dirty = True
+                await asyncio.sleep(1.0)
 
-    def _nodes_changed(self) -> bool:
-        changed = self._nodes.version != self._nodes_version
-        self._nodes_version = self._nodes.version
-        return changed
-
-    def _is_current(self, job_id: str, attempt: int, release: int | None = None) -> bool:
-        job = self.backlog.jobs.get(job_id)
-        if job is None or job.attempt != attempt:
+    async def _decide(self, conn: asyncpg.Connection, now: float) -> bool:
+        """Plan, publish and record one round. Returns True if the round hit its limit."""
+        placement = self._placements.current()
+        decisions = self.backlog.plan(now, placement.place, limit=PLAN_LIMIT)
+        if not decisions:
             return False
-        return release is None or (job.state == "released" and job.releases == release)
-
-    async def _release(self, conn: asyncpg.Connection) -> list[Release | Park]:
-        decisions = self.backlog.plan(self._nodes.alive())
-        releases = [d for d in decisions if isinstance(d, Release)]
-        parks = [d for d in decisions if isinstance(d, Park) and d.reason != d.job.reason]
-        now = self._clock()
         outgoing = []
-        for d in releases:
+        released: list[Job] = []
+        expired: list[tuple[Job, str]] = []
+        for d in decisions:
             job = d.job
-            ready = JobReady(
-                job_id=job.job_id,
-                attempt=job.attempt,
-                partition=self.partition,
-                spec=job.spec,
-                candidates=d.candidates,
-                submitted_at=job.submitted.submitted_at,
-                ready_at=now,
-                release=job.releases + 1,
-            )
-            outgoing.append(
-                Outgoing(
-                    subjects.job_event(self.partition, subjects.READY),
-                    ready,
-                    f"{job.job_id}:{job.attempt}:ready:{job.releases + 1}",
-                    extract(job.trace),
+            if isinstance(d, Release):
+                released.append(job)
+                ready = JobReady(
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    partition=self.partition,
+                    spec=job.spec,
+                    candidates=d.candidates,
+                    tiers=d.tiers if any(d.tiers) else [],
+                    submitted_at=job.submitted.submitted_at,
+                    ready_at=now,
+                    release=job.releases,
                 )
-            )
+                subject = subjects.job_event(self.partition, subjects.READY)
+                msg_id = f"{job.job_id}:{job.attempt}:ready:{job.releases}"
+                outgoing.append(Outgoing(subject, ready, msg_id, extract({"traceparent": job.trace} if job.trace else None)))
+            elif isinstance(d, Expire):
+                expired.append((job, d.reason))
+                message = JobExpired(job_id=job.job_id, attempt=job.attempt, partition=self.partition, reason=d.reason, at=now)
+                subject = subjects.job_event(self.partition, subjects.EXPIRED)
+                outgoing.append(Outgoing(subject, message, event_id(job.job_id, job.attempt, "expired"), extract({"traceparent": job.trace} if job.trace else None)))
         await self._publisher.publish(outgoing)
-        await store.mark_released(conn, [d.job.job_id for d in releases], [d.job.releases + 1 for d in releases])
-        await store.set_state(conn, [d.job.job_id for d in parks], "pending", [d.reason for d in parks])
-        return decisions
+        await store.mark_released(conn, [j.job_id for j in released], [j.releases for j in released])
+        await store.set_state(conn, [j.job_id for j, _ in expired], "done", [r for _, r in expired])
+        return len(released) >= PLAN_LIMIT
+
+    async def explain(self, request: ExplainRequest) -> ExplainReply:
+        """Why a job of this partition is not running yet."""
+        job = self.backlog.jobs.get(request.job_id)
+        if job is None:
+            return ExplainReply(job_id=request.job_id, where="", reason="")
+        return ExplainReply(job_id=request.job_id, where=job.where, reason=self.backlog.explain(request.job_id, self._clock()))

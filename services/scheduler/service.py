@@ -1,47 +1,66 @@
 """The scheduler service: owns the backlog and its order, emits JobReady.
 
-Each partition has a durable consumer of its submits, unplaceable replies and terminal
-events. Today one scheduler process owns every partition.
+Queues hash onto partitions; each partition has one active owner, chosen by lease. The
+owner of a partition runs its durable consumer (submits, unplaceable replies, terminal
+events), its planner and its explain responder; a standby only beats for leases.
 """
 
 from __future__ import annotations
 
+import time
+
 from jobmesh import subjects
+from jobmesh.clusterconfig import ClusterConfig
 from jobmesh.codec import Codec
 from jobmesh.db import connect_pool
-from jobmesh.messages.v1 import LifecycleEvent
+from jobmesh.messages.v1 import (
+    ExplainRequest, LifecycleEvent, PartitionStats, QueuesReply, QueuesRequest, QueueStats,
+)
 from jobmesh.nodes import NodeWatcher
-from jobmesh.runtime import ConsumerSpec, Runtime
+from jobmesh.runtime import ConsumerSpec, Envelope, ResponderSpec, Runtime
 from jobmesh.scheduler import store
-from jobmesh.scheduler.handlers import PartitionScheduler
+from jobmesh.scheduler.handlers import PartitionScheduler, Placements
+from jobmesh.scheduler.leases import Leases
 from jobmesh.settings import Settings
 
 CONSUMED_KINDS = (subjects.SUBMITTED, subjects.UNPLACEABLE, *subjects.TERMINAL_KINDS)
 
 
 async def service_main(settings: Settings) -> None:
-    """Connect, rebuild every partition's backlog, schedule until told to stop."""
+    """Connect, take partitions as leases allow, schedule until told to stop."""
     rt = Runtime(settings)
     await rt.connect()
     pool = await connect_pool(settings.database_url, "scheduler", store.DDL, max_size=max(2, settings.partitions + 1))
-    partitions: list[PartitionScheduler] = []
+    owned: dict[int, PartitionScheduler] = {}
 
-    def nodes_changed() -> None:
-        for p in partitions:
-            p.kick()
+    def kick_all() -> None:
+        for part in owned.values():
+            part.kick()
 
-    nodes = NodeWatcher(rt.js, settings.node_ttl_seconds, on_change=nodes_changed)
+    def config_changed() -> None:
+        for part in owned.values():
+            part.config_changed()
+
+    nodes = NodeWatcher(rt.js, settings.node_ttl_seconds, on_change=kick_all)
+    config = ClusterConfig(rt.js, on_change=config_changed)
     rt.spawn(nodes.run(), "nodes-watch")
     rt.spawn(nodes.expire_loop(), "nodes-expire")
+    rt.spawn(config.run(), "config-watch")
     await nodes.wait_ready()
+    await config.wait_ready()
+    placements = Placements(nodes, config)
     codec = Codec(LifecycleEvent, settings.max_message_bytes)
-    consumers = []
-    for number in range(settings.partitions):
-        part = PartitionScheduler(number, pool, rt.publisher, nodes)
+    planners: dict[int, object] = {}
+
+    async def gained(number: int) -> None:
+        part = PartitionScheduler(number, pool, rt.publisher, placements, config)
         await part.load()
-        partitions.append(part)
-        rt.spawn(part.run_planner(), f"planner-{number}")
-        consumers.append(
+        owned[number] = part
+        planners[number] = rt.spawn(part.run_planner(), f"planner-{number}")
+        await rt.add_responder(
+            ResponderSpec(subjects.scheduler_explain(number), Codec(ExplainRequest), _explain(part), queue=f"scheduler-p{number}")
+        )
+        await rt.add_consumer(
             ConsumerSpec(
                 stream=subjects.STREAM_JOBS,
                 durable=subjects.durable("scheduler", f"p{number}"),
@@ -51,4 +70,44 @@ async def service_main(settings: Settings) -> None:
                 span_name="process jobmesh.v1.job.{partition}.{kind}",
             )
         )
-    await rt.serve(consumers=consumers, on_stop=pool.close)
+
+    async def lost(number: int) -> None:
+        await rt.remove_consumer(subjects.durable("scheduler", f"p{number}"))
+        await rt.remove_responder(subjects.scheduler_explain(number))
+        task = planners.pop(number, None)
+        if task is not None:
+            task.cancel()
+        owned.pop(number, None)
+
+    leases = Leases(rt.js, settings.instance, settings.partitions, settings.lease_ttl_seconds, gained, lost)
+    rt.spawn(leases.run(), "leases")
+    rt.add_health_check(leases.healthy)
+
+    async def queues(env: Envelope) -> QueuesReply:
+        now = time.time()
+        stats = []
+        for number, part in sorted(owned.items()):
+            rows = [
+                QueueStats(queue=name, pending=s["pending"], in_flight=s["in_flight"], waiting=s["waiting"],
+                           tenants=s["tenants"], rate=s["rate"], max_in_flight=s["max_in_flight"])
+                for name, s in sorted(part.backlog.stats().items())
+            ]
+            stats.append(PartitionStats(partition=number, owner=settings.instance, queues=rows, at=now))
+        return QueuesReply(instance=settings.instance, partitions=settings.partitions, owned=stats)
+
+    async def stop() -> None:
+        await leases.release_all()
+        await pool.close()
+
+    await rt.serve(
+        # No queue group: every scheduler answers for the partitions it owns.
+        responders=[ResponderSpec(subjects.API_QUEUES, Codec(QueuesRequest), queues, queue="")],
+        on_stop=stop,
+    )
+
+
+def _explain(part: PartitionScheduler):
+    async def handle(env: Envelope):
+        return await part.explain(env.message)
+
+    return handle

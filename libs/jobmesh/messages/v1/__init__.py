@@ -5,6 +5,7 @@ Rules (msgspec schema evolution): a new field gets a default; a field never chan
 """
 
 from jobmesh.messages.v1.api import *  # noqa: F401,F403
+from jobmesh.messages.v1.config import *  # noqa: F401,F403
 from jobmesh.messages.v1.deadletter import *  # noqa: F401,F403
 from jobmesh.messages.v1.jobs import *  # noqa: F401,F403
 from jobmesh.messages.v1.nodes import *  # noqa: F401,F403

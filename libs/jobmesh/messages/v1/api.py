@@ -6,12 +6,15 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from jobmesh.messages.v1.jobs import JobError, JobSpec
+from jobmesh.messages.v1.config import PartitionStats
+from jobmesh.messages.v1.jobs import JobError, JobSpec, Resources
+from jobmesh.messages.v1.nodes import NodeInfo
 
 __all__ = [
     "Submission", "SubmitRequest", "SubmitReply", "ErrorReply", "JobGetRequest",
     "JobListRequest", "AttemptView", "EventView", "JobView", "JobSummary", "JobListReply",
-    "JobUpdate", "HealthReply", "JobState", "TERMINAL_STATES",
+    "JobUpdate", "HealthReply", "JobState", "TERMINAL_STATES", "ExplainRequest", "ExplainReply",
+    "QueuesRequest", "QueuesReply", "NodesRequest", "NodeView", "NodesReply",
 ]
 
 JobState = Literal[
@@ -143,3 +146,48 @@ class HealthReply(Struct, frozen=True, kw_only=True, tag="health"):
     instance: str
     ok: bool
     detail: str = ""
+
+
+class ExplainRequest(Struct, frozen=True, kw_only=True, tag="api.scheduler.explain"):
+    """Ask the owner of a job's partition why the job is not running yet."""
+
+    job_id: str
+
+
+class ExplainReply(Struct, frozen=True, kw_only=True, tag="api.scheduler.explained"):
+    """``where``: ready, timer, group, key, parked, room, released; "" when not held."""
+
+    job_id: str
+    where: str
+    reason: str
+
+
+class QueuesRequest(Struct, frozen=True, kw_only=True, tag="api.queues"):
+    """Ask every scheduler for the depth of the queues in the partitions it owns."""
+
+
+class QueuesReply(Struct, frozen=True, kw_only=True, tag="api.queues.reply"):
+    """One scheduler's answer; ``partitions`` is the cluster's total partition count."""
+
+    instance: str
+    partitions: int
+    owned: list[PartitionStats]
+
+
+class NodesRequest(Struct, frozen=True, kw_only=True, tag="api.nodes"):
+    """Ask the binder for every node with its capacity and allocation."""
+
+
+class NodeView(Struct, frozen=True, kw_only=True):
+    """A node as the binder sees it."""
+
+    node: NodeInfo
+    alive: bool
+    allocated: Resources
+    reservations: int
+
+
+class NodesReply(Struct, frozen=True, kw_only=True, tag="api.nodes.reply"):
+    """Reply to ``NodesRequest``."""
+
+    nodes: list[NodeView]

@@ -127,6 +127,7 @@ class JobReady(Struct, frozen=True, kw_only=True, tag="job.ready"):
     submitted_at: float
     ready_at: float
     release: Annotated[int, Meta(ge=1)] = 1  # counts re-releases of the same attempt
+    tiers: list[int] = []  # locality tier of each candidate (lower is nearer); [] = all equal
 
 
 class JobUnplaceable(Struct, frozen=True, kw_only=True, tag="job.unplaceable"):

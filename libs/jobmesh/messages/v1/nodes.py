@@ -23,6 +23,7 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     isolation: str = "process"
     labels: dict[str, str] = {}
     handlers: list[str] = []
+    datasets: list[str] = []  # datasets held locally (data-locality hints match these)
     runtimes: list[str] = field(default_factory=lambda: ["process", "noop"])
     work_dir: str = ""
     started_at: float = 0.0

@@ -1,0 +1,101 @@
+"""Partition ownership: one active scheduler per partition, by lease in KV.
+
+A lease is a key ``partition.<n>`` in ``jm_leases``, whose bucket TTL equals the lease TTL.
+The owner renews it with compare-and-set every third of the TTL; a renewal that fails
+means someone else holds it now, and the owner lets go at once. A standby tries to create
+missing keys on the same beat, so it takes over within the TTL after an owner dies. A
+graceful stop deletes the keys, so a standby takes over at its next beat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Awaitable, Callable
+
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, APIError
+
+from jobmesh import subjects
+
+log = logging.getLogger("jobmesh.scheduler.leases")
+
+
+class Leases:
+    """Acquire, renew and release partition leases.
+
+    Args:
+        js: the JetStream context.
+        instance: this process's unique name (the lease value).
+        partitions: how many partitions exist.
+        ttl: the lease TTL (the bucket's max age).
+        gained: awaited when a partition becomes ours.
+        lost: awaited when a partition stops being ours.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        instance: str,
+        partitions: int,
+        ttl: float,
+        gained: Callable[[int], Awaitable[None]],
+        lost: Callable[[int], Awaitable[None]],
+    ) -> None:
+        self._js = js
+        self._instance = instance.encode()
+        self._partitions = partitions
+        self._ttl = ttl
+        self._gained = gained
+        self._lost = lost
+        self.owned: dict[int, int] = {}  # partition -> revision of our lease record
+        self.last_beat = 0.0
+
+    async def run(self) -> None:
+        """Beat forever (a background task)."""
+        kv = await self._js.key_value(subjects.KV_LEASES)
+        while True:
+            for partition in range(self._partitions):
+                key = subjects.lease_key(partition)
+                if partition in self.owned:
+                    try:
+                        self.owned[partition] = await kv.update(key, self._instance, last=self.owned[partition])
+                    except (KeyWrongLastSequenceError, KeyNotFoundError, APIError):
+                        log.warning("lost the lease of partition %d", partition)
+                        del self.owned[partition]
+                        await self._lost(partition)
+                else:
+                    try:
+                        revision = await kv.create(key, self._instance)
+                    except (KeyWrongLastSequenceError, APIError):
+                        continue  # another instance owns it
+                    self.owned[partition] = revision
+                    log.info("took the lease of partition %d", partition)
+                    try:
+                        await self._gained(partition)
+                    except Exception:
+                        # Could not start serving it: give it back for someone else.
+                        log.exception("could not take over partition %d; releasing its lease", partition)
+                        await self._drop(kv, partition)
+            self.last_beat = time.monotonic()
+            await asyncio.sleep(self._ttl / 3)
+
+    async def release_all(self) -> None:
+        """Delete our leases (graceful stop) so a standby takes over without waiting."""
+        kv = await self._js.key_value(subjects.KV_LEASES)
+        for partition in list(self.owned):
+            await self._drop(kv, partition)
+
+    async def _drop(self, kv, partition: int) -> None:
+        revision = self.owned.pop(partition, None)
+        try:
+            await kv.delete(subjects.lease_key(partition), last=revision)
+        except (KeyWrongLastSequenceError, KeyNotFoundError, APIError):
+            pass  # already someone else's or gone: nothing to give back
+
+    def healthy(self) -> str | None:
+        """A problem when lease beats stopped (NATS unreachable for longer than a beat)."""
+        if self.last_beat and time.monotonic() - self.last_beat > self._ttl:
+            return "lease renewals are late"
+        return None

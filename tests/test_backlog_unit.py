@@ -1,0 +1,201 @@
+"""The scheduler's ordering decisions, driven without I/O and without a real clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from jobmesh.messages.v1 import JobSpec, JobSubmitted, NoopRuntime, QueueConfig, Timeouts
+from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
+from jobmesh.scheduler.fairshare import Shares
+from jobmesh.scheduler.ratelimit import TokenBucket
+
+_seq = iter(range(1, 10**9))
+
+
+def job(job_id: str, **spec_fields) -> Job:
+    submitted_at = spec_fields.pop("submitted_at", 0.0)
+    spec = JobSpec(runtime=NoopRuntime(), **spec_fields)
+    return Job(job_id, next(_seq), JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=submitted_at))
+
+
+def anywhere(spec):
+    return ["n1"], [0], ""
+
+
+def nowhere(spec):
+    return [], [], "no node with gpu kind h100"
+
+
+def ids(decisions) -> list[str]:
+    return [d.job.job_id for d in decisions if isinstance(d, Release)]
+
+
+def test_priority_first_then_fifo_within_a_queue():
+    b = Backlog()
+    for name, prio in [("a", 5), ("b", 9), ("c", 5), ("d", 0), ("e", 9)]:
+        b.add(job(name, priority=prio), now=0)
+    assert ids(b.plan(0, anywhere)) == ["b", "e", "a", "c", "d"]
+    assert b.plan(0, anywhere) == []
+
+
+def test_weighted_fair_share_with_a_flooding_tenant():
+    weights = {"big": 1.0, "small": 1.0}
+    b = Backlog(weight_of=weights.get, queue_config=lambda q: QueueConfig(max_in_flight=10))
+    for i in range(1000):  # "big" submits ten times more, and first
+        b.add(job(f"big{i}", tenant="big"), now=0)
+    for i in range(100):
+        b.add(job(f"small{i}", tenant="small"), now=0)
+    starts: Counter[str] = Counter()
+    for _ in range(20):  # 20 rounds of 10 starts, finishing them in between
+        released = b.plan(0, anywhere)
+        for d in released:
+            starts[d.job.spec.tenant] += 1
+            b.finish(d.job.job_id, 1, 0)
+    assert starts == {"big": 100, "small": 100}  # equal weights: equal starts while both wait
+
+
+def test_weights_give_proportional_shares():
+    weights = {"a": 3.0, "b": 1.0}
+    b = Backlog(weight_of=weights.get)
+    for i in range(400):
+        b.add(job(f"a{i}", tenant="a"), now=0)
+        b.add(job(f"b{i}", tenant="b"), now=0)
+    first = b.plan(0, anywhere, limit=200)
+    counts = Counter(d.job.spec.tenant for d in first)
+    assert counts == {"a": 150, "b": 50}
+
+
+def test_idle_tenant_banks_no_credit():
+    shares = Shares(lambda t: 1.0)
+    for _ in range(100):
+        shares.charge("busy")
+    assert shares.entering("late") == shares.vtime > 90
+
+
+def test_rate_limit_buffers_a_burst():
+    b = Backlog(queue_config=lambda q: QueueConfig(rate=10, burst=5))
+    for i in range(50):
+        b.add(job(f"j{i}"), now=100.0)
+    assert len(ids(b.plan(100.0, anywhere))) == 5  # the burst
+    assert ids(b.plan(100.0, anywhere)) == []
+    assert b.explain("j5", 100.0) == "queue default rate limit of 10/s"
+    assert b.next_token(100.0) == 100.1
+    assert len(ids(b.plan(101.0, anywhere))) == 5  # one second refills 10, capped at the burst of 5
+
+
+def test_token_bucket_refills_continuously():
+    bucket = TokenBucket(rate=2, burst=2, now=0)
+    assert bucket.take(0) and bucket.take(0) and not bucket.take(0)
+    assert bucket.next_token_at(0) == 0.5
+    assert bucket.take(0.5) and not bucket.take(0.5)
+
+
+def test_in_flight_cap_per_queue():
+    b = Backlog(queue_config=lambda q: QueueConfig(max_in_flight=3) if q == "capped" else QueueConfig())
+    for i in range(10):
+        b.add(job(f"c{i}", queue="capped"), now=0)
+        b.add(job(f"f{i}", queue="free"), now=0)
+    released = ids(b.plan(0, anywhere))
+    assert len([r for r in released if r.startswith("c")]) == 3
+    assert len([r for r in released if r.startswith("f")]) == 10
+    assert "in-flight cap of 3" in b.explain("c5", 0)
+    b.finish("c0", 1, 0)
+    assert ids(b.plan(0, anywhere)) == ["c3"]
+
+
+def test_concurrency_key_limit():
+    b = Backlog()
+    for i in range(5):
+        b.add(job(f"k{i}", concurrency_key="db", concurrency_limit=2), now=0)
+    b.add(job("other"), now=0)
+    assert ids(b.plan(0, anywhere)) == ["k0", "k1", "other"]
+    assert b.explain("k2", 0) == "concurrency key db at its limit of 2"
+    b.finish("k0", 1, 0)
+    assert ids(b.plan(0, anywhere)) == ["k2"]
+
+
+def test_sequential_group_runs_one_at_a_time_in_submission_order():
+    b = Backlog()
+    for i in range(3):
+        b.add(job(f"g{i}", group="nightly", priority=9 - i), now=0)
+    b.add(job("free1"), now=0)
+    b.add(job("free2"), now=0)
+    assert ids(b.plan(0, anywhere)) == ["g0", "free1", "free2"]
+    assert "sequential group nightly" in b.explain("g1", 0)
+    assert ids(b.plan(0, anywhere)) == []
+    b.finish("g0", 1, 0)
+    assert ids(b.plan(0, anywhere)) == ["g1"]
+    b.finish("g1", 1, 0)
+    assert ids(b.plan(0, anywhere)) == ["g2"]
+
+
+def test_not_before_delays_the_start():
+    b = Backlog()
+    b.add(job("later", not_before=50.0), now=10.0)
+    assert b.plan(10.0, anywhere) == []
+    assert b.explain("later", 10.0).startswith("not before")
+    assert b.next_wake() == 50.0
+    assert ids(b.plan(50.0, anywhere)) == ["later"]
+
+
+def test_queue_timeout_expires_with_the_reason():
+    b = Backlog()
+    b.add(job("stuck", timeouts=Timeouts(queue=5.0), submitted_at=0.0), now=0.0)
+    assert b.plan(1.0, nowhere) == []  # parked: no fitting node
+    [expired] = b.plan(6.0, nowhere)
+    assert isinstance(expired, Expire)
+    assert "queue timeout of 5s" in expired.reason and "no node with gpu kind h100" in expired.reason
+    assert len(b) == 0
+
+
+def test_unplaceable_job_waits_and_is_placed_when_a_node_joins():
+    b = Backlog()
+    b.add(job("gpu"), now=0)
+    assert b.plan(0, nowhere) == []
+    assert b.explain("gpu", 0) == "no node with gpu kind h100"
+    assert b.plan(0, anywhere) == []  # parked: not looked at until the nodes change
+    b.unpark(0)
+    assert ids(b.plan(0, anywhere)) == ["gpu"]
+
+
+def test_binder_refusal_is_retried_after_a_delay_or_when_room_frees():
+    b = Backlog()
+    b.add(job("a"), now=0)
+    b.add(job("x"), now=0)
+    [first, second] = b.plan(0, anywhere)
+    assert b.room_wanted("a", 1, first.job.releases, "no free capacity on candidate nodes", now=0)
+    assert not b.room_wanted("a", 1, 99, "stale release", now=0)
+    assert b.plan(0.5, anywhere) == []
+    b.finish("x", 1, 0.6)
+    b.retry_rooms_now(0.6)
+    [again] = b.plan(0.6, anywhere)
+    assert again.job.job_id == "a" and again.job.releases == 2
+
+
+def test_stale_attempts_and_unknown_jobs_are_ignored():
+    b = Backlog()
+    b.add(job("a"), now=0)
+    b.plan(0, anywhere)
+    assert not b.finish("a", 2, 0)
+    assert not b.finish("nope", 1, 0)
+    assert b.finish("a", 1, 0)
+
+
+def test_released_jobs_reloaded_after_a_restart_count_as_in_flight():
+    b = Backlog(queue_config=lambda q: QueueConfig(max_in_flight=1))
+    running = job("running", group="g")
+    b.add_released(running, now=0)
+    b.add(job("next", group="g"), now=0)
+    b.add(job("other"), now=0)
+    assert b.plan(0, anywhere) == []  # cap of 1 is taken by the reloaded job
+    b.finish("running", 1, 0)
+    assert ids(b.plan(0, anywhere)) == ["next"]
+
+
+def test_stats_count_per_queue_and_tenant():
+    b = Backlog()
+    b.add(job("a", tenant="t1"), now=0)
+    b.add(job("b", tenant="t2", not_before=99.0), now=0)
+    stats = b.stats()["default"]
+    assert stats["pending"] == 2 and stats["tenants"] == {"t1": 1, "t2": 1}
+    assert stats["waiting"] == {"ready": 1, "timer": 1}
