@@ -56,7 +56,15 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="")
     p.add_argument("--label", action="append", default=[], metavar="K=V", help="required node label")
     p.add_argument("--zone", default="", help="preferred zone (data locality)")
+    p.add_argument("--dataset", default="", help="dataset the job reads (nodes holding it score higher)")
+    p.add_argument("--isolation", default="", choices=["", "process", "sandbox", "container", "vm"])
+    p.add_argument("--handler", default="", help="required handler hosted by the node")
     p.add_argument("--timeout", type=float, default=3600.0, help="run timeout, seconds")
+    p.add_argument("--queue-timeout", type=float, default=0.0, help="expire if not started within this many seconds")
+    p.add_argument("--delay", type=float, default=0.0, help="do not start before this many seconds from now")
+    p.add_argument("--group", default="", help="sequential group: one at a time, in submission order")
+    p.add_argument("--concurrency-key", default="", help="at most --concurrency-limit running per key")
+    p.add_argument("--concurrency-limit", type=int, default=0)
     p.add_argument("--key", default="", help="idempotency key (same key, same job)")
     p.add_argument("--noop", action="store_true", help="use the built-in no-op runtime")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -83,9 +91,13 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
         tenant=args.tenant,
         priority=args.priority,
         resources=Resources(cpu_milli=args.cpu, memory_mb=args.memory, gpu=args.gpu, gpu_kind=args.gpu_kind, disk_mb=args.disk),
-        constraints=Constraints(arch=args.arch, labels=labels),
-        locality=Locality(zone=args.zone),
-        timeouts=Timeouts(run=args.timeout),
+        constraints=Constraints(arch=args.arch, labels=labels, isolation=args.isolation, handler=args.handler),
+        locality=Locality(zone=args.zone, dataset=args.dataset),
+        timeouts=Timeouts(run=args.timeout, queue=args.queue_timeout),
+        group=args.group,
+        concurrency_key=args.concurrency_key,
+        concurrency_limit=args.concurrency_limit,
+        not_before=time.time() + args.delay if args.delay > 0 else 0.0,
     )
     # Round-trip through the wire type so flags get the same checks as API input.
     from jobmesh.codec import Codec, encode
@@ -262,6 +274,111 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def cmd_nodes(args: argparse.Namespace) -> int:
+    client = await Client.connect()
+    try:
+        reply = await client.nodes()
+    finally:
+        await client.close()
+    if args.json:
+        _json(reply.nodes)
+        return EXIT_OK
+    now = time.time()
+    print(f"{'NODE':16} {'STATE':9} {'CPU (m) used/cap':>18} {'MEM (MiB) used/cap':>20} {'GPU':>7} {'JOBS':>5} {'ZONE':8} {'HEARTBEAT':>9}  LABELS")
+    for v in reply.nodes:
+        n, a = v.node, v.allocated
+        state = "draining" if n.draining else ("alive" if v.alive else "gone")
+        gpu = f"{a.gpu}/{n.gpu}" + (f" {n.gpu_kind}" if n.gpu_kind else "")
+        labels = ",".join(f"{k}={val}" for k, val in sorted(n.labels.items()))
+        print(
+            f"{n.node_id:16} {state:9} {f'{a.cpu_milli}/{n.cpu_milli}':>18} {f'{a.memory_mb}/{n.memory_mb}':>20} {gpu:>7}"
+            f" {v.reservations:>5} {n.zone or '-':8} {now - n.heartbeat_at:8.1f}s  {labels}"
+        )
+    if not reply.nodes:
+        err("no executor node has registered")
+    return EXIT_OK
+
+
+async def cmd_queues(args: argparse.Namespace) -> int:
+    client = await Client.connect()
+    try:
+        replies = await client.queues()
+    finally:
+        await client.close()
+    rows = sorted(
+        ((p.partition, p.owner, q) for r in replies for p in r.owned for q in p.queues), key=lambda row: row[2].queue
+    )
+    if args.json:
+        _json([{"partition": part, "owner": owner, **msgspec.structs.asdict(q)} for part, owner, q in rows])
+        return EXIT_OK
+    print(f"{'QUEUE':16} {'PENDING':>8} {'IN FLIGHT':>9} {'RATE':>7} {'CAP':>5}  {'TENANTS (pending)':30} WAITING")
+    for part, owner, q in rows:
+        tenants = ", ".join(f"{t}={n}" for t, n in sorted(q.tenants.items())) or "-"
+        waiting = ", ".join(f"{w}={n}" for w, n in sorted(q.waiting.items())) or "-"
+        rate = f"{q.rate:g}/s" if q.rate else "-"
+        cap = str(q.max_in_flight) if q.max_in_flight else "-"
+        print(f"{q.queue:16} {q.pending:>8} {q.in_flight:>9} {rate:>7} {cap:>5}  {tenants:30} {waiting}")
+    if not rows:
+        err("no queue has seen a job yet")
+    return EXIT_OK
+
+
+async def cmd_queue_set(args: argparse.Namespace) -> int:
+    from jobmesh.clusterconfig import put_config
+    from jobmesh.messages.v1 import QueueConfig
+
+    config = _checked(QueueConfig, {"rate": args.rate, "burst": args.burst, "max_in_flight": args.max_in_flight})
+    await _put(put_config, f"queue.{_name(args.name, 'queue')}", config)
+    err(f"queue {args.name}: rate {config.rate:g}/s, burst {config.burst}, max in flight {config.max_in_flight} (0 = unlimited)")
+    return EXIT_OK
+
+
+async def cmd_tenant_set(args: argparse.Namespace) -> int:
+    from jobmesh.clusterconfig import put_config
+    from jobmesh.messages.v1 import TenantConfig
+
+    config = _checked(TenantConfig, {"weight": args.weight})
+    await _put(put_config, f"tenant.{_name(args.name, 'tenant')}", config)
+    err(f"tenant {args.name}: weight {config.weight:g}")
+    return EXIT_OK
+
+
+async def cmd_zones_set(args: argparse.Namespace) -> int:
+    from jobmesh.clusterconfig import put_config
+    from jobmesh.messages.v1 import ZoneMap
+
+    try:
+        raw = msgspec.json.decode(open(args.file, "rb").read())
+    except (OSError, msgspec.DecodeError) as exc:
+        raise JobmeshError(f"cannot read {args.file}: {exc}", field="file") from exc
+    config = _checked(ZoneMap, raw)
+    await _put(put_config, "zones", config)
+    err(f"zone map set: {len(config.distances)} zones, default distance {config.default}")
+    return EXIT_OK
+
+
+def _checked(kind, raw: dict):
+    from jobmesh.codec import Codec
+
+    return Codec(kind).decode(msgspec.json.encode({"type": kind.__struct_config__.tag, **raw}))
+
+
+def _name(name: str, what: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,128}", name):
+        raise JobmeshError(f"{what} name {name!r} may only hold letters, digits, '_' and '-'", field="name")
+    return name
+
+
+async def _put(put, key: str, value) -> None:
+    client = await Client.connect()
+    try:
+        await put(client.nc.jetstream(), key, value)
+    finally:
+        await client.close()
+
+
 async def cmd_health(args: argparse.Namespace) -> int:
     from jobmesh.messages.v1 import HealthReply
 
@@ -332,6 +449,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default="")
     p.add_argument("--queue", default="")
     p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("nodes", help="executor nodes with capacity, allocation and last heartbeat")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_nodes)
+
+    p = sub.add_parser("queues", help="depth per queue and tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_queues)
+
+    p = sub.add_parser("queue", help="configure a queue")
+    qsub = p.add_subparsers(dest="action", required=True)
+    q = qsub.add_parser("set", help="set a queue's release rate and in-flight cap (0 = unlimited)")
+    q.add_argument("name")
+    q.add_argument("--rate", type=float, default=0.0, help="jobs released per second")
+    q.add_argument("--burst", type=int, default=0, help="token bucket size (default: the rate)")
+    q.add_argument("--max-in-flight", type=int, default=0, help="released and not yet ended")
+    q.set_defaults(fn=cmd_queue_set)
+
+    p = sub.add_parser("tenant", help="configure a tenant")
+    tsub = p.add_subparsers(dest="action", required=True)
+    t = tsub.add_parser("set", help="set a tenant's fair-share weight (default 1)")
+    t.add_argument("name")
+    t.add_argument("--weight", type=float, required=True)
+    t.set_defaults(fn=cmd_tenant_set)
+
+    p = sub.add_parser("zones", help="configure zone distances for data locality")
+    zsub = p.add_subparsers(dest="action", required=True)
+    z = zsub.add_parser("set", help='load {"distances": {"a": {"b": 1}}, "default": 100} from a JSON file')
+    z.add_argument("file")
+    z.set_defaults(fn=cmd_zones_set)
 
     p = sub.add_parser("health", help="ask a service whether it is healthy")
     p.add_argument("service", choices=["trigger", "scheduler", "binder", "executor", "tracker"])

@@ -19,7 +19,8 @@ from jobmesh import subjects
 from jobmesh.codec import encode
 from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, NotFound, Unavailable
 from jobmesh.messages.v1 import (
-    ErrorReply, JobGetRequest, JobListReply, JobListRequest, JobView, SubmitReply, SubmitRequest, Submission,
+    ErrorReply, ExplainReply, ExplainRequest, JobGetRequest, JobListReply, JobListRequest, JobView, NodesReply,
+    NodesRequest, QueuesReply, QueuesRequest, SubmitReply, SubmitRequest, Submission,
 )
 
 DEV_ENV = Path(".jobmesh") / "dev.env"
@@ -134,3 +135,46 @@ class Client:
         return await self.request(
             subjects.API_JOB_LIST, JobListRequest(limit=limit, state=state, queue=queue), JobListReply, "tracker"
         )
+
+    async def explain(self, partition: int, job_id: str) -> ExplainReply:
+        """Ask the owner of ``partition`` why ``job_id`` is not running yet."""
+        return await self.request(
+            subjects.scheduler_explain(partition), ExplainRequest(job_id=job_id), ExplainReply, "scheduler"
+        )
+
+    async def nodes(self) -> NodesReply:
+        """Every node with capacity, allocation and last heartbeat (from the binder)."""
+        return await self.request(subjects.API_NODES, NodesRequest(), NodesReply, "binder")
+
+    async def queues(self, wait: float = 1.0) -> list[QueuesReply]:
+        """Queue depths from every scheduler; returns once every partition has answered.
+
+        Every scheduler replica answers for the partitions it owns, so this gathers
+        replies until all partitions are covered or ``wait`` seconds have passed.
+        """
+        inbox = self.nc.new_inbox()
+        replies: list[QueuesReply] = []
+        covered: set[int] = set()
+        total = {"n": None}
+        done = asyncio.Event()
+
+        async def on_reply(msg) -> None:
+            reply = msgspec.json.decode(msg.data, type=QueuesReply | ErrorReply)
+            if isinstance(reply, QueuesReply):
+                replies.append(reply)
+                covered.update(p.partition for p in reply.owned)
+                total["n"] = reply.partitions
+                if len(covered) >= reply.partitions:
+                    done.set()
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
+        try:
+            await self.nc.publish(subjects.API_QUEUES, encode(QueuesRequest()), reply=inbox)
+            try:
+                await asyncio.wait_for(done.wait(), wait)
+            except asyncio.TimeoutError:
+                if not replies:
+                    raise Unavailable("no scheduler answered on " + subjects.API_QUEUES) from None
+        finally:
+            await sub.unsubscribe()
+        return replies
