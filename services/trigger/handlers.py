@@ -14,6 +14,7 @@ from jobmesh.ids import job_id_for, new_idempotency_key
 from jobmesh.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.runtime import Envelope
+from jobmesh.strict import reject_unknown_fields
 from jobmesh.validation import validate_spec
 
 
@@ -33,6 +34,8 @@ class SubmitHandler:
 
     async def __call__(self, env: Envelope) -> SubmitReply:
         request: SubmitRequest = env.message
+        if env.raw is not None:
+            reject_unknown_fields(env.raw.data, SubmitRequest)
         for i, submission in enumerate(request.jobs):
             validate_spec(submission.spec, where=f"jobs[{i}].spec")
         now = self._clock()

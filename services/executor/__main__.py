@@ -1,0 +1,15 @@
+"""``python -m jobmesh.executor``: read settings, install uvloop, run the executor."""
+
+from __future__ import annotations
+
+from jobmesh.executor.service import service_main
+from jobmesh.runtime import run_service
+
+
+def main() -> None:
+    """Console-script entry point (``jobmesh-executor``)."""
+    run_service(service_main, "executor")
+
+
+if __name__ == "__main__":
+    main()
