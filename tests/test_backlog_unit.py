@@ -15,14 +15,14 @@ _seq = iter(range(1, 10**9))
 def job(job_id: str, **spec_fields) -> Job:
     submitted_at = spec_fields.pop("submitted_at", 0.0)
     spec = JobSpec(runtime=NoopRuntime(), **spec_fields)
-    return Job(job_id, next(_seq), JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=submitted_at))
+    return Job.of(JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=submitted_at), next(_seq))
 
 
-def anywhere(spec):
+def anywhere(job):
     return ["n1"], [0], ""
 
 
-def nowhere(spec):
+def nowhere(job):
     return [], [], "no node with gpu kind h100"
 
 
@@ -49,7 +49,7 @@ def test_weighted_fair_share_with_a_flooding_tenant():
     for _ in range(20):  # 20 rounds of 10 starts, finishing them in between
         released = b.plan(0, anywhere)
         for d in released:
-            starts[d.job.spec.tenant] += 1
+            starts[d.job.tenant] += 1
             b.finish(d.job.job_id, 1, 0)
     assert starts == {"big": 100, "small": 100}  # equal weights: equal starts while both wait
 
@@ -61,7 +61,7 @@ def test_weights_give_proportional_shares():
         b.add(job(f"a{i}", tenant="a"), now=0)
         b.add(job(f"b{i}", tenant="b"), now=0)
     first = b.plan(0, anywhere, limit=200)
-    counts = Counter(d.job.spec.tenant for d in first)
+    counts = Counter(d.job.tenant for d in first)
     assert counts == {"a": 150, "b": 50}
 
 

@@ -43,6 +43,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     node_zone: str = ""
     node_labels: str = ""
     node_isolation: str = "process"
+    node_datasets: str = ""  # comma-separated datasets held on this node's local disk
+    node_handlers: str = ""  # comma-separated handler names this node hosts
     work_dir: str = ""
     heartbeat_seconds: float = 2.0
     node_ttl_seconds: float = 10.0

@@ -22,11 +22,16 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import sys
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import msgspec
+
 from jobmesh.messages.v1 import JobSpec, JobSubmitted, QueueConfig
 from jobmesh.scheduler.fairshare import Rotation, Shares
+from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket
 
 READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
@@ -36,18 +41,64 @@ ROOM_RETRY_SECONDS = 1.0
 LEVELS = 10
 
 
+_decode_submitted = msgspec.json.Decoder(JobSubmitted).decode
+_encode = msgspec.json.Encoder().encode
+
+
 @dataclass(slots=True, eq=False)
 class Job:
-    """A job the scheduler holds until its attempt ends."""
+    """A job the scheduler holds until its attempt ends.
+
+    Only what ordering reads is kept as fields (names interned, the placement signature
+    shared between jobs); the full message stays as its JSON bytes and is decoded when the
+    job is released. That keeps a pending job under a kilobyte and a pick from chasing
+    pointers through a decoded spec.
+    """
 
     job_id: str
     seq: int
-    submitted: JobSubmitted
+    raw: bytes  # the JobSubmitted message
+    queue: str
+    tenant: str
+    priority: int
+    key: str  # concurrency key
+    limit: int  # concurrency limit
+    group: str
+    not_before: float
+    queue_timeout: float
+    submitted_at: float
+    sig: tuple  # placement signature
     attempt: int = 1
     releases: int = 0  # how often this attempt was released (numbers JobReady ids)
     trace: str = ""  # traceparent of the submit, continued by JobReady
     where: str = READY
     reason: str = ""
+
+    @classmethod
+    def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> "Job":
+        """Build from a decoded JobSubmitted (and its wire bytes, when at hand)."""
+        spec = submitted.spec
+        return cls(
+            job_id=submitted.job_id,
+            seq=seq,
+            raw=raw if raw is not None else _encode(submitted),
+            queue=sys.intern(spec.queue),
+            tenant=sys.intern(spec.tenant),
+            priority=spec.priority,
+            key=sys.intern(spec.concurrency_key),
+            limit=spec.concurrency_limit,
+            group=spec.group,
+            not_before=spec.not_before,
+            queue_timeout=spec.timeouts.queue,
+            submitted_at=submitted.submitted_at,
+            sig=signature(spec),
+            trace=trace,
+            **state,
+        )
+
+    @property
+    def submitted(self) -> JobSubmitted:
+        return _decode_submitted(self.raw)
 
     @property
     def spec(self) -> JobSpec:
@@ -71,7 +122,42 @@ class Expire:
     reason: str
 
 
-Placer = Callable[[JobSpec], tuple[list[str], list[int], str]]
+Placer = Callable[[Job], tuple[list[str], list[int], str]]
+
+
+class _Fifo:
+    """Jobs of one tenant at one level, oldest submission first.
+
+    New submissions arrive in sequence order, so they go to a deque (O(1)); the few jobs
+    that come back out of order (woken by a timer, a freed key, a retry) go to a small heap.
+    The head is the older of the two heads. This keeps a pick O(1) however deep the backlog.
+    """
+
+    __slots__ = ("_fresh", "_back")
+
+    def __init__(self) -> None:
+        self._fresh: deque[tuple[int, str]] = deque()
+        self._back: list[tuple[int, str]] = []
+
+    def __bool__(self) -> bool:
+        return bool(self._fresh) or bool(self._back)
+
+    def push(self, entry: tuple[int, str]) -> None:
+        if not self._fresh or entry[0] > self._fresh[-1][0]:
+            self._fresh.append(entry)
+        else:
+            heapq.heappush(self._back, entry)
+
+    def first(self) -> tuple[int, str]:
+        if self._back and (not self._fresh or self._back[0] < self._fresh[0]):
+            return self._back[0]
+        return self._fresh[0]
+
+    def pop(self) -> None:
+        if self._back and (not self._fresh or self._back[0] < self._fresh[0]):
+            heapq.heappop(self._back)
+        else:
+            self._fresh.popleft()
 
 
 class _Level:
@@ -80,7 +166,7 @@ class _Level:
     __slots__ = ("fifo", "rotation")
 
     def __init__(self) -> None:
-        self.fifo: dict[str, list[tuple[int, str]]] = {}
+        self.fifo: dict[str, _Fifo] = {}
         self.rotation = Rotation()
 
 
@@ -143,6 +229,7 @@ class Backlog:
         self._parked: dict[str, Job] = {}
         self._rr: list[str] = []  # queue names in round-robin order
         self._rr_next = 0
+        self._sigs: dict[tuple, tuple] = {}  # one shared tuple per distinct signature
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -166,16 +253,16 @@ class Backlog:
         if job.job_id in self.jobs:
             return False
         self.jobs[job.job_id] = job
-        spec = job.spec
-        q = self.queue(spec.queue, now)
-        q.pending_by_tenant[spec.tenant] = q.pending_by_tenant.get(spec.tenant, 0) + 1
-        if spec.timeouts.queue > 0:
-            heapq.heappush(self._deadlines, (job.submitted.submitted_at + spec.timeouts.queue, job.seq, job.job_id))
-        if spec.group:
-            group = q.groups.setdefault(spec.group, _Group())
+        job.sig = self._sigs.setdefault(job.sig, job.sig)
+        q = self.queue(job.queue, now)
+        q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
+        if job.queue_timeout > 0:
+            heapq.heappush(self._deadlines, (job.submitted_at + job.queue_timeout, job.seq, job.job_id))
+        if job.group:
+            group = q.groups.setdefault(job.group, _Group())
             bisect.insort(group.waiting, (job.seq, job.job_id))
             job.where = GROUP
-            self._advance_group(q, spec.group, now)
+            self._advance_group(q, job.group, now)
         else:
             self._enter(job, now)
         return True
@@ -184,35 +271,33 @@ class Backlog:
         """Take a job that was released before a restart: it counts as in flight."""
         self.jobs[job.job_id] = job
         job.where = RELEASED
-        spec = job.spec
-        q = self.queue(spec.queue, now)
+        q = self.queue(job.queue, now)
         q.in_flight += 1
-        if spec.concurrency_key:
-            q.keys_out[spec.concurrency_key] = q.keys_out.get(spec.concurrency_key, 0) + 1
-        if spec.group:
-            q.groups.setdefault(spec.group, _Group()).out = job.job_id
+        if job.key:
+            q.keys_out[job.key] = q.keys_out.get(job.key, 0) + 1
+        if job.group:
+            q.groups.setdefault(job.group, _Group()).out = job.job_id
 
     def _enter(self, job: Job, now: float) -> None:
         """Put a job that is no longer behind its group where it belongs now."""
-        if job.spec.not_before > now:
+        if job.not_before > now:
             job.where = TIMER
-            job.reason = f"not before {job.spec.not_before:.3f}"
-            heapq.heappush(self._timers, (job.spec.not_before, job.seq, job.job_id))
+            job.reason = f"not before {job.not_before:.3f}"
+            heapq.heappush(self._timers, (job.not_before, job.seq, job.job_id))
             return
         self._make_ready(job, now)
 
     def _make_ready(self, job: Job, now: float) -> None:
-        spec = job.spec
-        q = self.queue(spec.queue, now)
-        level = q.levels[spec.priority]
+        q = self.queue(job.queue, now)
+        level = q.levels[job.priority]
         if level is None:
-            level = q.levels[spec.priority] = _Level()
-        fifo = level.fifo.get(spec.tenant)
+            level = q.levels[job.priority] = _Level()
+        fifo = level.fifo.get(job.tenant)
         if fifo is None:
-            fifo = level.fifo[spec.tenant] = []
+            fifo = level.fifo[job.tenant] = _Fifo()
         if not fifo:
-            level.rotation.push(spec.tenant, q.shares.entering(spec.tenant))
-        heapq.heappush(fifo, (job.seq, job.job_id))
+            level.rotation.push(job.tenant, q.shares.entering(job.tenant))
+        fifo.push((job.seq, job.job_id))
         job.where = READY
         job.reason = ""
         q.ready += 1
@@ -282,15 +367,14 @@ class Backlog:
                 if job is None:
                     level.rotation.pop()
                     continue
-                spec = job.spec
-                key = spec.concurrency_key
-                if key and q.keys_out.get(key, 0) >= spec.concurrency_limit:
+                key = job.key
+                if key and q.keys_out.get(key, 0) >= job.limit:
                     self._pop_ready(q, fifo)
                     job.where = KEY
-                    job.reason = f"concurrency key {key} at its limit of {spec.concurrency_limit}"
-                    heapq.heappush(q.key_wait.setdefault(key, []), (-spec.priority, job.seq, job.job_id))
+                    job.reason = f"concurrency key {key} at its limit of {job.limit}"
+                    heapq.heappush(q.key_wait.setdefault(key, []), (-job.priority, job.seq, job.job_id))
                     continue
-                candidates, tiers, reason = placer(spec)
+                candidates, tiers, reason = placer(job)
                 if not candidates:
                     self._pop_ready(q, fifo)
                     job.where = PARKED
@@ -306,28 +390,27 @@ class Backlog:
                 return job, candidates, tiers
         return None
 
-    def _head(self, fifo: list[tuple[int, str]] | None) -> Job | None:
+    def _head(self, fifo: _Fifo | None) -> Job | None:
         # Entries of jobs that left the ready state (expired, finished) are dropped lazily.
         while fifo:
-            job = self.jobs.get(fifo[0][1])
+            job = self.jobs.get(fifo.first()[1])
             if job is not None and job.where == READY:
                 return job
-            heapq.heappop(fifo)
+            fifo.pop()
         return None
 
-    def _pop_ready(self, q: QueueState, fifo: list[tuple[int, str]]) -> None:
-        heapq.heappop(fifo)
+    def _pop_ready(self, q: QueueState, fifo: _Fifo) -> None:
+        fifo.pop()
         q.ready -= 1
 
     def _mark_out(self, q: QueueState, job: Job) -> None:
-        spec = job.spec
         job.where = RELEASED
         job.reason = ""
         job.releases += 1
         q.in_flight += 1
-        q.pending_by_tenant[spec.tenant] -= 1
-        if spec.concurrency_key:
-            q.keys_out[spec.concurrency_key] = q.keys_out.get(spec.concurrency_key, 0) + 1
+        q.pending_by_tenant[job.tenant] -= 1
+        if job.key:
+            q.keys_out[job.key] = q.keys_out.get(job.key, 0) + 1
 
     def _expire(self, now: float, decisions: list) -> None:
         while self._deadlines and self._deadlines[0][0] <= now:
@@ -335,8 +418,8 @@ class Backlog:
             job = self.jobs.get(job_id)
             if job is None or job.where in (RELEASED, GONE):
                 continue
-            q = self.queues[job.spec.queue]
-            reason = f"not started within the queue timeout of {job.spec.timeouts.queue:g}s"
+            q = self.queues[job.queue]
+            reason = f"not started within the queue timeout of {job.queue_timeout:g}s"
             if job.reason:
                 reason += f" (was waiting: {job.reason})"
             self._forget_pending(q, job, now)
@@ -374,10 +457,10 @@ class Backlog:
         job = self.jobs.get(job_id)
         if job is None or job.attempt != attempt:
             return False
-        q = self.queues[job.spec.queue]
+        q = self.queues[job.queue]
         if job.where == RELEASED:
             self._release_slot(q, job, now)
-            group = job.spec.group
+            group = job.group
             if group and group in q.groups and q.groups[group].out == job_id:
                 q.groups[group].out = ""
                 self._advance_group(q, group, now)
@@ -392,9 +475,9 @@ class Backlog:
         job = self.jobs.get(job_id)
         if job is None or job.attempt != attempt or job.where != RELEASED or job.releases != release:
             return False
-        q = self.queues[job.spec.queue]
+        q = self.queues[job.queue]
         self._release_slot(q, job, now)
-        q.pending_by_tenant[job.spec.tenant] = q.pending_by_tenant.get(job.spec.tenant, 0) + 1
+        q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
         job.where = ROOM
         job.reason = reason
         heapq.heappush(self._room, (now + ROOM_RETRY_SECONDS, job.seq, job.job_id))
@@ -415,7 +498,7 @@ class Backlog:
 
     def _release_slot(self, q: QueueState, job: Job, now: float) -> None:
         q.in_flight -= 1
-        key = job.spec.concurrency_key
+        key = job.key
         if key:
             q.keys_out[key] -= 1
             if not q.keys_out[key]:
@@ -435,8 +518,8 @@ class Backlog:
             q.ready -= 1  # its heap entry is dropped lazily
         elif job.where == PARKED:
             self._parked.pop(job.job_id, None)
-        q.pending_by_tenant[job.spec.tenant] -= 1
-        group = job.spec.group
+        q.pending_by_tenant[job.tenant] -= 1
+        group = job.group
         if group and group in q.groups:
             g = q.groups[group]
             if g.out == job.job_id:
@@ -455,12 +538,12 @@ class Backlog:
         if job is None:
             return ""
         if job.where == READY:
-            gate = self.queues[job.spec.queue].gate(now)
+            gate = self.queues[job.queue].gate(now)
             return gate or "queued: next when its turn comes"
         if job.where == RELEASED:
             return "released to the binder"
         if job.where == GROUP:
-            return f"sequential group {job.spec.group}: waiting for earlier jobs of the group"
+            return f"sequential group {job.group}: waiting for earlier jobs of the group"
         return job.reason
 
     def stats(self) -> dict[str, dict]:
@@ -477,6 +560,6 @@ class Backlog:
             }
         for job in self.jobs.values():
             if job.where not in (RELEASED, GONE):
-                waiting = out[job.spec.queue]["waiting"]
+                waiting = out[job.queue]["waiting"]
                 waiting[job.where] = waiting.get(job.where, 0) + 1
         return out

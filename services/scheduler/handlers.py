@@ -100,13 +100,13 @@ class PartitionScheduler:
         backlog = self._new_backlog()
         now = self._clock()
         for row in rows:
-            job = Job(
-                job_id=row["job_id"],
-                seq=row["seq"],
-                submitted=_submitted.decode(row["submitted"]),
+            job = Job.of(
+                _submitted.decode(row["submitted"]),
+                row["seq"],
+                raw=row["submitted"],
+                trace=row["trace"],
                 attempt=row["attempt"],
                 releases=row["releases"],
-                trace=row["trace"],
             )
             if row["state"] == "released":
                 backlog.add_released(job, now)
@@ -137,11 +137,11 @@ class PartitionScheduler:
             try:
                 async with self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
-                    new = await store.insert_new(conn, [env.message for env in submits], traces)
+                    new = await store.insert_new(conn, [env.message for env in submits], traces, [env.raw.data for env in submits])
                     for env, trace in zip(submits, traces):
                         seq = new.get(env.message.job_id)
                         if seq is not None:
-                            self.backlog.add(Job(env.message.job_id, seq, env.message, trace=trace), now)
+                            self.backlog.add(Job.of(env.message, seq, raw=env.raw.data, trace=trace), now)
                     done = [m.job_id for m in finished if self.backlog.finish(m.job_id, m.attempt, now)]
                     await store.set_state(conn, done, "done")
                     back = [m for m in refused if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now)]
@@ -189,7 +189,7 @@ class PartitionScheduler:
     async def _decide(self, conn: asyncpg.Connection, now: float) -> bool:
         """Plan, publish and record one round. Returns True if the round hit its limit."""
         placement = self._placements.current()
-        decisions = self.backlog.plan(now, placement.place, limit=PLAN_LIMIT)
+        decisions = self.backlog.plan(now, placement.place_job, limit=PLAN_LIMIT)
         if not decisions:
             return False
         outgoing = []
@@ -199,14 +199,15 @@ class PartitionScheduler:
             job = d.job
             if isinstance(d, Release):
                 released.append(job)
+                submitted = job.submitted
                 ready = JobReady(
                     job_id=job.job_id,
                     attempt=job.attempt,
                     partition=self.partition,
-                    spec=job.spec,
+                    spec=submitted.spec,
                     candidates=d.candidates,
                     tiers=d.tiers if any(d.tiers) else [],
-                    submitted_at=job.submitted.submitted_at,
+                    submitted_at=job.submitted_at,
                     ready_at=now,
                     release=job.releases,
                 )

@@ -94,46 +94,66 @@ class Placement:
         self.limit = limit
         self._cache: dict[tuple, tuple[list[str], list[int], str]] = {}
         self._turn: dict[tuple, int] = {}
+        self._best: dict[tuple, int] = {}  # how many candidates share the best tier
         self._dataset_zones: dict[str, set[str]] = {}
+        # Real clusters are pools of identical machines: rank each distinct node shape
+        # once, not each node, so a new ranking over 1,000 nodes costs a handful of checks.
+        classes: dict[tuple, list[NodeInfo]] = {}
         for node in self.nodes:
             for dataset in node.datasets:
                 self._dataset_zones.setdefault(dataset, set()).add(node.zone)
+            classes.setdefault(_shape(node), []).append(node)
+        self._classes = [(members[0], sorted(n.node_id for n in members)) for members in classes.values()]
 
     def place(self, spec: JobSpec) -> tuple[list[str], list[int], str]:
         """Candidates best first, their tiers, and the reason when there are none."""
-        sig = signature(spec)
+        return self._place(signature(spec), lambda: spec)
+
+    def place_job(self, job) -> tuple[list[str], list[int], str]:
+        """Like :meth:`place` for a backlog job: its signature is precomputed, and its
+        spec is decoded only when this signature was never ranked on these nodes."""
+        return self._place(job.sig, lambda: job.spec)
+
+    def _place(self, sig: tuple, load_spec) -> tuple[list[str], list[int], str]:
         ranked = self._cache.get(sig)
         if ranked is None:
-            ranked = self._cache[sig] = self._rank(spec)
+            ranked = self._cache[sig] = self._rank(load_spec())
+            self._best[sig] = ranked[1].count(ranked[1][0]) if ranked[1] else 0
         ids, tiers, reason = ranked
         if not ids:
             return [], [], reason
         if self.strategy == "spread":
             # Rotate inside the best tier so equal jobs do not all try the same nodes first.
-            best = tiers.count(tiers[0])
+            best = self._best[sig]
             turn = self._turn.get(sig, 0)
             self._turn[sig] = turn + 1
             start = turn % best
-            order = ids[start:best] + ids[:start] + ids[best:]
-            tier_order = tiers[start:best] + tiers[:start] + tiers[best:]
-            return order[: self.limit], tier_order[: self.limit], ""
+            head = min(self.limit, best)
+            order = [ids[(start + k) % best] for k in range(head)]
+            order += ids[best : best + self.limit - head]
+            return order, tiers[: len(order)], ""
         return ids[: self.limit], tiers[: self.limit], ""
 
     def _rank(self, spec: JobSpec) -> tuple[list[str], list[int], str]:
-        fitting: list[tuple[int, int, str]] = []
+        fitting: list[tuple[int, int, list[str]]] = []
         reasons: Counter[str] = Counter()
-        for node in self.nodes:
-            why = misfit(spec, node)
+        for example, members in self._classes:
+            why = misfit(spec, example)
             if why is not None:
-                reasons[why] += 1
+                reasons[why] += len(members)
                 continue
-            size = node.cpu_milli if self.strategy == "pack" else -node.cpu_milli
-            fitting.append((self._tier(spec, node), size, node.node_id))
+            size = example.cpu_milli if self.strategy == "pack" else -example.cpu_milli
+            fitting.append((self._tier(spec, example), size, members))
         if not fitting:
             reason = reasons.most_common(1)[0][0] if reasons else "no executor node registered"
             return [], [], reason
-        fitting.sort()
-        return [n for _, _, n in fitting], [t for t, _, _ in fitting], ""
+        fitting.sort(key=lambda f: (f[0], f[1], f[2][0]))
+        ids: list[str] = []
+        tiers: list[int] = []
+        for tier, _, members in fitting:
+            ids.extend(members)
+            tiers.extend([tier] * len(members))
+        return ids, tiers, ""
 
     def _tier(self, spec: JobSpec, node: NodeInfo) -> int:
         tier = 0
@@ -151,3 +171,12 @@ def rank(spec: JobSpec, nodes: Iterable[NodeInfo], limit: int = CANDIDATES) -> t
     """Candidate ids for one job over ``nodes`` (no caching): ``(candidates, reason)``."""
     ids, _, reason = Placement(nodes, limit=limit).place(spec)
     return ids, reason
+
+
+def _shape(node: NodeInfo) -> tuple:
+    # Everything placement reads from a node except its id.
+    return (
+        node.cpu_milli, node.memory_mb, node.gpu, node.gpu_kind, node.disk_mb, node.arch, node.zone,
+        node.isolation, tuple(sorted(node.labels.items())), tuple(node.handlers), tuple(node.runtimes),
+        tuple(node.datasets), node.draining,
+    )

@@ -9,7 +9,6 @@ import time
 
 import asyncpg
 
-from jobmesh.codec import encode
 
 DDL = """
 CREATE TABLE IF NOT EXISTS backlog (
@@ -32,8 +31,11 @@ CREATE INDEX IF NOT EXISTS backlog_active ON backlog (partition, seq) WHERE stat
 """
 
 
-async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str]) -> dict[str, int]:
-    """Insert JobSubmitted events not seen before; return {job_id: seq} of the new ones."""
+async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str], raws: list[bytes]) -> dict[str, int]:
+    """Insert JobSubmitted events not seen before; return {job_id: seq} of the new ones.
+
+    ``raws`` are the messages as received; they are stored as they came.
+    """
     if not submitted:
         return {}
     now = time.time()
@@ -51,7 +53,7 @@ async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str
         [m.spec.queue for m in submitted],
         [m.spec.tenant for m in submitted],
         [m.spec.priority for m in submitted],
-        [encode(m) for m in submitted],
+        raws,
         [m.submitted_at for m in submitted],
         now,
         traces,
