@@ -11,6 +11,7 @@ batch.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from typing import Callable
@@ -114,6 +115,11 @@ class PartitionScheduler:
                 backlog.add(job, now)
         self.backlog = backlog
         self._dirty = False
+        if len(rows) > 10_000:
+            # A big backlog is long-lived and free of reference cycles: keep the cyclic
+            # collector from walking it again and again (freed jobs still go by refcount).
+            gc.collect()
+            gc.freeze()
         log.info("partition %d: loaded %d active jobs", self.partition, len(rows))
         self.kick()
 

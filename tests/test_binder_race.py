@@ -1,0 +1,135 @@
+"""Four binder processes race 1,000 jobs onto 10 small nodes: no node is ever overbooked,
+each job gets exactly one answer, and every reservation is released when its job ends."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import msgspec
+import nats
+import pytest
+
+from jobmesh import subjects
+from jobmesh.binder.allocation import overbooked
+from jobmesh.cluster import LocalCluster
+from jobmesh.codec import encode
+from jobmesh.messages.v1 import (
+    Allocation, JobBound, JobReady, JobSpec, JobSucceeded, JobUnplaceable, NodeInfo, NoopRuntime, Resources,
+)
+from jobmesh.provisioning import provision
+from jobmesh.publisher import Outgoing, Publisher
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+NODES = [f"small-{i}" for i in range(10)]
+JOBS = 1000
+CPU_PER_JOB = 300  # three fit on a 1000m node
+CAPACITY = {n: NodeInfo(node_id=n, cpu_milli=1000, memory_mb=1024, disk_mb=100, heartbeat_at=0.0) for n in NODES}
+
+
+async def test_four_binders_never_overbook(nats_server, work_dir):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await provision(js)
+    nodes_kv = await js.key_value(subjects.KV_NODES)
+
+    async def heartbeat() -> None:
+        while True:
+            for node in CAPACITY.values():
+                await nodes_kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
+            await asyncio.sleep(1.0)  # noqa: sleep - the fake nodes' heartbeat period
+
+    beats = asyncio.ensure_future(heartbeat())
+    await eventually(lambda: _keys(nodes_kv, len(NODES)), what="fake nodes registered")
+
+    # Every allocation record ever written is checked, not only the final one.
+    violations: list[str] = []
+    writes = {"n": 0}
+    alloc_kv = await js.key_value(subjects.KV_ALLOC)
+    watcher = await alloc_kv.watchall()
+
+    async def audit() -> None:
+        async for entry in watcher:
+            if entry is None or entry.operation in ("DEL", "PURGE"):
+                continue
+            alloc = msgspec.json.decode(entry.value, type=Allocation)
+            writes["n"] += 1
+            if overbooked(CAPACITY[alloc.node_id], alloc):
+                violations.append(f"{alloc.node_id} rev {entry.revision}: {len(alloc.reservations)} reservations")
+
+    auditor = asyncio.ensure_future(audit())
+    cluster = LocalCluster(nats_server.url, "postgresql://unused", work_dir)
+    for i in range(4):
+        cluster.start_service("binder", tag=f"-{i}")
+    try:
+        await cluster.wait_healthy(("binder",))
+        publisher = Publisher(js)
+        spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=CPU_PER_JOB, memory_mb=10))
+        rng = random.Random(7)
+        ready = []
+        for i in range(JOBS):
+            candidates = NODES[:]
+            rng.shuffle(candidates)
+            job = JobReady(job_id=f"race{i:04d}", attempt=1, partition=0, spec=spec, candidates=candidates,
+                           submitted_at=time.time(), ready_at=time.time())
+            ready.append(Outgoing(subjects.job_event(0, subjects.READY), job, f"race{i}:ready"))
+        await publisher.publish(ready)
+
+        bound: dict[str, str] = {}
+        twice: list[str] = []
+        refused: set[str] = set()
+
+        async def on_bound(msg) -> None:
+            m = msgspec.json.decode(msg.data, type=JobBound)
+            if m.job_id in bound:
+                twice.append(m.job_id)
+            bound[m.job_id] = m.node_id
+
+        async def on_refused(msg) -> None:
+            refused.add(msgspec.json.decode(msg.data, type=JobUnplaceable).job_id)
+
+        await js.subscribe(subjects.DISPATCH_ALL, cb=on_bound, ordered_consumer=True)
+        await js.subscribe(subjects.job_event("*", subjects.UNPLACEABLE), cb=on_refused, ordered_consumer=True)
+
+        async def all_answered():
+            return len(bound) + len(refused) >= JOBS
+
+        await eventually(all_answered, timeout=60, what="every job bound or refused")
+        assert not twice, f"bound twice: {twice}"
+        assert len(bound) + len(refused) == JOBS and not (set(bound) & refused)
+        assert len(bound) == len(NODES) * (1000 // CPU_PER_JOB)  # every slot used, none twice
+        assert not violations, violations
+
+        # End every bound job: all reservations must go, whichever binder holds them.
+        done = [
+            Outgoing(subjects.job_event(0, subjects.SUCCEEDED),
+                     JobSucceeded(job_id=j, attempt=1, partition=0, node_id=n, exit_code=0, output_tail="",
+                                  submitted_at=0.0, started_at=0.0, at=time.time()),
+                     f"{j}:1:succeeded")
+            for j, n in bound.items()
+        ]
+        await publisher.publish(done)
+
+        async def all_released():
+            records = [msgspec.json.decode((await alloc_kv.get(n)).value, type=Allocation) for n in NODES]
+            return all(not r.reservations for r in records)
+
+        await eventually(all_released, timeout=30, what="every reservation released")
+        assert not violations, violations
+        assert writes["n"] >= len(NODES)
+        cluster.check_alive()
+    finally:
+        cluster.stop()
+        beats.cancel()
+        auditor.cancel()
+        await nc.close()
+
+
+async def _keys(kv, n: int) -> bool:
+    try:
+        return len(await kv.keys()) >= n
+    except Exception:  # noqa: BLE001 - nats-py raises when the bucket is still empty
+        return False
