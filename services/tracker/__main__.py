@@ -1,0 +1,12 @@
+"""Run the tracker service: ``python -m jobmesh.tracker`` (or ``jobmesh-tracker``)."""
+
+from jobmesh.runtime import run_service
+from jobmesh.tracker.service import service_main
+
+
+def main() -> None:
+    run_service(service_main, "tracker")
+
+
+if __name__ == "__main__":
+    main()

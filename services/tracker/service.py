@@ -1,0 +1,69 @@
+"""Start, serve and stop the tracker: its consumers, responders and Postgres pool."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from jobmesh import subjects
+from jobmesh.codec import Codec
+from jobmesh.db import connect_pool
+from jobmesh.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
+from jobmesh.runtime import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.settings import Settings
+from jobmesh.tracker.handlers import EventsHandler, QueryHandler
+from jobmesh.tracker.store import DDL, Store
+
+QUEUE_GROUP = "tracker"
+
+
+def consumers(settings: Settings, events: EventsHandler) -> list[ConsumerSpec]:
+    """The tracker's two durable consumers; one handler records both streams.
+
+    Args:
+        settings: process settings (message size limit).
+        events: the batch handler.
+    """
+    return [
+        ConsumerSpec(
+            stream=subjects.STREAM_JOBS,
+            durable=subjects.durable("tracker", "jobs"),
+            filter_subjects=(subjects.JOBS_ALL,),
+            codec=Codec(LifecycleEvent, settings.max_message_bytes),
+            handle=events,
+            span_name="process jobmesh.v1.job.*.*",
+        ),
+        ConsumerSpec(
+            stream=subjects.STREAM_DISPATCH,
+            durable=subjects.durable("tracker", "dispatch"),
+            filter_subjects=(subjects.DISPATCH_ALL,),
+            codec=Codec(JobBound, settings.max_message_bytes),
+            handle=events,
+            span_name="process jobmesh.v1.node.*.dispatch",
+        ),
+    ]
+
+
+def responders(queries: QueryHandler) -> list[ResponderSpec]:
+    """The tracker's request/reply subjects, answered by a queue group of all replicas."""
+    return [
+        ResponderSpec(subjects.API_JOB_GET, Codec(JobGetRequest), queries.get, queue=QUEUE_GROUP),
+        ResponderSpec(subjects.API_JOB_LIST, Codec(JobListRequest), queries.list, queue=QUEUE_GROUP),
+    ]
+
+
+async def open_store(settings: Settings) -> tuple[Store, asyncpg.Pool]:
+    """Apply the tracker's DDL and open its pool (search_path = ``tracker``)."""
+    pool = await connect_pool(settings.database_url, "tracker", DDL, max_size=4)
+    return Store(pool), pool
+
+
+async def service_main(settings: Settings) -> None:
+    """Connect, record and answer until told to stop, then drain and close the pool."""
+    rt = Runtime(settings)
+    await rt.connect()
+    store, pool = await open_store(settings)
+    await rt.serve(
+        consumers=consumers(settings, EventsHandler(store, rt.nc)),
+        responders=responders(QueryHandler(store)),
+        on_stop=pool.close,
+    )

@@ -1,0 +1,303 @@
+"""The tracker's SQL: its schema, the batch write and the queries behind the read API.
+
+Everything lives in the ``tracker`` schema (the pool's search_path). Times are epoch seconds
+in ``double precision``, exactly as they travel in the messages.
+
+A batch is one statement in one transaction, whatever its size: three set-based upserts
+(events, attempts, jobs) over rows sent as JSON arrays. The upserts apply the joins of
+``fold.py`` to the stored rows (the ``ON CONFLICT DO UPDATE`` clauses below mirror
+``join_attempt`` and ``join_job``), so there is nothing to read or lock first: Postgres
+locks each conflicting row and merges against its latest committed version, and since
+the joins commute, concurrent batches from any number of replicas end in the same rows.
+Rows are sent sorted by key, so two batches lock shared rows in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import asyncpg
+import msgspec
+
+from jobmesh.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
+from jobmesh.tracker.fold import AttemptState, Folded
+
+# job_id and event_id use the "C" collation: byte order is cheaper to compare and lets the
+# events primary key answer "every event of job X" as a range scan over the "X:" prefix,
+# so the busiest table carries a single index.
+DDL = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id        text COLLATE "C" PRIMARY KEY,
+    name          text NOT NULL DEFAULT '',
+    queue         text NOT NULL DEFAULT '',
+    tenant        text NOT NULL DEFAULT '',
+    spec          json,
+    submitted_at  double precision,
+    attempt       integer NOT NULL,
+    state         text NOT NULL,
+    state_rank    smallint NOT NULL,
+    state_seq     integer NOT NULL DEFAULT 0,
+    state_at      double precision NOT NULL,
+    reason        text NOT NULL DEFAULT '',
+    exit_code     integer,
+    error_code    text NOT NULL DEFAULT '',
+    error_message text NOT NULL DEFAULT '',
+    output_tail   text NOT NULL DEFAULT '',
+    finished_at   double precision,
+    node_id       text NOT NULL DEFAULT '',
+    bound_at      double precision,
+    started_at    double precision,
+    updated_at    double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at DESC NULLS LAST, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, submitted_at DESC NULLS LAST, job_id DESC);
+CREATE INDEX IF NOT EXISTS jobs_by_queue ON jobs (queue, submitted_at DESC NULLS LAST, job_id DESC);
+
+-- Updates never change the key, so leave room on each page for HOT updates.
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id        text COLLATE "C" NOT NULL,
+    attempt       integer NOT NULL,
+    state         text NOT NULL,
+    state_rank    smallint NOT NULL,
+    state_seq     integer NOT NULL DEFAULT 0,
+    state_at      double precision NOT NULL,
+    reason        text NOT NULL DEFAULT '',
+    exit_code     integer,
+    error_code    text NOT NULL DEFAULT '',
+    error_message text NOT NULL DEFAULT '',
+    output_tail   text NOT NULL DEFAULT '',
+    finished_at   double precision,
+    node_id       text NOT NULL DEFAULT '',
+    bound_at      double precision,
+    started_at    double precision,
+    PRIMARY KEY (job_id, attempt)
+) WITH (fillfactor = 80);
+
+CREATE TABLE IF NOT EXISTS events (
+    event_id  text COLLATE "C" PRIMARY KEY,
+    job_id    text COLLATE "C" NOT NULL,
+    attempt   integer NOT NULL,
+    kind      text NOT NULL,
+    at        double precision NOT NULL,
+    detail    text NOT NULL DEFAULT ''
+);
+
+-- fold.advances: does the new state replace the old one within one attempt? Terminal (5)
+-- is final; waiting (1) and ready (2) share a class, ordered by release (seq), then time.
+CREATE OR REPLACE FUNCTION advances(old_rank smallint, old_seq integer, old_at double precision,
+                                    new_rank smallint, new_seq integer, new_at double precision)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT old_rank < 5
+       AND (new_rank - (new_rank >= 2)::int, new_seq, new_at, new_rank)
+         > (old_rank - (old_rank >= 2)::int, old_seq, old_at, old_rank)
+$$;
+"""
+
+# Attempt columns and their types, in AttemptState order. The state group moves together
+# when a state advances; node and the bind/start times are gap-filled instead.
+_STATE_COLUMNS = {
+    "state": "text", "state_rank": "int2", "state_seq": "int", "state_at": "float8", "reason": "text",
+    "exit_code": "int", "error_code": "text", "error_message": "text", "output_tail": "text",
+    "finished_at": "float8",
+}
+_ATTEMPT_COLUMNS = {
+    "attempt": "int", **_STATE_COLUMNS, "node_id": "text", "bound_at": "float8", "started_at": "float8",
+}
+_EVENT_COLUMNS = {
+    "event_id": "text", "job_id": "text", "attempt": "int", "kind": "text", "at": "float8", "detail": "text",
+}
+_JOB_IDENTITY = {"name": "text", "queue": "text", "tenant": "text", "spec": "json", "submitted_at": "float8"}
+
+
+def _names(columns: dict[str, str]) -> str:
+    return ", ".join(columns)
+
+
+def _typed(columns: dict[str, str]) -> str:
+    return ", ".join(f"{name} {kind}" for name, kind in columns.items())
+
+
+def _pick(columns: Sequence[str], table: str, condition: str, indent: str) -> str:
+    return f",\n{indent}".join(
+        f"{c} = CASE WHEN {condition} THEN EXCLUDED.{c} ELSE {table}.{c} END" for c in columns
+    )
+
+
+# join_attempt, in SQL.
+_A_ADVANCES = (
+    "advances(a.state_rank, a.state_seq, a.state_at, EXCLUDED.state_rank, EXCLUDED.state_seq, EXCLUDED.state_at)"
+)
+_A_FILLS = (
+    "(a.node_id = '' AND EXCLUDED.node_id <> '')"
+    " OR EXCLUDED.bound_at < COALESCE(a.bound_at, 'infinity')"
+    " OR EXCLUDED.started_at < COALESCE(a.started_at, 'infinity')"
+)
+# join_job, in SQL: the higher attempt wins outright; the same attempt joins as above.
+_J_NEWER = "EXCLUDED.attempt > j.attempt"
+_J_SAME = "EXCLUDED.attempt = j.attempt"
+_J_MOVES = (
+    f"({_J_NEWER} OR ({_J_SAME} AND advances(j.state_rank, j.state_seq, j.state_at,"
+    " EXCLUDED.state_rank, EXCLUDED.state_seq, EXCLUDED.state_at)))"
+)
+_J_LEARNS = "(j.spec IS NULL AND EXCLUDED.spec IS NOT NULL)"
+_J_FILLS = (
+    f"({_J_SAME} AND ((j.node_id = '' AND EXCLUDED.node_id <> '')"
+    " OR EXCLUDED.bound_at < COALESCE(j.bound_at, 'infinity')"
+    " OR EXCLUDED.started_at < COALESCE(j.started_at, 'infinity')))"
+)
+
+# Rows arrive as three JSON arrays (events, attempts, jobs) whose objects mirror the
+# structs in fold.py: msgspec encodes a batch in one call, where binding one array per
+# column would cost asyncpg an encoding step per value.
+_WRITE = f"""
+WITH e AS (
+    INSERT INTO events ({_names(_EVENT_COLUMNS)})
+    SELECT * FROM json_to_recordset($1::json) AS r({_typed(_EVENT_COLUMNS)})
+    ON CONFLICT DO NOTHING
+), att AS (
+    INSERT INTO attempts AS a (job_id, {_names(_ATTEMPT_COLUMNS)})
+    SELECT r.job_id, c.*
+    FROM json_to_recordset($2::json) AS r(job_id text, record json)
+    CROSS JOIN LATERAL json_to_record(r.record) AS c({_typed(_ATTEMPT_COLUMNS)})
+    ON CONFLICT (job_id, attempt) DO UPDATE SET
+        {_pick(_STATE_COLUMNS, "a", _A_ADVANCES, " " * 8)},
+        node_id = CASE WHEN a.node_id = '' THEN EXCLUDED.node_id ELSE a.node_id END,
+        bound_at = LEAST(a.bound_at, EXCLUDED.bound_at),
+        started_at = LEAST(a.started_at, EXCLUDED.started_at)
+    WHERE {_A_ADVANCES} OR {_A_FILLS}
+)
+INSERT INTO jobs AS j (job_id, {_names(_JOB_IDENTITY)}, {_names(_ATTEMPT_COLUMNS)}, updated_at)
+SELECT r.job_id, {", ".join("r." + c for c in _JOB_IDENTITY)}, c.*, r.updated_at
+FROM json_to_recordset($3::json) AS r(job_id text, {_typed(_JOB_IDENTITY)}, updated_at float8, current json)
+CROSS JOIN LATERAL json_to_record(r.current) AS c({_typed(_ATTEMPT_COLUMNS)})
+ON CONFLICT (job_id) DO UPDATE SET
+    {_pick(("name", "queue", "tenant"), "j", _J_LEARNS, " " * 4)},
+    spec = COALESCE(j.spec, EXCLUDED.spec),
+    submitted_at = COALESCE(j.submitted_at, EXCLUDED.submitted_at),
+    attempt = GREATEST(j.attempt, EXCLUDED.attempt),
+    {_pick(_STATE_COLUMNS, "j", _J_MOVES, " " * 4)},
+    node_id = CASE WHEN {_J_NEWER} OR ({_J_SAME} AND j.node_id = '') THEN EXCLUDED.node_id ELSE j.node_id END,
+    bound_at = CASE WHEN {_J_NEWER} THEN EXCLUDED.bound_at
+                    WHEN {_J_SAME} THEN LEAST(j.bound_at, EXCLUDED.bound_at) ELSE j.bound_at END,
+    started_at = CASE WHEN {_J_NEWER} THEN EXCLUDED.started_at
+                      WHEN {_J_SAME} THEN LEAST(j.started_at, EXCLUDED.started_at) ELSE j.started_at END,
+    updated_at = GREATEST(j.updated_at, EXCLUDED.updated_at)
+WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS}
+   OR EXCLUDED.updated_at > j.updated_at
+   OR (j.submitted_at IS NULL AND EXCLUDED.submitted_at IS NOT NULL)
+RETURNING job_id, {_names(_ATTEMPT_COLUMNS)}
+"""
+
+_SUMMARY = "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at"
+_ORDER = "ORDER BY submitted_at DESC NULLS LAST, job_id DESC LIMIT $1"
+# One statement per filter combination, so each keeps a plan that uses its own index.
+_LIST = {
+    (False, False): f"SELECT {_SUMMARY} FROM jobs {_ORDER}",
+    (True, False): f"SELECT {_SUMMARY} FROM jobs WHERE state = $2 {_ORDER}",
+    (False, True): f"SELECT {_SUMMARY} FROM jobs WHERE queue = $2 {_ORDER}",
+    (True, True): f"SELECT {_SUMMARY} FROM jobs WHERE state = $2 AND queue = $3 {_ORDER}",
+}
+_GET_JOB = """
+SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, state, reason, attempt,
+       node_id, updated_at
+FROM jobs WHERE job_id = $1
+"""
+_GET_ATTEMPTS = f"SELECT {_names(_ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = $1 ORDER BY attempt"
+# In byte order ':' is followed by ';', and job ids contain neither.
+_GET_EVENTS = """
+SELECT kind, attempt, at, detail FROM events
+WHERE event_id >= $1 || ':' AND event_id < $1 || ';'
+ORDER BY at, attempt,
+    array_position(ARRAY['submitted', 'ready', 'unplaceable', 'bound', 'started',
+                         'succeeded', 'failed', 'expired', 'lost'], kind)
+"""
+
+_encoder = msgspec.json.Encoder()
+_spec_decoder = msgspec.json.Decoder(JobSpec)
+
+
+def write_args(folded: Folded) -> tuple[str, str, str]:
+    """The batch write's three arguments: events, attempts and jobs as JSON arrays."""
+    return (
+        _encoder.encode(folded.events).decode(),
+        _encoder.encode(folded.attempts).decode(),
+        _encoder.encode(folded.jobs).decode(),
+    )
+
+
+def _attempt_of(record: asyncpg.Record) -> AttemptState:
+    return AttemptState(
+        attempt=record["attempt"], state=record["state"], rank=record["state_rank"],
+        seq=record["state_seq"], state_at=record["state_at"], reason=record["reason"], exit_code=record["exit_code"],
+        error_code=record["error_code"], error_message=record["error_message"],
+        output_tail=record["output_tail"], finished_at=record["finished_at"], node_id=record["node_id"],
+        bound_at=record["bound_at"], started_at=record["started_at"],
+    )
+
+
+class Store:
+    """The tracker's tables behind one asyncpg pool.
+
+    Args:
+        pool: a pool whose search_path is the ``tracker`` schema (``jobmesh.db.connect_pool``).
+    """
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    async def write(self, folded: Folded) -> dict[str, AttemptState]:
+        """Record a folded batch in one transaction.
+
+        Returns:
+            For every job row the batch changed, the attempt the job shows now.
+        """
+        if not folded.events:
+            return {}
+        async with self._pool.acquire() as conn, conn.transaction():
+            records = await conn.fetch(_WRITE, *write_args(folded))
+        return {r["job_id"]: _attempt_of(r) for r in records}
+
+    async def get(self, job_id: str) -> tuple[JobView | None, bool]:
+        """One job with its attempts (by number) and events (by time).
+
+        Returns:
+            ``(view, True)`` for a known job; ``(None, False)`` for an unknown one;
+            ``(None, True)`` for a job whose events arrived before any that carries its spec.
+        """
+        async with self._pool.acquire() as conn, conn.transaction(readonly=True, isolation="repeatable_read"):
+            job = await conn.fetchrow(_GET_JOB, job_id)
+            if job is None:
+                return None, False
+            if job["spec"] is None:
+                return None, True
+            attempts = await conn.fetch(_GET_ATTEMPTS, job_id)
+            events = await conn.fetch(_GET_EVENTS, job_id)
+        view = JobView(
+            job_id=job["job_id"], name=job["name"], queue=job["queue"], tenant=job["tenant"],
+            state=job["state"], reason=job["reason"], attempt=job["attempt"], node_id=job["node_id"],
+            submitted_at=job["submitted_at"] or 0.0, updated_at=job["updated_at"],
+            spec=_spec_decoder.decode(job["spec"]),
+            attempts=[
+                AttemptView(
+                    attempt=a["attempt"], state=a["state"], node_id=a["node_id"], exit_code=a["exit_code"],
+                    error=JobError(code=a["error_code"], message=a["error_message"]) if a["error_code"] else None,
+                    output_tail=a["output_tail"], started_at=a["started_at"], finished_at=a["finished_at"],
+                )
+                for a in attempts
+            ],
+            events=[EventView(kind=e["kind"], attempt=e["attempt"], at=e["at"], detail=e["detail"]) for e in events],
+        )
+        return view, True
+
+    async def list(self, limit: int, state: str = "", queue: str = "") -> list[JobSummary]:
+        """Recent jobs, latest submission first, optionally of one state and/or queue."""
+        args: list = [limit] + [v for v in (state, queue) if v]
+        records = await self._pool.fetch(_LIST[(bool(state), bool(queue))], *args)
+        return [
+            JobSummary(
+                job_id=r["job_id"], name=r["name"], queue=r["queue"], tenant=r["tenant"], state=r["state"],
+                attempt=r["attempt"], node_id=r["node_id"], exit_code=r["exit_code"],
+                submitted_at=r["submitted_at"] or 0.0, updated_at=r["updated_at"],
+            )
+            for r in records
+        ]
