@@ -1,10 +1,11 @@
 """Partition ownership: one active scheduler per partition, by lease in KV.
 
 A lease is a key ``partition.<n>`` in ``jm_leases``, whose bucket TTL equals the lease TTL.
-The owner renews it with compare-and-set every third of the TTL; a renewal that fails
-means someone else holds it now, and the owner lets go at once. A standby tries to create
-missing keys on the same beat, so it takes over within the TTL after an owner dies. A
-graceful stop deletes the keys, so a standby takes over at its next beat.
+Every instance beats six times per TTL. The owner renews its keys with compare-and-set; a
+renewal that fails means someone else holds the partition now, and the owner lets go at
+once. A standby tries to create missing keys, so it takes over at most a TTL (plus one
+beat) after the owner's last renewal. A graceful stop deletes the keys, so a standby takes
+over at its next beat.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ class Leases:
     async def run(self) -> None:
         """Beat forever (a background task)."""
         kv = await self._js.key_value(subjects.KV_LEASES)
+        # The bucket's max age is the real lease TTL (it was fixed when the bucket was made);
+        # beat by it even if this process was configured with another value.
+        actual = (await kv.status()).ttl
+        if actual and abs(actual - self._ttl) > 0.01:
+            log.warning("lease bucket TTL is %.1fs, not the configured %.1fs; using the bucket's", actual, self._ttl)
+            self._ttl = actual
         while True:
             for partition in range(self._partitions):
                 key = subjects.lease_key(partition)
@@ -79,7 +86,7 @@ class Leases:
                         log.exception("could not take over partition %d; releasing its lease", partition)
                         await self._drop(kv, partition)
             self.last_beat = time.monotonic()
-            await asyncio.sleep(self._ttl / 3)
+            await asyncio.sleep(self._ttl / 6)
 
     async def release_all(self) -> None:
         """Delete our leases (graceful stop) so a standby takes over without waiting."""
