@@ -8,7 +8,6 @@ import pytest
 
 from jobmesh import subjects
 from jobmesh.client import Client
-from jobmesh.codec import encode
 from jobmesh.errors import InvalidMessage, InvalidSpec
 from jobmesh.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
 from tests.cluster_fixtures import NODE_ID, cluster, dead_letters, jobmesh_cli, nc  # noqa: F401 - fixtures

@@ -146,21 +146,25 @@ async def cmd_run(args: argparse.Namespace) -> int:
         await client.submit([Submission(spec=spec, idempotency_key=key)])
         err(f"job {job_id} submitted")
         started = time.monotonic()
-        last_state = ""
+        last_state: tuple[str, str] = ("", "")
         while True:
             try:
                 update = await asyncio.wait_for(updates.get(), 2.0)
                 state, detail = update.state, _detail(update.node_id, update.reason, update.exit_code)
             except asyncio.TimeoutError:
-                # A watch message can be missed (core NATS is at-most-once): ask the tracker.
+                # A watch message can be missed (core NATS is at-most-once): ask the tracker,
+                # and for a job still waiting, ask the scheduler why.
                 try:
                     view = await client.get(job_id)
                 except NotFound:
                     continue
                 state, detail = view.state, _detail(view.node_id, view.reason, _exit_code(view))
-            if state != last_state:
+                held = await _why_waiting(client, view)
+                if held:
+                    state, detail = held[0], _detail("", held[1], None)
+            if (state, detail) != last_state:
                 err(f"[{time.monotonic() - started:6.2f}s] {state}{detail}")
-                last_state = state
+                last_state = (state, detail)
             if state in TERMINAL_STATES:
                 break
         view = await client.get(job_id)
@@ -197,17 +201,43 @@ def _exit_code(view: JobView) -> int | None:
     return view.attempts[-1].exit_code if view.attempts else None
 
 
+# Where the scheduler holds a job -> the state a person should see.
+_HELD = {"timer": "waiting", "group": "waiting", "key": "waiting", "parked": "waiting", "room": "waiting"}
+
+
+async def _why_waiting(client: Client, view: JobView) -> tuple[str, str] | None:
+    """(state, reason) from the scheduler that holds a not-yet-running job, if any."""
+    if view.state not in ("queued", "waiting", "ready"):
+        return None
+    try:
+        replies = await client.queues(wait=0.5)
+        explained = await client.explain(subjects.partition_of(view.queue, replies[0].partitions), view.job_id)
+    except JobmeshError:
+        return None  # no scheduler answered: show what the tracker knows
+    if not explained.where:
+        return None
+    if explained.where == "ready":
+        return ("waiting", explained.reason) if not explained.reason.startswith("queued") else ("queued", "")
+    if explained.where == "released":
+        return view.state, explained.reason
+    return _HELD.get(explained.where, view.state), explained.reason
+
+
 async def cmd_status(args: argparse.Namespace) -> int:
     client = await Client.connect()
     try:
         view = await client.get(args.job_id)
+        held = await _why_waiting(client, view)
     finally:
         await client.close()
+    state, reason = held if held else (view.state, view.reason)
     if args.json:
-        _json(view)
+        out = msgspec.to_builtins(view)
+        out["state"], out["reason"] = state, reason
+        _json(out)
         return EXIT_OK
     print(f"job      {view.job_id}  {view.name}")
-    print(f"state    {view.state}" + (f" ({view.reason})" if view.reason else ""))
+    print(f"state    {state}" + (f" ({reason})" if reason else ""))
     print(f"queue    {view.queue}  tenant {view.tenant}  priority {view.spec.priority}")
     print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
     print(f"submitted {_when(view.submitted_at)}  updated {_when(view.updated_at)}")

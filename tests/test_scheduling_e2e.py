@@ -1,0 +1,197 @@
+"""Scheduling through the real services: visible waits, placement when a fitting node
+joins, fair share between tenants, node and queue views, and rejected specs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import msgspec
+import nats
+import pytest
+
+from jobmesh import subjects
+from jobmesh.client import Client
+from jobmesh.cluster import LocalCluster
+from jobmesh.clusterconfig import put_config
+from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound
+from jobmesh.messages.v1 import (
+    Constraints, JobSpec, NoopRuntime, ProcessRuntime, QueueConfig, Resources, Submission, SubmitReply,
+    TenantConfig,
+)
+from tests.cluster_fixtures import jobmesh_cli
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+FAST_NODES = {"JOBMESH_NODE_TTL_SECONDS": "3", "JOBMESH_HEARTBEAT_SECONDS": "1"}
+
+
+@pytest.fixture(scope="module")
+async def sched_cluster(nats_server, database_url, work_dir):
+    c = LocalCluster(nats_server.url, database_url, work_dir / "sched", env=FAST_NODES)
+    c.start(("trigger", "scheduler", "binder", "tracker"))
+    c.start_service("executor", {"JOBMESH_NODE_ID": "cpu-1", "JOBMESH_NODE_CPU_MILLI": "64000", "JOBMESH_NODE_ZONE": "eu"}, tag="-cpu")
+    try:
+        await c.wait_healthy()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+async def client(nats_server):
+    cl = await Client.connect(nats_server.url)
+    yield cl
+    await cl.close()
+
+
+async def _state(client: Client, job_id: str) -> str:
+    try:
+        return (await client.get(job_id)).state
+    except NotFound:
+        return ""
+
+
+def _status(nats_url: str, job_id: str) -> dict:
+    result = jobmesh_cli(["status", job_id, "--json"], nats_url)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def test_unplaceable_job_waits_with_reason_and_runs_when_a_fitting_node_joins(sched_cluster, nats_server, client):
+    spec = JobSpec(runtime=ProcessRuntime(argv=["sh", "-c", "echo on-gpu"]), resources=Resources(gpu=1, gpu_kind="h100"))
+    [job_id] = (await client.submit([Submission(spec=spec)])).job_ids
+
+    async def waiting_with_reason():
+        status = _status(nats_server.url, job_id) if await _state(client, job_id) else {}
+        return status if status.get("state") == "waiting" else None
+
+    status = await eventually(waiting_with_reason, what="the job to wait with a reason")
+    assert status["reason"] == "no node with gpu kind h100"
+
+    gpu = sched_cluster.start_service(
+        "executor", {"JOBMESH_NODE_ID": "gpu-1", "JOBMESH_NODE_GPU": "1", "JOBMESH_NODE_GPU_KIND": "h100"}, tag="-gpu"
+    )
+    await eventually(lambda: _is(client, job_id, "succeeded"), timeout=30, what="the job to run on the new node")
+    assert (await client.get(job_id)).node_id == "gpu-1"
+
+    nodes = json.loads(jobmesh_cli(["nodes", "--json"], nats_server.url).stdout)
+    by_id = {n["node"]["node_id"]: n for n in nodes}
+    assert by_id["gpu-1"]["alive"] and by_id["gpu-1"]["node"]["gpu_kind"] == "h100"
+    assert by_id["cpu-1"]["node"]["cpu_milli"] == 64000
+
+    # A node that stops heartbeating leaves the candidate set: jobs wait again.
+    gpu.proc.kill()
+    gpu.proc.wait(10)
+    sched_cluster.procs.remove(gpu)
+
+    async def gpu_gone():
+        nodes = json.loads(jobmesh_cli(["nodes", "--json"], nats_server.url).stdout)
+        return not any(n["alive"] for n in nodes if n["node"]["node_id"] == "gpu-1")
+
+    await eventually(gpu_gone, timeout=15, what="the silent node to leave the candidate set")
+    [again] = (await client.submit([Submission(spec=spec)])).job_ids
+
+    async def parked_again():
+        status = await _waiting(nats_url=nats_server.url, client=client, job_id=again)
+        # The binder may see the node gone a beat before the scheduler does and hand the
+        # job back ("candidate nodes are gone"); it then settles on the real reason.
+        return status if status and status["reason"] == "no node with gpu kind h100" else None
+
+    await eventually(parked_again, timeout=15, what="the second gpu job to wait for a gpu node")
+
+
+async def _is(client: Client, job_id: str, state: str) -> bool:
+    return await _state(client, job_id) == state
+
+
+async def _waiting(nats_url: str, client: Client, job_id: str):
+    if not await _state(client, job_id):
+        return None
+    status = _status(nats_url, job_id)
+    return status if status["state"] == "waiting" else None
+
+
+async def test_status_names_every_kind_of_wait(sched_cluster, nats_server, client):
+    js = client.nc.jetstream()
+    await put_config(js, "queue.slow", QueueConfig(rate=0.01, burst=1))
+    sleeper = ProcessRuntime(argv=["sleep", "30"])
+    jobs = await client.submit([
+        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # takes the one token
+        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # rate limit
+        Submission(spec=JobSpec(runtime=sleeper, queue="keys", concurrency_key="db", concurrency_limit=1, timeouts={"run": 60.0})),
+        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="keys", concurrency_key="db", concurrency_limit=1)),
+        Submission(spec=JobSpec(runtime=NoopRuntime(), not_before=time.time() + 3600)),
+        Submission(spec=JobSpec(runtime=sleeper, queue="seq", group="g1", timeouts={"run": 60.0})),
+        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="seq", group="g1")),
+    ])
+    ids = jobs.job_ids
+    expected = {
+        ids[1]: "rate limit",
+        ids[3]: "concurrency key db at its limit of 1",
+        ids[4]: "not before",
+        ids[6]: "sequential group g1",
+    }
+    for job_id, words in expected.items():
+        status = await eventually(lambda j=job_id: _waiting(nats_server.url, client, j), what=f"{words} wait")
+        assert words in status["reason"], status
+    assert "rate limit" in jobmesh_cli(["status", ids[1]], nats_server.url).stdout
+
+    queues = json.loads(jobmesh_cli(["queues", "--json"], nats_server.url).stdout)
+    slow = next(q for q in queues if q["queue"] == "slow")
+    assert slow["pending"] == 1 and slow["rate"] == 0.01
+
+
+async def test_fair_share_between_a_flooding_tenant_and_a_small_one(sched_cluster, nats_server, client):
+    js = client.nc.jetstream()
+    await put_config(js, "queue.shared", QueueConfig(max_in_flight=2))
+    await put_config(js, "tenant.light", TenantConfig(weight=1.0))
+    order: list[str] = []
+
+    async def on_ready(msg) -> None:
+        body = msgspec.json.decode(msg.data)
+        if body["spec"].get("queue") == "shared":
+            order.append(body["spec"]["tenant"])
+
+    await client.nc.subscribe(subjects.job_event("*", subjects.READY), cb=on_ready)
+    # The sleep keeps both tenants backlogged while slots free up one by one.
+    slow = ProcessRuntime(argv=["sleep", "0.05"])
+    heavy = [Submission(spec=JobSpec(runtime=slow, queue="shared", tenant="heavy")) for _ in range(100)]
+    light = [Submission(spec=JobSpec(runtime=slow, queue="shared", tenant="light")) for _ in range(10)]
+    await client.submit(heavy)
+    await client.submit(light)
+
+    async def enough():
+        return len(order) >= 24
+
+    await eventually(enough, timeout=60, what="24 releases from the shared queue")
+    window = order[4:24]  # once both tenants are queued, starts alternate
+    assert window.count("light") >= 8, order[:24]
+
+
+async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sched_cluster, nats_server, client):
+    cases = [
+        ({"spec": {"runtime": {"kind": "noop"}, "priority": -1}}, "jobs[0].spec.priority"),
+        ({"spec": {"runtime": {"kind": "noop"}, "queue_options": {"rate": 5}}}, "jobs[0].spec.queue_options"),
+        ({"spec": {"runtime": {"kind": "noop"}, "resources": {"cpu_milli": 10**12}}}, "jobs[0].spec.resources.cpu_milli"),
+        ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"labels": ["gpu"]}}}, "jobs[0].spec.constraints.labels"),
+        ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"isolation": "chroot"}}}, "jobs[0].spec.constraints.isolation"),
+        ({"spec": {"runtime": {"kind": "noop"}, "resources": {"gpu_kind": "h100"}}}, "jobs[0].spec.resources.gpu"),
+    ]
+    js = client.nc.jetstream()
+
+    async def submitted_count() -> int:
+        info = await js.stream_info(subjects.STREAM_JOBS, subjects_filter=subjects.job_event("*", subjects.SUBMITTED))
+        return sum((info.state.subjects or {}).values())
+
+    before = await submitted_count()
+    for body, field in cases:
+        with pytest.raises((InvalidMessage, InvalidSpec)) as caught:
+            await client.request(subjects.API_SUBMIT, {"type": "api.submit", "jobs": [body]}, SubmitReply, "trigger")
+        assert caught.value.field == field, (body, str(caught.value))
+    # A request with one bad job among good ones is refused whole.
+    with pytest.raises(InvalidSpec):
+        await client.submit([Submission(spec=JobSpec(runtime=NoopRuntime())),
+                             Submission(spec=JobSpec(runtime=NoopRuntime(), constraints=Constraints(labels={"a=b": "c"})))])
+    assert await submitted_count() == before, "a rejected submit published a job"
