@@ -210,7 +210,8 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert "tracker" in parties("jobEvents", "receive") & parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}
-    assert parties("apiNodes", "receive") == parties("apiQueues", "receive") == {"scheduler"}
+    assert parties("apiNodes", "receive") == {"binder"}  # the binder owns allocations
+    assert parties("apiQueues", "receive") == parties("apiSchedulerExplain", "receive") == {"scheduler"}
     assert parties("externalEvents", "receive") == {"trigger"}
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
 

@@ -55,7 +55,6 @@ STREAMS: dict[str, tuple[list[str], StreamLimits]] = {
 BUCKETS: dict[str, tuple[int, float]] = {
     subjects.KV_ALLOC: (1, 0.0),
     subjects.KV_CONFIG: (5, 0.0),
-    subjects.KV_STATS: (1, 3600.0),
 }
 
 

@@ -255,26 +255,35 @@ CHANNELS: tuple[Channel, ...] = (
         "Reply to api.jobs.list, on the requester's inbox.",
     ),
     Channel(
-        "apiNodes", subjects.API_NODES, (OPEN_REQUEST,), None,
-        (CLIENT,), ("scheduler",),
-        "The executor nodes the scheduler knows, with capacity and reservations.",
+        "apiNodes", subjects.API_NODES, (v1.NodesRequest,), None,
+        (CLIENT,), ("binder",),
+        "Every executor node with capacity, allocation and last heartbeat (`jobmesh nodes`).",
         reply="apiNodesReply",
     ),
     Channel(
-        "apiNodesReply", None, (v1.ErrorReply,), None, ("scheduler",), (CLIENT,),
-        "Reply to api.nodes, on the requester's inbox. Only the error reply is a declared v1 "
-        "message so far.",
+        "apiNodesReply", None, (v1.NodesReply, v1.ErrorReply), None, ("binder",), (CLIENT,),
+        "Reply to api.nodes, on the requester's inbox.",
     ),
     Channel(
-        "apiQueues", subjects.API_QUEUES, (OPEN_REQUEST,), None,
+        "apiQueues", subjects.API_QUEUES, (v1.QueuesRequest,), None,
         (CLIENT,), ("scheduler",),
-        "The scheduler's queues: backlog depth, running count, partition owner.",
+        "Queue depth per tenant and wait reason. Every scheduler replica answers (no queue "
+        "group) for the partitions it owns; the client gathers replies (`jobmesh queues`).",
         reply="apiQueuesReply",
     ),
     Channel(
-        "apiQueuesReply", None, (v1.ErrorReply,), None, ("scheduler",), (CLIENT,),
-        "Reply to api.queues, on the requester's inbox. Only the error reply is a declared v1 "
-        "message so far.",
+        "apiQueuesReply", None, (v1.QueuesReply, v1.ErrorReply), None, ("scheduler",), (CLIENT,),
+        "One scheduler's reply to api.queues, on the requester's inbox.",
+    ),
+    Channel(
+        "apiSchedulerExplain", subjects.scheduler_explain(PARTITION), (v1.ExplainRequest,), None,  # type: ignore[arg-type]
+        (CLIENT,), ("scheduler",),
+        "Why a job is not running yet, answered by the owner of the job's partition.",
+        reply="apiSchedulerExplainReply",
+    ),
+    Channel(
+        "apiSchedulerExplainReply", None, (v1.ExplainReply, v1.ErrorReply), None, ("scheduler",), (CLIENT,),
+        "Reply to an explain request, on the requester's inbox.",
     ),
     Channel(
         "health", subjects.health(SERVICE), (HEALTH_REQUEST,), None,
@@ -301,6 +310,15 @@ CHANNELS: tuple[Channel, ...] = (
         "Everything reserved on a node, keyed by node id. Updated only by compare-and-set on "
         "the revision, so binder replicas never overbook a node.",
         kv_bucket=subjects.KV_ALLOC,
+    ),
+    Channel(
+        "kvConfig", _kv(subjects.KV_CONFIG, KEY), (v1.QueueConfig, v1.TenantConfig, v1.ZoneMap),
+        f"KV_{subjects.KV_CONFIG}",
+        (CLIENT,), ("scheduler",),
+        "Cluster configuration: queue.<name> (QueueConfig), tenant.<name> (TenantConfig) and "
+        "zones (ZoneMap). Written by `jobmesh queue set` / `tenant set` / `zones set`; "
+        "schedulers watch it and apply changes at once.",
+        kv_bucket=subjects.KV_CONFIG,
     ),
     Channel(
         "kvLeases", _kv(subjects.KV_LEASES, KEY), (), f"KV_{subjects.KV_LEASES}",
@@ -428,7 +446,7 @@ def _validate(rows: Sequence[Channel], kinds: Sequence[str]) -> None:
     if len(set(keys)) != len(keys):
         problems.append("duplicate channel keys")
     by_key = {c.key: c for c in rows}
-    kv_buckets = {subjects.KV_NODES, subjects.KV_ALLOC, subjects.KV_LEASES}
+    kv_buckets = {subjects.KV_NODES, subjects.KV_LEASES, *provisioning.BUCKETS}
     for kind in kinds:
         if kind not in JOB_KINDS:
             problems.append(f"job channel kind {kind!r} is not a lifecycle kind in subjects.py")

@@ -22,7 +22,6 @@ KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node 
 KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revision
 KV_LEASES = "jm_leases"  # scheduler partition ownership
 KV_CONFIG = "jm_config"  # queue, tenant and zone configuration
-KV_STATS = "jm_stats"  # queue depths published by each partition owner
 
 # --- job lifecycle (stream JM_JOBS) --------------------------------------------------
 JOBS_ALL = f"{PREFIX}.job.>"
@@ -99,11 +98,6 @@ def scheduler_explain(partition: int) -> str:
 
 def lease_key(partition: int) -> str:
     """Key of a partition's lease in ``jm_leases``."""
-    return f"partition.{partition}"
-
-
-def stats_key(partition: int) -> str:
-    """Key of a partition's queue statistics in ``jm_stats``."""
     return f"partition.{partition}"
 
 

@@ -47,8 +47,8 @@ class QueueStats(Struct, frozen=True, kw_only=True):
     max_in_flight: int = 0
 
 
-class PartitionStats(Struct, frozen=True, kw_only=True, tag="stats.partition"):
-    """What a partition owner publishes to ``jm_stats`` under ``partition.<n>``."""
+class PartitionStats(Struct, frozen=True, kw_only=True):
+    """The queues of one partition, as its owner sees them (part of ``QueuesReply``)."""
 
     partition: int
     owner: str
