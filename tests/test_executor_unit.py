@@ -427,7 +427,7 @@ def bound(job_id: str, runtime=None, node_id: str = NODE, run: float = 30.0) -> 
 
 
 def envelope(message: JobBound) -> Envelope:
-    return Envelope(message, subjects.node_dispatch(NODE), {}, extract({}), 1)
+    return Envelope(message, subjects.node_dispatch(NODE), {}, extract({}))
 
 
 @pytest.fixture

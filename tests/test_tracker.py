@@ -358,7 +358,7 @@ class _NoWatchers:
 
 
 def _env(message) -> Envelope:
-    return Envelope(message, "test", {}, None, 1)
+    return Envelope(message, "test", {}, None)
 
 
 async def test_sql_joins_agree_with_the_fold(store, database_url) -> None:

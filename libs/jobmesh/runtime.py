@@ -30,7 +30,7 @@ from jobmesh.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
 from jobmesh.settings import Settings
-from jobmesh.tracing import Context, ensure_valid, extract, setup_tracing, shutdown_tracing
+from jobmesh.tracing import Context, ensure_valid, exporting, extract, setup_tracing, shutdown_tracing
 
 log = logging.getLogger("jobmesh.runtime")
 
@@ -43,9 +43,13 @@ class Envelope:
     subject: str
     headers: dict[str, str]
     context: Context
-    deliveries: int
     raw: Msg | None = None
     span: Any = None
+
+    @property
+    def deliveries(self) -> int:
+        """How often this message was delivered (parsed on demand: it is rarely needed)."""
+        return _deliveries(self.raw) if self.raw is not None else 1
 
 
 BatchHandler = Callable[[list[Envelope]], Awaitable[Sequence[Outcome] | None]]
@@ -263,18 +267,25 @@ class Runtime:
     async def process_batch(self, spec: ConsumerSpec, raws: list[Msg]) -> None:
         """Decode, handle and settle one batch. Never raises for a bad message."""
         envelopes: list[Envelope] = []
+        recording = exporting()
         for raw in raws:
-            deliveries = _deliveries(raw)
             headers = raw.headers or {}
             try:
                 message = spec.codec.decode(raw.data)
             except InvalidMessage as exc:
-                await self._settle(spec, raw, Reject(exc.code, str(exc)), deliveries)
+                await self._settle(spec, raw, Reject(exc.code, str(exc)), _deliveries(raw))
                 continue
             parent = extract(headers)
-            span = ensure_valid(self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER))
-            context = trace.set_span_in_context(span, parent)
-            envelopes.append(Envelope(message, raw.subject, headers, context, deliveries, raw, span))
+            if recording:
+                span = self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER)
+                context = trace.set_span_in_context(span, parent)
+            else:
+                # Nothing is recorded: carry the incoming context on as it is.
+                span = None
+                context = parent if trace.get_current_span(parent).get_span_context().is_valid else None
+                if context is None:
+                    context = trace.set_span_in_context(ensure_valid(trace.INVALID_SPAN))
+            envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
         if not envelopes:
             return
         try:
@@ -284,10 +295,15 @@ class Runtime:
                 log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
             outcomes = [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
         if outcomes is None:
-            outcomes = [ACK] * len(envelopes)
-        for env, outcome in zip(envelopes, outcomes, strict=True):
-            await self._settle(spec, env.raw, outcome, env.deliveries)
-            env.span.end()
+            for env in envelopes:
+                await env.raw.ack()
+                if env.span is not None:
+                    env.span.end()
+        else:
+            for env, outcome in zip(envelopes, outcomes, strict=True):
+                await self._settle(spec, env.raw, outcome, 1 if isinstance(outcome, Ack) else env.deliveries)
+                if env.span is not None:
+                    env.span.end()
         self.stats.handled += len(envelopes)
 
     async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
@@ -364,7 +380,7 @@ class Runtime:
             f"handle {spec.subject}", context=parent, kind=trace.SpanKind.SERVER
         ) as span:
             span = ensure_valid(span)
-            env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), 1, msg)
+            env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), msg)
             try:
                 reply = await spec.handle(env)
             except InvalidMessage as exc:
@@ -452,4 +468,18 @@ def run_service(main: Callable[[Settings], Awaitable[None]], service: str) -> No
 
     configure_logging(service, os.environ.get("JOBMESH_LOG_LEVEL", "INFO"))
     settings = Settings.from_env(service)
-    uvloop.run(main(settings))
+    profile_dir = os.environ.get("JOBMESH_PROFILE_DIR")
+    if not profile_dir:
+        uvloop.run(main(settings))
+        return
+    # Profile before guessing: JOBMESH_PROFILE_DIR=/tmp/prof writes <service>-<pid>.prof
+    # at a graceful stop, for `python -m pstats`.
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        uvloop.run(main(settings))
+    finally:
+        profiler.disable()
+        profiler.dump_stats(os.path.join(profile_dir, f"{service}-{os.getpid()}.prof"))

@@ -34,7 +34,9 @@ def setup_tracing(service: str, env: Mapping[str, str] | None = None) -> trace.T
     wants_export = exporter_name in ("otlp", "console") or (
         bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT")) and exporter_name != "none"
     )
+    global _exporting
     if wants_export and env.get("OTEL_SDK_DISABLED", "").lower() != "true":
+        _exporting = True
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -60,13 +62,47 @@ def shutdown_tracing() -> None:
         shutdown()
 
 
+# Like OTel's own global tracer provider, this is process-wide: set once at start-up.
+_exporting = False
+
+
+def exporting() -> bool:
+    """Whether spans are recorded and exported (an SDK provider is installed)."""
+    return _exporting
+
+
 def extract(headers: Mapping[str, str] | None) -> Context:
-    """The trace context carried by a message's headers (empty when there is none)."""
+    """The trace context carried by a message's headers (empty when there is none).
+
+    With exporting off, nothing is recorded, so the context only has to carry the incoming
+    ``traceparent`` on; reading it directly costs a fraction of the propagator's
+    validation, which matters at thousands of messages a second.
+    """
+    if not _exporting:
+        parent = (headers or {}).get("traceparent", "")
+        if len(parent) == 55 and parent[2] == "-" and parent[35] == "-" and parent[52] == "-":
+            try:
+                span_context = trace.SpanContext(
+                    trace_id=int(parent[3:35], 16),
+                    span_id=int(parent[36:52], 16),
+                    is_remote=True,
+                    trace_flags=trace.TraceFlags(int(parent[53:55], 16)),
+                )
+            except ValueError:
+                return otel_context.Context()
+            return trace.set_span_in_context(trace.NonRecordingSpan(span_context))
+        return otel_context.Context()
     return _extract(headers or {})
 
 
 def inject(headers: dict[str, str], ctx: Context | None) -> dict[str, str]:
     """Write ``traceparent``/``tracestate`` for ``ctx`` into ``headers`` and return them."""
+    if not _exporting:
+        if ctx is not None:
+            sc = trace.get_current_span(ctx).get_span_context()
+            if sc.is_valid:
+                headers["traceparent"] = f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+        return headers
     _inject(headers, context=ctx)
     return headers
 
