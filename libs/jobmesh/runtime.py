@@ -90,6 +90,7 @@ class ResponderSpec:
 @dataclass
 class _Stats:
     handled: int = 0
+    batches: int = 0
     dead_lettered: int = 0
     retried: int = 0
     last_error: str = ""
@@ -217,7 +218,10 @@ class Runtime:
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
         shutdown_tracing()
-        log.info("%s stopped", self.service)
+        log.info(
+            "%s stopped: %d messages in %d batches, %d retried, %d dead-lettered",
+            self.service, self.stats.handled, self.stats.batches, self.stats.retried, self.stats.dead_lettered,
+        )
 
     # --- consumers -----------------------------------------------------------------
     async def add_consumer(self, spec: ConsumerSpec) -> None:
@@ -305,6 +309,7 @@ class Runtime:
                 if env.span is not None:
                     env.span.end()
         self.stats.handled += len(envelopes)
+        self.stats.batches += 1
 
     async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
         if isinstance(outcome, Ack):
