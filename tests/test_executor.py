@@ -22,6 +22,7 @@ from nats.js.errors import KeyNotFoundError
 
 from jobmesh import subjects
 from jobmesh.messages.v1 import (
+    Resources,
     JobBound,
     JobFailed,
     JobSpec,
@@ -101,13 +102,13 @@ class Harness:
         return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
 
     async def dispatch(self, runtime, node_id: str = NODE, run_timeout: float = 60.0, msg_id: str | None = None,
-                       job_id: str | None = None, context=None) -> JobBound:
+                       job_id: str | None = None, context=None, disk_mb: int = 0) -> JobBound:
         bound = JobBound(
             job_id=job_id or f"j-{uuid.uuid4().hex[:12]}",
             attempt=1,
             partition=0,
             node_id=node_id,
-            spec=JobSpec(runtime=runtime, timeouts=Timeouts(run=run_timeout)),
+            spec=JobSpec(runtime=runtime, timeouts=Timeouts(run=run_timeout), resources=Resources(disk_mb=disk_mb)),
             scratch_dir="",
             submitted_at=time.time(),
             bound_at=time.time(),
@@ -234,6 +235,17 @@ async def test_run_timeout_kills_the_process_group(harness, executor):
             return True
 
     await eventually(gone, timeout=10, what=f"process {pid} to be gone")
+
+
+async def test_scratch_directory_over_its_disk_quota_fails_the_attempt(harness, executor):
+    bound = await harness.dispatch(
+        ProcessRuntime(argv=["sh", "-c", "head -c 3000000 /dev/zero > big; echo written; sleep 30"]), disk_mb=1
+    )
+    done = await harness.terminal(bound.job_id)
+    assert isinstance(done, JobFailed)
+    assert done.error.code == "disk_quota_exceeded" and "1 MiB disk quota" in done.error.message
+    within = await harness.dispatch(ProcessRuntime(argv=["sh", "-c", "head -c 100000 /dev/zero > small; sleep 1.5"]), disk_mb=1)
+    assert isinstance(await harness.terminal(within.job_id), JobSucceeded)
 
 
 async def test_missing_command_is_spawn_failed(harness, executor):

@@ -50,6 +50,8 @@ SPAWN_FAILED = "spawn_failed"
 WORKDIR_FAILED = "workdir_failed"
 NODE_DRAINED = "node_drained"
 EXECUTOR_ERROR = "executor_error"
+DISK_QUOTA = "disk_quota_exceeded"
+QUOTA_CHECK_SECONDS = 1.0  # how often a job's scratch directory is measured
 
 LineSink = Callable[[str, str], Awaitable[None]]
 
@@ -90,6 +92,26 @@ class Outcome:
     exit_code: int | None
     error: JobError | None
     output_tail: str = ""
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes held by regular files under ``path`` (links are not followed)."""
+    total = 0
+    stack = [path]
+    while stack:
+        try:
+            entries = list(os.scandir(stack.pop()))
+        except OSError:
+            continue  # removed while we looked: nothing to count
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+            except OSError:
+                continue
+    return total
 
 
 class AbortSignal:
@@ -441,7 +463,29 @@ class Attempt:
             job_vars["JOBMESH_SCRATCH_DIR"] = self.bound.scratch_dir
         env = self._runner.environment(runtime, workdir, job_vars)
         timeout = self.bound.spec.timeouts.run
-        return await self._runner.run(runtime, workdir, env, timeout, self._abort, self._publish_line)
+        quota_mb = self.bound.spec.resources.disk_mb
+        watchdog = asyncio.ensure_future(self._watch_quota(workdir, quota_mb)) if quota_mb else None
+        try:
+            return await self._runner.run(runtime, workdir, env, timeout, self._abort, self._publish_line)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+
+    async def _watch_quota(self, workdir: Path, quota_mb: int) -> None:
+        """Stop the attempt when its scratch directory outgrows the disk it reserved.
+
+        The binder reserved ``disk_mb`` on this node for the job; a job that writes more
+        would eat into other jobs' reservations, so it is stopped and fails with
+        ``disk_quota_exceeded``. Measured by walking the directory, so a burst between two
+        checks can overshoot briefly.
+        """
+        limit = quota_mb * 1024 * 1024
+        while True:
+            await asyncio.sleep(QUOTA_CHECK_SECONDS)
+            used = await asyncio.to_thread(directory_bytes, workdir)
+            if used > limit:
+                self.abort(DISK_QUOTA, f"used {used / 2**20:.1f} MiB of its {quota_mb} MiB disk quota")
+                return
 
     async def _publish_line(self, stream: str, line: str) -> None:
         self._log_seq += 1
