@@ -23,9 +23,10 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q -ra
 
-## bench: print throughput and latency figures (end-to-end and the raw JetStream baseline)
+## bench: print figures: end to end beside the raw JetStream baseline, then the scheduler alone
 bench: $(STAMP)
 	$(BIN)/python -m jobmesh.bench
+	$(BIN)/python -m jobmesh.scheduler.bench
 
 ## schemas: regenerate schemas/ from the message types
 schemas: $(STAMP)
