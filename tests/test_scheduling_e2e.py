@@ -195,3 +195,15 @@ async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sc
         await client.submit([Submission(spec=JobSpec(runtime=NoopRuntime())),
                              Submission(spec=JobSpec(runtime=NoopRuntime(), constraints=Constraints(labels={"a=b": "c"})))])
     assert await submitted_count() == before, "a rejected submit published a job"
+
+
+async def test_queue_timeout_expires_a_job_that_never_started(sched_cluster, nats_server):
+    result = jobmesh_cli(
+        ["run", "--queue-timeout", "1", "--gpu", "1", "--gpu-kind", "tpu-v9", "--", "true"], nats_server.url
+    )
+    assert result.returncode == 3, result.stderr
+    assert "expired" in result.stderr
+    job_id = result.stderr.split("job ", 1)[1].split()[0]
+    status = _status(nats_server.url, job_id)
+    assert status["state"] == "expired"
+    assert "queue timeout of 1s" in status["reason"] and "no node with gpu kind tpu-v9" in status["reason"]
