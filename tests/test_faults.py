@@ -1,0 +1,106 @@
+"""Fault tests that kill real processes mid-flow: every accepted job still ends exactly once."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from jobmesh.client import Client
+from jobmesh.cluster import LocalCluster
+from jobmesh.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
+from jobmesh.servers import NatsServer
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+NODE_ENV = {"JOBMESH_NODE_ID": "fault-node", "JOBMESH_NODE_CPU_MILLI": "100000000",
+            "JOBMESH_NODE_MEMORY_MB": "100000000", "JOBMESH_LOG_LEVEL": "WARNING"}
+
+
+async def _count(conn, sql: str) -> int:
+    return await conn.fetchval(sql)
+
+
+async def _submit(url: str, n: int, spec: JobSpec) -> list[str]:
+    client = await Client.connect(url, timeout=30)
+    try:
+        ids: list[str] = []
+        for _ in range(n // 250):
+            ids.extend((await client.submit([Submission(spec=spec) for _ in range(250)])).job_ids)
+        return ids
+    finally:
+        await client.close()
+
+
+async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database_url, work_dir):
+    cluster = LocalCluster(nats_server.url, database_url, work_dir / "faults", env=NODE_ENV)
+    cluster.start()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await cluster.wait_healthy()
+        spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
+        ids = await _submit(nats_server.url, 3000, spec)
+
+        async def some_done():
+            return await _count(conn, "SELECT count(*) FROM tracker.jobs WHERE state = 'succeeded'") >= 300
+
+        await eventually(some_done, timeout=60, what="the first jobs to finish")
+        for name in ("binder", "executor", "tracker"):
+            cluster.kill(name)  # SIGKILL: no drain, whatever was in hand is unacked
+        for name in ("binder", "executor", "tracker"):
+            cluster.start_service(name, tag="-restarted")
+        await cluster.wait_healthy(("binder", "executor", "tracker"))
+
+        async def all_done():
+            return await _count(conn, "SELECT count(*) FROM tracker.jobs WHERE state = 'succeeded'") == len(ids)
+
+        await eventually(all_done, timeout=120, what="every job to succeed after the restarts")
+        # Exactly one attempt per job, and every reservation given back.
+        assert await _count(conn, "SELECT count(*) FROM tracker.attempts") == len(ids)
+        assert await _count(conn, "SELECT count(*) FROM tracker.events WHERE kind = 'started'") == len(ids)
+        client = await Client.connect(nats_server.url)
+        try:
+            async def released():
+                return all(v.reservations == 0 for v in (await client.nodes()).nodes)
+
+            await eventually(released, timeout=30, what="every reservation to be released")
+        finally:
+            await client.close()
+        cluster.check_alive()
+    finally:
+        await conn.close()
+        cluster.stop()
+
+
+async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, database_url):
+    store = tmp_path_factory.mktemp("nats-fault")
+    server = NatsServer(store, log_file=store / "nats.log").start()
+    cluster = LocalCluster(server.url, database_url, tmp_path_factory.mktemp("work-fault"),
+                           env={**NODE_ENV, "JOBMESH_NODE_ID": "nats-fault-node"})
+    cluster.start()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await cluster.wait_healthy()
+        # Processes that take a while, so the outage hits running, bound and queued jobs.
+        spec = JobSpec(runtime=ProcessRuntime(argv=["sh", "-c", "sleep 0.2"]), resources=Resources(cpu_milli=1, memory_mb=0))
+        ids = await _submit(server.url, 500, spec)
+
+        async def some_done():
+            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
+            return n >= 50
+
+        await eventually(some_done, timeout=60, what="the first jobs to finish")
+        server.stop(kill=True)  # SIGKILL the only NATS server
+        server = NatsServer(store, port=server.port, log_file=store / "nats.log").start()
+
+        async def all_done():
+            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
+            return n == len(ids)
+
+        await eventually(all_done, timeout=120, what="every job to succeed after the NATS restart")
+        assert await conn.fetchval("SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids) == len(ids)
+        cluster.check_alive()
+    finally:
+        await conn.close()
+        cluster.stop()
+        server.stop()
