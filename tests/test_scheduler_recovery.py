@@ -90,3 +90,22 @@ async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nat
     finally:
         await nc.close()
         cluster.stop()
+
+
+async def test_finished_jobs_are_pruned_after_the_retention(database_url):
+    from jobmesh.db import connect_pool
+    from jobmesh.scheduler import store
+
+    pool = await connect_pool(database_url, "scheduler", store.DDL)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute(
+                "INSERT INTO backlog (job_id, partition, queue, tenant, priority, state, submitted, submitted_at, updated_at)"
+                " VALUES ('old', 3, 'q', 't', 5, 'done', '\\x7b7d', 0, 100), ('new', 3, 'q', 't', 5, 'done', '\\x7b7d', 0, 900),"
+                " ('live', 3, 'q', 't', 5, 'pending', '\\x7b7d', 0, 100)"
+            )
+        assert await store.prune_done(pool, 3, older_than=500) == 1
+        left = {r["job_id"] for r in await pool.fetch("SELECT job_id FROM backlog WHERE partition = 3")}
+        assert left == {"new", "live"}
+    finally:
+        await pool.close()

@@ -51,6 +51,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Scheduler: a partition's owner renews its lease every third of this; a standby takes
     # the partition over at most this long after the owner stopped renewing.
     lease_ttl_seconds: float = 6.0
+    # Scheduler: finished jobs are remembered this long, so a submit redelivered after its
+    # job ended is not run again (JetStream's duplicate window covers only two minutes).
+    done_retention_seconds: float = 86_400.0
     # Binder: within the best locality tier, "spread" prefers the node with most free
     # capacity, "pack" the one with least that still fits.
     placement: str = "spread"

@@ -192,6 +192,19 @@ class PartitionScheduler:
                 self._dirty = True
                 await asyncio.sleep(1.0)
 
+    async def run_pruner(self, retention: float, every: float = 60.0) -> None:
+        """Forget finished jobs once ``retention`` seconds have passed (a background task)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                while await store.prune_done(self._pool, self.partition, self._clock() - retention) > 0:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except (OSError, asyncpg.PostgresError):
+                # Nothing depends on pruning promptly: try again at the next round.
+                log.warning("partition %d: pruning finished jobs failed; will retry", self.partition, exc_info=True)
+
     async def _decide(self, conn: asyncpg.Connection, now: float) -> bool:
         """Plan, publish and record one round. Returns True if the round hit its limit."""
         placement = self._placements.current()

@@ -7,6 +7,7 @@ events), its planner and its explain responder; a standby only beats for leases.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from jobmesh import subjects
@@ -50,13 +51,15 @@ async def service_main(settings: Settings) -> None:
     await config.wait_ready()
     placements = Placements(nodes, config)
     codec = Codec(LifecycleEvent, settings.max_message_bytes)
-    planners: dict[int, object] = {}
+    planners: dict[int, asyncio.Task] = {}
+    pruners: dict[int, asyncio.Task] = {}
 
     async def gained(number: int) -> None:
         part = PartitionScheduler(number, pool, rt.publisher, placements, config)
         await part.load()
         owned[number] = part
         planners[number] = rt.spawn(part.run_planner(), f"planner-{number}")
+        pruners[number] = rt.spawn(part.run_pruner(settings.done_retention_seconds), f"pruner-{number}")
         await rt.add_responder(
             ResponderSpec(subjects.scheduler_explain(number), Codec(ExplainRequest), _explain(part), queue=f"scheduler-p{number}")
         )
@@ -74,9 +77,10 @@ async def service_main(settings: Settings) -> None:
     async def lost(number: int) -> None:
         await rt.remove_consumer(subjects.durable("scheduler", f"p{number}"))
         await rt.remove_responder(subjects.scheduler_explain(number))
-        task = planners.pop(number, None)
-        if task is not None:
-            task.cancel()
+        for tasks in (planners, pruners):
+            task = tasks.pop(number, None)
+            if task is not None:
+                task.cancel()
         owned.pop(number, None)
 
     leases = Leases(rt.js, settings.instance, settings.partitions, settings.lease_ttl_seconds, gained, lost)

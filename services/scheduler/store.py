@@ -28,6 +28,7 @@ CREATE TABLE IF NOT EXISTS backlog (
     updated_at   double precision NOT NULL
 );
 CREATE INDEX IF NOT EXISTS backlog_active ON backlog (partition, seq) WHERE state <> 'done';
+CREATE INDEX IF NOT EXISTS backlog_done ON backlog (partition, updated_at) WHERE state = 'done';
 """
 
 
@@ -101,3 +102,23 @@ async def load_active(pool: asyncpg.Pool, partition: int) -> list[asyncpg.Record
         " WHERE partition = $1 AND state <> 'done' ORDER BY seq",
         partition,
     )
+
+
+async def prune_done(pool: asyncpg.Pool, partition: int, older_than: float, limit: int = 10_000) -> int:
+    """Delete up to ``limit`` finished jobs of ``partition`` last touched before ``older_than``.
+
+    Finished rows are kept for a while so that a JobSubmitted redelivered after its job
+    ended (beyond JetStream's duplicate window) is still recognised and not run again.
+    """
+    result = await pool.execute(
+        """
+        DELETE FROM backlog WHERE job_id IN (
+            SELECT job_id FROM backlog
+             WHERE partition = $1 AND state = 'done' AND updated_at < $2
+             LIMIT $3)
+        """,
+        partition,
+        older_than,
+        limit,
+    )
+    return int(result.split()[-1])
