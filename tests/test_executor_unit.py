@@ -185,7 +185,7 @@ class FakePublisher:
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:
-            await asyncio.sleep(self.delay)
+            await asyncio.sleep(self.delay)  # noqa: sleep - simulates a slow publisher
         if self.failures:
             self.failures -= 1
             raise self.error
@@ -231,7 +231,7 @@ async def test_reporter_collects_while_a_flush_is_in_flight():
     reporter.start()
     try:
         first = reporter.emit([outgoing(0)])
-        await asyncio.sleep(0)  # the flusher takes item 0 and blocks on the gate
+        await asyncio.sleep(0)  # noqa: sleep - the flusher takes item 0 and blocks on the gate
         later = [reporter.emit([outgoing(i)]) for i in range(1, 6)]
         publisher.gate.set()
         await asyncio.gather(first, *later)
@@ -247,7 +247,7 @@ async def test_reporter_retries_without_losing_or_reordering(error):
     reporter.start()
     try:
         durable = reporter.emit([outgoing(i) for i in range(25)])
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # noqa: sleep - one loop turn, then a negative check
         assert not durable.done()
         await asyncio.wait_for(durable, 2)
         assert publisher.messages == list(range(25))
@@ -280,11 +280,11 @@ async def test_reporter_holds_back_log_lines_when_the_backlog_is_full():
     reporter.start()
     try:
         await reporter.emit_log(outgoing(0))
-        await asyncio.sleep(0.01)  # the flusher takes it and waits on the gate
+        await asyncio.sleep(0.01)  # noqa: sleep - the flusher takes it and waits on the gate
         for i in range(1, 5):  # fills the backlog
             await asyncio.wait_for(reporter.emit_log(outgoing(i)), 1)
         blocked = asyncio.ensure_future(reporter.emit_log(outgoing(5)))
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # noqa: sleep - a negative check needs time to be wrong in
         assert not blocked.done()
         publisher.gate.set()
         await asyncio.wait_for(blocked, 1)
@@ -368,7 +368,7 @@ async def test_slow_hand_over_after_exit_loses_no_lines(tmp_path):
     seen = []
 
     async def slow(stream, line):  # a reporter that is out of room
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # noqa: sleep - simulates a reporter out of room
         seen.append(line)
 
     env = runner.environment(runtime, tmp_path, {})
@@ -406,7 +406,7 @@ async def test_timeout_kills_a_process_that_ignores_sigterm(tmp_path):
 async def test_abort_stops_the_process_with_its_reason(tmp_path):
     abort = AbortSignal()
     task = asyncio.ensure_future(run_process(["sleep", "30"], tmp_path, abort=abort))
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.05)  # noqa: sleep - lets the process start; abort works at any moment
     abort.set("node_drained", "bye")
     outcome, _ = await asyncio.wait_for(task, 5)
     assert outcome.error.code == "node_drained" and outcome.error.message == "bye"

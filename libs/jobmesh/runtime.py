@@ -25,7 +25,7 @@ from jobmesh import subjects
 from jobmesh.codec import Codec, encode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.messages.v1 import DeadLetter, ErrorReply, HealthReply
-from jobmesh.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
+from jobmesh.outcomes import Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
