@@ -133,3 +133,60 @@ async def _keys(kv, n: int) -> bool:
         return len(await kv.keys()) >= n
     except Exception:  # noqa: BLE001 - nats-py raises when the bucket is still empty
         return False
+
+
+async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, work_dir):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await provision(js)
+    nodes_kv = await js.key_value(subjects.KV_NODES)
+    for i in range(3):
+        node = NodeInfo(node_id=f"redo-{i}", cpu_milli=1000, memory_mb=1024, heartbeat_at=time.time() + 600)
+        await nodes_kv.put(node.node_id, encode(node))
+    cluster = LocalCluster(nats_server.url, "postgresql://unused", work_dir / "redo")
+    cluster.start_service("binder")
+    try:
+        await cluster.wait_healthy(("binder",))
+        bound: list[str] = []
+
+        async def on_bound(msg) -> None:
+            m = msgspec.json.decode(msg.data, type=JobBound)
+            if m.job_id == "redo-job":
+                bound.append(m.node_id)
+
+        await nc.subscribe(subjects.DISPATCH_ALL, cb=on_bound)
+        spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=100, memory_mb=1))
+        publisher = Publisher(js)
+        first = JobReady(job_id="redo-job", attempt=1, partition=0, spec=spec, candidates=["redo-0", "redo-1", "redo-2"],
+                         submitted_at=0.0, ready_at=0.0)
+        await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), first, "redo:1")])
+        await eventually(lambda: _async(len(bound) == 1), what="the first binding")
+        # The same attempt again, now preferring other nodes (as a re-plan might).
+        again = msgspec.structs.replace(first, candidates=["redo-2", "redo-1", "redo-0"])
+        await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), again, "redo:2")])
+        alloc_kv = await js.key_value(subjects.KV_ALLOC)
+
+        async def reservations() -> int:
+            count = 0
+            for i in range(3):
+                try:
+                    count += len(msgspec.json.decode((await alloc_kv.get(f"redo-{i}")).value, type=Allocation).reservations)
+                except Exception:  # noqa: BLE001 - no record for that node
+                    pass
+            return count
+
+        stats_before = await js.stream_info(subjects.STREAM_JOBS)
+        await eventually(lambda: _ready_acked(js, stats_before), what="the second JobReady to be handled")
+        assert await reservations() == 1  # no second reservation elsewhere
+    finally:
+        cluster.stop()
+        await nc.close()
+
+
+async def _async(value):
+    return value
+
+
+async def _ready_acked(js, _info) -> bool:
+    info = await js.consumer_info(subjects.STREAM_JOBS, "binder-ready")
+    return info.num_ack_pending == 0 and info.num_pending == 0

@@ -34,6 +34,7 @@ class Allocations:
         self._js = js
         self._kv: KeyValue | None = None
         self.records: dict[str, tuple[Allocation, int]] = {}
+        self._holder: dict[str, str] = {}  # reservation key -> node holding it
         self._ready = asyncio.Event()
 
     async def open(self) -> None:
@@ -42,9 +43,24 @@ class Allocations:
     def snapshot(self) -> dict[str, Allocation]:
         return {node: alloc for node, (alloc, _) in self.records.items()}
 
-    def _store(self, node_id: str, alloc: Allocation, revision: int) -> None:
+    def holder(self, key: str) -> str | None:
+        """The node that holds reservation ``key`` (``job_id:attempt``), as far as we know."""
+        return self._holder.get(key)
+
+    def _store(self, node_id: str, alloc: Allocation | None, revision: int) -> None:
         current = self.records.get(node_id)
-        if current is None or revision > current[1]:
+        if current is not None and revision <= current[1]:
+            return
+        old_keys = current[0].reservations.keys() if current is not None else set()
+        new_keys = alloc.reservations.keys() if alloc is not None else set()
+        for key in old_keys - new_keys:
+            if self._holder.get(key) == node_id:
+                del self._holder[key]
+        for key in new_keys - old_keys:
+            self._holder[key] = node_id
+        if alloc is None:
+            self.records.pop(node_id, None)
+        else:
             self.records[node_id] = (alloc, revision)
 
     async def watch(self) -> None:
@@ -56,7 +72,7 @@ class Allocations:
                 self._ready.set()
                 continue
             if entry.operation in ("DEL", "PURGE"):
-                self.records.pop(entry.key, None)
+                self._store(entry.key, None, entry.revision)
                 continue
             try:
                 self._store(entry.key, _decoder.decode(entry.value), entry.revision)
@@ -72,7 +88,8 @@ class Allocations:
         try:
             entry = await self._kv.get(node_id)
         except KeyNotFoundError:
-            self.records.pop(node_id, None)
+            current = self.records.get(node_id)
+            self._store(node_id, None, (current[1] + 1) if current else 1)
             return
         if entry.value:
             self._store(node_id, _decoder.decode(entry.value), entry.revision)

@@ -62,11 +62,21 @@ class Binder:
             key = reservation_key(job.job_id, job.attempt)
             if key not in by_key or by_key[key].message.release < job.release:
                 by_key[key] = env
-        remaining = [env.message for env in by_key.values()]
         nodes = {n.node_id: n for n in self._nodes.alive()}
         skip: dict[str, set[str]] = {}
         bound: list[tuple[JobReady, str, str, bool]] = []  # job, node, scratch, newly reserved
         refused: list[tuple[JobReady, str]] = []
+        remaining = []
+        for key, env in by_key.items():
+            # A redelivered JobReady whose attempt already holds a reservation (the JobBound
+            # publish failed, or we crashed before acking) goes back to that node: planning
+            # it afresh could reserve a second node and leak the first reservation.
+            holder = self._allocs.holder(key)
+            if holder is not None:
+                alloc = self._allocs.records[holder][0]
+                bound.append((env.message, holder, alloc.reservations[key].scratch_dir, False))
+            else:
+                remaining.append(env.message)
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break
