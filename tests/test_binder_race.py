@@ -16,7 +16,8 @@ from jobmesh.binder.allocation import overbooked
 from jobmesh.cluster import LocalCluster
 from jobmesh.codec import encode
 from jobmesh.messages.v1 import (
-    Allocation, JobBound, JobReady, JobSpec, JobSucceeded, JobUnplaceable, NodeInfo, NoopRuntime, Resources,
+    Allocation, JobBound, JobReady, JobSpec, JobSucceeded, JobUnplaceable, NodeInfo, NoopRuntime, Reservation,
+    Resources,
 )
 from jobmesh.provisioning import provision
 from jobmesh.publisher import Outgoing, Publisher
@@ -157,15 +158,18 @@ async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, wor
         await nc.subscribe(subjects.DISPATCH_ALL, cb=on_bound)
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=100, memory_mb=1))
         publisher = Publisher(js)
-        first = JobReady(job_id="redo-job", attempt=1, partition=0, spec=spec, candidates=["redo-0", "redo-1", "redo-2"],
-                         submitted_at=0.0, ready_at=0.0)
-        await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), first, "redo:1")])
-        await eventually(lambda: _async(len(bound) == 1), what="the first binding")
-        # The same attempt again, now preferring other nodes (as a re-plan might).
-        again = msgspec.structs.replace(first, candidates=["redo-2", "redo-1", "redo-0"])
-        await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), again, "redo:2")])
+        # As if a binder reserved on redo-0 and died before its JobBound went out.
         alloc_kv = await js.key_value(subjects.KV_ALLOC)
-
+        held = Allocation(node_id="redo-0", reservations={
+            "redo-job:1": Reservation(resources=spec.resources, scratch_dir="/scratch/redo-job-1", at=time.time())
+        })
+        await alloc_kv.put("redo-0", encode(held))
+        # The redelivered JobReady prefers other nodes, as a re-plan might.
+        again = JobReady(job_id="redo-job", attempt=1, partition=0, spec=spec, candidates=["redo-2", "redo-1", "redo-0"],
+                         submitted_at=0.0, ready_at=0.0)
+        await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), again, "redo:2")])
+        await eventually(lambda: _async(len(bound) == 1), what="the binding")
+        assert bound == ["redo-0"]
         async def reservations() -> int:
             count = 0
             for i in range(3):
