@@ -6,7 +6,7 @@ import pytest
 
 from jobmesh import subjects
 from jobmesh.codec import Codec, encode
-from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage
+from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage, Unavailable
 from jobmesh.ids import job_id_for
 from jobmesh.messages.v1 import JobSpec, LifecycleEvent, NoopRuntime, ProcessRuntime, Resources, SubmitRequest, Submission
 from jobmesh.outcomes import Reject, Retry, backoff, fate_for
@@ -48,6 +48,8 @@ def test_fate_for_maps_errors_in_one_place():
     assert isinstance(fate_for(RuntimeError("boom"), 2, 5), Retry)
     last = fate_for(RuntimeError("boom"), 5, 5)
     assert isinstance(last, Reject) and "gave up after 5 deliveries" in last.reason
+    # An outage is retried however long it lasts: the message is fine, the world is not.
+    assert isinstance(fate_for(Unavailable("postgres is down"), 500, 5), Retry)
     assert backoff(1) < backoff(3) <= 30.0 and backoff(50) == 30.0
 
 

@@ -48,17 +48,21 @@ def fate_for(exc: BaseException, deliveries: int, max_deliver: int) -> Outcome:
     Args:
         exc: what the handler raised.
         deliveries: how many times this message has been delivered, this time included.
-        max_deliver: the consumer's delivery limit; the last try is rejected, not retried,
-            so the message lands in the dead letters instead of vanishing.
+        max_deliver: how often an unexpected exception (a bug) may recur before the message
+            is rejected and recorded as a dead letter, instead of looping forever.
 
     Returns:
-        ``Retry`` for retryable errors and unexpected exceptions, ``Reject`` for permanent
-        errors and for the last allowed delivery.
+        ``Retry`` for retryable errors (always: outages end) and for unexpected exceptions
+        below ``max_deliver``; ``Reject`` for permanent errors and for an unexpected
+        exception on its last allowed delivery.
     """
     if isinstance(exc, JobmeshError) and not exc.retryable:
         return Reject(exc.code, str(exc))
-    code = exc.code if isinstance(exc, JobmeshError) else "handler_error"
     reason = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, JobmeshError):
+        # A known transient condition (NATS or Postgres away, a lost race): the message is
+        # fine, so it waits for as long as the outage lasts instead of becoming a dead letter.
+        return Retry(backoff(deliveries), reason)
     if deliveries >= max_deliver:
-        return Reject(code, f"gave up after {deliveries} deliveries: {reason}")
+        return Reject("handler_error", f"gave up after {deliveries} deliveries: {reason}")
     return Retry(backoff(deliveries), reason)

@@ -125,7 +125,6 @@ def consumer_config(
     filter_subjects: list[str],
     *,
     ack_wait: float,
-    max_deliver: int,
     max_ack_pending: int,
     deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
 ) -> ConsumerConfig:
@@ -135,7 +134,9 @@ def consumer_config(
         deliver_policy=deliver_policy,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=ack_wait,
-        max_deliver=max_deliver,
+        # The server never gives up on a message: the runtime decides when to (fate_for),
+        # so a long outage delays work instead of dropping it.
+        max_deliver=-1,
         max_ack_pending=max_ack_pending,
         max_waiting=512,
         filter_subject=filter_subjects[0] if len(filter_subjects) == 1 else None,

@@ -71,7 +71,7 @@ class ConsumerSpec:
     handle: BatchHandler
     span_name: str
     ack_wait: float = 30.0
-    max_deliver: int = 20
+    max_deliver: int = 20  # unexpected exceptions tolerated before a dead letter (fate_for)
     max_ack_pending: int = 20_000
     batch_size: int | None = None
 
@@ -233,7 +233,6 @@ class Runtime:
                 spec.durable,
                 list(spec.filter_subjects),
                 ack_wait=spec.ack_wait,
-                max_deliver=spec.max_deliver,
                 max_ack_pending=spec.max_ack_pending,
             ),
         )
