@@ -430,13 +430,22 @@ async def cmd_health(args: argparse.Namespace) -> int:
 
 async def cmd_provision(args: argparse.Namespace) -> int:
     from jobmesh.provisioning import provision
+    from jobmesh.settings import Settings
 
+    # The same JOBMESH_* variables the services read: bucket TTLs are fixed at creation.
+    settings = Settings.from_env("provision")
     client = await Client.connect()
     try:
-        await provision(client.nc.jetstream())
+        await provision(
+            client.nc.jetstream(),
+            node_ttl=settings.node_ttl_seconds,
+            lease_ttl=settings.lease_ttl_seconds,
+            update=True,
+            replicas=settings.stream_replicas,
+        )
     finally:
         await client.close()
-    err("streams and buckets are provisioned")
+    err("streams and buckets are provisioned (existing streams updated to the current limits)")
     return EXIT_OK
 
 

@@ -76,15 +76,26 @@ def stream_config(name: str) -> StreamConfig:
     )
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create ``config``'s stream, or bring an existing one to that configuration."""
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = False) -> None:
+    """Create ``config``'s stream if it is missing.
+
+    Args:
+        js: the JetStream context.
+        config: the stream's configuration.
+        update: also bring an existing stream to ``config``'s limits (``jobmesh provision``).
+            Services start with ``update=False`` so that what an operator changed by hand
+            stays; an update keeps the existing replica count for the same reason.
+    """
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         log.info("created stream %s", config.name)
         return
-    await js.update_stream(config)
+    if update:
+        config.num_replicas = info.config.num_replicas or config.num_replicas
+        await js.update_stream(config)
+        log.info("updated stream %s", config.name)
 
 
 async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: float) -> None:
@@ -104,16 +115,22 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: fl
         log.info("created bucket %s", bucket)
 
 
-async def provision(js: JetStreamContext, node_ttl: float = 10.0, lease_ttl: float = 10.0) -> None:
-    """Create or update every stream and bucket jobmesh needs. Safe to run any time.
+async def provision(
+    js: JetStreamContext, node_ttl: float = 10.0, lease_ttl: float = 6.0, update: bool = False, replicas: int = 1
+) -> None:
+    """Create every stream and bucket jobmesh needs that is missing. Safe to run any time.
 
     Args:
         js: the JetStream context.
-        node_ttl: seconds a node record lives without a heartbeat.
-        lease_ttl: seconds a scheduler partition lease lives without renewal.
+        node_ttl: seconds a node record lives without a heartbeat (set at bucket creation).
+        lease_ttl: seconds a scheduler partition lease lives without renewal (likewise).
+        update: also apply today's limits to existing streams (see ``ensure_stream``).
+        replicas: stream replicas at creation (3 on a NATS cluster).
     """
     for name in STREAMS:
-        await ensure_stream(js, stream_config(name))
+        config = stream_config(name)
+        config.num_replicas = replicas
+        await ensure_stream(js, config, update=update)
     for bucket, (history, ttl) in BUCKETS.items():
         await ensure_bucket(js, bucket, history, ttl)
     await ensure_bucket(js, subjects.KV_NODES, 1, node_ttl)

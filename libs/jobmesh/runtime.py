@@ -141,7 +141,12 @@ class Runtime:
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         self.js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
         self.publisher = Publisher(self.js)
-        await provision(self.js, node_ttl=self.settings.node_ttl_seconds, lease_ttl=self.settings.lease_ttl_seconds)
+        await provision(
+            self.js,
+            node_ttl=self.settings.node_ttl_seconds,
+            lease_ttl=self.settings.lease_ttl_seconds,
+            replicas=self.settings.stream_replicas,
+        )
 
     def add_health_check(self, check: Callable[[], str | None]) -> None:
         """Register a check returning a problem description, or None when healthy."""
@@ -470,9 +475,9 @@ def run_service(main: Callable[[Settings], Awaitable[None]], service: str) -> No
 
     import uvloop
 
-    configure_logging(service, os.environ.get("JOBMESH_LOG_LEVEL", "INFO"))
     settings = Settings.from_env(service)
-    profile_dir = os.environ.get("JOBMESH_PROFILE_DIR")
+    configure_logging(service, settings.log_level)
+    profile_dir = settings.profile_dir
     if not profile_dir:
         uvloop.run(main(settings))
         return

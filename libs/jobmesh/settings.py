@@ -48,8 +48,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     work_dir: str = ""
     heartbeat_seconds: float = 2.0
     node_ttl_seconds: float = 10.0
-    # Scheduler: a partition's owner renews its lease every third of this; a standby takes
-    # the partition over at most this long after the owner stopped renewing.
+    # Scheduler: every instance beats six times per lease TTL; a standby takes a partition
+    # over at most this long (plus a beat) after its owner's last renewal.
     lease_ttl_seconds: float = 6.0
     # Scheduler: finished jobs are remembered this long, so a submit redelivered after its
     # job ended is not run again (JetStream's duplicate window covers only two minutes).
@@ -57,6 +57,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Binder: within the best locality tier, "spread" prefers the node with most free
     # capacity, "pack" the one with least that still fits.
     placement: str = "spread"
+    # Replicas of each stream when it is first created (3 on a NATS cluster).
+    stream_replicas: int = 1
+    log_level: str = "INFO"
+    # When set, a service writes a cProfile dump <service>-<pid>.prof here at a graceful stop.
+    profile_dir: str = ""
 
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> "Settings":
@@ -88,6 +93,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise InvalidSpec("JOBMESH_PARTITIONS must be >= 1", field="partitions")
         if settings.placement not in ("spread", "pack"):
             raise InvalidSpec("JOBMESH_PLACEMENT must be spread or pack", field="placement")
+        if settings.stream_replicas not in (1, 3, 5):
+            raise InvalidSpec("JOBMESH_STREAM_REPLICAS must be 1, 3 or 5", field="stream_replicas")
         if settings.batch_size < 1:
             raise InvalidSpec("JOBMESH_BATCH_SIZE must be >= 1", field="batch_size")
         return settings
