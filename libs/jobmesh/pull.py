@@ -51,7 +51,15 @@ class PullConsumer:
         await self._top_up()
 
     async def close(self) -> None:
+        """Stop pulling, and give back what was pulled but not handed over yet, so another
+        replica (or the next owner of a partition) gets it now rather than after ack_wait."""
         self._closed = True
+        while not self._queue.empty():
+            msg = self._queue.get_nowait()
+            try:
+                await msg.nak()
+            except Exception:  # noqa: BLE001 - connection gone: ack_wait will redeliver it
+                break
         if self._sub is not None:
             try:
                 await self._sub.unsubscribe()

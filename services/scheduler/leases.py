@@ -15,8 +15,9 @@ import logging
 import time
 from typing import Awaitable, Callable
 
+import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, APIError
+from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
 from jobmesh import subjects
 
@@ -51,6 +52,7 @@ class Leases:
         self._gained = gained
         self._lost = lost
         self.owned: dict[int, int] = {}  # partition -> revision of our lease record
+        self._renewed: dict[int, float] = {}  # partition -> monotonic time of the last renewal
         self.last_beat = 0.0
 
     async def run(self) -> None:
@@ -64,29 +66,45 @@ class Leases:
             self._ttl = actual
         while True:
             for partition in range(self._partitions):
-                key = subjects.lease_key(partition)
-                if partition in self.owned:
-                    try:
-                        self.owned[partition] = await kv.update(key, self._instance, last=self.owned[partition])
-                    except (KeyWrongLastSequenceError, KeyNotFoundError, APIError):
-                        log.warning("lost the lease of partition %d", partition)
-                        del self.owned[partition]
-                        await self._lost(partition)
-                else:
-                    try:
-                        revision = await kv.create(key, self._instance)
-                    except (KeyWrongLastSequenceError, APIError):
-                        continue  # another instance owns it
-                    self.owned[partition] = revision
-                    log.info("took the lease of partition %d", partition)
-                    try:
-                        await self._gained(partition)
-                    except Exception:
-                        # Could not start serving it: give it back for someone else.
-                        log.exception("could not take over partition %d; releasing its lease", partition)
-                        await self._drop(kv, partition)
+                await self._beat(kv, partition)
             self.last_beat = time.monotonic()
             await asyncio.sleep(self._ttl / 6)
+
+    async def _beat(self, kv, partition: int) -> None:
+        key = subjects.lease_key(partition)
+        now = time.monotonic()
+        if partition in self.owned:
+            try:
+                self.owned[partition] = await kv.update(key, self._instance, last=self.owned[partition])
+                self._renewed[partition] = now
+                return
+            except (KeyWrongLastSequenceError, KeyNotFoundError):
+                log.warning("lost the lease of partition %d to another instance", partition)
+            except (APIError, nats.errors.Error, asyncio.TimeoutError):
+                # Cannot tell whether the lease still holds. Keep serving while it surely
+                # does; once it may have expired, stop, because a standby may own it now.
+                if now - self._renewed.get(partition, now) < self._ttl * 0.8:
+                    log.warning("could not renew the lease of partition %d; will retry", partition, exc_info=True)
+                    return
+                log.warning("could not renew the lease of partition %d in time; letting it go", partition)
+            del self.owned[partition]
+            self._renewed.pop(partition, None)
+            await self._lost(partition)
+            return
+        try:
+            revision = await kv.create(key, self._instance)
+        except (KeyWrongLastSequenceError, APIError, nats.errors.Error, asyncio.TimeoutError):
+            return  # another instance owns it, or NATS is away: try at the next beat
+        self.owned[partition] = revision
+        self._renewed[partition] = now
+        log.info("took the lease of partition %d", partition)
+        try:
+            await self._gained(partition)
+        except Exception:
+            # Could not start serving it (Postgres down?): give it back for someone else.
+            log.exception("could not take over partition %d; releasing its lease", partition)
+            await self._lost(partition)
+            await self._drop(kv, partition)
 
     async def release_all(self) -> None:
         """Delete our leases (graceful stop) so a standby takes over without waiting."""
@@ -96,10 +114,11 @@ class Leases:
 
     async def _drop(self, kv, partition: int) -> None:
         revision = self.owned.pop(partition, None)
+        self._renewed.pop(partition, None)
         try:
             await kv.delete(subjects.lease_key(partition), last=revision)
-        except (KeyWrongLastSequenceError, KeyNotFoundError, APIError):
-            pass  # already someone else's or gone: nothing to give back
+        except (KeyWrongLastSequenceError, KeyNotFoundError, APIError, nats.errors.Error, asyncio.TimeoutError):
+            pass  # already someone else's, gone, or NATS away: the TTL will free it
 
     def healthy(self) -> str | None:
         """A problem when lease beats stopped (NATS unreachable for longer than a beat)."""

@@ -75,6 +75,7 @@ async def service_main(settings: Settings) -> None:
         )
 
     async def lost(number: int) -> None:
+        # Also called after a take-over failed half way: every step tolerates "not there".
         await rt.remove_consumer(subjects.durable("scheduler", f"p{number}"))
         await rt.remove_responder(subjects.scheduler_explain(number))
         for tasks in (planners, pruners):
