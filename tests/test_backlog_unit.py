@@ -199,3 +199,16 @@ def test_stats_count_per_queue_and_tenant():
     stats = b.stats()["default"]
     assert stats["pending"] == 2 and stats["tenants"] == {"t1": 1, "t2": 1}
     assert stats["waiting"] == {"ready": 1, "timer": 1}
+
+
+def test_an_unrelated_config_change_grants_no_fresh_burst():
+    configs = {"q": QueueConfig(rate=1, burst=2)}
+    b = Backlog(queue_config=lambda name: configs.get(name, QueueConfig()))
+    for i in range(5):
+        b.add(job(f"j{i}", queue="q"), now=0.0)
+    assert len(ids(b.plan(0.0, anywhere))) == 2
+    b.reconfigure(0.0)  # e.g. a tenant weight changed
+    assert ids(b.plan(0.0, anywhere)) == []
+    configs["q"] = QueueConfig(rate=1, burst=3)
+    b.reconfigure(0.0)  # this queue's own limits changed: a new bucket
+    assert len(ids(b.plan(0.0, anywhere))) == 3

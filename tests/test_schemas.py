@@ -206,13 +206,14 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("jobUnplaceable", "send") == {"binder"}
     assert parties("jobStarted", "send") == parties("jobSucceeded", "send") == {"executor"}
     assert parties("jobLog", "send") == {"executor"}
-    assert parties("jobLost", "send") == parties("jobWatch", "send") == {"tracker"}
+    assert parties("jobWatch", "send") == {"tracker"}
+    assert parties("jobLost", "send") == set()  # lease-loss detection is not built yet
     assert "tracker" in parties("jobEvents", "receive") & parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}
     assert parties("apiNodes", "receive") == {"binder"}  # the binder owns allocations
     assert parties("apiQueues", "receive") == parties("apiSchedulerExplain", "receive") == {"scheduler"}
-    assert parties("externalEvents", "receive") == {"trigger"}
+    assert parties("externalEvents", "receive") == set()  # trigger rules are not built yet
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
 
 

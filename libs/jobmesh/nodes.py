@@ -120,5 +120,5 @@ def _shape(node: NodeInfo) -> tuple:
     return (
         node.cpu_milli, node.memory_mb, node.gpu, node.gpu_kind, node.disk_mb, node.arch,
         node.zone, node.isolation, tuple(sorted(node.labels.items())), tuple(node.handlers),
-        tuple(node.runtimes), node.draining,
+        tuple(node.runtimes), tuple(node.datasets), node.draining,
     )

@@ -137,7 +137,7 @@ def _kv(bucket: str, key: str) -> str:
     return f"$KV.{bucket}.{key}"
 
 
-TERMINAL_CONSUMERS = ("trigger", "scheduler", "binder")  # design: who reacts to a terminal event
+TERMINAL_CONSUMERS = ("scheduler", "binder")  # who reacts to a terminal event today
 
 # The table. Consumers of job.* kinds exclude the tracker: it reads them all through one
 # filter (jobmesh.v1.job.>), which is the jobEvents channel below.
@@ -180,8 +180,9 @@ CHANNELS: tuple[Channel, ...] = (
     ),
     Channel(
         "jobLost", _job(subjects.LOST), (v1.JobLost,), subjects.STREAM_JOBS,
-        ("tracker",), TERMINAL_CONSUMERS,
-        "Terminal for the attempt: its heartbeats stopped (lease expired); the scheduler may retry elsewhere.",
+        (), TERMINAL_CONSUMERS,
+        "Reserved: an attempt whose heartbeats stopped. Lease-loss detection is not built "
+        "yet, so nothing publishes it today; the scheduler and binder already handle it.",
     ),
     Channel(
         "jobEvents", subjects.job_event(PARTITION, KIND),  # type: ignore[arg-type]
@@ -220,8 +221,9 @@ CHANNELS: tuple[Channel, ...] = (
     # --- external events: stream JM_EVENTS -----------------------------------------------
     Channel(
         "externalEvents", subjects.EVENTS_ALL.removesuffix(">") + EVENT, (EXTERNAL_EVENT,),
-        subjects.STREAM_EVENTS, (CLIENT,), ("trigger",),
-        "Events from outside (any language, or `nats pub`); trigger rules turn them into jobs.",
+        subjects.STREAM_EVENTS, (CLIENT,), (),
+        "Events from outside (any language, or `nats pub`). The stream exists and stores them; "
+        "trigger rules that turn them into jobs are not built yet, so nothing consumes them today.",
     ),
     # --- request/reply APIs: core NATS, answered by one replica (queue group) -------------
     Channel(

@@ -244,9 +244,15 @@ class Backlog:
         return q
 
     def reconfigure(self, now: float) -> None:
-        """Re-read every queue's configuration (after a config change)."""
+        """Re-read every queue's configuration (after a config change).
+
+        Only queues whose configuration changed get a new bucket, so an unrelated change
+        (a tenant's weight, the zone map) grants no queue a fresh burst.
+        """
         for q in self.queues.values():
-            q.configure(self._queue_config(q.name), now)
+            config = self._queue_config(q.name)
+            if config != q.config:
+                q.configure(config, now)
 
     def add(self, job: Job, now: float) -> bool:
         """Take a new pending job. Returns False when the job is already held."""

@@ -235,9 +235,11 @@ class PartitionScheduler:
                 outgoing.append(Outgoing(subject, ready, msg_id, extract({"traceparent": job.trace} if job.trace else None)))
             elif isinstance(d, Expire):
                 expired.append((job, d.reason))
-                message = JobExpired(job_id=job.job_id, attempt=job.attempt, partition=self.partition, reason=d.reason, at=now)
+                # Attempt 0: the job expired before any attempt was released.
+                attempt = job.attempt if job.releases else 0
+                message = JobExpired(job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now)
                 subject = subjects.job_event(self.partition, subjects.EXPIRED)
-                outgoing.append(Outgoing(subject, message, event_id(job.job_id, job.attempt, "expired"), extract({"traceparent": job.trace} if job.trace else None)))
+                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, "expired"), extract({"traceparent": job.trace} if job.trace else None)))
         await self._publisher.publish(outgoing)
         await store.mark_released(conn, [j.job_id for j in released], [j.releases for j in released])
         await store.set_state(conn, [j.job_id for j, _ in expired], "done", [r for _, r in expired])

@@ -32,8 +32,6 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
     """Why ``node`` can never run ``spec`` (a short reason), or None when it can."""
     res = spec.resources
     cons = spec.constraints
-    if node.draining:
-        return "every fitting node is draining"
     if runtime_kind(spec) not in node.runtimes:
         return f"no node with runtime {runtime_kind(spec)}"
     if res.gpu_kind and node.gpu_kind != res.gpu_kind:
@@ -55,6 +53,8 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
         return f"no node with {res.memory_mb} MiB memory"
     if res.disk_mb > node.disk_mb:
         return f"no node with {res.disk_mb} MiB disk"
+    if node.draining:  # checked last: the reason then means "it would fit, but it drains"
+        return "every fitting node is draining"
     return None
 
 

@@ -49,7 +49,7 @@ async def service_main(settings: Settings) -> None:
     rt.spawn(config.run(), "config-watch")
     await nodes.wait_ready()
     await config.wait_ready()
-    placements = Placements(nodes, config)
+    placements = Placements(nodes, config, settings.placement)
     codec = Codec(LifecycleEvent, settings.max_message_bytes)
     planners: dict[int, asyncio.Task] = {}
     pruners: dict[int, asyncio.Task] = {}
