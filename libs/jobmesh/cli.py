@@ -1,7 +1,7 @@
 """The ``jobmesh`` command.
 
-Exit codes: 0 success, 1 bad usage or a rejected request, 2 cluster unreachable,
-3 the job failed (``run``), 4 not found. With ``--json`` only JSON goes to stdout;
+Exit codes: 0 success, 1 bad usage or a rejected request, 2 cluster unreachable or
+busy (retryable), 3 the job failed (``run``), 4 not found. With ``--json`` only JSON goes to stdout;
 diagnostics always go to stderr.
 """
 
@@ -18,7 +18,7 @@ import msgspec
 
 from jobmesh import subjects
 from jobmesh.client import Client
-from jobmesh.errors import JobmeshError, NotFound, Unavailable
+from jobmesh.errors import JobmeshError, NotFound, Unavailable, UsageError
 from jobmesh.ids import job_id_for, new_idempotency_key
 from jobmesh.messages.v1 import (
     TERMINAL_STATES, Constraints, JobSpec, JobUpdate, JobView, Locality, LogLine, NoopRuntime, ProcessRuntime,
@@ -75,14 +75,14 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
     if args.noop:
         runtime: Any = NoopRuntime()
     elif not command:
-        raise JobmeshError("give a command after --, e.g. jobmesh submit -- echo hello", field="command")
+        raise UsageError("give a command after --, e.g. jobmesh submit -- echo hello", field="command")
     else:
         runtime = ProcessRuntime(argv=command)
     labels = {}
     for item in args.label:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise JobmeshError(f"--label {item!r} must look like key=value", field="constraints.labels")
+            raise UsageError(f"--label {item!r} must look like key=value", field="constraints.labels")
         labels[key] = value
     raw = dict(
         runtime=runtime,
@@ -380,7 +380,9 @@ async def cmd_zones_set(args: argparse.Namespace) -> int:
     try:
         raw = msgspec.json.decode(open(args.file, "rb").read())
     except (OSError, msgspec.DecodeError) as exc:
-        raise JobmeshError(f"cannot read {args.file}: {exc}", field="file") from exc
+        raise UsageError(f"cannot read {args.file}: {exc}", field="file") from exc
+    if not isinstance(raw, dict):
+        raise UsageError(f"{args.file} must hold a JSON object", field="file")
     config = _checked(ZoneMap, raw)
     await _put(put_config, "zones", config)
     err(f"zone map set: {len(config.distances)} zones, default distance {config.default}")
@@ -389,15 +391,19 @@ async def cmd_zones_set(args: argparse.Namespace) -> int:
 
 def _checked(kind, raw: dict):
     from jobmesh.codec import Codec
+    from jobmesh.strict import reject_unknown_fields
 
-    return Codec(kind).decode(msgspec.json.encode({"type": kind.__struct_config__.tag, **raw}))
+    payload = msgspec.json.encode({"type": kind.__struct_config__.tag, **raw})
+    value = Codec(kind).decode(payload)
+    reject_unknown_fields(payload, kind)  # a typo in a config file must not pass silently
+    return value
 
 
 def _name(name: str, what: str) -> str:
     import re
 
-    if not re.fullmatch(r"[A-Za-z0-9_\-]{1,128}", name):
-        raise JobmeshError(f"{what} name {name!r} may only hold letters, digits, '_' and '-'", field="name")
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,128}", name):
+        raise UsageError(f"{what} name {name!r} may only hold letters, digits, '_', '.' and '-'", field="name")
     return name
 
 
@@ -455,12 +461,28 @@ def cmd_dev(args: argparse.Namespace) -> int:
     if args.stop:
         return devcluster.stop()
     if args.detach:
-        return devcluster.detach()
+        code = devcluster.detach()
+        if code == 0 and args.demo:
+            import uvloop
+
+            from jobmesh.client import resolve_nats_url
+            from jobmesh.demo import run_demo
+
+            uvloop.run(run_demo(resolve_nats_url()))
+        return code
     return devcluster.foreground(demo=args.demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a bad command line; here 2 means "cluster unreachable"."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jobmesh", description="Distributed job management over NATS JetStream.")
+    parser = _Parser(prog="jobmesh", description="Distributed job management over NATS JetStream.")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("submit", help="submit a job; prints its id")
@@ -499,10 +521,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("queue", help="configure a queue")
     qsub = p.add_subparsers(dest="action", required=True)
-    q = qsub.add_parser("set", help="set a queue's release rate and in-flight cap (0 = unlimited)")
+    q = qsub.add_parser(
+        "set", help="set a queue's release rate and in-flight cap; sets all three (omitted = 0 = unlimited)"
+    )
     q.add_argument("name")
     q.add_argument("--rate", type=float, default=0.0, help="jobs released per second")
-    q.add_argument("--burst", type=int, default=0, help="token bucket size (default: the rate)")
+    q.add_argument("--burst", type=int, default=0, help="token bucket size (default: max(1, rate))")
     q.add_argument("--max-in-flight", type=int, default=0, help="released and not yet ended")
     q.set_defaults(fn=cmd_queue_set)
 
@@ -553,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
         err(str(exc))
         code = EXIT_UNAVAILABLE
     except JobmeshError as exc:
+        if exc.retryable:  # overloaded, a lost race: the same command may work in a moment
+            err(f"{exc.code}: {exc} (retryable)")
+            sys.exit(EXIT_UNAVAILABLE)
         err(f"{exc.code}: {exc}" + (f" (field {exc.field})" if exc.field else ""))
         code = EXIT_USAGE
     sys.exit(code)

@@ -119,6 +119,7 @@ class Client:
         if isinstance(decoded, ErrorReply):
             error = _ERRORS.get(decoded.code, JobmeshError)(decoded.message, field=decoded.field or None)
             error.code = decoded.code
+            error.retryable = decoded.retryable
             raise error
         return decoded
 

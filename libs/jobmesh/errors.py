@@ -42,6 +42,12 @@ class InvalidSpec(InvalidMessage):
     code = "invalid_spec"
 
 
+class UsageError(JobmeshError):
+    """Raised when a command line asks for something that cannot work (names the flag)."""
+
+    code = "usage"
+
+
 class NotFound(JobmeshError):
     """Raised when a job, node or queue asked for does not exist."""
 

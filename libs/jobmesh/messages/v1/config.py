@@ -14,7 +14,7 @@ from msgspec import Meta, Struct
 __all__ = ["QueueConfig", "TenantConfig", "ZoneMap", "QueueStats", "PartitionStats"]
 
 
-class QueueConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="config.queue"):
+class QueueConfig(Struct, frozen=True, kw_only=True, tag="config.queue"):
     """Release regulation of one queue. 0 means unlimited."""
 
     rate: Annotated[float, Meta(ge=0)] = 0.0  # jobs released per second (token bucket)
@@ -22,13 +22,13 @@ class QueueConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True,
     max_in_flight: Annotated[int, Meta(ge=0)] = 0  # released and not yet ended
 
 
-class TenantConfig(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="config.tenant"):
+class TenantConfig(Struct, frozen=True, kw_only=True, tag="config.tenant"):
     """A tenant's share: with weights 1 and 3, the second gets three starts for every one."""
 
     weight: Annotated[float, Meta(gt=0, le=1000)] = 1.0
 
 
-class ZoneMap(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag="config.zones"):
+class ZoneMap(Struct, frozen=True, kw_only=True, tag="config.zones"):
     """Network distance between zones (symmetric; unknown pairs count as ``default``)."""
 
     distances: dict[str, dict[str, Annotated[int, Meta(ge=0)]]] = {}
