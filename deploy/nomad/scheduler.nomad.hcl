@@ -31,10 +31,9 @@ job "jobmesh-scheduler" {
   }
 
   group "scheduler" {
-    # One replica: each partition's durable consumer must have a single active owner.
-    # (Running a standby needs the partition lease in KV jm_leases; until the scheduler
-    # takes that lease, a second replica would split a partition's backlog.)
-    count = 1
+    # Each partition has one active owner, chosen by lease in KV jm_leases; the second
+    # allocation owns the rest or stands by, and takes over within the lease TTL.
+    count = 2
 
     restart {
       attempts = 3
