@@ -137,6 +137,7 @@ class PartitionScheduler:
             if self._dirty:
                 await self.load()
             now = self._clock()
+            wake_before = self._next_wake(now)
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
             finished = [env.message for env in batch if isinstance(env.message, TERMINAL)]
             refused = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
@@ -148,24 +149,36 @@ class PartitionScheduler:
                         seq = new.get(env.message.job_id)
                         if seq is not None:
                             self.backlog.add(Job.of(env.message, seq, raw=env.raw.data, trace=trace), now)
-                    done = [m.job_id for m in finished if self.backlog.finish(m.job_id, m.attempt, now)]
-                    await store.set_state(conn, done, "done")
-                    back = [m for m in refused if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now)]
-                    await store.set_state(conn, [m.job_id for m in back], "pending", [m.reason for m in back])
-                    if done:
+                    changes = store.StateChanges()
+                    for m in finished:
+                        if self.backlog.finish(m.job_id, m.attempt, now):
+                            changes.add(m.job_id, "done")
+                    for m in refused:
+                        if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now):
+                            changes.add(m.job_id, "pending", m.reason)
+                    if finished:
                         self.backlog.retry_rooms_now(now)
-                    await self._decide(conn, now)
+                    decisions = self._plan(now)
+                    await self._publish_and_record(conn, decisions, now, changes)
             except BaseException:
                 self._dirty = True
                 raise
-        self.kick()
+            # The planner sleeps until the next timer or token; wake it only if this batch
+            # brought that moment forward, or left releases for another round.
+            wake_after = self._next_wake(now)
+            if len(decisions) >= PLAN_LIMIT or (wake_after is not None and (wake_before is None or wake_after < wake_before)):
+                self.kick()
+
+    def _next_wake(self, now: float) -> float | None:
+        wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
+        return min(wakes) if wakes else None
 
     async def run_planner(self) -> None:
         """Plan when nodes change, config changes, timers fire or tokens refill."""
         while True:
             now = self._clock()
-            wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
-            timeout = max(0.0, min(wakes) - now) if wakes else None
+            wake = self._next_wake(now)
+            timeout = max(0.0, wake - now) if wake is not None else None
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout)
             except asyncio.TimeoutError:
@@ -180,9 +193,12 @@ class PartitionScheduler:
                     if nodes_key is not self._nodes_key:
                         self._nodes_key = nodes_key
                         self.backlog.unpark(now)
-                    async with self._pool.acquire() as conn, conn.transaction():
-                        more = await self._decide(conn, now)
-                if more:
+                    decisions = self._plan(now)
+                    if decisions:  # an idle round costs no transaction
+                        changes = store.StateChanges()
+                        async with self._pool.acquire() as conn, conn.transaction():
+                            await self._publish_and_record(conn, decisions, now, changes)
+                if len(decisions) >= PLAN_LIMIT:
                     self.kick()
             except asyncio.CancelledError:
                 raise
@@ -205,19 +221,29 @@ class PartitionScheduler:
                 # Nothing depends on pruning promptly: try again at the next round.
                 log.warning("partition %d: pruning finished jobs failed; will retry", self.partition, exc_info=True)
 
-    async def _decide(self, conn: asyncpg.Connection, now: float) -> bool:
-        """Plan, publish and record one round. Returns True if the round hit its limit."""
-        placement = self._placements.current()
-        decisions = self.backlog.plan(now, placement.place_job, limit=PLAN_LIMIT)
-        if not decisions:
-            return False
-        outgoing = []
-        released: list[Job] = []
-        expired: list[tuple[Job, str]] = []
+    async def _publish_and_record(
+        self, conn: asyncpg.Connection, decisions: list[Release | Expire], now: float, changes: "store.StateChanges"
+    ) -> None:
+        """Publish the decisions and write their state changes side by side, inside the open
+        transaction; the commit that follows happens only if both succeeded."""
+        outgoing = self._messages(decisions, now, changes)
+        results = await asyncio.gather(
+            self._publisher.publish(outgoing), store.apply(conn, changes), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _plan(self, now: float) -> list[Release | Expire]:
+        return self.backlog.plan(now, self._placements.current().place_job, limit=PLAN_LIMIT)
+
+    def _messages(self, decisions: list[Release | Expire], now: float, changes: "store.StateChanges") -> list[Outgoing]:
+        """The messages one round's decisions publish; notes the state changes they make."""
+        outgoing: list[Outgoing] = []
         for d in decisions:
             job = d.job
+            context = extract({"traceparent": job.trace} if job.trace else None)
             if isinstance(d, Release):
-                released.append(job)
                 submitted = job.submitted
                 ready = JobReady(
                     job_id=job.job_id,
@@ -232,18 +258,16 @@ class PartitionScheduler:
                 )
                 subject = subjects.job_event(self.partition, subjects.READY)
                 msg_id = f"{job.job_id}:{job.attempt}:ready:{job.releases}"
-                outgoing.append(Outgoing(subject, ready, msg_id, extract({"traceparent": job.trace} if job.trace else None)))
+                outgoing.append(Outgoing(subject, ready, msg_id, context))
+                changes.add(job.job_id, "released", releases=job.releases)
             elif isinstance(d, Expire):
-                expired.append((job, d.reason))
                 # Attempt 0: the job expired before any attempt was released.
                 attempt = job.attempt if job.releases else 0
                 message = JobExpired(job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now)
                 subject = subjects.job_event(self.partition, subjects.EXPIRED)
-                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, "expired"), extract({"traceparent": job.trace} if job.trace else None)))
-        await self._publisher.publish(outgoing)
-        await store.mark_released(conn, [j.job_id for j in released], [j.releases for j in released])
-        await store.set_state(conn, [j.job_id for j, _ in expired], "done", [r for _, r in expired])
-        return len(released) >= PLAN_LIMIT
+                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, "expired"), context))
+                changes.add(job.job_id, "done", d.reason)
+        return outgoing
 
     async def explain(self, request: ExplainRequest) -> ExplainReply:
         """Why a job of this partition is not running yet."""

@@ -62,35 +62,39 @@ async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str
     return {row["job_id"]: row["seq"] for row in rows}
 
 
-async def set_state(conn: asyncpg.Connection, job_ids: list[str], state: str, reasons: list[str] | None = None) -> None:
-    """Move jobs to ``state`` (with a per-job reason when given)."""
-    if not job_ids:
+class StateChanges:
+    """State changes of one batch, written with a single statement by :func:`apply`."""
+
+    __slots__ = ("ids", "states", "reasons", "releases")
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.states: list[str] = []
+        self.reasons: list[str] = []
+        self.releases: list[int | None] = []
+
+    def add(self, job_id: str, state: str, reason: str = "", releases: int | None = None) -> None:
+        self.ids.append(job_id)
+        self.states.append(state)
+        self.reasons.append(reason)
+        self.releases.append(releases)
+
+
+async def apply(conn: asyncpg.Connection, changes: StateChanges) -> None:
+    """Write every state change of a batch (pending with reason, released, done) at once."""
+    if not changes.ids:
         return
     await conn.execute(
         """
-        UPDATE backlog AS b SET state = $2, reason = u.r, updated_at = $4
-          FROM unnest($1::text[], $3::text[]) AS u(j, r)
+        UPDATE backlog AS b
+           SET state = u.s, reason = u.r, releases = COALESCE(u.n, b.releases), updated_at = $5
+          FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) AS u(j, s, r, n)
          WHERE b.job_id = u.j
         """,
-        job_ids,
-        state,
-        reasons or [""] * len(job_ids),
-        time.time(),
-    )
-
-
-async def mark_released(conn: asyncpg.Connection, job_ids: list[str], releases: list[int]) -> None:
-    """Record that jobs were released (with their release counters)."""
-    if not job_ids:
-        return
-    await conn.execute(
-        """
-        UPDATE backlog AS b SET state = 'released', reason = '', releases = u.n, updated_at = $3
-          FROM unnest($1::text[], $2::int[]) AS u(j, n)
-         WHERE b.job_id = u.j
-        """,
-        job_ids,
-        releases,
+        changes.ids,
+        changes.states,
+        changes.reasons,
+        changes.releases,
         time.time(),
     )
 
