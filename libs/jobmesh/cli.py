@@ -548,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_health)
 
-    p = sub.add_parser("provision", help="create streams and buckets (idempotent)")
+    p = sub.add_parser(
+        "provision", help="create missing streams and buckets, and bring existing streams to today's limits"
+    )
     p.set_defaults(fn=cmd_provision)
 
     p = sub.add_parser("dev", help="run a local cluster: nats-server, Postgres, the five services")

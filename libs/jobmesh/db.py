@@ -6,9 +6,41 @@ no service reads another's tables.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from typing import AsyncIterator
+
 import asyncpg
 
-from jobmesh.errors import Unavailable
+from jobmesh.errors import Conflict, Unavailable
+
+# Failures that say nothing about the message being handled: the database is away, busy or
+# resolved a conflict by aborting us. The same work will succeed later.
+_AWAY = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+)
+
+
+@contextlib.asynccontextmanager
+async def translated(what: str) -> AsyncIterator[None]:
+    """Turn asyncpg's transient failures into jobmesh's retryable errors (at the boundary).
+
+    Raises:
+        Unavailable: Postgres cannot be reached or is shutting down.
+        Conflict: Postgres aborted the transaction (deadlock, serialization failure).
+    """
+    try:
+        yield
+    except asyncpg.TransactionRollbackError as exc:
+        raise Conflict(f"{what}: transaction aborted, will retry: {exc}") from exc
+    except _AWAY as exc:
+        raise Unavailable(f"{what}: Postgres unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 async def connect_pool(url: str | None, schema: str, ddl: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

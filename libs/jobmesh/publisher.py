@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
@@ -53,11 +54,15 @@ class Publisher:
             Unavailable: no stream answered, or acks did not come within the timeout.
         """
         futures = []
-        for item in items:
-            headers = inject({"Nats-Msg-Id": item.msg_id}, item.context)
-            futures.append(
-                await self._js.publish_async(item.subject, encode(item.message), headers=headers)
-            )
+        try:
+            for item in items:
+                headers = inject({"Nats-Msg-Id": item.msg_id}, item.context)
+                futures.append(
+                    await self._js.publish_async(item.subject, encode(item.message), headers=headers)
+                )
+        except nats.errors.Error as exc:  # disconnected, closed, outbound buffer full
+            _cancel(futures)
+            raise Unavailable(f"cannot publish: {type(exc).__name__}: {exc}") from exc
         if not futures:
             return []
         try:

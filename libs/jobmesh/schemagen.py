@@ -118,7 +118,7 @@ HEALTH_REQUEST = Payload(
 )
 EXTERNAL_EVENT = Payload(
     "ExternalEvent",
-    "An external trigger event: any JSON object, matched against trigger rules by subject.",
+    "An external event: any JSON object (stored in JM_EVENTS; trigger rules are not built yet).",
     {"type": "object", "description": "Free-form JSON object published by users or other systems."},
 )
 OPEN_REQUEST = Payload(
@@ -161,7 +161,7 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         "jobStarted", _job(subjects.STARTED), (v1.JobStarted,), subjects.STREAM_JOBS,
         ("executor",), (),
-        "The executor started an attempt; from now on its heartbeats are its lease.",
+        "The executor started an attempt.",
     ),
     Channel(
         "jobSucceeded", _job(subjects.SUCCEEDED), (v1.JobSucceeded,), subjects.STREAM_JOBS,
@@ -171,7 +171,7 @@ CHANNELS: tuple[Channel, ...] = (
     Channel(
         "jobFailed", _job(subjects.FAILED), (v1.JobFailed,), subjects.STREAM_JOBS,
         ("executor",), TERMINAL_CONSUMERS,
-        "Terminal for the attempt: non-zero exit, timeout or runtime error; the scheduler may retry.",
+        "Terminal for the attempt: non-zero exit, timeout, disk quota or runtime error (retries are not built yet).",
     ),
     Channel(
         "jobExpired", _job(subjects.EXPIRED), (v1.JobExpired,), subjects.STREAM_JOBS,

@@ -12,13 +12,14 @@ import logging
 from typing import Callable
 
 import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from jobmesh import subjects
 from jobmesh.codec import encode
-from jobmesh.errors import Conflict
+from jobmesh.errors import Conflict, Unavailable
 from jobmesh.messages.v1 import Allocation
 
 log = logging.getLogger("jobmesh.binder")
@@ -87,6 +88,8 @@ class Allocations:
         assert self._kv is not None
         try:
             entry = await self._kv.get(node_id)
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.NoRespondersError) as exc:
+            raise Unavailable(f"cannot read the allocation of node {node_id}: {type(exc).__name__}") from exc
         except KeyNotFoundError:
             current = self.records.get(node_id)
             self._store(node_id, None, (current[1] + 1) if current else 1)
@@ -119,6 +122,9 @@ class Allocations:
             except KeyWrongLastSequenceError:
                 await self.refresh(node_id)
                 continue
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                # Not a lost race: NATS is slow or away. The batch is redelivered later.
+                raise Unavailable(f"cannot write the allocation of node {node_id}: {type(exc).__name__}: {exc}") from exc
             self._store(node_id, new, revision)
             return result
         raise Conflict(f"allocation record of node {node_id} kept changing; gave up after {CAS_TRIES} tries")

@@ -67,16 +67,22 @@ class Binder:
         bound: list[tuple[JobReady, str, str, bool]] = []  # job, node, scratch, newly reserved
         refused: list[tuple[JobReady, str]] = []
         remaining = []
+        stale: list[tuple[str, str]] = []
         for key, env in by_key.items():
             # A redelivered JobReady whose attempt already holds a reservation (the JobBound
             # publish failed, or we crashed before acking) goes back to that node: planning
-            # it afresh could reserve a second node and leak the first reservation.
+            # it afresh could reserve a second node and leak the first reservation. If that
+            # node has gone (or drains) since, the reservation is dropped and the job placed anew.
             holder = self._allocs.holder(key)
-            if holder is not None:
+            if holder is not None and holder in nodes and not nodes[holder].draining:
                 alloc = self._allocs.records[holder][0]
                 bound.append((env.message, holder, alloc.reservations[key].scratch_dir, False))
             else:
+                if holder is not None:
+                    stale.append((holder, key))
                 remaining.append(env.message)
+        if stale:
+            await self._remove(stale)
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break

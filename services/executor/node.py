@@ -165,7 +165,7 @@ def build_node_info(settings: Settings, facts: MachineFacts, started_at: float) 
         zone=settings.node_zone,
         isolation=settings.node_isolation,
         labels=parse_labels(settings.node_labels),
-        handlers=[h for h in settings.node_handlers.split(",") if h.strip()],
+        handlers=[h.strip() for h in settings.node_handlers.split(",") if h.strip()],
         datasets=[d.strip() for d in settings.node_datasets.split(",") if d.strip()],
         runtimes=list(RUNTIMES),
         work_dir=str(node_work_dir(settings, node_id)),

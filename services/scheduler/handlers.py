@@ -21,6 +21,7 @@ import msgspec
 
 from jobmesh import subjects
 from jobmesh.clusterconfig import ClusterConfig
+from jobmesh.db import translated
 from jobmesh.ids import event_id
 from jobmesh.messages.v1 import (
     ExplainReply, ExplainRequest, JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded,
@@ -135,14 +136,15 @@ class PartitionScheduler:
         """Apply a batch of submits, terminal events and unplaceable replies."""
         async with self._lock:
             if self._dirty:
-                await self.load()
+                async with translated("reloading the backlog"):
+                    await self.load()
             now = self._clock()
             wake_before = self._next_wake(now)
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
             finished = [env.message for env in batch if isinstance(env.message, TERMINAL)]
             refused = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
             try:
-                async with self._pool.acquire() as conn, conn.transaction():
+                async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
                     new = await store.insert_new(conn, [env.message for env in submits], traces, [env.raw.data for env in submits])
                     for env, trace in zip(submits, traces):

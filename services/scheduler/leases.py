@@ -1,11 +1,14 @@
 """Partition ownership: one active scheduler per partition, by lease in KV.
 
 A lease is a key ``partition.<n>`` in ``jm_leases``, whose bucket TTL equals the lease TTL.
-Every instance beats six times per TTL. The owner renews its keys with compare-and-set; a
-renewal that fails means someone else holds the partition now, and the owner lets go at
-once. A standby tries to create missing keys, so it takes over at most a TTL (plus one
-beat) after the owner's last renewal. A graceful stop deletes the keys, so a standby takes
-over at its next beat.
+Every instance beats six times per TTL, all partitions at once, each call bounded by a
+quarter of the TTL. The owner renews its keys with compare-and-set. A renewal refused
+because the revision moved means someone else holds the partition: the owner lets go at
+once. A renewal that fails for another reason (NATS slow or away) keeps the partition only
+while the lease surely still holds; past 0.8 TTL since the last successful renewal the
+owner lets go (self-fencing), because a standby may own it by then. A standby tries to
+create missing keys, so it takes over at most a TTL (plus one beat) after the owner's last
+renewal. A graceful stop deletes the keys, so a standby takes over at its next beat.
 """
 
 from __future__ import annotations
@@ -65,38 +68,42 @@ class Leases:
             log.warning("lease bucket TTL is %.1fs, not the configured %.1fs; using the bucket's", actual, self._ttl)
             self._ttl = actual
         while True:
-            for partition in range(self._partitions):
-                await self._beat(kv, partition)
+            await asyncio.gather(*(self._beat(kv, partition) for partition in range(self._partitions)))
             self.last_beat = time.monotonic()
             await asyncio.sleep(self._ttl / 6)
 
     async def _beat(self, kv, partition: int) -> None:
         key = subjects.lease_key(partition)
-        now = time.monotonic()
+        limit = self._ttl / 4  # a hung call must not outlive the lease it is renewing
         if partition in self.owned:
+            started = time.monotonic()
             try:
-                self.owned[partition] = await kv.update(key, self._instance, last=self.owned[partition])
-                self._renewed[partition] = now
+                self.owned[partition] = await asyncio.wait_for(
+                    kv.update(key, self._instance, last=self.owned[partition]), limit
+                )
+                # The server accepted it at some moment after ``started``: count from there.
+                self._renewed[partition] = started
                 return
             except (KeyWrongLastSequenceError, KeyNotFoundError):
                 log.warning("lost the lease of partition %d to another instance", partition)
             except (APIError, nats.errors.Error, asyncio.TimeoutError):
                 # Cannot tell whether the lease still holds. Keep serving while it surely
                 # does; once it may have expired, stop, because a standby may own it now.
-                if now - self._renewed.get(partition, now) < self._ttl * 0.8:
+                if time.monotonic() - self._renewed.get(partition, started) < self._ttl * 0.8:
                     log.warning("could not renew the lease of partition %d; will retry", partition, exc_info=True)
                     return
                 log.warning("could not renew the lease of partition %d in time; letting it go", partition)
-            del self.owned[partition]
+            self.owned.pop(partition, None)
             self._renewed.pop(partition, None)
             await self._lost(partition)
             return
+        started = time.monotonic()
         try:
-            revision = await kv.create(key, self._instance)
+            revision = await asyncio.wait_for(kv.create(key, self._instance), limit)
         except (KeyWrongLastSequenceError, APIError, nats.errors.Error, asyncio.TimeoutError):
             return  # another instance owns it, or NATS is away: try at the next beat
         self.owned[partition] = revision
-        self._renewed[partition] = now
+        self._renewed[partition] = started
         log.info("took the lease of partition %d", partition)
         try:
             await self._gained(partition)
