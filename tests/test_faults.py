@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
+from jobmesh import subjects
 from jobmesh.client import Client
 from jobmesh.cluster import LocalCluster
 from jobmesh.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
@@ -104,3 +105,53 @@ async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, datab
         await conn.close()
         cluster.stop()
         server.stop()
+
+
+async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_nothing(nats_server, database_url, work_dir):
+    from tests.cluster_fixtures import dead_letters
+    from tests.proxy import CuttableProxy
+
+    proxy = await CuttableProxy(database_url).start()
+    cluster = LocalCluster(nats_server.url, proxy.url(), work_dir / "pgcut",
+                           env={**NODE_ENV, "JOBMESH_NODE_ID": "pgcut-node"})
+    cluster.start()
+    conn = await asyncpg.connect(database_url)  # the test itself reads past the proxy
+    js = None
+    try:
+        await cluster.wait_healthy()
+        import nats
+
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        letters_before = len(await dead_letters(js))
+        spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
+        first = await _submit(nats_server.url, 250, spec)
+        proxy.cut()  # scheduler and tracker lose Postgres mid-flow
+        second = await _submit(nats_server.url, 250, spec)  # still accepted: submits need NATS only
+
+        async def failures_seen():
+            infos = [await js.consumer_info(subjects.STREAM_JOBS, f"scheduler-p{p}") for p in range(4)]
+            tracker = await js.consumer_info(subjects.STREAM_JOBS, "tracker-jobs")
+            return tracker.num_redelivered > 0 and any(i.num_redelivered > 0 or i.num_ack_pending > 0 for i in infos)
+
+        await eventually(failures_seen, timeout=30, what="the services to hit the outage")
+        proxy.restore()
+        ids = first + second
+
+        async def all_done():
+            n = await conn.fetchval(
+                "SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids
+            )
+            return n == len(ids)
+
+        await eventually(all_done, timeout=120, what="every job to succeed once Postgres is back")
+        assert await conn.fetchval(
+            "SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids
+        ) == len(ids)
+        assert len(await dead_letters(js)) == letters_before, "an outage produced dead letters"
+        cluster.check_alive()
+        await nc.close()
+    finally:
+        await conn.close()
+        cluster.stop()
+        await proxy.close()
