@@ -11,6 +11,11 @@ from jobmesh.scheduler import placement
 from jobmesh.scheduler.placement import Placement
 
 
+def rank(spec: JobSpec, nodes: list[NodeInfo]) -> tuple[list[str], str]:
+    ids, _, reason = Placement(nodes).place(spec)
+    return ids, reason
+
+
 def node(node_id: str, **kw) -> NodeInfo:
     base = dict(node_id=node_id, cpu_milli=4000, memory_mb=8192, heartbeat_at=0.0)
     base.update(kw)
@@ -23,21 +28,21 @@ def spec(**kw) -> JobSpec:
 
 def test_hard_constraints_filter_and_name_the_reason():
     nodes = [node("a", arch="x86_64"), node("b", arch="aarch64", gpu=2, gpu_kind="a100")]
-    assert placement.rank(spec(constraints=Constraints(arch="aarch64")), nodes)[0] == ["b"]
-    cands, reason = placement.rank(spec(resources=Resources(gpu=1, gpu_kind="h100")), nodes)
+    assert rank(spec(constraints=Constraints(arch="aarch64")), nodes)[0] == ["b"]
+    cands, reason = rank(spec(resources=Resources(gpu=1, gpu_kind="h100")), nodes)
     assert cands == [] and reason == "no node with gpu kind h100"
-    cands, reason = placement.rank(spec(resources=Resources(cpu_milli=64_000)), nodes)
+    cands, reason = rank(spec(resources=Resources(cpu_milli=64_000)), nodes)
     assert cands == [] and "cpu" in reason
-    assert placement.rank(spec(), []) == ([], "no executor node registered")
-    cands, reason = placement.rank(spec(constraints=Constraints(labels={"team": "ml"})), nodes)
+    assert rank(spec(), []) == ([], "no executor node registered")
+    cands, reason = rank(spec(constraints=Constraints(labels={"team": "ml"})), nodes)
     assert cands == [] and reason == "no node with label team=ml"
-    cands, reason = placement.rank(spec(constraints=Constraints(isolation="vm")), nodes)
+    cands, reason = rank(spec(constraints=Constraints(isolation="vm")), nodes)
     assert cands == [] and reason == "no node with isolation vm"
-    assert placement.rank(spec(constraints=Constraints(handler="embed")), [node("h", handlers=["embed"])])[0] == ["h"]
+    assert rank(spec(constraints=Constraints(handler="embed")), [node("h", handlers=["embed"])])[0] == ["h"]
 
 
 def test_draining_nodes_are_not_candidates():
-    assert placement.rank(spec(), [node("a", draining=True)])[0] == []
+    assert rank(spec(), [node("a", draining=True)])[0] == []
 
 
 def test_zone_distance_orders_candidates_into_tiers():
@@ -74,7 +79,7 @@ def test_placement_is_cached_per_signature():
 
 def test_noop_jobs_need_a_node_offering_the_noop_runtime():
     nodes = [node("a", runtimes=["process"])]
-    assert placement.rank(JobSpec(runtime=NoopRuntime()), nodes) == ([], "no node with runtime noop")
+    assert rank(JobSpec(runtime=NoopRuntime()), nodes) == ([], "no node with runtime noop")
 
 
 def _ready(job_id: str, cpu: int, candidates: list[str], tiers: list[int] | None = None) -> JobReady:

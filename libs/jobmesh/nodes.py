@@ -91,12 +91,6 @@ class NodeWatcher:
         now = self._clock()
         return [(n, now - n.heartbeat_at < self._ttl) for _, n in sorted(self._nodes.items())]
 
-    def get(self, node_id: str) -> NodeInfo | None:
-        node = self._nodes.get(node_id)
-        if node is None or self._clock() - node.heartbeat_at >= self._ttl:
-            return None
-        return node
-
     def _recheck(self) -> None:
         alive = frozenset(n.node_id for n in self.alive())
         if alive != self._alive_ids:

@@ -121,7 +121,6 @@ class Runtime:
         self._responders: dict[str, Any] = {}
         self._tasks: list[asyncio.Task] = []
         self._health_checks: list[Callable[[], str | None]] = []
-        self._dead_codec_max = settings.max_message_bytes
 
     # --- lifecycle -----------------------------------------------------------------
     async def connect(self) -> None:

@@ -167,12 +167,6 @@ class Placement:
         return tier
 
 
-def rank(spec: JobSpec, nodes: Iterable[NodeInfo], limit: int = CANDIDATES) -> tuple[list[str], str]:
-    """Candidate ids for one job over ``nodes`` (no caching): ``(candidates, reason)``."""
-    ids, _, reason = Placement(nodes, limit=limit).place(spec)
-    return ids, reason
-
-
 def _shape(node: NodeInfo) -> tuple:
     # Everything placement reads from a node except its id.
     return (
