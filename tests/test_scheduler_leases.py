@@ -63,6 +63,7 @@ async def test_standby_takes_over_partitions_within_the_lease_ttl(nats_server, d
 
         await eventually(b_owns_all, timeout=LEASE_TTL * 4, what="sched-b to take every partition", interval=0.05)
         took = time.monotonic() - killed_at
+        print(f"take-over took {took:.2f}s (lease TTL {LEASE_TTL}s)")
         # The lease expires at most one TTL after the last renewal; b notices at its next beat.
         assert took <= LEASE_TTL + LEASE_TTL / 6 + 0.5, f"take-over took {took:.2f}s"
 
