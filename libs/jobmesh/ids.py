@@ -7,19 +7,25 @@ key can know the job id before it submits (the CLI does, to watch without a race
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import os
 
-_NAMESPACE = uuid.UUID("6f1c2d0e-5a7b-4c1e-9d2f-3b8a4e6c7d10")
+# A personalisation string, so job ids differ from any other BLAKE2b hash of the same keys.
+_PERSON = b"jobmesh.job.v1"
 
 
 def new_idempotency_key() -> str:
-    """A fresh random key for a caller that did not give one."""
-    return uuid.uuid4().hex
+    """A fresh random key for a caller that did not give one (128 bits)."""
+    return os.urandom(16).hex()
 
 
 def job_id_for(idempotency_key: str) -> str:
-    """The job id that ``idempotency_key`` always maps to (32 hex characters)."""
-    return uuid.uuid5(_NAMESPACE, idempotency_key).hex
+    """The job id that ``idempotency_key`` always maps to (32 hex characters).
+
+    BLAKE2b is in the standard library and several times cheaper than uuid5's SHA-1 plus
+    UUID object, which showed in profiles of the submit path.
+    """
+    return hashlib.blake2b(idempotency_key.encode(), digest_size=16, person=_PERSON).hexdigest()
 
 
 def event_id(job_id: str, attempt: int, kind: str) -> str:

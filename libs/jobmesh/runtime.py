@@ -30,7 +30,9 @@ from jobmesh.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
 from jobmesh.settings import Settings
-from jobmesh.tracing import Context, ensure_valid, exporting, extract, setup_tracing, shutdown_tracing
+from jobmesh.tracing import (
+    Context, carries_trace, ensure_valid, exporting, extract, new_root, setup_tracing, shutdown_tracing,
+)
 
 log = logging.getLogger("jobmesh.runtime")
 
@@ -289,9 +291,7 @@ class Runtime:
             else:
                 # Nothing is recorded: carry the incoming context on as it is.
                 span = None
-                context = parent if trace.get_current_span(parent).get_span_context().is_valid else None
-                if context is None:
-                    context = trace.set_span_in_context(ensure_valid(trace.INVALID_SPAN))
+                context = parent if carries_trace(parent) else new_root()
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
         if not envelopes:
             return
