@@ -115,8 +115,8 @@ def embedded_postgres(data_dir: str | Path):
         The ``pgserver`` server object; ``get_uri()`` gives its URL. It stops when the
         last process using it exits.
     """
-    import pgserver  # imported late: only needed when no URL is given
-
+    # pgserver asks platformdirs for a runtime directory on import; give it one quietly.
     os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(data_dir).parent))
+    import pgserver  # imported late: only needed when no URL is given
     Path(data_dir).parent.mkdir(parents=True, exist_ok=True)
     return pgserver.get_server(str(data_dir), cleanup_mode="stop")
