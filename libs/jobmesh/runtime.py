@@ -298,8 +298,11 @@ class Runtime:
         try:
             outcomes = await spec.handle(envelopes)
         except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
-            if not (isinstance(exc, JobmeshError) and not exc.retryable):
+            if not isinstance(exc, JobmeshError):
                 log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
+            elif exc.retryable:
+                # An outage: one line per batch, not a traceback per retry.
+                log.warning("%s: batch of %d will be retried: %s: %s", spec.durable, len(envelopes), exc.code, exc)
             outcomes = [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
         if outcomes is None:
             for env in envelopes:
