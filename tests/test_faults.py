@@ -155,3 +155,45 @@ async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_not
         await conn.close()
         cluster.stop()
         await proxy.close()
+
+
+async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_server, database_url, work_dir):
+    import signal
+
+    cluster = LocalCluster(nats_server.url, database_url, work_dir / "drain",
+                           env={**NODE_ENV, "JOBMESH_NODE_ID": "drain-node", "JOBMESH_DRAIN_SECONDS": "10", "JOBMESH_LOG_LEVEL": "INFO"})
+    cluster.start()
+    conn = await asyncpg.connect(database_url)
+    try:
+        await cluster.wait_healthy()
+        spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
+        ids = await _submit(nats_server.url, 2000, spec)
+
+        async def some_done():
+            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
+            return n >= 200
+
+        await eventually(some_done, timeout=60, what="the first jobs to finish")
+        draining = [sp for sp in cluster.procs if sp.name in ("scheduler", "binder", "tracker")]
+        for sp in draining:
+            sp.proc.send_signal(signal.SIGTERM)
+        for sp in draining:
+            assert sp.proc.wait(20) == 0, f"{sp.name} did not exit cleanly; see {sp.log_path}"
+            assert "stopped:" in sp.log_path.read_text(), f"{sp.name} did not report its drain"
+            cluster.procs.remove(sp)
+        for name in ("scheduler", "binder", "tracker"):
+            cluster.start_service(name, tag="-after-drain")
+        await cluster.wait_healthy(("scheduler", "binder", "tracker"))
+
+        async def all_done():
+            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
+            return n == len(ids)
+
+        await eventually(all_done, timeout=120, what="every job to succeed after the restart")
+        assert await conn.fetchval(
+            "SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids
+        ) == len(ids)
+        cluster.check_alive()
+    finally:
+        await conn.close()
+        cluster.stop()
