@@ -110,7 +110,31 @@ async def raw_baseline(url: str, n: int) -> float:
 
 
 # --- end to end ------------------------------------------------------------------------
-async def end_to_end(url: str, n: int, light: int) -> tuple[float, list[float], list[float], list[float]]:
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (Linux /proc)."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids() -> list[int]:
+    """Local Postgres processes (the embedded one or the machine's), for the CPU table."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if open(f"/proc/{entry}/comm").read().strip() == "postgres":
+                    pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+async def end_to_end(
+    url: str, n: int, light: int, on_burst_start=None
+) -> tuple[float, list[float], list[float], list[float]]:
     client = await Client.connect(url, timeout=30)
     finished: dict[str, float] = {}
     waiters: dict[str, asyncio.Future] = {}
@@ -163,6 +187,8 @@ async def end_to_end(url: str, n: int, light: int) -> tuple[float, list[float], 
         durable.append((outcome_at[job_id] - t) * 1000)
 
     # Throughput: submit N in batches, several requests in flight.
+    if on_burst_start is not None:
+        on_burst_start()
     finished.clear()
     all_done.clear()
     expected["n"] = n
@@ -247,7 +273,17 @@ def main() -> None:
         cluster.start()
         uvloop.run(cluster.wait_healthy())
         print(f"end to end, {args.jobs} no-op jobs through five services ...", file=sys.stderr, flush=True)
-        throughput, light, durable, loaded = uvloop.run(end_to_end(server.url, args.jobs, args.light))
+        watched = {sp.name: sp.proc.pid for sp in cluster.procs}
+        watched["nats-server"] = server.proc.pid
+        for pid in postgres_pids():
+            watched[f"postgres {pid}"] = pid
+        before: dict[str, float] = {}
+
+        def mark() -> None:
+            before.update({name: cpu_seconds(pid) for name, pid in watched.items()})
+
+        throughput, light, durable, loaded = uvloop.run(end_to_end(server.url, args.jobs, args.light, mark))
+        used = {name: cpu_seconds(pid) - before.get(name, 0.0) for name, pid in watched.items()}
     finally:
         cluster.stop()
         server.stop()
@@ -260,6 +296,12 @@ def main() -> None:
     print(f"light load (n={len(light)}), submit to JobSucceeded in JetStream: p50 {pct(durable, 50):6.2f} ms   p99 {pct(durable, 99):6.2f} ms")
     print(f"light load (n={len(light)}), submit to history committed:     p50 {pct(light, 50):6.2f} ms   p99 {pct(light, 99):6.2f} ms")
     print(f"latency under the burst (n={len(loaded)}): p50 {pct(loaded, 50):6.0f} ms   p99 {pct(loaded, 99):6.0f} ms")
+    # Where the CPU went during the burst: what to profile first (JOBMESH_PROFILE_DIR).
+    postgres = sum(v for k, v in used.items() if k.startswith("postgres"))
+    rows = {k: v for k, v in used.items() if not k.startswith("postgres")} | {"postgres (all)": postgres}
+    print("CPU during the burst, per job: " + ", ".join(
+        f"{name} {seconds / args.jobs * 1e6:.0f} us" for name, seconds in sorted(rows.items(), key=lambda kv: -kv[1])
+    ))
 
 
 if __name__ == "__main__":
