@@ -167,7 +167,7 @@ def test_binder_refusal_is_retried_after_a_delay_or_when_room_frees():
     assert not b.room_wanted("a", 1, 99, "stale release", now=0)
     assert b.plan(0.5, anywhere) == []
     b.finish("x", 1, 0.6)
-    b.retry_rooms_now(0.6)
+    b.retry_rooms_now(0.6, finished=1)
     [again] = b.plan(0.6, anywhere)
     assert again.job.job_id == "a" and again.job.releases == 2
 
@@ -212,3 +212,55 @@ def test_an_unrelated_config_change_grants_no_fresh_burst():
     configs["q"] = QueueConfig(rate=1, burst=3)
     b.reconfigure(0.0)  # this queue's own limits changed: a new bucket
     assert len(ids(b.plan(0.0, anywhere))) == 3
+
+
+def test_a_job_changed_twice_in_one_batch_keeps_its_last_state():
+    from jobmesh.scheduler.store import StateChanges
+
+    changes = StateChanges()
+    changes.add("x", "pending", "no free capacity")
+    changes.add("y", "done")
+    changes.add("x", "released", releases=2)
+    ids, states, reasons, releases = changes.columns()
+    assert dict(zip(ids, zip(states, releases))) == {"x": ("released", 2), "y": ("done", None)}
+
+
+def test_a_free_key_slot_is_not_lost_when_the_woken_waiter_cannot_run():
+    b = Backlog()
+    b.add(job("a", concurrency_key="db", concurrency_limit=1), now=0)
+    b.add(job("gpu-b", concurrency_key="db", concurrency_limit=1), now=0)
+    b.add(job("c", concurrency_key="db", concurrency_limit=1), now=0)
+    assert ids(b.plan(0, anywhere)) == ["a"]
+    b.finish("a", 1, 0)
+
+    def gpu_nowhere(j):
+        return ([], [], "no node with gpu kind h100") if j.job_id == "gpu-b" else (["n1"], [0], "")
+
+    assert ids(b.plan(0, gpu_nowhere)) == ["c"]  # b is parked; c takes the slot
+
+
+def test_a_refused_job_past_its_queue_timeout_expires():
+    b = Backlog()
+    b.add(job("d", timeouts=Timeouts(queue=5.0), submitted_at=0.0), now=0.0)
+    [release] = b.plan(1.0, anywhere)
+    assert b.plan(6.0, anywhere) == []  # out at the binder when the deadline passed
+    assert b.room_wanted("d", 1, release.job.releases, "no free capacity", now=7.0)
+    [expired] = b.plan(7.0, anywhere)
+    assert isinstance(expired, Expire) and "queue timeout of 5s" in expired.reason
+
+
+def test_refusals_back_off_and_a_finish_wakes_only_a_few():
+    b = Backlog()
+    for i in range(10):
+        b.add(job(f"r{i}"), now=0)
+    first = b.plan(0, anywhere)
+    for d in first:
+        assert b.room_wanted(d.job.job_id, 1, d.job.releases, "full", now=0)
+    b.retry_rooms_now(0.1, finished=1)
+    assert len(ids(b.plan(0.1, anywhere))) == 2  # one job ended: two may try
+    again = [d for d in b.plan(1.0, anywhere)]
+    assert len(again) == 8  # the rest after the first back-off of 1 s
+    for d in again:
+        assert b.room_wanted(d.job.job_id, 1, d.job.releases, "full", now=1.0)
+    assert b.plan(2.5, anywhere) == []  # second refusal: 2 s
+    assert len(ids(b.plan(3.0, anywhere))) == 8

@@ -65,6 +65,8 @@ def test_job_id_is_a_function_of_the_idempotency_key():
         (JobSpec(runtime=NoopRuntime(), resources=Resources(gpu_kind="h100")), "spec.resources.gpu"),
         (JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=10**9)), "spec.resources.cpu_milli"),
         (JobSpec(runtime=NoopRuntime(), concurrency_key="k"), "spec.concurrency_limit"),
+        (JobSpec(runtime=NoopRuntime(), metadata={"owner": "a\x00b"}), "spec.metadata.owner"),
+        (JobSpec(runtime=ProcessRuntime(argv=["echo", "\x00"])), "spec.runtime.argv[1]"),
     ],
 )
 def test_validate_spec_names_the_field(spec, field):
@@ -77,3 +79,48 @@ def test_partition_is_stable_and_in_range():
     assert subjects.partition_of("default", 4) == subjects.partition_of("default", 4)
     assert {subjects.partition_of(f"q{i}", 4) for i in range(50)} == {0, 1, 2, 3}
     assert subjects.job_event(2, subjects.READY) == "jobmesh.v1.job.2.ready"
+
+
+class _FakeRaw:
+    """Just enough of a nats-py message for the runtime to settle it."""
+
+    def __init__(self, payload: bytes) -> None:
+        self.data = payload
+        self.subject = "jobmesh.v1.job.0.started"
+        self.headers = {}
+        self.fate = ""
+
+    @property
+    def metadata(self):
+        raise AttributeError("not a JetStream message")
+
+    async def ack(self) -> None:
+        self.fate = "ack"
+
+    async def nak(self, delay=None) -> None:
+        self.fate = "nak"
+
+    async def term(self) -> None:
+        self.fate = "term"
+
+
+async def test_one_bad_message_does_not_take_its_batch_down():
+    from jobmesh.codec import encode
+    from jobmesh.messages.v1 import JobStarted
+    from jobmesh.runtime import ConsumerSpec, Runtime
+
+    rt = Runtime(Settings.from_env("unit", {}))
+    seen_batches = []
+
+    async def handle(envs):
+        seen_batches.append(len(envs))
+        if any(env.message.job_id == "poison" for env in envs):
+            raise RuntimeError("a bug that only this message triggers")
+        return None
+
+    spec = ConsumerSpec("S", "d", ("x",), Codec(JobStarted), handle, "process x")
+    raws = [_FakeRaw(encode(JobStarted(job_id=j, attempt=1, partition=0, node_id="n", at=0.0)))
+            for j in ("a", "poison", "b")]
+    await rt.process_batch(spec, raws)
+    assert [r.fate for r in raws] == ["ack", "nak", "ack"]
+    assert seen_batches == [3, 1, 1, 1]

@@ -120,3 +120,17 @@ def test_free_capacity_counts_existing_reservations():
     assert p.assign == {} and len(p.refused) == 1
     skip = plan([_ready("j", 100, ["a"])], {"a": n}, {"a": alloc}, skip={"j": {"a"}})
     assert skip.assign == {}
+
+
+def test_retries_walk_past_the_first_candidates():
+    from types import SimpleNamespace
+
+    from jobmesh.scheduler.placement import signature
+
+    p = Placement([node(f"n{i:02d}") for i in range(40)], strategy="pack", limit=16)
+    s = spec()
+    seen: set[str] = set()
+    for releases in range(1, 4):
+        ids, _, _ = p.place_job(SimpleNamespace(sig=signature(s), spec=s, releases=releases))
+        seen.update(ids)
+    assert len(seen) == 40  # every fitting node is reached over the retries

@@ -178,6 +178,7 @@ async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sc
         ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"labels": ["gpu"]}}}, "jobs[0].spec.constraints.labels"),
         ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"isolation": "chroot"}}}, "jobs[0].spec.constraints.isolation"),
         ({"spec": {"runtime": {"kind": "noop"}, "resources": {"gpu_kind": "h100"}}}, "jobs[0].spec.resources.gpu"),
+        ({"spec": {"runtime": {"kind": "noop"}, "metadata": {"owner": "a\u0000b"}}}, "jobs[0].spec.metadata.owner"),
     ]
     js = client.nc.jetstream()
 

@@ -24,7 +24,14 @@ _AWAY = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
+    asyncpg.QueryCanceledError,  # statement_timeout, or command_timeout below
+    asyncpg.ReadOnlySQLTransactionError,  # a fail-over in progress
+    asyncpg.DiskFullError,
+    asyncpg.InsufficientResourcesError,
 )
+# A Postgres that stops answering without closing the connection must not hold a batch
+# (and the partition lock with it) forever: statements give up after this many seconds.
+COMMAND_TIMEOUT = 30.0
 
 
 @contextlib.asynccontextmanager
@@ -73,5 +80,6 @@ async def connect_pool(url: str | None, schema: str, ddl: str, *, min_size: int 
         url,
         min_size=min_size,
         max_size=max_size,
+        command_timeout=COMMAND_TIMEOUT,
         server_settings={"search_path": schema, "application_name": f"jobmesh-{schema}"},
     )

@@ -25,7 +25,7 @@ from jobmesh import subjects
 from jobmesh.codec import Codec, encode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.messages.v1 import DeadLetter, ErrorReply, HealthReply
-from jobmesh.outcomes import Ack, Outcome, Reject, Retry, fate_for
+from jobmesh.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
@@ -295,15 +295,7 @@ class Runtime:
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
         if not envelopes:
             return
-        try:
-            outcomes = await spec.handle(envelopes)
-        except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
-            if not isinstance(exc, JobmeshError):
-                log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
-            elif exc.retryable:
-                # An outage: one line per batch, not a traceback per retry.
-                log.warning("%s: batch of %d will be retried: %s: %s", spec.durable, len(envelopes), exc.code, exc)
-            outcomes = [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
+        outcomes = await self._handle(spec, envelopes)
         if outcomes is None:
             for env in envelopes:
                 await env.raw.ack()
@@ -316,6 +308,28 @@ class Runtime:
                     env.span.end()
         self.stats.handled += len(envelopes)
         self.stats.batches += 1
+
+    async def _handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
+        """Run the handler; map an exception to every message's fate.
+
+        An unexpected exception (not a jobmesh error) may come from one bad message: the
+        batch is then handled again one message at a time, so only that message fails
+        and its neighbours are not held back or dead-lettered with it.
+        """
+        try:
+            return await spec.handle(envelopes)
+        except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
+            if not isinstance(exc, JobmeshError):
+                log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
+                if len(envelopes) > 1:
+                    outcomes: list[Outcome] = []
+                    for env in envelopes:
+                        outcomes.extend(await self._handle(spec, [env]) or [ACK])
+                    return outcomes
+            elif exc.retryable:
+                # An outage: one line per batch, not a traceback per retry.
+                log.warning("%s: batch of %d will be retried: %s: %s", spec.durable, len(envelopes), exc.code, exc)
+            return [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
 
     async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
         if isinstance(outcome, Ack):

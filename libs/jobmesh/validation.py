@@ -6,6 +6,8 @@ relations between fields. Each error names the field, relative to the spec.
 
 from __future__ import annotations
 
+import msgspec
+
 from jobmesh.errors import InvalidSpec
 from jobmesh.messages.v1 import JobSpec, ProcessRuntime
 
@@ -16,12 +18,14 @@ MAX_GPU = 1024
 MAX_DISK_MB = 1024 * 1024 * 1024
 
 
-def validate_spec(spec: JobSpec, where: str = "spec") -> None:
+def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True) -> None:
     """Raise ``InvalidSpec`` naming the field when ``spec`` asks for something impossible.
 
     Args:
         spec: a decoded job spec.
         where: the path of the spec in the request, prefixed to field names.
+        may_hold_nul: False when the caller knows no string can hold NUL (the raw JSON has
+            no ``\u0000``), which spares the walk over every string.
     """
     res = spec.resources
     if isinstance(spec.runtime, ProcessRuntime) and not spec.runtime.argv[0].strip():
@@ -40,9 +44,30 @@ def validate_spec(spec: JobSpec, where: str = "spec") -> None:
         _fail(where, "concurrency_key", "concurrency_limit is set but concurrency_key is empty")
     if spec.concurrency_key and not spec.concurrency_limit:
         _fail(where, "concurrency_limit", "concurrency_key is set but concurrency_limit is 0")
+    nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
+    if nul:
+        # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
+        # recorded. Refuse it here rather than half-create it.
+        raise InvalidSpec(f"a NUL character is not allowed - at `$.{nul}`", field=nul)
     for key in spec.constraints.labels:
         if not key or "=" in key or "," in key:
             _fail(where, "constraints.labels", f"label key {key!r} must be non-empty without '=' or ','")
+
+
+def _first_nul(value, path: str) -> str:
+    if isinstance(value, str):
+        return path if "\x00" in value else ""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _first_nul(key, f"{path}.{key}") or _first_nul(item, f"{path}.{key}")
+            if found:
+                return found
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _first_nul(item, f"{path}[{i}]")
+            if found:
+                return found
+    return ""
 
 
 def _fail(where: str, field: str, message: str) -> None:

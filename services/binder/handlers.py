@@ -83,6 +83,7 @@ class Binder:
                 remaining.append(env.message)
         if stale:
             await self._remove(stale)
+        rebound = {key for _, key in stale}
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break
@@ -98,7 +99,7 @@ class Binder:
                     skip.setdefault(job.job_id, set()).add(node_id)
                     remaining.append(job)
         refused.extend((job, "lost every reservation race this round") for job in remaining)
-        await self._announce(by_key, bound, refused)
+        await self._announce(by_key, bound, refused, rebound)
 
     async def _reserve(
         self, node_id: str, jobs: list[JobReady], nodes: dict
@@ -137,10 +138,12 @@ class Binder:
         by_key: dict[str, Envelope],
         bound: list[tuple[JobReady, str, str, bool]],
         refused: list[tuple[JobReady, str]],
+        rebound: set[str] = frozenset(),
     ) -> None:
         now = self._clock()
         outgoing = []
         for job, node_id, scratch, _ in bound:
+            key = reservation_key(job.job_id, job.attempt)
             message = JobBound(
                 job_id=job.job_id,
                 attempt=job.attempt,
@@ -151,8 +154,12 @@ class Binder:
                 submitted_at=job.submitted_at,
                 bound_at=now,
             )
-            context = by_key[reservation_key(job.job_id, job.attempt)].context
-            outgoing.append(Outgoing(subjects.node_dispatch(node_id), message, event_id(job.job_id, job.attempt, "bound"), context))
+            context = by_key[key].context
+            msg_id = event_id(job.job_id, job.attempt, "bound")
+            if key in rebound:
+                # Its first node is gone: this binding must not be dropped as a duplicate.
+                msg_id += f":{node_id}"
+            outgoing.append(Outgoing(subjects.node_dispatch(node_id), message, msg_id, context))
         for job, reason in refused:
             message = JobUnplaceable(
                 job_id=job.job_id, attempt=job.attempt, partition=job.partition, reason=reason, at=now, release=job.release
@@ -170,7 +177,8 @@ class Binder:
         # A duplicate JobBound for a reservation we just made means an earlier delivery
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
-            (job, node_id) for (job, node_id, _, new), ack in zip(bound, acks) if new and ack.duplicate
+            (job, node_id) for (job, node_id, _, new), ack in zip(bound, acks)
+            if new and ack.duplicate and reservation_key(job.job_id, job.attempt) not in rebound
         ]
         if doubles:
             await self._remove([(node_id, reservation_key(job.job_id, job.attempt)) for job, node_id in doubles])

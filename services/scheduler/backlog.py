@@ -38,6 +38,8 @@ READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
     "ready", "timer", "group", "key", "parked", "room", "released", "gone",
 )
 ROOM_RETRY_SECONDS = 1.0
+ROOM_RETRY_MAX_SECONDS = 30.0
+ROOM_WAKE_PER_FINISH = 2  # jobs waiting for room that one finished job lets try again
 LEVELS = 10
 
 
@@ -386,6 +388,8 @@ class Backlog:
                     job.where = PARKED
                     job.reason = reason
                     self._parked[job.job_id] = job
+                    if key:
+                        self._wake_key(q, key, now)  # it will not use the key's free slot
                     continue
                 self._pop_ready(q, fifo)
                 new_pass = q.shares.charge(tenant)
@@ -486,14 +490,27 @@ class Backlog:
         q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
         job.where = ROOM
         job.reason = reason
-        heapq.heappush(self._room, (now + ROOM_RETRY_SECONDS, job.seq, job.job_id))
+        # Back off: a job that keeps finding its candidates full is not sent back and forth
+        # every second; each refusal doubles the wait (1 s ... 30 s).
+        delay = min(ROOM_RETRY_MAX_SECONDS, ROOM_RETRY_SECONDS * 2 ** min(job.releases - 1, 8))
+        heapq.heappush(self._room, (now + delay, job.seq, job.job_id))
+        if job.queue_timeout > 0:
+            # Its deadline may have passed while it was out at the binder (that entry was
+            # dropped then): file it again so the next round expires it if due.
+            heapq.heappush(self._deadlines, (job.submitted_at + job.queue_timeout, job.seq, job.job_id))
         return True
 
-    def retry_rooms_now(self, now: float) -> None:
-        """Capacity was freed somewhere: jobs waiting for room may try at once."""
-        if self._room:
-            self._room = [(min(t, now), s, j) for t, s, j in self._room]
-            heapq.heapify(self._room)
+    def retry_rooms_now(self, now: float, finished: int) -> None:
+        """``finished`` jobs freed capacity: that many jobs waiting for room (times a small
+        factor, for jobs smaller than the ones that ended) may try at once. Bounded, so a
+        large set of waiting jobs is not woken, and sent to the binder, wholesale."""
+        woken = 0
+        while self._room and woken < finished * ROOM_WAKE_PER_FINISH:
+            _, _, job_id = heapq.heappop(self._room)
+            job = self.jobs.get(job_id)
+            if job is not None and job.where == ROOM:
+                self._make_ready(job, now)
+                woken += 1
 
     def unpark(self, now: float) -> None:
         """The node set changed: every parked job gets another look."""
@@ -509,19 +526,27 @@ class Backlog:
             q.keys_out[key] -= 1
             if not q.keys_out[key]:
                 del q.keys_out[key]
-            waiting = q.key_wait.get(key)
-            while waiting:
-                _, _, next_id = heapq.heappop(waiting)
-                nxt = self.jobs.get(next_id)
-                if nxt is not None and nxt.where == KEY:  # else: expired meanwhile
-                    self._make_ready(nxt, now)
-                    break
-            if waiting is not None and not waiting:
-                del q.key_wait[key]
+            self._wake_key(q, key, now)
+
+    def _wake_key(self, q: QueueState, key: str, now: float) -> None:
+        """A slot of ``key`` is free: the best waiter gets its chance. Called again whenever
+        a woken waiter leaves without taking the slot (parked, expired), so the slot is
+        never left free while others wait."""
+        waiting = q.key_wait.get(key)
+        while waiting:
+            _, _, next_id = heapq.heappop(waiting)
+            nxt = self.jobs.get(next_id)
+            if nxt is not None and nxt.where == KEY:  # else: expired meanwhile
+                self._make_ready(nxt, now)
+                break
+        if waiting is not None and not waiting:
+            del q.key_wait[key]
 
     def _forget_pending(self, q: QueueState, job: Job, now: float) -> None:
         if job.where == READY:
             q.ready -= 1  # its heap entry is dropped lazily
+            if job.key and q.keys_out.get(job.key, 0) < job.limit:
+                self._wake_key(q, job.key, now)  # it may have been woken for a free slot
         elif job.where == PARKED:
             self._parked.pop(job.job_id, None)
         q.pending_by_tenant[job.tenant] -= 1

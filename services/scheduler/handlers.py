@@ -152,14 +152,16 @@ class PartitionScheduler:
                         if seq is not None:
                             self.backlog.add(Job.of(env.message, seq, raw=env.raw.data, trace=trace), now)
                     changes = store.StateChanges()
+                    ended = 0
                     for m in finished:
                         if self.backlog.finish(m.job_id, m.attempt, now):
                             changes.add(m.job_id, "done")
+                            ended += 1
                     for m in refused:
                         if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now):
                             changes.add(m.job_id, "pending", m.reason)
-                    if finished:
-                        self.backlog.retry_rooms_now(now)
+                    if ended:
+                        self.backlog.retry_rooms_now(now, ended)
                     decisions = self._plan(now)
                     await self._publish_and_record(conn, decisions, now, changes)
             except BaseException:

@@ -111,10 +111,15 @@ class Placement:
 
     def place_job(self, job) -> tuple[list[str], list[int], str]:
         """Like :meth:`place` for a backlog job: its signature is precomputed, and its
-        spec is decoded only when this signature was never ranked on these nodes."""
-        return self._place(job.sig, lambda: job.spec)
+        spec is decoded only when this signature was never ranked on these nodes.
 
-    def _place(self, sig: tuple, load_spec) -> tuple[list[str], list[int], str]:
+        A job the binder sent back (its candidates were full) gets the next window of the
+        ranking on each new release, so over its retries it reaches every fitting node,
+        not only the best ``limit`` of them.
+        """
+        return self._place(job.sig, lambda: job.spec, window=job.releases)
+
+    def _place(self, sig: tuple, load_spec, window: int = 0) -> tuple[list[str], list[int], str]:
         ranked = self._cache.get(sig)
         if ranked is None:
             ranked = self._cache[sig] = self._rank(load_spec())
@@ -122,6 +127,10 @@ class Placement:
         ids, tiers, reason = ranked
         if not ids:
             return [], [], reason
+        if window and len(ids) > self.limit:
+            start = (window * self.limit) % len(ids)
+            picked = [(start + k) % len(ids) for k in range(self.limit)]
+            return [ids[i] for i in picked], [tiers[i] for i in picked], ""
         if self.strategy == "spread":
             # Rotate inside the best tier so equal jobs do not all try the same nodes first.
             best = self._best[sig]

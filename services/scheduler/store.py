@@ -63,27 +63,36 @@ async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str
 
 
 class StateChanges:
-    """State changes of one batch, written with a single statement by :func:`apply`."""
+    """State changes of one batch, written with a single statement by :func:`apply`.
 
-    __slots__ = ("ids", "states", "reasons", "releases")
+    A job may change twice in one batch (refused by the binder, then released again in the
+    same round): the last change is the job's state, so it replaces the earlier one. One
+    row per job also matters to Postgres: ``UPDATE ... FROM`` applies only one joined row
+    to each target row.
+    """
+
+    __slots__ = ("_by_job",)
 
     def __init__(self) -> None:
-        self.ids: list[str] = []
-        self.states: list[str] = []
-        self.reasons: list[str] = []
-        self.releases: list[int | None] = []
+        self._by_job: dict[str, tuple[str, str, int | None]] = {}
 
     def add(self, job_id: str, state: str, reason: str = "", releases: int | None = None) -> None:
-        self.ids.append(job_id)
-        self.states.append(state)
-        self.reasons.append(reason)
-        self.releases.append(releases)
+        self._by_job[job_id] = (state, reason, releases)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_job)
+
+    def columns(self) -> tuple[list[str], list[str], list[str], list[int | None]]:
+        ids = list(self._by_job)
+        rows = list(self._by_job.values())
+        return ids, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
 async def apply(conn: asyncpg.Connection, changes: StateChanges) -> None:
     """Write every state change of a batch (pending with reason, released, done) at once."""
-    if not changes.ids:
+    if not changes:
         return
+    ids, states, reasons, releases = changes.columns()
     await conn.execute(
         """
         UPDATE backlog AS b
@@ -91,10 +100,10 @@ async def apply(conn: asyncpg.Connection, changes: StateChanges) -> None:
           FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) AS u(j, s, r, n)
          WHERE b.job_id = u.j
         """,
-        changes.ids,
-        changes.states,
-        changes.reasons,
-        changes.releases,
+        ids,
+        states,
+        reasons,
+        releases,
         time.time(),
     )
 

@@ -34,10 +34,12 @@ class SubmitHandler:
 
     async def __call__(self, env: Envelope) -> SubmitReply:
         request: SubmitRequest = env.message
+        may_hold_nul = True
         if env.raw is not None:
             reject_unknown_fields(env.raw.data, SubmitRequest)
+            may_hold_nul = b"\\u0000" in env.raw.data  # JSON can carry NUL only escaped
         for i, submission in enumerate(request.jobs):
-            validate_spec(submission.spec, where=f"jobs[{i}].spec")
+            validate_spec(submission.spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul)
         now = self._clock()
         outgoing = []
         job_ids = []
