@@ -1,11 +1,12 @@
 """Scheduler handlers: one ``PartitionScheduler`` per partition this process owns.
 
-Order of effects for every batch: insert new jobs, decide, publish JobReady/JobExpired,
-commit, then ack. A crash anywhere before the ack replays the batch: the insert skips known
-jobs, and JobReady ids (``job:attempt:ready:n``) make a re-publish a no-op, so every
-release decision reaches the binder exactly once. The backlog in memory changes while
-deciding; if the publish or the commit fails it is rebuilt from Postgres before the next
-batch.
+Order of effects for every batch: insert new jobs, decide, publish JobReady/JobExpired
+beside the state update, commit, then ack. A crash anywhere before the ack replays the
+batch: the insert skips known jobs, and JobReady ids (``job:attempt:ready:n``) make a
+re-publish within JetStream's duplicate window a no-op. The backlog in memory changes
+while deciding; if the publish or the commit fails it is rebuilt from Postgres before the
+next batch. Known gap: a released job has no timeout of its own, so a JobReady lost for
+good (or an executor that dies; JobLost is not built yet) holds its slot until restarted by hand.
 """
 
 from __future__ import annotations
@@ -101,7 +102,9 @@ class PartitionScheduler:
         rows = await store.load_active(self._pool, self.partition)
         backlog = self._new_backlog()
         now = self._clock()
-        for row in rows:
+        for i, row in enumerate(rows):
+            if i % 5000 == 4999:
+                await asyncio.sleep(0)  # let lease beats and other partitions run meanwhile
             job = Job.of(
                 _submitted.decode(row["submitted"]),
                 row["seq"],

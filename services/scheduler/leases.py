@@ -56,6 +56,7 @@ class Leases:
         self._lost = lost
         self.owned: dict[int, int] = {}  # partition -> revision of our lease record
         self._renewed: dict[int, float] = {}  # partition -> monotonic time of the last renewal
+        self._taking: dict[int, asyncio.Task] = {}  # take-overs in progress
         self.last_beat = 0.0
 
     async def run(self) -> None:
@@ -95,6 +96,9 @@ class Leases:
                 log.warning("could not renew the lease of partition %d in time; letting it go", partition)
             self.owned.pop(partition, None)
             self._renewed.pop(partition, None)
+            taking = self._taking.pop(partition, None)
+            if taking is not None:
+                taking.cancel()
             await self._lost(partition)
             return
         started = time.monotonic()
@@ -105,8 +109,17 @@ class Leases:
         self.owned[partition] = revision
         self._renewed[partition] = started
         log.info("took the lease of partition %d", partition)
+        # Loading a big backlog takes a while; the beats (of this and every other lease)
+        # must go on meanwhile, so the take-over runs beside them.
+        task = asyncio.ensure_future(self._take(kv, partition))
+        self._taking[partition] = task
+        task.add_done_callback(lambda _t: self._taking.pop(partition, None))
+
+    async def _take(self, kv, partition: int) -> None:
         try:
             await self._gained(partition)
+        except asyncio.CancelledError:
+            raise
         except Exception:
             # Could not start serving it (Postgres down?): give it back for someone else.
             log.exception("could not take over partition %d; releasing its lease", partition)
