@@ -15,7 +15,9 @@ Queue-level gates (a token-bucket rate and a cap on jobs in flight) stop a queue
 at no per-job cost. Concurrency keys and sequential groups are scoped to their queue (a
 queue lives in exactly one partition, so one owner sees all of a queue's jobs).
 
-Every selection is O(log n) in the backlog size: heaps and dicts only.
+A pick is O(log n) in the backlog size (heaps, dicts, and deques for FIFO order). Waking
+jobs waiting for room is bounded per finished job; ``stats()`` and removing an expired
+group member are linear.
 """
 
 from __future__ import annotations
