@@ -208,3 +208,31 @@ async def test_queue_timeout_expires_a_job_that_never_started(sched_cluster, nat
     status = _status(nats_server.url, job_id)
     assert status["state"] == "expired"
     assert "queue timeout of 1s" in status["reason"] and "no node with gpu kind tpu-v9" in status["reason"]
+
+
+async def test_an_attempt_on_a_node_that_dies_ends_lost_and_frees_everything(sched_cluster, nats_server, client):
+    js = client.nc.jetstream()
+    await put_config(js, "queue.fragile", QueueConfig(max_in_flight=1))
+    node = sched_cluster.start_service(
+        "executor", {"JOBMESH_NODE_ID": "doomed-1", "JOBMESH_NODE_LABELS": "pool=doomed"}, tag="-doomed"
+    )
+    spec = JobSpec(runtime=ProcessRuntime(argv=["sleep", "60"]), queue="fragile",
+                   constraints=Constraints(labels={"pool": "doomed"}), timeouts={"run": 120.0})
+    [job_id] = (await client.submit([Submission(spec=spec)])).job_ids
+    await eventually(lambda: _is(client, job_id, "running"), timeout=30, what="the job to run on doomed-1")
+    node.proc.kill()  # the node dies with the attempt on it
+    node.proc.wait(10)
+    sched_cluster.procs.remove(node)
+
+    await eventually(lambda: _is(client, job_id, "lost"), timeout=30, what="the attempt to be declared lost")
+    view = await client.get(job_id)
+    assert view.attempts[-1].state == "lost" and view.node_id == "doomed-1"
+
+    async def freed():
+        nodes = json.loads(jobmesh_cli(["nodes", "--json"], nats_server.url).stdout)
+        doomed = [n for n in nodes if n["node"]["node_id"] == "doomed-1"]
+        queues = json.loads(jobmesh_cli(["queues", "--json"], nats_server.url).stdout)
+        fragile = [q for q in queues if q["queue"] == "fragile"]
+        return all(n["reservations"] == 0 for n in doomed) and fragile and fragile[0]["in_flight"] == 0
+
+    await eventually(freed, timeout=30, what="the reservation and the queue slot to be freed")

@@ -207,7 +207,7 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("jobStarted", "send") == parties("jobSucceeded", "send") == {"executor"}
     assert parties("jobLog", "send") == {"executor"}
     assert parties("jobWatch", "send") == {"tracker"}
-    assert parties("jobLost", "send") == set()  # lease-loss detection is not built yet
+    assert parties("jobLost", "send") == {"binder"}  # it holds the dead node's reservations
     assert "tracker" in parties("jobEvents", "receive") & parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}

@@ -180,9 +180,10 @@ CHANNELS: tuple[Channel, ...] = (
     ),
     Channel(
         "jobLost", _job(subjects.LOST), (v1.JobLost,), subjects.STREAM_JOBS,
-        (), TERMINAL_CONSUMERS,
-        "Reserved: an attempt whose heartbeats stopped. Lease-loss detection is not built "
-        "yet, so nothing publishes it today; the scheduler and binder already handle it.",
+        ("binder",), TERMINAL_CONSUMERS,
+        "Terminal for the attempt: its node stopped heartbeating (declared by the binder, which "
+        "holds the node's reservations); the scheduler frees the job's slot, the binder the "
+        "reservation.",
     ),
     Channel(
         "jobEvents", subjects.job_event(PARTITION, KIND),  # type: ignore[arg-type]

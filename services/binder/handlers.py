@@ -16,10 +16,10 @@ from typing import Callable
 from jobmesh import subjects
 from jobmesh.binder.allocation import Free, free_on, plan, reservation_key
 from jobmesh.binder.allocations import Allocations
-from jobmesh.errors import Conflict
+from jobmesh.errors import Conflict, JobmeshError
 from jobmesh.ids import event_id
 from jobmesh.messages.v1 import (
-    Allocation, JobBound, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
+    Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
 )
 from jobmesh.nodes import NodeWatcher
 from jobmesh.publisher import Outgoing, Publisher
@@ -121,7 +121,9 @@ class Binder:
                     continue
                 free = free.minus(job.spec.resources)
                 scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
-                reservations[key] = Reservation(resources=job.spec.resources, scratch_dir=scratch, at=now)
+                reservations[key] = Reservation(
+                    resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition
+                )
                 won.append((job, node_id, scratch, True))
             changed = any(new for *_, new in won)
             new_alloc = Allocation(node_id=node_id, reservations=reservations) if changed else None
@@ -226,3 +228,43 @@ class Binder:
                 )
             views.append(NodeView(node=node, alive=alive, allocated=used, reservations=count))
         return NodesReply(nodes=views)
+
+    async def reap_lost_nodes(self, ttl: float) -> None:
+        """Declare lost the attempts held on nodes that stopped heartbeating (a background task).
+
+        A node whose heartbeat is older than the node TTL at two checks in a row (half a
+        TTL apart) is gone: each attempt it holds ends as JobLost. The scheduler then frees
+        the job's queue slot, key and group turn, the tracker records "lost", and this
+        binder's release consumer frees the reservation, so an attempt ends however it
+        ends. Every binder replica may publish the same JobLost; its id makes that one.
+        """
+        suspects: set[str] = set()
+        while True:
+            await asyncio.sleep(ttl / 2)
+            alive = {n.node_id for n in self._nodes.alive()}
+            held = {node for node, (alloc, _) in self._allocs.records.items() if alloc.reservations}
+            gone = held - alive
+            confirmed = gone & suspects
+            suspects = gone - confirmed
+            for node_id in confirmed:
+                try:
+                    await self._declare_lost(node_id)
+                except JobmeshError as exc:
+                    # NATS away: the node stays gone, so the next round declares it again.
+                    log.warning("could not declare the attempts of node %s lost: %s", node_id, exc)
+                    suspects.add(node_id)
+
+    async def _declare_lost(self, node_id: str) -> None:
+        alloc = self._allocs.records.get(node_id, (None, 0))[0]
+        if alloc is None or not alloc.reservations:
+            return
+        now = self._clock()
+        outgoing = []
+        for key, reservation in alloc.reservations.items():
+            job_id, _, attempt = key.rpartition(":")
+            lost = JobLost(job_id=job_id, attempt=int(attempt), partition=reservation.partition, node_id=node_id, at=now)
+            outgoing.append(
+                Outgoing(subjects.job_event(reservation.partition, subjects.LOST), lost, event_id(job_id, int(attempt), "lost"))
+            )
+        log.warning("node %s stopped heartbeating; %d attempts on it are lost", node_id, len(outgoing))
+        await self._publisher.publish(outgoing)

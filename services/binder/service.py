@@ -29,6 +29,7 @@ async def service_main(settings: Settings) -> None:
     await nodes.wait_ready()
     await allocations.wait_ready()
     binder = Binder(allocations, nodes, rt.publisher, strategy=settings.placement)
+    rt.spawn(binder.reap_lost_nodes(settings.node_ttl_seconds), "lost-nodes")
     await rt.serve(
         consumers=[
             ConsumerSpec(

@@ -87,7 +87,7 @@ class Reporter:
         except asyncio.TimeoutError:
             log.error(
                 "%d messages were not published within %.0fs of stopping; they are lost "
-                "(their attempts stay 'running' in the tracker; lease-loss detection is not built yet)",
+                "(once this node's heartbeat lapses, the binder declares its attempts lost)",
                 self._queued - self._durable,
                 timeout,
             )

@@ -37,6 +37,7 @@ class Reservation(Struct, frozen=True, kw_only=True):
     resources: Resources
     scratch_dir: str
     at: float
+    partition: int = 0  # the job's scheduler partition, to address JobLost if the node dies
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
