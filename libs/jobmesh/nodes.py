@@ -71,7 +71,7 @@ class NodeWatcher:
                     continue
                 old = self._nodes.get(entry.key)
                 self._nodes[entry.key] = node
-                if old is None or _shape(old) != _shape(node):
+                if old is None or shape(old) != shape(node):
                     self.version += 1
                     self._recheck()
                 elif entry.key not in self._alive_ids:
@@ -109,8 +109,12 @@ class NodeWatcher:
             self._recheck()
 
 
-def _shape(node: NodeInfo) -> tuple:
-    # Everything placement looks at; a heartbeat that only moves heartbeat_at is no change.
+def shape(node: NodeInfo) -> tuple:
+    """Everything placement reads from a node, except its id and heartbeat time.
+
+    Two nodes of equal shape rank alike (placement groups them); a record update that
+    keeps the shape (a heartbeat) is no change to the node set.
+    """
     return (
         node.cpu_milli, node.memory_mb, node.gpu, node.gpu_kind, node.disk_mb, node.arch,
         node.zone, node.isolation, tuple(sorted(node.labels.items())), tuple(node.handlers),

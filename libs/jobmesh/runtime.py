@@ -31,7 +31,7 @@ from jobmesh.publisher import Outgoing, Publisher
 from jobmesh.pull import PullConsumer
 from jobmesh.settings import Settings
 from jobmesh.tracing import (
-    Context, carries_trace, ensure_valid, exporting, extract, new_root, setup_tracing, shutdown_tracing,
+    Context, carries_trace, exporting, extract, new_root, setup_tracing, shutdown_tracing,
 )
 
 log = logging.getLogger("jobmesh.runtime")
@@ -284,14 +284,7 @@ class Runtime:
             except InvalidMessage as exc:
                 await self._settle(spec, raw, Reject(exc.code, str(exc)), _deliveries(raw))
                 continue
-            parent = extract(headers)
-            if recording:
-                span = self.tracer.start_span(spec.span_name, context=parent, kind=trace.SpanKind.CONSUMER)
-                context = trace.set_span_in_context(span, parent)
-            else:
-                # Nothing is recorded: carry the incoming context on as it is.
-                span = None
-                context = parent if carries_trace(parent) else new_root()
+            span, context = self._open_span(spec.span_name, headers, trace.SpanKind.CONSUMER, recording)
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
         if not envelopes:
             return
@@ -400,12 +393,9 @@ class Runtime:
             await _reply(msg, ErrorReply(code=exc.code, message=str(exc), field=exc.field or ""))
             return
         headers = msg.headers or {}
-        parent = extract(headers)
-        with self.tracer.start_as_current_span(
-            f"handle {spec.subject}", context=parent, kind=trace.SpanKind.SERVER
-        ) as span:
-            span = ensure_valid(span)
-            env = Envelope(message, msg.subject, headers, trace.set_span_in_context(span, parent), msg)
+        span, context = self._open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER, exporting())
+        try:
+            env = Envelope(message, msg.subject, headers, context, msg)
             try:
                 reply = await spec.handle(env)
             except InvalidMessage as exc:
@@ -417,7 +407,22 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - the caller gets an error, we get the traceback
                 log.exception("%s: request on %s failed", self.service, msg.subject)
                 reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
+        finally:
+            if span is not None:
+                span.end()
         await _reply(msg, reply)
+
+    def _open_span(self, name: str, headers: dict[str, str], kind: trace.SpanKind, recording: bool):
+        """The span (None when nothing is recorded) and the context a message continues.
+
+        With exporting off the incoming trace is carried on as it came, and a message
+        without one starts a fresh trace, so every message of a job shares one trace id.
+        """
+        parent = extract(headers)
+        if recording:
+            span = self.tracer.start_span(name, context=parent, kind=kind)
+            return span, trace.set_span_in_context(span, parent)
+        return None, parent if carries_trace(parent) else new_root()
 
     async def _health(self, env: Envelope) -> HealthReply:
         problems = [p for p in (check() for check in self._health_checks) if p]

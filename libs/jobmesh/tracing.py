@@ -130,24 +130,3 @@ def trace_id_of(headers: Mapping[str, str] | None) -> str:
     parent = (headers or {}).get("traceparent", "")
     parts = parent.split("-")
     return parts[1] if len(parts) == 4 else ""
-
-
-def ensure_valid(span: trace.Span) -> trace.Span:
-    """``span``, or a fresh non-recording root span when ``span`` has no valid context.
-
-    With exporting off there is no SDK to mint ids, and a message that arrived without a
-    ``traceparent`` would start no trace at all; a random root keeps every job's messages
-    under one trace id even so.
-    """
-    if span.get_span_context().is_valid:
-        return span
-    import random
-
-    return trace.NonRecordingSpan(
-        trace.SpanContext(
-            trace_id=random.getrandbits(128) or 1,
-            span_id=random.getrandbits(64) or 1,
-            is_remote=False,
-            trace_flags=trace.TraceFlags(0),
-        )
-    )

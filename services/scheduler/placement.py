@@ -19,6 +19,7 @@ from collections import Counter
 from typing import Iterable
 
 from jobmesh.messages.v1 import JobSpec, NodeInfo, NoopRuntime, ZoneMap
+from jobmesh.nodes import shape
 
 ISOLATION_LEVELS = {"process": 0, "sandbox": 1, "container": 2, "vm": 3}
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady
@@ -102,7 +103,7 @@ class Placement:
         for node in self.nodes:
             for dataset in node.datasets:
                 self._dataset_zones.setdefault(dataset, set()).add(node.zone)
-            classes.setdefault(_shape(node), []).append(node)
+            classes.setdefault(shape(node), []).append(node)
         self._classes = [(members[0], sorted(n.node_id for n in members)) for members in classes.values()]
 
     def place(self, spec: JobSpec) -> tuple[list[str], list[int], str]:
@@ -174,12 +175,3 @@ class Placement:
         if spec.locality.zone:
             tier += zone_distance(self.zones, spec.locality.zone, node.zone)
         return tier
-
-
-def _shape(node: NodeInfo) -> tuple:
-    # Everything placement reads from a node except its id.
-    return (
-        node.cpu_milli, node.memory_mb, node.gpu, node.gpu_kind, node.disk_mb, node.arch, node.zone,
-        node.isolation, tuple(sorted(node.labels.items())), tuple(node.handlers), tuple(node.runtimes),
-        tuple(node.datasets), node.draining,
-    )
