@@ -10,7 +10,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH; or run: make PYTHON=python3 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[dev,test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,15 +25,15 @@ test: $(STAMP)
 
 ## bench: print figures: end to end beside the raw JetStream baseline, then the scheduler alone
 bench: $(STAMP)
-	$(BIN)/python -m jobmesh.bench
-	$(BIN)/python -m jobmesh.scheduler.bench
+	$(BIN)/python -m jobmesh.dev.bench
+	$(BIN)/python -m jobmesh.dev.schedbench
 
 ## schemas: regenerate schemas/ from the message types
 schemas: $(STAMP)
-	$(BIN)/python -m jobmesh.schemagen
+	$(BIN)/python -m jobmesh.dev.schemas
 
 check-schemas: $(STAMP)
-	$(BIN)/python -m jobmesh.schemagen --check
+	$(BIN)/python -m jobmesh.dev.schemas --check
 
 dev-stop: $(STAMP)
 	$(BIN)/jobmesh dev --stop

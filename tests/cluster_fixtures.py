@@ -10,9 +10,9 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh import subjects
-from jobmesh.cluster import LocalCluster
-from jobmesh.messages.v1 import DeadLetter
+from jobmesh.contract import subjects
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract.messages.v1 import DeadLetter
 
 NODE_ID = "node-e2e"
 
@@ -45,7 +45,7 @@ def jobmesh_cli(args: list[str], nats_url: str, timeout: float = 60) -> subproce
     """Run the real ``jobmesh`` command in a subprocess."""
     env = dict(os.environ, JOBMESH_NATS_URL=nats_url)
     return subprocess.run(
-        [sys.executable, "-c", "from jobmesh.cli import main; main()", *args],
+        [sys.executable, "-c", "from jobmesh.client.cli import main; main()", *args],
         env=env, capture_output=True, text=True, timeout=timeout,
     )
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobmesh.db import create_database, drop_database
-from jobmesh.servers import NatsServer, embedded_postgres
+from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.dev.servers import NatsServer, embedded_postgres
 
 
 def _docker_answers() -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from jobmesh.messages.v1 import JobSpec, JobSubmitted, NoopRuntime, QueueConfig, Timeouts
+from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, NoopRuntime, QueueConfig, Timeouts
 from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
 from jobmesh.scheduler.fairshare import Shares
 from jobmesh.scheduler.ratelimit import TokenBucket

@@ -6,10 +6,10 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
 from jobmesh.errors import InvalidMessage, InvalidSpec
-from jobmesh.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
+from jobmesh.contract.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
 from tests.cluster_fixtures import NODE_ID, cluster, dead_letters, jobmesh_cli, nc  # noqa: F401 - fixtures
 from tests.helpers import eventually
 

@@ -11,16 +11,16 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.binder.allocation import overbooked
-from jobmesh.cluster import LocalCluster
-from jobmesh.codec import encode
-from jobmesh.messages.v1 import (
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import (
     Allocation, JobBound, JobReady, JobSpec, JobSucceeded, JobUnplaceable, NodeInfo, NoopRuntime, Reservation,
     Resources,
 )
-from jobmesh.provisioning import provision
-from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.runtime.provisioning import provision
+from jobmesh.runtime.publisher import Outgoing, Publisher
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

@@ -8,10 +8,10 @@ import re
 import msgspec
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.messages.v1 import JobSpec, ProcessRuntime, Submission
-from jobmesh.tracing import trace_id_of
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, Submission
+from jobmesh.runtime.tracing import trace_id_of
 from tests.cluster_fixtures import NODE_ID, cluster, jobmesh_cli, nc  # noqa: F401 - fixtures
 from tests.helpers import eventually
 

@@ -20,8 +20,8 @@ import nats
 import pytest
 from nats.js.errors import KeyNotFoundError
 
-from jobmesh import subjects
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import (
     Resources,
     JobBound,
     JobFailed,
@@ -35,9 +35,9 @@ from jobmesh.messages.v1 import (
     ProcessRuntime,
     Timeouts,
 )
-from jobmesh.provisioning import provision
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.tracing import extract, trace_id_of
+from jobmesh.runtime.provisioning import provision
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.tracing import extract, trace_id_of
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

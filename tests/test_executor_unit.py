@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from opentelemetry import trace
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
 from jobmesh.executor.attempts import (
     MAX_LINE_BYTES,
@@ -35,7 +35,7 @@ from jobmesh.executor.node import (
 )
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.service import check_settings, job_base_env
-from jobmesh.messages.v1 import (
+from jobmesh.contract.messages.v1 import (
     JobBound,
     JobFailed,
     JobSpec,
@@ -46,11 +46,11 @@ from jobmesh.messages.v1 import (
     ProcessRuntime,
     Timeouts,
 )
-from jobmesh.outcomes import ACK, Reject
-from jobmesh.publisher import Outgoing
-from jobmesh.runtime import Envelope
-from jobmesh.settings import Settings
-from jobmesh.tracing import extract
+from jobmesh.runtime.outcomes import ACK, Reject
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.service import Envelope
+from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import extract
 from tests.helpers import eventually
 
 FACTS = MachineFacts(hostname="build-01.example.com", cpu_count=8, memory_mb=16_000, arch="aarch64")

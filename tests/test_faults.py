@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.cluster import LocalCluster
-from jobmesh.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
-from jobmesh.servers import NatsServer
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
+from jobmesh.dev.servers import NatsServer
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from jobmesh import subjects
-from jobmesh.codec import Codec, encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import Codec, encode
 from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage, Unavailable
-from jobmesh.ids import job_id_for
-from jobmesh.messages.v1 import JobSpec, LifecycleEvent, NoopRuntime, ProcessRuntime, Resources, SubmitRequest, Submission
-from jobmesh.outcomes import Reject, Retry, backoff, fate_for
-from jobmesh.settings import Settings
-from jobmesh.validation import validate_spec
+from jobmesh.contract.ids import job_id_for
+from jobmesh.contract.messages.v1 import JobSpec, LifecycleEvent, NoopRuntime, ProcessRuntime, Resources, SubmitRequest, Submission
+from jobmesh.runtime.outcomes import Reject, Retry, backoff, fate_for
+from jobmesh.runtime.settings import Settings
+from jobmesh.contract.validation import validate_spec
 
 
 def test_settings_from_env_parse_and_name_the_variable():
@@ -105,9 +105,9 @@ class _FakeRaw:
 
 
 async def test_one_bad_message_does_not_take_its_batch_down():
-    from jobmesh.codec import encode
-    from jobmesh.messages.v1 import JobStarted
-    from jobmesh.runtime import ConsumerSpec, Runtime
+    from jobmesh.contract.codec import encode
+    from jobmesh.contract.messages.v1 import JobStarted
+    from jobmesh.runtime.service import ConsumerSpec, Runtime
 
     rt = Runtime(Settings.from_env("unit", {}))
     seen_batches = []

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobmesh.binder.allocation import free_on, overbooked, plan, reservation_key
-from jobmesh.messages.v1 import (
+from jobmesh.contract.messages.v1 import (
     Allocation, Constraints, JobReady, JobSpec, Locality, NodeInfo, NoopRuntime, ProcessRuntime, Reservation,
     Resources, ZoneMap,
 )

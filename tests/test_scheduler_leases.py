@@ -8,11 +8,11 @@ import time
 import nats
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.cluster import LocalCluster
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.dev.cluster import LocalCluster
 from jobmesh.errors import NotFound
-from jobmesh.messages.v1 import JobSpec, NoopRuntime, Submission
+from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Submission
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

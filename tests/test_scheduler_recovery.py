@@ -8,11 +8,11 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.clusterconfig import put_config
-from jobmesh.cluster import LocalCluster
-from jobmesh.messages.v1 import JobSpec, NoopRuntime, QueueConfig, Resources, Submission
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.runtime.clusterconfig import put_config
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, QueueConfig, Resources, Submission
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -98,7 +98,7 @@ async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nat
 
 
 async def test_finished_jobs_are_pruned_after_the_retention(database_url):
-    from jobmesh.db import connect_pool
+    from jobmesh.runtime.db import connect_pool
     from jobmesh.scheduler import store
 
     pool = await connect_pool(database_url, "scheduler", store.DDL)

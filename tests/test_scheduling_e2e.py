@@ -10,12 +10,12 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.cluster import LocalCluster
-from jobmesh.clusterconfig import put_config
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.runtime.clusterconfig import put_config
 from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound
-from jobmesh.messages.v1 import (
+from jobmesh.contract.messages.v1 import (
     Constraints, JobSpec, NoopRuntime, ProcessRuntime, QueueConfig, Resources, Submission, SubmitReply,
     TenantConfig,
 )

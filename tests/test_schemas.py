@@ -1,6 +1,6 @@
 """The generated wire contract under schemas/ is current, well-formed and true to the code.
 
-Runs ``jobmesh.schemagen``'s check in-process (no subprocess, no server), then checks each
+Runs ``jobmesh.dev.schemas``'s check in-process (no subprocess, no server), then checks each
 generated file and validates real encoded messages against their schemas with a small
 validator (required keys, the ``type`` tag, types, enums, bounds), so no JSON Schema
 library is needed.
@@ -16,8 +16,9 @@ from typing import Any
 import msgspec
 import pytest
 
-from jobmesh import schemagen, subjects
-from jobmesh.messages import v1
+from jobmesh.dev import schemas as schemagen
+from jobmesh.contract import subjects
+from jobmesh.contract.messages import v1
 
 SCHEMAS = schemagen.default_out_dir()
 

@@ -17,10 +17,10 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh import subjects
-from jobmesh.codec import encode
-from jobmesh.ids import event_id
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import (
     ErrorReply,
     JobBound,
     JobError,
@@ -39,10 +39,10 @@ from jobmesh.messages.v1 import (
     JobView,
     NoopRuntime,
 )
-from jobmesh.outcomes import Ack, Reject
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.runtime import Envelope, Runtime
-from jobmesh.settings import Settings
+from jobmesh.runtime.outcomes import Ack, Reject
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.service import Envelope, Runtime
+from jobmesh.runtime.settings import Settings
 from jobmesh.tracker.fold import AttemptState, fold
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
 from jobmesh.tracker.service import consumers, open_store, responders

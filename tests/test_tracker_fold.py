@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from jobmesh.messages.v1 import (
+from jobmesh.contract.messages.v1 import (
     JobBound,
     JobError,
     JobExpired,

@@ -2,10 +2,10 @@
 
 Every error carries a stable ``code`` (safe to match on in scripts and replies) and a
 ``retryable`` flag. The service runtime maps an error to a JetStream action in one place
-(:func:`jobmesh.outcomes.fate_for`): a retryable error becomes ``nak(delay)`` for as long as
+(:func:`jobmesh.runtime.outcomes.fate_for`): a retryable error becomes ``nak(delay)`` for as long as
 the condition lasts, a permanent one becomes ``term`` plus a dead letter. Foreign errors
-(asyncpg, nats-py) are translated into these at the boundary (``jobmesh.db``,
-``jobmesh.publisher``).
+(asyncpg, nats-py) are translated into these at the boundary (``jobmesh.runtime.db``,
+``jobmesh.runtime.publisher``).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobmesh.messages.v1 import Allocation, JobReady, NodeInfo, Resources
+from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, Resources
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,10 +17,10 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
-from jobmesh import subjects
-from jobmesh.codec import encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
 from jobmesh.errors import Conflict, Unavailable
-from jobmesh.messages.v1 import Allocation
+from jobmesh.contract.messages.v1 import Allocation
 
 log = logging.getLogger("jobmesh.binder")
 

@@ -13,17 +13,17 @@ import logging
 import time
 from typing import Callable
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.binder.allocation import Free, free_on, plan, reservation_key
 from jobmesh.binder.allocations import Allocations
 from jobmesh.errors import Conflict, JobmeshError
-from jobmesh.ids import event_id
-from jobmesh.messages.v1 import (
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import (
     Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
 )
-from jobmesh.nodes import NodeWatcher
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.runtime import Envelope
+from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.service import Envelope
 
 log = logging.getLogger("jobmesh.binder")
 

@@ -6,14 +6,14 @@ with compare-and-set; publishes JobBound on the chosen node's dispatch subject.
 
 from __future__ import annotations
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
-from jobmesh.codec import Codec
-from jobmesh.messages.v1 import JobReady, NodesRequest, TerminalEvent
-from jobmesh.nodes import NodeWatcher
-from jobmesh.runtime import ConsumerSpec, ResponderSpec, Runtime
-from jobmesh.settings import Settings
+from jobmesh.contract.codec import Codec
+from jobmesh.contract.messages.v1 import JobReady, NodesRequest, TerminalEvent
+from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.runtime.settings import Settings
 
 
 async def service_main(settings: Settings) -> None:

@@ -22,8 +22,8 @@ from typing import Awaitable, Callable, Mapping
 
 from opentelemetry import trace
 
-from jobmesh import subjects
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import (
     JobBound,
     JobError,
     JobFailed,
@@ -32,8 +32,8 @@ from jobmesh.messages.v1 import (
     NoopRuntime,
     ProcessRuntime,
 )
-from jobmesh.publisher import Outgoing
-from jobmesh.tracing import Context
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Context
 
 from jobmesh.executor.reporter import Reporter
 

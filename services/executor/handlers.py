@@ -12,12 +12,12 @@ import asyncio
 import time
 from typing import Callable, Sequence
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.errors import Unavailable
-from jobmesh.messages.v1 import JobBound, JobStarted
-from jobmesh.outcomes import ACK, Outcome, Reject
-from jobmesh.publisher import Outgoing
-from jobmesh.runtime import Envelope
+from jobmesh.contract.messages.v1 import JobBound, JobStarted
+from jobmesh.runtime.outcomes import ACK, Outcome, Reject
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.service import Envelope
 
 from jobmesh.executor.attempts import Attempts, attempt_key
 from jobmesh.executor.reporter import Reporter

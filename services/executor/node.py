@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobmesh.errors import InvalidSpec
-from jobmesh.messages.v1 import NodeInfo
-from jobmesh.settings import Settings
+from jobmesh.contract.messages.v1 import NodeInfo
+from jobmesh.runtime.settings import Settings
 
 # Node ids become a subject token and a KV key, so they use the same alphabet as job ids.
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import nats.errors
 
 from jobmesh.errors import Overloaded, Unavailable
-from jobmesh.publisher import Outgoing, Publisher
+from jobmesh.runtime.publisher import Outgoing, Publisher
 
 log = logging.getLogger("jobmesh.executor.reporter")
 

@@ -1,6 +1,6 @@
 """The executor service: start, register, heartbeat, consume dispatches, drain, stop.
 
-``service_main`` wires the parts together on the shared :class:`~jobmesh.runtime.Runtime`:
+``service_main`` wires the parts together on the shared :class:`~jobmesh.runtime.service.Runtime`:
 the node record (:class:`Registration`), the reporter, the attempt register and the
 dispatch handler. On SIGTERM the runtime stops pulling and calls :meth:`Executor.stop`,
 which gives running attempts the rest of ``drain_seconds``, fails what is left with
@@ -20,12 +20,12 @@ import msgspec
 import nats.errors
 from nats.js.kv import KeyValue
 
-from jobmesh import subjects
-from jobmesh.codec import Codec, encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import Codec, encode
 from jobmesh.errors import InvalidSpec, Unavailable
-from jobmesh.messages.v1 import JobBound, NodeInfo
-from jobmesh.runtime import ConsumerSpec, Runtime
-from jobmesh.settings import Settings
+from jobmesh.contract.messages.v1 import JobBound, NodeInfo
+from jobmesh.runtime.service import ConsumerSpec, Runtime
+from jobmesh.runtime.settings import Settings
 
 from jobmesh.executor.attempts import Attempts, ProcessRunner
 from jobmesh.executor.handlers import DispatchHandler

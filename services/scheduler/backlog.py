@@ -31,7 +31,7 @@ from typing import Callable
 
 import msgspec
 
-from jobmesh.messages.v1 import JobSpec, JobSubmitted, QueueConfig
+from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, QueueConfig
 from jobmesh.scheduler.fairshare import Rotation, Shares
 from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket

@@ -20,21 +20,21 @@ from typing import Callable
 import asyncpg
 import msgspec
 
-from jobmesh import subjects
-from jobmesh.clusterconfig import ClusterConfig
-from jobmesh.db import translated
-from jobmesh.ids import event_id
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.runtime.clusterconfig import ClusterConfig
+from jobmesh.runtime.db import translated
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import (
     ExplainReply, ExplainRequest, JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded,
     JobUnplaceable,
 )
-from jobmesh.nodes import NodeWatcher
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.runtime import Envelope
+from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.service import Envelope
 from jobmesh.scheduler import store
 from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
-from jobmesh.tracing import extract
+from jobmesh.runtime.tracing import extract
 
 log = logging.getLogger("jobmesh.scheduler")
 

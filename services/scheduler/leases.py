@@ -22,7 +22,7 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, KeyNotFoundError, KeyWrongLastSequenceError
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 
 log = logging.getLogger("jobmesh.scheduler.leases")
 

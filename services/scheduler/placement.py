@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Iterable
 
-from jobmesh.messages.v1 import JobSpec, NodeInfo, NoopRuntime, ZoneMap
-from jobmesh.nodes import shape
+from jobmesh.contract.messages.v1 import JobSpec, NodeInfo, NoopRuntime, ZoneMap
+from jobmesh.runtime.nodes import shape
 
 ISOLATION_LEVELS = {"process": 0, "sandbox": 1, "container": 2, "vm": 3}
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady

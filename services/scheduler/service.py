@@ -10,19 +10,19 @@ from __future__ import annotations
 import asyncio
 import time
 
-from jobmesh import subjects
-from jobmesh.clusterconfig import ClusterConfig
-from jobmesh.codec import Codec
-from jobmesh.db import connect_pool
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.runtime.clusterconfig import ClusterConfig
+from jobmesh.contract.codec import Codec
+from jobmesh.runtime.db import connect_pool
+from jobmesh.contract.messages.v1 import (
     ExplainRequest, LifecycleEvent, PartitionStats, QueuesReply, QueuesRequest, QueueStats,
 )
-from jobmesh.nodes import NodeWatcher
-from jobmesh.runtime import ConsumerSpec, Envelope, ResponderSpec, Runtime
+from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.service import ConsumerSpec, Envelope, ResponderSpec, Runtime
 from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
-from jobmesh.settings import Settings
+from jobmesh.runtime.settings import Settings
 
 CONSUMED_KINDS = (subjects.SUBMITTED, subjects.UNPLACEABLE, *subjects.TERMINAL_KINDS)
 

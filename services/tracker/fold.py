@@ -35,9 +35,9 @@ from msgspec import Struct
 from msgspec import field as wire
 from msgspec.structs import replace
 
-from jobmesh import subjects
-from jobmesh.ids import event_id
-from jobmesh.messages.v1 import (
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import (
     JobBound,
     JobExpired,
     JobFailed,

@@ -15,13 +15,13 @@ import asyncpg
 import nats.errors
 from nats.aio.client import Client as NATS
 
-from jobmesh import subjects
-from jobmesh.codec import encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
 from jobmesh.errors import Conflict, NotFound, Unavailable
-from jobmesh.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView, LifecycleEvent
-from jobmesh.outcomes import ACK, Outcome, Reject
-from jobmesh.runtime import Envelope
-from jobmesh.tracing import Context, inject
+from jobmesh.contract.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView, LifecycleEvent
+from jobmesh.runtime.outcomes import ACK, Outcome, Reject
+from jobmesh.runtime.service import Envelope
+from jobmesh.runtime.tracing import Context, inject
 from jobmesh.tracker.fold import fold, updates
 from jobmesh.tracker.store import Store
 

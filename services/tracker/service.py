@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncpg
 
-from jobmesh import subjects
-from jobmesh.codec import Codec
-from jobmesh.db import connect_pool
-from jobmesh.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
-from jobmesh.runtime import ConsumerSpec, ResponderSpec, Runtime
-from jobmesh.settings import Settings
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import Codec
+from jobmesh.runtime.db import connect_pool
+from jobmesh.contract.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
+from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.runtime.settings import Settings
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
 from jobmesh.tracker.store import DDL, Store
 

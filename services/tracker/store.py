@@ -19,7 +19,7 @@ from typing import Sequence
 import asyncpg
 import msgspec
 
-from jobmesh.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
+from jobmesh.contract.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
 from jobmesh.tracker.fold import AttemptState, Folded
 
 # job_id and event_id use the "C" collation: byte order is cheaper to compare and lets the
@@ -243,7 +243,7 @@ class Store:
     """The tracker's tables behind one asyncpg pool.
 
     Args:
-        pool: a pool whose search_path is the ``tracker`` schema (``jobmesh.db.connect_pool``).
+        pool: a pool whose search_path is the ``tracker`` schema (``jobmesh.runtime.db.connect_pool``).
     """
 
     def __init__(self, pool: asyncpg.Pool) -> None:

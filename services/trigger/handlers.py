@@ -9,13 +9,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from jobmesh import subjects
-from jobmesh.ids import job_id_for, new_idempotency_key
-from jobmesh.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.runtime import Envelope
-from jobmesh.strict import reject_unknown_fields
-from jobmesh.validation import validate_spec
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import job_id_for, new_idempotency_key
+from jobmesh.contract.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.service import Envelope
+from jobmesh.contract.strict import reject_unknown_fields
+from jobmesh.contract.validation import validate_spec
 
 
 class SubmitHandler:

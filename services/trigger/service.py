@@ -5,11 +5,11 @@ Later issues add event rules, schedules and workflow expansion here.
 
 from __future__ import annotations
 
-from jobmesh import subjects
-from jobmesh.codec import Codec
-from jobmesh.messages.v1 import SubmitRequest
-from jobmesh.runtime import ResponderSpec, Runtime
-from jobmesh.settings import Settings
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import Codec
+from jobmesh.contract.messages.v1 import SubmitRequest
+from jobmesh.runtime.service import ResponderSpec, Runtime
+from jobmesh.runtime.settings import Settings
 from jobmesh.trigger.handlers import SubmitHandler
 
 

@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from jobmesh.cluster import SERVICES, LocalCluster
+from jobmesh.dev.cluster import SERVICES, LocalCluster
 from jobmesh.errors import Unavailable
-from jobmesh.servers import NatsServer, embedded_postgres
+from jobmesh.dev.servers import NatsServer, embedded_postgres
 
 STATE = Path(".jobmesh")
 ENV_FILE = STATE / "dev.env"
@@ -72,7 +72,7 @@ def foreground(demo: bool = False) -> int:
         )
         _say(f"ready. NATS {nats_server.url}; settings in {ENV_FILE}; logs in {STATE / 'logs'}/")
         if demo:
-            from jobmesh.demo import run_demo
+            from jobmesh.dev.demo import run_demo
 
             asyncio.run(run_demo(nats_server.url))
         _say("press Ctrl-C to stop")
@@ -114,7 +114,7 @@ def detach() -> int:
     ENV_FILE.unlink(missing_ok=True)
     with open(LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from jobmesh.cli import main; main(['dev'])"],
+            [sys.executable, "-c", "from jobmesh.client.cli import main; main(['dev'])"],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -21,20 +21,20 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from opentelemetry import trace
 
-from jobmesh import subjects
-from jobmesh.codec import Codec, encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import Codec, encode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
-from jobmesh.messages.v1 import DeadLetter, ErrorReply, HealthReply
-from jobmesh.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
-from jobmesh.provisioning import consumer_config, ensure_consumer, provision
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.pull import PullConsumer
-from jobmesh.settings import Settings
-from jobmesh.tracing import (
+from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
+from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
+from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.pull import PullConsumer
+from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import (
     Context, carries_trace, exporting, extract, new_root, setup_tracing, shutdown_tracing,
 )
 
-log = logging.getLogger("jobmesh.runtime")
+log = logging.getLogger("jobmesh.runtime.service")
 
 
 @dataclass(slots=True)
@@ -63,7 +63,7 @@ class ConsumerSpec:
     """A durable pull consumer and the batch handler behind it.
 
     The handler returns one outcome per envelope (``None`` means ack them all) or raises;
-    an exception is mapped by :func:`jobmesh.outcomes.fate_for` for every envelope.
+    an exception is mapped by :func:`jobmesh.runtime.outcomes.fate_for` for every envelope.
     """
 
     stream: str

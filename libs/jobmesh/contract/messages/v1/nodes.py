@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from msgspec import Struct, field
 
-from jobmesh.messages.v1.jobs import Resources
+from jobmesh.contract.messages.v1.jobs import Resources
 
 __all__ = ["NodeInfo", "Allocation", "Reservation"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import msgspec
 
-from jobmesh import subjects
-from jobmesh.client import Client
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
 from jobmesh.errors import JobmeshError, NotFound, Unavailable, UsageError
-from jobmesh.ids import job_id_for, new_idempotency_key
-from jobmesh.messages.v1 import (
+from jobmesh.contract.ids import job_id_for, new_idempotency_key
+from jobmesh.contract.messages.v1 import (
     TERMINAL_STATES, Constraints, JobSpec, JobUpdate, JobView, Locality, LogLine, NoopRuntime, ProcessRuntime,
     Resources, Submission, Timeouts,
 )
@@ -100,7 +100,7 @@ def _spec_from(args: argparse.Namespace) -> JobSpec:
         not_before=time.time() + args.delay if args.delay > 0 else 0.0,
     )
     # Round-trip through the wire type so flags get the same checks as API input.
-    from jobmesh.codec import Codec, encode
+    from jobmesh.contract.codec import Codec, encode
 
     return Codec(JobSpec).decode(encode(msgspec.structs.replace(JobSpec(runtime=runtime), **raw)))
 
@@ -354,8 +354,8 @@ async def cmd_queues(args: argparse.Namespace) -> int:
 
 
 async def cmd_queue_set(args: argparse.Namespace) -> int:
-    from jobmesh.clusterconfig import put_config
-    from jobmesh.messages.v1 import QueueConfig
+    from jobmesh.runtime.clusterconfig import put_config
+    from jobmesh.contract.messages.v1 import QueueConfig
 
     config = _checked(QueueConfig, {"rate": args.rate, "burst": args.burst, "max_in_flight": args.max_in_flight})
     await _put(put_config, f"queue.{_name(args.name, 'queue')}", config)
@@ -364,8 +364,8 @@ async def cmd_queue_set(args: argparse.Namespace) -> int:
 
 
 async def cmd_tenant_set(args: argparse.Namespace) -> int:
-    from jobmesh.clusterconfig import put_config
-    from jobmesh.messages.v1 import TenantConfig
+    from jobmesh.runtime.clusterconfig import put_config
+    from jobmesh.contract.messages.v1 import TenantConfig
 
     config = _checked(TenantConfig, {"weight": args.weight})
     await _put(put_config, f"tenant.{_name(args.name, 'tenant')}", config)
@@ -374,8 +374,8 @@ async def cmd_tenant_set(args: argparse.Namespace) -> int:
 
 
 async def cmd_zones_set(args: argparse.Namespace) -> int:
-    from jobmesh.clusterconfig import put_config
-    from jobmesh.messages.v1 import ZoneMap
+    from jobmesh.runtime.clusterconfig import put_config
+    from jobmesh.contract.messages.v1 import ZoneMap
 
     try:
         raw = msgspec.json.decode(open(args.file, "rb").read())
@@ -390,8 +390,8 @@ async def cmd_zones_set(args: argparse.Namespace) -> int:
 
 
 def _checked(kind, raw: dict):
-    from jobmesh.codec import Codec
-    from jobmesh.strict import reject_unknown_fields
+    from jobmesh.contract.codec import Codec
+    from jobmesh.contract.strict import reject_unknown_fields
 
     payload = msgspec.json.encode({"type": kind.__struct_config__.tag, **raw})
     value = Codec(kind).decode(payload)
@@ -416,7 +416,7 @@ async def _put(put, key: str, value) -> None:
 
 
 async def cmd_health(args: argparse.Namespace) -> int:
-    from jobmesh.messages.v1 import HealthReply
+    from jobmesh.contract.messages.v1 import HealthReply
 
     client = await Client.connect()
     try:
@@ -435,8 +435,8 @@ async def cmd_health(args: argparse.Namespace) -> int:
 
 
 async def cmd_provision(args: argparse.Namespace) -> int:
-    from jobmesh.provisioning import provision
-    from jobmesh.settings import Settings
+    from jobmesh.runtime.provisioning import provision
+    from jobmesh.runtime.settings import Settings
 
     # The same JOBMESH_* variables the services read: bucket TTLs are fixed at creation.
     settings = Settings.from_env("provision")
@@ -456,7 +456,7 @@ async def cmd_provision(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from jobmesh import devcluster
+    from jobmesh.dev import devcluster
 
     if args.stop:
         return devcluster.stop()
@@ -465,8 +465,8 @@ def cmd_dev(args: argparse.Namespace) -> int:
         if code == 0 and args.demo:
             import uvloop
 
-            from jobmesh.client import resolve_nats_url
-            from jobmesh.demo import run_demo
+            from jobmesh.client.client import resolve_nats_url
+            from jobmesh.dev.demo import run_demo
 
             uvloop.run(run_demo(resolve_nats_url()))
         return code

@@ -27,15 +27,15 @@ import msgspec
 import nats
 from nats.js.api import AckPolicy, StorageType, StreamConfig
 
-from jobmesh import subjects
-from jobmesh.client import Client
-from jobmesh.cluster import LocalCluster
-from jobmesh.db import create_database, drop_database
-from jobmesh.ids import job_id_for
-from jobmesh.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
-from jobmesh.publisher import Outgoing, Publisher
-from jobmesh.pull import PullConsumer
-from jobmesh.servers import NatsServer, embedded_postgres
+from jobmesh.contract import subjects
+from jobmesh.client.client import Client
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.contract.ids import job_id_for
+from jobmesh.contract.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.pull import PullConsumer
+from jobmesh.dev.servers import NatsServer, embedded_postgres
 
 STAGES = 5
 _update = msgspec.json.Decoder(JobUpdate)
@@ -81,7 +81,7 @@ async def raw_baseline(url: str, n: int) -> float:
     for stage in range(STAGES):
         await js.add_consumer("BENCH", durable_name=f"stage{stage}", filter_subject=f"bench.s{stage}", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000)
     procs = [
-        subprocess.Popen([sys.executable, "-m", "jobmesh.bench", "--relay", str(stage), "--url", url], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen([sys.executable, "-m", "jobmesh.dev.bench", "--relay", str(stage), "--url", url], stdout=subprocess.PIPE, text=True)
         for stage in range(STAGES)
     ]
     for p in procs:
@@ -221,7 +221,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobmesh.bench")
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
     parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
     parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)

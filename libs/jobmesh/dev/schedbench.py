@@ -6,7 +6,7 @@ one arrives) and prints the cost per decision, the ratio to the 1k backlog, and 
 held per pending job. For 10, 100 and 1,000 nodes it prints
 the cost of a placement computed from scratch (a new node set) and of a cached one.
 
-Run: ``python -m jobmesh.scheduler.bench`` (``make bench`` runs it too).
+Run: ``python -m jobmesh.dev.schedbench`` (``make bench`` runs it too).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 
 import msgspec
 
-from jobmesh.messages.v1 import JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
+from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
 from jobmesh.scheduler.backlog import Backlog, Job
 from jobmesh.scheduler.placement import Placement
 
@@ -110,7 +110,7 @@ def bench_placement(nodes: int, rounds: int = 50) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobmesh.scheduler.bench")
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.schedbench")
     parser.add_argument("--sizes", default="1000,100000,1000000")
     parser.add_argument("--decisions", type=int, default=20_000)
     args = parser.parse_args()

@@ -6,9 +6,9 @@ import asyncio
 import sys
 import time
 
-from jobmesh.client import Client
+from jobmesh.client.client import Client
 from jobmesh.errors import NotFound
-from jobmesh.messages.v1 import TERMINAL_STATES, JobSpec, NoopRuntime, ProcessRuntime, Submission
+from jobmesh.contract.messages.v1 import TERMINAL_STATES, JobSpec, NoopRuntime, ProcessRuntime, Submission
 
 DEMO_JOBS = [
     ("hello", ProcessRuntime(argv=["echo", "hello from jobmesh"])),

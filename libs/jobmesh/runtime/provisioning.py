@@ -23,9 +23,9 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 
-log = logging.getLogger("jobmesh.provisioning")
+log = logging.getLogger("jobmesh.runtime.provisioning")
 
 DAY = 86_400.0
 GIB = 1024**3

@@ -6,9 +6,9 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from jobmesh.messages.v1.config import PartitionStats
-from jobmesh.messages.v1.jobs import JobError, JobSpec, Resources
-from jobmesh.messages.v1.nodes import NodeInfo
+from jobmesh.contract.messages.v1.config import PartitionStats
+from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, Resources
+from jobmesh.contract.messages.v1.nodes import NodeInfo
 
 __all__ = [
     "Submission", "SubmitRequest", "SubmitReply", "ErrorReply", "JobGetRequest",

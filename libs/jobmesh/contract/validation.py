@@ -9,7 +9,7 @@ from __future__ import annotations
 import msgspec
 
 from jobmesh.errors import InvalidSpec
-from jobmesh.messages.v1 import JobSpec, ProcessRuntime
+from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime
 
 # Beyond these, a request is a typo rather than a real job.
 MAX_CPU_MILLI = 1_024_000

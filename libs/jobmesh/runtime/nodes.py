@@ -15,10 +15,10 @@ from typing import Callable
 import msgspec
 from nats.js import JetStreamContext
 
-from jobmesh import subjects
-from jobmesh.messages.v1 import NodeInfo
+from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import NodeInfo
 
-log = logging.getLogger("jobmesh.nodes")
+log = logging.getLogger("jobmesh.runtime.nodes")
 
 _decoder = msgspec.json.Decoder(NodeInfo)
 

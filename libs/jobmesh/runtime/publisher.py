@@ -10,9 +10,9 @@ import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
 
-from jobmesh.codec import encode
+from jobmesh.contract.codec import encode
 from jobmesh.errors import Overloaded, Unavailable
-from jobmesh.tracing import Context, inject
+from jobmesh.runtime.tracing import Context, inject
 
 PUBLISH_TIMEOUT = 10.0
 
@@ -22,7 +22,7 @@ class Outgoing:
     """One message to publish.
 
     Attributes:
-        subject: where it goes (built by ``jobmesh.subjects``).
+        subject: where it goes (built by ``jobmesh.contract.subjects``).
         message: a msgspec struct, encoded as JSON.
         msg_id: the Nats-Msg-Id that makes a re-publish a no-op within the duplicate window.
         context: the trace context this message continues (usually the input's).

@@ -18,9 +18,9 @@ from pathlib import Path
 import msgspec
 import nats
 
-from jobmesh import subjects
+from jobmesh.contract import subjects
 from jobmesh.errors import Unavailable
-from jobmesh.messages.v1 import HealthReply
+from jobmesh.contract.messages.v1 import HealthReply
 
 SERVICES = ("trigger", "scheduler", "binder", "executor", "tracker")
 

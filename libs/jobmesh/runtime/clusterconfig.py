@@ -13,9 +13,9 @@ from typing import Callable
 import msgspec
 from nats.js import JetStreamContext
 
-from jobmesh import subjects
-from jobmesh.codec import encode
-from jobmesh.messages.v1 import QueueConfig, TenantConfig, ZoneMap
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import QueueConfig, TenantConfig, ZoneMap
 
 log = logging.getLogger("jobmesh.config")
 

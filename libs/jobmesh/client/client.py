@@ -15,10 +15,10 @@ import msgspec
 import nats
 from nats.aio.client import Client as NATS
 
-from jobmesh import subjects
-from jobmesh.codec import encode
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
 from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, NotFound, Unavailable
-from jobmesh.messages.v1 import (
+from jobmesh.contract.messages.v1 import (
     ErrorReply, ExplainReply, ExplainRequest, JobGetRequest, JobListReply, JobListRequest, JobView, NodesReply,
     NodesRequest, QueuesReply, QueuesRequest, SubmitReply, SubmitRequest, Submission,
 )

@@ -1,0 +1,85 @@
+"""Job ids, attempt keys and every ``Nats-Msg-Id``: built here and nowhere else.
+
+A job id is derived from the idempotency key, so submitting the same key twice yields the
+same job id even after JetStream's duplicate window has passed; a client that generates its
+key can know the job id before it submits (the CLI does, to watch without a race).
+
+Message ids are deterministic (job, attempt, kind and, where one attempt can produce several
+of a kind, a counter), so a re-publish within the duplicate window is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+# A personalisation string, so job ids differ from any other BLAKE2b hash of the same keys.
+_PERSON = b"jobmesh.job.v1"
+
+
+def new_idempotency_key() -> str:
+    """A fresh random key for a caller that did not give one (128 bits)."""
+    return os.urandom(16).hex()
+
+
+def job_id_for(idempotency_key: str) -> str:
+    """The job id that ``idempotency_key`` always maps to (32 hex characters).
+
+    BLAKE2b is in the standard library and several times cheaper than uuid5's SHA-1 plus
+    UUID object, which showed in profiles of the submit path.
+    """
+    return hashlib.blake2b(idempotency_key.encode(), digest_size=16, person=_PERSON).hexdigest()
+
+
+def attempt_key(job_id: str, attempt: int) -> str:
+    """``<job_id>:<attempt>``: one attempt's identity (reservation keys, executor dedupe,
+    and the prefix of every message id the attempt produces)."""
+    return f"{job_id}:{attempt}"
+
+
+def parse_attempt_key(key: str) -> tuple[str, int]:
+    """The ``(job_id, attempt)`` of an :func:`attempt_key`.
+
+    Raises:
+        ValueError: when ``key`` is not ``<job_id>:<attempt>``.
+    """
+    job_id, sep, attempt = key.rpartition(":")
+    if not sep or not job_id:
+        raise ValueError(f"not an attempt key: {key!r}")
+    return job_id, int(attempt)
+
+
+def event_id(job_id: str, attempt: int, kind: str) -> str:
+    """Nats-Msg-Id of a lifecycle event that an attempt has at most once of
+    (started, succeeded, failed, expired, lost, bound)."""
+    return f"{job_id}:{attempt}:{kind}"
+
+
+def submit_id(idempotency_key: str) -> str:
+    """Nats-Msg-Id of a JobSubmitted: the caller's idempotency key."""
+    return f"submit:{idempotency_key}"
+
+
+def release_id(job_id: str, attempt: int, kind: str, release: int) -> str:
+    """Nats-Msg-Id of a JobReady or JobUnplaceable: an attempt can be released (and
+    refused) several times, so the release number tells them apart."""
+    return f"{job_id}:{attempt}:{kind}:{release}"
+
+
+def rebound_id(job_id: str, attempt: int, kind: str, node_id: str) -> str:
+    """Nats-Msg-Id of a JobBound that binds an attempt again, to another node, because the
+    first node is gone: it must not be dropped as a duplicate of the first binding."""
+    return f"{job_id}:{attempt}:{kind}:{node_id}"
+
+
+def log_id(job_id: str, attempt: int, line: int) -> str:
+    """Nats-Msg-Id of an attempt's ``line``-th output line (counted from 1)."""
+    return f"{job_id}:{attempt}:log:{line}"
+
+
+def deadletter_id(service: str, subject: str, stream_seq: int, at_ns: int) -> str:
+    """Nats-Msg-Id of a dead letter: one per refused stream message; a refused request
+    (no stream sequence) gets the time it was refused."""
+    if stream_seq:
+        return f"dl:{service}:{subject}:{stream_seq}"
+    return f"dl:{service}:{at_ns}"
