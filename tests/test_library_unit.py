@@ -9,7 +9,8 @@ from jobmesh.contract.codec import Codec, encode
 from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage, Unavailable
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSpec, LifecycleEvent, NoopRuntime, ProcessRuntime, Resources, SubmitRequest, Submission
-from jobmesh.runtime.outcomes import Reject, Retry, backoff, fate_for
+from jobmesh.runtime.backoff import backoff
+from jobmesh.runtime.outcomes import Reject, Retry, fate_for
 from jobmesh.runtime.settings import Settings
 from jobmesh.contract.validation import validate_spec
 

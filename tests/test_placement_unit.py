@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from jobmesh.binder.allocation import free_on, overbooked, plan, reservation_key
+from jobmesh.binder.allocation import free_on, overbooked, plan
+from jobmesh.contract.ids import attempt_key as reservation_key
 from jobmesh.contract.messages.v1 import (
     Allocation, Constraints, JobReady, JobSpec, Locality, NodeInfo, NoopRuntime, ProcessRuntime, Reservation,
     Resources, ZoneMap,

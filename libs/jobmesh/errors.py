@@ -1,21 +1,33 @@
-"""The jobmesh error tree.
+"""The jobmesh error tree, and its mapping to and from the wire.
 
 Every error carries a stable ``code`` (safe to match on in scripts and replies) and a
 ``retryable`` flag. The service runtime maps an error to a JetStream action in one place
-(:func:`jobmesh.runtime.outcomes.fate_for`): a retryable error becomes ``nak(delay)`` for as long as
-the condition lasts, a permanent one becomes ``term`` plus a dead letter. Foreign errors
-(asyncpg, nats-py) are translated into these at the boundary (``jobmesh.runtime.db``,
-``jobmesh.runtime.publisher``).
+(:func:`jobmesh.runtime.outcomes.fate_for`): a retryable error becomes ``nak(delay)`` for as
+long as the condition lasts, a permanent one becomes ``term`` plus a dead letter. Foreign
+errors (asyncpg, nats-py) are translated into these at the boundary
+(``jobmesh.runtime.db``, ``jobmesh.runtime.publisher``).
+
+An API error travels as ``ErrorReply(code, message, field, retryable)``;
+:meth:`JobmeshError.from_wire` turns one back into the class that owns the code, so a
+client raises exactly what the service raised.
 """
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class JobmeshError(Exception):
-    """Base of every error jobmesh raises on purpose."""
+    """Base of every error jobmesh raises on purpose; also what an unknown code becomes."""
 
-    code = "internal"
-    retryable = False
+    code: ClassVar[str] = "internal"
+    retryable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        # Each class that declares a code of its own is what that code decodes to.
+        if "code" in cls.__dict__:
+            _BY_CODE[cls.code] = cls
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -24,6 +36,38 @@ class JobmeshError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+    @staticmethod
+    def from_wire(code: str, message: str, field: str = "", retryable: bool = False) -> JobmeshError:
+        """The error an ``ErrorReply`` describes, as the class that owns ``code``.
+
+        Args:
+            code: the stable error code.
+            message: the human message.
+            field: the offending field, "" when none.
+            retryable: the sender's flag; consulted only for a code this version does not
+                know (a newer server), which becomes an :class:`UnknownError`.
+
+        Returns:
+            An instance whose ``code``, ``field`` and ``retryable`` match the reply.
+        """
+        kind = _BY_CODE.get(code)
+        if kind is not None:
+            return kind(message, field=field or None)
+        return UnknownError(message, field=field or None, code=code, retryable=retryable)
+
+
+_BY_CODE: dict[str, type[JobmeshError]] = {JobmeshError.code: JobmeshError}
+
+
+class UnknownError(JobmeshError):
+    """Raised by a client for an error code this version does not know (a newer server):
+    it keeps the code and the retryable flag the server sent."""
+
+    def __init__(self, message: str, *, field: str | None = None, code: str, retryable: bool) -> None:
+        super().__init__(message, field=field)
+        self.code = code  # type: ignore[misc]  # per instance: the code is not this class's own
+        self.retryable = retryable  # type: ignore[misc]
 
 
 class InvalidMessage(JobmeshError):
@@ -68,6 +112,13 @@ class Unavailable(JobmeshError):
 
     code = "unavailable"
     retryable = True
+
+
+class Unstorable(JobmeshError):
+    """Raised when a database refuses a value for what it is (out of range, a constraint);
+    the same write would fail the same way, so it is not retried."""
+
+    code = "unstorable"
 
 
 class Overloaded(JobmeshError):

@@ -32,11 +32,6 @@ class Free:
         return Free(self.cpu_milli - res.cpu_milli, self.memory_mb - res.memory_mb, self.gpu - res.gpu, self.disk_mb - res.disk_mb)
 
 
-def reservation_key(job_id: str, attempt: int) -> str:
-    """Key of one attempt's reservation inside a node's allocation record."""
-    return f"{job_id}:{attempt}"
-
-
 def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
     """Advertised capacity minus every reservation on the node."""
     free = Free(node.cpu_milli, node.memory_mb, node.gpu, node.disk_mb)

@@ -14,10 +14,10 @@ import time
 from typing import Callable
 
 from jobmesh.contract import subjects
-from jobmesh.binder.allocation import Free, free_on, plan, reservation_key
+from jobmesh.binder.allocation import Free, free_on, plan
 from jobmesh.binder.allocations import Allocations
 from jobmesh.errors import Conflict, JobmeshError
-from jobmesh.contract.ids import event_id
+from jobmesh.contract.ids import attempt_key, event_id, parse_attempt_key, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
     Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
 )
@@ -59,7 +59,7 @@ class Binder:
         by_key: dict[str, Envelope] = {}
         for env in batch:
             job: JobReady = env.message
-            key = reservation_key(job.job_id, job.attempt)
+            key = attempt_key(job.job_id, job.attempt)
             if key not in by_key or by_key[key].message.release < job.release:
                 by_key[key] = env
         nodes = {n.node_id: n for n in self._nodes.alive()}
@@ -112,7 +112,7 @@ class Binder:
             reservations = dict(alloc.reservations)
             won, lost = [], []
             for job in jobs:
-                key = reservation_key(job.job_id, job.attempt)
+                key = attempt_key(job.job_id, job.attempt)
                 if key in reservations:  # a redelivery: already ours on this node
                     won.append((job, node_id, reservations[key].scratch_dir, False))
                     continue
@@ -145,7 +145,7 @@ class Binder:
         now = self._clock()
         outgoing = []
         for job, node_id, scratch, _ in bound:
-            key = reservation_key(job.job_id, job.attempt)
+            key = attempt_key(job.job_id, job.attempt)
             message = JobBound(
                 job_id=job.job_id,
                 attempt=job.attempt,
@@ -157,21 +157,22 @@ class Binder:
                 bound_at=now,
             )
             context = by_key[key].context
-            msg_id = event_id(job.job_id, job.attempt, "bound")
             if key in rebound:
                 # Its first node is gone: this binding must not be dropped as a duplicate.
-                msg_id += f":{node_id}"
+                msg_id = rebound_id(job.job_id, job.attempt, subjects.BOUND, node_id)
+            else:
+                msg_id = event_id(job.job_id, job.attempt, subjects.BOUND)
             outgoing.append(Outgoing(subjects.node_dispatch(node_id), message, msg_id, context))
         for job, reason in refused:
             message = JobUnplaceable(
                 job_id=job.job_id, attempt=job.attempt, partition=job.partition, reason=reason, at=now, release=job.release
             )
-            context = by_key[reservation_key(job.job_id, job.attempt)].context
+            context = by_key[attempt_key(job.job_id, job.attempt)].context
             outgoing.append(
                 Outgoing(
                     subjects.job_event(job.partition, subjects.UNPLACEABLE),
                     message,
-                    f"{job.job_id}:{job.attempt}:unplaceable:{job.release}",
+                    release_id(job.job_id, job.attempt, subjects.UNPLACEABLE, job.release),
                     context,
                 )
             )
@@ -180,10 +181,10 @@ class Binder:
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
             (job, node_id) for (job, node_id, _, new), ack in zip(bound, acks)
-            if new and ack.duplicate and reservation_key(job.job_id, job.attempt) not in rebound
+            if new and ack.duplicate and attempt_key(job.job_id, job.attempt) not in rebound
         ]
         if doubles:
-            await self._remove([(node_id, reservation_key(job.job_id, job.attempt)) for job, node_id in doubles])
+            await self._remove([(node_id, attempt_key(job.job_id, job.attempt)) for job, node_id in doubles])
 
     async def release(self, batch: list[Envelope]) -> None:
         """Handle a batch of terminal events: free each attempt's reservation."""
@@ -191,7 +192,7 @@ class Binder:
         for env in batch:
             node_id = getattr(env.message, "node_id", "")
             if node_id:
-                pairs.append((node_id, reservation_key(env.message.job_id, env.message.attempt)))
+                pairs.append((node_id, attempt_key(env.message.job_id, env.message.attempt)))
         await self._remove(pairs)
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
@@ -261,10 +262,10 @@ class Binder:
         now = self._clock()
         outgoing = []
         for key, reservation in alloc.reservations.items():
-            job_id, _, attempt = key.rpartition(":")
-            lost = JobLost(job_id=job_id, attempt=int(attempt), partition=reservation.partition, node_id=node_id, at=now)
+            job_id, attempt = parse_attempt_key(key)
+            lost = JobLost(job_id=job_id, attempt=attempt, partition=reservation.partition, node_id=node_id, at=now)
             outgoing.append(
-                Outgoing(subjects.job_event(reservation.partition, subjects.LOST), lost, event_id(job_id, int(attempt), "lost"))
+                Outgoing(subjects.job_event(reservation.partition, subjects.LOST), lost, event_id(job_id, attempt, subjects.LOST))
             )
         log.warning("node %s stopped heartbeating; %d attempts on it are lost", node_id, len(outgoing))
         await self._publisher.publish(outgoing)

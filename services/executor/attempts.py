@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Mapping
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
+from jobmesh.contract.ids import attempt_key, event_id, log_id
 from jobmesh.contract.messages.v1 import (
     JobBound,
     JobError,
@@ -54,11 +55,6 @@ DISK_QUOTA = "disk_quota_exceeded"
 QUOTA_CHECK_SECONDS = 1.0  # how often a job's scratch directory is measured
 
 LineSink = Callable[[str, str], Awaitable[None]]
-
-
-def attempt_key(job_id: str, attempt: int) -> str:
-    """The identity of one attempt, also the prefix of its message ids."""
-    return f"{job_id}:{attempt}"
 
 
 class OutputTail:
@@ -161,7 +157,7 @@ def terminal_message(
     return Outgoing(
         subjects.job_event(bound.partition, kind),
         terminal_event(bound, node_id, outcome, started_at, at),
-        f"{attempt_key(bound.job_id, bound.attempt)}:{kind}",
+        event_id(bound.job_id, bound.attempt, kind),
         context,
     )
 
@@ -492,7 +488,7 @@ class Attempt:
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
         await self._reporter.emit_log(
-            Outgoing(subjects.job_log(bound.job_id), message, f"{self.key}:log:{self._log_seq}", self.context)
+            Outgoing(subjects.job_log(bound.job_id), message, log_id(bound.job_id, bound.attempt, self._log_seq), self.context)
         )
 
 

@@ -13,13 +13,14 @@ import time
 from typing import Callable, Sequence
 
 from jobmesh.contract import subjects
+from jobmesh.contract.ids import attempt_key, event_id
 from jobmesh.errors import Unavailable
 from jobmesh.contract.messages.v1 import JobBound, JobStarted
 from jobmesh.runtime.outcomes import ACK, Outcome, Reject
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.service import Envelope
 
-from jobmesh.executor.attempts import Attempts, attempt_key
+from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.reporter import Reporter
 
 
@@ -89,7 +90,7 @@ class DispatchHandler:
                         node_id=self._node_id,
                         at=now,
                     ),
-                    f"{key}:{subjects.STARTED}",
+                    event_id(bound.job_id, bound.attempt, subjects.STARTED),
                     env.context,
                 ),
             )

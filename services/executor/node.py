@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobmesh.contract.validation import label_problem
 from jobmesh.errors import InvalidSpec
 from jobmesh.contract.messages.v1 import NodeInfo
 from jobmesh.runtime.settings import Settings
@@ -22,7 +23,6 @@ from jobmesh.runtime.settings import Settings
 # Node ids become a subject token and a KV key, so they use the same alphabet as job ids.
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _NOT_ID_CHARS = re.compile(r"[^A-Za-z0-9_-]+")
-_LABEL_KEY = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 RUNTIMES = ["process", "noop"]
 DEFAULT_WORK_ROOT = Path(tempfile.gettempdir()) / "jobmesh-work"
@@ -122,11 +122,9 @@ def parse_labels(text: str) -> dict[str, str]:
                 f"JOBMESH_NODE_LABELS: bad label {item!r}: expected key=value pairs separated by commas",
                 field="node_labels",
             )
-        if not _LABEL_KEY.match(key):
-            raise InvalidSpec(
-                f"JOBMESH_NODE_LABELS: bad label key {key!r}: use A-Z a-z 0-9 _ . - /",
-                field="node_labels",
-            )
+        problem = label_problem(key, value)
+        if problem:
+            raise InvalidSpec(f"JOBMESH_NODE_LABELS: {problem}", field="node_labels")
         if key in labels:
             raise InvalidSpec(f"JOBMESH_NODE_LABELS: label {key!r} is given twice", field="node_labels")
         labels[key] = value

@@ -23,6 +23,7 @@ from typing import Callable, Iterable
 import nats.errors
 
 from jobmesh.errors import Overloaded, Unavailable
+from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.publisher import Outgoing, Publisher
 
 log = logging.getLogger("jobmesh.executor.reporter")
@@ -36,7 +37,8 @@ class Reporter:
         max_batch: most messages in one publish call.
         max_backlog: log lines wait (which stalls the job's pipe, so the job slows down)
             while this many messages are queued; lifecycle events are never held back.
-        retry_base: first delay after a failed publish, in seconds; doubles each time.
+        retry_base: first delay after a failed publish, in seconds; doubles each time
+            (jittered, see :func:`jobmesh.runtime.backoff.backoff`).
         retry_max: longest delay between retries.
         on_crash: called if the flusher dies of an unexpected error (a bug); the service
             uses it to stop, because nothing it reports would be published any more.
@@ -174,7 +176,7 @@ class Reporter:
         Re-publishing is safe: every message has a deterministic Nats-Msg-Id, so the
         stream drops the copies of those that made it the first time.
         """
-        delay = self._retry_base
+        tries = 0
         while True:
             try:
                 await self._publisher.publish(batch)
@@ -190,9 +192,12 @@ class Reporter:
                 return
             self._failure = reason
             self.retries += 1
+            tries += 1
+            # Keyed by the batch's first message id, so executors that failed together
+            # (the same outage) do not all retry in step.
+            delay = backoff(tries, base=self._retry_base, cap=self._retry_max, key=batch[0].msg_id)
             log.warning("could not publish %d messages (%s); retrying in %.1fs", len(batch), reason, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, self._retry_max)
 
     def _flusher_done(self, task: asyncio.Task) -> None:
         if task.cancelled():

@@ -32,6 +32,7 @@ from typing import Callable
 import msgspec
 
 from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, QueueConfig
+from jobmesh.runtime.backoff import backoff
 from jobmesh.scheduler.fairshare import Rotation, Shares
 from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket
@@ -493,8 +494,9 @@ class Backlog:
         job.where = ROOM
         job.reason = reason
         # Back off: a job that keeps finding its candidates full is not sent back and forth
-        # every second; each refusal doubles the wait (1 s ... 30 s).
-        delay = min(ROOM_RETRY_MAX_SECONDS, ROOM_RETRY_SECONDS * 2 ** min(job.releases - 1, 8))
+        # every second; each refusal doubles the wait (about 1 s ... 30 s, jittered per job
+        # so that jobs refused together do not all come back together).
+        delay = backoff(job.releases, base=ROOM_RETRY_SECONDS, cap=ROOM_RETRY_MAX_SECONDS, key=job.job_id)
         heapq.heappush(self._room, (now + delay, job.seq, job.job_id))
         if job.queue_timeout > 0:
             # Its deadline may have passed while it was out at the binder (that entry was

@@ -23,7 +23,7 @@ import msgspec
 from jobmesh.contract import subjects
 from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import translated
-from jobmesh.contract.ids import event_id
+from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
     ExplainReply, ExplainRequest, JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded,
     JobUnplaceable,
@@ -264,7 +264,7 @@ class PartitionScheduler:
                     release=job.releases,
                 )
                 subject = subjects.job_event(self.partition, subjects.READY)
-                msg_id = f"{job.job_id}:{job.attempt}:ready:{job.releases}"
+                msg_id = release_id(job.job_id, job.attempt, subjects.READY, job.releases)
                 outgoing.append(Outgoing(subject, ready, msg_id, context))
                 changes.add(job.job_id, "released", releases=job.releases)
             elif isinstance(d, Expire):
@@ -272,7 +272,7 @@ class PartitionScheduler:
                 attempt = job.attempt if job.releases else 0
                 message = JobExpired(job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now)
                 subject = subjects.job_event(self.partition, subjects.EXPIRED)
-                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, "expired"), context))
+                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, subjects.EXPIRED), context))
                 changes.add(job.job_id, "done", d.reason)
         return outgoing
 

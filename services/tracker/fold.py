@@ -36,7 +36,7 @@ from msgspec import field as wire
 from msgspec.structs import replace
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import event_id
+from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
     JobBound,
     JobExpired,
@@ -203,7 +203,7 @@ def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
     release = getattr(event, "release", 1)
     if release > 1:
         # A re-release is history of its own, not a duplicate of the first release.
-        eid = f"{eid}:{release}"
+        eid = release_id(job.job_id, n, kind, release)
     return job, EventRow(eid, job.job_id, n, kind, at, _clean(detail)[:_DETAIL_MAX])
 
 

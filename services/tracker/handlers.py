@@ -9,39 +9,21 @@ updates announced, so a watcher never sees a state the database does not hold.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
-import asyncpg
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.errors import Conflict, NotFound, Unavailable
-from jobmesh.contract.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView, LifecycleEvent
-from jobmesh.runtime.outcomes import ACK, Outcome, Reject
+from jobmesh.errors import NotFound
+from jobmesh.contract.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView
+from jobmesh.runtime.db import translated
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, inject
 from jobmesh.tracker.fold import fold, updates
 from jobmesh.tracker.store import Store
 
 log = logging.getLogger("jobmesh.tracker")
-
-# Errors that come from the data, not from the database being away: retrying the same
-# batch would fail the same way. asyncpg reports a value it cannot encode (an int beyond
-# int4, say) with a client-side DataError that it does not export under a public name.
-_UNSTORABLE = (
-    asyncpg.DataError,
-    asyncpg.IntegrityConstraintViolationError,
-    asyncpg.exceptions._base.DataError,
-)
-# Everything else Postgres or the link to it can raise: worth a retry later.
-_UNAVAILABLE = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-def _unavailable(exc: BaseException) -> Unavailable:
-    return Unavailable(f"Postgres: {type(exc).__name__}: {exc}")
-
 
 class EventsHandler:
     """Records lifecycle events; the batch handler behind both tracker consumers.
@@ -55,44 +37,19 @@ class EventsHandler:
         self._store = store
         self._nc = nc
 
-    async def __call__(self, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
-        """Record a batch; ``None`` (ack all) once committed.
-
-        Returns:
-            None when the whole batch is recorded; one outcome per envelope when the batch
-            was refused for its content and had to be recorded event by event.
+    async def __call__(self, envelopes: list[Envelope]) -> None:
+        """Record a batch; return (ack all) once committed.
 
         Raises:
+            Unstorable: Postgres refused a value; the runtime then records the batch one
+                event at a time, so only the event that holds it is dead-lettered.
             Unavailable: Postgres did not answer; the runtime redelivers with backoff.
             Conflict: Postgres aborted the transaction (deadlock, serialization); retried.
         """
-        try:
-            changes = await self._record([env.message for env in envelopes])
-        except _UNSTORABLE as exc:
-            if len(envelopes) == 1:
-                log.error("cannot record %s", envelopes[0].subject, exc_info=True)
-                return [Reject("unstorable", f"{type(exc).__name__}: {exc}")]
-            # One bad event must not hold back the others: find it by recording them one
-            # at a time (slow, but only after a batch was refused for its content).
-            log.warning("a batch of %d was refused (%s); recording its events one by one", len(envelopes), exc)
-            outcomes: list[Outcome] = []
-            for env in envelopes:
-                outcomes.extend(await self([env]) or [ACK])
-            return outcomes
-        await self._announce(changes, envelopes)
-        return None
-
-    async def _record(self, events: list[LifecycleEvent]) -> list[JobUpdate]:
-        folded = fold(events)
-        try:
+        folded = fold([env.message for env in envelopes])
+        async with translated("recording a batch"):
             stored = await self._store.write(folded)
-        except _UNSTORABLE:
-            raise
-        except asyncpg.TransactionRollbackError as exc:
-            raise Conflict(f"transaction aborted, will retry: {exc}") from exc
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
-        return updates(folded, stored)
+        await self._announce(updates(folded, stored), envelopes)
 
     async def _announce(self, changes: list[JobUpdate], envelopes: list[Envelope]) -> None:
         if not changes:
@@ -127,10 +84,8 @@ class QueryHandler:
             Unavailable: Postgres did not answer.
         """
         request: JobGetRequest = env.message
-        try:
+        async with translated("reading a job"):
             view, known = await self._store.get(request.job_id)
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
         if view is None:
             if known:
                 raise NotFound(
@@ -146,8 +101,6 @@ class QueryHandler:
             Unavailable: Postgres did not answer.
         """
         request: JobListRequest = env.message
-        try:
+        async with translated("listing jobs"):
             jobs = await self._store.list(request.limit, request.state, request.queue)
-        except _UNAVAILABLE as exc:
-            raise _unavailable(exc) from exc
         return JobListReply(jobs=jobs)

@@ -10,7 +10,7 @@ import time
 from typing import Callable
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import job_id_for, new_idempotency_key
+from jobmesh.contract.ids import job_id_for, new_idempotency_key, submit_id
 from jobmesh.contract.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
@@ -38,9 +38,9 @@ class SubmitHandler:
         if env.raw is not None:
             reject_unknown_fields(env.raw.data, SubmitRequest)
             may_hold_nul = b"\\u0000" in env.raw.data  # JSON can carry NUL only escaped
-        for i, submission in enumerate(request.jobs):
-            validate_spec(submission.spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul)
         now = self._clock()
+        for i, submission in enumerate(request.jobs):
+            validate_spec(submission.spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul, now=now)
         outgoing = []
         job_ids = []
         for submission in request.jobs:
@@ -56,7 +56,7 @@ class SubmitHandler:
             )
             job_ids.append(job_id)
             outgoing.append(
-                Outgoing(subjects.job_event(partition, subjects.SUBMITTED), event, f"submit:{key}", env.context)
+                Outgoing(subjects.job_event(partition, subjects.SUBMITTED), event, submit_id(key), env.context)
             )
         acks = await self._publisher.publish(outgoing)
         return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks])

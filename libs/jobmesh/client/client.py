@@ -17,21 +17,13 @@ from nats.aio.client import Client as NATS
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, NotFound, Unavailable
+from jobmesh.errors import Unavailable
 from jobmesh.contract.messages.v1 import (
     ErrorReply, ExplainReply, ExplainRequest, JobGetRequest, JobListReply, JobListRequest, JobView, NodesReply,
     NodesRequest, QueuesReply, QueuesRequest, SubmitReply, SubmitRequest, Submission,
 )
 
 DEV_ENV = Path(".jobmesh") / "dev.env"
-
-_ERRORS: dict[str, type[JobmeshError]] = {
-    "invalid_message": InvalidMessage,
-    "oversized_message": InvalidMessage,
-    "invalid_spec": InvalidSpec,
-    "not_found": NotFound,
-    "unavailable": Unavailable,
-}
 
 
 def find_dev_env(start: Path | None = None) -> Path | None:
@@ -117,10 +109,7 @@ class Client:
             raise Unavailable(f"the {service} service did not answer on {subject} within {self.timeout}s") from exc
         decoded = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
         if isinstance(decoded, ErrorReply):
-            error = _ERRORS.get(decoded.code, JobmeshError)(decoded.message, field=decoded.field or None)
-            error.code = decoded.code
-            error.retryable = decoded.retryable
-            raise error
+            raise decoded.error()
         return decoded
 
     async def submit(self, submissions: list[Submission]) -> SubmitReply:

@@ -10,6 +10,9 @@ import zlib
 
 PREFIX = "jobmesh.v1"
 
+# The five services, in pipeline order; each name appears in its durables and health subject.
+SERVICES = ("trigger", "scheduler", "binder", "executor", "tracker")
+
 # --- streams -------------------------------------------------------------------------
 STREAM_JOBS = "JM_JOBS"  # every job lifecycle event, partitioned by queue
 STREAM_DISPATCH = "JM_DISPATCH"  # bound jobs, one subject per executor node

@@ -6,10 +6,12 @@ relations between fields. Each error names the field, relative to the spec.
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 
+from jobmesh.contract.messages.v1 import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, JobSpec, ProcessRuntime
 from jobmesh.errors import InvalidSpec
-from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime
 
 # Beyond these, a request is a typo rather than a real job.
 MAX_CPU_MILLI = 1_024_000
@@ -18,7 +20,7 @@ MAX_GPU = 1024
 MAX_DISK_MB = 1024 * 1024 * 1024
 
 
-def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True) -> None:
+def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True, now: float | None = None) -> None:
     """Raise ``InvalidSpec`` naming the field when ``spec`` asks for something impossible.
 
     Args:
@@ -26,6 +28,8 @@ def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True)
         where: the path of the spec in the request, prefixed to field names.
         may_hold_nul: False when the caller knows no string can hold NUL (the raw JSON has
             no ``\u0000``), which spares the walk over every string.
+        now: the submission time, when the spec is being submitted; enables the checks
+            that relate ``not_before`` to it.
     """
     res = spec.resources
     if isinstance(spec.runtime, ProcessRuntime) and not spec.runtime.argv[0].strip():
@@ -44,14 +48,37 @@ def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True)
         _fail(where, "concurrency_key", "concurrency_limit is set but concurrency_key is empty")
     if spec.concurrency_key and not spec.concurrency_limit:
         _fail(where, "concurrency_limit", "concurrency_key is set but concurrency_limit is 0")
+    if now is not None and spec.not_before and spec.timeouts.queue and spec.not_before >= now + spec.timeouts.queue:
+        # It would wait for its start time past its queue deadline: it could only expire.
+        _fail(
+            where,
+            "timeouts.queue",
+            f"the job may not start for {spec.not_before - now:.0f}s (not_before) but expires after "
+            f"{spec.timeouts.queue:g}s in the queue; it could never run",
+        )
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
     if nul:
         # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
         # recorded. Refuse it here rather than half-create it.
         raise InvalidSpec(f"a NUL character is not allowed - at `$.{nul}`", field=nul)
-    for key in spec.constraints.labels:
-        if not key or "=" in key or "," in key:
-            _fail(where, "constraints.labels", f"label key {key!r} must be non-empty without '=' or ','")
+
+
+def label_problem(key: str, value: str) -> str:
+    """Why a node label ``key=value`` is not allowed ("" when it is).
+
+    The one rule for labels, applied where a job asks for one (by the message types at
+    decode) and where an executor advertises one (``JOBMESH_NODE_LABELS``), so that a job
+    can never require a label that no executor could carry.
+    """
+    if not _LABEL_KEY.match(key):
+        return f"bad label key {key!r}: use 1-128 of A-Z a-z 0-9 _ . - /"
+    if len(value) > 256 or not _LABEL_VALUE.match(value):
+        return f"bad label value {value!r} for {key!r}: no comma, no leading or trailing space, at most 256 characters"
+    return ""
+
+
+_LABEL_KEY = re.compile(LABEL_KEY_PATTERN.replace("+$", "{1,128}$"))
+_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
 
 
 def _first_nul(value, path: str) -> str:

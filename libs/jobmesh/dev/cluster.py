@@ -19,10 +19,10 @@ import msgspec
 import nats
 
 from jobmesh.contract import subjects
+from jobmesh.contract.subjects import SERVICES
 from jobmesh.errors import Unavailable
 from jobmesh.contract.messages.v1 import HealthReply
 
-SERVICES = ("trigger", "scheduler", "binder", "executor", "tracker")
 
 
 @dataclass

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from jobmesh.dev.cluster import SERVICES, LocalCluster
+from jobmesh.contract.subjects import SERVICES
+from jobmesh.dev.cluster import LocalCluster
 from jobmesh.errors import Unavailable
 from jobmesh.dev.servers import NatsServer, embedded_postgres
 

@@ -12,7 +12,7 @@ from typing import AsyncIterator
 
 import asyncpg
 
-from jobmesh.errors import Conflict, Unavailable
+from jobmesh.errors import Conflict, Unavailable, Unstorable
 
 # Failures that say nothing about the message being handled: the database is away, busy or
 # resolved a conflict by aborting us. The same work will succeed later.
@@ -34,19 +34,34 @@ _AWAY = (
 COMMAND_TIMEOUT = 30.0
 
 
+# Failures that come from the data: the same write would fail the same way.
+_REFUSED = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+
+
 @contextlib.asynccontextmanager
 async def translated(what: str) -> AsyncIterator[None]:
-    """Turn asyncpg's transient failures into jobmesh's retryable errors (at the boundary).
+    """Turn asyncpg's failures into jobmesh's errors, once, at the boundary.
+
+    Anything else (a syntax error, a missing table: a bug) passes through unchanged, so
+    the runtime treats it as a bug: retried a bounded number of times, then dead-lettered.
 
     Raises:
-        Unavailable: Postgres cannot be reached or is shutting down.
+        Unstorable: Postgres, or asyncpg before sending, refused a value (out of range,
+            a constraint). Not retryable.
         Conflict: Postgres aborted the transaction (deadlock, serialization failure).
+        Unavailable: Postgres cannot be reached, is shutting down or is overloaded.
     """
     try:
         yield
+    except _REFUSED as exc:
+        raise Unstorable(f"{what}: {type(exc).__name__}: {exc}") from exc
     except asyncpg.TransactionRollbackError as exc:
         raise Conflict(f"{what}: transaction aborted, will retry: {exc}") from exc
     except _AWAY as exc:
+        if isinstance(exc, asyncpg.InterfaceError) and isinstance(exc, ValueError):
+            # asyncpg's own DataError (a value it cannot encode, such as an int beyond
+            # int4) is an InterfaceError and a ValueError; it has no public name.
+            raise Unstorable(f"{what}: {type(exc).__name__}: {exc}") from exc
         raise Unavailable(f"{what}: Postgres unavailable: {type(exc).__name__}: {exc}") from exc
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 from jobmesh.errors import JobmeshError
+from jobmesh.runtime.backoff import backoff
 
 
 class Ack(Struct, frozen=True):
@@ -32,17 +33,18 @@ class Reject(Struct, frozen=True):
 Outcome = Ack | Retry | Reject
 ACK = Ack()
 
-# Redelivery backoff for retryable failures: 0.5s, 1s, 2s ... capped at 30s.
-_BASE_DELAY = 0.5
-_MAX_DELAY = 30.0
+# Redelivery backoff for retryable failures: about 0.5s, 1s, 2s ... capped at about 30s.
+REDELIVERY_BASE = 0.5
+REDELIVERY_CAP = 30.0
 
 
-def backoff(deliveries: int) -> float:
-    """Delay before the next delivery, given how many deliveries have happened."""
-    return min(_MAX_DELAY, _BASE_DELAY * (2 ** max(0, deliveries - 1)))
+def redelivery_delay(deliveries: int, key: object = None) -> float:
+    """Delay before the next delivery of a message that has been delivered ``deliveries``
+    times; ``key`` (its stream sequence) spreads the retries of different messages."""
+    return backoff(deliveries, base=REDELIVERY_BASE, cap=REDELIVERY_CAP, key=key)
 
 
-def fate_for(exc: BaseException, deliveries: int, max_deliver: int) -> Outcome:
+def fate_for(exc: BaseException, deliveries: int, max_deliver: int, key: object = None) -> Outcome:
     """Map an exception raised while handling a message to its outcome.
 
     Args:
@@ -50,6 +52,7 @@ def fate_for(exc: BaseException, deliveries: int, max_deliver: int) -> Outcome:
         deliveries: how many times this message has been delivered, this time included.
         max_deliver: how often an unexpected exception (a bug) may recur before the message
             is rejected and recorded as a dead letter, instead of looping forever.
+        key: what the retry delay's jitter derives from (the message's stream sequence).
 
     Returns:
         ``Retry`` for retryable errors (always: outages end) and for unexpected exceptions
@@ -62,7 +65,7 @@ def fate_for(exc: BaseException, deliveries: int, max_deliver: int) -> Outcome:
     if isinstance(exc, JobmeshError):
         # A known transient condition (NATS or Postgres away, a lost race): the message is
         # fine, so it waits for as long as the outage lasts instead of becoming a dead letter.
-        return Retry(backoff(deliveries), reason)
+        return Retry(redelivery_delay(deliveries, key), reason)
     if deliveries >= max_deliver:
         return Reject("handler_error", f"gave up after {deliveries} deliveries: {reason}")
-    return Retry(backoff(deliveries), reason)
+    return Retry(redelivery_delay(deliveries, key), reason)

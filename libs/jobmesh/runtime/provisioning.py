@@ -1,14 +1,13 @@
 """Idempotent creation of every stream and KV bucket, with explicit limits.
 
-Every stream uses file storage, ``discard=new`` (an overload is a visible publish error,
-never a silent loss) and a duplicate window (re-publishing with the same Nats-Msg-Id is a
-no-op). Running this twice, or from every service at start, changes nothing.
+What exists and its limits is data in the contract (:mod:`jobmesh.contract.streams`); this
+module turns it into nats-py configurations and applies them. Running this twice, or from
+every service at start, changes nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -23,55 +22,25 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from jobmesh.contract import subjects
+from jobmesh.contract import streams
 
-log = logging.getLogger("jobmesh.runtime.provisioning")
-
-DAY = 86_400.0
-GIB = 1024**3
-MAX_MSG_BYTES = 1024 * 1024  # consumers refuse earlier (Settings.max_message_bytes)
-DUPLICATE_WINDOW = 120.0
-
-
-@dataclass(frozen=True)
-class StreamLimits:
-    """Explicit limits of one stream."""
-
-    max_age: float
-    max_bytes: int
-    max_msgs: int = -1
-
-
-STREAMS: dict[str, tuple[list[str], StreamLimits]] = {
-    subjects.STREAM_JOBS: ([subjects.JOBS_ALL], StreamLimits(7 * DAY, 4 * GIB, 20_000_000)),
-    subjects.STREAM_DISPATCH: ([subjects.DISPATCH_ALL], StreamLimits(2 * DAY, 2 * GIB, 5_000_000)),
-    subjects.STREAM_LOGS: ([subjects.LOGS_ALL], StreamLimits(7 * DAY, 4 * GIB, 50_000_000)),
-    subjects.STREAM_DEADLETTER: ([subjects.DEADLETTER_ALL], StreamLimits(30 * DAY, 1 * GIB, 1_000_000)),
-    subjects.STREAM_EVENTS: ([subjects.EVENTS_ALL], StreamLimits(7 * DAY, 1 * GIB, 5_000_000)),
-}
-
-# KV buckets: (history, ttl seconds; 0 = keep forever). Node records expire unless
-# refreshed, which is what makes a heartbeat a lease.
-BUCKETS: dict[str, tuple[int, float]] = {
-    subjects.KV_ALLOC: (1, 0.0),
-    subjects.KV_CONFIG: (5, 0.0),
-}
+log = logging.getLogger("jobmesh.provisioning")
 
 
 def stream_config(name: str) -> StreamConfig:
     """The full configuration of one jobmesh stream."""
-    subject_list, limits = STREAMS[name]
+    spec = streams.STREAMS_BY_NAME[name]
     return StreamConfig(
         name=name,
-        subjects=subject_list,
+        subjects=list(spec.subjects),
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         discard=DiscardPolicy.NEW,
-        max_age=limits.max_age,
-        max_bytes=limits.max_bytes,
-        max_msgs=limits.max_msgs,
-        max_msg_size=MAX_MSG_BYTES,
-        duplicate_window=DUPLICATE_WINDOW,
+        max_age=spec.max_age,
+        max_bytes=spec.max_bytes,
+        max_msgs=spec.max_msgs,
+        max_msg_size=streams.MAX_MSG_BYTES,
+        duplicate_window=streams.DUPLICATE_WINDOW,
         num_replicas=1,
     )
 
@@ -109,7 +78,7 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: fl
                 history=history,
                 ttl=ttl or None,
                 storage=StorageType.FILE,
-                max_bytes=256 * 1024 * 1024,
+                max_bytes=streams.BUCKET_MAX_BYTES,
             )
         )
         log.info("created bucket %s", bucket)
@@ -127,14 +96,13 @@ async def provision(
         update: also apply today's limits to existing streams (see ``ensure_stream``).
         replicas: stream replicas at creation (3 on a NATS cluster).
     """
-    for name in STREAMS:
-        config = stream_config(name)
+    ttls = {"node_ttl_seconds": node_ttl, "lease_ttl_seconds": lease_ttl}
+    for spec in streams.STREAMS:
+        config = stream_config(spec.name)
         config.num_replicas = replicas
         await ensure_stream(js, config, update=update)
-    for bucket, (history, ttl) in BUCKETS.items():
-        await ensure_bucket(js, bucket, history, ttl)
-    await ensure_bucket(js, subjects.KV_NODES, 1, node_ttl)
-    await ensure_bucket(js, subjects.KV_LEASES, 1, lease_ttl)
+    for bucket in streams.BUCKETS:
+        await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0))
 
 
 def consumer_config(

@@ -23,6 +23,7 @@ from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
+from jobmesh.contract.ids import deadletter_id
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
@@ -305,24 +306,34 @@ class Runtime:
     async def _handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
         """Run the handler; map an exception to every message's fate.
 
-        An unexpected exception (not a jobmesh error) may come from one bad message: the
-        batch is then handled again one message at a time, so only that message fails
-        and its neighbours are not held back or dead-lettered with it.
+        Any error that is not an outage (a bug, a value the database refuses, a message
+        the handler finds invalid) may come from one message of the batch: the batch is
+        then handled again one message at a time, so only that message gets its fate and
+        its neighbours are neither held back nor dead-lettered with it. This is the one
+        place batches are split; handlers do not do it themselves.
         """
         try:
             return await spec.handle(envelopes)
         except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
-            if not isinstance(exc, JobmeshError):
-                log.exception("%s: handler failed for a batch of %d", spec.durable, len(envelopes))
-                if len(envelopes) > 1:
-                    outcomes: list[Outcome] = []
-                    for env in envelopes:
-                        outcomes.extend(await self._handle(spec, [env]) or [ACK])
-                    return outcomes
-            elif exc.retryable:
+            known = isinstance(exc, JobmeshError)
+            if known and exc.retryable:
                 # An outage: one line per batch, not a traceback per retry.
                 log.warning("%s: batch of %d will be retried: %s: %s", spec.durable, len(envelopes), exc.code, exc)
-            return [fate_for(exc, env.deliveries, spec.max_deliver) for env in envelopes]
+            elif len(envelopes) > 1:
+                log.warning(
+                    "%s: a batch of %d failed (%s: %s); handling its messages one at a time",
+                    spec.durable, len(envelopes), type(exc).__name__, exc, exc_info=not known,
+                )
+                outcomes: list[Outcome] = []
+                for env in envelopes:
+                    outcomes.extend(await self._handle(spec, [env]) or [ACK])
+                return outcomes
+            elif not known:
+                log.exception("%s: handler failed for a message on %s", spec.durable, envelopes[0].subject)
+            return [
+                fate_for(exc, env.deliveries, spec.max_deliver, key=_stream_seq(env.raw) if env.raw else None)
+                for env in envelopes
+            ]
 
     async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
         if isinstance(outcome, Ack):
@@ -355,7 +366,7 @@ class Runtime:
             deliveries=deliveries,
             at=time.time(),
         )
-        msg_id = f"dl:{self.service}:{subject}:{stream_seq}" if stream_seq else f"dl:{self.service}:{time.time_ns()}"
+        msg_id = deadletter_id(self.service, subject, stream_seq, time.time_ns())
         try:
             await self.publisher.publish([Outgoing(subjects.deadletter(self.service), letter, msg_id)])
         except JobmeshError:
@@ -390,7 +401,7 @@ class Runtime:
             message = spec.codec.decode(msg.data) if spec.codec is not None else msg.data
         except InvalidMessage as exc:
             await self.dead_letter(msg.subject, msg.data, Reject(exc.code, str(exc)))
-            await _reply(msg, ErrorReply(code=exc.code, message=str(exc), field=exc.field or ""))
+            await _reply(msg, ErrorReply.of(exc))
             return
         headers = msg.headers or {}
         span, context = self._open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER, exporting())
@@ -401,12 +412,13 @@ class Runtime:
             except InvalidMessage as exc:
                 # Well-formed but invalid (e.g. an impossible spec): record it like garbage.
                 await self.dead_letter(msg.subject, msg.data, Reject(exc.code, str(exc)))
-                reply = ErrorReply(code=exc.code, message=str(exc), field=exc.field or "")
+                reply = ErrorReply.of(exc)
             except JobmeshError as exc:
-                reply = ErrorReply(code=exc.code, message=str(exc), field=exc.field or "", retryable=exc.retryable)
+                reply = ErrorReply.of(exc)
             except Exception as exc:  # noqa: BLE001 - the caller gets an error, we get the traceback
                 log.exception("%s: request on %s failed", self.service, msg.subject)
-                reply = ErrorReply(code="internal", message=f"{type(exc).__name__}: {exc}", retryable=True)
+                # A bug, not an outage: the same request would fail the same way.
+                reply = ErrorReply.of(JobmeshError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             if span is not None:
                 span.end()

@@ -6,6 +6,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from jobmesh.errors import JobmeshError
+
 from jobmesh.contract.messages.v1.config import PartitionStats
 from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, Resources
 from jobmesh.contract.messages.v1.nodes import NodeInfo
@@ -51,6 +53,15 @@ class ErrorReply(Struct, frozen=True, kw_only=True, tag="api.error"):
     field: str = ""
     retryable: bool = False
 
+    @classmethod
+    def of(cls, error: JobmeshError) -> ErrorReply:
+        """The reply that carries ``error`` (its code, message, field and retryable flag)."""
+        return cls(code=error.code, message=str(error), field=error.field or "", retryable=error.retryable)
+
+    def error(self) -> JobmeshError:
+        """The error this reply describes, as the class that owns its code."""
+        return JobmeshError.from_wire(self.code, self.message, self.field, self.retryable)
+
 
 class JobGetRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.get"):
     """Ask the tracker for one job with its attempts and events."""
@@ -62,7 +73,7 @@ class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
     """Ask the tracker for recent jobs, newest first."""
 
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
-    state: str = ""
+    state: JobState | Literal[""] = ""  # "" for every state
     queue: str = ""
 
 
@@ -70,7 +81,7 @@ class AttemptView(Struct, frozen=True, kw_only=True):
     """One attempt as recorded by the tracker."""
 
     attempt: int
-    state: str
+    state: JobState
     node_id: str = ""
     exit_code: int | None = None
     error: JobError | None = None
@@ -95,7 +106,7 @@ class JobView(Struct, frozen=True, kw_only=True, tag="api.job"):
     name: str
     queue: str
     tenant: str
-    state: str
+    state: JobState
     reason: str
     attempt: int
     node_id: str
@@ -113,7 +124,7 @@ class JobSummary(Struct, frozen=True, kw_only=True):
     name: str
     queue: str
     tenant: str
-    state: str
+    state: JobState
     attempt: int
     node_id: str
     exit_code: int | None
@@ -131,7 +142,7 @@ class JobUpdate(Struct, frozen=True, kw_only=True, tag="api.job.update"):
     """Announced on ``jobmesh.v1.watch.<job_id>`` after the tracker commits a change."""
 
     job_id: str
-    state: str
+    state: JobState
     attempt: int
     node_id: str = ""
     exit_code: int | None = None

@@ -7,16 +7,17 @@ decoder per consumer.
 
 from __future__ import annotations
 
+import typing
 from typing import Annotated, Literal
 
-import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
     "Resources", "ProcessRuntime", "NoopRuntime", "JobRuntime", "Constraints", "Locality",
     "Timeouts", "JobSpec", "JobSubmitted", "JobReady", "JobUnplaceable", "JobBound",
     "JobStarted", "JobSucceeded", "JobFailed", "JobExpired", "JobLost", "LogLine",
-    "LifecycleEvent", "TerminalEvent", "JobError", "Priority",
+    "LifecycleEvent", "TerminalEvent", "JobError", "Priority", "JobEvent", "AttemptEvent",
+    "FailureCode", "FAILURE_CODES", "LABEL_KEY_PATTERN", "LABEL_VALUE_PATTERN", "LabelKey", "LabelValue",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -25,6 +26,27 @@ Priority = Annotated[int, Meta(ge=0, le=9)]
 Seconds = Annotated[float, Meta(gt=0)]
 # Subject tokens may not contain dots or wildcards, so ids are restricted to this set.
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+AttemptNumber = Annotated[int, Meta(ge=1)]
+# Node labels: one rule for what a job asks for and what an executor advertises
+# (``JOBMESH_NODE_LABELS`` is ``k=v,k2=v2``, so a value holds no comma and no edge spaces).
+LABEL_KEY_PATTERN = r"^[A-Za-z0-9_./-]+$"
+LABEL_VALUE_PATTERN = r"^(?:[^,\s](?:[^,]*[^,\s])?)?$"
+LabelKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=LABEL_KEY_PATTERN)]
+LabelValue = Annotated[str, Meta(max_length=256, pattern=LABEL_VALUE_PATTERN)]
+
+# Why an attempt failed (``JobError.code``). Producers are typed against this literal and
+# retry policies are checked against it; the wire field itself stays a plain string, so
+# that a reader of an older v1 accepts a code added later (additive evolution).
+FailureCode = Literal[
+    "exit_code",  # the process exited non-zero or was killed by a signal
+    "timeout",  # it ran longer than its run timeout
+    "spawn_failed",  # the command could not be started (not found, not executable)
+    "workdir_failed",  # the attempt's working directory could not be created
+    "node_drained",  # the executor stopped before the attempt finished
+    "executor_error",  # the executor failed while running it (a bug)
+    "disk_quota_exceeded",  # the scratch directory outgrew the disk the job reserved
+]
+FAILURE_CODES: frozenset[str] = frozenset(typing.get_args(FailureCode))
 
 
 class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -58,7 +80,7 @@ class Constraints(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     arch: str = ""
     isolation: Literal["", "process", "sandbox", "container", "vm"] = ""
-    labels: dict[str, str] = {}
+    labels: dict[LabelKey, LabelValue] = {}
     handler: str = ""
 
 
@@ -97,7 +119,7 @@ class JobSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class JobError(Struct, frozen=True, kw_only=True):
-    """Why an attempt failed: a stable code and a human message."""
+    """Why an attempt failed: a stable code (a :data:`FailureCode`) and a human message."""
 
     code: str
     message: str
@@ -106,22 +128,31 @@ class JobError(Struct, frozen=True, kw_only=True):
 # --- lifecycle events (stream JM_JOBS / JM_DISPATCH) ---------------------------------
 
 
-class JobSubmitted(Struct, frozen=True, kw_only=True, tag="job.submitted"):
-    """A job was accepted; published by the trigger with Nats-Msg-Id = idempotency key."""
+class JobEvent(Struct, frozen=True, kw_only=True):
+    """What every lifecycle event carries: the job and its scheduler partition."""
 
     job_id: Id
     partition: NonNegInt
+
+
+class AttemptEvent(JobEvent, frozen=True, kw_only=True):
+    """What every event about one attempt carries besides: the attempt number, which
+    fences off events of a stale attempt."""
+
+    attempt: AttemptNumber
+
+
+class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="job.submitted"):
+    """A job was accepted; published by the trigger with Nats-Msg-Id = idempotency key."""
+
     spec: JobSpec
     idempotency_key: str
     submitted_at: float
 
 
-class JobReady(Struct, frozen=True, kw_only=True, tag="job.ready"):
+class JobReady(AttemptEvent, frozen=True, kw_only=True, tag="job.ready"):
     """The scheduler released an attempt; candidates are ranked best first."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     spec: JobSpec
     candidates: list[str]
     submitted_at: float
@@ -130,23 +161,17 @@ class JobReady(Struct, frozen=True, kw_only=True, tag="job.ready"):
     tiers: list[int] = []  # locality tier of each candidate (lower is nearer); [] = all equal
 
 
-class JobUnplaceable(Struct, frozen=True, kw_only=True, tag="job.unplaceable"):
+class JobUnplaceable(AttemptEvent, frozen=True, kw_only=True, tag="job.unplaceable"):
     """The binder could not reserve any candidate; the scheduler will hold the job."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     reason: str
     at: float
     release: Annotated[int, Meta(ge=1)] = 1  # the JobReady.release this answers
 
 
-class JobBound(Struct, frozen=True, kw_only=True, tag="job.bound"):
+class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
     """Resources are reserved on ``node_id``; sent on that node's dispatch subject."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     node_id: Id
     spec: JobSpec
     scratch_dir: str
@@ -154,22 +179,16 @@ class JobBound(Struct, frozen=True, kw_only=True, tag="job.bound"):
     bound_at: float
 
 
-class JobStarted(Struct, frozen=True, kw_only=True, tag="job.started"):
+class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
     """The executor started the attempt."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     node_id: Id
     at: float
 
 
-class JobSucceeded(Struct, frozen=True, kw_only=True, tag="job.succeeded"):
+class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded"):
     """The attempt ended with exit code 0."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     node_id: Id
     exit_code: int
     output_tail: str
@@ -178,12 +197,9 @@ class JobSucceeded(Struct, frozen=True, kw_only=True, tag="job.succeeded"):
     at: float
 
 
-class JobFailed(Struct, frozen=True, kw_only=True, tag="job.failed"):
+class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
     """The attempt ended badly: non-zero exit, timeout, or a runtime error."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     node_id: str
     exit_code: int | None
     error: JobError
@@ -193,22 +209,17 @@ class JobFailed(Struct, frozen=True, kw_only=True, tag="job.failed"):
     at: float
 
 
-class JobExpired(Struct, frozen=True, kw_only=True, tag="job.expired"):
+class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
     """The job was not started before its queue timeout."""
 
-    job_id: Id
-    attempt: NonNegInt
-    partition: NonNegInt
+    attempt: NonNegInt  # 0 when the job expired before any attempt was released
     reason: str
     at: float
 
 
-class JobLost(Struct, frozen=True, kw_only=True, tag="job.lost"):
+class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
     """The attempt's heartbeats stopped; its node is presumed gone."""
 
-    job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
-    partition: NonNegInt
     node_id: str
     at: float
 
@@ -217,7 +228,7 @@ class LogLine(Struct, frozen=True, kw_only=True, tag="job.log"):
     """One line of an attempt's output (stream JM_LOGS)."""
 
     job_id: Id
-    attempt: Annotated[int, Meta(ge=1)]
+    attempt: AttemptNumber
     stream: Literal["stdout", "stderr"]
     line: str
     at: float
@@ -229,5 +240,3 @@ LifecycleEvent = (
 )
 TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost
 
-# Validation happens at decode time; this encoder is shared because it is stateless.
-encoder = msgspec.json.Encoder()
