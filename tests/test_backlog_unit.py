@@ -264,3 +264,14 @@ def test_refusals_back_off_and_a_finish_wakes_only_a_few():
         assert b.room_wanted(d.job.job_id, 1, d.job.releases, "full", now=1.0)
     assert b.plan(2.5, anywhere) == []  # second refusal: 2 s
     assert len(ids(b.plan(3.0, anywhere))) == 8
+
+
+def test_a_delay_is_explained_with_its_time_and_queues_count_reasons():
+    b = Backlog()
+    b.add(job("later", not_before=1_800_000_042.0), now=1_800_000_000.0)
+    b.add(job("k1", concurrency_key="db", concurrency_limit=1), now=1_800_000_000.0)
+    b.add(job("k2", concurrency_key="db", concurrency_limit=1), now=1_800_000_000.0)
+    b.plan(1_800_000_000.0, anywhere)
+    assert b.explain("later", 1_800_000_000.0) == "not before 2027-01-15 08:00:42 UTC (in 42s)"
+    reasons = b.stats()["default"]["reasons"]
+    assert reasons == {"delayed until its start time (not_before)": 1, "concurrency key db at its limit of 1": 1}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobmesh.binder.allocation import free_on, overbooked, plan
+from jobmesh.binder.allocation import confirm_gone, free_on, overbooked, plan, reserve, without
 from jobmesh.contract.ids import attempt_key as reservation_key
 from jobmesh.contract.messages.v1 import (
     Allocation, Constraints, JobReady, JobSpec, Locality, NodeInfo, NoopRuntime, ProcessRuntime, Reservation,
@@ -135,3 +135,43 @@ def test_retries_walk_past_the_first_candidates():
         ids, _, _ = p.place_job(SimpleNamespace(sig=signature(s), spec=s, releases=releases))
         seen.update(ids)
     assert len(seen) == 40  # every fitting node is reached over the retries
+
+
+# --- the binder's compare-and-set step and lost-node judgement ------------------------
+def _ready_on_a(job_id: str, cpu: int) -> JobReady:
+    return JobReady(
+        job_id=job_id, attempt=1, partition=0, spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
+        candidates=["a"], submitted_at=0.0, ready_at=0.0,
+    )
+
+
+def test_reserve_takes_what_fits_and_recognises_a_redelivery():
+    a = node("a", cpu_milli=1000, work_dir="/w")
+    new, won, lost = reserve(a, Allocation(node_id="a"), [_ready_on_a("x", 600), _ready_on_a("y", 600)], now=5.0)
+    assert [b.job.job_id for b in won] == ["x"] and [j.job_id for j in lost] == ["y"]
+    assert won[0].new and won[0].scratch_dir == "/w/x-1"
+    assert new is not None and new.reservations["x:1"].at == 5.0 and not overbooked(a, new)
+    # The same job again (a redelivery after a crash before the ack): no second reservation.
+    again, won2, lost2 = reserve(a, new, [_ready_on_a("x", 600)], now=6.0)
+    assert again is None and not won2[0].new and lost2 == []
+
+
+def test_without_removes_only_named_reservations():
+    alloc = Allocation(node_id="a", reservations={
+        "x:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
+        "y:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
+    })
+    assert without(alloc, {"z:1"}) is None  # nothing to write
+    kept = without(alloc, {"x:1"})
+    assert kept is not None and set(kept.reservations) == {"y:1"}
+
+
+def test_a_node_is_gone_only_after_two_checks_in_a_row():
+    confirmed, suspects = confirm_gone(held={"a", "b"}, alive={"b"}, suspects=set())
+    assert confirmed == set() and suspects == {"a"}
+    confirmed, suspects = confirm_gone(held={"a", "b"}, alive={"b"}, suspects=suspects)
+    assert confirmed == {"a"} and suspects == set()
+    # A node that heartbeats again in between is no longer a suspect.
+    _, suspects = confirm_gone(held={"a"}, alive=set(), suspects=set())
+    confirmed, suspects = confirm_gone(held={"a"}, alive={"a"}, suspects=suspects)
+    assert confirmed == set() and suspects == set()

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, Resources
+from jobmesh.contract.ids import attempt_key
+from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, Reservation, Resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +104,82 @@ def plan(
         free[chosen] = free[chosen].minus(job.spec.resources)
         result.assign.setdefault(chosen, []).append(job)
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """One job placed on a node: its scratch directory, and whether this write reserved it
+    (False: the attempt already held the reservation, a redelivery)."""
+
+    job: JobReady
+    node_id: str
+    scratch_dir: str
+    new: bool
+
+
+def reserve(
+    node: NodeInfo, alloc: Allocation, jobs: list[JobReady], now: float
+) -> tuple[Allocation | None, list[Binding], list[JobReady]]:
+    """Reserve ``jobs`` on ``node`` against its current allocation record.
+
+    The step inside the compare-and-set: it is run again on the fresh record after every
+    lost race, so it must depend on nothing but its arguments.
+
+    Args:
+        node: the node's advertised record.
+        alloc: its allocation record as last read.
+        jobs: the jobs planned onto it, in order.
+        now: the reservation time.
+
+    Returns:
+        The new record to write (None when nothing changed), the jobs bound, and the jobs
+        that no longer fit (another binder took the room since the plan was made).
+    """
+    free = free_on(node, alloc)
+    reservations = dict(alloc.reservations)
+    won: list[Binding] = []
+    lost: list[JobReady] = []
+    for job in jobs:
+        key = attempt_key(job.job_id, job.attempt)
+        if key in reservations:  # a redelivery: already ours on this node
+            won.append(Binding(job, node.node_id, reservations[key].scratch_dir, False))
+            continue
+        if not free.fits(job.spec.resources):
+            lost.append(job)
+            continue
+        free = free.minus(job.spec.resources)
+        scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
+        reservations[key] = Reservation(resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition)
+        won.append(Binding(job, node.node_id, scratch, True))
+    changed = any(b.new for b in won)
+    return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost
+
+
+def without(alloc: Allocation, keys: set[str]) -> Allocation | None:
+    """``alloc`` with the reservations ``keys`` removed; None when it holds none of them."""
+    if not keys & alloc.reservations.keys():
+        return None
+    return Allocation(node_id=alloc.node_id, reservations={k: v for k, v in alloc.reservations.items() if k not in keys})
+
+
+def confirm_gone(held: set[str], alive: set[str], suspects: set[str]) -> tuple[set[str], set[str]]:
+    """Which nodes holding reservations are gone, judged over two checks in a row.
+
+    A node counts as gone when it holds reservations but is not alive at two consecutive
+    checks: one check could see a node between its heartbeats' expiry and its next put.
+
+    Args:
+        held: nodes that hold at least one reservation.
+        alive: nodes whose heartbeat is fresh.
+        suspects: the nodes this returned as suspects at the previous check.
+
+    Returns:
+        ``(confirmed, suspects)``: the nodes gone at both checks, and those gone at this one
+        only (to pass in next time).
+    """
+    gone = held - alive
+    confirmed = gone & suspects
+    return confirmed, gone - confirmed
 
 
 def _better(a: Free, b: Free, strategy: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from typing import Callable, TypeVar
 
 import msgspec
 import nats.errors
@@ -25,6 +25,7 @@ from jobmesh.contract.messages.v1 import Allocation
 log = logging.getLogger("jobmesh.binder")
 
 _decoder = msgspec.json.Decoder(Allocation)
+T = TypeVar("T")
 CAS_TRIES = 8
 
 
@@ -97,7 +98,7 @@ class Allocations:
         if entry.value:
             self._store(node_id, _decoder.decode(entry.value), entry.revision)
 
-    async def change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, object]]) -> object:
+    async def change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, T]]) -> T:
         """Apply ``edit`` to a node's record with compare-and-set, re-reading on conflict.
 
         Args:

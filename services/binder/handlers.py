@@ -14,12 +14,12 @@ import time
 from typing import Callable
 
 from jobmesh.contract import subjects
-from jobmesh.binder.allocation import Free, free_on, plan
+from jobmesh.binder.allocation import Binding, confirm_gone, plan, reserve, without
 from jobmesh.binder.allocations import Allocations
 from jobmesh.errors import Conflict, JobmeshError
 from jobmesh.contract.ids import attempt_key, event_id, parse_attempt_key, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
-    Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodesReply, NodeView, Reservation, Resources,
+    Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodeInfo, NodesReply, NodeView, Resources,
 )
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
@@ -64,7 +64,7 @@ class Binder:
                 by_key[key] = env
         nodes = {n.node_id: n for n in self._nodes.alive()}
         skip: dict[str, set[str]] = {}
-        bound: list[tuple[JobReady, str, str, bool]] = []  # job, node, scratch, newly reserved
+        bound: list[Binding] = []
         refused: list[tuple[JobReady, str]] = []
         remaining = []
         stale: list[tuple[str, str]] = []
@@ -76,7 +76,7 @@ class Binder:
             holder = self._allocs.holder(key)
             if holder is not None and holder in nodes and not nodes[holder].draining:
                 alloc = self._allocs.records[holder][0]
-                bound.append((env.message, holder, alloc.reservations[key].scratch_dir, False))
+                bound.append(Binding(env.message, holder, alloc.reservations[key].scratch_dir, False))
             else:
                 if holder is not None:
                     stale.append((holder, key))
@@ -101,36 +101,16 @@ class Binder:
         refused.extend((job, "lost every reservation race this round") for job in remaining)
         await self._announce(by_key, bound, refused, rebound)
 
-    async def _reserve(
-        self, node_id: str, jobs: list[JobReady], nodes: dict
-    ) -> tuple[list[tuple[JobReady, str, str, bool]], list[JobReady]]:
+    async def _reserve(self, node_id: str, jobs: list[JobReady], nodes: dict[str, NodeInfo]) -> tuple[list[Binding], list[JobReady]]:
         node = nodes[node_id]
         now = self._clock()
 
-        def edit(alloc: Allocation):
-            free: Free = free_on(node, alloc)
-            reservations = dict(alloc.reservations)
-            won, lost = [], []
-            for job in jobs:
-                key = attempt_key(job.job_id, job.attempt)
-                if key in reservations:  # a redelivery: already ours on this node
-                    won.append((job, node_id, reservations[key].scratch_dir, False))
-                    continue
-                if not free.fits(job.spec.resources):
-                    lost.append(job)
-                    continue
-                free = free.minus(job.spec.resources)
-                scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
-                reservations[key] = Reservation(
-                    resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition
-                )
-                won.append((job, node_id, scratch, True))
-            changed = any(new for *_, new in won)
-            new_alloc = Allocation(node_id=node_id, reservations=reservations) if changed else None
+        def edit(alloc: Allocation) -> tuple[Allocation | None, tuple[list[Binding], list[JobReady]]]:
+            new_alloc, won, lost = reserve(node, alloc, jobs, now)
             return new_alloc, (won, lost)
 
         try:
-            return await self._allocs.change(node_id, edit)  # type: ignore[return-value]
+            return await self._allocs.change(node_id, edit)
         except Conflict:
             log.warning("node %s: gave up reserving after repeated races", node_id)
             return [], list(jobs)
@@ -138,13 +118,14 @@ class Binder:
     async def _announce(
         self,
         by_key: dict[str, Envelope],
-        bound: list[tuple[JobReady, str, str, bool]],
+        bound: list[Binding],
         refused: list[tuple[JobReady, str]],
-        rebound: set[str] = frozenset(),
+        rebound: set[str],
     ) -> None:
         now = self._clock()
         outgoing = []
-        for job, node_id, scratch, _ in bound:
+        for binding in bound:
+            job, node_id, scratch = binding.job, binding.node_id, binding.scratch_dir
             key = attempt_key(job.job_id, job.attempt)
             message = JobBound(
                 job_id=job.job_id,
@@ -180,11 +161,11 @@ class Binder:
         # A duplicate JobBound for a reservation we just made means an earlier delivery
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
-            (job, node_id) for (job, node_id, _, new), ack in zip(bound, acks)
-            if new and ack.duplicate and attempt_key(job.job_id, job.attempt) not in rebound
+            (b.node_id, attempt_key(b.job.job_id, b.job.attempt)) for b, ack in zip(bound, acks)
+            if b.new and ack.duplicate and attempt_key(b.job.job_id, b.job.attempt) not in rebound
         ]
         if doubles:
-            await self._remove([(node_id, attempt_key(job.job_id, job.attempt)) for job, node_id in doubles])
+            await self._remove(doubles)
 
     async def release(self, batch: list[Envelope]) -> None:
         """Handle a batch of terminal events: free each attempt's reservation."""
@@ -200,14 +181,8 @@ class Binder:
         for node_id, key in pairs:
             by_node.setdefault(node_id, set()).add(key)
 
-        def editor(keys: set[str]):
-            def edit(alloc: Allocation):
-                if not keys & alloc.reservations.keys():
-                    return None, None
-                kept = {k: v for k, v in alloc.reservations.items() if k not in keys}
-                return Allocation(node_id=alloc.node_id, reservations=kept), None
-
-            return edit
+        def editor(keys: set[str]) -> Callable[[Allocation], tuple[Allocation | None, None]]:
+            return lambda alloc: (without(alloc, keys), None)
 
         await asyncio.gather(*(self._allocs.change(node, editor(keys)) for node, keys in by_node.items()))
 
@@ -244,9 +219,7 @@ class Binder:
             await asyncio.sleep(ttl / 2)
             alive = {n.node_id for n in self._nodes.alive()}
             held = {node for node, (alloc, _) in self._allocs.records.items() if alloc.reservations}
-            gone = held - alive
-            confirmed = gone & suspects
-            suspects = gone - confirmed
+            confirmed, suspects = confirm_gone(held, alive, suspects)
             for node_id in confirmed:
                 try:
                     await self._declare_lost(node_id)

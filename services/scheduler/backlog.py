@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import heapq
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,6 +41,8 @@ from jobmesh.scheduler.ratelimit import TokenBucket
 READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
     "ready", "timer", "group", "key", "parked", "room", "released", "gone",
 )
+# The reason of a job held for its start time; its explanation names the time itself.
+DELAYED = "delayed until its start time (not_before)"
 ROOM_RETRY_SECONDS = 1.0
 ROOM_RETRY_MAX_SECONDS = 30.0
 ROOM_WAKE_PER_FINISH = 2  # jobs waiting for room that one finished job lets try again
@@ -293,7 +296,7 @@ class Backlog:
         """Put a job that is no longer behind its group where it belongs now."""
         if job.not_before > now:
             job.where = TIMER
-            job.reason = f"not before {job.not_before:.3f}"
+            job.reason = DELAYED
             heapq.heappush(self._timers, (job.not_before, job.seq, job.job_id))
             return
         self._make_ready(job, now)
@@ -579,10 +582,12 @@ class Backlog:
             return "released to the binder"
         if job.where == GROUP:
             return f"sequential group {job.group}: waiting for earlier jobs of the group"
+        if job.where == TIMER:
+            return f"not before {_utc(job.not_before)} (in {_duration(job.not_before - now)})"
         return job.reason
 
     def stats(self) -> dict[str, dict]:
-        """Per queue: pending, in flight, pending per tenant, waiting per place."""
+        """Per queue: pending, in flight, pending per tenant, waiting per place and per reason."""
         out: dict[str, dict] = {}
         for name, q in self.queues.items():
             out[name] = {
@@ -590,6 +595,7 @@ class Backlog:
                 "in_flight": q.in_flight,
                 "tenants": {t: n for t, n in q.pending_by_tenant.items() if n},
                 "waiting": {},
+                "reasons": {},
                 "rate": q.config.rate,
                 "max_in_flight": q.config.max_in_flight,
             }
@@ -597,4 +603,21 @@ class Backlog:
             if job.where not in (RELEASED, GONE):
                 waiting = out[job.queue]["waiting"]
                 waiting[job.where] = waiting.get(job.where, 0) + 1
+                if job.where != READY:
+                    reasons = out[job.queue]["reasons"]
+                    reason = f"sequential group {job.group}" if job.where == GROUP else job.reason
+                    reasons[reason] = reasons.get(reason, 0) + 1
         return out
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 120:
+        return f"{seconds}s"
+    if seconds < 7200:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"

@@ -26,6 +26,26 @@ from jobmesh.contract import subjects
 
 log = logging.getLogger("jobmesh.scheduler.leases")
 
+# A renewal that failed for a reason other than a lost race keeps the partition only while
+# less than this fraction of the TTL has passed since the last successful renewal began.
+SAFE_FRACTION = 0.8
+
+
+def still_ours(now: float, renewed_at: float, ttl: float) -> bool:
+    """Whether a lease whose renewal just failed (NATS slow or away) surely still holds.
+
+    The server accepted the last renewal at some moment after ``renewed_at`` (when the
+    call began), so the lease lasts at least until ``renewed_at + ttl``. Keeping a margin
+    (``SAFE_FRACTION``) covers clock drift and the call in flight: past it, a standby may
+    own the partition, and serving it would risk two owners (self-fencing).
+
+    Args:
+        now: the current monotonic time.
+        renewed_at: monotonic time at which the last successful renewal began.
+        ttl: the lease TTL.
+    """
+    return now - renewed_at < ttl * SAFE_FRACTION
+
 
 class Leases:
     """Acquire, renew and release partition leases.
@@ -37,6 +57,7 @@ class Leases:
         ttl: the lease TTL (the bucket's max age).
         gained: awaited when a partition becomes ours.
         lost: awaited when a partition stops being ours.
+        clock: monotonic seconds (injected for tests).
     """
 
     def __init__(
@@ -47,7 +68,9 @@ class Leases:
         ttl: float,
         gained: Callable[[int], Awaitable[None]],
         lost: Callable[[int], Awaitable[None]],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self._clock = clock
         self._js = js
         self._instance = instance.encode()
         self._partitions = partitions
@@ -70,14 +93,14 @@ class Leases:
             self._ttl = actual
         while True:
             await asyncio.gather(*(self._beat(kv, partition) for partition in range(self._partitions)))
-            self.last_beat = time.monotonic()
+            self.last_beat = self._clock()
             await asyncio.sleep(self._ttl / 6)
 
     async def _beat(self, kv, partition: int) -> None:
         key = subjects.lease_key(partition)
         limit = self._ttl / 4  # a hung call must not outlive the lease it is renewing
         if partition in self.owned:
-            started = time.monotonic()
+            started = self._clock()
             try:
                 self.owned[partition] = await asyncio.wait_for(
                     kv.update(key, self._instance, last=self.owned[partition]), limit
@@ -90,7 +113,7 @@ class Leases:
             except (APIError, nats.errors.Error, asyncio.TimeoutError):
                 # Cannot tell whether the lease still holds. Keep serving while it surely
                 # does; once it may have expired, stop, because a standby may own it now.
-                if time.monotonic() - self._renewed.get(partition, started) < self._ttl * 0.8:
+                if still_ours(self._clock(), self._renewed.get(partition, started), self._ttl):
                     log.warning("could not renew the lease of partition %d; will retry", partition, exc_info=True)
                     return
                 log.warning("could not renew the lease of partition %d in time; letting it go", partition)
@@ -101,7 +124,7 @@ class Leases:
                 taking.cancel()
             await self._lost(partition)
             return
-        started = time.monotonic()
+        started = self._clock()
         try:
             revision = await asyncio.wait_for(kv.create(key, self._instance), limit)
         except (KeyWrongLastSequenceError, APIError, nats.errors.Error, asyncio.TimeoutError):
@@ -142,6 +165,6 @@ class Leases:
 
     def healthy(self) -> str | None:
         """A problem when lease beats stopped (NATS unreachable for longer than a beat)."""
-        if self.last_beat and time.monotonic() - self.last_beat > self._ttl:
+        if self.last_beat and self._clock() - self.last_beat > self._ttl:
             return "lease renewals are late"
         return None

@@ -94,7 +94,8 @@ async def service_main(settings: Settings) -> None:
         for number, part in sorted(owned.items()):
             rows = [
                 QueueStats(queue=name, pending=s["pending"], in_flight=s["in_flight"], waiting=s["waiting"],
-                           tenants=s["tenants"], rate=s["rate"], max_in_flight=s["max_in_flight"])
+                           tenants=s["tenants"], rate=s["rate"], max_in_flight=s["max_in_flight"],
+                           reasons=s["reasons"])
                 for name, s in sorted(part.backlog.stats().items())
             ]
             stats.append(PartitionStats(partition=number, owner=settings.instance, queues=rows, at=now))

@@ -102,5 +102,6 @@ class QueryHandler:
         """
         request: JobListRequest = env.message
         async with translated("listing jobs"):
-            jobs = await self._store.list(request.limit, request.state, request.queue)
+            states = request.states or ([request.state] if request.state else [])
+            jobs = await self._store.list(request.limit, states, request.queue)
         return JobListReply(jobs=jobs)

@@ -197,9 +197,9 @@ _ORDER = "ORDER BY submitted_at DESC NULLS LAST, job_id DESC LIMIT $1"
 # One statement per filter combination, so each keeps a plan that uses its own index.
 _LIST = {
     (False, False): f"SELECT {_SUMMARY} FROM jobs {_ORDER}",
-    (True, False): f"SELECT {_SUMMARY} FROM jobs WHERE state = $2 {_ORDER}",
+    (True, False): f"SELECT {_SUMMARY} FROM jobs WHERE state = ANY($2::text[]) {_ORDER}",
     (False, True): f"SELECT {_SUMMARY} FROM jobs WHERE queue = $2 {_ORDER}",
-    (True, True): f"SELECT {_SUMMARY} FROM jobs WHERE state = $2 AND queue = $3 {_ORDER}",
+    (True, True): f"SELECT {_SUMMARY} FROM jobs WHERE state = ANY($2::text[]) AND queue = $3 {_ORDER}",
 }
 _GET_JOB = """
 SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, state, reason, attempt,
@@ -293,10 +293,10 @@ class Store:
         )
         return view, True
 
-    async def list(self, limit: int, state: str = "", queue: str = "") -> list[JobSummary]:
-        """Recent jobs, latest submission first, optionally of one state and/or queue."""
-        args: list = [limit] + [v for v in (state, queue) if v]
-        records = await self._pool.fetch(_LIST[(bool(state), bool(queue))], *args)
+    async def list(self, limit: int, states: Sequence[str] = (), queue: str = "") -> list[JobSummary]:
+        """Recent jobs, latest submission first, optionally in some states and/or a queue."""
+        args: list = [limit] + [v for v in (list(states), queue) if v]
+        records = await self._pool.fetch(_LIST[(bool(states), bool(queue))], *args)
         return [
             JobSummary(
                 job_id=r["job_id"], name=r["name"], queue=r["queue"], tenant=r["tenant"], state=r["state"],

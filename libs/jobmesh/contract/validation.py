@@ -10,7 +10,7 @@ import re
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import LABEL_KEY_PATTERN, LABEL_VALUE_PATTERN, JobSpec, ProcessRuntime
+from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime
 from jobmesh.errors import InvalidSpec
 
 # Beyond these, a request is a typo rather than a real job.
@@ -56,6 +56,10 @@ def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True,
             f"the job may not start for {spec.not_before - now:.0f}s (not_before) but expires after "
             f"{spec.timeouts.queue:g}s in the queue; it could never run",
         )
+    for key, value in spec.constraints.labels.items():
+        problem = label_problem(key, value)
+        if problem:
+            _fail(where, "constraints.labels", problem)
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
     if nul:
         # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
@@ -77,8 +81,10 @@ def label_problem(key: str, value: str) -> str:
     return ""
 
 
-_LABEL_KEY = re.compile(LABEL_KEY_PATTERN.replace("+$", "{1,128}$"))
-_LABEL_VALUE = re.compile(LABEL_VALUE_PATTERN)
+# Node labels: one rule for what a job asks for and what an executor advertises
+# (``JOBMESH_NODE_LABELS`` is ``k=v,k2=v2``, so a value holds no comma and no edge spaces).
+_LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
+_LABEL_VALUE = re.compile(r"^(?:[^,\s](?:[^,]*[^,\s])?)?$")
 
 
 def _first_nul(value, path: str) -> str:

@@ -75,6 +75,7 @@ class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
     state: JobState | Literal[""] = ""  # "" for every state
     queue: str = ""
+    states: list[JobState] = []  # any of these; wins over ``state`` when given
 
 
 class AttemptView(Struct, frozen=True, kw_only=True):

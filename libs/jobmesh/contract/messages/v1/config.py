@@ -41,10 +41,11 @@ class QueueStats(Struct, frozen=True, kw_only=True):
     queue: str
     pending: int
     in_flight: int
-    waiting: dict[str, int]  # reason -> count
+    waiting: dict[str, int]  # where the scheduler holds them (ready, timer, group, key, parked, room) -> count
     tenants: dict[str, int]  # tenant -> pending
     rate: float = 0.0
     max_in_flight: int = 0
+    reasons: dict[str, int] = {}  # why the held ones wait, in words -> count
 
 
 class PartitionStats(Struct, frozen=True, kw_only=True):

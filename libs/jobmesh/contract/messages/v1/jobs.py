@@ -17,7 +17,7 @@ __all__ = [
     "Timeouts", "JobSpec", "JobSubmitted", "JobReady", "JobUnplaceable", "JobBound",
     "JobStarted", "JobSucceeded", "JobFailed", "JobExpired", "JobLost", "LogLine",
     "LifecycleEvent", "TerminalEvent", "JobError", "Priority", "JobEvent", "AttemptEvent",
-    "FailureCode", "FAILURE_CODES", "LABEL_KEY_PATTERN", "LABEL_VALUE_PATTERN", "LabelKey", "LabelValue",
+    "FailureCode", "FAILURE_CODES",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -27,12 +27,6 @@ Seconds = Annotated[float, Meta(gt=0)]
 # Subject tokens may not contain dots or wildcards, so ids are restricted to this set.
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 AttemptNumber = Annotated[int, Meta(ge=1)]
-# Node labels: one rule for what a job asks for and what an executor advertises
-# (``JOBMESH_NODE_LABELS`` is ``k=v,k2=v2``, so a value holds no comma and no edge spaces).
-LABEL_KEY_PATTERN = r"^[A-Za-z0-9_./-]+$"
-LABEL_VALUE_PATTERN = r"^(?:[^,\s](?:[^,]*[^,\s])?)?$"
-LabelKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=LABEL_KEY_PATTERN)]
-LabelValue = Annotated[str, Meta(max_length=256, pattern=LABEL_VALUE_PATTERN)]
 
 # Why an attempt failed (``JobError.code``). Producers are typed against this literal and
 # retry policies are checked against it; the wire field itself stays a plain string, so
@@ -80,7 +74,7 @@ class Constraints(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     arch: str = ""
     isolation: Literal["", "process", "sandbox", "container", "vm"] = ""
-    labels: dict[LabelKey, LabelValue] = {}
+    labels: dict[str, str] = {}  # checked by contract.validation.label_problem
     handler: str = ""
 
 
