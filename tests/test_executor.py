@@ -248,6 +248,19 @@ async def test_scratch_directory_over_its_disk_quota_fails_the_attempt(harness, 
     assert isinstance(await harness.terminal(within.job_id), JobSucceeded)
 
 
+async def test_writing_past_the_quota_and_exiting_at_once_fails_the_attempt(harness, executor):
+    # Exits well within the watchdog's first second: only the check at exit can catch it.
+    bound = await harness.dispatch(
+        ProcessRuntime(argv=["sh", "-c", "dd if=/dev/zero of=big bs=1M count=20 2>/dev/null; echo written"]),
+        disk_mb=5,
+    )
+    done = await harness.terminal(bound.job_id)
+    assert isinstance(done, JobFailed)
+    assert done.error.code == "disk_quota_exceeded" and "of its 5 MiB disk quota" in done.error.message
+    assert done.exit_code == 0 and "written" in done.output_tail
+    assert not harness.jobs.of(bound.job_id, JobSucceeded)
+
+
 async def test_missing_command_is_spawn_failed(harness, executor):
     bound = await harness.dispatch(ProcessRuntime(argv=["no-such-command-jobmesh"]))
     done = await harness.terminal(bound.job_id)

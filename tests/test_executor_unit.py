@@ -11,19 +11,16 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
-from jobmesh.executor.attempts import (
-    MAX_LINE_BYTES,
-    AbortSignal,
-    Attempts,
-    OutputTail,
-    ProcessRunner,
-    exit_outcome,
-)
+from jobmesh.executor.attempts import Attempts
+from jobmesh.executor.outcomes import exit_outcome, failed_outcome
+from jobmesh.executor.quota import directory_bytes, outcome_after_exit, quota_error
+from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputTail, ProcessRunner
 from jobmesh.executor.handlers import DispatchHandler
 from jobmesh.executor.node import (
     MachineFacts,
@@ -44,6 +41,7 @@ from jobmesh.contract.messages.v1 import (
     LogLine,
     NoopRuntime,
     ProcessRuntime,
+    Resources,
     Timeouts,
 )
 from jobmesh.runtime.outcomes import ACK, Reject
@@ -148,7 +146,7 @@ def test_job_base_env_has_only_path_and_lang():
     assert job_base_env({})["PATH"] == "/usr/local/bin:/usr/bin:/bin"
 
 
-# --- attempts.py: pure parts -------------------------------------------------------------
+# --- runner.py and outcomes.py: pure parts ---------------------------------------------
 def test_output_tail_keeps_the_last_characters():
     tail = OutputTail(limit=10)
     for i in range(100):
@@ -167,6 +165,48 @@ def test_exit_outcomes():
     assert failed.error.message == "exited with code 7"
     killed = exit_outcome(-9)
     assert killed.exit_code == -9 and "SIGKILL" in killed.error.message
+
+
+# --- quota.py ----------------------------------------------------------------------------
+MIB = 1024 * 1024
+
+
+def test_directory_bytes_counts_files_below_and_follows_no_links(tmp_path):
+    (tmp_path / "a").write_bytes(b"x" * 1000)
+    (tmp_path / "sub" / "deeper").mkdir(parents=True)
+    (tmp_path / "sub" / "deeper" / "b").write_bytes(b"y" * 24)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"z" * 5000)
+    (tmp_path / "link").symlink_to(outside, target_is_directory=True)
+    assert directory_bytes(tmp_path) == 1024
+    assert directory_bytes(tmp_path / "missing") == 0
+
+
+def test_quota_error_only_past_the_quota():
+    assert quota_error(MIB, 1) is None  # exactly the quota is within it
+    over = quota_error(MIB + 1, 1)
+    assert over is not None and over.code == "disk_quota_exceeded"
+    assert over.message == "used 1.0 MiB of its 1 MiB disk quota"
+    assert quota_error(10**12, 0) is None  # disk_mb 0: no quota, not measured
+
+
+def test_a_process_that_exited_past_its_quota_fails_with_its_exit_code_kept():
+    judged = outcome_after_exit(exit_outcome(0, "written\n"), 20 * MIB, 5)
+    assert judged.error is not None and judged.error.code == "disk_quota_exceeded"
+    assert judged.exit_code == 0 and judged.output_tail == "written\n"
+    assert "5 MiB disk quota" in judged.error.message
+    failed = outcome_after_exit(exit_outcome(1), 20 * MIB, 5)  # e.g. "no space left": the quota is the cause
+    assert failed.error is not None and failed.error.code == "disk_quota_exceeded" and failed.exit_code == 1
+
+
+def test_within_quota_or_stopped_for_another_reason_keeps_the_outcome():
+    ok = exit_outcome(0)
+    assert outcome_after_exit(ok, 4 * MIB, 5) is ok
+    assert outcome_after_exit(ok, 20 * MIB, 0) is ok
+    for code in ("timeout", "node_drained", "disk_quota_exceeded", "spawn_failed"):
+        stopped = failed_outcome(code, "why")
+        assert outcome_after_exit(stopped, 20 * MIB, 5) is stopped
 
 
 # --- reporter.py -------------------------------------------------------------------------
@@ -303,7 +343,7 @@ async def test_reporter_close_flushes_what_is_queued():
     assert publisher.messages == list(range(10))
 
 
-# --- attempts.py: running real processes -------------------------------------------------
+# --- runner.py: running real processes ---------------------------------------------------
 class Lines:
     def __init__(self) -> None:
         self.lines: list[tuple[str, str]] = []
@@ -488,6 +528,24 @@ async def test_handler_does_not_wait_for_a_process_to_finish(node, tmp_path):
     (failed,) = [m for m in publisher.messages if isinstance(m, JobFailed)]
     assert failed.error.code == "node_drained" and failed.exit_code is None
     assert not (tmp_path / "slow-1").exists()
+
+
+async def test_a_job_that_writes_past_its_quota_and_exits_at_once_fails(node, tmp_path):
+    publisher, reporter, attempts, handler = node
+    writer = ProcessRuntime(argv=["sh", "-c", "head -c 3000000 /dev/zero > big"])  # 2.9 MiB, then exit 0
+    over = msgspec.structs.replace(bound("q", writer), spec=JobSpec(runtime=writer, resources=Resources(disk_mb=1)))
+    await handler([envelope(over)])
+
+    async def finished():
+        return attempts.running == 0
+
+    await eventually(finished, timeout=10, what="the attempt to finish")
+    await reporter.flush()
+    (failed,) = [m for m in publisher.messages if isinstance(m, JobFailed)]
+    assert failed.error.code == "disk_quota_exceeded" and "1 MiB disk quota" in failed.error.message
+    assert failed.exit_code == 0  # it exited on its own: judged at exit, not stopped by the watchdog
+    assert not [m for m in publisher.messages if isinstance(m, JobSucceeded)]
+    assert not (tmp_path / "q-1").exists()
 
 
 async def test_process_attempt_reports_lines_then_its_end(node, tmp_path):

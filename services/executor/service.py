@@ -27,10 +27,11 @@ from jobmesh.contract.messages.v1 import JobBound, NodeInfo
 from jobmesh.runtime.service import ConsumerSpec, Runtime
 from jobmesh.runtime.settings import Settings
 
-from jobmesh.executor.attempts import Attempts, ProcessRunner
+from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.handlers import DispatchHandler
 from jobmesh.executor.node import build_node_info, read_machine_facts
 from jobmesh.executor.reporter import Reporter
+from jobmesh.executor.runner import ProcessRunner
 
 log = logging.getLogger("jobmesh.executor")
 
@@ -130,7 +131,7 @@ class Registration:
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             log.warning("could not delete node record %s (it expires with the TTL): %s", self.node_id, exc)
 
-    async def run(self, stop_requested: Callable[[], bool], on_stop_requested: Callable[[], None]) -> None:
+    async def run(self, stop_requested: Callable[[], bool], on_stop_requested: Callable[[], object]) -> None:
         """Heartbeat until cancelled; mark the node draining as soon as a stop begins."""
         loop = asyncio.get_running_loop()
         next_beat = loop.time() + self._interval
@@ -214,9 +215,9 @@ class Executor:
 
     async def stop(self) -> None:
         """Drain: mark draining, let attempts finish, fail the rest, flush, deregister."""
-        self._stop_begun()
+        deadline = self._stop_begun()
         await self.registration.mark_draining()
-        grace = max(0.0, self._drain_deadline - asyncio.get_running_loop().time())
+        grace = max(0.0, deadline - asyncio.get_running_loop().time())
         stopped = await self.attempts.drain(grace)
         await self.reporter.close(FINAL_FLUSH_SECONDS)
         if self._heartbeat is not None:
@@ -228,11 +229,12 @@ class Executor:
             self.node_id, stopped, self.reporter.published, self.reporter.flushes,
         )
 
-    def _stop_begun(self) -> None:
+    def _stop_begun(self) -> float:
         # Attempts get drain_seconds from the moment the stop began, not from on_stop,
         # which the runtime calls only after its own wait for in-flight batches.
         if self._drain_deadline is None:
             self._drain_deadline = asyncio.get_running_loop().time() + self._settings.drain_seconds
+        return self._drain_deadline
 
     def _crashed(self, exc: BaseException) -> None:
         log.error("executor part failed (%s: %s); stopping", type(exc).__name__, exc)

@@ -1,0 +1,152 @@
+"""How an attempt ended, and the terminal event that reports it.
+
+An :class:`Outcome` is what the runner (or the attempt around it) decided; the failure codes
+here are the stable ``JobFailed.error.code`` values the scheduler's retry policy matches on,
+each typed against the contract's :data:`~jobmesh.contract.messages.v1.jobs.FailureCode`, so
+a code the contract does not declare is a type error.
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import JobBound, JobError, JobFailed, JobSucceeded, NoopRuntime
+from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Context
+
+EXIT_CODE: FailureCode = "exit_code"
+TIMEOUT: FailureCode = "timeout"
+SPAWN_FAILED: FailureCode = "spawn_failed"
+WORKDIR_FAILED: FailureCode = "workdir_failed"
+NODE_DRAINED: FailureCode = "node_drained"
+EXECUTOR_ERROR: FailureCode = "executor_error"
+DISK_QUOTA: FailureCode = "disk_quota_exceeded"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How an attempt ended: ``error`` is None exactly when it succeeded."""
+
+    exit_code: int | None
+    error: JobError | None
+    output_tail: str = ""
+
+
+def failed_outcome(code: FailureCode, message: str, exit_code: int | None = None, output_tail: str = "") -> Outcome:
+    """A failed outcome with one of the contract's failure codes.
+
+    Args:
+        code: why it failed.
+        message: the human explanation that goes with the code.
+        exit_code: the process's exit code if it exited on its own, else None.
+        output_tail: the last output of the attempt.
+
+    Returns:
+        The outcome.
+    """
+    return Outcome(exit_code, JobError(code=code, message=message), output_tail)
+
+
+def exit_outcome(returncode: int, output_tail: str = "") -> Outcome:
+    """The outcome of a process that ended on its own.
+
+    Args:
+        returncode: its exit code; negative when a signal killed it.
+        output_tail: the last output of the attempt.
+
+    Returns:
+        Success for 0, else an ``exit_code`` failure naming the code or the signal.
+    """
+    if returncode == 0:
+        return Outcome(0, None, output_tail)
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        message = f"killed by {name} (exit code {returncode})"
+    else:
+        message = f"exited with code {returncode}"
+    return failed_outcome(EXIT_CODE, message, returncode, output_tail)
+
+
+def noop_outcome(runtime: NoopRuntime) -> Outcome:
+    """The outcome of a no-op attempt.
+
+    Args:
+        runtime: the no-op runtime, with the exit code it asked for.
+
+    Returns:
+        The outcome of a process that exited with that code.
+    """
+    return exit_outcome(runtime.exit_code)
+
+
+def terminal_message(
+    bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float, context: Context | None
+) -> Outgoing:
+    """The terminal event of an attempt, addressed and with its deterministic message id.
+
+    Args:
+        bound: the dispatch message of the attempt.
+        node_id: this node.
+        outcome: how the attempt ended.
+        started_at: when the executor started it.
+        at: when it ended.
+        context: the trace context the event carries.
+
+    Returns:
+        The Succeeded or Failed event, ready for the reporter.
+    """
+    kind = subjects.SUCCEEDED if outcome.error is None else subjects.FAILED
+    return Outgoing(
+        subjects.job_event(bound.partition, kind),
+        terminal_event(bound, node_id, outcome, started_at, at),
+        event_id(bound.job_id, bound.attempt, kind),
+        context,
+    )
+
+
+def terminal_event(
+    bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float
+) -> JobSucceeded | JobFailed:
+    """The Succeeded or Failed event reporting ``outcome``.
+
+    Args:
+        bound: the dispatch message of the attempt.
+        node_id: this node.
+        outcome: how the attempt ended.
+        started_at: when the executor started it.
+        at: when it ended.
+
+    Returns:
+        JobSucceeded when ``outcome`` has no error, else JobFailed.
+    """
+    if outcome.error is None:
+        return JobSucceeded(
+            job_id=bound.job_id,
+            attempt=bound.attempt,
+            partition=bound.partition,
+            node_id=node_id,
+            exit_code=outcome.exit_code or 0,
+            output_tail=outcome.output_tail,
+            submitted_at=bound.submitted_at,
+            started_at=started_at,
+            at=at,
+        )
+    return JobFailed(
+        job_id=bound.job_id,
+        attempt=bound.attempt,
+        partition=bound.partition,
+        node_id=node_id,
+        exit_code=outcome.exit_code,
+        error=outcome.error,
+        output_tail=outcome.output_tail,
+        submitted_at=bound.submitted_at,
+        started_at=started_at,
+        at=at,
+    )
