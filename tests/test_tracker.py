@@ -419,8 +419,11 @@ def _state_of(r) -> AttemptState:
 async def test_an_unstorable_event_is_rejected_alone(store, nc) -> None:
     good, bad = new_job(), new_job()
     handler = EventsHandler(store, _NoWatchers())
+    # The runtime decides every message's fate, splitting a batch that fails for its content.
+    rt = Runtime(Settings.from_env("tracker", {}))
+    spec = consumers(Settings.from_env("tracker", {}), handler)[0]
     # Valid on the wire, but beyond what the attempts column holds.
-    outcomes = await handler([_env(submitted(good)), _env(ready(bad, attempt=2**40)), _env(ready(good))])
+    outcomes = await rt.handle(spec, [_env(submitted(good)), _env(ready(bad, attempt=2**40)), _env(ready(good))])
     assert [type(o) for o in outcomes] == [Ack, Reject, Ack]
     view = await get(nc, good)
     assert isinstance(view, JobView) and view.state == "ready"

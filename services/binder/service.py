@@ -14,11 +14,12 @@ from jobmesh.contract.messages.v1 import JobReady, NodesRequest, TerminalEvent
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 
 
-async def service_main(settings: Settings) -> None:
+async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Connect, watch nodes and allocations, bind and release until told to stop."""
-    rt = Runtime(settings)
+    rt = Runtime(settings, tracing)
     await rt.connect()
     nodes = NodeWatcher(rt.js, settings.node_ttl_seconds)
     rt.spawn(nodes.run(), "nodes-watch")

@@ -34,7 +34,7 @@ from jobmesh.runtime.service import Envelope
 from jobmesh.scheduler import store
 from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
-from jobmesh.runtime.tracing import extract
+from jobmesh.runtime.tracing import Tracing
 
 log = logging.getLogger("jobmesh.scheduler")
 
@@ -70,6 +70,7 @@ class PartitionScheduler:
         publisher: JetStream publisher.
         placements: node rankings.
         config: queue and tenant configuration.
+        tracing: turns a job's stored traceparent back into the context JobReady continues.
         clock: returns the current unix time.
     """
 
@@ -80,8 +81,10 @@ class PartitionScheduler:
         publisher: Publisher,
         placements: Placements,
         config: ClusterConfig,
+        tracing: Tracing,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self._tracing = tracing
         self.partition = partition
         self._pool = pool
         self._publisher = publisher
@@ -249,7 +252,7 @@ class PartitionScheduler:
         outgoing: list[Outgoing] = []
         for d in decisions:
             job = d.job
-            context = extract({"traceparent": job.trace} if job.trace else None)
+            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
             if isinstance(d, Release):
                 submitted = job.submitted
                 ready = JobReady(

@@ -23,13 +23,14 @@ from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
 from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 
 CONSUMED_KINDS = (subjects.SUBMITTED, subjects.UNPLACEABLE, *subjects.TERMINAL_KINDS)
 
 
-async def service_main(settings: Settings) -> None:
+async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Connect, take partitions as leases allow, schedule until told to stop."""
-    rt = Runtime(settings)
+    rt = Runtime(settings, tracing)
     await rt.connect()
     pool = await connect_pool(settings.database_url, "scheduler", store.DDL, max_size=max(2, settings.partitions + 1))
     owned: dict[int, PartitionScheduler] = {}
@@ -55,7 +56,7 @@ async def service_main(settings: Settings) -> None:
     pruners: dict[int, asyncio.Task] = {}
 
     async def gained(number: int) -> None:
-        part = PartitionScheduler(number, pool, rt.publisher, placements, config)
+        part = PartitionScheduler(number, pool, rt.publisher, placements, config, rt.tracing)
         await part.load()
         owned[number] = part
         planners[number] = rt.spawn(part.run_planner(), f"planner-{number}")

@@ -19,7 +19,7 @@ from jobmesh.errors import NotFound
 from jobmesh.contract.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView
 from jobmesh.runtime.db import translated
 from jobmesh.runtime.service import Envelope
-from jobmesh.runtime.tracing import Context, inject
+from jobmesh.runtime.tracing import Context, Tracing
 from jobmesh.tracker.fold import fold, updates
 from jobmesh.tracker.store import Store
 
@@ -31,11 +31,14 @@ class EventsHandler:
     Args:
         store: the tracker's tables.
         nc: the NATS connection watch updates are published on (core NATS, no ack).
+        tracing: writes each update's trace context into its headers (carry-only when
+            omitted).
     """
 
-    def __init__(self, store: Store, nc: NATS) -> None:
+    def __init__(self, store: Store, nc: NATS, tracing: Tracing | None = None) -> None:
         self._store = store
         self._nc = nc
+        self._inject = (tracing or Tracing.off()).inject
 
     async def __call__(self, envelopes: list[Envelope]) -> None:
         """Record a batch; return (ack all) once committed.
@@ -57,7 +60,7 @@ class EventsHandler:
         # Each update continues the trace of the last message that touched its job.
         contexts: dict[str, Context] = {env.message.job_id: env.context for env in envelopes}
         for update in changes:
-            headers = inject({}, contexts.get(update.job_id))
+            headers = self._inject({}, contexts.get(update.job_id))
             try:
                 # Core NATS: buffered, no ack, so watchers never hold up the batch. A lost
                 # update is acceptable by design: ``get`` is the truth and watchers re-read it.

@@ -10,6 +10,7 @@ from jobmesh.runtime.db import connect_pool
 from jobmesh.contract.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
 from jobmesh.tracker.store import DDL, Store
 
@@ -57,13 +58,13 @@ async def open_store(settings: Settings) -> tuple[Store, asyncpg.Pool]:
     return Store(pool), pool
 
 
-async def service_main(settings: Settings) -> None:
+async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Connect, record and answer until told to stop, then drain and close the pool."""
-    rt = Runtime(settings)
+    rt = Runtime(settings, tracing)
     await rt.connect()
     store, pool = await open_store(settings)
     await rt.serve(
-        consumers=consumers(settings, EventsHandler(store, rt.nc)),
+        consumers=consumers(settings, EventsHandler(store, rt.nc, rt.tracing)),
         responders=responders(QueryHandler(store)),
         on_stop=pool.close,
     )

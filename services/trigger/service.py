@@ -10,12 +10,13 @@ from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import SubmitRequest
 from jobmesh.runtime.service import ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 from jobmesh.trigger.handlers import SubmitHandler
 
 
-async def service_main(settings: Settings) -> None:
+async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Connect, answer submits until told to stop, then drain."""
-    rt = Runtime(settings)
+    rt = Runtime(settings, tracing)
     await rt.connect()
     submit = SubmitHandler(rt.publisher, settings.partitions)
     await rt.serve(

@@ -12,7 +12,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from jobmesh.contract.codec import encode
 from jobmesh.errors import Overloaded, Unavailable
-from jobmesh.runtime.tracing import Context, inject
+from jobmesh.runtime.tracing import Context, Tracing
 
 PUBLISH_TIMEOUT = 10.0
 
@@ -39,11 +39,14 @@ class Publisher:
 
     Args:
         js: the JetStream context.
+        tracing: writes each message's trace context into its headers; carry-only when
+            omitted (tools and tests).
         timeout: seconds to wait for all acks before raising ``Unavailable``.
     """
 
-    def __init__(self, js: JetStreamContext, timeout: float = PUBLISH_TIMEOUT) -> None:
+    def __init__(self, js: JetStreamContext, tracing: Tracing | None = None, timeout: float = PUBLISH_TIMEOUT) -> None:
         self._js = js
+        self._inject = (tracing or Tracing.off()).inject
         self._timeout = timeout
 
     async def publish(self, items: Iterable[Outgoing]) -> list[Any]:
@@ -56,7 +59,7 @@ class Publisher:
         futures = []
         try:
             for item in items:
-                headers = inject({"Nats-Msg-Id": item.msg_id}, item.context)
+                headers = self._inject({"Nats-Msg-Id": item.msg_id}, item.context)
                 futures.append(
                     await self._js.publish_async(item.subject, encode(item.message), headers=headers)
                 )

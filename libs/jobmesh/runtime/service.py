@@ -31,9 +31,7 @@ from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provi
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
 from jobmesh.runtime.settings import Settings
-from jobmesh.runtime.tracing import (
-    Context, carries_trace, exporting, extract, new_root, setup_tracing, shutdown_tracing,
-)
+from jobmesh.runtime.tracing import Context, Tracing
 
 log = logging.getLogger("jobmesh.runtime.service")
 
@@ -104,13 +102,15 @@ class Runtime:
 
     Args:
         settings: the process settings.
-        tracer: the tracer for consumer spans; ``setup_tracing`` when omitted.
+        tracing: what the process does with trace context (``Tracing.from_env`` in
+            :func:`run_service`); carry-only when omitted.
     """
 
-    def __init__(self, settings: Settings, tracer: trace.Tracer | None = None) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self.settings = settings
         self.service = settings.service
-        self.tracer = tracer or setup_tracing(settings.service)
+        self.tracing = tracing or Tracing.off()
+        self.tracer = self.tracing.tracer
         self.nc: NATS = None  # type: ignore[assignment]
         self.js: JetStreamContext = None  # type: ignore[assignment]
         self.publisher: Publisher = None  # type: ignore[assignment]
@@ -142,7 +142,7 @@ class Runtime:
         except Exception as exc:  # noqa: BLE001 - translated once, here
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         self.js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
-        self.publisher = Publisher(self.js)
+        self.publisher = Publisher(self.js, self.tracing)
         await provision(
             self.js,
             node_ttl=self.settings.node_ttl_seconds,
@@ -224,7 +224,7 @@ class Runtime:
                 await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
-        shutdown_tracing()
+        self.tracing.shutdown()
         log.info(
             "%s stopped: %d messages in %d batches, %d retried, %d dead-lettered",
             self.service, self.stats.handled, self.stats.batches, self.stats.retried, self.stats.dead_lettered,
@@ -277,7 +277,6 @@ class Runtime:
     async def process_batch(self, spec: ConsumerSpec, raws: list[Msg]) -> None:
         """Decode, handle and settle one batch. Never raises for a bad message."""
         envelopes: list[Envelope] = []
-        recording = exporting()
         for raw in raws:
             headers = raw.headers or {}
             try:
@@ -285,11 +284,11 @@ class Runtime:
             except InvalidMessage as exc:
                 await self._settle(spec, raw, Reject(exc.code, str(exc)), _deliveries(raw))
                 continue
-            span, context = self._open_span(spec.span_name, headers, trace.SpanKind.CONSUMER, recording)
+            span, context = self.tracing.open_span(spec.span_name, headers, trace.SpanKind.CONSUMER)
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
         if not envelopes:
             return
-        outcomes = await self._handle(spec, envelopes)
+        outcomes = await self.handle(spec, envelopes)
         if outcomes is None:
             for env in envelopes:
                 await env.raw.ack()
@@ -303,7 +302,7 @@ class Runtime:
         self.stats.handled += len(envelopes)
         self.stats.batches += 1
 
-    async def _handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
+    async def handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
         """Run the handler; map an exception to every message's fate.
 
         Any error that is not an outage (a bug, a value the database refuses, a message
@@ -326,7 +325,7 @@ class Runtime:
                 )
                 outcomes: list[Outcome] = []
                 for env in envelopes:
-                    outcomes.extend(await self._handle(spec, [env]) or [ACK])
+                    outcomes.extend(await self.handle(spec, [env]) or [ACK])
                 return outcomes
             elif not known:
                 log.exception("%s: handler failed for a message on %s", spec.durable, envelopes[0].subject)
@@ -404,7 +403,7 @@ class Runtime:
             await _reply(msg, ErrorReply.of(exc))
             return
         headers = msg.headers or {}
-        span, context = self._open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER, exporting())
+        span, context = self.tracing.open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER)
         try:
             env = Envelope(message, msg.subject, headers, context, msg)
             try:
@@ -423,18 +422,6 @@ class Runtime:
             if span is not None:
                 span.end()
         await _reply(msg, reply)
-
-    def _open_span(self, name: str, headers: dict[str, str], kind: trace.SpanKind, recording: bool):
-        """The span (None when nothing is recorded) and the context a message continues.
-
-        With exporting off the incoming trace is carried on as it came, and a message
-        without one starts a fresh trace, so every message of a job shares one trace id.
-        """
-        parent = extract(headers)
-        if recording:
-            span = self.tracer.start_span(name, context=parent, kind=kind)
-            return span, trace.set_span_in_context(span, parent)
-        return None, parent if carries_trace(parent) else new_root()
 
     async def _health(self, env: Envelope) -> HealthReply:
         problems = [p for p in (check() for check in self._health_checks) if p]
@@ -502,17 +489,18 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     )
 
 
-def run_service(main: Callable[[Settings], Awaitable[None]], service: str) -> None:
-    """Entry point used by every service's ``__main__``: settings, logging, uvloop, run."""
+def run_service(main: Callable[[Settings, Tracing], Awaitable[None]], service: str) -> None:
+    """Entry point used by every service's ``__main__``: settings, logging, tracing, uvloop, run."""
     import os
 
     import uvloop
 
     settings = Settings.from_env(service)
     configure_logging(service, settings.log_level)
+    tracing = Tracing.from_env(service)
     profile_dir = settings.profile_dir
     if not profile_dir:
-        uvloop.run(main(settings))
+        uvloop.run(main(settings, tracing))
         return
     # Profile before guessing: JOBMESH_PROFILE_DIR=/tmp/prof writes <service>-<pid>.prof
     # at a graceful stop, for `python -m pstats`.
@@ -521,7 +509,7 @@ def run_service(main: Callable[[Settings], Awaitable[None]], service: str) -> No
     profiler = cProfile.Profile()
     profiler.enable()
     try:
-        uvloop.run(main(settings))
+        uvloop.run(main(settings, tracing))
     finally:
         profiler.disable()
         profiler.dump_stats(os.path.join(profile_dir, f"{service}-{os.getpid()}.prof"))

@@ -9,13 +9,16 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Mapping
+from typing import Annotated, Literal, Mapping
 
 import msgspec
+from msgspec import Meta
 
 from jobmesh.errors import InvalidSpec
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+NonNegative = Annotated[int, Meta(ge=0)]
+Positive = Annotated[float, Meta(gt=0)]
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -26,39 +29,39 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     service: str = "jobmesh"
     instance: str = ""
     # Queues hash onto this many scheduler partitions. Fixed for the life of a cluster.
-    partitions: int = 4
+    partitions: Annotated[int, Meta(ge=1, le=1024)] = 4
     # How many messages one pull loop takes and handles at once.
-    batch_size: int = 256
+    batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 256
     # A message larger than this is dead-lettered without being decoded.
-    max_message_bytes: int = 256 * 1024
+    max_message_bytes: Annotated[int, Meta(ge=1024)] = 256 * 1024
     # Seconds a service waits for in-flight batches when told to stop.
-    drain_seconds: float = 10.0
+    drain_seconds: Annotated[float, Meta(ge=0)] = 10.0
     # Executor node identity and capacity (the executor reads these only).
     node_id: str = ""
-    node_cpu_milli: int = 0
-    node_memory_mb: int = 0
-    node_gpu: int = 0
+    node_cpu_milli: NonNegative = 0
+    node_memory_mb: NonNegative = 0
+    node_gpu: NonNegative = 0
     node_gpu_kind: str = ""
-    node_disk_mb: int = 10_240
+    node_disk_mb: NonNegative = 10_240
     node_zone: str = ""
     node_labels: str = ""
     node_isolation: str = "process"
     node_datasets: str = ""  # comma-separated datasets held on this node's local disk
     node_handlers: str = ""  # comma-separated handler names this node hosts
     work_dir: str = ""
-    heartbeat_seconds: float = 2.0
-    node_ttl_seconds: float = 10.0
+    heartbeat_seconds: Positive = 2.0
+    node_ttl_seconds: Positive = 10.0
     # Scheduler: every instance beats six times per lease TTL; a standby takes a partition
     # over at most this long (plus a beat) after its owner's last renewal.
-    lease_ttl_seconds: float = 6.0
+    lease_ttl_seconds: Positive = 6.0
     # Scheduler: finished jobs are remembered this long, so a submit redelivered after its
     # job ended is not run again (JetStream's duplicate window covers only two minutes).
-    done_retention_seconds: float = 86_400.0
+    done_retention_seconds: Annotated[float, Meta(ge=0)] = 86_400.0
     # Binder: within the best locality tier, "spread" prefers the node with most free
     # capacity, "pack" the one with least that still fits.
-    placement: str = "spread"
+    placement: Literal["spread", "pack"] = "spread"
     # Replicas of each stream when it is first created (3 on a NATS cluster).
-    stream_replicas: int = 1
+    stream_replicas: Literal[1, 3, 5] = 1
     log_level: str = "INFO"
     # When set, a service writes a cProfile dump <service>-<pid>.prof here at a graceful stop.
     profile_dir: str = ""
@@ -86,18 +89,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if not raw.get("instance"):
             raw["instance"] = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
-            settings = msgspec.convert(raw, cls, strict=False)
+            # The constraints are declared on the fields; msgspec checks them all here.
+            return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
-            raise InvalidSpec(f"bad environment: {_env_name(str(exc))}") from exc
-        if settings.partitions < 1:
-            raise InvalidSpec("JOBMESH_PARTITIONS must be >= 1", field="partitions")
-        if settings.placement not in ("spread", "pack"):
-            raise InvalidSpec("JOBMESH_PLACEMENT must be spread or pack", field="placement")
-        if settings.stream_replicas not in (1, 3, 5):
-            raise InvalidSpec("JOBMESH_STREAM_REPLICAS must be 1, 3 or 5", field="stream_replicas")
-        if settings.batch_size < 1:
-            raise InvalidSpec("JOBMESH_BATCH_SIZE must be >= 1", field="batch_size")
-        return settings
+            field = _field(str(exc))
+            raise InvalidSpec(f"bad environment: {_env_name(str(exc))}", field=field) from exc
+
+
+def _field(message: str) -> str | None:
+    if "`$." in message:
+        return message.partition("`$.")[2].partition("`")[0] or None
+    return None
 
 
 def _env_name(message: str) -> str:
