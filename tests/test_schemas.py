@@ -1,67 +1,152 @@
 """The generated wire contract under schemas/ is current, well-formed and true to the code.
 
-Runs ``jobmesh.dev.schemas``'s check in-process (no subprocess, no server), then checks each
-generated file and validates real encoded messages against their schemas with a small
-validator (required keys, the ``type`` tag, types, enums, bounds), so no JSON Schema
-library is needed.
+Runs ``jobmesh.dev.schemas``'s check in-process, renders in subprocesses under different hash
+seeds, then checks each generated file with the ``jsonschema`` library: every schema is a
+valid draft 2020-12 schema (``check_schema``), real encoded messages validate against their
+schemas (and against the AsyncAPI document's components), a broken message is rejected,
+and every ``$ref`` of the AsyncAPI document resolves (``referencing``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+from jsonschema import Draft7Validator, Draft202012Validator  # type: ignore[import-untyped]
+from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped]
+from jsonschema.protocols import Validator  # type: ignore[import-untyped]
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT7, DRAFT202012
 
-from jobmesh.dev import schemas as schemagen
-from jobmesh.contract import subjects
+from jobmesh.contract import channelcheck, channels, subjects
 from jobmesh.contract.messages import v1
+from jobmesh.dev import asyncapi, schemas
 
-SCHEMAS = schemagen.default_out_dir()
+SCHEMAS = schemas.default_out_dir()
+ASYNCAPI_URI = "urn:jobmesh:asyncapi"  # a name for the document in the registry; never fetched
 
 
 def _load(relative: str) -> dict[str, Any]:
-    return json.loads((SCHEMAS / relative).read_text(encoding="utf-8"))
+    document: dict[str, Any] = json.loads((SCHEMAS / relative).read_text(encoding="utf-8"))
+    return document
+
+
+def _errors(validator: Validator, instance: Any) -> list[str]:
+    """Every error as ``<JSON path>: <message>``, with the errors of each anyOf branch too."""
+    found: list[str] = []
+
+    def walk(errors: Iterator[ValidationError] | list[ValidationError]) -> None:
+        for error in errors:
+            found.append(f"{error.json_path}: {error.message}")
+            walk(error.context or [])
+
+    walk(validator.iter_errors(instance))
+    return found
+
+
+def _message_validator(name: str) -> Draft202012Validator:
+    schema = _load(f"v1/{name}.json")
+    Draft202012Validator.check_schema(schema)
+    return Draft202012Validator(schema)
+
+
+def _asyncapi_validator(name: str) -> Draft7Validator:
+    """A validator for one payload schema of the AsyncAPI document, its $refs resolved in place.
+
+    AsyncAPI 3's default schema format is a superset of JSON Schema draft 7, hence Draft7.
+    """
+    doc = _load(asyncapi.ASYNCAPI_PATH)
+    Draft7Validator.check_schema(doc["components"]["schemas"][name])
+    registry = Registry().with_resource(ASYNCAPI_URI, DRAFT7.create_resource(doc))
+    return Draft7Validator({"$ref": f"{ASYNCAPI_URI}#/components/schemas/{name}"}, registry=registry)
 
 
 # --- freshness -----------------------------------------------------------------------
 def test_schemas_are_current() -> None:
-    stale = schemagen.check(SCHEMAS)
+    stale = schemas.check(SCHEMAS)
     assert not stale, stale.report(SCHEMAS)
+
+
+def test_default_out_dir_is_the_checkouts_whatever_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert schemas.default_out_dir() == Path(__file__).resolve().parents[1] / "schemas"
 
 
 def test_check_names_every_stale_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "schemas"
-    assert schemagen.main(["--out", str(out)]) == 0  # a fresh copy, whatever the checkout's state
+    assert schemas.main(["--out", str(out)]) == 0  # a fresh copy, whatever the checkout's state
     (out / "v1" / "JobReady.json").write_text("{}\n")
     (out / "v1" / "JobLost.json").unlink()
-    (out / "v1" / "Gone.json").write_text(json.dumps({"$comment": schemagen.MARKER}) + "\n")
+    (out / "v1" / "Gone.json").write_text(json.dumps({"$comment": asyncapi.MARKER}) + "\n")
 
-    stale = schemagen.check(out)
+    stale = schemas.check(out)
     assert stale.changed == ("v1/JobReady.json",)
     assert stale.missing == ("v1/JobLost.json",)
     assert stale.unexpected == ("v1/Gone.json",)
 
-    assert schemagen.main(["--check", "--out", str(out)]) == 1
+    assert schemas.main(["--check", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     for name in ("JobReady.json", "JobLost.json", "Gone.json", "make schemas"):
         assert name in err
 
-    assert schemagen.main(["--out", str(out)]) == 0
-    assert not schemagen.check(out)
+    assert schemas.main(["--out", str(out)]) == 0
+    assert not schemas.check(out)
     assert not (out / "v1" / "Gone.json").exists()
 
 
 def test_rendering_is_deterministic() -> None:
-    assert schemagen.render() == schemagen.render()
+    assert asyncapi.render() == asyncapi.render()
+
+
+_RENDER = "import json, sys; from jobmesh.dev.asyncapi import render; sys.stdout.write(json.dumps(render()))"
+
+
+def _render_in_subprocess(hash_seed: str) -> bytes:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    done = subprocess.run([sys.executable, "-c", _RENDER], env=env, capture_output=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    return done.stdout
+
+
+def test_rendering_does_not_depend_on_the_hash_seed() -> None:
+    # The iteration order of a set of str follows the hash seed; a generated file must not.
+    first, second = _render_in_subprocess("0"), _render_in_subprocess("12345")
+    assert first == second
+    assert json.loads(first) == asyncapi.render()  # and this process has a random seed of its own
+
+
+def test_an_inconsistent_table_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bogus = channels.Channel(
+        "jobBogus", subjects.job_event(channels.PARTITION, "bogus"),  # type: ignore[arg-type]
+        (v1.JobStarted,), subjects.STREAM_DISPATCH, ("nobody",), (), "Wrong on purpose.",
+    )
+    monkeypatch.setattr(channels, "CHANNELS", (*channels.CHANNELS, bogus))
+    with pytest.raises(channelcheck.ChannelTableError) as refused:
+        channelcheck.checked_channels()
+    assert "jobBogus: unknown party 'nobody'" in str(refused.value)
+    assert f"jobBogus: subject jobmesh.v1.job.0.bogus is stored by ['{subjects.STREAM_JOBS}']" in str(refused.value)
+
+    assert schemas.main(["--out", str(tmp_path / "schemas")]) == 2
+    assert "jobBogus" in capsys.readouterr().err
+    assert not (tmp_path / "schemas").exists()  # nothing half-written
 
 
 # --- files ---------------------------------------------------------------------------
 def _generated_files() -> list[str]:
-    return sorted(schemagen.render())
+    return sorted(asyncapi.render())
 
 
 @pytest.mark.parametrize("relative", _generated_files())
@@ -69,14 +154,14 @@ def test_file_is_marked_json(relative: str) -> None:
     text = (SCHEMAS / relative).read_text(encoding="utf-8")
     assert text.endswith("}\n")
     document = json.loads(text)
-    marker_key = "x-generated" if relative == schemagen.ASYNCAPI_PATH else "$comment"
-    assert document[marker_key] == schemagen.MARKER
+    marker_key = "x-generated" if relative == asyncapi.ASYNCAPI_PATH else "$comment"
+    assert document[marker_key] == asyncapi.MARKER
     # The marker leads the file, so a reader sees it before anything else.
     assert next(iter(document)) == marker_key
 
 
 def test_every_wire_message_has_a_schema_and_a_channel() -> None:
-    names = {m.__name__ for m in schemagen.wire_messages()}
+    names = {m.__name__ for m in channels.wire_messages()}
     expected = {
         "JobSubmitted", "JobReady", "JobUnplaceable", "JobBound", "JobStarted", "JobSucceeded",
         "JobFailed", "JobExpired", "JobLost", "LogLine", "SubmitRequest", "SubmitReply",
@@ -86,15 +171,27 @@ def test_every_wire_message_has_a_schema_and_a_channel() -> None:
     assert expected <= names
     for name in names:
         assert (SCHEMAS / "v1" / f"{name}.json").exists(), name
-    assert schemagen.unmapped_messages() == [], "add these messages to schemagen.CHANNELS"
+    assert channelcheck.unmapped_messages() == [], "add these messages to jobmesh.contract.channels.CHANNELS"
 
 
-@pytest.mark.parametrize("message", schemagen.wire_messages(), ids=lambda m: m.__name__)
+@pytest.mark.parametrize("message", channels.wire_messages(), ids=lambda m: m.__name__)
+def test_message_schema_is_a_valid_json_schema(message: type[msgspec.Struct]) -> None:
+    schema = _load(f"v1/{message.__name__}.json")
+    assert schema["$schema"] == asyncapi.JSON_SCHEMA_DIALECT
+    Draft202012Validator.check_schema(schema)  # raises SchemaError naming the bad keyword
+
+
+@pytest.mark.parametrize("message", channels.wire_messages(), ids=lambda m: m.__name__)
 def test_schema_carries_the_type_tag(message: type[msgspec.Struct]) -> None:
     schema = _load(f"v1/{message.__name__}.json")
-    body = _resolve(schema, schema)
+    uri = f"urn:jobmesh:v1:{message.__name__}"
+    resolver = Registry().with_resource(uri, DRAFT202012.create_resource(schema)).resolver(uri)
+    body = schema
+    while "$ref" in body:
+        resolved = resolver.lookup(body["$ref"])
+        body, resolver = resolved.contents, resolved.resolver
     assert "type" in body["required"]
-    assert body["properties"]["type"]["enum"] == [schemagen.type_tag(message)]
+    assert body["properties"]["type"]["enum"] == [channels.type_tag(message)]
 
 
 # --- samples -------------------------------------------------------------------------
@@ -132,36 +229,58 @@ SAMPLES: list[msgspec.Struct] = [
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda s: type(s).__name__)
 def test_encoded_sample_validates(sample: msgspec.Struct) -> None:
-    schema = _load(f"v1/{type(sample).__name__}.json")
+    name = type(sample).__name__
     instance = json.loads(msgspec.json.encode(sample))
-    assert instance["type"] == schemagen.type_tag(type(sample))
-    assert _errors(instance, schema) == []
+    assert instance["type"] == channels.type_tag(type(sample))
+    assert _errors(_message_validator(name), instance) == []
+    assert _errors(_asyncapi_validator(name), instance) == []
 
 
-def test_validator_rejects_a_broken_message() -> None:
-    schema = _load("v1/JobSubmitted.json")
+@pytest.mark.parametrize("validator", [_message_validator, _asyncapi_validator], ids=["message", "asyncapi"])
+def test_validator_rejects_a_broken_message(validator: Any) -> None:
+    check = validator("JobSubmitted")
     good = json.loads(msgspec.json.encode(SAMPLES[0]))
     missing = {k: v for k, v in good.items() if k != "job_id"}
     wrong_tag = {**good, "type": "job.ready"}
     bad_priority = {**good, "spec": {**good["spec"], "priority": 12}}
-    assert any("job_id" in e for e in _errors(missing, schema))
-    assert any("$.type" in e for e in _errors(wrong_tag, schema))
-    assert any("$.spec.priority" in e for e in _errors(bad_priority, schema))
+    assert _errors(check, good) == []
+    assert any("'job_id' is a required property" in e for e in _errors(check, missing))
+    assert any(e.startswith("$.type:") for e in _errors(check, wrong_tag))
+    assert any(e.startswith("$.spec.priority:") for e in _errors(check, bad_priority))
 
 
 # --- AsyncAPI ------------------------------------------------------------------------
+def _ref_values(node: Any) -> Iterator[str]:
+    # The AsyncAPI document is not a JSON Schema, so no library walks it for us.
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from _ref_values(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _ref_values(value)
+
+
 def test_asyncapi_references_resolve() -> None:
-    doc = _load(schemagen.ASYNCAPI_PATH)
+    doc = _load(asyncapi.ASYNCAPI_PATH)
     assert doc["asyncapi"] == "3.0.0"
-    refs = list(_refs(doc))
+    resolver = Registry().with_resource(ASYNCAPI_URI, DRAFT7.create_resource(doc)).resolver(ASYNCAPI_URI)
+    refs = sorted(set(_ref_values(doc)))
     assert refs
+    dangling: list[str] = []
     for ref in refs:
         assert ref.startswith("#/"), ref
-        _pointer(doc, ref)  # raises KeyError when dangling
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:  # its message holds the whole document: name the ref only
+            dangling.append(ref)
+    assert dangling == []
 
 
 def test_asyncapi_covers_every_subject() -> None:
-    doc = _load(schemagen.ASYNCAPI_PATH)
+    doc = _load(asyncapi.ASYNCAPI_PATH)
     addresses = {c["address"] for c in doc["channels"].values()}
     expected = {
         subjects.API_SUBMIT, subjects.API_JOB_GET, subjects.API_JOB_LIST, subjects.API_NODES,
@@ -169,7 +288,7 @@ def test_asyncapi_covers_every_subject() -> None:
         subjects.job_log("{job_id}"), subjects.node_dispatch("{node_id}"),
         subjects.deadletter("{service}"), subjects.job_event("{partition}", "{kind}"),  # type: ignore[arg-type]
     }
-    expected |= {subjects.job_event("{partition}", k) for k in schemagen.job_kinds()}  # type: ignore[arg-type]
+    expected |= {subjects.job_event("{partition}", k) for k in channels.job_kinds()}  # type: ignore[arg-type]
     assert expected <= addresses
     assert any(a and a.startswith(subjects.EVENTS_ALL.removesuffix(">")) for a in addresses)
     streams = {c.get("x-stream") for c in doc["channels"].values()}
@@ -178,7 +297,7 @@ def test_asyncapi_covers_every_subject() -> None:
 
 
 def test_asyncapi_parameters_and_operations_are_consistent() -> None:
-    doc = _load(schemagen.ASYNCAPI_PATH)
+    doc = _load(asyncapi.ASYNCAPI_PATH)
     for key, channel in doc["channels"].items():
         declared = set(channel.get("parameters", {}))
         used = set(re.findall(r"\{([a-z_]+)\}", channel["address"] or ""))
@@ -193,7 +312,7 @@ def test_asyncapi_parameters_and_operations_are_consistent() -> None:
 
 
 def test_asyncapi_matches_the_design_table() -> None:
-    doc = _load(schemagen.ASYNCAPI_PATH)
+    doc = _load(asyncapi.ASYNCAPI_PATH)
     ops = doc["operations"]
 
     def parties(channel: str, action: str) -> set[str]:
@@ -216,84 +335,3 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("apiQueues", "receive") == parties("apiSchedulerExplain", "receive") == {"scheduler"}
     assert parties("externalEvents", "receive") == set()  # trigger rules are not built yet
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
-
-
-# --- a small JSON Schema validator (the subset msgspec emits) -------------------------
-_TYPES: dict[str, tuple[type, ...]] = {
-    "object": (dict,), "array": (list,), "string": (str,), "boolean": (bool,),
-    "integer": (int,), "number": (int, float), "null": (type(None),),
-}
-
-
-def _pointer(doc: Any, ref: str) -> Any:
-    node = doc
-    for part in ref.removeprefix("#/").split("/"):
-        node = node[part.replace("~1", "/").replace("~0", "~")]
-    return node
-
-
-def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
-    while "$ref" in schema:
-        schema = _pointer(root, schema["$ref"])
-    return schema
-
-
-def _refs(node: Any):
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "$ref" and isinstance(value, str):
-                yield value
-            else:
-                yield from _refs(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _refs(value)
-
-
-def _is(value: Any, kind: str) -> bool:
-    # JSON has no separate boolean-as-integer; Python's bool is an int, so exclude it.
-    if kind in ("integer", "number") and isinstance(value, bool):
-        return False
-    return isinstance(value, _TYPES[kind])
-
-
-def _errors(value: Any, schema: dict[str, Any], root: dict[str, Any] | None = None, path: str = "$") -> list[str]:
-    root = schema if root is None else root
-    schema = _resolve(schema, root)
-    if "anyOf" in schema:
-        options = [_errors(value, s, root, path) for s in schema["anyOf"]]
-        return [] if any(not o for o in options) else [f"{path}: matches no anyOf option: {options}"]
-    errors: list[str] = []
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path}: {value!r} not in {schema['enum']}")
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = [kinds] if isinstance(kinds, str) else kinds
-        if not any(_is(value, k) for k in kinds):
-            return [*errors, f"{path}: {value!r} is not {kinds}"]
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{path}: {value} < {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{path}: {value} > {schema['maximum']}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0) or len(value) > schema.get("maxLength", len(value)):
-            errors.append(f"{path}: length {len(value)} out of bounds")
-        if "pattern" in schema and not re.search(schema["pattern"], value):
-            errors.append(f"{path}: {value!r} does not match {schema['pattern']}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path}: fewer than {schema['minItems']} items")
-        for i, item in enumerate(value):
-            errors += _errors(item, schema.get("items", {}), root, f"{path}[{i}]")
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            if key not in value:
-                errors.append(f"{path}: missing required {key!r}")
-        properties = schema.get("properties", {})
-        for key, item in value.items():
-            if key in properties:
-                errors += _errors(item, properties[key], root, f"{path}.{key}")
-            elif isinstance(schema.get("additionalProperties"), dict):
-                errors += _errors(item, schema["additionalProperties"], root, f"{path}.{key}")
-    return errors

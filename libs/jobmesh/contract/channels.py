@@ -1,0 +1,416 @@
+"""The channel table: who sends what, on which subject or KV key space, stored by which stream.
+
+This is the hand-kept half of the wire contract, as data (the design brief's service table).
+Everything else in it is derived: addresses come from the builders in
+:mod:`jobmesh.contract.subjects` (the table passes placeholders such as ``{node_id}`` to them,
+so a renamed subject follows), stream names from the same module, message types from
+:mod:`jobmesh.contract.messages.v1`.
+
+``jobmesh.dev.asyncapi`` renders the AsyncAPI document and the JSON Schemas from this table;
+:mod:`jobmesh.contract.channelcheck` checks it against the stream configuration
+(:mod:`jobmesh.contract.streams`) and the message types, so a renamed subject or stream, or
+a new message that travels on no channel, cannot go unnoticed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgspec
+
+from jobmesh.contract import subjects
+from jobmesh.contract.messages import v1
+from jobmesh.contract.subjects import SERVICES
+
+# Anything outside the five services that talks to jobmesh: the `jobmesh` CLI, SDKs,
+# `nats pub`, operators reading dead letters. AsyncAPI needs a name for the other end.
+CLIENT = "client"
+PARTIES = (*SERVICES, CLIENT)
+
+# Channel parameters. Placeholders are passed to the subject builders so addresses come
+# from subjects.py itself and follow it when a subject changes.
+PARTITION = "{partition}"
+KIND = "{kind}"
+NODE_ID = "{node_id}"
+JOB_ID = "{job_id}"
+SERVICE = "{service}"
+EVENT = "{event}"
+KEY = "{key}"
+
+# How a parameter appears in an address: {name}.
+PARAMETER_PATTERN = re.compile(r"\{([a-z_]+)\}")
+
+# Lifecycle kinds in pipeline order (subjects.py holds them as separate constants).
+JOB_KINDS = (
+    subjects.SUBMITTED,
+    subjects.READY,
+    subjects.UNPLACEABLE,
+    subjects.BOUND,
+    subjects.STARTED,
+    subjects.SUCCEEDED,
+    subjects.FAILED,
+    subjects.EXPIRED,
+    subjects.LOST,
+)
+
+# The row that gathers every per-kind job channel (the tracker's jobmesh.v1.job.> filter).
+JOB_EVENTS = "jobEvents"
+
+
+@dataclass(frozen=True)
+class Payload:
+    """A message that has no struct in ``jobmesh.contract.messages.v1`` (its body is free-form)."""
+
+    name: str
+    summary: str
+    schema: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Channel:
+    """One row of the channel table.
+
+    Attributes:
+        key: the AsyncAPI channel id.
+        address: the subject template (from subjects.py); None for a requester's inbox.
+        messages: what travels on it: v1 structs, or :class:`Payload` for free-form bodies.
+        stream: the JetStream stream that stores it; None for core NATS (request/reply,
+            watch); ``KV_<bucket>`` for a KV bucket.
+        producers: parties that publish (or put, for KV).
+        consumers: parties that subscribe, pull, answer or read.
+        description: what it is for.
+        reply: the key of the reply channel when this is a request subject.
+        kv_bucket: the bucket name when the channel is a KV key space.
+    """
+
+    key: str
+    address: str | None
+    messages: tuple[Any, ...]
+    stream: str | None
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    description: str
+    reply: str | None = None
+    kv_bucket: str | None = None
+
+
+# --- free-form payloads --------------------------------------------------------------
+HEALTH_REQUEST = Payload(
+    "HealthRequest",
+    "Any payload (the runtime ignores it); `{}` by convention.",
+    {"description": "Ignored by the responder; send `{}`."},
+)
+EXTERNAL_EVENT = Payload(
+    "ExternalEvent",
+    "An external event: any JSON object (stored in JM_EVENTS; trigger rules are not built yet).",
+    {"type": "object", "description": "Free-form JSON object published by users or other systems."},
+)
+
+
+def _job(kind: str) -> str:
+    return subjects.job_event(PARTITION, kind)  # type: ignore[arg-type]  # a template, not an int
+
+
+def _kv(bucket: str, key: str) -> str:
+    # A KV put is a message on $KV.<bucket>.<key> stored in stream KV_<bucket> (NATS convention).
+    return f"$KV.{bucket}.{key}"
+
+
+TERMINAL_CONSUMERS = ("scheduler", "binder")  # who reacts to a terminal event today
+
+# The table. Consumers of job.* kinds exclude the tracker: it reads them all through one
+# filter (jobmesh.v1.job.>), which is the jobEvents channel below.
+CHANNELS: tuple[Channel, ...] = (
+    # --- job lifecycle: stream JM_JOBS -------------------------------------------------
+    Channel(
+        "jobSubmitted", _job(subjects.SUBMITTED), (v1.JobSubmitted,), subjects.STREAM_JOBS,
+        ("trigger",), ("scheduler",),
+        "A job was accepted. Nats-Msg-Id is the idempotency key, so a repeated submit is a no-op.",
+    ),
+    Channel(
+        "jobReady", _job(subjects.READY), (v1.JobReady,), subjects.STREAM_JOBS,
+        ("scheduler",), ("binder",),
+        "The scheduler released an attempt, with candidate nodes ranked best first.",
+    ),
+    Channel(
+        "jobUnplaceable", _job(subjects.UNPLACEABLE), (v1.JobUnplaceable,), subjects.STREAM_JOBS,
+        ("binder",), ("scheduler",),
+        "The binder could not reserve any candidate; the scheduler holds the job and tries later.",
+    ),
+    Channel(
+        "jobStarted", _job(subjects.STARTED), (v1.JobStarted,), subjects.STREAM_JOBS,
+        ("executor",), (),
+        "The executor started an attempt.",
+    ),
+    Channel(
+        "jobSucceeded", _job(subjects.SUCCEEDED), (v1.JobSucceeded,), subjects.STREAM_JOBS,
+        ("executor",), TERMINAL_CONSUMERS,
+        "Terminal: the attempt exited 0.",
+    ),
+    Channel(
+        "jobFailed", _job(subjects.FAILED), (v1.JobFailed,), subjects.STREAM_JOBS,
+        ("executor",), TERMINAL_CONSUMERS,
+        "Terminal for the attempt: non-zero exit, timeout, disk quota or runtime error (retries are not built yet).",
+    ),
+    Channel(
+        "jobExpired", _job(subjects.EXPIRED), (v1.JobExpired,), subjects.STREAM_JOBS,
+        ("scheduler",), TERMINAL_CONSUMERS,
+        "Terminal: the job was not started before its queue timeout.",
+    ),
+    Channel(
+        "jobLost", _job(subjects.LOST), (v1.JobLost,), subjects.STREAM_JOBS,
+        ("binder",), TERMINAL_CONSUMERS,
+        "Terminal for the attempt: its node stopped heartbeating (declared by the binder, which "
+        "holds the node's reservations); the scheduler frees the job's slot, the binder the "
+        "reservation.",
+    ),
+    Channel(
+        JOB_EVENTS, subjects.job_event(PARTITION, KIND),  # type: ignore[arg-type]
+        (), subjects.STREAM_JOBS,  # messages: filled in from the rows above, see _job_events_row
+        (), ("tracker",),
+        "Every lifecycle event (filter jobmesh.v1.job.>): the tracker records each one in Postgres, "
+        "exactly one terminal state per attempt, then announces it on watch.{job_id}.",
+    ),
+    # --- dispatch: stream JM_DISPATCH ----------------------------------------------------
+    Channel(
+        "nodeDispatch", subjects.node_dispatch(NODE_ID), (v1.JobBound,), subjects.STREAM_DISPATCH,
+        ("binder",), ("executor", "tracker"),
+        "A bound job, sent to the chosen node only: that node's executor runs it; the tracker "
+        "reads every node's subject (jobmesh.v1.node.*.dispatch) to record the binding.",
+    ),
+    # --- logs: stream JM_LOGS ------------------------------------------------------------
+    Channel(
+        "jobLog", subjects.job_log(JOB_ID), (v1.LogLine,), subjects.STREAM_LOGS,
+        ("executor",), (CLIENT,),
+        "Output lines of a job's attempts, in order; read with an ordered consumer (`jobmesh logs`).",
+    ),
+    # --- live watch: core NATS -----------------------------------------------------------
+    Channel(
+        "jobWatch", subjects.job_watch(JOB_ID), (v1.JobUpdate,), None,
+        ("tracker",), (CLIENT,),
+        "A job's state changes, announced after the tracker committed them. Core NATS, not "
+        "stored: a watcher reads the current state with api.jobs.get first, then follows this.",
+    ),
+    # --- dead letters: stream JM_DEADLETTER ----------------------------------------------
+    Channel(
+        "deadLetter", subjects.deadletter(SERVICE), (v1.DeadLetter,), subjects.STREAM_DEADLETTER,
+        SERVICES, (CLIENT,),
+        "A message a service refused (undecodable, invalid, oversized, or out of retries), with "
+        "the reason and the first bytes; kept for operators (`nats stream view JM_DEADLETTER`).",
+    ),
+    # --- external events: stream JM_EVENTS -----------------------------------------------
+    Channel(
+        "externalEvents", subjects.EVENTS_ALL.removesuffix(">") + EVENT, (EXTERNAL_EVENT,),
+        subjects.STREAM_EVENTS, (CLIENT,), (),
+        "Events from outside (any language, or `nats pub`). The stream exists and stores them; "
+        "trigger rules that turn them into jobs are not built yet, so nothing consumes them today.",
+    ),
+    # --- request/reply APIs: core NATS, answered by one replica (queue group) -------------
+    Channel(
+        "apiSubmit", subjects.API_SUBMIT, (v1.SubmitRequest,), None,
+        (CLIENT,), ("trigger",),
+        "Submit jobs. The reply comes only after every JobSubmitted has its PubAck.",
+        reply="apiSubmitReply",
+    ),
+    Channel(
+        "apiSubmitReply", None, (v1.SubmitReply, v1.ErrorReply), None, ("trigger",), (CLIENT,),
+        "Reply to api.submit, on the requester's inbox.",
+    ),
+    Channel(
+        "apiJobsGet", subjects.API_JOB_GET, (v1.JobGetRequest,), None,
+        (CLIENT,), ("tracker",),
+        "Read one job with its attempts and events.",
+        reply="apiJobsGetReply",
+    ),
+    Channel(
+        "apiJobsGetReply", None, (v1.JobView, v1.ErrorReply), None, ("tracker",), (CLIENT,),
+        "Reply to api.jobs.get, on the requester's inbox.",
+    ),
+    Channel(
+        "apiJobsList", subjects.API_JOB_LIST, (v1.JobListRequest,), None,
+        (CLIENT,), ("tracker",),
+        "List recent jobs, newest first, optionally by state or queue.",
+        reply="apiJobsListReply",
+    ),
+    Channel(
+        "apiJobsListReply", None, (v1.JobListReply, v1.ErrorReply), None, ("tracker",), (CLIENT,),
+        "Reply to api.jobs.list, on the requester's inbox.",
+    ),
+    Channel(
+        "apiNodes", subjects.API_NODES, (v1.NodesRequest,), None,
+        (CLIENT,), ("binder",),
+        "Every executor node with capacity, allocation and last heartbeat (`jobmesh nodes`).",
+        reply="apiNodesReply",
+    ),
+    Channel(
+        "apiNodesReply", None, (v1.NodesReply, v1.ErrorReply), None, ("binder",), (CLIENT,),
+        "Reply to api.nodes, on the requester's inbox.",
+    ),
+    Channel(
+        "apiQueues", subjects.API_QUEUES, (v1.QueuesRequest,), None,
+        (CLIENT,), ("scheduler",),
+        "Queue depth per tenant and wait reason. Every scheduler replica answers (no queue "
+        "group) for the partitions it owns; the client gathers replies (`jobmesh queues`).",
+        reply="apiQueuesReply",
+    ),
+    Channel(
+        "apiQueuesReply", None, (v1.QueuesReply, v1.ErrorReply), None, ("scheduler",), (CLIENT,),
+        "One scheduler's reply to api.queues, on the requester's inbox.",
+    ),
+    Channel(
+        "apiSchedulerExplain",
+        subjects.scheduler_explain(PARTITION),  # type: ignore[arg-type]
+        (v1.ExplainRequest,), None,
+        (CLIENT,), ("scheduler",),
+        "Why a job is not running yet, answered by the owner of the job's partition.",
+        reply="apiSchedulerExplainReply",
+    ),
+    Channel(
+        "apiSchedulerExplainReply", None, (v1.ExplainReply, v1.ErrorReply), None, ("scheduler",), (CLIENT,),
+        "Reply to an explain request, on the requester's inbox.",
+    ),
+    Channel(
+        "health", subjects.health(SERVICE), (HEALTH_REQUEST,), None,
+        (CLIENT,), SERVICES,
+        "Health check answered by one instance of the service (`jobmesh health <service>`); "
+        "ok is false while the instance drains or has lost NATS.",
+        reply="healthReply",
+    ),
+    Channel(
+        "healthReply", None, (v1.HealthReply,), None, SERVICES, (CLIENT,),
+        "Reply to a health check, on the requester's inbox.",
+    ),
+    # --- KV buckets: one message per put on $KV.<bucket>.<key> ---------------------------
+    Channel(
+        "kvNodes", _kv(subjects.KV_NODES, NODE_ID), (v1.NodeInfo,), f"KV_{subjects.KV_NODES}",
+        ("executor",), ("scheduler", "binder"),
+        "Executor registrations, refreshed every heartbeat; the bucket TTL "
+        "(JOBMESH_NODE_TTL_SECONDS) makes each record a lease.",
+        kv_bucket=subjects.KV_NODES,
+    ),
+    Channel(
+        "kvAlloc", _kv(subjects.KV_ALLOC, NODE_ID), (v1.Allocation,), f"KV_{subjects.KV_ALLOC}",
+        ("binder",), ("binder",),
+        "Everything reserved on a node, keyed by node id. Updated only by compare-and-set on "
+        "the revision, so binder replicas never overbook a node.",
+        kv_bucket=subjects.KV_ALLOC,
+    ),
+    Channel(
+        "kvConfig", _kv(subjects.KV_CONFIG, KEY), (v1.QueueConfig, v1.TenantConfig, v1.ZoneMap),
+        f"KV_{subjects.KV_CONFIG}",
+        (CLIENT,), ("scheduler",),
+        "Cluster configuration: queue.<name> (QueueConfig), tenant.<name> (TenantConfig) and "
+        "zones (ZoneMap). Written by `jobmesh queue set` / `tenant set` / `zones set`; "
+        "schedulers watch it and apply changes at once.",
+        kv_bucket=subjects.KV_CONFIG,
+    ),
+    Channel(
+        "kvLeases", _kv(subjects.KV_LEASES, KEY), (), f"KV_{subjects.KV_LEASES}",
+        ("scheduler",), ("scheduler",),
+        "Which scheduler instance owns each partition; the value is private to the scheduler "
+        "and expires with the bucket TTL, so a standby takes over.",
+        kv_bucket=subjects.KV_LEASES,
+    ),
+)
+
+# The AsyncAPI Parameter Object of every {name} an address may hold; the renderer fills in
+# kind's enum from job_kinds(), and the checks take each sample value from here.
+PARAMETERS: dict[str, dict[str, Any]] = {
+    "partition": {
+        "description": "Scheduler partition of the job's queue: crc32(queue) % JOBMESH_PARTITIONS "
+        "(subjects.partition_of).",
+        "examples": ["0"],
+    },
+    "kind": {"description": "Lifecycle event kind.", "enum": []},  # enum filled from the table
+    "node_id": {"description": "Executor node id (JOBMESH_NODE_ID).", "examples": ["node-1"]},
+    "job_id": {"description": "Job id.", "examples": ["j-7f3a9c2e"]},
+    "service": {"description": "Service name.", "enum": list(SERVICES)},
+    "event": {
+        "description": "Event name chosen by the publisher: one or more dot-separated tokens.",
+        "examples": ["orders.created"],
+    },
+    "key": {"description": "KV key.", "examples": ["0"]},
+}
+
+
+# --- messages ------------------------------------------------------------------------
+def wire_messages() -> list[type[msgspec.Struct]]:
+    """Every struct exported by ``jobmesh.contract.messages.v1`` that is tagged by ``type`` on the wire.
+
+    Nested structs (JobSpec, Resources, ...) and runtimes (tagged by ``kind``) never travel
+    alone, so they appear only inside these schemas.
+
+    Returns:
+        The message types, sorted by name.
+    """
+    found: dict[str, type[msgspec.Struct]] = {}
+    for name in dir(v1):
+        obj = getattr(v1, name)
+        if isinstance(obj, type) and issubclass(obj, msgspec.Struct) and obj.__module__.startswith(v1.__name__):
+            config = obj.__struct_config__
+            if config.tag is not None and config.tag_field == "type":
+                found[obj.__name__] = obj
+    return [found[name] for name in sorted(found)]
+
+
+def type_tag(message: type[msgspec.Struct]) -> str:
+    """The value of a message's ``type`` field on the wire.
+
+    Args:
+        message: a wire message type (see :func:`wire_messages`).
+
+    Returns:
+        Its tag, e.g. ``"job.submitted"``.
+    """
+    return str(message.__struct_config__.tag)
+
+
+def message_name(message: Any) -> str:
+    """The name a table message goes by: the struct's class name, or the Payload's name.
+
+    Args:
+        message: an entry of :attr:`Channel.messages`.
+
+    Returns:
+        The name (also the schema's and the AsyncAPI message's name).
+    """
+    return message.name if isinstance(message, Payload) else message.__name__
+
+
+# --- the completed table -------------------------------------------------------------
+def _job_events_row(rows: Sequence[Channel]) -> tuple[tuple[Any, ...], list[str]]:
+    """Messages and kinds carried by the per-kind job channels (for the jobEvents row)."""
+    messages: list[Any] = []
+    kinds: list[str] = []
+    prefix, suffix = _job("\0").split("\0")
+    for channel in rows:
+        if channel.key == JOB_EVENTS or channel.stream != subjects.STREAM_JOBS or not channel.address:
+            continue
+        kinds.append(channel.address.removeprefix(prefix).removesuffix(suffix))
+        messages.extend(m for m in channel.messages if m not in messages)
+    return tuple(messages), kinds
+
+
+def channels() -> list[Channel]:
+    """The channel table with its derived row completed: jobEvents carries every lifecycle message.
+
+    Not checked here: :func:`jobmesh.contract.channelcheck.checked_channels` returns the same
+    rows after checking them against the streams, the parties and the parameters.
+
+    Returns:
+        The rows of :data:`CHANNELS`, in table order.
+    """
+    messages, _kinds = _job_events_row(CHANNELS)
+    return [replace(c, messages=messages) if c.key == JOB_EVENTS else c for c in CHANNELS]
+
+
+def job_kinds() -> list[str]:
+    """Lifecycle kinds that have a channel, in pipeline order.
+
+    Returns:
+        The kind tokens of the per-kind job subjects (``submitted``, ``ready``, ...).
+    """
+    return _job_events_row(CHANNELS)[1]
