@@ -37,7 +37,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
-from jobmesh.runtime.tracing import extract, trace_id_of
+from jobmesh.runtime.tracing import carried as extract, trace_id_of
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration

@@ -48,7 +48,7 @@ from jobmesh.runtime.outcomes import ACK, Reject
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.settings import Settings
-from jobmesh.runtime.tracing import extract
+from jobmesh.runtime.tracing import carried as extract
 from tests.helpers import eventually
 
 FACTS = MachineFacts(hostname="build-01.example.com", cpu_count=8, memory_mb=16_000, arch="aarch64")

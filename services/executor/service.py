@@ -26,6 +26,7 @@ from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.contract.messages.v1 import JobBound, NodeInfo
 from jobmesh.runtime.service import ConsumerSpec, Runtime
 from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 
 from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.handlers import DispatchHandler
@@ -246,7 +247,7 @@ class Executor:
             self._rt.stop()
 
 
-async def service_main(settings: Settings) -> None:
+async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Run one executor node until SIGTERM/SIGINT, then drain.
 
     Args:
@@ -255,7 +256,7 @@ async def service_main(settings: Settings) -> None:
     # Checked before connecting, so a bad JOBMESH_NODE_LABELS fails at once and clearly.
     check_settings(settings)
     info = build_node_info(settings, read_machine_facts(), time.time())
-    rt = Runtime(settings)
+    rt = Runtime(settings, tracing)
     await rt.connect()
     kv = await rt.js.key_value(subjects.KV_NODES)
     executor = Executor(rt, info, kv, job_base_env(os.environ))
