@@ -43,7 +43,8 @@ class Codec(Generic[T]):
                 f"message of {len(payload)} bytes exceeds the limit of {self.max_bytes}"
             )
         try:
-            return self._decoder.decode(payload)
+            decoded: T = self._decoder.decode(payload)
+            return decoded
         except msgspec.ValidationError as exc:
             raise InvalidMessage(str(exc), field=_field_of(str(exc))) from exc
         except msgspec.DecodeError as exc:

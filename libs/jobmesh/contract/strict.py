@@ -37,10 +37,10 @@ def strict_twin(kind: Any) -> Any:
     return kind
 
 
-def _strict_struct(kind: type) -> type:
+def _strict_struct(kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
     config = kind.__struct_config__
     hints = typing.get_type_hints(kind, include_extras=True)
-    fields = []
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f in msgspec.structs.fields(kind):
         if f.default is not msgspec.NODEFAULT:
             default = f.default
@@ -65,7 +65,7 @@ def _strict_struct(kind: type) -> type:
 
 
 @functools.lru_cache(maxsize=32)
-def _decoder(kind: Any) -> msgspec.json.Decoder:
+def _decoder(kind: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(strict_twin(kind))
 
 

@@ -87,7 +87,7 @@ _LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")
 _LABEL_VALUE = re.compile(r"^(?:[^,\s](?:[^,]*[^,\s])?)?$")
 
 
-def _first_nul(value, path: str) -> str:
+def _first_nul(value: object, path: str) -> str:
     if isinstance(value, str):
         return path if "\x00" in value else ""
     if isinstance(value, dict):

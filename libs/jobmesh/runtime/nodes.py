@@ -109,7 +109,7 @@ class NodeWatcher:
             self._recheck()
 
 
-def shape(node: NodeInfo) -> tuple:
+def shape(node: NodeInfo) -> tuple[object, ...]:
     """Everything placement reads from a node, except its id and heartbeat time.
 
     Two nodes of equal shape rank alike (placement groups them); a record update that

@@ -55,8 +55,9 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
             Services start with ``update=False`` so that what an operator changed by hand
             stays; an update keeps the existing replica count for the same reason.
     """
+    name = config.name or ""
     try:
-        info = await js.stream_info(config.name)
+        info = await js.stream_info(name)
     except NotFoundError:
         await js.add_stream(config)
         log.info("created stream %s", config.name)

@@ -84,7 +84,7 @@ class Publisher:
             raise Unavailable(f"publish failed: {exc.description}") from exc
 
 
-def _cancel(futures: list[asyncio.Future]) -> None:
+def _cancel(futures: list[asyncio.Future[Any]]) -> None:
     for future in futures:
         if not future.done():
             future.cancel()

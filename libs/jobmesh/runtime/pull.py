@@ -16,6 +16,7 @@ import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
@@ -43,7 +44,7 @@ class PullConsumer:
         self._requested = 0  # asked for and neither delivered nor expired
         self._last_request = 0.0
         self._inbox = nc.new_inbox()
-        self._sub = None
+        self._sub: Subscription | None = None
         self._closed = False
 
     async def start(self) -> None:

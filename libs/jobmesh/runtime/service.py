@@ -13,7 +13,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Coroutine, Sequence
 
 import nats
 from nats.aio.client import Client as NATS
@@ -68,7 +68,7 @@ class ConsumerSpec:
     stream: str
     durable: str
     filter_subjects: tuple[str, ...]
-    codec: Codec
+    codec: Codec[Any]
     handle: BatchHandler
     span_name: str
     ack_wait: float = 30.0
@@ -82,7 +82,7 @@ class ResponderSpec:
     """A request/reply subject served by a queue group of every replica."""
 
     subject: str
-    codec: Codec | None  # None: the handler gets the raw payload bytes
+    codec: Codec[Any] | None  # None: the handler gets the raw payload bytes
     handle: RequestHandler
     queue: str
     concurrency: int = 256
@@ -111,9 +111,7 @@ class Runtime:
         self.service = settings.service
         self.tracing = tracing or Tracing.off()
         self.tracer = self.tracing.tracer
-        self.nc: NATS = None  # type: ignore[assignment]
-        self.js: JetStreamContext = None  # type: ignore[assignment]
-        self.publisher: Publisher = None  # type: ignore[assignment]
+        self._connection: tuple[NATS, JetStreamContext, Publisher] | None = None
         self.stats = _Stats()
         self._stopping = asyncio.Event()
         self._busy = 0
@@ -122,14 +120,34 @@ class Runtime:
         self._pulls: list[PullConsumer] = []
         self._subs: list[Any] = []
         self._responders: dict[str, Any] = {}
-        self._tasks: list[asyncio.Task] = []
+        self._tasks: list[asyncio.Task[None]] = []
         self._health_checks: list[Callable[[], str | None]] = []
+
+    @property
+    def nc(self) -> NATS:
+        """The NATS connection (after :meth:`connect`)."""
+        return self._connected()[0]
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (after :meth:`connect`)."""
+        return self._connected()[1]
+
+    @property
+    def publisher(self) -> Publisher:
+        """The batched publisher every handler publishes through (after :meth:`connect`)."""
+        return self._connected()[2]
+
+    def _connected(self) -> tuple[NATS, JetStreamContext, Publisher]:
+        if self._connection is None:
+            raise Unavailable(f"{self.service}: not connected to NATS yet (Runtime.connect first)")
+        return self._connection
 
     # --- lifecycle -----------------------------------------------------------------
     async def connect(self) -> None:
         """Connect to NATS (retrying forever on later disconnects) and provision."""
         try:
-            self.nc = await nats.connect(
+            nc = await nats.connect(
                 self.settings.nats_url,
                 name=f"jobmesh-{self.service}-{self.settings.instance}",
                 max_reconnect_attempts=-1,
@@ -141,10 +159,10 @@ class Runtime:
             )
         except Exception as exc:  # noqa: BLE001 - translated once, here
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
-        self.js = self.nc.jetstream(timeout=10, publish_async_max_pending=20_000)
-        self.publisher = Publisher(self.js, self.tracing)
+        js = nc.jetstream(timeout=10, publish_async_max_pending=20_000)
+        self._connection = (nc, js, Publisher(js, self.tracing))
         await provision(
-            self.js,
+            js,
             node_ttl=self.settings.node_ttl_seconds,
             lease_ttl=self.settings.lease_ttl_seconds,
             replicas=self.settings.stream_replicas,
@@ -154,7 +172,7 @@ class Runtime:
         """Register a check returning a problem description, or None when healthy."""
         self._health_checks.append(check)
 
-    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task:
+    def spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Run a background task; a crash stops the service, a cancel does not."""
         task = asyncio.ensure_future(coro)
         task.set_name(name)
@@ -219,7 +237,7 @@ class Runtime:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if on_stop is not None:
             await on_stop()
-        if self.nc is not None and not self.nc.is_closed:
+        if self._connection is not None and not self.nc.is_closed:
             try:
                 await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:  # noqa: BLE001 - closing anyway
@@ -277,28 +295,29 @@ class Runtime:
     async def process_batch(self, spec: ConsumerSpec, raws: list[Msg]) -> None:
         """Decode, handle and settle one batch. Never raises for a bad message."""
         envelopes: list[Envelope] = []
+        decoded: list[Msg] = []
         for raw in raws:
             headers = raw.headers or {}
             try:
                 message = spec.codec.decode(raw.data)
             except InvalidMessage as exc:
-                await self._settle(spec, raw, Reject(exc.code, str(exc)), _deliveries(raw))
+                await self._settle(raw, Reject(exc.code, str(exc)), _deliveries(raw))
                 continue
             span, context = self.tracing.open_span(spec.span_name, headers, trace.SpanKind.CONSUMER)
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
+            decoded.append(raw)
         if not envelopes:
             return
         outcomes = await self.handle(spec, envelopes)
         if outcomes is None:
-            for env in envelopes:
-                await env.raw.ack()
-                if env.span is not None:
-                    env.span.end()
+            for raw in decoded:
+                await raw.ack()
         else:
-            for env, outcome in zip(envelopes, outcomes, strict=True):
-                await self._settle(spec, env.raw, outcome, 1 if isinstance(outcome, Ack) else env.deliveries)
-                if env.span is not None:
-                    env.span.end()
+            for env, raw, outcome in zip(envelopes, decoded, outcomes, strict=True):
+                await self._settle(raw, outcome, 1 if isinstance(outcome, Ack) else env.deliveries)
+        for env in envelopes:
+            if env.span is not None:
+                env.span.end()
         self.stats.handled += len(envelopes)
         self.stats.batches += 1
 
@@ -315,7 +334,7 @@ class Runtime:
             return await spec.handle(envelopes)
         except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
             known = isinstance(exc, JobmeshError)
-            if known and exc.retryable:
+            if isinstance(exc, JobmeshError) and exc.retryable:
                 # An outage: one line per batch, not a traceback per retry.
                 log.warning("%s: batch of %d will be retried: %s: %s", spec.durable, len(envelopes), exc.code, exc)
             elif len(envelopes) > 1:
@@ -334,7 +353,7 @@ class Runtime:
                 for env in envelopes
             ]
 
-    async def _settle(self, spec: ConsumerSpec, raw: Msg, outcome: Outcome, deliveries: int) -> None:
+    async def _settle(self, raw: Msg, outcome: Outcome, deliveries: int) -> None:
         if isinstance(outcome, Ack):
             await raw.ack()
         elif isinstance(outcome, Retry):
@@ -382,7 +401,11 @@ class Runtime:
             await limit.acquire()
             self._begin()
             task = asyncio.ensure_future(self._respond(spec, msg))
-            task.add_done_callback(lambda _t: (limit.release(), self._end()))
+            task.add_done_callback(done)
+
+        def done(_task: asyncio.Future[None]) -> None:
+            limit.release()
+            self._end()
 
         sub = await self.nc.subscribe(spec.subject, queue=spec.queue, cb=on_request)
         self._subs.append(sub)
@@ -425,7 +448,7 @@ class Runtime:
 
     async def _health(self, env: Envelope) -> HealthReply:
         problems = [p for p in (check() for check in self._health_checks) if p]
-        if self.nc is None or not self.nc.is_connected:
+        if self._connection is None or not self.nc.is_connected:
             problems.append("not connected to NATS")
         return HealthReply(
             service=self.service,
@@ -444,7 +467,7 @@ class Runtime:
         if self._busy == 0:
             self._idle.set()
 
-    def _task_done(self, task: asyncio.Task) -> None:
+    def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled() or self._stopping.is_set():
             return
         exc = task.exception()
@@ -489,7 +512,7 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     )
 
 
-def run_service(main: Callable[[Settings, Tracing], Awaitable[None]], service: str) -> None:
+def run_service(main: Callable[[Settings, Tracing], Coroutine[Any, Any, None]], service: str) -> None:
     """Entry point used by every service's ``__main__``: settings, logging, tracing, uvloop, run."""
     import os
 

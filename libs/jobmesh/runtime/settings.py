@@ -92,8 +92,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             # The constraints are declared on the fields; msgspec checks them all here.
             return msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
-            field = _field(str(exc))
-            raise InvalidSpec(f"bad environment: {_env_name(str(exc))}", field=field) from exc
+            raise InvalidSpec(f"bad environment: {_env_name(str(exc))}", field=_field(str(exc))) from exc
 
 
 def _field(message: str) -> str | None:

@@ -25,7 +25,7 @@ from opentelemetry.propagate import inject as _otel_inject
 Context = otel_context.Context
 
 
-class Carried(dict[str, Any]):
+class Carried(Context):
     """A trace context that only carries an incoming ``traceparent`` on, unparsed.
 
     It is an (empty) OTel ``Context`` for any API that receives it, where it means "no
