@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import sys
 import time
+from pathlib import Path
 
 from jobmesh.client.client import Client
 from jobmesh.errors import NotFound
@@ -17,6 +19,22 @@ DEMO_JOBS = [
     ("noop", NoopRuntime()),
     ("uname", ProcessRuntime(argv=["uname", "-a"])),
 ]
+
+
+def command_path() -> str:
+    """How to call ``jobmesh`` from here, as the user can paste it.
+
+    ``make run`` runs the demo from the venv, which is usually not on PATH: the hint then
+    names the venv's script relative to the current directory (``.venv/bin/jobmesh``).
+    """
+    script = Path(sys.executable).parent / "jobmesh"
+    found = shutil.which("jobmesh")
+    if found and Path(found).resolve() == script.resolve():
+        return "jobmesh"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
 
 
 async def run_demo(nats_url: str, timeout: float = 60.0) -> None:
@@ -43,6 +61,7 @@ async def run_demo(nats_url: str, timeout: float = 60.0) -> None:
             if all(s.split(" ")[0] in TERMINAL_STATES for s in states.values()):
                 break
             await asyncio.sleep(0.2)
-        print("try: jobmesh status " + reply.job_ids[0] + "   or   jobmesh logs " + reply.job_ids[1], file=sys.stderr)
+        cli = command_path()
+        print(f"try: {cli} status {reply.job_ids[0]}   or   {cli} logs {reply.job_ids[1]}", file=sys.stderr)
     finally:
         await client.close()
