@@ -7,21 +7,46 @@ cluster that does not answer raises ``Unavailable`` with a message saying which 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import msgspec
 import nats
+import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.errors import Unavailable
 from jobmesh.contract.messages.v1 import (
-    ErrorReply, ExplainReply, ExplainRequest, JobGetRequest, JobListReply, JobListRequest, JobView, NodesReply,
-    NodesRequest, QueuesReply, QueuesRequest, SubmitReply, SubmitRequest, Submission,
+    ErrorReply,
+    ExplainReply,
+    ExplainRequest,
+    JobGetRequest,
+    JobListReply,
+    JobListRequest,
+    JobView,
+    NodesReply,
+    NodesRequest,
+    QueueConfig,
+    QueuesReply,
+    QueuesRequest,
+    Submission,
+    SubmitReply,
+    SubmitRequest,
+    TenantConfig,
+    ZoneMap,
 )
+from jobmesh.errors import Unavailable, UsageError
+
+R = TypeVar("R")
+ConfigValue = QueueConfig | TenantConfig | ZoneMap
+# What each kind of ``jm_config`` key holds: ``queue.<name>``, ``tenant.<name>``, ``zones``.
+_CONFIG_KINDS: dict[str, type[ConfigValue]] = {"queue": QueueConfig, "tenant": TenantConfig, "zones": ZoneMap}
 
 DEV_ENV = Path(".jobmesh") / "dev.env"
 
@@ -62,6 +87,37 @@ def resolve_nats_url() -> str:
     raise Unavailable("no jobmesh cluster found: set JOBMESH_NATS_URL or start one with `jobmesh dev --detach`")
 
 
+class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The cluster configuration in ``jm_config``, as the schedulers apply it.
+
+    Attributes:
+        queues: queue name -> its release regulation (queues not listed are unlimited).
+        tenants: tenant name -> its fair-share weight (tenants not listed weigh 1).
+        zones: the zone distance map, None when none is set.
+        invalid: key -> why its value was ignored (the schedulers ignore it too).
+    """
+
+    queues: dict[str, QueueConfig] = {}
+    tenants: dict[str, TenantConfig] = {}
+    zones: ZoneMap | None = None
+    invalid: dict[str, str] = {}
+
+
+def config_kind(key: str) -> type[ConfigValue] | None:
+    """The config message a ``jm_config`` key holds, None for a key jobmesh does not use.
+
+    Args:
+        key: a key of the bucket (``queue.<name>``, ``tenant.<name>`` or ``zones``).
+
+    Returns:
+        ``QueueConfig``, ``TenantConfig``, ``ZoneMap`` or None.
+    """
+    kind, dot, name = key.partition(".")
+    if kind == "zones":
+        return ZoneMap if not dot else None
+    return _CONFIG_KINDS.get(kind) if dot and name else None
+
+
 class Client:
     """Request/reply access to a running cluster.
 
@@ -75,9 +131,10 @@ class Client:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str | None = None, timeout: float = 10.0) -> "Client":
+    async def connect(cls, url: str | None = None, timeout: float = 10.0) -> Client:  # noqa: ASYNC109 - per reply
         """Connect once, without retrying, so a missing cluster fails fast and clearly."""
         url = url or resolve_nats_url()
+
         async def quiet(exc: Exception) -> None:
             # nats-py logs connection errors itself; the one line below says it better.
             return None
@@ -87,27 +144,45 @@ class Client:
             # a short wait fails within a fraction of a second.
             nc = await asyncio.wait_for(
                 nats.connect(
-                    url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1,
-                    reconnect_time_wait=0.2, error_cb=quiet,
+                    url,
+                    connect_timeout=3,
+                    allow_reconnect=False,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.2,
+                    error_cb=quiet,
                 ),
                 10,
             )
-        except Exception as exc:  # noqa: BLE001 - translated once, here
+        except Exception as exc:
             raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__} {exc}".rstrip()) from exc
         return cls(nc, timeout)
 
     async def close(self) -> None:
         await self.nc.close()
 
-    async def request(self, subject: str, message: Any, reply_type: Any, service: str) -> Any:
-        """Send ``message``, decode the reply as ``reply_type`` or raise its error."""
+    async def request(self, subject: str, message: Any, reply_type: type[R], service: str) -> R:
+        """Send ``message``, decode the reply as ``reply_type`` or raise its error.
+
+        Args:
+            subject: the API subject.
+            message: the request struct.
+            reply_type: the struct the answer decodes to.
+            service: the service that answers, named in errors.
+
+        Returns:
+            The decoded reply.
+
+        Raises:
+            Unavailable: nobody answered in time.
+            JobmeshError: the error the service replied with.
+        """
         try:
             reply = await self.nc.request(subject, encode(message), timeout=self.timeout)
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"the {service} service is not running (no responders on {subject})") from exc
         except nats.errors.TimeoutError as exc:
             raise Unavailable(f"the {service} service did not answer on {subject} within {self.timeout}s") from exc
-        decoded = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
+        decoded: R | ErrorReply = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
         if isinstance(decoded, ErrorReply):
             raise decoded.error()
         return decoded
@@ -120,11 +195,21 @@ class Client:
         """Everything the tracker knows about one job."""
         return await self.request(subjects.API_JOB_GET, JobGetRequest(job_id=job_id), JobView, "tracker")
 
-    async def list(self, limit: int = 50, state: str = "", queue: str = "") -> JobListReply:
-        """Recent jobs, newest first."""
-        return await self.request(
-            subjects.API_JOB_LIST, JobListRequest(limit=limit, state=state, queue=queue), JobListReply, "tracker"
-        )
+    async def list(self, limit: int = 50, state: str = "", queue: str = "", states: Sequence[str] = ()) -> JobListReply:
+        """Recent jobs, newest first.
+
+        Args:
+            limit: at most this many (1-1000).
+            state: only jobs in this state ("" for any).
+            queue: only jobs of this queue ("" for any).
+            states: only jobs in any of these states; wins over ``state`` when given.
+
+        Returns:
+            The tracker's reply.
+        """
+        # Not checked here: the tracker refuses a state it does not know, naming the field.
+        request = JobListRequest(limit=limit, state=cast(Any, state), queue=queue, states=cast(Any, list(states)))
+        return await self.request(subjects.API_JOB_LIST, request, JobListReply, "tracker")
 
     async def explain(self, partition: int, job_id: str) -> ExplainReply:
         """Ask the owner of ``partition`` why ``job_id`` is not running yet."""
@@ -136,24 +221,22 @@ class Client:
         """Every node with capacity, allocation and last heartbeat (from the binder)."""
         return await self.request(subjects.API_NODES, NodesRequest(), NodesReply, "binder")
 
-    async def queues(self, wait: float = 1.0) -> list[QueuesReply]:
+    async def queues(self, wait: float = 1.0) -> builtins.list[QueuesReply]:
         """Queue depths from every scheduler; returns once every partition has answered.
 
         Every scheduler replica answers for the partitions it owns, so this gathers
         replies until all partitions are covered or ``wait`` seconds have passed.
         """
         inbox = self.nc.new_inbox()
-        replies: list[QueuesReply] = []
+        replies: builtins.list[QueuesReply] = []
         covered: set[int] = set()
-        total = {"n": None}
         done = asyncio.Event()
 
-        async def on_reply(msg) -> None:
+        async def on_reply(msg: Msg) -> None:
             reply = msgspec.json.decode(msg.data, type=QueuesReply | ErrorReply)
             if isinstance(reply, QueuesReply):
                 replies.append(reply)
                 covered.update(p.partition for p in reply.owned)
-                total["n"] = reply.partitions
                 if len(covered) >= reply.partitions:
                     done.set()
 
@@ -162,9 +245,84 @@ class Client:
             await self.nc.publish(subjects.API_QUEUES, encode(QueuesRequest()), reply=inbox)
             try:
                 await asyncio.wait_for(done.wait(), wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if not replies:
                     raise Unavailable("no scheduler answered on " + subjects.API_QUEUES) from None
         finally:
             await sub.unsubscribe()
         return replies
+
+    async def put_config(self, key: str, value: ConfigValue) -> None:
+        """Write one configuration value to ``jm_config``; schedulers apply it at once.
+
+        Args:
+            key: ``queue.<name>``, ``tenant.<name>`` or ``zones``.
+            value: the config message that key holds.
+
+        Raises:
+            UsageError: when ``value`` is not what ``key`` holds.
+            Unavailable: when the bucket cannot be reached.
+        """
+        kind = config_kind(key)
+        if kind is None or not isinstance(value, kind):
+            raise UsageError(f"key {key!r} cannot hold a {type(value).__name__}", field="key")
+        kv = await self._config_bucket()
+        try:
+            await kv.put(key, encode(value))
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot write {key} to {subjects.KV_CONFIG}: {type(exc).__name__} {exc}") from exc
+
+    async def read_config(self) -> ClusterSettings:
+        """Every configuration value in ``jm_config``, decoded.
+
+        Returns:
+            The queues, tenants and zone map; a value that does not decode is reported in
+            ``invalid`` (the schedulers ignore it as well) rather than failing the read.
+
+        Raises:
+            Unavailable: when the bucket cannot be reached.
+        """
+        kv = await self._config_bucket()
+        queues: dict[str, QueueConfig] = {}
+        tenants: dict[str, TenantConfig] = {}
+        zones: ZoneMap | None = None
+        invalid: dict[str, str] = {}
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            keys = []
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot read {subjects.KV_CONFIG}: {type(exc).__name__} {exc}") from exc
+        for key in sorted(keys):
+            kind = config_kind(key)
+            if kind is None:
+                continue
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.NotFoundError:
+                continue  # deleted since it was listed
+            except nats.errors.Error as exc:
+                raise Unavailable(f"cannot read {key} from {subjects.KV_CONFIG}: {type(exc).__name__} {exc}") from exc
+            try:
+                value = msgspec.json.decode(entry.value or b"", type=kind)
+            except msgspec.DecodeError as exc:
+                invalid[key] = str(exc)
+                continue
+            name = key.partition(".")[2]
+            if isinstance(value, QueueConfig):
+                queues[name] = value
+            elif isinstance(value, TenantConfig):
+                tenants[name] = value
+            else:
+                zones = value
+        return ClusterSettings(queues=queues, tenants=tenants, zones=zones, invalid=invalid)
+
+    async def _config_bucket(self) -> KeyValue:
+        try:
+            return await self.nc.jetstream(timeout=self.timeout).key_value(subjects.KV_CONFIG)
+        except nats.js.errors.BucketNotFoundError as exc:
+            raise Unavailable(
+                f"the {subjects.KV_CONFIG} bucket does not exist: start the services or run `jobmesh provision`"
+            ) from exc
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot open {subjects.KV_CONFIG}: {type(exc).__name__} {exc}") from exc

@@ -1,0 +1,433 @@
+"""Everything the ``jobmesh`` command prints: tables, a job's timeline, progress, JSON.
+
+Results go to stdout; diagnostics and progress go to stderr, so that with ``--json`` stdout
+holds only JSON. Output is plain text (no colour, no terminal control), the same whether
+stdout is a terminal or a pipe, so scripts and tests read what a person reads.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+
+from jobmesh.client.client import ClusterSettings
+from jobmesh.client.jobstate import Seen
+from jobmesh.contract.messages.v1 import (
+    HealthReply,
+    JobSummary,
+    JobView,
+    LogLine,
+    NodeView,
+    QueueConfig,
+    QueueStats,
+    SubmitReply,
+    TenantConfig,
+    ZoneMap,
+)
+
+_encoder = msgspec.json.Encoder()
+
+
+def err(message: str) -> None:
+    """Print one diagnostic line on stderr, prefixed with ``jobmesh:``.
+
+    Args:
+        message: the line.
+    """
+    print(f"jobmesh: {message}", file=sys.stderr, flush=True)
+
+
+def json_out(value: Any) -> None:
+    """Print ``value`` as one line of JSON on stdout.
+
+    Args:
+        value: a message struct or builtin data.
+    """
+    sys.stdout.write(_encoder.encode(value).decode() + "\n")
+
+
+def when(ts: float | None) -> str:
+    """A timestamp as local ``HH:MM:SS.mmm``, ``-`` when there is none.
+
+    Args:
+        ts: seconds since the epoch, or None.
+
+    Returns:
+        The text.
+    """
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S.%f")[:-3] if ts else "-"
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: frozenset[int] = frozenset()) -> None:
+    """Print rows in columns as wide as their widest cell; the last column is not padded.
+
+    Args:
+        headers: the column titles.
+        rows: the cells of each row, as text.
+        right: indexes of the columns aligned to the right (numbers).
+    """
+    cells = [list(headers), *(list(r) for r in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        parts = [
+            cell.rjust(widths[i]) if i in right else (cell if i == len(row) - 1 else cell.ljust(widths[i]))
+            for i, cell in enumerate(row)
+        ]
+        print("  ".join(parts).rstrip())
+
+
+def detail(seen: Seen) -> str:
+    """The parenthesised detail of a state: node, exit code, reason (`` (node a, exit code 3)``).
+
+    Args:
+        seen: the state as resolved by ``jobstate``.
+
+    Returns:
+        The text, "" when there is nothing to add.
+    """
+    parts = []
+    if seen.node_id:
+        parts.append(f"node {seen.node_id}")
+    if seen.exit_code is not None:
+        parts.append(f"exit code {seen.exit_code}")
+    if seen.reason:
+        parts.append(seen.reason)
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+# --- submit and run --------------------------------------------------------------------
+def submitted(reply: SubmitReply, as_json: bool) -> None:
+    """What ``submit`` prints: the job id (or JSON with the duplicate flag).
+
+    Args:
+        reply: the trigger's reply for one job.
+        as_json: print JSON.
+    """
+    if as_json:
+        json_out({"job_id": reply.job_ids[0], "duplicate": reply.duplicates[0]})
+    else:
+        print(reply.job_ids[0])
+
+
+def run_submitted(job_id: str) -> None:
+    """The first line ``run`` prints on stderr (scripts read the job id from it).
+
+    Args:
+        job_id: the job's id.
+    """
+    err(f"job {job_id} submitted")
+
+
+def progress(elapsed: float, seen: Seen) -> None:
+    """One line of ``run``'s timeline on stderr: ``[  1.20s] running (node a)``.
+
+    Args:
+        elapsed: seconds since the submit.
+        seen: the state shown.
+    """
+    err(f"[{elapsed:6.2f}s] {seen.state}{detail(seen)}")
+
+
+def log_line(line: LogLine) -> None:
+    """A job's output line, to stdout or stderr as the job wrote it.
+
+    Args:
+        line: one line of the job's output.
+    """
+    print(line.line, file=sys.stdout if line.stream == "stdout" else sys.stderr, flush=True)
+
+
+def still_running(job_id: str, submitted: bool) -> None:
+    """What ``run`` says on Ctrl-C: the job goes on, and how to follow it.
+
+    Args:
+        job_id: the job's id.
+        submitted: whether the trigger had confirmed the submit.
+    """
+    if submitted:
+        err(f"interrupted; job {job_id} keeps running in the cluster")
+    else:
+        err(f"interrupted before the submit was confirmed; job {job_id} may or may not exist")
+    err(f"follow it with: jobmesh status {job_id}   or   jobmesh logs -f {job_id}")
+
+
+# --- status and list -------------------------------------------------------------------
+def job_status(view: JobView, seen: Seen, as_json: bool) -> None:
+    """What ``status`` prints: the job, its resolved state, attempts and events.
+
+    Args:
+        view: the tracker's view.
+        seen: the state a person should see (from ``jobstate``).
+        as_json: print the view as JSON, with the resolved state and reason.
+    """
+    if as_json:
+        out = msgspec.to_builtins(view)
+        out["state"], out["reason"] = seen.state, seen.reason
+        json_out(out)
+        return
+    print(f"job      {view.job_id}  {view.name}")
+    print(f"state    {seen.state}" + (f" ({seen.reason})" if seen.reason else ""))
+    print(f"queue    {view.queue}  tenant {view.tenant}  priority {view.spec.priority}")
+    print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
+    print(f"submitted {when(view.submitted_at)}  updated {when(view.updated_at)}")
+    for a in view.attempts:
+        error = f" {a.error.code}: {a.error.message}" if a.error else ""
+        code = "" if a.exit_code is None else f" exit {a.exit_code}"
+        print(f"attempt {a.attempt}: {a.state} on {a.node_id or '-'}{code}{error}")
+        if a.output_tail:
+            for line in a.output_tail.rstrip("\n").splitlines()[-10:]:
+                print(f"    | {line}")
+    if view.events:
+        print("events:")
+        for e in view.events:
+            print(f"  {when(e.at)}  #{e.attempt} {e.kind}" + (f"  {e.detail}" if e.detail else ""))
+
+
+def job_list(rows: Sequence[tuple[JobSummary, Seen]], as_json: bool) -> None:
+    """What ``list`` prints: one row per job with the state ``status`` would show.
+
+    Args:
+        rows: each job with its resolved state.
+        as_json: print a JSON list of summaries (state resolved, reason added).
+    """
+    if as_json:
+        out = []
+        for job, seen in rows:
+            item = msgspec.to_builtins(job)
+            item["state"], item["reason"] = seen.state, seen.reason
+            out.append(item)
+        json_out(out)
+        return
+    print(f"{'JOB':32}  {'STATE':10} {'QUEUE':10} {'NODE':12} {'EXIT':>4}  {'SUBMITTED':12}  NAME")
+    for j, seen in rows:
+        code = "" if j.exit_code is None else str(j.exit_code)
+        print(
+            f"{j.job_id:32}  {seen.state:10} {j.queue:10} {j.node_id or '-':12} {code:>4}  "
+            f"{when(j.submitted_at):12}  {j.name}"
+        )
+
+
+# --- cluster views ---------------------------------------------------------------------
+def nodes(views: Sequence[NodeView], now: float, as_json: bool) -> None:
+    """What ``nodes`` prints: capacity, allocation (cpu, memory, gpu, disk), datasets, labels.
+
+    Args:
+        views: the binder's nodes.
+        now: the current time, for the heartbeat age.
+        as_json: print the views as JSON.
+    """
+    if as_json:
+        json_out(views)
+        return
+    rows = []
+    for v in views:
+        n, a = v.node, v.allocated
+        state = "draining" if n.draining else ("alive" if v.alive else "gone")
+        gpu = f"{a.gpu}/{n.gpu}" + (f" {n.gpu_kind}" if n.gpu_kind else "")
+        rows.append(
+            [
+                n.node_id,
+                state,
+                f"{a.cpu_milli}/{n.cpu_milli}",
+                f"{a.memory_mb}/{n.memory_mb}",
+                gpu,
+                f"{a.disk_mb}/{n.disk_mb}",
+                str(v.reservations),
+                n.zone or "-",
+                f"{now - n.heartbeat_at:.1f}s",
+                ",".join(n.datasets) or "-",
+                ",".join(f"{k}={val}" for k, val in sorted(n.labels.items())) or "-",
+            ]
+        )
+    table(
+        [
+            "NODE",
+            "STATE",
+            "CPU (m) used/cap",
+            "MEM (MiB) used/cap",
+            "GPU",
+            "DISK (MiB) used/cap",
+            "JOBS",
+            "ZONE",
+            "HEARTBEAT",
+            "DATASETS",
+            "LABELS",
+        ],
+        rows,
+        right=frozenset({2, 3, 4, 5, 6, 8}),
+    )
+    if not views:
+        err("no executor node has registered")
+
+
+def waiting_text(waiting: dict[str, int]) -> str:
+    """What held jobs wait for, as ``reason (count)``, most common first.
+
+    The keys are whatever the scheduler sends (a reason in words, or a place in its
+    backlog from older schedulers); they are shown as they come.
+
+    Args:
+        waiting: reason -> number of jobs.
+
+    Returns:
+        ``reason (count); ...``, or ``-`` when nothing waits.
+    """
+    ordered = sorted(((n, why) for why, n in waiting.items() if n), key=lambda item: (-item[0], item[1]))
+    return "; ".join(f"{why} ({n})" for n, why in ordered) or "-"
+
+
+def queue_waiting(stats: QueueStats) -> str:
+    """The WAITING cell of ``queues``: why the queue's held jobs wait, with counts.
+
+    A scheduler that words its reasons sends them in ``reasons``; an older one counts jobs
+    by the place it holds them in ``waiting``. Jobs in the ready place only wait for their
+    turn, which PENDING already counts.
+
+    Args:
+        stats: one queue's stats.
+
+    Returns:
+        ``reason (count); ...``, or ``-``.
+    """
+    if stats.reasons:
+        return waiting_text(stats.reasons)
+    return waiting_text({why: n for why, n in stats.waiting.items() if why != "ready"})
+
+
+def queues(rows: Sequence[tuple[int, str, QueueStats]], as_json: bool) -> None:
+    """What ``queues`` prints: depth, in flight, regulation, pending per tenant, why jobs wait.
+
+    Args:
+        rows: ``(partition, owner, stats)`` per queue, in display order.
+        as_json: print a JSON list (partition and owner beside each queue's stats).
+    """
+    if as_json:
+        json_out([{"partition": part, "owner": owner, **msgspec.structs.asdict(q)} for part, owner, q in rows])
+        return
+    print(f"{'QUEUE':16} {'PENDING':>8} {'IN FLIGHT':>9} {'RATE':>7} {'CAP':>5}  {'TENANTS (pending)':30} WAITING")
+    for _part, _owner, q in rows:
+        tenants = ", ".join(f"{t}={n}" for t, n in sorted(q.tenants.items())) or "-"
+        rate = f"{q.rate:g}/s" if q.rate else "-"
+        cap = str(q.max_in_flight) if q.max_in_flight else "-"
+        print(f"{q.queue:16} {q.pending:>8} {q.in_flight:>9} {rate:>7} {cap:>5}  {tenants:30} {queue_waiting(q)}")
+    if not rows:
+        err("no queue has seen a job yet")
+
+
+def health(reply: HealthReply, as_json: bool) -> None:
+    """What ``health`` prints.
+
+    Args:
+        reply: the service's answer.
+        as_json: print it as JSON.
+    """
+    if as_json:
+        json_out(reply)
+    else:
+        print(f"{reply.service} {reply.instance}: {'ok' if reply.ok else 'NOT OK'} ({reply.detail})")
+
+
+# --- configuration ---------------------------------------------------------------------
+def queue_set(name: str, config: QueueConfig) -> None:
+    """What ``queue set`` says on stderr once the value is stored.
+
+    Args:
+        name: the queue.
+        config: what it was set to.
+    """
+    err(
+        f"queue {name}: rate {config.rate:g}/s, burst {config.burst}, max in flight {config.max_in_flight}"
+        " (0 = unlimited)"
+    )
+
+
+def tenant_set(name: str, config: TenantConfig) -> None:
+    """What ``tenant set`` says on stderr once the value is stored.
+
+    Args:
+        name: the tenant.
+        config: what it was set to.
+    """
+    err(f"tenant {name}: weight {config.weight:g}")
+
+
+def zones_set(config: ZoneMap) -> None:
+    """What ``zones set`` says on stderr once the map is stored.
+
+    Args:
+        config: the zone map.
+    """
+    err(f"zone map set: {len(config.distances)} zones, default distance {config.default}")
+
+
+def _invalid(settings: ClusterSettings, kind: str) -> None:
+    for key, why in settings.invalid.items():
+        if key == kind or key.startswith(kind + "."):
+            err(f"{key} holds an invalid value that the schedulers ignore: {why}")
+
+
+def queue_configs(settings: ClusterSettings, as_json: bool) -> None:
+    """What ``queue list`` prints: every configured queue's rate, burst and in-flight cap.
+
+    Args:
+        settings: the cluster configuration.
+        as_json: print a JSON list of ``{"queue", "rate", "burst", "max_in_flight"}``.
+    """
+    items = sorted(settings.queues.items())
+    if as_json:
+        json_out([{"queue": name, **msgspec.structs.asdict(c)} for name, c in items])
+    else:
+        table(
+            ["QUEUE", "RATE", "BURST", "MAX IN FLIGHT"],
+            [
+                [name, f"{c.rate:g}/s" if c.rate else "-", str(c.burst or "-"), str(c.max_in_flight or "-")]
+                for name, c in items
+            ],
+            right=frozenset({1, 2, 3}),
+        )
+        if not items:
+            err("no queue is configured: every queue is unlimited")
+    _invalid(settings, "queue")
+
+
+def tenant_configs(settings: ClusterSettings, as_json: bool) -> None:
+    """What ``tenant list`` prints: every configured tenant's fair-share weight.
+
+    Args:
+        settings: the cluster configuration.
+        as_json: print a JSON list of ``{"tenant", "weight"}``.
+    """
+    items = sorted(settings.tenants.items())
+    if as_json:
+        json_out([{"tenant": name, "weight": c.weight} for name, c in items])
+    else:
+        table(["TENANT", "WEIGHT"], [[name, f"{c.weight:g}"] for name, c in items], right=frozenset({1}))
+        if not items:
+            err("no tenant is configured: every tenant has weight 1")
+    _invalid(settings, "tenant")
+
+
+def zone_map(settings: ClusterSettings, as_json: bool) -> None:
+    """What ``zones show`` prints: the distances between zones and the default.
+
+    Args:
+        settings: the cluster configuration.
+        as_json: print ``{"distances": ..., "default": ...}``, the format ``zones set`` reads.
+    """
+    zones = settings.zones
+    if as_json:
+        json_out(None if zones is None else {"distances": zones.distances, "default": zones.default})
+    elif zones is None:
+        err("no zone map is set: zones count as distance 0 to themselves and 100 to any other")
+    else:
+        print(f"default distance {zones.default}")
+        table(
+            ["FROM", "TO", "DISTANCE"],
+            [[a, b, str(d)] for a, row in sorted(zones.distances.items()) for b, d in sorted(row.items())],
+            right=frozenset({2}),
+        )
+    _invalid(settings, "zones")

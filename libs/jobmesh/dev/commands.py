@@ -1,0 +1,49 @@
+"""``jobmesh dev``, added to the command line through the ``jobmesh.commands`` entry point.
+
+The client's command line imports nothing from the dev tooling; this module registers the
+subcommand, and imports the cluster machinery only when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``dev`` subcommand.
+
+    Args:
+        subparsers: the ``jobmesh`` command line's subparsers action.
+    """
+    p = subparsers.add_parser("dev", help="run a local cluster: nats-server, Postgres, the five services")
+    p.add_argument("--detach", action="store_true", help="start in the background; return once healthy")
+    p.add_argument("--stop", action="store_true", help="stop a detached cluster")
+    p.add_argument("--demo", action="store_true", help="run a few demo jobs once healthy")
+    p.set_defaults(fn=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run, start in the background, or stop a local cluster (a sync command: it owns its loop).
+
+    Args:
+        args: the parsed command line (``--detach``, ``--stop``, ``--demo``).
+
+    Returns:
+        The exit code: 0 ok, 1 already running or did not stop, 2 the cluster did not come up.
+    """
+    from jobmesh.dev import devcluster
+
+    if args.stop:
+        return devcluster.stop()
+    if args.detach:
+        code = devcluster.detach()
+        if code == 0 and args.demo:
+            import uvloop
+
+            from jobmesh.client.client import resolve_nats_url
+            from jobmesh.dev.demo import run_demo
+
+            uvloop.run(run_demo(resolve_nats_url()))
+        return code
+    return devcluster.foreground(demo=args.demo)
