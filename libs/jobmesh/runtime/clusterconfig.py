@@ -82,13 +82,3 @@ async def put_config(js: JetStreamContext, key: str, value: QueueConfig | Tenant
     """Write one configuration value."""
     kv = await js.key_value(subjects.KV_CONFIG)
     await kv.put(key, encode(value))
-
-
-async def read_config(js: JetStreamContext) -> dict[str, bytes]:
-    """Every configuration key with its raw value."""
-    kv = await js.key_value(subjects.KV_CONFIG)
-    try:
-        keys = await kv.keys()
-    except Exception:  # noqa: BLE001 - nats-py raises NoKeysError for an empty bucket
-        return {}
-    return {key: (await kv.get(key)).value for key in keys}
