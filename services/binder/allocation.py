@@ -25,12 +25,19 @@ class Free:
 
     def fits(self, res: Resources) -> bool:
         return (
-            res.cpu_milli <= self.cpu_milli and res.memory_mb <= self.memory_mb
-            and res.gpu <= self.gpu and res.disk_mb <= self.disk_mb
+            res.cpu_milli <= self.cpu_milli
+            and res.memory_mb <= self.memory_mb
+            and res.gpu <= self.gpu
+            and res.disk_mb <= self.disk_mb
         )
 
-    def minus(self, res: Resources) -> "Free":
-        return Free(self.cpu_milli - res.cpu_milli, self.memory_mb - res.memory_mb, self.gpu - res.gpu, self.disk_mb - res.disk_mb)
+    def minus(self, res: Resources) -> Free:
+        return Free(
+            self.cpu_milli - res.cpu_milli,
+            self.memory_mb - res.memory_mb,
+            self.gpu - res.gpu,
+            self.disk_mb - res.disk_mb,
+        )
 
 
 def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
@@ -149,7 +156,9 @@ def reserve(
             continue
         free = free.minus(job.spec.resources)
         scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
-        reservations[key] = Reservation(resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition)
+        reservations[key] = Reservation(
+            resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition
+        )
         won.append(Binding(job, node.node_id, scratch, True))
     changed = any(b.new for b in won)
     return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost
@@ -159,7 +168,9 @@ def without(alloc: Allocation, keys: set[str]) -> Allocation | None:
     """``alloc`` with the reservations ``keys`` removed; None when it holds none of them."""
     if not keys & alloc.reservations.keys():
         return None
-    return Allocation(node_id=alloc.node_id, reservations={k: v for k, v in alloc.reservations.items() if k not in keys})
+    return Allocation(
+        node_id=alloc.node_id, reservations={k: v for k, v in alloc.reservations.items() if k not in keys}
+    )
 
 
 def confirm_gone(held: set[str], alive: set[str], suspects: set[str]) -> tuple[set[str], set[str]]:

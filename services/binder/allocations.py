@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import nats.errors
@@ -19,8 +20,8 @@ from nats.js.kv import KeyValue
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.errors import Conflict, Unavailable
 from jobmesh.contract.messages.v1 import Allocation
+from jobmesh.errors import Conflict, Unavailable
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -96,7 +97,7 @@ class Allocations:
             self._store(node_id, None, (current[1] + 1) if current else 1)
             return
         if entry.value:
-            self._store(node_id, _decoder.decode(entry.value), entry.revision)
+            self._store(node_id, _decoder.decode(entry.value), entry.revision or 0)
 
     async def change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, T]]) -> T:
         """Apply ``edit`` to a node's record with compare-and-set, re-reading on conflict.
@@ -123,9 +124,11 @@ class Allocations:
             except KeyWrongLastSequenceError:
                 await self.refresh(node_id)
                 continue
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            except (TimeoutError, nats.errors.Error) as exc:
                 # Not a lost race: NATS is slow or away. The batch is redelivered later.
-                raise Unavailable(f"cannot write the allocation of node {node_id}: {type(exc).__name__}: {exc}") from exc
+                raise Unavailable(
+                    f"cannot write the allocation of node {node_id}: {type(exc).__name__}: {exc}"
+                ) from exc
             self._store(node_id, new, revision)
             return result
         raise Conflict(f"allocation record of node {node_id} kept changing; gave up after {CAS_TRIES} tries")

@@ -11,16 +11,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
-from jobmesh.contract import subjects
 from jobmesh.binder.allocation import Binding, confirm_gone, plan, reserve, without
 from jobmesh.binder.allocations import Allocations
-from jobmesh.errors import Conflict, JobmeshError
+from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id, parse_attempt_key, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
-    Allocation, JobBound, JobLost, JobReady, JobUnplaceable, NodeInfo, NodesReply, NodeView, Resources,
+    Allocation,
+    JobBound,
+    JobLost,
+    JobReady,
+    JobUnplaceable,
+    NodeInfo,
+    NodesReply,
+    NodeView,
+    Resources,
 )
+from jobmesh.errors import Conflict, JobmeshError
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
@@ -89,11 +97,9 @@ class Binder:
                 break
             p = plan(remaining, nodes, self._allocs.snapshot(), skip, self._strategy)
             refused.extend(p.refused)
-            results = await asyncio.gather(
-                *(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items())
-            )
+            results = await asyncio.gather(*(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items()))
             remaining = []
-            for node_id, (won, lost) in zip(p.assign, results):
+            for node_id, (won, lost) in zip(p.assign, results, strict=True):
                 bound.extend(won)
                 for job in lost:
                     skip.setdefault(job.job_id, set()).add(node_id)
@@ -101,7 +107,9 @@ class Binder:
         refused.extend((job, "lost every reservation race this round") for job in remaining)
         await self._announce(by_key, bound, refused, rebound)
 
-    async def _reserve(self, node_id: str, jobs: list[JobReady], nodes: dict[str, NodeInfo]) -> tuple[list[Binding], list[JobReady]]:
+    async def _reserve(
+        self, node_id: str, jobs: list[JobReady], nodes: dict[str, NodeInfo]
+    ) -> tuple[list[Binding], list[JobReady]]:
         node = nodes[node_id]
         now = self._clock()
 
@@ -145,14 +153,19 @@ class Binder:
                 msg_id = event_id(job.job_id, job.attempt, subjects.BOUND)
             outgoing.append(Outgoing(subjects.node_dispatch(node_id), message, msg_id, context))
         for job, reason in refused:
-            message = JobUnplaceable(
-                job_id=job.job_id, attempt=job.attempt, partition=job.partition, reason=reason, at=now, release=job.release
+            refusal = JobUnplaceable(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                partition=job.partition,
+                reason=reason,
+                at=now,
+                release=job.release,
             )
             context = by_key[attempt_key(job.job_id, job.attempt)].context
             outgoing.append(
                 Outgoing(
                     subjects.job_event(job.partition, subjects.UNPLACEABLE),
-                    message,
+                    refusal,
                     release_id(job.job_id, job.attempt, subjects.UNPLACEABLE, job.release),
                     context,
                 )
@@ -161,7 +174,8 @@ class Binder:
         # A duplicate JobBound for a reservation we just made means an earlier delivery
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
-            (b.node_id, attempt_key(b.job.job_id, b.job.attempt)) for b, ack in zip(bound, acks)
+            (b.node_id, attempt_key(b.job.job_id, b.job.attempt))
+            for b, ack in zip(bound, acks, strict=True)
             if b.new and ack.duplicate and attempt_key(b.job.job_id, b.job.attempt) not in rebound
         ]
         if doubles:
@@ -238,7 +252,11 @@ class Binder:
             job_id, attempt = parse_attempt_key(key)
             lost = JobLost(job_id=job_id, attempt=attempt, partition=reservation.partition, node_id=node_id, at=now)
             outgoing.append(
-                Outgoing(subjects.job_event(reservation.partition, subjects.LOST), lost, event_id(job_id, attempt, subjects.LOST))
+                Outgoing(
+                    subjects.job_event(reservation.partition, subjects.LOST),
+                    lost,
+                    event_id(job_id, attempt, subjects.LOST),
+                )
             )
         log.warning("node %s stopped heartbeating; %d attempts on it are lost", node_id, len(outgoing))
         await self._publisher.publish(outgoing)

@@ -6,9 +6,9 @@ with compare-and-set; publishes JobBound on the chosen node's dispatch subject.
 
 from __future__ import annotations
 
-from jobmesh.contract import subjects
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
+from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobReady, NodesRequest, TerminalEvent
 from jobmesh.runtime.nodes import NodeWatcher

@@ -16,8 +16,8 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from opentelemetry import trace
 
@@ -25,9 +25,6 @@ from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, log_id
 from jobmesh.contract.messages.v1 import JobBound, LogLine, NoopRuntime, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
-from jobmesh.runtime.publisher import Outgoing
-from jobmesh.runtime.tracing import Context
-
 from jobmesh.executor.outcomes import (
     EXECUTOR_ERROR,
     NODE_DRAINED,
@@ -40,6 +37,8 @@ from jobmesh.executor.outcomes import (
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Context
 
 log = logging.getLogger("jobmesh.executor.attempts")
 
@@ -109,7 +108,7 @@ class Attempt:
                 if not isinstance(runtime, ProcessRuntime):  # Attempts.launch reports the others itself
                     raise TypeError(f"an Attempt runs process runtimes, not {type(runtime).__name__}")
                 outcome = await self._run_process(runtime)
-            except Exception as exc:  # noqa: BLE001 - fate: the attempt fails with the reason
+            except Exception as exc:
                 log.exception("attempt %s failed inside the executor", self.key)
                 outcome = failed_outcome(EXECUTOR_ERROR, f"{type(exc).__name__}: {exc}")
             if outcome.error is not None:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id
-from jobmesh.errors import Unavailable
 from jobmesh.contract.messages.v1 import JobBound, JobStarted
+from jobmesh.errors import Unavailable
+from jobmesh.executor.attempts import Attempts
+from jobmesh.executor.reporter import Reporter
 from jobmesh.runtime.outcomes import ACK, Outcome, Reject
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.service import Envelope
-
-from jobmesh.executor.attempts import Attempts
-from jobmesh.executor.reporter import Reporter
 
 
 class DispatchHandler:

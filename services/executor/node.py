@@ -15,9 +15,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jobmesh.contract.messages.v1 import NodeInfo
 from jobmesh.contract.validation import label_problem
 from jobmesh.errors import InvalidSpec
-from jobmesh.contract.messages.v1 import NodeInfo
 from jobmesh.runtime.settings import Settings
 
 # Node ids become a subject token and a KV key, so they use the same alphabet as job ids.

@@ -14,7 +14,6 @@ import os
 from pathlib import Path
 
 from jobmesh.contract.messages.v1 import JobError
-
 from jobmesh.executor.outcomes import DISK_QUOTA, EXIT_CODE, Outcome
 from jobmesh.executor.runner import AbortSignal
 

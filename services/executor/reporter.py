@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import nats.errors
 
@@ -86,7 +86,7 @@ class Reporter:
         """Publish what is queued (waiting up to ``timeout``), then stop the flusher."""
         try:
             await asyncio.wait_for(self.flush(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.error(
                 "%d messages were not published within %.0fs of stopping; they are lost "
                 "(once this node's heartbeat lapses, the binder declares its attempts lost)",

@@ -13,12 +13,12 @@ import logging
 import os
 import signal
 from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Awaitable, Callable, Literal, Mapping
+from typing import Literal
 
 from jobmesh.contract.messages.v1 import JobError, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
-
 from jobmesh.executor.outcomes import SPAWN_FAILED, TIMEOUT, Outcome, exit_outcome, failed_outcome
 
 log = logging.getLogger("jobmesh.executor.runner")
@@ -196,7 +196,7 @@ class ProcessRunner:
         _signal_group(pgid, signal.SIGTERM)
         try:
             await asyncio.wait_for(asyncio.shield(exited), self._kill_grace)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             _signal_group(pgid, signal.SIGKILL)
             await exited
 

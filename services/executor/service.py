@@ -13,8 +13,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Callable, Mapping
 
 import msgspec
 import nats.errors
@@ -22,17 +22,16 @@ from nats.js.kv import KeyValue
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
-from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.contract.messages.v1 import JobBound, NodeInfo
-from jobmesh.runtime.service import ConsumerSpec, Runtime
-from jobmesh.runtime.settings import Settings
-from jobmesh.runtime.tracing import Tracing
-
+from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.handlers import DispatchHandler
 from jobmesh.executor.node import build_node_info, read_machine_facts
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.runner import ProcessRunner
+from jobmesh.runtime.service import ConsumerSpec, Runtime
+from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 
 log = logging.getLogger("jobmesh.executor")
 
@@ -111,7 +110,7 @@ class Registration:
         try:
             # A put slower than a heartbeat interval is as good as failed: the next one is due.
             await asyncio.wait_for(self._kv.put(self.node_id, encode(info)), max(self._interval, 1.0))
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             self._failure = f"{type(exc).__name__}: {exc}"
             log.warning("heartbeat of node %s failed: %s", self.node_id, self._failure)
             return False
@@ -129,7 +128,7 @@ class Registration:
         """Delete the record; if that fails the TTL removes it soon enough."""
         try:
             await asyncio.wait_for(self._kv.delete(self.node_id), 5.0)
-        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        except (TimeoutError, nats.errors.Error) as exc:
             log.warning("could not delete node record %s (it expires with the TTL): %s", self.node_id, exc)
 
     async def run(self, stop_requested: Callable[[], bool], on_stop_requested: Callable[[], object]) -> None:
@@ -179,9 +178,7 @@ class Executor:
         self.work_root = Path(info.work_dir)
         # Room for the Started and the no-op Succeeded of a whole pulled batch in one flush.
         self.reporter = Reporter(rt.publisher, max_batch=max(512, 2 * settings.batch_size), on_crash=self._crashed)
-        self.attempts = Attempts(
-            info.node_id, self.work_root, self.reporter, ProcessRunner(base_env), rt.tracer, clock
-        )
+        self.attempts = Attempts(info.node_id, self.work_root, self.reporter, ProcessRunner(base_env), rt.tracer, clock)
         self.handler = DispatchHandler(
             info.node_id, self.attempts, self.reporter, clock, started_timeout=DISPATCH_ACK_WAIT * 2 / 3
         )
@@ -227,7 +224,10 @@ class Executor:
         await self.registration.deregister()
         log.info(
             "node %s drained: %d attempts stopped, %d messages published in %d flushes",
-            self.node_id, stopped, self.reporter.published, self.reporter.flushes,
+            self.node_id,
+            stopped,
+            self.reporter.published,
+            self.reporter.flushes,
         )
 
     def _stop_begun(self) -> float:

@@ -27,8 +27,8 @@ import heapq
 import sys
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import msgspec
 
@@ -39,7 +39,14 @@ from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket
 
 READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
-    "ready", "timer", "group", "key", "parked", "room", "released", "gone",
+    "ready",
+    "timer",
+    "group",
+    "key",
+    "parked",
+    "room",
+    "released",
+    "gone",
 )
 # The reason of a job held for its start time; its explanation names the time itself.
 DELAYED = "delayed until its start time (not_before)"
@@ -83,7 +90,7 @@ class Job:
     reason: str = ""
 
     @classmethod
-    def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> "Job":
+    def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
         """Build from a decoded JobSubmitted (and its wire bytes, when at hand)."""
         spec = submitted.spec
         return cls(
@@ -141,7 +148,7 @@ class _Fifo:
     The head is the older of the two heads. This keeps a pick O(1) however deep the backlog.
     """
 
-    __slots__ = ("_fresh", "_back")
+    __slots__ = ("_back", "_fresh")
 
     def __init__(self) -> None:
         self._fresh: deque[tuple[int, str]] = deque()
@@ -377,8 +384,8 @@ class Backlog:
                 if tenant is None:
                     break
                 fifo = level.fifo.get(tenant)
-                job = self._head(fifo)
-                if job is None:
+                job = self._head(fifo) if fifo is not None else None
+                if fifo is None or job is None:
                     level.rotation.pop()
                     continue
                 key = job.key
@@ -462,8 +469,11 @@ class Backlog:
     def next_token(self, now: float) -> float | None:
         """The earliest time a rate-limited queue with ready jobs gets a token."""
         times = [
-            q.bucket.next_token_at(now) for q in self.queues.values()
-            if q.ready and q.bucket is not None and not (q.config.max_in_flight and q.in_flight >= q.config.max_in_flight)
+            q.bucket.next_token_at(now)
+            for q in self.queues.values()
+            if q.ready
+            and q.bucket is not None
+            and not (q.config.max_in_flight and q.in_flight >= q.config.max_in_flight)
         ]
         return min(times) if times else None
 

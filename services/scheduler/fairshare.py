@@ -9,7 +9,7 @@ tenant that was idle re-enters at the current virtual time, so idling banks no c
 from __future__ import annotations
 
 import heapq
-from typing import Callable
+from collections.abc import Callable
 
 
 class Shares:
@@ -44,7 +44,7 @@ class Shares:
 class Rotation:
     """A heap of active tenants ordered by pass, with lazy correction of stale entries."""
 
-    __slots__ = ("_heap", "_count")
+    __slots__ = ("_count", "_heap")
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, str]] = []

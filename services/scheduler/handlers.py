@@ -15,26 +15,38 @@ import asyncio
 import gc
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import asyncpg
 import msgspec
 
 from jobmesh.contract import subjects
-from jobmesh.runtime.clusterconfig import ClusterConfig
-from jobmesh.runtime.db import translated
 from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
-    ExplainReply, ExplainRequest, JobExpired, JobFailed, JobLost, JobReady, JobSubmitted, JobSucceeded,
+    ExplainReply,
+    ExplainRequest,
+    JobExpired,
+    JobFailed,
+    JobLost,
+    JobReady,
+    JobSubmitted,
+    JobSucceeded,
     JobUnplaceable,
+    TerminalEvent,
 )
+from jobmesh.runtime.clusterconfig import ClusterConfig
+from jobmesh.runtime.db import translated
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
+from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
 from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
-from jobmesh.runtime.tracing import Tracing
+
+if TYPE_CHECKING:
+    from jobmesh.runtime.db import Connection
 
 log = logging.getLogger("jobmesh.scheduler")
 
@@ -147,25 +159,27 @@ class PartitionScheduler:
             now = self._clock()
             wake_before = self._next_wake(now)
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
-            finished = [env.message for env in batch if isinstance(env.message, TERMINAL)]
-            refused = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
+            finished: list[TerminalEvent] = [env.message for env in batch if isinstance(env.message, TERMINAL)]
+            refused: list[JobUnplaceable] = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
             try:
                 async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
-                    new = await store.insert_new(conn, [env.message for env in submits], traces, [env.raw.data for env in submits])
-                    for env, trace in zip(submits, traces):
+                    new = await store.insert_new(
+                        conn, [env.message for env in submits], traces, [env.data for env in submits]
+                    )
+                    for env, trace in zip(submits, traces, strict=True):
                         seq = new.get(env.message.job_id)
                         if seq is not None:
-                            self.backlog.add(Job.of(env.message, seq, raw=env.raw.data, trace=trace), now)
+                            self.backlog.add(Job.of(env.message, seq, raw=env.data, trace=trace), now)
                     changes = store.StateChanges()
                     ended = 0
                     for m in finished:
                         if self.backlog.finish(m.job_id, m.attempt, now):
                             changes.add(m.job_id, "done")
                             ended += 1
-                    for m in refused:
-                        if self.backlog.room_wanted(m.job_id, m.attempt, m.release, m.reason, now):
-                            changes.add(m.job_id, "pending", m.reason)
+                    for r in refused:
+                        if self.backlog.room_wanted(r.job_id, r.attempt, r.release, r.reason, now):
+                            changes.add(r.job_id, "pending", r.reason)
                     if ended:
                         self.backlog.retry_rooms_now(now, ended)
                     decisions = self._plan(now)
@@ -176,7 +190,9 @@ class PartitionScheduler:
             # The planner sleeps until the next timer or token; wake it only if this batch
             # brought that moment forward, or left releases for another round.
             wake_after = self._next_wake(now)
-            if len(decisions) >= PLAN_LIMIT or (wake_after is not None and (wake_before is None or wake_after < wake_before)):
+            if len(decisions) >= PLAN_LIMIT or (
+                wake_after is not None and (wake_before is None or wake_after < wake_before)
+            ):
                 self.kick()
 
     def _next_wake(self, now: float) -> float | None:
@@ -191,7 +207,7 @@ class PartitionScheduler:
             timeout = max(0.0, wake - now) if wake is not None else None
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._kick.clear()
             try:
@@ -232,7 +248,7 @@ class PartitionScheduler:
                 log.warning("partition %d: pruning finished jobs failed; will retry", self.partition, exc_info=True)
 
     async def _publish_and_record(
-        self, conn: asyncpg.Connection, decisions: list[Release | Expire], now: float, changes: "store.StateChanges"
+        self, conn: Connection, decisions: list[Release | Expire], now: float, changes: store.StateChanges
     ) -> None:
         """Publish the decisions and write their state changes side by side, inside the open
         transaction; the commit that follows happens only if both succeeded."""
@@ -247,7 +263,7 @@ class PartitionScheduler:
     def _plan(self, now: float) -> list[Release | Expire]:
         return self.backlog.plan(now, self._placements.current().place_job, limit=PLAN_LIMIT)
 
-    def _messages(self, decisions: list[Release | Expire], now: float, changes: "store.StateChanges") -> list[Outgoing]:
+    def _messages(self, decisions: list[Release | Expire], now: float, changes: store.StateChanges) -> list[Outgoing]:
         """The messages one round's decisions publish; notes the state changes they make."""
         outgoing: list[Outgoing] = []
         for d in decisions:
@@ -273,7 +289,9 @@ class PartitionScheduler:
             elif isinstance(d, Expire):
                 # Attempt 0: the job expired before any attempt was released.
                 attempt = job.attempt if job.releases else 0
-                message = JobExpired(job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now)
+                message = JobExpired(
+                    job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now
+                )
                 subject = subjects.job_event(self.partition, subjects.EXPIRED)
                 outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, subjects.EXPIRED), context))
                 changes.add(job.job_id, "done", d.reason)
@@ -284,4 +302,6 @@ class PartitionScheduler:
         job = self.backlog.jobs.get(request.job_id)
         if job is None:
             return ExplainReply(job_id=request.job_id, where="", reason="")
-        return ExplainReply(job_id=request.job_id, where=job.where, reason=self.backlog.explain(request.job_id, self._clock()))
+        return ExplainReply(
+            job_id=request.job_id, where=job.where, reason=self.backlog.explain(request.job_id, self._clock())
+        )

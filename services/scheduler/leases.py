@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -110,7 +110,7 @@ class Leases:
                 return
             except (KeyWrongLastSequenceError, KeyNotFoundError):
                 log.warning("lost the lease of partition %d to another instance", partition)
-            except (APIError, nats.errors.Error, asyncio.TimeoutError):
+            except (TimeoutError, APIError, nats.errors.Error):
                 # Cannot tell whether the lease still holds. Keep serving while it surely
                 # does; once it may have expired, stop, because a standby may own it now.
                 if still_ours(self._clock(), self._renewed.get(partition, started), self._ttl):
@@ -127,7 +127,7 @@ class Leases:
         started = self._clock()
         try:
             revision = await asyncio.wait_for(kv.create(key, self._instance), limit)
-        except (KeyWrongLastSequenceError, APIError, nats.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, KeyWrongLastSequenceError, APIError, nats.errors.Error):
             return  # another instance owns it, or NATS is away: try at the next beat
         self.owned[partition] = revision
         self._renewed[partition] = started
@@ -160,7 +160,7 @@ class Leases:
         self._renewed.pop(partition, None)
         try:
             await kv.delete(subjects.lease_key(partition), last=revision)
-        except (KeyWrongLastSequenceError, KeyNotFoundError, APIError, nats.errors.Error, asyncio.TimeoutError):
+        except (TimeoutError, KeyWrongLastSequenceError, KeyNotFoundError, APIError, nats.errors.Error):
             pass  # already someone else's, gone, or NATS away: the TTL will free it
 
     def healthy(self) -> str | None:

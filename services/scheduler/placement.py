@@ -16,7 +16,7 @@ node-set change and cached: a decision among 1,000 nodes is then a dict lookup.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable
+from collections.abc import Iterable
 
 from jobmesh.contract.messages.v1 import JobSpec, NodeInfo, NoopRuntime, ZoneMap
 from jobmesh.runtime.nodes import shape
@@ -73,8 +73,18 @@ def signature(spec: JobSpec) -> tuple:
     """Everything placement looks at; jobs with equal signatures rank nodes equally."""
     res, cons, loc = spec.resources, spec.constraints, spec.locality
     return (
-        runtime_kind(spec), res.cpu_milli, res.memory_mb, res.gpu, res.gpu_kind, res.disk_mb,
-        cons.arch, cons.isolation, tuple(sorted(cons.labels.items())), cons.handler, loc.zone, loc.dataset,
+        runtime_kind(spec),
+        res.cpu_milli,
+        res.memory_mb,
+        res.gpu,
+        res.gpu_kind,
+        res.disk_mb,
+        cons.arch,
+        cons.isolation,
+        tuple(sorted(cons.labels.items())),
+        cons.handler,
+        loc.zone,
+        loc.dataset,
     )
 
 
@@ -88,7 +98,9 @@ class Placement:
         limit: how many candidates to return per job.
     """
 
-    def __init__(self, nodes: Iterable[NodeInfo], zones: ZoneMap | None = None, strategy: str = "spread", limit: int = CANDIDATES) -> None:
+    def __init__(
+        self, nodes: Iterable[NodeInfo], zones: ZoneMap | None = None, strategy: str = "spread", limit: int = CANDIDATES
+    ) -> None:
         self.nodes = list(nodes)
         self.zones = zones or ZoneMap()
         self.strategy = strategy

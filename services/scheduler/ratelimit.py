@@ -15,7 +15,7 @@ class TokenBucket:
         now: the time the bucket starts (full).
     """
 
-    __slots__ = ("rate", "burst", "_tokens", "_at")
+    __slots__ = ("_at", "_tokens", "burst", "rate")
 
     def __init__(self, rate: float, burst: int, now: float) -> None:
         self.rate = rate

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from jobmesh.contract import subjects
-from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.contract.codec import Codec
-from jobmesh.runtime.db import connect_pool
 from jobmesh.contract.messages.v1 import (
-    ExplainRequest, LifecycleEvent, PartitionStats, QueuesReply, QueuesRequest, QueueStats,
+    ExplainRequest,
+    LifecycleEvent,
+    PartitionStats,
+    QueuesReply,
+    QueuesRequest,
+    QueueStats,
 )
+from jobmesh.runtime.clusterconfig import ClusterConfig
+from jobmesh.runtime.db import connect_pool
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import ConsumerSpec, Envelope, ResponderSpec, Runtime
+from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
-from jobmesh.runtime.settings import Settings
-from jobmesh.runtime.tracing import Tracing
 
 CONSUMED_KINDS = (subjects.SUBMITTED, subjects.UNPLACEABLE, *subjects.TERMINAL_KINDS)
 
@@ -51,7 +57,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     await nodes.wait_ready()
     await config.wait_ready()
     placements = Placements(nodes, config, settings.placement)
-    codec = Codec(LifecycleEvent, settings.max_message_bytes)
+    codec: Codec[Any] = Codec(LifecycleEvent, settings.max_message_bytes)
     planners: dict[int, asyncio.Task] = {}
     pruners: dict[int, asyncio.Task] = {}
 
@@ -62,7 +68,9 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         planners[number] = rt.spawn(part.run_planner(), f"planner-{number}")
         pruners[number] = rt.spawn(part.run_pruner(settings.done_retention_seconds), f"pruner-{number}")
         await rt.add_responder(
-            ResponderSpec(subjects.scheduler_explain(number), Codec(ExplainRequest), _explain(part), queue=f"scheduler-p{number}")
+            ResponderSpec(
+                subjects.scheduler_explain(number), Codec(ExplainRequest), _explain(part), queue=f"scheduler-p{number}"
+            )
         )
         await rt.add_consumer(
             ConsumerSpec(
@@ -94,9 +102,16 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         stats = []
         for number, part in sorted(owned.items()):
             rows = [
-                QueueStats(queue=name, pending=s["pending"], in_flight=s["in_flight"], waiting=s["waiting"],
-                           tenants=s["tenants"], rate=s["rate"], max_in_flight=s["max_in_flight"],
-                           reasons=s["reasons"])
+                QueueStats(
+                    queue=name,
+                    pending=s["pending"],
+                    in_flight=s["in_flight"],
+                    waiting=s["waiting"],
+                    tenants=s["tenants"],
+                    rate=s["rate"],
+                    max_in_flight=s["max_in_flight"],
+                    reasons=s["reasons"],
+                )
                 for name, s in sorted(part.backlog.stats().items())
             ]
             stats.append(PartitionStats(partition=number, owner=settings.instance, queues=rows, at=now))

@@ -6,9 +6,13 @@ Set-based statements only (``unnest`` arrays), one round trip per batch and oper
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import asyncpg
 
+if TYPE_CHECKING:
+    from jobmesh.contract.messages.v1 import JobSubmitted
+    from jobmesh.runtime.db import Connection
 
 DDL = """
 CREATE TABLE IF NOT EXISTS backlog (
@@ -32,7 +36,9 @@ CREATE INDEX IF NOT EXISTS backlog_done ON backlog (partition, updated_at) WHERE
 """
 
 
-async def insert_new(conn: asyncpg.Connection, submitted: list, traces: list[str], raws: list[bytes]) -> dict[str, int]:
+async def insert_new(
+    conn: Connection, submitted: list[JobSubmitted], traces: list[str], raws: list[bytes]
+) -> dict[str, int]:
     """Insert JobSubmitted events not seen before; return {job_id: seq} of the new ones.
 
     ``raws`` are the messages as received; they are stored as they came.
@@ -88,7 +94,7 @@ class StateChanges:
         return ids, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-async def apply(conn: asyncpg.Connection, changes: StateChanges) -> None:
+async def apply(conn: Connection, changes: StateChanges) -> None:
     """Write every state change of a batch (pending with reason, released, done) at once."""
     if not changes:
         return

@@ -28,8 +28,8 @@ for one attempt. The one recorded first wins, because other services already act
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 from msgspec import Struct
 from msgspec import field as wire
@@ -45,6 +45,7 @@ from jobmesh.contract.messages.v1 import (
     JobReady,
     JobSpec,
     JobStarted,
+    JobState,
     JobSubmitted,
     JobSucceeded,
     JobUnplaceable,
@@ -65,7 +66,7 @@ class AttemptState(Struct, frozen=True, kw_only=True):
     """
 
     attempt: int
-    state: str
+    state: JobState
     rank: int = wire(name="state_rank")
     seq: int = wire(name="state_seq", default=0)  # order within the rank class (releases)
     state_at: float  # when the event that set ``state`` happened
@@ -132,7 +133,10 @@ def advances(old: AttemptState, new: AttemptState) -> bool:
         return False
     # Class: waiting (1) and ready (2) share one, ordered by seq (the release), then time.
     return (new.rank - (new.rank >= 2), new.seq, new.state_at, new.rank) > (
-        old.rank - (old.rank >= 2), old.seq, old.state_at, old.rank
+        old.rank - (old.rank >= 2),
+        old.seq,
+        old.state_at,
+        old.rank,
     )
 
 
@@ -208,9 +212,15 @@ def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
 
 
 _KINDS = {
-    JobSubmitted: subjects.SUBMITTED, JobReady: subjects.READY, JobUnplaceable: subjects.UNPLACEABLE,
-    JobBound: subjects.BOUND, JobStarted: subjects.STARTED, JobSucceeded: subjects.SUCCEEDED,
-    JobFailed: subjects.FAILED, JobExpired: subjects.EXPIRED, JobLost: subjects.LOST,
+    JobSubmitted: subjects.SUBMITTED,
+    JobReady: subjects.READY,
+    JobUnplaceable: subjects.UNPLACEABLE,
+    JobBound: subjects.BOUND,
+    JobStarted: subjects.STARTED,
+    JobSucceeded: subjects.SUCCEEDED,
+    JobFailed: subjects.FAILED,
+    JobExpired: subjects.EXPIRED,
+    JobLost: subjects.LOST,
 }
 
 
@@ -227,43 +237,73 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
         case JobUnplaceable():
             reason = _clean(event.reason)
             state = AttemptState(
-                attempt=event.attempt, state="waiting", rank=1, seq=2 * event.release + 1, state_at=event.at,
+                attempt=event.attempt,
+                state="waiting",
+                rank=1,
+                seq=2 * event.release + 1,
+                state_at=event.at,
                 reason=reason,
             )
             return _job(event.job_id, state), reason
         case JobBound(spec=spec):
             state = AttemptState(
-                attempt=event.attempt, state="bound", rank=3, state_at=event.bound_at, node_id=event.node_id,
+                attempt=event.attempt,
+                state="bound",
+                rank=3,
+                state_at=event.bound_at,
+                node_id=event.node_id,
                 bound_at=event.bound_at,
             )
             return _job(event.job_id, state, spec, event.submitted_at), f"node {event.node_id}"
         case JobStarted():
             state = AttemptState(
-                attempt=event.attempt, state="running", rank=4, state_at=event.at, node_id=event.node_id,
+                attempt=event.attempt,
+                state="running",
+                rank=4,
+                state_at=event.at,
+                node_id=event.node_id,
                 started_at=event.at,
             )
             return _job(event.job_id, state), f"node {event.node_id}"
         case JobSucceeded():
             state = AttemptState(
-                attempt=event.attempt, state="succeeded", rank=TERMINAL_RANK, state_at=event.at,
-                exit_code=event.exit_code, output_tail=_clean(event.output_tail), finished_at=event.at,
-                node_id=event.node_id, started_at=event.started_at or None,
+                attempt=event.attempt,
+                state="succeeded",
+                rank=TERMINAL_RANK,
+                state_at=event.at,
+                exit_code=event.exit_code,
+                output_tail=_clean(event.output_tail),
+                finished_at=event.at,
+                node_id=event.node_id,
+                started_at=event.started_at or None,
             )
             return _job(event.job_id, state, None, event.submitted_at), f"exit {event.exit_code}"
         case JobFailed():
             code, message = _clean(event.error.code), _clean(event.error.message)
             state = AttemptState(
-                attempt=event.attempt, state="failed", rank=TERMINAL_RANK, state_at=event.at,
-                reason=f"{code}: {message}"[:_DETAIL_MAX], exit_code=event.exit_code, error_code=code,
-                error_message=message, output_tail=_clean(event.output_tail), finished_at=event.at,
-                node_id=_clean(event.node_id), started_at=event.started_at or None,
+                attempt=event.attempt,
+                state="failed",
+                rank=TERMINAL_RANK,
+                state_at=event.at,
+                reason=f"{code}: {message}"[:_DETAIL_MAX],
+                exit_code=event.exit_code,
+                error_code=code,
+                error_message=message,
+                output_tail=_clean(event.output_tail),
+                finished_at=event.at,
+                node_id=_clean(event.node_id),
+                started_at=event.started_at or None,
             )
             exit_part = f" (exit {event.exit_code})" if event.exit_code is not None else ""
             return _job(event.job_id, state, None, event.submitted_at), f"{code}: {message}{exit_part}"
         case JobExpired():
             reason = _clean(event.reason)
             state = AttemptState(
-                attempt=event.attempt, state="expired", rank=TERMINAL_RANK, state_at=event.at, reason=reason,
+                attempt=event.attempt,
+                state="expired",
+                rank=TERMINAL_RANK,
+                state_at=event.at,
+                reason=reason,
                 finished_at=event.at,
             )
             return _job(event.job_id, state), reason
@@ -271,8 +311,13 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
             node = _clean(event.node_id)
             reason = f"heartbeats from node {node} stopped" if node else "heartbeats stopped"
             state = AttemptState(
-                attempt=event.attempt, state="lost", rank=TERMINAL_RANK, state_at=event.at, reason=reason,
-                finished_at=event.at, node_id=node,
+                attempt=event.attempt,
+                state="lost",
+                rank=TERMINAL_RANK,
+                state_at=event.at,
+                reason=reason,
+                finished_at=event.at,
+                node_id=node,
             )
             return _job(event.job_id, state), reason
     raise TypeError(f"not a lifecycle event: {type(event).__name__}")
@@ -282,8 +327,14 @@ def _job(job_id: str, state: AttemptState, spec: JobSpec | None = None, submitte
     if spec is None:
         return JobRow(job_id=job_id, current=state, updated_at=state.state_at, submitted_at=submitted_at or None)
     return JobRow(
-        job_id=job_id, current=state, updated_at=state.state_at, name=_clean(spec.name), queue=spec.queue,
-        tenant=spec.tenant, spec=spec, submitted_at=submitted_at or None,
+        job_id=job_id,
+        current=state,
+        updated_at=state.state_at,
+        name=_clean(spec.name),
+        queue=spec.queue,
+        tenant=spec.tenant,
+        spec=spec,
+        submitted_at=submitted_at or None,
     )
 
 
@@ -346,8 +397,13 @@ def updates(folded: Folded, stored: Mapping[str, AttemptState]) -> list[JobUpdat
             continue
         out.append(
             JobUpdate(
-                job_id=job.job_id, state=now.state, attempt=now.attempt, node_id=now.node_id,
-                exit_code=now.exit_code, reason=now.reason, at=now.state_at,
+                job_id=job.job_id,
+                state=now.state,
+                attempt=now.attempt,
+                node_id=now.node_id,
+                exit_code=now.exit_code,
+                reason=now.reason,
+                at=now.state_at,
             )
         )
     return out

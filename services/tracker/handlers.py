@@ -15,8 +15,8 @@ from nats.aio.client import Client as NATS
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.errors import NotFound
 from jobmesh.contract.messages.v1 import JobGetRequest, JobListReply, JobListRequest, JobUpdate, JobView
+from jobmesh.errors import NotFound
 from jobmesh.runtime.db import translated
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing
@@ -24,6 +24,7 @@ from jobmesh.tracker.fold import fold, updates
 from jobmesh.tracker.store import Store
 
 log = logging.getLogger("jobmesh.tracker")
+
 
 class EventsHandler:
     """Records lifecycle events; the batch handler behind both tracker consumers.

@@ -6,8 +6,8 @@ import asyncpg
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
-from jobmesh.runtime.db import connect_pool
 from jobmesh.contract.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
+from jobmesh.runtime.db import connect_pool
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing

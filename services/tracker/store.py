@@ -14,7 +14,7 @@ Rows are sent sorted by key, so two batches lock shared rows in the same order.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Iterable, Sequence
 
 import asyncpg
 import msgspec
@@ -100,15 +100,31 @@ $$;
 # Attempt columns and their types, in AttemptState order. The state group moves together
 # when a state advances; node and the bind/start times are gap-filled instead.
 _STATE_COLUMNS = {
-    "state": "text", "state_rank": "int2", "state_seq": "int", "state_at": "float8", "reason": "text",
-    "exit_code": "int", "error_code": "text", "error_message": "text", "output_tail": "text",
+    "state": "text",
+    "state_rank": "int2",
+    "state_seq": "int",
+    "state_at": "float8",
+    "reason": "text",
+    "exit_code": "int",
+    "error_code": "text",
+    "error_message": "text",
+    "output_tail": "text",
     "finished_at": "float8",
 }
 _ATTEMPT_COLUMNS = {
-    "attempt": "int", **_STATE_COLUMNS, "node_id": "text", "bound_at": "float8", "started_at": "float8",
+    "attempt": "int",
+    **_STATE_COLUMNS,
+    "node_id": "text",
+    "bound_at": "float8",
+    "started_at": "float8",
 }
 _EVENT_COLUMNS = {
-    "event_id": "text", "job_id": "text", "attempt": "int", "kind": "text", "at": "float8", "detail": "text",
+    "event_id": "text",
+    "job_id": "text",
+    "attempt": "int",
+    "kind": "text",
+    "at": "float8",
+    "detail": "text",
 }
 _JOB_IDENTITY = {"name": "text", "queue": "text", "tenant": "text", "spec": "json", "submitted_at": "float8"}
 
@@ -121,10 +137,8 @@ def _typed(columns: dict[str, str]) -> str:
     return ", ".join(f"{name} {kind}" for name, kind in columns.items())
 
 
-def _pick(columns: Sequence[str], table: str, condition: str, indent: str) -> str:
-    return f",\n{indent}".join(
-        f"{c} = CASE WHEN {condition} THEN EXCLUDED.{c} ELSE {table}.{c} END" for c in columns
-    )
+def _pick(columns: Iterable[str], table: str, condition: str, indent: str) -> str:
+    return f",\n{indent}".join(f"{c} = CASE WHEN {condition} THEN EXCLUDED.{c} ELSE {table}.{c} END" for c in columns)
 
 
 # join_attempt, in SQL.
@@ -231,11 +245,20 @@ def write_args(folded: Folded) -> tuple[str, str, str]:
 
 def _attempt_of(record: asyncpg.Record) -> AttemptState:
     return AttemptState(
-        attempt=record["attempt"], state=record["state"], rank=record["state_rank"],
-        seq=record["state_seq"], state_at=record["state_at"], reason=record["reason"], exit_code=record["exit_code"],
-        error_code=record["error_code"], error_message=record["error_message"],
-        output_tail=record["output_tail"], finished_at=record["finished_at"], node_id=record["node_id"],
-        bound_at=record["bound_at"], started_at=record["started_at"],
+        attempt=record["attempt"],
+        state=record["state"],
+        rank=record["state_rank"],
+        seq=record["state_seq"],
+        state_at=record["state_at"],
+        reason=record["reason"],
+        exit_code=record["exit_code"],
+        error_code=record["error_code"],
+        error_message=record["error_message"],
+        output_tail=record["output_tail"],
+        finished_at=record["finished_at"],
+        node_id=record["node_id"],
+        bound_at=record["bound_at"],
+        started_at=record["started_at"],
     )
 
 
@@ -277,15 +300,27 @@ class Store:
             attempts = await conn.fetch(_GET_ATTEMPTS, job_id)
             events = await conn.fetch(_GET_EVENTS, job_id)
         view = JobView(
-            job_id=job["job_id"], name=job["name"], queue=job["queue"], tenant=job["tenant"],
-            state=job["state"], reason=job["reason"], attempt=job["attempt"], node_id=job["node_id"],
-            submitted_at=job["submitted_at"] or 0.0, updated_at=job["updated_at"],
+            job_id=job["job_id"],
+            name=job["name"],
+            queue=job["queue"],
+            tenant=job["tenant"],
+            state=job["state"],
+            reason=job["reason"],
+            attempt=job["attempt"],
+            node_id=job["node_id"],
+            submitted_at=job["submitted_at"] or 0.0,
+            updated_at=job["updated_at"],
             spec=_spec_decoder.decode(job["spec"]),
             attempts=[
                 AttemptView(
-                    attempt=a["attempt"], state=a["state"], node_id=a["node_id"], exit_code=a["exit_code"],
+                    attempt=a["attempt"],
+                    state=a["state"],
+                    node_id=a["node_id"],
+                    exit_code=a["exit_code"],
                     error=JobError(code=a["error_code"], message=a["error_message"]) if a["error_code"] else None,
-                    output_tail=a["output_tail"], started_at=a["started_at"], finished_at=a["finished_at"],
+                    output_tail=a["output_tail"],
+                    started_at=a["started_at"],
+                    finished_at=a["finished_at"],
                 )
                 for a in attempts
             ],
@@ -299,9 +334,16 @@ class Store:
         records = await self._pool.fetch(_LIST[(bool(states), bool(queue))], *args)
         return [
             JobSummary(
-                job_id=r["job_id"], name=r["name"], queue=r["queue"], tenant=r["tenant"], state=r["state"],
-                attempt=r["attempt"], node_id=r["node_id"], exit_code=r["exit_code"],
-                submitted_at=r["submitted_at"] or 0.0, updated_at=r["updated_at"],
+                job_id=r["job_id"],
+                name=r["name"],
+                queue=r["queue"],
+                tenant=r["tenant"],
+                state=r["state"],
+                attempt=r["attempt"],
+                node_id=r["node_id"],
+                exit_code=r["exit_code"],
+                submitted_at=r["submitted_at"] or 0.0,
+                updated_at=r["updated_at"],
             )
             for r in records
         ]

@@ -7,15 +7,15 @@ id a caller holds is never lost.
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for, new_idempotency_key, submit_id
 from jobmesh.contract.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
-from jobmesh.runtime.publisher import Outgoing, Publisher
-from jobmesh.runtime.service import Envelope
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
+from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.service import Envelope
 
 
 class SubmitHandler:

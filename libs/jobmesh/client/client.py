@@ -131,7 +131,7 @@ class Client:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str | None = None, timeout: float = 10.0) -> Client:  # noqa: ASYNC109 - per reply
+    async def connect(cls, url: str | None = None, timeout: float = 10.0) -> Client:  # timeout: per reply
         """Connect once, without retrying, so a missing cluster fails fast and clearly."""
         url = url or resolve_nats_url()
 

@@ -123,8 +123,7 @@ def _validate(rows: Sequence[Channel], kinds: Sequence[str]) -> None:
                 problems.append(f"{c.key}: parameter {{{name}}} has no definition in PARAMETERS")
         subject = sample_subject(c.address, kinds)
         captured_by = [
-            spec.name for spec in streams.STREAMS
-            if any(_subject_matches(subject, f) for f in spec.subjects)
+            spec.name for spec in streams.STREAMS if any(_subject_matches(subject, f) for f in spec.subjects)
         ]
         if c.kv_bucket is not None:
             if c.kv_bucket not in kv_buckets or c.stream != f"KV_{c.kv_bucket}":

@@ -39,9 +39,7 @@ class Codec(Generic[T]):
                 names the field (``$.spec.priority``).
         """
         if len(payload) > self.max_bytes:
-            raise OversizedMessage(
-                f"message of {len(payload)} bytes exceeds the limit of {self.max_bytes}"
-            )
+            raise OversizedMessage(f"message of {len(payload)} bytes exceeds the limit of {self.max_bytes}")
         try:
             decoded: T = self._decoder.decode(payload)
             return decoded

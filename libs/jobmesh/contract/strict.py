@@ -21,7 +21,7 @@ import msgspec
 from jobmesh.errors import InvalidMessage
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def strict_twin(kind: Any) -> Any:
     """The strict counterpart of a type: every struct inside forbids unknown fields."""
     if isinstance(kind, type) and issubclass(kind, msgspec.Struct):

@@ -46,8 +46,8 @@ def partition_of(queue: str, partitions: int) -> int:
     return zlib.crc32(queue.encode()) % partitions
 
 
-def job_event(partition: int, kind: str) -> str:
-    """Subject of one lifecycle event kind in one partition."""
+def job_event(partition: int | str, kind: str) -> str:
+    """Subject of one lifecycle event kind in one partition (``*`` for every partition)."""
     return f"{PREFIX}.job.{partition}.{kind}"
 
 

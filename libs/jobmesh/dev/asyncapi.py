@@ -93,7 +93,7 @@ def message_schema(message: type[msgspec.Struct], rows: Sequence[Channel] | None
     rows = checked_channels() if rows is None else rows
     schema = msgspec.json.schema(message)
     places = _where(message, rows)
-    description = f"jobmesh v1 wire message {message.__name__} (\"type\": \"{type_tag(message)}\")."
+    description = f'jobmesh v1 wire message {message.__name__} ("type": "{type_tag(message)}").'
     if places:
         description += " Travels on: " + "; ".join(places) + "."
     document = {
@@ -330,8 +330,6 @@ def render() -> dict[str, str]:
         ChannelTableError: when the channel table is inconsistent.
     """
     rows = checked_channels()
-    files = {
-        f"{MESSAGE_DIR}/{message.__name__}.json": message_schema(message, rows) for message in wire_messages()
-    }
+    files = {f"{MESSAGE_DIR}/{message.__name__}.json": message_schema(message, rows) for message in wire_messages()}
     files[ASYNCAPI_PATH] = _dump(asyncapi_document(rows), ["x-generated", "asyncapi", "info"])
     return dict(sorted(files.items()))

@@ -30,15 +30,15 @@ import msgspec
 import nats
 from nats.js.api import AckPolicy, StorageType, StreamConfig
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.dev.cluster import LocalCluster
-from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.dev.servers import NatsServer, embedded_postgres
+from jobmesh.runtime.db import create_database, drop_database
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
-from jobmesh.dev.servers import NatsServer, embedded_postgres
 
 STAGES = 5
 _update = msgspec.json.Decoder(JobUpdate)
@@ -80,14 +80,28 @@ async def relay_stage(url: str, stage: int) -> None:
 async def raw_baseline(url: str, n: int) -> float:
     nc = await nats.connect(url)
     js = nc.jetstream(publish_async_max_pending=20_000)
-    await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120))
+    await js.add_stream(
+        StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120)
+    )
     for stage in range(STAGES):
-        await js.add_consumer("BENCH", durable_name=f"stage{stage}", filter_subject=f"bench.s{stage}", ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000)
+        await js.add_consumer(
+            "BENCH",
+            durable_name=f"stage{stage}",
+            filter_subject=f"bench.s{stage}",
+            ack_policy=AckPolicy.EXPLICIT,
+            max_ack_pending=20_000,
+        )
     procs = [
-        subprocess.Popen([sys.executable, "-m", "jobmesh.dev.bench", "--relay", str(stage), "--url", url], stdout=subprocess.PIPE, text=True)
+        # Started once, before anything is measured: blocking here costs the figures nothing.
+        subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "jobmesh.dev.bench", "--relay", str(stage), "--url", url],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for stage in range(STAGES)
     ]
     for p in procs:
+        assert p.stdout is not None  # stdout=PIPE
         p.stdout.readline()
     done = asyncio.Event()
     count = 0
@@ -239,7 +253,7 @@ def trace_carry_costs(n: int = 100_000) -> tuple[float, float]:
 def pct(values: list[float], p: float) -> float:
     if not values:
         return float("nan")
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+    return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
 def main() -> None:
@@ -269,15 +283,22 @@ def main() -> None:
     server = NatsServer(tmp / "nats").start()
     db_url = uvloop.run(create_database(base, "jm_bench"))
     cluster = LocalCluster(
-        server.url, db_url, tmp,
-        env={"JOBMESH_NODE_ID": "bench-node", "JOBMESH_NODE_CPU_MILLI": "100000000", "JOBMESH_NODE_MEMORY_MB": "100000000",
-             "JOBMESH_LOG_LEVEL": "WARNING"},
+        server.url,
+        db_url,
+        tmp,
+        env={
+            "JOBMESH_NODE_ID": "bench-node",
+            "JOBMESH_NODE_CPU_MILLI": "100000000",
+            "JOBMESH_NODE_MEMORY_MB": "100000000",
+            "JOBMESH_LOG_LEVEL": "WARNING",
+        },
     )
     try:
         cluster.start()
         uvloop.run(cluster.wait_healthy())
         print(f"end to end, {args.jobs} no-op jobs through five services ...", file=sys.stderr, flush=True)
         watched = {sp.name: sp.proc.pid for sp in cluster.procs}
+        assert server.proc is not None  # started above
         watched["nats-server"] = server.proc.pid
         for pid in postgres_pids():
             watched[f"postgres {pid}"] = pid
@@ -297,15 +318,23 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"raw JetStream relay ({STAGES} stages):  {raw:8.0f} msg/s")
     print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw:.2f}")
-    print(f"light load (n={len(light)}), submit to JobSucceeded in JetStream: p50 {pct(durable, 50):6.2f} ms   p99 {pct(durable, 99):6.2f} ms")
-    print(f"light load (n={len(light)}), submit to history committed:     p50 {pct(light, 50):6.2f} ms   p99 {pct(light, 99):6.2f} ms")
+    print(
+        f"light load (n={len(light)}), submit to JobSucceeded in JetStream: p50 {pct(durable, 50):6.2f} ms   p99 {pct(durable, 99):6.2f} ms"
+    )
+    print(
+        f"light load (n={len(light)}), submit to history committed:     p50 {pct(light, 50):6.2f} ms   p99 {pct(light, 99):6.2f} ms"
+    )
     print(f"latency under the burst (n={len(loaded)}): p50 {pct(loaded, 50):6.0f} ms   p99 {pct(loaded, 99):6.0f} ms")
     # Where the CPU went during the burst: what to profile first (JOBMESH_PROFILE_DIR).
     postgres = sum(v for k, v in used.items() if k.startswith("postgres"))
     rows = {k: v for k, v in used.items() if not k.startswith("postgres")} | {"postgres (all)": postgres}
-    print("CPU during the burst, per job: " + ", ".join(
-        f"{name} {seconds / args.jobs * 1e6:.0f} us" for name, seconds in sorted(rows.items(), key=lambda kv: -kv[1])
-    ))
+    print(
+        "CPU during the burst, per job: "
+        + ", ".join(
+            f"{name} {seconds / args.jobs * 1e6:.0f} us"
+            for name, seconds in sorted(rows.items(), key=lambda kv: -kv[1])
+        )
+    )
     fast_us, slow_us = trace_carry_costs()
     # A job crosses about ten message hops (5 publishes, 10 deliveries), each carrying its trace.
     print(

@@ -9,10 +9,10 @@ import time
 from pathlib import Path
 
 from jobmesh.client.client import Client
+from jobmesh.contract.messages.v1 import TERMINAL_STATES, JobRuntime, JobSpec, NoopRuntime, ProcessRuntime, Submission
 from jobmesh.errors import NotFound
-from jobmesh.contract.messages.v1 import TERMINAL_STATES, JobSpec, NoopRuntime, ProcessRuntime, Submission
 
-DEMO_JOBS = [
+DEMO_JOBS: list[tuple[str, JobRuntime]] = [
     ("hello", ProcessRuntime(argv=["echo", "hello from jobmesh"])),
     ("count", ProcessRuntime(argv=["sh", "-c", "for i in 1 2 3; do echo step $i; sleep 0.4; done"])),
     ("fails", ProcessRuntime(argv=["sh", "-c", "echo about to fail >&2; exit 3"])),
@@ -42,7 +42,7 @@ async def run_demo(nats_url: str, timeout: float = 60.0) -> None:
     client = await Client.connect(nats_url)
     try:
         reply = await client.submit([Submission(spec=JobSpec(runtime=rt, name=name)) for name, rt in DEMO_JOBS])
-        names = dict(zip(reply.job_ids, (name for name, _ in DEMO_JOBS)))
+        names = dict(zip(reply.job_ids, (name for name, _ in DEMO_JOBS), strict=True))
         states: dict[str, str] = {job_id: "submitted" for job_id in names}
         started = time.monotonic()
         shown = ""

@@ -36,8 +36,14 @@ def _rss_bytes() -> int:
 def make_nodes(n: int) -> list[NodeInfo]:
     zones = ["a", "b", "c", "d"]
     return [
-        NodeInfo(node_id=f"node-{i}", cpu_milli=8000 + 1000 * (i % 5), memory_mb=32768, zone=zones[i % 4],
-                 labels={"pool": "p" + str(i % 3)}, heartbeat_at=0.0)
+        NodeInfo(
+            node_id=f"node-{i}",
+            cpu_milli=8000 + 1000 * (i % 5),
+            memory_mb=32768,
+            zone=zones[i % 4],
+            labels={"pool": "p" + str(i % 3)},
+            heartbeat_at=0.0,
+        )
         for i in range(n)
     ]
 
@@ -115,7 +121,9 @@ def main() -> None:
     parser.add_argument("--decisions", type=int, default=20_000)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    print("scheduler decisions at a steady backlog (intake + fair share/priority/FIFO pick + placement over 100 nodes + completion):")
+    print(
+        "scheduler decisions at a steady backlog (intake + fair share/priority/FIFO pick + placement over 100 nodes + completion):"
+    )
     base = None
     for size in sizes:
         # Best of three: this machine is shared and noisy; the minimum is the cost.
@@ -123,7 +131,9 @@ def main() -> None:
         us = min(r[0] for r in runs)
         per_job = runs[0][1]  # later runs reuse memory the first one freed
         base = base or us
-        print(f"  backlog {size:>9,}: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / base:4.2f}x of 1k   memory {per_job:6.0f} B/pending job")
+        print(
+            f"  backlog {size:>9,}: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / base:4.2f}x of 1k   memory {per_job:6.0f} B/pending job"
+        )
     print("placement (hard constraints + locality tiers + spread):")
     for nodes in (10, 100, 1000):
         cold_ms, warm_us = bench_placement(nodes)

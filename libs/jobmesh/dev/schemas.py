@@ -75,9 +75,7 @@ def check(out_dir: Path | None = None, files: Mapping[str, str] | None = None) -
     files = render() if files is None else files
     existing = _existing(out_dir)
     missing = sorted(p for p in files if p not in existing)
-    changed = sorted(
-        p for p in files if p in existing and (out_dir / p).read_text(encoding="utf-8") != files[p]
-    )
+    changed = sorted(p for p in files if p in existing and (out_dir / p).read_text(encoding="utf-8") != files[p])
     unexpected = sorted(p for p in existing if p not in files)
     return Staleness(tuple(missing), tuple(changed), tuple(unexpected))
 

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
 from jobmesh.errors import Conflict, Unavailable, Unstorable
+
+# What a query runs on: a connection of its own, or one lent by a pool (the stubs make
+# both generic; at run time they are plain classes, hence the guard).
+if TYPE_CHECKING:
+    Connection: TypeAlias = asyncpg.Connection[asyncpg.Record] | asyncpg.pool.PoolConnectionProxy[asyncpg.Record]
 
 # Failures that say nothing about the message being handled: the database is away, busy or
 # resolved a conflict by aborting us. The same work will succeed later.

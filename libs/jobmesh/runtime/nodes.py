@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import msgspec
 from nats.js import JetStreamContext
@@ -116,7 +116,17 @@ def shape(node: NodeInfo) -> tuple[object, ...]:
     keeps the shape (a heartbeat) is no change to the node set.
     """
     return (
-        node.cpu_milli, node.memory_mb, node.gpu, node.gpu_kind, node.disk_mb, node.arch,
-        node.zone, node.isolation, tuple(sorted(node.labels.items())), tuple(node.handlers),
-        tuple(node.runtimes), tuple(node.datasets), node.draining,
+        node.cpu_milli,
+        node.memory_mb,
+        node.gpu,
+        node.gpu_kind,
+        node.disk_mb,
+        node.arch,
+        node.zone,
+        node.isolation,
+        tuple(sorted(node.labels.items())),
+        tuple(node.handlers),
+        tuple(node.runtimes),
+        tuple(node.datasets),
+        node.draining,
     )

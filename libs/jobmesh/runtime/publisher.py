@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -60,9 +61,7 @@ class Publisher:
         try:
             for item in items:
                 headers = self._inject({"Nats-Msg-Id": item.msg_id}, item.context)
-                futures.append(
-                    await self._js.publish_async(item.subject, encode(item.message), headers=headers)
-                )
+                futures.append(await self._js.publish_async(item.subject, encode(item.message), headers=headers))
         except nats.errors.Error as exc:  # disconnected, closed, outbound buffer full
             _cancel(futures)
             raise Unavailable(f"cannot publish: {type(exc).__name__}: {exc}") from exc
@@ -70,7 +69,7 @@ class Publisher:
             return []
         try:
             return await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             for future in futures:
                 future.cancel()
             raise Unavailable(f"no PubAck within {self._timeout}s for {len(futures)} messages") from exc

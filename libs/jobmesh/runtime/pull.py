@@ -95,7 +95,7 @@ class PullConsumer:
         """Wait up to ``timeout`` for at least one message; return all that are ready."""
         try:
             first = await asyncio.wait_for(self._queue.get(), timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # A request can vanish without a status (reconnect, server restart); after
             # its expiry has surely passed, forget it and ask again.
             if time.monotonic() - self._last_request > self._expires + 1.0:

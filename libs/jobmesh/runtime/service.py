@@ -12,8 +12,9 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import nats
 from nats.aio.client import Client as NATS
@@ -24,8 +25,8 @@ from opentelemetry import trace
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import deadletter_id
-from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
+from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
@@ -46,6 +47,11 @@ class Envelope:
     context: Context
     raw: Msg | None = None
     span: Any = None
+
+    @property
+    def data(self) -> bytes:
+        """The message as it came on the wire (encoded again when built without one, in tests)."""
+        return self.raw.data if self.raw is not None else encode(self.message)
 
     @property
     def deliveries(self) -> int:
@@ -157,7 +163,7 @@ class Runtime:
                 disconnected_cb=self._on_disconnect,
                 reconnected_cb=self._on_reconnect,
             )
-        except Exception as exc:  # noqa: BLE001 - translated once, here
+        except Exception as exc:
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         js = nc.jetstream(timeout=10, publish_async_max_pending=20_000)
         self._connection = (nc, js, Publisher(js, self.tracing))
@@ -203,9 +209,7 @@ class Runtime:
             await self.add_consumer(spec)
         for responder in responders:
             await self.add_responder(responder)
-        await self.add_responder(
-            ResponderSpec(subjects.health(self.service), None, self._health, queue=self.service)
-        )
+        await self.add_responder(ResponderSpec(subjects.health(self.service), None, self._health, queue=self.service))
         log.info("%s ready (instance %s)", self.service, self.settings.instance)
         await self._stopping.wait()
         await self._drain(on_stop)
@@ -224,11 +228,11 @@ class Runtime:
         for sub in self._subs:
             try:
                 await sub.unsubscribe()
-            except Exception:  # noqa: BLE001 - the connection may already be gone
+            except Exception:
                 log.debug("unsubscribe failed during drain", exc_info=True)
         try:
             await asyncio.wait_for(self._idle.wait(), self.settings.drain_seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("%s: in-flight work did not finish within %.0fs", self.service, self.settings.drain_seconds)
         for pull in self._pulls:
             await pull.close()
@@ -245,7 +249,11 @@ class Runtime:
         self.tracing.shutdown()
         log.info(
             "%s stopped: %d messages in %d batches, %d retried, %d dead-lettered",
-            self.service, self.stats.handled, self.stats.batches, self.stats.retried, self.stats.dead_lettered,
+            self.service,
+            self.stats.handled,
+            self.stats.batches,
+            self.stats.retried,
+            self.stats.dead_lettered,
         )
 
     # --- consumers -----------------------------------------------------------------
@@ -332,7 +340,7 @@ class Runtime:
         """
         try:
             return await spec.handle(envelopes)
-        except Exception as exc:  # noqa: BLE001 - every exception gets a fate below
+        except Exception as exc:
             known = isinstance(exc, JobmeshError)
             if isinstance(exc, JobmeshError) and exc.retryable:
                 # An outage: one line per batch, not a traceback per retry.
@@ -340,7 +348,11 @@ class Runtime:
             elif len(envelopes) > 1:
                 log.warning(
                     "%s: a batch of %d failed (%s: %s); handling its messages one at a time",
-                    spec.durable, len(envelopes), type(exc).__name__, exc, exc_info=not known,
+                    spec.durable,
+                    len(envelopes),
+                    type(exc).__name__,
+                    exc,
+                    exc_info=not known,
                 )
                 outcomes: list[Outcome] = []
                 for env in envelopes:
@@ -437,7 +449,7 @@ class Runtime:
                 reply = ErrorReply.of(exc)
             except JobmeshError as exc:
                 reply = ErrorReply.of(exc)
-            except Exception as exc:  # noqa: BLE001 - the caller gets an error, we get the traceback
+            except Exception as exc:
                 log.exception("%s: request on %s failed", self.service, msg.subject)
                 # A bug, not an outage: the same request would fail the same way.
                 reply = ErrorReply.of(JobmeshError(f"internal error: {type(exc).__name__}: {exc}"))

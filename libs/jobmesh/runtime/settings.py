@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import socket
 import uuid
-from typing import Annotated, Literal, Mapping
+from collections.abc import Mapping
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -67,7 +68,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     profile_dir: str = ""
 
     @classmethod
-    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings for ``service`` from ``JOBMESH_*`` variables.
 
         Args:

@@ -4,8 +4,8 @@ Rules (msgspec schema evolution): a new field gets a default; a field never chan
 ``forbid_unknown_fields`` stays off so older readers accept newer writers.
 """
 
-from jobmesh.contract.messages.v1.api import *  # noqa: F401,F403
-from jobmesh.contract.messages.v1.config import *  # noqa: F401,F403
-from jobmesh.contract.messages.v1.deadletter import *  # noqa: F401,F403
-from jobmesh.contract.messages.v1.jobs import *  # noqa: F401,F403
-from jobmesh.contract.messages.v1.nodes import *  # noqa: F401,F403
+from jobmesh.contract.messages.v1.api import *  # noqa: F403
+from jobmesh.contract.messages.v1.config import *  # noqa: F403
+from jobmesh.contract.messages.v1.deadletter import *  # noqa: F403
+from jobmesh.contract.messages.v1.jobs import *  # noqa: F403
+from jobmesh.contract.messages.v1.nodes import *  # noqa: F403

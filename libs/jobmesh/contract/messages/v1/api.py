@@ -6,21 +6,46 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-from jobmesh.errors import JobmeshError
-
 from jobmesh.contract.messages.v1.config import PartitionStats
 from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, Resources
 from jobmesh.contract.messages.v1.nodes import NodeInfo
+from jobmesh.errors import JobmeshError
 
 __all__ = [
-    "Submission", "SubmitRequest", "SubmitReply", "ErrorReply", "JobGetRequest",
-    "JobListRequest", "AttemptView", "EventView", "JobView", "JobSummary", "JobListReply",
-    "JobUpdate", "HealthReply", "JobState", "TERMINAL_STATES", "ExplainRequest", "ExplainReply",
-    "QueuesRequest", "QueuesReply", "NodesRequest", "NodeView", "NodesReply",
+    "TERMINAL_STATES",
+    "AttemptView",
+    "ErrorReply",
+    "EventView",
+    "ExplainReply",
+    "ExplainRequest",
+    "HealthReply",
+    "JobGetRequest",
+    "JobListReply",
+    "JobListRequest",
+    "JobState",
+    "JobSummary",
+    "JobUpdate",
+    "JobView",
+    "NodeView",
+    "NodesReply",
+    "NodesRequest",
+    "QueuesReply",
+    "QueuesRequest",
+    "Submission",
+    "SubmitReply",
+    "SubmitRequest",
 ]
 
 JobState = Literal[
-    "queued", "waiting", "ready", "bound", "running", "succeeded", "failed", "expired", "lost",
+    "queued",
+    "waiting",
+    "ready",
+    "bound",
+    "running",
+    "succeeded",
+    "failed",
+    "expired",
+    "lost",
 ]
 TERMINAL_STATES = frozenset({"succeeded", "failed", "expired", "lost"})
 

@@ -11,7 +11,7 @@ from typing import Annotated
 
 from msgspec import Meta, Struct
 
-__all__ = ["QueueConfig", "TenantConfig", "ZoneMap", "QueueStats", "PartitionStats"]
+__all__ = ["PartitionStats", "QueueConfig", "QueueStats", "TenantConfig", "ZoneMap"]
 
 
 class QueueConfig(Struct, frozen=True, kw_only=True, tag="config.queue"):

@@ -13,11 +13,32 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 __all__ = [
-    "Resources", "ProcessRuntime", "NoopRuntime", "JobRuntime", "Constraints", "Locality",
-    "Timeouts", "JobSpec", "JobSubmitted", "JobReady", "JobUnplaceable", "JobBound",
-    "JobStarted", "JobSucceeded", "JobFailed", "JobExpired", "JobLost", "LogLine",
-    "LifecycleEvent", "TerminalEvent", "JobError", "Priority", "JobEvent", "AttemptEvent",
-    "FailureCode", "FAILURE_CODES",
+    "FAILURE_CODES",
+    "AttemptEvent",
+    "Constraints",
+    "FailureCode",
+    "JobBound",
+    "JobError",
+    "JobEvent",
+    "JobExpired",
+    "JobFailed",
+    "JobLost",
+    "JobReady",
+    "JobRuntime",
+    "JobSpec",
+    "JobStarted",
+    "JobSubmitted",
+    "JobSucceeded",
+    "JobUnplaceable",
+    "LifecycleEvent",
+    "Locality",
+    "LogLine",
+    "NoopRuntime",
+    "Priority",
+    "ProcessRuntime",
+    "Resources",
+    "TerminalEvent",
+    "Timeouts",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -229,8 +250,6 @@ class LogLine(Struct, frozen=True, kw_only=True, tag="job.log"):
 
 
 LifecycleEvent = (
-    JobSubmitted | JobReady | JobUnplaceable | JobBound | JobStarted | JobSucceeded
-    | JobFailed | JobExpired | JobLost
+    JobSubmitted | JobReady | JobUnplaceable | JobBound | JobStarted | JobSucceeded | JobFailed | JobExpired | JobLost
 )
 TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost
-

@@ -6,7 +6,7 @@ from msgspec import Struct, field
 
 from jobmesh.contract.messages.v1.jobs import Resources
 
-__all__ = ["NodeInfo", "Allocation", "Reservation"]
+__all__ = ["Allocation", "NodeInfo", "Reservation"]
 
 
 class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
