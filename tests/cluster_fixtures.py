@@ -1,37 +1,136 @@
-"""A module-scoped cluster of the five services as separate processes."""
+"""Fixtures and helpers for tests that run the five services as separate processes.
+
+Registered once for every test module by ``pytest_plugins`` in ``tests/conftest.py``; test
+modules name the fixtures as arguments and import only the helper functions.
+
+``make_cluster`` (one test) and ``make_module_cluster`` (one module) hand out a factory that
+starts a ``LocalCluster``, waits until it is healthy and stops every cluster it made at
+teardown, whether the test passed or not.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import nats
 import pytest
 
 from jobmesh.contract import subjects
-from jobmesh.dev.cluster import LocalCluster
 from jobmesh.contract.messages.v1 import DeadLetter
+from jobmesh.contract.subjects import SERVICES
+from jobmesh.dev.cluster import LocalCluster
 
 NODE_ID = "node-e2e"
+E2E_NODE_ENV = {"JOBMESH_NODE_ID": NODE_ID, "JOBMESH_NODE_CPU_MILLI": "8000", "JOBMESH_NODE_MEMORY_MB": "8192"}
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service process to start: its name, environment of its own and log-name tag.
+
+    Attributes:
+        name: the service (``scheduler``, ``binder``, ...).
+        env: settings for this process only, over the cluster's.
+        tag: appended to the log file's name, so two processes of a service log apart.
+    """
+
+    name: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    tag: str = ""
+
+
+class ClusterFactory:
+    """Starts clusters on one NATS server and database, and stops them all on ``close``.
+
+    Args:
+        nats_url: the default NATS server of every cluster.
+        database_url: the default database of every cluster.
+        tmp_path_factory: gives each cluster a fresh work directory.
+    """
+
+    def __init__(self, nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.nats_url = nats_url
+        self.database_url = database_url
+        self.tmp_path_factory = tmp_path_factory
+        self.clusters: list[LocalCluster] = []
+
+    async def __call__(
+        self,
+        services: Iterable[str | Service] = SERVICES,
+        *,
+        env: Mapping[str, str] | None = None,
+        nats_url: str | None = None,
+        database_url: str | None = None,
+        name: str = "cluster",
+        timeout: float = 60.0,
+    ) -> LocalCluster:
+        """Start ``services`` and wait until each answers its health check.
+
+        Args:
+            services: names, or ``Service`` for a process with its own settings or tag.
+            env: settings for every process of this cluster.
+            nats_url: another NATS server than the factory's.
+            database_url: another database than the factory's (a proxy, say).
+            name: the prefix of the cluster's work directory.
+            timeout: how long the services have to become healthy.
+
+        Returns:
+            The started cluster; the factory stops it at teardown.
+        """
+        cluster = LocalCluster(
+            nats_url or self.nats_url,
+            database_url or self.database_url,
+            self.tmp_path_factory.mktemp(name),
+            env=dict(env or {}),
+        )
+        self.clusters.append(cluster)  # before starting: a failed start is stopped too
+        started: list[str] = []
+        for service in services:
+            one = service if isinstance(service, Service) else Service(service)
+            cluster.start_service(one.name, dict(one.env), tag=one.tag)
+            if one.name not in started:
+                started.append(one.name)
+        await cluster.wait_healthy(tuple(started), timeout=timeout)
+        return cluster
+
+    def close(self) -> None:
+        """Stop every cluster this factory started, the last first."""
+        while self.clusters:
+            self.clusters.pop().stop()
+
+    def __enter__(self) -> ClusterFactory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@pytest.fixture
+def make_cluster(nats_server, database_url, tmp_path_factory) -> Iterator[ClusterFactory]:
+    """A cluster factory whose clusters are stopped when the test ends."""
+    with ClusterFactory(nats_server.url, database_url, tmp_path_factory) as factory:
+        yield factory
 
 
 @pytest.fixture(scope="module")
-async def cluster(nats_server, database_url, work_dir):
+def make_module_cluster(nats_server, database_url, tmp_path_factory) -> Iterator[ClusterFactory]:
+    """A cluster factory whose clusters are stopped when the module's tests are done."""
+    with ClusterFactory(nats_server.url, database_url, tmp_path_factory) as factory:
+        yield factory
+
+
+@pytest.fixture(scope="module")
+async def cluster(make_module_cluster) -> LocalCluster:
     """The five services, each its own process, on the module's NATS and database."""
-    c = LocalCluster(
-        nats_server.url,
-        database_url,
-        work_dir,
-        env={"JOBMESH_NODE_ID": NODE_ID, "JOBMESH_NODE_CPU_MILLI": "8000", "JOBMESH_NODE_MEMORY_MB": "8192"},
-    )
-    c.start()
-    try:
-        await c.wait_healthy(timeout=60)
-        yield c
-    finally:
-        c.stop()
+    return await make_module_cluster(env=E2E_NODE_ENV, name="e2e")
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +140,49 @@ async def nc(nats_server):
     await conn.close()
 
 
-def jobmesh_cli(args: list[str], nats_url: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run the real ``jobmesh`` command in a subprocess."""
-    env = dict(os.environ, JOBMESH_NATS_URL=nats_url)
+def jobmesh_cli(
+    args: list[str],
+    nats_url: str,
+    timeout: float = 60,
+    *,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run the real ``jobmesh`` command in a subprocess.
+
+    Args:
+        args: the command line after ``jobmesh``.
+        nats_url: ``JOBMESH_NATS_URL`` of the command.
+        timeout: seconds before the command is killed and the test fails.
+        cwd: the working directory; this process's when omitted.
+        env: the environment to start from; this process's when omitted.
+
+    Returns:
+        The finished process, with its stdout and stderr as text.
+    """
+    full_env = dict(os.environ if env is None else env, JOBMESH_NATS_URL=nats_url)
     return subprocess.run(
         [sys.executable, "-c", "from jobmesh.client.cli import main; main()", *args],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
     )
+
+
+def submitted_job_id(stderr: str) -> str:
+    """The job id in the ``job <id> submitted`` line that ``jobmesh run`` prints."""
+    match = re.search(r"job ([0-9a-f]{32}) submitted", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+def job_status(job_id: str, nats_url: str) -> dict:
+    """What the tracker recorded for ``job_id``, from ``jobmesh status ID --json``."""
+    result = jobmesh_cli(["status", job_id, "--json"], nats_url)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
 
 async def dead_letters(js) -> list[DeadLetter]:

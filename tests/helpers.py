@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 T = TypeVar("T")
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition", interval: float = 0.05) -> T:
+async def eventually(
+    probe: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition", interval: float = 0.05
+) -> T:
     """Call ``probe`` until it returns a truthy value; fail with ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
     last: T | None = None

@@ -6,11 +6,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.errors import InvalidMessage, InvalidSpec
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
-from tests.cluster_fixtures import NODE_ID, cluster, dead_letters, jobmesh_cli, nc  # noqa: F401 - fixtures
+from jobmesh.errors import InvalidMessage, InvalidSpec
+from tests.cluster_fixtures import NODE_ID, dead_letters, job_status, jobmesh_cli, submitted_job_id
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -53,26 +53,34 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
         return "wrong_type"
 
     async def all_recorded():
-        got = {(l.service, l.subject, classify(l)) for l in await dead_letters(js)}
+        got = {(d.service, d.subject, classify(d)) for d in await dead_letters(js)}
         return expected <= got
 
     await eventually(all_recorded, timeout=30, what="every bad message to be dead-lettered")
     letters = await dead_letters(js)
     for letter in letters:
         assert letter.reason and letter.code in ("invalid_message", "oversized_message")
-    wrong = [l for l in letters if l.subject == subjects.job_event(0, subjects.READY) and classify(l) == "wrong_type"]
-    assert any("job_id" in l.reason or "attempt" in l.reason for l in wrong), [l.reason for l in wrong]
+    wrong = [d for d in letters if d.subject == subjects.job_event(0, subjects.READY) and classify(d) == "wrong_type"]
+    assert any("job_id" in d.reason or "attempt" in d.reason for d in wrong), [d.reason for d in wrong]
+    # Each names the path of the first field it could not read.
+    for letter in letters:
+        if letter.subject in CONSUMED and classify(letter) == "wrong_type":
+            assert letter.reason.endswith("at `$.job_id`"), letter
 
     # The API: garbage gets a clear error reply and a dead letter; nothing is published.
     reply = await nc.request(subjects.API_SUBMIT, GARBAGE, timeout=5)
     error = msgspec.json.decode(reply.data, type=ErrorReply)
     assert error.code == "invalid_message"
+    assert error.field == "", error  # not JSON: there is no field to name
     client = await Client.connect(nats_server.url)
     try:
         with pytest.raises(InvalidMessage) as caught:
             await client.request(
                 subjects.API_SUBMIT,
-                {"type": "api.submit", "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["x"]}, "priority": -1}}]},
+                {
+                    "type": "api.submit",
+                    "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["x"]}, "priority": -1}}],
+                },
                 ErrorReply,
                 "trigger",
             )
@@ -81,10 +89,12 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
             await client.submit([Submission(spec=JobSpec(runtime=ProcessRuntime(argv=["x"]), concurrency_limit=2))])
         assert caught.value.field == "jobs[0].spec.concurrency_key"
         reply = await nc.request(subjects.API_SUBMIT, OVERSIZED, timeout=5)
-        assert msgspec.json.decode(reply.data, type=ErrorReply).code == "oversized_message"
+        error = msgspec.json.decode(reply.data, type=ErrorReply)
+        assert error.code == "oversized_message"
+        assert error.field == "", error  # refused by its size, before any field is read
 
         async def api_letters():
-            return len([l for l in await dead_letters(js) if l.service == "trigger"]) >= 4
+            return len([d for d in await dead_letters(js) if d.service == "trigger"]) >= 4
 
         await eventually(api_letters, what="API rejects to be dead-lettered")
     finally:
@@ -94,4 +104,5 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
     result = jobmesh_cli(["run", "--", "sh", "-c", "echo still-alive"], nats_server.url)
     assert result.returncode == 0, result.stderr
     assert "still-alive" in result.stdout
+    assert job_status(submitted_job_id(result.stderr), nats_server.url)["state"] == "succeeded"
     cluster.check_alive()

@@ -11,16 +11,24 @@ import msgspec
 import nats
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.binder.allocation import overbooked
-from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
-    Allocation, JobBound, JobReady, JobSpec, JobSucceeded, JobUnplaceable, NodeInfo, NoopRuntime, Reservation,
+    Allocation,
+    JobBound,
+    JobReady,
+    JobSpec,
+    JobSucceeded,
+    JobUnplaceable,
+    NodeInfo,
+    NoopRuntime,
+    Reservation,
     Resources,
 )
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
+from tests.cluster_fixtures import Service
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -31,7 +39,7 @@ CPU_PER_JOB = 300  # three fit on a 1000m node
 CAPACITY = {n: NodeInfo(node_id=n, cpu_milli=1000, memory_mb=1024, disk_mb=100, heartbeat_at=0.0) for n in NODES}
 
 
-async def test_four_binders_never_overbook(nats_server, work_dir):
+async def test_four_binders_never_overbook(nats_server, make_cluster):
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await provision(js)
@@ -62,11 +70,8 @@ async def test_four_binders_never_overbook(nats_server, work_dir):
                 violations.append(f"{alloc.node_id} rev {entry.revision}: {len(alloc.reservations)} reservations")
 
     auditor = asyncio.ensure_future(audit())
-    cluster = LocalCluster(nats_server.url, "postgresql://unused", work_dir)
-    for i in range(4):
-        cluster.start_service("binder", tag=f"-{i}")
     try:
-        await cluster.wait_healthy(("binder",))
+        cluster = await make_cluster([Service("binder", tag=f"-{i}") for i in range(4)], name="race")
         publisher = Publisher(js)
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=CPU_PER_JOB, memory_mb=10))
         rng = random.Random(7)
@@ -74,8 +79,15 @@ async def test_four_binders_never_overbook(nats_server, work_dir):
         for i in range(JOBS):
             candidates = NODES[:]
             rng.shuffle(candidates)
-            job = JobReady(job_id=f"race{i:04d}", attempt=1, partition=0, spec=spec, candidates=candidates,
-                           submitted_at=time.time(), ready_at=time.time())
+            job = JobReady(
+                job_id=f"race{i:04d}",
+                attempt=1,
+                partition=0,
+                spec=spec,
+                candidates=candidates,
+                submitted_at=time.time(),
+                ready_at=time.time(),
+            )
             ready.append(Outgoing(subjects.job_event(0, subjects.READY), job, f"race{i}:ready"))
         await publisher.publish(ready)
 
@@ -106,10 +118,21 @@ async def test_four_binders_never_overbook(nats_server, work_dir):
 
         # End every bound job: all reservations must go, whichever binder holds them.
         done = [
-            Outgoing(subjects.job_event(0, subjects.SUCCEEDED),
-                     JobSucceeded(job_id=j, attempt=1, partition=0, node_id=n, exit_code=0, output_tail="",
-                                  submitted_at=0.0, started_at=0.0, at=time.time()),
-                     f"{j}:1:succeeded")
+            Outgoing(
+                subjects.job_event(0, subjects.SUCCEEDED),
+                JobSucceeded(
+                    job_id=j,
+                    attempt=1,
+                    partition=0,
+                    node_id=n,
+                    exit_code=0,
+                    output_tail="",
+                    submitted_at=0.0,
+                    started_at=0.0,
+                    at=time.time(),
+                ),
+                f"{j}:1:succeeded",
+            )
             for j, n in bound.items()
         ]
         await publisher.publish(done)
@@ -123,7 +146,6 @@ async def test_four_binders_never_overbook(nats_server, work_dir):
         assert writes["n"] >= len(NODES)
         cluster.check_alive()
     finally:
-        cluster.stop()
         beats.cancel()
         auditor.cancel()
         await nc.close()
@@ -136,7 +158,7 @@ async def _keys(kv, n: int) -> bool:
         return False
 
 
-async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, work_dir):
+async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, make_cluster):
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()
     await provision(js)
@@ -144,10 +166,8 @@ async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, wor
     for i in range(3):
         node = NodeInfo(node_id=f"redo-{i}", cpu_milli=1000, memory_mb=1024, heartbeat_at=time.time() + 600)
         await nodes_kv.put(node.node_id, encode(node))
-    cluster = LocalCluster(nats_server.url, "postgresql://unused", work_dir / "redo")
-    cluster.start_service("binder")
     try:
-        await cluster.wait_healthy(("binder",))
+        await make_cluster(("binder",), name="redo")
         bound: list[str] = []
 
         async def on_bound(msg) -> None:
@@ -160,21 +180,34 @@ async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, wor
         publisher = Publisher(js)
         # As if a binder reserved on redo-0 and died before its JobBound went out.
         alloc_kv = await js.key_value(subjects.KV_ALLOC)
-        held = Allocation(node_id="redo-0", reservations={
-            "redo-job:1": Reservation(resources=spec.resources, scratch_dir="/scratch/redo-job-1", at=time.time())
-        })
+        held = Allocation(
+            node_id="redo-0",
+            reservations={
+                "redo-job:1": Reservation(resources=spec.resources, scratch_dir="/scratch/redo-job-1", at=time.time())
+            },
+        )
         await alloc_kv.put("redo-0", encode(held))
         # The redelivered JobReady prefers other nodes, as a re-plan might.
-        again = JobReady(job_id="redo-job", attempt=1, partition=0, spec=spec, candidates=["redo-2", "redo-1", "redo-0"],
-                         submitted_at=0.0, ready_at=0.0)
+        again = JobReady(
+            job_id="redo-job",
+            attempt=1,
+            partition=0,
+            spec=spec,
+            candidates=["redo-2", "redo-1", "redo-0"],
+            submitted_at=0.0,
+            ready_at=0.0,
+        )
         await publisher.publish([Outgoing(subjects.job_event(0, subjects.READY), again, "redo:2")])
         await eventually(lambda: _async(len(bound) == 1), what="the binding")
         assert bound == ["redo-0"]
+
         async def reservations() -> int:
             count = 0
             for i in range(3):
                 try:
-                    count += len(msgspec.json.decode((await alloc_kv.get(f"redo-{i}")).value, type=Allocation).reservations)
+                    count += len(
+                        msgspec.json.decode((await alloc_kv.get(f"redo-{i}")).value, type=Allocation).reservations
+                    )
                 except Exception:  # noqa: BLE001 - no record for that node
                     pass
             return count
@@ -183,7 +216,6 @@ async def test_a_redelivered_ready_goes_back_to_its_reservation(nats_server, wor
         await eventually(lambda: _ready_acked(js, stats_before), what="the second JobReady to be handled")
         assert await reservations() == 1  # no second reservation elsewhere
     finally:
-        cluster.stop()
         await nc.close()
 
 

@@ -3,25 +3,18 @@
 from __future__ import annotations
 
 import json
-import re
 
 import msgspec
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, Submission
 from jobmesh.runtime.tracing import trace_id_of
-from tests.cluster_fixtures import NODE_ID, cluster, jobmesh_cli, nc  # noqa: F401 - fixtures
+from tests.cluster_fixtures import NODE_ID, job_status, jobmesh_cli, submitted_job_id
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
-
-
-def _job_id(stderr: str) -> str:
-    match = re.search(r"job ([0-9a-f]{32}) submitted", stderr)
-    assert match, stderr
-    return match.group(1)
 
 
 async def test_run_succeeding_job_prints_output_and_exits_0(cluster, nats_server):
@@ -29,15 +22,16 @@ async def test_run_succeeding_job_prints_output_and_exits_0(cluster, nats_server
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines() == ["hi"]
     assert "succeeded" in result.stderr
+    view = job_status(submitted_job_id(result.stderr), nats_server.url)
+    assert view["state"] == "succeeded"
+    [attempt] = view["attempts"]
+    assert attempt["state"] == "succeeded" and attempt["exit_code"] == 0
 
 
 async def test_run_failing_job_exits_3_and_status_shows_exit_code(cluster, nats_server):
     result = jobmesh_cli(["run", "--", "sh", "-c", "exit 7"], nats_server.url)
     assert result.returncode == 3, result.stderr
-    job_id = _job_id(result.stderr)
-    status = jobmesh_cli(["status", job_id, "--json"], nats_server.url)
-    assert status.returncode == 0, status.stderr
-    view = json.loads(status.stdout)
+    view = job_status(submitted_job_id(result.stderr), nats_server.url)
     assert view["state"] == "failed"
     assert view["node_id"] == NODE_ID
     [attempt] = view["attempts"]
@@ -117,7 +111,18 @@ async def test_cli_reports_unreachable_cluster_clearly():
     assert len(lines) == 1 and "cannot reach NATS" in lines[0]
 
 
-async def test_cli_rejects_bad_spec_naming_the_field(cluster, nats_server):
+async def test_cli_rejects_bad_spec_naming_the_field(cluster, nats_server, nc):
+    js = nc.jetstream()
+
+    async def submitted_count() -> int:
+        info = await js.stream_info(subjects.STREAM_JOBS, subjects_filter=subjects.job_event("*", subjects.SUBMITTED))
+        return sum((info.state.subjects or {}).values())
+
+    before = await submitted_count()
     result = jobmesh_cli(["submit", "--priority", "12", "--", "true"], nats_server.url)
     assert result.returncode == 1
     assert "priority" in result.stderr
+    # The CLI checks the spec before it sends it, so the path starts at the spec.
+    assert "(field priority)" in result.stderr, result.stderr
+    assert result.stdout == ""  # no job id printed
+    assert await submitted_count() == before, "a rejected submit published a job"

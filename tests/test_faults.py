@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import signal
+
 import asyncpg
+import nats
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
 from jobmesh.dev.servers import NatsServer
+from tests.cluster_fixtures import dead_letters
 from tests.helpers import eventually
+from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.integration
 
-NODE_ENV = {"JOBMESH_NODE_ID": "fault-node", "JOBMESH_NODE_CPU_MILLI": "100000000",
-            "JOBMESH_NODE_MEMORY_MB": "100000000", "JOBMESH_LOG_LEVEL": "WARNING"}
+NODE_ENV = {
+    "JOBMESH_NODE_ID": "fault-node",
+    "JOBMESH_NODE_CPU_MILLI": "100000000",
+    "JOBMESH_NODE_MEMORY_MB": "100000000",
+    "JOBMESH_LOG_LEVEL": "WARNING",
+}
 
 
 async def _count(conn, sql: str) -> int:
@@ -47,12 +55,10 @@ async def _submit(url: str, n: int, spec: JobSpec) -> list[str]:
         await client.close()
 
 
-async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database_url, work_dir):
-    cluster = LocalCluster(nats_server.url, database_url, work_dir / "faults", env=NODE_ENV)
-    cluster.start()
+async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database_url, make_cluster):
+    cluster = await make_cluster(env=NODE_ENV, name="faults")
     conn = await asyncpg.connect(database_url)
     try:
-        await cluster.wait_healthy()
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
         ids = await _submit(nats_server.url, 3000, spec)
 
@@ -75,6 +81,7 @@ async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database
         assert await _count(conn, "SELECT count(*) FROM tracker.events WHERE kind = 'started'") == len(ids)
         client = await Client.connect(nats_server.url)
         try:
+
             async def released():
                 return all(v.reservations == 0 for v in (await client.nodes()).nodes)
 
@@ -84,20 +91,20 @@ async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database
         cluster.check_alive()
     finally:
         await conn.close()
-        cluster.stop()
 
 
-async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, database_url):
+async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, database_url, make_cluster):
     store = tmp_path_factory.mktemp("nats-fault")
     server = NatsServer(store, log_file=store / "nats.log").start()
-    cluster = LocalCluster(server.url, database_url, tmp_path_factory.mktemp("work-fault"),
-                           env={**NODE_ENV, "JOBMESH_NODE_ID": "nats-fault-node"})
-    cluster.start()
     conn = await asyncpg.connect(database_url)
     try:
-        await cluster.wait_healthy()
+        cluster = await make_cluster(
+            env={**NODE_ENV, "JOBMESH_NODE_ID": "nats-fault-node"}, nats_url=server.url, name="nats-fault"
+        )
         # Processes that take a while, so the outage hits running, bound and queued jobs.
-        spec = JobSpec(runtime=ProcessRuntime(argv=["sh", "-c", "sleep 0.2"]), resources=Resources(cpu_milli=1, memory_mb=0))
+        spec = JobSpec(
+            runtime=ProcessRuntime(argv=["sh", "-c", "sleep 0.2"]), resources=Resources(cpu_milli=1, memory_mb=0)
+        )
         ids = await _submit(server.url, 500, spec)
 
         async def some_done():
@@ -115,25 +122,20 @@ async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, datab
         cluster.check_alive()
     finally:
         await conn.close()
-        cluster.stop()
+        make_cluster.close()  # the services go before their NATS server
         server.stop()
 
 
-async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_nothing(nats_server, database_url, work_dir):
-    from tests.cluster_fixtures import dead_letters
-    from tests.proxy import CuttableProxy
-
+async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_nothing(
+    nats_server, database_url, make_cluster
+):
     proxy = await CuttableProxy(database_url).start()
-    cluster = LocalCluster(nats_server.url, proxy.url(), work_dir / "pgcut",
-                           env={**NODE_ENV, "JOBMESH_NODE_ID": "pgcut-node"})
-    cluster.start()
     conn = await asyncpg.connect(database_url)  # the test itself reads past the proxy
-    js = None
+    nc = await nats.connect(nats_server.url)
     try:
-        await cluster.wait_healthy()
-        import nats
-
-        nc = await nats.connect(nats_server.url)
+        cluster = await make_cluster(
+            env={**NODE_ENV, "JOBMESH_NODE_ID": "pgcut-node"}, database_url=proxy.url(), name="pgcut"
+        )
         js = nc.jetstream()
         letters_before = len(await dead_letters(js))
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
@@ -157,22 +159,18 @@ async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_not
         assert await _started(conn, ids) == len(ids)
         assert len(await dead_letters(js)) == letters_before, "an outage produced dead letters"
         cluster.check_alive()
-        await nc.close()
     finally:
+        await nc.close()
         await conn.close()
-        cluster.stop()
+        make_cluster.close()  # the services go before the proxy they reach Postgres through
         await proxy.close()
 
 
-async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_server, database_url, work_dir):
-    import signal
-
-    cluster = LocalCluster(nats_server.url, database_url, work_dir / "drain",
-                           env={**NODE_ENV, "JOBMESH_NODE_ID": "drain-node", "JOBMESH_DRAIN_SECONDS": "10", "JOBMESH_LOG_LEVEL": "INFO"})
-    cluster.start()
+async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_server, database_url, make_cluster):
+    env = {**NODE_ENV, "JOBMESH_NODE_ID": "drain-node", "JOBMESH_DRAIN_SECONDS": "10", "JOBMESH_LOG_LEVEL": "INFO"}
+    cluster = await make_cluster(env=env, name="drain")
     conn = await asyncpg.connect(database_url)
     try:
-        await cluster.wait_healthy()
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
         ids = await _submit(nats_server.url, 2000, spec)
 
@@ -199,4 +197,3 @@ async def test_sigterm_drains_services_mid_flow_and_they_exit_cleanly(nats_serve
         cluster.check_alive()
     finally:
         await conn.close()
-        cluster.stop()

@@ -8,11 +8,11 @@ import time
 import nats
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.dev.cluster import LocalCluster
-from jobmesh.errors import NotFound
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Submission
+from jobmesh.errors import NotFound
+from tests.cluster_fixtures import Service
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -31,14 +31,12 @@ async def _owners(kv, partitions: int) -> dict[int, str]:
     return owners
 
 
-async def test_standby_takes_over_partitions_within_the_lease_ttl(nats_server, database_url, work_dir):
+async def test_standby_takes_over_partitions_within_the_lease_ttl(nats_server, make_cluster):
     env = {**NODE_ENV, "JOBMESH_NODE_ID": "lease-node", "JOBMESH_LEASE_TTL_SECONDS": str(LEASE_TTL)}
-    cluster = LocalCluster(nats_server.url, database_url, work_dir / "leases", env=env)
-    cluster.start(("trigger", "binder", "executor", "tracker"))
-    cluster.start_service("scheduler", {"JOBMESH_INSTANCE": "sched-a"}, tag="-a")
+    services = ("trigger", "binder", "executor", "tracker", Service("scheduler", {"JOBMESH_INSTANCE": "sched-a"}, "-a"))
+    cluster = await make_cluster(services, env=env, name="leases")
     nc = await nats.connect(nats_server.url)
     try:
-        await cluster.wait_healthy()
         kv = await nc.jetstream().key_value(subjects.KV_LEASES)
         partitions = 4
 
@@ -69,7 +67,9 @@ async def test_standby_takes_over_partitions_within_the_lease_ttl(nats_server, d
 
         client = await Client.connect(nats_server.url)
         try:
-            reply = await client.submit([Submission(spec=JobSpec(runtime=NoopRuntime(), queue=f"q{i}")) for i in range(8)])
+            reply = await client.submit(
+                [Submission(spec=JobSpec(runtime=NoopRuntime(), queue=f"q{i}")) for i in range(8)]
+            )
 
             async def all_done():
                 try:
@@ -83,4 +83,3 @@ async def test_standby_takes_over_partitions_within_the_lease_ttl(nats_server, d
             await client.close()
     finally:
         await nc.close()
-        cluster.stop()

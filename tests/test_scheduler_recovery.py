@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-
 import asyncpg
 import msgspec
 import nats
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.runtime.clusterconfig import put_config
-from jobmesh.dev.cluster import LocalCluster
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, QueueConfig, Resources, Submission
+from jobmesh.runtime.clusterconfig import put_config
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
 JOBS = 10_000
-NODE_ENV = {"JOBMESH_NODE_ID": "recovery-node", "JOBMESH_NODE_CPU_MILLI": "100000000", "JOBMESH_NODE_MEMORY_MB": "100000000"}
+NODE_ENV = {
+    "JOBMESH_NODE_ID": "recovery-node",
+    "JOBMESH_NODE_CPU_MILLI": "100000000",
+    "JOBMESH_NODE_MEMORY_MB": "100000000",
+}
 
 
 class _Counter:
@@ -34,13 +36,10 @@ class _Counter:
         self.total += 1
 
 
-async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nats_server, database_url, work_dir):
-    cluster = LocalCluster(nats_server.url, database_url, work_dir / "recovery",
-                           env={**NODE_ENV, "JOBMESH_LOG_LEVEL": "WARNING"})
-    cluster.start()
+async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nats_server, database_url, make_cluster):
+    cluster = await make_cluster(env={**NODE_ENV, "JOBMESH_LOG_LEVEL": "WARNING"}, name="recovery")
     nc = await nats.connect(nats_server.url)
     try:
-        await cluster.wait_healthy()
         js = nc.jetstream()
         # A rate-limited queue keeps most of the 10,000 queued while the scheduler dies.
         await put_config(js, "queue.bulk", QueueConfig(rate=800, burst=100))
@@ -78,6 +77,7 @@ async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nat
 
         conn = await asyncpg.connect(database_url)
         try:
+
             async def tracker_done():
                 return await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE state = 'succeeded'") == JOBS
 
@@ -94,7 +94,6 @@ async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nat
         cluster.check_alive()
     finally:
         await nc.close()
-        cluster.stop()
 
 
 async def test_finished_jobs_are_pruned_after_the_retention(database_url):

@@ -7,19 +7,25 @@ import json
 import time
 
 import msgspec
-import nats
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.client.client import Client
-from jobmesh.dev.cluster import LocalCluster
-from jobmesh.runtime.clusterconfig import put_config
-from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound
+from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import (
-    Constraints, JobSpec, NoopRuntime, ProcessRuntime, QueueConfig, Resources, Submission, SubmitReply,
+    Constraints,
+    JobSpec,
+    NoopRuntime,
+    ProcessRuntime,
+    QueueConfig,
+    Resources,
+    Submission,
+    SubmitReply,
     TenantConfig,
 )
-from tests.cluster_fixtures import jobmesh_cli
+from jobmesh.dev.cluster import LocalCluster
+from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound
+from jobmesh.runtime.clusterconfig import put_config
+from tests.cluster_fixtures import Service, job_status, jobmesh_cli, submitted_job_id
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -27,16 +33,16 @@ pytestmark = pytest.mark.integration
 FAST_NODES = {"JOBMESH_NODE_TTL_SECONDS": "3", "JOBMESH_HEARTBEAT_SECONDS": "1"}
 
 
+CPU_NODE = Service(
+    "executor", {"JOBMESH_NODE_ID": "cpu-1", "JOBMESH_NODE_CPU_MILLI": "64000", "JOBMESH_NODE_ZONE": "eu"}, tag="-cpu"
+)
+
+
 @pytest.fixture(scope="module")
-async def sched_cluster(nats_server, database_url, work_dir):
-    c = LocalCluster(nats_server.url, database_url, work_dir / "sched", env=FAST_NODES)
-    c.start(("trigger", "scheduler", "binder", "tracker"))
-    c.start_service("executor", {"JOBMESH_NODE_ID": "cpu-1", "JOBMESH_NODE_CPU_MILLI": "64000", "JOBMESH_NODE_ZONE": "eu"}, tag="-cpu")
-    try:
-        await c.wait_healthy()
-        yield c
-    finally:
-        c.stop()
+async def sched_cluster(make_module_cluster) -> LocalCluster:
+    """Every service but the executor, plus one CPU node; more nodes join in the tests."""
+    services = ("trigger", "scheduler", "binder", "tracker", CPU_NODE)
+    return await make_module_cluster(services, env=FAST_NODES, name="sched")
 
 
 @pytest.fixture
@@ -53,18 +59,14 @@ async def _state(client: Client, job_id: str) -> str:
         return ""
 
 
-def _status(nats_url: str, job_id: str) -> dict:
-    result = jobmesh_cli(["status", job_id, "--json"], nats_url)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
-
-
 async def test_unplaceable_job_waits_with_reason_and_runs_when_a_fitting_node_joins(sched_cluster, nats_server, client):
-    spec = JobSpec(runtime=ProcessRuntime(argv=["sh", "-c", "echo on-gpu"]), resources=Resources(gpu=1, gpu_kind="h100"))
+    spec = JobSpec(
+        runtime=ProcessRuntime(argv=["sh", "-c", "echo on-gpu"]), resources=Resources(gpu=1, gpu_kind="h100")
+    )
     [job_id] = (await client.submit([Submission(spec=spec)])).job_ids
 
     async def waiting_with_reason():
-        status = _status(nats_server.url, job_id) if await _state(client, job_id) else {}
+        status = job_status(job_id, nats_server.url) if await _state(client, job_id) else {}
         return status if status.get("state") == "waiting" else None
 
     status = await eventually(waiting_with_reason, what="the job to wait with a reason")
@@ -109,7 +111,7 @@ async def _is(client: Client, job_id: str, state: str) -> bool:
 async def _waiting(nats_url: str, client: Client, job_id: str):
     if not await _state(client, job_id):
         return None
-    status = _status(nats_url, job_id)
+    status = job_status(job_id, nats_url)
     return status if status["state"] == "waiting" else None
 
 
@@ -117,15 +119,21 @@ async def test_status_names_every_kind_of_wait(sched_cluster, nats_server, clien
     js = client.nc.jetstream()
     await put_config(js, "queue.slow", QueueConfig(rate=0.01, burst=1))
     sleeper = ProcessRuntime(argv=["sleep", "30"])
-    jobs = await client.submit([
-        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # takes the one token
-        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # rate limit
-        Submission(spec=JobSpec(runtime=sleeper, queue="keys", concurrency_key="db", concurrency_limit=1, timeouts={"run": 60.0})),
-        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="keys", concurrency_key="db", concurrency_limit=1)),
-        Submission(spec=JobSpec(runtime=NoopRuntime(), not_before=time.time() + 3600)),
-        Submission(spec=JobSpec(runtime=sleeper, queue="seq", group="g1", timeouts={"run": 60.0})),
-        Submission(spec=JobSpec(runtime=NoopRuntime(), queue="seq", group="g1")),
-    ])
+    jobs = await client.submit(
+        [
+            Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # takes the one token
+            Submission(spec=JobSpec(runtime=NoopRuntime(), queue="slow")),  # rate limit
+            Submission(
+                spec=JobSpec(
+                    runtime=sleeper, queue="keys", concurrency_key="db", concurrency_limit=1, timeouts={"run": 60.0}
+                )
+            ),
+            Submission(spec=JobSpec(runtime=NoopRuntime(), queue="keys", concurrency_key="db", concurrency_limit=1)),
+            Submission(spec=JobSpec(runtime=NoopRuntime(), not_before=time.time() + 3600)),
+            Submission(spec=JobSpec(runtime=sleeper, queue="seq", group="g1", timeouts={"run": 60.0})),
+            Submission(spec=JobSpec(runtime=NoopRuntime(), queue="seq", group="g1")),
+        ]
+    )
     ids = jobs.job_ids
     expected = {
         ids[1]: "rate limit",
@@ -174,9 +182,18 @@ async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sc
     cases = [
         ({"spec": {"runtime": {"kind": "noop"}, "priority": -1}}, "jobs[0].spec.priority"),
         ({"spec": {"runtime": {"kind": "noop"}, "queue_options": {"rate": 5}}}, "jobs[0].spec.queue_options"),
-        ({"spec": {"runtime": {"kind": "noop"}, "resources": {"cpu_milli": 10**12}}}, "jobs[0].spec.resources.cpu_milli"),
-        ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"labels": ["gpu"]}}}, "jobs[0].spec.constraints.labels"),
-        ({"spec": {"runtime": {"kind": "noop"}, "constraints": {"isolation": "chroot"}}}, "jobs[0].spec.constraints.isolation"),
+        (
+            {"spec": {"runtime": {"kind": "noop"}, "resources": {"cpu_milli": 10**12}}},
+            "jobs[0].spec.resources.cpu_milli",
+        ),
+        (
+            {"spec": {"runtime": {"kind": "noop"}, "constraints": {"labels": ["gpu"]}}},
+            "jobs[0].spec.constraints.labels",
+        ),
+        (
+            {"spec": {"runtime": {"kind": "noop"}, "constraints": {"isolation": "chroot"}}},
+            "jobs[0].spec.constraints.isolation",
+        ),
         ({"spec": {"runtime": {"kind": "noop"}, "resources": {"gpu_kind": "h100"}}}, "jobs[0].spec.resources.gpu"),
         ({"spec": {"runtime": {"kind": "noop"}, "metadata": {"owner": "a\u0000b"}}}, "jobs[0].spec.metadata.owner"),
     ]
@@ -193,8 +210,12 @@ async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sc
         assert caught.value.field == field, (body, str(caught.value))
     # A request with one bad job among good ones is refused whole.
     with pytest.raises(InvalidSpec):
-        await client.submit([Submission(spec=JobSpec(runtime=NoopRuntime())),
-                             Submission(spec=JobSpec(runtime=NoopRuntime(), constraints=Constraints(labels={"a=b": "c"})))])
+        await client.submit(
+            [
+                Submission(spec=JobSpec(runtime=NoopRuntime())),
+                Submission(spec=JobSpec(runtime=NoopRuntime(), constraints=Constraints(labels={"a=b": "c"}))),
+            ]
+        )
     assert await submitted_count() == before, "a rejected submit published a job"
 
 
@@ -204,10 +225,10 @@ async def test_queue_timeout_expires_a_job_that_never_started(sched_cluster, nat
     )
     assert result.returncode == 3, result.stderr
     assert "expired" in result.stderr
-    job_id = result.stderr.split("job ", 1)[1].split()[0]
-    status = _status(nats_server.url, job_id)
+    status = job_status(submitted_job_id(result.stderr), nats_server.url)
     assert status["state"] == "expired"
     assert "queue timeout of 1s" in status["reason"] and "no node with gpu kind tpu-v9" in status["reason"]
+    assert "started" not in [e["kind"] for e in status["events"]], status["events"]
 
 
 async def test_an_attempt_on_a_node_that_dies_ends_lost_and_frees_everything(sched_cluster, nats_server, client):
@@ -216,8 +237,12 @@ async def test_an_attempt_on_a_node_that_dies_ends_lost_and_frees_everything(sch
     node = sched_cluster.start_service(
         "executor", {"JOBMESH_NODE_ID": "doomed-1", "JOBMESH_NODE_LABELS": "pool=doomed"}, tag="-doomed"
     )
-    spec = JobSpec(runtime=ProcessRuntime(argv=["sleep", "60"]), queue="fragile",
-                   constraints=Constraints(labels={"pool": "doomed"}), timeouts={"run": 120.0})
+    spec = JobSpec(
+        runtime=ProcessRuntime(argv=["sleep", "60"]),
+        queue="fragile",
+        constraints=Constraints(labels={"pool": "doomed"}),
+        timeouts={"run": 120.0},
+    )
     [job_id] = (await client.submit([Submission(spec=spec)])).job_ids
     await eventually(lambda: _is(client, job_id, "running"), timeout=30, what="the job to run on doomed-1")
     node.proc.kill()  # the node dies with the attempt on it

@@ -116,8 +116,12 @@ def _subject(event) -> str:
     if isinstance(event, JobBound):
         return subjects.node_dispatch(event.node_id)
     kind = {
-        JobSubmitted: subjects.SUBMITTED, JobReady: subjects.READY, JobUnplaceable: subjects.UNPLACEABLE,
-        JobStarted: subjects.STARTED, JobSucceeded: subjects.SUCCEEDED, JobFailed: subjects.FAILED,
+        JobSubmitted: subjects.SUBMITTED,
+        JobReady: subjects.READY,
+        JobUnplaceable: subjects.UNPLACEABLE,
+        JobStarted: subjects.STARTED,
+        JobSucceeded: subjects.SUCCEEDED,
+        JobFailed: subjects.FAILED,
         JobLost: subjects.LOST,
     }[type(event)]
     return subjects.job_event(event.partition, kind)
@@ -144,8 +148,14 @@ def submitted(job: str, queue: str = "default", at: float = 0.0) -> JobSubmitted
 
 def ready(job: str, attempt: int = 1, at: float = 1.0, queue: str = "default", release: int = 1) -> JobReady:
     return JobReady(
-        job_id=job, attempt=attempt, partition=0, spec=spec(queue), candidates=["n1", "n2"], submitted_at=T0,
-        ready_at=T0 + at, release=release,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        spec=spec(queue),
+        candidates=["n1", "n2"],
+        submitted_at=T0,
+        ready_at=T0 + at,
+        release=release,
     )
 
 
@@ -155,8 +165,14 @@ def unplaceable(job: str, attempt: int = 1, at: float = 1.5, release: int = 1) -
 
 def bound(job: str, attempt: int = 1, node: str = "n1", at: float = 2.0) -> JobBound:
     return JobBound(
-        job_id=job, attempt=attempt, partition=0, node_id=node, spec=spec(), scratch_dir="/scratch",
-        submitted_at=T0, bound_at=T0 + at,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=node,
+        spec=spec(),
+        scratch_dir="/scratch",
+        submitted_at=T0,
+        bound_at=T0 + at,
     )
 
 
@@ -166,16 +182,30 @@ def started(job: str, attempt: int = 1, node: str = "n1", at: float = 3.0) -> Jo
 
 def succeeded(job: str, attempt: int = 1, node: str = "n1", at: float = 4.0) -> JobSucceeded:
     return JobSucceeded(
-        job_id=job, attempt=attempt, partition=0, node_id=node, exit_code=0, output_tail="all good\n",
-        submitted_at=T0, started_at=T0 + 3, at=T0 + at,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=node,
+        exit_code=0,
+        output_tail="all good\n",
+        submitted_at=T0,
+        started_at=T0 + 3,
+        at=T0 + at,
     )
 
 
 def failed(job: str, exit_code: int, at: float = 4.0) -> JobFailed:
     return JobFailed(
-        job_id=job, attempt=1, partition=0, node_id="n1", exit_code=exit_code,
-        error=JobError(code="nonzero_exit", message=f"exited with {exit_code}"), output_tail="oops\n",
-        submitted_at=T0, started_at=T0 + 3, at=T0 + at,
+        job_id=job,
+        attempt=1,
+        partition=0,
+        node_id="n1",
+        exit_code=exit_code,
+        error=JobError(code="nonzero_exit", message=f"exited with {exit_code}"),
+        output_tail="oops\n",
+        submitted_at=T0,
+        started_at=T0 + 3,
+        at=T0 + at,
     )
 
 
@@ -401,17 +431,29 @@ async def test_sql_joins_agree_with_the_fold(store, database_url) -> None:
         row = rows[job.job_id]
         assert _state_of(row) == job.current
         assert (row["name"], row["queue"], row["submitted_at"], row["updated_at"]) == (
-            job.name, job.queue, job.submitted_at, job.updated_at,
+            job.name,
+            job.queue,
+            job.submitted_at,
+            job.updated_at,
         )
     assert attempts == {(a.job_id, a.record.attempt): a.record for a in expected.attempts}
 
 
 def _state_of(r) -> AttemptState:
     return AttemptState(
-        attempt=r["attempt"], state=r["state"], rank=r["state_rank"], seq=r["state_seq"], state_at=r["state_at"],
+        attempt=r["attempt"],
+        state=r["state"],
+        rank=r["state_rank"],
+        seq=r["state_seq"],
+        state_at=r["state_at"],
         reason=r["reason"],
-        exit_code=r["exit_code"], error_code=r["error_code"], error_message=r["error_message"],
-        output_tail=r["output_tail"], finished_at=r["finished_at"], node_id=r["node_id"], bound_at=r["bound_at"],
+        exit_code=r["exit_code"],
+        error_code=r["error_code"],
+        error_message=r["error_message"],
+        output_tail=r["output_tail"],
+        finished_at=r["finished_at"],
+        node_id=r["node_id"],
+        bound_at=r["bound_at"],
         started_at=r["started_at"],
     )
 

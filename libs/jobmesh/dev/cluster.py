@@ -19,10 +19,9 @@ import msgspec
 import nats
 
 from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import HealthReply
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.errors import Unavailable
-from jobmesh.contract.messages.v1 import HealthReply
-
 
 
 @dataclass
@@ -79,7 +78,7 @@ class LocalCluster:
         self.procs.append(sp)
         return sp
 
-    def start(self, services: tuple[str, ...] = SERVICES) -> "LocalCluster":
+    def start(self, services: tuple[str, ...] = SERVICES) -> LocalCluster:
         """Start each named service once."""
         for name in services:
             self.start_service(name)

@@ -4,27 +4,172 @@ Starts a nats-server from the pinned wheel on a port of its own, Postgres
 (``JOBMESH_DATABASE_URL`` when set, else an embedded one from the ``pgserver`` wheel) and the
 five services as separate processes. State lives in ``.jobmesh/`` under the current
 directory; ``.jobmesh/dev.env`` tells other commands where the cluster is.
+
+The NATS store in ``.jobmesh/nats`` only makes sense beside the database it was used with
+(the tracker's history and the scheduler's backlog live there), so the first start records
+its database in ``.jobmesh/database`` and later starts use the same one or refuse
+(:func:`plan_database`). ``reset`` removes ``.jobmesh/`` first, to start afresh.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
-from jobmesh.errors import Unavailable
 from jobmesh.dev.servers import NatsServer, embedded_postgres
+from jobmesh.errors import Unavailable
 
 STATE = Path(".jobmesh")
 ENV_FILE = STATE / "dev.env"
 PID_FILE = STATE / "dev.pid"
 LOG_FILE = STATE / "dev.log"
+DATABASE_FILE = STATE / "database"
+EMBEDDED = "embedded"  # what DATABASE_FILE holds when the embedded Postgres is the database
+
+
+@dataclass(frozen=True)
+class StateDir:
+    """What a state directory says about the database it belongs to.
+
+    Attributes:
+        path: the directory, as the user should see it in a message.
+        recorded: the content of its ``database`` file (a URL or ``EMBEDDED``), None when absent.
+        has_store: a NATS store from an earlier start is there.
+        has_embedded_data: an embedded Postgres data directory is there.
+    """
+
+    path: Path
+    recorded: str | None
+    has_store: bool
+    has_embedded_data: bool
+
+
+@dataclass(frozen=True)
+class DatabasePlan:
+    """Which database to start with, and what to do to the state directory first.
+
+    Attributes:
+        database: a Postgres URL, or ``EMBEDDED``.
+        wipe: remove the state directory before starting.
+        record: write ``database`` into the state directory's record.
+    """
+
+    database: str
+    wipe: bool = False
+    record: bool = False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why the state directory cannot be used with the database asked for, and what to do."""
+
+    message: str
+
+
+def plan_database(state: StateDir, env_url: str | None, reset: bool) -> DatabasePlan | Refusal:
+    """Decide which database a start uses, given what the state directory recorded.
+
+    A state directory from before the record existed is judged by what it holds: an
+    embedded data directory means the embedded Postgres; a NATS store without one means a
+    URL, which one is not known, so any URL given is trusted and then recorded.
+
+    Args:
+        state: what the state directory holds.
+        env_url: ``JOBMESH_DATABASE_URL``; None or "" when unset.
+        reset: the user asked to start afresh.
+
+    Returns:
+        A ``DatabasePlan``, or a ``Refusal`` whose message says what was used before and
+        how to go on.
+    """
+    wanted = env_url or EMBEDDED
+    if reset:
+        return DatabasePlan(wanted, wipe=True, record=True)
+    recorded = state.recorded
+    if recorded is None and state.has_embedded_data:
+        recorded = EMBEDDED
+    if recorded is None and state.has_store:
+        if env_url:
+            return DatabasePlan(env_url, record=True)
+        return Refusal(
+            f"{state.path}/ holds a NATS store made with a database from JOBMESH_DATABASE_URL (before the URL was"
+            f" recorded), but the variable is not set now. Set JOBMESH_DATABASE_URL to that URL again, or start"
+            f" afresh with `jobmesh dev --reset` (or remove {state.path}/)"
+        )
+    if recorded is None:
+        return DatabasePlan(wanted, record=True)
+    if recorded == wanted:
+        return DatabasePlan(wanted, record=state.recorded is None)
+    return Refusal(_mismatch(state.path, recorded, env_url))
+
+
+def _mismatch(path: Path, recorded: str, env_url: str | None) -> str:
+    afresh = f"start afresh with `jobmesh dev --reset` (or remove {path}/)"
+    if recorded == EMBEDDED:
+        return (
+            f"{path}/ was made with the embedded Postgres (in {path}/pg), but JOBMESH_DATABASE_URL is set to"
+            f" {redacted(env_url or '')}. Unset JOBMESH_DATABASE_URL to use the embedded Postgres again, or"
+            f" {afresh} with the new database"
+        )
+    now = f"JOBMESH_DATABASE_URL is {redacted(env_url)}" if env_url else "JOBMESH_DATABASE_URL is not set"
+    return (
+        f"{path}/ was made with the database JOBMESH_DATABASE_URL={redacted(recorded)}, but {now}. Set"
+        f" JOBMESH_DATABASE_URL to that URL again (it is recorded in {path / 'database'}), or {afresh}"
+    )
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for messages).
+
+    Args:
+        url: a database URL.
+
+    Returns:
+        The same URL without the password.
+    """
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def read_state(path: Path = STATE) -> StateDir:
+    """What the state directory at ``path`` holds (nothing when it does not exist).
+
+    Args:
+        path: the state directory.
+
+    Returns:
+        Its recorded database and whether a NATS store and embedded data are there.
+    """
+    try:
+        recorded: str | None = (path / DATABASE_FILE.name).read_text().strip() or None
+    except FileNotFoundError:
+        recorded = None
+    return StateDir(path, recorded, (path / "nats").is_dir(), (path / "pg").is_dir())
+
+
+def _prepare_state(reset: bool) -> DatabasePlan | None:
+    """Apply ``plan_database`` to ``STATE``: wipe it when asked; None (and a message) on refusal."""
+    plan = plan_database(read_state(), os.environ.get("JOBMESH_DATABASE_URL"), reset)
+    if isinstance(plan, Refusal):
+        _say(plan.message)
+        return None
+    if plan.wipe and STATE.exists():
+        _say(f"removing {STATE}/ to start afresh")
+        shutil.rmtree(STATE)
+    return plan
 
 
 def _say(message: str) -> None:
@@ -40,17 +185,32 @@ def _running_pid() -> int | None:
         return None
 
 
-def foreground(demo: bool = False) -> int:
-    """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly."""
+def foreground(demo: bool = False, reset: bool = False) -> int:
+    """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
+
+    Args:
+        demo: run the demo jobs once the cluster is healthy.
+        reset: remove ``.jobmesh/`` first (its NATS store, embedded Postgres and logs).
+
+    Returns:
+        The exit code: 0 after a clean stop, 1 when refused (a cluster already runs here, or
+        the database differs from the one ``.jobmesh/`` was made with), 2 when it failed.
+    """
     if _running_pid() not in (None, os.getpid()):
         _say(f"a cluster is already running (pid {_running_pid()}); `jobmesh dev --stop` stops it")
         return 1
+    plan = _prepare_state(reset)
+    if plan is None:
+        return 1
     STATE.mkdir(exist_ok=True)
+    if plan.record:
+        DATABASE_FILE.touch(mode=0o600)  # the URL may hold a password
+        DATABASE_FILE.write_text(plan.database + "\n")
     ENV_FILE.unlink(missing_ok=True)
     PID_FILE.write_text(str(os.getpid()))
     stop = {"now": False}
 
-    def on_signal(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    def on_signal(signum, frame) -> None:
         stop["now"] = True
 
     signal.signal(signal.SIGTERM, on_signal)
@@ -58,11 +218,13 @@ def foreground(demo: bool = False) -> int:
     nats_server = NatsServer(STATE / "nats", log_file=STATE / "nats.log").start()
     _say(f"nats-server on {nats_server.url} (store {STATE / 'nats'})")
     pg = None
-    database_url = os.environ.get("JOBMESH_DATABASE_URL")
-    if not database_url:
+    database_url = plan.database
+    if database_url == EMBEDDED:
         pg = embedded_postgres((STATE / "pg").resolve())
         database_url = pg.get_uri()
         _say(f"embedded Postgres at {database_url}")
+    else:
+        _say(f"Postgres at {redacted(database_url)} (JOBMESH_DATABASE_URL)")
     cluster = LocalCluster(nats_server.url, database_url, STATE.resolve())
     try:
         cluster.start()
@@ -105,12 +267,25 @@ async def _wait_healthy_with_progress(cluster: LocalCluster, timeout: float = 90
     waiter.result()
 
 
-def detach() -> int:
-    """Start the cluster in the background; return once every service is healthy."""
+def detach(reset: bool = False) -> int:
+    """Start the cluster in the background; return once every service is healthy.
+
+    Args:
+        reset: remove ``.jobmesh/`` first; refused while a cluster runs here.
+
+    Returns:
+        The exit code: 0 once healthy (or already running), 1 when refused, 2 when it failed.
+    """
     pid = _running_pid()
+    if pid is not None and reset:
+        _say(f"a cluster is running here (pid {pid}); stop it with `jobmesh dev --stop` before a reset")
+        return 1
     if pid is not None and ENV_FILE.exists():
         _say(f"already running (pid {pid}); settings in {ENV_FILE}")
         return 0
+    # Decided here too, so a refusal is said here and not only in the background log.
+    if _prepare_state(reset) is None:
+        return 1
     STATE.mkdir(exist_ok=True)
     ENV_FILE.unlink(missing_ok=True)
     with open(LOG_FILE, "ab") as log:

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from jobmesh.errors import Unavailable
@@ -56,7 +58,7 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> "NatsServer":
+    def start(self, timeout: float = 15.0) -> NatsServer:
         """Start the server and wait until its client port accepts connections."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir / "nats.conf"
@@ -111,12 +113,52 @@ def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen |
 def embedded_postgres(data_dir: str | Path):
     """Start (or attach to) a Postgres from the ``pgserver`` wheel in ``data_dir``.
 
+    pgserver keeps its inter-process lock in the platformdirs runtime directory, which it
+    looks up once, when it is imported. platformdirs accepts ``XDG_RUNTIME_DIR`` only as a
+    directory of ours with mode 0700 (and warns ``RuntimeDirWarning`` otherwise), so the
+    import sees ``run/`` beside ``data_dir``, made that way (a later call in the same process
+    keeps the first one's). The variable is put back afterwards, so processes started later
+    (the services) see the caller's environment.
+
+    Args:
+        data_dir: the Postgres data directory; created (with its parent) when missing.
+
     Returns:
         The ``pgserver`` server object; ``get_uri()`` gives its URL. It stops when the
         last process using it exits.
     """
-    # pgserver asks platformdirs for a runtime directory on import; give it one quietly.
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(Path(data_dir).parent))
-    import pgserver  # imported late: only needed when no URL is given
-    Path(data_dir).parent.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(data_dir)
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _runtime_dir(private_dir(data_dir.parent / "run")):
+        import pgserver  # imported late: only needed when no URL is given
+
     return pgserver.get_server(str(data_dir), cleanup_mode="stop")
+
+
+@contextmanager
+def _runtime_dir(path: Path) -> Iterator[None]:
+    """``XDG_RUNTIME_DIR`` is ``path`` inside the block, and what it was before after it."""
+    before = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["XDG_RUNTIME_DIR"]
+        else:
+            os.environ["XDG_RUNTIME_DIR"] = before
+
+
+def private_dir(path: Path) -> Path:
+    """Make ``path`` a directory that only this user can enter (mode 0700), whatever the umask.
+
+    Args:
+        path: the directory; its parents are created when missing.
+
+    Returns:
+        ``path``, absolute.
+    """
+    path = path.absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
