@@ -175,7 +175,7 @@ class Binder:
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
             (b.node_id, attempt_key(b.job.job_id, b.job.attempt))
-            for b, ack in zip(bound, acks, strict=True)
+            for b, ack in zip(bound, acks[: len(bound)], strict=True)
             if b.new and ack.duplicate and attempt_key(b.job.job_id, b.job.attempt) not in rebound
         ]
         if doubles:

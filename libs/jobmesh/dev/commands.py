@@ -20,6 +20,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--detach", action="store_true", help="start in the background; return once healthy")
     p.add_argument("--stop", action="store_true", help="stop a detached cluster")
     p.add_argument("--demo", action="store_true", help="run a few demo jobs once healthy")
+    p.add_argument(
+        "--reset",
+        action="store_true",
+        help="remove .jobmesh/ (NATS store, embedded Postgres, logs) and start afresh",
+    )
     p.set_defaults(fn=run)
 
 
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     """Run, start in the background, or stop a local cluster (a sync command: it owns its loop).
 
     Args:
-        args: the parsed command line (``--detach``, ``--stop``, ``--demo``).
+        args: the parsed command line (``--detach``, ``--stop``, ``--demo``, ``--reset``).
 
     Returns:
         The exit code: 0 ok, 1 already running or did not stop, 2 the cluster did not come up.
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.stop:
         return devcluster.stop()
     if args.detach:
-        code = devcluster.detach()
+        code = devcluster.detach(reset=args.reset)
         if code == 0 and args.demo:
             import uvloop
 
@@ -46,4 +51,4 @@ def run(args: argparse.Namespace) -> int:
 
             uvloop.run(run_demo(resolve_nats_url()))
         return code
-    return devcluster.foreground(demo=args.demo)
+    return devcluster.foreground(demo=args.demo, reset=args.reset)
