@@ -327,7 +327,8 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("jobStarted", "send") == parties("jobSucceeded", "send") == {"executor"}
     assert parties("jobLog", "send") == {"executor"}
     assert parties("jobWatch", "send") == {"tracker"}
-    assert parties("jobLost", "send") == {"binder"}  # it holds the dead node's reservations
+    # The scheduler declares expired leases; an executor that restarted declares its own.
+    assert parties("jobLost", "send") == {"scheduler", "executor"}
     assert "tracker" in parties("jobEvents", "receive") & parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}

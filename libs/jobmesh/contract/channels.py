@@ -54,6 +54,10 @@ JOB_KINDS = (
     subjects.FAILED,
     subjects.EXPIRED,
     subjects.LOST,
+    subjects.RETRYING,
+    subjects.GAVE_UP,
+    subjects.CANCELLING,
+    subjects.CANCELLED,
 )
 
 # The row that gathers every per-kind job channel (the tracker's jobmesh.v1.job.> filter).
@@ -177,7 +181,8 @@ CHANNELS: tuple[Channel, ...] = (
         subjects.STREAM_JOBS,
         ("executor",),
         TERMINAL_CONSUMERS,
-        "Terminal for the attempt: non-zero exit, timeout, disk quota or runtime error (retries are not built yet).",
+        "Terminal for the attempt: non-zero exit, timeout, disk quota, cancellation or a runtime error. "
+        "The scheduler then publishes JobRetrying or JobGaveUp.",
     ),
     Channel(
         "jobExpired",
@@ -193,11 +198,49 @@ CHANNELS: tuple[Channel, ...] = (
         _job(subjects.LOST),
         (v1.JobLost,),
         subjects.STREAM_JOBS,
-        ("binder",),
+        ("scheduler", "executor"),
         TERMINAL_CONSUMERS,
-        "Terminal for the attempt: its node stopped heartbeating (declared by the binder, which "
-        "holds the node's reservations); the scheduler frees the job's slot, the binder the "
-        "reservation.",
+        "Terminal for the attempt: its lease was not renewed within its heartbeat timeout, or it "
+        "was not started within the bind timeout (declared by the scheduler that owns the "
+        "partition), or its executor restarted without it (declared by that executor). The "
+        "scheduler then retries or gives up; the binder frees the reservation.",
+    ),
+    Channel(
+        "jobRetrying",
+        _job(subjects.RETRYING),
+        (v1.JobRetrying,),
+        subjects.STREAM_JOBS,
+        ("scheduler",),
+        (),
+        "The scheduler will run the job again after a backoff: the next attempt, the delay and the nodes it avoids.",
+    ),
+    Channel(
+        "jobGaveUp",
+        _job(subjects.GAVE_UP),
+        (v1.JobGaveUp,),
+        subjects.STREAM_JOBS,
+        ("scheduler",),
+        (),
+        "The job ended failed for good, with every attempt's error and the fallback job, if any. "
+        "One of the job-end events (with succeeded, cancelled and expired).",
+    ),
+    Channel(
+        "jobCancelling",
+        _job(subjects.CANCELLING),
+        (v1.JobCancelling,),
+        subjects.STREAM_JOBS,
+        ("scheduler",),
+        ("binder",),
+        "A cancel for an attempt at the binder or running: the binder forwards it to the node.",
+    ),
+    Channel(
+        "jobCancelled",
+        _job(subjects.CANCELLED),
+        (v1.JobCancelled,),
+        subjects.STREAM_JOBS,
+        ("scheduler",),
+        TERMINAL_CONSUMERS,
+        "The job ended cancelled; it never runs again. The binder frees any reservation.",
     ),
     Channel(
         JOB_EVENTS,
@@ -219,6 +262,15 @@ CHANNELS: tuple[Channel, ...] = (
         ("executor", "tracker"),
         "A bound job, sent to the chosen node only: that node's executor runs it; the tracker "
         "reads every node's subject (jobmesh.v1.node.*.dispatch) to record the binding.",
+    ),
+    Channel(
+        "nodeCancel",
+        subjects.node_cancel(NODE_ID),
+        (v1.AttemptCancel,),
+        subjects.STREAM_DISPATCH,
+        ("binder",),
+        ("executor",),
+        "Stop an attempt bound to this node (SIGTERM, then SIGKILL); one not started never starts.",
     ),
     # --- logs: stream JM_LOGS ------------------------------------------------------------
     Channel(
@@ -369,6 +421,25 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         "Why a job is not running yet, answered by the owner of the job's partition.",
         reply="apiSchedulerExplainReply",
+    ),
+    Channel(
+        "apiSchedulerCancel",
+        subjects.scheduler_cancel(PARTITION),  # type: ignore[arg-type]
+        (v1.CancelRequest,),
+        None,
+        (CLIENT,),
+        ("scheduler",),
+        "Cancel a job, answered by the owner of the job's partition (JobView.partition).",
+        reply="apiSchedulerCancelReply",
+    ),
+    Channel(
+        "apiSchedulerCancelReply",
+        None,
+        (v1.CancelReply, v1.ErrorReply),
+        None,
+        ("scheduler",),
+        (CLIENT,),
+        "Reply to a cancel request, on the requester's inbox.",
     ),
     Channel(
         "apiSchedulerExplainReply",

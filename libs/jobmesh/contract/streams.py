@@ -46,7 +46,7 @@ class BucketSpec:
 
 STREAMS: tuple[StreamSpec, ...] = (
     StreamSpec(subjects.STREAM_JOBS, (subjects.JOBS_ALL,), 7 * DAY, 4 * GIB, 20_000_000),
-    StreamSpec(subjects.STREAM_DISPATCH, (subjects.DISPATCH_ALL,), 2 * DAY, 2 * GIB, 5_000_000),
+    StreamSpec(subjects.STREAM_DISPATCH, (subjects.DISPATCH_ALL, subjects.CANCEL_ALL), 2 * DAY, 2 * GIB, 5_000_000),
     StreamSpec(subjects.STREAM_LOGS, (subjects.LOGS_ALL,), 7 * DAY, 4 * GIB, 50_000_000),
     StreamSpec(subjects.STREAM_DEADLETTER, (subjects.DEADLETTER_ALL,), 30 * DAY, 1 * GIB, 1_000_000),
     StreamSpec(subjects.STREAM_EVENTS, (subjects.EVENTS_ALL,), 7 * DAY, 1 * GIB, 5_000_000),
@@ -58,6 +58,18 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_LEASES, 1, ttl_setting="lease_ttl_seconds"),
     BucketSpec(subjects.KV_CONFIG, 5),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectStoreSpec:
+    """One object store bucket: how long objects live and how much it may hold."""
+
+    name: str
+    max_age: float
+    max_bytes: int
+
+
+OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 8 * GIB),)
 
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 BUCKETS_BY_NAME: dict[str, BucketSpec] = {b.name: b for b in BUCKETS}

@@ -25,6 +25,7 @@ KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node 
 KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revision
 KV_LEASES = "jm_leases"  # scheduler partition ownership
 KV_CONFIG = "jm_config"  # queue, tenant and zone configuration
+OBJ_RESULTS = "jm_results"  # job results too large to travel inline, key <job_id>/<attempt>
 
 # --- job lifecycle (stream JM_JOBS) --------------------------------------------------
 JOBS_ALL = f"{PREFIX}.job.>"
@@ -38,7 +39,14 @@ SUCCEEDED = "succeeded"
 FAILED = "failed"
 EXPIRED = "expired"
 LOST = "lost"
-TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST)
+RETRYING = "retrying"
+GAVE_UP = "gave_up"
+CANCELLING = "cancelling"
+CANCELLED = "cancelled"
+# An attempt ended: its reservation (if any) can go.
+TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED)
+# A job ended for good: what "the end of an earlier job" means to a trigger rule.
+JOB_END_KINDS = (SUCCEEDED, GAVE_UP, CANCELLED, EXPIRED)
 
 
 def partition_of(queue: str, partitions: int) -> int:
@@ -58,11 +66,17 @@ def job_events(partition: int | str, kinds: tuple[str, ...]) -> list[str]:
 
 # --- dispatch (stream JM_DISPATCH) ---------------------------------------------------
 DISPATCH_ALL = f"{PREFIX}.node.*.dispatch"
+CANCEL_ALL = f"{PREFIX}.node.*.cancel"
 
 
 def node_dispatch(node_id: str) -> str:
     """Subject the binder publishes a bound job to, and that node's executor consumes."""
     return f"{PREFIX}.node.{node_id}.dispatch"
+
+
+def node_cancel(node_id: str) -> str:
+    """Subject the binder sends AttemptCancel to, for an attempt bound to ``node_id``."""
+    return f"{PREFIX}.node.{node_id}.cancel"
 
 
 # --- logs (stream JM_LOGS) -----------------------------------------------------------
@@ -97,6 +111,17 @@ API_QUEUES = f"{PREFIX}.api.queues"
 def scheduler_explain(partition: int) -> str:
     """Request/reply subject on which the owner of ``partition`` explains a job's wait."""
     return f"{PREFIX}.api.scheduler.{partition}.explain"
+
+
+def scheduler_cancel(partition: int) -> str:
+    """Request/reply subject on which the owner of ``partition`` cancels a job (the job's
+    partition is in its view: ``JobView.partition``)."""
+    return f"{PREFIX}.api.scheduler.{partition}.cancel"
+
+
+def result_key(job_id: str, attempt: int) -> str:
+    """Object name of an attempt's result in ``jm_results``."""
+    return f"{job_id}/{attempt}"
 
 
 def lease_key(partition: int) -> str:

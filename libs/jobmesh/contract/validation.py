@@ -10,7 +10,7 @@ import re
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime
+from jobmesh.contract.messages.v1 import FAILURE_CODES, JobSpec, JobSpecBase, ProcessRuntime
 from jobmesh.errors import InvalidSpec
 
 # Beyond these, a request is a typo rather than a real job.
@@ -20,11 +20,11 @@ MAX_GPU = 1024
 MAX_DISK_MB = 1024 * 1024 * 1024
 
 
-def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True, now: float | None = None) -> None:
+def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = True, now: float | None = None) -> None:
     """Raise ``InvalidSpec`` naming the field when ``spec`` asks for something impossible.
 
     Args:
-        spec: a decoded job spec.
+        spec: a decoded job spec (or a fallback spec: the same checks, less the policy).
         where: the path of the spec in the request, prefixed to field names.
         may_hold_nul: False when the caller knows no string can hold NUL (the raw JSON has
             no ``\u0000``), which spares the walk over every string.
@@ -60,11 +60,39 @@ def validate_spec(spec: JobSpec, where: str = "spec", may_hold_nul: bool = True,
         problem = label_problem(key, value)
         if problem:
             _fail(where, "constraints.labels", problem)
+    if isinstance(spec, JobSpec):
+        _validate_retry(spec, where, now)
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
     if nul:
         # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
         # recorded. Refuse it here rather than half-create it.
         raise InvalidSpec(f"a NUL character is not allowed - at `$.{nul}`", field=nul)
+
+
+def _validate_retry(spec: JobSpec, where: str, now: float | None) -> None:
+    policy = spec.retry
+    for i, code in enumerate(policy.retry_on):
+        if code not in FAILURE_CODES:
+            known = ", ".join(sorted(FAILURE_CODES))
+            _fail(where, f"retry.retry_on[{i}]", f"unknown failure code {code!r}; the codes are: {known}")
+        if code in ("cancelled", "superseded"):
+            _fail(where, f"retry.retry_on[{i}]", f"{code!r} is never retried: nobody wants that attempt again")
+    if policy.backoff_max < policy.backoff:
+        _fail(where, "retry.backoff_max", f"{policy.backoff_max:g}s is shorter than backoff {policy.backoff:g}s")
+    if policy.migrate_after and policy.migrate_after >= policy.max_attempts:
+        _fail(
+            where,
+            "retry.migrate_after",
+            f"{policy.migrate_after} failures on one node can never happen within max_attempts {policy.max_attempts}",
+        )
+    if policy.migrate_zone and not policy.migrate_after:
+        _fail(where, "retry.migrate_zone", "migrate_zone is set but migrate_after is 0")
+    timeouts = spec.timeouts
+    if timeouts.total and timeouts.total < timeouts.queue:
+        _fail(where, "timeouts.total", f"{timeouts.total:g}s is shorter than the queue timeout {timeouts.queue:g}s")
+    if policy.fallback is not None:
+        # A fallback is a job of its own: the same checks, named under its own path.
+        validate_spec(policy.fallback, f"{where}.retry.fallback", may_hold_nul=False, now=now)
 
 
 def label_problem(key: str, value: str) -> str:

@@ -14,6 +14,8 @@ from jobmesh.errors import JobmeshError
 __all__ = [
     "TERMINAL_STATES",
     "AttemptView",
+    "CancelReply",
+    "CancelRequest",
     "ErrorReply",
     "EventView",
     "ExplainReply",
@@ -46,8 +48,13 @@ JobState = Literal[
     "failed",
     "expired",
     "lost",
+    "retrying",
+    "cancelled",
 ]
-TERMINAL_STATES = frozenset({"succeeded", "failed", "expired", "lost"})
+# The states a job can end in. Whether it has ended is ``final`` on the views: after a
+# failed or lost attempt the job shows that state until the scheduler decides (retrying,
+# or gave up, which makes it final).
+TERMINAL_STATES = frozenset({"succeeded", "failed", "expired", "lost", "cancelled"})
 
 
 class Submission(Struct, frozen=True, kw_only=True):
@@ -114,6 +121,10 @@ class AttemptView(Struct, frozen=True, kw_only=True):
     output_tail: str = ""
     started_at: float | None = None
     finished_at: float | None = None
+    reason: str = ""
+    result: str = ""  # the result, when it travelled inline
+    result_ref: str = ""  # else its object in jm_results (``jobmesh result ID``)
+    result_bytes: int = 0
 
 
 class EventView(Struct, frozen=True, kw_only=True):
@@ -141,6 +152,10 @@ class JobView(Struct, frozen=True, kw_only=True, tag="api.job"):
     spec: JobSpec
     attempts: list[AttemptView] = []
     events: list[EventView] = []
+    final: bool = False  # the job has ended for good: nothing about it changes any more
+    partition: int = -1  # its scheduler partition (where to explain or cancel it); -1 unknown
+    fallback_job_id: str = ""  # the job that ran in its place
+    fallback_of: str = ""  # the job this one ran in place of
 
 
 class JobSummary(Struct, frozen=True, kw_only=True):
@@ -156,6 +171,7 @@ class JobSummary(Struct, frozen=True, kw_only=True):
     exit_code: int | None
     submitted_at: float
     updated_at: float
+    final: bool = False
 
 
 class JobListReply(Struct, frozen=True, kw_only=True, tag="api.jobs"):
@@ -174,6 +190,7 @@ class JobUpdate(Struct, frozen=True, kw_only=True, tag="api.job.update"):
     exit_code: int | None = None
     reason: str = ""
     at: float = 0.0
+    final: bool = False
 
 
 class HealthReply(Struct, frozen=True, kw_only=True, tag="health"):
@@ -189,6 +206,23 @@ class ExplainRequest(Struct, frozen=True, kw_only=True, tag="api.scheduler.expla
     """Ask the owner of a job's partition why the job is not running yet."""
 
     job_id: str
+
+
+class CancelRequest(Struct, frozen=True, kw_only=True, tag="api.scheduler.cancel"):
+    """Ask the owner of a job's partition to cancel it (``scheduler.<p>.cancel``)."""
+
+    job_id: str
+    reason: Annotated[str, Meta(max_length=1000)] = ""
+
+
+class CancelReply(Struct, frozen=True, kw_only=True, tag="api.scheduler.cancelled"):
+    """``state``: ``cancelled`` (it had not started: it ended now), ``cancelling`` (its
+    attempt is being stopped; it ends cancelled within a second or so), or ``unknown``
+    (this scheduler holds no such job: it has ended, or was never submitted)."""
+
+    job_id: str
+    state: Literal["cancelled", "cancelling", "unknown"]
+    message: str
 
 
 class ExplainReply(Struct, frozen=True, kw_only=True, tag="api.scheduler.explained"):

@@ -19,3 +19,4 @@ class DeadLetter(Struct, frozen=True, kw_only=True, tag="deadletter"):
     stream_seq: int = 0
     deliveries: int = 0
     at: float = 0.0
+    payload_b64: str = ""  # the whole payload, base64, for ``jobmesh dead-letters replay``

@@ -3,6 +3,13 @@
 A ``JobSpec`` is what a user declares. Lifecycle events are tagged, frozen structs with a
 ``type`` field on the wire; ``LifecycleEvent`` is their union, decoded with one typed
 decoder per consumer.
+
+Attempt-level and job-level endings differ. An attempt ends with JobSucceeded, JobFailed,
+JobLost or (when it was never released) JobExpired / JobCancelled. A job ends for good
+with one of :data:`JobEnd`: JobSucceeded (success is always final), JobGaveUp (the
+scheduler will not retry: the policy is exhausted, the code does not retry, or the total
+timeout passed), JobCancelled or JobExpired. After a JobFailed or JobLost the scheduler
+always says what follows: JobRetrying or JobGaveUp.
 """
 
 from __future__ import annotations
@@ -13,19 +20,31 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 __all__ = [
+    "DISRUPTION_CODES",
     "FAILURE_CODES",
+    "MAX_DISRUPTIONS",
+    "RETRY_ON_BY_DEFAULT",
+    "AttemptCancel",
+    "AttemptError",
     "AttemptEvent",
     "Constraints",
     "FailureCode",
+    "FallbackSpec",
     "JobBound",
+    "JobCancelled",
+    "JobCancelling",
+    "JobEnd",
     "JobError",
     "JobEvent",
     "JobExpired",
     "JobFailed",
+    "JobGaveUp",
     "JobLost",
     "JobReady",
+    "JobRetrying",
     "JobRuntime",
     "JobSpec",
+    "JobSpecBase",
     "JobStarted",
     "JobSubmitted",
     "JobSucceeded",
@@ -37,6 +56,7 @@ __all__ = [
     "Priority",
     "ProcessRuntime",
     "Resources",
+    "RetryPolicy",
     "TerminalEvent",
     "Timeouts",
 ]
@@ -55,13 +75,26 @@ AttemptNumber = Annotated[int, Meta(ge=1)]
 FailureCode = Literal[
     "exit_code",  # the process exited non-zero or was killed by a signal
     "timeout",  # it ran longer than its run timeout
+    "lost",  # its lease was not renewed in time, or its executor restarted without it
+    "oom",  # it used more memory than it reserved
     "spawn_failed",  # the command could not be started (not found, not executable)
     "workdir_failed",  # the attempt's working directory could not be created
-    "node_drained",  # the executor stopped before the attempt finished
+    "node_drained",  # the executor stopped before the attempt finished, and handed it back
     "executor_error",  # the executor failed while running it (a bug)
     "disk_quota_exceeded",  # the scratch directory outgrew the disk the job reserved
+    "result_too_large",  # the result file exceeded the result size limit
+    "cancelled",  # somebody cancelled the job while this attempt ran
+    "superseded",  # a newer attempt of the job exists; this one was stopped
 ]
 FAILURE_CODES: frozenset[str] = frozenset(typing.get_args(FailureCode))
+# What a retry policy retries unless it names its own codes. The codes left out say the
+# job cannot run as declared (spawn_failed, workdir_failed, result_too_large,
+# disk_quota_exceeded), or that nobody wants it to run again (cancelled, superseded).
+RETRY_ON_BY_DEFAULT: tuple[FailureCode, ...] = ("exit_code", "lost", "timeout", "oom", "executor_error")
+# Disruptions are not the job's fault (an operator drained its node): they are retried
+# whatever the policy says, and do not count toward max_attempts, up to this many.
+DISRUPTION_CODES: frozenset[str] = frozenset({"node_drained"})
+MAX_DISRUPTIONS = 10
 
 
 class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -107,15 +140,24 @@ class Locality(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 class Timeouts(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Deadlines, in seconds. ``queue`` 0 means the job may wait forever."""
+    """Deadlines, in seconds; 0 means none.
+
+    Attributes:
+        queue: the job expires if no attempt started within this long of the submission.
+        run: one attempt is stopped (``timeout``) after running this long.
+        heartbeat: an attempt whose lease is not renewed within this long is lost.
+        total: across all attempts, from the submission: once passed, a failed attempt is
+            not retried and a running one is stopped (``timeout``).
+    """
 
     queue: Annotated[float, Meta(ge=0)] = 0.0
-    run: Seconds = 3600.0
-    heartbeat: Seconds = 30.0
+    run: Annotated[float, Meta(gt=0, le=30 * 86400)] = 3600.0
+    heartbeat: Annotated[float, Meta(ge=1, le=3600)] = 10.0
+    total: Annotated[float, Meta(ge=0)] = 0.0
 
 
-class JobSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """Everything a user declares about one job."""
+class JobSpecBase(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The fields a job and a fallback job share: what runs, where and when."""
 
     runtime: JobRuntime
     name: Annotated[str, Meta(max_length=256)] = ""
@@ -131,6 +173,48 @@ class JobSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
     group: Annotated[str, Meta(max_length=256)] = ""
     not_before: Annotated[float, Meta(ge=0)] = 0.0
     metadata: dict[str, str] = {}
+
+
+class FallbackSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
+    """The job that runs in place of one whose attempts are exhausted: another command,
+    handler or image. It runs once (it has no retry policy, so no fallback of its own)."""
+
+
+class RetryPolicy(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What the scheduler does when an attempt fails or is lost.
+
+    Attributes:
+        max_attempts: attempts in all, the first included (1: never retry).
+        backoff: seconds before the second attempt; each retry doubles it.
+        backoff_max: the longest wait between attempts.
+        jitter: how much shorter than the doubled delay a wait may be, as a fraction, so
+            that jobs that failed together do not all come back together.
+        retry_on: the failure codes that are retried; [] means
+            :data:`RETRY_ON_BY_DEFAULT`.
+        migrate_after: after this many failures on one node, later attempts avoid that
+            node (0: never).
+        migrate_zone: when migrating, avoid the node's whole zone too.
+        fallback: runs in place of the job once its last attempt failed.
+    """
+
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 1
+    backoff: Annotated[float, Meta(gt=0, le=86400)] = 1.0
+    backoff_max: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
+    retry_on: Annotated[list[str], Meta(max_length=32)] = []
+    migrate_after: Annotated[int, Meta(ge=0, le=100)] = 0
+    migrate_zone: bool = False
+    fallback: FallbackSpec | None = None
+
+    def retries(self, code: str) -> bool:
+        """Whether this policy retries a failure with ``code`` (attempts left aside)."""
+        return code in (self.retry_on or RETRY_ON_BY_DEFAULT)
+
+
+class JobSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
+    """Everything a user declares about one job."""
+
+    retry: RetryPolicy = RetryPolicy()
 
 
 class JobError(Struct, frozen=True, kw_only=True):
@@ -158,11 +242,13 @@ class AttemptEvent(JobEvent, frozen=True, kw_only=True):
 
 
 class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="job.submitted"):
-    """A job was accepted; published by the trigger with Nats-Msg-Id = idempotency key."""
+    """A job was accepted; published by the trigger with Nats-Msg-Id = idempotency key
+    (or by the scheduler, for a fallback job, with ``fallback_of`` set)."""
 
     spec: JobSpec
     idempotency_key: str
     submitted_at: float
+    fallback_of: str = ""  # the job this one runs in place of
 
 
 class JobReady(AttemptEvent, frozen=True, kw_only=True, tag="job.ready"):
@@ -174,6 +260,7 @@ class JobReady(AttemptEvent, frozen=True, kw_only=True, tag="job.ready"):
     ready_at: float
     release: Annotated[int, Meta(ge=1)] = 1  # counts re-releases of the same attempt
     tiers: list[int] = []  # locality tier of each candidate (lower is nearer); [] = all equal
+    checkpoint: str = ""  # the last checkpoint an earlier attempt reported, for this one
 
 
 class JobUnplaceable(AttemptEvent, frozen=True, kw_only=True, tag="job.unplaceable"):
@@ -192,6 +279,7 @@ class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
     scratch_dir: str
     submitted_at: float
     bound_at: float
+    checkpoint: str = ""  # from JobReady: what the attempt starts from
 
 
 class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
@@ -199,6 +287,7 @@ class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
 
     node_id: Id
     at: float
+    incarnation: str = ""  # the executor process that runs it (NodeInfo.incarnation)
 
 
 class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded"):
@@ -210,6 +299,9 @@ class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded")
     submitted_at: float
     started_at: float
     at: float
+    result: str = ""  # the result file, when it is small and UTF-8 text
+    result_ref: str = ""  # else its key in the object store bucket jm_results
+    result_bytes: int = 0
 
 
 class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
@@ -233,9 +325,79 @@ class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
 
 
 class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
-    """The attempt's heartbeats stopped; its node is presumed gone."""
+    """The attempt's lease expired, or its executor restarted without it.
+
+    Published by the scheduler that owns the job's partition (lease expiry, bind timeout)
+    or by the executor itself (it restarted, or refused a dispatch it may have run before).
+    """
 
     node_id: str
+    at: float
+    reason: str = ""
+
+
+class AttemptError(Struct, frozen=True, kw_only=True):
+    """How one attempt of a job ended, as the scheduler saw it (JobGaveUp lists them all)."""
+
+    attempt: int
+    node_id: str
+    error: JobError
+    at: float
+
+
+class JobRetrying(AttemptEvent, frozen=True, kw_only=True, tag="job.retrying"):
+    """The scheduler will run the job again: ``attempt`` failed (or was lost), and
+    ``next_attempt`` is released once ``not_before`` has passed."""
+
+    node_id: str
+    error: JobError
+    next_attempt: AttemptNumber
+    delay: float  # seconds of backoff before next_attempt
+    not_before: float
+    avoid: list[str] = []  # nodes the next attempts avoid (migrate_after)
+    at: float
+
+
+class JobGaveUp(AttemptEvent, frozen=True, kw_only=True, tag="job.gave_up"):
+    """The job ended failed for good: ``attempt`` was its last. ``state`` is how that
+    attempt ended; ``errors`` lists every attempt's error, in order."""
+
+    state: Literal["failed", "lost"]
+    node_id: str
+    error: JobError
+    reason: str  # why no retry: attempts exhausted, code not retried, total timeout
+    errors: list[AttemptError] = []
+    fallback_job_id: str = ""  # the job that runs in its place, if the policy has one
+    at: float
+
+
+class JobCancelling(AttemptEvent, frozen=True, kw_only=True, tag="job.cancelling"):
+    """A cancel arrived while ``attempt`` was out of the scheduler's hands (at the binder
+    or running): the binder forwards it to the attempt's node, which stops it."""
+
+    reason: str
+    at: float
+
+
+class JobCancelled(JobEvent, frozen=True, kw_only=True, tag="job.cancelled"):
+    """The job ended cancelled; it never runs again. ``attempt`` is the attempt that was
+    stopped or never started (0: none was ever released)."""
+
+    attempt: NonNegInt
+    reason: str
+    node_id: str = ""
+    at: float
+
+
+class AttemptCancel(Struct, frozen=True, kw_only=True, tag="node.cancel"):
+    """Stop this attempt now (SIGTERM, then SIGKILL after the grace period); sent on the
+    attempt's node's cancel subject. An attempt not started yet never starts."""
+
+    job_id: Id
+    attempt: AttemptNumber
+    partition: NonNegInt
+    node_id: Id
+    reason: str
     at: float
 
 
@@ -250,6 +412,21 @@ class LogLine(Struct, frozen=True, kw_only=True, tag="job.log"):
 
 
 LifecycleEvent = (
-    JobSubmitted | JobReady | JobUnplaceable | JobBound | JobStarted | JobSucceeded | JobFailed | JobExpired | JobLost
+    JobSubmitted
+    | JobReady
+    | JobUnplaceable
+    | JobBound
+    | JobStarted
+    | JobSucceeded
+    | JobFailed
+    | JobExpired
+    | JobLost
+    | JobRetrying
+    | JobGaveUp
+    | JobCancelling
+    | JobCancelled
 )
-TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost
+# An attempt has ended (its reservation, if any, can be freed).
+TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost | JobCancelled
+# A job has ended for good (what a rule that fires on "the end of an earlier job" reads).
+JobEnd = JobSucceeded | JobGaveUp | JobCancelled | JobExpired

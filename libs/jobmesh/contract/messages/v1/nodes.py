@@ -6,11 +6,35 @@ from msgspec import Struct, field
 
 from jobmesh.contract.messages.v1.jobs import Resources
 
-__all__ = ["Allocation", "NodeInfo", "Reservation"]
+__all__ = ["Allocation", "AttemptLease", "NodeInfo", "Reservation"]
+
+
+class AttemptLease(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One running attempt, as its executor renews its lease with every heartbeat.
+
+    Attributes:
+        progress: the last fraction done (0 to 1) the job reported; None if it never did.
+        message: the message that came with it.
+        checkpoint: the last checkpoint the job reported; a retry starts from it.
+    """
+
+    job_id: str
+    attempt: int
+    partition: int
+    started_at: float
+    progress: float | None = None
+    message: str = ""
+    checkpoint: str = ""
 
 
 class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
-    """What an executor advertises, refreshed every heartbeat; expires with the KV TTL."""
+    """What an executor advertises, refreshed every heartbeat; expires with the KV TTL.
+
+    Every put is also the lease renewal of every attempt the node runs (``attempts``):
+    one message per node and heartbeat, however many attempts it holds. ``incarnation``
+    changes whenever the executor process restarts, so a record from a new incarnation
+    says that the attempts of the old one are gone.
+    """
 
     node_id: str
     cpu_milli: int
@@ -29,6 +53,11 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     started_at: float = 0.0
     heartbeat_at: float = 0.0
     draining: bool = False
+    incarnation: str = ""
+    attempts: list[AttemptLease] = []
+    # Attempts whose terminal event is durable, kept for a while after they end, so that a
+    # lease holder whose view of terminal events lags never takes an ended one for lost.
+    ended: list[str] = []
 
 
 class Reservation(Struct, frozen=True, kw_only=True):
