@@ -69,7 +69,7 @@ class ObjectStoreSpec:
     max_bytes: int
 
 
-OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 8 * GIB),)
+OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB),)
 
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 BUCKETS_BY_NAME: dict[str, BucketSpec] = {b.name: b for b in BUCKETS}

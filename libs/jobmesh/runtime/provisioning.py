@@ -16,6 +16,7 @@ from nats.js.api import (
     DeliverPolicy,
     DiscardPolicy,
     KeyValueConfig,
+    ObjectStoreConfig,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -66,6 +67,14 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
         config.num_replicas = info.config.num_replicas or config.num_replicas
         await js.update_stream(config)
         log.info("updated stream %s", config.name)
+        return
+    missing = [s for s in config.subjects or [] if s not in (info.config.subjects or [])]
+    if missing:
+        # Subjects are part of the contract, not a limit an operator tunes: a newer version
+        # that adds one (node.*.cancel) must find it stored, whatever else was changed by hand.
+        info.config.subjects = [*(info.config.subjects or []), *missing]
+        await js.update_stream(info.config)
+        log.info("stream %s now also stores %s", config.name, ", ".join(missing))
 
 
 async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: float) -> None:
@@ -104,6 +113,26 @@ async def provision(
         await ensure_stream(js, config, update=update)
     for bucket in streams.BUCKETS:
         await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0))
+    for store in streams.OBJECT_STORES:
+        await ensure_object_store(js, store, replicas)
+
+
+async def ensure_object_store(js: JetStreamContext, store: streams.ObjectStoreSpec, replicas: int = 1) -> None:
+    """Create an object store bucket if it is missing (its limits are set at creation)."""
+    try:
+        await js.object_store(store.name)
+    except (BucketNotFoundError, NotFoundError):
+        await js.create_object_store(
+            store.name,
+            ObjectStoreConfig(
+                bucket=store.name,
+                ttl=store.max_age,
+                max_bytes=store.max_bytes,
+                storage=StorageType.FILE,
+                replicas=replicas,
+            ),
+        )
+        log.info("created object store %s", store.name)
 
 
 def consumer_config(

@@ -52,6 +52,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     work_dir: str = ""
     heartbeat_seconds: Positive = 2.0
     node_ttl_seconds: Positive = 10.0
+    # Executor: seconds between SIGTERM and SIGKILL when an attempt is stopped (cancel,
+    # run timeout, drain).
+    kill_grace_seconds: Annotated[float, Meta(ge=0, le=600)] = 3.0
+    # Executor: a result file up to this size travels inline in JobSucceeded (UTF-8 text);
+    # up to result_max_bytes it goes to the jm_results object store; beyond, the attempt fails.
+    result_inline_bytes: Annotated[int, Meta(ge=0, le=128 * 1024)] = 16 * 1024
+    result_max_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024 * 1024
+    # Scheduler: an attempt released this long ago and never seen running in its node's
+    # lease record is released again (its JobReady or JobBound was lost).
+    bind_timeout_seconds: Positive = 30.0
     # Scheduler: every instance beats six times per lease TTL; a standby takes a partition
     # over at most this long (plus a beat) after its owner's last renewal.
     lease_ttl_seconds: Positive = 6.0
