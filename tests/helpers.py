@@ -20,5 +20,5 @@ async def eventually(
         last = await probe()
         if last:
             return last
-        await asyncio.sleep(interval)  # noqa: sleep - polling interval, not a wait before an assert
+        await asyncio.sleep(interval)  # polling interval, not a wait before an assert (a deliberate sleep: noqa)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")

@@ -20,7 +20,7 @@ class CuttableProxy:
         self.cut_now = False
         self.port = 0
 
-    async def start(self) -> "CuttableProxy":
+    async def start(self) -> CuttableProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self

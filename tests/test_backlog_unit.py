@@ -15,7 +15,10 @@ _seq = iter(range(1, 10**9))
 def job(job_id: str, **spec_fields) -> Job:
     submitted_at = spec_fields.pop("submitted_at", 0.0)
     spec = JobSpec(runtime=NoopRuntime(), **spec_fields)
-    return Job.of(JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=submitted_at), next(_seq))
+    return Job.of(
+        JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=submitted_at),
+        next(_seq),
+    )
 
 
 def anywhere(job):
@@ -162,7 +165,7 @@ def test_binder_refusal_is_retried_after_a_delay_or_when_room_frees():
     b = Backlog()
     b.add(job("a"), now=0)
     b.add(job("x"), now=0)
-    [first, second] = b.plan(0, anywhere)
+    [first, _second] = b.plan(0, anywhere)
     assert b.room_wanted("a", 1, first.job.releases, "no free capacity on candidate nodes", now=0)
     assert not b.room_wanted("a", 1, 99, "stale release", now=0)
     assert b.plan(0.5, anywhere) == []
@@ -221,8 +224,11 @@ def test_a_job_changed_twice_in_one_batch_keeps_its_last_state():
     changes.add("x", "pending", "no free capacity")
     changes.add("y", "done")
     changes.add("x", "released", releases=2)
-    ids, states, reasons, releases = changes.columns()
-    assert dict(zip(ids, zip(states, releases))) == {"x": ("released", 2), "y": ("done", None)}
+    ids, states, _reasons, releases = changes.columns()
+    assert dict(zip(ids, zip(states, releases, strict=False), strict=False)) == {
+        "x": ("released", 2),
+        "y": ("done", None),
+    }
 
 
 def test_a_free_key_slot_is_not_lost_when_the_woken_waiter_cannot_run():

@@ -49,7 +49,7 @@ async def test_four_binders_never_overbook(nats_server, make_cluster):
         while True:
             for node in CAPACITY.values():
                 await nodes_kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
-            await asyncio.sleep(1.0)  # noqa: sleep - the fake nodes' heartbeat period
+            await asyncio.sleep(1.0)  # the fake nodes' heartbeat period (a deliberate sleep: noqa)
 
     beats = asyncio.ensure_future(heartbeat())
     await eventually(lambda: _keys(nodes_kv, len(NODES)), what="fake nodes registered")

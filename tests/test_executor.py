@@ -22,7 +22,6 @@ from nats.js.errors import KeyNotFoundError
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import (
-    Resources,
     JobBound,
     JobFailed,
     JobSpec,
@@ -33,11 +32,13 @@ from jobmesh.contract.messages.v1 import (
     NodeInfo,
     NoopRuntime,
     ProcessRuntime,
+    Resources,
     Timeouts,
 )
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
-from jobmesh.runtime.tracing import carried as extract, trace_id_of
+from jobmesh.runtime.tracing import carried as extract
+from jobmesh.runtime.tracing import trace_id_of
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -101,8 +102,16 @@ class Harness:
             return None
         return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
 
-    async def dispatch(self, runtime, node_id: str = NODE, run_timeout: float = 60.0, msg_id: str | None = None,
-                       job_id: str | None = None, context=None, disk_mb: int = 0) -> JobBound:
+    async def dispatch(
+        self,
+        runtime,
+        node_id: str = NODE,
+        run_timeout: float = 60.0,
+        msg_id: str | None = None,
+        job_id: str | None = None,
+        context=None,
+        disk_mb: int = 0,
+    ) -> JobBound:
         bound = JobBound(
             job_id=job_id or f"j-{uuid.uuid4().hex[:12]}",
             attempt=1,
@@ -142,7 +151,9 @@ async def harness(nats_server, work_dir):
 @pytest.fixture(scope="module")
 async def executor(harness, nats_server, work_dir):
     proc = start_executor(
-        nats_server.url, NODE, work_dir,
+        nats_server.url,
+        NODE,
+        work_dir,
         JOBMESH_HEARTBEAT_SECONDS="0.3",
         JOBMESH_NODE_CPU_MILLI="4000",
         JOBMESH_NODE_MEMORY_MB="2048",
@@ -172,7 +183,9 @@ async def test_node_record_has_capacity_and_is_refreshed(harness, executor, work
 
 
 async def test_echo_succeeds_with_output_and_log_line(harness, executor, work_dir):
-    bound = await harness.dispatch(ProcessRuntime(argv=["sh", "-c", 'echo hi; echo "home=$HOME id=$JOBMESH_JOB_ID"; exit 0']))
+    bound = await harness.dispatch(
+        ProcessRuntime(argv=["sh", "-c", 'echo hi; echo "home=$HOME id=$JOBMESH_JOB_ID"; exit 0'])
+    )
     done = await harness.terminal(bound.job_id)
     assert isinstance(done, JobSucceeded), done
     assert done.exit_code == 0 and done.node_id == NODE
@@ -215,9 +228,7 @@ async def test_nonzero_exit_fails_with_its_code(harness, executor):
 
 async def test_run_timeout_kills_the_process_group(harness, executor):
     # The child in the background proves the whole group is killed, not just the shell.
-    bound = await harness.dispatch(
-        ProcessRuntime(argv=["sh", "-c", "sleep 30 & echo $!; wait"]), run_timeout=1.0
-    )
+    bound = await harness.dispatch(ProcessRuntime(argv=["sh", "-c", "sleep 30 & echo $!; wait"]), run_timeout=1.0)
 
     async def child_pid():
         lines = harness.logs.of(bound.job_id)
@@ -244,7 +255,9 @@ async def test_scratch_directory_over_its_disk_quota_fails_the_attempt(harness, 
     done = await harness.terminal(bound.job_id)
     assert isinstance(done, JobFailed)
     assert done.error.code == "disk_quota_exceeded" and "1 MiB disk quota" in done.error.message
-    within = await harness.dispatch(ProcessRuntime(argv=["sh", "-c", "head -c 100000 /dev/zero > small; sleep 1.5"]), disk_mb=1)
+    within = await harness.dispatch(
+        ProcessRuntime(argv=["sh", "-c", "head -c 100000 /dev/zero > small; sleep 1.5"]), disk_mb=1
+    )
     assert isinstance(await harness.terminal(within.job_id), JobSucceeded)
 
 

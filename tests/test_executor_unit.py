@@ -16,22 +16,6 @@ import pytest
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
-from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
-from jobmesh.executor.attempts import Attempts
-from jobmesh.executor.outcomes import exit_outcome, failed_outcome
-from jobmesh.executor.quota import directory_bytes, outcome_after_exit, quota_error
-from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputTail, ProcessRunner
-from jobmesh.executor.handlers import DispatchHandler
-from jobmesh.executor.node import (
-    MachineFacts,
-    build_node_info,
-    parse_labels,
-    parse_meminfo,
-    resolve_node_id,
-    sanitize_node_id,
-)
-from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.service import check_settings, job_base_env
 from jobmesh.contract.messages.v1 import (
     JobBound,
     JobFailed,
@@ -44,6 +28,22 @@ from jobmesh.contract.messages.v1 import (
     Resources,
     Timeouts,
 )
+from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
+from jobmesh.executor.attempts import Attempts
+from jobmesh.executor.handlers import DispatchHandler
+from jobmesh.executor.node import (
+    MachineFacts,
+    build_node_info,
+    parse_labels,
+    parse_meminfo,
+    resolve_node_id,
+    sanitize_node_id,
+)
+from jobmesh.executor.outcomes import exit_outcome, failed_outcome
+from jobmesh.executor.quota import directory_bytes, outcome_after_exit, quota_error
+from jobmesh.executor.reporter import Reporter
+from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputTail, ProcessRunner
+from jobmesh.executor.service import check_settings, job_base_env
 from jobmesh.runtime.outcomes import ACK, Reject
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.service import Envelope
@@ -225,7 +225,7 @@ class FakePublisher:
         if self.gate is not None:
             await self.gate.wait()
         if self.delay:
-            await asyncio.sleep(self.delay)  # noqa: sleep - simulates a slow publisher
+            await asyncio.sleep(self.delay)  # simulates a slow publisher (a deliberate sleep: noqa)
         if self.failures:
             self.failures -= 1
             raise self.error
@@ -271,7 +271,7 @@ async def test_reporter_collects_while_a_flush_is_in_flight():
     reporter.start()
     try:
         first = reporter.emit([outgoing(0)])
-        await asyncio.sleep(0)  # noqa: sleep - the flusher takes item 0 and blocks on the gate
+        await asyncio.sleep(0)  # the flusher takes item 0 and blocks on the gate (a deliberate sleep: noqa)
         later = [reporter.emit([outgoing(i)]) for i in range(1, 6)]
         publisher.gate.set()
         await asyncio.gather(first, *later)
@@ -287,7 +287,7 @@ async def test_reporter_retries_without_losing_or_reordering(error):
     reporter.start()
     try:
         durable = reporter.emit([outgoing(i) for i in range(25)])
-        await asyncio.sleep(0)  # noqa: sleep - one loop turn, then a negative check
+        await asyncio.sleep(0)  # one loop turn, then a negative check (a deliberate sleep: noqa)
         assert not durable.done()
         await asyncio.wait_for(durable, 2)
         assert publisher.messages == list(range(25))
@@ -320,11 +320,11 @@ async def test_reporter_holds_back_log_lines_when_the_backlog_is_full():
     reporter.start()
     try:
         await reporter.emit_log(outgoing(0))
-        await asyncio.sleep(0.01)  # noqa: sleep - the flusher takes it and waits on the gate
+        await asyncio.sleep(0.01)  # the flusher takes it and waits on the gate (a deliberate sleep: noqa)
         for i in range(1, 5):  # fills the backlog
             await asyncio.wait_for(reporter.emit_log(outgoing(i)), 1)
         blocked = asyncio.ensure_future(reporter.emit_log(outgoing(5)))
-        await asyncio.sleep(0.01)  # noqa: sleep - a negative check needs time to be wrong in
+        await asyncio.sleep(0.01)  # a negative check needs time to be wrong in (a deliberate sleep: noqa)
         assert not blocked.done()
         publisher.gate.set()
         await asyncio.wait_for(blocked, 1)
@@ -370,7 +370,7 @@ async def test_process_output_is_split_into_lines_with_a_tail(tmp_path):
 
 async def test_process_gets_a_minimal_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("EXECUTOR_SECRET", "leak")
-    outcome, lines = await run_process(
+    _outcome, lines = await run_process(
         ["sh", "-c", 'echo "$HOME|$JOBMESH_JOB_ID|$JOBMESH_ATTEMPT|$MINE|${EXECUTOR_SECRET:-none}|$(pwd)"'],
         tmp_path,
         env={"MINE": "yes", "JOBMESH_JOB_ID": "spoofed"},
@@ -408,7 +408,7 @@ async def test_slow_hand_over_after_exit_loses_no_lines(tmp_path):
     seen = []
 
     async def slow(stream, line):  # a reporter that is out of room
-        await asyncio.sleep(0.05)  # noqa: sleep - simulates a reporter out of room
+        await asyncio.sleep(0.05)  # simulates a reporter out of room (a deliberate sleep: noqa)
         seen.append(line)
 
     env = runner.environment(runtime, tmp_path, {})
@@ -446,7 +446,7 @@ async def test_timeout_kills_a_process_that_ignores_sigterm(tmp_path):
 async def test_abort_stops_the_process_with_its_reason(tmp_path):
     abort = AbortSignal()
     task = asyncio.ensure_future(run_process(["sleep", "30"], tmp_path, abort=abort))
-    await asyncio.sleep(0.05)  # noqa: sleep - lets the process start; abort works at any moment
+    await asyncio.sleep(0.05)  # lets the process start; abort works at any moment (a deliberate sleep: noqa)
     abort.set("node_drained", "bye")
     outcome, _ = await asyncio.wait_for(task, 5)
     assert outcome.error.code == "node_drained" and outcome.error.message == "bye"

@@ -6,13 +6,21 @@ import pytest
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
-from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage, Unavailable
 from jobmesh.contract.ids import job_id_for
-from jobmesh.contract.messages.v1 import JobSpec, LifecycleEvent, NoopRuntime, ProcessRuntime, Resources, SubmitRequest, Submission
+from jobmesh.contract.messages.v1 import (
+    JobSpec,
+    LifecycleEvent,
+    NoopRuntime,
+    ProcessRuntime,
+    Resources,
+    Submission,
+    SubmitRequest,
+)
+from jobmesh.contract.validation import validate_spec
+from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, OversizedMessage, Unavailable
 from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.outcomes import Reject, Retry, fate_for
 from jobmesh.runtime.settings import Settings
-from jobmesh.contract.validation import validate_spec
 
 
 def test_settings_from_env_parse_and_name_the_variable():
@@ -120,8 +128,10 @@ async def test_one_bad_message_does_not_take_its_batch_down():
         return None
 
     spec = ConsumerSpec("S", "d", ("x",), Codec(JobStarted), handle, "process x")
-    raws = [_FakeRaw(encode(JobStarted(job_id=j, attempt=1, partition=0, node_id="n", at=0.0)))
-            for j in ("a", "poison", "b")]
+    raws = [
+        _FakeRaw(encode(JobStarted(job_id=j, attempt=1, partition=0, node_id="n", at=0.0)))
+        for j in ("a", "poison", "b")
+    ]
     await rt.process_batch(spec, raws)
     assert [r.fate for r in raws] == ["ack", "nak", "ack"]
     assert seen_batches == [3, 1, 1, 1]

@@ -5,8 +5,17 @@ from __future__ import annotations
 from jobmesh.binder.allocation import confirm_gone, free_on, overbooked, plan, reserve, without
 from jobmesh.contract.ids import attempt_key as reservation_key
 from jobmesh.contract.messages.v1 import (
-    Allocation, Constraints, JobReady, JobSpec, Locality, NodeInfo, NoopRuntime, ProcessRuntime, Reservation,
-    Resources, ZoneMap,
+    Allocation,
+    Constraints,
+    JobReady,
+    JobSpec,
+    Locality,
+    NodeInfo,
+    NoopRuntime,
+    ProcessRuntime,
+    Reservation,
+    Resources,
+    ZoneMap,
 )
 from jobmesh.scheduler import placement
 from jobmesh.scheduler.placement import Placement
@@ -85,8 +94,14 @@ def test_noop_jobs_need_a_node_offering_the_noop_runtime():
 
 def _ready(job_id: str, cpu: int, candidates: list[str], tiers: list[int] | None = None) -> JobReady:
     return JobReady(
-        job_id=job_id, attempt=1, partition=0, spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
-        candidates=candidates, tiers=tiers or [], submitted_at=0.0, ready_at=0.0,
+        job_id=job_id,
+        attempt=1,
+        partition=0,
+        spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
+        candidates=candidates,
+        tiers=tiers or [],
+        submitted_at=0.0,
+        ready_at=0.0,
     )
 
 
@@ -112,9 +127,14 @@ def test_binding_spread_takes_the_freest_node_of_the_best_tier():
 
 def test_free_capacity_counts_existing_reservations():
     n = node("a", cpu_milli=1000)
-    alloc = Allocation(node_id="a", reservations={
-        reservation_key("x", 1): Reservation(resources=Resources(cpu_milli=700, memory_mb=1), scratch_dir="", at=0.0)
-    })
+    alloc = Allocation(
+        node_id="a",
+        reservations={
+            reservation_key("x", 1): Reservation(
+                resources=Resources(cpu_milli=700, memory_mb=1), scratch_dir="", at=0.0
+            )
+        },
+    )
     assert free_on(n, alloc).cpu_milli == 300
     assert not overbooked(n, alloc)
     p = plan([_ready("j", 400, ["a"])], {"a": n}, {"a": alloc})
@@ -140,8 +160,13 @@ def test_retries_walk_past_the_first_candidates():
 # --- the binder's compare-and-set step and lost-node judgement ------------------------
 def _ready_on_a(job_id: str, cpu: int) -> JobReady:
     return JobReady(
-        job_id=job_id, attempt=1, partition=0, spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
-        candidates=["a"], submitted_at=0.0, ready_at=0.0,
+        job_id=job_id,
+        attempt=1,
+        partition=0,
+        spec=spec(resources=Resources(cpu_milli=cpu, memory_mb=1)),
+        candidates=["a"],
+        submitted_at=0.0,
+        ready_at=0.0,
     )
 
 
@@ -157,10 +182,13 @@ def test_reserve_takes_what_fits_and_recognises_a_redelivery():
 
 
 def test_without_removes_only_named_reservations():
-    alloc = Allocation(node_id="a", reservations={
-        "x:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
-        "y:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
-    })
+    alloc = Allocation(
+        node_id="a",
+        reservations={
+            "x:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
+            "y:1": Reservation(resources=Resources(), scratch_dir="", at=0.0),
+        },
+    )
     assert without(alloc, {"z:1"}) is None  # nothing to write
     kept = without(alloc, {"x:1"})
     assert kept is not None and set(kept.reservations) == {"y:1"}

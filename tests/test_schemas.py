@@ -130,8 +130,13 @@ def test_an_inconsistent_table_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bogus = channels.Channel(
-        "jobBogus", subjects.job_event(channels.PARTITION, "bogus"),  # type: ignore[arg-type]
-        (v1.JobStarted,), subjects.STREAM_DISPATCH, ("nobody",), (), "Wrong on purpose.",
+        "jobBogus",
+        subjects.job_event(channels.PARTITION, "bogus"),  # type: ignore[arg-type]
+        (v1.JobStarted,),
+        subjects.STREAM_DISPATCH,
+        ("nobody",),
+        (),
+        "Wrong on purpose.",
     )
     monkeypatch.setattr(channels, "CHANNELS", (*channels.CHANNELS, bogus))
     with pytest.raises(channelcheck.ChannelTableError) as refused:
@@ -163,10 +168,28 @@ def test_file_is_marked_json(relative: str) -> None:
 def test_every_wire_message_has_a_schema_and_a_channel() -> None:
     names = {m.__name__ for m in channels.wire_messages()}
     expected = {
-        "JobSubmitted", "JobReady", "JobUnplaceable", "JobBound", "JobStarted", "JobSucceeded",
-        "JobFailed", "JobExpired", "JobLost", "LogLine", "SubmitRequest", "SubmitReply",
-        "ErrorReply", "JobGetRequest", "JobListRequest", "JobView", "JobListReply",
-        "JobUpdate", "HealthReply", "DeadLetter", "NodeInfo", "Allocation",
+        "JobSubmitted",
+        "JobReady",
+        "JobUnplaceable",
+        "JobBound",
+        "JobStarted",
+        "JobSucceeded",
+        "JobFailed",
+        "JobExpired",
+        "JobLost",
+        "LogLine",
+        "SubmitRequest",
+        "SubmitReply",
+        "ErrorReply",
+        "JobGetRequest",
+        "JobListRequest",
+        "JobView",
+        "JobListReply",
+        "JobUpdate",
+        "HealthReply",
+        "DeadLetter",
+        "NodeInfo",
+        "Allocation",
     }
     assert expected <= names
     for name in names:
@@ -198,17 +221,28 @@ def test_schema_carries_the_type_tag(message: type[msgspec.Struct]) -> None:
 SPEC = v1.JobSpec(runtime=v1.ProcessRuntime(argv=["echo", "hi"]), queue="q1", priority=3)
 SAMPLES: list[msgspec.Struct] = [
     v1.JobSubmitted(job_id="j-1", partition=0, spec=SPEC, idempotency_key="k", submitted_at=1.0),
-    v1.JobReady(
-        job_id="j-1", attempt=1, partition=0, spec=SPEC, candidates=["n1"], submitted_at=1.0, ready_at=2.0
-    ),
+    v1.JobReady(job_id="j-1", attempt=1, partition=0, spec=SPEC, candidates=["n1"], submitted_at=1.0, ready_at=2.0),
     v1.JobBound(
-        job_id="j-1", attempt=1, partition=0, node_id="n1", spec=SPEC, scratch_dir="/tmp/j-1",
-        submitted_at=1.0, bound_at=2.0,
+        job_id="j-1",
+        attempt=1,
+        partition=0,
+        node_id="n1",
+        spec=SPEC,
+        scratch_dir="/tmp/j-1",
+        submitted_at=1.0,
+        bound_at=2.0,
     ),
     v1.JobFailed(
-        job_id="j-1", attempt=2, partition=0, node_id="n1", exit_code=None,
-        error=v1.JobError(code="timeout", message="run timeout"), output_tail="",
-        submitted_at=1.0, started_at=2.0, at=3.0,
+        job_id="j-1",
+        attempt=2,
+        partition=0,
+        node_id="n1",
+        exit_code=None,
+        error=v1.JobError(code="timeout", message="run timeout"),
+        output_tail="",
+        submitted_at=1.0,
+        started_at=2.0,
+        at=3.0,
     ),
     v1.LogLine(job_id="j-1", attempt=1, stream="stderr", line="boom", at=1.0),
     v1.SubmitRequest(jobs=[v1.Submission(spec=SPEC, idempotency_key="order-7")]),
@@ -217,8 +251,14 @@ SAMPLES: list[msgspec.Struct] = [
     v1.JobListRequest(limit=10, state="running"),
     v1.JobUpdate(job_id="j-1", state="running", attempt=1, node_id="n1", at=2.0),
     v1.HealthReply(service="tracker", instance="h-1", ok=True),
-    v1.DeadLetter(service="binder", subject="jobmesh.v1.job.0.ready", code="invalid_message",
-                  reason="missing field", size=3, payload_head="{}"),
+    v1.DeadLetter(
+        service="binder",
+        subject="jobmesh.v1.job.0.ready",
+        code="invalid_message",
+        reason="missing field",
+        size=3,
+        payload_head="{}",
+    ),
     v1.NodeInfo(node_id="n1", cpu_milli=2000, memory_mb=4096, labels={"arch": "amd64"}),
     v1.Allocation(
         node_id="n1",
@@ -283,17 +323,29 @@ def test_asyncapi_covers_every_subject() -> None:
     doc = _load(asyncapi.ASYNCAPI_PATH)
     addresses = {c["address"] for c in doc["channels"].values()}
     expected = {
-        subjects.API_SUBMIT, subjects.API_JOB_GET, subjects.API_JOB_LIST, subjects.API_NODES,
-        subjects.API_QUEUES, subjects.health("{service}"), subjects.job_watch("{job_id}"),
-        subjects.job_log("{job_id}"), subjects.node_dispatch("{node_id}"),
-        subjects.deadletter("{service}"), subjects.job_event("{partition}", "{kind}"),  # type: ignore[arg-type]
+        subjects.API_SUBMIT,
+        subjects.API_JOB_GET,
+        subjects.API_JOB_LIST,
+        subjects.API_NODES,
+        subjects.API_QUEUES,
+        subjects.health("{service}"),
+        subjects.job_watch("{job_id}"),
+        subjects.job_log("{job_id}"),
+        subjects.node_dispatch("{node_id}"),
+        subjects.deadletter("{service}"),
+        subjects.job_event("{partition}", "{kind}"),  # type: ignore[arg-type]
     }
     expected |= {subjects.job_event("{partition}", k) for k in channels.job_kinds()}  # type: ignore[arg-type]
     assert expected <= addresses
     assert any(a and a.startswith(subjects.EVENTS_ALL.removesuffix(">")) for a in addresses)
     streams = {c.get("x-stream") for c in doc["channels"].values()}
-    assert {subjects.STREAM_JOBS, subjects.STREAM_DISPATCH, subjects.STREAM_LOGS,
-            subjects.STREAM_DEADLETTER, subjects.STREAM_EVENTS} <= streams
+    assert {
+        subjects.STREAM_JOBS,
+        subjects.STREAM_DISPATCH,
+        subjects.STREAM_LOGS,
+        subjects.STREAM_DEADLETTER,
+        subjects.STREAM_EVENTS,
+    } <= streams
 
 
 def test_asyncapi_parameters_and_operations_are_consistent() -> None:
@@ -316,8 +368,11 @@ def test_asyncapi_matches_the_design_table() -> None:
     ops = doc["operations"]
 
     def parties(channel: str, action: str) -> set[str]:
-        return {op["tags"][0]["name"] for op in ops.values()
-                if op["channel"]["$ref"] == f"#/channels/{channel}" and op["action"] == action}
+        return {
+            op["tags"][0]["name"]
+            for op in ops.values()
+            if op["channel"]["$ref"] == f"#/channels/{channel}" and op["action"] == action
+        }
 
     assert parties("jobSubmitted", "send") == {"trigger"}
     assert parties("jobReady", "send") == {"scheduler"}

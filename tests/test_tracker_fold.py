@@ -31,7 +31,13 @@ def submitted(job: str = "j1") -> JobSubmitted:
 
 def ready(job: str = "j1", attempt: int = 1, at: float = 1.0, release: int = 1) -> JobReady:
     return JobReady(
-        job_id=job, attempt=attempt, partition=0, spec=SPEC, candidates=["n1"], submitted_at=T0, ready_at=T0 + at,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        spec=SPEC,
+        candidates=["n1"],
+        submitted_at=T0,
+        ready_at=T0 + at,
         release=release,
     )
 
@@ -44,7 +50,13 @@ def unplaceable(job: str = "j1", attempt: int = 1, at: float = 1.5, release: int
 
 def bound(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 2.0) -> JobBound:
     return JobBound(
-        job_id=job, attempt=attempt, partition=0, node_id=node, spec=SPEC, scratch_dir="/s", submitted_at=T0,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=node,
+        spec=SPEC,
+        scratch_dir="/s",
+        submitted_at=T0,
         bound_at=T0 + at,
     )
 
@@ -55,16 +67,30 @@ def started(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 3.0
 
 def succeeded(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 4.0) -> JobSucceeded:
     return JobSucceeded(
-        job_id=job, attempt=attempt, partition=0, node_id=node, exit_code=0, output_tail="done", submitted_at=T0,
-        started_at=T0 + 3.0, at=T0 + at,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=node,
+        exit_code=0,
+        output_tail="done",
+        submitted_at=T0,
+        started_at=T0 + 3.0,
+        at=T0 + at,
     )
 
 
 def failed(job: str = "j1", attempt: int = 1, exit_code: int = 7, at: float = 4.0) -> JobFailed:
     return JobFailed(
-        job_id=job, attempt=attempt, partition=0, node_id="n1", exit_code=exit_code,
-        error=JobError(code="exit", message="exited with 7"), output_tail="boom", submitted_at=T0,
-        started_at=T0 + 3.0, at=T0 + at,
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id="n1",
+        exit_code=exit_code,
+        error=JobError(code="exit", message="exited with 7"),
+        output_tail="boom",
+        submitted_at=T0,
+        started_at=T0 + 3.0,
+        at=T0 + at,
     )
 
 
@@ -128,7 +154,7 @@ def test_every_delivery_order_ends_in_the_same_records() -> None:
 def test_splitting_into_batches_ends_in_the_same_records_as_one_batch() -> None:
     # Two jobs, a lost attempt, a retry that waits: everything except two different
     # terminal events for one attempt (where the first recorded wins by design).
-    events = lifecycle("a")[:4] + [lost("a", at=9)] + lifecycle("b")
+    events = [*lifecycle("a")[:4], lost("a", at=9), *lifecycle("b")]
     events += [ready("b", 2, at=6), unplaceable("b", 2, at=7), ready("b", 2, at=8, release=2)]
     expected = FakeStore()
     expected.write(fold(events))
@@ -160,7 +186,7 @@ def test_redelivery_changes_nothing() -> None:
 
 def test_a_stale_attempt_is_recorded_but_fenced_off() -> None:
     store = FakeStore()
-    store.write(fold(lifecycle()[:4] + [lost(at=5)]))
+    store.write(fold([*lifecycle()[:4], lost(at=5)]))
     store.write(fold([ready(attempt=2, at=6), bound(attempt=2, node="n2", at=7), started(attempt=2, node="n2", at=8)]))
     changed = store.write(fold([succeeded(attempt=1, at=9)]))  # the lost attempt reports late
     job = store.jobs["j1"]
@@ -211,7 +237,7 @@ def test_a_failure_keeps_exit_code_and_error() -> None:
 
 
 def test_a_new_attempt_supersedes_and_resets_what_the_job_shows() -> None:
-    job = only_job(fold(lifecycle()[:4] + [failed(), ready(attempt=2, at=6)]))
+    job = only_job(fold([*lifecycle()[:4], failed(), ready(attempt=2, at=6)]))
     current = job.current
     assert (current.attempt, current.state, current.node_id, current.exit_code) == (2, "ready", "", None)
 
