@@ -11,6 +11,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from nats.js import JetStreamContext
@@ -26,11 +27,19 @@ _decoder = msgspec.json.Decoder(NodeInfo)
 class NodeWatcher:
     """Keeps ``nodes`` current from a KV watch and calls ``on_change`` when the set changes.
 
+    A view that missed updates must not be decided on: after a NATS reconnect a KV watch
+    can lag behind the bucket for many seconds. So the watch is started afresh after every
+    reconnect (:meth:`restart`), and the view counts as :attr:`fresh` only once that
+    watch's initial values have all arrived.
+
     Args:
         js: the JetStream context.
         ttl: seconds after its last heartbeat that a node is considered gone.
         on_change: called (synchronously) when a node joins, leaves or changes capacity.
+        on_record: called (synchronously) with every record put, heartbeats included, and
+            the monotonic time it arrived (the scheduler renews attempt leases from them).
         clock: returns the current unix time.
+        monotonic: returns monotonic seconds (for :attr:`fresh_since`).
     """
 
     def __init__(
@@ -38,44 +47,86 @@ class NodeWatcher:
         js: JetStreamContext,
         ttl: float,
         on_change: Callable[[], None] | None = None,
+        on_record: Callable[[NodeInfo, float], None] | None = None,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._js = js
         self._ttl = ttl
         self._on_change = on_change
+        self._on_record = on_record
         self._clock = clock
+        self._monotonic = monotonic
         self._nodes: dict[str, NodeInfo] = {}
         self._alive_ids: frozenset[str] = frozenset()
         self._ready = asyncio.Event()
+        self._restart = asyncio.Event()
         self.version = 0  # bumps whenever the alive set or a node's record changes shape
         self._seen_version = 0
+        self.fresh = False  # the current watch has delivered every record the bucket held
+        self.fresh_since = 0.0  # monotonic time it became so (0 while not fresh)
+
+    def restart(self) -> None:
+        """Start the watch afresh (after a reconnect); the view is stale until it caught up."""
+        self.fresh = False
+        self.fresh_since = 0.0
+        self._restart.set()
 
     async def run(self) -> None:
-        """Watch forever (run as a background task)."""
+        """Watch forever (run as a background task), restarting when asked to."""
         kv = await self._js.key_value(subjects.KV_NODES)
-        watcher = await kv.watchall()
+        while True:
+            self._restart.clear()
+            watcher = await kv.watchall()
+            follow = asyncio.ensure_future(self._follow(watcher))
+            restart = asyncio.ensure_future(self._restart.wait())
+            try:
+                await asyncio.wait({follow, restart}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                restart.cancel()
+                follow.cancel()
+                await asyncio.gather(follow, restart, return_exceptions=True)
+                try:
+                    await watcher.stop()
+                except Exception:
+                    log.debug("stopping a node watch failed", exc_info=True)
+            if follow.done() and not follow.cancelled() and follow.exception() is not None:
+                raise follow.exception()  # type: ignore[misc]  # checked just above
+            log.info("node view: watching jm_nodes afresh")
+
+    async def _follow(self, watcher: Any) -> None:
+        snapshot: dict[str, NodeInfo] | None = {}  # the initial values, until they are all in
         async for entry in watcher:
             if entry is None:  # initial values delivered
+                if snapshot is not None:
+                    self._nodes, snapshot = snapshot, None
+                self.fresh = True
+                self.fresh_since = self._monotonic()
                 self._ready.set()
+                self.version += 1
                 self._recheck()
                 continue
+            nodes = snapshot if snapshot is not None else self._nodes
             if entry.operation in ("DEL", "PURGE"):
-                if self._nodes.pop(entry.key, None) is not None:
+                if nodes.pop(entry.key, None) is not None and snapshot is None:
                     self._recheck()
                 continue
-            else:
-                try:
-                    node = _decoder.decode(entry.value)
-                except msgspec.DecodeError:
-                    log.warning("ignoring a malformed node record under %s", entry.key)
-                    continue
-                old = self._nodes.get(entry.key)
-                self._nodes[entry.key] = node
-                if old is None or shape(old) != shape(node):
-                    self.version += 1
-                    self._recheck()
-                elif entry.key not in self._alive_ids:
-                    self._recheck()  # a node that had gone quiet is back
+            try:
+                node = _decoder.decode(entry.value)
+            except msgspec.DecodeError:
+                log.warning("ignoring a malformed node record under %s", entry.key)
+                continue
+            old = nodes.get(entry.key)
+            nodes[entry.key] = node
+            if self._on_record is not None:
+                self._on_record(node, self._monotonic())
+            if snapshot is not None:
+                continue
+            if old is None or shape(old) != shape(node):
+                self.version += 1
+                self._recheck()
+            elif entry.key not in self._alive_ids:
+                self._recheck()  # a node that had gone quiet is back
 
     async def wait_ready(self, timeout: float = 10.0) -> None:
         """Wait until the initial records have been read."""

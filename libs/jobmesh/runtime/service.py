@@ -128,6 +128,7 @@ class Runtime:
         self._responders: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._health_checks: list[Callable[[], str | None]] = []
+        self._reconnect_hooks: list[Callable[[], None]] = []
 
     @property
     def nc(self) -> NATS:
@@ -173,6 +174,11 @@ class Runtime:
             lease_ttl=self.settings.lease_ttl_seconds,
             replicas=self.settings.stream_replicas,
         )
+
+    def on_reconnect(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` after every reconnect to NATS (views that watch KV restart their
+        watch then: a watch can lag far behind the bucket after a reconnect)."""
+        self._reconnect_hooks.append(hook)
 
     def add_health_check(self, check: Callable[[], str | None]) -> None:
         """Register a check returning a problem description, or None when healthy."""
@@ -495,6 +501,8 @@ class Runtime:
 
     async def _on_reconnect(self) -> None:
         log.info("%s: reconnected to NATS", self.service)
+        for hook in self._reconnect_hooks:
+            hook()
 
 
 async def _reply(msg: Msg, reply: Any) -> None:
