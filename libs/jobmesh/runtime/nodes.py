@@ -87,11 +87,13 @@ class NodeWatcher:
                 follow.cancel()
                 await asyncio.gather(follow, restart, return_exceptions=True)
                 try:
-                    await watcher.stop()
+                    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
                 except Exception:
+                    # The old watch may be on a dead connection; it is dropped either way.
                     log.debug("stopping a node watch failed", exc_info=True)
-            if follow.done() and not follow.cancelled() and follow.exception() is not None:
-                raise follow.exception()  # type: ignore[misc]  # checked just above
+            failure = follow.exception() if follow.done() and not follow.cancelled() else None
+            if failure is not None:
+                raise failure
             log.info("node view: watching jm_nodes afresh")
 
     async def _follow(self, watcher: Any) -> None:
