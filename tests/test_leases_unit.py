@@ -12,3 +12,13 @@ def test_a_failed_renewal_keeps_the_lease_only_while_it_surely_holds():
     # Past the margin a standby may own it already: let go, even though the TTL has not run out.
     assert not still_ours(now=ttl * SAFE_FRACTION, renewed_at=0.0, ttl=ttl)
     assert not still_ours(now=100.0 + ttl, renewed_at=100.0, ttl=ttl)
+
+
+def test_partitions_are_shared_out_over_the_live_schedulers():
+    from jobmesh.scheduler.leases import fair_share
+
+    assert fair_share(4, 1) == 4
+    assert fair_share(4, 2) == 2
+    assert fair_share(4, 3) == 2  # 2 + 1 + 1: nobody holds more than two
+    assert fair_share(4, 8) == 1
+    assert fair_share(4, 0) == 4  # not even itself heard yet: it counts as one

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, QueueConfig
+from jobmesh.contract.messages.v1 import AttemptError, JobSpec, JobSubmitted, QueueConfig
 from jobmesh.runtime.backoff import backoff
 from jobmesh.scheduler.fairshare import Rotation, Shares
 from jobmesh.scheduler.placement import signature
@@ -88,6 +88,13 @@ class Job:
     trace: str = ""  # traceparent of the submit, continued by JobReady
     where: str = READY
     reason: str = ""
+    heartbeat: float = 10.0  # the job's heartbeat timeout (its attempts' lease length)
+    # What earlier attempts left behind; all empty until an attempt failed (most jobs).
+    avoid: frozenset[str] = frozenset()  # nodes its next attempts avoid (migrate_after)
+    avoid_zones: frozenset[str] = frozenset()
+    errors: tuple[AttemptError, ...] = ()  # how each earlier attempt ended
+    checkpoint: str = ""  # the last checkpoint an attempt reported; the next one starts from it
+    cancelling: str = ""  # the reason, once a cancel arrived while the attempt was out
 
     @classmethod
     def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
@@ -108,6 +115,7 @@ class Job:
             submitted_at=submitted.submitted_at,
             sig=signature(spec),
             trace=trace,
+            heartbeat=spec.timeouts.heartbeat,
             **state,
         )
 
@@ -439,8 +447,8 @@ class Backlog:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, job_id = heapq.heappop(self._deadlines)
             job = self.jobs.get(job_id)
-            if job is None or job.where in (RELEASED, GONE):
-                continue
+            if job is None or job.where in (RELEASED, GONE) or job.attempt > 1:
+                continue  # out at the binder or running, or it has started before (a retry)
             q = self.queues[job.queue]
             reason = f"not started within the queue timeout of {job.queue_timeout:g}s"
             if job.reason:
@@ -516,6 +524,63 @@ class Backlog:
             # dropped then): file it again so the next round expires it if due.
             heapq.heappush(self._deadlines, (job.submitted_at + job.queue_timeout, job.seq, job.job_id))
         return True
+
+    def retry(
+        self,
+        job_id: str,
+        attempt: int,
+        next_attempt: int,
+        not_before: float,
+        avoid: frozenset[str],
+        avoid_zones: frozenset[str],
+        error: AttemptError,
+        checkpoint: str,
+        now: float,
+    ) -> bool:
+        """Attempt ``attempt`` failed and the policy retries: hold the job as ``next_attempt``
+        until ``not_before``. Its queue slot and concurrency key are free meanwhile; its turn
+        in a sequential group is kept (the group's next job must not pass a retrying one).
+
+        Returns:
+            False when ``attempt`` is not the job's current, released attempt (stale).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.where != RELEASED:
+            return False
+        q = self.queues[job.queue]
+        self._release_slot(q, job, now)
+        q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
+        job.attempt = next_attempt
+        job.releases = 0
+        job.not_before = not_before
+        job.avoid, job.avoid_zones = avoid, avoid_zones
+        job.errors = (*job.errors, error)
+        job.checkpoint = checkpoint or job.checkpoint
+        self._enter(job, now)
+        return True
+
+    def release_again(self, job_id: str, attempt: int, reason: str, now: float) -> bool:
+        """The released attempt never showed up on a node (its JobReady or JobBound was
+        lost): make it ready to be released again at once, as the same attempt."""
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.where != RELEASED:
+            return False
+        q = self.queues[job.queue]
+        self._release_slot(q, job, now)
+        q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
+        self._make_ready(job, now)
+        job.reason = reason
+        return True
+
+    def cancel_held(self, job_id: str, now: float) -> Job | None:
+        """Take a job that is not released out of the backlog (a cancel). Returns it, or
+        None when it is released (the attempt must be stopped first) or unknown."""
+        job = self.jobs.get(job_id)
+        if job is None or job.where == RELEASED:
+            return None
+        self._forget_pending(self.queues[job.queue], job, now)
+        del self.jobs[job_id]
+        return job
 
     def retry_rooms_now(self, now: float, finished: int) -> None:
         """``finished`` jobs freed capacity: that many jobs waiting for room (times a small

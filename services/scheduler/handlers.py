@@ -1,12 +1,15 @@
 """Scheduler handlers: one ``PartitionScheduler`` per partition this process owns.
 
-Order of effects for every batch: insert new jobs, decide, publish JobReady/JobExpired
-beside the state update, commit, then ack. A crash anywhere before the ack replays the
-batch: the insert skips known jobs, and JobReady ids (``job:attempt:ready:n``) make a
-re-publish within JetStream's duplicate window a no-op. The backlog in memory changes
-while deciding; if the publish or the commit fails it is rebuilt from Postgres before the
-next batch. Known gap: a released job has no timeout of its own, so a JobReady lost for
-good (or an executor that dies; JobLost is not built yet) holds its slot until restarted by hand.
+Order of effects for every batch: insert new jobs, decide, publish (JobReady, JobExpired,
+JobRetrying, JobGaveUp, JobLost, JobCancelled ...) beside the state update, commit, then
+ack. A crash anywhere before the ack replays the batch: the insert skips known jobs, and
+every message id is deterministic (``job:attempt:kind[:n]``), so a re-publish within
+JetStream's duplicate window is a no-op. The backlog in memory changes while deciding; if
+the publish or the commit fails it is rebuilt from Postgres before the next batch.
+
+After its release an attempt holds a lease (``attemptleases``): its node's records renew
+it; one that never shows up is released again after the bind timeout, one whose renewals
+stop is declared lost. What follows a failed or lost attempt is ``retries.decide``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import gc
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 import msgspec
@@ -24,8 +27,12 @@ import msgspec
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
+    AttemptError,
+    CancelReply,
+    CancelRequest,
     ExplainReply,
     ExplainRequest,
+    JobCancelled,
     JobExpired,
     JobFailed,
     JobLost,
@@ -33,6 +40,7 @@ from jobmesh.contract.messages.v1 import (
     JobSubmitted,
     JobSucceeded,
     JobUnplaceable,
+    NodeInfo,
     TerminalEvent,
 )
 from jobmesh.runtime.clusterconfig import ClusterConfig
@@ -40,9 +48,10 @@ from jobmesh.runtime.db import translated
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
-from jobmesh.runtime.tracing import Tracing
-from jobmesh.scheduler import store
-from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
+from jobmesh.runtime.tracing import Context, Tracing
+from jobmesh.scheduler import lifecycle, retries, store
+from jobmesh.scheduler.attemptleases import AttemptLeases
+from jobmesh.scheduler.backlog import RELEASED, Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
 
 if TYPE_CHECKING:
@@ -50,7 +59,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jobmesh.scheduler")
 
-TERMINAL = (JobSucceeded, JobFailed, JobExpired, JobLost)
+TERMINAL = (JobSucceeded, JobFailed, JobExpired, JobLost, JobCancelled)
 _submitted = msgspec.json.Decoder(JobSubmitted)
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
 
@@ -73,17 +82,34 @@ class Placements:
         return self._current
 
 
+class Round:
+    """What one batch or planning round decides besides releases: messages and state changes."""
+
+    __slots__ = ("changes", "ended", "now", "out")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.changes = store.StateChanges()
+        self.out: list[Outgoing] = []
+        self.ended = 0  # attempts that freed capacity (wakes jobs waiting for room)
+
+
 class PartitionScheduler:
     """Owns the backlog of one partition while this process holds its lease.
 
     Args:
         partition: the partition number.
+        partitions: how many partitions exist (a fallback job may belong to another).
         pool: Postgres pool (schema ``scheduler``).
         publisher: JetStream publisher.
         placements: node rankings.
+        nodes: the node view (its freshness gates lease decisions).
         config: queue and tenant configuration.
         tracing: turns a job's stored traceparent back into the context JobReady continues.
+        bind_timeout: seconds a released attempt may take to show up in a node record.
+        settle: seconds the node view must have been caught up before a lease decision.
         clock: returns the current unix time.
+        monotonic: monotonic seconds (lease deadlines).
     """
 
     def __init__(
@@ -94,16 +120,27 @@ class PartitionScheduler:
         placements: Placements,
         config: ClusterConfig,
         tracing: Tracing,
+        *,
+        nodes: NodeWatcher | None = None,
+        partitions: int = 1,
+        bind_timeout: float = 30.0,
+        settle: float = 10.0,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tracing = tracing
         self.partition = partition
+        self._partitions = partitions
         self._pool = pool
         self._publisher = publisher
         self._placements = placements
+        self._nodes = nodes
         self._config = config
         self._clock = clock
+        self._monotonic = monotonic
+        self._settle = settle
         self.backlog = self._new_backlog()
+        self.leases = AttemptLeases(partition, bind_timeout)
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._dirty = False
@@ -116,7 +153,9 @@ class PartitionScheduler:
         """Rebuild the backlog from Postgres (start-up, take-over, or after a failure)."""
         rows = await store.load_active(self._pool, self.partition)
         backlog = self._new_backlog()
+        leases = AttemptLeases(self.partition, self.leases.bind_timeout)
         now = self._clock()
+        mono = self._monotonic()
         for i, row in enumerate(rows):
             if i % 5000 == 4999:
                 await asyncio.sleep(0)  # let lease beats and other partitions run meanwhile
@@ -128,11 +167,20 @@ class PartitionScheduler:
                 attempt=row["attempt"],
                 releases=row["releases"],
             )
+            if row["retry"]:
+                _restore(job, store.retry_decoder.decode(row["retry"]))
             if row["state"] == "released":
                 backlog.add_released(job, now)
+                # A new owner knows nothing of the attempt's renewals: every lease starts
+                # afresh, long enough for the next records to renew the running ones.
+                leases.track(job.job_id, job.attempt, job.heartbeat, mono, max(leases.bind_timeout, job.heartbeat))
             else:
                 backlog.add(job, now)
         self.backlog = backlog
+        self.leases = leases
+        if self._nodes is not None:
+            for node, _alive in self._nodes.all():
+                leases.observe(node, mono)
         self._dirty = False
         if len(rows) > 10_000:
             # A big backlog is long-lived and free of reference cycles: keep the cyclic
@@ -150,8 +198,14 @@ class PartitionScheduler:
         self.backlog.reconfigure(self._clock())
         self.kick()
 
+    def observe(self, record: NodeInfo, at: float) -> None:
+        """A node record arrived: renew the leases of this partition's attempts on it."""
+        self.leases.observe(record, at)
+        if self.leases._pending:  # a restarted executor: act now, not at the next deadline
+            self.kick()
+
     async def handle(self, batch: list[Envelope]) -> None:
-        """Apply a batch of submits, terminal events and unplaceable replies."""
+        """Apply a batch of submits, attempt endings and unplaceable replies."""
         async with self._lock:
             if self._dirty:
                 async with translated("reloading the backlog"):
@@ -161,6 +215,7 @@ class PartitionScheduler:
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
             finished: list[TerminalEvent] = [env.message for env in batch if isinstance(env.message, TERMINAL)]
             refused: list[JobUnplaceable] = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
+            contexts = {env.message.job_id: env.context for env in batch}
             try:
                 async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
@@ -171,19 +226,16 @@ class PartitionScheduler:
                         seq = new.get(env.message.job_id)
                         if seq is not None:
                             self.backlog.add(Job.of(env.message, seq, raw=env.data, trace=trace), now)
-                    changes = store.StateChanges()
-                    ended = 0
+                    rnd = Round(now)
                     for m in finished:
-                        if self.backlog.finish(m.job_id, m.attempt, now):
-                            changes.add(m.job_id, "done")
-                            ended += 1
+                        self._attempt_ended(m, rnd, contexts.get(m.job_id))
                     for r in refused:
-                        if self.backlog.room_wanted(r.job_id, r.attempt, r.release, r.reason, now):
-                            changes.add(r.job_id, "pending", r.reason)
-                    if ended:
-                        self.backlog.retry_rooms_now(now, ended)
+                        self._refused(r, rnd, contexts.get(r.job_id))
+                    self._check_leases(rnd)
+                    if rnd.ended:
+                        self.backlog.retry_rooms_now(now, rnd.ended)
                     decisions = self._plan(now)
-                    await self._publish_and_record(conn, decisions, now, changes)
+                    await self._publish_and_record(conn, decisions, rnd)
             except BaseException:
                 self._dirty = True
                 raise
@@ -195,16 +247,180 @@ class PartitionScheduler:
             ):
                 self.kick()
 
+    # --- what follows an attempt -----------------------------------------------------
+    def _attempt_ended(self, event: TerminalEvent, rnd: Round, context: Context | None) -> None:
+        job = self.backlog.jobs.get(event.job_id)
+        if job is None or job.attempt != event.attempt:
+            return  # the job is gone, or the event is of a stale attempt (fenced)
+        if isinstance(event, JobFailed | JobLost) and job.where == RELEASED:
+            node_id = event.node_id
+            ended = lifecycle.attempt_error(event, job.attempt, node_id, event.at)
+            self._failed(job, ended, "lost" if isinstance(event, JobLost) else "failed", rnd, context)
+            return
+        if self.backlog.finish(event.job_id, event.attempt, rnd.now):
+            self.leases.forget(event.job_id)
+            rnd.changes.add(event.job_id, "done")
+            rnd.ended += 1
+
+    def _failed(self, job: Job, ended: AttemptError, state: str, rnd: Round, context: Context | None) -> None:
+        """Attempt ``ended.attempt`` of ``job`` failed or was lost: retry or give up."""
+        lease = self.leases.forget(job.job_id)
+        if job.cancelling:
+            self._end_cancelled(job, job.attempt, ended.node_id, rnd, context)
+            return
+        spec = job.spec
+        placement = self._placements.current()
+        zone_of = {e.node_id: placement.zone_of(e.node_id) for e in (*job.errors, ended) if e.node_id}
+        decision = retries.decide(
+            job_id=job.job_id,
+            policy=spec.retry,
+            timeouts=spec.timeouts,
+            ended=ended,
+            earlier=list(job.errors),
+            zone_of=zone_of,
+            submitted_at=job.submitted_at,
+            now=rnd.now,
+        )
+        code = ended.error.code
+        if isinstance(decision, retries.Retry):
+            checkpoint = lease.checkpoint if lease is not None else ""
+            self.backlog.retry(
+                job.job_id, job.attempt, decision.next_attempt, decision.not_before, decision.avoid,
+                decision.avoid_zones, ended, checkpoint, rnd.now,
+            )  # fmt: skip
+            rnd.out.append(lifecycle.retrying(job.job_id, self.partition, ended, decision, rnd.now, context))
+            reason = f"retrying: attempt {decision.next_attempt} in {decision.delay:.1f}s after {code}"
+            rnd.changes.add(job.job_id, "pending", reason, attempt=decision.next_attempt, retry=_retry_state(job))
+            rnd.ended += 1
+            log.info(
+                "job %s: attempt %d %s (%s) on %s; attempt %d in %.1fs%s",
+                job.job_id, ended.attempt, state, code, ended.node_id or "-", decision.next_attempt, decision.delay,
+                f", avoiding {', '.join(sorted(decision.avoid | decision.avoid_zones))}" if decision.avoid else "",
+            )  # fmt: skip
+            return
+        errors = [*job.errors, ended]
+        fallback = lifecycle.fallback_submission(job.job_id, spec, self._partitions, rnd.now)
+        self.backlog.finish(job.job_id, job.attempt, rnd.now)
+        rnd.out.extend(
+            lifecycle.gave_up(
+                job.job_id, self.partition, ended, state, decision.reason, errors, fallback, rnd.now, context
+            )
+        )
+        rnd.changes.add(job.job_id, "done", decision.reason)
+        rnd.ended += 1
+        log.info(
+            "job %s: gave up after attempt %d %s (%s): %s%s",
+            job.job_id, ended.attempt, state, code, decision.reason,
+            f"; fallback job {fallback.job_id}" if fallback is not None else "",
+        )  # fmt: skip
+
+    def _refused(self, refusal: JobUnplaceable, rnd: Round, context: Context | None) -> None:
+        job = self.backlog.jobs.get(refusal.job_id)
+        if job is not None and job.cancelling and job.attempt == refusal.attempt and job.where == RELEASED:
+            # The binder did not bind a cancelled attempt: the job ends here.
+            self.leases.forget(job.job_id)
+            self._end_cancelled(job, job.attempt, "", rnd, context)
+            return
+        if self.backlog.room_wanted(refusal.job_id, refusal.attempt, refusal.release, refusal.reason, rnd.now):
+            self.leases.forget(refusal.job_id)
+            rnd.changes.add(refusal.job_id, "pending", refusal.reason)
+
+    def _end_cancelled(self, job: Job, attempt: int, node_id: str, rnd: Round, context: Context | None) -> None:
+        if job.where == RELEASED:
+            self.backlog.finish(job.job_id, job.attempt, rnd.now)
+            rnd.ended += 1
+        reason = job.cancelling or "cancelled"
+        rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, node_id, rnd.now, context))
+        rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
+        log.info("job %s: cancelled (attempt %d): %s", job.job_id, attempt, reason)
+
+    def _check_leases(self, rnd: Round) -> None:
+        """Act on the leases that ran out, but only on a node view that has caught up: a
+        view that missed records would take live attempts for lost ones."""
+        if not self._view_settled():
+            return
+        for expiry in self.leases.expired(self._monotonic()):
+            job = self.backlog.jobs.get(expiry.job_id)
+            if job is None or job.attempt != expiry.attempt or job.where != RELEASED:
+                continue
+            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+            if expiry.kind == "rebind":
+                log.warning("job %s: attempt %d %s; releasing it again", job.job_id, job.attempt, expiry.reason)
+                self.backlog.release_again(job.job_id, job.attempt, expiry.reason, rnd.now)
+                continue
+            log.warning("job %s: attempt %d lost: %s", job.job_id, job.attempt, expiry.reason)
+            message, event = lifecycle.lost(
+                job.job_id, self.partition, job.attempt, expiry.node_id, expiry.reason, rnd.now, context
+            )
+            rnd.out.append(message)
+            self._failed(
+                job, lifecycle.attempt_error(event, job.attempt, expiry.node_id, rnd.now), "lost", rnd, context
+            )
+
+    def _view_settled(self) -> bool:
+        if self._nodes is None:
+            return True
+        return self._nodes.fresh and self._monotonic() - self._nodes.fresh_since >= self._settle
+
+    # --- cancel ----------------------------------------------------------------------
+    async def cancel(self, request: CancelRequest) -> CancelReply:
+        """Cancel a job of this partition: at once if it is held, else stop its attempt."""
+        async with self._lock:
+            job = self.backlog.jobs.get(request.job_id)
+            if job is None:
+                return CancelReply(
+                    job_id=request.job_id,
+                    state="unknown",
+                    message=f"job {request.job_id} is not held by the scheduler: it has ended or is not known",
+                )
+            reason = request.reason or "cancelled by request"
+            state: Literal["cancelled", "cancelling"]
+            now = self._clock()
+            rnd = Round(now)
+            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+            if job.where == RELEASED:
+                if job.cancelling:
+                    return CancelReply(
+                        job_id=job.job_id, state="cancelling", message=f"already cancelling: {job.cancelling}"
+                    )
+                job.cancelling = reason
+                rnd.out.append(lifecycle.cancelling(job.job_id, self.partition, job.attempt, reason, now, context))
+                rnd.changes.add(
+                    job.job_id, "released", f"cancelling: {reason}", attempt=job.attempt, retry=_retry_state(job)
+                )
+                state, message = "cancelling", f"attempt {job.attempt} is being stopped"
+            else:
+                self.backlog.cancel_held(job.job_id, now)
+                self.leases.forget(job.job_id)
+                attempt = job.attempt if (job.releases or job.attempt > 1) else 0
+                rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context))
+                rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
+                state, message = "cancelled", "it had not started; it ended now"
+            log.info("job %s: cancel asked (%s): %s", job.job_id, reason, state)
+            try:
+                async with translated("cancelling a job"), self._pool.acquire() as conn, conn.transaction():
+                    await self._publish_and_record(conn, [], rnd)
+            except BaseException:
+                self._dirty = True
+                raise
+        self.kick()
+        return CancelReply(job_id=job.job_id, state=state, message=message)
+
     def _next_wake(self, now: float) -> float | None:
         wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
+        deadline = self.leases.next_deadline()
+        if deadline is not None:
+            wakes.append(now + max(0.0, deadline - self._monotonic()))
         return min(wakes) if wakes else None
 
     async def run_planner(self) -> None:
-        """Plan when nodes change, config changes, timers fire or tokens refill."""
+        """Plan when nodes change, config changes, timers fire, tokens refill or leases run out."""
         while True:
             now = self._clock()
             wake = self._next_wake(now)
             timeout = max(0.0, wake - now) if wake is not None else None
+            if timeout is not None and not self._view_settled():
+                timeout = max(timeout, 1.0)  # lease deadlines wait for the view: do not spin
             try:
                 await asyncio.wait_for(self._kick.wait(), timeout)
             except TimeoutError:
@@ -219,11 +435,12 @@ class PartitionScheduler:
                     if nodes_key is not self._nodes_key:
                         self._nodes_key = nodes_key
                         self.backlog.unpark(now)
+                    rnd = Round(now)
+                    self._check_leases(rnd)
                     decisions = self._plan(now)
-                    if decisions:  # an idle round costs no transaction
-                        changes = store.StateChanges()
+                    if decisions or rnd.out or rnd.changes:  # an idle round costs no transaction
                         async with self._pool.acquire() as conn, conn.transaction():
-                            await self._publish_and_record(conn, decisions, now, changes)
+                            await self._publish_and_record(conn, decisions, rnd)
                 if len(decisions) >= PLAN_LIMIT:
                     self.kick()
             except asyncio.CancelledError:
@@ -247,14 +464,13 @@ class PartitionScheduler:
                 # Nothing depends on pruning promptly: try again at the next round.
                 log.warning("partition %d: pruning finished jobs failed; will retry", self.partition, exc_info=True)
 
-    async def _publish_and_record(
-        self, conn: Connection, decisions: list[Release | Expire], now: float, changes: store.StateChanges
-    ) -> None:
-        """Publish the decisions and write their state changes side by side, inside the open
-        transaction; the commit that follows happens only if both succeeded."""
-        outgoing = self._messages(decisions, now, changes)
+    async def _publish_and_record(self, conn: Connection, decisions: list[Release | Expire], rnd: Round) -> None:
+        """Publish the decisions and the round's messages and write their state changes side
+        by side, inside the open transaction; the commit that follows happens only if both
+        succeeded."""
+        outgoing = rnd.out + self._messages(decisions, rnd.now, rnd.changes)
         results = await asyncio.gather(
-            self._publisher.publish(outgoing), store.apply(conn, changes), return_exceptions=True
+            self._publisher.publish(outgoing), store.apply(conn, rnd.changes), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
@@ -266,6 +482,7 @@ class PartitionScheduler:
     def _messages(self, decisions: list[Release | Expire], now: float, changes: store.StateChanges) -> list[Outgoing]:
         """The messages one round's decisions publish; notes the state changes they make."""
         outgoing: list[Outgoing] = []
+        mono = self._monotonic()
         for d in decisions:
             job = d.job
             context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
@@ -281,11 +498,13 @@ class PartitionScheduler:
                     submitted_at=job.submitted_at,
                     ready_at=now,
                     release=job.releases,
+                    checkpoint=job.checkpoint,
                 )
                 subject = subjects.job_event(self.partition, subjects.READY)
                 msg_id = release_id(job.job_id, job.attempt, subjects.READY, job.releases)
                 outgoing.append(Outgoing(subject, ready, msg_id, context))
                 changes.add(job.job_id, "released", releases=job.releases)
+                self.leases.track(job.job_id, job.attempt, job.heartbeat, mono)
             elif isinstance(d, Expire):
                 # Attempt 0: the job expired before any attempt was released.
                 attempt = job.attempt if job.releases else 0
@@ -298,10 +517,39 @@ class PartitionScheduler:
         return outgoing
 
     async def explain(self, request: ExplainRequest) -> ExplainReply:
-        """Why a job of this partition is not running yet."""
+        """Why a job of this partition is not running yet (or how its attempt is doing)."""
         job = self.backlog.jobs.get(request.job_id)
         if job is None:
             return ExplainReply(job_id=request.job_id, where="", reason="")
-        return ExplainReply(
-            job_id=request.job_id, where=job.where, reason=self.backlog.explain(request.job_id, self._clock())
-        )
+        reason = self.backlog.explain(request.job_id, self._clock())
+        lease = self.leases.leases.get(job.job_id)
+        if job.where == RELEASED and job.cancelling:
+            reason = f"cancelling: {job.cancelling}"
+        elif job.where == RELEASED and lease is not None and lease.node_id:
+            done = (
+                f" ({lease.progress:.0%}{': ' + lease.message if lease.message else ''})"
+                if lease.progress is not None
+                else ""
+            )
+            reason = f"running on node {lease.node_id}{done}"
+        return ExplainReply(job_id=request.job_id, where=job.where, reason=reason)
+
+
+def _retry_state(job: Job) -> store.RetryState:
+    return store.RetryState(
+        not_before=job.not_before,
+        avoid=sorted(job.avoid),
+        avoid_zones=sorted(job.avoid_zones),
+        errors=list(job.errors),
+        checkpoint=job.checkpoint,
+        cancelling=job.cancelling,
+    )
+
+
+def _restore(job: Job, state: store.RetryState) -> None:
+    job.not_before = max(job.not_before, state.not_before)
+    job.avoid = frozenset(state.avoid)
+    job.avoid_zones = frozenset(state.avoid_zones)
+    job.errors = tuple(state.errors)
+    job.checkpoint = state.checkpoint
+    job.cancelling = state.cancelling

@@ -9,6 +9,12 @@ while the lease surely still holds; past 0.8 TTL since the last successful renew
 owner lets go (self-fencing), because a standby may own it by then. A standby tries to
 create missing keys, so it takes over at most a TTL (plus one beat) after the owner's last
 renewal. A graceful stop deletes the keys, so a standby takes over at its next beat.
+
+Partitions are spread over the live instances: each one keeps a ``member.<instance>`` key
+alive in the same bucket, and holds at most ``ceil(partitions / live members)``
+partitions. One that holds more stops serving the extra ones and deletes their keys; one
+that holds fewer creates keys that are free. So two schedulers each serve half, and the
+death of one stalls only its half, for about a lease TTL.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -29,6 +36,12 @@ log = logging.getLogger("jobmesh.scheduler.leases")
 # A renewal that failed for a reason other than a lost race keeps the partition only while
 # less than this fraction of the TTL has passed since the last successful renewal began.
 SAFE_FRACTION = 0.8
+
+
+def fair_share(partitions: int, members: int) -> int:
+    """How many partitions one of ``members`` live schedulers may hold: so that one death
+    stalls only its share of the queues."""
+    return -(-partitions // max(1, members))
 
 
 def still_ours(now: float, renewed_at: float, ttl: float) -> bool:
@@ -81,6 +94,8 @@ class Leases:
         self._renewed: dict[int, float] = {}  # partition -> monotonic time of the last renewal
         self._taking: dict[int, asyncio.Task] = {}  # take-overs in progress
         self.last_beat = 0.0
+        self._members: dict[str, float] = {}  # live scheduler instances -> when last heard
+        self._member_key = subjects.member_key(instance)
 
     async def run(self) -> None:
         """Beat forever (a background task)."""
@@ -91,12 +106,63 @@ class Leases:
         if actual and abs(actual - self._ttl) > 0.01:
             log.warning("lease bucket TTL is %.1fs, not the configured %.1fs; using the bucket's", actual, self._ttl)
             self._ttl = actual
-        while True:
-            await asyncio.gather(*(self._beat(kv, partition) for partition in range(self._partitions)))
-            self.last_beat = self._clock()
-            await asyncio.sleep(self._ttl / 6)
+        members = asyncio.ensure_future(self._watch_members(kv))
+        try:
+            while True:
+                await self._announce(kv)
+                share = fair_share(self._partitions, len(self.live_members()))
+                await self._give_back_extra(kv, share)
+                free_slots = max(0, share - len(self.owned))
+                await asyncio.gather(
+                    *(self._beat(kv, partition, may_take=free_slots > 0) for partition in range(self._partitions))
+                )
+                self.last_beat = self._clock()
+                await asyncio.sleep(self._ttl / 6)
+        finally:
+            members.cancel()
 
-    async def _beat(self, kv, partition: int) -> None:
+    def live_members(self) -> list[str]:
+        """Scheduler instances heard from within a lease TTL (this one always counts)."""
+        now = self._clock()
+        live = {name for name, at in self._members.items() if now - at < self._ttl}
+        live.add(self._member_key.removeprefix("member."))
+        return sorted(live)
+
+    async def _announce(self, kv: Any) -> None:
+        try:
+            await asyncio.wait_for(kv.put(self._member_key, self._instance), self._ttl / 4)
+        except (TimeoutError, APIError, nats.errors.Error):
+            log.debug("could not announce this scheduler instance", exc_info=True)
+
+    async def _watch_members(self, kv: Any) -> None:
+        """Follow the member keys: a put is a sign of life, a delete a graceful goodbye.
+
+        A member that dies sends nothing: its key expires with the bucket's TTL, which no
+        watch reports, so liveness is judged by when it was last heard from.
+        """
+        watcher = await kv.watch(subjects.MEMBERS)
+        async for entry in watcher:
+            if entry is None:
+                continue
+            name = entry.key.removeprefix("member.")
+            if entry.operation in ("DEL", "PURGE"):
+                self._members.pop(name, None)
+            else:
+                self._members[name] = self._clock()
+
+    async def _give_back_extra(self, kv: Any, share: int) -> None:
+        """Hold no more than a fair share: stop serving the extra partitions first, then
+        delete their lease keys so an instance with fewer takes them at its next beat."""
+        extra = sorted(self.owned, reverse=True)[: max(0, len(self.owned) - share)]
+        for partition in extra:
+            if partition in self._taking:
+                continue  # still loading: give it back once it serves
+            log.info("giving partition %d back: %d live schedulers share %d partitions", partition,
+                     len(self.live_members()), self._partitions)  # fmt: skip
+            await self._lost(partition)
+            await self._drop(kv, partition)
+
+    async def _beat(self, kv: Any, partition: int, may_take: bool = True) -> None:
         key = subjects.lease_key(partition)
         limit = self._ttl / 4  # a hung call must not outlive the lease it is renewing
         if partition in self.owned:
@@ -124,6 +190,8 @@ class Leases:
                 taking.cancel()
             await self._lost(partition)
             return
+        if not may_take:
+            return  # a fair share is held already: leave free partitions to the others
         started = self._clock()
         try:
             revision = await asyncio.wait_for(kv.create(key, self._instance), limit)
@@ -154,6 +222,10 @@ class Leases:
         kv = await self._js.key_value(subjects.KV_LEASES)
         for partition in list(self.owned):
             await self._drop(kv, partition)
+        try:
+            await kv.delete(self._member_key)
+        except (KeyNotFoundError, APIError, nats.errors.Error, TimeoutError):
+            pass  # the TTL forgets this member soon enough
 
     async def _drop(self, kv, partition: int) -> None:
         revision = self.owned.pop(partition, None)

@@ -109,6 +109,7 @@ class Placement:
         self._turn: dict[tuple, int] = {}
         self._best: dict[tuple, int] = {}  # how many candidates share the best tier
         self._dataset_zones: dict[str, set[str]] = {}
+        self._zone = {node.node_id: node.zone for node in self.nodes}
         # Real clusters are pools of identical machines: rank each distinct node shape
         # once, not each node, so a new ranking over 1,000 nodes costs a handful of checks.
         classes: dict[tuple, list[NodeInfo]] = {}
@@ -130,7 +131,24 @@ class Placement:
         ranking on each new release, so over its retries it reaches every fitting node,
         not only the best ``limit`` of them.
         """
-        return self._place(job.sig, lambda: job.spec, window=job.releases)
+        ids, tiers, reason = self._place(job.sig, lambda: job.spec, window=job.releases)
+        if ids and (job.avoid or job.avoid_zones):
+            # Rare (a job that failed repeatedly on a node): filter its own copy, so the
+            # shared ranking of its signature stays as it is.
+            kept = [
+                (i, t)
+                for i, t in zip(ids, tiers, strict=True)
+                if i not in job.avoid and self._zone.get(i, "") not in job.avoid_zones
+            ]
+            if not kept:
+                avoided = ", ".join(sorted(job.avoid | job.avoid_zones))
+                return [], [], f"every fitting node is avoided after repeated failures there ({avoided})"
+            return [i for i, _ in kept], [t for _, t in kept], ""
+        return ids, tiers, reason
+
+    def zone_of(self, node_id: str) -> str:
+        """The zone of a live node ("" when it has none or is not live)."""
+        return self._zone.get(node_id, "")
 
     def _place(self, sig: tuple, load_spec, window: int = 0) -> tuple[list[str], list[int], str]:
         ranked = self._cache.get(sig)

@@ -1,21 +1,27 @@
-"""The scheduler service: owns the backlog and its order, emits JobReady.
+"""The scheduler service: owns the backlog and its order, emits JobReady, decides retries.
 
-Queues hash onto partitions; each partition has one active owner, chosen by lease. The
-owner of a partition runs its durable consumer (submits, unplaceable replies, terminal
-events), its planner and its explain responder; a standby only beats for leases.
+Queues hash onto partitions; each partition has one active owner, chosen by lease, and
+the partitions are spread over the live instances. The owner of a partition runs its
+durable consumer (submits, unplaceable replies, attempt endings), its planner (releases,
+timers, attempt leases) and its explain and cancel responders.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import (
+    CancelReply,
+    CancelRequest,
+    ExplainReply,
     ExplainRequest,
     LifecycleEvent,
+    NodeInfo,
     PartitionStats,
     QueuesReply,
     QueuesRequest,
@@ -49,7 +55,14 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         for part in owned.values():
             part.config_changed()
 
-    nodes = NodeWatcher(rt.js, settings.node_ttl_seconds, on_change=kick_all)
+    def record(node: NodeInfo, at: float) -> None:
+        # Every node record renews the leases of the attempts it lists, in every partition
+        # this process owns.
+        for part in owned.values():
+            part.observe(node, at)
+
+    nodes = NodeWatcher(rt.js, settings.node_ttl_seconds, on_change=kick_all, on_record=record)
+    rt.on_reconnect(nodes.restart)
     config = ClusterConfig(rt.js, on_change=config_changed)
     rt.spawn(nodes.run(), "nodes-watch")
     rt.spawn(nodes.expire_loop(), "nodes-expire")
@@ -62,7 +75,20 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     pruners: dict[int, asyncio.Task] = {}
 
     async def gained(number: int) -> None:
-        part = PartitionScheduler(number, pool, rt.publisher, placements, config, rt.tracing)
+        part = PartitionScheduler(
+            number,
+            pool,
+            rt.publisher,
+            placements,
+            config,
+            rt.tracing,
+            nodes=nodes,
+            partitions=settings.partitions,
+            bind_timeout=settings.bind_timeout_seconds,
+            # A view that just caught up may still be missing a heartbeat's worth of
+            # renewals: decide on leases only once it has been current for a node TTL.
+            settle=settings.node_ttl_seconds,
+        )
         await part.load()
         owned[number] = part
         planners[number] = rt.spawn(part.run_planner(), f"planner-{number}")
@@ -70,6 +96,11 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         await rt.add_responder(
             ResponderSpec(
                 subjects.scheduler_explain(number), Codec(ExplainRequest), _explain(part), queue=f"scheduler-p{number}"
+            )
+        )
+        await rt.add_responder(
+            ResponderSpec(
+                subjects.scheduler_cancel(number), Codec(CancelRequest), _cancel(part), queue=f"scheduler-p{number}"
             )
         )
         await rt.add_consumer(
@@ -87,6 +118,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         # Also called after a take-over failed half way: every step tolerates "not there".
         await rt.remove_consumer(subjects.durable("scheduler", f"p{number}"))
         await rt.remove_responder(subjects.scheduler_explain(number))
+        await rt.remove_responder(subjects.scheduler_cancel(number))
         for tasks in (planners, pruners):
             task = tasks.pop(number, None)
             if task is not None:
@@ -128,8 +160,15 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     )
 
 
-def _explain(part: PartitionScheduler):
-    async def handle(env: Envelope):
+def _explain(part: PartitionScheduler) -> Callable[[Envelope], Awaitable[ExplainReply]]:
+    async def handle(env: Envelope) -> ExplainReply:
         return await part.explain(env.message)
+
+    return handle
+
+
+def _cancel(part: PartitionScheduler) -> Callable[[Envelope], Awaitable[CancelReply]]:
+    async def handle(env: Envelope) -> CancelReply:
+        return await part.cancel(env.message)
 
     return handle

@@ -9,6 +9,9 @@ import time
 from typing import TYPE_CHECKING
 
 import asyncpg
+import msgspec
+
+from jobmesh.contract.messages.v1 import AttemptError
 
 if TYPE_CHECKING:
     from jobmesh.contract.messages.v1 import JobSubmitted
@@ -31,6 +34,9 @@ CREATE TABLE IF NOT EXISTS backlog (
     submitted_at double precision NOT NULL,
     updated_at   double precision NOT NULL
 );
+-- What earlier attempts left (RetryState, JSON): set once an attempt failed or a cancel
+-- arrived while the attempt was out; NULL for most jobs.
+ALTER TABLE backlog ADD COLUMN IF NOT EXISTS retry json;
 CREATE INDEX IF NOT EXISTS backlog_active ON backlog (partition, seq) WHERE state <> 'done';
 CREATE INDEX IF NOT EXISTS backlog_done ON backlog (partition, updated_at) WHERE state = 'done';
 """
@@ -68,6 +74,27 @@ async def insert_new(
     return {row["job_id"]: row["seq"] for row in rows}
 
 
+class RetryState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a job's earlier attempts left behind, kept durably so a take-over goes on
+    where the last owner stopped (column ``retry``)."""
+
+    not_before: float = 0.0
+    avoid: list[str] = []
+    avoid_zones: list[str] = []
+    errors: list[AttemptError] = []
+    checkpoint: str = ""
+    cancelling: str = ""
+
+
+_retry_encoder = msgspec.json.Encoder()
+retry_decoder = msgspec.json.Decoder(RetryState)
+
+
+def encode_retry(state: RetryState) -> str:
+    """The JSON text stored in ``backlog.retry``."""
+    return _retry_encoder.encode(state).decode()
+
+
 class StateChanges:
     """State changes of one batch, written with a single statement by :func:`apply`.
 
@@ -77,13 +104,25 @@ class StateChanges:
     to each target row.
     """
 
-    __slots__ = ("_by_job",)
+    __slots__ = ("_by_job", "_extra")
 
     def __init__(self) -> None:
         self._by_job: dict[str, tuple[str, str, int | None]] = {}
+        self._extra: dict[str, tuple[int, str]] = {}  # job -> (attempt, retry state JSON)
 
-    def add(self, job_id: str, state: str, reason: str = "", releases: int | None = None) -> None:
+    def add(
+        self,
+        job_id: str,
+        state: str,
+        reason: str = "",
+        releases: int | None = None,
+        attempt: int | None = None,
+        retry: RetryState | None = None,
+    ) -> None:
         self._by_job[job_id] = (state, reason, releases)
+        if attempt is not None and retry is not None:
+            # Rare (a retry or a cancel): written by a statement of its own in apply().
+            self._extra[job_id] = (attempt, encode_retry(retry))
 
     def __bool__(self) -> bool:
         return bool(self._by_job)
@@ -92,6 +131,10 @@ class StateChanges:
         ids = list(self._by_job)
         rows = list(self._by_job.values())
         return ids, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+
+    def retries(self) -> tuple[list[str], list[int], list[str]]:
+        ids = list(self._extra)
+        return ids, [self._extra[j][0] for j in ids], [self._extra[j][1] for j in ids]
 
 
 async def apply(conn: Connection, changes: StateChanges) -> None:
@@ -112,12 +155,24 @@ async def apply(conn: Connection, changes: StateChanges) -> None:
         releases,
         time.time(),
     )
+    retried, attempts, states_json = changes.retries()
+    if retried:
+        await conn.execute(
+            """
+            UPDATE backlog AS b SET attempt = u.a, retry = u.r::json
+              FROM unnest($1::text[], $2::int[], $3::text[]) AS u(j, a, r)
+             WHERE b.job_id = u.j
+            """,
+            retried,
+            attempts,
+            states_json,
+        )
 
 
 async def load_active(pool: asyncpg.Pool, partition: int) -> list[asyncpg.Record]:
     """Every job of ``partition`` that is not done, in submission order."""
     return await pool.fetch(
-        "SELECT job_id, seq, state, attempt, reason, releases, trace, submitted FROM backlog"
+        "SELECT job_id, seq, state, attempt, reason, releases, trace, submitted, retry::text AS retry FROM backlog"
         " WHERE partition = $1 AND state <> 'done' ORDER BY seq",
         partition,
     )

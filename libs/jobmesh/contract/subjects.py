@@ -129,6 +129,15 @@ def lease_key(partition: int) -> str:
     return f"partition.{partition}"
 
 
+MEMBERS = "member.*"  # the member keys of jm_leases: one per live scheduler instance
+
+
+def member_key(instance: str) -> str:
+    """Key in ``jm_leases`` a live scheduler instance keeps putting (partitions are spread
+    over the instances heard from). Dots in an instance name become ``_``."""
+    return f"member.{instance.replace('.', '_')}"
+
+
 def health(service: str) -> str:
     """Request/reply subject every instance of ``service`` answers health checks on."""
     return f"{PREFIX}.health.{service}"

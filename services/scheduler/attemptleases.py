@@ -1,0 +1,152 @@
+"""Attempt leases: which released attempts are still alive, as their nodes' records say.
+
+Pure bookkeeping, one instance per partition the scheduler owns; the clock is passed in.
+Every released attempt holds a lease with a deadline:
+
+- at release: ``now + bind_timeout`` (the attempt has to reach a node and start);
+- whenever its node's record (one KV put per node and heartbeat) lists it: ``arrival +
+  heartbeat timeout`` of the job; the record also brings the last progress and checkpoint.
+
+When a deadline passes, :meth:`AttemptLeases.expired` says what to do: an attempt that no
+record ever listed is *rebound* (its JobReady or JobBound was lost; the same attempt is
+released again), one that was listed is *lost*. A record of a new incarnation of a node
+(the executor restarted) that does not list an attempt seen under the old one makes that
+attempt lost at once. An attempt a record lists as ended is dropped: its terminal event
+is on its way. Deadlines sit in a heap, so finding the expired ones is O(log n) each.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jobmesh.contract.ids import attempt_key
+from jobmesh.contract.messages.v1 import NodeInfo
+
+
+@dataclass(slots=True)
+class Lease:
+    """The lease of one released attempt."""
+
+    attempt: int
+    deadline: float
+    heartbeat: float  # the job's heartbeat timeout
+    node_id: str = ""  # where a record listed it ("" until one did)
+    incarnation: str = ""
+    progress: float | None = None
+    message: str = ""
+    checkpoint: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Expiry:
+    """A lease that ran out: ``rebind`` (never seen running) or ``lost``."""
+
+    job_id: str
+    attempt: int
+    kind: Literal["rebind", "lost"]
+    node_id: str
+    reason: str
+
+
+@dataclass
+class AttemptLeases:
+    """The leases of one partition's released attempts.
+
+    Args:
+        partition: the partition whose attempts these are (records list all partitions).
+        bind_timeout: seconds a released attempt may take to show up in a record.
+    """
+
+    partition: int
+    bind_timeout: float
+    leases: dict[str, Lease] = field(default_factory=dict)  # job id -> lease
+    _heap: list[tuple[float, str, int]] = field(default_factory=list)
+    _by_node: dict[str, set[str]] = field(default_factory=dict)  # node -> job ids seen on it
+    _pending: list[Expiry] = field(default_factory=list)  # found by a record, not yet taken
+
+    def __len__(self) -> int:
+        return len(self.leases)
+
+    def track(self, job_id: str, attempt: int, heartbeat: float, now: float, grace: float | None = None) -> None:
+        """An attempt was released (or is reloaded after a take-over): start its lease.
+
+        Args:
+            grace: seconds until its deadline; ``bind_timeout`` when omitted.
+        """
+        self._unindex(job_id)
+        deadline = now + (self.bind_timeout if grace is None else grace)
+        self.leases[job_id] = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
+        heapq.heappush(self._heap, (deadline, job_id, attempt))
+
+    def forget(self, job_id: str) -> Lease | None:
+        """The attempt ended (or the job left): drop its lease, returning what it held."""
+        self._unindex(job_id)
+        return self.leases.pop(job_id, None)
+
+    def observe(self, record: NodeInfo, at: float) -> None:
+        """A node's record arrived at ``at``: renew what it lists, notice what it lost."""
+        listed: set[str] = set()
+        for lease_info in record.attempts:
+            if lease_info.partition != self.partition:
+                continue
+            lease = self.leases.get(lease_info.job_id)
+            if lease is None or lease.attempt != lease_info.attempt:
+                continue  # not ours, or a stale attempt (fenced)
+            listed.add(lease_info.job_id)
+            if lease.node_id != record.node_id:
+                self._unindex(lease_info.job_id)
+                self._by_node.setdefault(record.node_id, set()).add(lease_info.job_id)
+            lease.node_id = record.node_id
+            lease.incarnation = record.incarnation
+            lease.deadline = at + lease.heartbeat
+            lease.progress = lease_info.progress
+            lease.message = lease_info.message
+            if lease_info.checkpoint:
+                lease.checkpoint = lease_info.checkpoint
+            heapq.heappush(self._heap, (lease.deadline, lease_info.job_id, lease.attempt))
+        ended = set(record.ended)
+        for job_id in list(self._by_node.get(record.node_id, ())):
+            lease = self.leases.get(job_id)
+            if lease is None or job_id in listed:
+                continue
+            if attempt_key(job_id, lease.attempt) in ended:
+                continue  # it ended; its terminal event will free it
+            if lease.incarnation and record.incarnation and lease.incarnation != record.incarnation:
+                # The executor restarted: the new process does not run what the old one ran.
+                self._pending.append(
+                    Expiry(job_id, lease.attempt, "lost", record.node_id, "its executor restarted without it")
+                )
+                self.forget(job_id)
+
+    def expired(self, now: float) -> list[Expiry]:
+        """The leases that ran out by ``now`` (and those a record showed lost), once each."""
+        out, self._pending = self._pending, []
+        while self._heap and self._heap[0][0] <= now:
+            deadline, job_id, attempt = heapq.heappop(self._heap)
+            lease = self.leases.get(job_id)
+            if lease is None or lease.attempt != attempt or lease.deadline != deadline:
+                continue  # renewed, ended or superseded since this entry was filed
+            if lease.node_id:
+                reason = f"no lease renewal from node {lease.node_id} for {lease.heartbeat:g}s"
+                out.append(Expiry(job_id, attempt, "lost", lease.node_id, reason))
+                self.forget(job_id)
+            else:
+                reason = f"not running {self.bind_timeout:g}s after its release"
+                out.append(Expiry(job_id, attempt, "rebind", "", reason))
+                self.forget(job_id)
+        return out
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline still filed (may be stale; then the planner just wakes early)."""
+        return self._heap[0][0] if self._heap else None
+
+    def _unindex(self, job_id: str) -> None:
+        lease = self.leases.get(job_id)
+        if lease is not None and lease.node_id:
+            holders = self._by_node.get(lease.node_id)
+            if holders is not None:
+                holders.discard(job_id)
+                if not holders:
+                    del self._by_node[lease.node_id]

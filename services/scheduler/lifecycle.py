@@ -1,0 +1,147 @@
+"""The messages a scheduler publishes about the life of a job after its release.
+
+Retries, give-ups (with the fallback job they submit), cancellations and declared losses:
+each function builds the message, its subject and its deterministic Nats-Msg-Id, so the
+partition scheduler only decides *which* to send. Pure: no I/O, the clock passed in.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import event_id, job_id_for, submit_id
+from jobmesh.contract.messages.v1 import (
+    AttemptError,
+    JobCancelled,
+    JobCancelling,
+    JobError,
+    JobGaveUp,
+    JobLost,
+    JobRetrying,
+    JobSpec,
+    JobSubmitted,
+)
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Context
+from jobmesh.scheduler.retries import Retry
+
+
+def retrying(
+    job_id: str, partition: int, ended: AttemptError, retry: Retry, now: float, context: Context | None
+) -> Outgoing:
+    """JobRetrying: ``ended`` failed, ``retry.next_attempt`` follows after the backoff."""
+    message = JobRetrying(
+        job_id=job_id,
+        attempt=ended.attempt,
+        partition=partition,
+        node_id=ended.node_id,
+        error=ended.error,
+        next_attempt=retry.next_attempt,
+        delay=retry.delay,
+        not_before=retry.not_before,
+        avoid=sorted(retry.avoid | retry.avoid_zones),
+        at=now,
+    )
+    subject = subjects.job_event(partition, subjects.RETRYING)
+    return Outgoing(subject, message, event_id(job_id, ended.attempt, subjects.RETRYING), context)
+
+
+def fallback_submission(job_id: str, spec: JobSpec, partitions: int, now: float) -> JobSubmitted | None:
+    """The JobSubmitted of the job that runs in place of ``job_id``, if its policy has one.
+
+    Its idempotency key derives from the original job, so a replayed give-up submits the
+    same fallback job once.
+    """
+    fallback = spec.retry.fallback
+    if fallback is None:
+        return None
+    fields = {f: getattr(fallback, f) for f in fallback.__struct_fields__}
+    fallback_spec = JobSpec(**fields)
+    key = f"fallback:{job_id}"
+    return JobSubmitted(
+        job_id=job_id_for(key),
+        partition=subjects.partition_of(fallback_spec.queue, partitions),
+        spec=fallback_spec,
+        idempotency_key=key,
+        submitted_at=now,
+        fallback_of=job_id,
+    )
+
+
+def gave_up(
+    job_id: str,
+    partition: int,
+    ended: AttemptError,
+    state: str,
+    reason: str,
+    errors: list[AttemptError],
+    fallback: JobSubmitted | None,
+    now: float,
+    context: Context | None,
+) -> list[Outgoing]:
+    """JobGaveUp for the job's last attempt, and the fallback job's JobSubmitted if any."""
+    message = JobGaveUp(
+        job_id=job_id,
+        attempt=ended.attempt,
+        partition=partition,
+        state="lost" if state == "lost" else "failed",
+        node_id=ended.node_id,
+        error=ended.error,
+        reason=reason,
+        errors=errors,
+        fallback_job_id=fallback.job_id if fallback is not None else "",
+        at=now,
+    )
+    out = [
+        Outgoing(
+            subjects.job_event(partition, subjects.GAVE_UP),
+            message,
+            event_id(job_id, ended.attempt, subjects.GAVE_UP),
+            context,
+        )
+    ]
+    if fallback is not None:
+        out.append(
+            Outgoing(
+                subjects.job_event(fallback.partition, subjects.SUBMITTED),
+                fallback,
+                submit_id(fallback.idempotency_key),
+                context,
+            )
+        )
+    return out
+
+
+def cancelled(
+    job_id: str, partition: int, attempt: int, reason: str, node_id: str, now: float, context: Context | None
+) -> Outgoing:
+    """JobCancelled: the job ended cancelled (attempt 0 when none was ever released)."""
+    message = JobCancelled(job_id=job_id, partition=partition, attempt=attempt, reason=reason, node_id=node_id, at=now)
+    subject = subjects.job_event(partition, subjects.CANCELLED)
+    return Outgoing(subject, message, event_id(job_id, attempt, subjects.CANCELLED), context)
+
+
+def cancelling(job_id: str, partition: int, attempt: int, reason: str, now: float, context: Context | None) -> Outgoing:
+    """JobCancelling: the binder forwards it to the node running ``attempt``."""
+    message = JobCancelling(job_id=job_id, partition=partition, attempt=attempt, reason=reason, at=now)
+    subject = subjects.job_event(partition, subjects.CANCELLING)
+    return Outgoing(subject, message, event_id(job_id, attempt, subjects.CANCELLING), context)
+
+
+def lost(
+    job_id: str, partition: int, attempt: int, node_id: str, reason: str, now: float, context: Context | None
+) -> tuple[Outgoing, JobLost]:
+    """JobLost declared by the scheduler (a lease that ran out), and the event itself."""
+    message = JobLost(job_id=job_id, attempt=attempt, partition=partition, node_id=node_id, at=now, reason=reason)
+    subject = subjects.job_event(partition, subjects.LOST)
+    return Outgoing(subject, message, event_id(job_id, attempt, subjects.LOST), context), message
+
+
+def attempt_error(event: msgspec.Struct, attempt: int, node_id: str, at: float) -> AttemptError:
+    """How an attempt ended, from its JobFailed or JobLost."""
+    error = getattr(event, "error", None)
+    if not isinstance(error, JobError):
+        reason = getattr(event, "reason", "") or "the attempt was lost"
+        error = JobError(code="lost", message=reason)
+    return AttemptError(attempt=attempt, node_id=node_id, error=error, at=at)
