@@ -11,6 +11,8 @@ The cluster fixtures (``cluster``, ``nc``, ``make_cluster``, ...) live in
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,9 +46,13 @@ def postgres_server_url(tmp_path_factory) -> str:
         with PostgresContainer("postgres:16-alpine", driver=None) as pg:
             yield pg.get_connection_url()
         return
-    server = embedded_postgres(tmp_path_factory.mktemp("pg") / "data")
+    # Not under pytest's basetemp: every pytest session run as root resets that tree to
+    # 0700, which locks out the server (it runs as the user pgserver) mid-session.
+    root = Path(tempfile.mkdtemp(prefix="jobmesh-test-pg-"))
+    server = embedded_postgres(root / "data")
     yield server.get_uri()
     server.cleanup()
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
