@@ -281,3 +281,12 @@ def test_a_delay_is_explained_with_its_time_and_queues_count_reasons():
     assert b.explain("later", 1_800_000_000.0) == "not before 2027-01-15 08:00:42 UTC (in 42s)"
     reasons = b.stats()["default"]["reasons"]
     assert reasons == {"delayed until its start time (not_before)": 1, "concurrency key db at its limit of 1": 1}
+
+
+def test_queue_stats_count_jobs_a_queue_gate_holds_back():
+    b = Backlog(queue_config=lambda q: QueueConfig(max_in_flight=1))
+    for name in ("a", "b", "c"):
+        b.add(job(name), now=0)
+    b.plan(0, anywhere)  # a is out; b and c wait behind the cap
+    assert b.stats(0)["default"]["reasons"] == {"queue default at its in-flight cap of 1": 2}
+    assert b.stats()["default"]["reasons"] == {}  # without a time, gates are not judged

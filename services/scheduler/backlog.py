@@ -661,8 +661,13 @@ class Backlog:
             return f"not before {_utc(job.not_before)} (in {_duration(job.not_before - now)})"
         return job.reason
 
-    def stats(self) -> dict[str, dict]:
-        """Per queue: pending, in flight, pending per tenant, waiting per place and per reason."""
+    def stats(self, now: float | None = None) -> dict[str, dict]:
+        """Per queue: pending, in flight, pending per tenant, waiting per place and per reason.
+
+        With ``now``, ready jobs of a queue that its rate limit or in-flight cap holds back
+        count under that reason too (what ``explain`` tells about each of them).
+        """
+        gates = {name: q.gate(now) for name, q in self.queues.items()} if now is not None else {}
         out: dict[str, dict] = {}
         for name, q in self.queues.items():
             out[name] = {
@@ -678,9 +683,11 @@ class Backlog:
             if job.where not in (RELEASED, GONE):
                 waiting = out[job.queue]["waiting"]
                 waiting[job.where] = waiting.get(job.where, 0) + 1
-                if job.where != READY:
+                reason = gates.get(job.queue, "") if job.where == READY else job.reason
+                if job.where == GROUP:
+                    reason = f"sequential group {job.group}"
+                if reason:
                     reasons = out[job.queue]["reasons"]
-                    reason = f"sequential group {job.group}" if job.where == GROUP else job.reason
                     reasons[reason] = reasons.get(reason, 0) + 1
         return out
 

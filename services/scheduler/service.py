@@ -144,7 +144,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
                     max_in_flight=s["max_in_flight"],
                     reasons=s["reasons"],
                 )
-                for name, s in sorted(part.backlog.stats().items())
+                for name, s in sorted(part.backlog.stats(now).items())
             ]
             stats.append(PartitionStats(partition=number, owner=settings.instance, queues=rows, at=now))
         return QueuesReply(instance=settings.instance, partitions=settings.partitions, owned=stats)
