@@ -2,6 +2,8 @@
 
 Errors come back as ``JobmeshError`` subclasses with the server's code and field; a
 cluster that does not answer raises ``Unavailable`` with a message saying which part.
+Besides the APIs it reads what the cluster stores for its users: results (``jm_results``)
+and dead letters (``JM_DEADLETTER``, see ``deadletters``).
 """
 
 from __future__ import annotations
@@ -9,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Literal, TypeVar, cast
 
 import msgspec
 import nats
@@ -20,9 +23,14 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 
+from jobmesh.client import deadletters
+from jobmesh.client.deadletters import DeadLetterPage, Replayed
+from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
+    CancelReply,
+    CancelRequest,
     ErrorReply,
     ExplainReply,
     ExplainRequest,
@@ -41,7 +49,7 @@ from jobmesh.contract.messages.v1 import (
     TenantConfig,
     ZoneMap,
 )
-from jobmesh.errors import Unavailable, UsageError
+from jobmesh.errors import NotFound, Unavailable, UsageError
 
 R = TypeVar("R")
 ConfigValue = QueueConfig | TenantConfig | ZoneMap
@@ -49,6 +57,9 @@ ConfigValue = QueueConfig | TenantConfig | ZoneMap
 _CONFIG_KINDS: dict[str, type[ConfigValue]] = {"queue": QueueConfig, "tenant": TenantConfig, "zones": ZoneMap}
 
 DEV_ENV = Path(".jobmesh") / "dev.env"
+# How often ``cancel`` asks again while the scheduler does not know a job the tracker shows
+# as not ended (the scheduler has not read its submission yet, or the tracker its end).
+CANCEL_RETRY_SECONDS = 0.2
 
 
 def find_dev_env(start: Path | None = None) -> Path | None:
@@ -116,6 +127,22 @@ def config_kind(key: str) -> type[ConfigValue] | None:
     if kind == "zones":
         return ZoneMap if not dot else None
     return _CONFIG_KINDS.get(kind) if dot and name else None
+
+
+class CancelOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """What a cancel did.
+
+    Attributes:
+        job_id: the job.
+        state: ``cancelled`` (it had not started; it ended now), ``cancelling`` (its
+            attempt is being stopped; it ends cancelled shortly) or ``ended`` (it had
+            already ended: nothing was done).
+        message: what happened, in words (``already ended succeeded``).
+    """
+
+    job_id: str
+    state: Literal["cancelled", "cancelling", "ended"]
+    message: str
 
 
 class Client:
@@ -216,6 +243,115 @@ class Client:
         return await self.request(
             subjects.scheduler_explain(partition), ExplainRequest(job_id=job_id), ExplainReply, "scheduler"
         )
+
+    async def partition_of(self, view: JobView) -> int:
+        """The scheduler partition of a job: from its view, else from its queue.
+
+        Args:
+            view: the tracker's view of the job.
+
+        Returns:
+            The partition whose scheduler holds the job.
+
+        Raises:
+            Unavailable: the view does not say and no scheduler answers with the count.
+        """
+        if view.partition >= 0:
+            return view.partition
+        replies = await self.queues(wait=0.5)
+        return subjects.partition_of(view.queue, replies[0].partitions)
+
+    async def cancel(self, job_id: str, reason: str = "") -> CancelOutcome:
+        """Cancel a job: a held one ends at once, a running one is stopped, an ended one stays.
+
+        Args:
+            job_id: the job.
+            reason: why, recorded with the cancel.
+
+        Returns:
+            What happened; cancelling a job that has ended is a no-op (``ended``).
+
+        Raises:
+            NotFound: the tracker does not know the job.
+            Unavailable: the scheduler does not answer, or does not know a job that has not
+                ended within this client's timeout.
+        """
+        deadline = time.monotonic() + self.timeout
+        request = CancelRequest(job_id=job_id, reason=reason)
+        while True:
+            view = await self.get(job_id)
+            if view.final:
+                return CancelOutcome(job_id=job_id, state="ended", message=f"already ended {view.state}")
+            partition = await self.partition_of(view)
+            reply = await self.request(subjects.scheduler_cancel(partition), request, CancelReply, "scheduler")
+            if reply.state != "unknown":
+                return CancelOutcome(job_id=job_id, state=reply.state, message=reply.message)
+            # The scheduler holds no such job, yet the tracker has not seen it end: one of
+            # the two has not caught up. Ask both again until one has.
+            if time.monotonic() >= deadline:
+                raise Unavailable(
+                    f"the scheduler of partition {partition} does not know job {job_id}, which the tracker shows"
+                    f" {view.state} and not ended; try again in a moment ({reply.message})"
+                )
+            await asyncio.sleep(CANCEL_RETRY_SECONDS)
+
+    async def result(self, job_id: str, attempt: int | None = None) -> JobResult:
+        """The result a job's successful attempt wrote (inline, or from ``jm_results``).
+
+        Args:
+            job_id: the job.
+            attempt: a given attempt's result; None for the successful one.
+
+        Returns:
+            The result's bytes and where they came from.
+
+        Raises:
+            NotFound: the job is unknown, has no such attempt, has no result, or its stored
+                result has expired.
+            Unavailable: the object store cannot be read.
+        """
+        chosen = result_attempt(await self.get(job_id), attempt)
+        if not chosen.result_ref:
+            return JobResult(job_id=job_id, attempt=chosen.attempt, data=chosen.result.encode())
+        ref = chosen.result_ref
+        try:
+            store = await self.nc.jetstream(timeout=self.timeout).object_store(subjects.OBJ_RESULTS)
+            stored = await store.get(ref)
+        except nats.js.errors.BucketNotFoundError as exc:
+            raise Unavailable(
+                f"the {subjects.OBJ_RESULTS} object store does not exist: run `jobmesh provision`"
+            ) from exc
+        except (nats.js.errors.ObjectNotFoundError, nats.js.errors.ObjectDeletedError) as exc:
+            raise NotFound(
+                f"the result of attempt {chosen.attempt} of job {job_id} ({subjects.OBJ_RESULTS}/{ref}) is no longer"
+                " stored: results are kept for 7 days"
+            ) from exc
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot read {subjects.OBJ_RESULTS}/{ref}: {type(exc).__name__} {exc}".rstrip()) from exc
+        return JobResult(job_id=job_id, attempt=chosen.attempt, data=stored.data or b"", ref=ref)
+
+    async def dead_letters(self, service: str = "", limit: int = 50) -> DeadLetterPage:
+        """The newest dead letters: messages the services refused, and why.
+
+        Args:
+            service: only this service's ("" for all).
+            limit: at most this many, the newest.
+
+        Returns:
+            The dead letters, oldest first, each with its sequence (what ``replay`` takes).
+        """
+        return await deadletters.read_dead_letters(self.nc, service, limit, self.timeout)
+
+    async def replay_dead_letter(self, seq: int) -> Replayed:
+        """Publish a dead letter's payload again to the subject it was refused on (once).
+
+        Args:
+            seq: the dead letter's sequence in ``JM_DEADLETTER``.
+
+        Returns:
+            Where it went, and whether it was a duplicate of an earlier replay.
+        """
+        return await deadletters.replay_dead_letter(self.nc, seq, self.timeout)
 
     async def nodes(self) -> NodesReply:
         """Every node with capacity, allocation and last heartbeat (from the binder)."""

@@ -9,6 +9,11 @@ explanation (``ExplainReply``). Everything here is pure; the commands fetch the 
 States also have a rank, so a display that gathers them from several sources (a watch
 stream, polls of the tracker and the scheduler) never shows a job going backwards:
 :func:`goes_back`.
+
+A job has ended only when the tracker says it is ``final``: a failed or lost attempt may be
+followed by a retry, so no state alone means the end (:func:`is_final`). What a running
+attempt reports about itself (progress, a message, a checkpoint) travels in its node's
+record, the lease the executor renews every heartbeat (:func:`progress_in`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from jobmesh.contract.messages.v1 import TERMINAL_STATES, ExplainReply, JobState, JobSummary, JobUpdate, JobView
+from jobmesh.contract.messages.v1 import (
+    TERMINAL_STATES,
+    ExplainReply,
+    JobState,
+    JobSummary,
+    JobUpdate,
+    JobView,
+    NodeInfo,
+)
 
 # Every state the tracker may report, in lifecycle order (the ``JobState`` literal).
 JOB_STATES: tuple[str, ...] = typing.get_args(JobState)
@@ -34,8 +47,11 @@ READY_PLACE = "ready"
 _TURN_PREFIX = "queued"
 
 # The pre-running states share one rank: the scheduler may move a job between them in any
-# direction within an attempt (a release the binder refuses goes back to waiting).
-_RANKS = {"queued": 0, "waiting": 0, "ready": 0, "bound": 1, "running": 2}
+# direction within an attempt (a release the binder refuses goes back to waiting). A job
+# that is retrying waits for the backoff of its next attempt: it ranks with them.
+_RANKS = {"queued": 0, "waiting": 0, "ready": 0, "retrying": 0, "bound": 1, "running": 2}
+# States in which an attempt holds a node, whose record then carries the attempt's lease.
+ON_A_NODE: frozenset[str] = frozenset({"bound", "running"})
 TERMINAL_RANK = 3
 
 
@@ -49,6 +65,7 @@ class Seen:
         attempt: the attempt the state belongs to (0 before the first release).
         node_id: the node of the attempt, "" when none or while the job is held.
         exit_code: the attempt's exit code, when it has one.
+        final: the job has ended for good (the tracker's ``final``).
     """
 
     state: str
@@ -56,18 +73,70 @@ class Seen:
     attempt: int = 0
     node_id: str = ""
     exit_code: int | None = None
+    final: bool = False
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a running attempt last reported about itself, from its node's lease.
+
+    Attributes:
+        attempt: the attempt that reported it.
+        node_id: the node that runs it.
+        fraction: how much is done, 0 to 1; None when the job never said.
+        message: the words that came with the fraction.
+        checkpoint: the last checkpoint (a retry starts from it).
+    """
+
+    attempt: int
+    node_id: str
+    fraction: float | None = None
+    message: str = ""
+    checkpoint: str = ""
 
 
 def is_terminal(state: str) -> bool:
-    """Whether ``state`` is final: the job will not change any more.
+    """Whether ``state`` ends an attempt (not necessarily the job: see :func:`is_final`).
 
     Args:
         state: a job state.
 
     Returns:
-        True for succeeded, failed, expired and lost.
+        True for succeeded, failed, expired, lost and cancelled.
     """
     return state in TERMINAL
+
+
+def is_final(seen: Seen) -> bool:
+    """Whether the job has ended for good: nothing about it changes any more.
+
+    Only the tracker's ``final`` says so. A failed or lost attempt is not the end while
+    the scheduler may still retry it.
+
+    Args:
+        seen: the job's state as resolved.
+
+    Returns:
+        True once the job is final.
+    """
+    return seen.final
+
+
+def progress_in(record: NodeInfo, job_id: str, attempt: int) -> Progress | None:
+    """The progress of one attempt in its node's record (the lease of that attempt).
+
+    Args:
+        record: the node's record from ``jm_nodes``.
+        job_id: the job.
+        attempt: the attempt; a lease of another attempt of the same job is not its own.
+
+    Returns:
+        The attempt's progress, None when the record holds no lease of it.
+    """
+    for lease in record.attempts:
+        if lease.job_id == job_id and lease.attempt == attempt:
+            return Progress(attempt, record.node_id, lease.progress, lease.message, lease.checkpoint)
+    return None
 
 
 def rank(state: str) -> int:
@@ -150,8 +219,8 @@ def seen_in_view(view: JobView, explained: ExplainReply | None) -> Seen:
     """
     state, reason = resolve(view.state, view.reason, explained)
     if explained is not None and _held(view.state, explained):
-        return Seen(state, reason, view.attempt)
-    return Seen(state, reason, view.attempt, view.node_id, exit_code_of(view))
+        return Seen(state, reason, view.attempt, final=view.final)
+    return Seen(state, reason, view.attempt, view.node_id, exit_code_of(view), view.final)
 
 
 def seen_in_summary(job: JobSummary, explained: ExplainReply | None) -> Seen:
@@ -165,7 +234,7 @@ def seen_in_summary(job: JobSummary, explained: ExplainReply | None) -> Seen:
         The resolved state (a summary carries no reason of the tracker's own).
     """
     state, reason = resolve(job.state, "", explained)
-    return Seen(state, reason, job.attempt, job.node_id, job.exit_code)
+    return Seen(state, reason, job.attempt, job.node_id, job.exit_code, job.final)
 
 
 def seen_in_update(update: JobUpdate) -> Seen:
@@ -177,7 +246,7 @@ def seen_in_update(update: JobUpdate) -> Seen:
     Returns:
         The state as announced.
     """
-    return Seen(update.state, update.reason, update.attempt, update.node_id, update.exit_code)
+    return Seen(update.state, update.reason, update.attempt, update.node_id, update.exit_code, update.final)
 
 
 def goes_back(shown: Seen | None, candidate: Seen) -> bool:
@@ -185,7 +254,8 @@ def goes_back(shown: Seen | None, candidate: Seen) -> bool:
 
     Facts arrive from a watch stream and from polls that can race it, so a poll may bring
     an older state. A later attempt always moves forward; within one attempt a state of a
-    lower rank than the one shown is stale (for example ready after bound).
+    lower rank than the one shown is stale (for example ready after bound), and so is a
+    state that is not final after the same one was shown final.
 
     Args:
         shown: the furthest state shown so far, None when nothing was shown.
@@ -196,4 +266,8 @@ def goes_back(shown: Seen | None, candidate: Seen) -> bool:
     """
     if shown is None:
         return False
-    return (candidate.attempt, rank(candidate.state)) < (shown.attempt, rank(shown.state))
+    return (candidate.attempt, rank(candidate.state), candidate.final) < (
+        shown.attempt,
+        rank(shown.state),
+        shown.final,
+    )

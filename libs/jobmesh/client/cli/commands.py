@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -22,7 +23,9 @@ from nats.aio.msg import Msg
 
 from jobmesh.client import jobstate
 from jobmesh.client.cli import render
-from jobmesh.client.cli.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from jobmesh.client.cli.display import Display, PlainDisplay, display_for
+from jobmesh.client.cli.exitcodes import EXIT_OK, EXIT_UNAVAILABLE, for_final_view
+from jobmesh.client.cli.follow import Follower
 from jobmesh.client.cli.specflags import spec_from
 from jobmesh.client.client import Client, ClusterSettings
 from jobmesh.client.jobstate import Seen
@@ -44,9 +47,6 @@ from jobmesh.contract.messages.v1 import (
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import JobmeshError, NotFound, UsageError
 
-# ``run`` asks the tracker (and the scheduler) itself when the watch has been quiet this long:
-# watch messages travel on core NATS, which may drop one.
-POLL_SECONDS = 2.0
 # How long ``run`` waits for the last output lines after the job ended.
 DRAIN_SECONDS = 2.0
 # ``list`` asks the scheduler about this many rows at a time, at most this many at once.
@@ -75,8 +75,13 @@ async def _explain(client: Client, partitions: int | None, queue: str, job_id: s
     """The scheduler's explanation for one job; None when no scheduler answers."""
     if partitions is None:
         return None
+    return await _explain_in(client, subjects.partition_of(queue, partitions), job_id)
+
+
+async def _explain_in(client: Client, partition: int, job_id: str) -> ExplainReply | None:
+    """The explanation of the scheduler of ``partition``; None when it does not answer."""
     try:
-        return await client.explain(subjects.partition_of(queue, partitions), job_id)
+        return await client.explain(partition, job_id)
     except JobmeshError:
         return None  # show what the tracker knows
 
@@ -95,12 +100,15 @@ async def _explain_many(client: Client, partitions: int | None, jobs: Sequence[J
 
 async def _seen_in_view(client: Client, view: JobView) -> Seen:
     explained = None
-    if jobstate.needs_explaining(view.state):
-        explained = await _explain(client, await _partitions(client), view.queue, view.job_id)
+    if jobstate.needs_explaining(view.state) and not view.final:
+        if view.partition >= 0:  # the view says where the job is held
+            explained = await _explain_in(client, view.partition, view.job_id)
+        else:
+            explained = await _explain(client, await _partitions(client), view.queue, view.job_id)
     return jobstate.seen_in_view(view, explained)
 
 
-# --- submit and run ----------------------------------------------------------------------
+# --- submit, run and watch ---------------------------------------------------------------
 async def cmd_submit(args: argparse.Namespace) -> int:
     """``jobmesh submit``: submit one job and print its id."""
     spec = spec_from(args)
@@ -114,22 +122,20 @@ async def cmd_submit(args: argparse.Namespace) -> int:
 
 
 async def cmd_run(args: argparse.Namespace) -> int:
-    """``jobmesh run``: submit one job, show its states and output, exit with its outcome.
+    """``jobmesh run``: submit one job, show its states, progress and output, exit with its outcome.
 
     Returns:
-        0 when the job succeeded, 3 otherwise. On Ctrl-C it says that the job keeps
-        running and how to follow it, then lets the interruption through (exit 130).
+        Once the job is final: 0 when it succeeded, 3 otherwise. On Ctrl-C it says that
+        the job keeps running and how to follow it, then lets the interruption through
+        (exit 130).
     """
     spec = spec_from(args)
     key = args.key or new_idempotency_key()
     job_id = job_id_for(key)
     client = await Client.connect()
-    updates: asyncio.Queue[JobUpdate] = asyncio.Queue()
     lines = {"seen": 0}
     confirmed = ended = False
-
-    async def on_update(msg: Msg) -> None:
-        updates.put_nowait(_update_decoder.decode(msg.data))
+    display = display_for()
 
     async def on_line(msg: Msg) -> None:
         lines["seen"] += 1
@@ -137,46 +143,60 @@ async def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         # Subscribe before submitting: the job id is known from the key, so nothing is missed.
-        await client.nc.subscribe(subjects.job_watch(job_id), cb=on_update)
+        follower = Follower(client, job_id, display, lambda view: _seen_in_view(client, view))
+        await follower.subscribe()
         await client.nc.subscribe(subjects.job_log(job_id), cb=on_line)
         await client.nc.flush()
         await client.submit([Submission(spec=spec, idempotency_key=key)])
         confirmed = True
         render.run_submitted(job_id)
-        await _follow(client, job_id, updates)
+        await follower.run()
         ended = True
         view = await client.get(job_id)
         await _drain_logs(client, job_id, lambda: lines["seen"])
     except asyncio.CancelledError:
         # Ctrl-C: asyncio cancels this task, then raises KeyboardInterrupt in main().
+        display.close()
         if not ended:
             render.still_running(job_id, confirmed)
         raise
     finally:
+        display.close()
         await client.close()
-    return EXIT_OK if view.state == "succeeded" else EXIT_FAILED
+    return for_final_view(view)
 
 
-async def _follow(client: Client, job_id: str, updates: asyncio.Queue[JobUpdate]) -> None:
-    """Show each new state of the job until it is terminal, never one that goes back."""
-    started = time.monotonic()
-    shown: Seen | None = None
-    while True:
-        try:
-            seen = jobstate.seen_in_update(await asyncio.wait_for(updates.get(), POLL_SECONDS))
-        except TimeoutError:
-            try:
-                view = await client.get(job_id)
-            except NotFound:
-                continue  # the tracker has not recorded the submission yet
-            seen = await _seen_in_view(client, view)
-        if jobstate.goes_back(shown, seen):
-            continue  # a poll that raced the watch brought an older state
-        if seen != shown:
-            render.progress(time.monotonic() - started, seen)
-            shown = seen
-        if jobstate.is_terminal(seen.state):
-            return
+async def cmd_watch(args: argparse.Namespace) -> int:
+    """``jobmesh watch``: follow a job until it is final (its states and progress, not its output).
+
+    Returns:
+        Once the job is final: 0 when it succeeded, 3 otherwise.
+
+    Raises:
+        NotFound: when the tracker does not know the job (exit 4).
+    """
+    client = await Client.connect()
+    display: Display | None = None
+    try:
+        follower = Follower(client, args.job_id, PlainDisplay(), lambda view: _seen_in_view(client, view))
+        await follower.subscribe()  # before reading the view, so no change between the two is missed
+        view = await client.get(args.job_id)
+        if view.final:
+            render.job_ended(view)
+            return for_final_view(view)
+        follower.display = display = display_for()
+        await follower.run(first=await _seen_in_view(client, view))
+        view = await client.get(args.job_id)
+    except asyncio.CancelledError:
+        if display is not None:
+            display.close()
+        render.err(f"stopped watching; job {args.job_id} goes on")
+        raise
+    finally:
+        if display is not None:
+            display.close()
+        await client.close()
+    return for_final_view(view)
 
 
 async def _drain_logs(client: Client, job_id: str, seen: Callable[[], int]) -> None:
@@ -198,6 +218,78 @@ async def _line_count(client: Client, job_id: str) -> int:
     return (info.state.subjects or {}).get(subject, 0)
 
 
+# --- cancel, results, dead letters -------------------------------------------------------
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    """``jobmesh cancel``: cancel a job; one that has ended stays as it is (exit 0, says so).
+
+    Raises:
+        NotFound: when the tracker does not know the job (exit 4).
+    """
+    client = await Client.connect()
+    try:
+        outcome = await client.cancel(args.job_id, args.reason)
+    finally:
+        await client.close()
+    render.cancelled(outcome, args.json)
+    return EXIT_OK
+
+
+async def cmd_result(args: argparse.Namespace) -> int:
+    """``jobmesh result``: the result a job wrote, to stdout or to a file (``-o``).
+
+    Raises:
+        NotFound: when the job, the attempt or its result does not exist (exit 4).
+    """
+    client = await Client.connect()
+    try:
+        result = await client.result(args.job_id, args.attempt)
+    finally:
+        await client.close()
+    if args.output:
+        _write_file(args.output, result.data)
+        render.err(f"wrote {len(result.data)} bytes (attempt {result.attempt}) to {args.output}")
+    else:
+        sys.stdout.buffer.write(result.data)
+        sys.stdout.buffer.flush()
+    return EXIT_OK
+
+
+def _write_file(path: str, data: bytes) -> None:
+    """Write a result to ``path`` (a local file; a result is at most 64 MiB)."""
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}", field="output") from exc
+
+
+async def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """``jobmesh dead-letters``: the newest messages the services refused, and why."""
+    client = await Client.connect()
+    try:
+        page = await client.dead_letters(args.service, args.limit)
+    finally:
+        await client.close()
+    render.dead_letters(page, args.json)
+    return EXIT_OK
+
+
+async def cmd_replay(args: argparse.Namespace) -> int:
+    """``jobmesh dead-letters replay``: publish one dead letter's payload again, to where it came from.
+
+    Raises:
+        NotFound: when there is no such dead letter (exit 4).
+        UsageError: when it cannot be replayed (no payload, or a refused request).
+    """
+    client = await Client.connect()
+    try:
+        done = await client.replay_dead_letter(args.seq)
+    finally:
+        await client.close()
+    render.replayed(done, args.json)
+    return EXIT_OK
+
+
 # --- reading jobs ------------------------------------------------------------------------
 async def cmd_status(args: argparse.Namespace) -> int:
     """``jobmesh status``: one job, with the state a person should see."""
@@ -205,10 +297,21 @@ async def cmd_status(args: argparse.Namespace) -> int:
     try:
         view = await client.get(args.job_id)
         seen = await _seen_in_view(client, view)
+        fallback = await _fallback_of(client, view) if not args.json else None
     finally:
         await client.close()
-    render.job_status(view, seen, args.json)
+    render.job_status(view, seen, args.json, fallback)
     return EXIT_OK
+
+
+async def _fallback_of(client: Client, view: JobView) -> JobView | None:
+    """The view of the job that runs in place of ``view``'s, None when none (or not recorded yet)."""
+    if not view.fallback_job_id:
+        return None
+    try:
+        return await client.get(view.fallback_job_id)
+    except NotFound:
+        return None
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -251,7 +354,7 @@ async def _resolved(client: Client, jobs: Sequence[JobSummary], want: str, limit
 
 
 async def cmd_logs(args: argparse.Namespace) -> int:
-    """``jobmesh logs``: a job's output; with ``-f``, until the job has ended.
+    """``jobmesh logs``: a job's output; with ``-f``, until the job is final (a retry's output too).
 
     Raises:
         NotFound: when neither the tracker nor the log stream knows the job.
@@ -260,18 +363,18 @@ async def cmd_logs(args: argparse.Namespace) -> int:
     try:
         js = client.nc.jetstream()
         subject = subjects.job_log(args.job_id)
-        terminal = asyncio.Event()
+        final = asyncio.Event()
         if args.follow:
 
             async def on_update(msg: Msg) -> None:
-                if jobstate.is_terminal(_update_decoder.decode(msg.data).state):
-                    terminal.set()
+                if _update_decoder.decode(msg.data).final:
+                    final.set()
 
             # Before asking the tracker, so an end between the two is not missed.
             await client.nc.subscribe(subjects.job_watch(args.job_id), cb=on_update)
         try:
-            if jobstate.is_terminal((await client.get(args.job_id)).state):
-                terminal.set()
+            if (await client.get(args.job_id)).final:
+                final.set()
         except NotFound:
             # Lines can be there a moment before the tracker has recorded the submission.
             if not await _line_count(client, args.job_id):
@@ -282,7 +385,7 @@ async def cmd_logs(args: argparse.Namespace) -> int:
                 msg = await sub.next_msg(timeout=0.5)
             except nats.errors.TimeoutError:
                 pending = (await sub.consumer_info()).num_pending
-                if pending == 0 and (not args.follow or terminal.is_set()):
+                if pending == 0 and (not args.follow or final.is_set()):
                     break
                 continue
             render.log_line(_log_decoder.decode(msg.data))

@@ -63,6 +63,24 @@ def _limit(text: str) -> int:
     return value
 
 
+def _positive(text: str, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not {what} (they count from 1)")
+    return value
+
+
+def _attempt(text: str) -> int:
+    return _positive(text, "an attempt number")
+
+
+def _sequence(text: str) -> int:
+    return _positive(text, "a dead letter's sequence")
+
+
 def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.ArgumentParser:
     """The parser of the whole command line; each subcommand sets ``fn`` to its command.
 
@@ -81,14 +99,45 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
     add_spec_flags(p)
     p.set_defaults(fn=commands.cmd_submit)
 
-    p = sub.add_parser("run", help="submit a job, follow it, exit with its outcome (0 ok, 3 failed)")
+    p = sub.add_parser("run", help="submit a job, follow it until it is final, exit with its outcome (0 ok, 3 not)")
     add_spec_flags(p)
     p.set_defaults(fn=commands.cmd_run)
 
-    p = sub.add_parser("status", help="show one job")
+    p = sub.add_parser("watch", help="follow a job until it is final: states and progress (0 succeeded, 3 not)")
+    p.add_argument("job_id")
+    p.set_defaults(fn=commands.cmd_watch)
+
+    p = sub.add_parser("status", help="show one job: its attempts as a timeline, its fallback, whether it is final")
     p.add_argument("job_id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=commands.cmd_status)
+
+    p = sub.add_parser("cancel", help="cancel a job (one that has ended stays as it is)")
+    p.add_argument("job_id")
+    p.add_argument("--reason", default="", help="why, recorded with the cancel")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=commands.cmd_cancel)
+
+    p = sub.add_parser("result", help="print the result a job wrote to $JOBMESH_RESULT_PATH")
+    p.add_argument("job_id")
+    p.add_argument("-o", "--output", default="", metavar="FILE", help="write it to FILE instead of stdout")
+    p.add_argument(
+        "--attempt", type=_attempt, default=None, metavar="N", help="that attempt's (default: the one that succeeded)"
+    )
+    p.set_defaults(fn=commands.cmd_result)
+
+    p = sub.add_parser("dead-letters", help="messages the services refused, and why (newest last)")
+    p.add_argument(
+        "--service", default="", choices=SERVICES, metavar="SERVICE", help="only this service's: " + ", ".join(SERVICES)
+    )
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=_limit, default=50, help=f"the newest this many (1-{MAX_LIMIT}, default 50)")
+    p.set_defaults(fn=commands.cmd_dead_letters)
+    dsub = p.add_subparsers(dest="action", metavar="ACTION")
+    d = dsub.add_parser("replay", help="publish a dead letter's message again to the subject it was refused on")
+    d.add_argument("seq", type=_sequence, help="its SEQ, as dead-letters lists it")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=commands.cmd_replay)
 
     p = sub.add_parser("logs", help="print a job's output")
     p.add_argument("job_id")

@@ -2,7 +2,9 @@
 
 Results go to stdout; diagnostics and progress go to stderr, so that with ``--json`` stdout
 holds only JSON. Output is plain text (no colour, no terminal control), the same whether
-stdout is a terminal or a pipe, so scripts and tests read what a person reads.
+stdout is a terminal or a pipe, so scripts and tests read what a person reads. The one
+exception is the live progress bar of ``run`` and ``watch`` on a terminal (``display``),
+which prints these same lines above the bar.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ from typing import Any
 
 import msgspec
 
-from jobmesh.client.client import ClusterSettings
-from jobmesh.client.jobstate import Seen
+from jobmesh.client.client import CancelOutcome, ClusterSettings
+from jobmesh.client.deadletters import DeadLetterPage, Replayed
+from jobmesh.client.jobstate import Progress, Seen
+from jobmesh.client.timeline import Step, job_notes, timeline
 from jobmesh.contract.messages.v1 import (
     HealthReply,
     JobSummary,
@@ -30,6 +34,12 @@ from jobmesh.contract.messages.v1 import (
 )
 
 _encoder = msgspec.json.Encoder()
+PREFIX = "jobmesh: "
+# States that end an attempt without ending the job while a retry may follow: their line
+# says "final" once the scheduler has given up.
+_MAY_RETRY = frozenset({"failed", "lost"})
+# How much of a dead letter's reason fits on its row of the table.
+_REASON_WIDTH = 100
 
 
 def err(message: str) -> None:
@@ -38,7 +48,7 @@ def err(message: str) -> None:
     Args:
         message: the line.
     """
-    print(f"jobmesh: {message}", file=sys.stderr, flush=True)
+    print(f"{PREFIX}{message}", file=sys.stderr, flush=True)
 
 
 def json_out(value: Any) -> None:
@@ -83,6 +93,9 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: frozense
 def detail(seen: Seen) -> str:
     """The parenthesised detail of a state: node, exit code, reason (`` (node a, exit code 3)``).
 
+    A failed or lost attempt that ended the job says ``final`` first; a later attempt
+    than the first says which.
+
     Args:
         seen: the state as resolved by ``jobstate``.
 
@@ -90,6 +103,10 @@ def detail(seen: Seen) -> str:
         The text, "" when there is nothing to add.
     """
     parts = []
+    if seen.final and seen.state in _MAY_RETRY:
+        parts.append("final")
+    if seen.attempt > 1:
+        parts.append(f"attempt {seen.attempt}")
     if seen.node_id:
         parts.append(f"node {seen.node_id}")
     if seen.exit_code is not None:
@@ -122,14 +139,59 @@ def run_submitted(job_id: str) -> None:
     err(f"job {job_id} submitted")
 
 
-def progress(elapsed: float, seen: Seen) -> None:
-    """One line of ``run``'s timeline on stderr: ``[  1.20s] running (node a)``.
+def state_line(elapsed: float, seen: Seen) -> str:
+    """One line of ``run``'s and ``watch``'s timeline: ``[  1.20s] running (node a)``.
 
     Args:
-        elapsed: seconds since the submit.
+        elapsed: seconds since the command began following the job.
         seen: the state shown.
+
+    Returns:
+        The line, without the ``jobmesh:`` prefix.
     """
-    err(f"[{elapsed:6.2f}s] {seen.state}{detail(seen)}")
+    return f"[{elapsed:6.2f}s] {seen.state}{detail(seen)}"
+
+
+def percent(fraction: float) -> str:
+    """A fraction done as a whole percentage (``50%``); values outside 0..1 are clamped.
+
+    Args:
+        fraction: how much is done.
+
+    Returns:
+        The text.
+    """
+    return f"{round(min(1.0, max(0.0, fraction)) * 100):d}%"
+
+
+def progress_line(elapsed: float, progress: Progress) -> str:
+    """The line that says what a running attempt reported: ``[  2.00s] progress 50% half``.
+
+    Args:
+        elapsed: seconds since the command began following the job.
+        progress: what the attempt's lease carries.
+
+    Returns:
+        The line, without the ``jobmesh:`` prefix.
+    """
+    parts = [percent(progress.fraction)] if progress.fraction is not None else []
+    if progress.message:
+        parts.append(progress.message)
+    return f"[{elapsed:6.2f}s] progress {' '.join(parts)}".rstrip()
+
+
+def bar_description(seen: Seen) -> str:
+    """The words beside the live progress bar: the state and where (``running on a``).
+
+    Args:
+        seen: the state shown.
+
+    Returns:
+        The text.
+    """
+    where = f" on {seen.node_id}" if seen.node_id else ""
+    attempt = f" (attempt {seen.attempt})" if seen.attempt > 1 else ""
+    return f"{seen.state}{where}{attempt}"
 
 
 def log_line(line: LogLine) -> None:
@@ -139,6 +201,15 @@ def log_line(line: LogLine) -> None:
         line: one line of the job's output.
     """
     print(line.line, file=sys.stdout if line.stream == "stdout" else sys.stderr, flush=True)
+
+
+def job_ended(view: JobView) -> None:
+    """What ``watch`` says when it starts on a job that has already ended.
+
+    Args:
+        view: the job's final view.
+    """
+    err(f"job {view.job_id} already ended {view.state}" + (f" ({view.reason})" if view.reason else ""))
 
 
 def still_running(job_id: str, submitted: bool) -> None:
@@ -156,13 +227,15 @@ def still_running(job_id: str, submitted: bool) -> None:
 
 
 # --- status and list -------------------------------------------------------------------
-def job_status(view: JobView, seen: Seen, as_json: bool) -> None:
-    """What ``status`` prints: the job, its resolved state, attempts and events.
+def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | None = None) -> None:
+    """What ``status`` prints: the job, its resolved state, its attempts as a timeline, events.
 
     Args:
         view: the tracker's view.
         seen: the state a person should see (from ``jobstate``).
         as_json: print the view as JSON, with the resolved state and reason.
+        fallback: the view of the job that ran in its place, when there is one and the
+            tracker knows it.
     """
     if as_json:
         out = msgspec.to_builtins(view)
@@ -171,20 +244,74 @@ def job_status(view: JobView, seen: Seen, as_json: bool) -> None:
         return
     print(f"job      {view.job_id}  {view.name}")
     print(f"state    {seen.state}" + (f" ({seen.reason})" if seen.reason else ""))
+    print(f"final    {'yes' if view.final else 'no'}")
     print(f"queue    {view.queue}  tenant {view.tenant}  priority {view.spec.priority}")
     print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
     print(f"submitted {when(view.submitted_at)}  updated {when(view.updated_at)}")
-    for a in view.attempts:
-        error = f" {a.error.code}: {a.error.message}" if a.error else ""
-        code = "" if a.exit_code is None else f" exit {a.exit_code}"
-        print(f"attempt {a.attempt}: {a.state} on {a.node_id or '-'}{code}{error}")
-        if a.output_tail:
-            for line in a.output_tail.rstrip("\n").splitlines()[-10:]:
-                print(f"    | {line}")
+    if view.fallback_of:
+        print(f"runs in place of {view.fallback_of}")
+    if view.fallback_job_id:
+        print(f"fallback {view.fallback_job_id}  {_fallback_state(fallback)}")
+    notes = job_notes(view)
+    steps = timeline(view)
+    if steps or notes:
+        print("attempts:")
+    for note in notes:
+        print(f"  -  {note}")
+    tails = {a.attempt: a.output_tail for a in view.attempts}
+    for step in steps:
+        for line in timeline_lines(step):
+            print(line)
+        if tails.get(step.attempt):
+            for line in tails[step.attempt].rstrip("\n").splitlines()[-10:]:
+                print(f"      | {line}")
     if view.events:
         print("events:")
         for e in view.events:
             print(f"  {when(e.at)}  #{e.attempt} {e.kind}" + (f"  {e.detail}" if e.detail else ""))
+
+
+def _fallback_state(fallback: JobView | None) -> str:
+    if fallback is None:
+        return "(not recorded by the tracker yet)"
+    return (
+        f"{fallback.state}"
+        + (", final" if fallback.final else "")
+        + (f" ({fallback.reason})" if fallback.reason else "")
+    )
+
+
+def timeline_lines(step: Step) -> list[str]:
+    """The lines of one attempt in ``status``'s timeline.
+
+    The first line says how it ended, where, when and for how long; the lines below say
+    why (its error or reason), where its result is, and what followed (a retry after a
+    backoff, giving up, a cancel).
+
+    Args:
+        step: the attempt, from ``timeline``.
+
+    Returns:
+        The lines, indented under ``attempts:``.
+    """
+    times = f"  {when(step.started_at)}" if step.started_at else ""
+    if step.finished_at:
+        times += f" -> {when(step.finished_at)}"
+    ran = step.ran_for
+    span = f" ({ran:.2f}s)" if ran is not None else ""
+    code = "" if step.exit_code is None else f"  exit {step.exit_code}"
+    lines = [f"  #{step.attempt}  {step.state:10} {step.node_id or '-'}{times}{span}{code}".rstrip()]
+    if step.error:
+        lines.append(f"      error: {step.error}")
+    elif step.reason:
+        lines.append(f"      reason: {step.reason}")
+    if step.result:
+        lines.append(f"      result: {step.result}")
+    if step.retry:
+        waited = f" (the next attempt was released {step.waited:.2f}s later)" if step.waited is not None else ""
+        lines.append(f"      retry: {step.retry}{waited}")
+    lines.extend(f"      {note}" for note in step.notes)
+    return lines
 
 
 def job_list(rows: Sequence[tuple[JobSummary, Seen]], as_json: bool) -> None:
@@ -209,6 +336,72 @@ def job_list(rows: Sequence[tuple[JobSummary, Seen]], as_json: bool) -> None:
             f"{j.job_id:32}  {seen.state:10} {j.queue:10} {j.node_id or '-':12} {code:>4}  "
             f"{when(j.submitted_at):12}  {j.name}"
         )
+
+
+# --- cancel, results, dead letters -----------------------------------------------------
+def cancelled(outcome: CancelOutcome, as_json: bool) -> None:
+    """What ``cancel`` prints: what happened to the job.
+
+    Args:
+        outcome: the client's answer.
+        as_json: print it as JSON.
+    """
+    if as_json:
+        json_out(outcome)
+    elif outcome.state == "cancelled":
+        print(f"job {outcome.job_id} cancelled" + (f": {outcome.message}" if outcome.message else ""))
+    elif outcome.state == "cancelling":
+        print(f"job {outcome.job_id} is being cancelled: {outcome.message or 'its attempt is being stopped'}")
+    else:
+        print(f"job {outcome.job_id} {outcome.message}; nothing to cancel")
+
+
+def dead_letters(page: DeadLetterPage, as_json: bool) -> None:
+    """What ``dead-letters`` prints: one row per refused message, oldest first.
+
+    Args:
+        page: the dead letters read.
+        as_json: print a JSON list of ``{"seq", ...the dead letter}``.
+    """
+    if as_json:
+        json_out([{"seq": e.seq, **msgspec.to_builtins(e.letter)} for e in page.entries])
+    else:
+        rows = [
+            [
+                str(e.seq),
+                when(e.letter.at),
+                e.letter.service,
+                e.letter.code,
+                e.letter.subject,
+                _one_line(e.letter.reason, _REASON_WIDTH),
+            ]
+            for e in page.entries
+        ]
+        table(["SEQ", "AT", "SERVICE", "CODE", "SUBJECT", "REASON"], rows, right=frozenset({0}))
+        if not page.entries:
+            err("no dead letters")
+    if page.unreadable:
+        err(f"{page.unreadable} record(s) on the dead-letter subjects are not dead letters; skipped")
+
+
+def replayed(done: Replayed, as_json: bool) -> None:
+    """What ``dead-letters replay`` prints.
+
+    Args:
+        done: what the replay did.
+        as_json: print it as JSON.
+    """
+    if as_json:
+        json_out(done)
+    elif done.duplicate:
+        print(f"dead letter {done.seq} was replayed already ({done.stream} seq {done.stream_seq}); nothing was sent")
+    else:
+        print(f"dead letter {done.seq} replayed to {done.subject} ({done.stream} seq {done.stream_seq})")
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
 
 
 # --- cluster views ---------------------------------------------------------------------

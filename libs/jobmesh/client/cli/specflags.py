@@ -3,6 +3,10 @@
 Flags get the same checks as API input: the spec is round-tripped through the wire type and
 the contract's own validation, so the command line refuses what the trigger would refuse,
 before anything is sent. An error names the spec field and the flag that sets it.
+
+The retry flags make the job's ``RetryPolicy`` (:func:`retry_policy_from`): ``--retries N``
+is ``max_attempts`` N+1; a flag left out keeps the policy's default. ``--fallback-json``
+takes a ``FallbackSpec`` as JSON text or as the path of a file that holds it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,20 @@ import msgspec
 
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
+    FAILURE_CODES,
+    RETRY_ON_BY_DEFAULT,
     Constraints,
+    FallbackSpec,
     JobRuntime,
     JobSpec,
     Locality,
     NoopRuntime,
     ProcessRuntime,
     Resources,
+    RetryPolicy,
     Timeouts,
 )
+from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
 from jobmesh.errors import InvalidMessage, UsageError
 
@@ -47,12 +56,24 @@ FLAG_OF_FIELD = {
     "locality.dataset": "--dataset",
     "timeouts.run": "--timeout",
     "timeouts.queue": "--queue-timeout",
+    "timeouts.heartbeat": "--heartbeat-timeout",
+    "timeouts.total": "--total-timeout",
+    "retry.max_attempts": "--retries",
+    "retry.backoff": "--backoff",
+    "retry.backoff_max": "--backoff-max",
+    "retry.retry_on": "--retry-on",
+    "retry.migrate_after": "--migrate-after",
+    "retry.migrate_zone": "--migrate-zone",
+    "retry.fallback": "--fallback-json",
     "group": "--group",
     "concurrency_key": "--concurrency-key",
     "concurrency_limit": "--concurrency-limit",
     "not_before": "--delay",
 }
+# A retry policy allows at most this many attempts (RetryPolicy.max_attempts).
+MAX_RETRIES = 99
 _spec_codec: Codec[JobSpec] = Codec(JobSpec)
+_fallback_codec: Codec[FallbackSpec] = Codec(FallbackSpec)
 
 
 def seconds(text: str) -> float:
@@ -74,6 +95,82 @@ def seconds(text: str) -> float:
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds >= 0")
     return value
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds, more than 0.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number of seconds.
+
+    Raises:
+        argparse.ArgumentTypeError: otherwise.
+    """
+    value = seconds(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0")
+    return value
+
+
+def count(text: str) -> int:
+    """An argparse type: a whole number, not negative.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number.
+
+    Raises:
+        argparse.ArgumentTypeError: otherwise.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def retries(text: str) -> int:
+    """An argparse type: how many times to retry (0 to ``MAX_RETRIES``).
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The number of retries.
+
+    Raises:
+        argparse.ArgumentTypeError: otherwise.
+    """
+    value = count(text)
+    if value > MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"{value} is more than {MAX_RETRIES} (a job has at most 100 attempts)")
+    return value
+
+
+def failure_code(text: str) -> str:
+    """An argparse type: one of the contract's failure codes.
+
+    Args:
+        text: the flag's value.
+
+    Returns:
+        The code.
+
+    Raises:
+        argparse.ArgumentTypeError: for a code the contract does not define.
+    """
+    if text not in FAILURE_CODES:
+        raise argparse.ArgumentTypeError(
+            f"unknown failure code {text!r}; the codes are: {', '.join(sorted(FAILURE_CODES))}"
+        )
+    return text
 
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
@@ -103,6 +200,33 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group", default="", help="sequential group: one at a time, in submission order")
     p.add_argument("--concurrency-key", default="", help="at most --concurrency-limit running per key")
     p.add_argument("--concurrency-limit", type=int, default=0)
+    p.add_argument(
+        "--heartbeat-timeout", type=seconds, default=None, help="lost if its lease is not renewed (default 10)"
+    )
+    p.add_argument(
+        "--total-timeout", type=seconds, default=None, help="give up this long after the submit, all attempts"
+    )
+    retry = p.add_argument_group("retry policy (the scheduler retries a failed or lost attempt)")
+    retry.add_argument("--retries", type=retries, default=None, metavar="N", help="retry up to N times (N+1 attempts)")
+    retry.add_argument("--backoff", type=positive_seconds, default=None, metavar="S", help="wait before the 1st retry")
+    retry.add_argument("--backoff-max", type=positive_seconds, default=None, metavar="S", help="longest wait")
+    retry.add_argument(
+        "--retry-on",
+        type=failure_code,
+        action="append",
+        default=None,
+        metavar="CODE",
+        help="retry only failures with this code (repeatable; default: " + ", ".join(RETRY_ON_BY_DEFAULT) + ")",
+    )
+    retry.add_argument("--migrate-after", type=count, default=None, metavar="N", help="avoid a node after N failures")
+    retry.add_argument("--migrate-zone", action="store_true", help="when migrating, avoid the node's zone too")
+    retry.add_argument(
+        "--fallback-json",
+        default=None,
+        metavar="FILE|JSON",
+        help="job to run in its place once every attempt failed, as JSON or a file that holds it, e.g. "
+        + """'{"runtime": {"kind": "process", "argv": ["echo", "plan b"]}}'""",
+    )
     p.add_argument("--key", default="", help="idempotency key (same key, same job)")
     p.add_argument("--noop", action="store_true", help="use the built-in no-op runtime")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
@@ -160,7 +284,8 @@ def spec_from(args: argparse.Namespace, now: float | None = None) -> JobSpec:
         ),
         constraints=Constraints(arch=args.arch, labels=labels, isolation=args.isolation, handler=args.handler),
         locality=Locality(zone=args.zone, dataset=args.dataset),
-        timeouts=Timeouts(run=args.timeout, queue=args.queue_timeout),
+        timeouts=timeouts_from(args),
+        retry=retry_policy_from(args),
         group=args.group,
         concurrency_key=args.concurrency_key,
         concurrency_limit=args.concurrency_limit,
@@ -175,10 +300,98 @@ def spec_from(args: argparse.Namespace, now: float | None = None) -> JobSpec:
     return spec
 
 
+def timeouts_from(args: argparse.Namespace) -> Timeouts:
+    """The job's timeouts from ``--timeout``, ``--queue-timeout``, ``--heartbeat-timeout``, ``--total-timeout``.
+
+    Args:
+        args: the parsed command line; a timeout flag left out keeps its default.
+
+    Returns:
+        The timeouts (checked with the rest of the spec).
+    """
+    given: dict[str, float] = {"run": args.timeout, "queue": args.queue_timeout}
+    if args.heartbeat_timeout is not None:
+        given["heartbeat"] = args.heartbeat_timeout
+    if args.total_timeout is not None:
+        given["total"] = args.total_timeout
+    return Timeouts(**given)
+
+
+def retry_policy_from(args: argparse.Namespace) -> RetryPolicy:
+    """The job's retry policy from the retry flags.
+
+    Args:
+        args: the parsed command line; a flag left out keeps the policy's default.
+
+    Returns:
+        The policy (checked with the rest of the spec).
+
+    Raises:
+        UsageError: ``--fallback-json`` names a file that cannot be read.
+        InvalidMessage: ``--fallback-json`` is not a valid fallback job.
+    """
+    given: dict[str, Any] = {}
+    if args.retries is not None:
+        given["max_attempts"] = args.retries + 1
+    if args.backoff is not None:
+        given["backoff"] = args.backoff
+    if args.backoff_max is not None:
+        given["backoff_max"] = args.backoff_max
+    if args.retry_on:
+        given["retry_on"] = list(dict.fromkeys(args.retry_on))  # a code given twice counts once
+    if args.migrate_after is not None:
+        given["migrate_after"] = args.migrate_after
+    if args.migrate_zone:
+        given["migrate_zone"] = True
+    if args.fallback_json is not None:
+        given["fallback"] = fallback_from(args.fallback_json)
+    return RetryPolicy(**given)
+
+
+def fallback_from(text: str) -> FallbackSpec:
+    """The fallback job ``--fallback-json`` gives: JSON text, or the path of a JSON file.
+
+    Args:
+        text: the flag's value; text that starts with ``{`` is JSON, anything else a path.
+
+    Returns:
+        The fallback job, checked strictly (an unknown field is refused, not ignored).
+
+    Raises:
+        UsageError: the file cannot be read.
+        InvalidMessage: it is not a valid ``FallbackSpec``; the field is named under
+            ``retry.fallback``.
+    """
+    if text.lstrip().startswith("{"):
+        payload = text.encode()
+    else:
+        try:
+            with open(text, "rb") as f:
+                payload = f.read()
+        except OSError as exc:
+            raise UsageError(
+                f"--fallback-json: cannot read {text}: {exc.strerror or exc}", field="retry.fallback"
+            ) from exc
+    try:
+        fallback = _fallback_codec.decode(payload)
+        reject_unknown_fields(payload, FallbackSpec)
+    except InvalidMessage as exc:
+        field = "retry.fallback" + (f".{exc.field}" if exc.field else "")
+        raise type(exc)(f"fallback job: {exc.message} (flag --fallback-json)", field=field) from exc
+    return fallback
+
+
 def _with_flag(exc: InvalidMessage) -> InvalidMessage:
     # Errors name the spec field ("spec.timeouts.queue"); a person typed a flag.
     field = (exc.field or "").removeprefix("spec.")
-    flag = next((f for name, f in FLAG_OF_FIELD.items() if field == name or field.startswith(name + ".")), "")
+    flag = next((f for name, f in FLAG_OF_FIELD.items() if _names(field, name)), "")
     if not flag:
         return exc
+    if f"(flag {flag})" in exc.message:
+        return exc
     return type(exc)(f"{exc.message} (flag {flag})", field=exc.field)
+
+
+def _names(field: str, name: str) -> bool:
+    # "retry.retry_on[1]" and "retry.fallback.runtime" are set by the flags of their parents.
+    return field == name or field.startswith((name + ".", name + "["))
