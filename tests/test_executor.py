@@ -22,6 +22,7 @@ from nats.js.errors import KeyNotFoundError
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import (
+    AttemptCancel,
     JobBound,
     JobFailed,
     JobSpec,
@@ -111,20 +112,40 @@ class Harness:
         job_id: str | None = None,
         context=None,
         disk_mb: int = 0,
+        attempt: int = 1,
+        checkpoint: str = "",
     ) -> JobBound:
         bound = JobBound(
             job_id=job_id or f"j-{uuid.uuid4().hex[:12]}",
-            attempt=1,
+            attempt=attempt,
             partition=0,
             node_id=node_id,
             spec=JobSpec(runtime=runtime, timeouts=Timeouts(run=run_timeout), resources=Resources(disk_mb=disk_mb)),
             scratch_dir="",
             submitted_at=time.time(),
             bound_at=time.time(),
+            checkpoint=checkpoint,
         )
         msg_id = msg_id or f"{bound.job_id}:{bound.attempt}:bound"
         await self.publisher.publish([Outgoing(subjects.node_dispatch(node_id), bound, msg_id, context)])
         return bound
+
+    async def redispatch(self, bound: JobBound, msg_id: str) -> None:
+        """Publish ``bound`` again under another message id, as a redelivery would bring it."""
+        await self.publisher.publish([Outgoing(subjects.node_dispatch(bound.node_id), bound, msg_id)])
+
+    async def cancel(self, job_id: str, attempt: int = 1, node_id: str = NODE, reason: str = "test cancel") -> None:
+        message = AttemptCancel(
+            job_id=job_id, attempt=attempt, partition=0, node_id=node_id, reason=reason, at=time.time()
+        )
+        msg_id = f"{job_id}:{attempt}:cancel"
+        await self.publisher.publish([Outgoing(subjects.node_cancel(node_id), message, msg_id)])
+
+    async def all_acked(self, node_id: str = NODE) -> bool:
+        """Whether the node's durable has acked everything in JM_DISPATCH it was given."""
+        info = await self.js.consumer_info(subjects.STREAM_DISPATCH, subjects.durable("executor", node_id))
+        stream = await self.js.stream_info(subjects.STREAM_DISPATCH)
+        return info.ack_floor.stream_seq >= stream.state.last_seq and info.num_ack_pending == 0
 
     async def terminal(self, job_id: str, timeout: float = 20.0):
         async def probe():
@@ -174,6 +195,7 @@ async def test_node_record_has_capacity_and_is_refreshed(harness, executor, work
     assert first.runtimes == ["process", "noop"]
     assert first.work_dir == str(work_dir / NODE)
     assert not first.draining
+    assert len(first.incarnation) == 32 and first.attempts == [] and first.ended == []
 
     async def refreshed():
         record = await harness.node_record()
@@ -292,12 +314,7 @@ async def test_duplicate_job_bound_runs_once(harness, executor, tmp_path):
     await harness.dispatch(runtime, job_id=job_id, msg_id=f"{job_id}:b")
     await harness.terminal(job_id)
 
-    async def both_acked():
-        info = await harness.js.consumer_info(subjects.STREAM_DISPATCH, subjects.durable("executor", NODE))
-        stream = await harness.js.stream_info(subjects.STREAM_DISPATCH)
-        return info.ack_floor.stream_seq >= stream.state.last_seq and info.num_ack_pending == 0
-
-    await eventually(both_acked, what="both copies to be acked")
+    await eventually(harness.all_acked, what="both copies to be acked")
     assert marker.read_text() == "run\n"
     assert len(harness.jobs.of(job_id, JobStarted)) == 1
     assert len(harness.jobs.of(job_id, JobSucceeded)) == 1

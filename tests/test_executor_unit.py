@@ -19,6 +19,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import (
     JobBound,
     JobFailed,
+    JobLost,
     JobSpec,
     JobStarted,
     JobSucceeded,
@@ -31,6 +32,7 @@ from jobmesh.contract.messages.v1 import (
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
 from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.handlers import DispatchHandler
+from jobmesh.executor.leases import LeaseBook
 from jobmesh.executor.node import (
     MachineFacts,
     build_node_info,
@@ -470,14 +472,42 @@ def envelope(message: JobBound) -> Envelope:
     return Envelope(message, subjects.node_dispatch(NODE), {}, extract({}))
 
 
+class FakeRecord:
+    """Stands in for the node record: each put request notes the leases it would carry and
+    resolves at once, unless ``hold`` is set (then :meth:`release` resolves them)."""
+
+    def __init__(self, leases: LeaseBook) -> None:
+        self._leases = leases
+        self.puts: list[list[str]] = []  # the attempt keys each requested put lists
+        self.hold = False
+        self._pending: list[asyncio.Future[None]] = []
+
+    def put_soon(self) -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        running, _ = self._leases.snapshot(time.time())
+        self.puts.append([f"{lease.job_id}:{lease.attempt}" for lease in running])
+        if self.hold:
+            self._pending.append(future)
+        else:
+            future.set_result(None)
+        return future
+
+    def release(self) -> None:
+        for future in self._pending:
+            future.set_result(None)
+        self._pending.clear()
+
+
 @pytest.fixture
 async def node(tmp_path):
     publisher = FakePublisher()
     reporter = Reporter(publisher)
     reporter.start()
     runner = ProcessRunner(job_base_env(os.environ), kill_grace=0.5, pipe_grace=0.5)
-    attempts = Attempts(NODE, tmp_path, reporter, runner, trace.get_tracer("test"))
-    handler = DispatchHandler(NODE, attempts, reporter)
+    leases = LeaseBook()
+    attempts = Attempts(NODE, tmp_path, reporter, runner, trace.get_tracer("test"), leases=leases)
+    record = FakeRecord(leases)
+    handler = DispatchHandler(NODE, attempts, reporter, record, incarnation="inc-1")
     yield publisher, reporter, attempts, handler
     await reporter.close(1)
 
@@ -550,9 +580,6 @@ async def test_a_job_that_writes_past_its_quota_and_exits_at_once_fails(node, tm
 
 async def test_process_attempt_reports_lines_then_its_end(node, tmp_path):
     publisher, reporter, attempts, handler = node
-    leftover = tmp_path / "p-1"
-    leftover.mkdir()
-    (leftover / "stale").write_text("from a crashed run")
     await handler([envelope(bound("p", ProcessRuntime(argv=["sh", "-c", "ls; echo done"])))])
 
     async def finished():
@@ -561,8 +588,23 @@ async def test_process_attempt_reports_lines_then_its_end(node, tmp_path):
     await eventually(finished, timeout=5, what="the attempt to finish")
     await reporter.flush()
     kinds = [type(m) for m in publisher.messages]
-    assert kinds == [JobStarted, LogLine, JobSucceeded]  # "stale" is gone: only "done" printed
+    assert kinds == [JobStarted, LogLine, JobSucceeded]  # the directory was empty: only "done" printed
     line = publisher.messages[1]
     assert line.line == "done" and line.stream == "stdout"
     assert publisher.calls[-1][-1].msg_id == "p:1:succeeded"
-    assert not leftover.exists()
+    assert not (tmp_path / "p-1").exists()
+
+
+async def test_an_attempt_whose_directory_an_earlier_executor_left_is_lost_not_run_again(node, tmp_path):
+    # Until issue 7 the leftover was removed and the command ran a second time under the same
+    # attempt number (the stream's duplicate window then hid the second run's events).
+    publisher, reporter, attempts, handler = node
+    leftover = tmp_path / "p-1"
+    leftover.mkdir()
+    (leftover / "stale").write_text("from a crashed run")
+    marker = tmp_path / "ran"
+    assert await handler([envelope(bound("p", ProcessRuntime(argv=["sh", "-c", f"touch {marker}"])))]) is None
+    await reporter.flush()
+    assert [type(m) for m in publisher.messages] == [JobLost]
+    assert publisher.calls[0][0].msg_id == "p:1:lost"
+    assert attempts.running == 0 and not marker.exists() and not leftover.exists()

@@ -1,11 +1,16 @@
 """One attempt's life on this node, and the node's register of attempts.
 
-One :class:`Attempt` takes a process ``JobBound`` from its fresh working directory to its
-published terminal event: it runs the process (:mod:`jobmesh.executor.runner`), watches and
-finally judges the disk quota (:mod:`jobmesh.executor.quota`), and reports the outcome
-(:mod:`jobmesh.executor.outcomes`). :class:`Attempts` is this node's register of attempts:
-which are running (for drain) and which ran recently (so a redelivered ``JobBound`` is not
-run twice).
+One :class:`Attempt` takes a process ``JobBound`` from its lease to its published terminal
+event: it waits until its JobStarted and a node record listing it are durable, runs the
+process (:mod:`jobmesh.executor.runner`) with a progress pipe
+(:mod:`jobmesh.executor.progress`), watches and finally judges the disk quota
+(:mod:`jobmesh.executor.quota`), collects the result file (:mod:`jobmesh.executor.results`)
+and reports the outcome (:mod:`jobmesh.executor.outcomes`).
+
+:class:`Attempts` is this node's register: which attempts run (for cancel, supersede and
+drain), which ran recently (so a redelivered ``JobBound`` is not run twice), which an
+earlier incarnation left behind, and which were cancelled before their ``JobBound`` came.
+:meth:`Attempts.classify` decides what a ``JobBound`` gets.
 """
 
 from __future__ import annotations
@@ -16,35 +21,72 @@ import logging
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, log_id
-from jobmesh.contract.messages.v1 import JobBound, LogLine, NoopRuntime, ProcessRuntime
+from jobmesh.contract.messages.v1 import AttemptLease, JobBound, LogLine, NoopRuntime, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.errors import Overloaded
+from jobmesh.executor.leases import LeaseBook, LeaseState
 from jobmesh.executor.outcomes import (
+    CANCELLED,
     EXECUTOR_ERROR,
     NODE_DRAINED,
+    RESULT_TOO_LARGE,
+    SUPERSEDED,
     WORKDIR_FAILED,
     Outcome,
     failed_outcome,
     noop_outcome,
     terminal_message,
 )
+from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, ProgressRecorder
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
+from jobmesh.executor.restart import kill_leftovers, lost_messages
+from jobmesh.executor.results import RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
 
 log = logging.getLogger("jobmesh.executor.attempts")
 
+CHECKPOINT_VAR = "JOBMESH_CHECKPOINT"
+# What a JobBound gets (Attempts.classify):
+#   run: a new attempt; duplicate: this process has it already (running or ended);
+#   orphaned: an earlier incarnation started it (it was reported lost at start);
+#   ended_before: an earlier incarnation ended it, and its terminal event is durable;
+#   left_behind: its working directory exists, so an earlier incarnation started it (its
+#     record has expired since): it is reported lost, not run a second time;
+#   cancelled: an AttemptCancel came first; stale: a newer attempt of the job runs here.
+Verdict = Literal["run", "duplicate", "orphaned", "ended_before", "left_behind", "cancelled", "stale"]
+
+
+def attempt_name(job_id: str, attempt: int) -> str:
+    """How log lines name an attempt: ``job <id> attempt <n>``."""
+    return f"job {job_id} attempt {attempt}"
+
+
+def stop_code(reason: str) -> FailureCode:
+    """The failure code an ``AttemptCancel`` stops an attempt with: its reason says which.
+
+    Args:
+        reason: the cancel's reason; one that starts with ``superseded`` means a newer
+            attempt of the job exists.
+
+    Returns:
+        ``superseded`` or ``cancelled``.
+    """
+    return SUPERSEDED if reason.startswith("superseded") else CANCELLED
+
 
 class Attempt:
-    """One process attempt on this node, from start to its published terminal event.
+    """One process attempt on this node, from its lease to its published terminal event.
 
     (A no-op attempt needs none of this; :meth:`Attempts.launch` reports it directly.)
 
@@ -52,11 +94,16 @@ class Attempt:
         bound: the dispatch message.
         context: the dispatch envelope's trace context, carried by everything it reports.
         started_at: when the executor started it (the JobStarted ``at``).
+        lease: its lease in the node record, updated with the job's progress.
+        ready: resolves once its JobStarted and a record listing it are durable; the
+            process starts only then.
         node_id: this node.
         work_root: the node's work directory; the attempt's own is a fresh subdirectory.
         reporter: where log lines and the terminal event go.
         runner: runs process runtimes.
+        results: reads and stores result files.
         tracer: for the attempt's span.
+        on_ended: called with the attempt's key once its terminal event is durable.
         clock: epoch seconds.
     """
 
@@ -66,37 +113,54 @@ class Attempt:
         context: Context,
         started_at: float,
         *,
+        lease: LeaseState,
+        ready: asyncio.Future[None],
         node_id: str,
         work_root: Path,
         reporter: Reporter,
         runner: ProcessRunner,
+        results: ResultStore | None,
         tracer: trace.Tracer,
+        on_ended: Callable[[str], None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bound = bound
         self.context = context
         self.started_at = started_at
         self.key = attempt_key(bound.job_id, bound.attempt)
+        self.name = attempt_name(bound.job_id, bound.attempt)
+        self.lease = lease
+        self._ready = ready
         self._node_id = node_id
         self._work_root = work_root
         self._reporter = reporter
         self._runner = runner
+        self._results = results
         self._tracer = tracer
+        self._on_ended = on_ended
         self._clock = clock
         self._abort = AbortSignal()
         self._log_seq = 0
 
     @property
     def workdir(self) -> Path:
-        return self._work_root / f"{self.bound.job_id}-{self.bound.attempt}"
+        return self._work_root / f"{self.bound.job_id}-{self.bound.attempt}"  # as Attempts.workdir_of
+
+    @property
+    def stopping(self) -> bool:
+        """Whether it was asked to stop (it may still be ending)."""
+        return self._abort.is_set()
 
     def abort(self, code: FailureCode, message: str) -> None:
-        """Stop the attempt's process now; it is reported as failed with ``code``.
+        """Stop the attempt's process now, or keep it from starting; it is reported as failed
+        with ``code`` (the first reason given wins).
 
         Args:
             code: the failure code it is reported with.
             message: the human explanation.
         """
+        if not self._abort.is_set():
+            log.info("%s: stopping it (%s: %s)", self.name, code, message)
         self._abort.set(code, message)
 
     async def run(self) -> None:
@@ -107,9 +171,9 @@ class Attempt:
                 runtime = self.bound.spec.runtime
                 if not isinstance(runtime, ProcessRuntime):  # Attempts.launch reports the others itself
                     raise TypeError(f"an Attempt runs process runtimes, not {type(runtime).__name__}")
-                outcome = await self._run_process(runtime)
+                outcome = await self._when_ready(runtime)
             except Exception as exc:
-                log.exception("attempt %s failed inside the executor", self.key)
+                log.exception("%s failed inside the executor", self.name)
                 outcome = failed_outcome(EXECUTOR_ERROR, f"{type(exc).__name__}: {exc}")
             if outcome.error is not None:
                 span.set_attribute("jobmesh.error.code", outcome.error.code)
@@ -118,20 +182,49 @@ class Attempt:
             )
             # The directory stays until the outcome is durable, for whoever debugs a loss.
             await durable
+            self._on_ended(self.key)
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         finally:
             span.end()
 
+    async def _when_ready(self, runtime: ProcessRuntime) -> Outcome:
+        if not self._ready.done():
+            stopped = asyncio.ensure_future(self._abort.wait())
+            try:
+                await asyncio.wait({self._ready, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopped.cancel()
+        if self._abort.error is not None:
+            # Cancelled, superseded or drained before it started: nothing ran.
+            return Outcome(None, self._abort.error)
+        return await self._run_process(runtime)
+
     async def _run_process(self, runtime: ProcessRuntime) -> Outcome:
         workdir = self.workdir
         try:
-            # A leftover from an earlier run of this attempt (executor crash) goes first.
-            if workdir.exists():
-                await asyncio.to_thread(shutil.rmtree, workdir, True)
             workdir.mkdir(parents=True)
         except OSError as exc:
+            # An existing one included: :meth:`Attempts.classify` refuses an attempt whose
+            # directory an earlier executor left, so this one is not ours to clear.
             return failed_outcome(WORKDIR_FAILED, f"cannot create {workdir}: {exc}")
-        job_vars = {"JOBMESH_JOB_ID": self.bound.job_id, "JOBMESH_ATTEMPT": str(self.bound.attempt)}
+        recorder = ProgressRecorder(self.lease, self.name)
+        channel = ProgressChannel(recorder.line)
+        try:
+            outcome = await self._run_with(runtime, workdir, channel)
+        finally:
+            await channel.close()
+        if outcome.error is not None or self._results is None:
+            return outcome
+        return await self._with_result(outcome, workdir / RESULT_FILE)
+
+    async def _run_with(self, runtime: ProcessRuntime, workdir: Path, channel: ProgressChannel) -> Outcome:
+        job_vars = {
+            "JOBMESH_JOB_ID": self.bound.job_id,
+            "JOBMESH_ATTEMPT": str(self.bound.attempt),
+            RESULT_PATH_VAR: str(workdir / RESULT_FILE),
+            PROGRESS_FD_VAR: str(channel.child_fd),
+            CHECKPOINT_VAR: self.bound.checkpoint,
+        }
         if self.bound.scratch_dir:
             job_vars["JOBMESH_SCRATCH_DIR"] = self.bound.scratch_dir
         env = self._runner.environment(runtime, workdir, job_vars)
@@ -139,7 +232,16 @@ class Attempt:
         quota_mb = self.bound.spec.resources.disk_mb
         watchdog = asyncio.ensure_future(watch_quota(workdir, quota_mb, self._abort)) if quota_mb else None
         try:
-            outcome = await self._runner.run(runtime, workdir, env, timeout, self._abort, self._publish_line)
+            outcome = await self._runner.run(
+                runtime,
+                workdir,
+                env,
+                timeout,
+                self._abort,
+                self._publish_line,
+                pass_fds=(channel.child_fd,),
+                on_spawned=channel.spawned,
+            )
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -150,6 +252,29 @@ class Attempt:
         used = await asyncio.to_thread(directory_bytes, workdir)
         return outcome_after_exit(outcome, used, quota_mb)
 
+    async def _with_result(self, outcome: Outcome, path: Path) -> Outcome:
+        """The successful outcome with the result the job left, or the failure it causes."""
+        assert self._results is not None
+        try:
+            result = await self._results.collect(self.bound.job_id, self.bound.attempt, path)
+        except Overloaded as exc:
+            log.warning("%s: its result cannot be stored: %s", self.name, exc)
+            return failed_outcome(RESULT_TOO_LARGE, str(exc), outcome.exit_code, outcome.output_tail)
+        if result is None:
+            return outcome
+        if result.too_large:
+            log.info("%s: result of %d bytes is over the limit", self.name, result.size)
+            message = too_large_message(result.size, self._results.limits)
+            return failed_outcome(RESULT_TOO_LARGE, message, outcome.exit_code, outcome.output_tail)
+        return Outcome(
+            outcome.exit_code,
+            None,
+            outcome.output_tail,
+            result=result.text,
+            result_ref=result.ref,
+            result_bytes=result.size,
+        )
+
     async def _publish_line(self, stream: OutputStream, line: str) -> None:
         self._log_seq += 1
         bound = self.bound
@@ -159,7 +284,7 @@ class Attempt:
 
 
 class Attempts:
-    """This node's attempts: the running ones, and a bounded memory of recent ones.
+    """This node's attempts: the running ones, and bounded memories of the others.
 
     Args:
         node_id: this node.
@@ -167,9 +292,12 @@ class Attempts:
         reporter: where attempts report.
         runner: runs process runtimes.
         tracer: for attempt spans.
+        leases: the leases the node record lists.
+        results: reads and stores result files (None: results are ignored).
         clock: epoch seconds.
-        remember: how many recent attempts to remember for deduplication; a redelivery
-            comes within ``ack_wait`` seconds, so this only has to cover that long a burst.
+        remember: how many recent attempts to remember for deduplication; a redelivery comes within ``ack_wait`` seconds, so this only
+            has to cover that long a burst.
+        remember_cancels: how many cancels of attempts not seen yet to remember.
     """
 
     def __init__(
@@ -179,60 +307,235 @@ class Attempts:
         reporter: Reporter,
         runner: ProcessRunner,
         tracer: trace.Tracer,
+        leases: LeaseBook | None = None,
+        results: ResultStore | None = None,
         clock: Callable[[], float] = time.time,
         remember: int = 100_000,
+        remember_cancels: int = 10_000,
     ) -> None:
         self._node_id = node_id
         self._work_root = work_root
         self._reporter = reporter
         self._runner = runner
         self._tracer = tracer
+        self.leases = leases if leases is not None else LeaseBook()
+        self._results = results
         self._clock = clock
         self._remember = remember
-        # key -> the future of its JobStarted being durable (what a redelivery waits on).
+        self._remember_cancels = remember_cancels
+        # key -> the future of its JobStarted (or refusal) being durable: what a redelivery waits on.
         self._recent: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
+        self._by_job: dict[str, Attempt] = {}  # the running process attempt of each job
+        self._cancelled: OrderedDict[str, str] = OrderedDict()  # key -> reason, JobBound not seen yet
+        self._orphaned: set[str] = set()
+        self._ended_before: set[str] = set()
+
+    # --- what an earlier incarnation left ------------------------------------------
+    def adopt_previous(self, orphaned: Iterable[str], ended: Iterable[str]) -> None:
+        """Remember what the previous incarnation's record listed, so none of it runs again.
+
+        Args:
+            orphaned: attempts it ran (reported lost now).
+            ended: attempts it ended (their terminal events are durable).
+        """
+        self._orphaned.update(orphaned)
+        self._ended_before.update(ended)
+
+    # --- decisions -----------------------------------------------------------------
+    def classify(self, bound: JobBound, key: str) -> Verdict:
+        """What this node does with a ``JobBound`` (for this node).
+
+        Args:
+            bound: the dispatch message.
+            key: its attempt key (``job_id:attempt``).
+
+        Returns:
+            The verdict (see :data:`Verdict`).
+        """
+        if key in self._recent:
+            return "duplicate"
+        if self._orphaned or self._ended_before or self._cancelled:  # all empty on the common path
+            if key in self._orphaned:
+                return "orphaned"
+            if key in self._ended_before:
+                return "ended_before"
+            if key in self._cancelled:
+                return "cancelled"
+        if self._by_job:
+            running = self._by_job.get(bound.job_id)
+            if running is not None and running.bound.attempt > bound.attempt:
+                return "stale"
+        if isinstance(bound.spec.runtime, ProcessRuntime) and self.workdir_of(bound).exists():
+            return "left_behind"
+        return "run"
+
+    def workdir_of(self, bound: JobBound) -> Path:
+        """The working directory of an attempt: ``<work_root>/<job_id>-<attempt>``."""
+        return self._work_root / f"{bound.job_id}-{bound.attempt}"
 
     def started_future(self, key: str) -> asyncio.Future[None] | None:
-        """The Started future of a known attempt, or None if this node never saw it."""
+        """The Started (or refusal) future of a known attempt, or None if this process never saw it."""
         return self._recent.get(key)
 
+    def cancel_reason(self, key: str) -> str:
+        """The reason of the cancel that came before the attempt's ``JobBound``."""
+        return self._cancelled.get(key) or "cancelled"
+
+    # --- starting ------------------------------------------------------------------
     def launch(
-        self, bound: JobBound, context: Context, started_at: float, started: asyncio.Future[None]
+        self,
+        bound: JobBound,
+        context: Context,
+        started_at: float,
+        started: asyncio.Future[None],
+        ready: asyncio.Future[None] | None = None,
     ) -> Attempt | None:
-        """Remember the attempt and start running it as a background task.
+        """Remember the attempt and start it as a background task.
 
         A no-op attempt has nothing to run or wait for, so its terminal event is queued at
-        once, right behind its Started, without a task (None is returned): this is the
-        benchmark path, and a task per job there costs a tenth of the executor's time.
+        once, right behind its Started, without a task or a lease (None is returned): this
+        is the benchmark path, and a task per job there costs a tenth of the executor's time.
+        A process attempt is added to the lease book at once; its process starts when
+        ``ready`` resolves (the caller puts the record and resolves it).
+
+        Args:
+            bound: the dispatch message.
+            context: its trace context.
+            started_at: the JobStarted ``at``.
+            started: resolves once its JobStarted is durable.
+            ready: resolves once the JobStarted and a record listing the attempt are durable
+                (required for a process attempt).
+
+        Returns:
+            The attempt, or None for a no-op.
         """
-        self._recent[attempt_key(bound.job_id, bound.attempt)] = started
-        if len(self._recent) > self._remember:
-            self._recent.popitem(last=False)
+        key = attempt_key(bound.job_id, bound.attempt)
+        # A redelivery of a process attempt waits for its record too, like the first delivery.
+        self._remember_seen(key, started if ready is None else ready)
+        if self._by_job:
+            older = self._by_job.get(bound.job_id)
+            if older is not None and older.bound.attempt < bound.attempt:
+                older.abort(SUPERSEDED, f"superseded by attempt {bound.attempt}, bound to this node")
         runtime = bound.spec.runtime
         if isinstance(runtime, NoopRuntime):
             self._reporter.post(
                 [terminal_message(bound, self._node_id, noop_outcome(runtime), started_at, self._clock(), context)]
             )
             return None
+        if ready is None:
+            raise ValueError("a process attempt needs the future of its record being durable")
+        lease = self.leases.add(bound.job_id, bound.attempt, bound.partition, started_at, bound.checkpoint)
         attempt = Attempt(
             bound,
             context,
             started_at,
+            lease=lease,
+            ready=ready,
             node_id=self._node_id,
             work_root=self._work_root,
             reporter=self._reporter,
             runner=self._runner,
+            results=self._results,
             tracer=self._tracer,
+            on_ended=self._ended,
             clock=self._clock,
         )
         task = asyncio.get_running_loop().create_task(attempt.run(), name=f"attempt:{attempt.key}")
         self._running[attempt.key] = (attempt, task)
-        task.add_done_callback(functools.partial(self._finished, attempt.key))
+        self._by_job[bound.job_id] = attempt
+        task.add_done_callback(functools.partial(self._finished, attempt))
         return attempt
 
-    def _finished(self, key: str, _task: asyncio.Task[None]) -> None:
-        self._running.pop(key, None)
+    def refuse(self, bound: JobBound, code: FailureCode, message: str, context: Context) -> asyncio.Future[None]:
+        """Report an attempt failed without running it (cancelled or stale before it started).
+
+        Args:
+            bound: the dispatch message.
+            code: the failure code.
+            message: why.
+            context: its trace context.
+
+        Returns:
+            The future of the JobFailed being durable.
+        """
+        key = attempt_key(bound.job_id, bound.attempt)
+        log.info("%s: not run (%s: %s)", attempt_name(bound.job_id, bound.attempt), code, message)
+        outcome = failed_outcome(code, message)
+        durable = self._reporter.emit([terminal_message(bound, self._node_id, outcome, 0.0, self._clock(), context)])
+        durable.add_done_callback(lambda future: None if future.cancelled() else self._ended(key))
+        self._remember_seen(key, durable)
+        self._cancelled.pop(key, None)
+        return durable
+
+    async def report_left_behind(self, bound: JobBound, context: Context) -> asyncio.Future[None]:
+        """Report lost an attempt an earlier executor started here, and clear what it left.
+
+        Args:
+            bound: the dispatch message (it came again).
+            context: its trace context.
+
+        Returns:
+            The future of the JobLost being durable.
+        """
+        key = attempt_key(bound.job_id, bound.attempt)
+        workdir = self.workdir_of(bound)
+        log.warning(
+            "%s: an earlier executor of this node started it (%s is left), so it is reported lost, not run again",
+            attempt_name(bound.job_id, bound.attempt),
+            workdir,
+        )
+        await asyncio.to_thread(kill_leftovers, [workdir])
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        lease = AttemptLease(
+            job_id=bound.job_id, attempt=bound.attempt, partition=bound.partition, started_at=bound.bound_at
+        )
+        durable = self._reporter.emit(lost_messages([lease], self._node_id, self._clock(), context))
+        self._remember_seen(key, durable)
+        return durable
+
+    def _remember_seen(self, key: str, started: asyncio.Future[None]) -> None:
+        recent = self._recent
+        recent[key] = started
+        if len(recent) > self._remember:
+            recent.popitem(last=False)
+
+    def _ended(self, key: str) -> None:
+        self.leases.end(key, self._clock())
+
+    def _finished(self, attempt: Attempt, _task: asyncio.Task[None]) -> None:
+        self._running.pop(attempt.key, None)
+        if self._by_job.get(attempt.bound.job_id) is attempt:
+            del self._by_job[attempt.bound.job_id]
+
+    # --- stopping ------------------------------------------------------------------
+    def cancel(self, job_id: str, attempt: int, reason: str) -> Literal["stopping", "ended", "remembered"]:
+        """Stop an attempt, or keep it from ever running.
+
+        Args:
+            job_id: the job.
+            attempt: the attempt.
+            reason: why (the cancel's reason).
+
+        Returns:
+            ``stopping`` when it runs here (it is being stopped, its terminal event follows),
+            ``ended`` when it already ended here (or in an earlier incarnation),
+            ``remembered`` when its JobBound has not come yet: it is refused when it does.
+        """
+        key = attempt_key(job_id, attempt)
+        running = self._running.get(key)
+        if running is not None:
+            running[0].abort(stop_code(reason), reason or "cancelled")
+            return "stopping"
+        if key in self._recent or key in self._orphaned or key in self._ended_before:
+            return "ended"
+        if key not in self._cancelled:
+            log.info("%s: cancelled before its dispatch came (%s)", attempt_name(job_id, attempt), reason)
+        self._cancelled[key] = reason
+        self._cancelled.move_to_end(key)
+        if len(self._cancelled) > self._remember_cancels:
+            self._cancelled.popitem(last=False)
+        return "remembered"
 
     @property
     def running(self) -> int:
@@ -256,7 +559,12 @@ class Attempts:
         for attempt, _ in left:
             attempt.abort(NODE_DRAINED, f"node {self._node_id} was drained before the attempt finished")
         if left:
-            log.warning("drain: stopping %d attempts that did not finish in %.0fs", len(left), grace)
+            log.warning(
+                "drain: stopping %d attempts that did not finish in %.0fs: %s",
+                len(left),
+                grace,
+                ", ".join(attempt.name for attempt, _ in left[:20]),
+            )
             _, pending = await asyncio.wait([task for _, task in left], timeout=settle)
             for task in pending:
                 task.cancel()

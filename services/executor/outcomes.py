@@ -25,15 +25,27 @@ WORKDIR_FAILED: FailureCode = "workdir_failed"
 NODE_DRAINED: FailureCode = "node_drained"
 EXECUTOR_ERROR: FailureCode = "executor_error"
 DISK_QUOTA: FailureCode = "disk_quota_exceeded"
+RESULT_TOO_LARGE: FailureCode = "result_too_large"
+CANCELLED: FailureCode = "cancelled"
+SUPERSEDED: FailureCode = "superseded"
 
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """How an attempt ended: ``error`` is None exactly when it succeeded."""
+    """How an attempt ended: ``error`` is None exactly when it succeeded.
+
+    Attributes:
+        result: the result file's text, when it travels inline.
+        result_ref: else its key in the object store ``jm_results``.
+        result_bytes: the result file's size (0 without one).
+    """
 
     exit_code: int | None
     error: JobError | None
     output_tail: str = ""
+    result: str = ""
+    result_ref: str = ""
+    result_bytes: int = 0
 
 
 def failed_outcome(code: FailureCode, message: str, exit_code: int | None = None, output_tail: str = "") -> Outcome:
@@ -95,7 +107,7 @@ def terminal_message(
         bound: the dispatch message of the attempt.
         node_id: this node.
         outcome: how the attempt ended.
-        started_at: when the executor started it.
+        started_at: when the executor started it (0 when it never started).
         at: when it ended.
         context: the trace context the event carries.
 
@@ -137,6 +149,9 @@ def terminal_event(
             submitted_at=bound.submitted_at,
             started_at=started_at,
             at=at,
+            result=outcome.result,
+            result_ref=outcome.result_ref,
+            result_bytes=outcome.result_bytes,
         )
     return JobFailed(
         job_id=bound.job_id,

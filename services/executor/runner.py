@@ -3,7 +3,7 @@
 :class:`ProcessRunner` runs a ``ProcessRuntime`` in a process group of its own, hands its
 output over line by line and returns the :class:`~jobmesh.executor.outcomes.Outcome` of the
 process. :class:`AbortSignal` is how the attempt around it stops the process early (drain,
-disk quota), with the reason it is then reported with.
+disk quota, cancel, superseded), with the reason it is then reported with.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -56,7 +56,7 @@ class OutputTail:
 
 
 class AbortSignal:
-    """Tells a running process to stop now, and why (drain, disk quota, later cancellation).
+    """Tells a running process to stop now, and why (drain, disk quota, cancel, superseded).
 
     The first reason set wins: it is why the process was stopped.
     """
@@ -127,6 +127,8 @@ class ProcessRunner:
         timeout: float,
         abort: AbortSignal,
         on_line: LineSink,
+        pass_fds: Sequence[int] = (),
+        on_spawned: Callable[[], Awaitable[None]] | None = None,
     ) -> Outcome:
         """Run the process and return how it ended.
 
@@ -135,14 +137,22 @@ class ProcessRunner:
             workdir: an existing, empty directory; the process's cwd and HOME.
             env: the complete environment (see :meth:`environment`).
             timeout: the run timeout in seconds.
-            abort: stops the process early when set (drain, disk quota).
+            abort: stops the process early when set (drain, disk quota, cancel); one set
+                before the spawn keeps the process from starting at all.
             on_line: awaited with (``"stdout"``/``"stderr"``, line) for each output line.
+            pass_fds: descriptors the process inherits (the progress pipe), same numbers.
+            on_spawned: awaited once the process started, or failed to (the caller closes
+                its copy of what it passed).
 
         Returns:
             The outcome, with the last output as its tail.
         """
         tail = OutputTail()
         loop = asyncio.get_running_loop()
+        if abort.error is not None:
+            if on_spawned is not None:
+                await on_spawned()
+            return Outcome(None, abort.error)
         try:
             # What asyncio.create_subprocess_exec does, with a protocol that says when the
             # process exits: on Python 3.11's own event loop Process.wait() returns only
@@ -156,8 +166,11 @@ class ProcessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
+                pass_fds=tuple(pass_fds),
             )
         except OSError as exc:  # not found, not executable, bad interpreter line...
+            if on_spawned is not None:
+                await on_spawned()
             reason = exc.strerror or str(exc)
             return failed_outcome(SPAWN_FAILED, f"cannot start {runtime.argv[0]!r}: {reason}")
         pid = transport.get_pid()
@@ -170,6 +183,8 @@ class ProcessRunner:
         exited = protocol.exited
         aborted = asyncio.ensure_future(abort.wait())
         try:
+            if on_spawned is not None:
+                await on_spawned()
             await asyncio.wait({exited, aborted}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
             stopped_by: JobError | None = None
             if not exited.done():

@@ -1,10 +1,13 @@
 """The executor service: start, register, heartbeat, consume dispatches, drain, stop.
 
 ``service_main`` wires the parts together on the shared :class:`~jobmesh.runtime.service.Runtime`:
-the node record (:class:`Registration`), the reporter, the attempt register and the
-dispatch handler. On SIGTERM the runtime stops pulling and calls :meth:`Executor.stop`,
-which gives running attempts the rest of ``drain_seconds``, fails what is left with
-``node_drained``, publishes everything still queued and removes the node record.
+the node record (:class:`~jobmesh.executor.registration.Registration`) and the leases it
+renews, the reporter, the attempt register and the dispatch handler. At start the executor
+reads the record an earlier process of this node left and reports its attempts lost
+(:mod:`jobmesh.executor.restart`) before its own first put. On SIGTERM the runtime stops
+pulling and calls :meth:`Executor.stop`, which keeps heartbeating while running attempts
+get the rest of ``drain_seconds``, fails what is left with ``node_drained``, publishes
+everything still queued and removes the node record.
 """
 
 from __future__ import annotations
@@ -12,22 +15,28 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import msgspec
-import nats.errors
 from nats.js.kv import KeyValue
 
 from jobmesh.contract import subjects
-from jobmesh.contract.codec import Codec, encode
-from jobmesh.contract.messages.v1 import JobBound, NodeInfo
-from jobmesh.errors import InvalidSpec, Unavailable
-from jobmesh.executor.attempts import Attempts
-from jobmesh.executor.handlers import DispatchHandler
+from jobmesh.contract.codec import Codec
+from jobmesh.contract.ids import attempt_key
+from jobmesh.contract.messages.v1 import NodeInfo
+from jobmesh.errors import InvalidSpec
+from jobmesh.executor.attempts import Attempts, attempt_name
+from jobmesh.executor.handlers import DISPATCH_MESSAGES, DispatchHandler
+from jobmesh.executor.leases import LeaseBook
 from jobmesh.executor.node import build_node_info, read_machine_facts
+from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
+from jobmesh.executor.restart import kill_leftovers, lost_messages, orphaned_attempts
+from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
 from jobmesh.runtime.service import ConsumerSpec, Runtime
 from jobmesh.runtime.settings import Settings
@@ -37,9 +46,6 @@ log = logging.getLogger("jobmesh.executor")
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DISPATCH_ACK_WAIT = 30.0
-# How often the heartbeat loop looks at whether the runtime began stopping, so the node is
-# marked draining within this long of SIGTERM (the runtime has no stop hook before on_stop).
-STOP_POLL_SECONDS = 0.2
 FINAL_FLUSH_SECONDS = 10.0
 
 
@@ -65,101 +71,16 @@ def job_base_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {"PATH": environ.get("PATH") or DEFAULT_PATH, "LANG": environ.get("LANG") or "C.UTF-8"}
 
 
-class Registration:
-    """This node's record in KV ``jm_nodes``; a put every heartbeat keeps it alive.
-
-    The bucket's TTL is the node lease: if the puts stop, the record vanishes and the
-    binder stops placing work here.
-
-    Args:
-        kv: the ``jm_nodes`` bucket.
-        info: the node record; ``heartbeat_at`` and ``draining`` are filled in per put.
-        interval: seconds between heartbeats.
-        clock: epoch seconds.
-    """
-
-    def __init__(self, kv: KeyValue, info: NodeInfo, interval: float, clock: Callable[[], float] = time.time) -> None:
-        self._kv = kv
-        self._info = info
-        self._interval = interval
-        self._clock = clock
-        self._draining = False
-        self._failure: str | None = None
-        self.beats = 0
-
-    @property
-    def node_id(self) -> str:
-        return self._info.node_id
-
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    async def register(self) -> None:
-        """The first put; the node is not ready until it is visible.
-
-        Raises:
-            Unavailable: when the record cannot be written.
-        """
-        if not await self.beat():
-            raise Unavailable(f"cannot register node {self.node_id}: {self._failure}")
-
-    async def beat(self) -> bool:
-        """Put the record with a fresh ``heartbeat_at``. Returns False when that failed."""
-        info = msgspec.structs.replace(self._info, heartbeat_at=self._clock(), draining=self._draining)
-        try:
-            # A put slower than a heartbeat interval is as good as failed: the next one is due.
-            await asyncio.wait_for(self._kv.put(self.node_id, encode(info)), max(self._interval, 1.0))
-        except (TimeoutError, nats.errors.Error) as exc:
-            self._failure = f"{type(exc).__name__}: {exc}"
-            log.warning("heartbeat of node %s failed: %s", self.node_id, self._failure)
-            return False
-        self._failure = None
-        self.beats += 1
-        return True
-
-    async def mark_draining(self) -> None:
-        """Advertise that this node takes no new work (binders skip draining nodes)."""
-        if not self._draining:
-            self._draining = True
-            await self.beat()
-
-    async def deregister(self) -> None:
-        """Delete the record; if that fails the TTL removes it soon enough."""
-        try:
-            await asyncio.wait_for(self._kv.delete(self.node_id), 5.0)
-        except (TimeoutError, nats.errors.Error) as exc:
-            log.warning("could not delete node record %s (it expires with the TTL): %s", self.node_id, exc)
-
-    async def run(self, stop_requested: Callable[[], bool], on_stop_requested: Callable[[], object]) -> None:
-        """Heartbeat until cancelled; mark the node draining as soon as a stop begins."""
-        loop = asyncio.get_running_loop()
-        next_beat = loop.time() + self._interval
-        while True:
-            if not self._draining and stop_requested():
-                on_stop_requested()
-                await self.mark_draining()
-                next_beat = loop.time() + self._interval
-            if loop.time() >= next_beat:
-                await self.beat()
-                next_beat = loop.time() + self._interval
-            await asyncio.sleep(max(0.0, min(STOP_POLL_SECONDS, next_beat - loop.time())))
-
-    def problem(self) -> str | None:
-        """A health-check problem: the last heartbeat put failed."""
-        if self._failure is not None:
-            return f"heartbeat of node {self.node_id} failed: {self._failure}"
-        return None
-
-
 class Executor:
     """Everything one executor process runs besides the runtime itself.
 
     Args:
         rt: the connected runtime.
-        info: this node's record (:func:`~jobmesh.executor.node.build_node_info`).
+        info: this node's record (:func:`~jobmesh.executor.node.build_node_info`); its
+            ``incarnation`` is set here, fresh for every process.
         kv: the ``jm_nodes`` bucket.
         base_env: variables every job inherits (:func:`job_base_env`).
+        results: the ``jm_results`` object store (None: result files are ignored).
         clock: epoch seconds.
     """
 
@@ -169,27 +90,50 @@ class Executor:
         info: NodeInfo,
         kv: KeyValue,
         base_env: Mapping[str, str],
+        results: ObjectPut | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         settings = rt.settings
         self._rt = rt
         self._settings = settings
+        self._clock = clock
+        info = msgspec.structs.replace(info, incarnation=uuid.uuid4().hex)
         self.node_id = info.node_id
+        self.incarnation = info.incarnation
         self.work_root = Path(info.work_dir)
+        self.leases = LeaseBook()
         # Room for the Started and the no-op Succeeded of a whole pulled batch in one flush.
         self.reporter = Reporter(rt.publisher, max_batch=max(512, 2 * settings.batch_size), on_crash=self._crashed)
-        self.attempts = Attempts(info.node_id, self.work_root, self.reporter, ProcessRunner(base_env), rt.tracer, clock)
-        self.handler = DispatchHandler(
-            info.node_id, self.attempts, self.reporter, clock, started_timeout=DISPATCH_ACK_WAIT * 2 / 3
+        limits = ResultLimits(settings.result_inline_bytes, settings.result_max_bytes)
+        self.attempts = Attempts(
+            info.node_id,
+            self.work_root,
+            self.reporter,
+            ProcessRunner(base_env, kill_grace=settings.kill_grace_seconds),
+            rt.tracer,
+            leases=self.leases,
+            results=ResultStore(results, limits) if results is not None else None,
+            clock=clock,
         )
-        self.registration = Registration(kv, info, settings.heartbeat_seconds, clock)
+        self.registration = Registration(kv, info, self.leases, settings.heartbeat_seconds, clock)
+        self.handler = DispatchHandler(
+            info.node_id,
+            self.attempts,
+            self.reporter,
+            self.registration,
+            clock,
+            started_timeout=DISPATCH_ACK_WAIT * 2 / 3,
+            incarnation=self.incarnation,
+        )
         self._heartbeat: asyncio.Task | None = None
         self._drain_deadline: float | None = None
 
     async def start(self) -> None:
-        """Prepare the work directory, start publishing, and register the node."""
+        """Prepare the work directory, start publishing, take over from an earlier process
+        of this node, and register the node."""
         self.work_root.mkdir(parents=True, exist_ok=True)
         self.reporter.start()
+        await self._take_over()
         await self.registration.register()
         self._heartbeat = asyncio.get_running_loop().create_task(
             self.registration.run(lambda: self._rt.stopping, self._stop_begun), name="executor-heartbeat"
@@ -197,25 +141,53 @@ class Executor:
         self._heartbeat.add_done_callback(self._heartbeat_done)
         self._rt.add_health_check(self.registration.problem)
         self._rt.add_health_check(self.reporter.problem)
-        log.info("node %s registered (work dir %s)", self.node_id, self.work_root)
+        log.info("node %s registered (incarnation %s, work dir %s)", self.node_id, self.incarnation, self.work_root)
+
+    async def _take_over(self) -> None:
+        """Before the first put: report the attempts an earlier process of this node ran as lost."""
+        previous = await self.registration.read_previous()
+        if previous is None:
+            return
+        orphans = orphaned_attempts(previous, self.incarnation)
+        self.attempts.adopt_previous((attempt_key(o.job_id, o.attempt) for o in orphans), previous.ended)
+        if not orphans:
+            return
+        for orphan in orphans:
+            log.warning(
+                "%s was running in the previous executor of node %s (incarnation %s): reporting it lost",
+                attempt_name(orphan.job_id, orphan.attempt),
+                self.node_id,
+                previous.incarnation or "unknown",
+            )
+        # What the old processes left running goes first: "not running any more" must be true
+        # before the attempt is retried elsewhere.
+        workdirs = [self.work_root / f"{o.job_id}-{o.attempt}" for o in orphans]
+        await asyncio.to_thread(kill_leftovers, workdirs)
+        for workdir in workdirs:
+            await asyncio.to_thread(shutil.rmtree, workdir, True)
+        # Not awaited: the reporter retries until they are durable, and the scheduler also
+        # takes a record of a new incarnation that does not list an attempt for its loss.
+        self.reporter.post(lost_messages(orphans, self.node_id, self._clock()))
 
     def consumer(self) -> ConsumerSpec:
-        """The durable consumer of this node's dispatch subject."""
+        """The durable consumer of this node's dispatch and cancel subjects."""
         return ConsumerSpec(
             stream=subjects.STREAM_DISPATCH,
             durable=subjects.durable("executor", self.node_id),
-            filter_subjects=(subjects.node_dispatch(self.node_id),),
-            codec=Codec(JobBound, self._settings.max_message_bytes),
+            filter_subjects=(subjects.node_dispatch(self.node_id), subjects.node_cancel(self.node_id)),
+            codec=Codec(DISPATCH_MESSAGES, self._settings.max_message_bytes),
             handle=self.handler,
             span_name="process jobmesh.v1.node.*.dispatch",
             ack_wait=DISPATCH_ACK_WAIT,
         )
 
     async def stop(self) -> None:
-        """Drain: mark draining, let attempts finish, fail the rest, flush, deregister."""
+        """Drain: mark draining, keep the leases alive while attempts finish, fail the rest,
+        flush, deregister."""
         deadline = self._stop_begun()
         await self.registration.mark_draining()
         grace = max(0.0, deadline - asyncio.get_running_loop().time())
+        log.info("node %s draining: %d attempts running, %.1fs to finish", self.node_id, self.attempts.running, grace)
         stopped = await self.attempts.drain(grace)
         await self.reporter.close(FINAL_FLUSH_SECONDS)
         if self._heartbeat is not None:
@@ -259,6 +231,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt = Runtime(settings, tracing)
     await rt.connect()
     kv = await rt.js.key_value(subjects.KV_NODES)
-    executor = Executor(rt, info, kv, job_base_env(os.environ))
+    results = await rt.js.object_store(subjects.OBJ_RESULTS)
+    executor = Executor(rt, info, kv, job_base_env(os.environ), results)
     await executor.start()
     await rt.serve(consumers=[executor.consumer()], on_stop=executor.stop)

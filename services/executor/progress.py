@@ -1,0 +1,251 @@
+"""Progress from inside a process job: the pipe it writes to, and the lines it may write.
+
+A process job finds the write end of a pipe in ``JOBMESH_PROGRESS_FD``. Each line it writes
+there is one of::
+
+    progress <fraction 0..1> [message]
+    checkpoint <text>
+
+The last values go into the attempt's lease (:class:`~jobmesh.executor.leases.LeaseState`)
+and travel with the node's next heartbeat, never as a message per line. A checkpoint is
+cut at :data:`CHECKPOINT_MAX_BYTES` and a message at :data:`MESSAGE_MAX_BYTES` (each with
+one warning per attempt); any other line is ignored, with one warning per attempt. Empty
+lines are ignored silently.
+
+:func:`parse_line` is the format; :class:`LineSplitter` cuts a byte stream into bounded
+lines; :class:`ProgressChannel` is the pipe and its reader.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobmesh.executor.leases import LeaseState
+
+log = logging.getLogger("jobmesh.executor.progress")
+
+PROGRESS_FD_VAR = "JOBMESH_PROGRESS_FD"
+CHECKPOINT_MAX_BYTES = 4096
+MESSAGE_MAX_BYTES = 1024
+# Longer lines are cut here (what is left of them is dropped): a checkpoint line is at most
+# this long anyway, and a job that writes garbage must not make the executor buffer it.
+LINE_MAX_BYTES = CHECKPOINT_MAX_BYTES + 64
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """A ``progress`` line: the fraction done and its message."""
+
+    fraction: float
+    message: str
+    cut: bool = False  # the message was longer than MESSAGE_MAX_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """A ``checkpoint`` line: where a retry of the job may start from."""
+
+    text: str
+    cut: bool = False  # the text was longer than CHECKPOINT_MAX_BYTES
+
+
+def _cut(text: str, limit: int) -> tuple[str, bool]:
+    raw = text.encode()
+    if len(raw) <= limit:
+        return text, False
+    # Cut on a character boundary: a half character would not be valid UTF-8 on the wire.
+    return raw[:limit].decode("utf-8", "ignore"), True
+
+
+def parse_line(line: str) -> Progress | Checkpoint | None:
+    """What one line of the progress pipe says.
+
+    Args:
+        line: the line, without its newline.
+
+    Returns:
+        A :class:`Progress` or :class:`Checkpoint`, or None when the line is neither (a
+        fraction that is not a number from 0 to 1, an unknown word).
+    """
+    word, _, rest = line.partition(" ")
+    if word == "checkpoint":
+        text, cut = _cut(rest, CHECKPOINT_MAX_BYTES)
+        return Checkpoint(text, cut)
+    if word != "progress":
+        return None
+    number, _, message = rest.strip().partition(" ")
+    try:
+        fraction = float(number)
+    except ValueError:
+        return None
+    if not math.isfinite(fraction) or not 0.0 <= fraction <= 1.0:
+        return None
+    text, cut = _cut(message.strip(), MESSAGE_MAX_BYTES)
+    return Progress(fraction, text, cut)
+
+
+class LineSplitter:
+    """Cuts a byte stream into lines of at most ``limit`` bytes.
+
+    Args:
+        limit: the longest line handed over; the rest of a longer line is dropped.
+    """
+
+    def __init__(self, limit: int = LINE_MAX_BYTES) -> None:
+        self._limit = limit
+        self._buffer = b""
+        self._dropping = False  # inside a line that was already cut
+
+    def feed(self, data: bytes) -> list[str]:
+        """Take ``data``; return the lines it completed (decoded, ``\\r`` stripped)."""
+        lines: list[str] = []
+        while data:
+            newline = data.find(b"\n")
+            piece, data = (data, b"") if newline < 0 else (data[:newline], data[newline + 1 :])
+            if not self._dropping:
+                self._buffer += piece[: self._limit - len(self._buffer) + 1]
+            if newline < 0:
+                if len(self._buffer) > self._limit:
+                    lines.append(self._take())
+                    self._dropping = True
+                break
+            if self._dropping:
+                self._dropping = False
+                self._buffer = b""
+                continue
+            lines.append(self._take())
+        return lines
+
+    def finish(self) -> list[str]:
+        """The last line, if the stream ended without a newline."""
+        if self._buffer and not self._dropping:
+            return [self._take()]
+        return []
+
+    def _take(self) -> str:
+        line = self._buffer[: self._limit].decode("utf-8", "replace").rstrip("\r")
+        self._buffer = b""
+        return line
+
+
+class ProgressRecorder:
+    """Applies a job's progress lines to its lease, warning once per attempt per kind of problem.
+
+    Args:
+        lease: the attempt's lease.
+        name: how log lines name the attempt (``job <id> attempt <n>``).
+    """
+
+    def __init__(self, lease: LeaseState, name: str) -> None:
+        self._lease = lease
+        self._name = name
+        self._warned: set[str] = set()
+        self.lines = 0
+
+    def line(self, line: str) -> None:
+        """Apply one line of the pipe."""
+        if not line.strip():
+            return
+        self.lines += 1
+        parsed = parse_line(line)
+        if isinstance(parsed, Progress):
+            self._lease.progress = parsed.fraction
+            self._lease.message = parsed.message
+            if parsed.cut:
+                self._warn("message", f"a progress message longer than {MESSAGE_MAX_BYTES} bytes was cut")
+        elif isinstance(parsed, Checkpoint):
+            self._lease.checkpoint = parsed.text
+            if parsed.cut:
+                self._warn("checkpoint", f"a checkpoint longer than {CHECKPOINT_MAX_BYTES} bytes was cut")
+        else:
+            self._warn(
+                "format",
+                f"ignoring a line on {PROGRESS_FD_VAR} that is neither 'progress <0..1> [message]' nor "
+                f"'checkpoint <text>': {line[:80]!r} (further ones are ignored silently)",
+            )
+
+    def _warn(self, kind: str, text: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("%s: %s", self._name, text)
+
+
+class _PipeProtocol(asyncio.Protocol):
+    def __init__(self, splitter: LineSplitter, on_line: Callable[[str], None], closed: asyncio.Future[None]) -> None:
+        self._splitter = splitter
+        self._on_line = on_line
+        self._closed = closed
+
+    def data_received(self, data: bytes) -> None:
+        for line in self._splitter.feed(data):
+            self._on_line(line)
+
+    def eof_received(self) -> bool | None:
+        for line in self._splitter.finish():
+            self._on_line(line)
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class ProgressChannel:
+    """The pipe a process job reports progress on: the job gets the write end.
+
+    Use: :meth:`open`, give :attr:`child_fd` to the process (``pass_fds``, and its number in
+    ``JOBMESH_PROGRESS_FD``), call :meth:`spawned` right after the process started (or failed
+    to), and :meth:`close` once it ended.
+
+    Args:
+        on_line: called with every line the job writes.
+    """
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self._on_line = on_line
+        self._read_fd, self.child_fd = os.pipe()
+        self._transport: asyncio.ReadTransport | None = None
+        self._closed: asyncio.Future[None] | None = None
+
+    async def spawned(self) -> None:
+        """Close the parent's copy of the write end and start reading.
+
+        From now on the pipe ends when the job and everything it started have closed it.
+        """
+        os.close(self.child_fd)
+        self.child_fd = -1
+        loop = asyncio.get_running_loop()
+        self._closed = loop.create_future()
+        pipe = os.fdopen(self._read_fd, "rb", buffering=0)
+        self._read_fd = -1
+        closed = self._closed
+        self._transport, _ = await loop.connect_read_pipe(
+            lambda: _PipeProtocol(LineSplitter(), self._on_line, closed), pipe
+        )
+
+    async def close(self, grace: float = 0.5) -> None:
+        """Read what the job still wrote (up to ``grace`` seconds), then close the pipe.
+
+        Args:
+            grace: how long to wait for the end of the pipe; only a process that escaped
+                the attempt's process group can hold it open longer.
+        """
+        if self.child_fd >= 0:  # the process never started
+            os.close(self.child_fd)
+            self.child_fd = -1
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
+        if self._closed is not None and not self._closed.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._closed), grace)
+            except TimeoutError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None

@@ -1,0 +1,136 @@
+"""What a restarted executor does about the attempts of the process it replaces.
+
+An executor that starts under a node id whose record is still in KV (it was killed and came
+back within the node TTL) reads that record before its first put. Every attempt the record
+lists belongs to another incarnation and is not running any more in this process: it is
+reported lost at once (:func:`lost_messages`), so the scheduler retries it without waiting
+for a lease to expire, and a dispatch of it that comes again is acked without running it.
+
+The processes such an attempt started may have outlived the executor (each attempt runs in
+a session of its own). :func:`kill_leftovers` stops those still working in the attempt's
+directory, so that "not running any more" is true before the attempt runs elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import event_id
+from jobmesh.contract.messages.v1 import AttemptLease, JobLost, NodeInfo
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Context
+
+log = logging.getLogger("jobmesh.executor.restart")
+
+LOST_REASON = "executor restarted; the attempt was not running any more"
+
+
+def orphaned_attempts(old: NodeInfo | None, incarnation: str) -> list[AttemptLease]:
+    """The attempts an earlier incarnation's record lists, which this process does not run.
+
+    Args:
+        old: the node's record as this process found it at start (None: there was none).
+        incarnation: this process's incarnation.
+
+    Returns:
+        The leases of the old record, or [] when there is no record of another incarnation.
+    """
+    if old is None or old.incarnation == incarnation:
+        return []
+    return list(old.attempts)
+
+
+def lost_messages(
+    orphans: Iterable[AttemptLease], node_id: str, at: float, context: Context | None = None
+) -> list[Outgoing]:
+    """One ``JobLost`` per orphaned attempt, addressed and with its message id.
+
+    Args:
+        orphans: the attempts (:func:`orphaned_attempts`).
+        node_id: this node.
+        at: now (epoch seconds).
+        context: the trace context they continue, if any.
+
+    Returns:
+        The messages, for the reporter.
+    """
+    return [
+        Outgoing(
+            subjects.job_event(lease.partition, subjects.LOST),
+            JobLost(
+                job_id=lease.job_id,
+                attempt=lease.attempt,
+                partition=lease.partition,
+                node_id=node_id,
+                at=at,
+                reason=LOST_REASON,
+            ),
+            event_id(lease.job_id, lease.attempt, subjects.LOST),
+            context,
+        )
+        for lease in orphans
+    ]
+
+
+def leftover_groups(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> dict[int, Path]:
+    """The process groups of processes still working in (or below) one of ``workdirs``.
+
+    Args:
+        workdirs: attempt directories of orphaned attempts.
+        proc: the proc file system (Linux); nothing is found without one.
+
+    Returns:
+        Process group id -> the directory its process works in. Processes of other users,
+        and ones that left the directory, are not found.
+    """
+    roots = [str(path) for path in workdirs]
+    if not roots:
+        return {}
+    found: dict[int, Path] = {}
+    try:
+        entries = list(os.scandir(proc))
+    except OSError:
+        return {}
+    own = os.getpid()
+    for entry in entries:
+        if not entry.name.isdigit() or int(entry.name) == own:
+            continue
+        try:
+            cwd = os.readlink(os.path.join(entry.path, "cwd"))
+            pgid = os.getpgid(int(entry.name))
+        except OSError:
+            continue  # gone, or not ours to look at
+        for root in roots:
+            if cwd == root or cwd.startswith(root + os.sep):
+                found[pgid] = Path(root)
+                break
+    return found
+
+
+def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
+    """SIGKILL the process groups still working in orphaned attempts' directories.
+
+    Args:
+        workdirs: attempt directories of orphaned attempts.
+        proc: the proc file system.
+
+    Returns:
+        How many process groups were killed.
+    """
+    killed = 0
+    own_group = os.getpgid(0)
+    for pgid, root in leftover_groups(workdirs, proc).items():
+        if pgid == own_group:
+            continue  # never our own: a job started by hand from inside a work directory
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+        killed += 1
+        log.warning("killed process group %d left running in %s by the previous executor", pgid, root)
+    return killed

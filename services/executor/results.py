@@ -1,0 +1,197 @@
+"""An attempt's result file: where it travels (inline, object store) and its size limits.
+
+A process job finds a path in ``JOBMESH_RESULT_PATH`` (a file in its working directory) and
+may write its result there. After a successful exit the executor reads it:
+
+- up to ``result_inline_bytes`` (``JOBMESH_RESULT_INLINE_BYTES``, 16 KiB) of valid UTF-8
+  travels inline in ``JobSucceeded.result``;
+- anything else up to ``result_max_bytes`` (``JOBMESH_RESULT_MAX_BYTES``, 64 MiB) goes to
+  the object store ``jm_results`` under ``<job_id>/<attempt>``, and ``result_ref`` is that key;
+- a bigger file fails the attempt with ``result_too_large``.
+
+``result_bytes`` is the file's size. A result path that is not a regular file (a directory,
+a symbolic link) is ignored with a warning: the executor never follows a link a job made.
+
+:func:`plan_result` is the decision; :class:`ResultStore` is the upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import nats.errors
+from nats.js.errors import APIError
+
+from jobmesh.contract import subjects
+from jobmesh.errors import Overloaded, Unavailable
+from jobmesh.runtime.backoff import backoff
+
+log = logging.getLogger("jobmesh.executor.results")
+
+RESULT_PATH_VAR = "JOBMESH_RESULT_PATH"
+RESULT_FILE = ".jobmesh-result"
+
+
+@dataclass(frozen=True, slots=True)
+class ResultLimits:
+    """The size limits of a result file.
+
+    Attributes:
+        inline_bytes: at most this many bytes of UTF-8 text travel inline.
+        max_bytes: a bigger file fails the attempt.
+    """
+
+    inline_bytes: int = 16 * 1024
+    max_bytes: int = 64 * 1024 * 1024
+
+
+ResultRoute = Literal["inline", "store", "too_large"]
+
+
+def plan_result(size: int, limits: ResultLimits) -> ResultRoute:
+    """Where a result file of ``size`` bytes goes, before its content is looked at.
+
+    Args:
+        size: the file's size in bytes.
+        limits: the limits.
+
+    Returns:
+        ``inline`` when it is small enough to travel inline (if it turns out to be valid
+        UTF-8; otherwise it goes to the store), ``store`` when it goes to the object store,
+        ``too_large`` when it is over the limit.
+    """
+    if size > limits.max_bytes:
+        return "too_large"
+    if size <= limits.inline_bytes:
+        return "inline"
+    return "store"
+
+
+def too_large_message(size: int, limits: ResultLimits) -> str:
+    """The ``result_too_large`` explanation for a file of ``size`` bytes."""
+    return (
+        f"the result file ({RESULT_PATH_VAR}) is {size} bytes, over the limit of {limits.max_bytes} "
+        "bytes (JOBMESH_RESULT_MAX_BYTES)"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """A result file as the terminal event carries it.
+
+    Attributes:
+        size: the file's size in bytes.
+        text: its content, when it travels inline.
+        ref: else its key in ``jm_results``; both empty when it is too large.
+        too_large: it is over ``max_bytes``: the attempt fails.
+    """
+
+    size: int
+    text: str = ""
+    ref: str = ""
+    too_large: bool = False
+
+
+class ObjectPut(Protocol):
+    """The one object-store call an upload needs (nats-py's ``ObjectStore.put``)."""
+
+    async def put(self, name: str, data: bytes | io.BufferedIOBase) -> object: ...
+
+
+class ResultStore:
+    """Reads result files and uploads the large ones to ``jm_results``, retrying outages.
+
+    Args:
+        store: the ``jm_results`` object store.
+        limits: the size limits.
+        retry_base: first delay after a failed upload, doubling up to ``retry_max``.
+        retry_max: longest delay between two tries.
+    """
+
+    def __init__(self, store: ObjectPut, limits: ResultLimits, retry_base: float = 0.2, retry_max: float = 5.0) -> None:
+        self._store = store
+        self.limits = limits
+        self._retry_base = retry_base
+        self._retry_max = retry_max
+
+    async def collect(self, job_id: str, attempt: int, path: Path) -> Result | None:
+        """The result an attempt left at ``path``, uploaded when it does not travel inline.
+
+        Args:
+            job_id: the job.
+            attempt: the attempt.
+            path: the result path the job was given.
+
+        Returns:
+            The result, or None when the job left no regular file there.
+
+        Raises:
+            Overloaded: the result store is full (that does not pass with a retry).
+        """
+        opened = await asyncio.to_thread(_open_regular, path)
+        if opened is None:
+            return None
+        stream, size = opened
+        with stream:
+            route = plan_result(size, self.limits)
+            if route == "too_large":
+                return Result(size, too_large=True)
+            if route == "inline":
+                data = await asyncio.to_thread(stream.read)
+                try:
+                    return Result(len(data), text=data.decode("utf-8"))
+                except UnicodeDecodeError:
+                    pass  # binary: it goes to the store like a large one
+                stream.seek(0)
+            key = await self._upload(job_id, attempt, stream)
+            return Result(size, ref=key)
+
+    async def _upload(self, job_id: str, attempt: int, stream: io.BufferedReader) -> str:
+        key = subjects.result_key(job_id, attempt)
+        tries = 0
+        while True:
+            try:
+                await self._store.put(key, stream)
+                return key
+            except APIError as exc:
+                if (exc.description or "").startswith("maximum") or exc.err_code == 10047:
+                    raise Overloaded(f"the result store {subjects.OBJ_RESULTS} is full: {exc.description}") from exc
+                reason = f"{exc.description or exc}"
+            except (nats.errors.Error, Unavailable, TimeoutError) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            tries += 1
+            delay = backoff(tries, base=self._retry_base, cap=self._retry_max, key=key)
+            log.warning(
+                "job %s attempt %d: could not store its result (%s); retrying in %.1fs", job_id, attempt, reason, delay
+            )
+            await asyncio.sleep(delay)
+            stream.seek(0)
+
+
+def _open_regular(path: Path) -> tuple[io.BufferedReader, int] | None:
+    """Open ``path`` for reading if it is a regular file, without following a link."""
+    try:
+        # O_NONBLOCK: a FIFO planted at the path must not hang the open.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            log.warning("result path %s is a symbolic link: not followed, the result is ignored", path)
+        else:
+            log.warning("result file %s cannot be read (%s): the result is ignored", path, exc)
+        return None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        log.warning("result path %s is not a regular file: the result is ignored", path)
+        return None
+    return os.fdopen(fd, "rb"), info.st_size
