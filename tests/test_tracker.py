@@ -21,15 +21,20 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.ids import event_id
 from jobmesh.contract.messages.v1 import (
+    AttemptError,
     ErrorReply,
     JobBound,
+    JobCancelled,
+    JobCancelling,
     JobError,
     JobFailed,
+    JobGaveUp,
     JobGetRequest,
     JobListReply,
     JobListRequest,
     JobLost,
     JobReady,
+    JobRetrying,
     JobSpec,
     JobStarted,
     JobSubmitted,
@@ -39,6 +44,7 @@ from jobmesh.contract.messages.v1 import (
     JobView,
     NoopRuntime,
 )
+from jobmesh.runtime.db import connect_pool
 from jobmesh.runtime.outcomes import Ack, Reject
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope, Runtime
@@ -46,7 +52,7 @@ from jobmesh.runtime.settings import Settings
 from jobmesh.tracker.fold import AttemptState, fold
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
 from jobmesh.tracker.service import consumers, open_store, responders
-from jobmesh.tracker.store import Store
+from jobmesh.tracker.store import DDL, Store
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -123,6 +129,10 @@ def _subject(event) -> str:
         JobSucceeded: subjects.SUCCEEDED,
         JobFailed: subjects.FAILED,
         JobLost: subjects.LOST,
+        JobRetrying: subjects.RETRYING,
+        JobGaveUp: subjects.GAVE_UP,
+        JobCancelling: subjects.CANCELLING,
+        JobCancelled: subjects.CANCELLED,
     }[type(event)]
     return subjects.job_event(event.partition, kind)
 
@@ -142,15 +152,26 @@ def spec(queue: str = "default") -> JobSpec:
     return JobSpec(runtime=NoopRuntime(), name="it", queue=queue)
 
 
-def submitted(job: str, queue: str = "default", at: float = 0.0) -> JobSubmitted:
-    return JobSubmitted(job_id=job, partition=0, spec=spec(queue), idempotency_key=job, submitted_at=T0 + at)
+def submitted(
+    job: str, queue: str = "default", at: float = 0.0, partition: int = 0, fallback_of: str = ""
+) -> JobSubmitted:
+    return JobSubmitted(
+        job_id=job,
+        partition=partition,
+        spec=spec(queue),
+        idempotency_key=job,
+        submitted_at=T0 + at,
+        fallback_of=fallback_of,
+    )
 
 
-def ready(job: str, attempt: int = 1, at: float = 1.0, queue: str = "default", release: int = 1) -> JobReady:
+def ready(
+    job: str, attempt: int = 1, at: float = 1.0, queue: str = "default", release: int = 1, partition: int = 0
+) -> JobReady:
     return JobReady(
         job_id=job,
         attempt=attempt,
-        partition=0,
+        partition=partition,
         spec=spec(queue),
         candidates=["n1", "n2"],
         submitted_at=T0,
@@ -180,7 +201,9 @@ def started(job: str, attempt: int = 1, node: str = "n1", at: float = 3.0) -> Jo
     return JobStarted(job_id=job, attempt=attempt, partition=0, node_id=node, at=T0 + at)
 
 
-def succeeded(job: str, attempt: int = 1, node: str = "n1", at: float = 4.0) -> JobSucceeded:
+def succeeded(
+    job: str, attempt: int = 1, node: str = "n1", at: float = 4.0, result: str = "", result_ref: str = ""
+) -> JobSucceeded:
     return JobSucceeded(
         job_id=job,
         attempt=attempt,
@@ -191,26 +214,75 @@ def succeeded(job: str, attempt: int = 1, node: str = "n1", at: float = 4.0) -> 
         submitted_at=T0,
         started_at=T0 + 3,
         at=T0 + at,
+        result=result,
+        result_ref=result_ref,
+        result_bytes=len(result.encode()) if result else (5_000_000 if result_ref else 0),
     )
 
 
-def failed(job: str, exit_code: int, at: float = 4.0) -> JobFailed:
+def failed(
+    job: str,
+    exit_code: int | None,
+    at: float = 4.0,
+    attempt: int = 1,
+    node: str = "n1",
+    error: JobError | None = None,
+) -> JobFailed:
     return JobFailed(
         job_id=job,
-        attempt=1,
+        attempt=attempt,
         partition=0,
-        node_id="n1",
+        node_id=node,
         exit_code=exit_code,
-        error=JobError(code="nonzero_exit", message=f"exited with {exit_code}"),
+        error=error or JobError(code="nonzero_exit", message=f"exited with {exit_code}"),
         output_tail="oops\n",
         submitted_at=T0,
-        started_at=T0 + 3,
+        started_at=T0 + at - 1,
         at=T0 + at,
     )
 
 
-def lost(job: str, attempt: int = 1, at: float = 5.0) -> JobLost:
-    return JobLost(job_id=job, attempt=attempt, partition=0, node_id="n1", at=T0 + at)
+def lost(job: str, attempt: int = 1, at: float = 5.0, reason: str = "") -> JobLost:
+    return JobLost(job_id=job, attempt=attempt, partition=0, node_id="n1", at=T0 + at, reason=reason)
+
+
+def retrying(job: str, attempt: int = 1, at: float = 4.5, avoid: tuple[str, ...] = ("n1",)) -> JobRetrying:
+    return JobRetrying(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id="n1",
+        error=JobError(code="nonzero_exit", message="exited with 7"),
+        next_attempt=attempt + 1,
+        delay=1.8,
+        not_before=T0 + at + 1.8,
+        avoid=list(avoid),
+        at=T0 + at,
+    )
+
+
+def gave_up(job: str, errors: list[AttemptError], at: float = 9.5, fallback: str = "") -> JobGaveUp:
+    last = errors[-1]
+    return JobGaveUp(
+        job_id=job,
+        attempt=last.attempt,
+        partition=0,
+        state="lost" if last.error.code == "lost" else "failed",
+        node_id=last.node_id,
+        error=last.error,
+        reason=f"all {len(errors)} attempts failed",
+        errors=errors,
+        fallback_job_id=fallback,
+        at=T0 + at,
+    )
+
+
+def cancelling(job: str, attempt: int = 1, at: float = 3.5) -> JobCancelling:
+    return JobCancelling(job_id=job, attempt=attempt, partition=0, reason="wrong input", at=T0 + at)
+
+
+def cancelled(job: str, attempt: int = 1, at: float = 4.5, node: str = "n1") -> JobCancelled:
+    return JobCancelled(job_id=job, attempt=attempt, partition=0, reason="wrong input", node_id=node, at=T0 + at)
 
 
 # --- queries ---------------------------------------------------------------------------
@@ -372,6 +444,132 @@ async def test_list_is_newest_first_and_filters(nc, publish) -> None:
     assert (await list_jobs(nc, queue=f"{queue}-none")).jobs == []
 
 
+async def watching(nc, job: str) -> list[JobUpdate]:
+    """Collect the watch updates of ``job`` from now on."""
+    seen: list[JobUpdate] = []
+    decoder = msgspec.json.Decoder(JobUpdate)
+
+    async def on_update(msg) -> None:
+        seen.append(decoder.decode(msg.data))
+
+    await nc.subscribe(subjects.job_watch(job), cb=on_update)
+    await nc.flush()
+    return seen
+
+
+async def test_a_retry_shows_the_next_attempt_retrying(nc, publish) -> None:
+    job = new_job()
+    await publish(submitted(job), ready(job), bound(job), started(job), failed(job, exit_code=7), retrying(job))
+
+    view = await until(nc, job, lambda v: v.attempt == 2, "the job to move to attempt 2")
+    assert (view.state, view.final, view.partition) == ("retrying", False, 0)
+    assert view.reason == "after attempt 1: nonzero_exit: exited with 7"
+    assert [(a.attempt, a.state) for a in view.attempts] == [(1, "failed"), (2, "retrying")]
+    [retry] = [e for e in view.events if e.kind == "retrying"]
+    assert (retry.attempt, retry.detail) == (1, "attempt 2 in 1.8s, avoiding n1")
+    # The next attempt's own events move it on.
+    await publish(ready(job, 2, at=6.3))
+    await until(nc, job, lambda v: v.state == "ready" and v.attempt == 2, "attempt 2 to be released")
+
+
+async def test_a_job_that_gives_up_lists_every_error_and_links_its_fallback(nc, publish) -> None:
+    job, fallback = new_job(), new_job()
+    seen = await watching(nc, job)
+    lost_reason = "no lease renewal for 10s"
+    errors = [
+        AttemptError(attempt=1, node_id="n1", error=JobError(code="nonzero_exit", message="exited with 7"), at=T0 + 4),
+        AttemptError(attempt=2, node_id="n1", error=JobError(code="lost", message=lost_reason), at=T0 + 9),
+    ]
+    # The give-up comes before attempt 2's own JobLost: the record is the same either way.
+    await publish(submitted(job), ready(job), bound(job), started(job), failed(job, exit_code=7), retrying(job))
+    await publish(ready(job, 2, at=6.3), bound(job, 2, at=7), started(job, 2, at=8))
+    await publish(gave_up(job, errors, fallback=fallback), submitted(fallback, partition=3, fallback_of=job))
+
+    view = await until(nc, job, lambda v: v.final, "the job to be final")
+    assert (view.state, view.attempt, view.reason, view.fallback_job_id) == ("lost", 2, lost_reason, fallback)
+    await publish(lost(job, 2, at=9, reason=lost_reason))
+    view = await until(nc, job, lambda v: len(v.events) == 11, "the attempt's own JobLost to be recorded")
+    assert (view.state, view.final, view.reason) == ("lost", True, lost_reason)
+    assert [(a.attempt, a.state, a.node_id, a.error) for a in view.attempts] == [
+        (e.attempt, s, e.node_id, e.error) for e, s in zip(errors, ("failed", "lost"), strict=True)
+    ]
+    assert view.attempts[1].reason == lost_reason and view.attempts[1].finished_at == T0 + 9
+    [gave] = [e for e in view.events if e.kind == "gave_up"]
+    assert (gave.attempt, gave.detail) == (2, f"all 2 attempts failed; fallback job {fallback}")
+    assert [e.kind for e in view.events][-3:] == ["started", "lost", "gave_up"]
+
+    other = await until(nc, fallback, lambda v: v.fallback_of == job, "the fallback to name its original")
+    assert (other.partition, other.state, other.final, other.fallback_job_id) == (3, "queued", False, "")
+    assert "fallback of " + job in other.events[0].detail
+    await eventually(lambda: _any(seen, lambda u: u.final and u.state == "lost"), what="a final watch update")
+
+
+async def _any(updates: list[JobUpdate], predicate) -> bool:
+    return any(predicate(u) for u in updates)
+
+
+async def test_a_cancel_while_running_ends_cancelled(nc, publish) -> None:
+    job = new_job()
+    seen = await watching(nc, job)
+    await publish(submitted(job), ready(job), bound(job), started(job), cancelling(job))
+
+    view = await until(nc, job, lambda v: any(e.kind == "cancelling" for e in v.events), "the cancel to be recorded")
+    assert (view.state, view.reason, view.final) == ("running", "cancelling: wrong input", False)
+    assert view.attempts[0].reason == "cancelling: wrong input"
+    await eventually(lambda: _any(seen, lambda u: u.reason == "cancelling: wrong input"), what="the cancel announced")
+
+    await publish(failed(job, exit_code=-15, at=4, error=JobError(code="cancelled", message="wrong input")))
+    await publish(cancelled(job))
+    view = await until(nc, job, lambda v: v.final, "the job to be final")
+    assert (view.state, view.attempt, view.reason, view.node_id) == ("cancelled", 1, "wrong input", "n1")
+    [attempt] = view.attempts
+    assert (attempt.state, attempt.reason, attempt.started_at) == ("cancelled", "wrong input", T0 + 3)
+    kinds = ["submitted", "ready", "bound", "started", "cancelling", "failed", "cancelled"]
+    assert [e.kind for e in view.events] == kinds
+    await eventually(lambda: _any(seen, lambda u: u.final and u.state == "cancelled"), what="a final watch update")
+
+
+async def test_a_cancel_before_any_release_ends_the_job_at_once(nc, publish) -> None:
+    job = new_job()
+    await publish(submitted(job), cancelled(job, attempt=0, at=1, node=""))
+    view = await until(nc, job, lambda v: v.final, "the job to be final")
+    assert (view.state, view.attempt, view.reason, view.attempts) == ("cancelled", 0, "wrong input", [])
+    assert [(e.kind, e.attempt, e.detail) for e in view.events] == [
+        ("submitted", 0, "queue default, tenant default"),
+        ("cancelled", 0, "wrong input"),
+    ]
+
+
+async def test_a_success_is_final_and_keeps_its_result(nc, publish) -> None:
+    inline, stored = new_job(), new_job()
+    await publish(submitted(inline), ready(inline), bound(inline), started(inline), succeeded(inline, result="42\n"))
+    await publish(submitted(stored), started(stored), succeeded(stored, result_ref=f"{stored}/1"))
+
+    view = await until(nc, inline, lambda v: v.state == "succeeded", "the job to succeed")
+    assert view.final and view.partition == 0
+    [attempt] = view.attempts
+    assert (attempt.result, attempt.result_ref, attempt.result_bytes) == ("42\n", "", 3)
+    assert view.events[-1].detail == "exit 0, result of 3 bytes inline"
+    view = await until(nc, stored, lambda v: v.state == "succeeded", "the job to succeed")
+    [attempt] = view.attempts
+    assert (attempt.result, attempt.result_ref, attempt.result_bytes) == ("", f"{stored}/1", 5_000_000)
+
+    listed = {j.job_id: j for j in (await list_jobs(nc, state="succeeded", limit=1000)).jobs}
+    assert listed[inline].final and listed[stored].final
+
+
+async def test_a_failed_attempt_is_not_final_until_the_scheduler_says(nc, publish) -> None:
+    job = new_job()
+    await publish(submitted(job), ready(job), bound(job), started(job), failed(job, exit_code=3))
+    view = await until(nc, job, lambda v: v.state == "failed", "the attempt to fail")
+    assert not view.final
+    [summary] = [j for j in (await list_jobs(nc, state="failed", limit=1000)).jobs if j.job_id == job]
+    assert not summary.final
+    await publish(gave_up(job, [AttemptError(attempt=1, node_id="n1", error=view.attempts[0].error, at=T0 + 4)]))
+    view = await until(nc, job, lambda v: v.final, "the give-up to make it final")
+    assert (view.state, view.fallback_job_id, view.attempts[0].exit_code) == ("failed", "", 3)
+
+
 # --- the store on its own --------------------------------------------------------------
 
 
@@ -392,17 +590,23 @@ def _env(message) -> Envelope:
 
 
 async def test_sql_joins_agree_with_the_fold(store, database_url) -> None:
-    """Random orders and batchings, written concurrently, end in what one fold computes."""
+    """Random orders and batchings, written concurrently, end in what one fold computes.
+
+    Besides, some jobs' events arrive last first, one per batch, so that every fact that
+    fills a gap comes after the row exists.
+    """
     rng = random.Random(11)
-    jobs = [new_job() for _ in range(30)]
+    jobs = [new_job() for _ in range(40)]
     events = []
-    for job in jobs:
-        events += [submitted(job), ready(job), bound(job), started(job)]
-        if rng.random() < 0.5:
-            events += [lost(job), ready(job, 2, at=6), unplaceable(job, 2, at=6.5), ready(job, 2, at=7, release=2)]
-            events += [bound(job, 2, node="n2", at=8)]
+    backwards = []
+    fallbacks = []
+    for i, job in enumerate(jobs):
+        story = _story(job, i % 4, fallbacks)
+        if i < 8:
+            backwards += reversed(story)
         else:
-            events += [succeeded(job)]
+            events += story
+    jobs += fallbacks
     rng.shuffle(events)
     events += rng.sample(events, 40)  # redeliveries
     handler = EventsHandler(store, _NoWatchers())
@@ -414,10 +618,14 @@ async def test_sql_joins_agree_with_the_fold(store, database_url) -> None:
             assert await handler([_env(e) for e in part[i : i + n]]) is None
             i += n
 
-    half = len(events) // 2
-    await asyncio.gather(writer(events[:half]), writer(events[half:]))
+    async def one_by_one(part):
+        for event in part:
+            assert await handler([_env(event)]) is None
 
-    expected = fold(events)
+    half = len(events) // 2
+    await asyncio.gather(writer(events[:half]), writer(events[half:]), one_by_one(backwards))
+
+    expected = fold(events + backwards)
     conn = await asyncpg.connect(database_url, server_settings={"search_path": "tracker"})
     try:
         rows = {r["job_id"]: r for r in await conn.fetch("SELECT * FROM jobs WHERE job_id = ANY($1)", jobs)}
@@ -436,7 +644,129 @@ async def test_sql_joins_agree_with_the_fold(store, database_url) -> None:
             job.submitted_at,
             job.updated_at,
         )
+        assert (row["partition"], row["fallback_job_id"], row["fallback_of"]) == (
+            job.partition,
+            job.fallback_job_id,
+            job.fallback_of,
+        )
     assert attempts == {(a.job_id, a.record.attempt): a.record for a in expected.attempts}
+
+
+# The tables as the tracker made them before the fields of issue 7 (final, partition,
+# fallback links, results, cancelling).
+_OLD_SCHEMA = """
+CREATE TABLE jobs (
+    job_id text COLLATE "C" PRIMARY KEY, name text NOT NULL DEFAULT '', queue text NOT NULL DEFAULT '',
+    tenant text NOT NULL DEFAULT '', spec json, submitted_at double precision, attempt integer NOT NULL,
+    state text NOT NULL, state_rank smallint NOT NULL, state_seq integer NOT NULL DEFAULT 0,
+    state_at double precision NOT NULL, reason text NOT NULL DEFAULT '', exit_code integer,
+    error_code text NOT NULL DEFAULT '', error_message text NOT NULL DEFAULT '',
+    output_tail text NOT NULL DEFAULT '', finished_at double precision, node_id text NOT NULL DEFAULT '',
+    bound_at double precision, started_at double precision, updated_at double precision NOT NULL
+);
+CREATE TABLE attempts (
+    job_id text COLLATE "C" NOT NULL, attempt integer NOT NULL, state text NOT NULL,
+    state_rank smallint NOT NULL, state_seq integer NOT NULL DEFAULT 0, state_at double precision NOT NULL,
+    reason text NOT NULL DEFAULT '', exit_code integer, error_code text NOT NULL DEFAULT '',
+    error_message text NOT NULL DEFAULT '', output_tail text NOT NULL DEFAULT '',
+    finished_at double precision, node_id text NOT NULL DEFAULT '', bound_at double precision,
+    started_at double precision, PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE events (
+    event_id text COLLATE "C" PRIMARY KEY, job_id text COLLATE "C" NOT NULL, attempt integer NOT NULL,
+    kind text NOT NULL, at double precision NOT NULL, detail text NOT NULL DEFAULT ''
+);
+CREATE FUNCTION advances(old_rank smallint, old_seq integer, old_at double precision,
+                         new_rank smallint, new_seq integer, new_at double precision)
+RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT old_rank < 5
+       AND (new_rank - (new_rank >= 2)::int, new_seq, new_at, new_rank)
+         > (old_rank - (old_rank >= 2)::int, old_seq, old_at, old_rank)
+$$;
+"""
+
+
+async def test_a_tracker_starts_on_the_tables_an_older_tracker_made(database_url) -> None:
+    schema = f"tracker_old_{uuid.uuid4().hex[:8]}"
+    old, done = new_job(), new_job()
+    conn = await asyncpg.connect(database_url)
+    try:
+        async with conn.transaction():
+            await conn.execute(f'CREATE SCHEMA "{schema}"')
+            await conn.execute(f'SET LOCAL search_path TO "{schema}"')
+            await conn.execute(_OLD_SCHEMA)
+            # A running job and a finished one, as the older tracker recorded them.
+            for job, state, rank in ((old, "running", 4), (done, "succeeded", 5)):
+                await conn.execute(
+                    "INSERT INTO jobs (job_id, spec, submitted_at, attempt, state, state_rank, state_at, node_id,"
+                    " updated_at) VALUES ($1, $2::json, $3::float8, 1, $4, $5, $3::float8 + 3, 'n1', $3::float8 + 3)",
+                    job,
+                    msgspec.json.encode(spec()).decode(),
+                    T0,
+                    state,
+                    rank,
+                )
+                await conn.execute(
+                    "INSERT INTO attempts (job_id, attempt, state, state_rank, state_at, node_id)"
+                    " VALUES ($1, 1, $2, $3, $4, 'n1')",
+                    job,
+                    state,
+                    rank,
+                    T0 + 3,
+                )
+    finally:
+        await conn.close()
+    # Started twice: the second start finds every column there already.
+    for _ in range(2):
+        pool = await connect_pool(database_url, schema, DDL)
+        await pool.close()
+    pool = await connect_pool(database_url, schema, DDL)
+    try:
+        store = Store(pool)
+        view, _ = await store.get(old)
+        assert view is not None
+        assert (view.state, view.final, view.partition, view.fallback_job_id) == ("running", False, -1, "")
+        assert view.attempts[0].result == "" and view.attempts[0].reason == ""
+        finished, _ = await store.get(done)
+        assert finished is not None and finished.final  # an old success reads as final
+        # New events land on the old rows.
+        cancel = JobError(code="cancelled", message="wrong input")
+        await store.write(fold([cancelling(old), failed(old, -15, at=4, error=cancel), cancelled(old)]))
+        view, _ = await store.get(old)
+        assert view is not None
+        assert (view.state, view.final, view.partition, view.node_id) == ("cancelled", True, 0, "n1")
+        assert [e.kind for e in view.events] == ["cancelling", "failed", "cancelled"]
+        # And a terminal row of the old tracker still keeps its first ending.
+        await store.write(fold([failed(done, 1, at=5)]))
+        finished, _ = await store.get(done)
+        assert finished is not None and finished.state == "succeeded"
+    finally:
+        async with pool.acquire() as conn:
+            await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await pool.close()
+
+
+def _story(job: str, path: int, fallbacks: list[str]) -> list:
+    """One job's events along one of four paths (a fallback job's id goes to ``fallbacks``)."""
+    events = [submitted(job), ready(job), bound(job), started(job)]
+    if path == 0:  # lost, retried, waiting, released again, bound
+        events += [lost(job), ready(job, 2, at=6), unplaceable(job, 2, at=6.5), ready(job, 2, at=7, release=2)]
+        events += [bound(job, 2, node="n2", at=8)]
+    elif path == 1:  # succeeded with a result
+        events += [succeeded(job, result="ok")]
+    elif path == 2:  # failed, retried elsewhere, failed again, given up with a fallback
+        fallback = new_job()
+        error = JobError(code="nonzero_exit", message="exited with 7")
+        errors = [AttemptError(attempt=n, node_id=f"n{n}", error=error, at=T0 + 4 * n) for n in (1, 2)]
+        events += [failed(job, exit_code=7), retrying(job), ready(job, 2, at=6)]
+        events += [bound(job, 2, node="n2", at=7), failed(job, 7, at=8, attempt=2, node="n2")]
+        events += [gave_up(job, errors, fallback=fallback), submitted(fallback, partition=3, fallback_of=job)]
+        events += [ready(fallback, at=10, partition=3)]
+        fallbacks.append(fallback)
+    else:  # cancelled while it ran
+        cancel = JobError(code="cancelled", message="wrong input")
+        events += [cancelling(job), failed(job, -15, at=4, error=cancel), cancelled(job)]
+    return events
 
 
 def _state_of(r) -> AttemptState:
@@ -452,9 +782,14 @@ def _state_of(r) -> AttemptState:
         error_message=r["error_message"],
         output_tail=r["output_tail"],
         finished_at=r["finished_at"],
+        result=r["result"],
+        result_ref=r["result_ref"],
+        result_bytes=r["result_bytes"],
         node_id=r["node_id"],
         bound_at=r["bound_at"],
         started_at=r["started_at"],
+        ends_job=r["ends_job"],
+        cancelling=r["cancelling"],
     )
 
 

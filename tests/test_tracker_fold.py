@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import itertools
 import random
+from typing import Literal
 
 from jobmesh.contract.messages.v1 import (
+    AttemptError,
     JobBound,
+    JobCancelled,
+    JobCancelling,
     JobError,
     JobExpired,
     JobFailed,
+    JobGaveUp,
     JobLost,
     JobReady,
+    JobRetrying,
     JobSpec,
     JobStarted,
     JobSubmitted,
@@ -19,21 +25,33 @@ from jobmesh.contract.messages.v1 import (
     JobUnplaceable,
     NoopRuntime,
 )
-from jobmesh.tracker.fold import AttemptState, Folded, JobRow, fold, join_attempt, join_job, updates
+from jobmesh.tracker.fold import (
+    AttemptState,
+    Folded,
+    JobRow,
+    fold,
+    is_final,
+    join_attempt,
+    join_job,
+    shown_reason,
+    updates,
+)
 
 T0 = 1_700_000_000.0
 SPEC = JobSpec(runtime=NoopRuntime(), name="build", queue="ci", tenant="acme")
 
 
-def submitted(job: str = "j1") -> JobSubmitted:
-    return JobSubmitted(job_id=job, partition=0, spec=SPEC, idempotency_key=job, submitted_at=T0)
+def submitted(job: str = "j1", fallback_of: str = "", partition: int = 0) -> JobSubmitted:
+    return JobSubmitted(
+        job_id=job, partition=partition, spec=SPEC, idempotency_key=job, submitted_at=T0, fallback_of=fallback_of
+    )
 
 
-def ready(job: str = "j1", attempt: int = 1, at: float = 1.0, release: int = 1) -> JobReady:
+def ready(job: str = "j1", attempt: int = 1, at: float = 1.0, release: int = 1, partition: int = 0) -> JobReady:
     return JobReady(
         job_id=job,
         attempt=attempt,
-        partition=0,
+        partition=partition,
         spec=SPEC,
         candidates=["n1"],
         submitted_at=T0,
@@ -65,7 +83,12 @@ def started(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 3.0
     return JobStarted(job_id=job, attempt=attempt, partition=0, node_id=node, at=T0 + at)
 
 
-def succeeded(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 4.0) -> JobSucceeded:
+EXIT_ERROR = JobError(code="exit", message="exited with 7")
+
+
+def succeeded(
+    job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 4.0, result: str = "", result_ref: str = ""
+) -> JobSucceeded:
     return JobSucceeded(
         job_id=job,
         attempt=attempt,
@@ -76,26 +99,127 @@ def succeeded(job: str = "j1", attempt: int = 1, node: str = "n1", at: float = 4
         submitted_at=T0,
         started_at=T0 + 3.0,
         at=T0 + at,
+        result=result,
+        result_ref=result_ref,
+        result_bytes=len(result.encode()) if result else (3_000_000 if result_ref else 0),
     )
 
 
-def failed(job: str = "j1", attempt: int = 1, exit_code: int = 7, at: float = 4.0) -> JobFailed:
+def failed(
+    job: str = "j1",
+    attempt: int = 1,
+    exit_code: int | None = 7,
+    at: float = 4.0,
+    node: str = "n1",
+    error: JobError = EXIT_ERROR,
+    started_at: float = 3.0,
+) -> JobFailed:
     return JobFailed(
         job_id=job,
         attempt=attempt,
         partition=0,
-        node_id="n1",
+        node_id=node,
         exit_code=exit_code,
-        error=JobError(code="exit", message="exited with 7"),
+        error=error,
         output_tail="boom",
         submitted_at=T0,
-        started_at=T0 + 3.0,
+        started_at=T0 + started_at,
         at=T0 + at,
     )
 
 
-def lost(job: str = "j1", attempt: int = 1, at: float = 5.0) -> JobLost:
-    return JobLost(job_id=job, attempt=attempt, partition=0, node_id="n1", at=T0 + at)
+def lost(job: str = "j1", attempt: int = 1, at: float = 5.0, reason: str = "") -> JobLost:
+    return JobLost(job_id=job, attempt=attempt, partition=0, node_id="n1", at=T0 + at, reason=reason)
+
+
+def retrying(
+    job: str = "j1", attempt: int = 1, at: float = 4.5, delay: float = 1.8, avoid: tuple[str, ...] = ()
+) -> JobRetrying:
+    return JobRetrying(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id="n1",
+        error=EXIT_ERROR,
+        next_attempt=attempt + 1,
+        delay=delay,
+        not_before=T0 + at + delay,
+        avoid=list(avoid),
+        at=T0 + at,
+    )
+
+
+def gave_up(
+    job: str = "j1",
+    attempt: int = 2,
+    at: float = 9.5,
+    state: Literal["failed", "lost"] = "failed",
+    node: str = "n2",
+    error: JobError = EXIT_ERROR,
+    ended: float = 9.0,
+    fallback: str = "",
+) -> JobGaveUp:
+    errors = [
+        AttemptError(attempt=n, node_id="n1" if n == 1 else node, error=error, at=T0 + 4) for n in range(1, attempt)
+    ]
+    errors.append(AttemptError(attempt=attempt, node_id=node, error=error, at=T0 + ended))
+    return JobGaveUp(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        state=state,
+        node_id=node,
+        error=error,
+        reason=f"{attempt} attempts failed",
+        errors=errors,
+        fallback_job_id=fallback,
+        at=T0 + at,
+    )
+
+
+def cancelling(job: str = "j1", attempt: int = 1, at: float = 3.5, reason: str = "not needed") -> JobCancelling:
+    return JobCancelling(job_id=job, attempt=attempt, partition=0, reason=reason, at=T0 + at)
+
+
+def cancelled(
+    job: str = "j1", attempt: int = 1, at: float = 4.5, reason: str = "not needed", node: str = "n1"
+) -> JobCancelled:
+    return JobCancelled(job_id=job, attempt=attempt, partition=0, reason=reason, node_id=node, at=T0 + at)
+
+
+CANCELLED_ERROR = JobError(code="cancelled", message="not needed")
+
+
+def fails_retries_gives_up(job: str = "j1", fallback: str = "fb1") -> list:
+    """Attempt 1 fails on n1, attempt 2 on n2, then the scheduler gives up with a fallback."""
+    return [
+        submitted(job),
+        ready(job),
+        bound(job),
+        started(job),
+        failed(job),
+        retrying(job, at=4.5),
+        ready(job, 2, at=6.3),
+        bound(job, 2, node="n2", at=7),
+        started(job, 2, node="n2", at=8),
+        failed(job, 2, at=9, node="n2", started_at=8),
+        gave_up(job, 2, fallback=fallback),
+        submitted(fallback, fallback_of=job, partition=3),
+        ready(fallback, at=10, partition=3),
+    ]
+
+
+def cancelled_while_running(job: str = "j1") -> list:
+    """Cancel while attempt 1 runs: the executor stops it, then the scheduler ends the job."""
+    return [
+        submitted(job),
+        ready(job),
+        bound(job),
+        started(job),
+        cancelling(job),
+        failed(job, exit_code=-15, error=CANCELLED_ERROR),
+        cancelled(job),
+    ]
 
 
 def lifecycle(job: str = "j1") -> list:
@@ -152,10 +276,12 @@ def test_every_delivery_order_ends_in_the_same_records() -> None:
 
 
 def test_splitting_into_batches_ends_in_the_same_records_as_one_batch() -> None:
-    # Two jobs, a lost attempt, a retry that waits: everything except two different
-    # terminal events for one attempt (where the first recorded wins by design).
+    # Jobs with a lost attempt, a retry that waits, a job that fails, retries and gives up
+    # with a fallback, one cancelled while it runs: everything except two different
+    # endings of one level for one attempt (where the first recorded wins by design).
     events = [*lifecycle("a")[:4], lost("a", at=9), *lifecycle("b")]
     events += [ready("b", 2, at=6), unplaceable("b", 2, at=7), ready("b", 2, at=8, release=2)]
+    events += fails_retries_gives_up("c", fallback="c-fb") + cancelled_while_running("d")
     expected = FakeStore()
     expected.write(fold(events))
     rng = random.Random(7)
@@ -274,3 +400,215 @@ def test_text_postgres_cannot_store_is_cleaned() -> None:
     folded = fold([event])
     assert "\x00" not in only_job(folded).current.reason
     assert "\x00" not in folded.events[0].detail
+
+
+# --- retries, give-ups, fallbacks, cancels (issue 7) ----------------------------------
+
+
+def test_every_order_of_a_retry_and_a_give_up_ends_in_the_same_records() -> None:
+    events = fails_retries_gives_up()
+    expected = fold(events)
+    # Every order of the events that decide the outcome, the rest delivered first ...
+    decisive = events[4:11]
+    for order in itertools.permutations(decisive):
+        assert fold([*events[:4], *order, *events[11:]]) == expected, [type(e).__name__ for e in order]
+    # ... and random orders of all of them, also split into batches.
+    rng = random.Random(3)
+    for _ in range(500):
+        shuffled = events[:]
+        rng.shuffle(shuffled)
+        assert fold(shuffled) == expected
+        store = FakeStore()
+        i = 0
+        while i < len(shuffled):
+            n = rng.randint(1, 3)
+            store.write(fold(shuffled[i : i + n]))
+            i += n
+        assert store.jobs == {j.job_id: j for j in expected.jobs}
+        assert store.attempts == {(a.job_id, a.record.attempt): a.record for a in expected.attempts}
+
+
+def test_a_job_that_fails_retries_and_gives_up() -> None:
+    folded = fold(fails_retries_gives_up())
+    fallback, job = folded.jobs
+    assert (job.job_id, fallback.job_id) == ("j1", "fb1")
+    current = job.current
+    assert (current.attempt, current.state, current.node_id, current.exit_code) == (2, "failed", "n2", 7)
+    assert is_final(current) and current.reason == "exit: exited with 7"
+    assert (job.fallback_job_id, job.fallback_of, job.partition) == ("fb1", "", 0)
+    assert (fallback.fallback_of, fallback.fallback_job_id, fallback.partition) == ("j1", "", 3)
+    assert fallback.current.state == "ready" and not is_final(fallback.current)
+    by_attempt = {a.record.attempt: a.record for a in folded.attempts if a.job_id == "j1"}
+    assert [(r.state, r.error_code, r.node_id) for r in by_attempt.values()] == [
+        ("failed", "exit", "n1"),
+        ("failed", "exit", "n2"),
+    ]
+    details = {(e.kind, e.attempt): e.detail for e in folded.events if e.job_id == "j1"}
+    assert details[("retrying", 1)] == "attempt 2 in 1.8s"
+    assert details[("gave_up", 2)] == "2 attempts failed; fallback job fb1"
+    announced = updates(folded, {j.job_id: j.current for j in folded.jobs})
+    assert [(u.job_id, u.state, u.final) for u in announced] == [("fb1", "ready", False), ("j1", "failed", True)]
+
+
+def test_a_retry_is_the_first_state_of_the_next_attempt_whatever_comes_first() -> None:
+    events = [failed(), retrying(avoid=("n1",))]
+    for order in itertools.permutations(events):
+        folded = fold([*lifecycle()[:4], *order])
+        current = only_job(folded).current
+        assert (current.attempt, current.state, current.rank) == (2, "retrying", 0)
+        assert current.reason == "after attempt 1: exit: exited with 7"
+        assert not is_final(current)
+        assert [(a.record.attempt, a.record.state) for a in folded.attempts] == [(1, "failed"), (2, "retrying")]
+        [detail] = [e.detail for e in folded.events if e.kind == "retrying"]
+        assert detail == "attempt 2 in 1.8s, avoiding n1"
+    # Attempt 2's own events move it on, whichever arrives first.
+    for order in itertools.permutations([retrying(), ready(attempt=2, at=6), unplaceable(attempt=2, at=6.5)]):
+        current = only_job(fold(order)).current
+        assert (current.attempt, current.state, current.reason) == (2, "waiting", "no node has a gpu")
+
+
+def test_a_give_up_counts_as_the_attempts_own_ending_whichever_comes_first() -> None:
+    own = [failed(attempt=2, at=9, node="n2", started_at=8)]
+    alone = fold([gave_up(fallback="fb1")])
+    record = only_job(alone).current
+    # Alone, the give-up is the attempt's ending: its state, error and end time, and final.
+    assert (record.state, record.error_code, record.error_message, record.finished_at) == (
+        "failed",
+        "exit",
+        "exited with 7",
+        T0 + 9,
+    )
+    assert is_final(record) and only_job(alone).fallback_job_id == "fb1"
+    # With the attempt's own JobFailed, in either order or batch, the record is the same.
+    expected = fold([*own, gave_up(fallback="fb1")])
+    assert fold([gave_up(fallback="fb1"), *own]) == expected
+    for batches in ([own, [gave_up(fallback="fb1")]], [[gave_up(fallback="fb1")], own]):
+        store = FakeStore()
+        for batch in batches:
+            store.write(fold(batch))
+        assert store.jobs["j1"] == only_job(expected)
+        assert store.attempts[("j1", 2)] == expected.attempts[0].record
+    record = only_job(expected).current
+    assert (record.state, record.exit_code, record.output_tail, record.started_at) == ("failed", 7, "boom", T0 + 8)
+    assert is_final(record)
+
+
+def test_a_lost_attempt_given_up_keeps_the_lost_reason_as_its_error() -> None:
+    reason = "no lease renewal for 10s"
+    error = JobError(code="lost", message=reason)
+    for order in itertools.permutations([lost(attempt=2, at=9, reason=reason), gave_up(state="lost", error=error)]):
+        folded = fold(order)
+        record = only_job(folded).current
+        assert (record.state, record.reason, record.error_code, record.error_message) == (
+            "lost",
+            reason,
+            "lost",
+            reason,
+        )
+        assert is_final(record)
+        details = {e.kind: e.detail for e in folded.events}
+        assert details["lost"] == f"{reason} (node n1)"
+
+
+def test_a_lost_attempt_without_a_reason_says_so() -> None:
+    record = only_job(fold([lost()])).current
+    assert (record.reason, record.error_code) == ("the attempt was lost", "lost")
+
+
+def test_a_cancel_while_running_ends_cancelled_in_every_order() -> None:
+    events = cancelled_while_running()
+    expected = fold(events)
+    for order in itertools.permutations(events):
+        assert fold(order) == expected, [type(e).__name__ for e in order]
+    current = only_job(expected).current
+    assert (current.attempt, current.state, current.reason, current.node_id) == (1, "cancelled", "not needed", "n1")
+    assert is_final(current)
+    assert current.started_at == T0 + 3 and current.bound_at == T0 + 2
+    assert [(a.record.attempt, a.record.state) for a in expected.attempts] == [(1, "cancelled")]
+    details = {e.kind: e.detail for e in expected.events}
+    assert (details["cancelling"], details["cancelled"]) == ("not needed", "not needed")
+
+
+def test_cancelling_changes_no_state_but_gives_the_reason() -> None:
+    folded = fold([*lifecycle()[:4], cancelling()])
+    current = only_job(folded).current
+    assert (current.state, current.rank) == ("running", 4)
+    assert shown_reason(current) == "cancelling: not needed" and not is_final(current)
+    assert shown_reason(folded.attempts[0].record) == "cancelling: not needed"
+    # Arriving first, it still yields to the attempt's own events.
+    assert only_job(fold([cancelling(), ready(at=1)])).current.state == "ready"
+    # The attempt's ending replaces the reason; without a reason, "cancelling" alone.
+    ended = only_job(fold([*lifecycle()[:4], cancelling(), failed(error=CANCELLED_ERROR)])).current
+    assert (ended.state, shown_reason(ended)) == ("failed", "cancelled: not needed")
+    assert shown_reason(only_job(fold([started(), cancelling(reason="")])).current) == "cancelling"
+
+
+def test_a_job_cancelled_before_any_release_lives_on_the_job_only() -> None:
+    for order in itertools.permutations([submitted(), cancelled(attempt=0, at=1, node="")]):
+        folded = fold(order)
+        job = only_job(folded)
+        assert (job.current.attempt, job.current.state, job.current.reason) == (0, "cancelled", "not needed")
+        assert is_final(job.current) and job.spec == SPEC
+        assert folded.attempts == []
+        assert {e.event_id for e in folded.events} == {"j1:0:submitted", "j1:0:cancelled"}
+
+
+def test_a_held_retry_that_is_cancelled_ends_cancelled() -> None:
+    folded = fold([*lifecycle()[:4], failed(), retrying(), cancelled(attempt=2, at=5, node="")])
+    current = only_job(folded).current
+    assert (current.attempt, current.state) == (2, "cancelled") and is_final(current)
+
+
+def test_final_is_set_by_the_job_ends_only() -> None:
+    expired = JobExpired(job_id="j1", attempt=1, partition=0, reason="queue timeout of 5s passed", at=T0 + 5)
+    assert is_final(only_job(fold(lifecycle())).current)  # succeeded
+    assert is_final(only_job(fold([ready(), expired])).current)
+    assert not is_final(only_job(fold([*lifecycle()[:4], failed()])).current)  # the scheduler decides next
+    assert not is_final(only_job(fold([*lifecycle()[:4], lost()])).current)
+    # An ending the scheduler marked stays final whichever ending of the attempt shows.
+    assert is_final(only_job(fold([ready(), expired, failed()])).current)
+
+
+def test_a_late_success_of_a_replaced_attempt_does_not_end_the_job() -> None:
+    events = [*lifecycle()[:4], lost(), retrying(at=5.5), ready(attempt=2, at=6), started(attempt=2, node="n2", at=7)]
+    late = succeeded(attempt=1, at=8, result="stale")
+    for order in itertools.permutations([*events[4:], late]):
+        current = only_job(fold([*events[:4], *order])).current
+        assert (current.attempt, current.state) == (2, "running") and not is_final(current)
+    # Recorded after the loss, the success is history: the attempt stays lost, without the result.
+    first = fold([*events, late]).attempts[0].record
+    assert (first.state, first.result) == ("lost", "")
+
+
+def test_the_partition_comes_from_any_event() -> None:
+    for event in [*lifecycle()[1:], cancelling(), retrying(), lost()]:
+        event = type(event)(**{**{f: getattr(event, f) for f in event.__struct_fields__}, "partition": 5})
+        assert only_job(fold([event])).partition == 5
+    assert only_job(fold([submitted(partition=2), started()])).partition == 2
+
+
+def test_a_result_is_kept_on_its_attempt() -> None:
+    folded = fold([*lifecycle()[:4], succeeded(result="42\n")])
+    record = folded.attempts[0].record
+    assert (record.result, record.result_ref, record.result_bytes) == ("42\n", "", 3)
+    assert folded.events[-1].kind == "succeeded" and folded.events[-1].detail == "exit 0, result of 3 bytes inline"
+    record = only_job(fold([succeeded(result_ref="j1/1")])).current
+    assert (record.result, record.result_ref, record.result_bytes) == ("", "j1/1", 3_000_000)
+
+
+def test_updates_announce_a_give_up_and_a_cancel_under_way() -> None:
+    store = FakeStore()
+    store.write(fold([*lifecycle()[:4], failed()]))
+    batch = fold([gave_up(attempt=1, node="n1", ended=4)])
+    [update] = updates(batch, store.write(batch))
+    assert (update.state, update.attempt, update.final) == ("failed", 1, True)
+    assert updates(batch, store.write(batch)) == []  # a redelivery changes nothing
+
+    store = FakeStore()
+    store.write(fold(lifecycle()[:4]))
+    batch = fold([cancelling()])
+    [update] = updates(batch, store.write(batch))
+    assert (update.state, update.reason, update.final) == ("running", "cancelling: not needed", False)
+    batch = fold([cancelled()])
+    [update] = updates(batch, store.write(batch))
+    assert (update.state, update.reason, update.final) == ("cancelled", "not needed", True)

@@ -8,22 +8,39 @@ SQL (``store.py`` mirrors these functions, and a test checks that the two agree)
 
 The joins make the result independent of delivery order, of batching and of redelivery:
 
-* An attempt's state only moves forward. States are ordered by rank (queued 0, waiting 1,
-  ready 2, bound 3, running 4, terminal 5); "waiting" and "ready" form one class, because
-  the scheduler may release an attempt again after the binder found no room. Within that
-  class the release number orders them (ready n < waiting n < ready n+1), so the order
-  does not depend on the scheduler's and the binder's clocks agreeing.
-* The first terminal state an attempt gets is final: nothing moves it, not even another
-  terminal event (a late Succeeded after the tracker recorded Lost is history, not state).
+* An attempt's state only moves forward. States are ordered by rank (queued and retrying
+  0, waiting 1, ready 2, bound 3, running 4, terminal 5); "waiting" and "ready" form one
+  class, because the scheduler may release an attempt again after the binder found no
+  room. Within that class the release number orders them (ready n < waiting n < ready
+  n+1), so the order does not depend on the scheduler's and the binder's clocks agreeing.
+* A terminal state is final, with a precedence among terminal records: JobGaveUp's
+  record of the attempt (the scheduler's summary: its state and error) gives way to the
+  attempt's own ending (JobSucceeded, JobFailed, JobLost, JobExpired), and every ending
+  gives way to JobCancelled (a job cancelled while it ran ends ``cancelled``, whether the
+  executor's JobFailed(code=cancelled) or the scheduler's JobCancelled comes first).
+  Within one level the first recorded stays: a late Succeeded after the tracker recorded
+  Lost is history, not state.
+* JobRetrying(attempt n, next_attempt m) is the first state of attempt m: ``retrying``, of
+  the lowest rank, so attempt m's own events move it on whichever arrives first.
 * A job shows its highest attempt. Events of an older attempt update that attempt's own
   record and the event log, never the job's state (fencing). Attempt 0 is the time before
-  the first release (JobSubmitted, or JobExpired before any attempt) and lives on the job
-  row only.
-* Facts that fill gaps (node, bind and start times, spec, submission time) are kept
-  whichever event brings them first, and are never cleared by a later, emptier event.
+  the first release (JobSubmitted, or JobExpired / JobCancelled before any attempt) and
+  lives on the job row only.
+* A job is ``final`` when the attempt it shows ended it: that attempt succeeded, or the
+  scheduler gave it up, cancelled it or let it expire. The scheduler's mark (``ends_job``)
+  is sticky whichever ending of the attempt the state shows. Since the scheduler never
+  goes on after such a decision, a final job stays final; and a late success of an
+  attempt the scheduler had already replaced (it was declared lost) is fenced off like any
+  stale event, so it never makes the job final.
+* JobCancelling changes no state: it records why the attempt is being stopped
+  (``cancelling``), shown as the attempt's reason until the attempt ends.
+* Facts that fill gaps (node, bind and start times, spec, submission time, partition,
+  the fallback links, the cancelling reason) are kept whichever event brings them first,
+  and are never cleared by a later, emptier event.
 
-There is one deliberate exception to order independence: two *different* terminal events
-for one attempt. The one recorded first wins, because other services already acted on it.
+There is one deliberate exception to order independence: two *different* endings of one
+level for one attempt (Succeeded and Lost, say). The one recorded first wins, because
+other services already acted on it.
 """
 
 from __future__ import annotations
@@ -39,10 +56,14 @@ from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
     JobBound,
+    JobCancelled,
+    JobCancelling,
     JobExpired,
     JobFailed,
+    JobGaveUp,
     JobLost,
     JobReady,
+    JobRetrying,
     JobSpec,
     JobStarted,
     JobState,
@@ -53,22 +74,32 @@ from jobmesh.contract.messages.v1 import (
     LifecycleEvent,
 )
 
-# Ranks: queued 0, waiting 1, ready 2, bound 3, running 4, any terminal state 5.
+# Ranks: queued and retrying 0, waiting 1, ready 2, bound 3, running 4, any terminal state 5.
 TERMINAL_RANK = 5
+# Precedence of terminal records (their seq): the scheduler's summary in JobGaveUp, then
+# the attempt's own ending, then a cancel. Rows written before issue 7 hold 0 (own).
+_SUMMARY_SEQ = -1
+_OWN_SEQ = 0
+_CANCEL_SEQ = 1
+# The record JobCancelling brings when it is the first word of its attempt: below every
+# state, so the attempt's own first event replaces it.
+_PLACEHOLDER_SEQ = -1
 _TEXT_MAX = 64 * 1024
 _DETAIL_MAX = 1000
+_LOST_DEFAULT = "the attempt was lost"
 
 
 class AttemptState(Struct, frozen=True, kw_only=True):
     """One attempt as recorded (a row of ``tracker.attempts``; attempt 0 on the job only).
 
-    Records travel to Postgres as JSON, so field names are column names.
+    Records travel to Postgres as JSON, so field names are column names. The fields from
+    ``state`` to ``result_bytes`` move together when a state advances; the rest fill gaps.
     """
 
     attempt: int
     state: JobState
     rank: int = wire(name="state_rank")
-    seq: int = wire(name="state_seq", default=0)  # order within the rank class (releases)
+    seq: int = wire(name="state_seq", default=0)  # order within the rank (releases; terminal precedence)
     state_at: float  # when the event that set ``state`` happened
     reason: str = ""
     exit_code: int | None = None
@@ -76,9 +107,14 @@ class AttemptState(Struct, frozen=True, kw_only=True):
     error_message: str = ""
     output_tail: str = ""
     finished_at: float | None = None
+    result: str = ""
+    result_ref: str = ""
+    result_bytes: int = 0
     node_id: str = ""
     bound_at: float | None = None
     started_at: float | None = None
+    ends_job: bool = False  # the scheduler ended the job with this attempt (gave up, cancelled, expired)
+    cancelling: str = ""  # "cancelling: <reason>" once a cancel of this attempt is under way
 
 
 class JobRow(Struct, frozen=True, kw_only=True):
@@ -92,6 +128,9 @@ class JobRow(Struct, frozen=True, kw_only=True):
     tenant: str = ""
     spec: JobSpec | None = None
     submitted_at: float | None = None
+    partition: int = -1  # -1 until an event brings it (every event does)
+    fallback_job_id: str = ""  # the job that runs in its place (JobGaveUp)
+    fallback_of: str = ""  # the job it runs in place of (JobSubmitted)
 
 
 class AttemptRow(Struct, frozen=True):
@@ -121,6 +160,50 @@ class Folded:
     events: list[EventRow] = field(default_factory=list)
 
 
+# --- what a record means -------------------------------------------------------------
+
+
+def final_of(state: str, ends_job: bool) -> bool:
+    """Whether a job whose shown attempt is in ``state`` has ended for good.
+
+    Args:
+        state: the state of the attempt the job shows.
+        ends_job: whether the scheduler ended the job with that attempt (gave it up,
+            cancelled it or let it expire).
+
+    Returns:
+        True when the attempt succeeded or the scheduler ended the job with it.
+    """
+    return ends_job or state == "succeeded"
+
+
+def is_final(record: AttemptState) -> bool:
+    """Whether a job showing ``record`` has ended for good (:func:`final_of` of its fields).
+
+    Args:
+        record: the attempt the job shows.
+
+    Returns:
+        True once the job is final.
+    """
+    return final_of(record.state, record.ends_job)
+
+
+def shown_reason(record: AttemptState) -> str:
+    """The reason to show for an attempt: a cancel under way, until the attempt ends.
+
+    Args:
+        record: an attempt record.
+
+    Returns:
+        ``cancelling: <reason>`` while a cancel of a live attempt is under way, else the
+        reason its state came with.
+    """
+    if record.cancelling and record.rank < TERMINAL_RANK:
+        return record.cancelling
+    return record.reason
+
+
 # --- the joins -----------------------------------------------------------------------
 
 
@@ -130,7 +213,8 @@ def advances(old: AttemptState, new: AttemptState) -> bool:
     Mirrored by the SQL function ``advances`` in ``store.DDL``.
     """
     if old.rank == TERMINAL_RANK:
-        return False
+        # Terminal records replace each other only by precedence (summary < own < cancel).
+        return new.rank == TERMINAL_RANK and new.seq > old.seq
     # Class: waiting (1) and ready (2) share one, ordered by seq (the release), then time.
     return (new.rank - (new.rank >= 2), new.seq, new.state_at, new.rank) > (
         old.rank - (old.rank >= 2),
@@ -152,19 +236,35 @@ def join_attempt(old: AttemptState, new: AttemptState) -> AttemptState:
     """Combine two records of one attempt; ``old`` is the one recorded first.
 
     Returns:
-        The state of whichever advances further (``old`` on a tie or when it is terminal),
-        with node, bind and start times filled from either.
+        The state of whichever advances further (``old`` on a tie or by precedence), with
+        node, bind and start times, the scheduler's end mark and the cancelling reason
+        filled from either.
     """
     node_id = old.node_id or new.node_id
     bound_at = _earliest(old.bound_at, new.bound_at)
     started_at = _earliest(old.started_at, new.started_at)
+    ends_job = old.ends_job or new.ends_job
+    cancelling = old.cancelling or new.cancelling
     if advances(old, new):
         base = new
-    elif (node_id, bound_at, started_at) == (old.node_id, old.bound_at, old.started_at):
+    elif (node_id, bound_at, started_at, ends_job, cancelling) == (
+        old.node_id,
+        old.bound_at,
+        old.started_at,
+        old.ends_job,
+        old.cancelling,
+    ):
         return old
     else:
         base = old
-    return replace(base, node_id=node_id, bound_at=bound_at, started_at=started_at)
+    return replace(
+        base,
+        node_id=node_id,
+        bound_at=bound_at,
+        started_at=started_at,
+        ends_job=ends_job,
+        cancelling=cancelling,
+    )
 
 
 def join_job(old: JobRow, new: JobRow) -> JobRow:
@@ -172,7 +272,8 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
 
     Returns:
         The job showing the higher attempt (joined when both show the same one), the
-        identity known first, and the latest update time.
+        identity known first, the highest partition seen (every event carries the same
+        one), the fallback links from either, and the latest update time.
     """
     if new.current.attempt > old.current.attempt:
         current = new.current
@@ -190,6 +291,9 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
         tenant=ident.tenant,
         spec=ident.spec,
         submitted_at=old.submitted_at if old.submitted_at is not None else new.submitted_at,
+        partition=max(old.partition, new.partition),
+        fallback_job_id=old.fallback_job_id or new.fallback_job_id,
+        fallback_of=old.fallback_of or new.fallback_of,
     )
 
 
@@ -199,10 +303,13 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
 def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
     """The one-event job record and event row of a decoded lifecycle event.
 
-    Free text is cleaned so Postgres can store it (no NUL, bounded length).
+    The event row is filed under the event's own attempt (0 for JobSubmitted), which for
+    JobRetrying is the attempt that ended, not the one its record starts. Free text is
+    cleaned so Postgres can store it (no NUL, bounded length).
     """
     job, detail = _record(event)
-    kind, n, at = _KINDS[type(event)], job.current.attempt, job.current.state_at
+    # A one-event record's update time is the event's own time.
+    kind, n, at = _KINDS[type(event)], getattr(event, "attempt", 0), job.updated_at
     eid = event_id(job.job_id, n, kind)
     release = getattr(event, "release", 1)
     if release > 1:
@@ -221,19 +328,28 @@ _KINDS = {
     JobFailed: subjects.FAILED,
     JobExpired: subjects.EXPIRED,
     JobLost: subjects.LOST,
+    JobRetrying: subjects.RETRYING,
+    JobGaveUp: subjects.GAVE_UP,
+    JobCancelling: subjects.CANCELLING,
+    JobCancelled: subjects.CANCELLED,
 }
 
 
 def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
+    p = event.partition
     match event:
         case JobSubmitted(spec=spec):
             state = AttemptState(attempt=0, state="queued", rank=0, state_at=event.submitted_at)
-            return _job(event.job_id, state, spec, event.submitted_at), f"queue {spec.queue}, tenant {spec.tenant}"
+            fallback_of = _clean(event.fallback_of)
+            detail = f"queue {spec.queue}, tenant {spec.tenant}"
+            if fallback_of:
+                detail += f", fallback of {fallback_of}"
+            return _job(event.job_id, p, state, spec, event.submitted_at, fallback_of=fallback_of), detail
         case JobReady(spec=spec):
             state = AttemptState(
                 attempt=event.attempt, state="ready", rank=2, seq=2 * event.release, state_at=event.ready_at
             )
-            return _job(event.job_id, state, spec, event.submitted_at), "candidates: " + ", ".join(event.candidates)
+            return _job(event.job_id, p, state, spec, event.submitted_at), "candidates: " + ", ".join(event.candidates)
         case JobUnplaceable():
             reason = _clean(event.reason)
             state = AttemptState(
@@ -244,7 +360,7 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 state_at=event.at,
                 reason=reason,
             )
-            return _job(event.job_id, state), reason
+            return _job(event.job_id, p, state), reason
         case JobBound(spec=spec):
             state = AttemptState(
                 attempt=event.attempt,
@@ -254,7 +370,7 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 node_id=event.node_id,
                 bound_at=event.bound_at,
             )
-            return _job(event.job_id, state, spec, event.submitted_at), f"node {event.node_id}"
+            return _job(event.job_id, p, state, spec, event.submitted_at), f"node {event.node_id}"
         case JobStarted():
             state = AttemptState(
                 attempt=event.attempt,
@@ -264,26 +380,40 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 node_id=event.node_id,
                 started_at=event.at,
             )
-            return _job(event.job_id, state), f"node {event.node_id}"
+            detail = f"node {event.node_id}"
+            if event.incarnation:
+                detail += f", incarnation {_clean(event.incarnation)}"
+            return _job(event.job_id, p, state), detail
         case JobSucceeded():
             state = AttemptState(
                 attempt=event.attempt,
                 state="succeeded",
                 rank=TERMINAL_RANK,
+                seq=_OWN_SEQ,
                 state_at=event.at,
                 exit_code=event.exit_code,
                 output_tail=_clean(event.output_tail),
                 finished_at=event.at,
+                # A result is the job's output: never cut, only made storable.
+                result=_clean(event.result, limit=None),
+                result_ref=_clean(event.result_ref),
+                result_bytes=event.result_bytes,
                 node_id=event.node_id,
                 started_at=event.started_at or None,
             )
-            return _job(event.job_id, state, None, event.submitted_at), f"exit {event.exit_code}"
+            detail = f"exit {event.exit_code}"
+            if event.result_ref:
+                detail += f", result of {event.result_bytes} bytes in {subjects.OBJ_RESULTS}"
+            elif event.result or event.result_bytes:
+                detail += f", result of {event.result_bytes} bytes inline"
+            return _job(event.job_id, p, state, None, event.submitted_at), detail
         case JobFailed():
             code, message = _clean(event.error.code), _clean(event.error.message)
             state = AttemptState(
                 attempt=event.attempt,
                 state="failed",
                 rank=TERMINAL_RANK,
+                seq=_OWN_SEQ,
                 state_at=event.at,
                 reason=f"{code}: {message}"[:_DETAIL_MAX],
                 exit_code=event.exit_code,
@@ -295,54 +425,144 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 started_at=event.started_at or None,
             )
             exit_part = f" (exit {event.exit_code})" if event.exit_code is not None else ""
-            return _job(event.job_id, state, None, event.submitted_at), f"{code}: {message}{exit_part}"
+            return _job(event.job_id, p, state, None, event.submitted_at), f"{code}: {message}{exit_part}"
         case JobExpired():
             reason = _clean(event.reason)
             state = AttemptState(
                 attempt=event.attempt,
                 state="expired",
                 rank=TERMINAL_RANK,
+                seq=_OWN_SEQ,
                 state_at=event.at,
                 reason=reason,
                 finished_at=event.at,
+                ends_job=True,
             )
-            return _job(event.job_id, state), reason
+            return _job(event.job_id, p, state), reason
         case JobLost():
+            # Whoever declared it (the scheduler for a lease, the executor after a restart)
+            # says why; the error matches what the scheduler lists in JobGaveUp.errors.
             node = _clean(event.node_id)
-            reason = f"heartbeats from node {node} stopped" if node else "heartbeats stopped"
+            reason = _clean(event.reason)[:_DETAIL_MAX] or _LOST_DEFAULT
             state = AttemptState(
                 attempt=event.attempt,
                 state="lost",
                 rank=TERMINAL_RANK,
+                seq=_OWN_SEQ,
                 state_at=event.at,
                 reason=reason,
+                error_code="lost",
+                error_message=reason,
                 finished_at=event.at,
                 node_id=node,
             )
-            return _job(event.job_id, state), reason
+            return _job(event.job_id, p, state), f"{reason} (node {node})" if node else reason
+        case JobRetrying():
+            code, message = _clean(event.error.code), _clean(event.error.message)
+            state = AttemptState(
+                attempt=event.next_attempt,
+                state="retrying",
+                rank=0,
+                state_at=event.at,
+                reason=f"after attempt {event.attempt}: {code}: {message}"[:_DETAIL_MAX],
+            )
+            detail = f"attempt {event.next_attempt} in {event.delay:.1f}s"
+            if event.avoid:
+                detail += ", avoiding " + ", ".join(event.avoid)
+            return _job(event.job_id, p, state), detail
+        case JobGaveUp():
+            code, message = _clean(event.error.code), _clean(event.error.message)
+            # The attempt ended when its own event says; the summary knows that time too.
+            ended = next((e.at for e in event.errors if e.attempt == event.attempt), event.at)
+            state = AttemptState(
+                attempt=event.attempt,
+                state=event.state,
+                rank=TERMINAL_RANK,
+                seq=_SUMMARY_SEQ,
+                state_at=ended,
+                # The same reason the attempt's own JobFailed / JobLost gives.
+                reason=(f"{code}: {message}" if event.state == "failed" else message)[:_DETAIL_MAX],
+                error_code=code,
+                error_message=message,
+                finished_at=ended,
+                node_id=_clean(event.node_id),
+                ends_job=True,
+            )
+            fallback = _clean(event.fallback_job_id)
+            detail = _clean(event.reason) + (f"; fallback job {fallback}" if fallback else "")
+            return _job(event.job_id, p, state, at=event.at, fallback_job_id=fallback), detail
+        case JobCancelling():
+            reason = _clean(event.reason)
+            state = AttemptState(
+                attempt=event.attempt,
+                state="queued" if event.attempt == 1 else "retrying",
+                rank=0,
+                seq=_PLACEHOLDER_SEQ,
+                state_at=event.at,
+                cancelling=f"cancelling: {reason}"[:_DETAIL_MAX] if reason else "cancelling",
+            )
+            return _job(event.job_id, p, state), reason
+        case JobCancelled():
+            reason = _clean(event.reason)[:_DETAIL_MAX]
+            state = AttemptState(
+                attempt=event.attempt,
+                state="cancelled",
+                rank=TERMINAL_RANK,
+                seq=_CANCEL_SEQ,
+                state_at=event.at,
+                reason=reason,
+                finished_at=event.at,
+                node_id=_clean(event.node_id),
+                ends_job=True,
+            )
+            return _job(event.job_id, p, state), reason
     raise TypeError(f"not a lifecycle event: {type(event).__name__}")
 
 
-def _job(job_id: str, state: AttemptState, spec: JobSpec | None = None, submitted_at: float | None = None) -> JobRow:
+def _job(
+    job_id: str,
+    partition: int,
+    state: AttemptState,
+    spec: JobSpec | None = None,
+    submitted_at: float | None = None,
+    *,
+    at: float | None = None,
+    fallback_job_id: str = "",
+    fallback_of: str = "",
+) -> JobRow:
+    # ``at``: when the event happened, if not when its state did (a give-up is later
+    # than the end of the attempt it records).
+    updated_at = state.state_at if at is None else at
     if spec is None:
-        return JobRow(job_id=job_id, current=state, updated_at=state.state_at, submitted_at=submitted_at or None)
+        return JobRow(
+            job_id=job_id,
+            current=state,
+            updated_at=updated_at,
+            submitted_at=submitted_at or None,
+            partition=partition,
+            fallback_job_id=fallback_job_id,
+            fallback_of=fallback_of,
+        )
     return JobRow(
         job_id=job_id,
         current=state,
-        updated_at=state.state_at,
+        updated_at=updated_at,
         name=_clean(spec.name),
         queue=spec.queue,
         tenant=spec.tenant,
         spec=spec,
         submitted_at=submitted_at or None,
+        partition=partition,
+        fallback_job_id=fallback_job_id,
+        fallback_of=fallback_of,
     )
 
 
-def _clean(text: str) -> str:
+def _clean(text: str, limit: int | None = _TEXT_MAX) -> str:
     # Postgres text cannot hold NUL: one such byte would fail its whole batch, every time.
     if "\x00" in text:
         text = text.replace("\x00", "\ufffd")
-    return text if len(text) <= _TEXT_MAX else text[-_TEXT_MAX:]
+    return text if limit is None or len(text) <= limit else text[-limit:]
 
 
 # --- the fold ------------------------------------------------------------------------
@@ -386,14 +606,19 @@ def updates(folded: Folded, stored: Mapping[str, AttemptState]) -> list[JobUpdat
         stored: for each job row the write changed, the attempt it shows now.
 
     Returns:
-        One ``JobUpdate`` per job whose shown state is now the batch's own (the batch
-        moved it); none for jobs the batch did not move (fenced or older events).
+        One ``JobUpdate`` per job the batch moved: its shown state is now the batch's own,
+        or the batch made it final (a give-up after the attempt's own failure) or brought
+        the cancel under way. None for jobs the batch did not move (fenced or older events).
     """
     out: list[JobUpdate] = []
     for job in folded.jobs:
         now = stored.get(job.job_id)
         mine = job.current
-        if now is None or (now.attempt, now.state, now.state_at) != (mine.attempt, mine.state, mine.state_at):
+        if now is None or now.attempt != mine.attempt:
+            continue
+        moved = (now.state, now.state_at) == (mine.state, mine.state_at)
+        marked = (mine.ends_job and now.ends_job) or (mine.cancelling != "" and now.cancelling == mine.cancelling)
+        if not (moved or marked):
             continue
         out.append(
             JobUpdate(
@@ -402,8 +627,9 @@ def updates(folded: Folded, stored: Mapping[str, AttemptState]) -> list[JobUpdat
                 attempt=now.attempt,
                 node_id=now.node_id,
                 exit_code=now.exit_code,
-                reason=now.reason,
+                reason=shown_reason(now),
                 at=now.state_at,
+                final=is_final(now),
             )
         )
     return out

@@ -10,6 +10,9 @@ A batch is one statement in one transaction, whatever its size: three set-based 
 locks each conflicting row and merges against its latest committed version, and since
 the joins commute, concurrent batches from any number of replicas end in the same rows.
 Rows are sent sorted by key, so two batches lock shared rows in the same order.
+
+The schema only grows, by ``ADD COLUMN IF NOT EXISTS`` with a default, so a tracker that
+starts on a database an older tracker made brings it up to date and reads its rows.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import asyncpg
 import msgspec
 
 from jobmesh.contract.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
-from jobmesh.tracker.fold import AttemptState, Folded
+from jobmesh.tracker.fold import AttemptState, Folded, final_of, is_final, shown_reason
 
 # job_id and event_id use the "C" collation: byte order is cheaper to compare and lets the
 # events primary key answer "every event of job X" as a range scan over the "X:" prefix,
@@ -49,6 +52,17 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at    double precision,
     updated_at    double precision NOT NULL
 );
+-- Columns added since the first schema: ADD COLUMN IF NOT EXISTS brings a database made by
+-- an older tracker up to date (a constant default needs no table rewrite).
+ALTER TABLE jobs
+    ADD COLUMN IF NOT EXISTS result          text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS result_ref      text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS result_bytes    bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS ends_job        boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS cancelling      text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS partition       integer NOT NULL DEFAULT -1,
+    ADD COLUMN IF NOT EXISTS fallback_job_id text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS fallback_of     text NOT NULL DEFAULT '';
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at DESC NULLS LAST, job_id DESC);
 -- No index on state: a job changes state five times in a second, and an indexed state
 -- would make every one of those updates a non-HOT write to every index. Listing by state
@@ -76,6 +90,12 @@ CREATE TABLE IF NOT EXISTS attempts (
     started_at    double precision,
     PRIMARY KEY (job_id, attempt)
 ) WITH (fillfactor = 80);
+ALTER TABLE attempts
+    ADD COLUMN IF NOT EXISTS result       text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS result_ref   text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS result_bytes bigint NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS ends_job     boolean NOT NULL DEFAULT false,
+    ADD COLUMN IF NOT EXISTS cancelling   text NOT NULL DEFAULT '';
 
 CREATE TABLE IF NOT EXISTS events (
     event_id  text COLLATE "C" PRIMARY KEY,
@@ -86,19 +106,22 @@ CREATE TABLE IF NOT EXISTS events (
     detail    text NOT NULL DEFAULT ''
 );
 
--- fold.advances: does the new state replace the old one within one attempt? Terminal (5)
--- is final; waiting (1) and ready (2) share a class, ordered by release (seq), then time.
+-- fold.advances: does the new state replace the old one within one attempt? A terminal
+-- state (5) gives way only to a terminal one of higher precedence (seq: the give-up
+-- summary -1, the attempt's own ending 0, a cancel 1); waiting (1) and ready (2) share a
+-- class, ordered by release (seq), then time.
 CREATE OR REPLACE FUNCTION advances(old_rank smallint, old_seq integer, old_at double precision,
                                     new_rank smallint, new_seq integer, new_at double precision)
 RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT old_rank < 5
-       AND (new_rank - (new_rank >= 2)::int, new_seq, new_at, new_rank)
-         > (old_rank - (old_rank >= 2)::int, old_seq, old_at, old_rank)
+    SELECT CASE WHEN old_rank = 5 THEN new_rank = 5 AND new_seq > old_seq
+                ELSE (new_rank - (new_rank >= 2)::int, new_seq, new_at, new_rank)
+                   > (old_rank - (old_rank >= 2)::int, old_seq, old_at, old_rank) END
 $$;
 """
 
 # Attempt columns and their types, in AttemptState order. The state group moves together
-# when a state advances; node and the bind/start times are gap-filled instead.
+# when a state advances; node, the bind/start times, the scheduler's end mark and the
+# cancelling reason are gap-filled instead.
 _STATE_COLUMNS = {
     "state": "text",
     "state_rank": "int2",
@@ -110,6 +133,9 @@ _STATE_COLUMNS = {
     "error_message": "text",
     "output_tail": "text",
     "finished_at": "float8",
+    "result": "text",
+    "result_ref": "text",
+    "result_bytes": "int8",
 }
 _ATTEMPT_COLUMNS = {
     "attempt": "int",
@@ -117,6 +143,8 @@ _ATTEMPT_COLUMNS = {
     "node_id": "text",
     "bound_at": "float8",
     "started_at": "float8",
+    "ends_job": "bool",
+    "cancelling": "text",
 }
 _EVENT_COLUMNS = {
     "event_id": "text",
@@ -127,6 +155,8 @@ _EVENT_COLUMNS = {
     "detail": "text",
 }
 _JOB_IDENTITY = {"name": "text", "queue": "text", "tenant": "text", "spec": "json", "submitted_at": "float8"}
+# Job facts any of several events may bring: gap-filled (the partition: the highest seen).
+_JOB_LINKS = {"partition": "int", "fallback_job_id": "text", "fallback_of": "text"}
 
 
 def _names(columns: dict[str, str]) -> str:
@@ -149,6 +179,8 @@ _A_FILLS = (
     "(a.node_id = '' AND EXCLUDED.node_id <> '')"
     " OR EXCLUDED.bound_at < COALESCE(a.bound_at, 'infinity')"
     " OR EXCLUDED.started_at < COALESCE(a.started_at, 'infinity')"
+    " OR (EXCLUDED.ends_job AND NOT a.ends_job)"
+    " OR (a.cancelling = '' AND EXCLUDED.cancelling <> '')"
 )
 # join_job, in SQL: the higher attempt wins outright; the same attempt joins as above.
 _J_NEWER = "EXCLUDED.attempt > j.attempt"
@@ -161,7 +193,14 @@ _J_LEARNS = "(j.spec IS NULL AND EXCLUDED.spec IS NOT NULL)"
 _J_FILLS = (
     f"({_J_SAME} AND ((j.node_id = '' AND EXCLUDED.node_id <> '')"
     " OR EXCLUDED.bound_at < COALESCE(j.bound_at, 'infinity')"
-    " OR EXCLUDED.started_at < COALESCE(j.started_at, 'infinity')))"
+    " OR EXCLUDED.started_at < COALESCE(j.started_at, 'infinity')"
+    " OR (EXCLUDED.ends_job AND NOT j.ends_job)"
+    " OR (j.cancelling = '' AND EXCLUDED.cancelling <> '')))"
+)
+_J_LINKS = (
+    "(EXCLUDED.partition > j.partition"
+    " OR (j.fallback_job_id = '' AND EXCLUDED.fallback_job_id <> '')"
+    " OR (j.fallback_of = '' AND EXCLUDED.fallback_of <> ''))"
 )
 
 # Rows arrive as three JSON arrays (events, attempts, jobs) whose objects mirror the
@@ -181,12 +220,15 @@ WITH e AS (
         {_pick(_STATE_COLUMNS, "a", _A_ADVANCES, " " * 8)},
         node_id = CASE WHEN a.node_id = '' THEN EXCLUDED.node_id ELSE a.node_id END,
         bound_at = LEAST(a.bound_at, EXCLUDED.bound_at),
-        started_at = LEAST(a.started_at, EXCLUDED.started_at)
+        started_at = LEAST(a.started_at, EXCLUDED.started_at),
+        ends_job = a.ends_job OR EXCLUDED.ends_job,
+        cancelling = CASE WHEN a.cancelling = '' THEN EXCLUDED.cancelling ELSE a.cancelling END
     WHERE {_A_ADVANCES} OR {_A_FILLS}
 )
-INSERT INTO jobs AS j (job_id, {_names(_JOB_IDENTITY)}, {_names(_ATTEMPT_COLUMNS)}, updated_at)
-SELECT r.job_id, {", ".join("r." + c for c in _JOB_IDENTITY)}, c.*, r.updated_at
-FROM json_to_recordset($3::json) AS r(job_id text, {_typed(_JOB_IDENTITY)}, updated_at float8, current json)
+INSERT INTO jobs AS j (job_id, {_names(_JOB_IDENTITY)}, {_names(_JOB_LINKS)}, {_names(_ATTEMPT_COLUMNS)}, updated_at)
+SELECT r.job_id, {", ".join("r." + c for c in (*_JOB_IDENTITY, *_JOB_LINKS))}, c.*, r.updated_at
+FROM json_to_recordset($3::json)
+    AS r(job_id text, {_typed(_JOB_IDENTITY)}, {_typed(_JOB_LINKS)}, updated_at float8, current json)
 CROSS JOIN LATERAL json_to_record(r.current) AS c({_typed(_ATTEMPT_COLUMNS)})
 ON CONFLICT (job_id) DO UPDATE SET
     {_pick(("name", "queue", "tenant"), "j", _J_LEARNS, " " * 4)},
@@ -199,14 +241,21 @@ ON CONFLICT (job_id) DO UPDATE SET
                     WHEN {_J_SAME} THEN LEAST(j.bound_at, EXCLUDED.bound_at) ELSE j.bound_at END,
     started_at = CASE WHEN {_J_NEWER} THEN EXCLUDED.started_at
                       WHEN {_J_SAME} THEN LEAST(j.started_at, EXCLUDED.started_at) ELSE j.started_at END,
+    ends_job = CASE WHEN {_J_NEWER} THEN EXCLUDED.ends_job
+                    WHEN {_J_SAME} THEN j.ends_job OR EXCLUDED.ends_job ELSE j.ends_job END,
+    cancelling = CASE WHEN {_J_NEWER} OR ({_J_SAME} AND j.cancelling = '') THEN EXCLUDED.cancelling
+                      ELSE j.cancelling END,
+    partition = GREATEST(j.partition, EXCLUDED.partition),
+    fallback_job_id = CASE WHEN j.fallback_job_id = '' THEN EXCLUDED.fallback_job_id ELSE j.fallback_job_id END,
+    fallback_of = CASE WHEN j.fallback_of = '' THEN EXCLUDED.fallback_of ELSE j.fallback_of END,
     updated_at = GREATEST(j.updated_at, EXCLUDED.updated_at)
-WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS}
+WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS} OR {_J_LINKS}
    OR EXCLUDED.updated_at > j.updated_at
    OR (j.submitted_at IS NULL AND EXCLUDED.submitted_at IS NOT NULL)
 RETURNING job_id, {_names(_ATTEMPT_COLUMNS)}
 """
 
-_SUMMARY = "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at"
+_SUMMARY = "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at, ends_job"
 _ORDER = "ORDER BY submitted_at DESC NULLS LAST, job_id DESC LIMIT $1"
 # One statement per filter combination, so each keeps a plan that uses its own index.
 _LIST = {
@@ -215,9 +264,9 @@ _LIST = {
     (False, True): f"SELECT {_SUMMARY} FROM jobs WHERE queue = $2 {_ORDER}",
     (True, True): f"SELECT {_SUMMARY} FROM jobs WHERE state = ANY($2::text[]) AND queue = $3 {_ORDER}",
 }
-_GET_JOB = """
-SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, state, reason, attempt,
-       node_id, updated_at
+_GET_JOB = f"""
+SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, {_names(_ATTEMPT_COLUMNS)},
+       updated_at, partition, fallback_job_id, fallback_of
 FROM jobs WHERE job_id = $1
 """
 _GET_ATTEMPTS = f"SELECT {_names(_ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = $1 ORDER BY attempt"
@@ -226,8 +275,8 @@ _GET_EVENTS = """
 SELECT kind, attempt, at, detail FROM events
 WHERE event_id >= $1 || ':' AND event_id < $1 || ';'
 ORDER BY at, attempt,
-    array_position(ARRAY['submitted', 'ready', 'unplaceable', 'bound', 'started',
-                         'succeeded', 'failed', 'expired', 'lost'], kind)
+    array_position(ARRAY['submitted', 'ready', 'unplaceable', 'bound', 'started', 'cancelling',
+                         'succeeded', 'failed', 'expired', 'lost', 'retrying', 'gave_up', 'cancelled'], kind)
 """
 
 _encoder = msgspec.json.Encoder()
@@ -256,9 +305,31 @@ def _attempt_of(record: asyncpg.Record) -> AttemptState:
         error_message=record["error_message"],
         output_tail=record["output_tail"],
         finished_at=record["finished_at"],
+        result=record["result"],
+        result_ref=record["result_ref"],
+        result_bytes=record["result_bytes"],
         node_id=record["node_id"],
         bound_at=record["bound_at"],
         started_at=record["started_at"],
+        ends_job=record["ends_job"],
+        cancelling=record["cancelling"],
+    )
+
+
+def _attempt_view(a: AttemptState) -> AttemptView:
+    return AttemptView(
+        attempt=a.attempt,
+        state=a.state,
+        node_id=a.node_id,
+        exit_code=a.exit_code,
+        error=JobError(code=a.error_code, message=a.error_message) if a.error_code else None,
+        output_tail=a.output_tail,
+        started_at=a.started_at,
+        finished_at=a.finished_at,
+        reason=shown_reason(a),
+        result=a.result,
+        result_ref=a.result_ref,
+        result_bytes=a.result_bytes,
     )
 
 
@@ -299,32 +370,25 @@ class Store:
                 return None, True
             attempts = await conn.fetch(_GET_ATTEMPTS, job_id)
             events = await conn.fetch(_GET_EVENTS, job_id)
+        current = _attempt_of(job)
         view = JobView(
             job_id=job["job_id"],
             name=job["name"],
             queue=job["queue"],
             tenant=job["tenant"],
-            state=job["state"],
-            reason=job["reason"],
-            attempt=job["attempt"],
-            node_id=job["node_id"],
+            state=current.state,
+            reason=shown_reason(current),
+            attempt=current.attempt,
+            node_id=current.node_id,
             submitted_at=job["submitted_at"] or 0.0,
             updated_at=job["updated_at"],
             spec=_spec_decoder.decode(job["spec"]),
-            attempts=[
-                AttemptView(
-                    attempt=a["attempt"],
-                    state=a["state"],
-                    node_id=a["node_id"],
-                    exit_code=a["exit_code"],
-                    error=JobError(code=a["error_code"], message=a["error_message"]) if a["error_code"] else None,
-                    output_tail=a["output_tail"],
-                    started_at=a["started_at"],
-                    finished_at=a["finished_at"],
-                )
-                for a in attempts
-            ],
+            attempts=[_attempt_view(_attempt_of(a)) for a in attempts],
             events=[EventView(kind=e["kind"], attempt=e["attempt"], at=e["at"], detail=e["detail"]) for e in events],
+            final=is_final(current),
+            partition=job["partition"],
+            fallback_job_id=job["fallback_job_id"],
+            fallback_of=job["fallback_of"],
         )
         return view, True
 
@@ -344,6 +408,7 @@ class Store:
                 exit_code=r["exit_code"],
                 submitted_at=r["submitted_at"] or 0.0,
                 updated_at=r["updated_at"],
+                final=final_of(r["state"], r["ends_job"]),
             )
             for r in records
         ]
