@@ -38,12 +38,12 @@ class DeadLetterEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class DeadLetterPage(msgspec.Struct, frozen=True, kw_only=True):
-    """The newest dead letters, oldest first.
+    """The newest records on the dead-letter subjects, oldest first.
 
     Attributes:
-        entries: the dead letters read.
-        unreadable: records on the dead-letter subjects that are not dead letters (someone
-            published there by hand); skipped.
+        entries: the dead letters among them.
+        unreadable: how many of them are not dead letters (someone published there by
+            hand); skipped.
     """
 
     entries: list[DeadLetterEntry]
@@ -79,12 +79,13 @@ def replay_id(seq: int) -> str:
 
 
 async def read_dead_letters(nc: NATS, service: str = "", limit: int = 50, timeout: float = 10.0) -> DeadLetterPage:
-    """The newest ``limit`` dead letters, of one service or of all.
+    """The newest ``limit`` records on the dead-letter subjects, of one service or of all.
 
     Args:
         nc: a connected NATS client.
         service: only this service's dead letters ("" for every service).
-        limit: at most this many, the newest.
+        limit: at most this many records, the newest (a record that is not a dead letter
+            counts, and is reported in ``unreadable``).
         timeout: seconds for each JetStream request.
 
     Returns:
@@ -108,8 +109,7 @@ async def read_dead_letters(nc: NATS, service: str = "", limit: int = 50, timeou
     # and keep the last (dead letters are few; the stream keeps at most a million).
     start = max(info.state.first_seq, info.state.last_seq - limit + 1) if not service else info.state.first_seq
     config = api.ConsumerConfig(deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start)
-    kept: deque[DeadLetterEntry] = deque(maxlen=limit)
-    unreadable = 0
+    kept: deque[DeadLetterEntry | None] = deque(maxlen=limit)  # None: a record that is no dead letter
     try:
         sub = await js.subscribe(subject, stream=subjects.STREAM_DEADLETTER, ordered_consumer=True, config=config)
         try:
@@ -118,14 +118,15 @@ async def read_dead_letters(nc: NATS, service: str = "", limit: int = 50, timeou
                 try:
                     kept.append(DeadLetterEntry(seq=msg.metadata.sequence.stream, letter=_decoder.decode(msg.data)))
                 except msgspec.DecodeError:
-                    unreadable += 1
+                    kept.append(None)
                 if msg.metadata.num_pending == 0:
                     break
         finally:
             await sub.unsubscribe()
     except nats.errors.Error as exc:
         raise Unavailable(f"cannot read {subjects.STREAM_DEADLETTER}: {type(exc).__name__} {exc}".rstrip()) from exc
-    return DeadLetterPage(entries=list(kept), unreadable=unreadable)
+    entries = [e for e in kept if e is not None]
+    return DeadLetterPage(entries=entries, unreadable=len(kept) - len(entries))
 
 
 async def replay_dead_letter(nc: NATS, seq: int, timeout: float = 10.0) -> Replayed:
