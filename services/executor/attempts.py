@@ -146,11 +146,6 @@ class Attempt:
     def workdir(self) -> Path:
         return self._work_root / f"{self.bound.job_id}-{self.bound.attempt}"  # as Attempts.workdir_of
 
-    @property
-    def stopping(self) -> bool:
-        """Whether it was asked to stop (it may still be ending)."""
-        return self._abort.is_set()
-
     def abort(self, code: FailureCode, message: str) -> None:
         """Stop the attempt's process now, or keep it from starting; it is reported as failed
         with ``code`` (the first reason given wins).
@@ -241,6 +236,7 @@ class Attempt:
                 self._publish_line,
                 pass_fds=(channel.child_fd,),
                 on_spawned=channel.spawned,
+                name=self.name,
             )
         finally:
             if watchdog is not None:

@@ -139,6 +139,9 @@ class ResultStore:
         opened = await asyncio.to_thread(_open_regular, path)
         if opened is None:
             return None
+        if isinstance(opened, str):
+            log.warning("job %s attempt %d: its result file %s is ignored: %s", job_id, attempt, path, opened)
+            return None
         stream, size = opened
         with stream:
             route = plan_result(size, self.limits)
@@ -176,8 +179,12 @@ class ResultStore:
             stream.seek(0)
 
 
-def _open_regular(path: Path) -> tuple[io.BufferedReader, int] | None:
-    """Open ``path`` for reading if it is a regular file, without following a link."""
+def _open_regular(path: Path) -> tuple[io.BufferedReader, int] | str | None:
+    """Open ``path`` for reading if it is a regular file, without following a link.
+
+    Returns:
+        The open file and its size; None when there is no file; else why it is not used.
+    """
     try:
         # O_NONBLOCK: a FIFO planted at the path must not hang the open.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -185,13 +192,10 @@ def _open_regular(path: Path) -> tuple[io.BufferedReader, int] | None:
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            log.warning("result path %s is a symbolic link: not followed, the result is ignored", path)
-        else:
-            log.warning("result file %s cannot be read (%s): the result is ignored", path, exc)
-        return None
+            return "it is a symbolic link, which is not followed"
+        return f"it cannot be read: {exc}"
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         os.close(fd)
-        log.warning("result path %s is not a regular file: the result is ignored", path)
-        return None
+        return "it is not a regular file"
     return os.fdopen(fd, "rb"), info.st_size

@@ -129,6 +129,7 @@ class ProcessRunner:
         on_line: LineSink,
         pass_fds: Sequence[int] = (),
         on_spawned: Callable[[], Awaitable[None]] | None = None,
+        name: str = "a job",
     ) -> Outcome:
         """Run the process and return how it ended.
 
@@ -143,6 +144,7 @@ class ProcessRunner:
             pass_fds: descriptors the process inherits (the progress pipe), same numbers.
             on_spawned: awaited once the process started, or failed to (the caller closes
                 its copy of what it passed).
+            name: how log lines name the attempt (``job <id> attempt <n>``).
 
         Returns:
             The outcome, with the last output as its tail.
@@ -194,7 +196,7 @@ class ProcessRunner:
                 await self._stop_group(pid, exited)
             # Whatever the job left running in its group must not outlive the attempt.
             _signal_group(pid, signal.SIGKILL)
-            await self._finish_pumps(pumps)
+            await self._finish_pumps(pumps, name)
         finally:
             aborted.cancel()
             if not exited.done():  # cancelled: take the whole group down with us
@@ -215,7 +217,7 @@ class ProcessRunner:
             _signal_group(pgid, signal.SIGKILL)
             await exited
 
-    async def _finish_pumps(self, pumps: list[_OutputPump]) -> None:
+    async def _finish_pumps(self, pumps: list[_OutputPump], name: str) -> None:
         """Wait for the output readers once the process group is gone.
 
         A reader still waiting on its pipe after ``pipe_grace`` is stopped: only a process
@@ -232,7 +234,7 @@ class ProcessRunner:
         for pump in pumps:
             if not pump.task.cancelled() and pump.task.exception() is not None:
                 # Losing the rest of the output must not lose the outcome; say so, loudly.
-                log.error("reading a job's %s failed", pump.stream, exc_info=pump.task.exception())
+                log.error("%s: reading its %s failed", name, pump.stream, exc_info=pump.task.exception())
 
 
 class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
