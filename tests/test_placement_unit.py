@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from jobmesh.binder.allocation import confirm_gone, free_on, overbooked, plan, reserve, without
+from jobmesh.binder.allocation import free_on, overbooked, plan, reserve, without
 from jobmesh.contract.ids import attempt_key as reservation_key
 from jobmesh.contract.messages.v1 import (
     Allocation,
@@ -157,7 +157,7 @@ def test_retries_walk_past_the_first_candidates():
     assert len(seen) == 40  # every fitting node is reached over the retries
 
 
-# --- the binder's compare-and-set step and lost-node judgement ------------------------
+# --- the binder's compare-and-set step ------------------------------------------------
 def _ready_on_a(job_id: str, cpu: int) -> JobReady:
     return JobReady(
         job_id=job_id,
@@ -192,14 +192,3 @@ def test_without_removes_only_named_reservations():
     assert without(alloc, {"z:1"}) is None  # nothing to write
     kept = without(alloc, {"x:1"})
     assert kept is not None and set(kept.reservations) == {"y:1"}
-
-
-def test_a_node_is_gone_only_after_two_checks_in_a_row():
-    confirmed, suspects = confirm_gone(held={"a", "b"}, alive={"b"}, suspects=set())
-    assert confirmed == set() and suspects == {"a"}
-    confirmed, suspects = confirm_gone(held={"a", "b"}, alive={"b"}, suspects=suspects)
-    assert confirmed == {"a"} and suspects == set()
-    # A node that heartbeats again in between is no longer a suspect.
-    _, suspects = confirm_gone(held={"a"}, alive=set(), suspects=set())
-    confirmed, suspects = confirm_gone(held={"a"}, alive={"a"}, suspects=suspects)
-    assert confirmed == set() and suspects == set()

@@ -173,26 +173,6 @@ def without(alloc: Allocation, keys: set[str]) -> Allocation | None:
     )
 
 
-def confirm_gone(held: set[str], alive: set[str], suspects: set[str]) -> tuple[set[str], set[str]]:
-    """Which nodes holding reservations are gone, judged over two checks in a row.
-
-    A node counts as gone when it holds reservations but is not alive at two consecutive
-    checks: one check could see a node between its heartbeats' expiry and its next put.
-
-    Args:
-        held: nodes that hold at least one reservation.
-        alive: nodes whose heartbeat is fresh.
-        suspects: the nodes this returned as suspects at the previous check.
-
-    Returns:
-        ``(confirmed, suspects)``: the nodes gone at both checks, and those gone at this one
-        only (to pass in next time).
-    """
-    gone = held - alive
-    confirmed = gone & suspects
-    return confirmed, gone - confirmed
-
-
 def _better(a: Free, b: Free, strategy: str) -> bool:
     if strategy == "pack":
         return (a.cpu_milli, a.memory_mb) < (b.cpu_milli, b.memory_mb)

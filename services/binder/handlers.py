@@ -1,9 +1,12 @@
-"""Binder handlers: reserve on JobReady, release on terminal events.
+"""Binder handlers: reserve on JobReady, release on terminal events, forward cancels.
 
 Bind: plan the batch against the cached allocations, write each node's new reservations
 with one compare-and-set, retry jobs that lost a race on their next candidate, then
 publish JobBound on each node's dispatch subject (and JobUnplaceable for jobs that fit
-nowhere) and ack. Release: remove the attempt's reservation however the attempt ended.
+nowhere) and ack. Nothing is bound on a view that has not caught up since a reconnect.
+Release: remove the attempt's reservation however the attempt ended, and return only once
+the server's record is known not to hold it. Cancel: send AttemptCancel to the node that
+holds the attempt's reservation.
 """
 
 from __future__ import annotations
@@ -13,14 +16,17 @@ import logging
 import time
 from collections.abc import Callable
 
-from jobmesh.binder.allocation import Binding, confirm_gone, plan, reserve, without
+from jobmesh.binder.allocation import Binding, plan, reserve
 from jobmesh.binder.allocations import Allocations
+from jobmesh.binder.cancels import CancelledAttempts, Forward, GiveUp, Wait, cancel_step
+from jobmesh.binder.reconnects import Reconnects
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, event_id, parse_attempt_key, rebound_id, release_id
+from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
     Allocation,
+    AttemptCancel,
     JobBound,
-    JobLost,
+    JobCancelling,
     JobReady,
     JobUnplaceable,
     NodeInfo,
@@ -28,24 +34,36 @@ from jobmesh.contract.messages.v1 import (
     NodeView,
     Resources,
 )
-from jobmesh.errors import Conflict, JobmeshError
+from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.outcomes import ACK, Outcome, Retry
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 
 log = logging.getLogger("jobmesh.binder")
 
 MAX_ROUNDS = 4  # candidates tried per job per batch after lost races
+# How long a batch of JobReady waits for the views to catch up before it is handed back.
+FRESH_WAIT = 5.0
+CANCEL = "cancel"  # the event kind in an AttemptCancel's message id
+CANCELLED_REASON = "cancelled"  # JobUnplaceable.reason for an attempt cancelled before its binding
 
 
 class Binder:
-    """Reserves capacity for ready jobs and releases it when they end.
+    """Reserves capacity for ready jobs, releases it when they end, and forwards cancels.
 
     Args:
         allocations: the allocation records (CAS writes).
         nodes: the live node view.
         publisher: JetStream publisher.
         clock: returns the current unix time.
+        strategy: ``spread`` or ``pack``, within the best tier.
+        bind_timeout: seconds after a cancel was issued that an attempt with no reservation
+            is taken as never to be bound (``settings.bind_timeout_seconds``).
+        node_ttl: seconds without a heartbeat after which a node counts as gone.
+        monotonic: returns monotonic seconds (compared with the node view's ``fresh_since``).
+        reconnects: cuts short the waits on NATS that a reconnect made hopeless (the
+            service wires it to the runtime's reconnect hook).
     """
 
     def __init__(
@@ -55,49 +73,86 @@ class Binder:
         publisher: Publisher,
         clock: Callable[[], float] = time.time,
         strategy: str = "spread",
+        *,
+        bind_timeout: float = 30.0,
+        node_ttl: float = 10.0,
+        monotonic: Callable[[], float] = time.monotonic,
+        reconnects: Reconnects | None = None,
     ) -> None:
         self._strategy = strategy
         self._allocs = allocations
         self._nodes = nodes
         self._publisher = publisher
         self._clock = clock
+        self._bind_timeout = bind_timeout
+        self._node_ttl = node_ttl
+        self._monotonic = monotonic
+        self._guard = (reconnects or Reconnects()).guard
+        self.cancelled = CancelledAttempts()
 
     async def bind(self, batch: list[Envelope]) -> None:
-        """Handle a batch of JobReady."""
+        """Handle a batch of JobReady.
+
+        Args:
+            batch: the JobReady envelopes; the runtime acks them all when this returns.
+
+        Raises:
+            Unavailable: the views have not caught up since a reconnect (the batch comes
+                back later), or NATS does not answer.
+        """
+        await self._wait_for_views(len(batch))
         by_key: dict[str, Envelope] = {}
         for env in batch:
             job: JobReady = env.message
             key = attempt_key(job.job_id, job.attempt)
             if key not in by_key or by_key[key].message.release < job.release:
                 by_key[key] = env
+        if any(env.deliveries > 1 and self._allocs.holder(key) is None for key, env in by_key.items()):
+            # A redelivery may hold a reservation this cache has not seen yet (the replica
+            # that made it died before acking): look on the server before planning anew.
+            await self._guard(self._allocs.reload(), "reading the allocations")
         nodes = {n.node_id: n for n in self._nodes.alive()}
+        # Only a node view that has been caught up for a whole TTL can tell a gone node
+        # from one whose heartbeats it has not seen yet.
+        settled = self._monotonic() - self._nodes.fresh_since >= self._node_ttl
         skip: dict[str, set[str]] = {}
         bound: list[Binding] = []
         refused: list[tuple[JobReady, str]] = []
         remaining = []
         stale: list[tuple[str, str]] = []
         for key, env in by_key.items():
+            job = env.message
             # A redelivered JobReady whose attempt already holds a reservation (the JobBound
             # publish failed, or we crashed before acking) goes back to that node: planning
             # it afresh could reserve a second node and leak the first reservation. If that
             # node has gone (or drains) since, the reservation is dropped and the job placed anew.
             holder = self._allocs.holder(key)
-            if holder is not None and holder in nodes and not nodes[holder].draining:
-                alloc = self._allocs.records[holder][0]
-                bound.append(Binding(env.message, holder, alloc.reservations[key].scratch_dir, False))
+            if holder is not None and self._usable(nodes.get(holder), settled):
+                scratch = self._allocs.records[holder][0].reservations[key].scratch_dir
+                bound.append(Binding(job, holder, scratch, False))
+            elif holder is None and key in self.cancelled:
+                log.info("job %s attempt %d: cancelled before its binding; not bound", job.job_id, job.attempt)
+                refused.append((job, CANCELLED_REASON))
             else:
                 if holder is not None:
+                    log.info(
+                        "job %s attempt %d: its node %s is gone or draining; binding it elsewhere",
+                        job.job_id,
+                        job.attempt,
+                        holder,
+                    )
                     stale.append((holder, key))
-                remaining.append(env.message)
+                remaining.append(job)
         if stale:
-            await self._remove(stale)
+            await self._guard(self._remove(stale), "removing reservations on gone nodes")
         rebound = {key for _, key in stale}
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break
             p = plan(remaining, nodes, self._allocs.snapshot(), skip, self._strategy)
             refused.extend(p.refused)
-            results = await asyncio.gather(*(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items()))
+            reserving = asyncio.gather(*(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items()))
+            results = await self._guard(reserving, "reserving")
             remaining = []
             for node_id, (won, lost) in zip(p.assign, results, strict=True):
                 bound.extend(won)
@@ -106,6 +161,23 @@ class Binder:
                     remaining.append(job)
         refused.extend((job, "lost every reservation race this round") for job in remaining)
         await self._announce(by_key, bound, refused, rebound)
+
+    @staticmethod
+    def _usable(node: NodeInfo | None, settled: bool) -> bool:
+        """Whether an attempt's reservation on ``node`` stands: the node lives and takes
+        work, or the view is too young to call it gone."""
+        return (node is None and not settled) or (node is not None and not node.draining)
+
+    async def _wait_for_views(self, count: int) -> None:
+        """Return once both views have caught up since their last (re)start, or raise."""
+        deadline = self._monotonic() + FRESH_WAIT
+        if await self._allocs.wait_fresh(FRESH_WAIT):
+            # The node view offers no event to wait on; it catches up within milliseconds.
+            while not self._nodes.fresh and self._monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            if self._nodes.fresh:
+                return
+        raise Unavailable(f"the binder's views are catching up after a reconnect; {count} JobReady wait")
 
     async def _reserve(
         self, node_id: str, jobs: list[JobReady], nodes: dict[str, NodeInfo]
@@ -144,6 +216,7 @@ class Binder:
                 scratch_dir=scratch,
                 submitted_at=job.submitted_at,
                 bound_at=now,
+                checkpoint=job.checkpoint,
             )
             context = by_key[key].context
             if key in rebound:
@@ -170,35 +243,114 @@ class Binder:
                     context,
                 )
             )
-        acks = await self._publisher.publish(outgoing)
+        acks = await self._guard(self._publisher.publish(outgoing), "publishing bindings")
+        # Not guarded from here: a double must go even when NATS reconnects meanwhile.
         # A duplicate JobBound for a reservation we just made means an earlier delivery
         # was bound elsewhere (by a binder that died before acking): give ours back.
         doubles = [
-            (b.node_id, attempt_key(b.job.job_id, b.job.attempt))
+            b
             for b, ack in zip(bound, acks[: len(bound)], strict=True)
             if b.new and ack.duplicate and attempt_key(b.job.job_id, b.job.attempt) not in rebound
         ]
+        for b in doubles:
+            log.info(
+                "job %s attempt %d: bound already by an earlier delivery; giving back the reservation on %s",
+                b.job.job_id,
+                b.job.attempt,
+                b.node_id,
+            )
         if doubles:
-            await self._remove(doubles)
+            await self._remove([(b.node_id, attempt_key(b.job.job_id, b.job.attempt)) for b in doubles])
 
     async def release(self, batch: list[Envelope]) -> None:
-        """Handle a batch of terminal events: free each attempt's reservation."""
+        """Handle a batch of terminal events: free each attempt's reservation.
+
+        Returns only once the server's record of every node named holds none of the
+        attempts (so the batch is acked only then). An event that names no node (expired,
+        or cancelled before any binding) has nothing to free.
+
+        Args:
+            batch: the terminal events (``TerminalEvent``).
+
+        Raises:
+            Unavailable: NATS does not answer (the batch comes back later).
+            Conflict: a record kept changing under every compare-and-set.
+        """
         pairs = []
         for env in batch:
             node_id = getattr(env.message, "node_id", "")
             if node_id:
                 pairs.append((node_id, attempt_key(env.message.job_id, env.message.attempt)))
-        await self._remove(pairs)
+        await self._guard(self._remove(pairs), "releasing")
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
         by_node: dict[str, set[str]] = {}
         for node_id, key in pairs:
             by_node.setdefault(node_id, set()).add(key)
+        await asyncio.gather(*(self._allocs.remove(node, keys) for node, keys in by_node.items()))
 
-        def editor(keys: set[str]) -> Callable[[Allocation], tuple[Allocation | None, None]]:
-            return lambda alloc: (without(alloc, keys), None)
+    async def cancel(self, batch: list[Envelope]) -> list[Outcome]:
+        """Handle a batch of JobCancelling: forward each to the node holding its attempt.
 
-        await asyncio.gather(*(self._allocs.change(node, editor(keys)) for node, keys in by_node.items()))
+        The holder comes from the cache when it is caught up and shows one, else from the
+        server. An attempt no node holds yet is remembered as cancelled (a JobReady for it
+        is refused here) and looked at again shortly, until the bind timeout since the
+        cancel has passed.
+
+        Args:
+            batch: the JobCancelling envelopes.
+
+        Returns:
+            Per message: ack once forwarded (or given up), else retry after a short delay.
+
+        Raises:
+            Unavailable: NATS does not answer.
+        """
+        keys = [attempt_key(env.message.job_id, env.message.attempt) for env in batch]
+        if not self._allocs.fresh or any(self._allocs.holder(key) is None for key in keys):
+            await self._guard(self._allocs.reload(), "reading the allocations")
+        now = self._clock()
+        outgoing: list[Outgoing] = []
+        outcomes: list[Outcome] = []
+        for env, key in zip(batch, keys, strict=True):
+            cancelling: JobCancelling = env.message
+            step = cancel_step(self._allocs.holder(key), cancelling.at, now, self._bind_timeout, env.deliveries, key)
+            if isinstance(step, Forward):
+                message = AttemptCancel(
+                    job_id=cancelling.job_id,
+                    attempt=cancelling.attempt,
+                    partition=cancelling.partition,
+                    node_id=step.node_id,
+                    reason=cancelling.reason,
+                    at=now,
+                )
+                msg_id = event_id(cancelling.job_id, cancelling.attempt, CANCEL)
+                outgoing.append(Outgoing(subjects.node_cancel(step.node_id), message, msg_id, env.context))
+                outcomes.append(ACK)
+                log.info(
+                    "job %s attempt %d: cancel sent to node %s (%s)",
+                    cancelling.job_id,
+                    cancelling.attempt,
+                    step.node_id,
+                    cancelling.reason,
+                )
+            elif isinstance(step, Wait):
+                self.cancelled.add(key)
+                outcomes.append(Retry(step.delay, "no node holds the attempt yet"))
+                if env.deliveries == 1:
+                    log.info("job %s attempt %d: cancel waits for its binding", cancelling.job_id, cancelling.attempt)
+            else:
+                assert isinstance(step, GiveUp)
+                self.cancelled.add(key)
+                outcomes.append(ACK)
+                log.info(
+                    "job %s attempt %d: not bound within %.0fs of its cancel; it will not be bound",
+                    cancelling.job_id,
+                    cancelling.attempt,
+                    self._bind_timeout,
+                )
+        await self._guard(self._publisher.publish(outgoing), "publishing cancels")
+        return outcomes
 
     async def nodes(self, env: Envelope) -> NodesReply:
         """Every node with its capacity, allocation and last heartbeat."""
@@ -218,45 +370,3 @@ class Binder:
                 )
             views.append(NodeView(node=node, alive=alive, allocated=used, reservations=count))
         return NodesReply(nodes=views)
-
-    async def reap_lost_nodes(self, ttl: float) -> None:
-        """Declare lost the attempts held on nodes that stopped heartbeating (a background task).
-
-        A node whose heartbeat is older than the node TTL at two checks in a row (half a
-        TTL apart) is gone: each attempt it holds ends as JobLost. The scheduler then frees
-        the job's queue slot, key and group turn, the tracker records "lost", and this
-        binder's release consumer frees the reservation, so an attempt ends however it
-        ends. Every binder replica may publish the same JobLost; its id makes that one.
-        """
-        suspects: set[str] = set()
-        while True:
-            await asyncio.sleep(ttl / 2)
-            alive = {n.node_id for n in self._nodes.alive()}
-            held = {node for node, (alloc, _) in self._allocs.records.items() if alloc.reservations}
-            confirmed, suspects = confirm_gone(held, alive, suspects)
-            for node_id in confirmed:
-                try:
-                    await self._declare_lost(node_id)
-                except JobmeshError as exc:
-                    # NATS away: the node stays gone, so the next round declares it again.
-                    log.warning("could not declare the attempts of node %s lost: %s", node_id, exc)
-                    suspects.add(node_id)
-
-    async def _declare_lost(self, node_id: str) -> None:
-        alloc = self._allocs.records.get(node_id, (None, 0))[0]
-        if alloc is None or not alloc.reservations:
-            return
-        now = self._clock()
-        outgoing = []
-        for key, reservation in alloc.reservations.items():
-            job_id, attempt = parse_attempt_key(key)
-            lost = JobLost(job_id=job_id, attempt=attempt, partition=reservation.partition, node_id=node_id, at=now)
-            outgoing.append(
-                Outgoing(
-                    subjects.job_event(reservation.partition, subjects.LOST),
-                    lost,
-                    event_id(job_id, attempt, subjects.LOST),
-                )
-            )
-        log.warning("node %s stopped heartbeating; %d attempts on it are lost", node_id, len(outgoing))
-        await self._publisher.publish(outgoing)

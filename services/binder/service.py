@@ -1,36 +1,61 @@
 """The binder service: atomic reservations on executor nodes.
 
-Consumes JobReady (bind) and terminal events (release); writes the ``jm_alloc`` bucket
-with compare-and-set; publishes JobBound on the chosen node's dispatch subject.
+Consumes JobReady (bind), terminal events (release) and JobCancelling (forward to the
+attempt's node); writes the ``jm_alloc`` bucket with compare-and-set; publishes JobBound on
+the chosen node's dispatch subject and AttemptCancel on its cancel subject.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import nats.errors
+
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
+from jobmesh.binder.reconnects import Reconnects
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
-from jobmesh.contract.messages.v1 import JobReady, NodesRequest, TerminalEvent
+from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
+from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 
+log = logging.getLogger("jobmesh.binder")
+
 
 async def service_main(settings: Settings, tracing: Tracing) -> None:
-    """Connect, watch nodes and allocations, bind and release until told to stop."""
+    """Connect, watch nodes and allocations, bind, release and cancel until told to stop."""
     rt = Runtime(settings, tracing)
     await rt.connect()
     nodes = NodeWatcher(rt.js, settings.node_ttl_seconds)
-    rt.spawn(nodes.run(), "nodes-watch")
-    rt.spawn(nodes.expire_loop(), "nodes-expire")
     allocations = Allocations(rt.js)
     await allocations.open()
+    # After a reconnect both watches may lag far behind their buckets: start them afresh.
+    rt.on_reconnect(nodes.restart)
+    rt.on_reconnect(allocations.restart)
+    # And a batch waiting on a request the old connection sent is handed back at once.
+    reconnects = Reconnects()
+    rt.on_reconnect(reconnects.reconnected)
+    rt.spawn(_keep_watching(nodes.run, "node view"), "nodes-watch")
+    rt.spawn(nodes.expire_loop(), "nodes-expire")
     rt.spawn(allocations.watch(), "alloc-watch")
     await nodes.wait_ready()
     await allocations.wait_ready()
-    binder = Binder(allocations, nodes, rt.publisher, strategy=settings.placement)
-    rt.spawn(binder.reap_lost_nodes(settings.node_ttl_seconds), "lost-nodes")
+    binder = Binder(
+        allocations,
+        nodes,
+        rt.publisher,
+        strategy=settings.placement,
+        bind_timeout=settings.bind_timeout_seconds,
+        node_ttl=settings.node_ttl_seconds,
+        reconnects=reconnects,
+    )
     await rt.serve(
         consumers=[
             ConsumerSpec(
@@ -49,6 +74,31 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
                 handle=binder.release,
                 span_name="process jobmesh.v1.job.{partition}.{terminal}",
             ),
+            ConsumerSpec(
+                stream=subjects.STREAM_JOBS,
+                durable=subjects.durable("binder", "cancel"),
+                filter_subjects=tuple(subjects.job_events("*", (subjects.CANCELLING,))),
+                codec=Codec(JobCancelling, settings.max_message_bytes),
+                handle=binder.cancel,
+                span_name="process jobmesh.v1.job.{partition}.cancelling",
+            ),
         ],
         responders=[ResponderSpec(subjects.API_NODES, Codec(NodesRequest), binder.nodes, queue="binder")],
     )
+
+
+async def _keep_watching(run: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
+    """Run a view's watch again when starting it failed for a NATS reason.
+
+    Right after NATS comes back, JetStream may refuse to create the watch's consumer for a
+    moment; that must not stop the service. The view stays stale meanwhile.
+    """
+    failures = 0
+    while True:
+        try:
+            await run()
+        except (TimeoutError, nats.errors.Error) as exc:
+            failures += 1
+            delay = backoff(failures, base=0.2, cap=5.0)
+            log.warning("%s: the watch failed (%s: %s); again in %.1fs", what, type(exc).__name__, exc, delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,61 @@
+"""Waits on NATS that a reconnect makes hopeless are given up at once.
+
+A request or publish sent just before the connection dropped gets no answer after the
+reconnect when the server restarted: its PubAck or reply is gone with the old server. Left
+alone, the batch that waits for it holds its consumer for the whole request timeout
+(10 s), and the binder binds and releases nothing meanwhile. So a handler's waits on NATS
+are guarded: when the connection is re-established while one is in progress, it is
+cancelled and the batch is handed back (``Unavailable``), to be redelivered in moments.
+Every binder effect is idempotent on redelivery, so giving a batch back is always safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from jobmesh.errors import Unavailable
+
+T = TypeVar("T")
+
+
+class Reconnects:
+    """Counts reconnects and cuts short the waits that began before the latest one."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()  # set by the next reconnect, then replaced
+        self.count = 0
+
+    def reconnected(self) -> None:
+        """Call after every reconnect (a ``Runtime.on_reconnect`` hook)."""
+        self.count += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def guard(self, work: Awaitable[T], what: str) -> T:
+        """Await ``work`` unless NATS reconnects first.
+
+        Args:
+            work: the wait on NATS (a publish, a KV read or write).
+            what: what it does, for the error.
+
+        Returns:
+            ``work``'s result.
+
+        Raises:
+            Unavailable: NATS reconnected before ``work`` finished (it was cancelled).
+        """
+        changed = self._changed
+        task = asyncio.ensure_future(work)
+        waiter = asyncio.ensure_future(changed.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(task, waiter, return_exceptions=True)
+        if task.cancelled():
+            raise Unavailable(f"NATS reconnected while {what}; the batch is handed back to try again")
+        return task.result()
