@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from jobmesh.binder.cancels import RETRY_CAP, CancelledAttempts, Forward, GiveUp, Wait, cancel_step
-from jobmesh.binder.reconnects import Reconnects
+from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.errors import Unavailable
 
 

@@ -19,7 +19,6 @@ from collections.abc import Callable
 from jobmesh.binder.allocation import Binding, plan, reserve
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.cancels import CancelledAttempts, Forward, GiveUp, Wait, cancel_step
-from jobmesh.binder.reconnects import Reconnects
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
@@ -38,6 +37,7 @@ from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.outcomes import ACK, Outcome, Retry
 from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.runtime.service import Envelope
 
 log = logging.getLogger("jobmesh.binder")
@@ -171,12 +171,10 @@ class Binder:
     async def _wait_for_views(self, count: int) -> None:
         """Return once both views have caught up since their last (re)start, or raise."""
         deadline = self._monotonic() + FRESH_WAIT
-        if await self._allocs.wait_fresh(FRESH_WAIT):
-            # The node view offers no event to wait on; it catches up within milliseconds.
-            while not self._nodes.fresh and self._monotonic() < deadline:  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-            if self._nodes.fresh:
-                return
+        if await self._allocs.wait_fresh(FRESH_WAIT) and await self._nodes.wait_fresh(
+            max(0.0, deadline - self._monotonic())
+        ):
+            return
         raise Unavailable(f"the binder's views are catching up after a reconnect; {count} JobReady wait")
 
     async def _reserve(

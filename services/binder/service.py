@@ -7,20 +7,13 @@ the chosen node's dispatch subject and AttemptCancel on its cancel subject.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import Callable, Coroutine
-from typing import Any
-
-import nats.errors
 
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
-from jobmesh.binder.reconnects import Reconnects
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
-from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
@@ -39,10 +32,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     # After a reconnect both watches may lag far behind their buckets: start them afresh.
     rt.on_reconnect(nodes.restart)
     rt.on_reconnect(allocations.restart)
-    # And a batch waiting on a request the old connection sent is handed back at once.
-    reconnects = Reconnects()
-    rt.on_reconnect(reconnects.reconnected)
-    rt.spawn(_keep_watching(nodes.run, "node view"), "nodes-watch")
+    rt.spawn(nodes.run(), "nodes-watch")
     rt.spawn(nodes.expire_loop(), "nodes-expire")
     rt.spawn(allocations.watch(), "alloc-watch")
     await nodes.wait_ready()
@@ -54,7 +44,8 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         strategy=settings.placement,
         bind_timeout=settings.bind_timeout_seconds,
         node_ttl=settings.node_ttl_seconds,
-        reconnects=reconnects,
+        # A batch waiting on a KV request the old connection sent is handed back at once.
+        reconnects=rt.reconnects,
     )
     await rt.serve(
         consumers=[
@@ -85,20 +76,3 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         ],
         responders=[ResponderSpec(subjects.API_NODES, Codec(NodesRequest), binder.nodes, queue="binder")],
     )
-
-
-async def _keep_watching(run: Callable[[], Coroutine[Any, Any, None]], what: str) -> None:
-    """Run a view's watch again when starting it failed for a NATS reason.
-
-    Right after NATS comes back, JetStream may refuse to create the watch's consumer for a
-    moment; that must not stop the service. The view stays stale meanwhile.
-    """
-    failures = 0
-    while True:
-        try:
-            await run()
-        except (TimeoutError, nats.errors.Error) as exc:
-            failures += 1
-            delay = backoff(failures, base=0.2, cap=5.0)
-            log.warning("%s: the watch failed (%s: %s); again in %.1fs", what, type(exc).__name__, exc, delay)
-            await asyncio.sleep(delay)

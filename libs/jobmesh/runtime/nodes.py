@@ -14,10 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.js import JetStreamContext
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import NodeInfo
+from jobmesh.runtime.backoff import backoff
 
 log = logging.getLogger("jobmesh.runtime.nodes")
 
@@ -65,20 +67,48 @@ class NodeWatcher:
         self._seen_version = 0
         self.fresh = False  # the current watch has delivered every record the bucket held
         self.fresh_since = 0.0  # monotonic time it became so (0 while not fresh)
+        self._fresh_event = asyncio.Event()
+        self._generation = 0  # counts restarts: an older watch says nothing about freshness
 
     def restart(self) -> None:
         """Start the watch afresh (after a reconnect); the view is stale until it caught up."""
+        self._generation += 1
         self.fresh = False
         self.fresh_since = 0.0
+        self._fresh_event.clear()
         self._restart.set()
 
+    async def wait_fresh(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the view to have caught up; say whether it has."""
+        if self.fresh:
+            return True
+        try:
+            await asyncio.wait_for(self._fresh_event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self.fresh
+
     async def run(self) -> None:
-        """Watch forever (run as a background task), restarting when asked to."""
-        kv = await self._js.key_value(subjects.KV_NODES)
+        """Watch forever (run as a background task), restarting when asked to.
+
+        Right after NATS comes back, JetStream may refuse to create the watch for a moment:
+        the view stays stale and the watch is tried again, with backoff, instead of the
+        service stopping.
+        """
+        failures = 0
         while True:
             self._restart.clear()
-            watcher = await kv.watchall()
-            follow = asyncio.ensure_future(self._follow(watcher))
+            try:
+                kv = await self._js.key_value(subjects.KV_NODES)
+                watcher = await kv.watchall()
+            except (TimeoutError, nats.errors.Error) as exc:
+                failures += 1
+                delay = backoff(failures, base=0.2, cap=5.0)
+                log.warning("node view: the watch failed (%s: %s); again in %.1fs", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            follow = asyncio.ensure_future(self._follow(watcher, self._generation))
             restart = asyncio.ensure_future(self._restart.wait())
             try:
                 await asyncio.wait({follow, restart}, return_when=asyncio.FIRST_COMPLETED)
@@ -96,14 +126,17 @@ class NodeWatcher:
                 raise failure
             log.info("node view: watching jm_nodes afresh")
 
-    async def _follow(self, watcher: Any) -> None:
+    async def _follow(self, watcher: Any, generation: int) -> None:
         snapshot: dict[str, NodeInfo] | None = {}  # the initial values, until they are all in
         async for entry in watcher:
+            if generation != self._generation:
+                return  # a restart was asked for: this watch's view is not the current one
             if entry is None:  # initial values delivered
                 if snapshot is not None:
                     self._nodes, snapshot = snapshot, None
                 self.fresh = True
                 self.fresh_since = self._monotonic()
+                self._fresh_event.set()
                 self._ready.set()
                 self.version += 1
                 self._recheck()

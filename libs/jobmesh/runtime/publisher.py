@@ -13,6 +13,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from jobmesh.contract.codec import encode
 from jobmesh.errors import Overloaded, Unavailable
+from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.runtime.tracing import Context, Tracing
 
 PUBLISH_TIMEOUT = 10.0
@@ -43,12 +44,21 @@ class Publisher:
         tracing: writes each message's trace context into its headers; carry-only when
             omitted (tools and tests).
         timeout: seconds to wait for all acks before raising ``Unavailable``.
+        reconnects: when given, a reconnect while acks are awaited raises ``Unavailable``
+            at once (the service runtime passes its own).
     """
 
-    def __init__(self, js: JetStreamContext, tracing: Tracing | None = None, timeout: float = PUBLISH_TIMEOUT) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        tracing: Tracing | None = None,
+        timeout: float = PUBLISH_TIMEOUT,
+        reconnects: Reconnects | None = None,
+    ) -> None:
         self._js = js
         self._inject = (tracing or Tracing.off()).inject
         self._timeout = timeout
+        self._reconnects = reconnects
 
     async def publish(self, items: Iterable[Outgoing]) -> list[Any]:
         """Publish ``items`` concurrently; return their PubAcks in order.
@@ -68,7 +78,15 @@ class Publisher:
         if not futures:
             return []
         try:
-            return await asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+            acks = asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+            if self._reconnects is None:
+                return await acks
+            # PubAcks the old server owed die with it: after a reconnect, give up at once
+            # (the caller retries; ids make the re-publish a no-op) rather than after the timeout.
+            return await self._reconnects.guard(acks, f"waiting for {len(futures)} PubAcks")
+        except Unavailable:
+            _cancel(futures)
+            raise
         except TimeoutError as exc:
             for future in futures:
                 future.cancel()

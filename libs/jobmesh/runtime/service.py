@@ -31,6 +31,7 @@ from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
+from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Context, Tracing
 
@@ -129,6 +130,8 @@ class Runtime:
         self._tasks: list[asyncio.Task[None]] = []
         self._health_checks: list[Callable[[], str | None]] = []
         self._reconnect_hooks: list[Callable[[], None]] = []
+        # Waits on NATS begun before a reconnect are hopeless after it: this cuts them short.
+        self.reconnects = Reconnects()
 
     @property
     def nc(self) -> NATS:
@@ -167,7 +170,7 @@ class Runtime:
         except Exception as exc:
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         js = nc.jetstream(timeout=10, publish_async_max_pending=20_000)
-        self._connection = (nc, js, Publisher(js, self.tracing))
+        self._connection = (nc, js, Publisher(js, self.tracing, reconnects=self.reconnects))
         await provision(
             js,
             node_ttl=self.settings.node_ttl_seconds,
@@ -501,6 +504,7 @@ class Runtime:
 
     async def _on_reconnect(self) -> None:
         log.info("%s: reconnected to NATS", self.service)
+        self.reconnects.reconnected()
         for hook in self._reconnect_hooks:
             hook()
 

@@ -6,7 +6,10 @@ alone, the batch that waits for it holds its consumer for the whole request time
 (10 s), and the binder binds and releases nothing meanwhile. So a handler's waits on NATS
 are guarded: when the connection is re-established while one is in progress, it is
 cancelled and the batch is handed back (``Unavailable``), to be redelivered in moments.
-Every binder effect is idempotent on redelivery, so giving a batch back is always safe.
+Every consumer's effects are idempotent on redelivery (message ids, upserts, compare-and-
+set), so giving a batch back is always safe. The runtime owns one instance: its
+publisher guards every wait for PubAcks with it, and services guard their own waits
+(the binder's KV reads and writes) with ``Runtime.reconnects``.
 """
 
 from __future__ import annotations
