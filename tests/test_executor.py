@@ -114,15 +114,21 @@ class Harness:
         disk_mb: int = 0,
         attempt: int = 1,
         checkpoint: str = "",
+        total_timeout: float = 0.0,
+        submitted_at: float | None = None,
     ) -> JobBound:
         bound = JobBound(
             job_id=job_id or f"j-{uuid.uuid4().hex[:12]}",
             attempt=attempt,
             partition=0,
             node_id=node_id,
-            spec=JobSpec(runtime=runtime, timeouts=Timeouts(run=run_timeout), resources=Resources(disk_mb=disk_mb)),
+            spec=JobSpec(
+                runtime=runtime,
+                timeouts=Timeouts(run=run_timeout, total=total_timeout),
+                resources=Resources(disk_mb=disk_mb),
+            ),
             scratch_dir="",
-            submitted_at=time.time(),
+            submitted_at=time.time() if submitted_at is None else submitted_at,
             bound_at=time.time(),
             checkpoint=checkpoint,
         )
@@ -268,6 +274,18 @@ async def test_run_timeout_kills_the_process_group(harness, executor):
             return True
 
     await eventually(gone, timeout=10, what=f"process {pid} to be gone")
+
+
+async def test_an_attempt_gets_only_what_is_left_of_the_total_timeout(harness, executor):
+    # Submitted 9 s ago with a total of 10 s: this attempt may run one second more.
+    bound = await harness.dispatch(
+        ProcessRuntime(argv=["sleep", "30"]), total_timeout=10.0, submitted_at=time.time() - 9.0
+    )
+    started = time.monotonic()
+    done = await harness.terminal(bound.job_id)
+    assert isinstance(done, JobFailed) and done.error.code == "timeout"
+    assert "total timeout of 10s" in done.error.message
+    assert time.monotonic() - started < 8.0  # not the run timeout of 60 s
 
 
 async def test_scratch_directory_over_its_disk_quota_fails_the_attempt(harness, executor):

@@ -39,6 +39,7 @@ from jobmesh.executor.outcomes import (
     NODE_DRAINED,
     RESULT_TOO_LARGE,
     SUPERSEDED,
+    TIMEOUT,
     WORKDIR_FAILED,
     Outcome,
     failed_outcome,
@@ -226,6 +227,19 @@ class Attempt:
         timeout = self.bound.spec.timeouts.run
         quota_mb = self.bound.spec.resources.disk_mb
         watchdog = asyncio.ensure_future(watch_quota(workdir, quota_mb, self._abort)) if quota_mb else None
+        total = self.bound.spec.timeouts.total
+        # The total timeout counts from the submission, across attempts: this attempt gets
+        # what is left of it, and is stopped with its own reason when that runs out.
+        stop_at_total = (
+            asyncio.get_running_loop().call_later(
+                max(0.0, self.bound.submitted_at + total - self._clock()),
+                self._abort.set,
+                TIMEOUT,
+                f"the job ran past its total timeout of {total:g}s (across all attempts)",
+            )
+            if total
+            else None
+        )
         try:
             outcome = await self._runner.run(
                 runtime,
@@ -241,6 +255,8 @@ class Attempt:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+            if stop_at_total is not None:
+                stop_at_total.cancel()
         if not quota_mb:
             return outcome
         # The watchdog looks only once a second: a job that wrote past its quota and exited
