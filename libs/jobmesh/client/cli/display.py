@@ -87,8 +87,9 @@ class BarDisplay:
             # a fresh task, since rich cannot make a task's total unknown again.
             self.attempt = seen.attempt
             self.bar.remove_task(self.task)
-            self.task = self.bar.add_task("", total=None, message="")
-        self.bar.update(self.task, description=render.bar_description(seen))
+            self.task = self.bar.add_task(render.bar_description(seen), total=None, message="")
+        else:
+            self.bar.update(self.task, description=render.bar_description(seen))
         if seen.final and seen.state == "succeeded":
             self.bar.update(self.task, total=1, completed=1)
 
