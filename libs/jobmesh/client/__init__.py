@@ -6,3 +6,7 @@ held) lives here in ``jobstate``, not in the print code.
 
 Layer rule: imports only the contract and the error tree (checked by import-linter).
 """
+
+from jobmesh.client.client import Client
+
+__all__ = ["Client"]

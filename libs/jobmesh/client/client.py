@@ -27,7 +27,7 @@ from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.contract import subjects
-from jobmesh.contract.codec import encode
+from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
     CancelReply,
     CancelRequest,
@@ -402,6 +402,9 @@ class Client:
         kind = config_kind(key)
         if kind is None or not isinstance(value, kind):
             raise UsageError(f"key {key!r} cannot hold a {type(value).__name__}", field="key")
+        # A struct built in Python is not checked against its constraints (a negative rate,
+        # say); the schedulers would ignore it with a warning. Check it as the wire would.
+        Codec(kind).decode(encode(value))
         kv = await self._config_bucket()
         try:
             await kv.put(key, encode(value))

@@ -20,10 +20,11 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from jobmesh.contract import subjects
+from jobmesh.contract.ids import replay_id
 from jobmesh.contract.messages.v1 import DeadLetter
 from jobmesh.errors import InvalidMessage, NotFound, Overloaded, Unavailable, UsageError
 
-__all__ = ["DeadLetterEntry", "DeadLetterPage", "Replayed", "read_dead_letters", "replay_dead_letter", "replay_id"]
+__all__ = ["DeadLetterEntry", "DeadLetterPage", "Replayed", "read_dead_letters", "replay_dead_letter"]
 
 # How long to wait for the next record while reading the stream (they are all stored).
 _READ_TIMEOUT = 5.0
@@ -67,15 +68,6 @@ class Replayed(msgspec.Struct, frozen=True, kw_only=True):
     stream: str
     stream_seq: int
     duplicate: bool
-
-
-def replay_id(seq: int) -> str:
-    """Nats-Msg-Id of the replay of dead letter ``seq``.
-
-    Belongs with the other builders in ``jobmesh.contract.ids`` (asked for there); kept
-    here, the one place that publishes it, until it moves.
-    """
-    return f"replay:{seq}"
 
 
 async def read_dead_letters(nc: NATS, service: str = "", limit: int = 50, timeout: float = 10.0) -> DeadLetterPage:

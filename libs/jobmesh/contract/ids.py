@@ -77,6 +77,12 @@ def log_id(job_id: str, attempt: int, line: int) -> str:
     return f"{job_id}:{attempt}:log:{line}"
 
 
+def replay_id(deadletter_seq: int) -> str:
+    """Nats-Msg-Id of the replay of dead letter ``deadletter_seq``: a second replay within
+    the duplicate window is a no-op."""
+    return f"replay:{deadletter_seq}"
+
+
 def deadletter_id(service: str, subject: str, stream_seq: int, at_ns: int) -> str:
     """Nats-Msg-Id of a dead letter: one per refused stream message; a refused request
     (no stream sequence) gets the time it was refused."""

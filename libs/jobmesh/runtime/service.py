@@ -9,6 +9,7 @@ and drains gracefully on SIGTERM. Services supply handlers; they never ack thems
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import signal
 import time
@@ -36,6 +37,10 @@ from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Context, Tracing
 
 log = logging.getLogger("jobmesh.runtime.service")
+
+# Payloads up to this size are kept whole in their dead letter (base64 grows them by a
+# third; the stream takes messages up to 1 MiB).
+DEAD_LETTER_PAYLOAD_MAX = 512 * 1024
 
 
 @dataclass(slots=True)
@@ -401,6 +406,9 @@ class Runtime:
             reason=outcome.reason[:2000],
             size=len(payload),
             payload_head=payload[:512].decode("utf-8", "replace"),
+            # The whole payload, for a replay; left out when its base64 would not fit in a
+            # message (a refused record must never be one that cannot be written).
+            payload_b64=base64.b64encode(payload).decode() if len(payload) <= DEAD_LETTER_PAYLOAD_MAX else "",
             stream_seq=stream_seq,
             deliveries=deliveries,
             at=time.time(),
