@@ -181,6 +181,28 @@ async def test_fair_share_between_a_flooding_tenant_and_a_small_one(sched_cluste
 async def test_bad_specs_are_rejected_naming_the_field_and_nothing_is_created(sched_cluster, nats_server, client):
     cases = [
         ({"spec": {"runtime": {"kind": "noop"}, "priority": -1}}, "jobs[0].spec.priority"),
+        # Retry policies: negative and absurd values, an unknown code, an invalid fallback.
+        ({"spec": {"runtime": {"kind": "noop"}, "retry": {"max_attempts": -1}}}, "jobs[0].spec.retry.max_attempts"),
+        ({"spec": {"runtime": {"kind": "noop"}, "retry": {"max_attempts": 5000}}}, "jobs[0].spec.retry.max_attempts"),
+        ({"spec": {"runtime": {"kind": "noop"}, "retry": {"backoff": -2}}}, "jobs[0].spec.retry.backoff"),
+        (
+            {"spec": {"runtime": {"kind": "noop"}, "retry": {"max_attempts": 3, "retry_on": ["exit_code", "typo"]}}},
+            "jobs[0].spec.retry.retry_on[1]",
+        ),
+        (
+            {
+                "spec": {
+                    "runtime": {"kind": "noop"},
+                    "retry": {"fallback": {"runtime": {"kind": "process", "argv": [" "]}}},
+                }
+            },
+            "jobs[0].spec.retry.fallback.runtime.argv[0]",
+        ),
+        (
+            {"spec": {"runtime": {"kind": "noop"}, "retry": {"fallback": {"runtime": {"kind": "noop"}, "retry": {}}}}},
+            "jobs[0].spec.retry.fallback.retry",
+        ),
+        ({"spec": {"runtime": {"kind": "noop"}, "timeouts": {"heartbeat": 0}}}, "jobs[0].spec.timeouts.heartbeat"),
         ({"spec": {"runtime": {"kind": "noop"}, "queue_options": {"rate": 5}}}, "jobs[0].spec.queue_options"),
         (
             {"spec": {"runtime": {"kind": "noop"}, "resources": {"cpu_milli": 10**12}}},

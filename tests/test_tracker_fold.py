@@ -612,3 +612,16 @@ def test_updates_announce_a_give_up_and_a_cancel_under_way() -> None:
     batch = fold([cancelled()])
     [update] = updates(batch, store.write(batch))
     assert (update.state, update.reason, update.final) == ("cancelled", "not needed", True)
+
+
+def test_a_wait_the_scheduler_reports_shows_until_the_release_in_any_order() -> None:
+    from jobmesh.contract.messages.v1 import JobWaiting
+
+    waiting = JobWaiting(job_id="j1", attempt=1, partition=0, reason="concurrency key db at its limit of 1", at=0.5)
+    held = only_job(fold([submitted(), waiting]))
+    assert (held.current.state, held.current.reason) == ("waiting", "concurrency key db at its limit of 1")
+    for events in ([submitted(), waiting, ready()], [ready(), waiting, submitted()]):
+        job = only_job(fold(events))
+        assert job.current.state == "ready"
+    folded = fold([submitted(), waiting, ready()])
+    assert [e.kind for e in folded.events if e.kind == "waiting"] == ["waiting"]

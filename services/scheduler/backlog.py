@@ -95,6 +95,8 @@ class Job:
     errors: tuple[AttemptError, ...] = ()  # how each earlier attempt ended
     checkpoint: str = ""  # the last checkpoint an attempt reported; the next one starts from it
     cancelling: str = ""  # the reason, once a cancel arrived while the attempt was out
+    told: str = ""  # the wait reason last published for this attempt (JobWaiting)
+    waits: int = 0  # JobWaiting published for this attempt
 
     @classmethod
     def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
@@ -253,6 +255,7 @@ class Backlog:
         self._rr: list[str] = []  # queue names in round-robin order
         self._rr_next = 0
         self._sigs: dict[tuple, tuple] = {}  # one shared tuple per distinct signature
+        self.held: list[Job] = []  # jobs put in a wait place since the last take_held()
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -291,6 +294,7 @@ class Backlog:
             group = q.groups.setdefault(job.group, _Group())
             bisect.insort(group.waiting, (job.seq, job.job_id))
             job.where = GROUP
+            self.held.append(job)
             self._advance_group(q, job.group, now)
         else:
             self._enter(job, now)
@@ -311,6 +315,7 @@ class Backlog:
         """Put a job that is no longer behind its group where it belongs now."""
         if job.not_before > now:
             job.where = TIMER
+            self.held.append(job)
             job.reason = DELAYED
             heapq.heappush(self._timers, (job.not_before, job.seq, job.job_id))
             return
@@ -400,6 +405,7 @@ class Backlog:
                 if key and q.keys_out.get(key, 0) >= job.limit:
                     self._pop_ready(q, fifo)
                     job.where = KEY
+                    self.held.append(job)
                     job.reason = f"concurrency key {key} at its limit of {job.limit}"
                     heapq.heappush(q.key_wait.setdefault(key, []), (-job.priority, job.seq, job.job_id))
                     continue
@@ -407,6 +413,7 @@ class Backlog:
                 if not candidates:
                     self._pop_ready(q, fifo)
                     job.where = PARKED
+                    self.held.append(job)
                     job.reason = reason
                     self._parked[job.job_id] = job
                     if key:
@@ -552,6 +559,7 @@ class Backlog:
         q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
         job.attempt = next_attempt
         job.releases = 0
+        job.told, job.waits = "", 0
         job.not_before = not_before
         job.avoid, job.avoid_zones = avoid, avoid_zones
         job.errors = (*job.errors, error)
@@ -643,6 +651,12 @@ class Backlog:
                     g.waiting.pop(index)
             self._advance_group(q, group, now)
         job.where = GONE
+
+    def take_held(self) -> list[Job]:
+        """The jobs put in a wait place (timer, group, key, parked) since the last call,
+        still there now: the scheduler tells the tracker why each waits."""
+        held, self.held = self.held, []
+        return [job for job in held if job.where in (TIMER, GROUP, KEY, PARKED)]
 
     # --- visibility ------------------------------------------------------------------
     def explain(self, job_id: str, now: float) -> str:

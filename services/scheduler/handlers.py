@@ -40,6 +40,7 @@ from jobmesh.contract.messages.v1 import (
     JobSubmitted,
     JobSucceeded,
     JobUnplaceable,
+    JobWaiting,
     NodeInfo,
     TerminalEvent,
 )
@@ -51,7 +52,7 @@ from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing
 from jobmesh.scheduler import lifecycle, retries, store
 from jobmesh.scheduler.attemptleases import AttemptLeases
-from jobmesh.scheduler.backlog import RELEASED, Backlog, Expire, Job, Release
+from jobmesh.scheduler.backlog import RELEASED, TIMER, Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
 
 if TYPE_CHECKING:
@@ -438,7 +439,7 @@ class PartitionScheduler:
                     rnd = Round(now)
                     self._check_leases(rnd)
                     decisions = self._plan(now)
-                    if decisions or rnd.out or rnd.changes:  # an idle round costs no transaction
+                    if decisions or rnd.out or rnd.changes or self.backlog.held:  # idle: no transaction
                         async with self._pool.acquire() as conn, conn.transaction():
                             await self._publish_and_record(conn, decisions, rnd)
                 if len(decisions) >= PLAN_LIMIT:
@@ -468,13 +469,40 @@ class PartitionScheduler:
         """Publish the decisions and the round's messages and write their state changes side
         by side, inside the open transaction; the commit that follows happens only if both
         succeeded."""
-        outgoing = rnd.out + self._messages(decisions, rnd.now, rnd.changes)
+        outgoing = rnd.out + self._messages(decisions, rnd.now, rnd.changes) + self._waits(rnd.now)
         results = await asyncio.gather(
             self._publisher.publish(outgoing), store.apply(conn, rnd.changes), return_exceptions=True
         )
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _waits(self, now: float) -> list[Outgoing]:
+        """JobWaiting for each job newly held back, when its reason is new for the attempt.
+
+        Costs nothing for jobs that are never held (the no-op fast path). A retry's backoff
+        is left out: its JobRetrying already says when the next attempt comes.
+        """
+        out: list[Outgoing] = []
+        for job in self.backlog.take_held():
+            if job.reason == job.told or (job.where == TIMER and job.errors):
+                continue
+            job.told = job.reason
+            job.waits += 1
+            reason = self.backlog.explain(job.job_id, now) or job.reason
+            message = JobWaiting(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                partition=self.partition,
+                reason=reason,
+                at=now,
+                release=job.releases,
+                wait=job.waits,
+            )
+            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+            msg_id = release_id(job.job_id, job.attempt, subjects.WAITING, job.waits)
+            out.append(Outgoing(subjects.job_event(self.partition, subjects.WAITING), message, msg_id, context))
+        return out
 
     def _plan(self, now: float) -> list[Release | Expire]:
         return self.backlog.plan(now, self._placements.current().place_job, limit=PLAN_LIMIT)

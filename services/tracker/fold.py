@@ -71,6 +71,7 @@ from jobmesh.contract.messages.v1 import (
     JobSucceeded,
     JobUnplaceable,
     JobUpdate,
+    JobWaiting,
     LifecycleEvent,
 )
 
@@ -312,7 +313,9 @@ def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
     kind, n, at = _KINDS[type(event)], getattr(event, "attempt", 0), job.updated_at
     eid = event_id(job.job_id, n, kind)
     release = getattr(event, "release", 1)
-    if release > 1:
+    if isinstance(event, JobWaiting):
+        eid = release_id(job.job_id, n, kind, event.wait)  # each wait of an attempt is its own row
+    elif release > 1:
         # A re-release is history of its own, not a duplicate of the first release.
         eid = release_id(job.job_id, n, kind, release)
     return job, EventRow(eid, job.job_id, n, kind, at, _clean(detail)[:_DETAIL_MAX])
@@ -322,6 +325,7 @@ _KINDS = {
     JobSubmitted: subjects.SUBMITTED,
     JobReady: subjects.READY,
     JobUnplaceable: subjects.UNPLACEABLE,
+    JobWaiting: subjects.WAITING,
     JobBound: subjects.BOUND,
     JobStarted: subjects.STARTED,
     JobSucceeded: subjects.SUCCEEDED,
@@ -350,6 +354,19 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 attempt=event.attempt, state="ready", rank=2, seq=2 * event.release, state_at=event.ready_at
             )
             return _job(event.job_id, p, state, spec, event.submitted_at), "candidates: " + ", ".join(event.candidates)
+        case JobWaiting():
+            # Held by the scheduler: one class with waiting-for-room, ordered among the
+            # attempt's releases by the releases it had so far.
+            reason = _clean(event.reason)
+            state = AttemptState(
+                attempt=event.attempt,
+                state="waiting",
+                rank=1,
+                seq=2 * event.release + 1,
+                state_at=event.at,
+                reason=reason,
+            )
+            return _job(event.job_id, p, state), reason
         case JobUnplaceable():
             reason = _clean(event.reason)
             state = AttemptState(

@@ -275,7 +275,7 @@ _GET_EVENTS = """
 SELECT kind, attempt, at, detail FROM events
 WHERE event_id >= $1 || ':' AND event_id < $1 || ';'
 ORDER BY at, attempt,
-    array_position(ARRAY['submitted', 'ready', 'unplaceable', 'bound', 'started', 'cancelling',
+    array_position(ARRAY['submitted', 'waiting', 'ready', 'unplaceable', 'bound', 'started', 'cancelling',
                          'succeeded', 'failed', 'expired', 'lost', 'retrying', 'gave_up', 'cancelled'], kind)
 """
 

@@ -47,6 +47,7 @@ PARAMETER_PATTERN = re.compile(r"\{([a-z_]+)\}")
 JOB_KINDS = (
     subjects.SUBMITTED,
     subjects.READY,
+    subjects.WAITING,
     subjects.UNPLACEABLE,
     subjects.BOUND,
     subjects.STARTED,
@@ -146,6 +147,16 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         ("binder",),
         "The scheduler released an attempt, with candidate nodes ranked best first.",
+    ),
+    Channel(
+        "jobWaiting",
+        _job(subjects.WAITING),
+        (v1.JobWaiting,),
+        subjects.STREAM_JOBS,
+        ("scheduler",),
+        (),
+        "The scheduler holds a job back (start time, sequential group, concurrency key, no fitting "
+        "node) and says why; published once per reason, so history shows every wait.",
     ),
     Channel(
         "jobUnplaceable",

@@ -45,6 +45,7 @@ __all__ = [
     "JobRuntime",
     "JobSpec",
     "JobSpecBase",
+    "JobWaiting",
     "JobStarted",
     "JobSubmitted",
     "JobSucceeded",
@@ -271,6 +272,17 @@ class JobUnplaceable(AttemptEvent, frozen=True, kw_only=True, tag="job.unplaceab
     release: Annotated[int, Meta(ge=1)] = 1  # the JobReady.release this answers
 
 
+class JobWaiting(AttemptEvent, frozen=True, kw_only=True, tag="job.waiting"):
+    """The scheduler holds the attempt back, and says why: its start time, its sequential
+    group, its concurrency key, or no node that fits. Published when the reason first
+    applies (not again while it stays the same), so history shows every wait."""
+
+    reason: str
+    at: float
+    release: NonNegInt = 0  # releases of this attempt so far (orders it among them)
+    wait: Annotated[int, Meta(ge=1)] = 1  # counts this attempt's waits (numbers their ids)
+
+
 class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
     """Resources are reserved on ``node_id``; sent on that node's dispatch subject."""
 
@@ -414,6 +426,7 @@ class LogLine(Struct, frozen=True, kw_only=True, tag="job.log"):
 LifecycleEvent = (
     JobSubmitted
     | JobReady
+    | JobWaiting
     | JobUnplaceable
     | JobBound
     | JobStarted
