@@ -393,7 +393,9 @@ class PartitionScheduler:
             else:
                 self.backlog.cancel_held(job.job_id, now)
                 self.leases.forget(job.job_id)
-                attempt = job.attempt if (job.releases or job.attempt > 1) else 0
+                # The job's own attempt number, released or not: the tracker may already
+                # show that attempt (waiting), and an ending at another one would be fenced.
+                attempt = job.attempt
                 rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context))
                 rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
                 state, message = "cancelled", "it had not started; it ended now"
@@ -534,8 +536,8 @@ class PartitionScheduler:
                 changes.add(job.job_id, "released", releases=job.releases)
                 self.leases.track(job.job_id, job.attempt, job.heartbeat, mono)
             elif isinstance(d, Expire):
-                # Attempt 0: the job expired before any attempt was released.
-                attempt = job.attempt if job.releases else 0
+                # The attempt that never started (the tracker may show it waiting).
+                attempt = job.attempt
                 message = JobExpired(
                     job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now
                 )

@@ -331,7 +331,7 @@ class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
 class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
     """The job was not started before its queue timeout."""
 
-    attempt: NonNegInt  # 0 when the job expired before any attempt was released
+    attempt: NonNegInt  # the attempt that never started (0 from schedulers before v1.1)
     reason: str
     at: float
 
@@ -393,7 +393,7 @@ class JobCancelling(AttemptEvent, frozen=True, kw_only=True, tag="job.cancelling
 
 class JobCancelled(JobEvent, frozen=True, kw_only=True, tag="job.cancelled"):
     """The job ended cancelled; it never runs again. ``attempt`` is the attempt that was
-    stopped or never started (0: none was ever released)."""
+    stopped, or the one that never started."""
 
     attempt: NonNegInt
     reason: str
