@@ -8,8 +8,8 @@ import asyncio
 import pytest
 
 from jobmesh.binder.cancels import RETRY_CAP, CancelledAttempts, Forward, GiveUp, Wait, cancel_step
-from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.errors import Unavailable
+from jobmesh.runtime.reconnects import Reconnects
 
 
 def test_a_cancel_goes_to_the_holder_whenever_there_is_one() -> None:

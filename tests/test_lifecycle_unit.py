@@ -18,7 +18,10 @@ def ended(attempt: int, code: str = "exit_code", node: str = "a", at: float = 0.
     return AttemptError(attempt=attempt, node_id=node, error=JobError(code=code, message=code), at=at)
 
 
-def run(policy: RetryPolicy, last: AttemptError, earlier=(), timeouts=Timeouts(), now=100.0, zones=None):
+NO_TIMEOUTS = Timeouts()
+
+
+def run(policy: RetryPolicy, last: AttemptError, earlier=(), timeouts=NO_TIMEOUTS, now=100.0, zones=None):
     return decide(
         job_id="j",
         policy=policy,
