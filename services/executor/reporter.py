@@ -25,6 +25,7 @@ import nats.errors
 from jobmesh.errors import Overloaded, Unavailable
 from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.publisher import Outgoing, Publisher
+from jobmesh.runtime.reconnects import Reconnects
 
 log = logging.getLogger("jobmesh.executor.reporter")
 
@@ -42,6 +43,8 @@ class Reporter:
         retry_max: longest delay between retries.
         on_crash: called if the flusher dies of an unexpected error (a bug); the service
             uses it to stop, because nothing it reports would be published any more.
+        reconnects: cuts a retry's wait short when NATS reconnects (the runtime's), so
+            what waited out an outage goes the moment the connection is back.
     """
 
     def __init__(
@@ -53,7 +56,9 @@ class Reporter:
         retry_base: float = 0.1,
         retry_max: float = 5.0,
         on_crash: Callable[[BaseException], None] | None = None,
+        reconnects: Reconnects | None = None,
     ) -> None:
+        self._reconnects = reconnects or Reconnects()
         self._publisher = publisher
         self._max_batch = max_batch
         self._max_backlog = max_backlog
@@ -197,7 +202,7 @@ class Reporter:
             # (the same outage) do not all retry in step.
             delay = backoff(tries, base=self._retry_base, cap=self._retry_max, key=batch[0].msg_id)
             log.warning("could not publish %d messages (%s); retrying in %.1fs", len(batch), reason, delay)
-            await asyncio.sleep(delay)
+            await self._reconnects.pause(delay)
 
     def _flusher_done(self, task: asyncio.Task) -> None:
         if task.cancelled():

@@ -103,7 +103,12 @@ class Executor:
         self.work_root = Path(info.work_dir)
         self.leases = LeaseBook()
         # Room for the Started and the no-op Succeeded of a whole pulled batch in one flush.
-        self.reporter = Reporter(rt.publisher, max_batch=max(512, 2 * settings.batch_size), on_crash=self._crashed)
+        self.reporter = Reporter(
+            rt.publisher,
+            max_batch=max(512, 2 * settings.batch_size),
+            on_crash=self._crashed,
+            reconnects=rt.reconnects,
+        )
         limits = ResultLimits(settings.result_inline_bytes, settings.result_max_bytes)
         self.attempts = Attempts(
             info.node_id,

@@ -174,7 +174,11 @@ class Leases:
                 # The server accepted it at some moment after ``started``: count from there.
                 self._renewed[partition] = started
                 return
-            except (KeyWrongLastSequenceError, KeyNotFoundError):
+            except KeyWrongLastSequenceError:
+                if await self._still_mine(kv, key, partition, started, limit):
+                    return
+                log.warning("lost the lease of partition %d to another instance", partition)
+            except KeyNotFoundError:
                 log.warning("lost the lease of partition %d to another instance", partition)
             except (TimeoutError, APIError, nats.errors.Error):
                 # Cannot tell whether the lease still holds. Keep serving while it surely
@@ -205,6 +209,25 @@ class Leases:
         task = asyncio.ensure_future(self._take(kv, partition))
         self._taking[partition] = task
         task.add_done_callback(lambda _t: self._taking.pop(partition, None))
+
+    async def _still_mine(self, kv: Any, key: str, partition: int, started: float, limit: float) -> bool:
+        """A renewal was refused for its revision: is the key nevertheless ours?
+
+        A NATS server killed without a clean stop can come back without the last writes it
+        acknowledged, our latest renewal among them: the key then holds our name at an
+        older revision. Nobody else wrote it, so it is still ours: adopt that revision
+        rather than give the partition up and take it over again (a reload of its backlog).
+        """
+        try:
+            entry = await asyncio.wait_for(kv.get(key), limit)
+            if entry.value != self._instance or entry.revision is None:
+                return False
+            self.owned[partition] = await asyncio.wait_for(kv.update(key, self._instance, last=entry.revision), limit)
+        except (KeyWrongLastSequenceError, KeyNotFoundError, TimeoutError, APIError, nats.errors.Error):
+            return False
+        self._renewed[partition] = started
+        log.info("lease of partition %d: the server had an older revision of our own record; kept it", partition)
+        return True
 
     async def _take(self, kv, partition: int) -> None:
         try:

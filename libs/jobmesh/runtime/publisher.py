@@ -78,7 +78,12 @@ class Publisher:
         if not futures:
             return []
         try:
-            acks = asyncio.wait_for(asyncio.gather(*futures), self._timeout)
+            gathered = asyncio.gather(*futures)
+            # When the wait is given up, the acks still in flight are cancelled and the gather
+            # ends with that cancellation, which nobody reads: mark it read, so asyncio does
+            # not log it as lost.
+            gathered.add_done_callback(_read_outcome)
+            acks = asyncio.wait_for(gathered, self._timeout)
             if self._reconnects is None:
                 return await acks
             # PubAcks the old server owed die with it: after a reconnect, give up at once
@@ -99,6 +104,11 @@ class Publisher:
             if exc.code == 503 or (exc.description or "").startswith("maximum"):
                 raise Overloaded(f"stream refused the publish: {exc.description}") from exc
             raise Unavailable(f"publish failed: {exc.description}") from exc
+
+
+def _read_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _cancel(futures: list[asyncio.Future[Any]]) -> None:

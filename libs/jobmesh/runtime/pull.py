@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+log = logging.getLogger("jobmesh.runtime.pull")
 
 _STATUS = "Status"
 _PENDING = "Nats-Pending-Messages"
@@ -45,6 +48,8 @@ class PullConsumer:
         self._last_request = 0.0
         self._inbox = nc.new_inbox()
         self._sub: Subscription | None = None
+        self._refill: asyncio.Future[None] | None = None
+        self._last_status = ""
         self._closed = False
 
     async def start(self) -> None:
@@ -67,6 +72,14 @@ class PullConsumer:
             except Exception:  # noqa: BLE001 - closing a dead connection is not an error
                 pass
 
+    def reconnected(self) -> None:
+        """The connection came back: requests pending on the old server died with it, so
+        ask again now rather than after their expiry (which would stall this consumer for
+        seconds after every reconnect)."""
+        self._requested = 0
+        self._last_request = 0.0
+        self._refill = asyncio.ensure_future(self._top_up())  # kept: a task must not vanish
+
     async def _on_message(self, msg: Msg) -> None:
         status = msg.headers.get(_STATUS) if msg.headers and not msg.reply else None
         if status:
@@ -74,7 +87,16 @@ class PullConsumer:
                 # The request ended; the header says how many of its messages never came.
                 unfilled = msg.headers.get(_PENDING) if msg.headers else None
                 self._requested = max(0, self._requested - int(unfilled)) if unfilled else 0
-            # 100 is an idle heartbeat: nothing to do.
+            elif status != "100":  # 100 is an idle heartbeat: nothing to do
+                # 503 and the like: the request reached no consumer (JetStream recovering
+                # after a restart, say). Forget it; the next round (within a second) asks again.
+                self._requested = 0
+                if status != self._last_status:
+                    said = (msg.headers or {}).get("Description", "")
+                    log.warning("%s: pull request answered %s %s", self.durable, status, said)
+                self._last_status = status
+                return
+            self._last_status = status
             await self._top_up()
             return
         self._requested = max(0, self._requested - 1)

@@ -36,6 +36,14 @@ class Reconnects:
         self._changed.set()
         self._changed = asyncio.Event()
 
+    async def pause(self, delay: float) -> None:
+        """Sleep ``delay`` seconds, or less if NATS reconnects first: a retry that waits out
+        an outage should go the moment the connection is back, not at its next backoff."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), delay)
+        except TimeoutError:
+            pass
+
     async def guard(self, work: Awaitable[T], what: str) -> T:
         """Await ``work`` unless NATS reconnects first.
 

@@ -83,7 +83,10 @@ class ConsumerSpec:
     codec: Codec[Any]
     handle: BatchHandler
     span_name: str
-    ack_wait: float = 30.0
+    # Short, so that a message whose ack died with a crashed server (or its consumer) is
+    # redelivered within seconds; a batch that takes longer tells the server it is still
+    # at work (in-progress acks), so a slow batch is not redelivered meanwhile.
+    ack_wait: float = 10.0
     max_deliver: int = 20  # unexpected exceptions tolerated before a dead letter (fate_for)
     max_ack_pending: int = 20_000
     batch_size: int | None = None
@@ -330,7 +333,12 @@ class Runtime:
             decoded.append(raw)
         if not envelopes:
             return
-        outcomes = await self.handle(spec, envelopes)
+        # A batch that outlives a third of ack_wait keeps its messages checked out.
+        keepalive = _KeepAlive(decoded, spec.ack_wait / 3)
+        try:
+            outcomes = await self.handle(spec, envelopes)
+        finally:
+            keepalive.cancel()
         if outcomes is None:
             for raw in decoded:
                 await raw.ack()
@@ -513,8 +521,41 @@ class Runtime:
     async def _on_reconnect(self) -> None:
         log.info("%s: reconnected to NATS", self.service)
         self.reconnects.reconnected()
+        for pull in self._pulls:
+            pull.reconnected()
         for hook in self._reconnect_hooks:
             hook()
+
+
+class _KeepAlive:
+    """While a batch is handled, tells the server every ``every`` seconds that its messages
+    are still being worked on (an in-progress ack resets their ack_wait). Costs one timer
+    per batch: only a batch that outlives ``every`` sends anything."""
+
+    __slots__ = ("_every", "_handle", "_raws", "_task")
+
+    def __init__(self, raws: list[Msg], every: float) -> None:
+        self._raws = raws
+        self._every = every
+        self._task: asyncio.Task[None] | None = None
+        self._handle = asyncio.get_running_loop().call_later(every, self._fire)
+
+    def _fire(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._beat())
+        self._handle = asyncio.get_running_loop().call_later(self._every, self._fire)
+
+    async def _beat(self) -> None:
+        for raw in self._raws:
+            try:
+                await raw.in_progress()
+            except Exception:  # noqa: BLE001 - disconnected: a redelivery is harmless, just wasted
+                return
+
+    def cancel(self) -> None:
+        self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()
 
 
 async def _reply(msg: Msg, reply: Any) -> None:

@@ -60,8 +60,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     result_inline_bytes: Annotated[int, Meta(ge=0, le=128 * 1024)] = 16 * 1024
     result_max_bytes: Annotated[int, Meta(ge=0)] = 64 * 1024 * 1024
     # Scheduler: an attempt released this long ago and never seen running in its node's
-    # lease record is released again (its JobReady or JobBound was lost).
-    bind_timeout_seconds: Positive = 30.0
+    # lease record is released again (its JobReady or JobBound was lost). A safety net for
+    # a message a stream lost: long enough that a backed-up pipeline (a burst, an outage
+    # just over) never looks lost, since a re-release of a live attempt is wasted work.
+    bind_timeout_seconds: Positive = 300.0
     # Scheduler: every instance beats six times per lease TTL; a standby takes a partition
     # over at most this long (plus a beat) after its owner's last renewal.
     lease_ttl_seconds: Positive = 6.0
