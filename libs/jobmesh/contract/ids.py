@@ -37,18 +37,6 @@ def attempt_key(job_id: str, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
-def parse_attempt_key(key: str) -> tuple[str, int]:
-    """The ``(job_id, attempt)`` of an :func:`attempt_key`.
-
-    Raises:
-        ValueError: when ``key`` is not ``<job_id>:<attempt>``.
-    """
-    job_id, sep, attempt = key.rpartition(":")
-    if not sep or not job_id:
-        raise ValueError(f"not an attempt key: {key!r}")
-    return job_id, int(attempt)
-
-
 def event_id(job_id: str, attempt: int, kind: str) -> str:
     """Nats-Msg-Id of a lifecycle event that an attempt has at most once of
     (started, succeeded, failed, expired, lost, bound)."""
