@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from jobmesh.binder.cancels import RETRY_CAP, CancelledAttempts, Forward, GiveUp, Wait, cancel_step
+from jobmesh.binder.cancels import RETRY_CAP, Forward, GiveUp, RecentAttempts, Wait, cancel_step
 from jobmesh.errors import Unavailable
 from jobmesh.runtime.reconnects import Reconnects
 
@@ -35,7 +35,7 @@ def test_without_a_holder_a_cancel_gives_up_once_the_bind_timeout_passed() -> No
 
 
 def test_cancelled_attempts_are_remembered_up_to_the_limit_the_oldest_going_first() -> None:
-    memory = CancelledAttempts(limit=3)
+    memory = RecentAttempts(limit=3)
     for key in ("a:1", "b:1", "c:1"):
         memory.add(key)
     memory.add("a:1")  # seen again: now the most recent
@@ -46,7 +46,7 @@ def test_cancelled_attempts_are_remembered_up_to_the_limit_the_oldest_going_firs
 
 def test_a_memory_of_no_size_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="limit must be at least 1"):
-        CancelledAttempts(limit=0)
+        RecentAttempts(limit=0)
 
 
 async def test_a_wait_on_nats_is_cut_short_by_a_reconnect_and_the_work_cancelled() -> None:

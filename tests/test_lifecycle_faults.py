@@ -25,6 +25,7 @@ from jobmesh.contract.messages.v1 import (
     JobView,
     NoopRuntime,
     ProcessRuntime,
+    QueueConfig,
     Resources,
     RetryPolicy,
     Submission,
@@ -169,9 +170,16 @@ async def test_a_stopped_executor_s_late_result_changes_nothing(make_cluster, na
         finally:
             os.kill(stopped.proc.pid, signal.SIGCONT)
         assert done.state == "succeeded" and done.attempt == 2 and done.node_id != first.node_id
-        # The stopped executor wakes up and reports its attempt; the record does not move.
-        v = await view(client, job_id)
-        assert v is not None and (v.state, v.attempt, v.node_id) == ("succeeded", 2, done.node_id)
+
+        # The stopped executor wakes up and reports attempt 1 late (its process finished
+        # meanwhile, or the scheduler's "superseded" stop ended it): that changes nothing.
+        async def late_report() -> JobView | None:
+            v = await view(client, job_id)
+            late = [e for e in (v.events if v else []) if e.attempt == 1 and e.kind in ("succeeded", "failed")]
+            return v if late else None
+
+        v = await eventually(late_report, timeout=30, what="attempt 1's late terminal event")
+        assert (v.state, v.attempt, v.node_id, v.final) == ("succeeded", 2, done.node_id, True)
         assert v.attempts[0].state == "lost"
     finally:
         await client.close()
@@ -319,6 +327,8 @@ async def test_a_burst_survives_kill_9_of_scheduler_binder_and_tracker(make_clus
     client = await Client.connect(nats_server.url, timeout=30)
     conn = await asyncpg.connect(database_url)
     try:
+        # Released at 200/s, so the burst lasts about ten seconds and every kill lands in it.
+        await client.put_config("queue.default", QueueConfig(rate=200, burst=50))
         spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0))
         ids: list[str] = []
         for _ in range(8):
@@ -332,12 +342,13 @@ async def test_a_burst_survives_kill_9_of_scheduler_binder_and_tracker(make_clus
 
         for name in ("scheduler", "binder", "tracker"):
             before = await finished()
+            assert before < len(ids), f"the burst ended before the kill of the {name}: nothing was tested"
             cluster.kill(name)
             cluster.start_service(name, tag=f"-{name}-again")
             await cluster.wait_healthy((name,))
 
             async def progressed(before: int = before) -> bool:
-                return await finished() > before or before == len(ids)
+                return await finished() > before
 
             await eventually(progressed, timeout=60, what=f"jobs to finish after kill -9 of the {name}")
 
@@ -359,5 +370,6 @@ async def test_a_burst_survives_kill_9_of_scheduler_binder_and_tracker(make_clus
 
         await eventually(released, what="every reservation to be released")
     finally:
+        await client.put_config("queue.default", QueueConfig())  # the module's other tests run unlimited
         await conn.close()
         await client.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import msgspec
+
 from jobmesh.contract.messages.v1 import (
     AttemptError,
     AttemptLease,
@@ -129,9 +131,36 @@ def test_ended_attempts_other_partitions_and_stale_attempts_are_left_alone() -> 
     leases.observe(record("a", "i1", ("j", 1)), at=1.0)  # attempt 1 is stale: no renewal
     assert leases.leases["j"].node_id == ""
     leases.observe(record("a", "i1", ("j", 2)), at=2.0)
-    leases.observe(record("a", "i2", ended=["j:2"]), at=3.0)  # ended: its terminal event comes
-    assert leases.expired(3.0) == []
+    leases.observe(record("a", "i1", ended=["j:2"]), at=3.0)  # ended: its terminal event comes
+    # However long this scheduler takes to consume that event, the attempt is not lost.
+    assert leases.expired(3.0) == [] and leases.expired(1000.0) == [] and len(leases) == 0
     other = AttemptLeases(partition=1, bind_timeout=30.0)
     other.track("k", 1, heartbeat=10.0, now=0.0)
     other.observe(record("a", "i1", ("k", 1)), at=1.0)  # it says partition 0: not renewed here
     assert other.leases["k"].node_id == ""
+
+
+def test_a_restarted_executor_s_ended_attempts_are_not_lost() -> None:
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0)
+    leases.observe(record("a", "i1", ("j", 1)), at=1.0)
+    leases.observe(record("a", "i2", ended=["j:1"]), at=2.0)  # new process, old attempt ended
+    assert leases.expired(100.0) == []
+
+
+def test_an_expired_lease_brings_its_checkpoint_and_the_heap_stays_small() -> None:
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0)
+    node = record("a", "i1")
+    with_checkpoint = msgspec.structs.replace(
+        node, attempts=[AttemptLease(job_id="j", attempt=1, partition=0, started_at=0.0, checkpoint="step 7")]
+    )
+    leases.observe(with_checkpoint, at=1.0)
+    [expiry] = leases.expired(11.0)
+    assert expiry.kind == "lost" and expiry.lease.checkpoint == "step 7"
+    # Many short-lived attempts (the no-op path): tracked at release, forgotten at the end.
+    for i in range(50_000):
+        leases.track(f"n{i}", 1, heartbeat=10.0, now=20.0)
+        leases.forget(f"n{i}")
+    assert len(leases._heap) <= 2 * len(leases) + 1024 + 1
+    assert leases.next_deadline() is None  # nothing live: stale entries are not deadlines

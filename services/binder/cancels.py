@@ -73,8 +73,9 @@ def cancel_step(
     return Wait(min(left, backoff(deliveries, base=RETRY_BASE, cap=RETRY_CAP, key=key)))
 
 
-class CancelledAttempts:
-    """The attempt keys this replica knows are cancelled, the most recent ``limit`` of them.
+class RecentAttempts:
+    """A bounded memory of attempt keys (the most recent ``limit``): those this replica
+    knows are cancelled, or knows have ended.
 
     Args:
         limit: how many keys are kept; the oldest go first.
@@ -87,7 +88,7 @@ class CancelledAttempts:
         self._keys: OrderedDict[str, None] = OrderedDict()
 
     def add(self, key: str) -> None:
-        """Remember ``key`` (an attempt key) as cancelled."""
+        """Remember ``key`` (an attempt key)."""
         self._keys[key] = None
         self._keys.move_to_end(key)
         while len(self._keys) > self._limit:

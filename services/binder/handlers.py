@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from jobmesh.binder.allocation import Binding, plan, reserve
 from jobmesh.binder.allocations import Allocations
-from jobmesh.binder.cancels import CancelledAttempts, Forward, GiveUp, Wait, cancel_step
+from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
@@ -88,7 +88,10 @@ class Binder:
         self._node_ttl = node_ttl
         self._monotonic = monotonic
         self._guard = (reconnects or Reconnects()).guard
-        self.cancelled = CancelledAttempts()
+        self.cancelled = RecentAttempts()
+        # Attempts whose end this replica has released: a cancel that raced the end needs
+        # no node to stop anything, and is settled at once instead of waiting for a holder.
+        self.ended = RecentAttempts()
 
     async def bind(self, batch: list[Envelope]) -> None:
         """Handle a batch of JobReady.
@@ -280,6 +283,8 @@ class Binder:
             if node_id:
                 pairs.append((node_id, attempt_key(env.message.job_id, env.message.attempt)))
         await self._guard(self._remove(pairs), "releasing")
+        for env in batch:
+            self.ended.add(attempt_key(env.message.job_id, env.message.attempt))
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
         by_node: dict[str, set[str]] = {}
@@ -312,6 +317,9 @@ class Binder:
         outcomes: list[Outcome] = []
         for env, key in zip(batch, keys, strict=True):
             cancelling: JobCancelling = env.message
+            if key in self.ended and self._allocs.holder(key) is None:
+                outcomes.append(ACK)  # the attempt ended before its cancel came: nothing to stop
+                continue
             step = cancel_step(self._allocs.holder(key), cancelling.at, now, self._bind_timeout, env.deliveries, key)
             if isinstance(step, Forward):
                 message = AttemptCancel(

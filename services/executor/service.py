@@ -155,6 +155,12 @@ class Executor:
             return
         orphans = orphaned_attempts(previous, self.incarnation)
         self.attempts.adopt_previous((attempt_key(o.job_id, o.attempt) for o in orphans), previous.ended)
+        # What the old process had finished stays listed as ended: a scheduler that has not
+        # consumed its terminal event yet must not take the new incarnation's silence about
+        # it for a loss.
+        now = self._clock()
+        for key in previous.ended:
+            self.leases.end(key, now)
         if not orphans:
             return
         for orphan in orphans:

@@ -12,7 +12,10 @@ record ever listed is *rebound* (its JobReady or JobBound was lost; the same att
 released again), one that was listed is *lost*. A record of a new incarnation of a node
 (the executor restarted) that does not list an attempt seen under the old one makes that
 attempt lost at once. An attempt a record lists as ended is dropped: its terminal event
-is on its way. Deadlines sit in a heap, so finding the expired ones is O(log n) each.
+is durable and on its way, however far behind this scheduler's consumer is. Deadlines sit
+in a heap, so finding the expired ones is O(log n) each; entries left by renewals and
+ended attempts are dropped lazily, and the heap is rebuilt once they outnumber the live
+leases, so it stays proportional to the attempts in flight.
 """
 
 from __future__ import annotations
@@ -41,13 +44,16 @@ class Lease:
 
 @dataclass(frozen=True, slots=True)
 class Expiry:
-    """A lease that ran out: ``rebind`` (never seen running) or ``lost``."""
+    """A lease that ran out: ``rebind`` (never seen running) or ``lost``, with what the
+    lease last held (its checkpoint goes to the next attempt)."""
 
     job_id: str
     attempt: int
     kind: Literal["rebind", "lost"]
     node_id: str
     reason: str
+    lease: Lease
+    restarted: bool = False  # its executor restarted: the old process is gone already
 
 
 @dataclass
@@ -78,7 +84,7 @@ class AttemptLeases:
         self._unindex(job_id)
         deadline = now + (self.bind_timeout if grace is None else grace)
         self.leases[job_id] = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
-        heapq.heappush(self._heap, (deadline, job_id, attempt))
+        self._push(deadline, job_id, attempt)
 
     def forget(self, job_id: str) -> Lease | None:
         """The attempt ended (or the job left): drop its lease, returning what it held."""
@@ -105,18 +111,26 @@ class AttemptLeases:
             lease.message = lease_info.message
             if lease_info.checkpoint:
                 lease.checkpoint = lease_info.checkpoint
-            heapq.heappush(self._heap, (lease.deadline, lease_info.job_id, lease.attempt))
-        ended = set(record.ended)
-        for job_id in list(self._by_node.get(record.node_id, ())):
+            self._push(lease.deadline, lease_info.job_id, lease.attempt)
+        seen_here = self._by_node.get(record.node_id)
+        if not seen_here:
+            return
+        ended = set(record.ended) if record.ended else set()
+        for job_id in list(seen_here):
             lease = self.leases.get(job_id)
             if lease is None or job_id in listed:
                 continue
             if attempt_key(job_id, lease.attempt) in ended:
-                continue  # it ended; its terminal event will free it
+                # Its terminal event is durable: it is no lease's business any more, and a
+                # consumer that lags must not take it for lost meanwhile.
+                self.forget(job_id)
+                continue
             if lease.incarnation and record.incarnation and lease.incarnation != record.incarnation:
                 # The executor restarted: the new process does not run what the old one ran.
                 self._pending.append(
-                    Expiry(job_id, lease.attempt, "lost", record.node_id, "its executor restarted without it")
+                    Expiry(
+                        job_id, lease.attempt, "lost", record.node_id, "its executor restarted without it", lease, True
+                    )
                 )
                 self.forget(job_id)
 
@@ -130,17 +144,31 @@ class AttemptLeases:
                 continue  # renewed, ended or superseded since this entry was filed
             if lease.node_id:
                 reason = f"no lease renewal from node {lease.node_id} for {lease.heartbeat:g}s"
-                out.append(Expiry(job_id, attempt, "lost", lease.node_id, reason))
-                self.forget(job_id)
+                out.append(Expiry(job_id, attempt, "lost", lease.node_id, reason, lease))
             else:
                 reason = f"not running {self.bind_timeout:g}s after its release"
-                out.append(Expiry(job_id, attempt, "rebind", "", reason))
-                self.forget(job_id)
+                out.append(Expiry(job_id, attempt, "rebind", "", reason, lease))
+            self.forget(job_id)
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest deadline still filed (may be stale; then the planner just wakes early)."""
-        return self._heap[0][0] if self._heap else None
+        """The earliest live deadline (stale entries on top are dropped on the way)."""
+        heap = self._heap
+        while heap:
+            deadline, job_id, attempt = heap[0]
+            lease = self.leases.get(job_id)
+            if lease is not None and lease.attempt == attempt and lease.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return None
+
+    def _push(self, deadline: float, job_id: str, attempt: int) -> None:
+        heapq.heappush(self._heap, (deadline, job_id, attempt))
+        if len(self._heap) > 2 * len(self.leases) + 1024:
+            # Renewals and ended attempts leave entries behind; once they outnumber the
+            # live leases, keep only one entry per lease.
+            self._heap = [(lease.deadline, j, lease.attempt) for j, lease in self.leases.items()]
+            heapq.heapify(self._heap)
 
     def _unindex(self, job_id: str) -> None:
         lease = self.leases.get(job_id)

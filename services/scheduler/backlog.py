@@ -567,6 +567,26 @@ class Backlog:
         self._enter(job, now)
         return True
 
+    def claim_released(self, job_id: str, attempt: int, now: float) -> bool:
+        """Count a job that waits in the backlog to be released again as out (released)
+        once more: its attempt turned out to have run after all (it reports its end).
+
+        Returns:
+            False unless the job is waiting at ``attempt`` in a place a re-release reaches
+            (ready, parked, waiting for room or for its key).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.attempt != attempt or job.where not in (READY, PARKED, ROOM, KEY):
+            return False
+        q = self.queues[job.queue]
+        if job.where == READY:
+            q.ready -= 1  # its ready entry is dropped lazily
+        elif job.where == PARKED:
+            self._parked.pop(job.job_id, None)
+        self._mark_out(q, job)
+        job.releases -= 1  # _mark_out counts a release; none happened
+        return True
+
     def release_again(self, job_id: str, attempt: int, reason: str, now: float) -> bool:
         """The released attempt never showed up on a node (its JobReady or JobBound was
         lost): make it ready to be released again at once, as the same attempt."""

@@ -51,7 +51,7 @@ from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing
 from jobmesh.scheduler import lifecycle, retries, store
-from jobmesh.scheduler.attemptleases import AttemptLeases
+from jobmesh.scheduler.attemptleases import AttemptLeases, Lease
 from jobmesh.scheduler.backlog import RELEASED, TIMER, Backlog, Expire, Job, Release
 from jobmesh.scheduler.placement import Placement
 
@@ -191,6 +191,12 @@ class PartitionScheduler:
         log.info("partition %d: loaded %d active jobs", self.partition, len(rows))
         self.kick()
 
+    async def quiesce(self) -> None:
+        """Wait until the batch, round or cancel in hand has finished (the partition is
+        being given up: nothing may commit after its next owner loaded it)."""
+        async with self._lock:
+            pass
+
     def kick(self) -> None:
         """Ask the planner to look at the backlog again."""
         self._kick.set()
@@ -253,19 +259,36 @@ class PartitionScheduler:
         job = self.backlog.jobs.get(event.job_id)
         if job is None or job.attempt != event.attempt:
             return  # the job is gone, or the event is of a stale attempt (fenced)
-        if isinstance(event, JobFailed | JobLost) and job.where == RELEASED:
-            node_id = event.node_id
-            ended = lifecycle.attempt_error(event, job.attempt, node_id, event.at)
-            self._failed(job, ended, "lost" if isinstance(event, JobLost) else "failed", rnd, context)
-            return
+        if isinstance(event, JobFailed | JobLost):
+            # Usually the job is out (released). After a re-release for a missed bind it may
+            # sit in the backlog again when the attempt, which did run after all, fails: it
+            # is taken out, so the failure gets its retry or give-up like any other.
+            if job.where == RELEASED or self.backlog.claim_released(job.job_id, job.attempt, rnd.now):
+                node_id = event.node_id
+                ended = lifecycle.attempt_error(event, job.attempt, node_id, event.at)
+                self._failed(job, ended, "lost" if isinstance(event, JobLost) else "failed", rnd, context)
+                return
         if self.backlog.finish(event.job_id, event.attempt, rnd.now):
             self.leases.forget(event.job_id)
             rnd.changes.add(event.job_id, "done")
             rnd.ended += 1
 
-    def _failed(self, job: Job, ended: AttemptError, state: str, rnd: Round, context: Context | None) -> None:
-        """Attempt ``ended.attempt`` of ``job`` failed or was lost: retry or give up."""
-        lease = self.leases.forget(job.job_id)
+    def _failed(
+        self,
+        job: Job,
+        ended: AttemptError,
+        state: str,
+        rnd: Round,
+        context: Context | None,
+        lease: Lease | None = None,
+    ) -> None:
+        """Attempt ``ended.attempt`` of ``job`` failed or was lost: retry or give up.
+
+        Args:
+            lease: the attempt's lease when it was already taken out (an expiry); its
+                checkpoint goes to the next attempt.
+        """
+        lease = self.leases.forget(job.job_id) or lease
         if job.cancelling:
             self._end_cancelled(job, job.attempt, ended.node_id, rnd, context)
             return
@@ -346,6 +369,10 @@ class PartitionScheduler:
                 continue
             context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
             if expiry.kind == "rebind":
+                if job.cancelling:
+                    # Never seen running and cancelled: end it here rather than bind it anew.
+                    self._end_cancelled(job, job.attempt, "", rnd, context)
+                    continue
                 log.warning("job %s: attempt %d %s; releasing it again", job.job_id, job.attempt, expiry.reason)
                 self.backlog.release_again(job.job_id, job.attempt, expiry.reason, rnd.now)
                 continue
@@ -354,9 +381,14 @@ class PartitionScheduler:
                 job.job_id, self.partition, job.attempt, expiry.node_id, expiry.reason, rnd.now, context
             )
             rnd.out.append(message)
-            self._failed(
-                job, lifecycle.attempt_error(event, job.attempt, expiry.node_id, rnd.now), "lost", rnd, context
-            )
+            # The stale attempt may still run on a node that was only stopped or cut off:
+            # tell that node to stop it (the binder frees its reservation on the JobLost).
+            if not expiry.restarted:
+                rnd.out.append(
+                    lifecycle.superseded(job.job_id, self.partition, job.attempt, expiry.node_id, rnd.now, context)
+                )
+            ended = lifecycle.attempt_error(event, job.attempt, expiry.node_id, rnd.now)
+            self._failed(job, ended, "lost", rnd, context, lease=expiry.lease)
 
     def _view_settled(self) -> bool:
         if self._nodes is None:

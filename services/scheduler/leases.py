@@ -95,6 +95,7 @@ class Leases:
         self._taking: dict[int, asyncio.Task] = {}  # take-overs in progress
         self.last_beat = 0.0
         self._members: dict[str, float] = {}  # live scheduler instances -> when last heard
+        self._members_task: asyncio.Future[None] | None = None
         self._member_key = subjects.member_key(instance)
 
     async def run(self) -> None:
@@ -106,9 +107,15 @@ class Leases:
         if actual and abs(actual - self._ttl) > 0.01:
             log.warning("lease bucket TTL is %.1fs, not the configured %.1fs; using the bucket's", actual, self._ttl)
             self._ttl = actual
-        members = asyncio.ensure_future(self._watch_members(kv))
+        self._members_task = asyncio.ensure_future(self._watch_members(kv))
         try:
             while True:
+                if self._members_task.done():
+                    # The watch ended (a reconnect made it restart, or it failed): read its
+                    # outcome and follow the members afresh.
+                    if not self._members_task.cancelled() and self._members_task.exception() is not None:
+                        log.warning("member watch ended: %s", self._members_task.exception())
+                    self._members_task = asyncio.ensure_future(self._watch_members(kv))
                 await self._announce(kv)
                 share = fair_share(self._partitions, len(self.live_members()))
                 await self._give_back_extra(kv, share)
@@ -119,7 +126,13 @@ class Leases:
                 self.last_beat = self._clock()
                 await asyncio.sleep(self._ttl / 6)
         finally:
-            members.cancel()
+            self._members_task.cancel()
+
+    def reconnected(self) -> None:
+        """NATS reconnected: a KV watch can lag for long after that, so follow the members
+        afresh (at the next beat); until then the last known members count."""
+        if self._members_task is not None:
+            self._members_task.cancel()
 
     def live_members(self) -> list[str]:
         """Scheduler instances heard from within a lease TTL (this one always counts)."""

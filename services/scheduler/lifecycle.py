@@ -1,6 +1,7 @@
 """The messages a scheduler publishes about the life of a job after its release.
 
-Retries, give-ups (with the fallback job they submit), cancellations and declared losses:
+Retries, give-ups (with the fallback job they submit), cancellations, declared losses and
+the stop of a lost attempt on its node:
 each function builds the message, its subject and its deterministic Nats-Msg-Id, so the
 partition scheduler only decides *which* to send. Pure: no I/O, the clock passed in.
 """
@@ -12,6 +13,7 @@ import msgspec
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id, job_id_for, submit_id
 from jobmesh.contract.messages.v1 import (
+    AttemptCancel,
     AttemptError,
     JobCancelled,
     JobCancelling,
@@ -136,6 +138,22 @@ def lost(
     message = JobLost(job_id=job_id, attempt=attempt, partition=partition, node_id=node_id, at=now, reason=reason)
     subject = subjects.job_event(partition, subjects.LOST)
     return Outgoing(subject, message, event_id(job_id, attempt, subjects.LOST), context), message
+
+
+def superseded(
+    job_id: str, partition: int, attempt: int, node_id: str, now: float, context: Context | None
+) -> Outgoing:
+    """AttemptCancel (reason ``superseded``) for a lost attempt, on its node's cancel subject:
+    a node that comes back from a stop or a partition stops it at once."""
+    message = AttemptCancel(
+        job_id=job_id,
+        attempt=attempt,
+        partition=partition,
+        node_id=node_id,
+        reason="superseded: the scheduler declared this attempt lost",
+        at=now,
+    )
+    return Outgoing(subjects.node_cancel(node_id), message, event_id(job_id, attempt, "cancel"), context)
 
 
 def attempt_error(event: msgspec.Struct, attempt: int, node_id: str, at: float) -> AttemptError:

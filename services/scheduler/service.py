@@ -123,9 +123,14 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             task = tasks.pop(number, None)
             if task is not None:
                 task.cancel()
-        owned.pop(number, None)
+        part = owned.pop(number, None)
+        if part is not None:
+            # A batch or cancel in hand commits (or fails) before the lease key goes, so the
+            # next owner never loads the partition from under it.
+            await part.quiesce()
 
     leases = Leases(rt.js, settings.instance, settings.partitions, settings.lease_ttl_seconds, gained, lost)
+    rt.on_reconnect(leases.reconnected)
     rt.spawn(leases.run(), "leases")
     rt.add_health_check(leases.healthy)
 
