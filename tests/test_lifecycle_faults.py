@@ -23,6 +23,7 @@ from jobmesh.contract.messages.v1 import (
     FallbackSpec,
     JobSpec,
     JobView,
+    NodeInfo,
     NoopRuntime,
     ProcessRuntime,
     QueueConfig,
@@ -91,6 +92,20 @@ async def reservations(nats_url: str) -> dict[str, int]:
         await nc.close()
 
 
+async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:
+    """The node's record (its attempts' leases) as it is in jm_nodes now."""
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(subjects.KV_NODES)
+        try:
+            entry = await kv.get(node_id)
+        except Exception:  # noqa: BLE001 - nats-py raises KeyNotFoundError for a missing key
+            return None
+        return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
+    finally:
+        await nc.close()
+
+
 def runs_file(tmp_path: Path) -> Path:
     path = tmp_path / "runs"
     path.write_text("")
@@ -109,8 +124,10 @@ async def test_a_killed_executor_s_job_is_retried_elsewhere_within_the_heartbeat
     runs = runs_file(tmp_path)
     client = await Client.connect(nats_server.url)
     try:
+        # Each attempt says where it started from, then checkpoints.
+        then = 'echo "from:$JOBMESH_CHECKPOINT"; echo "checkpoint step-$JOBMESH_ATTEMPT" > /dev/fd/$JOBMESH_PROGRESS_FD; sleep 2'
         spec = JobSpec(
-            runtime=counting(runs, "sleep 2"),
+            runtime=counting(runs, then),
             timeouts=Timeouts(heartbeat=HEARTBEAT_TIMEOUT),
             retry=RetryPolicy(max_attempts=3, backoff=0.1),
         )
@@ -121,6 +138,12 @@ async def test_a_killed_executor_s_job_is_retried_elsewhere_within_the_heartbeat
             return v if v is not None and v.state == "running" else None
 
         first = await eventually(running, what="the first attempt to run")
+
+        async def checkpointed() -> bool:
+            node = await node_record(nats_server.url, first.node_id)
+            return node is not None and any(a.checkpoint == "step-1" for a in node.attempts)
+
+        await eventually(checkpointed, what="attempt 1's checkpoint in its node's lease record")
         victim = [
             sp for sp in cluster.procs if sp.name == "executor" and sp.log_path.name == f"executor-{first.node_id}.log"
         ]
@@ -143,6 +166,8 @@ async def test_a_killed_executor_s_job_is_retried_elsewhere_within_the_heartbeat
         done = await final_view(client, job_id)
         assert done.state == "succeeded" and [a.state for a in done.attempts] == ["lost", "succeeded"]
         assert len(runs.read_text().splitlines()) == 2  # one run per recorded attempt
+        # The retry started from what the lost attempt checkpointed.
+        assert "from:step-1" in done.attempts[1].output_tail, done.attempts[1].output_tail
     finally:
         await client.close()
 
