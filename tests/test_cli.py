@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import sys
 from importlib.metadata import EntryPoint
 
@@ -359,3 +360,18 @@ def test_queues_words_what_jobs_wait_for_most_common_first():
     assert render.queue_waiting(stats) == "delayed until its start time (not_before) (2)"
     older = QueueStats(queue="q", pending=3, in_flight=0, tenants={}, waiting={"timer": 2, "ready": 1})
     assert render.queue_waiting(older) == "timer (2)"
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_no_error(cluster, nats_server):
+    # `jobmesh logs ID | head -1`: the reader goes away after one line while the command
+    # still writes; it must end quietly, without a traceback about the broken pipe.
+    env = dict(os.environ, JOBMESH_NATS_URL=nats_server.url)
+    run = jobmesh_cli(["run", "--", "sh", "-c", "seq 1 20000"], nats_server.url, timeout=120)
+    assert run.returncode == 0, run.stderr
+    job_id = submitted_job_id(run.stderr)
+    cli = f'"{sys.executable}" -c "from jobmesh.client.cli import main; main()"'
+    result = subprocess.run(
+        ["sh", "-c", f"{cli} logs {job_id} | head -1"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "1\n", result.stdout[:200]
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr

@@ -50,6 +50,7 @@ READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
 )
 # The reason of a job held for its start time; its explanation names the time itself.
 DELAYED = "delayed until its start time (not_before)"
+RETRY_BACKOFF = "waiting out the backoff before its next attempt"
 ROOM_RETRY_SECONDS = 1.0
 ROOM_RETRY_MAX_SECONDS = 30.0
 ROOM_WAKE_PER_FINISH = 2  # jobs waiting for room that one finished job lets try again
@@ -565,6 +566,8 @@ class Backlog:
         job.errors = (*job.errors, error)
         job.checkpoint = checkpoint or job.checkpoint
         self._enter(job, now)
+        if job.where == TIMER:
+            job.reason = RETRY_BACKOFF
         return True
 
     def claim_released(self, job_id: str, attempt: int, now: float) -> bool:
@@ -692,7 +695,8 @@ class Backlog:
         if job.where == GROUP:
             return f"sequential group {job.group}: waiting for earlier jobs of the group"
         if job.where == TIMER:
-            return f"not before {_utc(job.not_before)} (in {_duration(job.not_before - now)})"
+            when = f"not before {_utc(job.not_before)} (in {_duration(job.not_before - now)})"
+            return f"retry backoff: attempt {job.attempt} {when}" if job.errors else when
         return job.reason
 
     def stats(self, now: float | None = None) -> dict[str, dict]:

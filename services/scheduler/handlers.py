@@ -430,7 +430,11 @@ class PartitionScheduler:
                 attempt = job.attempt
                 rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context))
                 rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
-                state, message = "cancelled", "it had not started; it ended now"
+                state = "cancelled"
+                if job.errors:
+                    message = f"it was waiting to run attempt {job.attempt} after a failure; it ended now"
+                else:
+                    message = "it had not started; it ended now"
             log.info("job %s: cancel asked (%s): %s", job.job_id, reason, state)
             try:
                 async with translated("cancelling a job"), self._pool.acquire() as conn, conn.transaction():

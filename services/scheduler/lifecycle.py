@@ -59,6 +59,8 @@ def fallback_submission(job_id: str, spec: JobSpec, partitions: int, now: float)
     if fallback is None:
         return None
     fields = {f: getattr(fallback, f) for f in fallback.__struct_fields__}
+    # A fallback without a name of its own is named after the job it stands in for.
+    fields["name"] = fallback.name or f"fallback of {spec.name or job_id}"[:256]
     fallback_spec = JobSpec(**fields)
     key = f"fallback:{job_id}"
     return JobSubmitted(

@@ -279,7 +279,14 @@ class Client:
         deadline = time.monotonic() + self.timeout
         request = CancelRequest(job_id=job_id, reason=reason)
         while True:
-            view = await self.get(job_id)
+            try:
+                view = await self.get(job_id)
+            except NotFound:
+                # Submitted a moment ago, the tracker may not have recorded it yet.
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(CANCEL_RETRY_SECONDS)
+                continue
             if view.final:
                 return CancelOutcome(job_id=job_id, state="ended", message=f"already ended {view.state}")
             partition = await self.partition_of(view)

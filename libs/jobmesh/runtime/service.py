@@ -516,7 +516,10 @@ class Runtime:
         log.warning("%s: NATS error: %s", self.service, exc)
 
     async def _on_disconnect(self) -> None:
-        log.warning("%s: disconnected from NATS", self.service)
+        if self.stopping:
+            log.info("%s: disconnected from NATS", self.service)  # the drain closes the connection
+        else:
+            log.warning("%s: disconnected from NATS", self.service)
 
     async def _on_reconnect(self) -> None:
         log.info("%s: reconnected to NATS", self.service)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from typing import NoReturn
 
@@ -69,4 +70,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
         argv: the arguments; ``sys.argv[1:]`` when omitted.
     """
     args = build_parser().parse_args(argv)
-    sys.exit(run_command(args))
+    try:
+        code = run_command(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`jobmesh status ID | head -3`): not an error of ours. Point
+        # stdout at /dev/null so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
+    sys.exit(code)

@@ -109,8 +109,11 @@ def positive_seconds(text: str) -> float:
     Raises:
         argparse.ArgumentTypeError: otherwise.
     """
-    value = seconds(text)
-    if value == 0:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a number of seconds > 0")
     return value
 
