@@ -488,9 +488,11 @@ CHANNELS: tuple[Channel, ...] = (
         (v1.NodeInfo,),
         f"KV_{subjects.KV_NODES}",
         ("executor",),
-        ("scheduler", "binder"),
+        ("scheduler", "binder", CLIENT),
         "Executor registrations, refreshed every heartbeat; the bucket TTL "
-        "(JOBMESH_NODE_TTL_SECONDS) makes each record a lease.",
+        "(JOBMESH_NODE_TTL_SECONDS) makes each record a lease. Each put also renews the lease of "
+        "every attempt the node runs (attempts, with progress and checkpoints; ended), which the "
+        "scheduler holds; `jobmesh watch` reads progress from it.",
         kv_bucket=subjects.KV_NODES,
     ),
     Channel(
@@ -523,8 +525,9 @@ CHANNELS: tuple[Channel, ...] = (
         f"KV_{subjects.KV_LEASES}",
         ("scheduler",),
         ("scheduler",),
-        "Which scheduler instance owns each partition; the value is private to the scheduler "
-        "and expires with the bucket TTL, so a standby takes over.",
+        "Which scheduler instance owns each partition (partition.<n>), and which instances are "
+        "alive (member.<instance>, put every beat, so the partitions are shared out over them); "
+        "values are private to the scheduler and expire with the bucket TTL, so a standby takes over.",
         kv_bucket=subjects.KV_LEASES,
     ),
 )
