@@ -161,7 +161,7 @@ def build_node_info(settings: Settings, facts: MachineFacts, started_at: float) 
         disk_mb=settings.node_disk_mb,
         arch=facts.arch,
         zone=settings.node_zone,
-        isolation=settings.node_isolation,
+        isolation="process" if settings.node_isolation == "auto" else settings.node_isolation,
         labels=parse_labels(settings.node_labels),
         handlers=[h.strip() for h in settings.node_handlers.split(",") if h.strip()],
         datasets=[d.strip() for d in settings.node_datasets.split(",") if d.strip()],

@@ -18,15 +18,21 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from jobmesh.contract.messages.v1 import JobSpec, NodeInfo, NoopRuntime, ZoneMap
+from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, HandlerRuntime, JobSpec, NodeInfo, ZoneMap
 from jobmesh.runtime.nodes import shape
 
-ISOLATION_LEVELS = {"process": 0, "sandbox": 1, "container": 2, "vm": 3}
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady
 
 
 def runtime_kind(spec: JobSpec) -> str:
-    return "noop" if isinstance(spec.runtime, NoopRuntime) else "process"
+    """The runtime a node must offer (``NodeInfo.runtimes``): the runtime's wire tag."""
+    return type(spec.runtime).__struct_config__.tag  # type: ignore[return-value]
+
+
+def required_handler(spec: JobSpec) -> str:
+    """The handler a node must host: the handler runtime's, else the constraint's ("" for none)."""
+    runtime = spec.runtime
+    return runtime.handler if isinstance(runtime, HandlerRuntime) else spec.constraints.handler
 
 
 def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
@@ -43,8 +49,11 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
         return f"no node with arch {cons.arch}"
     if cons.isolation and ISOLATION_LEVELS.get(node.isolation, 0) < ISOLATION_LEVELS[cons.isolation]:
         return f"no node with isolation {cons.isolation}"
-    if cons.handler and cons.handler not in node.handlers:
-        return f"no node hosting handler {cons.handler}"
+    handler = required_handler(spec)
+    if handler and handler not in node.handlers:
+        return f"no node hosting handler {handler}"
+    if spec.network and not node.network:
+        return "no node that allows network"
     for key, value in cons.labels.items():
         if node.labels.get(key) != value:
             return f"no node with label {key}={value}"
@@ -82,7 +91,8 @@ def signature(spec: JobSpec) -> tuple:
         cons.arch,
         cons.isolation,
         tuple(sorted(cons.labels.items())),
-        cons.handler,
+        required_handler(spec),
+        spec.network,
         loc.zone,
         loc.dataset,
     )

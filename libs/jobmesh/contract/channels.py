@@ -519,6 +519,18 @@ CHANNELS: tuple[Channel, ...] = (
         kv_bucket=subjects.KV_CONFIG,
     ),
     Channel(
+        "kvHandlers",
+        _kv(subjects.KV_HANDLERS, KEY),
+        (v1.HandlerInfo,),
+        f"KV_{subjects.KV_HANDLERS}",
+        ("executor",),
+        ("trigger", CLIENT),
+        "The Python handlers executors host, keyed by handler name, with the JSON Schema of "
+        "their input and output types: written by each executor that loads the handler; the "
+        "trigger checks a handler job's input against it at submit.",
+        kv_bucket=subjects.KV_HANDLERS,
+    ),
+    Channel(
         "kvLeases",
         _kv(subjects.KV_LEASES, KEY),
         (),

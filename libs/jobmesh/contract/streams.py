@@ -57,6 +57,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_ALLOC, 1),
     BucketSpec(subjects.KV_LEASES, 1, ttl_setting="lease_ttl_seconds"),
     BucketSpec(subjects.KV_CONFIG, 5),
+    BucketSpec(subjects.KV_HANDLERS, 1),
 )
 
 
@@ -69,7 +70,12 @@ class ObjectStoreSpec:
     max_bytes: int
 
 
-OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB),)
+OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (
+    ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB),
+    # Uploads are read when an attempt starts, so they must outlive the longest wait in a
+    # queue plus the retries of the job: a week, like the job's own history.
+    ObjectStoreSpec(subjects.OBJ_UPLOADS, 7 * DAY, 4 * GIB),
+)
 
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 BUCKETS_BY_NAME: dict[str, BucketSpec] = {b.name: b for b in BUCKETS}

@@ -25,7 +25,9 @@ KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node 
 KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revision
 KV_LEASES = "jm_leases"  # scheduler partition ownership
 KV_CONFIG = "jm_config"  # queue, tenant and zone configuration
+KV_HANDLERS = "jm_handlers"  # Python handlers executors host, key = handler name
 OBJ_RESULTS = "jm_results"  # job results too large to travel inline, key <job_id>/<attempt>
+OBJ_UPLOADS = "jm_uploads"  # files uploaded with a submit, key sha256/<hex digest>
 
 # --- job lifecycle (stream JM_JOBS) --------------------------------------------------
 JOBS_ALL = f"{PREFIX}.job.>"
@@ -123,6 +125,12 @@ def scheduler_cancel(partition: int) -> str:
 def result_key(job_id: str, attempt: int) -> str:
     """Object name of an attempt's result in ``jm_results``."""
     return f"{job_id}/{attempt}"
+
+
+def upload_key(digest: str) -> str:
+    """Object name of an uploaded file in ``jm_uploads``: its content's sha256, so the same
+    file uploaded twice is stored once and a fetched file can be checked against its name."""
+    return f"sha256/{digest}"
 
 
 def lease_key(partition: int) -> str:

@@ -46,10 +46,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     node_disk_mb: NonNegative = 10_240
     node_zone: str = ""
     node_labels: str = ""
-    node_isolation: str = "process"
+    # The strongest isolation level the node may advertise: "auto" advertises the strongest
+    # its probe finds it can enforce; a level caps it there (a level the probe cannot
+    # enforce stops the executor at start, with what the probe found).
+    node_isolation: Literal["auto", "process", "sandbox", "container"] = "auto"
+    # Whether jobs that ask for outbound network may have it on this node.
+    node_network: bool = True
     node_datasets: str = ""  # comma-separated datasets held on this node's local disk
     node_handlers: str = ""  # comma-separated handler names this node hosts
     work_dir: str = ""
+    # Executor, isolation: the uid and gid jobs run as when the executor runs as root.
+    sandbox_uid: Annotated[int, Meta(ge=1)] = 65534
+    sandbox_gid: Annotated[int, Meta(ge=1)] = 65534
+    # Executor, isolation: the most processes (cgroup pids.max) one attempt may have.
+    attempt_pids_max: Annotated[int, Meta(ge=8)] = 512
+    # Executor, isolation: the most open files (RLIMIT_NOFILE) of one attempt's processes.
+    attempt_open_files: Annotated[int, Meta(ge=64)] = 4096
+    # Executor: variables of its own environment a job sees besides PATH and LANG
+    # (comma-separated names; the job's env and jobmesh's variables are added after).
+    env_allow: str = "PATH,LANG,LC_ALL,TZ"
+    # Executor, secrets: a job's secret NAME is the file <secrets_dir>/NAME, else the
+    # variable <secrets_env_prefix>NAME of the executor's environment.
+    secrets_dir: str = ""
+    secrets_env_prefix: str = "JOBMESH_SECRET_"
+    # Executor, files: node directories a job may start its working directory from
+    # (comma-separated absolute paths; empty: none).
+    allowed_input_paths: str = ""
+    # Executor, handlers: modules to import for @handler functions (comma-separated), and
+    # how many worker processes serve them.
+    handler_modules: str = ""
+    handler_workers: Annotated[int, Meta(ge=1, le=256)] = 2
+    # Executor, handlers: memory (MiB) each worker process may use, however many jobs it serves.
+    handler_worker_memory_mb: Annotated[int, Meta(ge=64)] = 2048
+    # Executor, containers: "auto" uses podman or docker when a probe container runs; ""
+    # turns the container runtime off; a name or path uses that engine.
+    container_engine: str = "auto"
+    container_probe_image: str = "docker.io/library/busybox:stable"
     heartbeat_seconds: Positive = 2.0
     node_ttl_seconds: Positive = 10.0
     # Executor: seconds between SIGTERM and SIGKILL when an attempt is stopped (cancel,

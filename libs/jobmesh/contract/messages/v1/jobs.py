@@ -15,21 +15,28 @@ always says what follows: JobRetrying or JobGaveUp.
 from __future__ import annotations
 
 import typing
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
 __all__ = [
     "DISRUPTION_CODES",
     "FAILURE_CODES",
+    "ISOLATION_LEVELS",
     "MAX_DISRUPTIONS",
+    "MAX_STDIN_BYTES",
+    "MAX_UPLOAD_BYTES",
     "RETRY_ON_BY_DEFAULT",
     "AttemptCancel",
     "AttemptError",
     "AttemptEvent",
     "Constraints",
+    "ContainerRuntime",
     "FailureCode",
     "FallbackSpec",
+    "HandlerRuntime",
+    "InputFile",
+    "IsolationLevel",
     "JobBound",
     "JobCancelled",
     "JobCancelling",
@@ -58,6 +65,7 @@ __all__ = [
     "ProcessRuntime",
     "Resources",
     "RetryPolicy",
+    "SecretName",
     "TerminalEvent",
     "Timeouts",
 ]
@@ -69,6 +77,18 @@ Seconds = Annotated[float, Meta(gt=0)]
 # Subject tokens may not contain dots or wildcards, so ids are restricted to this set.
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 AttemptNumber = Annotated[int, Meta(ge=1)]
+# A secret is looked up by name in a directory or as a variable on the node, so a name holds
+# no path characters (no "/", no leading "."), and fits a variable name once upper-cased.
+SecretName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")]
+# A file's place in the working directory: relative, no "..", no leading "/" (checked by
+# contract.validation.input_path_problem; the pattern keeps out what is never a path).
+RelativePath = Annotated[str, Meta(min_length=1, max_length=1024, pattern=r"^[^/\x00]")]
+MAX_STDIN_BYTES = 64 * 1024  # inline stdin in a spec; a larger stdin travels as an upload
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # all the files uploaded with one submit, together
+
+# Isolation levels, weakest first: a job that asks for one runs only on a node at or above it.
+IsolationLevel = Literal["process", "sandbox", "container", "vm"]
+ISOLATION_LEVELS: dict[str, int] = {"process": 0, "sandbox": 1, "container": 2, "vm": 3}
 
 # Why an attempt failed (``JobError.code``). Producers are typed against this literal and
 # retry policies are checked against it; the wire field itself stays a plain string, so
@@ -86,12 +106,31 @@ FailureCode = Literal[
     "result_too_large",  # the result file exceeded the result size limit
     "cancelled",  # somebody cancelled the job while this attempt ran
     "superseded",  # a newer attempt of the job exists; this one was stopped
+    "pids_exceeded",  # it started more processes than its pids limit allows (a fork bomb)
+    "isolation_refused",  # the node cannot isolate it as asked (level, network, devices)
+    "secret_missing",  # it names a secret its node does not have
+    "input_file_failed",  # a file of its working directory could not be fetched or copied
+    "input_invalid",  # a handler's input does not match the handler's input type
+    "handler_failed",  # the handler raised an exception
+    "handler_crashed",  # the handler's worker process died (os._exit, a signal, a crash)
+    "handler_missing",  # the node does not host the handler (any more)
+    "container_failed",  # the container engine could not start the container
 ]
 FAILURE_CODES: frozenset[str] = frozenset(typing.get_args(FailureCode))
 # What a retry policy retries unless it names its own codes. The codes left out say the
 # job cannot run as declared (spawn_failed, workdir_failed, result_too_large,
 # disk_quota_exceeded), or that nobody wants it to run again (cancelled, superseded).
-RETRY_ON_BY_DEFAULT: tuple[FailureCode, ...] = ("exit_code", "lost", "timeout", "oom", "executor_error")
+RETRY_ON_BY_DEFAULT: tuple[FailureCode, ...] = (
+    "exit_code",
+    "lost",
+    "timeout",
+    "oom",
+    "executor_error",
+    "handler_failed",
+    "handler_crashed",
+    "handler_missing",
+    "container_failed",
+)
 # Disruptions are not the job's fault (an operator drained its node): they are retried
 # whatever the policy says, and do not count toward max_attempts, up to this many.
 DISRUPTION_CODES: frozenset[str] = frozenset({"node_drained"})
@@ -121,14 +160,57 @@ class NoopRuntime(Struct, frozen=True, kw_only=True, tag="noop", tag_field="kind
     exit_code: NonNegInt = 0
 
 
-JobRuntime = ProcessRuntime | NoopRuntime
+class HandlerRuntime(Struct, frozen=True, kw_only=True, tag="handler", tag_field="kind"):
+    """Call the Python handler ``handler`` hosted by the node's worker pool with ``input``.
+
+    ``input`` is JSON for the handler's input type; it is checked against that type at
+    submit when an executor has advertised it, else when the attempt runs. The handler's
+    return value is the job's result (JSON).
+    """
+
+    handler: Name
+    input: Any = None
+
+
+class ContainerRuntime(Struct, frozen=True, kw_only=True, tag="container", tag_field="kind"):
+    """Run ``argv`` (or the image's own command when empty) in a container of ``image``,
+    with the same limits, network policy, files and secrets as a process."""
+
+    image: Annotated[str, Meta(min_length=1, max_length=512, pattern=r"^[^\s\x00]+$")]
+    argv: list[str] = []
+    env: dict[str, str] = {}
+
+
+JobRuntime = ProcessRuntime | NoopRuntime | HandlerRuntime | ContainerRuntime
+
+
+class InputFile(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One file the attempt's working directory starts with.
+
+    Exactly one source: ``object`` (a file uploaded with the submit, by its name in the
+    object store bucket jm_uploads) or ``node_path`` (a file or directory on the node, under
+    a path its operator allows, JOBMESH_ALLOWED_INPUT_PATHS).
+
+    Attributes:
+        path: where it goes, relative to the working directory.
+        object: its object name in jm_uploads.
+        node_path: an absolute path on the node.
+        size: its size in bytes, as uploaded (checked when fetched).
+        mode: its permission bits.
+    """
+
+    path: RelativePath
+    object: Annotated[str, Meta(max_length=256)] = ""
+    node_path: Annotated[str, Meta(max_length=4096)] = ""
+    size: NonNegInt = 0
+    mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o644
 
 
 class Constraints(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Hard placement constraints: a node that fails any of these is never a candidate."""
 
     arch: str = ""
-    isolation: Literal["", "process", "sandbox", "container", "vm"] = ""
+    isolation: Literal["", "process", "sandbox", "container", "vm"] = ""  # see IsolationLevel
     labels: dict[str, str] = {}  # checked by contract.validation.label_problem
     handler: str = ""
 
@@ -174,6 +256,13 @@ class JobSpecBase(Struct, frozen=True, kw_only=True, omit_defaults=True):
     group: Annotated[str, Meta(max_length=256)] = ""
     not_before: Annotated[float, Meta(ge=0)] = 0.0
     metadata: dict[str, str] = {}
+    # What the job sees of the world besides its own files.
+    network: bool = False  # outbound network; without it a sandboxed job has none
+    secrets: Annotated[list[SecretName], Meta(max_length=64)] = []
+    secrets_as: Literal["file", "env"] = "file"  # files readable only by the job, or variables
+    stdin: Annotated[str, Meta(max_length=MAX_STDIN_BYTES)] = ""  # what the process reads on stdin
+    stdin_object: Annotated[str, Meta(max_length=256)] = ""  # a larger stdin, uploaded to jm_uploads
+    files: Annotated[list[InputFile], Meta(max_length=1024)] = []
 
 
 class FallbackSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
@@ -292,6 +381,7 @@ class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
     submitted_at: float
     bound_at: float
     checkpoint: str = ""  # from JobReady: what the attempt starts from
+    gpu_devices: list[int] = []  # the indices of the node's GPUs reserved for this attempt
 
 
 class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):

@@ -2,11 +2,56 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from msgspec import Struct, field
 
 from jobmesh.contract.messages.v1.jobs import Resources
 
-__all__ = ["Allocation", "AttemptLease", "NodeInfo", "Reservation"]
+__all__ = ["Allocation", "AttemptLease", "GpuDevice", "HandlerInfo", "NodeInfo", "Reservation"]
+
+
+class GpuDevice(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One GPU of a node, as its probe found it (``nvidia-smi``) or as configured.
+
+    Attributes:
+        index: the device index (what CUDA_VISIBLE_DEVICES names, and /dev/nvidia<index>).
+        kind: its model, as placement matches ``resources.gpu_kind``.
+        memory_mb: its memory (0 when configured rather than probed).
+        uuid: its UUID, when the probe reports one.
+    """
+
+    index: int
+    kind: str = ""
+    memory_mb: int = 0
+    uuid: str = ""
+
+
+class HandlerInfo(Struct, frozen=True, kw_only=True, tag="handler.info"):
+    """A Python handler an executor hosts (KV ``jm_handlers``, key = its name).
+
+    Written by every executor that loads it; the trigger checks a handler job's input
+    against ``input_schema`` at submit. Executors hosting one name must agree on its types.
+
+    Attributes:
+        name: the handler's name (``@handler("name")``).
+        input_type: the qualified name of its input struct.
+        output_type: the qualified name of its output struct.
+        input_schema: JSON Schema of its input (msgspec.json.schema of the input type).
+        output_schema: JSON Schema of its output.
+        doc: its docstring's first line.
+        module: the module that defines it.
+        at: when it was last written.
+    """
+
+    name: str
+    input_type: str
+    output_type: str
+    input_schema: dict[str, Any]
+    output_schema: dict[str, Any]
+    doc: str = ""
+    module: str = ""
+    at: float = 0.0
 
 
 class AttemptLease(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -41,10 +86,15 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     memory_mb: int
     gpu: int = 0
     gpu_kind: str = ""
+    gpu_devices: list[GpuDevice] = []  # one per GPU, by index (its length is ``gpu``)
     disk_mb: int = 0
     arch: str = ""
     zone: str = ""
-    isolation: str = "process"
+    isolation: str = "process"  # the strongest level this node enforces (IsolationLevel)
+    network: bool = True  # whether a job that asks for the network may have it here
+    # What the executor's probe found at start, for ``jobmesh nodes``: "sandbox" ->
+    # "bubblewrap 0.8.0", "cgroup" -> "v1 memory,cpu,pids", "container" -> "podman: ...".
+    probe: dict[str, str] = {}
     labels: dict[str, str] = {}
     handlers: list[str] = []
     datasets: list[str] = []  # datasets held locally (data-locality hints match these)
@@ -67,6 +117,7 @@ class Reservation(Struct, frozen=True, kw_only=True):
     scratch_dir: str
     at: float
     partition: int = 0  # the job's scheduler partition, to address JobLost if the node dies
+    gpu_devices: list[int] = []  # the indices of the GPUs it holds, none shared with another
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
