@@ -4,23 +4,36 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint format schemas check-schemas install clean dev-stop typecheck-tree
+.PHONY: run test bench lint format schemas check-schemas install clean dev-stop typecheck-tree system-packages
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH; or run: make PYTHON=python3 ..."; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,test,lint]'
+	$(BIN)/pip install --quiet -e '.[dev,test,lint,examples]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# The sandbox isolation level needs bubblewrap (Debian package bubblewrap). As root with
+# apt, it is installed here; otherwise this says what is missing, and executors on this
+# machine advertise the process level only (the sandbox tests then fail, and say why).
+system-packages:
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing bubblewrap (the sandbox isolation level)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; \
+	else \
+		echo "bubblewrap is missing: install the bubblewrap package (as root: apt-get install bubblewrap)" >&2; \
+	fi
+
 ## run: set up, start a local cluster (nats-server, Postgres, five services) and show a demo
-run: $(STAMP)
+run: $(STAMP) system-packages
 	$(BIN)/jobmesh dev --demo
 
 ## test: set up, then run every test against real nats-server and Postgres processes
-test: $(STAMP)
+test: $(STAMP) system-packages
 	$(BIN)/pytest -q -ra
 
 ## bench: print figures: end to end beside the raw JetStream baseline, then the scheduler alone
