@@ -93,18 +93,30 @@ def test_a_name_that_is_not_a_plain_file_name_is_refused(secrets_dir: Path, name
     assert "env-value" not in str(caught.value)
 
 
-def test_a_link_or_directory_in_the_secrets_dir_is_unreadable_not_followed(secrets_dir: Path) -> None:
+def test_a_link_out_of_the_secrets_dir_or_a_directory_is_unreadable(secrets_dir: Path) -> None:
     outside = secrets_dir.parent / "outside"
     outside.write_text("outside-value")
     (secrets_dir / "LINK").symlink_to(outside)
+    (secrets_dir / "DANGLING").symlink_to(secrets_dir / "gone")
     (secrets_dir / "ADIR").mkdir()
     source = SecretSource(secrets_dir, "JOBMESH_SECRET_", {"JOBMESH_SECRET_LINK": "env-fallback"})
     with pytest.raises(SecretMissing) as caught:
-        source.resolve(["LINK", "ADIR"])
-    assert set(caught.value.names) == {"LINK", "ADIR"}
+        source.resolve(["LINK", "ADIR", "DANGLING"])
+    assert set(caught.value.names) == {"LINK", "ADIR", "DANGLING"}
     message = str(caught.value)
-    assert "unreadable secret" in message and "is not a regular file" in message
+    assert f"LINK ({secrets_dir}/LINK links out of {secrets_dir})" in message
+    assert f"ADIR ({secrets_dir}/ADIR is not a regular file)" in message
+    assert "DANGLING" in message and "dangling link" in message
     assert "outside-value" not in message and "env-fallback" not in message
+
+
+def test_kubernetes_style_links_inside_the_secrets_dir_are_followed(tmp_path: Path) -> None:
+    mounted = tmp_path / "mounted"
+    (mounted / "..2024_01_01").mkdir(parents=True)
+    (mounted / "..2024_01_01/token").write_text("k8s-token-value")
+    (mounted / "..data").symlink_to("..2024_01_01")
+    (mounted / "token").symlink_to("..data/token")
+    assert SecretSource(mounted, "", {}).resolve(["token"]) == {"token": "k8s-token-value"}
 
 
 def test_a_fifo_does_not_hang_the_executor(secrets_dir: Path) -> None:

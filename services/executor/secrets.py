@@ -137,12 +137,19 @@ class SecretSource:
         if self.directory is None:
             return None
         path = self.directory / name
-        try:
-            # O_NOFOLLOW: the operator's directory holds plain files, and a link in it is not
-            # followed out of it. O_NONBLOCK: a FIFO there must not hang the executor.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
+        if not os.path.lexists(path):
             return None
+        # A link is followed only to a file inside the directory: Kubernetes mounts each
+        # secret as NAME -> ..data/NAME, but a link out of the directory is a mistake.
+        real = os.path.realpath(path)
+        inside = os.path.realpath(self.directory).rstrip("/") + "/"
+        if not real.startswith(inside):
+            raise _Unreadable(f"{path} links out of {self.directory}")
+        try:
+            # O_NONBLOCK: a FIFO there must not hang the executor.
+            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise _Unreadable(f"{path} is a dangling link") from None
         except OSError as exc:
             raise _Unreadable(f"{path}: {exc.strerror}") from None
         try:
