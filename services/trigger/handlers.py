@@ -1,7 +1,8 @@
 """Trigger handlers: turn an API submit into JobSubmitted events.
 
 The reply carries job ids only after JetStream acknowledged every JobSubmitted, so a job
-id a caller holds is never lost.
+id a caller holds is never lost. A handler job's input is checked against its handler's
+input type (``handlerschemas``) with the rest of the request, before anything is published.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ from collections.abc import Callable
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for, new_idempotency_key, submit_id
-from jobmesh.contract.messages.v1 import JobSubmitted, SubmitReply, SubmitRequest
+from jobmesh.contract.messages.v1 import HandlerRuntime, JobSubmitted, SubmitReply, SubmitRequest
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
+from jobmesh.trigger.handlerschemas import HandlerSchemas
 
 
 class SubmitHandler:
@@ -24,12 +26,20 @@ class SubmitHandler:
     Args:
         publisher: publishes to JetStream and waits for the acks.
         partitions: how many scheduler partitions queues hash onto.
+        schemas: the handlers' input types; None checks no handler input at submit.
         clock: returns the current unix time.
     """
 
-    def __init__(self, publisher: Publisher, partitions: int, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        publisher: Publisher,
+        partitions: int,
+        schemas: HandlerSchemas | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._publisher = publisher
         self._partitions = partitions
+        self._schemas = schemas
         self._clock = clock
 
     async def __call__(self, env: Envelope) -> SubmitReply:
@@ -40,7 +50,14 @@ class SubmitHandler:
             may_hold_nul = b"\\u0000" in env.raw.data  # JSON can carry NUL only escaped
         now = self._clock()
         for i, submission in enumerate(request.jobs):
-            validate_spec(submission.spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul, now=now)
+            spec = submission.spec
+            validate_spec(spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul, now=now)
+            # A type test per job is all a job that is not a handler call pays here.
+            if type(spec.runtime) is HandlerRuntime and self._schemas is not None:
+                await self._schemas.check(spec.runtime, f"jobs[{i}].spec.runtime")
+            fallback = spec.retry.fallback
+            if fallback is not None and type(fallback.runtime) is HandlerRuntime and self._schemas is not None:
+                await self._schemas.check(fallback.runtime, f"jobs[{i}].spec.retry.fallback.runtime")
         outgoing = []
         job_ids = []
         for submission in request.jobs:

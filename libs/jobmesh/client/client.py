@@ -3,7 +3,9 @@
 Errors come back as ``JobmeshError`` subclasses with the server's code and field; a
 cluster that does not answer raises ``Unavailable`` with a message saying which part.
 Besides the APIs it reads what the cluster stores for its users: results (``jm_results``)
-and dead letters (``JM_DEADLETTER``, see ``deadletters``).
+and dead letters (``JM_DEADLETTER``, see ``deadletters``); it uploads a job's input files
+(``jm_uploads``, see ``uploads``), waits for a job's end, and calls a Python handler as a
+job and returns its typed result (``call``, see ``handlercalls``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import asyncio
 import builtins
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -25,7 +27,9 @@ from nats.js.kv import KeyValue
 
 from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
+from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.results import JobResult, result_attempt
+from jobmesh.client.uploads import UploadProgress, parse_upload, plan_uploads, put_uploads
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
@@ -34,9 +38,13 @@ from jobmesh.contract.messages.v1 import (
     ErrorReply,
     ExplainReply,
     ExplainRequest,
+    HandlerRuntime,
+    InputFile,
     JobGetRequest,
     JobListReply,
     JobListRequest,
+    JobSpec,
+    JobUpdate,
     JobView,
     NodesReply,
     NodesRequest,
@@ -60,6 +68,10 @@ DEV_ENV = Path(".jobmesh") / "dev.env"
 # How often ``cancel`` asks again while the scheduler does not know a job the tracker shows
 # as not ended (the scheduler has not read its submission yet, or the tracker its end).
 CANCEL_RETRY_SECONDS = 0.2
+# How long ``wait`` trusts the tracker's watch announcements (core NATS, which may drop
+# one) before it asks the tracker itself.
+WAIT_POLL_SECONDS = 2.0
+_update_decoder = msgspec.json.Decoder(JobUpdate)
 
 
 def find_dev_env(start: Path | None = None) -> Path | None:
@@ -336,6 +348,117 @@ class Client:
         except nats.errors.Error as exc:
             raise Unavailable(f"cannot read {subjects.OBJ_RESULTS}/{ref}: {type(exc).__name__} {exc}".rstrip()) from exc
         return JobResult(job_id=job_id, attempt=chosen.attempt, data=stored.data or b"", ref=ref)
+
+    async def wait(self, job_id: str, timeout: float | None = None) -> JobView:
+        """Wait until a job is final (it ran, and no retry follows) and return its view.
+
+        Args:
+            job_id: the job.
+            timeout: give up after this many seconds; None waits as long as it takes.
+
+        Returns:
+            The tracker's final view of the job.
+
+        Raises:
+            TimeoutError: the job was not final within ``timeout``.
+            Unavailable: the tracker does not answer.
+        """
+        changed = asyncio.Event()
+
+        async def on_update(msg: Msg) -> None:
+            try:
+                if _update_decoder.decode(msg.data).final:
+                    changed.set()
+            except msgspec.DecodeError:
+                changed.set()  # a newer tracker's message: ask the tracker itself
+
+        # Subscribe before the first read, so that an end between the two is not missed.
+        sub = await self.nc.subscribe(subjects.job_watch(job_id), cb=on_update)
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        view = await self.get(job_id)
+                        if view.final:
+                            return view
+                    except NotFound:
+                        pass  # submitted a moment ago: the tracker has not recorded it yet
+                    changed.clear()
+                    try:
+                        await asyncio.wait_for(changed.wait(), WAIT_POLL_SECONDS)
+                    except TimeoutError:
+                        pass  # no announcement: ask the tracker again anyway
+        finally:
+            await sub.unsubscribe()
+
+    async def upload(
+        self, paths: Iterable[str | Path | tuple[str | Path, str]], progress: UploadProgress | None = None
+    ) -> builtins.list[InputFile]:
+        """Upload files for a job's working directory to ``jm_uploads``; returns the spec's entries.
+
+        Args:
+            paths: local files or directories (a directory's files keep their paths
+                relative to it, under its name), each optionally paired with its
+                destination in the working directory, as ``--upload LOCAL:DEST`` takes.
+            progress: called as bytes go out, with (destination, bytes sent, size).
+
+        Returns:
+            One ``InputFile`` per file, for ``JobSpec.files``; an object the bucket already
+            holds (same content) is not sent again.
+
+        Raises:
+            UsageError: a path that cannot be read, a bad destination, or more than
+                ``MAX_UPLOAD_BYTES`` in all (the message names the file that crosses it).
+            Unavailable: the bucket cannot be written.
+        """
+        items: builtins.list[tuple[Path, str]] = []
+        for entry in paths:
+            if isinstance(entry, tuple):
+                local, dest = parse_upload(f"{entry[0]}:{entry[1]}")
+            else:
+                local, dest = parse_upload(str(entry))
+            items.append((local, dest))
+        planned = await asyncio.to_thread(plan_uploads, items)  # hashing reads every byte
+        await put_uploads(self.nc.jetstream(timeout=self.timeout), planned, progress)
+        return [p.input for p in planned]
+
+    async def call(
+        self,
+        handler: str,
+        input: Any = None,
+        output_type: type[R] | None = None,
+        *,
+        idempotency_key: str = "",
+        wait_timeout: float | None = None,
+        **spec_fields: Any,
+    ) -> R | Any:
+        """Run the Python handler ``handler`` as a job, wait for its end, return its result.
+
+        Args:
+            handler: the handler's name (``@handler("name")`` on an executor).
+            input: its input: a msgspec struct (or builtin data) of the handler's input type.
+            output_type: decode the result into this type; None for builtin data.
+            idempotency_key: the job's key (the same key, the same job); fresh when empty.
+            wait_timeout: stop waiting after this many seconds (the job goes on).
+            **spec_fields: any other ``JobSpec`` field (``queue``, ``timeouts``...).
+
+        Returns:
+            The handler's return value, decoded.
+
+        Raises:
+            JobFailed: the job ended without succeeding; ``code`` is its failure code
+                (``handler_failed``, ``input_invalid``...).
+            InvalidMessage: the trigger refused the input (the field named), or the result
+                does not fit ``output_type``.
+            TimeoutError: the job was not final within ``wait_timeout``.
+        """
+        spec = JobSpec(runtime=HandlerRuntime(handler=handler, input=input_data(input)), **spec_fields)
+        reply = await self.submit([Submission(spec=spec, idempotency_key=idempotency_key)])
+        view = await self.wait(reply.job_ids[0], wait_timeout)
+        if view.state != "succeeded":
+            raise failure_of(view)
+        result = await self.result(view.job_id)
+        return decode_result(result.data, output_type)
 
     async def dead_letters(self, service: str = "", limit: int = 50) -> DeadLetterPage:
         """The newest dead letters: messages the services refused, and why.

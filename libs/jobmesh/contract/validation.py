@@ -10,7 +10,15 @@ import re
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import FAILURE_CODES, JobSpec, JobSpecBase, ProcessRuntime
+from jobmesh.contract.messages.v1 import (
+    FAILURE_CODES,
+    MAX_UPLOAD_BYTES,
+    ContainerRuntime,
+    InputFile,
+    JobSpec,
+    JobSpecBase,
+    ProcessRuntime,
+)
 from jobmesh.errors import InvalidSpec
 
 # Beyond these, a request is a typo rather than a real job.
@@ -60,6 +68,15 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
         problem = label_problem(key, value)
         if problem:
             _fail(where, "constraints.labels", problem)
+    # Most jobs name no files, secrets or stdin: these truth tests are all they cost.
+    if spec.files:
+        _validate_files(spec.files, where)
+    if spec.secrets:
+        _validate_secrets(spec.secrets, where)
+    if spec.stdin and spec.stdin_object:
+        _fail(where, "stdin_object", "stdin and stdin_object are both set; give the job one stdin")
+    if isinstance(spec.runtime, ContainerRuntime) and spec.runtime.argv[:1] == [""]:
+        _fail(where, "runtime.argv[0]", "the command is empty")
     if isinstance(spec, JobSpec):
         _validate_retry(spec, where, now)
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
@@ -93,6 +110,74 @@ def _validate_retry(spec: JobSpec, where: str, now: float | None) -> None:
     if policy.fallback is not None:
         # A fallback is a job of its own: the same checks, named under its own path.
         validate_spec(policy.fallback, f"{where}.retry.fallback", may_hold_nul=False, now=now)
+
+
+def input_path_problem(path: str) -> str:
+    """Why ``path`` cannot be where an input file goes in a working directory ("" when it can).
+
+    The one rule for a file's place: the client checks a destination with it before it
+    uploads anything, the trigger at submit, and the executor confines the file to the
+    working directory besides (a symlink there could still point outside).
+
+    Args:
+        path: the file's path, as ``InputFile.path`` holds it.
+
+    Returns:
+        The problem in words, or "".
+    """
+    if not path or path.strip() in ("", "."):
+        return "the path is empty; name the file's place in the working directory"
+    if path.startswith("/"):
+        return f"{path!r} is absolute; give a path relative to the working directory"
+    if "\x00" in path:
+        return "a NUL character is not allowed in a path"
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if not parts:
+        return f"{path!r} names the working directory itself, not a file in it"
+    if ".." in parts:
+        return f"{path!r} has a '..' component; a file stays inside the working directory"
+    return ""
+
+
+def _validate_files(files: list[InputFile], where: str) -> None:
+    seen: dict[str, int] = {}
+    total = 0
+    for i, item in enumerate(files):
+        problem = input_path_problem(item.path)
+        if problem:
+            _fail(where, f"files[{i}].path", problem)
+        if bool(item.object) == bool(item.node_path):
+            _fail(
+                where,
+                f"files[{i}]",
+                f"{item.path!r} needs exactly one source: object (an upload) or node_path (a path on the node)",
+            )
+        if item.node_path and not item.node_path.startswith("/"):
+            _fail(where, f"files[{i}].node_path", f"{item.node_path!r} is not an absolute path on the node")
+        key = _normal_path(item.path)
+        if key in seen:
+            _fail(where, f"files[{i}].path", f"{item.path!r} is given twice (files[{seen[key]}] too)")
+        seen[key] = i
+        total += item.size
+        if total > MAX_UPLOAD_BYTES:
+            _fail(
+                where,
+                f"files[{i}].size",
+                f"the files add up to {total} bytes with {item.path!r}, over the limit of {MAX_UPLOAD_BYTES} bytes",
+            )
+
+
+def _validate_secrets(secrets: list[str], where: str) -> None:
+    seen: dict[str, int] = {}
+    for i, name in enumerate(secrets):
+        if name in seen:
+            _fail(where, f"secrets[{i}]", f"secret {name!r} is named twice (secrets[{seen[name]}] too)")
+        seen[name] = i
+
+
+def _normal_path(path: str) -> str:
+    # "a/./b" and "a//b" are the same file as "a/b".
+    return "/".join(p for p in path.split("/") if p not in ("", "."))
 
 
 def label_problem(key: str, value: str) -> str:

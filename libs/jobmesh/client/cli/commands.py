@@ -23,18 +23,21 @@ from nats.aio.msg import Msg
 
 from jobmesh.client import jobstate
 from jobmesh.client.cli import render
-from jobmesh.client.cli.display import Display, PlainDisplay, display_for
+from jobmesh.client.cli.display import Display, PlainDisplay, UploadDisplay, display_for
 from jobmesh.client.cli.exitcodes import EXIT_OK, EXIT_UNAVAILABLE, for_final_view
 from jobmesh.client.cli.follow import Follower
+from jobmesh.client.cli.runtimeflags import JobInputs, inputs_from
 from jobmesh.client.cli.specflags import spec_from
 from jobmesh.client.client import Client, ClusterSettings
 from jobmesh.client.jobstate import Seen
+from jobmesh.client.uploads import put_uploads
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.ids import job_id_for, new_idempotency_key
 from jobmesh.contract.messages.v1 import (
     ExplainReply,
     HealthReply,
+    JobSpec,
     JobSummary,
     JobUpdate,
     JobView,
@@ -109,11 +112,34 @@ async def _seen_in_view(client: Client, view: JobView) -> Seen:
 
 
 # --- submit, run and watch ---------------------------------------------------------------
+async def _prepared(args: argparse.Namespace) -> tuple[JobSpec, JobInputs]:
+    """The job's spec and inputs, read and checked before anything is sent.
+
+    Reading the files and stdin and hashing the uploads is blocking work: done in a thread.
+    """
+    inputs = await asyncio.to_thread(inputs_from, args)
+    return spec_from(args, inputs=inputs), inputs
+
+
+async def _upload(client: Client, inputs: JobInputs) -> None:
+    """Put the job's uploads in ``jm_uploads`` (what the bucket holds already is skipped)."""
+    if not inputs.uploads:
+        return
+    total = sum(u.input.size for u in inputs.uploads)
+    display = UploadDisplay(total)
+    sent = 0
+    try:
+        sent = await put_uploads(client.nc.jetstream(timeout=client.timeout), inputs.uploads, display.update)
+    finally:
+        display.close(len(inputs.uploads), total, sent)
+
+
 async def cmd_submit(args: argparse.Namespace) -> int:
-    """``jobmesh submit``: submit one job and print its id."""
-    spec = spec_from(args)
+    """``jobmesh submit``: upload the job's files, submit it and print its id."""
+    spec, inputs = await _prepared(args)
     client = await Client.connect()
     try:
+        await _upload(client, inputs)
         reply = await client.submit([Submission(spec=spec, idempotency_key=args.key)])
     finally:
         await client.close()
@@ -129,10 +155,16 @@ async def cmd_run(args: argparse.Namespace) -> int:
         the job keeps running and how to follow it, then lets the interruption through
         (exit 130).
     """
-    spec = spec_from(args)
+    spec, inputs = await _prepared(args)
     key = args.key or new_idempotency_key()
     job_id = job_id_for(key)
     client = await Client.connect()
+    try:
+        # Before the run's display starts: a terminal shows one live display at a time.
+        await _upload(client, inputs)
+    except BaseException:
+        await client.close()
+        raise
     lines = {"seen": 0}
     confirmed = ended = False
     display = display_for()

@@ -4,6 +4,9 @@ Both displays print the same timeline lines (``[  0.12s] running (node a)``, fro
 ``render``). On a terminal (stderr is a TTY) a ``rich`` progress bar sits below them and
 shows the current state and what the attempt last reported (fraction, message); elsewhere
 each report is one more plain line, so that logs and scripts read what a person reads.
+
+Uploads before a submit (``UploadDisplay``) get a bar per file on a terminal when they are
+large enough to take a while, and one summary line either way.
 """
 
 from __future__ import annotations
@@ -12,13 +15,26 @@ import sys
 from typing import Protocol, TextIO
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 
 from jobmesh.client.cli import render
 from jobmesh.client.jobstate import Progress as JobProgress
 from jobmesh.client.jobstate import Seen
 
-__all__ = ["BarDisplay", "Display", "PlainDisplay", "display_for"]
+__all__ = ["BarDisplay", "Display", "PlainDisplay", "UploadDisplay", "display_for"]
+
+# Below this many bytes in all an upload is over before a bar could say anything.
+UPLOAD_BAR_BYTES = 4 * 1024 * 1024
 
 
 class Display(Protocol):
@@ -120,3 +136,49 @@ def display_for(stream: TextIO | None = None) -> Display:
     if console.is_terminal and not console.is_dumb_terminal:
         return BarDisplay(console)
     return PlainDisplay()
+
+
+class UploadDisplay:
+    """Shows the files going to ``jm_uploads``: a bar per file on a terminal, for large uploads.
+
+    Args:
+        total: the bytes of every file to upload (those already stored included).
+        console: the terminal to draw on (stderr's when omitted); no bar unless it is one.
+    """
+
+    def __init__(self, total: int, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
+        self.bar: Progress | None = None
+        self.tasks: dict[str, TaskID] = {}
+        if total >= UPLOAD_BAR_BYTES and self.console.is_terminal and not self.console.is_dumb_terminal:
+            self.bar = Progress(
+                TextColumn("upload {task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                console=self.console,
+                transient=True,
+            )
+            self.bar.start()
+
+    def update(self, dest: str, sent: int, size: int) -> None:
+        """Move the bar of ``dest`` to ``sent`` of ``size`` bytes (an ``UploadProgress``)."""
+        if self.bar is None:
+            return
+        task = self.tasks.get(dest)
+        if task is None:
+            task = self.tasks[dest] = self.bar.add_task(dest, total=size)
+        self.bar.update(task, completed=sent)
+
+    def close(self, files: int, total: int, sent: int) -> None:
+        """Take the bars away and say what was uploaded.
+
+        Args:
+            files: how many uploads there were.
+            total: their bytes.
+            sent: the bytes actually sent (the rest was stored already).
+        """
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+        render.err(render.uploaded_line(files, total, sent))

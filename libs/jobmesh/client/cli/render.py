@@ -25,11 +25,13 @@ from jobmesh.contract.messages.v1 import (
     JobSummary,
     JobView,
     LogLine,
+    NodeInfo,
     NodeView,
     QueueConfig,
     QueueStats,
     SubmitReply,
     TenantConfig,
+    Timeouts,
     ZoneMap,
 )
 
@@ -128,6 +130,38 @@ def submitted(reply: SubmitReply, as_json: bool) -> None:
         json_out({"job_id": reply.job_ids[0], "duplicate": reply.duplicates[0]})
     else:
         print(reply.job_ids[0])
+
+
+def uploaded_line(files: int, total: int, sent: int) -> str:
+    """The line that says what went to ``jm_uploads`` before a submit.
+
+    Args:
+        files: how many uploads.
+        total: their bytes.
+        sent: the bytes sent (the rest the bucket held already, by content).
+
+    Returns:
+        ``uploaded 2 files (1.5 MiB; 0.5 MiB already stored)``.
+    """
+    stored = total - sent
+    extra = f"; {size_text(stored)} already stored" if stored else ""
+    return f"uploaded {files} file{'s' if files != 1 else ''} ({size_text(total)}{extra})"
+
+
+def size_text(n: int) -> str:
+    """A byte count for people: ``512 B``, ``1.5 KiB``, ``64.0 MiB``.
+
+    Args:
+        n: bytes.
+
+    Returns:
+        The text.
+    """
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / (1024 * 1024):.1f} MiB"
 
 
 def run_submitted(job_id: str) -> None:
@@ -233,13 +267,16 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
     Args:
         view: the tracker's view.
         seen: the state a person should see (from ``jobstate``).
-        as_json: print the view as JSON, with the resolved state and reason.
+        as_json: print the view as JSON, with the resolved state and reason and the run
+            timeout in effect (``run_timeout``, seconds).
         fallback: the view of the job that ran in its place, when there is one and the
             tracker knows it.
     """
     if as_json:
         out = msgspec.to_builtins(view)
         out["state"], out["reason"] = seen.state, seen.reason
+        # The spec omits defaults on the wire; the timeout in effect is worth saying.
+        out["run_timeout"] = view.spec.timeouts.run
         json_out(out)
         return
     print(f"job      {view.job_id}  {view.name}")
@@ -247,6 +284,7 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
     print(f"final    {'yes' if view.final else 'no'}")
     print(f"queue    {view.queue}  tenant {view.tenant}  priority {view.spec.priority}")
     print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
+    print(f"timeouts {timeouts_text(view.spec.timeouts)}")
     print(f"submitted {when(view.submitted_at)}  updated {when(view.updated_at)}")
     if view.fallback_of:
         print(f"runs in place of {view.fallback_of}")
@@ -269,6 +307,25 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
         print("events:")
         for e in view.events:
             print(f"  {when(e.at)}  #{e.attempt} {e.kind}" + (f"  {e.detail}" if e.detail else ""))
+
+
+def timeouts_text(timeouts: Timeouts) -> str:
+    """The timeouts in effect for a job, as ``status`` shows them (defaults said so).
+
+    Args:
+        timeouts: the job's timeouts.
+
+    Returns:
+        ``run 3600s (default), heartbeat 10s (default)`` plus queue and total when set.
+    """
+    default = Timeouts()
+    parts = []
+    for name in ("run", "heartbeat", "queue", "total"):
+        value = getattr(timeouts, name)
+        if name in ("queue", "total") and not value:
+            continue  # 0: none
+        parts.append(f"{name} {value:g}s" + (" (default)" if value == getattr(default, name) else ""))
+    return ", ".join(parts)
 
 
 def _fallback_state(fallback: JobView | None) -> str:
@@ -406,12 +463,17 @@ def _one_line(text: str, width: int) -> str:
 
 # --- cluster views ---------------------------------------------------------------------
 def nodes(views: Sequence[NodeView], now: float, as_json: bool) -> None:
-    """What ``nodes`` prints: capacity, allocation (cpu, memory, gpu, disk), datasets, labels.
+    """What ``nodes`` prints: capacity, allocation, isolation and network, then each node's details.
+
+    The table has one row per node: state, isolation level, network, cpu, memory, gpu and
+    disk (used/capacity), jobs, zone, heartbeat, datasets, labels. Below it, per node:
+    its runtimes and handlers, each GPU device and what the executor's probe found.
 
     Args:
         views: the binder's nodes.
         now: the current time, for the heartbeat age.
-        as_json: print the views as JSON.
+        as_json: print the views as JSON (``node.isolation``, ``node.network``,
+            ``node.gpu_devices`` and ``node.probe`` included).
     """
     if as_json:
         json_out(views)
@@ -425,6 +487,8 @@ def nodes(views: Sequence[NodeView], now: float, as_json: bool) -> None:
             [
                 n.node_id,
                 state,
+                n.isolation,
+                "yes" if n.network else "no",
                 f"{a.cpu_milli}/{n.cpu_milli}",
                 f"{a.memory_mb}/{n.memory_mb}",
                 gpu,
@@ -440,6 +504,8 @@ def nodes(views: Sequence[NodeView], now: float, as_json: bool) -> None:
         [
             "NODE",
             "STATE",
+            "ISOLATION",
+            "NET",
             "CPU (m) used/cap",
             "MEM (MiB) used/cap",
             "GPU",
@@ -451,10 +517,36 @@ def nodes(views: Sequence[NodeView], now: float, as_json: bool) -> None:
             "LABELS",
         ],
         rows,
-        right=frozenset({2, 3, 4, 5, 6, 8}),
+        right=frozenset({4, 5, 6, 7, 8, 10}),
     )
     if not views:
         err("no executor node has registered")
+        return
+    print("details:")
+    for v in views:
+        for line in node_details(v.node):
+            print(line)
+
+
+def node_details(node: NodeInfo) -> list[str]:
+    """The lines under ``nodes``' table for one node: runtimes, handlers, GPUs, probe findings.
+
+    Args:
+        node: the node's record.
+
+    Returns:
+        The lines, indented (the first names the node).
+    """
+    handlers = ",".join(node.handlers) or "-"
+    lines = [f"  {node.node_id}  runtimes {','.join(node.runtimes) or '-'}  handlers {handlers}"]
+    for d in node.gpu_devices:
+        memory = f"  {d.memory_mb} MiB" if d.memory_mb else ""
+        lines.append(f"    gpu {d.index}  {d.kind or '-'}{memory}" + (f"  {d.uuid}" if d.uuid else ""))
+    for key, found in sorted(node.probe.items()):
+        lines.append(f"    probe {key}: {found}")
+    if not node.probe:
+        lines.append("    probe: (none reported: an executor from before probing)")
+    return lines
 
 
 def waiting_text(waiting: dict[str, int]) -> str:

@@ -7,6 +7,9 @@ before anything is sent. An error names the spec field and the flag that sets it
 The retry flags make the job's ``RetryPolicy`` (:func:`retry_policy_from`): ``--retries N``
 is ``max_attempts`` N+1; a flag left out keeps the policy's default. ``--fallback-json``
 takes a ``FallbackSpec`` as JSON text or as the path of a file that holds it.
+
+What runs and what it starts from (runtime, variables, files, stdin, network, secrets) are
+the flags of ``runtimeflags``.
 """
 
 from __future__ import annotations
@@ -18,17 +21,25 @@ from typing import Any
 
 import msgspec
 
+from jobmesh.client.cli.runtimeflags import (
+    JobInputs,
+    add_runtime_flags,
+    check_secret_names,
+    env_from,
+    inputs_from,
+    runtime_from,
+)
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
     FAILURE_CODES,
     RETRY_ON_BY_DEFAULT,
     Constraints,
+    ContainerRuntime,
     FallbackSpec,
-    JobRuntime,
+    HandlerRuntime,
     JobSpec,
     Locality,
     NoopRuntime,
-    ProcessRuntime,
     Resources,
     RetryPolicy,
     Timeouts,
@@ -69,6 +80,16 @@ FLAG_OF_FIELD = {
     "concurrency_key": "--concurrency-key",
     "concurrency_limit": "--concurrency-limit",
     "not_before": "--delay",
+    "runtime.input": "--input",
+    "runtime.handler": "--handler",
+    "runtime.image": "--image",
+    "runtime.env": "--env",
+    "files": "--upload/--node-path",
+    "network": "--network",
+    "secrets": "--secret",
+    "secrets_as": "--secrets-as",
+    "stdin": "-i",
+    "stdin_object": "-i",
 }
 # A retry policy allows at most this many attempts (RetryPolicy.max_attempts).
 MAX_RETRIES = 99
@@ -196,8 +217,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--zone", default="", help="preferred zone (data locality)")
     p.add_argument("--dataset", default="", help="dataset the job reads (nodes holding it score higher)")
     p.add_argument("--isolation", default="", choices=["", "process", "sandbox", "container", "vm"])
-    p.add_argument("--handler", default="", help="required handler hosted by the node")
-    p.add_argument("--timeout", type=float, default=3600.0, help="run timeout, seconds")
+    p.add_argument("--timeout", type=float, default=3600.0, help="run timeout, seconds (default 3600)")
     p.add_argument("--queue-timeout", type=seconds, default=0.0, help="expire if not started within this many seconds")
     p.add_argument("--delay", type=seconds, default=0.0, help="do not start before this many seconds from now")
     p.add_argument("--group", default="", help="sequential group: one at a time, in submission order")
@@ -231,7 +251,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
         + """'{"runtime": {"kind": "process", "argv": ["echo", "plan b"]}}'""",
     )
     p.add_argument("--key", default="", help="idempotency key (same key, same job)")
-    p.add_argument("--noop", action="store_true", help="use the built-in no-op runtime")
+    add_runtime_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD ARGS...")
 
 
@@ -248,28 +268,27 @@ def command_of(args: argparse.Namespace) -> list[str]:
     return command[1:] if command[:1] == ["--"] else command
 
 
-def spec_from(args: argparse.Namespace, now: float | None = None) -> JobSpec:
+def spec_from(args: argparse.Namespace, now: float | None = None, inputs: JobInputs | None = None) -> JobSpec:
     """The job spec the flags describe, checked as the trigger would check it.
 
     Args:
         args: the parsed command line of ``submit`` or ``run``.
         now: the submission time (``--delay`` counts from it); the clock when omitted.
+        inputs: the files and stdin, as :func:`runtimeflags.inputs_from` read them; read
+            here when omitted (the commands read them first, to upload them after).
 
     Returns:
         A valid ``JobSpec``.
 
     Raises:
-        UsageError: no command and no ``--noop``, or a ``--label`` that is not ``key=value``.
+        UsageError: no command and no other runtime, flags that do not go together, or a
+            ``--label`` that is not ``key=value``.
         InvalidMessage: a value the spec refuses; the message names the field and the flag.
     """
     now = time.time() if now is None else now
     command = command_of(args)
-    if args.noop:
-        runtime: JobRuntime = NoopRuntime()
-    elif not command:
-        raise UsageError("give a command after --, e.g. jobmesh submit -- echo hello", field="command")
-    else:
-        runtime = ProcessRuntime(argv=command)
+    runtime = runtime_from(args, command, env_from(args))
+    inputs = inputs_from(args) if inputs is None else inputs
     labels = {}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -278,14 +297,21 @@ def spec_from(args: argparse.Namespace, now: float | None = None) -> JobSpec:
         labels[key] = value
     raw: dict[str, Any] = dict(
         runtime=runtime,
-        name=args.name or (" ".join(command)[:200] if command else "noop"),
+        name=args.name or _default_name(runtime, command),
         queue=args.queue,
         tenant=args.tenant,
         priority=args.priority,
         resources=Resources(
             cpu_milli=args.cpu, memory_mb=args.memory, gpu=args.gpu, gpu_kind=args.gpu_kind, disk_mb=args.disk
         ),
-        constraints=Constraints(arch=args.arch, labels=labels, isolation=args.isolation, handler=args.handler),
+        # A handler job's placement follows its runtime; with a command, --handler is the
+        # bare constraint: a process job on a node that hosts that handler.
+        constraints=Constraints(
+            arch=args.arch,
+            labels=labels,
+            isolation=args.isolation,
+            handler="" if isinstance(runtime, HandlerRuntime) else args.handler,
+        ),
         locality=Locality(zone=args.zone, dataset=args.dataset),
         timeouts=timeouts_from(args),
         retry=retry_policy_from(args),
@@ -293,14 +319,31 @@ def spec_from(args: argparse.Namespace, now: float | None = None) -> JobSpec:
         concurrency_key=args.concurrency_key,
         concurrency_limit=args.concurrency_limit,
         not_before=now + args.delay if args.delay > 0 else 0.0,
+        network=args.network,
+        secrets=list(args.secret),
+        secrets_as=args.secrets_as,
+        stdin=inputs.stdin,
+        stdin_object=inputs.stdin_object,
+        files=inputs.files,
     )
     try:
+        check_secret_names(args.secret)
         # Round-trip through the wire type so flags get the same checks as API input.
         spec = _spec_codec.decode(encode(msgspec.structs.replace(JobSpec(runtime=runtime), **raw)))
         validate_spec(spec, now=now)
     except InvalidMessage as exc:
         raise _with_flag(exc) from exc
     return spec
+
+
+def _default_name(runtime: object, command: list[str]) -> str:
+    if isinstance(runtime, NoopRuntime):
+        return "noop"
+    if isinstance(runtime, HandlerRuntime):
+        return f"handler {runtime.handler}"
+    if isinstance(runtime, ContainerRuntime):
+        return " ".join([runtime.image, *command])[:200]
+    return " ".join(command)[:200]
 
 
 def timeouts_from(args: argparse.Namespace) -> Timeouts:
