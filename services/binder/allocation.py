@@ -4,14 +4,21 @@ A node's free capacity is what it advertises minus its reservations. ``plan`` wa
 job's ranked candidates and takes the first whose free capacity fits, counting what earlier
 jobs of the same batch took, so one batch never overbooks a node by itself; the
 compare-and-set on the node's allocation record guards against other binders.
+
+A job asking for GPUs gets specific devices: ``pick_gpus`` takes the lowest indices of the
+node's GPUs (of the asked kind) that no other reservation on the node holds. The indices
+are part of the reservation, so they are written by the same compare-and-set: two binders
+racing for one node's GPUs cannot both win with the same record revision, and the loser
+picks again from the record the winner wrote. A job without GPUs costs nothing extra.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from jobmesh.contract.ids import attempt_key
-from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, Reservation, Resources
+from jobmesh.contract.messages.v1 import Allocation, GpuDevice, JobReady, NodeInfo, Reservation, Resources
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +57,58 @@ def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
 
 
 def overbooked(node: NodeInfo, alloc: Allocation) -> bool:
-    """True when reservations exceed capacity (must never happen; tests check it)."""
+    """True when reservations exceed capacity or two of them hold one GPU index (must
+    never happen; tests check it)."""
     f = free_on(node, alloc)
-    return f.cpu_milli < 0 or f.memory_mb < 0 or f.gpu < 0 or f.disk_mb < 0
+    if f.cpu_milli < 0 or f.memory_mb < 0 or f.gpu < 0 or f.disk_mb < 0:
+        return True
+    held = [index for r in alloc.reservations.values() for index in r.gpu_devices]
+    return len(held) != len(set(held))
+
+
+def node_gpus(node: NodeInfo) -> list[GpuDevice]:
+    """The GPUs a node has, by index.
+
+    Args:
+        node: the node's record.
+
+    Returns:
+        Its advertised devices; for an executor that advertises only a count (one from
+        before devices were advertised), indices ``0 .. gpu-1`` of the node's kind.
+    """
+    if node.gpu_devices:
+        return node.gpu_devices
+    return [GpuDevice(index=index, kind=node.gpu_kind) for index in range(node.gpu)]
+
+
+def pick_gpus(node: NodeInfo, reservations: Mapping[str, Reservation], res: Resources) -> list[int] | None:
+    """The GPU indices a new reservation of ``res`` on ``node`` takes.
+
+    Args:
+        node: the node's record (its devices, or its count and kind).
+        reservations: every reservation on the node, the ones just made in this batch
+            included.
+        res: what the job asks for; a device matches ``res.gpu_kind`` when it is empty,
+            else when the device's kind (the node's kind for a device that names none)
+            equals it.
+
+    Returns:
+        The ``res.gpu`` lowest matching indices no reservation holds, in ascending order
+        (empty when ``res.gpu`` is 0); None when fewer are free.
+    """
+    if res.gpu == 0:
+        return []
+    held = {index for r in reservations.values() for index in r.gpu_devices}
+    free = sorted(
+        {
+            d.index
+            for d in node_gpus(node)
+            if d.index not in held and (not res.gpu_kind or (d.kind or node.gpu_kind) == res.gpu_kind)
+        }
+    )
+    if len(free) < res.gpu:
+        return None
+    return free[: res.gpu]
 
 
 @dataclass
@@ -115,13 +171,15 @@ def plan(
 
 @dataclass(frozen=True, slots=True)
 class Binding:
-    """One job placed on a node: its scratch directory, and whether this write reserved it
-    (False: the attempt already held the reservation, a redelivery)."""
+    """One job placed on a node: its scratch directory, whether this write reserved it
+    (False: the attempt already held the reservation, a redelivery), and the GPU indices
+    its reservation holds."""
 
     job: JobReady
     node_id: str
     scratch_dir: str
     new: bool
+    gpu_devices: Sequence[int] = ()
 
 
 def reserve(
@@ -140,7 +198,8 @@ def reserve(
 
     Returns:
         The new record to write (None when nothing changed), the jobs bound, and the jobs
-        that no longer fit (another binder took the room since the plan was made).
+        that no longer fit (another binder took the room since the plan was made, or too
+        few GPUs of the asked kind are free).
     """
     free = free_on(node, alloc)
     reservations = dict(alloc.reservations)
@@ -148,18 +207,28 @@ def reserve(
     lost: list[JobReady] = []
     for job in jobs:
         key = attempt_key(job.job_id, job.attempt)
-        if key in reservations:  # a redelivery: already ours on this node
-            won.append(Binding(job, node.node_id, reservations[key].scratch_dir, False))
+        held = reservations.get(key)
+        if held is not None:  # a redelivery: already ours on this node
+            won.append(Binding(job, node.node_id, held.scratch_dir, False, held.gpu_devices))
             continue
-        if not free.fits(job.spec.resources):
+        res = job.spec.resources
+        if not free.fits(res):
             lost.append(job)
             continue
-        free = free.minus(job.spec.resources)
         scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
-        reservations[key] = Reservation(
-            resources=job.spec.resources, scratch_dir=scratch, at=now, partition=job.partition
-        )
-        won.append(Binding(job, node.node_id, scratch, True))
+        if res.gpu:
+            gpus = pick_gpus(node, reservations, res)
+            if gpus is None:
+                lost.append(job)
+                continue
+            reservation = Reservation(
+                resources=res, scratch_dir=scratch, at=now, partition=job.partition, gpu_devices=gpus
+            )
+        else:
+            reservation = Reservation(resources=res, scratch_dir=scratch, at=now, partition=job.partition)
+        free = free.minus(res)
+        reservations[key] = reservation
+        won.append(Binding(job, node.node_id, scratch, True, reservation.gpu_devices))
     changed = any(b.new for b in won)
     return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost
 

@@ -4,9 +4,10 @@ Bind: plan the batch against the cached allocations, write each node's new reser
 with one compare-and-set, retry jobs that lost a race on their next candidate, then
 publish JobBound on each node's dispatch subject (and JobUnplaceable for jobs that fit
 nowhere) and ack. Nothing is bound on a view that has not caught up since a reconnect.
-Release: remove the attempt's reservation however the attempt ended, and return only once
-the server's record is known not to hold it. Cancel: send AttemptCancel to the node that
-holds the attempt's reservation.
+A JobBound names the GPU indices its reservation holds (``Reservation.gpu_devices``), the
+same ones on every redelivery. Release: remove the attempt's reservation (and with it its
+GPUs) however the attempt ended, and return only once the server's record is known not to
+hold it. Cancel: send AttemptCancel to the node that holds the attempt's reservation.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class Binder:
             # node has gone (or drains) since, the reservation is dropped and the job placed anew.
             holder = self._allocs.holder(key)
             if holder is not None and self._usable(nodes.get(holder), settled):
-                scratch = self._allocs.records[holder][0].reservations[key].scratch_dir
-                bound.append(Binding(job, holder, scratch, False))
+                held = self._allocs.records[holder][0].reservations[key]
+                bound.append(Binding(job, holder, held.scratch_dir, False, held.gpu_devices))
             elif holder is None and key in self.cancelled:
                 log.info("job %s attempt %d: cancelled before its binding; not bound", job.job_id, job.attempt)
                 refused.append((job, CANCELLED_REASON))
@@ -218,6 +219,7 @@ class Binder:
                 submitted_at=job.submitted_at,
                 bound_at=now,
                 checkpoint=job.checkpoint,
+                gpu_devices=list(binding.gpu_devices),
             )
             context = by_key[key].context
             if key in rebound:
