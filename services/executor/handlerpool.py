@@ -1,0 +1,773 @@
+"""The handler runtime: a pool of long-lived worker processes that run ``@handler`` functions.
+
+:class:`HandlerPool` starts ``workers`` processes (``python -m jobmesh.sdk.worker``) when
+the executor starts, so the first job finds them warm; each imports the handler modules
+once and serves one job at a time, so a model loaded at import or cached by a handler
+serves every later job of that worker. It is the :class:`~jobmesh.executor.runrequest.Runner`
+of the ``handler`` runtime.
+
+How a job ends:
+
+- the handler returns: its output (JSON, checked against its type) becomes the attempt's
+  result file, which the attempt collects as it does a process's;
+- input that does not match the handler's type: ``input_invalid``, the field named as
+  ``$.runtime.input.<field>``; no handler code ran, so the worker stays;
+- a handler the pool does not host: ``handler_missing``;
+- the handler raises: ``handler_failed``, its traceback in the job's log and output tail;
+- the worker dies (``os._exit``, a signal, the OOM killer): ``handler_crashed``;
+- the run timeout passes, or the attempt is aborted (cancel, drain): the worker is told
+  (``ctx.cancelled``), killed with its whole process group after ``kill_grace`` seconds,
+  and the attempt fails ``timeout`` or with the abort's reason.
+
+After every failure but ``input_invalid`` and ``handler_missing`` the worker is killed and
+a fresh one started in its place: a handler that failed may have left its model broken.
+
+The worker's stdout and stderr are the current job's log lines (lines between jobs go to
+the executor's log). How workers are started is injectable (``spawn``): the executor passes
+one that starts them inside the node's isolation; :func:`spawn_plain` is a plain process in
+a session of its own with a cleared environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import msgspec
+
+from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, JobSpec
+from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
+from jobmesh.executor.outcomes import EXECUTOR_ERROR, NODE_DRAINED, TIMEOUT, Outcome, failed_outcome
+from jobmesh.executor.results import RESULT_FILE
+from jobmesh.executor.runner import MAX_LINE_BYTES, READ_CHUNK, AbortSignal, OutputStream, OutputTail
+from jobmesh.executor.runrequest import RunRequest
+from jobmesh.sdk import protocol
+from jobmesh.sdk.modules import is_path
+
+log = logging.getLogger("jobmesh.executor.handlerpool")
+
+INPUT_INVALID: FailureCode = "input_invalid"
+HANDLER_FAILED: FailureCode = "handler_failed"
+HANDLER_CRASHED: FailureCode = "handler_crashed"
+HANDLER_MISSING: FailureCode = "handler_missing"
+# Failures after which the worker is kept: the handler's code never ran.
+_KEEPS_WORKER = frozenset({INPUT_INVALID, HANDLER_MISSING})
+# The executor's variables a worker keeps: enough to find Python, its packages and a locale.
+WORKER_ENV_KEEP = ("PATH", "LANG", "PYTHONPATH")
+
+
+class WorkerProcess(Protocol):
+    """A started worker process, as a spawn returns it."""
+
+    @property
+    def pid(self) -> int:
+        """Its process id (the leader of its process group)."""
+        ...
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        """Its standard output."""
+        ...
+
+    @property
+    def stderr(self) -> asyncio.StreamReader:
+        """Its standard error."""
+        ...
+
+    async def wait(self) -> int:
+        """Its exit code once it exited; negative for a signal."""
+        ...
+
+    def kill(self) -> None:
+        """SIGKILL every process the worker started (its group, its cgroup); never raises."""
+        ...
+
+    def close(self) -> None:
+        """Release what the spawn holds for it (pipes, cgroup); called once, after it exited."""
+        ...
+
+
+# spawn(argv, env, cwd, pass_fds): start argv with exactly env in cwd, stdin /dev/null,
+# stdout and stderr piped, inheriting pass_fds under the same numbers.
+Spawn = Callable[[Sequence[str], Mapping[str, str], Path, Sequence[int]], Awaitable[WorkerProcess]]
+# submit(spec, idempotency_key) -> job id; raises JobmeshError when the cluster refuses.
+SubmitFollowup = Callable[[JobSpec, str], Awaitable[str]]
+
+
+class HandlerLoadError(Exception):
+    """Raised by :meth:`HandlerPool.start` when a worker cannot load the handler modules.
+
+    Attributes:
+        module: the module that failed to import ("" when the worker failed otherwise).
+    """
+
+    def __init__(self, message: str, module: str = "") -> None:
+        super().__init__(message)
+        self.module = module
+
+
+class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
+    """asyncio's subprocess stream protocol plus a future set when the process exits.
+
+    Process.wait() on Python 3.11's own loop returns only once every pipe is closed, which
+    a grandchild that escaped the group can put off forever.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(limit=READ_CHUNK, loop=loop)
+        self.exited: asyncio.Future[None] = loop.create_future()
+
+    def process_exited(self) -> None:
+        super().process_exited()
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+
+class PlainWorkerProcess:
+    """A worker started by :func:`spawn_plain`: a process leading a session of its own."""
+
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _ExitAwareProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        assert protocol.stdout is not None and protocol.stderr is not None  # both were piped
+        self._stdout = protocol.stdout
+        self._stderr = protocol.stderr
+
+    @property
+    def pid(self) -> int:
+        return self._transport.get_pid()
+
+    @property
+    def stdout(self) -> asyncio.StreamReader:
+        return self._stdout
+
+    @property
+    def stderr(self) -> asyncio.StreamReader:
+        return self._stderr
+
+    async def wait(self) -> int:
+        await asyncio.shield(self._protocol.exited)
+        code = self._transport.get_returncode()
+        assert code is not None  # set before process_exited resolved ``exited``
+        return code
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group is gone already
+
+    def close(self) -> None:
+        self._transport.close()
+
+
+async def spawn_plain(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pass_fds: Sequence[int]) -> WorkerProcess:
+    """Start a worker as a plain process in a new session (its own process group).
+
+    Args:
+        argv: the command line.
+        env: its whole environment.
+        cwd: its working directory.
+        pass_fds: descriptors it inherits under the same numbers.
+
+    Returns:
+        The started process.
+    """
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.subprocess_exec(
+        lambda: _ExitAwareProtocol(loop),
+        *argv,
+        cwd=str(cwd),
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        pass_fds=tuple(pass_fds),
+    )
+    return PlainWorkerProcess(transport, proto)
+
+
+def worker_environment(environ: Mapping[str, str], home: Path, extra: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a worker: the executor's PATH, LANG and PYTHONPATH, HOME, ``extra``.
+
+    Args:
+        environ: the executor's environment.
+        home: the workers' home directory.
+        extra: more variables for every worker (they win).
+
+    Returns:
+        The environment.
+    """
+    env = {key: environ[key] for key in WORKER_ENV_KEEP if key in environ}
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+class _Job:
+    """The attempt a worker serves: where its lines go, its tail, its sequence number."""
+
+    def __init__(self, request: RunRequest, seq: int) -> None:
+        self.request = request
+        self.seq = seq
+        self.tail = OutputTail()
+
+    async def line(self, stream: OutputStream, text: str) -> None:
+        self.tail.add(text + "\n")
+        await self.request.on_line(stream, text)
+
+
+class _Worker:
+    """One worker process, its pipes, and the job it serves."""
+
+    def __init__(self, process: WorkerProcess, commands: asyncio.StreamWriter, events: asyncio.StreamReader) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._commands = commands
+        self._frames = protocol.FrameReader(events, protocol.Event)
+        self.events: asyncio.Queue[protocol.Event | None] = asyncio.Queue()
+        self.job: _Job | None = None
+        self.handlers: list[HandlerInfo] = []
+        self.seq = 0
+        self.ready = False
+        self.dead = False  # its event pipe ended: it exited, or is about to
+        self.retired = False  # killed (or dying) and replaced; never handed a job again
+        self.marks: dict[OutputStream, int] = {"stdout": 0, "stderr": 0}
+        self.mark_seen = asyncio.Event()
+        self.tasks: list[asyncio.Task[None]] = []
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def send(self, message: protocol.Command) -> bool:
+        """Send a command; False when the worker is gone."""
+        if self._commands.is_closing():
+            return False
+        try:
+            self._commands.write(protocol.encode_frame(message))
+            await self._commands.drain()
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    async def read_event(self) -> protocol.Event | None:
+        """The next event from the pipe; None when it ended or broke (the worker is gone)."""
+        try:
+            event = await self._frames.read()
+        except ValueError as exc:
+            log.error("handler worker %d broke the protocol: %s", self.pid, exc)
+            return None
+        except (ConnectionError, OSError):
+            return None
+        return event  # type: ignore[return-value]  # the reader decodes protocol.Event
+
+    def close_commands(self) -> None:
+        self._commands.close()
+
+    async def wait_marks(self, seq: int, timeout: float) -> None:
+        """Wait until both output pipes have shown the end of job ``seq`` (or ``timeout``)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while min(self.marks.values()) < seq:
+            self.mark_seen.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                log.warning("handler worker %d: the end of job %d's output did not arrive", self.pid, seq)
+                return
+            try:
+                await asyncio.wait_for(self.mark_seen.wait(), left)
+            except TimeoutError:
+                continue
+
+
+class HandlerPool:
+    """A pool of handler workers: the Runner of the ``handler`` runtime.
+
+    Args:
+        modules: the handler modules every worker imports (dotted names or ``.py`` files;
+            a relative file path is taken from the executor's working directory).
+        workers: how many worker processes (jobs it runs at the same time).
+        spawn: starts one worker; :func:`spawn_plain` when omitted.
+        submit: submits a handler's follow-up job (``ctx.submit``); None refuses them.
+        env: variables every worker gets besides the executor's PATH, LANG, PYTHONPATH.
+        home: the workers' working directory; a temporary one (removed by :meth:`stop`)
+            when omitted.
+        python: the interpreter the workers run.
+        kill_grace: seconds a cancelled or timed-out handler has to return before its
+            worker is killed.
+        pipe_grace: seconds to wait for the rest of a job's output once it ended.
+        start_timeout: seconds a worker has to import the modules.
+        clock: epoch seconds (stamped on the handler records).
+        environ: the executor's environment (``os.environ`` when omitted).
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str],
+        workers: int = 2,
+        *,
+        spawn: Spawn = spawn_plain,
+        submit: SubmitFollowup | None = None,
+        env: Mapping[str, str] | None = None,
+        home: Path | None = None,
+        python: str = sys.executable,
+        kill_grace: float = 3.0,
+        pipe_grace: float = 2.0,
+        start_timeout: float = 120.0,
+        clock: Callable[[], float] = time.time,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"a handler pool needs at least one worker, not {workers}")
+        self._modules = [str(Path(m).resolve()) if is_path(m) else m for m in modules]
+        self._count = workers
+        self._spawn = spawn
+        self._submit = submit
+        self._extra_env = dict(env or {})
+        self._home = home
+        self._own_home = home is None
+        self._python = python
+        self._kill_grace = kill_grace
+        self._pipe_grace = pipe_grace
+        self._start_timeout = start_timeout
+        self._clock = clock
+        self._environ = os.environ if environ is None else environ
+        self._infos: dict[str, HandlerInfo] = {}
+        self._workers: set[_Worker] = set()
+        self._idle: asyncio.Queue[_Worker] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._started = False
+        self._stopping = False
+
+    @property
+    def handlers(self) -> dict[str, HandlerInfo]:
+        """The handlers the pool hosts, by name (empty before :meth:`start`)."""
+        return dict(self._infos)
+
+    def pids(self) -> list[int]:
+        """The process ids of the live workers."""
+        return sorted(w.pid for w in self._workers if not w.retired)
+
+    async def start(self) -> list[HandlerInfo]:
+        """Start every worker and wait until each has imported the modules.
+
+        Returns:
+            The handler records (``jm_handlers``), one per handler, stamped now.
+
+        Raises:
+            HandlerLoadError: a module failed to import (named in the message), or a
+                worker did not start; no worker is left running then.
+        """
+        if self._started:
+            raise RuntimeError("the handler pool is started already")
+        self._started = True
+        if self._home is None:
+            self._home = Path(tempfile.mkdtemp(prefix="jobmesh-handlers-"))
+        self._home.mkdir(parents=True, exist_ok=True)
+        results = await asyncio.gather(*(self._start_worker() for _ in range(self._count)), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await self.stop()
+            raise failures[0]
+        started = [r for r in results if isinstance(r, _Worker)]
+        now = self._clock()
+        self._infos = {info.name: msgspec.structs.replace(info, at=now) for info in started[0].handlers}
+        for worker in started:
+            self._idle.put_nowait(worker)
+        log.info(
+            "handler pool: %d workers (pids %s) host %s",
+            len(started),
+            ", ".join(str(w.pid) for w in started),
+            ", ".join(self._infos) or "no handlers",
+        )
+        return list(self._infos.values())
+
+    async def stop(self) -> None:
+        """Kill every worker and wait for them; an attempt still running fails ``node_drained``."""
+        self._stopping = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        workers = list(self._workers)
+        for worker in workers:
+            worker.retired = True
+            worker.close_commands()
+            worker.process.kill()
+        await asyncio.gather(*(self._reap(w) for w in workers), return_exceptions=True)
+        if self._own_home and self._home is not None:
+            await asyncio.to_thread(shutil.rmtree, self._home, True)
+
+    async def run(self, request: RunRequest) -> Outcome:
+        """Run one handler attempt to its end (a Runner); never raises for the job's own failure.
+
+        Args:
+            request: the attempt; its runtime is a ``HandlerRuntime``.
+
+        Returns:
+            Its outcome; on success its result file holds the handler's output as JSON.
+        """
+        runtime = request.runtime
+        if not isinstance(runtime, HandlerRuntime):
+            raise TypeError(f"the handler pool runs handler runtimes, not {type(runtime).__name__}")
+        spawned = False
+        try:
+            if request.abort.error is not None:
+                return Outcome(None, request.abort.error)
+            if runtime.handler not in self._infos:
+                hosted = ", ".join(sorted(self._infos)) or "none"
+                return failed_outcome(
+                    HANDLER_MISSING, f"this node's handler pool has no handler {runtime.handler!r} (it hosts: {hosted})"
+                )
+            try:
+                payload = msgspec.json.encode(runtime.input)
+            except (TypeError, msgspec.EncodeError) as exc:
+                return failed_outcome(
+                    INPUT_INVALID, f"the input cannot be encoded as JSON: {exc} - at `$.runtime.input`"
+                )
+            worker = await self._acquire(request.abort)
+            if worker is None:
+                return Outcome(None, request.abort.error)
+            if request.on_spawned is not None:
+                spawned = True
+                await request.on_spawned()
+            return await self._serve(worker, request, runtime, payload)
+        finally:
+            if not spawned and request.on_spawned is not None:
+                await request.on_spawned()
+
+    async def _serve(self, worker: _Worker, request: RunRequest, runtime: HandlerRuntime, payload: bytes) -> Outcome:
+        worker.seq += 1
+        job = _Job(request, worker.seq)
+        worker.job = job
+        keep = False
+        try:
+            outcome, keep = await self._converse(worker, job, runtime, payload)
+            return outcome
+        finally:
+            worker.job = None
+            if keep and not worker.dead and not self._stopping:
+                self._idle.put_nowait(worker)
+            else:
+                self._retire(worker)
+
+    async def _converse(
+        self, worker: _Worker, job: _Job, runtime: HandlerRuntime, payload: bytes
+    ) -> tuple[Outcome, bool]:
+        """Hand the job to ``worker`` and follow it to its end.
+
+        Returns:
+            The outcome, and whether the worker may serve the next job.
+        """
+        request = job.request
+        call = protocol.Call(
+            job.seq,
+            runtime.handler,
+            payload,
+            request.job_id,
+            request.attempt,
+            str(request.workdir),
+            request.checkpoint,
+        )
+        if not await worker.send(call):
+            return await self._crashed(worker, job, runtime.handler), False
+        talk = asyncio.ensure_future(self._talk(worker, job))
+        aborted = asyncio.ensure_future(request.abort.wait())
+        try:
+            await asyncio.wait({talk, aborted}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
+            if not talk.done():
+                stopped_by = request.abort.error or JobError(
+                    code=TIMEOUT, message=f"ran longer than its run timeout of {request.timeout:g}s"
+                )
+                log.info("%s: stopping its handler (%s)", request.name, stopped_by.message)
+                await worker.send(protocol.Cancel(job.seq))
+                await asyncio.wait({talk}, timeout=self._kill_grace)
+                worker.process.kill()
+                await self._reap(worker)
+                return Outcome(None, stopped_by, job.tail.text()), False
+            end = talk.result()
+        finally:
+            aborted.cancel()
+            if not talk.done():
+                talk.cancel()
+        if end is None:
+            return await self._crashed(worker, job, runtime.handler), False
+        await worker.wait_marks(job.seq, self._pipe_grace)
+        tail = job.tail.text()
+        if isinstance(end, protocol.Failed):
+            keep = end.code in _KEEPS_WORKER
+            return failed_outcome(_failure_code(end.code), end.message, output_tail=tail), keep
+        try:
+            await asyncio.to_thread((request.workdir / RESULT_FILE).write_bytes, end.result)
+        except OSError as exc:
+            return failed_outcome(EXECUTOR_ERROR, f"cannot write the handler's result: {exc}", output_tail=tail), True
+        return Outcome(0, None, tail), True
+
+    async def _talk(self, worker: _Worker, job: _Job) -> protocol.Done | protocol.Failed | None:
+        """Follow the job's events until it ends; None when the worker went away."""
+        request = job.request
+        while True:
+            event = await worker.events.get()
+            if event is None:
+                return None
+            if getattr(event, "seq", job.seq) != job.seq:
+                continue  # a late event of an earlier job of this worker
+            if isinstance(event, protocol.Done | protocol.Failed):
+                return event
+            if isinstance(event, protocol.Progress):
+                if request.on_progress is not None:
+                    request.on_progress(event.fraction, event.message)
+            elif isinstance(event, protocol.Heartbeat):
+                if event.checkpoint and request.on_checkpoint is not None:
+                    request.on_checkpoint(event.checkpoint)
+            elif isinstance(event, protocol.Submit):
+                task = asyncio.ensure_future(self._followup(worker, request, event))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _followup(self, worker: _Worker, request: RunRequest, event: protocol.Submit) -> None:
+        """Submit a handler's follow-up job and answer the worker."""
+        answer = protocol.SubmitDone(event.seq, event.request)
+        try:
+            if self._submit is None:
+                raise Unavailable("this executor's handler pool cannot submit jobs (it has no connection)")
+            try:
+                spec = msgspec.json.decode(event.spec, type=JobSpec)
+            except msgspec.ValidationError as exc:
+                raise InvalidMessage(f"the follow-up job spec is invalid: {exc}") from exc
+            job_id = await self._submit(spec, event.key)
+            log.info("%s: submitted follow-up job %s", request.name, job_id)
+            answer = msgspec.structs.replace(answer, job_id=job_id)
+        except JobmeshError as exc:
+            answer = msgspec.structs.replace(answer, code=exc.code, message=exc.message, field=exc.field or "")
+        except Exception as exc:
+            log.exception("%s: submitting a follow-up job failed", request.name)
+            answer = msgspec.structs.replace(answer, code="internal", message=f"{type(exc).__name__}: {exc}")
+        await worker.send(answer)
+
+    async def _crashed(self, worker: _Worker, job: _Job, handler: str) -> Outcome:
+        """The outcome of a job whose worker went away under it."""
+        try:
+            code = await asyncio.wait_for(worker.process.wait(), self._kill_grace)
+        except TimeoutError:
+            worker.process.kill()  # it closed its event pipe but lives on: it is broken
+            code = await worker.process.wait()
+        worker.process.kill()  # whatever it started must not outlive it
+        await self._reap(worker)
+        if self._stopping:
+            return failed_outcome(NODE_DRAINED, "the executor's handler pool stopped", output_tail=job.tail.text())
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        else:
+            how = f"exited with code {code}"
+        message = f"the worker running handler {handler!r} (pid {worker.pid}) {how}"
+        return failed_outcome(HANDLER_CRASHED, message, exit_code=None, output_tail=job.tail.text())
+
+    async def _acquire(self, abort: AbortSignal) -> _Worker | None:
+        """An idle live worker, waiting for one; None when ``abort`` is set first."""
+        while True:
+            if not self._idle.empty():
+                worker = self._idle.get_nowait()
+            else:
+                getting = asyncio.ensure_future(self._idle.get())
+                aborted = asyncio.ensure_future(abort.wait())
+                await asyncio.wait({getting, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                aborted.cancel()
+                if not getting.done():
+                    getting.cancel()
+                    return None
+                worker = getting.result()
+                if abort.is_set():
+                    self._idle.put_nowait(worker)
+                    return None
+            if not worker.dead and not worker.retired:
+                return worker
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill ``worker`` and start another in its place (unless the pool is stopping)."""
+        if worker.retired:
+            return
+        worker.retired = True
+        worker.close_commands()
+        worker.process.kill()
+        if self._stopping:
+            return
+        task = asyncio.ensure_future(self._replace(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _replace(self, old: _Worker) -> None:
+        await self._reap(old)  # its memory is free before the next worker loads its model
+        delay = 0.5
+        while not self._stopping:
+            try:
+                worker = await self._start_worker()
+            except (HandlerLoadError, OSError) as exc:
+                log.error("handler pool: a replacement worker failed to start (retrying in %gs): %s", delay, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            log.info("handler pool: worker %d replaces worker %d", worker.pid, old.pid)
+            self._idle.put_nowait(worker)
+            return
+
+    async def _reap(self, worker: _Worker) -> None:
+        """Wait for the worker's exit and its output; then release it (once)."""
+        if worker.closed.done():
+            return
+        try:
+            await worker.process.wait()
+            pending = [t for t in worker.tasks if not t.done()]
+            if pending:
+                _, late = await asyncio.wait(pending, timeout=self._pipe_grace)
+                for task in late:  # a grandchild that left the group holds the pipe
+                    task.cancel()
+        finally:
+            if not worker.closed.done():
+                worker.closed.set_result(None)
+                worker.process.close()
+                self._workers.discard(worker)
+
+    async def _start_worker(self) -> _Worker:
+        """Start one worker and wait for it to report its handlers.
+
+        Raises:
+            HandlerLoadError: a module failed to import, or the worker did not start.
+        """
+        assert self._home is not None
+        loop = asyncio.get_running_loop()
+        commands_in, commands_out = os.pipe()
+        events_in, events_out = os.pipe()
+        argv = [
+            self._python,
+            "-m",
+            "jobmesh.sdk.worker",
+            "--commands",
+            str(commands_in),
+            "--events",
+            str(events_out),
+            *self._modules,
+        ]
+        env = worker_environment(self._environ, self._home, self._extra_env)
+        try:
+            process = await self._spawn(argv, env, self._home, (commands_in, events_out))
+        except OSError as exc:
+            for fd in (commands_out, events_in):
+                os.close(fd)
+            raise HandlerLoadError(f"cannot start a handler worker ({argv[0]}): {exc}") from exc
+        finally:
+            os.close(commands_in)
+            os.close(events_out)
+        events = asyncio.StreamReader(limit=READ_CHUNK)
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(events), os.fdopen(events_in, "rb", 0))
+        transport, flow = await loop.connect_write_pipe(
+            asyncio.streams.FlowControlMixin, os.fdopen(commands_out, "wb", 0)
+        )
+        commands = asyncio.StreamWriter(transport, flow, None, loop)
+        worker = _Worker(process, commands, events)
+        self._workers.add(worker)
+        worker.tasks = [
+            asyncio.ensure_future(self._pump(worker, process.stdout, "stdout")),
+            asyncio.ensure_future(self._pump(worker, process.stderr, "stderr")),
+            asyncio.ensure_future(self._read_events(worker)),
+        ]
+        try:
+            first = await asyncio.wait_for(worker.events.get(), self._start_timeout)
+        except TimeoutError:
+            self._abandon(worker)
+            raise HandlerLoadError(
+                f"a handler worker (pid {worker.pid}) did not import {', '.join(self._modules)} "
+                f"within {self._start_timeout:g}s"
+            ) from None
+        if isinstance(first, protocol.Ready):
+            worker.handlers = first.handlers
+            worker.ready = True
+            return worker
+        self._abandon(worker)
+        if isinstance(first, protocol.LoadFailed):
+            raise HandlerLoadError(
+                f"handler module {first.module!r} failed to import: {first.message} "
+                "(its traceback is in the executor's log)",
+                first.module,
+            )
+        code = await worker.process.wait()
+        raise HandlerLoadError(
+            f"a handler worker (pid {worker.pid}) exited with code {code} before loading "
+            f"{', '.join(self._modules)} (its output is in the executor's log)"
+        )
+
+    def _abandon(self, worker: _Worker) -> None:
+        """Kill a worker that never became ready; it is not replaced."""
+        worker.retired = True
+        worker.close_commands()
+        worker.process.kill()
+        task = asyncio.ensure_future(self._reap(worker))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _read_events(self, worker: _Worker) -> None:
+        """Move the worker's events into its queue; notice a worker that dies while idle."""
+        while (event := await worker.read_event()) is not None:
+            worker.events.put_nowait(event)
+        worker.dead = True
+        worker.events.put_nowait(None)
+        if worker.ready and worker.job is None and not worker.retired and not self._stopping:
+            log.warning("handler worker %d died between jobs; starting another", worker.pid)
+            self._retire(worker)
+
+    async def _pump(self, worker: _Worker, reader: asyncio.StreamReader, stream: OutputStream) -> None:
+        """Read one output pipe of the worker into the lines of the job it serves."""
+        buffer = b""
+        while chunk := await reader.read(READ_CHUNK):
+            buffer += chunk
+            if b"\n" in chunk:
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    await self._line(worker, stream, raw)
+            if len(buffer) > MAX_LINE_BYTES:
+                cut = (len(buffer) - 1) // MAX_LINE_BYTES * MAX_LINE_BYTES
+                await self._emit(worker, stream, buffer[:cut])
+                buffer = buffer[cut:]
+        if buffer:
+            await self._line(worker, stream, buffer)
+
+    async def _line(self, worker: _Worker, stream: OutputStream, raw: bytes) -> None:
+        at = raw.find(protocol.END_MARK)
+        if at < 0:
+            await self._emit(worker, stream, raw)
+            return
+        if at:
+            await self._emit(worker, stream, raw[:at])  # the job's last line, without a newline
+        try:
+            worker.marks[stream] = int(raw[at + len(protocol.END_MARK) :])
+        except ValueError:
+            return
+        worker.mark_seen.set()
+
+    async def _emit(self, worker: _Worker, stream: OutputStream, raw: bytes) -> None:
+        for start in range(0, max(len(raw), 1), MAX_LINE_BYTES):
+            text = raw[start : start + MAX_LINE_BYTES].decode("utf-8", "replace").rstrip("\r")
+            job = worker.job
+            if job is not None:
+                await job.line(stream, text)
+            else:
+                log.info("handler worker %d %s: %s", worker.pid, stream, text)
+
+
+def _failure_code(code: str) -> FailureCode:
+    """A failure code the worker reported, as the contract's; anything else is a bug."""
+    if code == INPUT_INVALID:
+        return INPUT_INVALID
+    if code == HANDLER_MISSING:
+        return HANDLER_MISSING
+    return HANDLER_FAILED

@@ -1,0 +1,351 @@
+"""The handler pool against real worker processes: results, log lines, progress, every
+failure code, and after each failure a fresh worker (a new pid) serving the next job."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from jobmesh.contract.messages.v1 import HandlerRuntime
+from jobmesh.executor.handlerpool import HandlerLoadError, HandlerPool
+from jobmesh.executor.results import RESULT_FILE
+from jobmesh.executor.runner import AbortSignal
+from jobmesh.executor.runrequest import RunRequest
+from tests.helpers import eventually
+
+HANDLERS = '''
+"""Handlers for the pool tests: each mode is one way a handler ends."""
+import asyncio
+import os
+import sys
+import time
+
+import msgspec
+from jobmesh.sdk import Context, handler
+
+PID_AT_IMPORT = os.getpid()
+print("imported in", PID_AT_IMPORT)
+
+
+class Ask(msgspec.Struct):
+    n: int
+    mode: str = "ok"
+
+
+class Answer(msgspec.Struct):
+    value: int
+    pid: int
+    cwd: str = ""
+    checkpoint: str = ""
+    env_secret: str = ""
+
+
+@handler("square")
+def square(ask: Ask, ctx: Context) -> Answer:
+    """Square a number, misbehaving as asked."""
+    print(f"squaring {ask.n} in {os.getpid()}")
+    print("to stderr", file=sys.stderr)
+    ctx.progress(0.5, "half way")
+    if ask.mode == "raise":
+        raise ValueError(f"cannot square {ask.n}")
+    if ask.mode == "exit":
+        print("leaving with os._exit(3)")
+        os._exit(3)
+    if ask.mode == "hang":
+        time.sleep(3600)
+    if ask.mode == "cooperate":
+        while not ctx.cancelled:
+            time.sleep(0.01)
+        print("saw the cancel")
+        return Answer(value=-1, pid=os.getpid())
+    if ask.mode == "bad_output":
+        return {"value": "not a number", "pid": 0}
+    if ask.mode == "no_newline":
+        sys.stdout.write("last words")
+    ctx.heartbeat(f"done {ask.n}")
+    return Answer(
+        value=ask.n * ask.n,
+        pid=os.getpid(),
+        cwd=os.getcwd(),
+        checkpoint=ctx.checkpoint,
+        env_secret=os.environ.get("EXECUTOR_ONLY_SECRET", ""),
+    )
+
+
+@handler("slow_async")
+async def slow_async(ask: Ask) -> Answer:
+    await asyncio.sleep(ask.n / 1000)
+    return Answer(value=ask.n, pid=os.getpid())
+'''
+
+
+@dataclass
+class Ran:
+    """What a job did: its outcome and everything it reported."""
+
+    outcome: object
+    lines: list[tuple[str, str]] = field(default_factory=list)
+    progress: list[tuple[float, str]] = field(default_factory=list)
+    checkpoints: list[str] = field(default_factory=list)
+    result: dict | None = None
+    seconds: float = 0.0
+
+    @property
+    def code(self) -> str | None:
+        error = self.outcome.error  # type: ignore[attr-defined]
+        return None if error is None else error.code
+
+
+async def run_job(
+    pool: HandlerPool,
+    workdir: Path,
+    handler: str,
+    payload: object,
+    *,
+    timeout: float = 30.0,
+    abort: AbortSignal | None = None,
+    checkpoint: str = "",
+    into: Ran | None = None,
+) -> Ran:
+    """Run one handler attempt through the pool, as an Attempt would; ``into`` collects its reports."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    ran = into if into is not None else Ran(outcome=None)
+
+    async def on_line(stream: str, line: str) -> None:
+        ran.lines.append((stream, line))
+
+    request = RunRequest(
+        job_id="job1",
+        attempt=2,
+        name="job job1 attempt 2",
+        runtime=HandlerRuntime(handler=handler, input=payload),
+        workdir=workdir,
+        env={},
+        timeout=timeout,
+        abort=abort or AbortSignal(),
+        on_line=on_line,
+        checkpoint=checkpoint,
+        on_progress=lambda fraction, message: ran.progress.append((fraction, message)),
+        on_checkpoint=ran.checkpoints.append,
+    )
+    started = time.perf_counter()
+    ran.outcome = await pool.run(request)
+    ran.seconds = time.perf_counter() - started
+    path = workdir / RESULT_FILE
+    if path.exists():
+        ran.result = msgspec.json.decode(path.read_bytes())
+    return ran
+
+
+@pytest.fixture(scope="module")
+def module_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("handlers") / "pool_test_handlers.py"
+    path.write_text(HANDLERS)
+    return path
+
+
+@pytest.fixture
+async def pool(module_path: Path, monkeypatch):
+    monkeypatch.setenv("EXECUTOR_ONLY_SECRET", "must-not-leak")
+    one = HandlerPool([str(module_path)], workers=1, kill_grace=0.5, pipe_grace=1.0)
+    infos = await one.start()
+    assert sorted(info.name for info in infos) == ["slow_async", "square"]
+    yield one
+    await one.stop()
+
+
+async def test_a_job_returns_its_output_as_the_result_file_with_its_lines_progress_and_checkpoint(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "w", "square", {"n": 7}, checkpoint="from attempt 1")
+    assert ran.code is None and ran.outcome.exit_code == 0
+    pid = pool.pids()[0]
+    assert ran.result == {
+        "value": 49,
+        "pid": pid,
+        "cwd": str(tmp_path / "w"),
+        "checkpoint": "from attempt 1",
+        "env_secret": "",  # the worker's environment is cleared
+    }
+    assert ("stdout", f"squaring 7 in {pid}") in ran.lines and ("stderr", "to stderr") in ran.lines
+    assert ran.progress == [(0.5, "half way")] and ran.checkpoints == ["done 7"]
+    assert f"squaring 7 in {pid}" in ran.outcome.output_tail
+    # A last line without a newline is the job's too, not the next one's.
+    ran = await run_job(pool, tmp_path / "w2", "square", {"n": 1, "mode": "no_newline"})
+    stdout = [line for stream, line in ran.lines if stream == "stdout"]
+    assert ran.code is None and stdout[-1] == "last words"
+
+
+async def test_a_raise_fails_handler_failed_with_its_traceback_and_the_next_job_gets_a_fresh_worker(pool, tmp_path):
+    before = (await run_job(pool, tmp_path / "a", "square", {"n": 2})).result["pid"]
+    ran = await run_job(pool, tmp_path / "b", "square", {"n": 3, "mode": "raise"})
+    assert ran.code == "handler_failed"
+    assert ran.outcome.error.message == "handler 'square' raised ValueError: cannot square 3"
+    stderr = [line for stream, line in ran.lines if stream == "stderr"]
+    assert stderr[1] == "Traceback (most recent call last):" and stderr[-1] == "ValueError: cannot square 3"
+    assert "ValueError: cannot square 3" in ran.outcome.output_tail and not (tmp_path / "b" / RESULT_FILE).exists()
+    after = await run_job(pool, tmp_path / "c", "square", {"n": 4})
+    assert after.code is None and after.result["value"] == 16
+    assert after.result["pid"] != before
+    assert not _alive(before)
+
+
+async def test_os_exit_fails_handler_crashed_and_the_next_job_gets_a_fresh_worker(pool, tmp_path):
+    before = (await run_job(pool, tmp_path / "a", "square", {"n": 2})).result["pid"]
+    ran = await run_job(pool, tmp_path / "b", "square", {"n": 3, "mode": "exit"})
+    assert ran.code == "handler_crashed"
+    assert ran.outcome.error.message == f"the worker running handler 'square' (pid {before}) exited with code 3"
+    assert ("stdout", "leaving with os._exit(3)") in ran.lines  # printed right before it died
+    after = await run_job(pool, tmp_path / "c", "square", {"n": 4})
+    assert after.code is None and after.result["pid"] != before
+
+
+async def test_a_hang_past_the_run_timeout_fails_timeout_kills_the_worker_and_the_next_job_gets_a_fresh_one(
+    pool, tmp_path
+):
+    before = (await run_job(pool, tmp_path / "a", "square", {"n": 2})).result["pid"]
+    ran = await run_job(pool, tmp_path / "b", "square", {"n": 3, "mode": "hang"}, timeout=0.5)
+    assert ran.code == "timeout" and ran.outcome.error.message == "ran longer than its run timeout of 0.5s"
+    assert ran.seconds < 5  # 0.5 s timeout + 0.5 s kill grace, then killed
+    assert not _alive(before)
+    after = await run_job(pool, tmp_path / "c", "square", {"n": 4})
+    assert after.code is None and after.result["pid"] != before
+
+
+async def test_an_abort_tells_the_handler_then_fails_with_the_aborts_reason(pool, tmp_path):
+    before = pool.pids()[0]
+    abort = AbortSignal()
+    ran = Ran(outcome=None)
+    job = asyncio.ensure_future(
+        run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "cooperate"}, abort=abort, into=ran)
+    )
+    await eventually(lambda: _true(ran.progress), what="the handler to report progress")
+    abort.set("cancelled", "cancelled by the test")
+    await job
+    assert ran.code == "cancelled" and ran.outcome.error.message == "cancelled by the test"
+    assert ("stdout", "saw the cancel") in ran.lines  # ctx.cancelled turned true in the worker
+    assert ran.result is None  # what it returned after the cancel is not the job's result
+    after = await run_job(pool, tmp_path / "b", "square", {"n": 4})
+    assert after.code is None and after.result["pid"] != before
+
+
+async def test_an_abort_before_the_job_starts_runs_nothing(pool, tmp_path):
+    abort = AbortSignal()
+    abort.set("node_drained", "draining")
+    ran = await run_job(pool, tmp_path / "a", "square", {"n": 1}, abort=abort)
+    assert ran.code == "node_drained" and ran.lines == []
+
+
+async def test_bad_input_fails_input_invalid_naming_the_field_and_keeps_the_worker(pool, tmp_path):
+    before = pool.pids()
+    ran = await run_job(pool, tmp_path / "a", "square", {"n": "seven"})
+    assert ran.code == "input_invalid"
+    assert ran.outcome.error.message == (
+        "the input of handler 'square' does not match Ask: Expected `int`, got `str` - at `$.runtime.input.n`"
+    )
+    missing = await run_job(pool, tmp_path / "b", "square", {"mode": "ok"})
+    assert "Object missing required field `n` - at `$.runtime.input`" in missing.outcome.error.message
+    assert pool.pids() == before  # no handler code ran: the worker serves on
+
+
+async def test_output_that_does_not_match_its_type_fails_handler_failed(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "bad_output"})
+    assert ran.code == "handler_failed"
+    assert ran.outcome.error.message.startswith("handler 'square' returned output that does not match Answer:")
+    assert "`$.value`" in ran.outcome.error.message and ran.result is None
+
+
+async def test_an_unknown_handler_fails_handler_missing_naming_what_the_node_hosts(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "a", "cube", {"n": 1})
+    assert ran.code == "handler_missing"
+    assert ran.outcome.error.message == "this node's handler pool has no handler 'cube' (it hosts: slow_async, square)"
+
+
+async def test_an_async_handler_runs_on_the_workers_loop(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "a", "slow_async", {"n": 20})
+    assert ran.code is None and ran.result == {
+        "value": 20,
+        "pid": pool.pids()[0],
+        "cwd": "",
+        "checkpoint": "",
+        "env_secret": "",
+    }
+
+
+async def test_a_worker_killed_between_jobs_is_replaced(pool, tmp_path):
+    before = pool.pids()[0]
+    os.kill(before, 9)
+    await eventually(lambda: _true(pool.pids() and pool.pids()[0] != before), what="a replacement worker")
+    ran = await run_job(pool, tmp_path / "a", "square", {"n": 5})
+    assert ran.code is None and ran.result["pid"] not in (before,)
+
+
+async def test_workers_run_jobs_side_by_side_and_a_model_stays_loaded(module_path, tmp_path):
+    pool = HandlerPool([str(module_path)], workers=2)
+    try:
+        await pool.start()
+        first, second = await asyncio.gather(
+            run_job(pool, tmp_path / "a", "slow_async", {"n": 300}),
+            run_job(pool, tmp_path / "b", "slow_async", {"n": 300}),
+        )
+        assert {first.result["pid"], second.result["pid"]} == set(pool.pids())
+        # Both ran at once: together they took far less than two in a row.
+        assert max(first.seconds, second.seconds) < 0.55
+    finally:
+        await pool.stop()
+    assert pool.pids() == []
+
+
+async def test_a_module_that_fails_to_import_fails_the_start_naming_it(tmp_path):
+    broken = tmp_path / "broken_handlers.py"
+    broken.write_text("import no_such_package_here\n")
+    pool = HandlerPool([str(broken)], workers=2)
+    with pytest.raises(HandlerLoadError) as caught:
+        await pool.start()
+    assert caught.value.module == str(broken)
+    assert str(caught.value).startswith(f"handler module {str(broken)!r} failed to import: ModuleNotFoundError")
+    assert pool.pids() == []
+    pool = HandlerPool(["no_such_dotted.module"], workers=1)
+    with pytest.raises(HandlerLoadError) as caught:
+        await pool.start()
+    assert str(caught.value).startswith("handler module 'no_such_dotted.module' failed to import")
+
+
+async def test_a_handler_with_a_wrong_signature_fails_the_start_naming_the_function(tmp_path):
+    bad = tmp_path / "bad_signature.py"
+    bad.write_text(
+        textwrap.dedent(
+            """
+            import msgspec
+            from jobmesh.sdk import handler
+
+            class In(msgspec.Struct):
+                n: int
+
+            @handler("wrong")
+            def wrong(request: In) -> dict:
+                return {}
+            """
+        )
+    )
+    pool = HandlerPool([str(bad)], workers=1)
+    with pytest.raises(HandlerLoadError) as caught:
+        await pool.start()
+    assert "TypeError: handler 'wrong' (bad_signature.wrong) must be declared as" in str(caught.value)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def _true(value: object) -> bool:
+    return bool(value)
