@@ -8,7 +8,8 @@ import pytest
 
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
-from jobmesh.contract.messages.v1 import ErrorReply, JobSpec, ProcessRuntime, Submission
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import ErrorReply, HandlerInfo, JobSpec, ProcessRuntime, Submission
 from jobmesh.errors import InvalidMessage, InvalidSpec
 from tests.cluster_fixtures import NODE_ID, dead_letters, job_status, jobmesh_cli, submitted_job_id
 from tests.helpers import eventually
@@ -106,3 +107,59 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
     assert "still-alive" in result.stdout
     assert job_status(submitted_job_id(result.stderr), nats_server.url)["state"] == "succeeded"
     cluster.check_alive()
+
+
+# --- runtimes and isolation: refused at submit, the field named, nothing created ---------------
+def _raw_submit(spec: dict) -> dict:
+    return {"type": "api.submit", "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["x"]}, **spec}}]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "says"),
+    [
+        ({"constraints": {"isolation": "chroot"}}, "jobs[0].spec.constraints.isolation", "Invalid enum value 'chroot'"),
+        ({"secrets": ["../etc/passwd"]}, "jobs[0].spec.secrets[0]", "matching regex"),
+        ({"secrets": ["ok", "a/b"]}, "jobs[0].spec.secrets[1]", "matching regex"),
+        ({"files": [{"path": "a/../../x", "object": "sha256/0"}]}, "jobs[0].spec.files[0].path", "'..' component"),
+        ({"files": [{"path": "/etc/passwd", "object": "sha256/0"}]}, "jobs[0].spec.files[0].path", "matching regex"),
+        ({"files": [{"path": "a", "node_path": "relative"}]}, "jobs[0].spec.files[0].node_path", "not an absolute"),
+        ({"files": [{"path": "a"}]}, "jobs[0].spec.files[0]", "exactly one source"),
+        ({"stdin": "x", "stdin_object": "sha256/0"}, "jobs[0].spec.stdin_object", "both set"),
+    ],
+)
+async def test_bad_isolation_secrets_files_and_stdin_are_refused_by_the_api_naming_the_field(
+    cluster, nats_server, nc, spec, field, says
+):
+    before = (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages
+    client = await Client.connect(nats_server.url)
+    try:
+        with pytest.raises(InvalidMessage) as caught:
+            await client.request(subjects.API_SUBMIT, _raw_submit(spec), ErrorReply, "trigger")
+    finally:
+        await client.close()
+    assert caught.value.field == field and says in caught.value.message, caught.value
+    assert (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages == before
+
+
+async def test_the_cli_names_the_field_of_a_bad_isolation_secret_or_handler_input(cluster, nats_server, nc):
+    bad_level = jobmesh_cli(["submit", "--isolation", "chroot", "--", "true"], nats_server.url)
+    assert bad_level.returncode == 1 and "argument --isolation: invalid choice: 'chroot'" in bad_level.stderr
+
+    bad_secret = jobmesh_cli(["submit", "--secret", "../id_rsa", "--", "true"], nats_server.url)
+    assert bad_secret.returncode == 1
+    assert "(flag --secret) (field secrets[0])" in bad_secret.stderr, bad_secret.stderr
+
+    # A handler whose type an executor advertised: the trigger checks the input at submit.
+    record = HandlerInfo(
+        name="bad-input-adder",
+        input_type="tests.AddIn",
+        output_type="tests.AddOut",
+        input_schema={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]},
+        output_schema={"type": "object"},
+    )
+    await (await nc.jetstream().key_value(subjects.KV_HANDLERS)).put(record.name, encode(record))
+    bad_input = jobmesh_cli(["submit", "--handler", record.name, "--input", '{"n": "two"}'], nats_server.url)
+    assert bad_input.returncode == 1
+    assert "(field jobs[0].spec.runtime.input.n)" in bad_input.stderr, bad_input.stderr
+    good = jobmesh_cli(["submit", "--handler", record.name, "--input", '{"n": 2}'], nats_server.url)
+    assert good.returncode == 0, good.stderr
