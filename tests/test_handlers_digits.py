@@ -1,0 +1,66 @@
+"""The shipped machine-learning example (examples/handlers/digits.py) through the handler pool:
+a real scikit-learn fit on the digits data set, progress at its stages, and the fitted model
+kept in the worker so the same call again is served warm by the same process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sklearn.datasets import load_digits
+
+from jobmesh.executor.handlerpool import HandlerPool
+from tests.test_handlers import run_job
+
+DIGITS = Path(__file__).resolve().parent.parent / "examples" / "handlers" / "digits.py"
+
+
+@pytest.fixture(scope="module")
+async def pool():
+    one = HandlerPool([str(DIGITS)], workers=1)
+    infos = {info.name: info for info in await one.start()}
+    assert set(infos) == {"digits.train", "digits.predict"}
+    assert infos["digits.train"].input_schema["$defs"]["TrainDigits"]["properties"]["model"]["enum"] == [
+        "forest",
+        "logistic",
+        "svc",
+    ]
+    yield one
+    await one.stop()
+
+
+@pytest.mark.parametrize("model", ["svc", "logistic"])
+async def test_training_scores_well_and_the_second_call_is_served_warm_by_the_same_worker(pool, tmp_path, model):
+    cold = await run_job(pool, tmp_path / "cold", "digits.train", {"model": model, "seed": 3})
+    assert cold.code is None, cold.outcome
+    assert cold.result is not None and cold.result["accuracy"] > 0.9
+    assert cold.result["samples"] == 1797 and cold.result["test_samples"] == 450 and not cold.result["cached"]
+    assert [fraction for fraction, _ in cold.progress] == [0.1, 0.2, 0.8, 1.0]
+    assert cold.progress[1][1] == f"fitting {model} on 1347 images"
+    warm = await run_job(pool, tmp_path / "warm", "digits.train", {"model": model, "seed": 3})
+    assert warm.code is None and warm.result is not None and warm.result["cached"]
+    assert warm.result["worker_pid"] == cold.result["worker_pid"] == pool.pids()[0]
+    assert warm.result["accuracy"] == cold.result["accuracy"]
+    assert warm.seconds < cold.seconds
+    assert warm.progress == [(1.0, f"accuracy {cold.result['accuracy']:.3f} (cached model)")]
+
+
+async def test_predict_uses_the_model_the_worker_keeps(pool, tmp_path):
+    trained = await run_job(pool, tmp_path / "t", "digits.train", {"model": "svc", "seed": 3})
+    assert trained.code is None
+    digits = load_digits()
+    images = [list(map(float, row)) for row in digits.data[:20]]
+    ran = await run_job(pool, tmp_path / "p", "digits.predict", {"images": images, "model": "svc", "seed": 3})
+    assert ran.code is None and ran.result is not None
+    assert ran.result["cached"]  # the model digits.train fitted, in this same worker
+    correct = sum(int(p == t) for p, t in zip(ran.result["digits"], digits.target[:20], strict=True))
+    assert correct >= 18
+
+
+async def test_bad_parameters_fail_input_invalid_naming_the_field(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "bad", "digits.train", {"model": "svc", "test_fraction": 1.5})
+    assert ran.code == "input_invalid"
+    assert ran.outcome.error.message.endswith("Expected `float` < 1.0 - at `$.runtime.input.test_fraction`")
+    ran = await run_job(pool, tmp_path / "bad2", "digits.predict", {"images": [[1.0, 2.0]]})
+    assert ran.code == "input_invalid"
+    assert ran.outcome.error.message.endswith("Expected `array` of length >= 64 - at `$.runtime.input.images[0]`")
