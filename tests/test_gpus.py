@@ -1,6 +1,7 @@
 """GPUs: the probe (a recording stand-in ``nvidia-smi`` on PATH, and the real machine's), the
-variables and device files an attempt gets, and two binder processes reserving the GPUs of
-nodes on a real nats-server without ever handing one index to two jobs at once."""
+variables and device files an attempt gets, two binder processes reserving the GPUs of nodes
+on a real nats-server without ever handing one index to two jobs at once, and the same
+through the whole cluster with an executor that advertises two GPUs."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import nats
 import pytest
 
 from jobmesh.binder.allocation import overbooked
+from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
@@ -26,12 +28,14 @@ from jobmesh.contract.messages.v1 import (
     JobUnplaceable,
     NodeInfo,
     NoopRuntime,
+    ProcessRuntime,
     Resources,
+    Submission,
 )
 from jobmesh.executor.gpus import QUERY_ARGS, gpu_device_nodes, gpu_env, probe_gpus
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
-from tests.cluster_fixtures import Service
+from tests.cluster_fixtures import E2E_NODE_ENV, Service
 from tests.helpers import eventually
 
 CSV = """0, NVIDIA A100-SXM4-40GB, 40960, GPU-aaaaaaaa-0000-0000-0000-000000000000
@@ -279,4 +283,56 @@ async def test_two_binders_never_give_one_gpu_to_two_jobs_at_once(nats_server, m
     finally:
         beats.cancel()
         auditor.cancel()
+        for node_id in GPU_NODES:  # stand-in nodes must not take the later tests' jobs
+            await nodes_kv.delete(node_id)
         await nc.close()
+
+
+# --- the whole cluster: an executor advertising two GPUs -------------------------------
+
+
+@pytest.mark.integration
+async def test_gpu_jobs_on_a_two_gpu_node_never_hold_one_index_at_once(nats_server, make_cluster) -> None:
+    # The executor advertises JOBMESH_NODE_GPU=2 (no nvidia-smi here: the configured count).
+    env = {**E2E_NODE_ENV, "JOBMESH_NODE_GPU": "2", "JOBMESH_NODE_GPU_KIND": "a100"}
+    await make_cluster(env=env, name="gpu-e2e")
+    nc = await nats.connect(nats_server.url)
+    held: dict[str, tuple[int, ...]] = {}  # attempts holding GPUs right now, as the events tell
+    clashes: list[str] = []
+    bindings: list[tuple[int, ...]] = []
+
+    async def on_event(msg) -> None:
+        # One connection, so bound and terminal events arrive in the order the server took them;
+        # a release (and so a rebinding of its GPUs) only ever follows the terminal event.
+        if msg.subject.startswith("jobmesh.v1.node."):
+            bound = msgspec.json.decode(msg.data, type=JobBound)
+            mine = tuple(bound.gpu_devices)
+            bindings.append(mine)
+            taken = {i for indices in held.values() for i in indices}
+            if taken & set(mine) or len(mine) != 1:
+                clashes.append(f"{bound.job_id} got {mine} while {held} held")
+            held[bound.job_id] = mine
+        else:
+            held.pop(msgspec.json.decode(msg.data, type=JobSucceeded).job_id, None)
+
+    await nc.subscribe(subjects.DISPATCH_ALL, cb=on_event)
+    await nc.subscribe(subjects.job_event("*", subjects.SUCCEEDED), cb=on_event)
+    client = await Client.connect(nats_server.url)
+    try:
+        spec = JobSpec(
+            runtime=ProcessRuntime(argv=["sh", "-c", "sleep 1"]),
+            resources=Resources(cpu_milli=100, memory_mb=32, gpu=1, gpu_kind="a100"),
+        )
+        reply = await client.submit([Submission(spec=spec) for _ in range(4)])
+        views = await asyncio.gather(*(client.wait(job_id, timeout=90) for job_id in reply.job_ids))
+        assert [v.state for v in views] == ["succeeded"] * 4
+        await eventually(lambda: _true(len(bindings) == 4), what="every JobBound seen")
+        assert not clashes, clashes
+        assert set(bindings) == {(0,), (1,)}  # lowest first: 1 is taken only while 0 is held
+    finally:
+        await client.close()
+        await nc.close()
+
+
+async def _true(value: bool) -> bool:
+    return value
