@@ -204,6 +204,15 @@ def test_network_and_a_path_the_job_set_itself_and_an_image_command(tmp_path: Pa
     assert container_env(request, runtime) == {"PATH": "/opt/tool/bin:/usr/bin"}
 
 
+def test_in_a_container_the_reserved_gpus_are_the_only_ones_and_cuda_numbers_them_itself(tmp_path: Path) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "2", "NVIDIA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    runtime = ContainerRuntime(image=IMAGE)
+    with_gpu = make_request(tmp_path, env=env, gpu_devices=(2,))
+    assert container_env(with_gpu, runtime) == {"NVIDIA_VISIBLE_DEVICES": "2", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    none = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
+    assert container_env(make_request(tmp_path, env=none), runtime) == none  # no GPU: none visible
+
+
 def test_only_a_container_runtime_makes_a_container_command(tmp_path: Path) -> None:
     request = make_request(tmp_path, runtime=ProcessRuntime(argv=["true"]))
     with pytest.raises(TypeError, match="needs a ContainerRuntime, got ProcessRuntime"):

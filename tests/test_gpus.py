@@ -144,7 +144,11 @@ def test_the_real_probe_on_this_machine_reports_what_it_finds() -> None:
 
 
 def test_the_gpu_variables_name_the_reserved_indices_and_no_gpu_means_none() -> None:
-    assert gpu_env([0, 2]) == {"CUDA_VISIBLE_DEVICES": "0,2", "NVIDIA_VISIBLE_DEVICES": "0,2"}
+    assert gpu_env([0, 2]) == {
+        "CUDA_VISIBLE_DEVICES": "0,2",
+        "NVIDIA_VISIBLE_DEVICES": "0,2",
+        "CUDA_DEVICE_ORDER": "PCI_BUS_ID",  # numbered as nvidia-smi numbers them
+    }
     assert gpu_env([]) == {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
 
 

@@ -54,6 +54,7 @@ SECRETS = "/run/secrets"
 # Variables that mean something only on the node: an image has its own PATH, and the
 # progress pipe's descriptor does not reach into a container.
 HOST_ONLY_VARS = ("PATH", "JOBMESH_PROGRESS_FD")
+CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
 
 Which = Callable[[str], str | None]
 Run = Callable[..., "subprocess.CompletedProcess[Any]"]
@@ -203,12 +204,20 @@ def container_argv(
 def container_env(request: RunRequest, runtime: ContainerRuntime) -> dict[str, str]:
     """The container's environment: the request's, with node paths made container paths.
 
+    A value naming the working directory (or a file in it) names ``/work`` instead, one
+    naming the secrets directory ``/run/secrets``. PATH goes only when the job set it
+    itself (the image's own PATH is what its programs need), the progress descriptor not
+    at all. With GPUs reserved, ``CUDA_VISIBLE_DEVICES`` is left out: only the reserved
+    GPUs are in the container, and CUDA numbers them from 0 there, so the node's indices
+    would name the wrong ones or none (``NVIDIA_VISIBLE_DEVICES`` keeps the node's
+    indices: the NVIDIA container toolkit reads it on the node's side).
+
     Args:
-        request: the attempt (its env, workdir and secrets directory).
+        request: the attempt (its env, workdir, secrets directory and GPUs).
         runtime: its container runtime (a PATH the job set itself is kept).
 
     Returns:
-        The variables to pass with ``--env``.
+        The variables to pass in.
     """
     mounts = [(str(request.workdir), WORKDIR)]
     if request.secrets_dir is not None:
@@ -217,6 +226,8 @@ def container_env(request: RunRequest, runtime: ContainerRuntime) -> dict[str, s
     env: dict[str, str] = {}
     for key, value in request.env.items():
         if key in HOST_ONLY_VARS and key not in runtime.env:
+            continue
+        if key == CUDA_VISIBLE and request.gpu_devices:
             continue
         env[key] = _inside(value, mounts)
     return env

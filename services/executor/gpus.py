@@ -157,13 +157,15 @@ def gpu_env(indices: Sequence[int]) -> dict[str, str]:
 
     Returns:
         ``CUDA_VISIBLE_DEVICES`` and ``NVIDIA_VISIBLE_DEVICES``, both ``"0,2"`` for
-        indices 0 and 2; for none, ``CUDA_VISIBLE_DEVICES=""`` and
+        indices 0 and 2, with ``CUDA_DEVICE_ORDER=PCI_BUS_ID`` (CUDA's default order is
+        fastest first, which on a mixed node numbers GPUs unlike nvidia-smi, whose
+        indices these are); for none, ``CUDA_VISIBLE_DEVICES=""`` and
         ``NVIDIA_VISIBLE_DEVICES="void"``, so a job without GPUs sees none at all.
     """
     if not indices:
         return {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": NO_DEVICES}
     names = ",".join(str(index) for index in indices)
-    return {"CUDA_VISIBLE_DEVICES": names, "NVIDIA_VISIBLE_DEVICES": names}
+    return {"CUDA_VISIBLE_DEVICES": names, "NVIDIA_VISIBLE_DEVICES": names, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def gpu_device_nodes(indices: Sequence[int], dev: Path = Path("/dev")) -> list[str]:
