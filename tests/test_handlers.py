@@ -60,6 +60,11 @@ def square(ask: Ask, ctx: Context) -> Answer:
         os._exit(3)
     if ask.mode == "hang":
         time.sleep(3600)
+    if ask.mode == "child_hang":
+        import subprocess
+        child = subprocess.Popen(["sleep", "3600"])
+        print(f"child {child.pid}")
+        time.sleep(3600)
     if ask.mode == "cooperate":
         while not ctx.cancelled:
             time.sleep(0.01)
@@ -217,6 +222,13 @@ async def test_a_hang_past_the_run_timeout_fails_timeout_kills_the_worker_and_th
     assert after.code is None and after.result["pid"] != before
 
 
+async def test_a_timeout_kills_what_the_handler_started_too(pool, tmp_path):
+    ran = await run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "child_hang"}, timeout=0.5)
+    assert ran.code == "timeout"
+    child = int(next(line for _, line in ran.lines if line.startswith("child ")).split()[1])
+    await eventually(lambda: _true(not _alive(child)), timeout=5, what="the handler's child to be killed")
+
+
 async def test_an_abort_tells_the_handler_then_fails_with_the_aborts_reason(pool, tmp_path):
     before = pool.pids()[0]
     abort = AbortSignal()
@@ -290,12 +302,12 @@ async def test_workers_run_jobs_side_by_side_and_a_model_stays_loaded(module_pat
     try:
         await pool.start()
         first, second = await asyncio.gather(
-            run_job(pool, tmp_path / "a", "slow_async", {"n": 300}),
-            run_job(pool, tmp_path / "b", "slow_async", {"n": 300}),
+            run_job(pool, tmp_path / "a", "slow_async", {"n": 500}),
+            run_job(pool, tmp_path / "b", "slow_async", {"n": 500}),
         )
         assert {first.result["pid"], second.result["pid"]} == set(pool.pids())
         # Both ran at once: together they took far less than two in a row.
-        assert max(first.seconds, second.seconds) < 0.55
+        assert max(first.seconds, second.seconds) < 0.9
     finally:
         await pool.stop()
     assert pool.pids() == []
@@ -314,6 +326,44 @@ async def test_a_module_that_fails_to_import_fails_the_start_naming_it(tmp_path)
     with pytest.raises(HandlerLoadError) as caught:
         await pool.start()
     assert str(caught.value).startswith("handler module 'no_such_dotted.module' failed to import")
+
+
+async def test_on_spawned_is_awaited_once_whether_the_job_runs_or_not(pool, tmp_path):
+    calls: list[str] = []
+
+    async def spawned() -> None:
+        calls.append("spawned")
+
+    for handler, abort in (("square", None), ("cube", None), ("square", AbortSignal())):
+        if abort is not None:
+            abort.set("cancelled", "before the start")
+        request = RunRequest(
+            job_id="j",
+            attempt=1,
+            name="job j attempt 1",
+            runtime=HandlerRuntime(handler=handler, input={"n": 2}),
+            workdir=tmp_path,
+            env={},
+            timeout=10,
+            abort=abort or AbortSignal(),
+            on_line=_no_line,
+            on_spawned=spawned,
+        )
+        await pool.run(request)
+        assert calls == ["spawned"]
+        calls.clear()
+
+
+async def test_two_modules_registering_one_name_fail_the_start_naming_the_second(module_path, tmp_path):
+    twin = tmp_path / "twin_handlers.py"
+    twin.write_text(HANDLERS.replace("PID_AT_IMPORT", "TWIN_PID"))
+    pool = HandlerPool([str(module_path), str(twin)], workers=1)
+    with pytest.raises(HandlerLoadError) as caught:
+        await pool.start()
+    assert caught.value.module == str(twin)
+    assert "ValueError: handler name" in str(caught.value) and "is registered twice" in str(caught.value)
+    with pytest.raises(ValueError, match="at least one handler module"):
+        HandlerPool([], workers=1)
 
 
 async def test_a_handler_with_a_wrong_signature_fails_the_start_naming_the_function(tmp_path):
@@ -340,11 +390,16 @@ async def test_a_handler_with_a_wrong_signature_fails_the_start_naming_the_funct
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs: a zombie (killed, not yet reaped by its new parent) does not."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+async def _no_line(stream: str, line: str) -> None:
+    pass
 
 
 async def _true(value: object) -> bool:

@@ -327,6 +327,8 @@ class HandlerPool:
     ) -> None:
         if workers < 1:
             raise ValueError(f"a handler pool needs at least one worker, not {workers}")
+        if not modules:
+            raise ValueError("a handler pool needs at least one handler module")
         self._modules = [str(Path(m).resolve()) if is_path(m) else m for m in modules]
         self._count = workers
         self._spawn = spawn
@@ -435,9 +437,7 @@ class HandlerPool:
             worker = await self._acquire(request.abort)
             if worker is None:
                 return Outcome(None, request.abort.error)
-            if request.on_spawned is not None:
-                spawned = True
-                await request.on_spawned()
+            spawned = True
             return await self._serve(worker, request, runtime, payload)
         finally:
             if not spawned and request.on_spawned is not None:
@@ -446,9 +446,11 @@ class HandlerPool:
     async def _serve(self, worker: _Worker, request: RunRequest, runtime: HandlerRuntime, payload: bytes) -> Outcome:
         worker.seq += 1
         job = _Job(request, worker.seq)
-        worker.job = job
+        worker.job = job  # from here on the worker's lines and its death are this job's
         keep = False
         try:
+            if request.on_spawned is not None:
+                await request.on_spawned()
             outcome, keep = await self._converse(worker, job, runtime, payload)
             return outcome
         finally:
