@@ -29,7 +29,7 @@ from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.results import JobResult, result_attempt
-from jobmesh.client.uploads import UploadProgress, parse_upload, plan_uploads, put_uploads
+from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
@@ -411,14 +411,8 @@ class Client:
                 ``MAX_UPLOAD_BYTES`` in all (the message names the file that crosses it).
             Unavailable: the bucket cannot be written.
         """
-        items: builtins.list[tuple[Path, str]] = []
-        for entry in paths:
-            if isinstance(entry, tuple):
-                local, dest = parse_upload(f"{entry[0]}:{entry[1]}")
-            else:
-                local, dest = parse_upload(str(entry))
-            items.append((local, dest))
-        planned = await asyncio.to_thread(plan_uploads, items)  # hashing reads every byte
+        # Blocking work (stat, walk, hashing every byte): in a thread.
+        planned = await asyncio.to_thread(lambda: plan_uploads(upload_items(paths)))
         await put_uploads(self.nc.jetstream(timeout=self.timeout), planned, progress)
         return [p.input for p in planned]
 

@@ -40,6 +40,7 @@ __all__ = [
     "parse_upload",
     "plan_uploads",
     "put_uploads",
+    "upload_items",
 ]
 
 # Read this much at a time while hashing (and what the progress display moves by).
@@ -80,8 +81,8 @@ def parse_upload(text: str) -> tuple[Path, str]:
         UsageError: an empty local path or a destination that is not relative and inside.
     """
     local, sep, dest = text.rpartition(":")
-    if not sep or not local:
-        local, dest = text, ""
+    if not sep or not local or (not Path(local).exists() and Path(text).exists()):
+        local, dest = text, ""  # no DEST (or a local name that holds a ':' itself)
     if not local:
         raise UsageError("--upload needs a local path: --upload LOCAL[:DEST]", field="files")
     path = Path(local)
@@ -114,6 +115,33 @@ def parse_node_path(text: str) -> InputFile:
     if problem:
         raise UsageError(f"--node-path {text}: {problem}", field="files")
     return InputFile(path=dest, node_path=node_path)
+
+
+def upload_items(paths: Iterable[str | Path | tuple[str | Path, str]]) -> list[tuple[Path, str]]:
+    """(local path, destination) pairs for :func:`plan_uploads` from what ``Client.upload`` takes.
+
+    Args:
+        paths: local paths (each keeps its own name in the working directory), or
+            (local path, destination) pairs.
+
+    Returns:
+        The pairs.
+
+    Raises:
+        UsageError: a destination that is not relative and inside the working directory.
+    """
+    items: list[tuple[Path, str]] = []
+    for entry in paths:
+        if isinstance(entry, tuple):
+            local, dest = Path(entry[0]), entry[1]
+        else:
+            local = Path(entry)
+            dest = local.resolve().name
+        problem = input_path_problem(dest)
+        if problem:
+            raise UsageError(f"cannot upload {local} as {dest!r}: {problem}", field="files")
+        items.append((local, dest))
+    return items
 
 
 def plan_uploads(items: Iterable[tuple[Path, str]], already: int = 0) -> list[LocalUpload]:
