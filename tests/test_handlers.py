@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ import msgspec
 import pytest
 
 from jobmesh.contract.messages.v1 import HandlerRuntime
-from jobmesh.executor.handlerpool import HandlerLoadError, HandlerPool
+from jobmesh.executor.handlerpool import HandlerLoadError, HandlerPool, spawn_plain
 from jobmesh.executor.results import RESULT_FILE
 from jobmesh.executor.runner import AbortSignal
 from jobmesh.executor.runrequest import RunRequest
@@ -311,6 +312,29 @@ async def test_workers_run_jobs_side_by_side_and_a_model_stays_loaded(module_pat
     finally:
         await pool.stop()
     assert pool.pids() == []
+
+
+async def test_the_spawn_is_injectable_and_gets_a_cleared_environment(module_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXECUTOR_ONLY_SECRET", "must-not-leak")
+    seen: list[tuple[list[str], dict[str, str], Path, tuple[int, ...]]] = []
+
+    async def recording_spawn(argv, env, cwd, pass_fds):
+        seen.append((list(argv), dict(env), cwd, tuple(pass_fds)))
+        return await spawn_plain(argv, env, cwd, pass_fds)
+
+    home = tmp_path / "home"
+    pool = HandlerPool([str(module_path)], workers=1, spawn=recording_spawn, env={"POOL_VAR": "1"}, home=home)
+    try:
+        await pool.start()
+        ran = await run_job(pool, tmp_path / "a", "square", {"n": 3})
+    finally:
+        await pool.stop()
+    assert ran.result is not None and ran.result["value"] == 9
+    [(argv, env, cwd, fds)] = seen
+    assert argv[:3] == [sys.executable, "-m", "jobmesh.sdk.worker"] and argv[-1] == str(module_path)
+    assert argv[argv.index("--commands") + 1] == str(fds[0]) and argv[argv.index("--events") + 1] == str(fds[1])
+    assert set(env) <= {"PATH", "LANG", "PYTHONPATH", "HOME", "POOL_VAR"} and env["HOME"] == str(home) == str(cwd)
+    assert env["POOL_VAR"] == "1"
 
 
 async def test_a_module_that_fails_to_import_fails_the_start_naming_it(tmp_path):

@@ -670,11 +670,22 @@ class HandlerPool:
         finally:
             os.close(commands_in)
             os.close(events_out)
-        events = asyncio.StreamReader(limit=READ_CHUNK)
-        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(events), os.fdopen(events_in, "rb", 0))
-        transport, flow = await loop.connect_write_pipe(
-            asyncio.streams.FlowControlMixin, os.fdopen(commands_out, "wb", 0)
-        )
+        try:
+            events = asyncio.StreamReader(limit=READ_CHUNK)
+            events_file = os.fdopen(events_in, "rb", 0)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(events), events_file)
+            commands_file = os.fdopen(commands_out, "wb", 0)
+            transport, flow = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, commands_file)
+        except BaseException:
+            # Cancelled (the pool stops) or out of descriptors: the process must not outlive this.
+            process.kill()
+            process.close()
+            for fd in (events_in, commands_out):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass  # already closed with its transport
+            raise
         commands = asyncio.StreamWriter(transport, flow, None, loop)
         worker = _Worker(process, commands, events)
         self._workers.add(worker)
