@@ -28,6 +28,12 @@ DISK_QUOTA: FailureCode = "disk_quota_exceeded"
 RESULT_TOO_LARGE: FailureCode = "result_too_large"
 CANCELLED: FailureCode = "cancelled"
 SUPERSEDED: FailureCode = "superseded"
+OOM: FailureCode = "oom"
+PIDS_EXCEEDED: FailureCode = "pids_exceeded"
+ISOLATION_REFUSED: FailureCode = "isolation_refused"
+HANDLER_MISSING: FailureCode = "handler_missing"
+# What a process that ran into a cgroup limit ends with: the cgroup's verdict replaces these.
+_LIMIT_MAY_EXPLAIN = frozenset({EXIT_CODE, PIDS_EXCEEDED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +90,35 @@ def exit_outcome(returncode: int, output_tail: str = "") -> Outcome:
     else:
         message = f"exited with code {returncode}"
     return failed_outcome(EXIT_CODE, message, returncode, output_tail)
+
+
+def limit_outcome(outcome: Outcome, oom_kills: int, pids_refused: int, memory_mb: int, pids_max: int) -> Outcome:
+    """The outcome of a process once its cgroup said whether it ran into a limit.
+
+    A failed process (its own exit code or a kill) that the OOM killer struck ended
+    ``oom``; one that a fork was refused to ended ``pids_exceeded``. A success stays a
+    success (the job handled the refusal), and so do stops for another reason (timeout,
+    cancel, drain).
+
+    Args:
+        outcome: what the process itself did.
+        oom_kills: processes of the attempt the OOM killer killed.
+        pids_refused: forks refused at the pids limit.
+        memory_mb: its memory limit, for the message.
+        pids_max: its pids limit, for the message.
+
+    Returns:
+        The outcome to report.
+    """
+    if outcome.error is None or outcome.error.code not in _LIMIT_MAY_EXPLAIN:
+        return outcome
+    if oom_kills:
+        message = f"ran out of memory: the OOM killer ended it at its limit of {memory_mb} MiB"
+        return failed_outcome(OOM, message, outcome.exit_code, outcome.output_tail)
+    if pids_refused and outcome.error.code != PIDS_EXCEEDED:
+        message = f"started more processes than its limit of {pids_max} (JOBMESH_ATTEMPT_PIDS_MAX)"
+        return failed_outcome(PIDS_EXCEEDED, message, outcome.exit_code, outcome.output_tail)
+    return outcome
 
 
 def noop_outcome(runtime: NoopRuntime) -> Outcome:

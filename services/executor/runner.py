@@ -1,9 +1,14 @@
-"""Running one process: spawn, output pumps, the output tail, the run timeout, and killing its group.
+"""Running one process: spawn, output pumps, the output tail, the run timeout, and killing all of it.
 
-:class:`ProcessRunner` runs a ``ProcessRuntime`` in a process group of its own, hands its
-output over line by line and returns the :class:`~jobmesh.executor.outcomes.Outcome` of the
-process. :class:`AbortSignal` is how the attempt around it stops the process early (drain,
-disk quota, cancel, superseded), with the reason it is then reported with.
+:class:`ProcessRunner` is the :class:`~jobmesh.executor.runrequest.Runner` of ``ProcessRuntime``:
+it runs the request's process inside the node's boundaries
+(:mod:`jobmesh.executor.isolation`: its cgroup, rlimits, the sandbox uid, bubblewrap at the
+sandbox level), in a session of its own, hands its output over line by line and returns
+the :class:`~jobmesh.executor.outcomes.Outcome` of the process, with ``oom`` and
+``pids_exceeded`` where its cgroup says so. Every process of the attempt is killed at its
+end (the cgroup's, else the process group). :class:`AbortSignal` is how the attempt around
+it stops the process early (drain, disk quota, cancel, superseded, the pids limit), with
+the reason it is then reported with.
 """
 
 from __future__ import annotations
@@ -12,20 +17,38 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from jobmesh.contract.messages.v1 import JobError, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
-from jobmesh.executor.outcomes import SPAWN_FAILED, TIMEOUT, Outcome, exit_outcome, failed_outcome
+from jobmesh.executor.isolation.cgroups import MIN_MEMORY_MB
+from jobmesh.executor.isolation.environment import job_environment
+from jobmesh.executor.isolation.launch import Launch, LaunchSpec, prepare_launch
+from jobmesh.executor.isolation.probe import NodeIsolation
+from jobmesh.executor.outcomes import (
+    EXECUTOR_ERROR,
+    PIDS_EXCEEDED,
+    SPAWN_FAILED,
+    TIMEOUT,
+    Outcome,
+    exit_outcome,
+    failed_outcome,
+    limit_outcome,
+)
+
+if TYPE_CHECKING:  # runrequest imports this module for AbortSignal and LineSink
+    from jobmesh.executor.runrequest import RunRequest
 
 log = logging.getLogger("jobmesh.executor.runner")
 
 TAIL_CHARS = 4096  # output kept for the terminal event
 MAX_LINE_BYTES = 16 * 1024  # a longer line is split: one LogLine stays far below max_msg_size
 READ_CHUNK = 64 * 1024
+PIDS_POLL_SECONDS = 0.25  # how often a running attempt's cgroup is asked whether a fork was refused
 
 OutputStream = Literal["stdout", "stderr"]
 LineSink = Callable[[OutputStream, str], Awaitable[None]]
@@ -88,23 +111,42 @@ class AbortSignal:
 class ProcessRunner:
     """Runs one ``ProcessRuntime`` to its end in a prepared working directory.
 
-    The process gets a session (and so a process group) of its own, so a timeout or drain
-    stops everything it started, not just the first process.
+    The process gets a session (and so a process group) of its own, and with an isolation
+    also the node's boundaries (see the module docstring), so a timeout or drain stops
+    everything it started, not just the first process.
 
     Args:
-        base_env: the variables every job gets (PATH, LANG); HOME is the working directory.
+        base_env: the variables every job gets (the allow-list); HOME is the working directory.
         kill_grace: seconds between SIGTERM and SIGKILL when stopping a process group.
         pipe_grace: seconds to keep reading output after the process ended (a detached
             grandchild may hold the pipes open forever).
+        isolation: the node's isolation (None: a plain process, as the executor's own user,
+            without limits; for tests of the runner alone).
+        device_nodes: the device nodes of reserved GPU indices, bound into a sandbox
+            (H-GPU's ``gpus.gpu_device_nodes``; none by default).
     """
 
-    def __init__(self, base_env: Mapping[str, str], kill_grace: float = 3.0, pipe_grace: float = 2.0) -> None:
+    def __init__(
+        self,
+        base_env: Mapping[str, str],
+        kill_grace: float = 3.0,
+        pipe_grace: float = 2.0,
+        isolation: NodeIsolation | None = None,
+        device_nodes: Callable[[Sequence[int]], Sequence[str]] | None = None,
+    ) -> None:
         self._base_env = dict(base_env)
         self._kill_grace = kill_grace
         self._pipe_grace = pipe_grace
+        self.isolation = isolation
+        self._device_nodes = device_nodes
+
+    @property
+    def base_env(self) -> dict[str, str]:
+        """The allow-listed variables every job gets."""
+        return dict(self._base_env)
 
     def environment(self, runtime: ProcessRuntime, workdir: Path, job_vars: Mapping[str, str]) -> dict[str, str]:
-        """The job's whole environment: minimal base, then its own, then jobmesh's.
+        """The job's whole environment: the allow-list, then its own, then jobmesh's.
 
         Args:
             runtime: the job's runtime, with its own ``env``.
@@ -114,14 +156,15 @@ class ProcessRunner:
         Returns:
             The complete environment.
         """
-        env = {**self._base_env, "HOME": str(workdir)}
-        env.update(runtime.env)
-        env.update(job_vars)  # last, so a job cannot claim another job's identity
-        return env
+        return job_environment(self._base_env, workdir, runtime.env, job_vars)
 
+    @overload
+    async def run(self, request: RunRequest) -> Outcome: ...
+
+    @overload
     async def run(
         self,
-        runtime: ProcessRuntime,
+        request: ProcessRuntime,
         workdir: Path,
         env: Mapping[str, str],
         timeout: float,
@@ -130,60 +173,120 @@ class ProcessRunner:
         pass_fds: Sequence[int] = (),
         on_spawned: Callable[[], Awaitable[None]] | None = None,
         name: str = "a job",
-    ) -> Outcome:
-        """Run the process and return how it ended.
+    ) -> Outcome: ...
+
+    async def run(self, request: Any, *args: Any, **kwargs: Any) -> Outcome:
+        """Run the request's process and return how it ended.
+
+        The second form, ``run(runtime, workdir, env, timeout, abort, on_line, pass_fds=(),
+        on_spawned=None, name=...)``, is the one from before :class:`RunRequest`, kept for
+        the callers written against it.
 
         Args:
-            runtime: argv and env of the job.
-            workdir: an existing, empty directory; the process's cwd and HOME.
-            env: the complete environment (see :meth:`environment`).
-            timeout: the run timeout in seconds.
-            abort: stops the process early when set (drain, disk quota, cancel); one set
-                before the spawn keeps the process from starting at all.
-            on_line: awaited with (``"stdout"``/``"stderr"``, line) for each output line.
-            pass_fds: descriptors the process inherits (the progress pipe), same numbers.
-            on_spawned: awaited once the process started, or failed to (the caller closes
-                its copy of what it passed).
-            name: how log lines name the attempt (``job <id> attempt <n>``).
+            request: the attempt (:class:`~jobmesh.executor.runrequest.RunRequest`); its
+                ``abort`` set before the spawn keeps the process from starting at all.
 
         Returns:
             The outcome, with the last output as its tail.
         """
-        tail = OutputTail()
-        loop = asyncio.get_running_loop()
+        if isinstance(request, ProcessRuntime):
+            from jobmesh.executor.runrequest import RunRequest
+
+            request = _legacy_request(RunRequest, request, *args, **kwargs)
+        return await self._run(request)
+
+    async def _run(self, request: RunRequest) -> Outcome:
+        runtime = request.runtime
+        if not isinstance(runtime, ProcessRuntime):
+            raise TypeError(f"a ProcessRunner runs process runtimes, not {type(runtime).__name__}")
+        abort, on_spawned = request.abort, request.on_spawned
         if abort.error is not None:
             if on_spawned is not None:
                 await on_spawned()
             return Outcome(None, abort.error)
+        launch: Launch | None = None
+        if self.isolation is not None:
+            spec = LaunchSpec(
+                argv=runtime.argv,
+                workdir=request.workdir,
+                cgroup_name=request.workdir.name,
+                memory_mb=request.resources.memory_mb,
+                cpu_milli=request.resources.cpu_milli,
+                timeout=request.timeout,
+                network=request.network,
+                secrets_dir=str(request.secrets_dir or ""),
+                devices=self._device_nodes(request.gpu_devices)
+                if self._device_nodes is not None and request.gpu_devices
+                else (),
+            )
+            try:
+                launch = prepare_launch(self.isolation, spec)
+            except OSError as exc:
+                if on_spawned is not None:
+                    await on_spawned()
+                log.error("%s: its isolation cannot be set up: %s", request.name, exc)
+                return failed_outcome(EXECUTOR_ERROR, f"cannot set up the attempt's isolation: {exc}")
         try:
+            outcome = await self._spawn_and_wait(request, runtime, launch)
+        finally:
+            events = await asyncio.to_thread(launch.finish) if launch is not None else None
+        if events is None or launch is None or launch.cgroup is None:
+            return outcome
+        isolation = self.isolation
+        assert isolation is not None
+        memory = max(request.resources.memory_mb, MIN_MEMORY_MB)
+        return limit_outcome(outcome, events.oom_kills, events.pids_refused, memory, isolation.pids_max)
+
+    async def _spawn_and_wait(self, request: RunRequest, runtime: ProcessRuntime, launch: Launch | None) -> Outcome:
+        tail = OutputTail()
+        loop = asyncio.get_running_loop()
+        abort, on_spawned, timeout = request.abort, request.on_spawned, request.timeout
+        stdin_fd: int | None = None
+        try:
+            if request.stdin is not None:
+                stdin_fd = os.open(request.stdin, os.O_RDONLY | os.O_CLOEXEC)  # a small local file
             # What asyncio.create_subprocess_exec does, with a protocol that says when the
             # process exits: on Python 3.11's own event loop Process.wait() returns only
             # once every pipe is closed, which a detached grandchild can put off forever.
             transport, protocol = await loop.subprocess_exec(
                 lambda: _ExitAwareProtocol(loop),
-                *runtime.argv,
-                cwd=str(workdir),
-                env=dict(env),
-                stdin=asyncio.subprocess.DEVNULL,
+                *(launch.argv if launch is not None else runtime.argv),
+                cwd=str(request.workdir),
+                env=dict(request.env),
+                stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                pass_fds=tuple(pass_fds),
+                pass_fds=tuple(request.pass_fds),
+                preexec_fn=launch.preexec if launch is not None else None,
             )
+        except subprocess.SubprocessError as exc:  # the child's set-up (cgroup, rlimits, uid) failed
+            if on_spawned is not None:
+                await on_spawned()
+            log.error("%s: the child could not enter its isolation: %s", request.name, exc)
+            return failed_outcome(EXECUTOR_ERROR, f"the attempt's process could not enter its isolation: {exc}")
         except OSError as exc:  # not found, not executable, bad interpreter line...
             if on_spawned is not None:
                 await on_spawned()
             reason = exc.strerror or str(exc)
             return failed_outcome(SPAWN_FAILED, f"cannot start {runtime.argv[0]!r}: {reason}")
+        finally:
+            if stdin_fd is not None:
+                os.close(stdin_fd)
         pid = transport.get_pid()
         # Both pipes were asked for above, so asyncio made a reader for each.
         assert protocol.stdout is not None and protocol.stderr is not None
         pumps = [
-            _OutputPump(protocol.stdout, "stdout", tail, on_line),
-            _OutputPump(protocol.stderr, "stderr", tail, on_line),
+            _OutputPump(protocol.stdout, "stdout", tail, request.on_line),
+            _OutputPump(protocol.stderr, "stderr", tail, request.on_line),
         ]
         exited = protocol.exited
         aborted = asyncio.ensure_future(abort.wait())
+        watch = (
+            asyncio.ensure_future(_watch_pids(launch, abort, self.isolation))
+            if launch is not None and launch.cgroup is not None and self.isolation is not None
+            else None
+        )
         try:
             if on_spawned is not None:
                 await on_spawned()
@@ -193,14 +296,16 @@ class ProcessRunner:
                 stopped_by = abort.error or JobError(
                     code=TIMEOUT, message=f"ran longer than its run timeout of {timeout:g}s"
                 )
-                await self._stop_group(pid, exited)
+                await self._stop_group(pid, exited, launch)
             # Whatever the job left running in its group must not outlive the attempt.
-            _signal_group(pid, signal.SIGKILL)
-            await self._finish_pumps(pumps, name)
+            _signal_all(pid, signal.SIGKILL, launch)
+            await self._finish_pumps(pumps, request.name)
         finally:
             aborted.cancel()
+            if watch is not None:
+                watch.cancel()
             if not exited.done():  # cancelled: take the whole group down with us
-                _signal_group(pid, signal.SIGKILL)
+                _signal_all(pid, signal.SIGKILL, launch)
             transport.close()  # frees the pipes an escaped grandchild may still hold
         if stopped_by is not None:
             return Outcome(None, stopped_by, tail.text())
@@ -208,13 +313,13 @@ class ProcessRunner:
         assert returncode is not None  # set before process_exited resolved ``exited``
         return exit_outcome(returncode, tail.text())
 
-    async def _stop_group(self, pgid: int, exited: asyncio.Future[None]) -> None:
+    async def _stop_group(self, pgid: int, exited: asyncio.Future[None], launch: Launch | None) -> None:
         """SIGTERM the group, then SIGKILL it if the leader has not exited after the grace."""
-        _signal_group(pgid, signal.SIGTERM)
+        _signal_all(pgid, signal.SIGTERM, launch)
         try:
             await asyncio.wait_for(asyncio.shield(exited), self._kill_grace)
         except TimeoutError:
-            _signal_group(pgid, signal.SIGKILL)
+            _signal_all(pgid, signal.SIGKILL, launch)
             await exited
 
     async def _finish_pumps(self, pumps: list[_OutputPump], name: str) -> None:
@@ -235,6 +340,48 @@ class ProcessRunner:
             if not pump.task.cancelled() and pump.task.exception() is not None:
                 # Losing the rest of the output must not lose the outcome; say so, loudly.
                 log.error("%s: reading its %s failed", name, pump.stream, exc_info=pump.task.exception())
+
+
+async def _watch_pids(launch: Launch, abort: AbortSignal, isolation: NodeIsolation) -> None:
+    """Stop the attempt the first time its cgroup refuses it a fork: a fork bomb never ends on
+    its own, and the limit is the attempt's, not a hint."""
+    assert launch.cgroup is not None
+    cgroup = launch.cgroup
+    while not abort.is_set():
+        await asyncio.sleep(PIDS_POLL_SECONDS)  # a poll interval, as quota.watch_quota's
+        if cgroup.events().pids_refused:
+            abort.set(
+                PIDS_EXCEEDED,
+                f"started more processes than its limit of {isolation.pids_max} (JOBMESH_ATTEMPT_PIDS_MAX)",
+            )
+            return
+
+
+def _legacy_request(
+    request_type: type[RunRequest],
+    runtime: ProcessRuntime,
+    workdir: Path,
+    env: Mapping[str, str],
+    timeout: float,
+    abort: AbortSignal,
+    on_line: LineSink,
+    pass_fds: Sequence[int] = (),
+    on_spawned: Callable[[], Awaitable[None]] | None = None,
+    name: str = "a job",
+) -> RunRequest:
+    return request_type(
+        job_id="",
+        attempt=0,
+        name=name,
+        runtime=runtime,
+        workdir=workdir,
+        env=env,
+        timeout=timeout,
+        abort=abort,
+        on_line=on_line,
+        pass_fds=tuple(pass_fds),
+        on_spawned=on_spawned,
+    )
 
 
 class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
@@ -290,7 +437,10 @@ class _OutputPump:
             await self._emit(buffer)
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def _signal_all(pgid: int, sig: int, launch: Launch | None) -> None:
+    if launch is not None:
+        launch.signal_all(pgid, sig)
+        return
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

@@ -1,0 +1,174 @@
+"""One process inside the node's boundaries: its command line, what its child does before
+it executes anything, and what is left to do once it ended.
+
+:func:`prepare_launch` (I/O: makes the attempt's cgroup, hands the work directory to the
+sandbox uid) returns a :class:`Launch`. Its :meth:`~Launch.preexec` runs in the forked child
+before ``exec``: it joins the cgroup (so nothing the process starts is ever outside it), sets
+the rlimits and, at the process level when the executor is root, drops to the sandbox uid
+with no_new_privs. (``subprocess``'s own ``user=``/``group=`` switch before ``preexec_fn``
+runs, and a process that is not root can no longer join a root-owned cgroup.) At the
+sandbox level the child stays root so that bubblewrap can build the sandbox, and the chain
+in :mod:`~jobmesh.executor.isolation.sandbox` drops root inside it.
+
+Every value the child needs is computed here, in the parent: the child only makes system
+calls.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from jobmesh.executor.isolation.cgroups import AttemptCgroup, CgroupEvents, attempt_limits
+from jobmesh.executor.isolation.probe import NodeIsolation
+from jobmesh.executor.isolation.rlimits import Rlimit, apply_rlimits, attempt_rlimits
+from jobmesh.executor.isolation.sandbox import SandboxRequest, sandbox_argv
+
+PR_SET_NO_NEW_PRIVS = 38
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchSpec:
+    """What one process of an attempt needs from the node's isolation.
+
+    Attributes:
+        argv: its command.
+        workdir: its working directory (exists, empty or holding its input files).
+        cgroup_name: the name of its cgroup (``<job>-<attempt>``).
+        memory_mb: the memory it may use.
+        cpu_milli: the CPU it reserved.
+        timeout: its run timeout (RLIMIT_CPU).
+        network: whether it may use the network (sandbox: else none).
+        secrets_dir: a directory of its secret files ("" for none).
+        devices: device nodes it may use (reserved GPUs; sandbox only).
+        extra_ro: more host paths it needs read-only inside a sandbox.
+    """
+
+    argv: Sequence[str]
+    workdir: Path
+    cgroup_name: str
+    memory_mb: int
+    cpu_milli: int
+    timeout: float
+    network: bool = False
+    secrets_dir: str = ""
+    devices: Sequence[str] = ()
+    extra_ro: Sequence[str] = ()
+
+
+@dataclass
+class Launch:
+    """One process, ready to be started: ``argv`` with ``preexec`` as the child's first act.
+
+    Attributes:
+        argv: what to execute (bubblewrap's chain in a sandbox, else the job's argv).
+        cgroup: its cgroup, or None on a node without cgroups.
+        rlimits: what the child sets.
+        drop_to: (uid, gid) the child switches to before exec (process level, as root).
+        procs_files: the cgroup.procs files the child joins through.
+    """
+
+    argv: list[str]
+    cgroup: AttemptCgroup | None = None
+    rlimits: tuple[Rlimit, ...] = ()
+    drop_to: tuple[int, int] | None = None
+    procs_files: list[bytes] = field(default_factory=list)
+
+    def preexec(self) -> None:
+        """Run in the forked child before ``exec``: join the cgroup, set rlimits, drop root."""
+        for path in self.procs_files:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, b"0")  # "0" is the writing process itself
+            finally:
+                os.close(fd)
+        apply_rlimits(self.rlimits)
+        if self.drop_to is not None:
+            uid, gid = self.drop_to
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
+
+    def signal_all(self, pgid: int, sig: int) -> None:
+        """Send ``sig`` to the process group and, where there is one, every process of the cgroup
+        (a sandboxed job runs in a session of its own, outside the group)."""
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.cgroup is not None:
+            for pid in self.cgroup.pids():
+                try:
+                    os.kill(pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def finish(self) -> CgroupEvents:
+        """Kill whatever of the attempt is left, read what its cgroup recorded and remove it
+        (blocking: run it in a thread).
+
+        Returns:
+            The OOM kills and refused forks (none without a cgroup).
+        """
+        if self.cgroup is None:
+            return CgroupEvents()
+        try:
+            self.cgroup.kill_all()
+            return self.cgroup.events()
+        finally:
+            self.cgroup.remove()
+
+
+def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
+    """Make the process's cgroup and build its launch (I/O: the cgroup, the work directory's owner).
+
+    Args:
+        isolation: the node's isolation (:func:`~jobmesh.executor.isolation.probe.probe_node`).
+        spec: the process.
+
+    Returns:
+        The launch; call :meth:`Launch.finish` once the process ended, whatever happened.
+
+    Raises:
+        OSError: when the cgroup cannot be made or the work directory handed over.
+    """
+    if isolation.uid is not None and isolation.gid is not None:
+        os.chown(spec.workdir, isolation.uid, isolation.gid)
+        # Search for others: bubblewrap changes into it as root without CAP_DAC_OVERRIDE.
+        os.chmod(spec.workdir, 0o711)
+    cgroup = None
+    if isolation.cgroups is not None:
+        limits = attempt_limits(spec.memory_mb, spec.cpu_milli, isolation.pids_max)
+        cgroup = isolation.cgroups.create(spec.cgroup_name, limits)
+    rlimits = attempt_rlimits(
+        spec.memory_mb,
+        spec.timeout,
+        isolation.open_files,
+        isolation.pids_max,
+        # A cgroup root exists only with memory and pids controllers (see cgroups.py).
+        cgroup_memory=cgroup is not None,
+        cgroup_pids=cgroup is not None,
+    )
+    if isolation.sandbox is not None:
+        request = SandboxRequest(
+            argv=spec.argv,
+            workdir=str(spec.workdir),
+            uid=isolation.uid if isolation.uid is not None else os.geteuid(),
+            gid=isolation.gid if isolation.gid is not None else os.getegid(),
+            network=spec.network,
+            secrets_dir=spec.secrets_dir,
+            devices=spec.devices,
+            extra_ro=spec.extra_ro,
+        )
+        argv = sandbox_argv(isolation.sandbox, request)
+        drop_to = None  # bubblewrap needs root to build the sandbox; its chain drops it
+    else:
+        argv = list(spec.argv)
+        drop_to = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
+    return Launch(argv, cgroup, rlimits, drop_to, cgroup.procs_files() if cgroup is not None else [])
