@@ -19,6 +19,7 @@ import sys
 
 import msgspec
 import pytest
+from rich.console import Console
 
 from jobmesh.client.cli.display import UploadDisplay
 from jobmesh.client.cli.parser import build_parser
@@ -312,6 +313,15 @@ def test_an_upload_off_a_terminal_says_what_it_sent_in_one_line(capsys):
     display.update("a", 5, 10)
     display.close(2, 3 * 1024 * 1024, 1024 * 1024)
     assert capsys.readouterr().err == "jobmesh: uploaded 2 files (3.0 MiB; 2.0 MiB already stored)\n"
+
+
+def test_a_large_upload_on_a_terminal_draws_a_bar_per_file():
+    out = io.StringIO()
+    display = UploadDisplay(8 * 1024 * 1024, console=Console(file=out, force_terminal=True, width=100))
+    display.update("model.bin", 4 * 1024 * 1024, 8 * 1024 * 1024)
+    display.update("model.bin", 8 * 1024 * 1024, 8 * 1024 * 1024)
+    display.close(1, 8 * 1024 * 1024, 8 * 1024 * 1024)
+    assert "upload model.bin" in out.getvalue() and "8.4/8.4 MB" in out.getvalue()
 
 
 def test_a_result_decodes_into_the_callers_type_or_names_the_field():
