@@ -74,7 +74,7 @@ OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (
     ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB),
     # Uploads are read when an attempt starts, so they must outlive the longest wait in a
     # queue plus the retries of the job: a week, like the job's own history.
-    ObjectStoreSpec(subjects.OBJ_UPLOADS, 7 * DAY, 4 * GIB),
+    ObjectStoreSpec(subjects.OBJ_UPLOADS, 7 * DAY, 2 * GIB),
 )
 
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}

@@ -72,7 +72,7 @@ class NatsServer:
                     "jetstream {",
                     f'  store_dir: "{self.store_dir}"',
                     "  max_memory_store: 256MB",
-                    "  max_file_store: 20GB",
+                    "  max_file_store: 32GB",  # the streams and stores reserve ~17.3 GiB (contract.streams)
                     "}",
                 ]
             )
