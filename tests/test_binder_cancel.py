@@ -90,8 +90,16 @@ async def nodes(nc) -> list[str]:
 
 
 @pytest.fixture
-async def binder(make_cluster, nats_server) -> None:
+async def binder(make_cluster, nats_server, nc) -> None:
+    """A binder of this test's own, on a cancel consumer with no earlier test's cancel in it.
+
+    The tests share the module's NATS server, so the binder's durable cancel consumer too,
+    and they read its counters. A cancel that no node took (refused in the race test, say)
+    is handed back until the bind timeout since it was issued, well past the end of its
+    test: until it is given up, it would count as this test's.
+    """
     await make_cluster(("binder",), env={"JOBMESH_BIND_TIMEOUT_SECONDS": str(BIND_TIMEOUT)}, name="cancel")
+    await eventually(lambda: _cancels_settled(nc), timeout=BIND_TIMEOUT + 10, what="earlier tests' cancels to settle")
 
 
 def _ready(job_id: str, nodes: list[str]) -> Outgoing:
@@ -170,8 +178,9 @@ async def test_a_release_that_arrives_while_its_cancel_waits_is_refused(nc, seen
 
     async def all_waiting() -> bool:
         info = await nc.jetstream().consumer_info(subjects.STREAM_JOBS, subjects.durable("binder", "cancel"))
-        # Handed back once (no holder) and delivered again: this binder remembers them.
-        return info.num_pending == 0 and info.num_redelivered == len(jobs)
+        # Handed back once (no holder) and delivered again, none acked: this binder remembers
+        # them and they still wait. The counters are this test's own (the binder fixture).
+        return info.num_pending == 0 and info.num_ack_pending == info.num_redelivered == len(jobs)
 
     await eventually(all_waiting, timeout=BIND_TIMEOUT / 2, what="the cancels to wait for their bindings")
     await publisher.publish([_ready(j, nodes) for j in jobs])
