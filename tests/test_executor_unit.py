@@ -17,6 +17,10 @@ from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import (
+    Constraints,
+    ContainerRuntime,
+    GpuDevice,
+    HandlerRuntime,
     JobBound,
     JobFailed,
     JobLost,
@@ -30,8 +34,9 @@ from jobmesh.contract.messages.v1 import (
     Timeouts,
 )
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
-from jobmesh.executor.attempts import Attempts
+from jobmesh.executor.attempts import Attempts, AttemptSetup
 from jobmesh.executor.handlers import DispatchHandler
+from jobmesh.executor.isolation.probe import NodeIsolation
 from jobmesh.executor.leases import LeaseBook
 from jobmesh.executor.node import (
     MachineFacts,
@@ -41,10 +46,12 @@ from jobmesh.executor.node import (
     resolve_node_id,
     sanitize_node_id,
 )
-from jobmesh.executor.outcomes import exit_outcome, failed_outcome
+from jobmesh.executor.outcomes import Outcome, exit_outcome, failed_outcome
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, quota_error
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputTail, ProcessRunner
+from jobmesh.executor.runrequest import RunRequest
+from jobmesh.executor.secrets import SecretSource
 from jobmesh.executor.service import check_settings, job_base_env
 from jobmesh.runtime.outcomes import ACK, Reject
 from jobmesh.runtime.publisher import Outgoing
@@ -608,3 +615,112 @@ async def test_an_attempt_whose_directory_an_earlier_executor_left_is_lost_not_r
     assert [type(m) for m in publisher.messages] == [JobLost]
     assert publisher.calls[0][0].msg_id == "p:1:lost"
     assert attempts.running == 0 and not marker.exists() and not leftover.exists()
+
+
+# --- attempts.py: what an attempt hands its runner, refusals, secrets --------------------------
+class RecordingRunner:
+    """A runner that notes the RunRequest it got, says something and ends as told."""
+
+    def __init__(self, say: str = "", result: str = "") -> None:
+        self.requests: list[RunRequest] = []
+        self.say = say
+        self.result = result
+
+    async def run(self, request: RunRequest) -> Outcome:
+        self.requests.append(request)
+        if request.on_spawned is not None:
+            await request.on_spawned()
+        stdin = request.stdin.read_text() if request.stdin is not None else ""
+        await request.on_line("stdout", f"{self.say} {stdin}".strip())
+        if self.result:
+            (request.workdir / "result").write_text(self.result)
+        return Outcome(0, None, f"tail: {self.say}\n")
+
+
+@pytest.fixture
+async def recorded(tmp_path):
+    publisher = FakePublisher()
+    reporter = Reporter(publisher)
+    reporter.start()
+    runner = RecordingRunner(say="token=hunter2-secret", result='{"echo": "hunter2-secret"}')
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "api-key").write_text("hunter2-secret\n")
+    setup = AttemptSetup(
+        {"process": runner},
+        {"PATH": "/usr/bin", "LANG": "C.UTF-8"},
+        NodeIsolation(level="sandbox", network=False),
+        SecretSource(tmp_path / "secrets", "JOBMESH_SECRET_", {}),
+    )
+    leases = LeaseBook()
+    work = tmp_path / "work"
+    attempts = Attempts(NODE, work, reporter, setup.runners, trace.get_tracer("test"), leases=leases, setup=setup)
+    handler = DispatchHandler(NODE, attempts, reporter, FakeRecord(leases), incarnation="inc-1")
+    yield publisher, reporter, attempts, handler, runner
+    await reporter.close(1)
+
+
+async def ended_with(publisher, reporter, attempts, job_id: str):
+    await eventually(lambda: asyncio.sleep(0, attempts.running == 0), what="the attempt to end")
+    await reporter.flush()
+    return [m for m in publisher.messages if isinstance(m, JobSucceeded | JobFailed) and m.job_id == job_id]
+
+
+def with_spec(job_id: str, runtime, **spec) -> JobBound:
+    return msgspec.structs.replace(bound(job_id, runtime), spec=JobSpec(runtime=runtime, **spec))
+
+
+async def test_an_attempt_hands_its_runner_a_cleared_environment_stdin_and_masks_its_secrets(recorded, monkeypatch):
+    publisher, reporter, attempts, handler, runner = recorded
+    monkeypatch.setenv("EXECUTOR_ONLY", "leak")
+    runtime = ProcessRuntime(argv=["x"], env={"MINE": "1", "JOBMESH_JOB_ID": "spoof"})
+    job = with_spec("s", runtime, secrets=["api-key"], secrets_as="env", stdin="typed in")
+    await handler([envelope(job)])
+    (done,) = await ended_with(publisher, reporter, attempts, "s")
+    (request,) = runner.requests
+    workdir = attempts.workdir_of(job)
+    assert request.env["MINE"] == "1" and request.env["JOBMESH_JOB_ID"] == "s" and request.env["HOME"] == str(workdir)
+    assert request.env["API_KEY"] == "hunter2-secret"  # asked for as a variable
+    assert "EXECUTOR_ONLY" not in request.env and request.env["PATH"] == "/usr/bin"
+    assert request.network is False and request.secrets_dir is None and request.workdir == workdir
+    lines = [m.line for m in publisher.messages if isinstance(m, LogLine) and m.job_id == "s"]
+    assert lines == ["token=*** typed in"]
+    assert isinstance(done, JobSucceeded) and done.output_tail == "tail: token=***\n"
+    assert not workdir.exists() and not (workdir.parent / ".s-1").exists()
+
+
+async def test_attempts_the_node_cannot_isolate_or_run_are_refused(recorded):
+    publisher, reporter, attempts, handler, _ = recorded
+    await handler([envelope(with_spec("net", ProcessRuntime(argv=["x"]), network=True))])
+    await handler([envelope(with_spec("vm", ProcessRuntime(argv=["x"]), constraints=Constraints(isolation="vm")))])
+    await handler([envelope(with_spec("h", HandlerRuntime(handler="digits")))])
+    await handler([envelope(with_spec("c", ContainerRuntime(image="busybox")))])
+    await handler([envelope(with_spec("sec", ProcessRuntime(argv=["x"]), secrets=["nope"]))])
+    codes = {}
+    for job_id in ("net", "vm", "h", "c", "sec"):
+        (done,) = await ended_with(publisher, reporter, attempts, job_id)
+        codes[job_id] = (done.error.code, done.error.message)
+    assert codes["net"] == (
+        "isolation_refused",
+        "the job asks for the network; this node allows none (JOBMESH_NODE_NETWORK=false)",
+    )
+    assert codes["vm"] == ("isolation_refused", "the job asks for isolation vm; this node enforces sandbox")
+    assert codes["h"][0] == "handler_missing" and "'digits'" in codes["h"][1]
+    assert codes["c"] == ("isolation_refused", "this node cannot run a container runtime")
+    assert codes["sec"][0] == "secret_missing" and "nope" in codes["sec"][1]
+
+
+def test_the_node_record_says_what_the_probes_found():
+    gpus = [GpuDevice(index=0, kind="a100", memory_mb=40_000), GpuDevice(index=1, kind="a100", memory_mb=40_000)]
+    info = build_node_info(
+        Settings(node_handlers="fixed", node_network=False),
+        FACTS,
+        1.0,
+        isolation="sandbox",
+        probe={"sandbox": "bubblewrap 0.8.0"},
+        runtimes=["process", "noop", "handler"],
+        handlers=["digits", "fixed"],
+        gpu_devices=gpus,
+    )
+    assert (info.isolation, info.network, info.probe) == ("sandbox", False, {"sandbox": "bubblewrap 0.8.0"})
+    assert info.runtimes == ["process", "noop", "handler"] and info.handlers == ["fixed", "digits"]
+    assert (info.gpu, info.gpu_kind, info.gpu_devices) == (2, "a100", gpus)

@@ -22,6 +22,7 @@ from jobmesh.executor.isolation.cgroups import (
     parse_counter,
 )
 from jobmesh.executor.isolation.environment import allowed_environment, job_environment
+from jobmesh.executor.isolation.launch import command_problem
 from jobmesh.executor.isolation.probe import (
     decide_level,
     level_problem,
@@ -31,7 +32,7 @@ from jobmesh.executor.isolation.probe import (
     unreachable_parent,
 )
 from jobmesh.executor.isolation.rlimits import ADDRESS_HEADROOM_MB, attempt_rlimits
-from jobmesh.executor.isolation.sandbox import SandboxRequest, SandboxTools, sandbox_argv
+from jobmesh.executor.isolation.sandbox import SandboxRequest, SandboxTools, sandbox_argv, sandbox_path
 from jobmesh.executor.outcomes import Outcome, failed_outcome, limit_outcome
 
 MERGED = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
@@ -304,3 +305,19 @@ def test_v2_without_the_controllers_falls_back_to_v1(tmp_path):
     (tmp_path / "unified" / "cgroup.controllers").write_text("")  # the hybrid layout of these machines
     root, detail = find_cgroup_root("n3", mount=tmp_path, proc_self_cgroup=self_cgroup)
     assert root is not None and root.version == 1 and detail == "v1 memory,cpu,pids"
+
+
+def test_a_sandboxed_path_keeps_what_the_sandbox_holds_behind_the_executors_python():
+    tools = SandboxTools(symlinks=MERGED, extra_ro=("/opt/venv",), python_bin="/opt/venv/bin")
+    path = "/root/.pyenv/shims:/usr/local/bin:/usr/bin:/bin:relative:/opt/venv/bin/../x"
+    assert sandbox_path(path, tools) == "/opt/venv/bin:/usr/local/bin:/usr/bin:/bin:/opt/venv/bin/../x"
+    assert sandbox_path("/usr/bin", SandboxTools()) == "/usr/bin"
+
+
+def test_a_command_the_sandbox_cannot_start_is_named_before_the_spawn(tmp_path):
+    (tmp_path / "tool").write_text("#!/bin/sh\n")
+    assert command_problem("sh", "/usr/bin:/bin", tmp_path) is None
+    assert command_problem("no-such-command-jobmesh", "/usr/bin:/bin", tmp_path) == "No such file or directory"
+    assert command_problem("./tool", "", tmp_path) == "Permission denied"
+    os.chmod(tmp_path / "tool", 0o755)
+    assert command_problem("./tool", "", tmp_path) is None

@@ -1,11 +1,18 @@
 """One attempt's life on this node, and the node's register of attempts.
 
-One :class:`Attempt` takes a process ``JobBound`` from its lease to its published terminal
-event: it waits until its JobStarted and a node record listing it are durable, runs the
-process (:mod:`jobmesh.executor.runner`) with a progress pipe
-(:mod:`jobmesh.executor.progress`), watches and finally judges the disk quota
-(:mod:`jobmesh.executor.quota`), collects the result file (:mod:`jobmesh.executor.results`)
-and reports the outcome (:mod:`jobmesh.executor.outcomes`).
+One :class:`Attempt` takes a ``JobBound`` of a process, handler or container runtime from
+its lease to its published terminal event: it waits until its JobStarted and a node record
+listing it are durable, refuses what the node cannot isolate as asked (``isolation_refused``,
+:func:`~jobmesh.executor.isolation.probe.refusal`), prepares a fresh working directory (the
+job's input files, its secrets as files or variables, its stdin), builds the
+:class:`~jobmesh.executor.runrequest.RunRequest` (a cleared environment: the allow-list, the
+job's own variables, jobmesh's) and hands it to the runner of its runtime kind
+(:data:`Runners`: the process runner with the node's isolation, the handler pool, the
+container runner), with a progress pipe (:mod:`jobmesh.executor.progress`). It watches and
+finally judges the disk quota (:mod:`jobmesh.executor.quota`), masks the job's secrets out
+of every log line, the output tail and the result (:mod:`jobmesh.executor.masking`),
+collects the result file (:mod:`jobmesh.executor.results`) and reports the outcome
+(:mod:`jobmesh.executor.outcomes`).
 
 :class:`Attempts` is this node's register: which attempts run (for cancel, supersede and
 drain), which ran recently (so a redelivered ``JobBound`` is not run twice), which an
@@ -16,12 +23,15 @@ earlier incarnation left behind, and which were cancelled before their ``JobBoun
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
+import os
 import shutil
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -29,13 +39,29 @@ from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, log_id
-from jobmesh.contract.messages.v1 import AttemptLease, JobBound, LogLine, NoopRuntime, ProcessRuntime
+from jobmesh.contract.messages.v1 import (
+    AttemptLease,
+    ContainerRuntime,
+    HandlerRuntime,
+    JobBound,
+    JobRuntime,
+    LogLine,
+    NoopRuntime,
+    ProcessRuntime,
+)
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.errors import Overloaded
+from jobmesh.executor.gpus import gpu_env
+from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
+from jobmesh.executor.isolation.environment import job_environment
+from jobmesh.executor.isolation.probe import NodeIsolation, refusal
 from jobmesh.executor.leases import LeaseBook, LeaseState
+from jobmesh.executor.masking import Masker
 from jobmesh.executor.outcomes import (
     CANCELLED,
     EXECUTOR_ERROR,
+    HANDLER_MISSING,
+    ISOLATION_REFUSED,
     NODE_DRAINED,
     RESULT_TOO_LARGE,
     SUPERSEDED,
@@ -52,12 +78,28 @@ from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import kill_leftovers, lost_messages
 from jobmesh.executor.results import RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
+from jobmesh.executor.runrequest import Runner, RunRequest
+from jobmesh.executor.secrets import (
+    SANDBOX_SECRETS_DIR,
+    SECRETS_DIR_VAR,
+    SecretMissing,
+    SecretSource,
+    remove_secret_files,
+    secret_env,
+    write_secret_files,
+)
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
 
 log = logging.getLogger("jobmesh.executor.attempts")
 
 CHECKPOINT_VAR = "JOBMESH_CHECKPOINT"
+SECRET_MISSING: FailureCode = "secret_missing"
+INPUT_FILE_FAILED: FailureCode = "input_file_failed"
+# The runner of each runtime kind this node offers, by the runtime's wire tag: "process"
+# (ProcessRunner with the node's isolation), "handler" (HandlerPool), "container"
+# (ContainerRunner). A kind without a runner here fails its attempts (see Attempt).
+Runners = Mapping[str, Runner]
 # What a JobBound gets (Attempts.classify):
 #   run: a new attempt; duplicate: this process has it already (running or ended);
 #   orphaned: an earlier incarnation started it (it was reported lost at start);
@@ -71,6 +113,32 @@ Verdict = Literal["run", "duplicate", "orphaned", "ended_before", "left_behind",
 def attempt_name(job_id: str, attempt: int) -> str:
     """How log lines name an attempt: ``job <id> attempt <n>``."""
     return f"job {job_id} attempt {attempt}"
+
+
+def runtime_kind(runtime: JobRuntime) -> str:
+    """A runtime's wire tag (``process``, ``noop``, ``handler``, ``container``), the key of :data:`Runners`."""
+    return str(type(runtime).__struct_config__.tag)
+
+
+@dataclass(frozen=True)
+class AttemptSetup:
+    """What every attempt of this node is prepared with besides its own dispatch.
+
+    Attributes:
+        runners: the runner of each runtime kind (:data:`Runners`).
+        base_env: the allow-listed variables of the executor's environment.
+        isolation: the node's isolation (its level, network policy, the sandbox uid).
+        secrets: where the node's secrets are (None: a job naming one fails ``secret_missing``).
+        uploads: the ``jm_uploads`` object store (input files and stdin objects).
+        allowed_roots: node directories input files may be copied from.
+    """
+
+    runners: Runners
+    base_env: Mapping[str, str] = field(default_factory=dict)
+    isolation: NodeIsolation = field(default_factory=NodeIsolation)
+    secrets: SecretSource | None = None
+    uploads: UploadStore | None = None
+    allowed_roots: tuple[Path, ...] = ()
 
 
 def stop_code(reason: str) -> FailureCode:
@@ -87,7 +155,8 @@ def stop_code(reason: str) -> FailureCode:
 
 
 class Attempt:
-    """One process attempt on this node, from its lease to its published terminal event.
+    """One attempt of a process, handler or container on this node, from its lease to its
+    published terminal event.
 
     (A no-op attempt needs none of this; :meth:`Attempts.launch` reports it directly.)
 
@@ -101,7 +170,7 @@ class Attempt:
         node_id: this node.
         work_root: the node's work directory; the attempt's own is a fresh subdirectory.
         reporter: where log lines and the terminal event go.
-        runner: runs process runtimes.
+        setup: the node's runners, environment, isolation, secrets and uploads.
         results: reads and stores result files.
         tracer: for the attempt's span.
         on_ended: called with the attempt's key once its terminal event is durable.
@@ -119,7 +188,7 @@ class Attempt:
         node_id: str,
         work_root: Path,
         reporter: Reporter,
-        runner: ProcessRunner,
+        setup: AttemptSetup,
         results: ResultStore | None,
         tracer: trace.Tracer,
         on_ended: Callable[[str], None],
@@ -135,13 +204,14 @@ class Attempt:
         self._node_id = node_id
         self._work_root = work_root
         self._reporter = reporter
-        self._runner = runner
+        self._setup = setup
         self._results = results
         self._tracer = tracer
         self._on_ended = on_ended
         self._clock = clock
         self._abort = AbortSignal()
         self._log_seq = 0
+        self._masker: Masker | None = None  # set once the job's secrets are known
 
     @property
     def workdir(self) -> Path:
@@ -165,8 +235,8 @@ class Attempt:
         try:
             try:
                 runtime = self.bound.spec.runtime
-                if not isinstance(runtime, ProcessRuntime):  # Attempts.launch reports the others itself
-                    raise TypeError(f"an Attempt runs process runtimes, not {type(runtime).__name__}")
+                if isinstance(runtime, NoopRuntime):  # Attempts.launch reports those itself
+                    raise TypeError("an Attempt does not run no-op runtimes")
                 outcome = await self._when_ready(runtime)
             except Exception as exc:
                 log.exception("%s failed inside the executor", self.name)
@@ -180,10 +250,16 @@ class Attempt:
             await durable
             self._on_ended(self.key)
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+            await asyncio.to_thread(_remove_private, self.private_dir)
         finally:
             span.end()
 
-    async def _when_ready(self, runtime: ProcessRuntime) -> Outcome:
+    @property
+    def private_dir(self) -> Path:
+        """Beside the working directory, out of the job's reach: its stdin file and secrets."""
+        return self._work_root / f".{self.bound.job_id}-{self.bound.attempt}"
+
+    async def _when_ready(self, runtime: JobRuntime) -> Outcome:
         if not self._ready.done():
             stopped = asyncio.ensure_future(self._abort.wait())
             try:
@@ -193,9 +269,21 @@ class Attempt:
         if self._abort.error is not None:
             # Cancelled, superseded or drained before it started: nothing ran.
             return Outcome(None, self._abort.error)
-        return await self._run_process(runtime)
+        return await self._run_attempt(runtime)
 
-    async def _run_process(self, runtime: ProcessRuntime) -> Outcome:
+    async def _run_attempt(self, runtime: JobRuntime) -> Outcome:
+        setup = self._setup
+        kind = runtime_kind(runtime)
+        why = refusal(self.bound.spec, kind, setup.isolation.level, setup.isolation.network)
+        if why is not None:
+            log.warning("%s: refused: %s", self.name, why)
+            return failed_outcome(ISOLATION_REFUSED, why)
+        runner = setup.runners.get(kind)
+        if runner is None:
+            if isinstance(runtime, HandlerRuntime):
+                message = f"this node runs no handler pool, so it has no handler {runtime.handler!r}"
+                return failed_outcome(HANDLER_MISSING, message)
+            return failed_outcome(ISOLATION_REFUSED, f"this node cannot run a {kind} runtime")
         workdir = self.workdir
         try:
             workdir.mkdir(parents=True)
@@ -206,14 +294,74 @@ class Attempt:
         recorder = ProgressRecorder(self.lease, self.name)
         channel = ProgressChannel(recorder.line)
         try:
-            outcome = await self._run_with(runtime, workdir, channel)
+            outcome = await self._prepared(runner, runtime, workdir, channel)
         finally:
             await channel.close()
+        masker = self._masker
+        if masker is not None and masker.active and outcome.output_tail:
+            outcome = _with_tail(outcome, masker.mask_tail(outcome.output_tail))
         if outcome.error is not None or self._results is None:
             return outcome
-        return await self._with_result(outcome, workdir / RESULT_FILE)
+        result = workdir / RESULT_FILE
+        if masker is not None and masker.active:
+            await asyncio.to_thread(masker.mask_file, result)
+        return await self._with_result(outcome, result)
 
-    async def _run_with(self, runtime: ProcessRuntime, workdir: Path, channel: ProgressChannel) -> Outcome:
+    async def _prepared(self, runner: Runner, runtime: JobRuntime, workdir: Path, channel: ProgressChannel) -> Outcome:
+        """Put the job's files, secrets and stdin in place, then run it."""
+        spec, setup = self.bound.spec, self._setup
+        isolation = setup.isolation
+        own_env: dict[str, str] = dict(runtime.env) if isinstance(runtime, ProcessRuntime | ContainerRuntime) else {}
+        secrets_dir: Path | None = None
+        stdin: Path | None = None
+        if spec.secrets or spec.stdin or spec.stdin_object:
+            await asyncio.to_thread(self.private_dir.mkdir, 0o700)
+        try:
+            if spec.secrets:
+                if setup.secrets is None:
+                    raise SecretMissing(spec.secrets, "this node has no secrets (JOBMESH_SECRETS_DIR is not set)")
+                values = await asyncio.to_thread(setup.secrets.resolve, spec.secrets)
+                self._masker = Masker(values)
+                if self._masker.unmasked:
+                    log.warning(
+                        "%s: secrets %s are shorter than 4 characters and are not masked in its output",
+                        self.name,
+                        ", ".join(self._masker.unmasked),
+                    )
+                if spec.secrets_as == "env":
+                    own_env.update(secret_env(values))
+                else:
+                    secrets_dir = await asyncio.to_thread(
+                        write_secret_files, values, self.private_dir / "secrets", isolation.uid, isolation.gid
+                    )
+                    in_sandbox = isolation.sandbox is not None and isinstance(runtime, ProcessRuntime)
+                    own_env[SECRETS_DIR_VAR] = SANDBOX_SECRETS_DIR if in_sandbox else str(secrets_dir)
+            if spec.files:
+                await materialize(spec.files, workdir, setup.uploads, setup.allowed_roots, isolation.uid, isolation.gid)
+            if spec.stdin_object:
+                stdin = await fetch_stdin(spec.stdin_object, setup.uploads, self.private_dir / "stdin")
+            elif spec.stdin:
+                stdin = self.private_dir / "stdin"
+                await asyncio.to_thread(stdin.write_text, spec.stdin)
+        except SecretMissing as exc:
+            return failed_outcome(SECRET_MISSING, str(exc))
+        except InputFileError as exc:
+            log.warning("%s: %s", self.name, exc)
+            return failed_outcome(INPUT_FILE_FAILED, str(exc))
+        if isolation.uid is not None and secrets_dir is not None:
+            os.chown(self.private_dir, isolation.uid, isolation.gid if isolation.gid is not None else -1)
+        return await self._run_with(runner, runtime, workdir, channel, own_env, secrets_dir, stdin)
+
+    async def _run_with(
+        self,
+        runner: Runner,
+        runtime: JobRuntime,
+        workdir: Path,
+        channel: ProgressChannel,
+        own_env: Mapping[str, str],
+        secrets_dir: Path | None,
+        stdin: Path | None,
+    ) -> Outcome:
         job_vars = {
             "JOBMESH_JOB_ID": self.bound.job_id,
             "JOBMESH_ATTEMPT": str(self.bound.attempt),
@@ -223,7 +371,9 @@ class Attempt:
         }
         if self.bound.scratch_dir:
             job_vars["JOBMESH_SCRATCH_DIR"] = self.bound.scratch_dir
-        env = self._runner.environment(runtime, workdir, job_vars)
+        if self.bound.gpu_devices or self.bound.spec.resources.gpu:
+            job_vars.update(gpu_env(self.bound.gpu_devices))
+        env = job_environment(self._setup.base_env, workdir, own_env, job_vars)
         timeout = self.bound.spec.timeouts.run
         quota_mb = self.bound.spec.resources.disk_mb
         watchdog = asyncio.ensure_future(watch_quota(workdir, quota_mb, self._abort)) if quota_mb else None
@@ -240,18 +390,30 @@ class Attempt:
             if total
             else None
         )
+        lease = self.lease
+        request = RunRequest(
+            job_id=self.bound.job_id,
+            attempt=self.bound.attempt,
+            name=self.name,
+            runtime=runtime,
+            workdir=workdir,
+            env=env,
+            timeout=timeout,
+            abort=self._abort,
+            on_line=self._publish_line,
+            resources=self.bound.spec.resources,
+            network=self.bound.spec.network,
+            stdin=stdin,
+            secrets_dir=secrets_dir,
+            gpu_devices=tuple(self.bound.gpu_devices),
+            checkpoint=self.bound.checkpoint,
+            on_progress=lambda fraction, message: _progress(lease, fraction, message),
+            on_checkpoint=lambda text: setattr(lease, "checkpoint", text),
+            pass_fds=(channel.child_fd,),
+            on_spawned=channel.spawned,
+        )
         try:
-            outcome = await self._runner.run(
-                runtime,
-                workdir,
-                env,
-                timeout,
-                self._abort,
-                self._publish_line,
-                pass_fds=(channel.child_fd,),
-                on_spawned=channel.spawned,
-                name=self.name,
-            )
+            outcome = await runner.run(request)
         finally:
             if watchdog is not None:
                 watchdog.cancel()
@@ -288,11 +450,28 @@ class Attempt:
         )
 
     async def _publish_line(self, stream: OutputStream, line: str) -> None:
+        if self._masker is not None:
+            line = self._masker.mask(line)
         self._log_seq += 1
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
         msg_id = log_id(bound.job_id, bound.attempt, self._log_seq)
         await self._reporter.emit_log(Outgoing(subjects.job_log(bound.job_id), message, msg_id, self.context))
+
+
+def _progress(lease: LeaseState, fraction: float, message: str) -> None:
+    lease.progress = min(1.0, max(0.0, fraction))
+    lease.message = message
+
+
+def _with_tail(outcome: Outcome, tail: str) -> Outcome:
+    return Outcome(outcome.exit_code, outcome.error, tail, outcome.result, outcome.result_ref, outcome.result_bytes)
+
+
+def _remove_private(path: Path) -> None:
+    if path.exists():
+        remove_secret_files(path / "secrets")
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Attempts:
@@ -302,7 +481,8 @@ class Attempts:
         node_id: this node.
         work_root: the node's work directory (``<work_dir>/<node_id>``).
         reporter: where attempts report.
-        runner: runs process runtimes.
+        runners: the runner of each runtime kind (:data:`Runners`), or the process runner
+            alone (then the only kind, with the allow-list it was made with).
         tracer: for attempt spans.
         leases: the leases the node record lists.
         results: reads and stores result files (None: results are ignored).
@@ -310,6 +490,8 @@ class Attempts:
         remember: how many recent attempts to remember for deduplication; a redelivery comes within ``ack_wait`` seconds, so this only
             has to cover that long a burst.
         remember_cancels: how many cancels of attempts not seen yet to remember.
+        setup: the rest of what attempts are prepared with (environment, isolation,
+            secrets, uploads); its runners are ``runners``.
     """
 
     def __init__(
@@ -317,18 +499,28 @@ class Attempts:
         node_id: str,
         work_root: Path,
         reporter: Reporter,
-        runner: ProcessRunner,
+        runners: Runners | ProcessRunner,
         tracer: trace.Tracer,
         leases: LeaseBook | None = None,
         results: ResultStore | None = None,
         clock: Callable[[], float] = time.time,
         remember: int = 100_000,
         remember_cancels: int = 10_000,
+        setup: AttemptSetup | None = None,
     ) -> None:
         self._node_id = node_id
         self._work_root = work_root
         self._reporter = reporter
-        self._runner = runner
+        if isinstance(runners, ProcessRunner):
+            process = runners
+            runners = {"process": process}
+            if setup is None:
+                setup = AttemptSetup(runners, process.base_env, process.isolation or NodeIsolation())
+        if setup is None:
+            setup = AttemptSetup(runners)
+        elif setup.runners is not runners:
+            setup = dataclasses.replace(setup, runners=runners)
+        self.setup = setup
         self._tracer = tracer
         self.leases = leases if leases is not None else LeaseBook()
         self._results = results
@@ -378,7 +570,7 @@ class Attempts:
             running = self._by_job.get(bound.job_id)
             if running is not None and running.bound.attempt > bound.attempt:
                 return "stale"
-        if isinstance(bound.spec.runtime, ProcessRuntime) and self.workdir_of(bound).exists():
+        if not isinstance(bound.spec.runtime, NoopRuntime) and self.workdir_of(bound).exists():
             return "left_behind"
         return "run"
 
@@ -408,8 +600,8 @@ class Attempts:
         A no-op attempt has nothing to run or wait for, so its terminal event is queued at
         once, right behind its Started, without a task or a lease (None is returned): this
         is the benchmark path, and a task per job there costs a tenth of the executor's time.
-        A process attempt is added to the lease book at once; its process starts when
-        ``ready`` resolves (the caller puts the record and resolves it).
+        Any other attempt (process, handler, container) is added to the lease book at once;
+        it starts when ``ready`` resolves (the caller puts the record and resolves it).
 
         Args:
             bound: the dispatch message.
@@ -436,7 +628,7 @@ class Attempts:
             )
             return None
         if ready is None:
-            raise ValueError("a process attempt needs the future of its record being durable")
+            raise ValueError("an attempt that runs something needs the future of its record being durable")
         lease = self.leases.add(bound.job_id, bound.attempt, bound.partition, started_at, bound.checkpoint)
         attempt = Attempt(
             bound,
@@ -447,7 +639,7 @@ class Attempts:
             node_id=self._node_id,
             work_root=self._work_root,
             reporter=self._reporter,
-            runner=self._runner,
+            setup=self.setup,
             results=self._results,
             tracer=self._tracer,
             on_ended=self._ended,

@@ -5,9 +5,10 @@ subject (``AttemptCancel``), in stream order, so a cancel that follows a dispatc
 same batch finds the attempt launched.
 
 The handler never waits for a job to finish. For the new attempts of a batch it queues one
-JobStarted each and, if any of them runs a process, asks for one node-record put listing
-them; it returns (so the runtime acks the batch) once the Started and that record are
-durable, and only then do the processes start. So a crash can never leave an attempt that
+JobStarted each and, if any of them runs something (a process, a handler, a container:
+anything but a no-op), asks for one node-record put listing them; it returns (so the
+runtime acks the batch) once the Started and that record are durable, and only then do
+they start. So a crash can never leave an attempt that
 ran but is in no record: a restarted executor finds it there and reports it lost. What
 happens to each kind of ``JobBound`` is :meth:`~jobmesh.executor.attempts.Attempts.classify`'s
 verdict:
@@ -39,7 +40,7 @@ from typing import Protocol
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id
-from jobmesh.contract.messages.v1 import AttemptCancel, JobBound, JobStarted, ProcessRuntime
+from jobmesh.contract.messages.v1 import AttemptCancel, JobBound, JobStarted, NoopRuntime
 from jobmesh.errors import Unavailable
 from jobmesh.executor.attempts import Attempts, stop_code
 from jobmesh.executor.outcomes import SUPERSEDED
@@ -178,10 +179,10 @@ class DispatchHandler:
     def _launch(
         self, started: list[Outgoing], fresh: list[tuple[JobBound, Envelope, float]], waits: set[asyncio.Future[None]]
     ) -> bool:
-        """Queue the Started of ``fresh``, launch them, and put the record if any runs a process.
+        """Queue the Started of ``fresh``, launch them, and put the record if any runs something.
 
         Returns:
-            Whether any of them runs a process.
+            Whether any of them runs something (is not a no-op).
         """
         # Queued before any attempt runs, so each Started precedes its attempt's log lines
         # and terminal event in the reporter's FIFO.
@@ -189,7 +190,7 @@ class DispatchHandler:
         waits.add(durable)
         ready: asyncio.Future[None] | None = None
         for bound, env, now in fresh:
-            if isinstance(bound.spec.runtime, ProcessRuntime):
+            if not isinstance(bound.spec.runtime, NoopRuntime):
                 if ready is None:
                     ready = asyncio.get_running_loop().create_future()
                 self._attempts.launch(bound, env.context, now, durable, ready)

@@ -15,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from jobmesh.contract.messages.v1 import NodeInfo
+from jobmesh.contract.messages.v1 import GpuDevice, NodeInfo
 from jobmesh.contract.validation import label_problem
 from jobmesh.errors import InvalidSpec
 from jobmesh.runtime.settings import Settings
@@ -137,13 +137,29 @@ def node_work_dir(settings: Settings, node_id: str) -> Path:
     return root / node_id
 
 
-def build_node_info(settings: Settings, facts: MachineFacts, started_at: float) -> NodeInfo:
-    """The record this node advertises: settings win, machine facts fill the gaps.
+def build_node_info(
+    settings: Settings,
+    facts: MachineFacts,
+    started_at: float,
+    *,
+    isolation: str | None = None,
+    probe: dict[str, str] | None = None,
+    runtimes: list[str] | None = None,
+    handlers: list[str] | None = None,
+    gpu_devices: list[GpuDevice] | None = None,
+) -> NodeInfo:
+    """The record this node advertises: settings win, machine facts and the probes fill the gaps.
 
     Args:
         settings: the process settings (``node_*`` and ``work_dir``).
         facts: what the machine says (:func:`read_machine_facts`).
         started_at: when this executor started (epoch seconds); also the first heartbeat.
+        isolation: the level the isolation probe decided (None: the setting, ``auto`` as
+            ``process``).
+        probe: what the probes found (``NodeInfo.probe``).
+        runtimes: the runtime kinds this node has runners for (None: process and noop).
+        handlers: handlers its pool hosts, advertised besides ``JOBMESH_NODE_HANDLERS``.
+        gpu_devices: the GPUs the GPU probe found (None: the configured count, unlisted).
 
     Returns:
         A ``NodeInfo`` ready to put under its ``node_id`` in KV ``jm_nodes``.
@@ -152,20 +168,28 @@ def build_node_info(settings: Settings, facts: MachineFacts, started_at: float) 
         InvalidSpec: for a bad JOBMESH_NODE_ID or JOBMESH_NODE_LABELS.
     """
     node_id = resolve_node_id(settings, facts)
+    level = isolation or ("process" if settings.node_isolation == "auto" else settings.node_isolation)
+    configured = [h.strip() for h in settings.node_handlers.split(",") if h.strip()]
+    hosted = list(dict.fromkeys([*configured, *(handlers or [])]))
+    gpus = gpu_devices if gpu_devices is not None else []
+    kinds = {device.kind for device in gpus}
     return NodeInfo(
         node_id=node_id,
         cpu_milli=settings.node_cpu_milli or facts.cpu_count * 1000,
         memory_mb=settings.node_memory_mb or facts.memory_mb,
-        gpu=settings.node_gpu,
-        gpu_kind=settings.node_gpu_kind,
+        gpu=len(gpus) if gpu_devices is not None else settings.node_gpu,
+        gpu_kind=(kinds.pop() if len(kinds) == 1 else "") if gpu_devices else settings.node_gpu_kind,
+        gpu_devices=gpus,
         disk_mb=settings.node_disk_mb,
         arch=facts.arch,
         zone=settings.node_zone,
-        isolation="process" if settings.node_isolation == "auto" else settings.node_isolation,
+        isolation=level,
+        network=settings.node_network,
+        probe=dict(probe or {}),
         labels=parse_labels(settings.node_labels),
-        handlers=[h.strip() for h in settings.node_handlers.split(",") if h.strip()],
+        handlers=hosted,
         datasets=[d.strip() for d in settings.node_datasets.split(",") if d.strip()],
-        runtimes=list(RUNTIMES),
+        runtimes=list(runtimes) if runtimes is not None else list(RUNTIMES),
         work_dir=str(node_work_dir(settings, node_id)),
         started_at=started_at,
         heartbeat_at=started_at,

@@ -27,8 +27,9 @@ from jobmesh.contract.messages.v1 import JobError, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.executor.isolation.cgroups import MIN_MEMORY_MB
 from jobmesh.executor.isolation.environment import job_environment
-from jobmesh.executor.isolation.launch import Launch, LaunchSpec, prepare_launch
+from jobmesh.executor.isolation.launch import Launch, LaunchSpec, command_problem, prepare_launch
 from jobmesh.executor.isolation.probe import NodeIsolation
+from jobmesh.executor.isolation.sandbox import sandbox_path
 from jobmesh.executor.outcomes import (
     EXECUTOR_ERROR,
     PIDS_EXCEEDED,
@@ -205,6 +206,14 @@ class ProcessRunner:
                 await on_spawned()
             return Outcome(None, abort.error)
         launch: Launch | None = None
+        env = dict(request.env)
+        if self.isolation is not None and self.isolation.sandbox is not None:
+            env["PATH"] = sandbox_path(env.get("PATH", ""), self.isolation.sandbox)
+            problem = command_problem(runtime.argv[0], env["PATH"], request.workdir)
+            if problem is not None:
+                if on_spawned is not None:
+                    await on_spawned()
+                return failed_outcome(SPAWN_FAILED, f"cannot start {runtime.argv[0]!r}: {problem}")
         if self.isolation is not None:
             spec = LaunchSpec(
                 argv=runtime.argv,
@@ -218,6 +227,7 @@ class ProcessRunner:
                 devices=self._device_nodes(request.gpu_devices)
                 if self._device_nodes is not None and request.gpu_devices
                 else (),
+                pass_fds=request.pass_fds,
             )
             try:
                 launch = prepare_launch(self.isolation, spec)
@@ -227,7 +237,7 @@ class ProcessRunner:
                 log.error("%s: its isolation cannot be set up: %s", request.name, exc)
                 return failed_outcome(EXECUTOR_ERROR, f"cannot set up the attempt's isolation: {exc}")
         try:
-            outcome = await self._spawn_and_wait(request, runtime, launch)
+            outcome = await self._spawn_and_wait(request, runtime, launch, env)
         finally:
             events = await asyncio.to_thread(launch.finish) if launch is not None else None
         if events is None or launch is None or launch.cgroup is None:
@@ -237,7 +247,9 @@ class ProcessRunner:
         memory = max(request.resources.memory_mb, MIN_MEMORY_MB)
         return limit_outcome(outcome, events.oom_kills, events.pids_refused, memory, isolation.pids_max)
 
-    async def _spawn_and_wait(self, request: RunRequest, runtime: ProcessRuntime, launch: Launch | None) -> Outcome:
+    async def _spawn_and_wait(
+        self, request: RunRequest, runtime: ProcessRuntime, launch: Launch | None, env: dict[str, str]
+    ) -> Outcome:
         tail = OutputTail()
         loop = asyncio.get_running_loop()
         abort, on_spawned, timeout = request.abort, request.on_spawned, request.timeout
@@ -252,7 +264,7 @@ class ProcessRunner:
                 lambda: _ExitAwareProtocol(loop),
                 *(launch.argv if launch is not None else runtime.argv),
                 cwd=str(request.workdir),
-                env=dict(request.env),
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

@@ -1,13 +1,19 @@
-"""The executor service: start, register, heartbeat, consume dispatches, drain, stop.
+"""The executor service: probe, start, register, heartbeat, consume dispatches, drain, stop.
 
-``service_main`` wires the parts together on the shared :class:`~jobmesh.runtime.service.Runtime`:
-the node record (:class:`~jobmesh.executor.registration.Registration`) and the leases it
-renews, the reporter, the attempt register and the dispatch handler. At start the executor
+``service_main`` probes the node first (:func:`~jobmesh.executor.isolation.probe.probe_node`:
+the isolation level it advertises and enforces; :func:`~jobmesh.executor.gpus.probe_gpus`;
+:func:`~jobmesh.executor.containers.probe_engine`), starts the handler pool when handler
+modules are configured (its handlers' records go into KV ``jm_handlers``), and wires the
+parts together on the shared :class:`~jobmesh.runtime.service.Runtime`: the runner of each
+runtime kind, the node record (:class:`~jobmesh.executor.registration.Registration`) and the
+leases it renews, the reporter, the attempt register and the dispatch handler. The record
+says what the probes found (``NodeInfo.isolation``, ``network``, ``probe``, ``runtimes``,
+``handlers``, ``gpu_devices``). At start the executor
 reads the record an earlier process of this node left and reports its attempts lost
 (:mod:`jobmesh.executor.restart`) before its own first put. On SIGTERM the runtime stops
 pulling and calls :meth:`Executor.stop`, which keeps heartbeating while running attempts
 get the rest of ``drain_seconds``, fails what is left with ``node_drained``, publishes
-everything still queued and removes the node record.
+everything still queued, stops the handler pool and removes the node record.
 """
 
 from __future__ import annotations
@@ -27,17 +33,27 @@ from nats.js.kv import KeyValue
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.ids import attempt_key
-from jobmesh.contract.messages.v1 import NodeInfo
+from jobmesh.contract.messages.v1 import HandlerInfo, NodeInfo
 from jobmesh.errors import InvalidSpec
-from jobmesh.executor.attempts import Attempts, attempt_name
+from jobmesh.executor.attempts import Attempts, AttemptSetup, Runners, attempt_name
+from jobmesh.executor.containers import ContainerRunner, probe_engine
+from jobmesh.executor.followups import Followups
+from jobmesh.executor.gpus import gpu_device_nodes, probe_gpus
+from jobmesh.executor.handlerpool import HandlerLoadError, HandlerPool
 from jobmesh.executor.handlers import DISPATCH_MESSAGES, DispatchHandler
+from jobmesh.executor.inputs import parse_allowed_roots
+from jobmesh.executor.isolation.environment import allowed_environment
+from jobmesh.executor.isolation.probe import NodeIsolation, probe_node, unreachable_parent
+from jobmesh.executor.isolation.workers import isolated_spawn
 from jobmesh.executor.leases import LeaseBook
-from jobmesh.executor.node import build_node_info, read_machine_facts
+from jobmesh.executor.node import build_node_info, node_work_dir, read_machine_facts, resolve_node_id
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import kill_leftovers, lost_messages, orphaned_attempts
 from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
+from jobmesh.executor.runrequest import Runner
+from jobmesh.executor.secrets import SecretSource
 from jobmesh.runtime.service import ConsumerSpec, Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
@@ -79,9 +95,12 @@ class Executor:
         info: this node's record (:func:`~jobmesh.executor.node.build_node_info`); its
             ``incarnation`` is set here, fresh for every process.
         kv: the ``jm_nodes`` bucket.
-        base_env: variables every job inherits (:func:`job_base_env`).
+        base_env: variables every job inherits (the allow-list, :func:`allowed_environment`).
         results: the ``jm_results`` object store (None: result files are ignored).
         clock: epoch seconds.
+        setup: the runners of the runtime kinds besides processes, the node's isolation,
+            secrets and uploads (None: processes only, unisolated).
+        pool: the handler pool (stopped after the drain), if the node runs one.
     """
 
     def __init__(
@@ -92,6 +111,9 @@ class Executor:
         base_env: Mapping[str, str],
         results: ObjectPut | None = None,
         clock: Callable[[], float] = time.time,
+        *,
+        setup: AttemptSetup | None = None,
+        pool: HandlerPool | None = None,
     ) -> None:
         settings = rt.settings
         self._rt = rt
@@ -110,15 +132,23 @@ class Executor:
             reconnects=rt.reconnects,
         )
         limits = ResultLimits(settings.result_inline_bytes, settings.result_max_bytes)
+        isolation = setup.isolation if setup is not None else None
+        process = ProcessRunner(
+            base_env, kill_grace=settings.kill_grace_seconds, isolation=isolation, device_nodes=gpu_device_nodes
+        )
+        runners: Runners = {**(setup.runners if setup is not None else {}), "process": process}
+        self.isolation = isolation
+        self.pool = pool
         self.attempts = Attempts(
             info.node_id,
             self.work_root,
             self.reporter,
-            ProcessRunner(base_env, kill_grace=settings.kill_grace_seconds),
+            runners,
             rt.tracer,
             leases=self.leases,
             results=ResultStore(results, limits) if results is not None else None,
             clock=clock,
+            setup=setup if setup is not None else AttemptSetup(runners, base_env),
         )
         self.registration = Registration(kv, info, self.leases, settings.heartbeat_seconds, clock)
         self.handler = DispatchHandler(
@@ -200,11 +230,15 @@ class Executor:
         grace = max(0.0, deadline - asyncio.get_running_loop().time())
         log.info("node %s draining: %d attempts running, %.1fs to finish", self.node_id, self.attempts.running, grace)
         stopped = await self.attempts.drain(grace)
+        if self.pool is not None:
+            await self.pool.stop()
         await self.reporter.close(FINAL_FLUSH_SECONDS)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         await self.registration.deregister()
+        if self.isolation is not None and self.isolation.cgroups is not None:
+            self.isolation.cgroups.close()
         log.info(
             "node %s drained: %d attempts stopped, %d messages published in %d flushes",
             self.node_id,
@@ -230,6 +264,55 @@ class Executor:
             self._rt.stop()
 
 
+def check_work_dir(isolation: NodeIsolation, work_root: Path) -> None:
+    """Refuse a work directory that the uid jobs run as cannot reach at the process level.
+
+    Raises:
+        InvalidSpec: naming JOBMESH_WORK_DIR and the directory in the way.
+    """
+    if isolation.level != "process" or isolation.uid is None or isolation.gid is None:
+        return  # a sandbox makes its own path to the work directory
+    blocked = unreachable_parent(work_root, isolation.uid, isolation.gid)
+    if blocked is not None:
+        raise InvalidSpec(
+            f"JOBMESH_WORK_DIR: jobs run as uid {isolation.uid} at the process level, and {blocked} "
+            f"(mode {blocked.stat().st_mode & 0o777:o}) keeps them out of {work_root}; use a work directory "
+            "whose parents others may search (mode o+x)",
+            field="work_dir",
+        )
+
+
+async def start_pool(
+    settings: Settings, isolation: NodeIsolation, rt: Runtime, kv_handlers: KeyValue
+) -> tuple[HandlerPool | None, list[HandlerInfo]]:
+    """Start the handler pool of ``JOBMESH_HANDLER_MODULES`` inside the node's isolation and
+    record its handlers in KV ``jm_handlers``.
+
+    Returns:
+        The pool (None when no modules are configured) and its handlers.
+
+    Raises:
+        InvalidSpec: naming JOBMESH_HANDLER_MODULES when a module does not load.
+    """
+    modules = [m.strip() for m in settings.handler_modules.split(",") if m.strip()]
+    if not modules:
+        return None, []
+    pool = HandlerPool(
+        modules,
+        settings.handler_workers,
+        spawn=isolated_spawn(isolation, settings.handler_worker_memory_mb, modules),
+        submit=Followups(rt.nc),
+        kill_grace=settings.kill_grace_seconds,
+    )
+    try:
+        infos = await pool.start()
+    except HandlerLoadError as exc:
+        raise InvalidSpec(f"JOBMESH_HANDLER_MODULES: {exc}", field="handler_modules") from exc
+    for info in infos:
+        await kv_handlers.put(info.name, msgspec.json.encode(info))
+    return pool, infos
+
+
 async def service_main(settings: Settings, tracing: Tracing) -> None:
     """Run one executor node until SIGTERM/SIGINT, then drain.
 
@@ -238,11 +321,58 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     """
     # Checked before connecting, so a bad JOBMESH_NODE_LABELS fails at once and clearly.
     check_settings(settings)
-    info = build_node_info(settings, read_machine_facts(), time.time())
+    facts = read_machine_facts()
+    node_id = resolve_node_id(settings, facts)
+    try:
+        allowed_roots = parse_allowed_roots(settings.allowed_input_paths)
+    except ValueError as exc:
+        raise InvalidSpec(str(exc), field="allowed_input_paths") from exc
+    engine = await asyncio.to_thread(probe_engine, settings.container_engine, settings.container_probe_image)
+    isolation = await asyncio.to_thread(probe_node, settings, node_id, engine.engine is not None, engine.detail)
+    check_work_dir(isolation, node_work_dir(settings, node_id))
+    gpus = await asyncio.to_thread(probe_gpus, settings.node_gpu, settings.node_gpu_kind)
     rt = Runtime(settings, tracing)
     await rt.connect()
     kv = await rt.js.key_value(subjects.KV_NODES)
     results = await rt.js.object_store(subjects.OBJ_RESULTS)
-    executor = Executor(rt, info, kv, job_base_env(os.environ), results)
+    uploads = await rt.js.object_store(subjects.OBJ_UPLOADS)
+    runners: dict[str, Runner] = {}
+    runtimes = ["process", "noop"]
+    if engine.engine is not None:
+        runners["container"] = ContainerRunner(
+            engine.engine,
+            uid=isolation.uid,
+            gid=isolation.gid,
+            pids_max=settings.attempt_pids_max,
+            kill_grace=settings.kill_grace_seconds,
+        )
+        runtimes.append("container")
+    pool, handlers = await start_pool(settings, isolation, rt, await rt.js.key_value(subjects.KV_HANDLERS))
+    if pool is not None:
+        runners["handler"] = pool
+        runtimes.append("handler")
+    probe = {**isolation.probe, "gpu": gpus.detail}
+    if pool is not None:
+        probe["handlers"] = f"{settings.handler_workers} workers: {', '.join(h.name for h in handlers) or 'none'}"
+    info = build_node_info(
+        settings,
+        facts,
+        time.time(),
+        isolation=isolation.level,
+        probe=probe,
+        runtimes=runtimes,
+        handlers=[h.name for h in handlers],
+        gpu_devices=gpus.devices,
+    )
+    secrets_dir = Path(settings.secrets_dir) if settings.secrets_dir else None
+    setup = AttemptSetup(
+        runners,
+        allowed_environment(os.environ, settings.env_allow),
+        isolation,
+        SecretSource(secrets_dir, settings.secrets_env_prefix, os.environ),
+        uploads,
+        allowed_roots,
+    )
+    executor = Executor(rt, info, kv, setup.base_env, results, setup=setup, pool=pool)
     await executor.start()
     await rt.serve(consumers=[executor.consumer()], on_stop=executor.stop)

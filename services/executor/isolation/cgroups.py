@@ -254,24 +254,23 @@ class CgroupRoot:
         return group
 
     def sweep(self) -> int:
-        """Remove attempt cgroups an earlier process of this node left (empty ones only).
+        """Kill what is left in the attempt cgroups an earlier process of this node left, and
+        remove them: no attempt of another incarnation runs on here.
 
         Returns:
             How many were removed.
         """
-        removed = 0
+        names: set[str] = set()
         for parent in self.parents.values():
             try:
-                children = [entry for entry in parent.iterdir() if entry.is_dir()]
+                names.update(entry.name for entry in parent.iterdir() if entry.is_dir())
             except OSError:
                 continue
-            for child in children:
-                try:
-                    child.rmdir()
-                    removed += 1
-                except OSError:
-                    log.warning("cgroup %s is left by an earlier executor and still busy", child)
-        return removed
+        for name in sorted(names):
+            group = AttemptCgroup(self.version, {key: parent / name for key, parent in self.parents.items()})
+            group.kill_all()
+            group.remove()
+        return len(names)
 
     def close(self) -> None:
         """Remove this executor's parent directories (when no attempt is left in them)."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class LaunchSpec:
         secrets_dir: a directory of its secret files ("" for none).
         devices: device nodes it may use (reserved GPUs; sandbox only).
         extra_ro: more host paths it needs read-only inside a sandbox.
+        pass_fds: descriptors it inherits besides 0-2.
     """
 
     argv: Sequence[str]
@@ -58,6 +60,7 @@ class LaunchSpec:
     secrets_dir: str = ""
     devices: Sequence[str] = ()
     extra_ro: Sequence[str] = ()
+    pass_fds: Sequence[int] = ()
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Launch:
         rlimits: what the child sets.
         drop_to: (uid, gid) the child switches to before exec (process level, as root).
         procs_files: the cgroup.procs files the child joins through.
+        owner: (uid, gid) the child hands its pipes to (when the job runs as another uid).
+        pass_fds: the descriptors it inherits besides 0-2 (the progress pipe).
     """
 
     argv: list[str]
@@ -77,6 +82,8 @@ class Launch:
     rlimits: tuple[Rlimit, ...] = ()
     drop_to: tuple[int, int] | None = None
     procs_files: list[bytes] = field(default_factory=list)
+    owner: tuple[int, int] | None = None
+    pass_fds: tuple[int, ...] = ()
 
     def preexec(self) -> None:
         """Run in the forked child before ``exec``: join the cgroup, set rlimits, drop root."""
@@ -87,6 +94,16 @@ class Launch:
             finally:
                 os.close(fd)
         apply_rlimits(self.rlimits)
+        if self.owner is not None:
+            # The job reopens its pipes by name (``> /dev/stderr``, ``> /dev/fd/$FD``), which
+            # checks the pipe's owner: root's, until given to the job's uid here.
+            uid, gid = self.owner
+            for fd in (0, 1, 2, *self.pass_fds):
+                try:
+                    if stat.S_ISFIFO(os.fstat(fd).st_mode):
+                        os.fchown(fd, uid, gid)
+                except OSError:
+                    pass  # not open: nothing to hand over
         if self.drop_to is not None:
             uid, gid = self.drop_to
             os.setgroups([])
@@ -171,4 +188,34 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
     else:
         argv = list(spec.argv)
         drop_to = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
-    return Launch(argv, cgroup, rlimits, drop_to, cgroup.procs_files() if cgroup is not None else [])
+    owner = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
+    procs = cgroup.procs_files() if cgroup is not None else []
+    return Launch(argv, cgroup, rlimits, drop_to, procs, owner, tuple(spec.pass_fds))
+
+
+def command_problem(command: str, path: str, cwd: Path) -> str | None:
+    """Why ``command`` cannot be executed, looked up as ``execvp`` would (None: it can be).
+
+    In a sandbox the job's command is executed by the last step of the chain, so a missing
+    one would look like the job's own exit code 127; the sandbox binds the host's system
+    directories, so the host answers for it and the attempt fails ``spawn_failed`` instead.
+
+    Args:
+        command: the job's ``argv[0]``.
+        path: the job's PATH.
+        cwd: its working directory (a relative command with a ``/`` is looked up there).
+
+    Returns:
+        ``No such file or directory`` or ``Permission denied``, or None.
+    """
+    if "/" in command:
+        candidates = [cwd / command]
+    else:
+        candidates = [Path(d or ".") / command for d in path.split(":")]
+    denied = False
+    for candidate in candidates:
+        if candidate.is_file():
+            if os.access(candidate, os.X_OK):
+                return None
+            denied = True
+    return "Permission denied" if denied else "No such file or directory"

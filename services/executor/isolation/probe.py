@@ -157,6 +157,8 @@ def refusal(spec: JobSpec, runtime_kind: str, node_level: str, node_network: boo
             return f"the job asks for isolation {asked}; a {runtime_kind} runtime runs at most in the {ceiling}"
     if spec.network and not node_network:
         return "the job asks for the network; this node allows none (JOBMESH_NODE_NETWORK=false)"
+    if spec.network and runtime_kind == "handler" and node_level != "process":
+        return "the job asks for the network; this node's handler workers run in a sandbox without one"
     return None
 
 
@@ -221,6 +223,7 @@ def probe_sandbox(
         symlinks=links,
         directories=dirs,
         extra_ro=python_prefixes(),
+        python_bin=os.path.dirname(sys.executable),
     )
     with tempfile.TemporaryDirectory(prefix="jobmesh-probe-") as workdir:
         if as_root:
@@ -237,7 +240,9 @@ def probe_sandbox(
     return SandboxProbe(tools, version or "bubblewrap")
 
 
-def probe_node(settings: Settings, node_id: str, container_works: bool = False) -> NodeIsolation:
+def probe_node(
+    settings: Settings, node_id: str, container_works: bool = False, container_detail: str = ""
+) -> NodeIsolation:
     """Probe this node and decide how it isolates attempts (I/O: runs the sandbox once, makes
     cgroup directories).
 
@@ -246,6 +251,7 @@ def probe_node(settings: Settings, node_id: str, container_works: bool = False) 
             ``sandbox_uid``/``gid``, ``attempt_pids_max``, ``attempt_open_files``).
         node_id: this node (names its cgroup parents).
         container_works: whether the container probe passed (for an explicit ``container``).
+        container_detail: what the container probe found (reported with the rest).
 
     Returns:
         The node's isolation.
@@ -264,6 +270,8 @@ def probe_node(settings: Settings, node_id: str, container_works: bool = False) 
         sandbox = probe_sandbox(settings.sandbox_uid, settings.sandbox_gid, as_root)
     cgroups, cgroup_detail = find_cgroup_root(node_id)
     report = probe_report(sandbox.detail, cgroup_detail, uid, gid, own_uid, settings.node_network)
+    if container_detail:
+        report["container"] = container_detail
     level = decide_level(settings.node_isolation, sandbox.tools is not None, container_works)
     if level is None:
         if cgroups is not None:

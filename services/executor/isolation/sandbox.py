@@ -51,6 +51,8 @@ class SandboxTools:
             here (bound read-only instead).
         extra_ro: more host paths to bind read-only (the Python prefix of the executor, so
             that a ``python`` job works; installation roots of handler modules).
+        python_bin: the directory of the executor's interpreter, first on a sandboxed job's
+            PATH (see :func:`sandbox_path`).
     """
 
     bwrap: str = "bwrap"
@@ -60,6 +62,7 @@ class SandboxTools:
     symlinks: dict[str, str] = field(default_factory=dict)
     directories: tuple[str, ...] = ()
     extra_ro: tuple[str, ...] = ()
+    python_bin: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,27 @@ def sandbox_argv(tools: SandboxTools, request: SandboxRequest) -> list[str]:
         args.append("--")
     args += list(request.argv)
     return args
+
+
+def sandbox_path(path: str, tools: SandboxTools) -> str:
+    """A sandboxed job's PATH: the executor's interpreter directory, then the entries of
+    ``path`` that exist inside the sandbox (what the system and the extra binds hold).
+
+    A PATH entry outside them (a ``~/.pyenv/shims`` of the executor's user) would only make
+    a command that exists on the host unfindable inside; ``python`` is the executor's own.
+
+    Args:
+        path: the job's PATH (the allow-listed one, or the job's own).
+        tools: the sandbox's binds.
+
+    Returns:
+        The PATH to give it.
+    """
+    visible = [*SYSTEM_BINDS, *tools.symlinks, *tools.directories, *tools.extra_ro]
+    entries = [entry for entry in path.split(":") if entry.startswith("/") and _covered(entry, visible)]
+    if tools.python_bin and tools.python_bin not in entries:
+        entries.insert(0, tools.python_bin)
+    return ":".join(dict.fromkeys(entries))
 
 
 def drop_argv(tools: SandboxTools, uid: int, gid: int) -> list[str]:
