@@ -228,7 +228,8 @@ class CgroupRoot:
             OSError: when it cannot be made or limited.
         """
         dirs = {key: parent / name for key, parent in self.parents.items()}
-        for path in dirs.values():
+        for parent, path in zip(self.parents.values(), dirs.values(), strict=True):
+            parent.mkdir(exist_ok=True)  # again: an operator may have cleared an idle node's parent
             path.mkdir(exist_ok=True)
         group = AttemptCgroup(self.version, dirs)
         try:
