@@ -73,5 +73,19 @@ def nats_server(tmp_path_factory) -> NatsServer:
 
 
 @pytest.fixture(scope="module")
-def work_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("work")
+def work_dir() -> Path:
+    """A work directory the executor's job uid (65534) can reach at the process level, which
+    pytest's own tree (0700) is not."""
+    root = Path(tempfile.mkdtemp(prefix="jobmesh-test-work-"))
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_dir() -> Path:
+    """A directory jobs running as the sandbox uid may write (markers a test reads)."""
+    root = Path(tempfile.mkdtemp(prefix="jobmesh-test-shared-"))
+    os.chmod(root, 0o777)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)

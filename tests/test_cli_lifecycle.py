@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -112,20 +113,30 @@ async def test_run_shows_the_retry_and_exits_3_once_the_job_is_final(cluster, na
 
 
 # --- watch and progress ----------------------------------------------------------------------
-async def test_watch_shows_the_progress_a_job_reports(cluster, nats_server, tmp_path):
+async def test_watch_shows_the_progress_a_job_reports(cluster, nats_server):
     url = nats_server.url
-    go_on = tmp_path / "go-on"
-    # The job reports half done, then waits until the test has seen that in watch's output.
+    # The job reports half done, then waits until the test has seen that in watch's output
+    # and put go-on into its working directory (the one place a sandboxed job sees).
     script = (
         "import os, pathlib, time\n"
         "os.write(int(os.environ['JOBMESH_PROGRESS_FD']), b'progress 0.5 half\\n')\n"
-        f"while not pathlib.Path({str(go_on)!r}).exists():\n"
+        "while not pathlib.Path('go-on').exists():\n"
         "    time.sleep(0.05)\n"
     )
     job_id = _json_of(
         jobmesh_cli(["submit", "--json", "--queue", "lc-watch", "--", sys.executable, "-c", script], url)
     )["job_id"]
     await eventually(lambda: _recorded(job_id, url), what="the tracker to record the job")
+
+    async def workdir() -> list[Path]:
+        return list((cluster.work_dir / "nodes").glob(f"*/{job_id}-1"))
+
+    workdirs = await eventually(workdir, what="the job's working directory")
+
+    def go_on() -> None:
+        if workdirs[0].exists():
+            (workdirs[0] / "go-on").touch()
+
     watch = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
@@ -148,10 +159,10 @@ async def test_watch_shows_the_progress_a_job_reports(cluster, nats_server, tmp_
                     return
 
         await asyncio.wait_for(progress_line(), 30)
-        go_on.touch()
+        go_on()
         _, rest = await asyncio.wait_for(watch.communicate(), 30)
     finally:
-        go_on.touch()
+        go_on()
         if watch.returncode is None:
             watch.kill()
             await watch.wait()

@@ -72,6 +72,8 @@ def start_executor(nats_url: str, node_id: str, work_dir: Path, **extra: str) ->
         "JOBMESH_NODE_ID": node_id,
         "JOBMESH_WORK_DIR": str(work_dir),
         "JOBMESH_NODE_TTL_SECONDS": str(TTL),
+        # These tests watch host pids and marker files: no pid or mount namespace.
+        "JOBMESH_NODE_ISOLATION": "process",
         **extra,
     }
     return subprocess.Popen([sys.executable, "-m", "jobmesh.executor"], env=env, start_new_session=True)
@@ -323,8 +325,8 @@ async def test_missing_command_is_spawn_failed(harness, executor):
     assert "no-such-command-jobmesh" in done.error.message
 
 
-async def test_duplicate_job_bound_runs_once(harness, executor, tmp_path):
-    marker = tmp_path / "runs"
+async def test_duplicate_job_bound_runs_once(harness, executor, shared_dir):
+    marker = shared_dir / "runs"
     runtime = ProcessRuntime(argv=["sh", "-c", f"echo run >> {marker}"])
     job_id = f"dup-{uuid.uuid4().hex[:8]}"
     # Different Nats-Msg-Ids, so the stream keeps both copies and the executor sees both.

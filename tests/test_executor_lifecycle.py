@@ -221,10 +221,10 @@ async def test_a_dispatch_of_the_next_attempt_supersedes_the_running_one(harness
 
 # --- restart under the same node id --------------------------------------------------------
 async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_it_again(
-    harness, nats_server, work_dir, tmp_path
+    harness, nats_server, work_dir, shared_dir
 ):
     node = "exec-life-restart"
-    marker = tmp_path / "runs"
+    marker = shared_dir / "runs"
     settings = {"JOBMESH_HEARTBEAT_SECONDS": "0.3"}
     first = start_executor(nats_server.url, node, work_dir, **settings)
     second = None
@@ -272,10 +272,10 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
 
 # --- drain ---------------------------------------------------------------------------------
 async def test_drain_keeps_the_leases_alive_while_an_attempt_finishes_then_hands_back_the_rest(
-    harness, nats_server, work_dir, tmp_path
+    harness, nats_server, work_dir, shared_dir
 ):
     node = "exec-life-drain"
-    go = tmp_path / "go"
+    go = shared_dir / "go"
     proc = start_executor(nats_server.url, node, work_dir, JOBMESH_DRAIN_SECONDS="6", JOBMESH_HEARTBEAT_SECONDS="0.3")
     try:
         await eventually(lambda: harness.node_record(node), what="the node's record")

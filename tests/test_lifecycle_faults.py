@@ -6,8 +6,11 @@ stops real processes, and waits on what the tracker records (never on the clock)
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,10 +51,24 @@ FAST = {
 HEARTBEAT_TIMEOUT = 3.0
 
 
+# These tests count runs in a file outside the work directory and watch host pids: their
+# executors run at the process level, in a work directory the job uid can reach.
+OPEN_WORK = Path(tempfile.mkdtemp(prefix="jobmesh-faults-work-"))
+os.chmod(OPEN_WORK, 0o755)
+atexit.register(shutil.rmtree, OPEN_WORK, True)
+
+
 def executor(node: str, **env: str) -> Service:
     return Service(
         "executor",
-        {"JOBMESH_NODE_ID": node, "JOBMESH_NODE_CPU_MILLI": "4000", "JOBMESH_NODE_MEMORY_MB": "4096", **env},
+        {
+            "JOBMESH_NODE_ID": node,
+            "JOBMESH_NODE_CPU_MILLI": "4000",
+            "JOBMESH_NODE_MEMORY_MB": "4096",
+            "JOBMESH_NODE_ISOLATION": "process",
+            "JOBMESH_WORK_DIR": str(OPEN_WORK),
+            **env,
+        },
         tag=f"-{node}",
     )
 
@@ -106,9 +123,10 @@ async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:
         await nc.close()
 
 
-def runs_file(tmp_path: Path) -> Path:
-    path = tmp_path / "runs"
+def runs_file(shared_dir: Path) -> Path:
+    path = shared_dir / "runs"
     path.write_text("")
+    os.chmod(path, 0o666)
     return path
 
 
@@ -118,10 +136,10 @@ def counting(path: Path, then: str) -> ProcessRuntime:
 
 
 async def test_a_killed_executor_s_job_is_retried_elsewhere_within_the_heartbeat_timeout(
-    make_cluster, nats_server, tmp_path
+    make_cluster, nats_server, shared_dir
 ):
     cluster = await make_cluster([*CONTROL, executor("a"), executor("b")], env=FAST, name="kill-exec")
-    runs = runs_file(tmp_path)
+    runs = runs_file(shared_dir)
     client = await Client.connect(nats_server.url)
     try:
         # Each attempt says where it started from, then checkpoints.
@@ -251,7 +269,7 @@ async def test_migrate_after_moves_the_third_attempt_and_a_fallback_runs_in_plac
 
 
 async def test_cancel_a_queued_a_waiting_and_a_running_job(make_cluster, nats_server):
-    cluster = await make_cluster([*CONTROL, executor("a")], env=FAST, name="cancel")
+    await make_cluster([*CONTROL, executor("a")], env=FAST, name="cancel")
     client = await Client.connect(nats_server.url)
     try:
         queued = JobSpec(runtime=NoopRuntime(), not_before=time.time() + 600)
@@ -272,7 +290,7 @@ async def test_cancel_a_queued_a_waiting_and_a_running_job(make_cluster, nats_se
         [waiting_id] = (await client.submit([Submission(spec=waiter)])).job_ids
         await eventually(lambda: view(client, waiting_id), what="the waiter to be recorded")
         # The running job's process: its pid file is in its working directory on node a.
-        work = Path(cluster.work_dir) / "nodes" / "a"
+        work = OPEN_WORK / "a"
         pid_files = list(work.glob(f"{running_id}-1/pid"))
         assert pid_files, list(work.glob("*"))
         pid = int(pid_files[0].read_text())
@@ -313,10 +331,10 @@ async def test_cancel_a_queued_a_waiting_and_a_running_job(make_cluster, nats_se
 
 
 async def test_an_executor_killed_just_after_a_start_and_restarted_reports_the_attempt_lost(
-    make_cluster, nats_server, tmp_path
+    make_cluster, nats_server, shared_dir
 ):
     cluster = await make_cluster([*CONTROL, executor("a")], env=FAST, name="restart")
-    runs = runs_file(tmp_path)
+    runs = runs_file(shared_dir)
     client = await Client.connect(nats_server.url)
     try:
         spec = JobSpec(runtime=counting(runs, "sleep 1"), retry=RetryPolicy(max_attempts=3, backoff=0.1))
