@@ -4,6 +4,7 @@ kept in the worker so the same call again is served warm by the same process."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,23 @@ async def test_bad_parameters_fail_input_invalid_naming_the_field(pool, tmp_path
     ran = await run_job(pool, tmp_path / "bad2", "digits.predict", {"images": [[1.0, 2.0]]})
     assert ran.code == "input_invalid"
     assert ran.outcome.error.message.endswith("Expected `array` of length >= 64 - at `$.runtime.input.images[0]`")
+
+
+def test_jobmesh_dev_hosts_the_example_unless_told_otherwise(tmp_path):
+    from jobmesh.dev.devcluster import dev_service_env
+
+    assert dev_service_env({}, DIGITS) == {"JOBMESH_HANDLER_MODULES": str(DIGITS)}
+    assert dev_service_env({"JOBMESH_HANDLER_MODULES": "mine"}, DIGITS) == {}
+    assert dev_service_env({}, tmp_path / "absent.py") == {}  # an installed package has no examples/
+
+
+async def test_the_make_run_demo_calls_the_digits_handler_on_a_real_cluster(make_cluster, nats_server, capsys):
+    from jobmesh.dev.demo import run_demo
+
+    await make_cluster(env={"JOBMESH_HANDLER_MODULES": str(DIGITS)}, name="demo")
+    await run_demo(nats_server.url, timeout=120)
+    err = capsys.readouterr().err
+    assert re.search(r"^  digits: svc scored 0\.9\d\d on 450 held-out images", err, re.M), err
+    assert re.search(r"^  digits \w+  succeeded", err, re.M) and re.search(
+        r"^  fails  \w+  failed \(exit 3\)", err, re.M
+    )

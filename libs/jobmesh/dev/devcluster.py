@@ -14,12 +14,14 @@ its database in ``.jobmesh/database`` and later starts use the same one or refus
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -31,6 +33,8 @@ from jobmesh.errors import Unavailable
 
 STATE = Path(".jobmesh")
 ENV_FILE = STATE / "dev.env"
+# The machine-learning handler that ships with the project (a checkout's examples/).
+EXAMPLE_HANDLERS = Path(__file__).resolve().parents[3] / "examples" / "handlers" / "digits.py"
 PID_FILE = STATE / "dev.pid"
 LOG_FILE = STATE / "dev.log"
 DATABASE_FILE = STATE / "database"
@@ -185,6 +189,27 @@ def _running_pid() -> int | None:
         return None
 
 
+def dev_service_env(environ: Mapping[str, str], example: Path = EXAMPLE_HANDLERS) -> dict[str, str]:
+    """The settings `jobmesh dev` adds for its services.
+
+    Its executor hosts the shipped digits handler, so the demo can call it, unless
+    ``JOBMESH_HANDLER_MODULES`` names other modules or the example cannot load here (an
+    installed package has no examples/; scikit-learn is the ``examples`` extra).
+
+    Args:
+        environ: the environment `jobmesh dev` runs in.
+        example: the example module's path.
+
+    Returns:
+        ``JOBMESH_*`` settings for every service.
+    """
+    if "JOBMESH_HANDLER_MODULES" in environ:
+        return {}
+    if example.is_file() and importlib.util.find_spec("sklearn") is not None:
+        return {"JOBMESH_HANDLER_MODULES": str(example)}
+    return {}
+
+
 def foreground(demo: bool = False, reset: bool = False) -> int:
     """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
 
@@ -225,7 +250,7 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
         _say(f"embedded Postgres at {database_url}")
     else:
         _say(f"Postgres at {redacted(database_url)} (JOBMESH_DATABASE_URL)")
-    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve())
+    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=dev_service_env(os.environ))
     try:
         cluster.start()
         _say("starting services: " + ", ".join(SERVICES))
