@@ -36,10 +36,11 @@ run: $(STAMP) system-packages
 test: $(STAMP) system-packages
 	$(BIN)/pytest -q -ra
 
-## bench: print figures: end to end beside the raw JetStream baseline, then the scheduler alone
-bench: $(STAMP)
+## bench: print figures: end to end beside the raw JetStream baseline, the scheduler alone, attempt start-up per isolation level
+bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.bench
 	$(BIN)/python -m jobmesh.dev.schedbench
+	$(BIN)/python -m jobmesh.dev.startbench
 
 # mypy and import-linter read the package as it is installed: services/<name> is
 # jobmesh.<name>. This tree of links shows them that layout.
