@@ -194,3 +194,38 @@ def test_without_removes_only_named_reservations():
     assert without(alloc, {"z:1"}) is None  # nothing to write
     kept = without(alloc, {"x:1"})
     assert kept is not None and set(kept.reservations) == {"y:1"}
+
+
+def test_a_runtime_is_placed_only_where_it_can_run_at_the_level_it_asks():
+    from jobmesh.contract.messages.v1 import HandlerRuntime
+
+    container_node = node("c", isolation="container", runtimes=["process", "noop", "container"])
+    sandbox_node = node("s", isolation="sandbox")
+    # A process runs at most in a sandbox: a container-level node does not make it a container.
+    cands, reason = rank(spec(constraints=Constraints(isolation="container")), [container_node, sandbox_node])
+    assert cands == [] and reason == "no node with isolation container"
+    assert rank(spec(constraints=Constraints(isolation="sandbox")), [container_node, sandbox_node])[0] == ["c", "s"]
+    # Handler workers in a sandbox have no network: a handler job that asks for it goes to a process-level node.
+    handler = JobSpec(runtime=HandlerRuntime(handler="embed"), network=True)
+    hosts = [node("hs", isolation="sandbox", handlers=["embed"], runtimes=["handler"])]
+    cands, reason = rank(handler, hosts)
+    assert cands == [] and "handler workers may use the network" in reason
+    hosts.append(node("hp", isolation="process", handlers=["embed"], runtimes=["handler"]))
+    assert rank(handler, hosts)[0] == ["hp"]
+    assert rank(JobSpec(runtime=HandlerRuntime(handler="embed")), hosts)[0] in (["hs", "hp"], ["hp", "hs"])
+
+
+def test_a_node_with_gpus_of_several_kinds_places_by_the_kinds_of_its_devices():
+    from jobmesh.contract.messages.v1 import GpuDevice
+
+    mixed = node(
+        "m",
+        gpu=3,
+        gpu_devices=[GpuDevice(index=0, kind="a100"), GpuDevice(index=1, kind="h100"), GpuDevice(index=2, kind="h100")],
+    )
+    assert rank(spec(resources=Resources(gpu=2, gpu_kind="h100")), [mixed])[0] == ["m"]
+    cands, reason = rank(spec(resources=Resources(gpu=2, gpu_kind="a100")), [mixed])
+    assert cands == [] and reason == "no node with 2 gpu of kind a100"
+    cands, reason = rank(spec(resources=Resources(gpu=1, gpu_kind="l4")), [mixed])
+    assert cands == [] and reason == "no node with gpu kind l4"
+    assert rank(spec(resources=Resources(gpu=3)), [mixed])[0] == ["m"]

@@ -18,7 +18,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 
-from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, HandlerRuntime, JobSpec, NodeInfo, ZoneMap
+from jobmesh.contract.messages.v1 import (
+    ISOLATION_LEVELS,
+    RUNTIME_ISOLATION_CEILING,
+    HandlerRuntime,
+    JobSpec,
+    NodeInfo,
+    ZoneMap,
+)
 from jobmesh.runtime.nodes import shape
 
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady
@@ -39,21 +46,25 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
     """Why ``node`` can never run ``spec`` (a short reason), or None when it can."""
     res = spec.resources
     cons = spec.constraints
-    if runtime_kind(spec) not in node.runtimes:
-        return f"no node with runtime {runtime_kind(spec)}"
-    if res.gpu_kind and node.gpu_kind != res.gpu_kind:
-        return f"no node with gpu kind {res.gpu_kind}"
-    if res.gpu and node.gpu < res.gpu:
-        return f"no node with {res.gpu} gpu"
+    kind = runtime_kind(spec)
+    if kind not in node.runtimes:
+        return f"no node with runtime {kind}"
+    if res.gpu and _gpus_of_kind(node, res.gpu_kind) < res.gpu:
+        if res.gpu_kind and not _gpus_of_kind(node, res.gpu_kind):
+            return f"no node with gpu kind {res.gpu_kind}"
+        return f"no node with {res.gpu} gpu" + (f" of kind {res.gpu_kind}" if res.gpu_kind else "")
     if cons.arch and node.arch != cons.arch:
         return f"no node with arch {cons.arch}"
-    if cons.isolation and ISOLATION_LEVELS.get(node.isolation, 0) < ISOLATION_LEVELS[cons.isolation]:
+    if cons.isolation and _enforced(node.isolation, kind) < ISOLATION_LEVELS[cons.isolation]:
         return f"no node with isolation {cons.isolation}"
     handler = required_handler(spec)
     if handler and handler not in node.handlers:
         return f"no node hosting handler {handler}"
     if spec.network and not node.network:
         return "no node that allows network"
+    if spec.network and kind == "handler" and node.isolation != "process":
+        # Handler workers are long-lived and shared by jobs: in a sandbox they have no network.
+        return "no node whose handler workers may use the network (a process-level node hosting the handler)"
     for key, value in cons.labels.items():
         if node.labels.get(key) != value:
             return f"no node with label {key}={value}"
@@ -66,6 +77,22 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
     if node.draining:  # checked last: the reason then means "it would fit, but it drains"
         return "every fitting node is draining"
     return None
+
+
+def _gpus_of_kind(node: NodeInfo, kind: str) -> int:
+    """How many of a node's GPUs are of ``kind`` ("" for any): a node with GPUs of several
+    kinds lists each device with its own (and advertises no single ``gpu_kind``)."""
+    if not kind:
+        return node.gpu
+    if node.gpu_devices:
+        return sum(1 for device in node.gpu_devices if (device.kind or node.gpu_kind) == kind)
+    return node.gpu if node.gpu_kind == kind else 0
+
+
+def _enforced(node_level: str, kind: str) -> int:
+    """The level a node enforces for a runtime: its own, capped by what the runtime can run at."""
+    ceiling = ISOLATION_LEVELS[RUNTIME_ISOLATION_CEILING.get(kind, "process")]
+    return min(ISOLATION_LEVELS.get(node_level, 0), ceiling)
 
 
 def zone_distance(zones: ZoneMap, a: str, b: str) -> int:

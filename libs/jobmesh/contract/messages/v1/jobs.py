@@ -27,6 +27,7 @@ __all__ = [
     "MAX_STDIN_BYTES",
     "MAX_UPLOAD_BYTES",
     "RETRY_ON_BY_DEFAULT",
+    "RUNTIME_ISOLATION_CEILING",
     "AttemptCancel",
     "AttemptError",
     "AttemptEvent",
@@ -89,6 +90,14 @@ MAX_UPLOAD_BYTES = 64 * 1024 * 1024  # all the files uploaded with one submit, t
 # Isolation levels, weakest first: a job that asks for one runs only on a node at or above it.
 IsolationLevel = Literal["process", "sandbox", "container", "vm"]
 ISOLATION_LEVELS: dict[str, int] = {"process": 0, "sandbox": 1, "container": 2, "vm": 3}
+# The strongest level each runtime can run at, whatever its node enforces: a process or a
+# handler worker runs at most in the sandbox, a container in its container.
+RUNTIME_ISOLATION_CEILING: dict[str, str] = {
+    "process": "sandbox",
+    "handler": "sandbox",
+    "noop": "vm",
+    "container": "container",
+}
 
 # Why an attempt failed (``JobError.code``). Producers are typed against this literal and
 # retry policies are checked against it; the wire field itself stays a plain string, so
