@@ -254,6 +254,78 @@ async def test_an_abort_before_the_job_starts_runs_nothing(pool, tmp_path):
     assert ran.code == "node_drained" and ran.lines == []
 
 
+async def test_a_job_waiting_for_a_busy_worker_times_out_counting_the_wait(pool, tmp_path):
+    hold = AbortSignal()
+    busy = Ran(outcome=None)
+    first = asyncio.ensure_future(
+        run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "cooperate"}, abort=hold, into=busy)
+    )
+    try:
+        await eventually(lambda: _true(busy.progress), what="the only worker to be busy")
+        queued = await asyncio.wait_for(run_job(pool, tmp_path / "b", "square", {"n": 2}, timeout=0.5), 10)
+        assert queued.code == "timeout" and queued.lines == []
+        assert queued.outcome.error.message.startswith("waited 0.5s for a free handler worker")
+        assert "past its run timeout of 0.5s (the wait counts against the run timeout)" in queued.outcome.error.message
+    finally:
+        hold.set("cancelled", "the test is done with it")
+        await first
+    assert busy.code == "cancelled"
+
+
+async def test_what_is_left_of_the_run_timeout_after_the_wait_bounds_the_run(pool, tmp_path):
+    hold = AbortSignal()
+    busy = Ran(outcome=None)
+    first = asyncio.ensure_future(
+        run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "cooperate"}, abort=hold, into=busy)
+    )
+    await eventually(lambda: _true(busy.progress), what="the only worker to be busy")
+    queued = asyncio.ensure_future(run_job(pool, tmp_path / "b", "square", {"n": 2, "mode": "hang"}, timeout=3.0))
+    await eventually(lambda: _true(pool.waiting()), what="the second job to wait for a worker")
+    hold.set("cancelled", "make room")
+    await first
+    ran = await asyncio.wait_for(queued, 15)
+    assert ran.code == "timeout" and any(line.startswith("squaring 2 in ") for _, line in ran.lines)
+    assert ran.outcome.error.message.startswith("ran longer than its run timeout of 3s (")
+    assert ran.outcome.error.message.endswith("s of it waiting for a free handler worker)")
+
+
+async def test_an_attempt_cancelled_while_it_waits_for_a_worker_takes_none_with_it(pool, tmp_path):
+    hold = AbortSignal()
+    busy = Ran(outcome=None)
+    first = asyncio.ensure_future(
+        run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "cooperate"}, abort=hold, into=busy)
+    )
+    await eventually(lambda: _true(busy.progress), what="the only worker to be busy")
+    waiting = asyncio.ensure_future(run_job(pool, tmp_path / "b", "square", {"n": 2}))
+    await eventually(lambda: _true(pool.waiting()), what="the second job to wait for a worker")
+    waiting.cancel()  # its task goes (the executor stops it), its Queue.get must not live on
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    hold.set("cancelled", "make room")
+    await first
+    ran = await asyncio.wait_for(run_job(pool, tmp_path / "c", "square", {"n": 3}), 15)
+    assert ran.code is None and ran.result["value"] == 9
+
+
+async def test_an_abort_while_waiting_ends_the_wait_and_keeps_the_worker(pool, tmp_path):
+    hold = AbortSignal()
+    busy = Ran(outcome=None)
+    first = asyncio.ensure_future(
+        run_job(pool, tmp_path / "a", "square", {"n": 1, "mode": "cooperate"}, abort=hold, into=busy)
+    )
+    await eventually(lambda: _true(busy.progress), what="the only worker to be busy")
+    abort = AbortSignal()
+    waiting = asyncio.ensure_future(run_job(pool, tmp_path / "b", "square", {"n": 2}, abort=abort))
+    await eventually(lambda: _true(pool.waiting()), what="the second job to wait for a worker")
+    abort.set("cancelled", "cancelled while queued")
+    ran = await asyncio.wait_for(waiting, 10)
+    assert ran.code == "cancelled" and ran.outcome.error.message == "cancelled while queued" and ran.lines == []
+    hold.set("cancelled", "make room")
+    await first
+    after = await asyncio.wait_for(run_job(pool, tmp_path / "c", "square", {"n": 3}), 15)
+    assert after.code is None and after.result["value"] == 9
+
+
 async def test_bad_input_fails_input_invalid_naming_the_field_and_keeps_the_worker(pool, tmp_path):
     before = pool.pids()
     ran = await run_job(pool, tmp_path / "a", "square", {"n": "seven"})

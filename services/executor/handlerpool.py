@@ -348,11 +348,16 @@ class HandlerPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
         self._stopping = False
+        self._waiting = 0  # attempts waiting for an idle worker
 
     @property
     def handlers(self) -> dict[str, HandlerInfo]:
         """The handlers the pool hosts, by name (empty before :meth:`start`)."""
         return dict(self._infos)
+
+    def waiting(self) -> int:
+        """How many attempts are waiting for an idle worker."""
+        return self._waiting
 
     def pids(self) -> list[int]:
         """The process ids of the live workers."""
@@ -434,16 +439,24 @@ class HandlerPool:
                 return failed_outcome(
                     INPUT_INVALID, f"the input cannot be encoded as JSON: {exc} - at `$.runtime.input`"
                 )
-            worker = await self._acquire(request.abort)
+            worker, waited = await self._acquire(request.abort, request.timeout)
             if worker is None:
-                return Outcome(None, request.abort.error)
+                if request.abort.error is not None:
+                    return Outcome(None, request.abort.error)
+                return failed_outcome(
+                    TIMEOUT,
+                    f"waited {waited:.1f}s for a free handler worker, past its run timeout of {request.timeout:g}s "
+                    "(the wait counts against the run timeout)",
+                )
             spawned = True
-            return await self._serve(worker, request, runtime, payload)
+            return await self._serve(worker, request, runtime, payload, waited)
         finally:
             if not spawned and request.on_spawned is not None:
                 await request.on_spawned()
 
-    async def _serve(self, worker: _Worker, request: RunRequest, runtime: HandlerRuntime, payload: bytes) -> Outcome:
+    async def _serve(
+        self, worker: _Worker, request: RunRequest, runtime: HandlerRuntime, payload: bytes, waited: float
+    ) -> Outcome:
         worker.seq += 1
         job = _Job(request, worker.seq)
         worker.job = job  # from here on the worker's lines and its death are this job's
@@ -451,7 +464,7 @@ class HandlerPool:
         try:
             if request.on_spawned is not None:
                 await request.on_spawned()
-            outcome, keep = await self._converse(worker, job, runtime, payload)
+            outcome, keep = await self._converse(worker, job, runtime, payload, waited)
             return outcome
         finally:
             worker.job = None
@@ -461,9 +474,16 @@ class HandlerPool:
                 self._retire(worker)
 
     async def _converse(
-        self, worker: _Worker, job: _Job, runtime: HandlerRuntime, payload: bytes
+        self, worker: _Worker, job: _Job, runtime: HandlerRuntime, payload: bytes, waited: float
     ) -> tuple[Outcome, bool]:
         """Hand the job to ``worker`` and follow it to its end.
+
+        Args:
+            worker: the worker.
+            job: the job.
+            runtime: its handler runtime.
+            payload: its input as JSON.
+            waited: seconds it already waited for a worker (spent of its run timeout).
 
         Returns:
             The outcome, and whether the worker may serve the next job.
@@ -483,11 +503,10 @@ class HandlerPool:
         talk = asyncio.ensure_future(self._talk(worker, job))
         aborted = asyncio.ensure_future(request.abort.wait())
         try:
-            await asyncio.wait({talk, aborted}, timeout=request.timeout, return_when=asyncio.FIRST_COMPLETED)
+            left = max(request.timeout - waited, 0.0)
+            await asyncio.wait({talk, aborted}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if not talk.done():
-                stopped_by = request.abort.error or JobError(
-                    code=TIMEOUT, message=f"ran longer than its run timeout of {request.timeout:g}s"
-                )
+                stopped_by = request.abort.error or JobError(code=TIMEOUT, message=_timeout_message(request, waited))
                 log.info("%s: stopping its handler (%s)", request.name, stopped_by.message)
                 await worker.send(protocol.Cancel(job.seq))
                 await asyncio.wait({talk}, timeout=self._kill_grace)
@@ -575,25 +594,52 @@ class HandlerPool:
         message = f"the worker running handler {handler!r} (pid {worker.pid}) {how}"
         return failed_outcome(HANDLER_CRASHED, message, exit_code=None, output_tail=job.tail.text())
 
-    async def _acquire(self, abort: AbortSignal) -> _Worker | None:
-        """An idle live worker, waiting for one; None when ``abort`` is set first."""
+    async def _acquire(self, abort: AbortSignal, timeout: float) -> tuple[_Worker | None, float]:
+        """An idle live worker, waiting at most ``timeout`` seconds for one.
+
+        Returns:
+            The worker (None when ``abort`` is set or ``timeout`` passes first), and how
+            many seconds it waited (0.0 when a worker was idle).
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + timeout
+        waited = 0.0
         while True:
             if not self._idle.empty():
                 worker = self._idle.get_nowait()
             else:
+                left = deadline - loop.time()
+                if left <= 0 or abort.is_set():
+                    return None, waited
                 getting = asyncio.ensure_future(self._idle.get())
                 aborted = asyncio.ensure_future(abort.wait())
-                await asyncio.wait({getting, aborted}, return_when=asyncio.FIRST_COMPLETED)
-                aborted.cancel()
-                if not getting.done():
-                    getting.cancel()
-                    return None
-                worker = getting.result()
+                self._waiting += 1
+                try:
+                    await asyncio.wait({getting, aborted}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    # This attempt's task was cancelled while it waited: a worker the get
+                    # took already goes back, a pending get must not take one later.
+                    self._give_back(_taken(getting))
+                    raise
+                finally:
+                    self._waiting -= 1
+                    aborted.cancel()
+                    waited = loop.time() - started
+                taken = _taken(getting)
+                if taken is None:
+                    continue  # the loop's checks say whether it was the abort or the deadline
                 if abort.is_set():
-                    self._idle.put_nowait(worker)
-                    return None
+                    self._give_back(taken)  # it came at the same moment as the abort
+                    return None, waited
+                worker = taken
             if not worker.dead and not worker.retired:
-                return worker
+                return worker, waited
+
+    def _give_back(self, worker: _Worker | None) -> None:
+        """Return a worker taken from the idle queue but not used."""
+        if worker is not None:
+            self._idle.put_nowait(worker)
 
     def _retire(self, worker: _Worker) -> None:
         """Kill ``worker`` and start another in its place (unless the pool is stopping)."""
@@ -775,6 +821,28 @@ class HandlerPool:
                 await job.line(stream, text)
             else:
                 log.info("handler worker %d %s: %s", worker.pid, stream, text)
+
+
+def _taken(getting: asyncio.Future[_Worker]) -> _Worker | None:
+    """What a pending ``Queue.get`` holds once it is stopped: its worker, or None.
+
+    A get still pending is cancelled; ``Queue.get`` then leaves a worker it was woken for in
+    the queue (and wakes the next getter), so only a get that already finished holds one.
+    """
+    if not getting.done():
+        getting.cancel()
+        return None
+    if getting.cancelled() or getting.exception() is not None:
+        return None
+    return getting.result()
+
+
+def _timeout_message(request: RunRequest, waited: float) -> str:
+    """Why a job that ran past its run timeout was stopped, with its wait for a worker if any."""
+    message = f"ran longer than its run timeout of {request.timeout:g}s"
+    if waited > 0:
+        message += f" ({waited:.1f}s of it waiting for a free handler worker)"
+    return message
 
 
 def _failure_code(code: str) -> FailureCode:
