@@ -370,6 +370,35 @@ async def test_a_worker_killed_between_jobs_is_replaced(pool, tmp_path):
     assert ran.code is None and ran.result["pid"] not in (before,)
 
 
+async def test_a_job_handed_to_a_worker_that_died_before_accepting_it_runs_on_a_replacement(pool, tmp_path):
+    before = pool.pids()[0]
+    spawned: list[str] = []
+
+    async def on_spawned() -> None:
+        spawned.append("spawned")
+
+    os.kill(before, 9)
+    # No await between the kill and the hand-over: the pool has not read the end of the
+    # worker's pipe yet, so it still takes the dead worker for an idle one.
+    request = RunRequest(
+        job_id="job1",
+        attempt=1,
+        name="job job1 attempt 1",
+        runtime=HandlerRuntime(handler="square", input={"n": 6}),
+        workdir=tmp_path,
+        env={},
+        timeout=30,
+        abort=AbortSignal(),
+        on_line=_no_line,
+        on_spawned=on_spawned,
+    )
+    outcome = await asyncio.wait_for(pool.run(request), 20)
+    assert outcome.error is None, outcome.error
+    result = msgspec.json.decode((tmp_path / RESULT_FILE).read_bytes())
+    assert result["value"] == 36 and result["pid"] != before and result["pid"] == pool.pids()[0]
+    assert spawned == ["spawned"]  # one attempt, started once, whichever worker ran it
+
+
 async def test_workers_run_jobs_side_by_side_and_a_model_stays_loaded(module_path, tmp_path):
     pool = HandlerPool([str(module_path)], workers=2)
     try:

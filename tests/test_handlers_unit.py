@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime
-from jobmesh.executor.handlerpool import WORKER_ENV_KEEP, worker_environment
+from jobmesh.executor.handlerpool import MAX_HANDOFFS, WORKER_ENV_KEEP, hand_off, worker_environment
 from jobmesh.sdk import Context, Registry, handler, handler_info, protocol
 from jobmesh.sdk.modules import import_handler_module, is_path
 from jobmesh.sdk.worker import input_error
@@ -203,3 +203,56 @@ def test_a_worker_gets_only_the_executors_path_lang_and_pythonpath():
     env = worker_environment(environ, Path("/pool"), {"EXTRA": "1"})
     assert env == {"PATH": "/bin", "LANG": "C.UTF-8", "PYTHONPATH": "/src", "HOME": "/pool", "EXTRA": "1"}
     assert set(WORKER_ENV_KEEP) == {"PATH", "LANG", "PYTHONPATH"}
+
+
+def test_only_a_job_its_worker_never_accepted_goes_to_another_worker_and_only_once():
+    assert MAX_HANDOFFS == 1
+    assert hand_off(accepted=False, handoffs=0, stopping=False)
+    assert not hand_off(accepted=True, handoffs=0, stopping=False)  # some of it may have run: crashed
+    assert not hand_off(accepted=False, handoffs=1, stopping=False)  # the second dying worker fails it
+    assert not hand_off(accepted=False, handoffs=0, stopping=True)  # the pool stops: node_drained
+
+
+def test_the_worker_accepts_a_call_before_running_any_of_it(tmp_path: Path):
+    """A worker process gets one call and a closed pipe: Accepted comes before the job's end."""
+    import subprocess
+    import sys
+
+    module = tmp_path / "accept_handlers.py"
+    module.write_text(
+        "import msgspec\nfrom jobmesh.sdk import handler\n"
+        "class In(msgspec.Struct):\n    n: int\n"
+        "class Out(msgspec.Struct):\n    n: int\n"
+        "@handler('echo')\ndef echo(r: In) -> Out:\n    return Out(r.n)\n"
+    )
+    commands_in, commands_out = os.pipe()
+    events_in, events_out = os.pipe()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobmesh.sdk.worker",
+            "--commands",
+            str(commands_in),
+            "--events",
+            str(events_out),
+            str(module),
+        ],
+        pass_fds=(commands_in, events_out),
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    os.close(commands_in)
+    os.close(events_out)
+    try:
+        decoder = msgspec.msgpack.Decoder(protocol.Event)
+        assert isinstance(decoder.decode(protocol.read_frame(events_in) or b""), protocol.Ready)
+        os.write(commands_out, protocol.encode_frame(protocol.Call(7, "echo", b'{"n":3}', "j", 1, str(tmp_path))))
+        first = decoder.decode(protocol.read_frame(events_in) or b"")
+        second = decoder.decode(protocol.read_frame(events_in) or b"")
+        assert first == protocol.Accepted(7)
+        assert second == protocol.Done(7, b'{"n":3}')
+    finally:
+        os.close(commands_out)
+        assert proc.wait(10) == 0
+        os.close(events_in)

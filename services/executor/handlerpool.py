@@ -14,7 +14,10 @@ How a job ends:
   ``$.runtime.input.<field>``; no handler code ran, so the worker stays;
 - a handler the pool does not host: ``handler_missing``;
 - the handler raises: ``handler_failed``, its traceback in the job's log and output tail;
-- the worker dies (``os._exit``, a signal, the OOM killer): ``handler_crashed``;
+- the worker dies (``os._exit``, a signal, the OOM killer): ``handler_crashed``; but a
+  worker that died before it accepted the job (no ``Accepted`` for it: it exited while
+  idle, before the pool noticed) never ran any of it, so the job goes to another worker
+  once (:func:`hand_off`) and only a second such death fails it;
 - the run timeout passes, or the attempt is aborted (cancel, drain): the worker is told
   (``ctx.cancelled``), killed with its whole process group after ``kill_grace`` seconds,
   and the attempt fails ``timeout`` or with the abort's reason.
@@ -62,6 +65,8 @@ HANDLER_CRASHED: FailureCode = "handler_crashed"
 HANDLER_MISSING: FailureCode = "handler_missing"
 # Failures after which the worker is kept: the handler's code never ran.
 _KEEPS_WORKER = frozenset({INPUT_INVALID, HANDLER_MISSING})
+# How often a job whose worker died before accepting it goes to another worker.
+MAX_HANDOFFS = 1
 # The executor's variables a worker keeps: enough to find Python, its packages and a locale.
 WORKER_ENV_KEEP = ("PATH", "LANG", "PYTHONPATH")
 
@@ -222,6 +227,7 @@ class _Job:
         self.request = request
         self.seq = seq
         self.tail = OutputTail()
+        self.accepted = False  # the worker said Accepted (or anything else of this job)
 
     async def line(self, stream: OutputStream, text: str) -> None:
         self.tail.add(text + "\n")
@@ -449,22 +455,56 @@ class HandlerPool:
                     "(the wait counts against the run timeout)",
                 )
             spawned = True
-            return await self._serve(worker, request, runtime, payload, waited)
+            handoffs = 0
+            while True:
+                outcome = await self._serve(worker, request, runtime, payload, waited, handoffs)
+                if outcome is not None:
+                    return outcome
+                handoffs += 1
+                log.warning(
+                    "%s: handler worker %d died before it accepted the job; handing it to another worker",
+                    request.name,
+                    worker.pid,
+                )
+                worker, more = await self._acquire(request.abort, request.timeout - waited)
+                waited += more
+                if worker is None:
+                    if request.abort.error is not None:
+                        return Outcome(None, request.abort.error)
+                    return failed_outcome(
+                        TIMEOUT,
+                        f"waited {waited:.1f}s for a free handler worker (its first one died before it took the "
+                        f"job), past its run timeout of {request.timeout:g}s",
+                    )
         finally:
             if not spawned and request.on_spawned is not None:
                 await request.on_spawned()
 
     async def _serve(
-        self, worker: _Worker, request: RunRequest, runtime: HandlerRuntime, payload: bytes, waited: float
-    ) -> Outcome:
+        self,
+        worker: _Worker,
+        request: RunRequest,
+        runtime: HandlerRuntime,
+        payload: bytes,
+        waited: float,
+        handoffs: int,
+    ) -> Outcome | None:
+        """Run the job on ``worker`` (``handoffs``: how many died before accepting it already).
+
+        Returns:
+            The outcome; None when this worker died before it accepted the job too and
+            :func:`hand_off` says another worker gets it.
+        """
         worker.seq += 1
         job = _Job(request, worker.seq)
         worker.job = job  # from here on the worker's lines and its death are this job's
         keep = False
         try:
-            if request.on_spawned is not None:
+            if handoffs == 0 and request.on_spawned is not None:
                 await request.on_spawned()
             outcome, keep = await self._converse(worker, job, runtime, payload, waited)
+            if outcome is None and not hand_off(job.accepted, handoffs, self._stopping):
+                outcome = await self._crashed(worker, job, runtime.handler)
             return outcome
         finally:
             worker.job = None
@@ -475,7 +515,7 @@ class HandlerPool:
 
     async def _converse(
         self, worker: _Worker, job: _Job, runtime: HandlerRuntime, payload: bytes, waited: float
-    ) -> tuple[Outcome, bool]:
+    ) -> tuple[Outcome | None, bool]:
         """Hand the job to ``worker`` and follow it to its end.
 
         Args:
@@ -486,7 +526,8 @@ class HandlerPool:
             waited: seconds it already waited for a worker (spent of its run timeout).
 
         Returns:
-            The outcome, and whether the worker may serve the next job.
+            The outcome (None: the worker went away before it accepted the job), and whether
+            the worker may serve the next job.
         """
         request = job.request
         call = protocol.Call(
@@ -499,7 +540,7 @@ class HandlerPool:
             request.checkpoint,
         )
         if not await worker.send(call):
-            return await self._crashed(worker, job, runtime.handler), False
+            return None, False  # its command pipe is closed: it never got the job
         talk = asyncio.ensure_future(self._talk(worker, job))
         aborted = asyncio.ensure_future(request.abort.wait())
         try:
@@ -519,6 +560,8 @@ class HandlerPool:
             if not talk.done():
                 talk.cancel()
         if end is None:
+            if not job.accepted:
+                return None, False
             return await self._crashed(worker, job, runtime.handler), False
         await worker.wait_marks(job.seq, self._pipe_grace)
         tail = job.tail.text()
@@ -540,6 +583,7 @@ class HandlerPool:
                 return None
             if getattr(event, "seq", job.seq) != job.seq:
                 continue  # a late event of an earlier job of this worker
+            job.accepted = True  # Accepted comes first; any event of the job says the same
             if isinstance(event, protocol.Done | protocol.Failed):
                 return event
             if isinstance(event, protocol.Progress):
@@ -821,6 +865,24 @@ class HandlerPool:
                 await job.line(stream, text)
             else:
                 log.info("handler worker %d %s: %s", worker.pid, stream, text)
+
+
+def hand_off(accepted: bool, handoffs: int, stopping: bool) -> bool:
+    """Whether a job whose worker went away goes to another worker instead of failing.
+
+    Only when the worker never accepted it (no ``Accepted``: none of the job ran, so running
+    it elsewhere cannot run it twice), at most :data:`MAX_HANDOFFS` times (a job that keeps
+    meeting dying workers fails ``handler_crashed``), and not while the pool stops.
+
+    Args:
+        accepted: whether the worker accepted the job.
+        handoffs: how often the job went to another worker already.
+        stopping: whether the pool is stopping.
+
+    Returns:
+        Whether to hand it off.
+    """
+    return not accepted and handoffs < MAX_HANDOFFS and not stopping
 
 
 def _taken(getting: asyncio.Future[_Worker]) -> _Worker | None:

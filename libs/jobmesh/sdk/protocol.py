@@ -5,8 +5,10 @@ is a 4-byte big-endian length, then a tagged msgspec struct in msgpack. It never
 node and is not part of the NATS contract: pool and worker always come from one install.
 The worker's stdout and stderr are ordinary pipes beside these: the current job's log.
 
-A job's conversation: ``Call`` -> (``Progress`` | ``Heartbeat`` | ``Submit`` ->
-``SubmitDone``)* -> ``Done`` | ``Failed``; ``Cancel`` may come at any time. Every job
+A job's conversation: ``Call`` -> ``Accepted`` -> (``Progress`` | ``Heartbeat`` |
+``Submit`` -> ``SubmitDone``)* -> ``Done`` | ``Failed``; ``Cancel`` may come at any time.
+``Accepted`` is sent before any of the job's code runs: a worker that goes away before it
+sent one never started the job, so the pool may hand the job to another worker. Every job
 message carries the job's sequence number on this worker, so a late message of an earlier
 job is never taken for the current one's.
 """
@@ -24,6 +26,7 @@ from jobmesh.contract.messages.v1 import HandlerInfo
 __all__ = [
     "END_MARK",
     "MAX_FRAME",
+    "Accepted",
     "Call",
     "Cancel",
     "Command",
@@ -104,6 +107,12 @@ class LoadFailed(msgspec.Struct, frozen=True, tag="load_failed"):
     message: str
 
 
+class Accepted(msgspec.Struct, frozen=True, tag="accepted"):
+    """The worker took job ``seq`` and is about to run it (nothing of it ran yet)."""
+
+    seq: int
+
+
 class Progress(msgspec.Struct, frozen=True, tag="progress"):
     """``ctx.progress(fraction, message)``."""
 
@@ -143,7 +152,7 @@ class Failed(msgspec.Struct, frozen=True, tag="failed"):
     message: str
 
 
-Event = Ready | LoadFailed | Progress | Heartbeat | Submit | Done | Failed
+Event = Ready | LoadFailed | Accepted | Progress | Heartbeat | Submit | Done | Failed
 
 _encoder = msgspec.msgpack.Encoder()
 

@@ -151,6 +151,8 @@ class Worker:
         threading.Thread(target=self._read_commands, name="jobmesh-worker-commands", daemon=True).start()
         while True:
             call = self._calls.get()
+            # Before any of the job's code: a pool that hears nothing more may run it elsewhere.
+            self.send(protocol.Accepted(call.seq))
             self.send(self._run(call))
 
     def _read_commands(self) -> None:
