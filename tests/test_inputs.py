@@ -75,6 +75,34 @@ async def test_uploads_land_at_their_paths_with_their_modes_and_the_jobs_owner(u
             assert owner_of(workdir / path) == (JOB_UID, JOB_GID), path
 
 
+class WatchingStore:
+    """The real store, recording who owns what is in the working directory at each fetch."""
+
+    def __init__(self, store, workdir: Path) -> None:
+        self._store = store
+        self._workdir = workdir
+        self.owners_seen: set[int] = set()
+
+    async def get(self, name: str, writeinto=None):
+        for dirpath, dirnames, filenames in os.walk(self._workdir):
+            for entry in (*dirnames, *filenames):
+                self.owners_seen.add(os.lstat(os.path.join(dirpath, entry)).st_uid)
+        return await self._store.get(name, writeinto=writeinto)
+
+
+@pytest.mark.skipif(not AS_ROOT and not os.environ.get("CI"), reason="only root hands files to another uid")
+async def test_nothing_is_the_jobs_until_every_file_is_in_place(uploads, workdir: Path) -> None:
+    """A directory the job's uid owned while root still wrote into it could have an entry
+    swapped for a link to anywhere, which root would then write through."""
+    name = await upload(uploads, b"content")
+    files = [InputFile(path=f"d{i}/sub/f.txt", object=name, size=7) for i in range(3)]
+    store = WatchingStore(uploads, workdir)
+    await materialize(files, workdir, store, [], JOB_UID, JOB_GID)
+    assert store.owners_seen == {0}  # d0/ and d0/sub/ were there at the later fetches, root's
+    for path in ("d0", "d0/sub", "d2/sub/f.txt"):
+        assert owner_of(workdir / path) == (JOB_UID, JOB_GID), path
+
+
 async def test_the_same_upload_can_land_twice_at_two_paths(uploads, workdir: Path) -> None:
     name = await upload(uploads, b"shared content")
     files = [InputFile(path=p, object=name, size=14) for p in ("a.txt", "b/a.txt")]

@@ -10,6 +10,7 @@ user would (``jobmesh status``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shutil
 import subprocess
@@ -144,19 +145,25 @@ async def test_each_node_advertises_its_level_and_what_its_probe_found(iso_clust
     assert sandbox.isolation == "sandbox"
     assert sandbox.probe["sandbox"] == "bubblewrap 0.8.0"
     assert sandbox.probe["cgroup"] == "v1 memory,cpu,pids"
-    assert sandbox.probe["uid"] == "65534:65534 (the executor runs as root)"
+    assert sandbox.probe["uid"] == (
+        "each attempt its own of 2000000000..2000065535, handler workers 65534:65534 (the executor runs as root)"
+    )
     assert sandbox.network and "process" in sandbox.runtimes and "container" not in sandbox.runtimes
     plain = await eventually(lambda: node_record(nats_server.url, PROCESS_NODE), what="the process node")
     assert plain.isolation == "process"
     assert plain.probe["sandbox"] == "not probed: JOBMESH_NODE_ISOLATION=process"
 
 
-async def test_a_job_runs_as_the_sandbox_uid_in_a_fresh_directory_with_a_cleared_environment(client):
+async def test_a_job_runs_as_a_uid_of_its_own_in_a_fresh_directory_with_a_cleared_environment(client):
     script = 'id -u; pwd; ls -A | wc -l; echo "nats=${JOBMESH_NATS_URL:-unset} home=$HOME"; read line; echo "in:$line"'
     done = await final(client, await submit(client, sandboxed(script, stdin="from the spec\n")))
     assert done.state == "succeeded", done.attempts[-1]
     uid, cwd, entries, env, stdin = done.attempts[-1].output_tail.splitlines()
-    assert uid == "65534" and cwd.endswith(f"/{SANDBOX_NODE}/{done.job_id}-1") and entries.strip() == "0"
+    assert (
+        2_000_000_000 <= int(uid) < 2_000_065_536
+        and cwd.endswith(f"/{SANDBOX_NODE}/{done.job_id}-1")
+        and entries.strip() == "0"
+    )
     assert env == f"nats=unset home={cwd}"
     assert stdin == "in:from the spec"
     assert done.node_id == SANDBOX_NODE
@@ -225,6 +232,49 @@ async def test_a_job_cannot_read_another_running_jobs_work_directory(client, iso
         assert reader.state == "failed" and reader.node_id == first.node_id
         assert "private" not in reader.attempts[-1].output_tail
         assert "No such file or directory" in reader.attempts[-1].output_tail
+    finally:
+        await client.cancel(holder)
+
+
+async def test_a_job_can_reopen_its_stdin_by_name_at_both_levels(client, nats_server):
+    """``cat /dev/stdin`` opens the stdin file anew, which checks its owner and mode: a stdin
+    object is fetched into a file of mode 0600, which must be the job's, not root's."""
+    data = b"by name\n"
+    name = subjects.upload_key(hashlib.sha256(data).hexdigest())
+    conn = await nats.connect(nats_server.url)
+    try:
+        await (await conn.jetstream().object_store(subjects.OBJ_UPLOADS)).put(name, data)
+    finally:
+        await conn.close()
+    for make in (sandboxed, on_process_node):
+        for spec in (make("cat /dev/stdin", stdin="by name\n"), make("cat /dev/stdin", stdin_object=name)):
+            done = await final(client, await submit(client, spec))
+            assert done.state == "succeeded", done.attempts[-1]
+            assert done.attempts[-1].output_tail == "by name\n"
+
+
+async def test_process_level_jobs_run_as_different_uids_and_cannot_read_or_signal_each_other(client, open_dir):
+    """The process level shares the host's file system and pids: only the uid separates jobs."""
+    holder = await submit(
+        client, on_process_node("id -u > mine; echo private >> mine; chmod 644 mine; exec sleep 61.5")
+    )
+    first = await running(client, holder)
+    theirs = open_dir / "work" / PROCESS_NODE / f"{holder}-1"
+    await eventually(lambda: asyncio.to_thread(lambda: (theirs / "mine").exists()), what="the first job's file")
+    holder_uid = int((theirs / "mine").read_text().split()[0])
+    try:
+        script = (
+            f"id -u; cat {theirs}/mine || echo unreadable; ls {theirs} || echo unlisted; "
+            f"ls {theirs.parent} || echo no-listing; "
+            'pid=$(pgrep -f "slee[p] 61.5"); kill -0 $pid && echo signalled || echo refused'
+        )
+        reader = await final(client, await submit(client, on_process_node(script)))
+        assert reader.node_id == first.node_id == PROCESS_NODE
+        lines = reader.attempts[-1].output_tail.splitlines()
+        assert "private" not in reader.attempts[-1].output_tail, lines
+        assert int(lines[0]) != holder_uid and 2_000_000_000 <= holder_uid < 2_000_065_536
+        assert "unreadable" in lines and "unlisted" in lines and "no-listing" in lines and "refused" in lines, lines
+        assert "Permission denied" in reader.attempts[-1].output_tail
     finally:
         await client.cancel(holder)
 

@@ -55,6 +55,7 @@ from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
 from jobmesh.executor.isolation.environment import job_environment
 from jobmesh.executor.isolation.probe import NodeIsolation, refusal
+from jobmesh.executor.isolation.uids import UidPool, kill_uid
 from jobmesh.executor.leases import LeaseBook, LeaseState
 from jobmesh.executor.masking import Masker
 from jobmesh.executor.outcomes import (
@@ -131,6 +132,8 @@ class AttemptSetup:
         secrets: where the node's secrets are (None: a job naming one fails ``secret_missing``).
         uploads: the ``jm_uploads`` object store (input files and stdin objects).
         allowed_roots: node directories input files may be copied from.
+        uids: the uids attempts take one of their own from (None: they all run as
+            ``isolation.uid``); :class:`Attempts` makes it from ``isolation.attempt_uids``.
     """
 
     runners: Runners
@@ -139,6 +142,7 @@ class AttemptSetup:
     secrets: SecretSource | None = None
     uploads: UploadStore | None = None
     allowed_roots: tuple[Path, ...] = ()
+    uids: UidPool | None = None
 
 
 def stop_code(reason: str) -> FailureCode:
@@ -212,6 +216,11 @@ class Attempt:
         self._abort = AbortSignal()
         self._log_seq = 0
         self._masker: Masker | None = None  # set once the job's secrets are known
+        # Who the job runs as, and owns its files: its own uid from the pool, else the
+        # node's sandbox uid (None: the executor's own, it is not root).
+        self._uid: int | None = setup.isolation.uid
+        self._gid: int | None = setup.isolation.gid
+        self._own_uid = False
 
     @property
     def workdir(self) -> Path:
@@ -253,6 +262,31 @@ class Attempt:
             await asyncio.to_thread(_remove_private, self.private_dir)
         finally:
             span.end()
+            await self._give_back_uid()
+
+    async def _give_back_uid(self) -> None:
+        """Kill whatever still runs as the attempt's uid, then return the uid to the pool."""
+        pool = self._setup.uids
+        if not self._own_uid or pool is None or self._uid is None or self._gid is None:
+            return
+        self._own_uid = False
+        try:
+            await asyncio.shield(asyncio.to_thread(kill_uid, self._uid, self._gid))
+        finally:
+            pool.release(self._uid)
+
+    def _take_uid(self, kind: str) -> str | None:
+        """Take a uid of the attempt's own for a process or a container (a handler runs in a
+        worker, as the sandbox uid); why not, when the pool is empty."""
+        pool = self._setup.uids
+        if pool is None or kind == "handler":
+            return None
+        uid = pool.acquire()
+        if uid is None:
+            return f"all {pool.count} attempt uids from JOBMESH_ATTEMPT_UID_BASE={pool.first} are in use"
+        self._uid = self._gid = uid
+        self._own_uid = True
+        return None
 
     @property
     def private_dir(self) -> Path:
@@ -284,6 +318,9 @@ class Attempt:
                 message = f"this node runs no handler pool, so it has no handler {runtime.handler!r}"
                 return failed_outcome(HANDLER_MISSING, message)
             return failed_outcome(ISOLATION_REFUSED, f"this node cannot run a {kind} runtime")
+        no_uid = self._take_uid(kind)
+        if no_uid is not None:
+            return failed_outcome(EXECUTOR_ERROR, no_uid)
         workdir = self.workdir
         try:
             workdir.mkdir(parents=True)
@@ -332,12 +369,12 @@ class Attempt:
                     own_env.update(secret_env(values))
                 else:
                     secrets_dir = await asyncio.to_thread(
-                        write_secret_files, values, self.private_dir / "secrets", isolation.uid, isolation.gid
+                        write_secret_files, values, self.private_dir / "secrets", self._uid, self._gid
                     )
                     in_sandbox = isolation.sandbox is not None and isinstance(runtime, ProcessRuntime)
                     own_env[SECRETS_DIR_VAR] = SANDBOX_SECRETS_DIR if in_sandbox else str(secrets_dir)
             if spec.files:
-                await materialize(spec.files, workdir, setup.uploads, setup.allowed_roots, isolation.uid, isolation.gid)
+                await materialize(spec.files, workdir, setup.uploads, setup.allowed_roots, self._uid, self._gid)
             if spec.stdin_object:
                 stdin = await fetch_stdin(spec.stdin_object, setup.uploads, self.private_dir / "stdin")
             elif spec.stdin:
@@ -348,9 +385,24 @@ class Attempt:
         except InputFileError as exc:
             log.warning("%s: %s", self.name, exc)
             return failed_outcome(INPUT_FILE_FAILED, str(exc))
-        if isolation.uid is not None and secrets_dir is not None:
-            os.chown(self.private_dir, isolation.uid, isolation.gid if isolation.gid is not None else -1)
+        if self._uid is not None and os.geteuid() == 0 and not isinstance(runtime, HandlerRuntime):
+            await asyncio.to_thread(self._hand_over, workdir, stdin, secrets_dir is not None)
         return await self._run_with(runner, runtime, workdir, channel, own_env, secrets_dir, stdin)
+
+    def _hand_over(self, workdir: Path, stdin: Path | None, secrets: bool) -> None:
+        """Give the job what is its own once everything is in place: the working directory,
+        the stdin file (a job may reopen ``/dev/stdin``), and the private directory when it
+        holds secret files. Group search stays with the executor's group: bubblewrap, root
+        without CAP_DAC_OVERRIDE, changes into the working directory; no job is in that group."""
+        assert self._uid is not None
+        gid = self._gid if self._gid is not None else -1
+        os.chown(workdir, self._uid, os.getegid())
+        os.chmod(workdir, 0o710)
+        if stdin is not None:
+            os.chown(stdin, self._uid, gid)
+        if secrets or stdin is not None:
+            os.chown(self.private_dir, self._uid, os.getegid())
+            os.chmod(self.private_dir, 0o710)
 
     async def _run_with(
         self,
@@ -406,6 +458,8 @@ class Attempt:
             stdin=stdin,
             secrets_dir=secrets_dir,
             gpu_devices=tuple(self.bound.gpu_devices),
+            uid=self._uid if self._own_uid else None,
+            gid=self._gid if self._own_uid else None,
             checkpoint=self.bound.checkpoint,
             on_progress=lambda fraction, message: _progress(lease, fraction, message),
             on_checkpoint=lambda text: setattr(lease, "checkpoint", text),
@@ -520,6 +574,8 @@ class Attempts:
             setup = AttemptSetup(runners)
         elif setup.runners is not runners:
             setup = dataclasses.replace(setup, runners=runners)
+        if setup.uids is None and setup.isolation.attempt_uids is not None:
+            setup = dataclasses.replace(setup, uids=UidPool(*setup.isolation.attempt_uids))
         self.setup = setup
         self._tracer = tracer
         self.leases = leases if leases is not None else LeaseBook()

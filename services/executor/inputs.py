@@ -124,11 +124,12 @@ async def materialize(
     for file in files:
         if bool(file.object) == bool(file.node_path):
             raise InputFileError(file.path, f"input file {file.path!r}: exactly one of object and node_path is needed")
-        target = await asyncio.to_thread(_target, root, file.path, owner)
+        target = await asyncio.to_thread(_target, root, file.path)
         if file.object:
-            await _fetch_upload(file, target, store, owner)
+            await _fetch_upload(file, target, store)
         else:
-            await asyncio.to_thread(_copy_node_path, file, target, allowed_roots, owner)
+            await asyncio.to_thread(_copy_node_path, file, target, allowed_roots)
+    await asyncio.to_thread(_hand_over, root, owner)
 
 
 async def fetch_stdin(object_name: str, store: UploadStore | None, dest: Path) -> Path:
@@ -175,17 +176,24 @@ class _Owner:
         self.uid = -1 if uid is None else uid
         self.gid = -1 if gid is None else gid
 
-    def fd(self, fd: int) -> None:
-        if self.wanted:
-            os.fchown(fd, self.uid, self.gid)
 
-    def path(self, path: Path) -> None:
-        if self.wanted:
-            os.chown(path, self.uid, self.gid, follow_symlinks=False)
+def _hand_over(root: Path, owner: _Owner) -> None:
+    """Give everything under ``root`` (not ``root`` itself) to the job, deepest first.
+
+    Every file is written as root and handed over only once all are in place, and a
+    directory only after everything in it: until then it is root's, so no process of the
+    job's uid can swap an entry of it for a symbolic link that root would then write or
+    chown through. ``os.walk`` does not follow links, and ``lchown`` changes a link itself.
+    """
+    if not owner.wanted:
+        return
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in (*filenames, *dirnames):
+            os.chown(os.path.join(dirpath, name), owner.uid, owner.gid, follow_symlinks=False)
 
 
-def _target(root: Path, relative: str, owner: _Owner) -> Path:
-    """Where ``relative`` lands in ``root``, its parent directories made (owned by the job).
+def _target(root: Path, relative: str) -> Path:
+    """Where ``relative`` lands in ``root``, its parent directories made (root's, until :func:`_hand_over`).
 
     Refuses an empty, absolute or ``..`` path, and a path through anything that is not a
     plain directory (a symbolic link above all): the file must end up inside ``root``.
@@ -204,7 +212,6 @@ def _target(root: Path, relative: str, owner: _Owner) -> Path:
         except FileNotFoundError:
             try:
                 os.mkdir(current, _DIR_MODE)
-                owner.path(current)
             except OSError as exc:
                 message = f"input file {relative!r}: cannot create {current}: {exc.strerror}"
                 raise InputFileError(relative, message) from None
@@ -228,14 +235,13 @@ def _digest_of(object_name: str, what: str, path: str) -> str:
     return found.group(1)
 
 
-async def _fetch_upload(file: InputFile, target: Path, store: UploadStore | None, owner: _Owner) -> None:
+async def _fetch_upload(file: InputFile, target: Path, store: UploadStore | None) -> None:
     what = f"input file {file.path!r} (upload {file.object})"
     digest = _digest_of(file.object, what, file.path)
     fd = await asyncio.to_thread(_create, target, what, file.path)
     try:
         await _download(store, file.object, digest, file.size, fd, what, file.path)
         os.fchmod(fd, file.mode)
-        owner.fd(fd)
     except BaseException as exc:
         # No half-fetched file is left for the job to mistake for its input.
         os.close(fd)
@@ -294,7 +300,7 @@ def _under(path: str, roots: Sequence[str]) -> bool:
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
-def _copy_node_path(file: InputFile, target: Path, allowed_roots: Sequence[Path], owner: _Owner) -> None:
+def _copy_node_path(file: InputFile, target: Path, allowed_roots: Sequence[Path]) -> None:
     what = f"input file {file.path!r} (node path {file.node_path})"
     if not allowed_roots:
         raise InputFileError(file.path, f"{what}: this node allows no node paths ({ALLOWED_PATHS_SETTING} is empty)")
@@ -314,16 +320,16 @@ def _copy_node_path(file: InputFile, target: Path, allowed_roots: Sequence[Path]
     try:
         info = os.stat(source)
         if stat.S_ISDIR(info.st_mode):
-            _copy_tree(source, target, roots, owner, file, what, (source,))
+            _copy_tree(source, target, roots, file, what, (source,))
         elif stat.S_ISREG(info.st_mode):
-            _copy_file(source, target, file.mode, owner)
+            _copy_file(source, target, file.mode)
         else:
             raise InputFileError(file.path, f"{what}: not a regular file or directory")
     except OSError as exc:
         raise InputFileError(file.path, f"{what}: copy failed: {exc.filename or ''} {exc.strerror}".rstrip()) from None
 
 
-def _copy_file(source: str, target: Path, mode: int, owner: _Owner) -> None:
+def _copy_file(source: str, target: Path, mode: int) -> None:
     src = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         if not stat.S_ISREG(os.fstat(src).st_mode):
@@ -335,7 +341,6 @@ def _copy_file(source: str, target: Path, mode: int, owner: _Owner) -> None:
                 while view:
                     view = view[os.write(dst, view) :]
             os.fchmod(dst, mode)
-            owner.fd(dst)
         finally:
             os.close(dst)
     finally:
@@ -346,7 +351,6 @@ def _copy_tree(
     source: str,
     target: Path,
     roots: Sequence[str],
-    owner: _Owner,
     file: InputFile,
     what: str,
     ancestors: tuple[str, ...],
@@ -367,10 +371,9 @@ def _copy_tree(
             if stat.S_ISDIR(info.st_mode):
                 if origin in ancestors:
                     raise InputFileError(file.path, f"{what}: {entry.path} links back to {origin} (a loop)")
-                _copy_tree(origin, target / entry.name, roots, owner, file, what, (*ancestors, origin))
+                _copy_tree(origin, target / entry.name, roots, file, what, (*ancestors, origin))
             elif stat.S_ISREG(info.st_mode):
-                _copy_file(origin, target / entry.name, stat.S_IMODE(info.st_mode), owner)
+                _copy_file(origin, target / entry.name, stat.S_IMODE(info.st_mode))
             else:
                 raise InputFileError(file.path, f"{what}: {entry.path} is not a regular file or directory")
     os.chmod(target, _DIR_MODE)
-    owner.path(target)

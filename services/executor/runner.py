@@ -14,6 +14,7 @@ the reason it is then reported with.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -230,7 +231,10 @@ class ProcessRunner:
                 pass_fds=request.pass_fds,
             )
             try:
-                launch = prepare_launch(self.isolation, spec)
+                own = self.isolation
+                if request.uid is not None:  # a uid of the attempt's own (isolation/uids.py)
+                    own = dataclasses.replace(own, uid=request.uid, gid=request.gid)
+                launch = prepare_launch(own, spec)
             except OSError as exc:
                 if on_spawned is not None:
                     await on_spawned()

@@ -41,6 +41,9 @@ class RunRequest:
         secrets_dir: a directory of the job's secret files (mode 0400, owned by the job's
             uid) when it asked for them as files; a sandbox binds it at /run/secrets.
         gpu_devices: the node's GPU indices reserved for the attempt.
+        uid: the uid of the attempt's own it runs as (the working directory, stdin and
+            secrets are already its own); None: the node's sandbox uid (or the executor's).
+        gid: likewise its gid.
         checkpoint: the checkpoint an earlier attempt reported ("" for none).
         on_progress: called with (fraction 0..1, message) when the job reports progress.
         on_checkpoint: called with a checkpoint the job reports.
@@ -62,6 +65,8 @@ class RunRequest:
     stdin: Path | None = None
     secrets_dir: Path | None = None
     gpu_devices: tuple[int, ...] = ()
+    uid: int | None = None
+    gid: int | None = None
     checkpoint: str = ""
     on_progress: Callable[[float, str], None] | None = None
     on_checkpoint: Callable[[str], None] | None = None

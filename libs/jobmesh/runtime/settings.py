@@ -58,6 +58,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Executor, isolation: the uid and gid jobs run as when the executor runs as root.
     sandbox_uid: Annotated[int, Meta(ge=1)] = 65534
     sandbox_gid: Annotated[int, Meta(ge=1)] = 65534
+    # Executor, isolation: as root, each attempt runs as a uid (and gid) of its own from
+    # this range, which no other user of the node may have (0: every attempt runs as
+    # sandbox_uid, and jobs can reach each other). Handler workers run as sandbox_uid.
+    attempt_uid_base: Annotated[int, Meta(ge=1000, le=4_000_000_000)] = 2_000_000_000
+    attempt_uid_count: Annotated[int, Meta(ge=0, le=1_000_000)] = 65536
     # Executor, isolation: the most processes (cgroup pids.max) one attempt may have.
     attempt_pids_max: Annotated[int, Meta(ge=8)] = 512
     # Executor, isolation: the most open files (RLIMIT_NOFILE) of one attempt's processes.

@@ -156,9 +156,10 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
         OSError: when the cgroup cannot be made or the work directory handed over.
     """
     if isolation.uid is not None and isolation.gid is not None:
-        os.chown(spec.workdir, isolation.uid, isolation.gid)
-        # Search for others: bubblewrap changes into it as root without CAP_DAC_OVERRIDE.
-        os.chmod(spec.workdir, 0o711)
+        # The job's, with search for the executor's group alone: bubblewrap changes into it
+        # as root without CAP_DAC_OVERRIDE, and no job is in that group (others get nothing).
+        os.chown(spec.workdir, isolation.uid, os.getegid())
+        os.chmod(spec.workdir, 0o710)
     cgroup = None
     if isolation.cgroups is not None:
         limits = attempt_limits(spec.memory_mb, spec.cpu_milli, isolation.pids_max)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, JobSpec
+from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, RUNTIME_ISOLATION_CEILING, JobSpec
 from jobmesh.errors import InvalidSpec
 from jobmesh.executor.isolation.cgroups import CgroupRoot, find_cgroup_root
 from jobmesh.executor.isolation.sandbox import MERGED_USR_LINKS, SandboxRequest, SandboxTools, sandbox_argv
@@ -29,9 +29,8 @@ from jobmesh.runtime.settings import Settings
 log = logging.getLogger("jobmesh.executor.isolation.probe")
 
 PROBE_TIMEOUT = 10.0
-# The strongest level a runtime kind can be held to: a process or a handler worker runs
-# in the sandbox at most, whatever else the node offers.
-RUNTIME_CEILING = {"process": "sandbox", "handler": "sandbox", "noop": "vm", "container": "container"}
+# The strongest level a runtime kind can be held to (placement caps by the same table).
+RUNTIME_CEILING = RUNTIME_ISOLATION_CEILING
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,8 +54,11 @@ class NodeIsolation:
         level: the level it advertises and enforces (``process`` or ``sandbox``, or
             ``container`` when so configured and the container probe passed).
         network: whether a job that asks for the network may have it.
-        uid: the uid attempts run as (None: the executor's own, it is not root).
+        uid: the uid attempts run as (None: the executor's own, it is not root), unless
+            ``attempt_uids`` gives each its own; handler workers always run as it.
         gid: likewise the gid.
+        attempt_uids: ``(first, count)``: the range each attempt takes a uid of its own
+            from (:mod:`~jobmesh.executor.isolation.uids`); None: they all run as ``uid``.
         cgroups: where attempts get cgroups (None: no cgroup limits on this node).
         sandbox: the sandbox chain when ``level`` is sandbox or above, else None.
         open_files: RLIMIT_NOFILE of attempts.
@@ -68,6 +70,7 @@ class NodeIsolation:
     network: bool = True
     uid: int | None = None
     gid: int | None = None
+    attempt_uids: tuple[int, int] | None = None
     cgroups: CgroupRoot | None = None
     sandbox: SandboxTools | None = None
     open_files: int = 4096
@@ -105,7 +108,13 @@ def level_problem(setting: str, probe: Mapping[str, str]) -> str:
 
 
 def probe_report(
-    sandbox_detail: str, cgroup_detail: str, uid: int | None, gid: int | None, own_uid: int, network: bool
+    sandbox_detail: str,
+    cgroup_detail: str,
+    uid: int | None,
+    gid: int | None,
+    own_uid: int,
+    network: bool,
+    attempt_uids: tuple[int, int] | None = None,
 ) -> dict[str, str]:
     """``NodeInfo.probe``: what the probe found, in words.
 
@@ -116,12 +125,16 @@ def probe_report(
         gid: the gid.
         own_uid: the executor's uid.
         network: ``JOBMESH_NODE_NETWORK``.
+        attempt_uids: :attr:`NodeIsolation.attempt_uids`.
 
     Returns:
         ``sandbox``, ``cgroup``, ``uid`` and ``network`` entries.
     """
     if uid is None:
         who = f"unchanged: the executor runs as uid {own_uid}, not root"
+    elif attempt_uids is not None:
+        first, count = attempt_uids
+        who = f"each attempt its own of {first}..{first + count - 1}, handler workers {uid}:{gid} (the executor runs as root)"
     else:
         who = f"{uid}:{gid} (the executor runs as root)"
     return {
@@ -269,7 +282,10 @@ def probe_node(
     else:
         sandbox = probe_sandbox(settings.sandbox_uid, settings.sandbox_gid, as_root)
     cgroups, cgroup_detail = find_cgroup_root(node_id)
-    report = probe_report(sandbox.detail, cgroup_detail, uid, gid, own_uid, settings.node_network)
+    attempt_uids = (
+        (settings.attempt_uid_base, settings.attempt_uid_count) if as_root and settings.attempt_uid_count else None
+    )
+    report = probe_report(sandbox.detail, cgroup_detail, uid, gid, own_uid, settings.node_network, attempt_uids)
     if container_detail:
         report["container"] = container_detail
     level = decide_level(settings.node_isolation, sandbox.tools is not None, container_works)
@@ -287,6 +303,7 @@ def probe_node(
         network=settings.node_network,
         uid=uid,
         gid=gid,
+        attempt_uids=attempt_uids,
         cgroups=cgroups,
         sandbox=sandbox.tools if level != "process" else None,
         open_files=settings.attempt_open_files,

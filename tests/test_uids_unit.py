@@ -1,0 +1,49 @@
+"""Per-attempt uids: the pool's order, and killing what is left of a uid (real processes, as root)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import pytest
+
+from jobmesh.executor.isolation.uids import UidPool, kill_uid
+from tests.helpers import eventually
+
+
+def test_the_pool_hands_out_every_uid_once_and_least_recently_used_first() -> None:
+    pool = UidPool(5000, 3)
+    taken = [pool.acquire(), pool.acquire(), pool.acquire()]
+    assert taken == [5000, 5001, 5002] and pool.acquire() is None and pool.in_use == 3
+    pool.release(5001)
+    pool.release(5001)  # a second release of one uid changes nothing
+    pool.release(4000)  # nor does one of a uid it never gave
+    pool.release(5000)
+    assert pool.in_use == 1
+    assert pool.acquire() == 5001 and pool.acquire() == 5000 and pool.acquire() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="only root runs processes as another uid")
+async def test_kill_uid_kills_every_process_of_that_uid_and_no_other() -> None:
+    uid = 2_000_099_001
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    # A detached process in a session of its own, as one that escaped its job would be.
+    leftover = await asyncio.create_subprocess_exec(*drop, "sleep", "300", start_new_session=True)
+    bystander = await asyncio.create_subprocess_exec("sleep", "300")
+    try:
+
+        async def running_as_uid() -> bool:
+            return os.stat(f"/proc/{leftover.pid}").st_uid == uid
+
+        await eventually(running_as_uid, what="the leftover to run as its uid")
+        started = time.monotonic()
+        await asyncio.to_thread(kill_uid, uid, uid)
+        assert await asyncio.wait_for(leftover.wait(), 10) == -9
+        assert bystander.returncode is None
+        print(f"kill_uid took {time.monotonic() - started:.4f}s")
+    finally:
+        for proc in (leftover, bystander):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
