@@ -163,3 +163,48 @@ async def test_the_cli_names_the_field_of_a_bad_isolation_secret_or_handler_inpu
     assert "(field jobs[0].spec.runtime.input.n)" in bad_input.stderr, bad_input.stderr
     good = jobmesh_cli(["submit", "--handler", record.name, "--input", '{"n": 2}'], nats_server.url)
     assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "says"),
+    [
+        # A line break in a name would be a line of its own in a container's env file.
+        (
+            {"runtime": {"kind": "container", "image": "alpine:3", "env": {"X\nJOBMESH_SECRET_DB": "1"}}},
+            "jobs[0].spec.runtime.env['X\\nJOBMESH_SECRET_DB']",
+            "is not a variable name",
+        ),
+        (
+            {"runtime": {"kind": "process", "argv": ["x"], "env": {"A=B": "1"}}},
+            "jobs[0].spec.runtime.env['A=B']",
+            "is not a variable name",
+        ),
+        (
+            {"runtime": {"kind": "process", "argv": ["x"], "env": {"1X": "1"}}},
+            "jobs[0].spec.runtime.env['1X']",
+            "not a digit first",
+        ),
+        (
+            {"runtime": {"kind": "process", "argv": ["x"], "env": {"A": "x\u0000y"}}},
+            "jobs[0].spec.runtime.env['A']",
+            "NUL",
+        ),
+        (
+            {"retry": {"fallback": {"runtime": {"kind": "container", "image": "i", "env": {"BAD KEY": "1"}}}}},
+            "jobs[0].spec.retry.fallback.runtime.env['BAD KEY']",
+            "is not a variable name",
+        ),
+    ],
+)
+async def test_a_variable_name_that_is_not_a_name_is_refused_by_the_api_naming_the_variable(
+    cluster, nats_server, nc, spec, field, says
+):
+    before = (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages
+    client = await Client.connect(nats_server.url)
+    try:
+        with pytest.raises(InvalidSpec) as caught:
+            await client.request(subjects.API_SUBMIT, _raw_submit(spec), ErrorReply, "trigger")
+    finally:
+        await client.close()
+    assert caught.value.field == field and says in caught.value.message, caught.value
+    assert (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages == before

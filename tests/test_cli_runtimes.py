@@ -103,6 +103,9 @@ def test_image_makes_a_container_runtime_with_the_argv_and_env():
         (["--noop", "--", "true"], "command", "drop the command"),
         ([], "command", "give a command after --"),
         (["--env", "=x", "--", "true"], "runtime.env", "is not a variable name"),
+        # The trigger's rule: a plain name (a dot or a leading digit is refused at submit).
+        (["--env", "A.B=1", "--", "true"], "runtime.env", "is not a variable name"),
+        (["--env", "1X=1", "--", "true"], "runtime.env", "not a digit first"),
     ],
 )
 def test_flags_that_do_not_go_together_are_refused_saying_why(argv, field, says):

@@ -26,7 +26,9 @@ from jobmesh.executor.containers import (
     container_argv,
     container_env,
     container_name,
+    engine_environment,
     probe_engine,
+    write_env_file,
 )
 from jobmesh.executor.outcomes import CANCELLED, EXIT_CODE, TIMEOUT
 from jobmesh.executor.runner import AbortSignal
@@ -49,6 +51,7 @@ if args[:1] == ["run"] and "-i" in args:
     entry["stdin"] = sys.stdin.read()
 with open(here / (name + ".calls"), "a") as out:
     out.write(json.dumps(entry) + "\\n")
+(here / (name + ".environ")).write_text(json.dumps(dict(os.environ)))
 mode_file = here / (name + ".mode")
 mode = json.loads(mode_file.read_text()) if mode_file.exists() else {{}}
 if args[:1] == ["kill"]:
@@ -90,6 +93,10 @@ class Engine:
 
     def behave(self, **mode: Any) -> None:
         (self.dir / f"{self.name}.mode").write_text(json.dumps(mode))
+
+    def environ(self) -> dict[str, str]:
+        """The environment the engine was last started with."""
+        return json.loads((self.dir / f"{self.name}.environ").read_text())
 
     def calls(self) -> list[dict[str, Any]]:
         record = self.dir / f"{self.name}.calls"
@@ -220,6 +227,45 @@ def test_only_a_container_runtime_makes_a_container_command(tmp_path: Path) -> N
     assert container_name("abc_D-9", 3) == "jm-abc_D-9-3"
 
 
+def test_a_name_that_would_add_lines_to_the_env_file_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    path = tmp_path / "env"
+    for bad in ("A\nJOBMESH_SECRET_DB", "A\rB", "A=B", "", "#A", "A B", "A\x00B"):
+        with pytest.raises(ValueError, match="cannot be a variable's name in a container"):
+            write_env_file(path, {"GOOD": "1", bad: "x"})
+        assert not path.exists()
+    write_env_file(path, {"GOOD": "1", "ALSO_GOOD": "a=b c"})
+    assert path.read_text() == "GOOD=1\nALSO_GOOD=a=b c\n"
+    # A name going on the command line (its value has a line break) is checked the same.
+    request = make_request(tmp_path, env={"A\nB": "x\ny"})
+    with pytest.raises(ValueError, match="cannot be a variable's name"):
+        container_argv("podman", request, uid=None, gid=None, pids_max=1, name="n", env_file=path)
+
+
+def test_the_engine_client_gets_only_what_an_engine_reads_of_the_executors_environment() -> None:
+    environ = {
+        "PATH": "/usr/bin",
+        "HOME": "/home/jm",
+        "XDG_RUNTIME_DIR": "/run/user/1000",
+        "CONTAINER_HOST": "unix:///run/podman.sock",
+        "CONTAINERS_CONF": "/etc/jm/containers.conf",
+        "DOCKER_HOST": "tcp://engine:2376",
+        "HTTPS_PROXY": "http://proxy:3128",
+        "JOBMESH_SECRET_DB": "s3cr3t-value",
+        "JOBMESH_NATS_URL": "nats://x",
+        "AWS_SECRET_ACCESS_KEY": "other-secret",
+        "LD_PRELOAD": "/tmp/evil.so",
+    }
+    assert engine_environment(environ) == {
+        "PATH": "/usr/bin",
+        "HOME": "/home/jm",
+        "XDG_RUNTIME_DIR": "/run/user/1000",
+        "CONTAINER_HOST": "unix:///run/podman.sock",
+        "CONTAINERS_CONF": "/etc/jm/containers.conf",
+        "DOCKER_HOST": "tcp://engine:2376",
+        "HTTPS_PROXY": "http://proxy:3128",
+    }
+
+
 # --- the runner ------------------------------------------------------------------------
 
 
@@ -245,6 +291,32 @@ async def test_a_container_runs_through_the_engine_with_its_output_and_variables
     assert call["env_file"] == "TOKEN=s3cr3t-value\nHOME=/x\n" and call["env_file_mode"] == "0o600"
     assert not any("s3cr3t-value" in a for a in call["argv"])  # never in the process list
     assert not env_file.exists() and not env_file.parent.exists()  # gone with the attempt
+
+
+async def test_a_job_variable_name_with_a_line_break_runs_no_container(tmp_path: Path, podman: Engine) -> None:
+    # A line break in a name would add a line "JOBMESH_SECRET_DB" to the env file, which
+    # the engine fills from its own environment: the executor's secret in the job's.
+    request = make_request(tmp_path, env={"X\nJOBMESH_SECRET_DB": "1"})
+    outcome = await ContainerRunner(str(podman.path), uid=None, gid=None, pids_max=8).run(request)
+    assert outcome.error is not None and outcome.error.code == "container_failed"
+    assert outcome.error.message.startswith("the container's variables are refused: ")
+    assert podman.calls() == []
+
+
+async def test_the_engine_client_never_sees_the_executors_secrets(
+    tmp_path: Path, podman: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JOBMESH_SECRET_DB", "s3cr3t-value")
+    monkeypatch.setenv("DOCKER_HOST", "unix:///run/engine.sock")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    probe_engine("podman", "img")
+    for_probe = podman.environ()
+    outcome = await ContainerRunner(str(podman.path), uid=None, gid=None, pids_max=8).run(make_request(tmp_path))
+    assert outcome.error is None
+    for seen in (for_probe, podman.environ()):
+        assert "JOBMESH_SECRET_DB" not in seen and "s3cr3t-value" not in seen.values()
+        assert seen["DOCKER_HOST"] == "unix:///run/engine.sock" and seen["XDG_RUNTIME_DIR"] == str(tmp_path)
+        assert seen["PATH"] == os.environ["PATH"]
 
 
 async def test_stdin_reaches_the_container(tmp_path: Path, podman: Engine) -> None:

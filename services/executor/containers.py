@@ -55,6 +55,42 @@ SECRETS = "/run/secrets"
 # progress pipe's descriptor does not reach into a container.
 HOST_ONLY_VARS = ("PATH", "JOBMESH_PROGRESS_FD")
 CUDA_VISIBLE = "CUDA_VISIBLE_DEVICES"
+# What the engine client reads of its environment: PATH (the OCI runtime, conmon, helpers
+# such as slirp4netns or newuidmap), HOME and XDG_* (rootless podman's storage, its
+# configuration, the socket in XDG_RUNTIME_DIR), DBUS_SESSION_BUS_ADDRESS (rootless podman's
+# systemd cgroup manager), the locale, TMPDIR, the proxies a podman pull goes through, and
+# SSH_AUTH_SOCK (an engine reached over ssh).
+ENGINE_VARS = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LOGNAME",
+        "LANG",
+        "LC_ALL",
+        "TMPDIR",
+        "XDG_RUNTIME_DIR",
+        "XDG_CONFIG_HOME",
+        "XDG_DATA_HOME",
+        "XDG_CACHE_HOME",
+        "DBUS_SESSION_BUS_ADDRESS",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "REGISTRY_AUTH_FILE",
+        "STORAGE_DRIVER",
+        "STORAGE_OPTS",
+        "SSH_AUTH_SOCK",
+    }
+)
+# Which engine and how to reach it: CONTAINER_HOST/CONTAINER_CONNECTION/CONTAINER_SSHKEY
+# (podman remote), CONTAINERS_CONF/CONTAINERS_STORAGE_CONF/CONTAINERS_REGISTRIES_CONF
+# (podman's configuration), DOCKER_HOST/DOCKER_CONFIG/DOCKER_CONTEXT/DOCKER_TLS_VERIFY/
+# DOCKER_CERT_PATH (docker's), PODMAN_* (podman's own switches).
+ENGINE_PREFIXES = ("CONTAINER_", "CONTAINERS_", "DOCKER_", "PODMAN_")
 
 Which = Callable[[str], str | None]
 Run = Callable[..., "subprocess.CompletedProcess[Any]"]
@@ -103,7 +139,9 @@ def probe_engine(
             continue
         argv = [path, "run", "--rm", "--network", "none", image, "true"]
         try:
-            done = run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+            done = run(
+                argv, capture_output=True, text=True, timeout=timeout, check=False, env=engine_environment(os.environ)
+            )
         except subprocess.TimeoutExpired:
             reasons.append(f"{candidate}: `{candidate} run --rm {image} true` did not finish within {timeout:g}s")
             continue
@@ -169,6 +207,7 @@ def container_argv(
 
     Raises:
         TypeError: when the request's runtime is not a container runtime.
+        ValueError: when a variable's name cannot be one (:func:`env_key_problem`).
     """
     runtime = request.runtime
     if not isinstance(runtime, ContainerRuntime):
@@ -193,6 +232,9 @@ def container_argv(
         argv += ["--env-file", str(env_file)]
         env = split_env(env)[1]
     for key, value in env.items():
+        problem = env_key_problem(key)
+        if problem:
+            raise ValueError(problem)
         argv += ["--env", f"{key}={value}"]
     for node in gpu_device_nodes(request.gpu_devices, dev):
         argv += ["--device", node]
@@ -249,6 +291,26 @@ def split_env(env: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
     return lines, breaks
 
 
+def env_key_problem(key: str) -> str:
+    """Why ``key`` cannot go into a container's environment as a name ("" when it can).
+
+    The trigger refuses every job variable that is not a plain name; this is the check
+    right where it matters, for whatever else ends up in the container's variables: in an
+    env file a line break in a name starts another line (a bare ``NAME`` line is filled
+    from the engine client's own environment), an ``=`` moves the split, a leading ``#``
+    makes a comment.
+
+    Args:
+        key: a variable's name.
+
+    Returns:
+        The problem in words, or "".
+    """
+    if not key or key.startswith("#") or any(c == "=" or c == "\x00" or c.isspace() for c in key):
+        return f"{key!r} cannot be a variable's name in a container (empty, '=', a space, a line break or NUL)"
+    return ""
+
+
 def write_env_file(path: Path, env: Mapping[str, str]) -> None:
     """Write the single-line variables of ``env`` as an engine's ``--env-file`` (``K=V`` lines), mode 0600.
 
@@ -256,8 +318,17 @@ def write_env_file(path: Path, env: Mapping[str, str]) -> None:
         path: the file (created or replaced; outside the working directory, which the
             container sees).
         env: the container's variables (:func:`container_env`).
+
+    Raises:
+        ValueError: a name that is not a variable's name (:func:`env_key_problem`);
+            nothing is written then.
     """
-    text = "".join(f"{key}={value}\n" for key, value in split_env(env)[0].items())
+    lines = split_env(env)[0]
+    for key in lines:
+        problem = env_key_problem(key)
+        if problem:
+            raise ValueError(problem)
+    text = "".join(f"{key}={value}\n" for key, value in lines.items())
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as out:
         out.write(text)
@@ -345,10 +416,14 @@ class ContainerRunner:
             env_file = Path(private) / "env"
             try:
                 write_env_file(env_file, container_env(request, request.runtime))
+                argv = self.argv(request, env_file)
+            except ValueError as exc:  # a bad variable name; the trigger refuses these at submit
+                await _spawned(request)
+                return failed_outcome(CONTAINER_FAILED, f"the container's variables are refused: {exc}")
             except OSError as exc:
                 await _spawned(request)
                 return failed_outcome(CONTAINER_FAILED, f"cannot write the container's env file: {exc}")
-            return await self._run(request, self.argv(request, env_file))
+            return await self._run(request, argv)
 
     async def _run(self, request: RunRequest, argv: list[str]) -> Outcome:
         name = container_name(request.job_id, request.attempt)
@@ -496,11 +571,30 @@ async def _spawned(request: RunRequest) -> None:
         await request.on_spawned()
 
 
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The engine client's own environment: only what podman or docker need of the executor's.
+
+    The job's variables go in with --env-file/--env, never here, so none of them can
+    reconfigure the engine (DOCKER_HOST, LD_PRELOAD). And the executor's own variables stay
+    out besides what the engine reads (:data:`ENGINE_VARS`, :data:`ENGINE_PREFIXES`): the
+    client need not see the executor's settings or secrets, and a bare name in an env file
+    or ``--env NAME`` copies a variable of the client's environment into the container.
+
+    Args:
+        environ: the executor's environment.
+
+    Returns:
+        The variables to start the engine client with.
+    """
+    return {
+        key: value
+        for key, value in environ.items()
+        if (key in ENGINE_VARS or key.startswith(ENGINE_PREFIXES)) and not key.startswith("JOBMESH_")
+    }
+
+
 def _client_env() -> dict[str, str]:
-    """The engine client's own environment: the executor's. The job's variables go in with
-    --env-file/--env, never here, so none of them can reconfigure the engine (DOCKER_HOST,
-    LD_PRELOAD)."""
-    return dict(os.environ)
+    return engine_environment(os.environ)
 
 
 def _inside(value: str, mounts: list[tuple[str, str]]) -> str:

@@ -13,6 +13,7 @@ import msgspec
 from jobmesh.contract.messages.v1 import (
     FAILURE_CODES,
     MAX_UPLOAD_BYTES,
+    ContainerRuntime,
     InputFile,
     JobSpec,
     JobSpecBase,
@@ -41,6 +42,8 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
     res = spec.resources
     if isinstance(spec.runtime, ProcessRuntime) and not spec.runtime.argv[0].strip():
         _fail(where, "runtime.argv[0]", "the command is empty")
+    if isinstance(spec.runtime, ProcessRuntime | ContainerRuntime) and spec.runtime.env:
+        _validate_env(spec.runtime.env, where)
     if res.cpu_milli > MAX_CPU_MILLI:
         _fail(where, "resources.cpu_milli", f"{res.cpu_milli} exceeds the maximum {MAX_CPU_MILLI}")
     if res.memory_mb > MAX_MEMORY_MB:
@@ -77,6 +80,35 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
         # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
         # recorded. Refuse it here rather than half-create it.
         raise InvalidSpec(f"a NUL character is not allowed - at `$.{nul}`", field=nul)
+
+
+def env_name_problem(key: str) -> str:
+    """Why ``key`` cannot be the name of a job's variable ("" when it can).
+
+    The one rule for a variable's name, applied by the client to ``--env``/``--env-file``
+    and at submit to ``runtime.env``: a portable shell name. Beyond portability it is a
+    safety rule: a name with ``=`` or a line break would become other variables (or a bare
+    name, which an engine fills from its own environment) in a container's env file.
+
+    Args:
+        key: the variable's name.
+
+    Returns:
+        The problem in words, or "".
+    """
+    if not _ENV_NAME.fullmatch(key):
+        return f"{key!r} is not a variable name: use letters, digits and '_', not a digit first"
+    return ""
+
+
+def _validate_env(env: dict[str, str], where: str) -> None:
+    for key, value in env.items():
+        problem = env_name_problem(key)
+        if problem:
+            _fail(where, f"runtime.env[{key!r}]", problem)
+        if "\x00" in value:
+            # No process environment can hold it (and Postgres text cannot store it).
+            _fail(where, f"runtime.env[{key!r}]", "a NUL character is not allowed in a variable's value")
 
 
 def _validate_retry(spec: JobSpec, where: str, now: float | None) -> None:
@@ -196,6 +228,9 @@ def label_problem(key: str, value: str) -> str:
     return ""
 
 
+# What a variable's name may be (POSIX's portable names; see env_name_problem).
+# fullmatch, not match with "$": "$" also matches before a final line break.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Node labels: one rule for what a job asks for and what an executor advertises
 # (``JOBMESH_NODE_LABELS`` is ``k=v,k2=v2``, so a value holds no comma and no edge spaces).
 _LABEL_KEY = re.compile(r"^[A-Za-z0-9_./-]{1,128}$")

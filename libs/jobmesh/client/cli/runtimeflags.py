@@ -39,6 +39,7 @@ from jobmesh.contract.messages.v1 import (
     ProcessRuntime,
     SecretName,
 )
+from jobmesh.contract.validation import env_name_problem
 from jobmesh.errors import InvalidSpec, UsageError
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
 # The contract's own rule for a secret's name, so the command line refuses what the
 # trigger would, in words.
 _SECRET_NAME = re.compile(next(m.pattern for m in typing.get_args(SecretName)[1:] if getattr(m, "pattern", None)))
-_ENV_KEY = re.compile(r"^[^=\s\x00]+$")
 
 
 @dataclass(frozen=True)
@@ -260,8 +260,13 @@ def env_file_values(path: str, environ: Mapping[str, str]) -> dict[str, str]:
 
 def _set(env: dict[str, str], item: str, environ: Mapping[str, str], where: str) -> None:
     key, sep, value = item.partition("=")
-    if not _ENV_KEY.match(key):
-        raise UsageError(f"{where}: {key!r} is not a variable name (KEY=VALUE, or a bare KEY)", field="runtime.env")
+    # The trigger's own rule (env_name_problem), checked here so that the file and line are named.
+    if env_name_problem(key):
+        raise UsageError(
+            f"{where}: {key!r} is not a variable name (KEY=VALUE, or a bare KEY; letters, digits and '_',"
+            " not a digit first)",
+            field="runtime.env",
+        )
     if sep:
         env[key] = value
     elif key in environ:
