@@ -333,3 +333,40 @@ async def test_a_secret_a_real_process_echoes_reaches_the_sink_as_stars() -> Non
     ]
     assert masker.sink(publish) is not publish
     assert Masker({}).sink(publish) is publish
+
+
+# --- the executor's environment ---------------------------------------------------------------
+
+
+def test_the_source_keeps_the_secret_variables_and_takes_them_out_of_a_mutable_environment() -> None:
+    environ = {"JOBMESH_SECRET_DB": "pw-9f8e7d", "JOBMESH_SECRET_API": "tok-5", "PATH": "/usr/bin", "OTHER": "x"}
+    source = SecretSource(None, "JOBMESH_SECRET_", environ)
+    assert environ == {"PATH": "/usr/bin", "OTHER": "x"}  # nothing the executor starts can inherit them
+    assert source.resolve(["DB", "API"]) == {"DB": "pw-9f8e7d", "API": "tok-5"}
+    environ["JOBMESH_SECRET_LATE"] = "set-after"  # a snapshot: later changes do not count
+    with pytest.raises(SecretMissing):
+        source.resolve(["LATE"])
+
+
+def test_a_read_only_environment_is_only_read_and_no_prefix_takes_nothing() -> None:
+    from types import MappingProxyType
+
+    frozen = MappingProxyType({"JOBMESH_SECRET_DB": "pw-9f8e7d"})
+    assert SecretSource(None, "JOBMESH_SECRET_", frozen).resolve(["DB"]) == {"DB": "pw-9f8e7d"}
+    assert dict(frozen) == {"JOBMESH_SECRET_DB": "pw-9f8e7d"}
+    environ = {"JOBMESH_SECRET_DB": "pw-9f8e7d"}
+    SecretSource(None, "", environ)
+    assert environ == {"JOBMESH_SECRET_DB": "pw-9f8e7d"}  # variables off: left alone
+
+
+def test_with_os_environ_a_child_started_afterwards_does_not_inherit_the_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("JM_TEST_SECRET_DB", "pw-9f8e7d")
+    monkeypatch.setenv("JM_TEST_PLAIN", "plain")
+    source = SecretSource(None, "JM_TEST_SECRET_", os.environ)
+    assert "JM_TEST_SECRET_DB" not in os.environ
+    # A child without env= gets the process's environment: the variable is unset there too.
+    child = subprocess.run(["env"], capture_output=True, text=True, check=True).stdout
+    assert "JM_TEST_SECRET_DB" not in child and "pw-9f8e7d" not in child and "JM_TEST_PLAIN=plain" in child
+    assert source.resolve(["DB"]) == {"DB": "pw-9f8e7d"}

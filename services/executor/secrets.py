@@ -6,7 +6,9 @@ executor's operator gives the node its secrets in one of two places, looked up i
 - a file ``<JOBMESH_SECRETS_DIR>/<NAME>`` (one trailing newline is dropped, since files
   usually end with one);
 - a variable ``<JOBMESH_SECRETS_ENV_PREFIX><NAME>`` of the executor's own environment
-  (prefix ``JOBMESH_SECRET_`` by default).
+  (prefix ``JOBMESH_SECRET_`` by default). :class:`SecretSource` takes these out of the
+  executor's environment when it is made, so no process the executor starts afterwards
+  (an engine client, ``nvidia-smi``, a tool) inherits them.
 
 :class:`SecretSource` resolves a job's names to values, and raises :class:`SecretMissing`
 (failure code ``secret_missing``) naming what it could not find. The job then gets them as
@@ -24,7 +26,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import ClassVar
 
@@ -88,13 +90,24 @@ class SecretSource:
             None: no directory, variables only.
         env_prefix: the prefix of secret variables (``JOBMESH_SECRETS_ENV_PREFIX``); ""
             turns variables off (an empty prefix would make every variable a secret).
-        environ: the executor's environment (``os.environ``).
+        environ: the executor's environment (``os.environ``). The variables with the
+            prefix are copied, and removed from it when it can be changed (``os.environ``
+            unsets them in the process's environment too): a child the executor starts
+            without an environment of its own inherits the executor's, and must not get
+            the node's secrets with it. A read-only mapping is only read.
     """
 
-    def __init__(self, directory: Path | None, env_prefix: str, environ: Mapping[str, str]) -> None:
+    def __init__(
+        self, directory: Path | None, env_prefix: str, environ: Mapping[str, str] | MutableMapping[str, str]
+    ) -> None:
         self.directory = directory
         self.env_prefix = env_prefix
-        self._environ = environ
+        self._environ: dict[str, str] = (
+            {key: value for key, value in environ.items() if key.startswith(env_prefix)} if env_prefix else {}
+        )
+        if isinstance(environ, MutableMapping):
+            for key in self._environ:
+                del environ[key]
 
     def resolve(self, names: Iterable[str]) -> dict[str, str]:
         """The values of the named secrets.
