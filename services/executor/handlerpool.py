@@ -97,8 +97,12 @@ class WorkerProcess(Protocol):
         """SIGKILL every process the worker started (its group, its cgroup); never raises."""
         ...
 
-    def close(self) -> None:
-        """Release what the spawn holds for it (pipes, cgroup); called once, after it exited."""
+    async def close(self) -> None:
+        """Release what the spawn holds for it (pipes, cgroup); called once, after it exited.
+
+        It must not block the event loop (a cgroup's removal waits for it to empty: run
+        such work in a thread), since the pool's other workers keep being served meanwhile.
+        """
         ...
 
 
@@ -172,7 +176,7 @@ class PlainWorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass  # the whole group is gone already
 
-    def close(self) -> None:
+    async def close(self) -> None:
         self._transport.close()
 
 
@@ -727,8 +731,8 @@ class HandlerPool:
         finally:
             if not worker.closed.done():
                 worker.closed.set_result(None)
-                worker.process.close()
                 self._workers.discard(worker)
+                await worker.process.close()
 
     async def _start_worker(self) -> _Worker:
         """Start one worker and wait for it to report its handlers.
@@ -769,7 +773,7 @@ class HandlerPool:
         except BaseException:
             # Cancelled (the pool stops) or out of descriptors: the process must not outlive this.
             process.kill()
-            process.close()
+            await process.close()
             for fd in (events_in, commands_out):
                 try:
                     os.close(fd)

@@ -81,10 +81,15 @@ class IsolatedWorker:
         """SIGKILL the worker's group and every process of its cgroup."""
         self._launch.signal_all(self.pid, signal.SIGKILL)
 
-    def close(self) -> None:
-        """Release the pipes and remove the worker's cgroup (after killing what is left in it)."""
+    async def close(self) -> None:
+        """Release the pipes and remove the worker's cgroup (after killing what is left in it).
+
+        The cgroup's removal kills and waits until it is empty (up to seconds for a process
+        stuck in the kernel), so it runs in a thread: the event loop serves the pool's other
+        workers, and every attempt of the executor, meanwhile.
+        """
         self._transport.close()
-        self._launch.finish()
+        await asyncio.to_thread(self._launch.finish)
 
 
 def worker_read_only_paths(modules: Sequence[str]) -> tuple[str, ...]:
@@ -143,7 +148,8 @@ def isolated_spawn(
             extra_ro=extra_ro,
             pass_fds=tuple(pass_fds),
         )
-        launch = prepare_launch(isolation, spec)
+        # Making the cgroup (and handing the directory over) is file-system I/O: in a thread.
+        launch = await asyncio.to_thread(prepare_launch, isolation, spec)
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
