@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -46,9 +47,17 @@ from jobmesh.executor.progress import (
 )
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import LOST_REASON, kill_leftovers, leftover_groups, lost_messages, orphaned_attempts
+from jobmesh.executor.restart import (
+    LOST_REASON,
+    kill_leftovers,
+    leftover_groups,
+    lost_messages,
+    orphaned_attempts,
+    private_dir_of,
+)
 from jobmesh.executor.results import Result, ResultLimits, ResultStore, plan_result
 from jobmesh.executor.runner import AbortSignal, ProcessRunner
+from jobmesh.executor.secrets import write_secret_files
 from jobmesh.executor.service import job_base_env
 from jobmesh.runtime.outcomes import ACK, Retry
 from jobmesh.runtime.service import Envelope
@@ -273,6 +282,46 @@ def test_leftover_processes_in_an_orphaned_attempts_directory_are_killed(tmp_pat
         for proc in (leftover, bystander):
             proc.kill()
             proc.wait(5)
+
+
+def left_attempt(work_root, name: str):
+    """What an attempt that was running when its executor died leaves, as Attempt makes it."""
+    workdir = work_root / name
+    (workdir / "out").mkdir(parents=True)
+    (workdir / "out" / "partial.csv").write_text("1,2\n")
+    private = work_root / f".{name}"
+    private.mkdir(0o700)
+    (private / "stdin").write_bytes(b"what the job reads")
+    write_secret_files({"db-password": "hunter2"}, private / "secrets", 65534, 65534)
+    return workdir, private
+
+
+def test_the_cleanup_of_an_orphaned_attempt_removes_its_private_directory_and_secrets_too(tmp_path):
+    work_root = tmp_path / "node-1"
+    workdir, private = left_attempt(work_root, "j-1")
+    other_workdir, other_private = left_attempt(work_root, "j-2")  # not an orphan: left alone
+    assert private_dir_of(workdir) == private
+    assert (private / "secrets").stat().st_mode & 0o777 == 0o500  # read-only: a plain rmtree may fail
+    leftover = subprocess.Popen(["sleep", "30"], cwd=workdir / "out", start_new_session=True)
+    try:
+        assert kill_leftovers([workdir]) == 1
+        assert leftover.wait(5) == -signal.SIGKILL
+    finally:
+        leftover.kill()
+        leftover.wait(5)
+    assert not workdir.exists() and not private.exists()  # the secret file is gone with it
+    assert (other_private / "secrets" / "db-password").read_text() == "hunter2" and other_workdir.exists()
+    # The attempt dispatched again makes its directories afresh, as Attempt does.
+    workdir.mkdir(parents=True)
+    private.mkdir(0o700)
+
+
+def test_the_cleanup_of_an_orphan_whose_directories_are_gone_or_half_gone_is_fine(tmp_path):
+    work_root = tmp_path / "node-1"
+    workdir, private = left_attempt(work_root, "j-3")
+    shutil.rmtree(workdir)  # the executor died between removing the two
+    assert kill_leftovers([workdir, work_root / "never-there-1"]) == 0
+    assert not private.exists() and sorted(work_root.iterdir()) == []
 
 
 # --- registration.py -----------------------------------------------------------------------

@@ -8,13 +8,18 @@ for a lease to expire, and a dispatch of it that comes again is acked without ru
 
 The processes such an attempt started may have outlived the executor (each attempt runs in
 a session of its own). :func:`kill_leftovers` stops those still working in the attempt's
-directory, so that "not running any more" is true before the attempt runs elsewhere.
+directory, so that "not running any more" is true before the attempt runs elsewhere, and
+then removes what the attempt left on disk (:func:`remove_leftovers`): its working
+directory ``<work_root>/<job>-<attempt>`` and its private directory beside it,
+``<work_root>/.<job>-<attempt>`` (its stdin file and secret files). A secret must not
+outlive the executor that fetched it, and an attempt that comes again must find neither.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Iterable
 from pathlib import Path
@@ -22,6 +27,7 @@ from pathlib import Path
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id
 from jobmesh.contract.messages.v1 import AttemptLease, JobLost, NodeInfo
+from jobmesh.executor.secrets import remove_secret_files
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
 
@@ -112,8 +118,42 @@ def leftover_groups(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> dic
     return found
 
 
+def private_dir_of(workdir: Path) -> Path:
+    """The private directory beside an attempt's working directory (``Attempt.private_dir``).
+
+    Args:
+        workdir: ``<work_root>/<job>-<attempt>``.
+
+    Returns:
+        ``<work_root>/.<job>-<attempt>``.
+    """
+    return workdir.with_name(f".{workdir.name}")
+
+
+def remove_leftovers(workdirs: Iterable[Path]) -> None:
+    """Remove what orphaned attempts left on disk: the private directory, then the working one.
+
+    The secrets go first (their directory is read-only, see
+    :func:`~jobmesh.executor.secrets.remove_secret_files`), then the rest of the private
+    directory (the stdin file), then the working directory. Missing ones are fine.
+
+    Args:
+        workdirs: attempt directories of orphaned attempts.
+    """
+    for workdir in workdirs:
+        private = private_dir_of(workdir)
+        remove_secret_files(private / "secrets")
+        shutil.rmtree(private, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+        if private.exists() or workdir.exists():
+            log.error("cannot remove all of %s and %s, left by the previous executor", workdir, private)
+
+
 def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
-    """SIGKILL the process groups still working in orphaned attempts' directories.
+    """SIGKILL the process groups still working in orphaned attempts' directories, then remove
+    those directories and the attempts' private directories (:func:`remove_leftovers`).
+
+    Blocking (it walks ``/proc`` and the directories): run it in a thread.
 
     Args:
         workdirs: attempt directories of orphaned attempts.
@@ -122,6 +162,7 @@ def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
     Returns:
         How many process groups were killed.
     """
+    workdirs = list(workdirs)
     killed = 0
     own_group = os.getpgid(0)
     for pgid, root in leftover_groups(workdirs, proc).items():
@@ -133,4 +174,6 @@ def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
             continue
         killed += 1
         log.warning("killed process group %d left running in %s by the previous executor", pgid, root)
+    # After the kill: nothing of the attempt writes a file into them any more.
+    remove_leftovers(workdirs)
     return killed
