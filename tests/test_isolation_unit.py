@@ -31,9 +31,9 @@ from jobmesh.executor.isolation.probe import (
     refusal,
     unreachable_parent,
 )
-from jobmesh.executor.isolation.rlimits import ADDRESS_HEADROOM_MB, attempt_rlimits
+from jobmesh.executor.isolation.rlimits import ADDRESS_HEADROOM_MB, Rlimit, attempt_rlimits, cpu_limit, cpu_seconds
 from jobmesh.executor.isolation.sandbox import SandboxRequest, SandboxTools, sandbox_argv, sandbox_path
-from jobmesh.executor.outcomes import Outcome, failed_outcome, limit_outcome
+from jobmesh.executor.outcomes import Outcome, cpu_limit_outcome, exit_outcome, failed_outcome, limit_outcome
 
 MERGED = {"/bin": "usr/bin", "/lib": "usr/lib", "/lib64": "usr/lib64", "/sbin": "usr/sbin"}
 
@@ -52,16 +52,30 @@ def test_rlimits_are_a_backstop_under_a_cgroup_and_the_limit_without_one():
     def by_resource(limits):
         return {limit.resource: (limit.soft, limit.hard) for limit in limits}
 
-    caged = by_resource(attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=True, cgroup_pids=True))
+    caged = by_resource(attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=True, cgroup_pids=True, cpus=1))
     assert caged[resource.RLIMIT_AS][0] == (64 + ADDRESS_HEADROOM_MB) * 1024 * 1024
     assert caged[resource.RLIMIT_CPU] == (15, 20)
     assert caged[resource.RLIMIT_NOFILE] == (4096, 4096)
     assert caged[resource.RLIMIT_NPROC][0] > 512  # the cgroup's pids.max is the real limit
     assert caged[resource.RLIMIT_CORE] == (0, 0)
-    bare = by_resource(attempt_rlimits(64, 0.5, 128, 64, cgroup_memory=False, cgroup_pids=False))
+    bare = by_resource(attempt_rlimits(64, 0.5, 128, 64, cgroup_memory=False, cgroup_pids=False, cpus=1))
     assert bare[resource.RLIMIT_AS][0] == (2 * 64 + 256) * 1024 * 1024
     assert bare[resource.RLIMIT_NPROC] == (64, 64)
     assert bare[resource.RLIMIT_CPU][0] == 6  # ceil(0.5) + grace
+
+
+def test_the_cpu_time_limit_is_what_every_core_can_use_in_the_run_timeout():
+    # CPU time counts all threads: 4 busy threads use 40s of it in a 10s timeout, and must
+    # not be stopped by SIGXCPU after 2.5s.
+    four = {limit.resource: (limit.soft, limit.hard) for limit in attempt_rlimits(
+        64, 10.0, 4096, 512, cgroup_memory=True, cgroup_pids=True, cpus=4
+    )}  # fmt: skip
+    assert four[resource.RLIMIT_CPU] == (45, 50)  # 10s x 4 cores + grace
+    assert cpu_seconds(0.5, 3) == 2 + 5 and cpu_seconds(10.0, 0) == 15  # at least one core
+    assert cpu_limit(attempt_rlimits(64, 10.0, 1, 1, cgroup_memory=False, cgroup_pids=False, cpus=2)) == Rlimit(
+        resource.RLIMIT_CPU, 25, 30
+    )
+    assert cpu_limit(()) is None
 
 
 # --- the sandbox's command line --------------------------------------------------------------
@@ -227,6 +241,39 @@ def test_a_failure_under_an_oom_kill_or_a_refused_fork_is_reported_as_such():
     assert limit_outcome(fine, 1, 1, 64, 512) is fine  # it coped; it succeeded
     timed_out = Outcome(None, JobError(code="timeout", message="ran too long"))
     assert limit_outcome(timed_out, 1, 0, 64, 512) is timed_out
+
+
+@pytest.mark.parametrize("code", [-24, 152])  # SIGXCPU itself, or through a shell or bubblewrap
+def test_a_process_ended_by_sigxcpu_ran_out_of_cpu_time_and_timed_out(code):
+    outcome = cpu_limit_outcome(exit_outcome(code, "tail"), 45, 50, elapsed=0.5, cpus=4)
+    assert outcome.error is not None and outcome.error.code == "timeout"
+    assert outcome.error.message == (
+        f"reached its CPU-time limit (RLIMIT_CPU, 45s of CPU time across its threads): "
+        f"killed by SIGXCPU (exit code {code})"
+    )
+    assert outcome.exit_code == code and outcome.output_tail == "tail"
+
+
+@pytest.mark.parametrize("code", [-9, 137])
+def test_a_sigkill_is_the_hard_cpu_limit_only_when_the_process_could_have_used_that_much(code):
+    # 50s of CPU time on 4 cores takes at least 12.5s of wall time.
+    reached = cpu_limit_outcome(exit_outcome(code), 45, 50, elapsed=12.5, cpus=4)
+    assert reached.error is not None and reached.error.code == "timeout"
+    assert reached.error.message.startswith("reached its hard CPU-time limit (RLIMIT_CPU, 50s")
+    sooner = exit_outcome(code)
+    assert cpu_limit_outcome(sooner, 45, 50, elapsed=12.4, cpus=4) is sooner  # the OOM killer, an operator
+
+
+def test_other_ends_are_not_the_cpu_limit():
+    for outcome in (
+        exit_outcome(0),
+        exit_outcome(1),
+        exit_outcome(-15),
+        exit_outcome(24),  # the job's own exit code 24 is no signal
+        failed_outcome("oom", "ran out of memory", -9),  # the cgroup's verdict stays
+        Outcome(None, JobError(code="timeout", message="ran longer than its run timeout of 1s")),
+    ):
+        assert cpu_limit_outcome(outcome, 1, 2, elapsed=1000.0, cpus=1) is outcome
 
 
 # --- the environment ---------------------------------------------------------------------------

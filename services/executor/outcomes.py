@@ -121,6 +121,47 @@ def limit_outcome(outcome: Outcome, oom_kills: int, pids_refused: int, memory_mb
     return outcome
 
 
+# How a process that ran into RLIMIT_CPU ends: SIGXCPU at the soft limit, SIGKILL at the
+# hard one (when it caught or ignored SIGXCPU). A shell or bubblewrap between the executor
+# and the process reports a signalled child as its own exit code 128 + the signal.
+_SIGNAL_EXIT_BASE = 128
+
+
+def cpu_limit_outcome(outcome: Outcome, soft: int, hard: int, elapsed: float, cpus: int) -> Outcome:
+    """The outcome of a process once it is known whether it ran into its CPU-time limit.
+
+    A failed process (``exit_code``) that died of SIGXCPU (-24, or 152 through a shell or
+    the sandbox) reached RLIMIT_CPU's soft limit; one that died of SIGKILL (-9 or 137)
+    reached the hard one, if it could have: CPU time grows at most ``cpus`` times as fast
+    as wall time, so one that ended sooner was killed by something else (the OOM killer,
+    an operator). Either is a ``timeout``: the job ran out of time, counted in CPU
+    seconds. Anything else stays as it is.
+
+    Args:
+        outcome: what the process itself did (after its cgroup's verdict, which wins).
+        soft: the attempt's RLIMIT_CPU soft limit, in seconds.
+        hard: its hard limit.
+        elapsed: wall-clock seconds the process ran.
+        cpus: the node's cores.
+
+    Returns:
+        The outcome to report.
+    """
+    code = outcome.exit_code
+    if outcome.error is None or outcome.error.code != EXIT_CODE or code is None:
+        return outcome
+    signalled = -code if code < 0 else code - _SIGNAL_EXIT_BASE if code > _SIGNAL_EXIT_BASE else 0
+    if signalled == signal.SIGXCPU:
+        # Only the kernel sends SIGXCPU, for RLIMIT_CPU (the job may have lowered its own).
+        message = f"reached its CPU-time limit (RLIMIT_CPU, {soft}s of CPU time across its threads)"
+    elif signalled == signal.SIGKILL and elapsed * max(cpus, 1) >= hard:
+        message = f"reached its hard CPU-time limit (RLIMIT_CPU, {hard}s of CPU time across its threads)"
+    else:
+        return outcome
+    how = "killed by SIGXCPU" if signalled == signal.SIGXCPU else "killed by SIGKILL"
+    return failed_outcome(TIMEOUT, f"{message}: {how} (exit code {code})", code, outcome.output_tail)
+
+
 def noop_outcome(runtime: NoopRuntime) -> Outcome:
     """The outcome of a no-op attempt.
 

@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from jobmesh.executor.isolation.cgroups import MIN_MEMORY_MB
 from jobmesh.executor.isolation.environment import job_environment
 from jobmesh.executor.isolation.launch import Launch, LaunchSpec, command_problem, prepare_launch
 from jobmesh.executor.isolation.probe import NodeIsolation
+from jobmesh.executor.isolation.rlimits import NODE_CPUS, cpu_limit
 from jobmesh.executor.isolation.sandbox import sandbox_path
 from jobmesh.executor.outcomes import (
     EXECUTOR_ERROR,
@@ -37,6 +39,7 @@ from jobmesh.executor.outcomes import (
     SPAWN_FAILED,
     TIMEOUT,
     Outcome,
+    cpu_limit_outcome,
     exit_outcome,
     failed_outcome,
     limit_outcome,
@@ -240,16 +243,24 @@ class ProcessRunner:
                     await on_spawned()
                 log.error("%s: its isolation cannot be set up: %s", request.name, exc)
                 return failed_outcome(EXECUTOR_ERROR, f"cannot set up the attempt's isolation: {exc}")
+        started = time.monotonic()
         try:
             outcome = await self._spawn_and_wait(request, runtime, launch, env)
+            elapsed = time.monotonic() - started  # what the process had to use up its CPU time in
         finally:
             events = await asyncio.to_thread(launch.finish) if launch is not None else None
-        if events is None or launch is None or launch.cgroup is None:
+        if launch is None:
             return outcome
-        isolation = self.isolation
-        assert isolation is not None
-        memory = max(request.resources.memory_mb, MIN_MEMORY_MB)
-        return limit_outcome(outcome, events.oom_kills, events.pids_refused, memory, isolation.pids_max)
+        if events is not None and launch.cgroup is not None:
+            isolation = self.isolation
+            assert isolation is not None
+            memory = max(request.resources.memory_mb, MIN_MEMORY_MB)
+            outcome = limit_outcome(outcome, events.oom_kills, events.pids_refused, memory, isolation.pids_max)
+        cpu = cpu_limit(launch.rlimits)
+        if cpu is None:
+            return outcome
+        # After the cgroup's verdict: a process the OOM killer ended is ``oom``, not this.
+        return cpu_limit_outcome(outcome, cpu.soft, cpu.hard, elapsed, NODE_CPUS)
 
     async def _spawn_and_wait(
         self, request: RunRequest, runtime: ProcessRuntime, launch: Launch | None, env: dict[str, str]

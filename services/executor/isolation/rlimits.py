@@ -10,6 +10,7 @@ attempt's reservation and the node's settings.
 from __future__ import annotations
 
 import math
+import os
 import resource
 from dataclasses import dataclass
 
@@ -21,7 +22,11 @@ ADDRESS_HEADROOM_MB = 4096
 # plus this much for the interpreter's and libraries' own mappings.
 ADDRESS_BASE_MB = 256
 CPU_GRACE_SECONDS = 5  # CPU time beyond the run timeout before SIGXCPU (the timeout acts first)
-# The process count of RLIMIT_NPROC is per user, shared by every attempt running as that
+# The node's cores, the default for attempt_rlimits' ``cpus``: what one process can burn
+# at most per second of wall time (os.cpu_count, not the affinity mask, which a process
+# may widen).
+NODE_CPUS = os.cpu_count() or 1
+# The process count of RLIMIT_NPROC is per user, shared by every process running as that
 # uid; with a pids cgroup per attempt it is only a backstop this many times the attempt's own.
 NPROC_BACKSTOP_FACTOR = 16
 
@@ -58,31 +63,67 @@ def attempt_rlimits(
     *,
     cgroup_memory: bool,
     cgroup_pids: bool,
+    cpus: int = NODE_CPUS,
 ) -> tuple[Rlimit, ...]:
     """The rlimits of an attempt's processes.
 
     Args:
         memory_mb: the memory it reserved.
-        run_timeout: its run timeout in seconds (RLIMIT_CPU is a little above it).
+        run_timeout: its run timeout in seconds (RLIMIT_CPU is a little above what it
+            can use in that time).
         open_files: ``JOBMESH_ATTEMPT_OPEN_FILES``.
         pids_max: ``JOBMESH_ATTEMPT_PIDS_MAX``.
         cgroup_memory: whether a cgroup limits its memory.
         cgroup_pids: whether a cgroup limits its processes.
+        cpus: the node's cores (:data:`NODE_CPUS`), which RLIMIT_CPU is scaled by.
 
     Returns:
         RLIMIT_AS, RLIMIT_CPU, RLIMIT_NOFILE, RLIMIT_NPROC and RLIMIT_CORE (0: no core dumps).
     """
     address = address_space_mb(memory_mb, cgroup_memory) * 1024 * 1024
-    cpu = math.ceil(run_timeout) + CPU_GRACE_SECONDS
-    nproc = pids_max * NPROC_BACKSTOP_FACTOR if cgroup_pids else pids_max
-    return (
+    cpu = cpu_seconds(run_timeout, cpus)
+    limits = [
         Rlimit(resource.RLIMIT_AS, address, address),
         # SIGXCPU at the soft limit, SIGKILL at the hard one.
         Rlimit(resource.RLIMIT_CPU, cpu, cpu + CPU_GRACE_SECONDS),
         Rlimit(resource.RLIMIT_NOFILE, open_files, open_files),
-        Rlimit(resource.RLIMIT_NPROC, nproc, nproc),
-        Rlimit(resource.RLIMIT_CORE, 0, 0),
-    )
+    ]
+    nproc = pids_max * NPROC_BACKSTOP_FACTOR if cgroup_pids else pids_max
+    limits.append(Rlimit(resource.RLIMIT_NPROC, nproc, nproc))
+    limits.append(Rlimit(resource.RLIMIT_CORE, 0, 0))
+    return tuple(limits)
+
+
+def cpu_seconds(run_timeout: float, cpus: int) -> int:
+    """RLIMIT_CPU's soft limit for a run timeout: what ``cpus`` cores can use in it, plus a grace.
+
+    CPU time counts every thread of a process, so a limit of the wall-clock timeout would
+    stop a job with 4 busy threads after a quarter of it (SIGXCPU). Scaled by the node's
+    cores it can never be reached before the run timeout, which stops the job first and
+    says so; it stays as the backstop for a job the executor no longer watches (it died).
+    Dropping it when a cgroup's cpu quota applies would lose that backstop, and the quota
+    (the reservation) is no bound on how many cores a process can use without a cgroup.
+
+    Args:
+        run_timeout: the run timeout in seconds.
+        cpus: the node's cores (at least 1 is assumed).
+
+    Returns:
+        The limit in seconds of CPU time.
+    """
+    return math.ceil(run_timeout * max(cpus, 1)) + CPU_GRACE_SECONDS
+
+
+def cpu_limit(limits: tuple[Rlimit, ...]) -> Rlimit | None:
+    """The RLIMIT_CPU among ``limits`` (None when there is none).
+
+    Args:
+        limits: an attempt's rlimits (:func:`attempt_rlimits`).
+
+    Returns:
+        Its CPU-time limit.
+    """
+    return next((limit for limit in limits if limit.resource == resource.RLIMIT_CPU), None)
 
 
 def apply_rlimits(limits: tuple[Rlimit, ...]) -> None:
