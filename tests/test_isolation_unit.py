@@ -52,13 +52,15 @@ def test_rlimits_are_a_backstop_under_a_cgroup_and_the_limit_without_one():
     def by_resource(limits):
         return {limit.resource: (limit.soft, limit.hard) for limit in limits}
 
-    caged = by_resource(attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=True, cgroup_pids=True, cpus=1))
+    caged = by_resource(
+        attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=True, cgroup_pids=True, cpus=1, own_uid=True)
+    )
     assert caged[resource.RLIMIT_AS][0] == (64 + ADDRESS_HEADROOM_MB) * 1024 * 1024
     assert caged[resource.RLIMIT_CPU] == (15, 20)
     assert caged[resource.RLIMIT_NOFILE] == (4096, 4096)
     assert caged[resource.RLIMIT_NPROC][0] > 512  # the cgroup's pids.max is the real limit
     assert caged[resource.RLIMIT_CORE] == (0, 0)
-    bare = by_resource(attempt_rlimits(64, 0.5, 128, 64, cgroup_memory=False, cgroup_pids=False, cpus=1))
+    bare = by_resource(attempt_rlimits(64, 0.5, 128, 64, cgroup_memory=False, cgroup_pids=False, cpus=1, own_uid=True))
     assert bare[resource.RLIMIT_AS][0] == (2 * 64 + 256) * 1024 * 1024
     assert bare[resource.RLIMIT_NPROC] == (64, 64)
     assert bare[resource.RLIMIT_CPU][0] == 6  # ceil(0.5) + grace
@@ -76,6 +78,19 @@ def test_the_cpu_time_limit_is_what_every_core_can_use_in_the_run_timeout():
         resource.RLIMIT_CPU, 25, 30
     )
     assert cpu_limit(()) is None
+
+
+def test_the_process_limit_is_set_only_for_a_uid_of_the_attempts_own():
+    # RLIMIT_NPROC counts every process of the uid: as the executor's own (not root) it
+    # would count the executor, its workers and the other attempts.
+    for cgroup_pids in (True, False):
+        shared = attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=cgroup_pids, cgroup_pids=cgroup_pids)
+        assert resource.RLIMIT_NPROC not in {limit.resource for limit in shared}
+        assert {limit.resource for limit in shared} == {
+            resource.RLIMIT_AS, resource.RLIMIT_CPU, resource.RLIMIT_NOFILE, resource.RLIMIT_CORE
+        }  # fmt: skip
+        own = attempt_rlimits(64, 10.0, 4096, 512, cgroup_memory=cgroup_pids, cgroup_pids=cgroup_pids, own_uid=True)
+        assert resource.RLIMIT_NPROC in {limit.resource for limit in own}
 
 
 # --- the sandbox's command line --------------------------------------------------------------

@@ -64,6 +64,7 @@ def attempt_rlimits(
     cgroup_memory: bool,
     cgroup_pids: bool,
     cpus: int = NODE_CPUS,
+    own_uid: bool = False,
 ) -> tuple[Rlimit, ...]:
     """The rlimits of an attempt's processes.
 
@@ -76,9 +77,12 @@ def attempt_rlimits(
         cgroup_memory: whether a cgroup limits its memory.
         cgroup_pids: whether a cgroup limits its processes.
         cpus: the node's cores (:data:`NODE_CPUS`), which RLIMIT_CPU is scaled by.
+        own_uid: whether the attempt runs as a uid of its own, one that neither the
+            executor nor another attempt runs as; only then is RLIMIT_NPROC set.
 
     Returns:
-        RLIMIT_AS, RLIMIT_CPU, RLIMIT_NOFILE, RLIMIT_NPROC and RLIMIT_CORE (0: no core dumps).
+        RLIMIT_AS, RLIMIT_CPU, RLIMIT_NOFILE, RLIMIT_NPROC (with ``own_uid`` only) and
+        RLIMIT_CORE (0: no core dumps).
     """
     address = address_space_mb(memory_mb, cgroup_memory) * 1024 * 1024
     cpu = cpu_seconds(run_timeout, cpus)
@@ -88,8 +92,13 @@ def attempt_rlimits(
         Rlimit(resource.RLIMIT_CPU, cpu, cpu + CPU_GRACE_SECONDS),
         Rlimit(resource.RLIMIT_NOFILE, open_files, open_files),
     ]
-    nproc = pids_max * NPROC_BACKSTOP_FACTOR if cgroup_pids else pids_max
-    limits.append(Rlimit(resource.RLIMIT_NPROC, nproc, nproc))
+    if own_uid:
+        # RLIMIT_NPROC counts every process of the uid, not the attempt's: as the
+        # executor's own uid it would count the executor, its handler workers and every
+        # other attempt, and refuse a job's fork for what others run. Only a uid the
+        # attempt has to itself makes it the attempt's limit.
+        nproc = pids_max * NPROC_BACKSTOP_FACTOR if cgroup_pids else pids_max
+        limits.append(Rlimit(resource.RLIMIT_NPROC, nproc, nproc))
     limits.append(Rlimit(resource.RLIMIT_CORE, 0, 0))
     return tuple(limits)
 
