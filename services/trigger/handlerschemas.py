@@ -6,17 +6,27 @@ the bucket (a KV watch, started afresh after a reconnect) with one compiled ``js
 validator per handler, so that an input that does not match is refused at submit with the
 field named (``jobs[0].spec.runtime.input.n``) and nothing is created.
 
+The check agrees with what the worker's msgspec decode accepts, which is stricter than JSON
+Schema in one place: msgspec takes ``1.0`` for no ``int`` (JSON Schema's ``integer`` allows
+any number with a zero fraction), so here ``integer`` is an int only. An int for a ``float``
+field is accepted by both.
+
 A handler without a record is accepted: no executor has advertised it yet (or the view has
 not caught up), and the executor checks the input against the type when the attempt runs.
 Before accepting, the trigger reads the key once (handler jobs only, and only on a miss), so
-a record written a moment ago is not missed while the watch catches up.
+a record written a moment ago is not missed while the watch catches up. A miss is remembered
+for :data:`MISS_TTL` seconds (at most :data:`MAX_MISSES` names, and submits that miss at the
+same moment share one read), so a flood of submits for a handler nobody hosts costs one KV
+read, not one each; a record written meanwhile comes with the watch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 # jsonschema ships no type stubs (types-jsonschema is not a dependency).
@@ -38,6 +48,15 @@ log = logging.getLogger("jobmesh.trigger.handlers")
 _decoder = msgspec.json.Decoder(HandlerInfo)
 # A miss reads the key itself; past this it is taken as absent (the executor checks later).
 LOOKUP_TIMEOUT = 2.0
+# How long a read that found no record stands for the handler's record (the watch brings a
+# record written meanwhile), and for how many handler names at most.
+MISS_TTL = 2.0
+MAX_MISSES = 1024
+
+
+def _msgspec_integer(checker: Any, instance: Any) -> bool:
+    """JSON Schema's ``integer`` as msgspec decodes an ``int``: an int, never a float (1.0) or bool."""
+    return isinstance(instance, int) and not isinstance(instance, bool)
 
 
 class HandlerSchema:
@@ -54,7 +73,11 @@ class HandlerSchema:
         self.info = info
         kind = jsonschema.validators.validator_for(info.input_schema, default=jsonschema.Draft202012Validator)
         kind.check_schema(info.input_schema)
-        self.validator: Any = kind(info.input_schema)
+        # The worker decodes with msgspec: what it refuses must be refused here too.
+        strict = jsonschema.validators.extend(
+            kind, type_checker=kind.TYPE_CHECKER.redefine("integer", _msgspec_integer)
+        )
+        self.validator: Any = strict(info.input_schema)
 
     def problem(self, value: Any) -> tuple[str, str] | None:
         """Where and why ``value`` does not match the input type; None when it does.
@@ -87,11 +110,26 @@ class HandlerSchemas:
 
     Args:
         js: the JetStream context.
+        clock: monotonic seconds (how old a remembered miss is).
+        miss_ttl: seconds a read that found no record is remembered.
+        max_misses: how many handler names' misses are remembered at most (oldest go first).
     """
 
-    def __init__(self, js: JetStreamContext) -> None:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        miss_ttl: float = MISS_TTL,
+        max_misses: int = MAX_MISSES,
+    ) -> None:
         self._js = js
+        self._clock = clock
+        self._miss_ttl = miss_ttl
+        self._max_misses = max_misses
         self._schemas: dict[str, HandlerSchema | None] = {}  # None: a record with a bad schema
+        self._misses: OrderedDict[str, float] = OrderedDict()  # name -> when a read found none
+        self._lookups: dict[str, asyncio.Future[HandlerSchema | None]] = {}  # reads under way
         self._restart = asyncio.Event()
         self.ready = asyncio.Event()  # the watch delivered every record the bucket held
 
@@ -111,6 +149,7 @@ class HandlerSchemas:
             self._schemas.pop(key, None)
             return
         self._schemas[key] = _compiled(key, value)
+        self._misses.pop(key, None)
 
     async def run(self) -> None:
         """Watch the bucket forever (a background task), afresh after each :meth:`restart`."""
@@ -162,8 +201,10 @@ class HandlerSchemas:
         """
         if runtime.handler in self._schemas:
             schema = self._schemas[runtime.handler]
+        elif self._missed_lately(runtime.handler):
+            schema = None
         else:
-            schema = await self._lookup(runtime.handler)
+            schema = await self._shared_lookup(runtime.handler)
         if schema is None:
             return
         found = schema.problem(runtime.input)
@@ -177,7 +218,39 @@ class HandlerSchemas:
             field=field,
         )
 
+    def _missed_lately(self, name: str) -> bool:
+        """Whether a read found no record for ``name`` less than ``miss_ttl`` seconds ago."""
+        at = self._misses.get(name)
+        if at is None:
+            return False
+        if self._clock() - at < self._miss_ttl:
+            return True
+        del self._misses[name]
+        return False
+
+    def _remember_miss(self, name: str) -> None:
+        self._misses[name] = self._clock()
+        self._misses.move_to_end(name)
+        while len(self._misses) > self._max_misses:
+            self._misses.popitem(last=False)
+
+    async def _shared_lookup(self, name: str) -> HandlerSchema | None:
+        """:meth:`_lookup`, once for every submit that misses ``name`` while it runs."""
+        pending = self._lookups.get(name)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(name))
+            self._lookups[name] = pending
+            pending.add_done_callback(lambda _: self._lookups.pop(name, None))
+        # Shielded: one submit that goes away (its request cancelled) does not fail the others'.
+        return await asyncio.shield(pending)
+
     async def _lookup(self, name: str) -> HandlerSchema | None:
+        schema = await self._read(name)
+        if schema is None and name not in self._schemas:
+            self._remember_miss(name)
+        return schema
+
+    async def _read(self, name: str) -> HandlerSchema | None:
         try:
             kv = await self._js.key_value(subjects.KV_HANDLERS)
             entry = await asyncio.wait_for(kv.get(name), LOOKUP_TIMEOUT)
