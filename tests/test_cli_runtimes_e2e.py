@@ -196,3 +196,38 @@ async def test_a_handler_input_missing_a_field_is_refused_naming_it(cluster, nat
     )
     assert result.returncode in (1, 3), result.stderr
     assert "input" in result.stderr and ".b" in result.stderr, result.stderr
+
+
+async def test_a_secret_in_progress_and_checkpoints_is_masked_before_it_leaves_the_node(cluster, nats_server):
+    """Progress messages and checkpoints travel in the node record (KV jm_nodes) and the
+    checkpoint on to the next attempt: neither may carry a secret's value."""
+    script = (
+        'if [ "$JOBMESH_ATTEMPT" = 1 ]; then '
+        'echo "progress 0.5 using $API_TOKEN" > /dev/fd/$JOBMESH_PROGRESS_FD; '
+        'echo "checkpoint cp-$API_TOKEN" > /dev/fd/$JOBMESH_PROGRESS_FD; '
+        "while [ ! -e go ]; do sleep 0.05; done; exit 1; fi; "
+        'echo "resumed from $JOBMESH_CHECKPOINT"'
+    )
+    argv = ["submit", "--retries", "1", "--backoff", "0.1", "--secret", "API_TOKEN", "--secrets-as", "env"]
+    submitted = jobmesh_cli([*argv, "--", "sh", "-c", script], nats_server.url)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    conn = await nats.connect(nats_server.url)
+    try:
+        kv = await conn.jetstream().key_value(subjects.KV_NODES)
+
+        async def lease_with_checkpoint():
+            entry = await kv.get("node-runtimes")
+            info = msgspec.json.decode(entry.value)
+            return next((a for a in info.get("attempts", []) if a.get("checkpoint")), None)
+
+        lease = await eventually(lease_with_checkpoint, timeout=30, what="the attempt's checkpoint in its lease")
+        assert lease["message"] == "using ***" and lease["checkpoint"] == "cp-***", lease
+        workdir = cluster.work_dir / "nodes" / "node-runtimes" / f"{job_id}-1"
+        (workdir / "go").touch()
+    finally:
+        await conn.close()
+    watched = jobmesh_cli(["watch", job_id], nats_server.url)
+    assert watched.returncode == 0, watched.stderr
+    logs = jobmesh_cli(["logs", job_id], nats_server.url)
+    assert "resumed from cp-***" in logs.stdout and SECRET_VALUE not in logs.stdout, logs.stdout

@@ -333,6 +333,13 @@ async def test_gpu_jobs_on_a_two_gpu_node_never_hold_one_index_at_once(nats_serv
         await eventually(lambda: _true(len(bindings) == 4), what="every JobBound seen")
         assert not clashes, clashes
         assert set(bindings) == {(0,), (1,)}  # lowest first: 1 is taken only while 0 is held
+        # A job without GPUs on a GPU node is told it has none (else CUDA would show it all).
+        plain = JobSpec(
+            runtime=ProcessRuntime(argv=["sh", "-c", 'echo "[$CUDA_VISIBLE_DEVICES] $NVIDIA_VISIBLE_DEVICES"'])
+        )
+        [plain_id] = (await client.submit([Submission(spec=plain)])).job_ids
+        seen = await client.wait(plain_id, timeout=60)
+        assert seen.state == "succeeded" and seen.attempts[-1].output_tail == "[] void\n", seen.attempts[-1]
     finally:
         await client.close()
         await nc.close()

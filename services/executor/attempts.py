@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
@@ -134,6 +135,8 @@ class AttemptSetup:
         allowed_roots: node directories input files may be copied from.
         uids: the uids attempts take one of their own from (None: they all run as
             ``isolation.uid``); :class:`Attempts` makes it from ``isolation.attempt_uids``.
+        gpu_node: whether the node has GPUs (every job then gets the GPU variables, one
+            without GPUs an empty set).
     """
 
     runners: Runners
@@ -143,6 +146,7 @@ class AttemptSetup:
     uploads: UploadStore | None = None
     allowed_roots: tuple[Path, ...] = ()
     uids: UidPool | None = None
+    gpu_node: bool = False
 
 
 def stop_code(reason: str) -> FailureCode:
@@ -328,15 +332,15 @@ class Attempt:
             # An existing one included: :meth:`Attempts.classify` refuses an attempt whose
             # directory an earlier executor left, so this one is not ours to clear.
             return failed_outcome(WORKDIR_FAILED, f"cannot create {workdir}: {exc}")
-        recorder = ProgressRecorder(self.lease, self.name)
+        recorder = ProgressRecorder(self.lease, self.name, self._mask)
         channel = ProgressChannel(recorder.line)
         try:
             outcome = await self._prepared(runner, runtime, workdir, channel)
         finally:
             await channel.close()
         masker = self._masker
-        if masker is not None and masker.active and outcome.output_tail:
-            outcome = _with_tail(outcome, masker.mask_tail(outcome.output_tail))
+        if masker is not None and masker.active:
+            outcome = _masked(outcome, masker)
         if outcome.error is not None or self._results is None:
             return outcome
         result = workdir / RESULT_FILE
@@ -423,7 +427,8 @@ class Attempt:
         }
         if self.bound.scratch_dir:
             job_vars["JOBMESH_SCRATCH_DIR"] = self.bound.scratch_dir
-        if self.bound.gpu_devices or self.bound.spec.resources.gpu:
+        if self.bound.gpu_devices or self.bound.spec.resources.gpu or self._setup.gpu_node:
+            # On a GPU node a job without GPUs is told it has none: else CUDA shows it all.
             job_vars.update(gpu_env(self.bound.gpu_devices))
         env = job_environment(self._setup.base_env, workdir, own_env, job_vars)
         timeout = self.bound.spec.timeouts.run
@@ -461,8 +466,8 @@ class Attempt:
             uid=self._uid if self._own_uid else None,
             gid=self._gid if self._own_uid else None,
             checkpoint=self.bound.checkpoint,
-            on_progress=lambda fraction, message: _progress(lease, fraction, message),
-            on_checkpoint=lambda text: setattr(lease, "checkpoint", text),
+            on_progress=lambda fraction, message: _progress(lease, fraction, self._mask(message)),
+            on_checkpoint=lambda text: setattr(lease, "checkpoint", self._mask(text)),
             pass_fds=(channel.child_fd,),
             on_spawned=channel.spawned,
         )
@@ -503,6 +508,10 @@ class Attempt:
             result_bytes=result.size,
         )
 
+    def _mask(self, text: str) -> str:
+        """``text`` with the attempt's secrets masked (they are known once it is prepared)."""
+        return self._masker.mask(text) if self._masker is not None else text
+
     async def _publish_line(self, stream: OutputStream, line: str) -> None:
         if self._masker is not None:
             line = self._masker.mask(line)
@@ -518,8 +527,14 @@ def _progress(lease: LeaseState, fraction: float, message: str) -> None:
     lease.message = message
 
 
-def _with_tail(outcome: Outcome, tail: str) -> Outcome:
-    return Outcome(outcome.exit_code, outcome.error, tail, outcome.result, outcome.result_ref, outcome.result_bytes)
+def _masked(outcome: Outcome, masker: Masker) -> Outcome:
+    """The outcome with the secrets out of its tail and its error's message (a handler's
+    exception, an engine's complaint can quote a value)."""
+    tail = masker.mask_tail(outcome.output_tail) if outcome.output_tail else outcome.output_tail
+    error = outcome.error
+    if error is not None:
+        error = msgspec.structs.replace(error, message=masker.mask(error.message))
+    return Outcome(outcome.exit_code, error, tail, outcome.result, outcome.result_ref, outcome.result_bytes)
 
 
 def _remove_private(path: Path) -> None:

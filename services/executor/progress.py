@@ -139,11 +139,14 @@ class ProgressRecorder:
     Args:
         lease: the attempt's lease.
         name: how log lines name the attempt (``job <id> attempt <n>``).
+        mask: applied to every message, checkpoint and logged excerpt first (the attempt's
+            secrets out: the lease reaches ``jm_nodes``, checkpoints Postgres).
     """
 
-    def __init__(self, lease: LeaseState, name: str) -> None:
+    def __init__(self, lease: LeaseState, name: str, mask: Callable[[str], str] | None = None) -> None:
         self._lease = lease
         self._name = name
+        self._mask = mask if mask is not None else _unmasked
         self._warned: set[str] = set()
         self.lines = 0
 
@@ -152,6 +155,7 @@ class ProgressRecorder:
         if not line.strip():
             return
         self.lines += 1
+        line = self._mask(line)
         parsed = parse_line(line)
         if isinstance(parsed, Progress):
             self._lease.progress = parsed.fraction
@@ -173,6 +177,10 @@ class ProgressRecorder:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("%s: %s", self._name, text)
+
+
+def _unmasked(text: str) -> str:
+    return text
 
 
 class _PipeProtocol(asyncio.Protocol):

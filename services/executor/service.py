@@ -375,6 +375,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         SecretSource(secrets_dir, settings.secrets_env_prefix, os.environ),
         uploads,
         allowed_roots,
+        gpu_node=info.gpu > 0,
     )
     executor = Executor(rt, info, kv, setup.base_env, results, setup=setup, pool=pool)
     await executor.start()
