@@ -125,6 +125,8 @@ def _raw_submit(spec: dict) -> dict:
         ({"files": [{"path": "a", "node_path": "relative"}]}, "jobs[0].spec.files[0].node_path", "not an absolute"),
         ({"files": [{"path": "a"}]}, "jobs[0].spec.files[0]", "exactly one source"),
         ({"stdin": "x", "stdin_object": "sha256/0"}, "jobs[0].spec.stdin_object", "both set"),
+        # 40000 characters, under the contract's max_length, but 80000 bytes of UTF-8.
+        ({"stdin": "é" * 40_000}, "jobs[0].spec.stdin", "80000 bytes (UTF-8) exceed the inline limit"),
     ],
 )
 async def test_bad_isolation_secrets_files_and_stdin_are_refused_by_the_api_naming_the_field(

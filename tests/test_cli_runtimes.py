@@ -124,6 +124,14 @@ def test_env_file_reads_dockers_format(tmp_path):
     assert values == {"A": "1", "B": "two words ", "Q": '"kept"', "FROM_CLIENT": "client's", "EQ": "a=b"}
 
 
+def test_an_env_file_that_starts_with_a_byte_order_mark_names_its_first_variable(tmp_path):
+    path = tmp_path / "windows.env"
+    path.write_bytes(b"\xef\xbb\xbfFIRST=1\r\nSECOND=2\r\n")
+    assert env_file_values(str(path), {}) == {"FIRST": "1", "SECOND": "2"}
+    spec = spec_from(parsed("--env-file", str(path), "--", "env"))
+    assert spec.runtime == ProcessRuntime(argv=["env"], env={"FIRST": "1", "SECOND": "2"})
+
+
 def test_env_flags_override_env_files_in_order(tmp_path, monkeypatch):
     (tmp_path / "one.env").write_text("A=file1\nB=file1\n")
     (tmp_path / "two.env").write_text("B=file2\nC=file2\n")
@@ -211,6 +219,13 @@ def test_stdin_small_text_travels_inline_and_the_rest_is_uploaded():
     # Bytes the spec cannot hold as text (NUL, not UTF-8) are uploaded however small.
     assert inputs_from(parsed("-i", "--", "cat"), io.BytesIO(b"a\x00b")).stdin_object
     assert inputs_from(parsed("-i", "--", "cat"), io.BytesIO(b"\xff\xfe")).stdin_object
+    # The limit is of bytes: 40000 two-byte characters (80000 bytes) are uploaded.
+    wide = "é".encode() * 40_000
+    assert len(wide.decode()) < MAX_STDIN_BYTES < len(wide)
+    wide_in = inputs_from(parsed("-i", "--", "cat"), io.BytesIO(wide))
+    assert not wide_in.stdin and wide_in.stdin_object == subjects.upload_key(hashlib.sha256(wide).hexdigest())
+    exact = "é".encode() * (MAX_STDIN_BYTES // 2)  # 64 KiB exactly
+    assert inputs_from(parsed("-i", "--", "cat"), io.BytesIO(exact)).stdin == exact.decode()
     # Without -i stdin is not read at all.
     assert inputs_from(parsed("--", "cat"), io.BytesIO(b"unread")).stdin == ""
 

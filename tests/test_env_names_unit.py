@@ -47,3 +47,14 @@ def test_a_fallback_spec_gets_the_same_rule_under_its_own_path() -> None:
 def test_a_line_break_in_a_value_is_a_value() -> None:
     validate_spec(JobSpec(runtime=ContainerRuntime(image="i", env={"CERT": "line one\nline two"})))
     validate_spec(JobSpec(runtime=ProcessRuntime(argv=["x"], env={"CERT": "a\r\nb"})))
+
+
+def test_an_inline_stdin_is_limited_in_utf8_bytes_not_characters() -> None:
+    # 40000 characters pass the contract's max_length (characters) but are 80000 bytes.
+    wide = JobSpec(runtime=ProcessRuntime(argv=["cat"]), stdin="é" * 40_000)
+    with pytest.raises(InvalidSpec) as caught:
+        validate_spec(wide, "jobs[0].spec")
+    assert caught.value.field == "jobs[0].spec.stdin"
+    assert "80000 bytes (UTF-8) exceed the inline limit of 65536 bytes" in str(caught.value)
+    validate_spec(JobSpec(runtime=ProcessRuntime(argv=["cat"]), stdin="é" * 32_768))  # 64 KiB exactly
+    validate_spec(JobSpec(runtime=ProcessRuntime(argv=["cat"]), stdin="y" * 65_536))

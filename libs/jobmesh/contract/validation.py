@@ -12,6 +12,7 @@ import msgspec
 
 from jobmesh.contract.messages.v1 import (
     FAILURE_CODES,
+    MAX_STDIN_BYTES,
     MAX_UPLOAD_BYTES,
     ContainerRuntime,
     InputFile,
@@ -44,6 +45,17 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
         _fail(where, "runtime.argv[0]", "the command is empty")
     if isinstance(spec.runtime, ProcessRuntime | ContainerRuntime) and spec.runtime.env:
         _validate_env(spec.runtime.env, where)
+    # The contract's max_length counts characters; the limit is of bytes (what travels and
+    # is stored), and a character takes up to 4 of them in UTF-8.
+    if len(spec.stdin) * 4 > MAX_STDIN_BYTES:
+        size = len(spec.stdin.encode("utf-8", "surrogatepass"))
+        if size > MAX_STDIN_BYTES:
+            _fail(
+                where,
+                "stdin",
+                f"{size} bytes (UTF-8) exceed the inline limit of {MAX_STDIN_BYTES} bytes;"
+                " upload a larger stdin (stdin_object)",
+            )
     if res.cpu_milli > MAX_CPU_MILLI:
         _fail(where, "resources.cpu_milli", f"{res.cpu_milli} exceeds the maximum {MAX_CPU_MILLI}")
     if res.memory_mb > MAX_MEMORY_MB:

@@ -229,8 +229,8 @@ def env_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None)
 def env_file_values(path: str, environ: Mapping[str, str]) -> dict[str, str]:
     """The variables in an env file, in docker's format.
 
-    One ``KEY=VALUE`` per line, the value taken as written (no quotes removed); a line that
-    starts with ``#`` and an empty line are skipped; a bare ``KEY`` takes its value from
+    One ``KEY=VALUE`` per line, the value taken as written (no quotes removed); a leading
+    UTF-8 byte order mark is dropped; a line that starts with ``#`` and an empty line are skipped; a bare ``KEY`` takes its value from
     ``environ`` and is left out when ``environ`` does not have it.
 
     Args:
@@ -244,7 +244,9 @@ def env_file_values(path: str, environ: Mapping[str, str]) -> dict[str, str]:
         UsageError: the file cannot be read, or a line has an empty or bad key.
     """
     try:
-        with open(path, encoding="utf-8") as f:
+        # utf-8-sig: an editor on Windows starts the file with a BOM, which would otherwise
+        # be part of the first name ("\ufeffKEY").
+        with open(path, encoding="utf-8-sig") as f:
             lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
@@ -330,6 +332,7 @@ def inputs_from(args: argparse.Namespace, stdin: BinaryIO | None = None) -> JobI
 
 def _inline_text(data: bytes) -> str | None:
     # Inline only what the spec can hold as text: small, UTF-8, no NUL (Postgres refuses it).
+    # The limit is of bytes, as read (the trigger counts the UTF-8 bytes too), not characters.
     if len(data) > MAX_STDIN_BYTES or b"\x00" in data:
         return None
     try:
