@@ -15,6 +15,7 @@ from jobmesh.executor.handlerpool import MAX_HANDOFFS, WORKER_ENV_KEEP, hand_off
 from jobmesh.sdk import Context, Registry, handler, handler_info, protocol
 from jobmesh.sdk.modules import import_handler_module, is_path
 from jobmesh.sdk.worker import input_error
+from tests.helpers import eventually
 
 
 class Numbers(msgspec.Struct):
@@ -256,3 +257,24 @@ def test_the_worker_accepts_a_call_before_running_any_of_it(tmp_path: Path):
         os.close(commands_out)
         assert proc.wait(10) == 0
         os.close(events_in)
+
+
+async def test_a_worker_that_comes_at_the_same_moment_as_the_abort_goes_back_to_the_idle_queue():
+    from types import SimpleNamespace
+
+    from jobmesh.executor.handlerpool import HandlerPool
+    from jobmesh.executor.runner import AbortSignal
+
+    pool = HandlerPool(["json"], workers=1)  # never started: only its idle queue is used
+    abort = AbortSignal()
+    acquiring = asyncio.ensure_future(pool._acquire(abort, 30.0))
+
+    async def waiting() -> bool:
+        return pool.waiting() == 1
+
+    await eventually(waiting, timeout=5, what="the acquire to wait for a worker")
+    worker = SimpleNamespace(dead=False, retired=False)
+    pool._idle.put_nowait(worker)  # type: ignore[arg-type]
+    abort.set("cancelled", "at the same moment")
+    assert await asyncio.wait_for(acquiring, 5) == (None, pytest.approx(0.0, abs=1.0))
+    assert pool._idle.qsize() == 1 and pool._idle.get_nowait() is worker
