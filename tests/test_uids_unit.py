@@ -47,3 +47,22 @@ async def test_kill_uid_kills_every_process_of_that_uid_and_no_other() -> None:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="only root hands a directory to another uid")
+def test_rlimit_nproc_is_set_only_for_a_uid_of_the_attempts_own(tmp_path) -> None:
+    """RLIMIT_NPROC counts every process of a uid: shared, it would count the others'."""
+    import resource
+
+    from jobmesh.executor.isolation.launch import LaunchSpec, prepare_launch
+    from jobmesh.executor.isolation.probe import NodeIsolation
+
+    spec = LaunchSpec(argv=["true"], workdir=tmp_path, cgroup_name="j-1", memory_mb=64, cpu_milli=100, timeout=60)
+    own = NodeIsolation(uid=2_000_000_005, gid=2_000_000_005, attempt_uids=(2_000_000_000, 10))
+    shared = NodeIsolation(uid=65534, gid=65534, attempt_uids=(2_000_000_000, 10))
+    limits = {
+        name: {limit.resource for limit in prepare_launch(isolation, spec).rlimits}
+        for name, isolation in (("own", own), ("shared", shared))
+    }
+    assert resource.RLIMIT_NPROC in limits["own"] and resource.RLIMIT_NPROC not in limits["shared"]
+    assert os.stat(tmp_path).st_uid == 65534  # the last launch handed the directory over

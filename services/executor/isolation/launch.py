@@ -172,6 +172,7 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
         # A cgroup root exists only with memory and pids controllers (see cgroups.py).
         cgroup_memory=cgroup is not None,
         cgroup_pids=cgroup is not None,
+        own_uid=_own_uid(isolation),
     )
     if isolation.sandbox is not None:
         request = SandboxRequest(
@@ -192,6 +193,14 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
     owner = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
     procs = cgroup.procs_files() if cgroup is not None else []
     return Launch(argv, cgroup, rlimits, drop_to, procs, owner, tuple(spec.pass_fds))
+
+
+def _own_uid(isolation: NodeIsolation) -> bool:
+    """Whether the process runs as a uid of the attempt's own (from the attempt range)."""
+    if isolation.uid is None or isolation.attempt_uids is None:
+        return False
+    first, count = isolation.attempt_uids
+    return first <= isolation.uid < first + count
 
 
 def command_problem(command: str, path: str, cwd: Path) -> str | None:
