@@ -110,8 +110,9 @@ def cpu_seconds(run_timeout: float, cpus: int) -> int:
     stop a job with 4 busy threads after a quarter of it (SIGXCPU). Scaled by the node's
     cores it can never be reached before the run timeout, which stops the job first and
     says so; it stays as the backstop for a job the executor no longer watches (it died).
-    Dropping it when a cgroup's cpu quota applies would lose that backstop, and the quota
-    (the reservation) is no bound on how many cores a process can use without a cgroup.
+    Dropping it where a cgroup's cpu quota applies (the other way out) would lose that
+    backstop on exactly the nodes that have the most jobs, and scaling needs to know
+    nothing of which controllers a node has.
 
     Args:
         run_timeout: the run timeout in seconds.
