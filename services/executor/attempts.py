@@ -262,8 +262,10 @@ class Attempt:
             # The directory stays until the outcome is durable, for whoever debugs a loss.
             await durable
             self._on_ended(self.key)
-            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+            # Secrets first: an executor that dies in between leaves a working directory,
+            # which a restart finds (restart.py) and clears with its private one.
             await asyncio.to_thread(_remove_private, self.private_dir)
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         finally:
             span.end()
             await self._give_back_uid()
