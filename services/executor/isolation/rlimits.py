@@ -111,8 +111,8 @@ def cpu_seconds(run_timeout: float, cpus: int) -> int:
     cores it can never be reached before the run timeout, which stops the job first and
     says so; it stays as the backstop for a job the executor no longer watches (it died).
     Dropping it where a cgroup's cpu quota applies (the other way out) would lose that
-    backstop on exactly the nodes that have the most jobs, and scaling needs to know
-    nothing of which controllers a node has.
+    backstop wherever there is a cgroup, and scaling needs to know nothing of which
+    controllers a node has.
 
     Args:
         run_timeout: the run timeout in seconds.
