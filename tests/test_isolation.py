@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -145,13 +146,17 @@ async def test_each_node_advertises_its_level_and_what_its_probe_found(iso_clust
     assert sandbox.isolation == "sandbox"
     assert sandbox.probe["sandbox"] == "bubblewrap 0.8.0"
     assert sandbox.probe["cgroup"] == "v1 memory,cpu,pids"
-    assert sandbox.probe["uid"] == (
-        "each attempt its own of 2000000000..2000065535, handler workers 65534:65534 (the executor runs as root)"
+    # Each executor of this machine claimed a block of 4096 uids of its own.
+    own = re.fullmatch(
+        r"each attempt its own of (\d+)\.\.(\d+), handler workers 65534:65534 \(the executor runs as root\)",
+        sandbox.probe["uid"],
     )
+    assert own is not None and int(own[2]) - int(own[1]) == 4095 and 2_000_000_000 <= int(own[1]) < 2_000_065_536
     assert sandbox.network and "process" in sandbox.runtimes and "container" not in sandbox.runtimes
     plain = await eventually(lambda: node_record(nats_server.url, PROCESS_NODE), what="the process node")
     assert plain.isolation == "process"
     assert plain.probe["sandbox"] == "not probed: JOBMESH_NODE_ISOLATION=process"
+    assert plain.probe["uid"] != sandbox.probe["uid"], "two executors of one machine share attempt uids"
 
 
 async def test_a_job_runs_as_a_uid_of_its_own_in_a_fresh_directory_with_a_cleared_environment(client):

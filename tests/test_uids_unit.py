@@ -66,3 +66,43 @@ def test_rlimit_nproc_is_set_only_for_a_uid_of_the_attempts_own(tmp_path) -> Non
     }
     assert resource.RLIMIT_NPROC in limits["own"] and resource.RLIMIT_NPROC not in limits["shared"]
     assert os.stat(tmp_path).st_uid == 65534  # the last launch handed the directory over
+
+
+def test_executors_on_one_machine_claim_blocks_of_their_own_and_a_dead_ones_block_is_free(tmp_path) -> None:
+    from jobmesh.executor.isolation.uids import claim_block
+
+    first = claim_block(3_000_000_000, 3 * 4096, tmp_path)
+    second = claim_block(3_000_000_000, 3 * 4096, tmp_path)
+    third = claim_block(3_000_000_000, 3 * 4096, tmp_path)
+    assert first is not None and second is not None and third is not None
+    assert [b.first for b in (first, second, third)] == [3_000_000_000, 3_000_004_096, 3_000_008_192]
+    assert {b.count for b in (first, second, third)} == {4096}
+    assert claim_block(3_000_000_000, 3 * 4096, tmp_path) is None  # every block held
+    os.close(second.lock_fd)  # its executor died: the kernel dropped the lock
+    again = claim_block(3_000_000_000, 3 * 4096, tmp_path)
+    assert again is not None and again.first == 3_000_004_096
+    small = claim_block(3_100_000_000, 10, tmp_path)
+    assert small is not None and (small.first, small.count) == (3_100_000_000, 10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="only root runs processes as another uid")
+async def test_claiming_a_block_kills_what_a_dead_executor_left_running_in_it(tmp_path) -> None:
+    from jobmesh.executor.isolation.uids import claim_block
+
+    uid = 3_200_000_007
+    leftover = await asyncio.create_subprocess_exec(
+        "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "sleep", "300", start_new_session=True
+    )
+    try:
+
+        async def running_as_uid() -> bool:
+            return os.stat(f"/proc/{leftover.pid}").st_uid == uid
+
+        await eventually(running_as_uid, what="the leftover to run as its uid")
+        block = claim_block(3_200_000_000, 4096, tmp_path)
+        assert block is not None and block.first == 3_200_000_000
+        assert await asyncio.wait_for(leftover.wait(), 10) == -9
+    finally:
+        if leftover.returncode is None:
+            leftover.kill()
+            await leftover.wait()

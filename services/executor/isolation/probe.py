@@ -24,6 +24,7 @@ from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, RUNTIME_ISOLATION_CEI
 from jobmesh.errors import InvalidSpec
 from jobmesh.executor.isolation.cgroups import CgroupRoot, find_cgroup_root
 from jobmesh.executor.isolation.sandbox import MERGED_USR_LINKS, SandboxRequest, SandboxTools, sandbox_argv
+from jobmesh.executor.isolation.uids import BLOCK_SIZE, UidBlock, claim_block
 from jobmesh.runtime.settings import Settings
 
 log = logging.getLogger("jobmesh.executor.isolation.probe")
@@ -57,8 +58,10 @@ class NodeIsolation:
         uid: the uid attempts run as (None: the executor's own, it is not root), unless
             ``attempt_uids`` gives each its own; handler workers always run as it.
         gid: likewise the gid.
-        attempt_uids: ``(first, count)``: the range each attempt takes a uid of its own
-            from (:mod:`~jobmesh.executor.isolation.uids`); None: they all run as ``uid``.
+        attempt_uids: ``(first, count)``: the block of the attempt range this executor
+            claimed, which each attempt takes a uid of its own from
+            (:mod:`~jobmesh.executor.isolation.uids`); None: they all run as ``uid``.
+        uid_block: the claim on that block, held while the executor runs.
         cgroups: where attempts get cgroups (None: no cgroup limits on this node).
         sandbox: the sandbox chain when ``level`` is sandbox or above, else None.
         open_files: RLIMIT_NOFILE of attempts.
@@ -71,6 +74,7 @@ class NodeIsolation:
     uid: int | None = None
     gid: int | None = None
     attempt_uids: tuple[int, int] | None = None
+    uid_block: UidBlock | None = None
     cgroups: CgroupRoot | None = None
     sandbox: SandboxTools | None = None
     open_files: int = 4096
@@ -282,9 +286,17 @@ def probe_node(
     else:
         sandbox = probe_sandbox(settings.sandbox_uid, settings.sandbox_gid, as_root)
     cgroups, cgroup_detail = find_cgroup_root(node_id)
-    attempt_uids = (
-        (settings.attempt_uid_base, settings.attempt_uid_count) if as_root and settings.attempt_uid_count else None
-    )
+    block = None
+    if as_root and settings.attempt_uid_count:
+        block = claim_block(settings.attempt_uid_base, settings.attempt_uid_count)
+        if block is None:
+            first, last = settings.attempt_uid_base, settings.attempt_uid_base + settings.attempt_uid_count - 1
+            raise InvalidSpec(
+                f"JOBMESH_ATTEMPT_UID_BASE/COUNT: every block of {BLOCK_SIZE} uids of {first}..{last} is held by "
+                "another executor on this machine; give this one a range of its own",
+                field="attempt_uid_base",
+            )
+    attempt_uids = (block.first, block.count) if block is not None else None
     report = probe_report(sandbox.detail, cgroup_detail, uid, gid, own_uid, settings.node_network, attempt_uids)
     if container_detail:
         report["container"] = container_detail
@@ -304,6 +316,7 @@ def probe_node(
         uid=uid,
         gid=gid,
         attempt_uids=attempt_uids,
+        uid_block=block,
         cgroups=cgroups,
         sandbox=sandbox.tools if level != "process" else None,
         open_files=settings.attempt_open_files,

@@ -9,18 +9,98 @@ back only after every other one of the range was used: whatever a job left outsi
 working directory (a file in a shared ``/tmp`` at the process level) meets the same uid
 again as late as possible. Before a uid goes back, :func:`kill_uid` kills every process
 that still runs as it (one that escaped its session where no cgroup holds it).
+
+Several executors may run on one machine (the tests run two), and two of them must never
+hand out one uid: each executor claims a block of the range for its lifetime
+(:func:`claim_block`, an ``flock`` the kernel drops when the process dies), and kills
+whatever still runs as a uid of the block when it claims it (what a dead executor left).
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import logging
+import os
 import shutil
+import signal
 import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger("jobmesh.executor.isolation.uids")
 
 KILL_TIMEOUT = 5.0
+BLOCK_SIZE = 4096  # uids per executor: 16 executors per machine with the default range
+
+
+@dataclass(frozen=True)
+class UidBlock:
+    """The part of the attempt range one executor has to itself while it runs.
+
+    Attributes:
+        first: its first uid.
+        count: how many it has.
+        lock_fd: the open, locked descriptor that holds it (closed with the process).
+    """
+
+    first: int
+    count: int
+    lock_fd: int
+
+
+def lock_dir() -> Path:
+    """Where the block locks live: root's own directory (jobs cannot take a lock there)."""
+    run = Path("/run")
+    base = run / "jobmesh" if os.access(run, os.W_OK) else Path(tempfile.gettempdir()) / "jobmesh-root"
+    return base / "uid-blocks"
+
+
+def claim_block(first: int, count: int, directory: Path | None = None) -> UidBlock | None:
+    """Claim a free block of ``first .. first + count - 1`` for this process (I/O: lock files).
+
+    Args:
+        first: ``JOBMESH_ATTEMPT_UID_BASE``.
+        count: ``JOBMESH_ATTEMPT_UID_COUNT``.
+        directory: where the locks are (:func:`lock_dir`).
+
+    Returns:
+        The block, or None when other live executors hold every one.
+    """
+    directory = directory if directory is not None else lock_dir()
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    size = min(BLOCK_SIZE, count)
+    for start in range(first, first + count - size + 1, size):
+        fd = os.open(directory / f"{start}-{size}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        killed = kill_range(start, size)
+        if killed:
+            log.warning(
+                "killed %d processes an earlier executor left running as uids %d..%d", killed, start, start + size - 1
+            )
+        return UidBlock(start, size, fd)
+    return None
+
+
+def kill_range(first: int, count: int, proc: Path = Path("/proc")) -> int:
+    """SIGKILL every process whose uid is in ``first .. first + count - 1``; how many were."""
+    killed = 0
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            uid = entry.stat().st_uid
+            if first <= uid < first + count:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return killed
 
 
 class UidPool:
