@@ -110,6 +110,9 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
 
 
 # --- runtimes and isolation: refused at submit, the field named, nothing created ---------------
+HANDLER = {"runtime": {"kind": "handler", "handler": "digits.train", "input": {}}}
+
+
 def _raw_submit(spec: dict) -> dict:
     return {"type": "api.submit", "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["x"]}, **spec}}]}
 
@@ -127,6 +130,11 @@ def _raw_submit(spec: dict) -> dict:
         ({"stdin": "x", "stdin_object": "sha256/0"}, "jobs[0].spec.stdin_object", "both set"),
         # 40000 characters, under the contract's max_length, but 80000 bytes of UTF-8.
         ({"stdin": "é" * 40_000}, "jobs[0].spec.stdin", "80000 bytes (UTF-8) exceed the inline limit"),
+        # A handler gets its input alone: what a process starts from would be silently lost.
+        (HANDLER | {"secrets": ["API_TOKEN"]}, "jobs[0].spec.secrets", "a handler job gets only its runtime.input"),
+        (HANDLER | {"stdin": "x"}, "jobs[0].spec.stdin", "a stdin is for process and container jobs"),
+        (HANDLER | {"stdin_object": "sha256/" + "0" * 64}, "jobs[0].spec.stdin_object", "a stdin is for"),
+        (HANDLER | {"files": [{"path": "a", "node_path": "/srv/a"}]}, "jobs[0].spec.files", "input files are for"),
     ],
 )
 async def test_bad_isolation_secrets_files_and_stdin_are_refused_by_the_api_naming_the_field(

@@ -487,3 +487,12 @@ async def test_the_real_engine_runs_a_container_or_the_probe_says_why_not(tmp_pa
     outcome = await ContainerRunner(probe.engine, uid=65534, gid=65534, pids_max=64).run(request)
     assert outcome.error is None, outcome
     assert ("stdout", "hello") in lines.lines and (workdir / "result").read_text() == "42\n"
+
+
+def test_a_container_runs_as_the_attempts_own_uid_where_it_has_one(tmp_path: Path) -> None:
+    """Its working directory belongs to that uid (the attempt handed it over), not the node's."""
+    runner = ContainerRunner("podman", uid=65534, gid=65534, pids_max=64)
+    own = runner.argv(make_request(tmp_path, uid=2_000_000_007, gid=2_000_000_007))
+    shared = runner.argv(make_request(tmp_path))
+    assert own[own.index("--user") + 1] == "2000000007:2000000007"
+    assert shared[shared.index("--user") + 1] == "65534:65534"

@@ -385,8 +385,9 @@ class ContainerRunner:
         return container_argv(
             self._engine,
             request,
-            uid=self._uid,
-            gid=self._gid,
+            # The attempt's own uid, which its working directory belongs to, where it has one.
+            uid=request.uid if request.uid is not None else self._uid,
+            gid=request.gid if request.uid is not None else self._gid,
             pids_max=self._pids_max,
             name=container_name(request.job_id, request.attempt),
             dev=self._dev,

@@ -324,6 +324,10 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     """
     # Checked before connecting, so a bad JOBMESH_NODE_LABELS fails at once and clearly.
     check_settings(settings)
+    # First of all: it takes the JOBMESH_SECRET_* variables out of os.environ, so no
+    # program started from here on (the probes included) inherits the node's secrets.
+    secrets_dir = Path(settings.secrets_dir) if settings.secrets_dir else None
+    secrets = SecretSource(secrets_dir, settings.secrets_env_prefix, os.environ)
     facts = read_machine_facts()
     node_id = resolve_node_id(settings, facts)
     try:
@@ -367,12 +371,11 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         handlers=[h.name for h in handlers],
         gpu_devices=gpus.devices,
     )
-    secrets_dir = Path(settings.secrets_dir) if settings.secrets_dir else None
     setup = AttemptSetup(
         runners,
         allowed_environment(os.environ, settings.env_allow),
         isolation,
-        SecretSource(secrets_dir, settings.secrets_env_prefix, os.environ),
+        secrets,
         uploads,
         allowed_roots,
         gpu_node=info.gpu > 0,

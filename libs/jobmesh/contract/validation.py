@@ -15,6 +15,7 @@ from jobmesh.contract.messages.v1 import (
     MAX_STDIN_BYTES,
     MAX_UPLOAD_BYTES,
     ContainerRuntime,
+    HandlerRuntime,
     InputFile,
     JobSpec,
     JobSpecBase,
@@ -85,6 +86,8 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
     # Most jobs name no files, secrets or stdin object: one test is all they cost here.
     if spec.files or spec.secrets or spec.stdin_object:
         _validate_inputs(spec, where)
+    if isinstance(spec.runtime, HandlerRuntime):
+        _validate_handler_inputs(spec, where)
     if isinstance(spec, JobSpec):
         _validate_retry(spec, where, now)
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
@@ -185,6 +188,21 @@ def _validate_inputs(spec: JobSpecBase, where: str) -> None:
         _fail(where, "stdin_object", "stdin and stdin_object are both set; give the job one stdin")
 
 
+def _validate_handler_inputs(spec: JobSpecBase, where: str) -> None:
+    """A handler runs in a worker started before the job came: it has its ``input``, and
+    none of what a process starts from (its working directory, stdin and secrets are not
+    in the worker's reach), so asking for them would be silently ignored."""
+    asked = (
+        ("files", spec.files, "input files are"),
+        ("secrets", spec.secrets, "secrets are"),
+        ("stdin", spec.stdin, "a stdin is"),
+        ("stdin_object", spec.stdin_object, "a stdin is"),
+    )
+    for name, given, what in asked:
+        if given:
+            _fail(where, name, f"a handler job gets only its runtime.input; {what} for process and container jobs")
+
+
 def _validate_files(files: list[InputFile], where: str) -> None:
     seen: dict[str, int] = {}
     total = 0
@@ -233,9 +251,9 @@ def label_problem(key: str, value: str) -> str:
     decode) and where an executor advertises one (``JOBMESH_NODE_LABELS``), so that a job
     can never require a label that no executor could carry.
     """
-    if not _LABEL_KEY.match(key):
+    if not _LABEL_KEY.fullmatch(key):
         return f"bad label key {key!r}: use 1-128 of A-Z a-z 0-9 _ . - /"
-    if len(value) > 256 or not _LABEL_VALUE.match(value):
+    if len(value) > 256 or not _LABEL_VALUE.fullmatch(value):
         return f"bad label value {value!r} for {key!r}: no comma, no leading or trailing space, at most 256 characters"
     return ""
 
