@@ -130,6 +130,7 @@ def _raw_submit(spec: dict) -> dict:
         ({"stdin": "x", "stdin_object": "sha256/0"}, "jobs[0].spec.stdin_object", "both set"),
         # 40000 characters, under the contract's max_length, but 80000 bytes of UTF-8.
         ({"stdin": "é" * 40_000}, "jobs[0].spec.stdin", "80000 bytes (UTF-8) exceed the inline limit"),
+        ({"constraints": {"labels": {"gpu\n": "a100"}}}, "jobs[0].spec.constraints.labels", "bad label key"),
         # A handler gets its input alone: what a process starts from would be silently lost.
         (HANDLER | {"secrets": ["API_TOKEN"]}, "jobs[0].spec.secrets", "a handler job gets only its runtime.input"),
         (HANDLER | {"stdin": "x"}, "jobs[0].spec.stdin", "a stdin is for process and container jobs"),
