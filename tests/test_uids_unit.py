@@ -71,18 +71,37 @@ def test_rlimit_nproc_is_set_only_for_a_uid_of_the_attempts_own(tmp_path) -> Non
 def test_executors_on_one_machine_claim_blocks_of_their_own_and_a_dead_ones_block_is_free(tmp_path) -> None:
     from jobmesh.executor.isolation.uids import claim_block
 
-    first = claim_block(3_000_000_000, 3 * 4096, tmp_path)
-    second = claim_block(3_000_000_000, 3 * 4096, tmp_path)
-    third = claim_block(3_000_000_000, 3 * 4096, tmp_path)
+    base = 700_000 * 4096  # aligned on a block
+    first = claim_block(base, 3 * 4096, tmp_path)
+    second = claim_block(base, 3 * 4096, tmp_path)
+    third = claim_block(base, 3 * 4096, tmp_path)
     assert first is not None and second is not None and third is not None
-    assert [b.first for b in (first, second, third)] == [3_000_000_000, 3_000_004_096, 3_000_008_192]
-    assert {b.count for b in (first, second, third)} == {4096}
-    assert claim_block(3_000_000_000, 3 * 4096, tmp_path) is None  # every block held
+    assert [(b.first, b.count) for b in (first, second, third)] == [(base + i * 4096, 4096) for i in range(3)]
+    assert claim_block(base, 3 * 4096, tmp_path) is None  # every block held
+    # Another base or count overlapping a held block meets its lock: it never gets a held uid.
+    assert claim_block(base + 2000, 4096, tmp_path) is None
+    assert claim_block(base + 10, 10, tmp_path) is None
     os.close(second.lock_fd)  # its executor died: the kernel dropped the lock
-    again = claim_block(3_000_000_000, 3 * 4096, tmp_path)
-    assert again is not None and again.first == 3_000_004_096
+    shifted = claim_block(base + 2000, 4096, tmp_path)
+    assert shifted is not None and (shifted.first, shifted.count) == (base + 4096, 2000)
+    # An unaligned range's first block is what of it lies in that block.
     small = claim_block(3_100_000_000, 10, tmp_path)
     assert small is not None and (small.first, small.count) == (3_100_000_000, 10)
+
+
+def test_a_range_holding_the_sandbox_uid_or_a_user_is_refused() -> None:
+    from jobmesh.executor.isolation.uids import range_problem
+
+    assert range_problem(60_000, 10_000, (65534, 65534), [0, 1000]) == (
+        "the attempt range 60000..69999 holds the sandbox uid 65534"
+    )
+    assert "holds uid 1000, a user of this machine" in range_problem(500, 1000, (65534, 65534), [0, 1000, 1001])
+    assert range_problem(2_000_000_000, 65536, (65534, 65534), [0, 1000, 65534]) == ""
+
+
+def test_kill_uid_refuses_root() -> None:
+    with pytest.raises(ValueError, match="unprivileged uid"):
+        kill_uid(0, 0)
 
 
 @pytest.mark.skipif(os.geteuid() != 0 and not os.environ.get("CI"), reason="only root runs processes as another uid")

@@ -259,27 +259,29 @@ class Attempt:
             durable = self._reporter.emit(
                 [terminal_message(self.bound, self._node_id, outcome, self.started_at, self._clock(), self.context)]
             )
-            # The directory stays until the outcome is durable, for whoever debugs a loss.
+            # The directory stays until the outcome is durable, for whoever debugs a loss
+            # (an executor that dies first leaves it, and its next start clears it).
             await durable
             self._on_ended(self.key)
-            # Secrets first: an executor that dies in between leaves a working directory,
-            # which a restart finds (restart.py) and clears with its private one.
-            await asyncio.to_thread(_remove_private, self.private_dir)
-            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         finally:
             span.end()
-            await self._give_back_uid()
+            # However it ends, cancelled by a drain whose events never became durable
+            # included: its secrets must not outlive it, nor meet its uid's next attempt.
+            await asyncio.shield(self._clean_up())
 
-    async def _give_back_uid(self) -> None:
-        """Kill whatever still runs as the attempt's uid, then return the uid to the pool."""
+    async def _clean_up(self) -> None:
+        """Kill whatever still runs as the attempt's own uid (before its files go, so nothing
+        of it acts on them meanwhile), remove the private directory (secrets first) and the
+        working directory, then return the uid to the pool."""
         pool = self._setup.uids
-        if not self._own_uid or pool is None or self._uid is None or self._gid is None:
-            return
+        uid = self._uid if self._own_uid and pool is not None else None
         self._own_uid = False
-        try:
-            await asyncio.shield(asyncio.to_thread(kill_uid, self._uid, self._gid))
-        finally:
-            pool.release(self._uid)
+        if uid is not None:
+            await asyncio.to_thread(kill_uid, uid, uid if self._gid is None else self._gid)
+        await asyncio.to_thread(_remove_private, self.private_dir)
+        await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        if uid is not None and pool is not None:
+            pool.release(uid)
 
     def _take_uid(self, kind: str) -> str | None:
         """Take a uid of the attempt's own for a process or a container (a handler runs in a
@@ -329,7 +331,8 @@ class Attempt:
             return failed_outcome(EXECUTOR_ERROR, no_uid)
         workdir = self.workdir
         try:
-            workdir.mkdir(parents=True)
+            # 0700 until handed over: nobody else reads the input files while they arrive.
+            workdir.mkdir(mode=0o700, parents=True)
         except OSError as exc:
             # An existing one included: :meth:`Attempts.classify` refuses an attempt whose
             # directory an earlier executor left, so this one is not ours to clear.
@@ -397,9 +400,10 @@ class Attempt:
 
     def _hand_over(self, workdir: Path, stdin: Path | None, secrets: bool) -> None:
         """Give the job what is its own once everything is in place: the working directory,
-        the stdin file (a job may reopen ``/dev/stdin``), and the private directory when it
-        holds secret files. Group search stays with the executor's group: bubblewrap, root
-        without CAP_DAC_OVERRIDE, changes into the working directory; no job is in that group."""
+        the stdin file (a job may reopen ``/dev/stdin``), and entry to the private directory
+        when it holds secret files or the stdin. The working directory's group is the
+        executor's: bubblewrap, root without CAP_DAC_OVERRIDE, changes into it; no job is in
+        that group."""
         assert self._uid is not None
         gid = self._gid if self._gid is not None else -1
         os.chown(workdir, self._uid, os.getegid())
@@ -407,7 +411,9 @@ class Attempt:
         if stdin is not None:
             os.chown(stdin, self._uid, gid)
         if secrets or stdin is not None:
-            os.chown(self.private_dir, self._uid, os.getegid())
+            # Root's, with search for the job's own group alone: were it the job's, the job
+            # could swap ``secrets`` for a link that root's clean-up would then follow.
+            os.chown(self.private_dir, 0, gid)
             os.chmod(self.private_dir, 0o710)
 
     async def _run_with(

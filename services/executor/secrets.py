@@ -254,9 +254,18 @@ def remove_secret_files(directory: Path) -> None:
         directory: the secrets directory.
     """
     try:
-        os.chmod(directory, 0o700)
+        # Through a descriptor of the directory itself: the job owns it, and a link put in
+        # its place must not make root change the mode of whatever the link names.
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return
+    except OSError:  # a link or not a directory: not ours to open up; rmtree refuses links
+        fd = -1
+    if fd >= 0:
+        try:
+            os.fchmod(fd, 0o700)
+        finally:
+            os.close(fd)
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, RUNTIME_ISOLATION_CEI
 from jobmesh.errors import InvalidSpec
 from jobmesh.executor.isolation.cgroups import CgroupRoot, find_cgroup_root
 from jobmesh.executor.isolation.sandbox import MERGED_USR_LINKS, SandboxRequest, SandboxTools, sandbox_argv
-from jobmesh.executor.isolation.uids import BLOCK_SIZE, UidBlock, claim_block
+from jobmesh.executor.isolation.uids import BLOCK_SIZE, UidBlock, claim_block, range_problem
 from jobmesh.runtime.settings import Settings
 
 log = logging.getLogger("jobmesh.executor.isolation.probe")
@@ -288,6 +289,11 @@ def probe_node(
     cgroups, cgroup_detail = find_cgroup_root(node_id)
     block = None
     if as_root and settings.attempt_uid_count:
+        users = [entry.pw_uid for entry in pwd.getpwall()]
+        reserved = (settings.sandbox_uid, settings.sandbox_gid)
+        problem = range_problem(settings.attempt_uid_base, settings.attempt_uid_count, reserved, users)
+        if problem:
+            raise InvalidSpec(f"JOBMESH_ATTEMPT_UID_BASE/COUNT: {problem}", field="attempt_uid_base")
         block = claim_block(settings.attempt_uid_base, settings.attempt_uid_count)
         if block is None:
             first, last = settings.attempt_uid_base, settings.attempt_uid_base + settings.attempt_uid_count - 1

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +71,13 @@ def claim_block(first: int, count: int, directory: Path | None = None) -> UidBlo
     """
     directory = directory if directory is not None else lock_dir()
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    size = min(BLOCK_SIZE, count)
-    for start in range(first, first + count - size + 1, size):
-        fd = os.open(directory / f"{start}-{size}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    end = first + count
+    # Blocks are aligned on uid numbers, not on the setting: two executors whose ranges
+    # overlap anywhere (another base or count) meet on the lock of the block they share.
+    for index in range(first // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
+        start = max(first, index * BLOCK_SIZE)
+        size = min(end, (index + 1) * BLOCK_SIZE) - start
+        fd = os.open(directory / f"block-{index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -101,6 +106,26 @@ def kill_range(first: int, count: int, proc: Path = Path("/proc")) -> int:
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
     return killed
+
+
+def range_problem(first: int, count: int, reserved: Iterable[int], users: Iterable[int]) -> str:
+    """Why ``first .. first + count - 1`` cannot be the attempt range ("" when it can): it
+    holds a uid that must never be an attempt's (the sandbox uid, which handler workers run
+    as, or a user of the machine), whose processes its kills would reach.
+
+    Args:
+        first: ``JOBMESH_ATTEMPT_UID_BASE``.
+        count: ``JOBMESH_ATTEMPT_UID_COUNT``.
+        reserved: the sandbox uid and gid.
+        users: the uids of the machine's users (``pwd.getpwall()``).
+    """
+    for uid in reserved:
+        if first <= uid < first + count:
+            return f"the attempt range {first}..{first + count - 1} holds the sandbox uid {uid}"
+    taken = sorted(uid for uid in users if first <= uid < first + count)
+    if taken:
+        return f"the attempt range {first}..{first + count - 1} holds uid {taken[0]}, a user of this machine"
+    return ""
 
 
 class UidPool:
@@ -142,7 +167,12 @@ def kill_uid(uid: int, gid: int) -> None:
 
     ``kill -KILL -1`` run as that uid reaches exactly the processes the uid may signal,
     which are its own, and never the caller. Only root can do this, and only root needs to.
+
+    Raises:
+        ValueError: for root (as root, ``kill -1`` would kill every process of the machine).
     """
+    if uid < 1 or gid < 0:
+        raise ValueError(f"kill_uid needs an unprivileged uid, not {uid}:{gid}")
     program = shutil.which("kill") or "/bin/kill"
     try:
         subprocess.run(
