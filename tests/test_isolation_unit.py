@@ -260,7 +260,9 @@ def test_a_failure_under_an_oom_kill_or_a_refused_fork_is_reported_as_such():
 
 @pytest.mark.parametrize("code", [-24, 152])  # SIGXCPU itself, or through a shell or bubblewrap
 def test_a_process_ended_by_sigxcpu_ran_out_of_cpu_time_and_timed_out(code):
-    outcome = cpu_limit_outcome(exit_outcome(code, "tail"), 45, 50, elapsed=0.5, cpus=4)
+    # 45s of CPU time on 4 cores takes at least 11.25s of wall time.
+    assert cpu_limit_outcome(exit_outcome(code, "tail"), 45, 50, elapsed=11.0, cpus=4).error.code == "exit_code"
+    outcome = cpu_limit_outcome(exit_outcome(code, "tail"), 45, 50, elapsed=11.25, cpus=4)
     assert outcome.error is not None and outcome.error.code == "timeout"
     assert outcome.error.message == (
         f"reached its CPU-time limit (RLIMIT_CPU, 45s of CPU time across its threads): "

@@ -131,8 +131,8 @@ def cpu_limit_outcome(outcome: Outcome, soft: int, hard: int, elapsed: float, cp
     """The outcome of a process once it is known whether it ran into its CPU-time limit.
 
     A failed process (``exit_code``) that died of SIGXCPU (-24, or 152 through a shell or
-    the sandbox) reached RLIMIT_CPU's soft limit; one that died of SIGKILL (-9 or 137)
-    reached the hard one, if it could have: CPU time grows at most ``cpus`` times as fast
+    the sandbox) reached RLIMIT_CPU's soft limit, and one that died of SIGKILL (-9 or 137)
+    the hard one, if it could have: CPU time grows at most ``cpus`` times as fast
     as wall time, so one that ended sooner was killed by something else (the OOM killer,
     an operator). Either is a ``timeout``: the job ran out of time, counted in CPU
     seconds. Anything else stays as it is.
@@ -151,8 +151,9 @@ def cpu_limit_outcome(outcome: Outcome, soft: int, hard: int, elapsed: float, cp
     if outcome.error is None or outcome.error.code != EXIT_CODE or code is None:
         return outcome
     signalled = -code if code < 0 else code - _SIGNAL_EXIT_BASE if code > _SIGNAL_EXIT_BASE else 0
-    if signalled == signal.SIGXCPU:
-        # Only the kernel sends SIGXCPU, for RLIMIT_CPU (the job may have lowered its own).
+    if signalled == signal.SIGXCPU and elapsed * max(cpus, 1) >= soft:
+        # Anyone may send SIGXCPU (or exit 152); only a process that could have used its
+        # soft limit by now is taken to have reached it.
         message = f"reached its CPU-time limit (RLIMIT_CPU, {soft}s of CPU time across its threads)"
     elif signalled == signal.SIGKILL and elapsed * max(cpus, 1) >= hard:
         message = f"reached its hard CPU-time limit (RLIMIT_CPU, {hard}s of CPU time across its threads)"
