@@ -201,6 +201,11 @@ async def test_the_cli_names_the_field_of_a_bad_isolation_secret_or_handler_inpu
             "NUL",
         ),
         (
+            {"runtime": {"kind": "container", "image": "i", "env": {"CERT": "line one\nline two"}}},
+            "jobs[0].spec.runtime.env['CERT']",
+            "a container's variable cannot hold a line break",
+        ),
+        (
             {"retry": {"fallback": {"runtime": {"kind": "container", "image": "i", "env": {"BAD KEY": "1"}}}}},
             "jobs[0].spec.retry.fallback.runtime.env['BAD KEY']",
             "is not a variable name",

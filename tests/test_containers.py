@@ -496,3 +496,13 @@ def test_a_container_runs_as_the_attempts_own_uid_where_it_has_one(tmp_path: Pat
     shared = runner.argv(make_request(tmp_path))
     assert own[own.index("--user") + 1] == "2000000007:2000000007"
     assert shared[shared.index("--user") + 1] == "65534:65534"
+
+
+async def test_a_variable_with_a_line_break_runs_no_container(tmp_path: Path, podman: Engine) -> None:
+    """An env file cannot carry it, and on the engine's command line every user of the node
+    could read it (a secret as a variable, say): the attempt fails naming the variable only."""
+    request = make_request(tmp_path, env={"GREETING": "hi", "TLS_KEY": "-----BEGIN KEY-----\nc2VjcmV0\n"})
+    outcome = await ContainerRunner(str(podman.path), uid=None, gid=None, pids_max=8).run(request)
+    assert outcome.error is not None and outcome.error.code == "container_failed"
+    assert "variable TLS_KEY holds a line break" in outcome.error.message and "c2VjcmV0" not in outcome.error.message
+    assert podman.calls() == []

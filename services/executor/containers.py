@@ -415,8 +415,20 @@ class ContainerRunner:
         # among them, never show in the node's process list nor inside /work.
         with tempfile.TemporaryDirectory(prefix="jm-container-") as private:
             env_file = Path(private) / "env"
+            env = container_env(request, request.runtime)
+            broken = sorted(split_env(env)[1])
+            if broken:
+                # An env file cannot carry it, and the engine's command line is readable by
+                # every user of the node (/proc/<pid>/cmdline): a secret would show there.
+                await _spawned(request)
+                return failed_outcome(
+                    CONTAINER_FAILED,
+                    f"variable {broken[0]} holds a line break, which would reach the container only on the "
+                    "engine's command line, readable by every user of the node; give it as a file instead "
+                    "(--upload, or --secret with --secrets-as file)",
+                )
             try:
-                write_env_file(env_file, container_env(request, request.runtime))
+                write_env_file(env_file, env)
                 argv = self.argv(request, env_file)
             except ValueError as exc:  # a bad variable name; the trigger refuses these at submit
                 await _spawned(request)

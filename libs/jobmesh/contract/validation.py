@@ -45,7 +45,7 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
     if isinstance(spec.runtime, ProcessRuntime) and not spec.runtime.argv[0].strip():
         _fail(where, "runtime.argv[0]", "the command is empty")
     if isinstance(spec.runtime, ProcessRuntime | ContainerRuntime) and spec.runtime.env:
-        _validate_env(spec.runtime.env, where)
+        _validate_env(spec.runtime.env, where, container=isinstance(spec.runtime, ContainerRuntime))
     # The contract's max_length counts characters; the limit is of bytes (what travels and
     # is stored), and a character takes up to 4 of them in UTF-8.
     if len(spec.stdin) * 4 > MAX_STDIN_BYTES:
@@ -116,7 +116,7 @@ def env_name_problem(key: str) -> str:
     return ""
 
 
-def _validate_env(env: dict[str, str], where: str) -> None:
+def _validate_env(env: dict[str, str], where: str, container: bool) -> None:
     for key, value in env.items():
         problem = env_name_problem(key)
         if problem:
@@ -124,6 +124,13 @@ def _validate_env(env: dict[str, str], where: str) -> None:
         if "\x00" in value:
             # No process environment can hold it (and Postgres text cannot store it).
             _fail(where, f"runtime.env[{key!r}]", "a NUL character is not allowed in a variable's value")
+        if container and ("\n" in value or "\r" in value):
+            # An engine's env file cannot carry it, and its command line is anyone's to read.
+            _fail(
+                where,
+                f"runtime.env[{key!r}]",
+                "a container's variable cannot hold a line break; give the value as a file (files)",
+            )
 
 
 def _validate_retry(spec: JobSpec, where: str, now: float | None) -> None:
