@@ -399,6 +399,20 @@ async def test_a_job_handed_to_a_worker_that_died_before_accepting_it_runs_on_a_
     assert spawned == ["spawned"]  # one attempt, started once, whichever worker ran it
 
 
+async def test_an_aborted_attempt_takes_no_idle_worker(pool):
+    """A cancel that lands while a job's first worker's death is handled: the job must not
+    start on a second worker (its handler would run after the cancel)."""
+    abort = AbortSignal()
+    abort.set("cancelled", "cancelled by the user")
+    idle = pool._idle.qsize()
+    assert idle >= 1
+    worker, waited = await pool._acquire(abort, 30.0)
+    assert worker is None and waited == 0.0
+    assert pool._idle.qsize() == idle  # nobody took it
+    worker, _ = await pool._acquire(AbortSignal(), 0.0)  # no time left: none taken either
+    assert worker is None and pool._idle.qsize() == idle
+
+
 async def test_workers_run_jobs_side_by_side_and_a_model_stays_loaded(module_path, tmp_path):
     pool = HandlerPool([str(module_path)], workers=2)
     try:

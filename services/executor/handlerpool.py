@@ -449,6 +449,7 @@ class HandlerPool:
                 return failed_outcome(
                     INPUT_INVALID, f"the input cannot be encoded as JSON: {exc} - at `$.runtime.input`"
                 )
+            begun = asyncio.get_running_loop().time()
             worker, waited = await self._acquire(request.abort, request.timeout)
             if worker is None:
                 if request.abort.error is not None:
@@ -470,6 +471,9 @@ class HandlerPool:
                     request.name,
                     worker.pid,
                 )
+                # Everything since the start counts against the run timeout: the waits, and
+                # the time the dead worker held the job.
+                waited = asyncio.get_running_loop().time() - begun
                 worker, more = await self._acquire(request.abort, request.timeout - waited)
                 waited += more
                 if worker is None:
@@ -654,12 +658,14 @@ class HandlerPool:
         deadline = started + timeout
         waited = 0.0
         while True:
+            left = deadline - loop.time()
+            if left <= 0 or abort.is_set():
+                # Before taking an idle one too: a job aborted (or out of time) while its
+                # first worker's death was handled must not start on a second.
+                return None, waited
             if not self._idle.empty():
                 worker = self._idle.get_nowait()
             else:
-                left = deadline - loop.time()
-                if left <= 0 or abort.is_set():
-                    return None, waited
                 getting = asyncio.ensure_future(self._idle.get())
                 aborted = asyncio.ensure_future(abort.wait())
                 self._waiting += 1
