@@ -188,4 +188,6 @@ def kill_uid(uid: int, gid: int) -> None:
             check=False,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        log.warning("cannot kill what is left of uid %d: %s", uid, exc)
+        # No kill program, or it hung: find the uid's processes in /proc instead.
+        log.warning("kill as uid %d failed (%s); killing its processes found in /proc", uid, exc)
+        kill_range(uid, 1)
