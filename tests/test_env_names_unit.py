@@ -44,9 +44,12 @@ def test_a_fallback_spec_gets_the_same_rule_under_its_own_path() -> None:
     assert caught.value.field == "spec.retry.fallback.runtime.env['A=B']"
 
 
-def test_a_line_break_in_a_value_is_a_value() -> None:
-    validate_spec(JobSpec(runtime=ContainerRuntime(image="i", env={"CERT": "line one\nline two"})))
+def test_a_line_break_in_a_value_is_a_value_for_a_process_but_not_for_a_container() -> None:
     validate_spec(JobSpec(runtime=ProcessRuntime(argv=["x"], env={"CERT": "a\r\nb"})))
+    # An engine's env file cannot carry it, and its command line is anyone's to read.
+    with pytest.raises(InvalidSpec) as caught:
+        validate_spec(JobSpec(runtime=ContainerRuntime(image="i", env={"CERT": "line one\nline two"})))
+    assert caught.value.field == "spec.runtime.env['CERT']"
 
 
 def test_an_inline_stdin_is_limited_in_utf8_bytes_not_characters() -> None:
