@@ -110,7 +110,7 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     ended: list[str] = []
 
 
-class Reservation(Struct, frozen=True, kw_only=True):
+class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One attempt's hold on a node."""
 
     resources: Resources
