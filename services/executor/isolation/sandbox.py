@@ -24,6 +24,7 @@ parent) is reachable inside.
 
 from __future__ import annotations
 
+import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
@@ -216,5 +217,11 @@ def drop_argv(tools: SandboxTools, uid: int, gid: int) -> list[str]:
 
 
 def _covered(target: str, mounted: Iterable[str]) -> bool:
-    path = PurePosixPath(target)
-    return any(path == PurePosixPath(m) or PurePosixPath(m) in path.parents for m in mounted)
+    """Whether ``target`` is one of ``mounted`` or lies under one (paths compared as
+    normalised strings: this runs for every bind of every sandboxed attempt)."""
+    path = posixpath.normpath(target)
+    for m in mounted:
+        m = posixpath.normpath(m)
+        if path == m or path.startswith(m + "/") or m == "/":
+            return True
+    return False
