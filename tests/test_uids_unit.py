@@ -71,22 +71,32 @@ def test_rlimit_nproc_is_set_only_for_a_uid_of_the_attempts_own(tmp_path) -> Non
 def test_executors_on_one_machine_claim_blocks_of_their_own_and_a_dead_ones_block_is_free(tmp_path) -> None:
     from jobmesh.executor.isolation.uids import claim_block
 
-    base = 700_000 * 4096  # aligned on a block
+    base = 3_000_000_000
     first = claim_block(base, 3 * 4096, tmp_path)
     second = claim_block(base, 3 * 4096, tmp_path)
     third = claim_block(base, 3 * 4096, tmp_path)
     assert first is not None and second is not None and third is not None
     assert [(b.first, b.count) for b in (first, second, third)] == [(base + i * 4096, 4096) for i in range(3)]
     assert claim_block(base, 3 * 4096, tmp_path) is None  # every block held
-    # Another base or count overlapping a held block meets its lock: it never gets a held uid.
+    # Another base or count overlapping held uids anywhere meets their lock.
     assert claim_block(base + 2000, 4096, tmp_path) is None
     assert claim_block(base + 10, 10, tmp_path) is None
+    # A range of its own, even right beside a held one, is free.
+    beside = claim_block(base + 3 * 4096, 1000, tmp_path)
+    assert beside is not None and (beside.first, beside.count) == (base + 3 * 4096, 1000)
     os.close(second.lock_fd)  # its executor died: the kernel dropped the lock
-    shifted = claim_block(base + 2000, 4096, tmp_path)
-    assert shifted is not None and (shifted.first, shifted.count) == (base + 4096, 2000)
-    # An unaligned range's first block is what of it lies in that block.
-    small = claim_block(3_100_000_000, 10, tmp_path)
-    assert small is not None and (small.first, small.count) == (3_100_000_000, 10)
+    again = claim_block(base + 4096, 4096, tmp_path)
+    assert again is not None and (again.first, again.count) == (base + 4096, 4096)
+
+
+def test_a_lock_directory_others_may_write_is_refused(tmp_path) -> None:
+    from jobmesh.executor.isolation.uids import claim_block
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    with pytest.raises(PermissionError, match="nobody else may write"):
+        claim_block(3_300_000_000, 10, shared)
 
 
 def test_a_range_holding_the_sandbox_uid_or_a_user_is_refused() -> None:

@@ -276,12 +276,14 @@ class Attempt:
         pool = self._setup.uids
         uid = self._uid if self._own_uid and pool is not None else None
         self._own_uid = False
-        if uid is not None:
-            await asyncio.to_thread(kill_uid, uid, uid if self._gid is None else self._gid)
-        await asyncio.to_thread(_remove_private, self.private_dir)
-        await asyncio.to_thread(shutil.rmtree, self.workdir, True)
-        if uid is not None and pool is not None:
-            pool.release(uid)
+        try:
+            if uid is not None:
+                await asyncio.to_thread(kill_uid, uid, uid if self._gid is None else self._gid)
+            await asyncio.to_thread(_remove_private, self.private_dir)
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        finally:
+            if uid is not None and pool is not None:
+                pool.release(uid)
 
     def _take_uid(self, kind: str) -> str | None:
         """Take a uid of the attempt's own for a process or a container (a handler runs in a
@@ -396,6 +398,11 @@ class Attempt:
             return failed_outcome(INPUT_FILE_FAILED, str(exc))
         if self._uid is not None and os.geteuid() == 0 and not isinstance(runtime, HandlerRuntime):
             await asyncio.to_thread(self._hand_over, workdir, stdin, secrets_dir is not None)
+        else:
+            # Nobody's to hand it to (a non-root executor's jobs are its own user; a handler
+            # runs in a worker of the sandbox uid, a container maybe as its image's user):
+            # open it as a fresh directory would be, now that its inputs are in place.
+            await asyncio.to_thread(os.chmod, workdir, 0o755)
         return await self._run_with(runner, runtime, workdir, channel, own_env, secrets_dir, stdin)
 
     def _hand_over(self, workdir: Path, stdin: Path | None, secrets: bool) -> None:
@@ -851,4 +858,8 @@ class Attempts:
             _, pending = await asyncio.wait([task for _, task in left], timeout=settle)
             for task in pending:
                 task.cancel()
+            if pending:
+                # Each then runs its shielded clean-up (secrets, directories, uid): wait for
+                # it, or the loop's end would cancel that too.
+                await asyncio.wait(pending, timeout=settle)
         return len(left)

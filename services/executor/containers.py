@@ -189,8 +189,9 @@ def container_argv(
     The environment is :func:`container_env`. With ``env_file`` its single-line variables
     go in through ``--env-file <env_file>`` (the caller writes it with
     :func:`write_env_file`), so that no value, a secret's included, shows in the node's
-    process list; a value holding a line break (which an env file cannot carry) still
-    goes as ``--env K=V``.
+    process list. A value holding a line break (which an env file cannot carry) would go as
+    ``--env K=V``; :meth:`ContainerRunner.run` refuses such a variable before it gets here,
+    and the trigger refuses one in a container job's spec.
 
     Args:
         engine: the engine program (:attr:`EngineProbe.engine`).

@@ -10,6 +10,7 @@ attempt this node cannot isolate as asked, ``isolation_refused``).
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
 import pwd
@@ -290,11 +291,17 @@ def probe_node(
     block = None
     if as_root and settings.attempt_uid_count:
         users = [entry.pw_uid for entry in pwd.getpwall()]
+        groups = [entry.gr_gid for entry in grp.getgrall()]
         reserved = (settings.sandbox_uid, settings.sandbox_gid)
-        problem = range_problem(settings.attempt_uid_base, settings.attempt_uid_count, reserved, users)
+        problem = range_problem(settings.attempt_uid_base, settings.attempt_uid_count, reserved, users, groups)
         if problem:
             raise InvalidSpec(f"JOBMESH_ATTEMPT_UID_BASE/COUNT: {problem}", field="attempt_uid_base")
-        block = claim_block(settings.attempt_uid_base, settings.attempt_uid_count)
+        try:
+            block = claim_block(settings.attempt_uid_base, settings.attempt_uid_count)
+        except PermissionError as exc:
+            raise InvalidSpec(
+                f"JOBMESH_ATTEMPT_UID_BASE: cannot lock the attempt uids: {exc}", field="attempt_uid_base"
+            ) from exc
         if block is None:
             first, last = settings.attempt_uid_base, settings.attempt_uid_base + settings.attempt_uid_count - 1
             raise InvalidSpec(

@@ -24,6 +24,8 @@ import logging
 import os
 import shutil
 import signal
+import stat
+import struct
 import subprocess
 import tempfile
 from collections.abc import Iterable
@@ -34,6 +36,7 @@ log = logging.getLogger("jobmesh.executor.isolation.uids")
 
 KILL_TIMEOUT = 5.0
 BLOCK_SIZE = 4096  # uids per executor: 16 executors per machine with the default range
+LOCK_FILE = "uids.lock"
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class UidBlock:
     Attributes:
         first: its first uid.
         count: how many it has.
-        lock_fd: the open, locked descriptor that holds it (closed with the process).
+        lock_fd: the open descriptor whose lock holds it (dropped with the process).
     """
 
     first: int
@@ -52,10 +55,32 @@ class UidBlock:
 
 
 def lock_dir() -> Path:
-    """Where the block locks live: root's own directory (jobs cannot take a lock there)."""
+    """Where the uid lock lives: root's own directory (jobs cannot take a lock there)."""
     run = Path("/run")
     base = run / "jobmesh" if os.access(run, os.W_OK) else Path(tempfile.gettempdir()) / "jobmesh-root"
     return base / "uid-blocks"
+
+
+def _open_lock(directory: Path) -> int:
+    """The lock file, in a directory that must be the executor's own and closed to others
+    (in a shared /tmp another user could have made it first, or planted a link)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise PermissionError(f"{directory} must be a directory of uid {os.geteuid()} that nobody else may write")
+    return os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def _lock_span(fd: int, start: int, size: int) -> bool:
+    """Take a write lock on bytes ``start .. start + size - 1`` of the lock file: one byte
+    per uid, so two executors conflict exactly where their uids would. An open-file-
+    description lock, held by this descriptor and dropped when the process dies."""
+    flock = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, start, size, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, flock)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
 
 
 def claim_block(first: int, count: int, directory: Path | None = None) -> UidBlock | None:
@@ -70,17 +95,13 @@ def claim_block(first: int, count: int, directory: Path | None = None) -> UidBlo
         The block, or None when other live executors hold every one.
     """
     directory = directory if directory is not None else lock_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     end = first + count
-    # Blocks are aligned on uid numbers, not on the setting: two executors whose ranges
-    # overlap anywhere (another base or count) meet on the lock of the block they share.
-    for index in range(first // BLOCK_SIZE, (end - 1) // BLOCK_SIZE + 1):
-        start = max(first, index * BLOCK_SIZE)
-        size = min(end, (index + 1) * BLOCK_SIZE) - start
-        fd = os.open(directory / f"block-{index}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    # The lock is on the uids themselves, one byte each: executors whose ranges overlap
+    # anywhere (another base or count) meet on it, and disjoint ones never do.
+    for start in range(first, end, BLOCK_SIZE):
+        size = min(BLOCK_SIZE, end - start)
+        fd = _open_lock(directory)
+        if not _lock_span(fd, start, size):
             os.close(fd)
             continue
         killed = kill_range(start, size)
@@ -108,7 +129,9 @@ def kill_range(first: int, count: int, proc: Path = Path("/proc")) -> int:
     return killed
 
 
-def range_problem(first: int, count: int, reserved: Iterable[int], users: Iterable[int]) -> str:
+def range_problem(
+    first: int, count: int, reserved: Iterable[int], users: Iterable[int], groups: Iterable[int] = ()
+) -> str:
     """Why ``first .. first + count - 1`` cannot be the attempt range ("" when it can): it
     holds a uid that must never be an attempt's (the sandbox uid, which handler workers run
     as, or a user of the machine), whose processes its kills would reach.
@@ -118,6 +141,7 @@ def range_problem(first: int, count: int, reserved: Iterable[int], users: Iterab
         count: ``JOBMESH_ATTEMPT_UID_COUNT``.
         reserved: the sandbox uid and gid.
         users: the uids of the machine's users (``pwd.getpwall()``).
+        groups: the gids of its groups (``grp.getgrall()``): an attempt's gid is its uid.
     """
     for uid in reserved:
         if first <= uid < first + count:
@@ -125,6 +149,9 @@ def range_problem(first: int, count: int, reserved: Iterable[int], users: Iterab
     taken = sorted(uid for uid in users if first <= uid < first + count)
     if taken:
         return f"the attempt range {first}..{first + count - 1} holds uid {taken[0]}, a user of this machine"
+    shared = sorted(gid for gid in groups if first <= gid < first + count)
+    if shared:
+        return f"the attempt range {first}..{first + count - 1} holds gid {shared[0]}, a group of this machine"
     return ""
 
 
