@@ -36,11 +36,12 @@ run: $(STAMP) system-packages
 test: $(STAMP) system-packages
 	$(BIN)/pytest -q -ra
 
-## bench: print figures: end to end beside the raw JetStream baseline, the scheduler alone, attempt start-up per isolation level
+## bench: print figures: end to end beside the raw JetStream baseline, the scheduler alone, attempt start-up per isolation level (at a job's default 100 millicores and at a full core)
 bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.bench
 	$(BIN)/python -m jobmesh.dev.schedbench
 	$(BIN)/python -m jobmesh.dev.startbench
+	$(BIN)/python -m jobmesh.dev.startbench --cpu 1000
 
 # mypy and import-linter read the package as it is installed: services/<name> is
 # jobmesh.<name>. This tree of links shows them that layout.

@@ -12,6 +12,11 @@ outcome, for a job that does nothing (``true``, or a handler that returns at onc
 
 The levels the machine cannot enforce (no bubblewrap, not root) are reported as such.
 Printed as medians and p90 over ``--runs`` attempts, and as ratios to the plain process.
+
+Each attempt reserves ``--cpu`` millicores (default: a job's default, 100), which its
+cgroup enforces as a hard CPU quota: a start-up that needs more CPU time than that share
+of 100 ms waits for the next period, so the figures at 100 and at 1000 millicores differ
+(``make bench`` prints both).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
-from jobmesh.contract.messages.v1 import HandlerRuntime, ProcessRuntime
+from jobmesh.contract.messages.v1 import HandlerRuntime, ProcessRuntime, Resources
 from jobmesh.errors import InvalidSpec
 from jobmesh.executor.handlerpool import HandlerPool
 from jobmesh.executor.isolation.probe import NodeIsolation, probe_node
@@ -52,12 +57,20 @@ def nothing(request: Nothing) -> Nothing:
 """
 
 
+CPU_MILLI = Resources().cpu_milli  # what each measured attempt reserves (--cpu)
+
+
 async def _no_line(stream: OutputStream, line: str) -> None:
     return None
 
 
 def _request(
-    root: Path, n: int, runtime: ProcessRuntime | HandlerRuntime, env: dict[str, str], uid: int | None
+    root: Path,
+    n: int,
+    runtime: ProcessRuntime | HandlerRuntime,
+    env: dict[str, str],
+    uid: int | None,
+    cpu_milli: int = CPU_MILLI,
 ) -> RunRequest:
     workdir = Path(tempfile.mkdtemp(prefix=f"bench-{n}-", dir=root))
     workdir.chmod(0o700)
@@ -73,6 +86,7 @@ def _request(
         timeout=60.0,
         abort=AbortSignal(),
         on_line=_no_line,
+        resources=Resources(cpu_milli=cpu_milli),
     )
 
 
@@ -87,7 +101,11 @@ async def _timed(runs: int, once: Callable[[int], Awaitable[None]]) -> list[floa
 
 
 async def process_starts(
-    isolation: NodeIsolation | None, root: Path, runs: int, argv: tuple[str, ...] = ("true",)
+    isolation: NodeIsolation | None,
+    root: Path,
+    runs: int,
+    argv: tuple[str, ...] = ("true",),
+    cpu_milli: int = CPU_MILLI,
 ) -> list[float]:
     """Seconds per attempt of ``argv`` through ProcessRunner at ``isolation`` (None: plain)."""
     runner = ProcessRunner({"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, isolation=isolation)
@@ -95,7 +113,7 @@ async def process_starts(
     uid = isolation.uid if isolation is not None else None
 
     async def once(n: int) -> None:
-        request = _request(root, n, runtime, {}, uid)
+        request = _request(root, n, runtime, {}, uid, cpu_milli)
         request = replace(request, env=runner.environment(runtime, request.workdir, {}))
         outcome = await runner.run(request)
         if outcome.error is not None:
@@ -160,14 +178,17 @@ def _scratch_root() -> Path:
     return root
 
 
-async def run(runs: int, cold_runs: int) -> None:
+async def run(runs: int, cold_runs: int, cpu_milli: int = CPU_MILLI) -> None:
     """Measure and print every level this machine can enforce."""
     root = _scratch_root()
     levels: list[NodeIsolation] = []
     try:
-        plain = await process_starts(None, root, runs)
+        plain = await process_starts(None, root, runs, cpu_milli=cpu_milli)
         base = statistics.median(plain) * 1000
-        print(f"attempt start-up, {runs} attempts each (the runner alone, a job that does nothing):")
+        print(
+            f"attempt start-up, {runs} attempts each (the runner alone, a job that does nothing, "
+            f"reserving {cpu_milli} millicores: its cgroup's CPU quota):"
+        )
         print(_row("plain process", plain, base))
         for level in ("process", "sandbox"):
             isolation = _isolation(level)
@@ -175,13 +196,13 @@ async def run(runs: int, cold_runs: int) -> None:
                 print(f"  {level:<26} not measured: {isolation}")
                 continue
             levels.append(isolation)
-            print(_row(f"{level} level", await process_starts(isolation, root, runs), base))
+            print(_row(f"{level} level", await process_starts(isolation, root, runs, cpu_milli=cpu_milli), base))
         strongest = levels[-1] if levels else None
         if strongest is None:
             print("  handler                    not measured: no isolation level could be set up")
             return
         # What a handler job stands in for: a Python process started for the job.
-        python = await process_starts(strongest, root, runs, (sys.executable, "-c", "pass"))
+        python = await process_starts(strongest, root, runs, (sys.executable, "-c", "pass"), cpu_milli)
         print(_row(f"python -c pass ({strongest.level})", python, base))
         cold, warm = await handler_starts(strongest, root, runs, cold_runs)
         print(_row(f"handler cold ({strongest.level})", cold, base))
@@ -198,9 +219,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=50, help="attempts per level")
     parser.add_argument("--cold-runs", type=int, default=5, help="cold handler worker starts")
+    parser.add_argument("--cpu", type=int, default=CPU_MILLI, help="millicores each attempt reserves")
     args = parser.parse_args()
     print("measuring attempt start-up per isolation level ...", file=sys.stderr, flush=True)
-    asyncio.run(run(args.runs, args.cold_runs))
+    asyncio.run(run(args.runs, args.cold_runs, args.cpu))
 
 
 if __name__ == "__main__":
