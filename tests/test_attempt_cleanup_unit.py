@@ -106,3 +106,38 @@ def test_removing_secrets_never_follows_a_link_put_in_their_place(tmp_path: Path
     (tmp_path / "private" / "secrets").symlink_to(victim)
     remove_secret_files(tmp_path / "private" / "secrets")
     assert stat.S_IMODE(os.stat(victim).st_mode) == 0o1777 and victim.is_dir()
+
+
+async def test_a_drain_returns_only_once_the_attempts_it_cancelled_have_cleaned_up(tmp_path: Path):
+    """Their outcomes never became durable (NATS gone), so the drain cancels them; the
+    executor stops right after, and a clean-up it did not wait for would be cut off."""
+    from jobmesh.executor.attempts import Attempts
+
+    work_root = tmp_path / "node"
+    work_root.mkdir(mode=0o711)
+    secrets_dir = tmp_path / "node-secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "TOKEN").write_text("s3cr3tvalue\n")
+    isolation = NodeIsolation(level="process", uid=65534, gid=65534, attempt_uids=(FIRST_UID + 100, 8))
+    env = {"PATH": "/usr/bin:/bin"}
+    runners = {"process": ProcessRunner(env, isolation=isolation)}
+    setup = AttemptSetup(runners, env, isolation, SecretSource(secrets_dir, "", {}))
+    reporter = StuckReporter()
+    attempts = Attempts("n1", work_root, reporter, runners, trace.get_tracer("test"), setup=setup)
+    now = time.time()
+    spec = JobSpec(runtime=ProcessRuntime(argv=["true"]), secrets=["TOKEN"])
+    bound = JobBound(
+        job_id="abc", attempt=1, partition=0, node_id="n1", spec=spec, scratch_dir="", submitted_at=now, bound_at=now
+    )
+    ready = asyncio.get_running_loop().create_future()
+    ready.set_result(None)
+    attempts.launch(bound, None, now, asyncio.get_running_loop().create_future(), ready)
+
+    async def outcome_emitted() -> bool:
+        return bool(reporter.emitted)
+
+    await eventually(outcome_emitted, what="the attempt's outcome to be emitted")
+    assert (work_root / ".abc-1" / "secrets" / "TOKEN").exists()
+    assert await attempts.drain(grace=0.0, settle=1.0) == 1
+    assert not (work_root / ".abc-1").exists() and not (work_root / "abc-1").exists()
+    assert attempts.setup.uids is not None and attempts.setup.uids.in_use == 0
