@@ -32,9 +32,10 @@ from typing import Any
 
 from jobmesh.contract.messages.v1 import ContainerRuntime, JobError
 from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol
 from jobmesh.executor.gpus import gpu_device_nodes
 from jobmesh.executor.outcomes import TIMEOUT, Outcome, exit_outcome, failed_outcome
-from jobmesh.executor.runner import MAX_LINE_BYTES, READ_CHUNK, LineSink, OutputStream, OutputTail
+from jobmesh.executor.runner import MAX_LINE_BYTES, LineSink, OutputStream, OutputTail
 from jobmesh.executor.runrequest import RunRequest
 
 log = logging.getLogger("jobmesh.executor.containers")
@@ -451,7 +452,7 @@ class ContainerRunner:
                     else asyncio.subprocess.DEVNULL
                 )
                 transport, protocol = await loop.subprocess_exec(
-                    lambda: _ExitAware(loop),
+                    lambda: ExitAwareProtocol(loop),
                     *argv,
                     cwd=str(request.workdir),
                     env=_client_env(),
@@ -542,20 +543,6 @@ class ContainerRunner:
         for task in done:
             if task.exception() is not None:
                 log.error("%s: reading the container's output failed", name, exc_info=task.exception())
-
-
-class _ExitAware(asyncio.subprocess.SubprocessStreamProtocol):
-    """asyncio's stream protocol for a subprocess, plus a future set when it exits (on
-    Python 3.11 ``Process.wait()`` also waits for the pipes, which a stray child may hold)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
 
 
 async def _pump(reader: asyncio.StreamReader, stream: OutputStream, tail: OutputTail, on_line: LineSink) -> None:

@@ -50,9 +50,10 @@ import msgspec
 from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, JobSpec
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
+from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol, PipedProcess
 from jobmesh.executor.outcomes import EXECUTOR_ERROR, NODE_DRAINED, TIMEOUT, Outcome, failed_outcome
 from jobmesh.executor.results import RESULT_FILE
-from jobmesh.executor.runner import MAX_LINE_BYTES, READ_CHUNK, AbortSignal, OutputStream, OutputTail
+from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputStream, OutputTail
 from jobmesh.executor.runrequest import RunRequest
 from jobmesh.sdk import protocol
 from jobmesh.sdk.modules import is_path
@@ -125,50 +126,8 @@ class HandlerLoadError(Exception):
         self.module = module
 
 
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """asyncio's subprocess stream protocol plus a future set when the process exits.
-
-    Process.wait() on Python 3.11's own loop returns only once every pipe is closed, which
-    a grandchild that escaped the group can put off forever.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-
-class PlainWorkerProcess:
+class PlainWorkerProcess(PipedProcess):
     """A worker started by :func:`spawn_plain`: a process leading a session of its own."""
-
-    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _ExitAwareProtocol) -> None:
-        self._transport = transport
-        self._protocol = protocol
-        assert protocol.stdout is not None and protocol.stderr is not None  # both were piped
-        self._stdout = protocol.stdout
-        self._stderr = protocol.stderr
-
-    @property
-    def pid(self) -> int:
-        return self._transport.get_pid()
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        return self._stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        return self._stderr
-
-    async def wait(self) -> int:
-        await asyncio.shield(self._protocol.exited)
-        code = self._transport.get_returncode()
-        assert code is not None  # set before process_exited resolved ``exited``
-        return code
 
     def kill(self) -> None:
         try:
@@ -194,7 +153,7 @@ async def spawn_plain(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pa
     """
     loop = asyncio.get_running_loop()
     transport, proto = await loop.subprocess_exec(
-        lambda: _ExitAwareProtocol(loop),
+        lambda: ExitAwareProtocol(loop),
         *argv,
         cwd=str(cwd),
         env=dict(env),

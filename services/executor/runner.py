@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from jobmesh.contract.messages.v1 import JobError, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol
 from jobmesh.executor.isolation.cgroups import MIN_MEMORY_MB
 from jobmesh.executor.isolation.environment import job_environment
 from jobmesh.executor.isolation.launch import Launch, LaunchSpec, command_problem, prepare_launch
@@ -52,7 +53,6 @@ log = logging.getLogger("jobmesh.executor.runner")
 
 TAIL_CHARS = 4096  # output kept for the terminal event
 MAX_LINE_BYTES = 16 * 1024  # a longer line is split: one LogLine stays far below max_msg_size
-READ_CHUNK = 64 * 1024
 PIDS_POLL_SECONDS = 0.25  # how often a running attempt's cgroup is asked whether a fork was refused
 
 OutputStream = Literal["stdout", "stderr"]
@@ -276,7 +276,7 @@ class ProcessRunner:
             # process exits: on Python 3.11's own event loop Process.wait() returns only
             # once every pipe is closed, which a detached grandchild can put off forever.
             transport, protocol = await loop.subprocess_exec(
-                lambda: _ExitAwareProtocol(loop),
+                lambda: ExitAwareProtocol(loop),
                 *(launch.argv if launch is not None else runtime.argv),
                 cwd=str(request.workdir),
                 env=env,
@@ -409,19 +409,6 @@ def _legacy_request(
         pass_fds=tuple(pass_fds),
         on_spawned=on_spawned,
     )
-
-
-class _ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
-    """asyncio's stream protocol for a subprocess, plus a future set when it exits."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
 
 
 class _OutputPump:

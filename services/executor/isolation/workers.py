@@ -23,26 +23,15 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import jobmesh
+from jobmesh.executor.childprocess import ExitAwareProtocol, PipedProcess
 from jobmesh.executor.isolation.launch import Launch, LaunchSpec, prepare_launch
 from jobmesh.executor.isolation.probe import NodeIsolation
 
-READ_CHUNK = 64 * 1024
 WORKER_TIMEOUT = 30 * 86_400.0  # RLIMIT_CPU of a worker: it lives as long as the executor
 WORKER_CPU_MILLI = 1_000_000  # no CPU quota of its own: each job's share is not the worker's
 
 
-class _ExitAware(asyncio.subprocess.SubprocessStreamProtocol):
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(limit=READ_CHUNK, loop=loop)
-        self.exited: asyncio.Future[None] = loop.create_future()
-
-    def process_exited(self) -> None:
-        super().process_exited()
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-
-class IsolatedWorker:
+class IsolatedWorker(PipedProcess):
     """A worker process started by :func:`isolated_spawn` (a ``WorkerProcess`` of the pool).
 
     Args:
@@ -51,31 +40,9 @@ class IsolatedWorker:
         launch: its cgroup and what killing it takes.
     """
 
-    def __init__(self, transport: asyncio.SubprocessTransport, protocol: _ExitAware, launch: Launch) -> None:
-        self._transport = transport
-        self._protocol = protocol
+    def __init__(self, transport: asyncio.SubprocessTransport, protocol: ExitAwareProtocol, launch: Launch) -> None:
+        super().__init__(transport, protocol)
         self._launch = launch
-        assert protocol.stdout is not None and protocol.stderr is not None  # both were piped
-        self._stdout: asyncio.StreamReader = protocol.stdout
-        self._stderr: asyncio.StreamReader = protocol.stderr
-
-    @property
-    def pid(self) -> int:
-        return self._transport.get_pid()
-
-    @property
-    def stdout(self) -> asyncio.StreamReader:
-        return self._stdout
-
-    @property
-    def stderr(self) -> asyncio.StreamReader:
-        return self._stderr
-
-    async def wait(self) -> int:
-        await asyncio.shield(self._protocol.exited)
-        code = self._transport.get_returncode()
-        assert code is not None  # set before process_exited resolved ``exited``
-        return code
 
     def kill(self) -> None:
         """SIGKILL the worker's group and every process of its cgroup."""
@@ -153,7 +120,7 @@ def isolated_spawn(
         loop = asyncio.get_running_loop()
         try:
             transport, protocol = await loop.subprocess_exec(
-                lambda: _ExitAware(loop),
+                lambda: ExitAwareProtocol(loop),
                 *launch.argv,
                 cwd=str(cwd),
                 env=dict(env),
