@@ -31,7 +31,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import Allocation
 from jobmesh.errors import Conflict, Unavailable
-from jobmesh.runtime.backoff import backoff
+from jobmesh.runtime.kvwatch import watch_forever
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -121,37 +121,9 @@ class Allocations:
         A watch that cannot be started (NATS away, JetStream still recovering after a
         restart) is tried again with backoff; the view stays stale meanwhile.
         """
-        failures = 0
-        while True:
-            self._restart.clear()
-            try:
-                watcher = await self.kv.watchall()
-            except (TimeoutError, nats.errors.Error) as exc:
-                failures += 1
-                delay = backoff(failures, base=0.2, cap=5.0)
-                log.warning(
-                    "allocation view: cannot watch jm_alloc (%s: %s); again in %.1fs", type(exc).__name__, exc, delay
-                )
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            follow = asyncio.ensure_future(self._follow(watcher))
-            restart = asyncio.ensure_future(self._restart.wait())
-            try:
-                await asyncio.wait({follow, restart}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                restart.cancel()
-                follow.cancel()
-                await asyncio.gather(follow, restart, return_exceptions=True)
-                try:
-                    await watcher.stop()
-                except Exception:
-                    # The old watch may be on a dead connection; it is dropped either way.
-                    log.debug("stopping an allocation watch failed", exc_info=True)
-            failure = follow.exception() if follow.done() and not follow.cancelled() else None
-            if failure is not None:
-                raise failure
-            log.info("allocation view: watching jm_alloc afresh")
+        await watch_forever(
+            self.kv.watchall, self._follow, self._restart, name="allocation view", bucket=subjects.KV_ALLOC, log=log
+        )
 
     async def _follow(self, watcher: Any) -> None:
         # The initial values are collected apart and then replace the cache as a whole, so

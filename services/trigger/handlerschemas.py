@@ -41,7 +41,7 @@ from nats.js import JetStreamContext
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime
 from jobmesh.errors import InvalidSpec
-from jobmesh.runtime.backoff import backoff
+from jobmesh.runtime.kvwatch import watch_forever
 
 log = logging.getLogger("jobmesh.trigger.handlers")
 
@@ -153,34 +153,14 @@ class HandlerSchemas:
 
     async def run(self) -> None:
         """Watch the bucket forever (a background task), afresh after each :meth:`restart`."""
-        failures = 0
-        while True:
-            self._restart.clear()
-            try:
-                kv = await self._js.key_value(subjects.KV_HANDLERS)
-                watcher = await kv.watchall()
-            except (TimeoutError, nats.errors.Error) as exc:
-                failures += 1
-                delay = backoff(failures, base=0.2, cap=5.0)
-                log.warning("handler view: the watch failed (%s: %s); again in %.1fs", type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            follow = asyncio.ensure_future(self._follow(watcher))
-            restart = asyncio.ensure_future(self._restart.wait())
-            try:
-                await asyncio.wait({follow, restart}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                restart.cancel()
-                follow.cancel()
-                await asyncio.gather(follow, restart, return_exceptions=True)
-                try:
-                    await watcher.stop()
-                except Exception:
-                    log.debug("stopping a handler watch failed", exc_info=True)  # on a dead connection
-            failure = follow.exception() if follow.done() and not follow.cancelled() else None
-            if failure is not None:
-                raise failure
+        js = self._js
+
+        async def open_watch() -> Any:
+            return await (await js.key_value(subjects.KV_HANDLERS)).watchall()
+
+        await watch_forever(
+            open_watch, self._follow, self._restart, name="handler view", bucket=subjects.KV_HANDLERS, log=log
+        )
 
     async def _follow(self, watcher: Any) -> None:
         async for entry in watcher:

@@ -14,12 +14,11 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-import nats.errors
 from nats.js import JetStreamContext
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import NodeInfo
-from jobmesh.runtime.backoff import backoff
+from jobmesh.runtime.kvwatch import watch_forever
 
 log = logging.getLogger("jobmesh.runtime.nodes")
 
@@ -95,36 +94,19 @@ class NodeWatcher:
         the view stays stale and the watch is tried again, with backoff, instead of the
         service stopping.
         """
-        failures = 0
-        while True:
-            self._restart.clear()
-            try:
-                kv = await self._js.key_value(subjects.KV_NODES)
-                watcher = await kv.watchall()
-            except (TimeoutError, nats.errors.Error) as exc:
-                failures += 1
-                delay = backoff(failures, base=0.2, cap=5.0)
-                log.warning("node view: the watch failed (%s: %s); again in %.1fs", type(exc).__name__, exc, delay)
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            follow = asyncio.ensure_future(self._follow(watcher, self._generation))
-            restart = asyncio.ensure_future(self._restart.wait())
-            try:
-                await asyncio.wait({follow, restart}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                restart.cancel()
-                follow.cancel()
-                await asyncio.gather(follow, restart, return_exceptions=True)
-                try:
-                    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-                except Exception:
-                    # The old watch may be on a dead connection; it is dropped either way.
-                    log.debug("stopping a node watch failed", exc_info=True)
-            failure = follow.exception() if follow.done() and not follow.cancelled() else None
-            if failure is not None:
-                raise failure
-            log.info("node view: watching jm_nodes afresh")
+        js = self._js
+
+        async def open_watch() -> Any:
+            return await (await js.key_value(subjects.KV_NODES)).watchall()
+
+        await watch_forever(
+            open_watch,
+            lambda watcher: self._follow(watcher, self._generation),
+            self._restart,
+            name="node view",
+            bucket=subjects.KV_NODES,
+            log=log,
+        )
 
     async def _follow(self, watcher: Any, generation: int) -> None:
         snapshot: dict[str, NodeInfo] | None = {}  # the initial values, until they are all in
