@@ -55,6 +55,7 @@ from jobmesh.errors import Overloaded
 from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
 from jobmesh.executor.isolation.environment import job_environment
+from jobmesh.executor.isolation.launch import hand_workdir
 from jobmesh.executor.isolation.probe import NodeIsolation, refusal
 from jobmesh.executor.isolation.uids import UidPool, kill_uid
 from jobmesh.executor.leases import LeaseBook, LeaseState
@@ -408,13 +409,10 @@ class Attempt:
     def _hand_over(self, workdir: Path, stdin: Path | None, secrets: bool) -> None:
         """Give the job what is its own once everything is in place: the working directory,
         the stdin file (a job may reopen ``/dev/stdin``), and entry to the private directory
-        when it holds secret files or the stdin. The working directory's group is the
-        executor's: bubblewrap, root without CAP_DAC_OVERRIDE, changes into it; no job is in
-        that group."""
+        when it holds secret files or the stdin."""
         assert self._uid is not None
         gid = self._gid if self._gid is not None else -1
-        os.chown(workdir, self._uid, os.getegid())
-        os.chmod(workdir, 0o710)
+        hand_workdir(workdir, self._uid)
         if stdin is not None:
             os.chown(stdin, self._uid, gid)
         if secrets or stdin is not None:

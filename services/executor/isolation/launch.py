@@ -142,6 +142,14 @@ class Launch:
             self.cgroup.remove()
 
 
+def hand_workdir(workdir: Path, uid: int) -> None:
+    """Make ``workdir`` the job's (I/O): owned by ``uid``, with search for the executor's
+    group alone, since bubblewrap changes into it as root without CAP_DAC_OVERRIDE and no
+    job is in that group (others get nothing)."""
+    os.chown(workdir, uid, os.getegid())
+    os.chmod(workdir, 0o710)
+
+
 def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
     """Make the process's cgroup and build its launch (I/O: the cgroup, the work directory's owner).
 
@@ -156,10 +164,7 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
         OSError: when the cgroup cannot be made or the work directory handed over.
     """
     if isolation.uid is not None and isolation.gid is not None:
-        # The job's, with search for the executor's group alone: bubblewrap changes into it
-        # as root without CAP_DAC_OVERRIDE, and no job is in that group (others get nothing).
-        os.chown(spec.workdir, isolation.uid, os.getegid())
-        os.chmod(spec.workdir, 0o710)
+        hand_workdir(spec.workdir, isolation.uid)
     cgroup = None
     if isolation.cgroups is not None:
         limits = attempt_limits(spec.memory_mb, spec.cpu_milli, isolation.pids_max)
