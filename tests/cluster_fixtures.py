@@ -10,11 +10,13 @@ teardown, whether the test passed or not.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,8 @@ import nats
 import pytest
 
 from jobmesh.contract import subjects
-from jobmesh.contract.messages.v1 import DeadLetter
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import DeadLetter, NodeInfo
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
 
@@ -198,3 +201,27 @@ async def dead_letters(js) -> list[DeadLetter]:
         msg = await js.get_msg(subjects.STREAM_DEADLETTER, seq)
         letters.append(msgspec.json.decode(msg.data, type=DeadLetter))
     return letters
+
+
+async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:
+    """The node's record (its attempts' leases) as it is in jm_nodes now."""
+    nc = await nats.connect(nats_url)
+    try:
+        kv = await nc.jetstream().key_value(subjects.KV_NODES)
+        try:
+            entry = await kv.get(node_id)
+        except Exception:  # noqa: BLE001 - nats-py raises KeyNotFoundError for a missing key
+            return None
+        return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
+    finally:
+        await nc.close()
+
+
+async def stand_in_heartbeats(kv, nodes: Iterable[NodeInfo], period: float = 1.0) -> None:
+    """Keep stand-in nodes' records alive in jm_nodes (``kv``), as their executors would:
+    run it as a task and cancel it at the end."""
+    nodes = list(nodes)
+    while True:
+        for node in nodes:
+            await kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
+        await asyncio.sleep(period)  # the stand-in nodes' heartbeat period (a deliberate sleep: noqa)

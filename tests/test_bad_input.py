@@ -3,6 +3,8 @@ with their reason, and every service keeps serving afterwards."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import msgspec
 import pytest
 
@@ -110,7 +112,21 @@ async def test_bad_messages_are_dead_lettered_and_services_keep_serving(cluster,
 
 
 # --- runtimes and isolation: refused at submit, the field named, nothing created ---------------
+E = TypeVar("E", bound=Exception)
 HANDLER = {"runtime": {"kind": "handler", "handler": "digits.train", "input": {}}}
+
+
+async def refused_submit(nats_server, nc, spec: dict, error: type[E]) -> E:
+    """The error a submit of ``spec`` is refused with; nothing reached JM_JOBS."""
+    before = (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages
+    client = await Client.connect(nats_server.url)
+    try:
+        with pytest.raises(error) as caught:
+            await client.request(subjects.API_SUBMIT, _raw_submit(spec), ErrorReply, "trigger")
+    finally:
+        await client.close()
+    assert (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages == before
+    return caught.value
 
 
 def _raw_submit(spec: dict) -> dict:
@@ -141,15 +157,8 @@ def _raw_submit(spec: dict) -> dict:
 async def test_bad_isolation_secrets_files_and_stdin_are_refused_by_the_api_naming_the_field(
     cluster, nats_server, nc, spec, field, says
 ):
-    before = (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages
-    client = await Client.connect(nats_server.url)
-    try:
-        with pytest.raises(InvalidMessage) as caught:
-            await client.request(subjects.API_SUBMIT, _raw_submit(spec), ErrorReply, "trigger")
-    finally:
-        await client.close()
-    assert caught.value.field == field and says in caught.value.message, caught.value
-    assert (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages == before
+    caught = await refused_submit(nats_server, nc, spec, InvalidMessage)
+    assert caught.field == field and says in caught.message, caught
 
 
 async def test_the_cli_names_the_field_of_a_bad_isolation_secret_or_handler_input(cluster, nats_server, nc):
@@ -215,12 +224,5 @@ async def test_the_cli_names_the_field_of_a_bad_isolation_secret_or_handler_inpu
 async def test_a_variable_name_that_is_not_a_name_is_refused_by_the_api_naming_the_variable(
     cluster, nats_server, nc, spec, field, says
 ):
-    before = (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages
-    client = await Client.connect(nats_server.url)
-    try:
-        with pytest.raises(InvalidSpec) as caught:
-            await client.request(subjects.API_SUBMIT, _raw_submit(spec), ErrorReply, "trigger")
-    finally:
-        await client.close()
-    assert caught.value.field == field and says in caught.value.message, caught.value
-    assert (await nc.jetstream().stream_info(subjects.STREAM_JOBS)).state.messages == before
+    caught = await refused_submit(nats_server, nc, spec, InvalidSpec)
+    assert caught.field == field and says in caught.message, caught

@@ -28,7 +28,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
-from tests.cluster_fixtures import Service
+from tests.cluster_fixtures import Service, stand_in_heartbeats
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -45,13 +45,7 @@ async def test_four_binders_never_overbook(nats_server, make_cluster):
     await provision(js)
     nodes_kv = await js.key_value(subjects.KV_NODES)
 
-    async def heartbeat() -> None:
-        while True:
-            for node in CAPACITY.values():
-                await nodes_kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
-            await asyncio.sleep(1.0)  # the fake nodes' heartbeat period (a deliberate sleep: noqa)
-
-    beats = asyncio.ensure_future(heartbeat())
+    beats = asyncio.ensure_future(stand_in_heartbeats(nodes_kv, CAPACITY.values()))
     await eventually(lambda: _keys(nodes_kv, len(NODES)), what="fake nodes registered")
 
     # Every allocation record ever written is checked, not only the final one.

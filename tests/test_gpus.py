@@ -17,7 +17,6 @@ import pytest
 from jobmesh.binder.allocation import overbooked
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
-from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
     Allocation,
     GpuDevice,
@@ -35,7 +34,7 @@ from jobmesh.contract.messages.v1 import (
 from jobmesh.executor.gpus import QUERY_ARGS, gpu_device_nodes, gpu_env, probe_gpus
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
-from tests.cluster_fixtures import E2E_NODE_ENV, Service
+from tests.cluster_fixtures import E2E_NODE_ENV, Service, stand_in_heartbeats
 from tests.helpers import eventually
 
 CSV = """0, NVIDIA A100-SXM4-40GB, 40960, GPU-aaaaaaaa-0000-0000-0000-000000000000
@@ -190,13 +189,7 @@ async def test_two_binders_never_give_one_gpu_to_two_jobs_at_once(nats_server, m
     await provision(js)
     nodes_kv = await js.key_value(subjects.KV_NODES)
 
-    async def heartbeat() -> None:
-        while True:
-            for node in GPU_NODES.values():
-                await nodes_kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
-            await asyncio.sleep(1.0)  # the stand-in nodes' heartbeat period (a deliberate sleep: noqa)
-
-    beats = asyncio.ensure_future(heartbeat())
+    beats = asyncio.ensure_future(stand_in_heartbeats(nodes_kv, GPU_NODES.values()))
     alloc_kv = await js.key_value(subjects.KV_ALLOC)
     violations: list[str] = []
     audit_watch = await alloc_kv.watchall()

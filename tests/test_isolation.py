@@ -21,7 +21,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import msgspec
 import nats
 import pytest
 
@@ -32,14 +31,13 @@ from jobmesh.contract.messages.v1 import (
     ErrorReply,
     JobSpec,
     JobView,
-    NodeInfo,
     ProcessRuntime,
     Resources,
     RetryPolicy,
     Submission,
 )
 from jobmesh.errors import InvalidMessage, NotFound
-from tests.cluster_fixtures import Service
+from tests.cluster_fixtures import Service, node_record
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -83,19 +81,6 @@ async def client(nats_server, iso_cluster):
     c = await Client.connect(nats_server.url)
     yield c
     await c.close()
-
-
-async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:
-    nc = await nats.connect(nats_url)
-    try:
-        kv = await nc.jetstream().key_value(subjects.KV_NODES)
-        try:
-            entry = await kv.get(node_id)
-        except Exception:  # noqa: BLE001 - nats-py raises KeyNotFoundError for a missing key
-            return None
-        return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
-    finally:
-        await nc.close()
 
 
 def sandboxed(script: str, **kw) -> JobSpec:

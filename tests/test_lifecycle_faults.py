@@ -26,7 +26,6 @@ from jobmesh.contract.messages.v1 import (
     FallbackSpec,
     JobSpec,
     JobView,
-    NodeInfo,
     NoopRuntime,
     ProcessRuntime,
     QueueConfig,
@@ -36,7 +35,7 @@ from jobmesh.contract.messages.v1 import (
     Timeouts,
 )
 from jobmesh.errors import NotFound
-from tests.cluster_fixtures import Service
+from tests.cluster_fixtures import Service, node_record
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -105,20 +104,6 @@ async def reservations(nats_url: str) -> dict[str, int]:
             entry = await kv.get(key)
             out[key] = len(msgspec.json.decode(entry.value, type=Allocation).reservations) if entry.value else 0
         return out
-    finally:
-        await nc.close()
-
-
-async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:
-    """The node's record (its attempts' leases) as it is in jm_nodes now."""
-    nc = await nats.connect(nats_url)
-    try:
-        kv = await nc.jetstream().key_value(subjects.KV_NODES)
-        try:
-            entry = await kv.get(node_id)
-        except Exception:  # noqa: BLE001 - nats-py raises KeyNotFoundError for a missing key
-            return None
-        return msgspec.json.decode(entry.value, type=NodeInfo) if entry.value else None
     finally:
         await nc.close()
 
