@@ -50,7 +50,7 @@ from jobmesh.contract.messages.v1 import (
     NoopRuntime,
     ProcessRuntime,
 )
-from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.contract.messages.v1.jobs import FailureCode, runtime_kind
 from jobmesh.errors import Overloaded
 from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
@@ -116,11 +116,6 @@ Verdict = Literal["run", "duplicate", "orphaned", "ended_before", "left_behind",
 def attempt_name(job_id: str, attempt: int) -> str:
     """How log lines name an attempt: ``job <id> attempt <n>``."""
     return f"job {job_id} attempt {attempt}"
-
-
-def runtime_kind(runtime: JobRuntime) -> str:
-    """A runtime's wire tag (``process``, ``noop``, ``handler``, ``container``), the key of :data:`Runners`."""
-    return str(type(runtime).__struct_config__.tag)
 
 
 @dataclass(frozen=True)

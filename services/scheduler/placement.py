@@ -15,7 +15,6 @@ node-set change and cached: a decision among 1,000 nodes is then a dict lookup.
 
 from __future__ import annotations
 
-import typing
 from collections import Counter
 from collections.abc import Iterable
 
@@ -23,24 +22,19 @@ from jobmesh.contract.messages.v1 import (
     ISOLATION_LEVELS,
     RUNTIME_ISOLATION_CEILING,
     HandlerRuntime,
-    JobRuntime,
     JobSpec,
     NodeInfo,
     ZoneMap,
 )
+from jobmesh.contract.messages.v1 import runtime_kind as kind_of_runtime
 from jobmesh.runtime.nodes import shape
 
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady
 
 
-# Each runtime type's wire tag, looked up once: reading ``__struct_config__`` per job and
-# node costs four times the dict lookup on the placement path.
-_RUNTIME_KINDS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in typing.get_args(JobRuntime)}
-
-
 def runtime_kind(spec: JobSpec) -> str:
     """The runtime a node must offer (``NodeInfo.runtimes``): the runtime's wire tag."""
-    return _RUNTIME_KINDS[type(spec.runtime)]
+    return kind_of_runtime(spec.runtime)
 
 
 def required_handler(spec: JobSpec) -> str:

@@ -32,8 +32,6 @@ from jobmesh.runtime.settings import Settings
 log = logging.getLogger("jobmesh.executor.isolation.probe")
 
 PROBE_TIMEOUT = 10.0
-# The strongest level a runtime kind can be held to (placement caps by the same table).
-RUNTIME_CEILING = RUNTIME_ISOLATION_CEILING
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +166,8 @@ def refusal(spec: JobSpec, runtime_kind: str, node_level: str, node_network: boo
     """
     asked = spec.constraints.isolation
     if asked:
-        ceiling = RUNTIME_CEILING.get(runtime_kind, "process")
+        # The strongest level the runtime can be held to (placement caps by the same table).
+        ceiling = RUNTIME_ISOLATION_CEILING.get(runtime_kind, "process")
         enforced = min(ISOLATION_LEVELS.get(node_level, 0), ISOLATION_LEVELS[ceiling])
         if ISOLATION_LEVELS[asked] > enforced:
             if ISOLATION_LEVELS[asked] > ISOLATION_LEVELS.get(node_level, 0):

@@ -69,6 +69,7 @@ __all__ = [
     "SecretName",
     "TerminalEvent",
     "Timeouts",
+    "runtime_kind",
 ]
 
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -191,6 +192,14 @@ class ContainerRuntime(Struct, frozen=True, kw_only=True, tag="container", tag_f
 
 
 JobRuntime = ProcessRuntime | NoopRuntime | HandlerRuntime | ContainerRuntime
+# Each runtime type's wire tag (``process``, ``noop``, ``handler``, ``container``): what a
+# node lists in ``NodeInfo.runtimes``. A dict lookup, as placement asks it per job and node.
+_RUNTIME_KINDS: dict[type, str] = {cls: str(cls.__struct_config__.tag) for cls in typing.get_args(JobRuntime)}
+
+
+def runtime_kind(runtime: JobRuntime) -> str:
+    """The kind of ``runtime``: its wire tag, which a node must offer to run it."""
+    return _RUNTIME_KINDS[type(runtime)]
 
 
 class InputFile(Struct, frozen=True, kw_only=True, omit_defaults=True):
