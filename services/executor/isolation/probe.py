@@ -26,7 +26,7 @@ from jobmesh.contract.messages.v1 import ISOLATION_LEVELS, RUNTIME_ISOLATION_CEI
 from jobmesh.errors import InvalidSpec
 from jobmesh.executor.isolation.cgroups import CgroupRoot, find_cgroup_root
 from jobmesh.executor.isolation.sandbox import MERGED_USR_LINKS, SandboxRequest, SandboxTools, sandbox_argv
-from jobmesh.executor.isolation.uids import BLOCK_SIZE, UidBlock, claim_block, range_problem
+from jobmesh.executor.isolation.uids import BLOCK_SIZE, claim_block, range_problem
 from jobmesh.runtime.settings import Settings
 
 log = logging.getLogger("jobmesh.executor.isolation.probe")
@@ -61,7 +61,7 @@ class NodeIsolation:
         attempt_uids: ``(first, count)``: the block of the attempt range this executor
             claimed, which each attempt takes a uid of its own from
             (:mod:`~jobmesh.executor.isolation.uids`); None: they all run as ``uid``.
-        uid_block: the claim on that block, held while the executor runs.
+        uid_lock: the descriptor whose lock holds that block while the executor runs.
         cgroups: where attempts get cgroups (None: no cgroup limits on this node).
         sandbox: the sandbox chain when ``level`` is sandbox or above, else None.
         open_files: RLIMIT_NOFILE of attempts.
@@ -74,7 +74,7 @@ class NodeIsolation:
     uid: int | None = None
     gid: int | None = None
     attempt_uids: tuple[int, int] | None = None
-    uid_block: UidBlock | None = None
+    uid_lock: int | None = None
     cgroups: CgroupRoot | None = None
     sandbox: SandboxTools | None = None
     open_files: int = 4096
@@ -328,7 +328,7 @@ def probe_node(
         uid=uid,
         gid=gid,
         attempt_uids=attempt_uids,
-        uid_block=block,
+        uid_lock=block.lock_fd if block is not None else None,
         cgroups=cgroups,
         sandbox=sandbox.tools if level != "process" else None,
         open_files=settings.attempt_open_files,
