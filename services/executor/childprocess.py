@@ -9,6 +9,9 @@ with :class:`ExitAwareProtocol`, and a worker is a :class:`PipedProcess`.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 READ_CHUNK = 64 * 1024  # bytes read from a child's pipe at a time (and a stream reader's limit)
 
@@ -24,6 +27,47 @@ class ExitAwareProtocol(asyncio.subprocess.SubprocessStreamProtocol):
         super().process_exited()
         if not self.exited.done():
             self.exited.set_result(None)
+
+
+async def start_piped(
+    argv: Sequence[str],
+    *,
+    cwd: Path,
+    env: Mapping[str, str],
+    stdin: Any = asyncio.subprocess.DEVNULL,
+    pass_fds: Sequence[int] = (),
+    preexec: Callable[[], None] | None = None,
+) -> tuple[asyncio.SubprocessTransport, ExitAwareProtocol]:
+    """Start ``argv`` in a session of its own, its stdout and stderr piped (what
+    ``asyncio.create_subprocess_exec`` does, with an :class:`ExitAwareProtocol`).
+
+    Args:
+        argv: the command line.
+        cwd: its working directory.
+        env: its whole environment.
+        stdin: a descriptor or file to read, else ``/dev/null``.
+        pass_fds: descriptors it inherits under the same numbers.
+        preexec: run in the child before it executes ``argv`` (its isolation).
+
+    Returns:
+        Its transport and protocol.
+
+    Raises:
+        OSError: it could not be started; ``subprocess.SubprocessError`` when ``preexec`` failed.
+    """
+    loop = asyncio.get_running_loop()
+    return await loop.subprocess_exec(
+        lambda: ExitAwareProtocol(loop),
+        *argv,
+        cwd=str(cwd),
+        env=dict(env),
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        pass_fds=tuple(pass_fds),
+        preexec_fn=preexec,
+    )
 
 
 class PipedProcess:

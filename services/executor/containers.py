@@ -32,7 +32,7 @@ from typing import Any
 
 from jobmesh.contract.messages.v1 import ContainerRuntime, JobError
 from jobmesh.contract.messages.v1.jobs import FailureCode
-from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol
+from jobmesh.executor.childprocess import READ_CHUNK, start_piped
 from jobmesh.executor.gpus import gpu_device_nodes
 from jobmesh.executor.outcomes import TIMEOUT, Outcome, exit_outcome, failed_outcome
 from jobmesh.executor.runner import MAX_LINE_BYTES, LineSink, OutputStream, OutputTail
@@ -443,7 +443,6 @@ class ContainerRunner:
     async def _run(self, request: RunRequest, argv: list[str]) -> Outcome:
         name = container_name(request.job_id, request.attempt)
         tail = OutputTail()
-        loop = asyncio.get_running_loop()
         with ExitStack() as files:
             try:
                 stdin: Any = (
@@ -451,16 +450,7 @@ class ContainerRunner:
                     if request.stdin is not None
                     else asyncio.subprocess.DEVNULL
                 )
-                transport, protocol = await loop.subprocess_exec(
-                    lambda: ExitAwareProtocol(loop),
-                    *argv,
-                    cwd=str(request.workdir),
-                    env=_client_env(),
-                    stdin=stdin,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    start_new_session=True,
-                )
+                transport, protocol = await start_piped(argv, cwd=request.workdir, env=_client_env(), stdin=stdin)
             except OSError as exc:
                 await _spawned(request)
                 return failed_outcome(CONTAINER_FAILED, f"cannot start {self._engine!r}: {exc.strerror or exc}")

@@ -50,7 +50,7 @@ import msgspec
 from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, JobSpec
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
-from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol, PipedProcess
+from jobmesh.executor.childprocess import READ_CHUNK, PipedProcess, start_piped
 from jobmesh.executor.outcomes import EXECUTOR_ERROR, NODE_DRAINED, TIMEOUT, Outcome, failed_outcome
 from jobmesh.executor.results import RESULT_FILE
 from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputStream, OutputTail
@@ -151,19 +151,7 @@ async def spawn_plain(argv: Sequence[str], env: Mapping[str, str], cwd: Path, pa
     Returns:
         The started process.
     """
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.subprocess_exec(
-        lambda: ExitAwareProtocol(loop),
-        *argv,
-        cwd=str(cwd),
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,
-        pass_fds=tuple(pass_fds),
-    )
-    return PlainWorkerProcess(transport, proto)
+    return PlainWorkerProcess(*await start_piped(argv, cwd=cwd, env=env, pass_fds=pass_fds))
 
 
 def worker_environment(environ: Mapping[str, str], home: Path, extra: Mapping[str, str]) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 from jobmesh.contract.messages.v1 import JobError, ProcessRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
-from jobmesh.executor.childprocess import READ_CHUNK, ExitAwareProtocol
+from jobmesh.executor.childprocess import READ_CHUNK, start_piped
 from jobmesh.executor.isolation.cgroups import MIN_MEMORY_MB
 from jobmesh.executor.isolation.environment import job_environment
 from jobmesh.executor.isolation.launch import Launch, LaunchSpec, command_problem, prepare_launch
@@ -266,26 +266,18 @@ class ProcessRunner:
         self, request: RunRequest, runtime: ProcessRuntime, launch: Launch | None, env: dict[str, str]
     ) -> Outcome:
         tail = OutputTail()
-        loop = asyncio.get_running_loop()
         abort, on_spawned, timeout = request.abort, request.on_spawned, request.timeout
         stdin_fd: int | None = None
         try:
             if request.stdin is not None:
                 stdin_fd = os.open(request.stdin, os.O_RDONLY | os.O_CLOEXEC)  # a small local file
-            # What asyncio.create_subprocess_exec does, with a protocol that says when the
-            # process exits: on Python 3.11's own event loop Process.wait() returns only
-            # once every pipe is closed, which a detached grandchild can put off forever.
-            transport, protocol = await loop.subprocess_exec(
-                lambda: ExitAwareProtocol(loop),
-                *(launch.argv if launch is not None else runtime.argv),
-                cwd=str(request.workdir),
+            transport, protocol = await start_piped(
+                launch.argv if launch is not None else runtime.argv,
+                cwd=request.workdir,
                 env=env,
                 stdin=asyncio.subprocess.DEVNULL if stdin_fd is None else stdin_fd,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=tuple(request.pass_fds),
-                preexec_fn=launch.preexec if launch is not None else None,
+                pass_fds=request.pass_fds,
+                preexec=launch.preexec if launch is not None else None,
             )
         except subprocess.SubprocessError as exc:  # the child's set-up (cgroup, rlimits, uid) failed
             if on_spawned is not None:

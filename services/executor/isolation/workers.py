@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 
 import jobmesh
-from jobmesh.executor.childprocess import ExitAwareProtocol, PipedProcess
+from jobmesh.executor.childprocess import ExitAwareProtocol, PipedProcess, start_piped
 from jobmesh.executor.isolation.launch import Launch, LaunchSpec, prepare_launch
 from jobmesh.executor.isolation.probe import NodeIsolation
 
@@ -117,19 +117,9 @@ def isolated_spawn(
         )
         # Making the cgroup (and handing the directory over) is file-system I/O: in a thread.
         launch = await asyncio.to_thread(prepare_launch, isolation, spec)
-        loop = asyncio.get_running_loop()
         try:
-            transport, protocol = await loop.subprocess_exec(
-                lambda: ExitAwareProtocol(loop),
-                *launch.argv,
-                cwd=str(cwd),
-                env=dict(env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=tuple(pass_fds),
-                preexec_fn=launch.preexec,
+            transport, protocol = await start_piped(
+                launch.argv, cwd=cwd, env=env, pass_fds=pass_fds, preexec=launch.preexec
             )
         except BaseException:
             await asyncio.to_thread(launch.finish)
