@@ -121,7 +121,7 @@ async def _probe_node_alive(nc: NATS) -> AsyncIterator[None]:
                 await kv.put(node.node_id, encode(node))
             except (TimeoutError, nats.errors.Error):
                 pass  # NATS is away; the next beat puts it again
-            await asyncio.sleep(0.5)  # the probe node's heartbeat period (a deliberate sleep)
+            await asyncio.sleep(0.5)  # the probe node's heartbeat period (a deliberate sleep: noqa)
 
     task = asyncio.ensure_future(beat())
     try:

@@ -238,7 +238,7 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
 
         pid = int(await eventually(ran, what="the command to run"))
         # The fault: kill -9 shortly after the start (a deliberate sleep, not a wait before an assert).
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # the fault's moment (a deliberate sleep: noqa)
         first.kill()
         await asyncio.to_thread(first.wait, 10)
         restarted_at = time.monotonic()

@@ -60,15 +60,15 @@ def square(ask: Ask, ctx: Context) -> Answer:
         print("leaving with os._exit(3)")
         os._exit(3)
     if ask.mode == "hang":
-        time.sleep(3600)
+        time.sleep(3600)  # the handler that hangs past its timeout  # noqa: sleep
     if ask.mode == "child_hang":
         import subprocess
         child = subprocess.Popen(["sleep", "3600"])
         print(f"child {child.pid}")
-        time.sleep(3600)
+        time.sleep(3600)  # hangs with a child of its own  # noqa: sleep
     if ask.mode == "cooperate":
         while not ctx.cancelled:
-            time.sleep(0.01)
+            time.sleep(0.01)  # a handler polling ctx.cancelled, as a user's would  # noqa: sleep
         print("saw the cancel")
         return Answer(value=-1, pid=os.getpid())
     if ask.mode == "bad_output":
