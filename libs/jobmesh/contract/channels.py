@@ -110,7 +110,7 @@ HEALTH_REQUEST = Payload(
 )
 EXTERNAL_EVENT = Payload(
     "ExternalEvent",
-    "An external event: any JSON object (stored in JM_EVENTS; trigger rules are not built yet).",
+    "An external event: any JSON value, usually an object; trigger rules match its subject and fields.",
     {"type": "object", "description": "Free-form JSON object published by users or other systems."},
 )
 
@@ -125,6 +125,8 @@ def _kv(bucket: str, key: str) -> str:
 
 
 TERMINAL_CONSUMERS = ("scheduler", "binder")  # who reacts to a terminal event today
+# Who reacts to a job's end for good: the trigger's completion rules as well.
+END_CONSUMERS = ("scheduler", "binder", "trigger")
 
 # The table. Consumers of job.* kinds exclude the tracker: it reads them all through one
 # filter (jobmesh.v1.job.>), which is the jobEvents channel below.
@@ -182,7 +184,7 @@ CHANNELS: tuple[Channel, ...] = (
         (v1.JobSucceeded,),
         subjects.STREAM_JOBS,
         ("executor",),
-        TERMINAL_CONSUMERS,
+        END_CONSUMERS,
         "Terminal: the attempt exited 0.",
     ),
     Channel(
@@ -201,7 +203,7 @@ CHANNELS: tuple[Channel, ...] = (
         (v1.JobExpired,),
         subjects.STREAM_JOBS,
         ("scheduler",),
-        TERMINAL_CONSUMERS,
+        END_CONSUMERS,
         "Terminal: the job was not started before its queue timeout.",
     ),
     Channel(
@@ -231,7 +233,7 @@ CHANNELS: tuple[Channel, ...] = (
         (v1.JobGaveUp,),
         subjects.STREAM_JOBS,
         ("scheduler",),
-        (),
+        ("trigger",),
         "The job ended failed for good, with every attempt's error and the fallback job, if any. "
         "One of the job-end events (with succeeded, cancelled and expired).",
     ),
@@ -250,7 +252,7 @@ CHANNELS: tuple[Channel, ...] = (
         (v1.JobCancelled,),
         subjects.STREAM_JOBS,
         ("scheduler",),
-        TERMINAL_CONSUMERS,
+        END_CONSUMERS,
         "The job ended cancelled; it never runs again. The binder frees any reservation.",
     ),
     Channel(
@@ -322,9 +324,10 @@ CHANNELS: tuple[Channel, ...] = (
         (EXTERNAL_EVENT,),
         subjects.STREAM_EVENTS,
         (CLIENT,),
-        (),
-        "Events from outside (any language, or `nats pub`). The stream exists and stores them; "
-        "trigger rules that turn them into jobs are not built yet, so nothing consumes them today.",
+        ("trigger",),
+        "Events from outside (any language, or `nats pub`). The trigger service matches each against "
+        "the event rules (subject pattern, filter) and submits the jobs they build; an event no rule "
+        "matches is stored and starts nothing.",
     ),
     # --- request/reply APIs: core NATS, answered by one replica (queue group) -------------
     Channel(
@@ -422,6 +425,120 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         (CLIENT,),
         "One scheduler's reply to api.queues, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersPut",
+        subjects.API_TRIGGERS_PUT,
+        (v1.TriggerPutRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "Add or change a trigger rule; it is validated completely (subjects, filter, template, the job its sample yields) before it is stored.",
+        reply="apiTriggersPutReply",
+    ),
+    Channel(
+        "apiTriggersPutReply",
+        None,
+        (v1.TriggerReply, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersPut, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersGet",
+        subjects.API_TRIGGERS_GET,
+        (v1.TriggerGetRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "One rule with its figures, next tick and pending partial state.",
+        reply="apiTriggersGetReply",
+    ),
+    Channel(
+        "apiTriggersGetReply",
+        None,
+        (v1.TriggerView, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersGet, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersList",
+        subjects.API_TRIGGERS_LIST,
+        (v1.TriggerListRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "Every rule with its fires, failures, last fire and next tick.",
+        reply="apiTriggersListReply",
+    ),
+    Channel(
+        "apiTriggersListReply",
+        None,
+        (v1.TriggerListReply, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersList, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersDelete",
+        subjects.API_TRIGGERS_DELETE,
+        (v1.TriggerDeleteRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "Remove a rule with its figures and partial state.",
+        reply="apiTriggersDeleteReply",
+    ),
+    Channel(
+        "apiTriggersDeleteReply",
+        None,
+        (v1.TriggerReply, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersDelete, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersPause",
+        subjects.API_TRIGGERS_PAUSE,
+        (v1.TriggerPauseRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "Pause or resume a rule.",
+        reply="apiTriggersPauseReply",
+    ),
+    Channel(
+        "apiTriggersPauseReply",
+        None,
+        (v1.TriggerReply, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersPause, on the requester's inbox.",
+    ),
+    Channel(
+        "apiTriggersTest",
+        subjects.API_TRIGGERS_TEST,
+        (v1.TriggerTestRequest,),
+        None,
+        (CLIENT,),
+        ("trigger",),
+        "The job an event would produce under a rule, without submitting it.",
+        reply="apiTriggersTestReply",
+    ),
+    Channel(
+        "apiTriggersTestReply",
+        None,
+        (v1.TriggerTestReply, v1.ErrorReply),
+        None,
+        ("trigger",),
+        (CLIENT,),
+        "Reply to apiTriggersTest, on the requester's inbox.",
     ),
     Channel(
         "apiSchedulerExplain",
@@ -529,6 +646,40 @@ CHANNELS: tuple[Channel, ...] = (
         "their input and output types: written by each executor that loads the handler; the "
         "trigger checks a handler job's input against it at submit.",
         kv_bucket=subjects.KV_HANDLERS,
+    ),
+    Channel(
+        "kvTriggers",
+        _kv(subjects.KV_TRIGGERS, KEY),
+        (v1.TriggerRecord,),
+        f"KV_{subjects.KV_TRIGGERS}",
+        ("trigger",),
+        ("trigger",),
+        "Trigger rules keyed by rule name (history 5): written through api.triggers.*, watched by "
+        "every trigger replica, so a change applies without a restart.",
+        kv_bucket=subjects.KV_TRIGGERS,
+    ),
+    Channel(
+        "kvTriggerState",
+        _kv(subjects.KV_TRIGGER_STATE, KEY),
+        (),
+        f"KV_{subjects.KV_TRIGGER_STATE}",
+        ("trigger",),
+        ("trigger",),
+        "Rules' partial state, private to the trigger: pending debounces, batches and "
+        "correlations (pending.<rule>.<key digest>) and the last tick each schedule fired "
+        "(tick.<rule>); updated by compare-and-set, so replicas share it.",
+        kv_bucket=subjects.KV_TRIGGER_STATE,
+    ),
+    Channel(
+        "kvTriggerStats",
+        _kv(subjects.KV_TRIGGER_STATS, KEY),
+        (),
+        f"KV_{subjects.KV_TRIGGER_STATS}",
+        ("trigger",),
+        ("trigger",),
+        "Each trigger instance's figures per rule (<rule>.<instance>): fires, failures, last fire; "
+        "private to the trigger, summed by api.triggers.list.",
+        kv_bucket=subjects.KV_TRIGGER_STATS,
     ),
     Channel(
         "kvLeases",

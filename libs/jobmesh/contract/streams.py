@@ -58,6 +58,9 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_LEASES, 1, ttl_setting="lease_ttl_seconds"),
     BucketSpec(subjects.KV_CONFIG, 5),
     BucketSpec(subjects.KV_HANDLERS, 1),
+    BucketSpec(subjects.KV_TRIGGERS, 5),
+    BucketSpec(subjects.KV_TRIGGER_STATE, 1),
+    BucketSpec(subjects.KV_TRIGGER_STATS, 1),
 )
 
 

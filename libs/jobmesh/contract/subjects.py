@@ -19,6 +19,9 @@ STREAM_DISPATCH = "JM_DISPATCH"  # bound jobs, one subject per executor node
 STREAM_LOGS = "JM_LOGS"  # stdout/stderr lines, one subject per job
 STREAM_DEADLETTER = "JM_DEADLETTER"  # messages a service refused, with the reason
 STREAM_EVENTS = "JM_EVENTS"  # external trigger events published by users
+# Subjects outside jobmesh.v1.events.> that the operator lets rules watch
+# (JOBMESH_TRIGGER_SUBJECTS); the trigger service provisions it with those subjects.
+STREAM_EXTERNAL = "JM_EXTERNAL"
 
 # --- KV buckets ----------------------------------------------------------------------
 KV_NODES = "jm_nodes"  # executor registrations; owned by executors, TTL = node lease
@@ -26,6 +29,9 @@ KV_ALLOC = "jm_alloc"  # per-node reservations; owned by the binder, CAS on revi
 KV_LEASES = "jm_leases"  # scheduler partition ownership
 KV_CONFIG = "jm_config"  # queue, tenant and zone configuration
 KV_HANDLERS = "jm_handlers"  # Python handlers executors host, key = handler name
+KV_TRIGGERS = "jm_triggers"  # trigger rules (TriggerRecord), key = rule name; owned by the trigger
+KV_TRIGGER_STATE = "jm_trigger_state"  # partial state of rules: pending bursts, last schedule ticks
+KV_TRIGGER_STATS = "jm_trigger_stats"  # per-rule figures, one key per rule and trigger instance
 OBJ_RESULTS = "jm_results"  # job results too large to travel inline, key <job_id>/<attempt>
 OBJ_UPLOADS = "jm_uploads"  # files uploaded with a submit, key sha256/<hex digest>
 
@@ -109,6 +115,12 @@ API_JOB_GET = f"{PREFIX}.api.jobs.get"
 API_JOB_LIST = f"{PREFIX}.api.jobs.list"
 API_NODES = f"{PREFIX}.api.nodes"
 API_QUEUES = f"{PREFIX}.api.queues"
+API_TRIGGERS_PUT = f"{PREFIX}.api.triggers.put"
+API_TRIGGERS_GET = f"{PREFIX}.api.triggers.get"
+API_TRIGGERS_LIST = f"{PREFIX}.api.triggers.list"
+API_TRIGGERS_DELETE = f"{PREFIX}.api.triggers.delete"
+API_TRIGGERS_PAUSE = f"{PREFIX}.api.triggers.pause"
+API_TRIGGERS_TEST = f"{PREFIX}.api.triggers.test"
 
 
 def scheduler_explain(partition: int) -> str:
@@ -155,6 +167,27 @@ def health(service: str) -> str:
 def job_watch(job_id: str) -> str:
     """Core-NATS subject the tracker announces a job's state changes on, after commit."""
     return f"{PREFIX}.watch.{job_id}"
+
+
+# --- trigger state (KV keys) --------------------------------------------------------
+def trigger_pending_key(rule: str, key_digest: str) -> str:
+    """Key in ``jm_trigger_state`` of one pending debounce, batch or correlation."""
+    return f"pending.{rule}.{key_digest}"
+
+
+def trigger_pending_prefix(rule: str) -> str:
+    """Watch/delete pattern of every pending key of ``rule``."""
+    return f"pending.{rule}.*"
+
+
+def trigger_tick_key(rule: str) -> str:
+    """Key in ``jm_trigger_state`` holding the last tick a schedule rule fired."""
+    return f"tick.{rule}"
+
+
+def trigger_stats_key(rule: str, instance: str) -> str:
+    """Key in ``jm_trigger_stats`` of one trigger instance's figures for ``rule``."""
+    return f"{rule}.{instance.replace('.', '_')}"
 
 
 # --- durable consumer names ----------------------------------------------------------

@@ -401,9 +401,12 @@ class Runtime:
             await raw.term()
 
     async def dead_letter(
-        self, subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0
+        self, subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0, rule: str = ""
     ) -> bool:
-        """Record a refused message with its reason. Returns False if that failed."""
+        """Record a refused message with its reason. Returns False if that failed.
+
+        ``rule`` names the trigger rule that could not use the message (one event can be
+        refused by several rules, one dead letter each)."""
         self.stats.dead_lettered += 1
         self.stats.last_error = f"{outcome.code}: {outcome.reason}"
         log.warning("%s: dead-lettering a message on %s: %s: %s", self.service, subject, outcome.code, outcome.reason)
@@ -420,8 +423,9 @@ class Runtime:
             stream_seq=stream_seq,
             deliveries=deliveries,
             at=time.time(),
+            rule=rule,
         )
-        msg_id = deadletter_id(self.service, subject, stream_seq, time.time_ns())
+        msg_id = deadletter_id(self.service, subject + (f":{rule}" if rule else ""), stream_seq, time.time_ns())
         try:
             await self.publisher.publish([Outgoing(subjects.deadletter(self.service), letter, msg_id)])
         except JobmeshError:

@@ -9,3 +9,4 @@ from jobmesh.contract.messages.v1.config import *  # noqa: F403
 from jobmesh.contract.messages.v1.deadletter import *  # noqa: F403
 from jobmesh.contract.messages.v1.jobs import *  # noqa: F403
 from jobmesh.contract.messages.v1.nodes import *  # noqa: F403
+from jobmesh.contract.messages.v1.triggers import *  # noqa: F403

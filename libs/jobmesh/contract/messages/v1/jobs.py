@@ -19,6 +19,8 @@ from typing import Annotated, Any, Literal
 
 from msgspec import Meta, Struct
 
+from jobmesh.contract.messages.v1.triggers import JobOrigin
+
 __all__ = [
     "DISRUPTION_CODES",
     "FAILURE_CODES",
@@ -357,6 +359,7 @@ class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="job.submitted"):
     idempotency_key: str
     submitted_at: float
     fallback_of: str = ""  # the job this one runs in place of
+    origin: JobOrigin | None = None  # the trigger rule and event that started it, if one did
 
 
 class JobReady(AttemptEvent, frozen=True, kw_only=True, tag="job.ready"):
@@ -422,6 +425,11 @@ class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded")
     result: str = ""  # the result file, when it is small and UTF-8 text
     result_ref: str = ""  # else its key in the object store bucket jm_results
     result_bytes: int = 0
+    # What a completion rule filters on (the job's queue, name and metadata labels), so a
+    # consumer of job ends needs no lookup of the spec.
+    queue: str = ""
+    name: str = ""
+    metadata: dict[str, str] = {}
 
 
 class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
@@ -442,6 +450,11 @@ class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
     attempt: NonNegInt  # the attempt that never started (0 from schedulers before v1.1)
     reason: str
     at: float
+    # What a completion rule filters on (the job's queue, name and metadata labels), so a
+    # consumer of job ends needs no lookup of the spec.
+    queue: str = ""
+    name: str = ""
+    metadata: dict[str, str] = {}
 
 
 class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
@@ -489,6 +502,11 @@ class JobGaveUp(AttemptEvent, frozen=True, kw_only=True, tag="job.gave_up"):
     errors: list[AttemptError] = []
     fallback_job_id: str = ""  # the job that runs in its place, if the policy has one
     at: float
+    # What a completion rule filters on (the job's queue, name and metadata labels), so a
+    # consumer of job ends needs no lookup of the spec.
+    queue: str = ""
+    name: str = ""
+    metadata: dict[str, str] = {}
 
 
 class JobCancelling(AttemptEvent, frozen=True, kw_only=True, tag="job.cancelling"):
@@ -507,6 +525,11 @@ class JobCancelled(JobEvent, frozen=True, kw_only=True, tag="job.cancelled"):
     reason: str
     node_id: str = ""
     at: float
+    # What a completion rule filters on (the job's queue, name and metadata labels), so a
+    # consumer of job ends needs no lookup of the spec.
+    queue: str = ""
+    name: str = ""
+    metadata: dict[str, str] = {}
 
 
 class AttemptCancel(Struct, frozen=True, kw_only=True, tag="node.cancel"):
