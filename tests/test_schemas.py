@@ -389,5 +389,6 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}
     assert parties("apiNodes", "receive") == {"binder"}  # the binder owns allocations
     assert parties("apiQueues", "receive") == parties("apiSchedulerExplain", "receive") == {"scheduler"}
-    assert parties("externalEvents", "receive") == set()  # trigger rules are not built yet
+    assert parties("externalEvents", "receive") == {"trigger"}  # event rules
+    assert "trigger" in parties("jobSucceeded", "receive") & parties("jobGaveUp", "receive")  # completion rules
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
