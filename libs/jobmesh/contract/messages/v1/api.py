@@ -9,6 +9,7 @@ from msgspec import Meta, Struct
 from jobmesh.contract.messages.v1.config import PartitionStats
 from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, Resources
 from jobmesh.contract.messages.v1.nodes import NodeInfo
+from jobmesh.contract.messages.v1.triggers import JobOrigin
 from jobmesh.errors import JobmeshError
 
 __all__ = [
@@ -156,6 +157,7 @@ class JobView(Struct, frozen=True, kw_only=True, tag="api.job"):
     partition: int = -1  # its scheduler partition (where to explain or cancel it); -1 unknown
     fallback_job_id: str = ""  # the job that ran in its place
     fallback_of: str = ""  # the job this one ran in place of
+    origin: JobOrigin | None = None  # the trigger rule and event that started it (None: a plain submit)
 
 
 class JobSummary(Struct, frozen=True, kw_only=True):
