@@ -213,7 +213,8 @@ def terminal_event(
         at: when it ended.
 
     Returns:
-        JobSucceeded when ``outcome`` has no error, else JobFailed.
+        JobSucceeded when ``outcome`` has no error (with the job's queue, name and
+        metadata, which completion rules filter on), else JobFailed.
     """
     if outcome.error is None:
         return JobSucceeded(
@@ -229,6 +230,10 @@ def terminal_event(
             result=outcome.result,
             result_ref=outcome.result_ref,
             result_bytes=outcome.result_bytes,
+            # The spec's own str and dict, not copies: the event is frozen and encoded once.
+            queue=bound.spec.queue,
+            name=bound.spec.name,
+            metadata=bound.spec.metadata,
         )
     return JobFailed(
         job_id=bound.job_id,

@@ -25,7 +25,7 @@ import asyncpg
 import msgspec
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import event_id, release_id
+from jobmesh.contract.ids import release_id
 from jobmesh.contract.messages.v1 import (
     AttemptError,
     CancelReply,
@@ -327,7 +327,16 @@ class PartitionScheduler:
         self.backlog.finish(job.job_id, job.attempt, rnd.now)
         rnd.out.extend(
             lifecycle.gave_up(
-                job.job_id, self.partition, ended, state, decision.reason, errors, fallback, rnd.now, context
+                job.job_id,
+                self.partition,
+                ended,
+                state,
+                decision.reason,
+                errors,
+                fallback,
+                rnd.now,
+                context,
+                spec=spec,
             )
         )
         rnd.changes.add(job.job_id, "done", decision.reason)
@@ -354,7 +363,10 @@ class PartitionScheduler:
             self.backlog.finish(job.job_id, job.attempt, rnd.now)
             rnd.ended += 1
         reason = job.cancelling or "cancelled"
-        rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, node_id, rnd.now, context))
+        # The spec is decoded from the backlog's bytes once, here at the job's end.
+        rnd.out.append(
+            lifecycle.cancelled(job.job_id, self.partition, attempt, reason, node_id, rnd.now, context, spec=job.spec)
+        )
         rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
         log.info("job %s: cancelled (attempt %d): %s", job.job_id, attempt, reason)
 
@@ -428,7 +440,9 @@ class PartitionScheduler:
                 # The job's own attempt number, released or not: the tracker may already
                 # show that attempt (waiting), and an ending at another one would be fenced.
                 attempt = job.attempt
-                rnd.out.append(lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context))
+                rnd.out.append(
+                    lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context, spec=job.spec)
+                )
                 rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
                 state = "cancelled"
                 if job.errors:
@@ -573,12 +587,9 @@ class PartitionScheduler:
                 self.leases.track(job.job_id, job.attempt, job.heartbeat, mono)
             elif isinstance(d, Expire):
                 # The attempt that never started (the tracker may show it waiting).
-                attempt = job.attempt
-                message = JobExpired(
-                    job_id=job.job_id, attempt=attempt, partition=self.partition, reason=d.reason, at=now
+                outgoing.append(
+                    lifecycle.expired(job.job_id, self.partition, job.attempt, d.reason, now, context, spec=job.spec)
                 )
-                subject = subjects.job_event(self.partition, subjects.EXPIRED)
-                outgoing.append(Outgoing(subject, message, event_id(job.job_id, attempt, subjects.EXPIRED), context))
                 changes.add(job.job_id, "done", d.reason)
         return outgoing
 

@@ -1,7 +1,7 @@
 """The messages a scheduler publishes about the life of a job after its release.
 
-Retries, give-ups (with the fallback job they submit), cancellations, declared losses and
-the stop of a lost attempt on its node:
+Retries, give-ups (with the fallback job they submit), cancellations, expiries, declared
+losses and the stop of a lost attempt on its node:
 each function builds the message, its subject and its deterministic Nats-Msg-Id, so the
 partition scheduler only decides *which* to send. Pure: no I/O, the clock passed in.
 """
@@ -18,6 +18,7 @@ from jobmesh.contract.messages.v1 import (
     JobCancelled,
     JobCancelling,
     JobError,
+    JobExpired,
     JobGaveUp,
     JobLost,
     JobRetrying,
@@ -83,8 +84,14 @@ def gave_up(
     fallback: JobSubmitted | None,
     now: float,
     context: Context | None,
+    *,
+    spec: JobSpec,
 ) -> list[Outgoing]:
-    """JobGaveUp for the job's last attempt, and the fallback job's JobSubmitted if any."""
+    """JobGaveUp for the job's last attempt, and the fallback job's JobSubmitted if any.
+
+    ``spec`` is the job's: its queue, name and metadata go on the JobGaveUp, so a
+    completion rule can filter on them without looking the spec up.
+    """
     message = JobGaveUp(
         job_id=job_id,
         attempt=ended.attempt,
@@ -96,6 +103,9 @@ def gave_up(
         errors=errors,
         fallback_job_id=fallback.job_id if fallback is not None else "",
         at=now,
+        queue=spec.queue,
+        name=spec.name,
+        metadata=spec.metadata,
     )
     out = [
         Outgoing(
@@ -118,12 +128,56 @@ def gave_up(
 
 
 def cancelled(
-    job_id: str, partition: int, attempt: int, reason: str, node_id: str, now: float, context: Context | None
+    job_id: str,
+    partition: int,
+    attempt: int,
+    reason: str,
+    node_id: str,
+    now: float,
+    context: Context | None,
+    *,
+    spec: JobSpec,
 ) -> Outgoing:
-    """JobCancelled: the job ended cancelled (attempt 0 when none was ever released)."""
-    message = JobCancelled(job_id=job_id, partition=partition, attempt=attempt, reason=reason, node_id=node_id, at=now)
+    """JobCancelled: the job ended cancelled (attempt 0 when none was ever released).
+
+    ``spec`` is the job's: its queue, name and metadata go on the event (see
+    :func:`gave_up`).
+    """
+    message = JobCancelled(
+        job_id=job_id,
+        partition=partition,
+        attempt=attempt,
+        reason=reason,
+        node_id=node_id,
+        at=now,
+        queue=spec.queue,
+        name=spec.name,
+        metadata=spec.metadata,
+    )
     subject = subjects.job_event(partition, subjects.CANCELLED)
     return Outgoing(subject, message, event_id(job_id, attempt, subjects.CANCELLED), context)
+
+
+def expired(
+    job_id: str, partition: int, attempt: int, reason: str, now: float, context: Context | None, *, spec: JobSpec
+) -> Outgoing:
+    """JobExpired: ``attempt`` never started before the job's queue timeout.
+
+    ``spec`` is the job's: its queue, name and metadata go on the event (see
+    :func:`gave_up`).
+    """
+    message = JobExpired(
+        job_id=job_id,
+        attempt=attempt,
+        partition=partition,
+        reason=reason,
+        at=now,
+        queue=spec.queue,
+        name=spec.name,
+        metadata=spec.metadata,
+    )
+    subject = subjects.job_event(partition, subjects.EXPIRED)
+    return Outgoing(subject, message, event_id(job_id, attempt, subjects.EXPIRED), context)
 
 
 def cancelling(job_id: str, partition: int, attempt: int, reason: str, now: float, context: Context | None) -> Outgoing:
