@@ -35,8 +35,10 @@ The joins make the result independent of delivery order, of batching and of rede
 * JobCancelling changes no state: it records why the attempt is being stopped
   (``cancelling``), shown as the attempt's reason until the attempt ends.
 * Facts that fill gaps (node, bind and start times, spec, submission time, partition,
-  the fallback links, the cancelling reason) are kept whichever event brings them first,
-  and are never cleared by a later, emptier event.
+  the fallback links, the origin, the cancelling reason) are kept whichever event brings
+  them first, and are never cleared by a later, emptier event. The origin (the trigger
+  rule and event that started the job) comes only with JobSubmitted, so it fills its gap
+  on its own rather than with the spec, which JobReady and JobBound bring too.
 
 There is one deliberate exception to order independence: two *different* endings of one
 level for one attempt (Succeeded and Lost, say). The one recorded first wins, because
@@ -74,6 +76,7 @@ from jobmesh.contract.messages.v1 import (
     JobWaiting,
     LifecycleEvent,
 )
+from jobmesh.contract.messages.v1.triggers import JobOrigin
 
 # Ranks: queued and retrying 0, waiting 1, ready 2, bound 3, running 4, any terminal state 5.
 TERMINAL_RANK = 5
@@ -132,6 +135,7 @@ class JobRow(Struct, frozen=True, kw_only=True):
     partition: int = -1  # -1 until an event brings it (every event does)
     fallback_job_id: str = ""  # the job that runs in its place (JobGaveUp)
     fallback_of: str = ""  # the job it runs in place of (JobSubmitted)
+    origin: JobOrigin | None = None  # the trigger rule and event that started it (JobSubmitted)
 
 
 class AttemptRow(Struct, frozen=True):
@@ -274,7 +278,7 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
     Returns:
         The job showing the higher attempt (joined when both show the same one), the
         identity known first, the highest partition seen (every event carries the same
-        one), the fallback links from either, and the latest update time.
+        one), the fallback links and the origin from either, and the latest update time.
     """
     if new.current.attempt > old.current.attempt:
         current = new.current
@@ -295,6 +299,7 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
         partition=max(old.partition, new.partition),
         fallback_job_id=old.fallback_job_id or new.fallback_job_id,
         fallback_of=old.fallback_of or new.fallback_of,
+        origin=old.origin if old.origin is not None else new.origin,
     )
 
 
@@ -348,7 +353,11 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
             detail = f"queue {spec.queue}, tenant {spec.tenant}"
             if fallback_of:
                 detail += f", fallback of {fallback_of}"
-            return _job(event.job_id, p, state, spec, event.submitted_at, fallback_of=fallback_of), detail
+            if event.origin is not None:
+                rule = f" {event.origin.rule}" if event.origin.rule else ""
+                detail += f", from {event.origin.kind}{rule}"
+            job = _job(event.job_id, p, state, spec, event.submitted_at, fallback_of=fallback_of, origin=event.origin)
+            return job, detail
         case JobReady(spec=spec):
             state = AttemptState(
                 attempt=event.attempt, state="ready", rank=2, seq=2 * event.release, state_at=event.ready_at
@@ -546,6 +555,7 @@ def _job(
     at: float | None = None,
     fallback_job_id: str = "",
     fallback_of: str = "",
+    origin: JobOrigin | None = None,
 ) -> JobRow:
     # ``at``: when the event happened, if not when its state did (a give-up is later
     # than the end of the attempt it records).
@@ -559,6 +569,7 @@ def _job(
             partition=partition,
             fallback_job_id=fallback_job_id,
             fallback_of=fallback_of,
+            origin=origin,
         )
     return JobRow(
         job_id=job_id,
@@ -572,6 +583,7 @@ def _job(
         partition=partition,
         fallback_job_id=fallback_job_id,
         fallback_of=fallback_of,
+        origin=origin,
     )
 
 

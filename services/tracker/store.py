@@ -23,6 +23,7 @@ import asyncpg
 import msgspec
 
 from jobmesh.contract.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
+from jobmesh.contract.messages.v1.triggers import JobOrigin
 from jobmesh.tracker.fold import AttemptState, Folded, final_of, is_final, shown_reason
 
 # job_id and event_id use the "C" collation: byte order is cheaper to compare and lets the
@@ -62,7 +63,10 @@ ALTER TABLE jobs
     ADD COLUMN IF NOT EXISTS cancelling      text NOT NULL DEFAULT '',
     ADD COLUMN IF NOT EXISTS partition       integer NOT NULL DEFAULT -1,
     ADD COLUMN IF NOT EXISTS fallback_job_id text NOT NULL DEFAULT '',
-    ADD COLUMN IF NOT EXISTS fallback_of     text NOT NULL DEFAULT '';
+    ADD COLUMN IF NOT EXISTS fallback_of     text NOT NULL DEFAULT '',
+    -- JobSubmitted.origin as JSON, like the spec; NULL for a plain submit (and for the
+    -- rows of an older tracker, which never saw one).
+    ADD COLUMN IF NOT EXISTS origin          json;
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at DESC NULLS LAST, job_id DESC);
 -- No index on state: a job changes state five times in a second, and an indexed state
 -- would make every one of those updates a non-HOT write to every index. Listing by state
@@ -156,7 +160,8 @@ _EVENT_COLUMNS = {
 }
 _JOB_IDENTITY = {"name": "text", "queue": "text", "tenant": "text", "spec": "json", "submitted_at": "float8"}
 # Job facts any of several events may bring: gap-filled (the partition: the highest seen).
-_JOB_LINKS = {"partition": "int", "fallback_job_id": "text", "fallback_of": "text"}
+# The origin comes only with JobSubmitted, so it fills its own gap (not with the spec).
+_JOB_LINKS = {"partition": "int", "fallback_job_id": "text", "fallback_of": "text", "origin": "json"}
 
 
 def _names(columns: dict[str, str]) -> str:
@@ -200,7 +205,8 @@ _J_FILLS = (
 _J_LINKS = (
     "(EXCLUDED.partition > j.partition"
     " OR (j.fallback_job_id = '' AND EXCLUDED.fallback_job_id <> '')"
-    " OR (j.fallback_of = '' AND EXCLUDED.fallback_of <> ''))"
+    " OR (j.fallback_of = '' AND EXCLUDED.fallback_of <> '')"
+    " OR (j.origin IS NULL AND EXCLUDED.origin IS NOT NULL))"
 )
 
 # Rows arrive as three JSON arrays (events, attempts, jobs) whose objects mirror the
@@ -248,6 +254,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     partition = GREATEST(j.partition, EXCLUDED.partition),
     fallback_job_id = CASE WHEN j.fallback_job_id = '' THEN EXCLUDED.fallback_job_id ELSE j.fallback_job_id END,
     fallback_of = CASE WHEN j.fallback_of = '' THEN EXCLUDED.fallback_of ELSE j.fallback_of END,
+    origin = COALESCE(j.origin, EXCLUDED.origin),
     updated_at = GREATEST(j.updated_at, EXCLUDED.updated_at)
 WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS} OR {_J_LINKS}
    OR EXCLUDED.updated_at > j.updated_at
@@ -266,7 +273,7 @@ _LIST = {
 }
 _GET_JOB = f"""
 SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, {_names(_ATTEMPT_COLUMNS)},
-       updated_at, partition, fallback_job_id, fallback_of
+       updated_at, partition, fallback_job_id, fallback_of, origin::text AS origin
 FROM jobs WHERE job_id = $1
 """
 _GET_ATTEMPTS = f"SELECT {_names(_ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = $1 ORDER BY attempt"
@@ -281,6 +288,7 @@ ORDER BY at, attempt,
 
 _encoder = msgspec.json.Encoder()
 _spec_decoder = msgspec.json.Decoder(JobSpec)
+_origin_decoder = msgspec.json.Decoder(JobOrigin)
 
 
 def write_args(folded: Folded) -> tuple[str, str, str]:
@@ -389,6 +397,7 @@ class Store:
             partition=job["partition"],
             fallback_job_id=job["fallback_job_id"],
             fallback_of=job["fallback_of"],
+            origin=_origin_decoder.decode(job["origin"]) if job["origin"] is not None else None,
         )
         return view, True
 
