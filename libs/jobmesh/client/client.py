@@ -5,7 +5,9 @@ cluster that does not answer raises ``Unavailable`` with a message saying which 
 Besides the APIs it reads what the cluster stores for its users: results (``jm_results``)
 and dead letters (``JM_DEADLETTER``, see ``deadletters``); it uploads a job's input files
 (``jm_uploads``, see ``uploads``), waits for a job's end, and calls a Python handler as a
-job and returns its typed result (``call``, see ``handlercalls``).
+job and returns its typed result (``call``, see ``handlercalls``). Trigger rules are managed
+through the trigger service's ``api.triggers.*`` requests (``put_trigger`` and the rest;
+rule files are read by ``triggers``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import builtins
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -29,6 +31,7 @@ from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.results import JobResult, result_attempt
+from jobmesh.client.triggers import rule_from_data
 from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
@@ -51,10 +54,22 @@ from jobmesh.contract.messages.v1 import (
     QueueConfig,
     QueuesReply,
     QueuesRequest,
+    SampleEvent,
     Submission,
     SubmitReply,
     SubmitRequest,
     TenantConfig,
+    TriggerDeleteRequest,
+    TriggerGetRequest,
+    TriggerListReply,
+    TriggerListRequest,
+    TriggerPauseRequest,
+    TriggerPutRequest,
+    TriggerReply,
+    TriggerRule,
+    TriggerTestReply,
+    TriggerTestRequest,
+    TriggerView,
     ZoneMap,
 )
 from jobmesh.errors import NotFound, Unavailable, UsageError
@@ -512,6 +527,78 @@ class Client:
             await sub.unsubscribe()
         return replies
 
+    # --- trigger rules (the trigger service's api.triggers.*) ---------------------------
+    async def put_trigger(self, rule: TriggerRule | Mapping[str, Any], paused: bool = False) -> TriggerReply:
+        """Add a rule, or change the rule of its name (a new version when it differs).
+
+        Args:
+            rule: the rule, or its data as a rule file holds it (checked here first, so a
+                wrong field is named without a round trip).
+            paused: add it paused.
+
+        Returns:
+            The stored record; ``changed`` is false when the same rule was stored already.
+
+        Raises:
+            InvalidMessage: the rule is invalid (its field named): here, or at the service,
+                which also checks its CEL expressions, job template and subjects.
+        """
+        request = TriggerPutRequest(rule=_rule_of(rule), paused=paused)
+        return await self.request(subjects.API_TRIGGERS_PUT, request, TriggerReply, "trigger")
+
+    async def get_trigger(self, name: str) -> TriggerView:
+        """One rule: its record, figures, next tick and pending partial state.
+
+        Raises:
+            NotFound: there is no rule of that name.
+        """
+        return await self.request(subjects.API_TRIGGERS_GET, TriggerGetRequest(name=name), TriggerView, "trigger")
+
+    async def list_triggers(self) -> TriggerListReply:
+        """Every rule, by name, with its figures."""
+        return await self.request(subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply, "trigger")
+
+    async def delete_trigger(self, name: str) -> TriggerReply:
+        """Remove a rule, its figures and its partial state; returns the record removed.
+
+        Raises:
+            NotFound: there is no rule of that name.
+        """
+        return await self.request(
+            subjects.API_TRIGGERS_DELETE, TriggerDeleteRequest(name=name), TriggerReply, "trigger"
+        )
+
+    async def pause_trigger(self, name: str, paused: bool = True) -> TriggerReply:
+        """Pause a rule (``paused``) or resume it (not ``paused``); its version stays.
+
+        Raises:
+            NotFound: there is no rule of that name.
+        """
+        request = TriggerPauseRequest(name=name, paused=paused)
+        return await self.request(subjects.API_TRIGGERS_PAUSE, request, TriggerReply, "trigger")
+
+    async def test_trigger(
+        self, name_or_rule: str | TriggerRule | Mapping[str, Any], event: SampleEvent | None = None
+    ) -> TriggerTestReply:
+        """The job an event would make of a rule, without submitting it.
+
+        Args:
+            name_or_rule: a stored rule's name, or a rule (or its data) not stored.
+            event: the event; None for the rule's sample.
+
+        Returns:
+            Whether it matched and why not, the job spec and its idempotency key.
+
+        Raises:
+            NotFound: there is no stored rule of that name.
+            InvalidMessage: the rule or event is invalid (its field named).
+        """
+        if isinstance(name_or_rule, str):
+            request = TriggerTestRequest(name=name_or_rule, event=event)
+        else:
+            request = TriggerTestRequest(rule=_rule_of(name_or_rule), event=event)
+        return await self.request(subjects.API_TRIGGERS_TEST, request, TriggerTestReply, "trigger")
+
     async def put_config(self, key: str, value: ConfigValue) -> None:
         """Write one configuration value to ``jm_config``; schedulers apply it at once.
 
@@ -589,3 +676,11 @@ class Client:
             ) from exc
         except nats.errors.Error as exc:
             raise Unavailable(f"cannot open {subjects.KV_CONFIG}: {type(exc).__name__} {exc}") from exc
+
+
+def _rule_of(rule: TriggerRule | Mapping[str, Any]) -> TriggerRule:
+    """A rule as sent: data decoded strictly; a struct built in Python re-checked as the
+    wire would (its constructor does not check constraints such as the name's pattern)."""
+    if isinstance(rule, TriggerRule):
+        return rule_from_data(msgspec.to_builtins(rule))
+    return rule_from_data(rule)

@@ -16,7 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NoReturn
 
 from jobmesh.client import jobstate
-from jobmesh.client.cli import commands, render
+from jobmesh.client.cli import commands, render, triggers
 from jobmesh.client.cli.exitcodes import EXIT_USAGE
 from jobmesh.client.cli.specflags import add_spec_flags
 from jobmesh.contract.subjects import SERVICES
@@ -197,6 +197,8 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
     z = zsub.add_parser("show", help="the zone distance map (--json prints what zones set reads)")
     z.add_argument("--json", action="store_true")
     z.set_defaults(fn=commands.cmd_zones_show)
+
+    triggers.register(sub)  # ``trigger add|list|show|rm|pause|resume|test``
 
     p = sub.add_parser("health", help="ask a service whether it is healthy")
     p.add_argument("service", choices=SERVICES)

@@ -22,6 +22,7 @@ from jobmesh.client.jobstate import Progress, Seen
 from jobmesh.client.timeline import Step, job_notes, timeline
 from jobmesh.contract.messages.v1 import (
     HealthReply,
+    JobOrigin,
     JobSummary,
     JobView,
     LogLine,
@@ -82,14 +83,33 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[str]], right: frozense
         rows: the cells of each row, as text.
         right: indexes of the columns aligned to the right (numbers).
     """
+    for line in table_lines(headers, rows, right):
+        print(line)
+
+
+def table_lines(
+    headers: Sequence[str], rows: Iterable[Sequence[str]], right: frozenset[int] = frozenset()
+) -> list[str]:
+    """The lines ``table`` prints, for output that indents a table under a heading.
+
+    Args:
+        headers: the column titles.
+        rows: the cells of each row, as text.
+        right: indexes of the columns aligned to the right (numbers).
+
+    Returns:
+        The header line and one line per row.
+    """
     cells = [list(headers), *(list(r) for r in rows)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
     for row in cells:
         parts = [
             cell.rjust(widths[i]) if i in right else (cell if i == len(row) - 1 else cell.ljust(widths[i]))
             for i, cell in enumerate(row)
         ]
-        print("  ".join(parts).rstrip())
+        lines.append("  ".join(parts).rstrip())
+    return lines
 
 
 def detail(seen: Seen) -> str:
@@ -286,6 +306,8 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
     print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
     print(f"timeouts {timeouts_text(view.spec.timeouts)}")
     print(f"submitted {when(view.submitted_at)}  updated {when(view.updated_at)}")
+    if view.origin is not None:
+        print(f"started by: {origin_text(view.origin)}")
     if view.fallback_of:
         print(f"runs in place of {view.fallback_of}")
     if view.fallback_job_id:
@@ -307,6 +329,29 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
         print("events:")
         for e in view.events:
             print(f"  {when(e.at)}  #{e.attempt} {e.kind}" + (f"  {e.detail}" if e.detail else ""))
+
+
+def origin_text(origin: JobOrigin) -> str:
+    """What started a triggered job, as ``status`` says it after ``started by:``.
+
+    Args:
+        origin: the job's origin (``JobView.origin``).
+
+    Returns:
+        ``rule dataset-reindex v2 (event JM_EVENTS:1234 on jobmesh.v1.events.dataset.updated.books)``;
+        a batch adds how many events it stands for, a completion chain its depth.
+    """
+    if not origin.rule:
+        return f"{origin.kind} request"
+    about = [f"{origin.kind} {origin.event}".rstrip()]
+    if origin.subject:
+        about[0] += f" on {origin.subject}"
+    if origin.events > 1:
+        about.append(f"{origin.events} events")
+    if origin.depth:
+        about.append(f"chain depth {origin.depth}")
+    version = f" v{origin.version}" if origin.version else ""
+    return f"rule {origin.rule}{version} ({', '.join(about)})"
 
 
 def timeouts_text(timeouts: Timeouts) -> str:
