@@ -295,7 +295,11 @@ def rule_yaml(rule: TriggerRule) -> str:
     Returns:
         The YAML text, ending with a line break.
     """
-    return yaml.safe_dump(msgspec.to_builtins(rule), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    data = msgspec.to_builtins(rule)
+    sample = data.get("sample")
+    if isinstance(sample, dict) and not sample.get("headers"):
+        del sample["headers"]  # SampleEvent keeps its defaults on the wire; nobody writes ``headers: {}``
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
 
 
 def trigger_show(view: TriggerView, now: float, as_json: bool) -> None:
