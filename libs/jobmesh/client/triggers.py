@@ -156,6 +156,12 @@ def sample_event_from_data(data: Any, source: str = "event") -> SampleEvent:
             f"{source}: an event must be a mapping with subject, data and headers, not {_kind(data)}"
             " (give --subject to send the file as the event's data)"
         )
+    if data and not data.keys() & {"subject", "data", "headers"}:
+        # Most likely the event's data itself, given without --subject.
+        raise InvalidMessage(
+            f"{source}: an event holds subject, data and headers, and this has none of them"
+            " (give --subject to send the file as the event's data)"
+        )
     return _strict(data, SampleEvent, source)
 
 
