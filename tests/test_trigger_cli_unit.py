@@ -179,7 +179,7 @@ def test_a_bad_event_file_or_header_is_named():
     assert caught.value.field == "dta"
     with pytest.raises(InvalidMessage, match="give --subject"):
         event_from([1], source="ev.json")
-    with pytest.raises(InvalidMessage, match="has none of them .*give --subject"):
+    with pytest.raises(InvalidMessage, match=r"has none of them .*give --subject"):
         event_from({"n": 5}, source="ev.json")  # the data alone, without --subject
     with pytest.raises(UsageError, match="not KEY=VALUE"):
         event_from(None, headers=["novalue"])
