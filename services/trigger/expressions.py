@@ -79,7 +79,7 @@ class Expression:
             ExpressionError: when evaluation fails; the message names the field and says why.
         """
         try:
-            return self._program.execute(bindings._context)  # noqa: SLF001 - the one reader
+            return self._program.execute(bindings._context)
         except KeyError as exc:
             raise ExpressionError(
                 f"{self.field}: {self.text!r}: no such field {exc.args[0]!r} in this event "

@@ -40,6 +40,7 @@ class Incoming:
         context: its trace context.
         depth: for a finished job, how deep in a completion chain it was.
         metadata: labels to add to the jobs it makes (a completion chain's depth).
+        extra: what the source keeps with it (the event's envelope, for its dead letter).
     """
 
     kind: SourceKind
@@ -50,6 +51,7 @@ class Incoming:
     context: Context | None = None
     depth: int = 0
     metadata: dict[str, str] = field(default_factory=dict)
+    extra: Any = None
     _bindings: Bindings | None = None
 
     @property
@@ -174,7 +176,9 @@ class Router:
         if held:
             if self._bursts is None:
                 for item, rule in held:
-                    routed.failures.append(Failure(item, rule, InvalidMessage(f"rule {rule.name}: bursts are off here")))
+                    routed.failures.append(
+                        Failure(item, rule, InvalidMessage(f"rule {rule.name}: bursts are off here"))
+                    )
             else:
                 routed.failures.extend(await self._bursts.add(held))
                 routed.held += len(held)

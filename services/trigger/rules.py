@@ -123,9 +123,7 @@ def time_of(at: float) -> dict[str, Any]:
     return {"unix": at, "iso": datetime.fromtimestamp(at, UTC).isoformat()}
 
 
-def event_variables(
-    subject: str, data: Any, headers: dict[str, str], event_id: str, at: float
-) -> dict[str, Any]:
+def event_variables(subject: str, data: Any, headers: dict[str, str], event_id: str, at: float) -> dict[str, Any]:
     """The variables of one event (a subject event or a webhook's body)."""
     return {
         "event": data,
@@ -304,7 +302,8 @@ def compile_record(record: TriggerRecord, allowed: Sequence[tuple[str, ...]] = (
             tokens = check_pattern(part.subject, allowed, f"{where}.subject")
             if not any(covers(p, tokens) for p in patterns):
                 raise RuleError(
-                    f"{where}.subject: {part.subject!r} is not within the rule's source.subjects", field=f"{where}.subject"
+                    f"{where}.subject: {part.subject!r} is not within the rule's source.subjects",
+                    field=f"{where}.subject",
                 )
             flt = Expression(part.filter, f"{where}.filter") if part.filter else None
             parts.append(Part(part.name, tokens, flt, part.count))
@@ -354,7 +353,9 @@ def sample_variables(rule: TriggerRule, sample: SampleEvent | None, now: float) 
             raise RuleError("sample.subject: required for an event rule", field="sample.subject")
         problem = pattern_problem(subject)
         if problem or "*" in subject.split(".") or ">" in subject.split("."):
-            raise RuleError(f"sample.subject: {subject!r} is not a subject ({problem or 'no wildcards'})", field="sample.subject")
+            raise RuleError(
+                f"sample.subject: {subject!r} is not a subject ({problem or 'no wildcards'})", field="sample.subject"
+            )
     if kind == "webhook" and not subject:
         subject = f"hooks.{rule.name}"
     variables = event_variables(subject, sample.data, dict(sample.headers), "sample", now)

@@ -102,7 +102,9 @@ class RuleSet:
         async def open_watch() -> Any:
             return await (await js.key_value(subjects.KV_TRIGGERS)).watchall()
 
-        await watch_forever(open_watch, self._follow, self._restart, name="rule view", bucket=subjects.KV_TRIGGERS, log=log)
+        await watch_forever(
+            open_watch, self._follow, self._restart, name="rule view", bucket=subjects.KV_TRIGGERS, log=log
+        )
 
     async def _follow(self, watcher: Any) -> None:
         async for entry in watcher:

@@ -1,36 +1,122 @@
-"""The trigger service: API submits in, JobSubmitted out.
+"""The trigger service: API submits, event rules, webhooks, schedules and completions in;
+JobSubmitted out.
 
-It keeps a live view of ``jm_handlers`` to check a handler job's input at submit. Later
-issues add event rules, schedules and workflow expansion here.
+It keeps live views of ``jm_triggers`` (the rules) and ``jm_handlers`` (to check a handler
+job's input), consumes ``JM_EVENTS`` (and ``JM_EXTERNAL`` for subjects the operator allows),
+and, while completion rules exist, the job-end events of ``JM_JOBS``.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import SubmitRequest
-from jobmesh.runtime.service import ResponderSpec, Runtime
+from jobmesh.errors import InvalidMessage
+from jobmesh.runtime.provisioning import ensure_stream, external_stream_config
+from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
+from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler
+from jobmesh.trigger.firing import Firer
 from jobmesh.trigger.handlers import SubmitHandler
 from jobmesh.trigger.handlerschemas import HandlerSchemas
+from jobmesh.trigger.router import Router
+from jobmesh.trigger.ruleapi import RuleApi
+from jobmesh.trigger.rules import RuleError, check_pattern
+from jobmesh.trigger.ruleset import RuleSet
+from jobmesh.trigger.stats import RuleStats
+from jobmesh.trigger.subjectevents import EventCodec, EventHandler
+
+log = logging.getLogger("jobmesh.trigger.service")
+
+
+def allowed_subjects(setting: str) -> tuple[tuple[str, ...], ...]:
+    """The patterns of ``JOBMESH_TRIGGER_SUBJECTS``, checked.
+
+    Raises:
+        InvalidMessage: a pattern is malformed or overlaps jobmesh's own subjects.
+    """
+    out = []
+    for raw in setting.split(","):
+        pattern = raw.strip()
+        if not pattern:
+            continue
+        tokens = tuple(pattern.split("."))
+        if tokens[0] in ("jobmesh", "$JS", "$KV", "$O", "_INBOX", ">", "*"):
+            raise InvalidMessage(
+                f"JOBMESH_TRIGGER_SUBJECTS: {pattern!r} overlaps jobmesh's or JetStream's own subjects",
+                field="trigger_subjects",
+            )
+        try:
+            check_pattern(pattern, [tokens], "JOBMESH_TRIGGER_SUBJECTS")
+        except RuleError as exc:
+            raise InvalidMessage(str(exc), field="trigger_subjects") from exc
+        out.append(tokens)
+    return tuple(out)
 
 
 async def service_main(settings: Settings, tracing: Tracing) -> None:
-    """Connect, answer submits until told to stop, then drain."""
+    """Connect, serve submits and rules until told to stop, then drain."""
+    allowed = allowed_subjects(settings.trigger_subjects)
     rt = Runtime(settings, tracing)
     await rt.connect()
+    if allowed:
+        await ensure_stream(rt.js, external_stream_config([".".join(t) for t in allowed]), update=True)
     schemas = HandlerSchemas(rt.js)
     rt.spawn(schemas.run(), "handler-schemas")
     rt.on_reconnect(schemas.restart)
+    rules = RuleSet(rt.js, allowed)
+    rt.spawn(rules.run(), "rule-view")
+    rt.on_reconnect(rules.restart)
+    stats = RuleStats(rt.js, settings.instance)
+    rt.spawn(stats.run(), "rule-stats")
+    firer = Firer(rt.publisher, settings.partitions, schemas, stats)
+    router = Router(firer, stats)
+    completions = CompletionConsumer(
+        rt, rules, CompletionHandler(rules, router, rt.dead_letter), settings.max_message_bytes
+    )
+    rt.spawn(completions.run(), "completions")
+    api = RuleApi(rt.js, allowed, stats, schemas, clock=time.time)
     submit = SubmitHandler(rt.publisher, settings.partitions, schemas)
+    # Events are matched against the rules as they stand: consuming before the view holds
+    # every stored rule would acknowledge events that a rule should have fired for.
+    await rules.ready.wait()
+    consumers = [_event_consumer(subjects.STREAM_EVENTS, "events", (subjects.EVENTS_ALL,), rules, router, rt, settings)]
+    if allowed:
+        patterns = tuple(".".join(t) for t in allowed)
+        consumers.append(_event_consumer(subjects.STREAM_EXTERNAL, "external", patterns, rules, router, rt, settings))
     await rt.serve(
+        consumers=consumers,
         responders=[
             ResponderSpec(
                 subjects.API_SUBMIT,
                 Codec(SubmitRequest, settings.max_message_bytes),
                 submit,
                 queue="trigger",
-            )
-        ]
+            ),
+            *api.responders(),
+        ],
+        on_stop=stats.flush,
+    )
+
+
+def _event_consumer(
+    stream: str,
+    purpose: str,
+    filters: tuple[str, ...],
+    rules: RuleSet,
+    router: Router,
+    rt: Runtime,
+    settings: Settings,
+) -> ConsumerSpec:
+    return ConsumerSpec(
+        stream=stream,
+        durable=subjects.durable("trigger", purpose),
+        filter_subjects=filters,
+        codec=EventCodec(settings.max_message_bytes),
+        handle=EventHandler(rules, router, rt.dead_letter, stream, time.time),
+        span_name=f"process {filters[0]}",
     )

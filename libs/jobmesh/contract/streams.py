@@ -80,5 +80,10 @@ OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (
     ObjectStoreSpec(subjects.OBJ_UPLOADS, 7 * DAY, 2 * GIB),
 )
 
+# JM_EXTERNAL is made by the trigger service from a setting, with JM_EVENTS' limits; it is
+# not in STREAMS because its subjects are the operator's, not the contract's.
+STREAM_EVENTS_NAME = subjects.STREAM_EVENTS
+STREAM_EXTERNAL_NAME = subjects.STREAM_EXTERNAL
+
 STREAMS_BY_NAME: dict[str, StreamSpec] = {s.name: s for s in STREAMS}
 BUCKETS_BY_NAME: dict[str, BucketSpec] = {b.name: b for b in BUCKETS}

@@ -46,6 +46,15 @@ def stream_config(name: str) -> StreamConfig:
     )
 
 
+def external_stream_config(patterns: list[str]) -> StreamConfig:
+    """The stream that holds the subjects outside ``jobmesh.v1.events.>`` an operator lets
+    trigger rules watch (``JOBMESH_TRIGGER_SUBJECTS``), with the limits of ``JM_EVENTS``."""
+    config = stream_config(streams.STREAM_EVENTS_NAME)
+    config.name = streams.STREAM_EXTERNAL_NAME
+    config.subjects = list(patterns)
+    return config
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = False) -> None:
     """Create ``config``'s stream if it is missing.
 

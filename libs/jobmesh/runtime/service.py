@@ -21,6 +21,7 @@ import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
@@ -90,6 +91,9 @@ class ConsumerSpec:
     max_deliver: int = 20  # unexpected exceptions tolerated before a dead letter (fate_for)
     max_ack_pending: int = 20_000
     batch_size: int | None = None
+    # Where a new durable starts: ALL for work that must not be missed; NEW for a consumer
+    # created on demand that must not replay history (the trigger's completion rules).
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,7 @@ class Runtime:
                 list(spec.filter_subjects),
                 ack_wait=spec.ack_wait,
                 max_ack_pending=spec.max_ack_pending,
+                deliver_policy=spec.deliver_policy,
             ),
         )
         pull = PullConsumer(self.nc, spec.stream, spec.durable, spec.batch_size or self.settings.batch_size)

@@ -110,6 +110,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Binder: within the best locality tier, "spread" prefers the node with most free
     # capacity, "pack" the one with least that still fits.
     placement: Literal["spread", "pack"] = "spread"
+    # Trigger: subject patterns outside jobmesh.v1.events.> that rules may watch
+    # (comma-separated; the trigger stores them in the stream JM_EXTERNAL).
+    trigger_subjects: str = ""
+    # Trigger: the HTTP ingress (POST /v1/jobs, POST /v1/hooks/<rule>) listens here
+    # (host:port; "" turns it off). Its submit endpoint needs the bearer token held by the
+    # secret this names (read like a job's secret: <secrets_dir>/NAME or the variable).
+    http_listen: str = ""
+    http_submit_token_secret: str = ""
     # Replicas of each stream when it is first created (3 on a NATS cluster).
     stream_replicas: Literal[1, 3, 5] = 1
     log_level: str = "INFO"

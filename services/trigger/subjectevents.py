@@ -1,0 +1,115 @@
+"""Subject events: messages on ``jobmesh.v1.events.>`` (and allowed subjects) become jobs.
+
+One durable consumer, shared by every trigger replica, reads ``JM_EVENTS`` (and
+``JM_EXTERNAL`` when the operator allows other subjects). Each batch is matched against
+the event rules, every job it yields is submitted in one publish, and the batch is
+acknowledged only after the PubAcks (and the burst state) are durable: a crash redelivers
+it, and the idempotency keys (rule, version, event id) make the second pass submit the
+same jobs. An event that a rule cannot make a job of is dead-lettered with the rule and the
+reason; the event is still acknowledged, and the other rules still fire for it.
+
+An event's payload is any JSON value (an object, usually); a payload that is not JSON
+reaches the rules as text.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+
+from jobmesh.contract.codec import Codec, encode
+from jobmesh.errors import OversizedMessage, Unavailable
+from jobmesh.runtime.outcomes import Reject
+from jobmesh.runtime.service import Envelope
+from jobmesh.trigger.router import Incoming, Router
+from jobmesh.trigger.rules import event_variables
+from jobmesh.trigger.ruleset import RuleSet
+
+log = logging.getLogger("jobmesh.trigger.events")
+
+DeadLetter = Callable[..., Awaitable[bool]]
+_json = msgspec.json.Decoder()
+
+
+class EventCodec(Codec[Any]):
+    """Decodes an event's payload: JSON when it is JSON, else its text. Never refuses a
+    payload for its content (rules decide what they need); only for its size."""
+
+    def __init__(self, max_bytes: int) -> None:
+        super().__init__(Any, max_bytes)
+
+    def decode(self, payload: bytes) -> Any:
+        if len(payload) > self.max_bytes:
+            raise OversizedMessage(f"event of {len(payload)} bytes exceeds the limit of {self.max_bytes}")
+        try:
+            return _json.decode(payload)
+        except msgspec.DecodeError:
+            return payload.decode("utf-8", "replace")
+
+
+def event_identity(env: Envelope, stream: str) -> tuple[str, float]:
+    """An event's id and time: the publisher's Nats-Msg-Id when it set one (the same id is
+    the same event, even after the stream's duplicate window), else its stream sequence;
+    and the time the stream stored it."""
+    raw = env.raw
+    meta = raw.metadata if raw is not None else None
+    at = meta.timestamp.timestamp() if meta is not None and meta.timestamp is not None else 0.0
+    msg_id = env.headers.get("Nats-Msg-Id")
+    if msg_id:
+        return f"id:{msg_id}", at
+    seq = meta.sequence.stream if meta is not None and meta.sequence is not None else 0
+    return f"{stream}:{seq}", at
+
+
+class EventHandler:
+    """The batch handler of the events consumer.
+
+    Args:
+        rules: the live rule set.
+        router: applies rules and submits.
+        dead_letter: records an event a rule refused (``Runtime.dead_letter``).
+        stream: the stream the consumer reads (``JM_EVENTS``), part of each event's id.
+        clock: unix time (an event's time when the stream gave none).
+    """
+
+    def __init__(
+        self,
+        rules: RuleSet,
+        router: Router,
+        dead_letter: DeadLetter,
+        stream: str,
+        clock: Callable[[], float],
+    ) -> None:
+        self._rules = rules
+        self._router = router
+        self._dead_letter = dead_letter
+        self._stream = stream
+        self._clock = clock
+
+    async def __call__(self, envelopes: list[Envelope]) -> None:
+        items: list[Incoming] = []
+        for env in envelopes:
+            matched = self._rules.watching(env.subject)
+            if not matched:
+                continue  # no rule watches it: stored, and it starts nothing
+            event_id, at = event_identity(env, self._stream)
+            headers = {k: v for k, v in env.headers.items() if k not in ("traceparent", "tracestate")}
+            variables = event_variables(env.subject, env.message, headers, event_id, at or self._clock())
+            items.append(Incoming("event", variables, event_id, env.subject, matched, env.context, extra=env))
+        if not items:
+            return
+        routed = await self._router.route(items)
+        for failure in routed.failures:
+            env = failure.incoming.extra
+            raw = env.raw if env is not None else None
+            seq = raw.metadata.sequence.stream if raw is not None else 0
+            reason = f"rule {failure.rule.name} v{failure.rule.version}: {failure.error}"
+            payload = env.data if env is not None else encode(failure.incoming.variables["event"])
+            if not await self._dead_letter(
+                failure.incoming.subject, payload, Reject(failure.error.code, reason), 1, seq, rule=failure.rule.name
+            ):
+                # Not recorded: the whole batch comes again (its jobs are idempotent).
+                raise Unavailable("cannot record a dead letter for a refused event")
