@@ -56,6 +56,7 @@ from jobmesh.trigger.rules import (
     sample_variables,
     source_kind,
 )
+from jobmesh.trigger.ruleset import RuleSet
 from jobmesh.trigger.stats import RuleStats
 
 log = logging.getLogger("jobmesh.trigger.ruleapi")
@@ -103,6 +104,7 @@ class RuleApi:
         ticker: TickSource | None = None,
         clock: Callable[[], float] = time.time,
         max_bytes: int = 1024 * 1024,
+        view: RuleSet | None = None,
     ) -> None:
         self._js = js
         self._allowed = allowed
@@ -114,6 +116,16 @@ class RuleApi:
         self._put_codec: Codec[TriggerPutRequest] = Codec(TriggerPutRequest, max_bytes)
         self._test_codec: Codec[TriggerTestRequest] = Codec(TriggerTestRequest, max_bytes)
         self._max_bytes = max_bytes
+        self._view = view
+
+    async def _applied(self, record: TriggerRecord | None, name: str) -> None:
+        """Wait (briefly) until this replica's rule view shows the change just written."""
+        if self._view is None:
+            return
+        version = record.version if record is not None else 0
+        paused = record.paused if record is not None else None
+        if not await self._view.wait_for(name, version, paused):
+            log.warning("rule %s: this replica's view did not show the change within 2s", name)
 
     def responders(self) -> list[ResponderSpec]:
         """The six responders, for ``Runtime.serve``."""
@@ -217,6 +229,7 @@ class RuleApi:
             except Conflict:
                 continue
             log.info("rule %s stored as version %d%s", rule.name, record.version, " (paused)" if record.paused else "")
+            await self._applied(record, rule.name)
             return TriggerReply(record=record)
         raise Conflict(f"rule {rule.name} kept changing under {CAS_TRIES} tries; try again")
 
@@ -232,6 +245,7 @@ class RuleApi:
                 await self._write(request.name, record, revision)
             except Conflict:
                 continue
+            await self._applied(record, request.name)
             return TriggerReply(record=record)
         raise Conflict(f"rule {request.name} kept changing under {CAS_TRIES} tries; try again")
 
@@ -249,6 +263,7 @@ class RuleApi:
             await state.purge(subjects.trigger_tick_key(request.name))
         except nats.js.errors.KeyNotFoundError:
             pass
+        await self._applied(None, request.name)
         log.info("rule %s removed", request.name)
         return TriggerReply(record=old)
 

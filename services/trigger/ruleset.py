@@ -64,6 +64,30 @@ class RuleSet:
         tokens = subject.split(".")
         return [r for r in self._by_kind.get("event", ()) if r.watches(tokens)]
 
+    async def wait_for(self, name: str, version: int, paused: bool | None = None, timeout: float = 2.0) -> bool:
+        """Wait until this view holds ``name`` at ``version`` or later (and in the given
+        paused state), or, with ``version`` 0, no longer holds it. Returns False on timeout.
+        A put waits for this, so events this replica handles after the reply see the rule."""
+
+        def holds() -> bool:
+            rule = self._rules.get(name)
+            if version == 0:
+                return rule is None
+            return rule is not None and rule.version >= version and (paused is None or rule.paused == paused)
+
+        changed = asyncio.Event()
+        self._listeners.append(changed.set)
+        try:
+            async with asyncio.timeout(timeout):
+                while not holds():
+                    await changed.wait()
+                    changed.clear()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._listeners.remove(changed.set)
+
     # --- changing ------------------------------------------------------------------
     def on_change(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after every change of the set."""

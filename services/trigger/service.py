@@ -79,7 +79,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         rt, rules, CompletionHandler(rules, router, rt.dead_letter), settings.max_message_bytes
     )
     rt.spawn(completions.run(), "completions")
-    api = RuleApi(rt.js, allowed, stats, schemas, clock=time.time)
+    api = RuleApi(rt.js, allowed, stats, schemas, clock=time.time, view=rules)
     submit = SubmitHandler(rt.publisher, settings.partitions, schemas)
     # Events are matched against the rules as they stand: consuming before the view holds
     # every stored rule would acknowledge events that a rule should have fired for.

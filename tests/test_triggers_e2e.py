@@ -1,0 +1,297 @@
+"""Trigger rules end to end: the five services as processes, events published with plain nats-py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import nats
+import pytest
+
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import (
+    ErrorReply,
+    JobSubmitted,
+    JobView,
+    TriggerDeleteRequest,
+    TriggerListReply,
+    TriggerListRequest,
+    TriggerPauseRequest,
+    TriggerPutRequest,
+    TriggerReply,
+    TriggerRule,
+)
+from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def triggers(make_module_cluster):
+    return await make_module_cluster(env=E2E_NODE_ENV, name="triggers")
+
+
+async def _request(nc, subject, message, reply_type):
+    reply = await nc.request(subject, encode(message), timeout=10)
+    decoded = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
+    if isinstance(decoded, ErrorReply):
+        raise decoded.error()
+    return decoded
+
+
+async def put_rule(nc, rule: dict, paused: bool = False) -> TriggerReply:
+    return await _request(
+        nc, subjects.API_TRIGGERS_PUT, TriggerPutRequest(rule=msgspec.convert(rule, TriggerRule), paused=paused), TriggerReply
+    )
+
+
+async def remove_rule(nc, name: str) -> None:
+    await _request(nc, subjects.API_TRIGGERS_DELETE, TriggerDeleteRequest(name=name), TriggerReply)
+
+
+async def submitted_by(js, rule: str, start_seq: int = 0) -> list[JobSubmitted]:
+    """Every JobSubmitted in JM_JOBS that ``rule`` fired (read with a fresh ordered consumer)."""
+    found = []
+    sub = await js.subscribe(
+        subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL
+    )
+    try:
+        info = await js.stream_info(subjects.STREAM_JOBS)
+        last = info.state.last_seq
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            event = msgspec.json.decode(msg.data, type=JobSubmitted)
+            if event.origin is not None and event.origin.rule == rule:
+                found.append(event)
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def job_view(nc, job_id: str) -> JobView | None:
+    reply = await nc.request(subjects.API_JOB_GET, json.dumps({"type": "api.jobs.get", "job_id": job_id}).encode(), timeout=5)
+    decoded = msgspec.json.decode(reply.data, type=JobView | ErrorReply)
+    return decoded if isinstance(decoded, JobView) else None
+
+
+REINDEX = {
+    "name": "dataset-reindex",
+    "source": {"kind": "event", "subjects": ["jobmesh.v1.events.dataset.updated.*"]},
+    "filter": "event.rows > 0",
+    "job": {
+        "name": "reindex {{ subject.tokens[5] }}",
+        "runtime": {
+            "kind": "process",
+            "argv": ["sh", "-c", "echo reindexing $DATASET with $ROWS rows"],
+            "env": {"DATASET": "{{ subject.tokens[5] }}", "ROWS": "{{ string(event.rows) }}"},
+        },
+    },
+    "sample": {"subject": "jobmesh.v1.events.dataset.updated.books", "data": {"rows": 3}},
+}
+
+
+async def test_an_event_published_by_an_integrator_runs_a_job_with_its_fields(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        reply = await put_rule(nc, REINDEX)
+        assert reply.record.version == 1
+        # A plain integrator: nats-py, JSON, no jobmesh library. The first event does not
+        # pass the filter; the second does. One consumer reads them in order, so once the
+        # second one's job exists, the first one's would too.
+        await js.publish("jobmesh.v1.events.dataset.updated.empty", json.dumps({"rows": 0}).encode())
+        await js.publish("jobmesh.v1.events.dataset.updated.books", json.dumps({"rows": 42}).encode())
+        fired = await eventually(lambda: submitted_by(js, "dataset-reindex"), what="the rule to fire")
+        assert len(fired) == 1
+        [job] = fired
+        assert job.spec.name == "reindex books"
+        assert job.spec.runtime.env == {"DATASET": "books", "ROWS": "42"}
+        assert job.origin.kind == "event" and job.origin.version == 1
+        assert job.origin.subject == "jobmesh.v1.events.dataset.updated.books"
+        assert job.origin.event.startswith(f"{subjects.STREAM_EVENTS}:")
+
+        async def succeeded():
+            view = await job_view(nc, job.job_id)
+            return view if view is not None and view.state == "succeeded" else None
+
+        view = await eventually(succeeded, timeout=60, what="the reindex job to succeed")
+        assert view.origin is not None and view.origin.rule == "dataset-reindex"
+        assert "reindexing books with 42 rows" in view.attempts[-1].output_tail
+    finally:
+        await remove_rule(nc, "dataset-reindex")
+        await nc.close()
+
+
+async def test_a_template_failure_is_dead_lettered_and_the_rule_keeps_firing(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "needs-owner",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.owned.>"]},
+        "job": {"name": "for {{ event.owner }}", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.owned.x", "data": {"owner": "ann"}},
+    }
+    try:
+        await put_rule(nc, rule)
+        await js.publish("jobmesh.v1.events.owned.a", json.dumps({"nobody": 1}).encode())
+        await js.publish("jobmesh.v1.events.owned.b", b"not json at all")
+        await js.publish("jobmesh.v1.events.owned.c", json.dumps({"owner": "bob"}).encode())
+        fired = await eventually(lambda: submitted_by(js, "needs-owner"), what="the good event's job")
+        assert [j.spec.name for j in fired] == ["for bob"]
+
+        async def letters():
+            found = [d for d in await dead_letters(js) if d.rule == "needs-owner"]
+            return found if len(found) == 2 else None
+
+        found = await eventually(letters, what="two dead letters naming the rule")
+        assert {d.subject for d in found} == {"jobmesh.v1.events.owned.a", "jobmesh.v1.events.owned.b"}
+        assert all("owner" in d.reason and "needs-owner" in d.reason for d in found)
+        assert all(d.service == "trigger" and d.code == "invalid_expression" for d in found)
+
+        listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+        [row] = [r for r in listed.triggers if r.name == "needs-owner"]
+
+        async def counted():
+            again = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+            [r] = [r for r in again.triggers if r.name == "needs-owner"]
+            return r if r.stats.fires == 1 and r.stats.failures == 2 else None
+
+        row = await eventually(counted, what="the figures")
+        assert row.stats.last_fire_at > 0 and "owner" in row.stats.last_error
+    finally:
+        await remove_rule(nc, "needs-owner")
+        await nc.close()
+
+
+async def test_a_paused_rule_lets_events_pass_and_fires_again_after_resume(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "pausable",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.pausable"]},
+        "job": {"name": "n{{ string(event.n) }}", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.pausable", "data": {"n": 0}},
+    }
+    try:
+        await put_rule(nc, rule, paused=True)
+        await js.publish("jobmesh.v1.events.pausable", json.dumps({"n": 1}).encode())
+
+        async def skipped():
+            listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+            return [r for r in listed.triggers if r.name == "pausable" and r.stats.skipped == 1]
+
+        await eventually(skipped, what="the paused rule to count a skip")
+        resumed = await _request(nc, subjects.API_TRIGGERS_PAUSE, TriggerPauseRequest(name="pausable", paused=False), TriggerReply)
+        assert not resumed.record.paused and resumed.record.version == 1  # pausing is not a new version
+
+        async def resumed_view():
+            # The trigger's view of the rule follows the bucket's watch; fire once it has.
+            await js.publish("jobmesh.v1.events.pausable", json.dumps({"n": 2}).encode())
+            return await submitted_by(js, "pausable")
+
+        fired = await eventually(resumed_view, interval=0.5, what="the resumed rule to fire")
+        # The event that came while it was paused never makes a job: resuming does not replay.
+        assert "n1" not in {j.spec.name for j in fired}
+    finally:
+        await remove_rule(nc, "pausable")
+        await nc.close()
+
+
+async def test_a_completion_rule_chains_three_jobs(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    step = "{{ job.name }}"
+    chain = [
+        {
+            "name": "after-one",
+            "source": {"kind": "completion", "outcome": "succeeded", "name": "one"},
+            "job": {"name": "two", "metadata": {"after": step}, "runtime": {"kind": "noop"}},
+        },
+        {
+            "name": "after-two",
+            "source": {"kind": "completion", "outcome": "succeeded", "name": "two"},
+            "job": {"name": "three", "metadata": {"after": step, "from": "{{ job.id }}"}, "runtime": {"kind": "noop"}},
+        },
+    ]
+    try:
+        for rule in chain:
+            await put_rule(nc, rule)
+
+        async def consuming():
+            try:
+                await js.consumer_info(subjects.STREAM_JOBS, "trigger-completions")
+                return True
+            except nats.js.errors.NotFoundError:
+                return False
+
+        await eventually(consuming, what="the completions consumer to exist")
+        reply = await nc.request(
+            subjects.API_SUBMIT,
+            json.dumps({"type": "api.submit", "jobs": [{"spec": {"name": "one", "runtime": {"kind": "noop"}}}]}).encode(),
+            timeout=10,
+        )
+        [first] = json.loads(reply.data)["job_ids"]
+        [two] = await eventually(lambda: submitted_by(js, "after-one"), timeout=30, what="job two")
+        [three] = await eventually(lambda: submitted_by(js, "after-two"), timeout=30, what="job three")
+        assert two.origin.event == f"end:{first}" and two.origin.depth == 1
+        assert two.spec.metadata["jobmesh.chain_depth"] == "1"
+        assert three.origin.event == f"end:{two.job_id}" and three.origin.depth == 2
+        assert three.spec.metadata == {"after": "two", "from": two.job_id, "jobmesh.chain_depth": "2"}
+
+        async def third_done():
+            view = await job_view(nc, three.job_id)
+            return view if view is not None and view.state == "succeeded" else None
+
+        await eventually(third_done, timeout=30, what="job three to succeed")
+    finally:
+        for rule in chain:
+            await remove_rule(nc, rule["name"])
+        await nc.close()
+
+
+async def test_kill_9_mid_burst_every_event_gives_exactly_one_job(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "burst",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.burst.*"]},
+        "job": {"name": "b{{ string(event.i) }}", "queue": "burst", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.burst.x", "data": {"i": 0}},
+    }
+    total = 5000
+    try:
+        await put_rule(nc, rule)
+        acks = []
+        for i in range(total):
+            acks.append(await js.publish_async(f"jobmesh.v1.events.burst.k{i % 7}", b'{"i": %d}' % i))
+        await asyncio.gather(*acks)
+
+        async def some_fired():
+            info = await js.consumer_info(subjects.STREAM_EVENTS, "trigger-events")
+            return info.ack_floor.stream_seq > 0 and info.num_pending > 0
+
+        await eventually(some_fired, interval=0.01, what="the trigger to be mid-burst")
+        triggers.kill("trigger")
+        triggers.start_service("trigger", tag="-restarted")
+        await triggers.wait_healthy(("trigger",))
+
+        async def drained():
+            info = await js.consumer_info(subjects.STREAM_EVENTS, "trigger-events")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await eventually(drained, timeout=120, what="every event to be handled")
+        fired = await submitted_by(js, "burst")
+        names = [j.spec.name for j in fired]
+        assert len(names) == total, f"{len(names)} jobs for {total} events"
+        assert set(names) == {f"b{i}" for i in range(total)}
+    finally:
+        await remove_rule(nc, "burst")
+        await nc.close()
