@@ -70,9 +70,13 @@ async def test_bad_parameters_fail_input_invalid_naming_the_field(pool, tmp_path
 def test_jobmesh_dev_hosts_the_example_unless_told_otherwise(tmp_path):
     from jobmesh.dev.devcluster import dev_service_env
 
-    assert dev_service_env({}, DIGITS) == {"JOBMESH_HANDLER_MODULES": str(DIGITS)}
-    assert dev_service_env({"JOBMESH_HANDLER_MODULES": "mine"}, DIGITS) == {}
-    assert dev_service_env({}, tmp_path / "absent.py") == {}  # an installed package has no examples/
+    reindex = DIGITS.parents[1] / "triggers" / "reindex.py"
+    both = ((DIGITS, "sklearn"), (reindex, ""))
+    assert dev_service_env({}, both) == {"JOBMESH_HANDLER_MODULES": f"{DIGITS},{reindex}"}
+    assert dev_service_env({}) == {"JOBMESH_HANDLER_MODULES": f"{DIGITS},{reindex}"}  # the defaults
+    assert dev_service_env({"JOBMESH_HANDLER_MODULES": "mine"}, both) == {}
+    assert dev_service_env({}, ((DIGITS, "no_such_module_here"), (reindex, ""))) == {"JOBMESH_HANDLER_MODULES": str(reindex)}
+    assert dev_service_env({}, ((tmp_path / "absent.py", ""),)) == {}  # an installed package has no examples/
 
 
 async def test_the_make_run_demo_calls_the_digits_handler_on_a_real_cluster(make_cluster, nats_server, capsys):

@@ -33,8 +33,13 @@ from jobmesh.errors import Unavailable
 
 STATE = Path(".jobmesh")
 ENV_FILE = STATE / "dev.env"
-# The machine-learning handler that ships with the project (a checkout's examples/).
-EXAMPLE_HANDLERS = Path(__file__).resolve().parents[3] / "examples" / "handlers" / "digits.py"
+# The handlers that ship with the project (a checkout's examples/), each with the module it
+# needs beyond jobmesh: the machine-learning one and the one the dataset-reindex rule calls.
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+EXAMPLE_HANDLERS: tuple[tuple[Path, str], ...] = (
+    (EXAMPLES / "handlers" / "digits.py", "sklearn"),
+    (EXAMPLES / "triggers" / "reindex.py", ""),
+)
 PID_FILE = STATE / "dev.pid"
 LOG_FILE = STATE / "dev.log"
 DATABASE_FILE = STATE / "database"
@@ -189,25 +194,31 @@ def _running_pid() -> int | None:
         return None
 
 
-def dev_service_env(environ: Mapping[str, str], example: Path = EXAMPLE_HANDLERS) -> dict[str, str]:
+def dev_service_env(
+    environ: Mapping[str, str], examples: tuple[tuple[Path, str], ...] = EXAMPLE_HANDLERS
+) -> dict[str, str]:
     """The settings `jobmesh dev` adds for its services.
 
-    Its executor hosts the shipped digits handler, so the demo can call it, unless
-    ``JOBMESH_HANDLER_MODULES`` names other modules or the example cannot load here (an
-    installed package has no examples/; scikit-learn is the ``examples`` extra).
+    Its executor hosts the shipped handlers (digits, so the demo can call it; reindex, so
+    the dataset-reindex rule of examples/triggers runs), unless ``JOBMESH_HANDLER_MODULES``
+    names other modules. An example that cannot load here is left out: an installed package
+    has no examples/, and scikit-learn is the ``examples`` extra.
 
     Args:
         environ: the environment `jobmesh dev` runs in.
-        example: the example module's path.
+        examples: each example module's path and the module it needs ("" for none).
 
     Returns:
         ``JOBMESH_*`` settings for every service.
     """
     if "JOBMESH_HANDLER_MODULES" in environ:
         return {}
-    if example.is_file() and importlib.util.find_spec("sklearn") is not None:
-        return {"JOBMESH_HANDLER_MODULES": str(example)}
-    return {}
+    modules = [
+        str(path)
+        for path, needs in examples
+        if path.is_file() and (not needs or importlib.util.find_spec(needs) is not None)
+    ]
+    return {"JOBMESH_HANDLER_MODULES": ",".join(modules)} if modules else {}
 
 
 def foreground(demo: bool = False, reset: bool = False) -> int:
