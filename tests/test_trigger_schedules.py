@@ -1,0 +1,209 @@
+"""Schedules across replicas, with real processes: two tickers fire an ``every: 1`` rule,
+one is killed -9 half-way, and JM_JOBS holds exactly one JobSubmitted per tick, with no
+gap.
+
+Each replica is its own process running a Ticker over a real RuleSet, Router, Firer and
+Publisher (``python -m tests.test_trigger_schedules replica URL NAME``), which is what the
+trigger service wires. The second test runs the same check against two trigger service
+processes once the service starts a Ticker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import JobSubmitted, ScheduleSource, TriggerRecord, TriggerRule
+from jobmesh.runtime.provisioning import provision
+
+ROOT = Path(__file__).resolve().parents[1]
+TICKS = 20
+KILL_AFTER = 8  # ticks seen before one replica is killed
+pytestmark = pytest.mark.timeout(120)
+
+
+def schedule_record(name: str, now: float) -> bytes:
+    rule = TriggerRule(
+        name=name,
+        source=ScheduleSource(every=1),  # the default: missed ticks are skipped
+        job={"name": "tick {{ tick.iso }}", "runtime": {"kind": "noop"}},
+    )
+    return encode(TriggerRecord(rule=rule, version=1, created_at=now, updated_at=now))
+
+
+async def start_replica(nats_url: str, name: str) -> asyncio.subprocess.Process:
+    """Start a replica process and wait until its rule view is ready."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.test_trigger_schedules",
+        "replica",
+        nats_url,
+        name,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert line.strip() == b"ready", line
+    return proc
+
+
+class Submitted:
+    """Collects the JobSubmitted events of one rule from JM_JOBS, by tick."""
+
+    def __init__(self, rule: str) -> None:
+        self.rule = rule
+        self.ticks: Counter[int] = Counter()
+        self.late: list[float] = []  # how long after its tick each job was submitted
+        self.changed = asyncio.Event()
+
+    async def on_msg(self, msg) -> None:
+        event = msgspec.json.decode(msg.data, type=JobSubmitted)
+        if event.origin is not None and event.origin.rule == self.rule:
+            tick = int(event.origin.event.removeprefix("tick:"))
+            self.ticks[tick] += 1
+            self.late.append(event.submitted_at - tick)
+            self.changed.set()
+        await msg.ack()
+
+    async def wait_for(self, distinct: int, timeout: float) -> None:
+        """Wait until ``distinct`` ticks have a job (or fail after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while len(self.ticks) < distinct:
+            self.changed.clear()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{len(self.ticks)} of {distinct} ticks fired: {sorted(self.ticks)}")
+            try:
+                await asyncio.wait_for(self.changed.wait(), left)
+            except TimeoutError:
+                pass
+
+    def check(self, first: int, count: int) -> None:
+        """Exactly one job for each of ``count`` consecutive ticks from ``first``."""
+        window = range(first, first + count)
+        missing = [t for t in window if t not in self.ticks]
+        doubled = {t: n for t, n in self.ticks.items() if n != 1}
+        assert not missing, f"ticks without a job: {missing}"
+        assert not doubled, f"ticks with more than one job: {doubled}"
+
+
+async def run_two_replicas_and_kill_one(nats_url: str, rule: str, kill) -> None:
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await provision(js)
+        seen = Submitted(rule)
+        sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), cb=seen.on_msg, ordered_consumer=True)
+        kv = await js.key_value(subjects.KV_TRIGGERS)
+        await kv.put(rule, schedule_record(rule, time.time()))
+
+        await seen.wait_for(KILL_AFTER, timeout=30)
+        first = min(seen.ticks)
+        await kill()
+        # The tick after the last one we hear of proves no later duplicate is still on its way.
+        await seen.wait_for(TICKS + 1, timeout=60)
+        await sub.unsubscribe()
+
+        seen.check(first, TICKS)
+        assert max(seen.ticks) - first + 1 == len(seen.ticks), sorted(seen.ticks)  # no gap anywhere
+        # On time: the default policy (skip) fires a tick only within its grace.
+        assert max(seen.late) < 2.0, seen.late
+
+        state = await js.key_value(subjects.KV_TRIGGER_STATE)
+        stored = msgspec.json.decode((await state.get(subjects.trigger_tick_key(rule))).value)
+        assert stored["tick"] >= first + TICKS - 1 and stored["version"] == 1
+    finally:
+        await nc.close()
+
+
+async def test_two_tickers_fire_each_tick_exactly_once_through_a_kill(nats_server):
+    a = await start_replica(nats_server.url, "a")
+    b = await start_replica(nats_server.url, "b")
+    try:
+
+        async def kill() -> None:
+            os.kill(a.pid, signal.SIGKILL)  # no drain, no last write
+            assert await asyncio.wait_for(a.wait(), 10) == -signal.SIGKILL
+
+        await run_two_replicas_and_kill_one(nats_server.url, "every-second", kill)
+        assert b.returncode is None  # the survivor kept ticking
+    finally:
+        for proc in (a, b):
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+def _service_ticks() -> bool:
+    import jobmesh.trigger.service as service
+
+    return "Ticker(" in inspect.getsource(service)
+
+
+@pytest.mark.skipif(not _service_ticks(), reason="the trigger service does not start a Ticker yet")
+async def test_two_trigger_services_fire_each_tick_exactly_once_through_a_kill(make_cluster, nats_server):
+    from tests.cluster_fixtures import Service
+
+    cluster = await make_cluster([Service("trigger", tag="-a"), Service("trigger", tag="-b")], name="ticks")
+    victim = cluster.procs[0].proc
+
+    async def kill() -> None:
+        os.kill(victim.pid, signal.SIGKILL)
+        assert await asyncio.to_thread(victim.wait, 10) == -signal.SIGKILL
+
+    await run_two_replicas_and_kill_one(nats_server.url, "every-second-svc", kill)
+    assert cluster.procs[1].proc.poll() is None
+
+
+# --- one replica, as its own process -------------------------------------------------
+async def replica(nats_url: str, instance: str) -> None:
+    """A trigger replica's schedule path: rule view, router, firer, publisher, ticker."""
+    import logging
+
+    from jobmesh.runtime.outcomes import Reject
+    from jobmesh.runtime.publisher import Publisher
+    from jobmesh.trigger.firing import Firer
+    from jobmesh.trigger.router import Router
+    from jobmesh.trigger.ruleset import RuleSet
+    from jobmesh.trigger.stats import RuleStats
+    from jobmesh.trigger.ticker import Ticker
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    await provision(js)
+    rules = RuleSet(js)
+    stats = RuleStats(js, instance)
+    router = Router(Firer(Publisher(js), 4, None, stats), stats)
+
+    async def dead_letter(
+        subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0, rule: str = ""
+    ) -> bool:
+        logging.error("dead letter %s %s: %s", subject, rule, outcome)
+        return True
+
+    ticker = Ticker(rules, router, js, dead_letter)
+    tasks = [asyncio.ensure_future(rules.run()), asyncio.ensure_future(stats.run())]
+    await rules.ready.wait()
+    print("ready", flush=True)
+    await asyncio.gather(ticker.run(), *tasks)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["replica"]:
+    asyncio.run(replica(sys.argv[2], sys.argv[3]))
