@@ -194,14 +194,24 @@ class Ticker:
         try:
             await self._tick(rule)
         except (TimeoutError, nats.errors.Error, Unavailable, Overloaded) as exc:
-            failures = self._failures.get(rule.name, 0) + 1
-            self._failures[rule.name] = failures
-            delay = min(RETRY_BASE * 2 ** (failures - 1), RETRY_CAP)
-            self._retry_at[rule.name] = self._clock() + delay
+            delay = self._back_off(rule.name)
             log.warning("rule %s: tick failed (%s: %s); retrying in %.1fs", rule.name, type(exc).__name__, exc, delay)
+            return
+        except Exception:
+            # A bug, not the network: one rule must not stop every other rule's ticks.
+            # The tick is kept and retried after the same backoff (its jobs dedupe).
+            delay = self._back_off(rule.name)
+            log.exception("rule %s: tick failed unexpectedly; retrying in %.1fs", rule.name, delay)
             return
         self._failures.pop(rule.name, None)
         self._retry_at.pop(rule.name, None)
+
+    def _back_off(self, name: str) -> float:
+        failures = self._failures.get(name, 0) + 1
+        self._failures[name] = failures
+        delay = min(RETRY_BASE * 2 ** (failures - 1), RETRY_CAP)
+        self._retry_at[name] = self._clock() + delay
+        return delay
 
     async def _tick(self, rule: CompiledRule) -> None:
         source = rule.rule.source
