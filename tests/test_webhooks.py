@@ -14,6 +14,9 @@ import asyncio
 import hashlib
 import hmac
 import json
+import os
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -466,3 +469,36 @@ def test_the_openapi_document_is_current_valid_and_lists_exactly_the_served_rout
 
     for ref in refs(doc):
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+
+
+# --- the documented example, as pasted ------------------------------------------------------
+DOC = Path(__file__).resolve().parents[1] / "docs" / "webhooks.md"
+EXAMPLE_RULE = Path(__file__).resolve().parents[1] / "examples" / "triggers" / "github-push.yaml"
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("openssl")), reason="needs curl and openssl")
+async def test_the_documented_curl_and_openssl_example_makes_the_job(harness, tmp_path):
+    import yaml
+
+    rule = msgspec.convert(yaml.safe_load(EXAMPLE_RULE.read_text()), TriggerRule)
+    await harness.put_rule(rule)
+    secrets_dir = harness.ingress._secrets.directory
+    (secrets_dir / "github-webhook").write_text("change-me")
+    blocks = re.findall(r"```sh\n(.*?)```", DOC.read_text(encoding="utf-8"), re.DOTALL)
+    snippet = next(b for b in blocks if "openssl dgst" in b)
+    script = tmp_path / "snippet.sh"
+    script.write_text(snippet)
+    replies = []
+    for _ in range(2):  # the doc says: run it again and the same job comes back
+        # A subprocess of this loop's own: the ingress answers it from this very loop.
+        proc = await asyncio.create_subprocess_exec(
+            "bash", "-eu", str(script), env={"PATH": os.environ["PATH"], "JOBMESH_URL": harness.base},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        replies.append(json.loads(out))
+    assert replies[0]["event_id"] == "72d3162e-cc78-11e3-81ab-4c9367dc0958" and len(replies[0]["job_ids"]) == 1
+    assert replies[1]["job_ids"] == replies[0]["job_ids"] and replies[1]["duplicate"] is True
+    job = next(j for j in await harness.submitted() if j.job_id == replies[0]["job_ids"][0])
+    assert job.spec.name == "build example/app@6f1c2a9"
