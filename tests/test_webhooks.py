@@ -22,12 +22,14 @@ from pathlib import Path
 
 import aiohttp
 import msgspec
+import nats
 import pytest
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSubmitted, TriggerRecord, TriggerRule, WebhookSource
+from jobmesh.runtime.publisher import Publisher
 from jobmesh.runtime.service import Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.trigger.firing import Firer
@@ -502,3 +504,71 @@ async def test_the_documented_curl_and_openssl_example_makes_the_job(harness, tm
     assert replies[1]["job_ids"] == replies[0]["job_ids"] and replies[1]["duplicate"] is True
     job = next(j for j in await harness.submitted() if j.job_id == replies[0]["job_ids"][0])
     assert job.spec.name == "build example/app@6f1c2a9"
+
+
+async def test_when_nats_cannot_take_the_job_the_answer_is_503_with_retry_after(harness, nats_server):
+    # A publisher whose connection is closed: every publish fails as in an outage.
+    conn = await nats.connect(nats_server.url)
+    publisher = Publisher(conn.jetstream())
+    await conn.close()
+    stats = RuleStats(None, "down")
+    down = HttpIngress(
+        "127.0.0.1:0", SubmitHandler(publisher, 4), harness.rules, Router(Firer(publisher, 4, None, stats), stats),
+        harness.ingress._secrets, harness.runtime.dead_letter, SUBMIT_TOKEN,
+    )  # fmt: skip
+    await down.start()
+    base = f"http://127.0.0.1:{down.port}"
+    try:
+        headers = {"Authorization": "Bearer " + SUBMIT_TOKEN.decode()}
+        async with harness.http.post(f"{base}/v1/jobs", json=SUBMIT, headers=headers) as resp:
+            reply = await resp.json()
+            assert resp.status == 503 and reply["code"] == "unavailable" and reply["retryable"] is True, reply
+            assert int(resp.headers["Retry-After"]) > 0
+        body = b'{"repo": "down", "ref": "x", "priority": 1}'
+        headers = {"Authorization": "Bearer " + BEARER_SECRET.decode(), "X-Event": "e"}
+        async with harness.http.post(f"{base}/v1/hooks/plain", data=body, headers=headers) as resp:
+            reply = await resp.json()
+            assert resp.status == 503 and reply["code"] == "unavailable", reply
+            assert int(resp.headers["Retry-After"]) > 0
+    finally:
+        await down.stop()
+
+
+async def test_a_stop_lets_a_request_in_flight_finish_and_then_refuses_connections(harness):
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = harness.ingress._submit
+
+    async def gated(env):
+        entered.set()
+        await release.wait()
+        return await real(env)
+
+    ingress = HttpIngress(
+        "127.0.0.1:0", gated, harness.rules, harness.ingress._router, harness.ingress._secrets,
+        harness.runtime.dead_letter, SUBMIT_TOKEN,
+    )  # fmt: skip
+    await ingress.start()
+    base = f"http://127.0.0.1:{ingress.port}"
+    body = {"jobs": [{"spec": SUBMIT["jobs"][0]["spec"], "idempotency_key": "in-flight"}]}
+    headers = {"Authorization": "Bearer " + SUBMIT_TOKEN.decode()}
+    request = asyncio.ensure_future(harness.http.post(f"{base}/v1/jobs", json=body, headers=headers))
+    await asyncio.wait_for(entered.wait(), 10)
+    port = ingress.port
+    stopping = asyncio.ensure_future(ingress.stop())
+
+    async def refused() -> bool:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            return True
+        writer.close()
+        return False
+
+    # The stop is under way (no new connections) while the request is still held.
+    await eventually(refused, what="the ingress to stop listening")
+    assert not stopping.done() and not request.done()
+    release.set()
+    resp = await asyncio.wait_for(request, 10)
+    assert resp.status == 200 and (await resp.json())["job_ids"] == [job_id_for("in-flight")]
+    resp.release()
+    await asyncio.wait_for(stopping, 10)
