@@ -783,13 +783,13 @@ class Bursts:
         keys = {k for k, (_, s) in self._view.items() if s.rule == rule_name}
         kv = await self._bucket()
         try:
-            keys |= {
-                k for k in await kv.keys(filters=[subjects.trigger_pending_prefix(rule_name)]) if k.startswith(prefix)
-            }
+            try:
+                stored = await kv.keys(filters=[subjects.trigger_pending_prefix(rule_name)])
+            except nats.js.errors.NoKeysError:
+                stored = []
+            keys |= {k for k in stored if k.startswith(prefix)}
             for key in keys:
                 await kv.purge(key)
-        except nats.js.errors.NoKeysError:
-            pass
         except (TimeoutError, nats.errors.Error) as exc:
             raise Unavailable(f"cannot remove the pending state of {rule_name}: {type(exc).__name__}: {exc}") from exc
         for key in keys:
