@@ -23,6 +23,7 @@ from jobmesh.contract.messages.v1 import (
     TriggerReply,
     TriggerRule,
 )
+from jobmesh.runtime.tracing import trace_id_of
 from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters
 from tests.helpers import eventually
 
@@ -44,7 +45,10 @@ async def _request(nc, subject, message, reply_type):
 
 async def put_rule(nc, rule: dict, paused: bool = False) -> TriggerReply:
     return await _request(
-        nc, subjects.API_TRIGGERS_PUT, TriggerPutRequest(rule=msgspec.convert(rule, TriggerRule), paused=paused), TriggerReply
+        nc,
+        subjects.API_TRIGGERS_PUT,
+        TriggerPutRequest(rule=msgspec.convert(rule, TriggerRule), paused=paused),
+        TriggerReply,
     )
 
 
@@ -77,7 +81,9 @@ async def submitted_by(js, rule: str, start_seq: int = 0) -> list[JobSubmitted]:
 
 
 async def job_view(nc, job_id: str) -> JobView | None:
-    reply = await nc.request(subjects.API_JOB_GET, json.dumps({"type": "api.jobs.get", "job_id": job_id}).encode(), timeout=5)
+    reply = await nc.request(
+        subjects.API_JOB_GET, json.dumps({"type": "api.jobs.get", "job_id": job_id}).encode(), timeout=5
+    )
     decoded = msgspec.json.decode(reply.data, type=JobView | ErrorReply)
     return decoded if isinstance(decoded, JobView) else None
 
@@ -189,7 +195,9 @@ async def test_a_paused_rule_lets_events_pass_and_fires_again_after_resume(trigg
             return [r for r in listed.triggers if r.name == "pausable" and r.stats.skipped == 1]
 
         await eventually(skipped, what="the paused rule to count a skip")
-        resumed = await _request(nc, subjects.API_TRIGGERS_PAUSE, TriggerPauseRequest(name="pausable", paused=False), TriggerReply)
+        resumed = await _request(
+            nc, subjects.API_TRIGGERS_PAUSE, TriggerPauseRequest(name="pausable", paused=False), TriggerReply
+        )
         assert not resumed.record.paused and resumed.record.version == 1  # pausing is not a new version
 
         async def resumed_view():
@@ -235,7 +243,9 @@ async def test_a_completion_rule_chains_three_jobs(triggers, nats_server):
         await eventually(consuming, what="the completions consumer to exist")
         reply = await nc.request(
             subjects.API_SUBMIT,
-            json.dumps({"type": "api.submit", "jobs": [{"spec": {"name": "one", "runtime": {"kind": "noop"}}}]}).encode(),
+            json.dumps(
+                {"type": "api.submit", "jobs": [{"spec": {"name": "one", "runtime": {"kind": "noop"}}}]}
+            ).encode(),
             timeout=10,
         )
         [first] = json.loads(reply.data)["job_ids"]
@@ -294,4 +304,38 @@ async def test_kill_9_mid_burst_every_event_gives_exactly_one_job(triggers, nats
         assert set(names) == {f"b{i}" for i in range(total)}
     finally:
         await remove_rule(nc, "burst")
+        await nc.close()
+
+
+async def test_the_job_continues_the_trace_of_the_events_publish(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "traced",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.traced"]},
+        "job": {"name": "traced", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.traced", "data": {}},
+    }
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        await put_rule(nc, rule)
+        await js.publish(
+            "jobmesh.v1.events.traced", b"{}", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+        )
+        [job] = await eventually(lambda: submitted_by(js, "traced"), what="the rule to fire")
+
+        async def traces():
+            found = {}
+            info = await js.stream_info(subjects.STREAM_JOBS)
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(subjects.STREAM_JOBS, seq)
+                body = msgspec.json.decode(msg.data)
+                if body.get("job_id") == job.job_id:
+                    found[body["type"]] = trace_id_of(msg.headers)
+            return found if "job.succeeded" in found else None
+
+        found = await eventually(traces, what="the job to succeed")
+        assert set(found.values()) == {trace_id}, found
+    finally:
+        await remove_rule(nc, "traced")
         await nc.close()
