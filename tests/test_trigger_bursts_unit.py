@@ -22,8 +22,8 @@ from jobmesh.contract.messages.v1 import (
     TriggerRecord,
     TriggerRule,
 )
-from jobmesh.errors import InvalidSpec
-from jobmesh.trigger.bursts import SOFT_LIMIT, Bursts, Held, digest, expire, take
+from jobmesh.errors import InvalidSpec, Unavailable
+from jobmesh.trigger.bursts import ORPHAN_GRACE, SOFT_LIMIT, Bursts, Held, digest, expire, take
 from jobmesh.trigger.firing import Fire, Fired
 from jobmesh.trigger.router import Incoming, Router
 from jobmesh.trigger.rules import compile_record, event_variables
@@ -281,3 +281,38 @@ async def test_a_conflict_rereads_and_applies_again():
 @pytest.mark.parametrize("key", ["", "a", "a.b c/d", "ü" * 300])
 def test_every_key_digests_into_one_kv_token(key):
     assert len(digest(key)) == 24 and digest(key).isalnum()
+
+
+def test_a_redelivered_debounce_batch_keeps_the_newest_event():
+    rule = rule_of(debounce=DebouncePolicy(seconds=30))
+    state, _, _ = take(None, rule, "k", [held("a", 1), held("b", 1), held("c", 1)], 1.0)
+    state, _, _ = take(state, rule, "k", [held("a", 2), held("b", 2), held("c", 2)], 2.0)
+    assert [h.id for h in state.events] == ["c"] and state.count == 3
+
+
+async def test_a_replica_whose_rules_are_behind_neither_drops_nor_overwrites_a_newer_state():
+    clock = Clock()
+    v2 = rule_of(debounce=DebouncePolicy(seconds=1), version=2)
+    new, _, _ = bursts_for(v2, clock=clock)
+    await new.add([(incoming(f"{EVENTS}.x", {}, "E:1", v2), v2)])
+    v1 = rule_of(debounce=DebouncePolicy(seconds=1), version=1)
+    old, firer, _ = bursts_for(v1, clock=clock)
+    old._kv, old._view = new._kv, new._view  # the same bucket, and a view of it
+    with pytest.raises(Unavailable):
+        await old.add([(incoming(f"{EVENTS}.x", {}, "E:2", v1), v1)])
+    clock.now += 5
+    assert await old.tick() == 0 and old.count("r") == 1 and not firer.fires
+
+
+async def test_a_state_of_a_rule_not_seen_yet_waits_out_a_grace_before_it_is_dropped():
+    clock = Clock()
+    rule = rule_of(debounce=DebouncePolicy(seconds=1))
+    bursts, _, ruleset = bursts_for(rule, clock=clock)
+    await bursts.add([(incoming(f"{EVENTS}.x", {}, "E:1", rule), rule)])
+    ruleset.apply(rule.name, None)
+    clock.now += 5
+    await bursts.tick()
+    assert bursts.count("r") == 1
+    clock.now += ORPHAN_GRACE
+    await bursts.tick()
+    assert bursts.count("r") == 0

@@ -65,6 +65,13 @@ TICK = 0.25
 # the caller's retry starts afresh). Each conflict means another replica wrote the key, so
 # this many in a row means something is wrong, not a race.
 MAX_CONFLICTS = 32
+# The shortest sleep of the timer: a state it could not fire (a publish that failed) is not
+# retried in a busy loop.
+MIN_TICK = 0.02
+# A state whose rule this replica does not know is dropped only after this long without an
+# event (seconds): a rule just added may not be in this replica's view yet. A removed rule's
+# states are deleted at once by remove().
+ORPHAN_GRACE = 60.0
 
 
 # --- the stored state ------------------------------------------------------------------
@@ -228,7 +235,7 @@ def take(
         return state, [], False
     match rule.burst:
         case "debounce":
-            return _take_debounce(state, rule, key, fresh, now), [], True
+            return _take_debounce(state, rule, key, list(held), now), [], True
         case "batch":
             new, bursts = _take_batch(state, rule, key, fresh, now)
             return new, bursts, True
@@ -241,6 +248,16 @@ def take(
 def _take_debounce(state: Pending | None, rule: CompiledRule, key: str, held: list[Held], now: float) -> Pending:
     policy = rule.rule.debounce
     assert policy is not None
+    if state is not None and state.events:
+        # A redelivered batch holds the stored last event and those before it again: only
+        # what came after it is new (else the debounce would fire with an older event).
+        last = state.events[-1].id
+        for i, h in enumerate(held):
+            if h.id == last:
+                held = held[i + 1 :]
+                break
+        if not held:
+            return state
     state = state if state is not None else _new(rule, key, now)
     state.events = [held[-1]]
     state.count += len(held)
@@ -575,6 +592,12 @@ class Bursts:
         reduced = False  # the stored state lost events that fired with ours: it must be written
         for _ in range(MAX_CONFLICTS):
             rev, state = entry if entry is not None else (0, None)
+            if state is not None and state.version > rule.version:
+                # This replica's rule view is behind the one that wrote the state: the
+                # batch is retried once the view has the new version.
+                raise Unavailable(
+                    f"rule {rule.name}: version {state.version} is not here yet (this replica has {rule.version})"
+                )
             if state is not None and (state.version != rule.version or state.kind != rule.burst):
                 log.warning(
                     "rule %s: dropping the pending %s of key %r, begun under version %d (now %d)",
@@ -679,13 +702,21 @@ class Bursts:
                         await self.tick()
                     except JobmeshError as exc:
                         log.warning("pending bursts: the timer could not fire (%s: %s); again soon", exc.code, exc)
-                    next_due = min((s.due_at for _, s in self._view.values()), default=None)
-                    if next_due is not None:
-                        delay = min(TICK, max(0.0, next_due - self._clock()))
+                    else:
+                        delay = min(TICK, max(MIN_TICK, self._next_due() - self._clock()))
                 await self._sleep(delay)
         finally:
             watch.cancel()
             await asyncio.gather(watch, return_exceptions=True)
+
+    def _next_due(self) -> float:
+        """When the timer has something to do next (a paused rule's bursts wait)."""
+        due = float("inf")
+        for _, state in self._view.values():
+            rule = self._rules.get(state.rule)
+            if state.kind == "correlate" or rule is None or not rule.paused:
+                due = min(due, state.due_at)
+        return due
 
     def restart(self) -> None:
         """Watch afresh (after a reconnect)."""
@@ -705,6 +736,10 @@ class Bursts:
         fired = 0
         for kv_key, (rev, state) in list(self._view.items()):
             rule = self._rules.get(state.rule)
+            if rule is not None and rule.version < state.version:
+                continue  # this replica's rule view is behind; the state is not stale
+            if rule is None and now - state.last_at < ORPHAN_GRACE:
+                continue  # a rule this replica has not seen yet, or one being removed
             if rule is None or rule.version != state.version or rule.burst != state.kind:
                 why = "was removed" if rule is None else f"is now version {rule.version}, not {state.version}"
                 log.warning("rule %s %s: dropping its pending %s of key %r", state.rule, why, state.kind, state.key)
