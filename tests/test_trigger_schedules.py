@@ -171,6 +171,42 @@ async def test_two_trigger_services_fire_each_tick_exactly_once_through_a_kill(m
     assert cluster.procs[1].proc.poll() is None
 
 
+async def test_the_stored_tick_never_moves_backwards(nats_server):
+    """A replica that read the state before another moved it on loses the compare-and-set,
+    reads again, and leaves the later tick in place."""
+    from jobmesh.trigger.router import Router
+    from jobmesh.trigger.rules import compile_record
+    from jobmesh.trigger.ruleset import RuleSet
+    from jobmesh.trigger.stats import RuleStats
+    from jobmesh.trigger.ticker import Ticker, TickState
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        await provision(js)
+        rule = compile_record(msgspec.json.decode(schedule_record("cas", 1000.0), type=TriggerRecord))
+
+        async def dead_letter(*args, **kwargs) -> bool:
+            return True
+
+        def ticker() -> Ticker:
+            return Ticker(RuleSet(None), Router(None, RuleStats(None, "t")), js, dead_letter)  # type: ignore[arg-type]
+
+        slow, fast = ticker(), ticker()
+        _, revision = await slow._read("cas")  # absent
+        await fast._store(rule, TickState(tick=1005.0, version=1), revision)
+        await slow._store(rule, TickState(tick=1003.0, version=1), revision)  # loses: create on a key that exists
+        stored, revision = await slow._read("cas")
+        assert stored == TickState(tick=1005.0, version=1)
+        await fast._store(rule, TickState(tick=1006.0, version=1), revision)
+        await slow._store(rule, TickState(tick=1004.0, version=1), revision)  # loses: a stale revision
+        stored, _ = await slow._read("cas")
+        assert stored == TickState(tick=1006.0, version=1)
+        assert slow.due_at(rule) == 1007.0  # it learnt the later tick
+    finally:
+        await nc.close()
+
+
 # --- one replica, as its own process -------------------------------------------------
 async def replica(nats_url: str, instance: str) -> None:
     """A trigger replica's schedule path: rule view, router, firer, publisher, ticker."""
