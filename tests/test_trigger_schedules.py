@@ -1,20 +1,13 @@
-"""Schedules across replicas, with real processes: two tickers fire an ``every: 1`` rule,
-one is killed -9 half-way, and JM_JOBS holds exactly one JobSubmitted per tick, with no
-gap.
-
-Each replica is its own process running a Ticker over a real RuleSet, Router, Firer and
-Publisher (``python -m tests.test_trigger_schedules replica URL NAME``), which is what the
-trigger service wires. The second test runs the same check against two trigger service
-processes once the service starts a Ticker.
+"""Schedules across replicas, with real processes: two trigger services fire an
+``every: 1`` rule, one is killed -9 half-way, and JM_JOBS holds exactly one JobSubmitted
+per tick, with no gap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,26 +34,6 @@ def schedule_record(name: str, now: float) -> bytes:
         job={"name": "tick {{ tick.iso }}", "runtime": {"kind": "noop"}},
     )
     return encode(TriggerRecord(rule=rule, version=1, created_at=now, updated_at=now))
-
-
-async def start_replica(nats_url: str, name: str) -> asyncio.subprocess.Process:
-    """Start a replica process and wait until its rule view is ready."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.test_trigger_schedules",
-        "replica",
-        nats_url,
-        name,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
-    assert proc.stdout is not None
-    line = await asyncio.wait_for(proc.stdout.readline(), 30)
-    assert line.strip() == b"ready", line
-    return proc
 
 
 class Submitted:
@@ -132,31 +105,6 @@ async def run_two_replicas_and_kill_one(nats_url: str, rule: str, kill) -> None:
         await nc.close()
 
 
-async def test_two_tickers_fire_each_tick_exactly_once_through_a_kill(nats_server):
-    a = await start_replica(nats_server.url, "a")
-    b = await start_replica(nats_server.url, "b")
-    try:
-
-        async def kill() -> None:
-            os.kill(a.pid, signal.SIGKILL)  # no drain, no last write
-            assert await asyncio.wait_for(a.wait(), 10) == -signal.SIGKILL
-
-        await run_two_replicas_and_kill_one(nats_server.url, "every-second", kill)
-        assert b.returncode is None  # the survivor kept ticking
-    finally:
-        for proc in (a, b):
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-
-
-def _service_ticks() -> bool:
-    import jobmesh.trigger.service as service
-
-    return "Ticker(" in inspect.getsource(service)
-
-
-@pytest.mark.skipif(not _service_ticks(), reason="the trigger service does not start a Ticker yet")
 async def test_two_trigger_services_fire_each_tick_exactly_once_through_a_kill(make_cluster, nats_server):
     from tests.cluster_fixtures import Service
 
@@ -205,41 +153,3 @@ async def test_the_stored_tick_never_moves_backwards(nats_server):
         assert slow.due_at(rule) == 1007.0  # it learnt the later tick
     finally:
         await nc.close()
-
-
-# --- one replica, as its own process -------------------------------------------------
-async def replica(nats_url: str, instance: str) -> None:
-    """A trigger replica's schedule path: rule view, router, firer, publisher, ticker."""
-    import logging
-
-    from jobmesh.runtime.outcomes import Reject
-    from jobmesh.runtime.publisher import Publisher
-    from jobmesh.trigger.firing import Firer
-    from jobmesh.trigger.router import Router
-    from jobmesh.trigger.ruleset import RuleSet
-    from jobmesh.trigger.stats import RuleStats
-    from jobmesh.trigger.ticker import Ticker
-
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
-    await provision(js)
-    rules = RuleSet(js)
-    stats = RuleStats(js, instance)
-    router = Router(Firer(Publisher(js), 4, None, stats), stats)
-
-    async def dead_letter(
-        subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0, rule: str = ""
-    ) -> bool:
-        logging.error("dead letter %s %s: %s", subject, rule, outcome)
-        return True
-
-    ticker = Ticker(rules, router, js, dead_letter)
-    tasks = [asyncio.ensure_future(rules.run()), asyncio.ensure_future(stats.run())]
-    await rules.ready.wait()
-    print("ready", flush=True)
-    await asyncio.gather(ticker.run(), *tasks)
-
-
-if __name__ == "__main__" and sys.argv[1:2] == ["replica"]:
-    asyncio.run(replica(sys.argv[2], sys.argv[3]))

@@ -9,16 +9,18 @@ and, while completion rules exist, the job-end events of ``JM_JOBS``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import SubmitRequest
-from jobmesh.errors import InvalidMessage
+from jobmesh.errors import InvalidMessage, InvalidSpec
 from jobmesh.runtime.provisioning import ensure_stream, external_stream_config
 from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
+from jobmesh.trigger.bursts import Bursts
 from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler
 from jobmesh.trigger.firing import Firer
 from jobmesh.trigger.handlers import SubmitHandler
@@ -29,6 +31,8 @@ from jobmesh.trigger.rules import RuleError, check_pattern
 from jobmesh.trigger.ruleset import RuleSet
 from jobmesh.trigger.stats import RuleStats
 from jobmesh.trigger.subjectevents import EventCodec, EventHandler
+from jobmesh.trigger.ticker import Ticker
+from jobmesh.trigger.webhooks import HttpIngress, SecretReader
 
 log = logging.getLogger("jobmesh.trigger.service")
 
@@ -74,16 +78,50 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     stats = RuleStats(rt.js, settings.instance)
     rt.spawn(stats.run(), "rule-stats")
     firer = Firer(rt.publisher, settings.partitions, schemas, stats)
-    router = Router(firer, stats)
+    bursts = Bursts(rt.js, firer, stats, rules, dead_letter=rt.dead_letter)
+    rt.spawn(bursts.run(), "bursts")
+    rt.on_reconnect(bursts.restart)
+    router = Router(firer, stats, bursts)
     completions = CompletionConsumer(
         rt, rules, CompletionHandler(rules, router, rt.dead_letter), settings.max_message_bytes
     )
     rt.spawn(completions.run(), "completions")
-    api = RuleApi(rt.js, allowed, stats, schemas, clock=time.time, view=rules)
+    ticker = Ticker(rules, router, rt.js, rt.dead_letter)
+    rt.spawn(ticker.run(), "schedule-ticker")
+    api = RuleApi(rt.js, allowed, stats, schemas, bursts=bursts, ticker=ticker, clock=time.time, view=rules)
     submit = SubmitHandler(rt.publisher, settings.partitions, schemas)
+    secrets = SecretReader(settings.secrets_dir, settings.secrets_env_prefix, os.environ)
+    token = None
+    if settings.http_submit_token_secret:
+        token = secrets(settings.http_submit_token_secret)
+        if not token:
+            raise InvalidSpec(
+                f"JOBMESH_HTTP_SUBMIT_TOKEN_SECRET: secret {settings.http_submit_token_secret!r} not found "
+                f"(a file in JOBMESH_SECRETS_DIR, or the variable {settings.secrets_env_prefix}<NAME>)",
+                field="http_submit_token_secret",
+            )
+    ingress = None
+    if settings.http_listen:
+        ingress = HttpIngress(
+            settings.http_listen,
+            submit,
+            rules,
+            router,
+            secrets,
+            rt.dead_letter,
+            token,
+            time.time,
+            tracing=tracing,
+            max_submit_bytes=settings.max_message_bytes,
+            drain_seconds=settings.drain_seconds,
+        )
     # Events are matched against the rules as they stand: consuming before the view holds
-    # every stored rule would acknowledge events that a rule should have fired for.
+    # every stored rule would acknowledge events that a rule should have fired for (and an
+    # early hook would get 404).
     await rules.ready.wait()
+    if ingress is not None:
+        await ingress.start()
+        log.info("HTTP ingress on %s (port %d)", settings.http_listen, ingress.port)
     consumers = [_event_consumer(subjects.STREAM_EVENTS, "events", (subjects.EVENTS_ALL,), rules, router, rt, settings)]
     if allowed:
         patterns = tuple(".".join(t) for t in allowed)
@@ -99,8 +137,14 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             ),
             *api.responders(),
         ],
-        on_stop=stats.flush,
+        on_stop=lambda: _stop(ingress, stats),
     )
+
+
+async def _stop(ingress: HttpIngress | None, stats: RuleStats) -> None:
+    if ingress is not None:
+        await ingress.stop()
+    await stats.flush()
 
 
 def _event_consumer(

@@ -24,7 +24,7 @@ from jobmesh.errors import InvalidMessage
 from jobmesh.trigger.expressions import Bindings, Expression, ExpressionError
 
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
-_SPEC = Codec(JobSpec, 1024 * 1024)
+_SPEC: Codec[JobSpec] = Codec(JobSpec, 1024 * 1024)
 
 
 class _Whole:
