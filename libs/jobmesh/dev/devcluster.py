@@ -18,6 +18,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -221,6 +222,53 @@ def dev_service_env(
     return {"JOBMESH_HANDLER_MODULES": ",".join(modules)} if modules else {}
 
 
+DEV_HTTP_PORT = 8480  # the trigger's HTTP ingress, when free (else any free port)
+SUBMIT_TOKEN = "http-submit-token"  # the secret holding the bearer token of POST /v1/jobs
+
+
+def _free_port(preferred: int) -> int:
+    """``preferred`` when nothing listens there, else a port the kernel picks."""
+    for port in (preferred, 0):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise Unavailable("no free TCP port on 127.0.0.1 for the HTTP ingress")
+
+
+def dev_http_env(state: Path, port: int) -> dict[str, str]:
+    """The trigger's HTTP ingress for `jobmesh dev`: on loopback, with hook secrets read from
+    ``.jobmesh/secrets/`` and the submit endpoint's bearer token made there once (0600).
+
+    Args:
+        state: the state directory (``.jobmesh``, absolute).
+        port: where the ingress listens.
+
+    Returns:
+        ``JOBMESH_*`` settings for every service.
+    """
+    secrets = state / "secrets"
+    secrets.mkdir(mode=0o700, exist_ok=True)
+    token = secrets / SUBMIT_TOKEN
+    if not token.exists():
+        token.touch(mode=0o600)
+        token.write_text(secrets_token())
+    return {
+        "JOBMESH_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "JOBMESH_SECRETS_DIR": str(secrets),
+        "JOBMESH_HTTP_SUBMIT_TOKEN_SECRET": SUBMIT_TOKEN,
+    }
+
+
+def secrets_token() -> str:
+    """A fresh bearer token (256 bits, URL-safe)."""
+    import secrets
+
+    return secrets.token_urlsafe(32)
+
+
 def foreground(demo: bool = False, reset: bool = False) -> int:
     """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
 
@@ -261,15 +309,21 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
         _say(f"embedded Postgres at {database_url}")
     else:
         _say(f"Postgres at {redacted(database_url)} (JOBMESH_DATABASE_URL)")
-    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=dev_service_env(os.environ))
+    http_port = _free_port(DEV_HTTP_PORT)
+    env = dev_service_env(os.environ) | dev_http_env(STATE.resolve(), http_port)
+    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=env)
     try:
         cluster.start()
         _say("starting services: " + ", ".join(SERVICES))
         asyncio.run(_wait_healthy_with_progress(cluster))
         ENV_FILE.write_text(
             f"JOBMESH_NATS_URL={nats_server.url}\nJOBMESH_DATABASE_URL={database_url}\nJOBMESH_DEV_PID={os.getpid()}\n"
+            f"JOBMESH_HTTP_URL=http://127.0.0.1:{http_port}\n"
         )
-        _say(f"ready. NATS {nats_server.url}; settings in {ENV_FILE}; logs in {STATE / 'logs'}/")
+        _say(
+            f"ready. NATS {nats_server.url}; HTTP ingress http://127.0.0.1:{http_port}; settings in {ENV_FILE}; "
+            f"logs in {STATE / 'logs'}/"
+        )
         if demo:
             from jobmesh.dev.demo import run_demo
 
