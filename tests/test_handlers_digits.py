@@ -75,7 +75,9 @@ def test_jobmesh_dev_hosts_the_example_unless_told_otherwise(tmp_path):
     assert dev_service_env({}, both) == {"JOBMESH_HANDLER_MODULES": f"{DIGITS},{reindex}"}
     assert dev_service_env({}) == {"JOBMESH_HANDLER_MODULES": f"{DIGITS},{reindex}"}  # the defaults
     assert dev_service_env({"JOBMESH_HANDLER_MODULES": "mine"}, both) == {}
-    assert dev_service_env({}, ((DIGITS, "no_such_module_here"), (reindex, ""))) == {"JOBMESH_HANDLER_MODULES": str(reindex)}
+    assert dev_service_env({}, ((DIGITS, "no_such_module_here"), (reindex, ""))) == {
+        "JOBMESH_HANDLER_MODULES": str(reindex)
+    }
     assert dev_service_env({}, ((tmp_path / "absent.py", ""),)) == {}  # an installed package has no examples/
 
 

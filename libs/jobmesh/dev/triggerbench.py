@@ -25,7 +25,7 @@ import uuid
 from pathlib import Path
 
 import msgspec
-import nats
+from nats.aio.msg import Msg
 
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
@@ -77,14 +77,14 @@ async def measure(url: str, n: int, light: int) -> dict[str, float]:
     done = asyncio.Event()
     want = {"n": 0}
 
-    async def on_started(msg: nats.aio.msg.Msg) -> None:
+    async def on_started(msg: Msg) -> None:
         job_id = msgspec.json.decode(msg.data, type=_Ids).job_id
         started_at.setdefault(job_id, time.perf_counter())
         fut = waiters.pop(job_id, None)
         if fut is not None and not fut.done():
             fut.set_result(None)
 
-    async def on_update(msg: nats.aio.msg.Msg) -> None:
+    async def on_update(msg: Msg) -> None:
         update = _update.decode(msg.data)
         if update.final and update.job_id not in finished:
             finished.add(update.job_id)
