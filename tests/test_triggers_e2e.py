@@ -23,6 +23,7 @@ from jobmesh.contract.messages.v1 import (
     TriggerReply,
     TriggerRule,
 )
+from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.tracing import trace_id_of
 from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters
 from tests.helpers import eventually
@@ -339,3 +340,77 @@ async def test_the_job_continues_the_trace_of_the_events_publish(triggers, nats_
     finally:
         await remove_rule(nc, "traced")
         await nc.close()
+
+
+async def test_bursts_through_the_service_debounce_and_batch(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    debounce = {
+        "name": "settle",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.settle.*"]},
+        "debounce": {"seconds": 1, "key": "subject.tokens[4]"},
+        "job": {"name": "settled {{ key }} after {{ string(count) }}", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.settle.a", "data": {}},
+    }
+    batch = {
+        "name": "gather",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.gather"]},
+        "batch": {"max_events": 100, "max_seconds": 2},
+        "job": {
+            "name": "gathered",
+            "runtime": {"kind": "handler", "handler": "none.here", "input": "{{ events.map(e, e.data.i) }}"},
+        },
+        "sample": {"subject": "jobmesh.v1.events.gather", "data": {"i": 0}},
+    }
+    try:
+        await put_rule(nc, debounce)
+        await put_rule(nc, batch)
+        acks = [await js.publish_async("jobmesh.v1.events.settle.a", b"{}") for _ in range(100)]
+        acks += [await js.publish_async("jobmesh.v1.events.gather", b'{"i": %d}' % i) for i in range(250)]
+        await asyncio.gather(*acks)
+        [settled] = await eventually(lambda: submitted_by(js, "settle"), what="the debounce to fire")
+        assert settled.spec.name == "settled a after 100" and settled.origin.kind == "debounce"
+
+        async def three():
+            found = await submitted_by(js, "gather")
+            return found if len(found) >= 3 else None
+
+        gathered = await eventually(three, what="three batches")
+        inputs = [j.spec.runtime.input for j in gathered]
+        assert sorted(len(i) for i in inputs) == [50, 100, 100]
+        assert sorted(i for batch_ in inputs for i in batch_) == list(range(250))
+        assert len(await submitted_by(js, "settle")) == 1  # still one, after the batches were fired
+    finally:
+        await remove_rule(nc, "settle")
+        await remove_rule(nc, "gather")
+        await nc.close()
+
+
+async def test_subjects_the_operator_allows_reach_rules_and_others_are_refused(make_cluster, tmp_path):
+    # A NATS server of its own: every trigger replica of one cluster must allow the same subjects.
+    server = NatsServer(tmp_path / "nats").start()
+    await make_cluster(
+        ["trigger"], env={"JOBMESH_TRIGGER_SUBJECTS": "legacy.orders.>"}, nats_url=server.url, name="external"
+    )
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "legacy-orders",
+        "source": {"kind": "event", "subjects": ["legacy.orders.*"]},
+        "job": {"name": "order {{ subject.tokens[2] }}", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "legacy.orders.o1", "data": {}},
+    }
+    try:
+        await put_rule(nc, rule)
+        await nc.publish("legacy.orders.o42", b'{"total": 3}')  # core NATS: JM_EXTERNAL stores it
+        [job] = await eventually(lambda: submitted_by(js, "legacy-orders"), what="the external event's job")
+        assert job.spec.name == "order o42" and job.origin.event.startswith(f"{subjects.STREAM_EXTERNAL}:")
+        outside = {**rule, "name": "elsewhere", "source": {"kind": "event", "subjects": ["billing.>"]}}
+        with pytest.raises(Exception) as refused:
+            await put_rule(nc, outside)
+        assert getattr(refused.value, "field", "") == "source.subjects[0]"
+        assert "JOBMESH_TRIGGER_SUBJECTS" in str(refused.value)
+    finally:
+        await remove_rule(nc, "legacy-orders")
+        await nc.close()
+        server.stop()
