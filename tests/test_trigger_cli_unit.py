@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from jobmesh.client.cli import render, run_command
 from jobmesh.client.cli import triggers as cli

@@ -68,7 +68,11 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt = Runtime(settings, tracing)
     await rt.connect()
     if allowed:
-        await ensure_stream(rt.js, external_stream_config([".".join(t) for t in allowed]), update=True)
+        # Made with JOBMESH_STREAM_REPLICAS like every stream; a restart adds subjects the
+        # setting gained and leaves limits an operator changed by hand alone.
+        external = external_stream_config([".".join(t) for t in allowed])
+        external.num_replicas = settings.stream_replicas
+        await ensure_stream(rt.js, external)
     schemas = HandlerSchemas(rt.js)
     rt.spawn(schemas.run(), "handler-schemas")
     rt.on_reconnect(schemas.restart)
@@ -88,7 +92,17 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt.spawn(completions.run(), "completions")
     ticker = Ticker(rules, router, rt.js, rt.dead_letter)
     rt.spawn(ticker.run(), "schedule-ticker")
-    api = RuleApi(rt.js, allowed, stats, schemas, bursts=bursts, ticker=ticker, clock=time.time, view=rules)
+    api = RuleApi(
+        rt.js,
+        allowed,
+        stats,
+        schemas,
+        bursts=bursts,
+        ticker=ticker,
+        clock=time.time,
+        max_bytes=settings.max_message_bytes,
+        view=rules,
+    )
     submit = SubmitHandler(rt.publisher, settings.partitions, schemas)
     secrets = SecretReader(settings.secrets_dir, settings.secrets_env_prefix, os.environ)
     token = None

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import msgspec
-import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the dev dependencies yet
+import yaml
 
 from jobmesh.contract.messages.v1 import SampleEvent, TriggerRule, TriggerSource
 from jobmesh.contract.strict import strict_twin

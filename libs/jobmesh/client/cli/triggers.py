@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import msgspec
-import yaml  # type: ignore[import-untyped]  # no types-PyYAML in the dev dependencies yet
+import yaml
 
 from jobmesh.client.cli import render
 from jobmesh.client.cli.exitcodes import EXIT_OK
