@@ -25,12 +25,12 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import stat
 from collections.abc import Iterable, Mapping, MutableMapping
 from pathlib import Path
 from typing import ClassVar
 
 from jobmesh.contract.messages.v1.jobs import FailureCode
+from jobmesh.runtime.secretfiles import SecretFileError, read_secret_file
 
 SANDBOX_SECRETS_DIR = "/run/secrets"  # where a sandboxed job finds its secret files
 SECRETS_DIR_VAR = "JOBMESH_SECRETS_DIR"  # the job's variable naming its secrets directory
@@ -149,38 +149,11 @@ class SecretSource:
     def _from_file(self, name: str) -> str | None:
         if self.directory is None:
             return None
-        path = self.directory / name
-        if not os.path.lexists(path):
-            return None
-        # A link is followed only to a file inside the directory: Kubernetes mounts each
-        # secret as NAME -> ..data/NAME, but a link out of the directory is a mistake.
-        real = os.path.realpath(path)
-        inside = os.path.realpath(self.directory).rstrip("/") + "/"
-        if not real.startswith(inside):
-            raise _Unreadable(f"{path} links out of {self.directory}")
         try:
-            # O_NONBLOCK: a FIFO there must not hang the executor.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise _Unreadable(f"{path} is a dangling link") from None
-        except OSError as exc:
-            raise _Unreadable(f"{path}: {exc.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise _Unreadable(f"{path} is not a regular file")
-            chunks: list[bytes] = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        except OSError as exc:
-            raise _Unreadable(f"{path}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        text = b"".join(chunks).decode("utf-8", "surrogateescape")
-        if text.endswith("\r\n"):
-            return text[:-2]
-        if text.endswith("\n"):
-            return text[:-1]
-        return text
+            data = read_secret_file(self.directory, name)
+        except SecretFileError as exc:
+            raise _Unreadable(str(exc)) from None
+        return None if data is None else data.decode("utf-8", "surrogateescape")
 
     def _missing_message(self, missing: list[str], unreadable: Mapping[str, str]) -> str:
         parts: list[str] = []

@@ -26,9 +26,7 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
-import stat
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -46,6 +44,7 @@ from jobmesh.contract.messages.v1 import ErrorReply, SubmitReply, SubmitRequest,
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, Overloaded, OversizedMessage, Unavailable
 from jobmesh.runtime.outcomes import Reject
+from jobmesh.runtime.secretfiles import SecretFileError, read_secret_file
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.trigger.router import Incoming, Router
@@ -214,33 +213,10 @@ class SecretReader:
     def _from_file(self, name: str) -> bytes | None:
         if self.directory is None:
             return None
-        path = self.directory / name
-        if not os.path.lexists(path):
-            return None
-        # A link is followed only to a file inside the directory (Kubernetes mounts each
-        # secret as NAME -> ..data/NAME); a link out of it is a mistake.
-        real = os.path.realpath(path)
-        if not real.startswith(os.path.realpath(self.directory).rstrip("/") + "/"):
-            raise SecretUnreadable(f"{path} links out of {self.directory}")
         try:
-            # O_NONBLOCK: a FIFO there must not hang the event loop.
-            fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-        except OSError as exc:
-            raise SecretUnreadable(f"{path}: {exc.strerror}") from None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise SecretUnreadable(f"{path} is not a regular file")
-            chunks = []
-            while chunk := os.read(fd, 1 << 16):
-                chunks.append(chunk)
-        except OSError as exc:
-            raise SecretUnreadable(f"{path}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        data = b"".join(chunks)
-        if data.endswith(b"\r\n"):
-            return data[:-2]
-        return data[:-1] if data.endswith(b"\n") else data
+            return read_secret_file(self.directory, name)
+        except SecretFileError as exc:
+            raise SecretUnreadable(str(exc)) from None
 
 
 # --- pure checks ---------------------------------------------------------------------
