@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import msgspec
@@ -256,32 +258,42 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
-    parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
-    parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def raw_first(tmp: Path, n: int, into: dict[str, float]) -> None:
+    """Measure the raw relay on a NATS server of its own before the cluster starts."""
     import uvloop
 
-    if args.relay is not None:
-        uvloop.run(relay_stage(args.url, args.relay))
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="jobmesh-bench-"))
+    raw_server = NatsServer(tmp / "nats-raw").start()
+    try:
+        print(f"raw JetStream relay, {STAGES} processes, {n} messages ...", file=sys.stderr, flush=True)
+        into["rate"] = uvloop.run(raw_baseline(raw_server.url, n))
+    finally:
+        raw_server.stop()
+
+
+@contextlib.contextmanager
+def bench_cluster(
+    prefix: str, database: str, before: Callable[[Path], None] | None = None
+) -> Iterator[tuple[NatsServer, LocalCluster]]:
+    """A NATS server, a fresh database (``JOBMESH_DATABASE_URL``, else an embedded Postgres)
+    and the five services on a node that fits any job, for one benchmark; all removed after.
+
+    Args:
+        prefix: of the temporary directory.
+        database: the database's name.
+        before: run with the temporary directory before the cluster starts (the raw relay).
+    """
+    import uvloop
+
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     base = os.environ.get("JOBMESH_DATABASE_URL") or os.environ.get("JOBMESH_TEST_DATABASE_URL")
     pg = None
     if not base:
         pg = embedded_postgres(tmp / "pg")
         base = pg.get_uri()
-    raw_server = NatsServer(tmp / "nats-raw").start()
-    try:
-        print(f"raw JetStream relay, {STAGES} processes, {args.jobs} messages ...", file=sys.stderr, flush=True)
-        raw = uvloop.run(raw_baseline(raw_server.url, args.jobs))
-    finally:
-        raw_server.stop()
+    if before is not None:
+        before(tmp)
     server = NatsServer(tmp / "nats").start()
-    db_url = uvloop.run(create_database(base, "jm_bench"))
+    db_url = uvloop.run(create_database(base, database))
     cluster = LocalCluster(
         server.url,
         db_url,
@@ -296,6 +308,33 @@ def main() -> None:
     try:
         cluster.start()
         uvloop.run(cluster.wait_healthy())
+        yield server, cluster
+    finally:
+        cluster.stop()
+        server.stop()
+        uvloop.run(drop_database(base, db_url))
+        if pg is not None:
+            pg.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
+    parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
+    parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import uvloop
+
+    raw: dict[str, float] = {}
+    if args.relay is not None:
+        uvloop.run(relay_stage(args.url, args.relay))
+        return
+    with bench_cluster("jobmesh-bench-", "jm_bench", before=lambda tmp: raw_first(tmp, args.jobs, raw)) as (
+        server,
+        cluster,
+    ):
         print(f"end to end, {args.jobs} no-op jobs through five services ...", file=sys.stderr, flush=True)
         watched = {sp.name: sp.proc.pid for sp in cluster.procs}
         assert server.proc is not None  # started above
@@ -309,15 +348,9 @@ def main() -> None:
 
         throughput, light, durable, loaded = uvloop.run(end_to_end(server.url, args.jobs, args.light, mark))
         used = {name: cpu_seconds(pid) - before.get(name, 0.0) for name, pid in watched.items()}
-    finally:
-        cluster.stop()
-        server.stop()
-        uvloop.run(drop_database(base, db_url))
-        if pg is not None:
-            pg.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"raw JetStream relay ({STAGES} stages):  {raw:8.0f} msg/s")
-    print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw:.2f}")
+    raw_rate = raw["rate"]
+    print(f"raw JetStream relay ({STAGES} stages):  {raw_rate:8.0f} msg/s")
+    print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw_rate:.2f}")
     print(
         f"light load (n={len(light)}), submit to JobSucceeded in JetStream: p50 {pct(durable, 50):6.2f} ms   p99 {pct(durable, 99):6.2f} ms"
     )

@@ -17,12 +17,9 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 import uuid
-from pathlib import Path
 
 import msgspec
 from nats.aio.msg import Msg
@@ -42,10 +39,7 @@ from jobmesh.contract.messages.v1 import (
     TriggerReply,
     TriggerRule,
 )
-from jobmesh.dev.bench import pct
-from jobmesh.dev.cluster import LocalCluster
-from jobmesh.dev.servers import NatsServer, embedded_postgres
-from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.dev.bench import bench_cluster, pct
 
 _update = msgspec.json.Decoder(JobUpdate)
 RULE = {
@@ -179,41 +173,13 @@ def main() -> None:
     args = parser.parse_args()
     import uvloop
 
-    tmp = Path(tempfile.mkdtemp(prefix="jobmesh-triggerbench-"))
-    base = os.environ.get("JOBMESH_DATABASE_URL") or os.environ.get("JOBMESH_TEST_DATABASE_URL")
-    pg = None
-    if not base:
-        pg = embedded_postgres(tmp / "pg")
-        base = pg.get_uri()
-    server = NatsServer(tmp / "nats").start()
-    db_url = uvloop.run(create_database(base, "jm_triggerbench"))
-    cluster = LocalCluster(
-        server.url,
-        db_url,
-        tmp,
-        env={
-            "JOBMESH_NODE_ID": "bench-node",
-            "JOBMESH_NODE_CPU_MILLI": "100000000",
-            "JOBMESH_NODE_MEMORY_MB": "100000000",
-            "JOBMESH_LOG_LEVEL": "WARNING",
-        },
-    )
-    try:
-        cluster.start()
-        uvloop.run(cluster.wait_healthy())
+    with bench_cluster("jobmesh-triggerbench-", "jm_triggerbench") as (server, _cluster):
         print(
             f"trigger path: {args.light} one at a time, then {args.jobs} submits and {args.jobs} events ...",
             file=sys.stderr,
             flush=True,
         )
         figures = uvloop.run(measure(server.url, args.jobs, args.light))
-    finally:
-        cluster.stop()
-        server.stop()
-        uvloop.run(drop_database(base, db_url))
-        if pg is not None:
-            pg.cleanup()
-        shutil.rmtree(tmp, ignore_errors=True)
     f = figures
     print(
         f"light load, to JobStarted: submit p50 {f['submit_p50']:6.2f} ms p99 {f['submit_p99']:6.2f} ms;"
