@@ -19,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import nats.errors
 import nats.js.errors
 from nats.js.api import DeliverPolicy
 
@@ -26,6 +27,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import CompletionSource, JobCancelled, JobExpired, JobGaveUp, JobSucceeded
 from jobmesh.errors import Unavailable
+from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.service import ConsumerSpec, Envelope, Runtime
 from jobmesh.trigger.router import Incoming, Router
@@ -191,21 +193,35 @@ class CompletionConsumer:
         """Follow the rule set forever (a background task)."""
         await self._rules.ready.wait()
         self._wake.set()
+        failures = 0
         while True:
             await self._wake.wait()
             self._wake.clear()
-            wanted = bool(self._rules.of_kind("completion"))
-            if wanted and not self._running:
-                await self._rt.add_consumer(self.spec())
-                self._running = True
-                log.info("completion rules exist: consuming job ends")
-            elif not wanted and self._running:
-                await self._rt.remove_consumer(DURABLE)
-                self._running = False
-                await self._delete()
-                log.info("no completion rules: stopped consuming job ends")
-            # A replica that merely starts without completion rules deletes nothing: its view
-            # may lag another replica's that just created the consumer for a new rule.
+            try:
+                await self._follow()
+                failures = 0
+            except (TimeoutError, nats.errors.Error) as exc:
+                # NATS away for a moment: the consumer is created (or deleted) when it is back.
+                failures += 1
+                delay = backoff(failures, base=0.5, cap=10.0)
+                log.warning("completions consumer: %s: %s; again in %.1fs", type(exc).__name__, exc, delay)
+                await asyncio.sleep(delay)
+                self._wake.set()
+
+    async def _follow(self) -> None:
+        """Create or delete the consumer as the rules now ask."""
+        wanted = bool(self._rules.of_kind("completion"))
+        if wanted and not self._running:
+            await self._rt.add_consumer(self.spec())
+            self._running = True
+            log.info("completion rules exist: consuming job ends")
+        elif not wanted and self._running:
+            await self._rt.remove_consumer(DURABLE)
+            self._running = False
+            await self._delete()
+            log.info("no completion rules: stopped consuming job ends")
+        # A replica that merely starts without completion rules deletes nothing: its view
+        # may lag another replica's that just created the consumer for a new rule.
 
     async def _delete(self) -> None:
         try:
