@@ -414,3 +414,30 @@ async def test_subjects_the_operator_allows_reach_rules_and_others_are_refused(m
         await remove_rule(nc, "legacy-orders")
         await nc.close()
         server.stop()
+
+
+async def test_a_deeply_nested_event_is_dead_lettered_and_the_service_goes_on(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    rule = {
+        "name": "after-nesting",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.nesting"]},
+        "job": {"name": "fine", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.nesting", "data": {}},
+    }
+    try:
+        await put_rule(nc, rule)
+        await js.publish("jobmesh.v1.events.nesting", b"[" * 1000 + b"]" * 1000)
+        await js.publish("jobmesh.v1.events.nesting", b"{}")
+        [job] = await eventually(lambda: submitted_by(js, "after-nesting"), what="the next event's job")
+        assert job.spec.name == "fine"
+
+        async def letter():
+            return [d for d in await dead_letters(js) if "nested too deeply" in d.reason]
+
+        [found] = await eventually(letter, what="the nested event's dead letter")
+        assert found.subject == "jobmesh.v1.events.nesting" and found.service == "trigger"
+        triggers.check_alive()  # the trigger did not stop
+    finally:
+        await remove_rule(nc, "after-nesting")
+        await nc.close()

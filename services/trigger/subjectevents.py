@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from jobmesh.contract.codec import Codec, encode
-from jobmesh.errors import OversizedMessage, Unavailable
+from jobmesh.errors import InvalidMessage, OversizedMessage, Unavailable
 from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.service import Envelope
 from jobmesh.trigger.router import Incoming, Router
@@ -48,6 +48,9 @@ class EventCodec(Codec[Any]):
             return _json.decode(payload)
         except msgspec.DecodeError:
             return payload.decode("utf-8", "replace")
+        except RecursionError as exc:
+            # ~1000 levels of brackets: refused (dead-lettered), never a crash of the consumer.
+            raise InvalidMessage("malformed event: JSON nested too deeply") from exc
 
 
 def event_identity(env: Envelope, stream: str) -> tuple[str, float]:

@@ -484,6 +484,8 @@ class HttpIngress:
             data = msgspec.json.decode(body)
         except msgspec.DecodeError as exc:
             raise HttpError(400, InvalidMessage.code, f"malformed body: the body must be JSON: {exc}") from exc
+        except RecursionError as exc:
+            raise HttpError(400, InvalidMessage.code, "malformed body: JSON nested too deeply") from exc
         event_id = event_id_of(request.headers, source)
         hook_subject = f"hooks.{name}"
         now = self._clock()

@@ -47,6 +47,10 @@ class Codec(Generic[T]):
             raise InvalidMessage(str(exc), field=_field_of(str(exc))) from exc
         except msgspec.DecodeError as exc:
             raise InvalidMessage(f"malformed JSON: {exc}") from exc
+        except RecursionError as exc:
+            # A value of type Any (an event, a handler's input) may nest arbitrarily; msgspec
+            # stops at its recursion limit, and so must we, with a refusal, not a crash.
+            raise InvalidMessage("malformed JSON: nested too deeply") from exc
 
 
 def _field_of(message: str) -> str | None:

@@ -333,6 +333,10 @@ class Runtime:
             except InvalidMessage as exc:
                 await self._settle(raw, Reject(exc.code, str(exc)), _deliveries(raw))
                 continue
+            except Exception as exc:  # a decoder's bug must not stop the consumer
+                log.exception("%s: decoding a message on %s failed", spec.durable, raw.subject)
+                await self._settle(raw, Reject("invalid_message", f"{type(exc).__name__}: {exc}"), _deliveries(raw))
+                continue
             span, context = self.tracing.open_span(spec.span_name, headers, trace.SpanKind.CONSUMER)
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
             decoded.append(raw)
@@ -470,6 +474,12 @@ class Runtime:
         except InvalidMessage as exc:
             await self.dead_letter(msg.subject, msg.data, Reject(exc.code, str(exc)))
             await _reply(msg, ErrorReply.of(exc))
+            return
+        except Exception as exc:  # a decoder's bug: the sender still gets an answer
+            log.exception("%s: decoding a request on %s failed", self.service, msg.subject)
+            refused = InvalidMessage(f"cannot decode the request: {type(exc).__name__}: {exc}")
+            await self.dead_letter(msg.subject, msg.data, Reject(refused.code, str(refused)))
+            await _reply(msg, ErrorReply.of(refused))
             return
         headers = msg.headers or {}
         span, context = self.tracing.open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER)
