@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from jobmesh.contract.messages.v1 import (
@@ -23,7 +24,7 @@ from jobmesh.contract.messages.v1 import (
     TriggerRule,
 )
 from jobmesh.errors import InvalidSpec, Unavailable
-from jobmesh.trigger.bursts import ORPHAN_GRACE, SOFT_LIMIT, Bursts, Held, digest, expire, take
+from jobmesh.trigger.bursts import DONE_HORIZON, ORPHAN_GRACE, SOFT_LIMIT, Bursts, Held, digest, expire, take
 from jobmesh.trigger.firing import Fire, Fired
 from jobmesh.trigger.router import Incoming, Router
 from jobmesh.trigger.rules import compile_record, event_variables
@@ -116,7 +117,8 @@ def test_a_batch_fires_at_max_events_and_the_rest_starts_the_next():
     # The same batch gives the same id; another composition another.
     again, _, _ = take(None, rule, "k", [held(str(i), 9) for i in range(100)], 9.0)
     assert bursts[0].event_id == take(None, rule, "k", [held(str(i), 7) for i in range(100)], 7.0)[1][0].event_id
-    assert again is None
+    # All of it fired: the key keeps only the ids it used, against a redelivery.
+    assert again is not None and again.events == [] and len(again.done) == 100
 
 
 def test_a_batch_past_the_size_limit_fires_early():
@@ -316,3 +318,146 @@ async def test_a_state_of_a_rule_not_seen_yet_waits_out_a_grace_before_it_is_dro
     clock.now += ORPHAN_GRACE
     await bursts.tick()
     assert bursts.count("r") == 0
+
+
+# --- redeliveries, replicas out of order, bad or foreign states ---------------------------------
+def batch_items(rule, ids):
+    return [(incoming(f"{EVENTS}.x", {"n": i}, f"E:{i}", rule), rule) for i in ids]
+
+
+async def test_a_batch_redelivered_after_its_write_fires_no_event_again():
+    clock = Clock()
+    rule = rule_of(batch=BatchPolicy(max_events=3))
+    bursts, firer, _ = bursts_for(rule, clock=clock)
+    assert await bursts.add(batch_items(rule, [1, 2, 3, 4])) == []
+    clock.now += 1
+    assert await bursts.add(batch_items(rule, [1, 2, 3, 4])) == []  # its ack was lost
+    assert len(firer.fires) == 1 and [p.events for p in bursts.pending("r")] == [1]
+    await bursts.add(batch_items(rule, [5, 6]))
+    seen = [[i["data"]["n"] for i in f.spec.runtime.input] for f in firer.fires]
+    assert seen == [[1, 2, 3], [4, 5, 6]]
+    # The key now only remembers what fired, which the timer forgets after the horizon.
+    assert bursts.count("r") == 0 and len(bursts._view) == 1
+    clock.now += DONE_HORIZON
+    await bursts.tick()
+    assert bursts._view == {}
+
+
+async def test_a_correlation_redelivered_after_its_write_uses_no_event_again():
+    clock = Clock()
+    rule = correlation()
+    bursts, firer, _ = bursts_for(rule, clock=clock)
+    items = [
+        (incoming(f"{EVENTS}.dataset.updated.x", {}, "E:1", rule), rule),
+        (incoming(f"{EVENTS}.dataset.updated.x", {}, "E:2", rule), rule),
+        (incoming(f"{EVENTS}.model.released.x", {}, "E:3", rule), rule),
+    ]
+    await bursts.add(items)
+    clock.now += 1
+    await bursts.add(items)
+    (fire,) = firer.fires
+    assert fire.origin.event.startswith("correlate:")
+    assert bursts.pending("r")[0].parts == {"data": 1}
+
+
+def test_a_debounce_keeps_its_newest_event_whatever_order_the_writes_land_in():
+    rule = rule_of(debounce=DebouncePolicy(seconds=30))
+    state, _, _ = take(None, rule, "k", [held("JM_EVENTS:3", 3)], 5.0)
+    state, _, _ = take(state, rule, "k", [held("JM_EVENTS:1", 1), held("JM_EVENTS:2", 2)], 6.0)
+    assert [h.id for h in state.events] == ["JM_EVENTS:3"] and state.count == 3 and state.due_at == 36.0
+    # The same stream time: the stream sequence decides.
+    state, _, _ = take(state, rule, "k", [held("JM_EVENTS:10", 3)], 7.0)
+    assert [h.id for h in state.events] == ["JM_EVENTS:10"]
+
+
+def test_a_debounce_counts_a_redelivered_event_once():
+    rule = rule_of(debounce=DebouncePolicy(seconds=30))
+    state, _, _ = take(None, rule, "k", [held("a", 1), held("b", 2), held("c", 3)], 1.0)
+    again, _, changed = take(state, rule, "k", [held("b", 2)], 2.0)
+    assert not changed and again.count == 3 and [h.id for h in again.events] == ["c"]
+
+
+async def test_a_state_that_does_not_decode_is_replaced_and_dead_lettered():
+    clock = Clock()
+    letters = []
+
+    async def dead(subject, payload, outcome, deliveries=1, stream_seq=0, rule=""):
+        letters.append((subject, payload, outcome.code, rule))
+        return True
+
+    rule = rule_of(batch=BatchPolicy(max_events=10))
+    bursts, _, _ = bursts_for(rule, clock=clock, dead=dead)
+    kv_key = f"pending.r.{digest('')}"
+    bursts._kv._put(kv_key, b"not a state")
+    assert await bursts.add(batch_items(rule, [1])) == []
+    assert [p.events for p in bursts.pending("r")] == [1]
+    assert letters == [("pending.r", b"not a state", "invalid_message", "r")]
+
+
+async def test_the_timer_deletes_a_state_that_does_not_decode():
+    clock = Clock()
+    rule = rule_of(batch=BatchPolicy(max_events=10))
+    bursts, _, _ = bursts_for(rule, clock=clock)
+    kv_key = f"pending.r.{digest('k')}"
+    rev = bursts._kv._put(kv_key, b"{")
+
+    async def watcher():
+        yield Entry(kv_key, b"{", rev)
+
+    await bursts._follow(watcher())
+    await bursts.tick()
+    with pytest.raises(nats.js.errors.KeyNotFoundError):
+        await bursts._kv.get(kv_key)
+
+
+class Entry(msgspec.Struct):
+    key: str
+    value: bytes
+    revision: int
+    operation: str | None = None
+
+
+async def test_a_rule_deleted_and_added_again_drops_the_state_of_its_former_self():
+    clock = Clock()
+    old = compile_record(
+        TriggerRecord(rule=rule_of(batch=BatchPolicy(max_events=10)).rule, version=3, created_at=100.0)
+    )
+    former, _, _ = bursts_for(old, clock=clock)
+    await former.add(batch_items(old, [1]))
+    new = compile_record(TriggerRecord(rule=old.rule, version=1, created_at=200.0))
+    bursts, firer, _ = bursts_for(new, clock=clock)
+    bursts._kv = former._kv
+    await bursts.add(batch_items(new, [2]))  # no Unavailable: the version 3 is of the rule before
+    assert [p.events for p in bursts.pending("r")] == [1]
+    clock.now += 60
+    await bursts.tick()
+    (fire,) = firer.fires
+    assert [i["data"]["n"] for i in fire.spec.runtime.input] == [2]
+
+
+async def test_a_state_of_a_newer_version_is_dropped_after_the_grace():
+    clock = Clock()
+    v2 = rule_of(debounce=DebouncePolicy(seconds=1), version=2)
+    new, _, _ = bursts_for(v2, clock=clock)
+    await new.add([(incoming(f"{EVENTS}.x", {}, "E:1", v2), v2)])
+    v1 = rule_of(debounce=DebouncePolicy(seconds=1), version=1)
+    old, firer, _ = bursts_for(v1, clock=clock)
+    old._kv, old._view = new._kv, new._view
+    clock.now += ORPHAN_GRACE
+    await old.add([(incoming(f"{EVENTS}.x", {}, "E:2", v1), v1)])  # no Unavailable past the grace
+    assert [p.events for p in old.pending("r")] == [1]
+    clock.now += 1
+    assert await old.tick() == 1
+    assert firer.fires[0].origin.event.endswith(":E:2")
+
+
+async def test_add_counted_tells_what_it_held_from_what_the_filter_let_pass():
+    clock = Clock()
+    rule = rule_of(batch=BatchPolicy(max_events=10, key="event.k"), filter="event.n > 0")
+    bursts, _, _ = bursts_for(rule, clock=clock)
+    items = [(incoming(f"{EVENTS}.x", d, f"E:{i}", rule), rule) for i, d in enumerate([{"n": 0}, {"n": 1}, {"n": 2}])]
+    failures, taken, filtered = await bursts.add_counted(items)
+    assert [f.incoming.event_id for f in failures] == ["E:1", "E:2"]  # no "k": the key fails
+    assert (taken, filtered) == (0, 1)
+    items = [(incoming(f"{EVENTS}.x", {"n": 1, "k": 1}, "E:3", rule), rule)]
+    assert await bursts.add_counted(items) == ([], 1, 0)

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
 import msgspec
 import nats.errors
@@ -72,6 +72,15 @@ MIN_TICK = 0.02
 # event (seconds): a rule just added may not be in this replica's view yet. A removed rule's
 # states are deleted at once by remove().
 ORPHAN_GRACE = 60.0
+# Events a key already used (fired with a batch or a correlation, counted by a debounce)
+# are remembered this long (seconds), and at most DONE_KEEP of them per key, so that a
+# consumer batch redelivered after its state write (its ack lost, or a crash before the
+# ack) does not use them again. The events consumer redelivers an unacknowledged batch
+# after its ack_wait (10 s); ten minutes covers that and the backoff of a retried batch
+# many times over. A key whose events all fired keeps a record of their ids only, until
+# the last of them is this old. Each id costs about 30 bytes of the key's KV value.
+DONE_HORIZON = 600.0
+DONE_KEEP = 4096
 
 
 # --- the stored state ------------------------------------------------------------------
@@ -115,6 +124,12 @@ class Pending(Struct, kw_only=True, omit_defaults=True, tag="trigger.pending"):
         count: events taken since the state began (a debounce keeps only the last one).
         events: the events held, oldest first.
         dropped: events a correlation dropped to stay within :data:`SOFT_LIMIT`.
+        created: the rule's ``created_at`` when the state began: a rule deleted and added
+            again starts its versions at 1 anew, and this tells the incarnations apart
+            (0: a state written before this field, or a rule without it).
+        done: events already used, by the digest of their id (:func:`done_token`), with
+            when (unix seconds): within :data:`DONE_HORIZON` a redelivered event is not
+            used again. A state whose ``events`` is empty holds only this record.
     """
 
     rule: str
@@ -127,6 +142,8 @@ class Pending(Struct, kw_only=True, omit_defaults=True, tag="trigger.pending"):
     count: int = 0
     events: list[Held] = []
     dropped: int = 0
+    created: float = 0.0
+    done: dict[str, int] = {}
 
     def parts(self) -> dict[str, int]:
         """Events held per correlation part."""
@@ -162,6 +179,71 @@ def _ids_hash(held: Iterable[Held]) -> str:
     return hashlib.blake2b("\n".join(f"{h.part}/{h.id}" for h in held).encode(), digest_size=8).hexdigest()
 
 
+def done_token(event_id: str) -> str:
+    """How :attr:`Pending.done` names an event: a digest of fixed size (an id may be long)."""
+    return hashlib.blake2b(event_id.encode(), digest_size=8).hexdigest()
+
+
+def _order(held: Held) -> tuple[float, int, str]:
+    """Which of two events is newer: its stream time, then its stream sequence (the digits
+    after the id's last ``:``), then its id."""
+    try:
+        at = float(held.item.get("time", 0.0))
+    except (TypeError, ValueError):
+        at = 0.0
+    tail = held.id.rsplit(":", 1)[-1]
+    return at, int(tail) if tail.isdigit() else -1, held.id
+
+
+def _remember(state: Pending, held: Iterable[Held], now: float) -> None:
+    """Record ``held`` as used in ``state.done``, and forget what is past the horizon."""
+    done = dict(state.done)
+    for h in held:
+        token = done_token(h.id)
+        done.pop(token, None)  # re-inserted: the dict stays in the order of use
+        done[token] = int(now)
+    horizon = now - DONE_HORIZON
+    kept = [(t, at) for t, at in done.items() if at > horizon]
+    state.done = dict(kept[-DONE_KEEP:])
+
+
+def _settle(state: Pending, now: float) -> Pending | None:
+    """``state`` as it is stored: one without events keeps only its record of used events,
+    due when the last of them passes the horizon (None: nothing is left to keep)."""
+    if state.events:
+        return state
+    _remember(state, (), now)
+    if not state.done:
+        return None
+    state.count = 0
+    state.due_at = max(state.done.values()) + DONE_HORIZON
+    return state
+
+
+Standing = Literal["same", "stale", "ahead"]
+
+
+def standing(state: Pending, rule: CompiledRule, now: float) -> Standing:
+    """How a stored state stands to the rule this replica knows.
+
+    Returns:
+        "same": the state is this rule's; "stale": it is of an older version or another
+        incarnation (a rule deleted and added again), or it has been "ahead" for longer than
+        :data:`ORPHAN_GRACE` (nothing may block a key forever): drop it; "ahead": it is of
+        a newer version or incarnation this replica has not seen yet: wait.
+    """
+    created = rule.record.created_at
+    if state.created and created and state.created != created:
+        if state.created < created:
+            return "stale"
+        return "ahead" if now - state.last_at < ORPHAN_GRACE else "stale"
+    if state.version > rule.version:
+        return "ahead" if now - state.last_at < ORPHAN_GRACE else "stale"
+    if state.version != rule.version or state.kind != rule.burst:
+        return "stale"
+    return "same"
+
+
 def _size(held: Held) -> int:
     return len(_encoder.encode(held))
 
@@ -189,7 +271,16 @@ class Burst:
 
 def _new(rule: CompiledRule, key: str, now: float) -> Pending:
     kind = cast(BurstKind, rule.burst)
-    return Pending(rule=rule.name, version=rule.version, key=key, kind=kind, first_at=now, last_at=now, due_at=now)
+    return Pending(
+        rule=rule.name,
+        version=rule.version,
+        key=key,
+        kind=kind,
+        first_at=now,
+        last_at=now,
+        due_at=now,
+        created=rule.record.created_at,
+    )
 
 
 def _batch_burst(key: str, events: list[Held]) -> Burst:
@@ -227,15 +318,16 @@ def take(
     Returns:
         The state to store (None: delete it, or write nothing), the bursts to fire now
         (full batches, complete correlations), and whether anything changed (an event held
-        already, i.e. redelivered, changes nothing).
+        already or used within :data:`DONE_HORIZON`, i.e. redelivered, changes nothing).
     """
     known = {(h.part, h.id) for h in state.events} if state is not None else set()
-    fresh = [h for h in held if (h.part, h.id) not in known]
+    done = state.done if state is not None else {}
+    fresh = [h for h in held if (h.part, h.id) not in known and done_token(h.id) not in done]
     if not fresh:
         return state, [], False
     match rule.burst:
         case "debounce":
-            return _take_debounce(state, rule, key, list(held), now), [], True
+            return _take_debounce(state, rule, key, fresh, now), [], True
         case "batch":
             new, bursts = _take_batch(state, rule, key, fresh, now)
             return new, bursts, True
@@ -248,19 +340,17 @@ def take(
 def _take_debounce(state: Pending | None, rule: CompiledRule, key: str, held: list[Held], now: float) -> Pending:
     policy = rule.rule.debounce
     assert policy is not None
-    if state is not None and state.events:
-        # A redelivered batch holds the stored last event and those before it again: only
-        # what came after it is new (else the debounce would fire with an older event).
-        last = state.events[-1].id
-        for i, h in enumerate(held):
-            if h.id == last:
-                held = held[i + 1 :]
-                break
-        if not held:
-            return state
     state = state if state is not None else _new(rule, key, now)
-    state.events = [held[-1]]
-    state.count += len(held)
+    if not state.events:  # a new quiet period (the state held only its record of used events)
+        state.count, state.first_at = 0, now
+    # The held event is replaced only by a newer one: two replicas' writes may land in any
+    # order, and a batch that arrives late must not put an older event in place of a newer.
+    newest = max(held, key=_order)
+    if not state.events or _order(newest) > _order(state.events[-1]):
+        state.events = [newest]
+    # ``held`` is what take() found fresh: a redelivered event is counted once.
+    state.count += len({h.id for h in held})
+    _remember(state, held, now)
     state.last_at = now
     state.due_at = now + policy.seconds
     return state
@@ -283,10 +373,12 @@ def _take_batch(
         if len(events) >= policy.max_events or size > SOFT_LIMIT:
             bursts.append(_batch_burst(key, events))
             events, size = [], 0
-    if not events:
-        return None, bursts
     state = state if state is not None else _new(rule, key, now)
+    for burst in bursts:
+        _remember(state, burst.events, now)
     state.events = events
+    if not events:
+        return _settle(state, now), bursts
     state.count = len(events)
     state.first_at = first_at
     state.last_at = now
@@ -321,10 +413,12 @@ def _take_correlate(
     while events and size > SOFT_LIMIT:
         size -= _size(events.pop(0))
         dropped += 1
-    if not events:
-        return None, bursts
     state = state if state is not None else _new(rule, key, now)
+    for burst in bursts:
+        _remember(state, burst.events, now)
     state.events = events
+    if not events:
+        return _settle(state, now), bursts
     state.count = len(events)
     state.dropped = dropped
     state.first_at = min(h.at for h in events)
@@ -337,7 +431,7 @@ def expire(state: Pending, window: float, now: float) -> Pending | None:
     """A correlation without its events older than ``window`` (None: nothing is left)."""
     events = [h for h in state.events if h.at > now - window]
     if not events:
-        return None
+        return _settle(msgspec.structs.replace(state, events=[]), now)
     out = msgspec.structs.replace(state, events=events, count=len(events))
     out.first_at = min(h.at for h in events)
     out.last_at = max(h.at for h in events)
@@ -345,14 +439,18 @@ def expire(state: Pending, window: float, now: float) -> Pending | None:
     return out
 
 
-def without(state: Pending, fired: set[tuple[str, str]]) -> Pending | None:
-    """``state`` less the events a fire already took (None: nothing is left)."""
+def without(state: Pending, fired: set[tuple[str, str]], now: float) -> Pending | None:
+    """``state`` less the events a fire already took, which it remembers as used (None:
+    nothing is left to keep)."""
     events = [h for h in state.events if (h.part, h.id) not in fired]
     if len(events) == len(state.events):
         return state
+    out = msgspec.structs.replace(state, events=events, count=len(events))
+    _remember(out, (h for h in state.events if (h.part, h.id) in fired), now)
     if not events:
-        return None
-    return msgspec.structs.replace(state, events=events, count=len(events), first_at=min(h.at for h in events))
+        return _settle(out, now)
+    out.first_at = min(h.at for h in events)
+    return out
 
 
 def burst_variables(rule: CompiledRule, burst: Burst) -> dict[str, Any]:
@@ -472,6 +570,22 @@ def _conflict(exc: BaseException) -> bool:
     )
 
 
+class Added(NamedTuple):
+    """What :meth:`Bursts.add_counted` did with its items.
+
+    Attributes:
+        failures: the events a rule could not use (a filter, key or template that failed).
+        held: the items a burst took (held, fired with a full batch or a complete
+            correlation, or already held: a redelivery).
+        filtered: the items the rule's filter let pass (or, for a correlation, that no part
+            matched): not held.
+    """
+
+    failures: list[Failure]
+    held: int
+    filtered: int
+
+
 @dataclass(slots=True)
 class _Group:
     rule: CompiledRule
@@ -515,6 +629,9 @@ class Bursts:
         # pending key -> (revision, state): every state in the bucket, from the watch and
         # from this replica's own writes (whichever revision is newer wins).
         self._view: dict[str, tuple[int, Pending]] = {}
+        # pending key -> (revision, value) of a value that does not decode: the timer
+        # deletes it, and the next events of its key overwrite it (either dead-letters it).
+        self._corrupt: dict[str, tuple[int, bytes]] = {}
         self._restart = asyncio.Event()
         self.ready = asyncio.Event()  # the watch delivered every state the bucket held
         if js is None:
@@ -524,16 +641,18 @@ class Bursts:
     # --- reading ---------------------------------------------------------------------
     def pending(self, rule_name: str) -> list[PendingView]:
         """The bursts of ``rule_name`` waiting, oldest first (``jobmesh trigger show``)."""
-        states = [s for _, s in self._view.values() if s.rule == rule_name]
+        states = [s for _, s in self._view.values() if s.rule == rule_name and s.events]
         return [s.view() for s in sorted(states, key=lambda s: (s.first_at, s.key))]
 
     def count(self, rule_name: str) -> int:
-        """How many keys of ``rule_name`` are waiting."""
-        return sum(1 for _, s in self._view.values() if s.rule == rule_name)
+        """How many keys of ``rule_name`` are waiting (a key that only remembers the ids
+        of events that fired waits for nothing)."""
+        return sum(1 for _, s in self._view.values() if s.rule == rule_name and s.events)
 
     # --- taking events ---------------------------------------------------------------
     async def add(self, items: Sequence[tuple[Incoming, CompiledRule]]) -> list[Failure]:
-        """Take the events of burst rules, fire what they complete, and store the rest.
+        """Take the events of burst rules, fire what they complete, and store the rest
+        (:meth:`add_counted`, without its counts).
 
         Args:
             items: events with the (unpaused) burst rule each is for.
@@ -546,12 +665,30 @@ class Bursts:
             Unavailable, Overloaded: the bucket or the publish failed; the caller retries
                 the batch (taking the same events again changes nothing).
         """
+        return (await self.add_counted(items)).failures
+
+    async def add_counted(self, items: Sequence[tuple[Incoming, CompiledRule]]) -> Added:
+        """Take the events of burst rules, fire what they complete, and store the rest.
+
+        Args:
+            items: events with the (unpaused) burst rule each is for.
+
+        Returns:
+            The failures (as :meth:`add`), how many items a burst held and how many the
+            filters let pass.
+
+        Raises:
+            Unavailable, Overloaded: the bucket or the publish failed; the caller retries
+                the batch (taking the same events again changes nothing).
+        """
         now = self._clock()
         failures: list[Failure] = []
+        taken = filtered = 0
         groups: dict[tuple[str, str], _Group] = {}
         for incoming, rule in items:
             try:
                 if not rule.passes(incoming.bindings):
+                    filtered += 1
                     continue
                 parts = [""]
                 if rule.burst == "correlate":
@@ -562,6 +699,7 @@ class Bursts:
                         if subject_matches(p.pattern, tokens) and (p.filter is None or p.filter.test(incoming.bindings))
                     ]
                     if not parts:
+                        filtered += 1
                         continue
                 key = rule.burst_key.key(incoming.bindings) if rule.burst_key is not None else ""
             except InvalidMessage as exc:
@@ -577,11 +715,12 @@ class Bursts:
                     Held(item=item, at=now, part=part, job=job, depth=incoming.depth, metadata=dict(incoming.metadata))
                 )
             group.incoming[str(item["id"])] = incoming
+            taken += 1
         if groups:
             done = await asyncio.gather(*(self._add_group(g, now) for g in groups.values()))
             for found in done:
                 failures.extend(found)
-        return failures
+        return Added(failures, taken, filtered)
 
     async def _add_group(self, group: _Group, now: float) -> list[Failure]:
         rule = group.rule
@@ -592,18 +731,26 @@ class Bursts:
         reduced = False  # the stored state lost events that fired with ours: it must be written
         for _ in range(MAX_CONFLICTS):
             rev, state = entry if entry is not None else (0, None)
-            if state is not None and state.version > rule.version:
-                # This replica's rule view is behind the one that wrote the state: the
-                # batch is retried once the view has the new version.
-                raise Unavailable(
-                    f"rule {rule.name}: version {state.version} is not here yet (this replica has {rule.version})"
-                )
-            if state is not None and (state.version != rule.version or state.kind != rule.burst):
-                log.warning(
-                    "rule %s: dropping the pending %s of key %r, begun under version %d (now %d)",
-                    rule.name, state.kind, state.key, state.version, rule.version,
-                )  # fmt: skip
-                state, reduced = None, True
+            if rev and state is None:
+                reduced = True  # an undecodable value (_read logged it): a fresh state replaces it
+            match standing(state, rule, now) if state is not None else "same":
+                case "ahead":
+                    # This replica's rule view is behind the one that wrote the state: the
+                    # batch is retried once the view has the new version (or, past the
+                    # grace, the state is dropped: standing() calls it stale then).
+                    assert state is not None
+                    raise Unavailable(
+                        f"rule {rule.name}: version {state.version} is not here yet (this replica has {rule.version})"
+                    )
+                case "stale":
+                    assert state is not None
+                    log.warning(
+                        "rule %s: dropping the pending %s of key %r, begun under version %d (now %d) of the rule"
+                        " created at %.0f (now %.0f)",
+                        rule.name, state.kind, state.key, state.version, rule.version,
+                        state.created, rule.record.created_at,
+                    )  # fmt: skip
+                    state, reduced = None, True
             if state is not None:
                 state = msgspec.structs.replace(state)  # take() changes it; the view's stays
             new, bursts, changed = take(state, rule, group.key, held, now)
@@ -621,8 +768,8 @@ class Bursts:
                 held = [h for h in held if (h.part, h.id) not in fired]
                 read = await self._read(kv_key)
                 entry, reduced = read, False
-                if read is not None:
-                    left = without(read[1], fired)
+                if read is not None and read[1] is not None:
+                    left = without(read[1], fired, now)
                     entry, reduced = (read[0], left), left is not read[1]
         raise Unavailable(
             f"rule {rule.name}: key {group.key!r}: {MAX_CONFLICTS} conflicts in a row on {subjects.KV_TRIGGER_STATE}"
@@ -674,7 +821,9 @@ class Bursts:
         policy = rule.rule.correlate
         assert policy is not None
         mine = sorted(
-            ((s.first_at, k, rev) for k, (rev, s) in self._view.items() if s.rule == rule.name and k != kv_key),
+            (s.first_at, k, rev)
+            for k, (rev, s) in self._view.items()
+            if s.rule == rule.name and k != kv_key and s.events  # a record of used ids only is small
         )
         for first_at, key, rev in mine[: max(0, len(mine) - policy.max_pending + 1)]:
             state = self._view[key][1]
@@ -714,7 +863,7 @@ class Bursts:
         due = float("inf")
         for _, state in self._view.values():
             rule = self._rules.get(state.rule)
-            if state.kind == "correlate" or rule is None or not rule.paused:
+            if state.kind == "correlate" or not state.events or rule is None or not rule.paused:
                 due = min(due, state.due_at)
         return due
 
@@ -734,17 +883,33 @@ class Bursts:
         """
         now = self._clock()
         fired = 0
+        for kv_key, (rev, _) in list(self._corrupt.items()):
+            log.error("deleting the undecodable pending state under %s (revision %d)", kv_key, rev)
+            await self._drop(kv_key, rev)
         for kv_key, (rev, state) in list(self._view.items()):
+            if not state.events:
+                # Only a record of used events: rewritten without what passed the horizon,
+                # or deleted once nothing is left, whatever became of the rule.
+                if state.due_at <= now:
+                    await self._drop(kv_key, rev, _settle(msgspec.structs.replace(state), now))
+                continue
             rule = self._rules.get(state.rule)
-            if rule is not None and rule.version < state.version:
-                continue  # this replica's rule view is behind; the state is not stale
             if rule is None and now - state.last_at < ORPHAN_GRACE:
                 continue  # a rule this replica has not seen yet, or one being removed
-            if rule is None or rule.version != state.version or rule.burst != state.kind:
-                why = "was removed" if rule is None else f"is now version {rule.version}, not {state.version}"
-                log.warning("rule %s %s: dropping its pending %s of key %r", state.rule, why, state.kind, state.key)
-                await self._drop(kv_key, rev)
-                continue
+            match standing(state, rule, now) if rule is not None else "stale":
+                case "ahead":
+                    continue  # this replica's rule view is behind; the state is not stale
+                case "stale":
+                    why = (
+                        "was removed"
+                        if rule is None
+                        else f"is now version {rule.version} created at {rule.record.created_at:.0f},"
+                        f" not {state.version} created at {state.created:.0f}"
+                    )
+                    log.warning("rule %s %s: dropping its pending %s of key %r", state.rule, why, state.kind, state.key)
+                    await self._drop(kv_key, rev)
+                    continue
+            assert rule is not None
             if state.due_at > now:
                 continue
             if state.kind == "correlate":
@@ -768,15 +933,18 @@ class Bursts:
         done = {(h.part, h.id) for h in state.events}
         for _ in range(MAX_CONFLICTS):
             try:
-                await self._write(kv_key, rev, None)
+                # What fired stays remembered as used (a redelivery must not use it again).
+                await self._write(kv_key, rev, without(state, done, now))
                 break
             except _Conflict:
                 entry = await self._read(kv_key)
-                if entry is None or state.kind == "debounce":
-                    # A debounce that took an event meanwhile is due later, with that event.
+                if entry is None or entry[1] is None or state.kind == "debounce":
+                    # A debounce that took an event meanwhile is due later, with that event
+                    # (which is newer than the one that fired). An undecodable value is the
+                    # next tick's to delete.
                     break
-                rev, fresh = entry
-                left = without(fresh, done)
+                rev, fresh = entry[0], entry[1]
+                left = without(fresh, done, now)
                 if left is not None:
                     try:
                         await self._write(kv_key, rev, left)
@@ -793,11 +961,14 @@ class Bursts:
         except _Conflict:
             pass  # it took an event meanwhile; the next tick looks again
 
-    async def _drop(self, kv_key: str, rev: int) -> None:
+    async def _drop(self, kv_key: str, rev: int, state: Pending | None = None) -> None:
+        """Delete ``kv_key`` (or store ``state``) if it is still at ``rev``."""
         try:
-            await self._write(kv_key, rev, None)
+            await self._write(kv_key, rev, state)
         except _Conflict:
-            pass  # rewritten meanwhile (by a replica with a newer rule): the next tick decides
+            # Rewritten meanwhile (by a replica with a newer rule): the next tick decides.
+            if self._corrupt.get(kv_key, (0, b""))[0] == rev:
+                del self._corrupt[kv_key]  # not that value any more; the watch says what is
 
     async def _record_dead(self, rule: str, state: Pending, error: JobmeshError) -> None:
         payload = _encoder.encode(state)
@@ -829,6 +1000,7 @@ class Bursts:
             raise Unavailable(f"cannot remove the pending state of {rule_name}: {type(exc).__name__}: {exc}") from exc
         for key in keys:
             self._view.pop(key, None)
+            self._corrupt.pop(key, None)
 
     # --- the bucket ------------------------------------------------------------------
     async def _bucket(self) -> Any:
@@ -840,7 +1012,9 @@ class Bursts:
                 raise Unavailable(f"cannot open {subjects.KV_TRIGGER_STATE}: {type(exc).__name__}: {exc}") from exc
         return self._kv
 
-    async def _read(self, kv_key: str) -> tuple[int, Pending] | None:
+    async def _read(self, kv_key: str) -> tuple[int, Pending | None] | None:
+        """The key's revision and state (None: absent; a state of None: present but it
+        does not decode, which the next write by that revision replaces)."""
         kv = await self._bucket()
         try:
             entry = await kv.get(kv_key)
@@ -851,7 +1025,9 @@ class Bursts:
             raise Unavailable(f"cannot read {kv_key}: {type(exc).__name__}: {exc}") from exc
         state = self._decode(kv_key, entry.value)
         if state is None:
-            return None
+            self._view.pop(kv_key, None)
+            self._corrupt[kv_key] = (entry.revision, entry.value)
+            return entry.revision, None
         self._see(kv_key, entry.revision, state)
         return entry.revision, state
 
@@ -863,19 +1039,35 @@ class Bursts:
             Unavailable: the bucket is unreachable.
         """
         kv = await self._bucket()
+        new = 0
         try:
             if state is None:
                 if rev:
                     await kv.delete(kv_key, last=rev)
-                self._view.pop(kv_key, None)
-                return
-            value = _encoder.encode(state)
-            new = await (kv.create(kv_key, value) if rev == 0 else kv.update(kv_key, value, last=rev))
+            else:
+                value = _encoder.encode(state)
+                new = await (kv.create(kv_key, value) if rev == 0 else kv.update(kv_key, value, last=rev))
         except (TimeoutError, nats.errors.Error) as exc:
             if _conflict(exc):
                 raise _Conflict(kv_key) from exc
             raise Unavailable(f"cannot write {kv_key}: {type(exc).__name__}: {exc}") from exc
-        self._see(kv_key, new, state)
+        await self._replaced(kv_key, rev)
+        if state is None:
+            self._view.pop(kv_key, None)
+        else:
+            self._see(kv_key, new, state)
+
+    async def _replaced(self, kv_key: str, rev: int) -> None:
+        """After a write by ``rev``: an undecodable value it replaced is dead-lettered (the
+        replica that replaced it does, so it is recorded once)."""
+        bad = self._corrupt.get(kv_key)
+        if bad is None or bad[0] != rev:
+            return
+        del self._corrupt[kv_key]
+        rule = kv_key.split(".", 1)[-1].rsplit(".", 1)[0]  # pending.<rule>.<digest>
+        error = InvalidMessage(f"the pending state under {kv_key} does not decode; it was replaced")
+        if self._dead_letter is not None:
+            await self._dead_letter(f"pending.{rule}", bad[1], Reject(error.code, str(error)), rule=rule)
 
     def _see(self, kv_key: str, rev: int, state: Pending) -> None:
         current = self._view.get(kv_key)
@@ -887,7 +1079,7 @@ class Bursts:
         try:
             return _decoder.decode(value)
         except msgspec.DecodeError as exc:
-            log.error("ignoring a malformed pending state under %s: %s", kv_key, exc)
+            log.error("a pending state under %s does not decode (%s): it will be replaced", kv_key, exc)
             return None
 
     async def _watch(self) -> None:
@@ -912,7 +1104,12 @@ class Bursts:
                 continue  # our own newer write came first
             if entry.operation in ("DEL", "PURGE"):
                 self._view.pop(entry.key, None)
+                self._corrupt.pop(entry.key, None)
                 continue
             state = self._decode(entry.key, entry.value)
-            if state is not None:
+            if state is None:
+                self._view.pop(entry.key, None)
+                self._corrupt[entry.key] = (entry.revision, entry.value)
+            else:
                 self._view[entry.key] = (entry.revision, state)
+                self._corrupt.pop(entry.key, None)
