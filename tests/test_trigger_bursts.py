@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 import msgspec
+import nats.js.errors
 import pytest
 
 from jobmesh.contract import subjects
@@ -256,3 +257,39 @@ async def test_remove_deletes_a_rules_pending_state(js):
         assert t.bursts.count("gone") == 0
     async with Trigger(js, rule, clock) as fresh:
         assert fresh.bursts.count("gone") == 0
+
+
+async def test_a_batch_redelivered_after_its_state_write_makes_no_second_job(js):
+    clock = Clock()
+    rule = compiled("redo", batch=BatchPolicy(max_events=3, max_seconds=60))
+    async with Trigger(js, rule, clock) as t:
+        batch = [
+            Incoming(
+                "event", event_variables(f"{EVENTS}.x", {"n": i}, {}, f"R:{i}", 0.0), f"R:{i}", f"{EVENTS}.x", [rule]
+            )
+            for i in range(1, 5)
+        ]
+        await t.router.route(batch)
+        clock.now += 1
+        await t.router.route(batch)  # the same consumer batch, its ack lost
+        clock.now += 60
+        jobs = await eventually(lambda: _at_least(js, "redo", 2), what="the rest, at its age")
+    assert [[i["data"]["n"] for i in job.spec.runtime.input] for job in jobs] == [[1, 2, 3], [4]]
+
+
+async def test_the_timer_deletes_a_pending_state_that_does_not_decode(js):
+    clock = Clock()
+    rule = compiled("bad", batch=BatchPolicy(max_events=10))
+    kv = await js.key_value(subjects.KV_TRIGGER_STATE)
+    key = subjects.trigger_pending_key("bad", "0" * 24)
+    await kv.put(key, b"not a pending state")
+    async with Trigger(js, rule, clock):
+
+        async def gone() -> bool | None:
+            try:
+                await kv.get(key)
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                return True
+            return None
+
+        await eventually(gone, what="the undecodable state deleted")
