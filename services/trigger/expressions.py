@@ -22,6 +22,25 @@ from jobmesh.errors import InvalidMessage
 
 # The longest expression text a rule may hold (also the contract's limit).
 MAX_EXPRESSION = 4096
+# CEL always terminates, but a comprehension inside a comprehension, or one whose body
+# scans the event again (`event.items.all(x, x in event.items)`), is quadratic in the
+# event's size, and an evaluation holds the GIL: one such rule would stall a replica for
+# minutes on a large event. So a comprehension may not hold another, its body may read
+# only its own variable and small scalars, and an expression holds a few at most. Each
+# pass is then linear in the data, and an event is at most JOBMESH_MAX_MESSAGE_BYTES.
+COMPREHENSIONS = frozenset({"all", "exists", "exists_one", "map", "filter"})
+MAX_COMPREHENSIONS = 8
+# Variables that can hold a large value (the event's data, a batch's events, a finished
+# job's result): not readable inside a comprehension's body.
+LARGE_VARIABLES = frozenset({"event", "events", "parts", "headers", "job"})
+QUOTES = "'" + '"'
+# cel-rust builds the result of map() and filter() by copying it once per item, so they
+# are quadratic in their list: ~90 ms for 1,000 items, seconds for 8,000 (all() and
+# exists() are linear). An expression that maps or filters refuses an event holding a
+# longer list; 1,000 is also the largest batch.
+MAX_BUILT_LIST = 1000
+BUILDERS = frozenset({"map", "filter"})
+BACKSLASH = chr(92)
 
 
 class ExpressionError(InvalidMessage):
@@ -39,12 +58,34 @@ class Bindings:
         variables: name to plain JSON-like value.
     """
 
-    __slots__ = ("_context", "variables")
+    __slots__ = ("_context", "_longest", "variables")
 
     def __init__(self, variables: dict[str, Any]) -> None:
         self.variables = variables
         self._context = cel.Context()
         self._context.update(variables)
+        self._longest = -1
+
+    @property
+    def longest_list(self) -> int:
+        """The length of the longest list anywhere in the variables (walked once, when an
+        expression that maps or filters first asks)."""
+        if self._longest < 0:
+            self._longest = _longest_list(self.variables)
+        return self._longest
+
+
+def _longest_list(value: Any) -> int:
+    longest = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            longest = max(longest, len(item))
+            stack.extend(item)
+    return longest
 
 
 class Expression:
@@ -58,7 +99,7 @@ class Expression:
         ExpressionError: when ``text`` does not parse.
     """
 
-    __slots__ = ("_program", "field", "text")
+    __slots__ = ("_builds", "_program", "field", "text")
 
     def __init__(self, text: str, field: str) -> None:
         self.text = text
@@ -71,6 +112,11 @@ class Expression:
             self._program = cel.compile(text)
         except Exception as exc:  # the binding raises ValueError with the parser's message
             raise ExpressionError(f"{field}: not a valid CEL expression: {_first_line(exc)}", field=field) from exc
+        problem = comprehension_problem(text)
+        if problem:
+            raise ExpressionError(f"{field}: {text!r}: {problem}", field=field)
+        tokens = _tokens(text)
+        self._builds = any(t in BUILDERS and i and tokens[i - 1] == "." for i, t in enumerate(tokens))
 
     def evaluate(self, bindings: Bindings) -> Any:
         """The expression's value for one event.
@@ -78,6 +124,12 @@ class Expression:
         Raises:
             ExpressionError: when evaluation fails; the message names the field and says why.
         """
+        if self._builds and bindings.longest_list > MAX_BUILT_LIST:
+            raise ExpressionError(
+                f"{self.field}: {self.text!r}: map() and filter() take lists of at most {MAX_BUILT_LIST} items; "
+                f"this event holds one of {bindings.longest_list}",
+                field=self.field,
+            )
         try:
             return self._program.execute(bindings._context)
         except KeyError as exc:
@@ -118,6 +170,75 @@ class Expression:
             f"{self.field}: {self.text!r} gave {type(value).__name__}; a key must be a string or a number",
             field=self.field,
         )
+
+
+def _tokens(text: str) -> list[str]:
+    """CEL's tokens as far as the comprehension check needs them: identifiers, and each
+    punctuation character; a string literal (any quoting, raw or not) is one token."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c.isspace():
+            i += 1
+            continue
+        j = i
+        while j < n and j - i < 2 and text[j] in "rRbB":
+            j += 1
+        if j < n and text[j] in QUOTES:
+            raw = "r" in text[i:j].lower()
+            triple = text[j : j + 3]
+            quote = triple if triple in (QUOTES[0] * 3, QUOTES[1] * 3) else text[j]
+            k = j + len(quote)
+            while k < n and not text.startswith(quote, k):
+                k += 2 if (text[k] == BACKSLASH and not raw) else 1
+            out.append("<string>")
+            i = k + len(quote)
+            continue
+        if c.isalpha() or c == "_":
+            j = i
+            while j < n and (text[j].isalnum() or text[j] == "_"):
+                j += 1
+            out.append(text[i:j])
+            i = j
+            continue
+        out.append(c)
+        i += 1
+    return out
+
+
+def comprehension_problem(text: str) -> str:
+    """Why an expression's comprehensions could cost more than a pass over the data ("" when
+    they cannot): one nested in another, a body that reads a large variable, or too many."""
+    tokens = _tokens(text)
+    depth = 0
+    # Each open comprehension: the bracket depth of its "(", and whether its body (what
+    # follows the variable) has begun.
+    opened: list[list[int]] = []
+    count = 0
+    for i, token in enumerate(tokens):
+        in_body = any(body for _, body in opened)
+        if token in ("(", "[", "{"):
+            depth += 1
+            if token == "(" and i >= 2 and tokens[i - 1] in COMPREHENSIONS and tokens[i - 2] == ".":
+                if in_body:
+                    return f"a comprehension ({tokens[i - 1]}) may not be inside another"
+                count += 1
+                if count > MAX_COMPREHENSIONS:
+                    return f"an expression may hold at most {MAX_COMPREHENSIONS} comprehensions"
+                opened.append([depth, 0])
+        elif token in (")", "]", "}"):
+            if opened and opened[-1][0] == depth:
+                opened.pop()
+            depth -= 1
+        elif token == "," and opened and opened[-1][0] == depth:
+            opened[-1][1] = 1
+        elif token in LARGE_VARIABLES and in_body and (i == 0 or tokens[i - 1] != "."):
+            return (
+                f"a comprehension's body may not read {token!r} (it would scan the event once per item); "
+                "use the comprehension's own variable"
+            )
+    return ""
 
 
 def _first_line(exc: BaseException) -> str:

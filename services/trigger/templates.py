@@ -24,6 +24,9 @@ from jobmesh.errors import InvalidMessage
 from jobmesh.trigger.expressions import Bindings, Expression, ExpressionError
 
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+# Each placeholder is evaluated for every event; a template of thousands would make one
+# event cost milliseconds of the replica's single thread.
+MAX_PLACEHOLDERS = 256
 _SPEC: Codec[JobSpec] = Codec(JobSpec, 1024 * 1024)
 
 
@@ -143,6 +146,10 @@ class JobTemplate:
     def __init__(self, job: dict[str, Any], field: str = "job") -> None:
         self.field = field
         self._root, self.placeholders = _compile(job, field)
+        if self.placeholders > MAX_PLACEHOLDERS:
+            raise ExpressionError(
+                f"{field}: the template holds {self.placeholders} placeholders; at most {MAX_PLACEHOLDERS}", field=field
+            )
 
     def render(self, bindings: Bindings) -> dict[str, Any]:
         """The job spec's JSON shape for one event.
