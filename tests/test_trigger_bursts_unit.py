@@ -24,7 +24,18 @@ from jobmesh.contract.messages.v1 import (
     TriggerRule,
 )
 from jobmesh.errors import InvalidSpec, Unavailable
-from jobmesh.trigger.bursts import DONE_HORIZON, ORPHAN_GRACE, SOFT_LIMIT, Bursts, Held, digest, expire, take
+from jobmesh.trigger.bursts import (
+    DEBOUNCE_KEEP,
+    DONE_HORIZON,
+    DONE_KEEP,
+    ORPHAN_GRACE,
+    SOFT_LIMIT,
+    Bursts,
+    Held,
+    digest,
+    expire,
+    take,
+)
 from jobmesh.trigger.firing import Fire, Fired
 from jobmesh.trigger.router import Incoming, Router
 from jobmesh.trigger.rules import compile_record, event_variables
@@ -461,3 +472,42 @@ async def test_add_counted_tells_what_it_held_from_what_the_filter_let_pass():
     assert (taken, filtered) == (0, 1)
     items = [(incoming(f"{EVENTS}.x", {"n": 1, "k": 1}, "E:3", rule), rule)]
     assert await bursts.add_counted(items) == ([], 1, 0)
+
+
+async def test_a_debounce_that_fired_is_not_started_again_by_a_redelivery():
+    clock = Clock()
+    rule = rule_of(debounce=DebouncePolicy(seconds=30))
+    bursts, firer, _ = bursts_for(rule, clock=clock)
+    items = batch_items(rule, [1, 2])
+    await bursts.add(items)
+    clock.now += 30
+    assert await bursts.tick() == 1
+    await bursts.add(items)  # the consumer batch again, its ack lost
+    assert bursts.count("r") == 0 and len(firer.fires) == 1
+
+
+def test_what_a_key_remembers_is_bounded():
+    rule = rule_of(debounce=DebouncePolicy(seconds=30))
+    state, _, _ = take(None, rule, "k", [held(f"E:{i}", i) for i in range(DEBOUNCE_KEEP + 10)], 1.0)
+    assert len(state.done) == DEBOUNCE_KEEP and state.count == DEBOUNCE_KEEP + 10
+    rule = rule_of(batch=BatchPolicy(max_events=1000))
+    state, bursts, _ = take(None, rule, "k", [held(f"E:{i}", i) for i in range(DONE_KEEP + 1000)], 1.0)
+    assert len(bursts) == 5 and len(state.done) == DONE_KEEP and len(state.events) == 96
+    state, _, _ = take(state, rule, "k", [held("late", 1)], 1.0 + DONE_HORIZON)
+    assert len(state.done) == 0  # past the horizon, forgotten
+
+
+async def test_a_key_that_only_remembers_fired_events_counts_for_the_correlation_cap_when_it_waits_again():
+    clock = Clock()
+    rule = correlation(max_pending=1)
+    bursts, _, _ = bursts_for(rule, clock=clock)
+
+    def event(subject, event_id):
+        return [(incoming(f"{EVENTS}.{subject}", {}, event_id, rule), rule)]
+
+    await bursts.add(event("dataset.updated.a", "E:1") + event("model.released.a", "E:2"))  # a fired
+    clock.now += 1
+    await bursts.add(event("dataset.updated.b", "E:3"))
+    clock.now += 1
+    await bursts.add(event("dataset.updated.a", "E:4"))  # a waits again: b is the oldest
+    assert [p.key for p in bursts.pending(rule.name)] == ["a"]

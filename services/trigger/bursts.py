@@ -78,9 +78,16 @@ ORPHAN_GRACE = 60.0
 # ack) does not use them again. The events consumer redelivers an unacknowledged batch
 # after its ack_wait (10 s); ten minutes covers that and the backoff of a retried batch
 # many times over. A key whose events all fired keeps a record of their ids only, until
-# the last of them is this old. Each id costs about 30 bytes of the key's KV value.
+# the last of them is this old. Each id costs about 30 bytes of the key's KV value. The
+# count should stay above the consumer's batch size (JOBMESH_BATCH_SIZE, 256 by default):
+# a redelivery brings at most that many events of one key back.
 DONE_HORIZON = 600.0
 DONE_KEEP = 4096
+# A debounce remembers fewer: it rewrites its record with every consumer batch, however
+# long its burst (a record of 4,096 ids would cost 130 KB a write), and what a redelivery
+# beyond these can do to it is to count an event twice; the event it fired with is always
+# among the last it remembers.
+DEBOUNCE_KEEP = 512
 
 
 # --- the stored state ------------------------------------------------------------------
@@ -204,7 +211,7 @@ def _remember(state: Pending, held: Iterable[Held], now: float) -> None:
         done[token] = int(now)
     horizon = now - DONE_HORIZON
     kept = [(t, at) for t, at in done.items() if at > horizon]
-    state.done = dict(kept[-DONE_KEEP:])
+    state.done = dict(kept[-(DEBOUNCE_KEEP if state.kind == "debounce" else DONE_KEEP) :])
 
 
 def _settle(state: Pending, now: float) -> Pending | None:
@@ -330,11 +337,13 @@ def take(
             return _take_debounce(state, rule, key, fresh, now), [], True
         case "batch":
             new, bursts = _take_batch(state, rule, key, fresh, now)
-            return new, bursts, True
         case "correlate":
             new, bursts = _take_correlate(state, rule, key, fresh, now)
-            return new, bursts, True
-    raise AssertionError(f"rule {rule.name} is not a burst")
+        case _:
+            raise AssertionError(f"rule {rule.name} is not a burst")
+    if new is not None:
+        _remember(new, (), now)  # every write forgets what passed the horizon
+    return new, bursts, True
 
 
 def _take_debounce(state: Pending | None, rule: CompiledRule, key: str, held: list[Held], now: float) -> Pending:
@@ -753,10 +762,11 @@ class Bursts:
                     state, reduced = None, True
             if state is not None:
                 state = msgspec.structs.replace(state)  # take() changes it; the view's stays
+            waiting = state is not None and bool(state.events)  # else a new key, for the cap
             new, bursts, changed = take(state, rule, group.key, held, now)
             if not changed and not reduced:
                 return failures
-            if rev == 0 and new is not None and rule.burst == "correlate":
+            if not waiting and new is not None and new.events and rule.burst == "correlate":
                 await self._cap(rule, kv_key)
             fired = await self._fire_taken(rule, bursts, now, group, failures)
             try:
