@@ -3,8 +3,9 @@
 The end events carry the finished job's queue, name and metadata labels, so matching a
 completion rule needs no lookup. The durable consumer exists only while some completion
 rule does: it is created with ``deliver_policy=new`` when the first such rule appears (a
-new rule does not fire for jobs that ended before it) and deleted when the last one goes,
-so a cluster without completion rules pays nothing for them.
+new rule does not fire for jobs that ended before it); pulling stops when the last one
+goes, and the durable is deleted 30 s later unless a rule came back meanwhile. A cluster
+without completion rules pays nothing for them.
 
 Chains are bounded: each job a completion starts carries its depth in the metadata label
 ``jobmesh.chain_depth`` (1 for a job that a plain job's end started, and so on); past
@@ -39,6 +40,7 @@ log = logging.getLogger("jobmesh.trigger.completions")
 JobEnd = JobSucceeded | JobGaveUp | JobCancelled | JobExpired
 DEPTH_LABEL = "jobmesh.chain_depth"
 MAX_CHAIN_DEPTH = 32
+DELETE_GRACE = 30.0  # seconds without completion rules before the durable is deleted
 DURABLE = subjects.durable("trigger", "completions")
 
 
@@ -218,10 +220,20 @@ class CompletionConsumer:
         elif not wanted and self._running:
             await self._rt.remove_consumer(DURABLE)
             self._running = False
-            await self._delete()
             log.info("no completion rules: stopped consuming job ends")
+            self._rt.spawn(self._delete_later(), "completions-delete")
         # A replica that merely starts without completion rules deletes nothing: its view
         # may lag another replica's that just created the consumer for a new rule.
+
+    async def _delete_later(self) -> None:
+        """Delete the durable once no completion rule has existed for DELETE_GRACE seconds.
+
+        Not at once: another replica whose view is a moment ahead may already have made it
+        again for a new rule, and deleting it then would lose the job ends in between. A
+        rule added within the grace resumes the durable where it stopped."""
+        await asyncio.sleep(DELETE_GRACE)  # a grace, not a wait for an event (a deliberate sleep: noqa)
+        if not self._rules.of_kind("completion") and not self._running:
+            await self._delete()
 
     async def _delete(self) -> None:
         try:

@@ -98,7 +98,7 @@ class BurstSink(Protocol):
 def origin_of(incoming: Incoming, rule: CompiledRule, at: float, kind: str | None = None, events: int = 1) -> JobOrigin:
     """The origin a job fired by ``rule`` for ``incoming`` records."""
     return JobOrigin(
-        kind=kind or incoming.kind,  # type: ignore[arg-type]
+        kind=kind or incoming.kind,
         rule=rule.name,
         version=rule.version,
         event=incoming.event_id,

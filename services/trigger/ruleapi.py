@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import (
+    EventSource,
     HandlerRuntime,
     PendingView,
     SampleEvent,
@@ -161,7 +162,13 @@ class RuleApi:
             return None, 0
         if not entry.value:
             return None, 0
-        return _record.decode(entry.value), entry.revision or 0
+        try:
+            return _record.decode(entry.value), entry.revision or 0
+        except msgspec.DecodeError as exc:
+            # Written by hand or by a newer version: the rule view skips it too. It can be
+            # removed (delete purges without decoding) or replaced by a put.
+            log.error("rule %s: the stored record does not decode (%s); treating it as absent", name, exc)
+            return None, entry.revision or 0
 
     async def _write(self, name: str, record: TriggerRecord, revision: int) -> None:
         kv = await self._kv()
@@ -252,7 +259,14 @@ class RuleApi:
     async def delete(self, env: Envelope) -> TriggerReply:
         """Remove a rule, its figures and its partial state."""
         request: TriggerDeleteRequest = env.message
-        old, _ = await self._existing(request.name)
+        old, revision = await self._read(request.name)
+        if old is None and not revision:
+            raise NotFound(f"no trigger rule named {request.name!r} (jobmesh trigger list shows them)", field="name")
+        if old is None:
+            # A record that does not decode: removed all the same, so an operator needs no KV tool.
+            old = TriggerRecord(
+                rule=TriggerRule(name=request.name, source=EventSource(subjects=["-"]), job={}), version=1
+            )
         kv = await self._kv()
         await kv.purge(request.name)
         await self._stats.remove(request.name)
@@ -304,7 +318,11 @@ class RuleApi:
         request = _decode_rule_request(self._test_codec, env.message, TriggerTestRequest)
         now = self._clock()
         if request.rule is not None:
-            compiled, _ = check_rule(request.rule, self._allowed, now)
+            draft = request.rule
+            if request.event is not None:
+                # The event given is the one to check the draft against (it may have no sample).
+                draft = msgspec.structs.replace(draft, sample=request.event)
+            compiled, _ = check_rule(draft, self._allowed, now)
             record = compiled.record
         elif request.name:
             record, _ = await self._existing(request.name)

@@ -192,7 +192,9 @@ class JobOrigin(Struct, frozen=True, kw_only=True, omit_defaults=True):
     job's id of a completion, or the first and last events of a batch.
     """
 
-    kind: Literal["api", "event", "webhook", "schedule", "completion", "debounce", "batch", "correlate"]
+    # event, webhook, schedule, completion, debounce, batch or correlate. A plain string,
+    # not a Literal: a kind added later must not make older readers refuse the message.
+    kind: str
     rule: str = ""
     version: int = 0
     event: str = ""
