@@ -310,10 +310,13 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
     else:
         _say(f"Postgres at {redacted(database_url)} (JOBMESH_DATABASE_URL)")
     http_port = _free_port(DEV_HTTP_PORT)
-    env = dev_service_env(os.environ) | dev_http_env(STATE.resolve(), http_port)
-    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=env)
+    # The ingress settings (its secrets directory above all) go to the trigger only: an
+    # executor given them would hand the submit token to any job that names it.
+    http_env = dev_http_env(STATE.resolve(), http_port)
+    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=dev_service_env(os.environ))
     try:
-        cluster.start()
+        for name in SERVICES:
+            cluster.start_service(name, http_env if name == "trigger" else None)
         _say("starting services: " + ", ".join(SERVICES))
         asyncio.run(_wait_healthy_with_progress(cluster))
         ENV_FILE.write_text(
