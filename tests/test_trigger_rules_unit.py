@@ -148,3 +148,22 @@ def test_the_idempotency_key_names_the_rule_its_version_and_the_event():
     assert compiled.idempotency_key("JM_EVENTS:42") == "trigger:dataset-reindex:3:JM_EVENTS:42"
     long = compiled.idempotency_key("id:" + "x" * 500)
     assert len(long) < 100 and long == compiled.idempotency_key("id:" + "x" * 500)  # hashed, still deterministic
+
+
+async def test_an_event_a_burst_rule_filters_out_counts_as_filtered_not_held():
+    from jobmesh.trigger.bursts import Bursts
+    from jobmesh.trigger.router import Incoming, Router
+    from jobmesh.trigger.ruleset import RuleSet
+    from jobmesh.trigger.stats import RuleStats
+
+    stats = RuleStats(None, "t")
+    batch = {**REINDEX, "batch": {"max_events": 10}}
+    compiled = compile_record(TriggerRecord(rule=rule(batch), version=1, created_at=1.0))
+    rules = RuleSet(None)
+    rules.apply(compiled.name, msgspec.json.encode(compiled.record))
+    router = Router(None, stats, Bursts(None, None, stats, rules))  # type: ignore[arg-type]
+    variables = event_variables("jobmesh.v1.events.dataset.updated.x", {"rows": 0}, {}, "JM_EVENTS:1", 0.0)
+    routed = await router.route(
+        [Incoming("event", variables, "JM_EVENTS:1", "jobmesh.v1.events.dataset.updated.x", [compiled])]
+    )
+    assert (routed.held, routed.filtered, routed.failures) == (0, 1, [])

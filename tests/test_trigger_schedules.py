@@ -1,5 +1,5 @@
 """Schedules across replicas, with real processes: two trigger services fire an
-``every: 1`` rule, one is killed -9 half-way, and JM_JOBS holds exactly one JobSubmitted
+seconds-level cron rule (``* * * * * *``), one is killed -9 half-way, and JM_JOBS holds exactly one JobSubmitted
 per tick, with no gap.
 """
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.timeout(120)
 def schedule_record(name: str, now: float) -> bytes:
     rule = TriggerRule(
         name=name,
-        source=ScheduleSource(every=1),  # the default: missed ticks are skipped
+        source=ScheduleSource(cron="* * * * * *"),  # every second; missed ticks are skipped (the default)
         job={"name": "tick {{ tick.iso }}", "runtime": {"kind": "noop"}},
     )
     return encode(TriggerRecord(rule=rule, version=1, created_at=now, updated_at=now))

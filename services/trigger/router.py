@@ -94,6 +94,10 @@ class BurstSink(Protocol):
         """
         ...
 
+    async def add_counted(self, items: Sequence[tuple[Incoming, CompiledRule]]) -> tuple[list[Failure], int, int]:
+        """As :meth:`add`, plus how many items a burst held and how many its filter let pass."""
+        ...
+
 
 def origin_of(incoming: Incoming, rule: CompiledRule, at: float, kind: str | None = None, events: int = 1) -> JobOrigin:
     """The origin a job fired by ``rule`` for ``incoming`` records."""
@@ -180,8 +184,10 @@ class Router:
                         Failure(item, rule, InvalidMessage(f"rule {rule.name}: bursts are off here"))
                     )
             else:
-                routed.failures.extend(await self._bursts.add(held))
-                routed.held += len(held)
+                failures, taken, filtered = await self._bursts.add_counted(held)
+                routed.failures.extend(failures)
+                routed.held += taken
+                routed.filtered += filtered
         for failure in routed.failures:
             self._stats.failed(failure.rule.name, f"{failure.error.code}: {failure.error}", now)
         return routed
