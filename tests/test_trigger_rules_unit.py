@@ -93,12 +93,30 @@ def test_comprehensions_that_could_be_quadratic_are_refused_at_compile_time():
     assert comprehension_problem("event.items.filter(x, x > count).map(x, x * 2)") == ""
     assert comprehension_problem("events.exists(e, e.data.kind == 'event.items.all(')") == ""  # inside a string
     assert "inside another" in comprehension_problem("event.a.map(x, [x].all(y, y > 0))")
-    assert "may not read 'event'" in comprehension_problem("event.items.all(x, x in event.items)")
-    assert "may not read 'headers'" in comprehension_problem("event.m.all(k, headers[k] == 'a')")
+    for body_reads in (
+        "event.items.all(x, x in event.items)",
+        "event.m.all(k, headers[k] == 'a')",
+        "event.items.all(x, !(x in subject.tokens))",
+        "event.items.all(x, x > key)",
+    ):
+        assert "may read only its own variable" in comprehension_problem(body_reads), body_reads
+    # A comment must not hide a body's read (a quote in it, or a break between "." and the name).
+    assert comprehension_problem("event.items.all(x, // '\n x in event.items) // '")
+    assert comprehension_problem("event.items.//\nall(x, x in event.items)")
+    assert "not to a list built" in comprehension_problem("(event.items + event.items).map(x, x)")
     assert "at most 8" in comprehension_problem(" && ".join(["[1].all(x, x > 0)"] * 9))
     with pytest.raises(ExpressionError) as caught:
         Expression("event.items.all(x, x in event.items)", "filter")
     assert caught.value.field == "filter"
+    eight = " && ".join(["event.a.all(x, x > 0)"] * 5)
+    error = refused(
+        {
+            **REINDEX,
+            "filter": eight,
+            "job": {"name": "{{ string(event.a.exists(x, x > 1)) }}" * 4, "runtime": {"kind": "noop"}},
+        }
+    )
+    assert "at most 8" in str(error) and error.field == "job"
 
 
 def test_the_guard_keeps_a_large_event_cheap():
@@ -112,6 +130,9 @@ def test_the_guard_keeps_a_large_event_cheap():
     with pytest.raises(ExpressionError, match="at most 1000 items; this event holds one of 30000"):
         builds.test(large)
     assert builds.test(bindings("s", {"items": list(range(MAX_BUILT_LIST))}))
+    keys = Expression("size(event.m.map(k, k)) > 0", "filter")  # a map's keys count like a list's items
+    with pytest.raises(ExpressionError, match="one of 2000"):
+        keys.test(bindings("s", {"m": {str(i): i for i in range(2000)}}))
 
 
 def test_templates_keep_types_when_whole_and_join_text_otherwise():

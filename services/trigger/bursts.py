@@ -1088,7 +1088,9 @@ class Bursts:
     def _decode(kv_key: str, value: bytes) -> Pending | None:
         try:
             return _decoder.decode(value)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
+            # RecursionError: an event nested near msgspec's limit, which moves with the depth
+            # of the stack that decodes it; never a crash of the watch.
             log.error("a pending state under %s does not decode (%s): it will be replaced", kv_key, exc)
             return None
 

@@ -4,8 +4,10 @@ The end events carry the finished job's queue, name and metadata labels, so matc
 completion rule needs no lookup. The durable consumer exists only while some completion
 rule does: it is created with ``deliver_policy=new`` when the first such rule appears (a
 new rule does not fire for jobs that ended before it); pulling stops when the last one
-goes, and the durable is deleted 30 s later unless a rule came back meanwhile. A cluster
-without completion rules pays nothing for them.
+goes, and the durable is deleted 30 s later unless a rule came back meanwhile, and only
+when no replica pulls from it. A replica that starts without completion rules deletes a
+durable nobody pulls in the same way, so one left by a restart cannot replay old job ends
+into a rule added weeks later. A cluster without completion rules pays nothing for them.
 
 Chains are bounded: each job a completion starts carries its depth in the metadata label
 ``jobmesh.chain_depth`` (1 for a job that a plain job's end started, and so on); past
@@ -41,6 +43,7 @@ JobEnd = JobSucceeded | JobGaveUp | JobCancelled | JobExpired
 DEPTH_LABEL = "jobmesh.chain_depth"
 MAX_CHAIN_DEPTH = 32
 DELETE_GRACE = 30.0  # seconds without completion rules before the durable is deleted
+PULL_RENEW_SECONDS = 6.0  # longer than a pull request lives (PullConsumer's expires, 5 s)
 DURABLE = subjects.durable("trigger", "completions")
 
 
@@ -169,14 +172,27 @@ class CompletionConsumer:
         rules: the live rule set.
         handler: the batch handler.
         max_bytes: the largest end event accepted.
+        delete_grace: seconds without completion rules before an idle durable is deleted.
+        pull_renew: seconds between the two looks for pullers (longer than a pull request lives).
     """
 
-    def __init__(self, rt: Runtime, rules: RuleSet, handler: CompletionHandler, max_bytes: int) -> None:
+    def __init__(
+        self,
+        rt: Runtime,
+        rules: RuleSet,
+        handler: CompletionHandler,
+        max_bytes: int,
+        delete_grace: float = DELETE_GRACE,
+        pull_renew: float = PULL_RENEW_SECONDS,
+    ) -> None:
+        self._delete_grace = delete_grace
+        self._pull_renew = pull_renew
         self._rt = rt
         self._rules = rules
         self._handler = handler
         self._codec: Codec[Any] = Codec(JobEnd, max_bytes)
         self._running = False
+        self._deleting: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         rules.on_change(self._wake.set)
 
@@ -195,6 +211,9 @@ class CompletionConsumer:
         """Follow the rule set forever (a background task)."""
         await self._rules.ready.wait()
         self._wake.set()
+        # Also at start without completion rules: a durable left by replicas that stopped
+        # during the grace (or ran with rules since removed) is deleted once nobody pulls it.
+        self._idle_check()
         failures = 0
         while True:
             await self._wake.wait()
@@ -203,7 +222,7 @@ class CompletionConsumer:
                 await self._follow()
                 failures = 0
             except (TimeoutError, nats.errors.Error) as exc:
-                # NATS away for a moment: the consumer is created (or deleted) when it is back.
+                # NATS away for a moment: the consumer is created (or stopped) when it is back.
                 failures += 1
                 delay = backoff(failures, base=0.5, cap=10.0)
                 log.warning("completions consumer: %s: %s; again in %.1fs", type(exc).__name__, exc, delay)
@@ -211,7 +230,7 @@ class CompletionConsumer:
                 self._wake.set()
 
     async def _follow(self) -> None:
-        """Create or delete the consumer as the rules now ask."""
+        """Start or stop pulling as the rules now ask."""
         wanted = bool(self._rules.of_kind("completion"))
         if wanted and not self._running:
             await self._rt.add_consumer(self.spec())
@@ -221,19 +240,40 @@ class CompletionConsumer:
             await self._rt.remove_consumer(DURABLE)
             self._running = False
             log.info("no completion rules: stopped consuming job ends")
-            self._rt.spawn(self._delete_later(), "completions-delete")
-        # A replica that merely starts without completion rules deletes nothing: its view
-        # may lag another replica's that just created the consumer for a new rule.
+            self._idle_check()
 
-    async def _delete_later(self) -> None:
-        """Delete the durable once no completion rule has existed for DELETE_GRACE seconds.
+    def _idle_check(self) -> None:
+        """(Re)start the one timer that deletes the durable when it is idle."""
+        if self._deleting is not None:
+            self._deleting.cancel()
+        self._deleting = self._rt.spawn(self._delete_when_idle(), "completions-idle")
 
-        Not at once: another replica whose view is a moment ahead may already have made it
-        again for a new rule, and deleting it then would lose the job ends in between. A
+    async def _delete_when_idle(self) -> None:
+        """Delete the durable after DELETE_GRACE without completion rules here, and only when
+        no replica pulls from it (two looks, a pull request's lifetime apart).
+
+        Never at once: a replica whose view of the rules is a moment ahead may be pulling
+        from it for a new rule, and deleting it then would lose the job ends in between. A
         rule added within the grace resumes the durable where it stopped."""
-        await asyncio.sleep(DELETE_GRACE)  # a grace, not a wait for an event (a deliberate sleep: noqa)
+        await asyncio.sleep(self._delete_grace)  # a grace, not a wait for an event (a deliberate sleep: noqa)
+        for look in range(2):
+            if self._rules.of_kind("completion") or self._running:
+                return
+            try:
+                info = await self._rt.js.consumer_info(subjects.STREAM_JOBS, DURABLE)
+            except nats.js.errors.NotFoundError:
+                return
+            except (TimeoutError, nats.errors.Error) as exc:
+                log.warning("completions consumer: cannot look whether it is idle (%s); keeping it", exc)
+                return
+            if info.num_waiting:
+                return  # another replica pulls: it has a completion rule this view lacks
+            if look == 0:
+                # A puller renews its requests at least this often (runtime/pull.py).
+                await asyncio.sleep(self._pull_renew)  # (a deliberate sleep: noqa)
         if not self._rules.of_kind("completion") and not self._running:
             await self._delete()
+            log.info("deleted the idle completions consumer")
 
     async def _delete(self) -> None:
         try:

@@ -30,9 +30,11 @@ MAX_EXPRESSION = 4096
 # pass is then linear in the data, and an event is at most JOBMESH_MAX_MESSAGE_BYTES.
 COMPREHENSIONS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 MAX_COMPREHENSIONS = 8
-# Variables that can hold a large value (the event's data, a batch's events, a finished
-# job's result): not readable inside a comprehension's body.
-LARGE_VARIABLES = frozenset({"event", "events", "parts", "headers", "job"})
+# What a comprehension's body may read besides its own variables: small scalars (the event's
+# data, a batch's events, a finished job, the headers, the subject and the burst key can
+# all be large) and CEL's literals and operators.
+BODY_SCALARS = frozenset({"count", "id", "time", "tick"})
+BODY_NAMES = BODY_SCALARS | {"true", "false", "null", "in"}
 QUOTES = "'" + '"'
 # cel-rust builds the result of map() and filter() by copying it once per item, so they
 # are quadratic in their list: ~90 ms for 1,000 items, seconds for 8,000 (all() and
@@ -68,8 +70,8 @@ class Bindings:
 
     @property
     def longest_list(self) -> int:
-        """The length of the longest list anywhere in the variables (walked once, when an
-        expression that maps or filters first asks)."""
+        """The length of the longest list (or map) anywhere in the variables (walked once,
+        when an expression that maps or filters first asks)."""
         if self._longest < 0:
             self._longest = _longest_list(self.variables)
         return self._longest
@@ -81,6 +83,7 @@ def _longest_list(value: Any) -> int:
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
+            longest = max(longest, len(item))  # map() and filter() over a map walk its keys
             stack.extend(item.values())
         elif isinstance(item, list):
             longest = max(longest, len(item))
@@ -99,7 +102,7 @@ class Expression:
         ExpressionError: when ``text`` does not parse.
     """
 
-    __slots__ = ("_builds", "_program", "field", "text")
+    __slots__ = ("_builds", "_program", "comprehensions", "field", "text")
 
     def __init__(self, text: str, field: str) -> None:
         self.text = text
@@ -112,11 +115,9 @@ class Expression:
             self._program = cel.compile(text)
         except Exception as exc:  # the binding raises ValueError with the parser's message
             raise ExpressionError(f"{field}: not a valid CEL expression: {_first_line(exc)}", field=field) from exc
-        problem = comprehension_problem(text)
+        problem, self.comprehensions, self._builds = _comprehensions(_tokens(text))
         if problem:
             raise ExpressionError(f"{field}: {text!r}: {problem}", field=field)
-        tokens = _tokens(text)
-        self._builds = any(t in BUILDERS and i and tokens[i - 1] == "." for i, t in enumerate(tokens))
 
     def evaluate(self, bindings: Bindings) -> Any:
         """The expression's value for one event.
@@ -174,13 +175,18 @@ class Expression:
 
 def _tokens(text: str) -> list[str]:
     """CEL's tokens as far as the comprehension check needs them: identifiers, and each
-    punctuation character; a string literal (any quoting, raw or not) is one token."""
+    punctuation character; a string literal (any quoting, raw or not) is one token, and a
+    ``//`` comment is none (a quote or a dot inside one must not fool the check)."""
     out: list[str] = []
     i, n = 0, len(text)
     while i < n:
         c = text[i]
         if c.isspace():
             i += 1
+            continue
+        if text.startswith("//", i):
+            end = text.find("\n", i)
+            i = n if end < 0 else end + 1
             continue
         j = i
         while j < n and j - i < 2 and text[j] in "rRbB":
@@ -207,38 +213,84 @@ def _tokens(text: str) -> list[str]:
     return out
 
 
-def comprehension_problem(text: str) -> str:
-    """Why an expression's comprehensions could cost more than a pass over the data ("" when
-    they cannot): one nested in another, a body that reads a large variable, or too many."""
-    tokens = _tokens(text)
+def _comprehensions(tokens: list[str]) -> tuple[str, int, bool]:
+    """Walk an expression's tokens: (the first problem or "", how many comprehensions it
+    holds, whether one of them is a map() or filter())."""
     depth = 0
-    # Each open comprehension: the bracket depth of its "(", and whether its body (what
-    # follows the variable) has begun.
-    opened: list[list[int]] = []
+    # Each open comprehension: the bracket depth of its "(", whether its body (what follows
+    # the variable) has begun, and its variables.
+    opened: list[tuple[int, list[bool], set[str]]] = []
+    closed_comprehension = False  # the last ")" closed a comprehension's call
     count = 0
+    builds = False
     for i, token in enumerate(tokens):
-        in_body = any(body for _, body in opened)
+        in_body = any(body[0] for _, body, _ in opened)
+        after_dot = i > 0 and tokens[i - 1] == "."
         if token in ("(", "[", "{"):
             depth += 1
             if token == "(" and i >= 2 and tokens[i - 1] in COMPREHENSIONS and tokens[i - 2] == ".":
+                name = tokens[i - 1]
                 if in_body:
-                    return f"a comprehension ({tokens[i - 1]}) may not be inside another"
+                    return f"a comprehension ({name}) may not be inside another", count, builds
+                if name in BUILDERS:
+                    builds = True
+                    target = tokens[i - 3] if i >= 3 else ""
+                    if not (target.isidentifier() or (target == ")" and closed_comprehension_before(tokens, i - 3))):
+                        return (
+                            f"{name}() applies to a field or to another comprehension's result, "
+                            "not to a list built in the expression",
+                            count,
+                            builds,
+                        )
                 count += 1
                 if count > MAX_COMPREHENSIONS:
-                    return f"an expression may hold at most {MAX_COMPREHENSIONS} comprehensions"
-                opened.append([depth, 0])
+                    return f"an expression may hold at most {MAX_COMPREHENSIONS} comprehensions", count, builds
+                variable = tokens[i + 1] if i + 1 < len(tokens) else ""
+                opened.append((depth, [False], {variable}))
+            closed_comprehension = False
         elif token in (")", "]", "}"):
-            if opened and opened[-1][0] == depth:
+            closed_comprehension = bool(token == ")" and opened and opened[-1][0] == depth)
+            if closed_comprehension:
                 opened.pop()
             depth -= 1
         elif token == "," and opened and opened[-1][0] == depth:
-            opened[-1][1] = 1
-        elif token in LARGE_VARIABLES and in_body and (i == 0 or tokens[i - 1] != "."):
-            return (
-                f"a comprehension's body may not read {token!r} (it would scan the event once per item); "
-                "use the comprehension's own variable"
-            )
-    return ""
+            body = opened[-1][1]
+            if not body[0] and i + 2 < len(tokens) and tokens[i + 2] == ",":
+                opened[-1][2].add(tokens[i + 1])  # a two-variable form: all(k, v, ...)
+            body[0] = True
+        elif in_body and token.isidentifier() and not after_dot:
+            called = i + 1 < len(tokens) and tokens[i + 1] == "("
+            variables = set().union(*(names for _, _, names in opened))
+            if not called and token not in variables and token not in BODY_NAMES:
+                return (
+                    f"a comprehension's body may read only its own variable and {', '.join(sorted(BODY_SCALARS))}, "
+                    f"not {token!r} (a large value read once per item would make the rule quadratic)",
+                    count,
+                    builds,
+                )
+        if token not in (")", "]", "}") and token not in ("(", "[", "{"):
+            closed_comprehension = False
+    return "", count, builds
+
+
+def closed_comprehension_before(tokens: list[str], close: int) -> bool:
+    """Whether the ")" at ``close`` ends a comprehension's call (``x.filter(...)``)."""
+    depth = 0
+    for j in range(close, -1, -1):
+        if tokens[j] == ")":
+            depth += 1
+        elif tokens[j] == "(":
+            depth -= 1
+            if depth == 0:
+                return j >= 2 and tokens[j - 1] in COMPREHENSIONS and tokens[j - 2] == "."
+    return False
+
+
+def comprehension_problem(text: str) -> str:
+    """Why an expression's comprehensions could cost more than a pass over the data ("" when
+    they cannot): one nested in another, a body that reads anything but its own variable and
+    small scalars, map() or filter() over a list the expression builds, or too many."""
+    return _comprehensions(_tokens(text))[0]
 
 
 def _first_line(exc: BaseException) -> str:

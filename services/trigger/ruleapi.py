@@ -318,11 +318,12 @@ class RuleApi:
         request = _decode_rule_request(self._test_codec, env.message, TriggerTestRequest)
         now = self._clock()
         if request.rule is not None:
-            draft = request.rule
             if request.event is not None:
-                # The event given is the one to check the draft against (it may have no sample).
-                draft = msgspec.structs.replace(draft, sample=request.event)
-            compiled, _ = check_rule(draft, self._allowed, now)
+                # The event given is what the draft is judged on below (it may have no sample,
+                # or one it does not match): compile it without the check against a sample.
+                compiled = compile_record(TriggerRecord(rule=request.rule, version=1), self._allowed)
+            else:
+                compiled, _ = check_rule(request.rule, self._allowed, now)
             record = compiled.record
         elif request.name:
             record, _ = await self._existing(request.name)

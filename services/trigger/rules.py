@@ -38,6 +38,9 @@ from jobmesh.trigger.templates import JobTemplate
 VARIABLES = ("event", "subject", "headers", "id", "time", "job", "tick", "events", "parts", "key", "count")
 # The longest idempotency key we build in full; longer event ids are hashed.
 MAX_KEY = 200
+# Comprehensions in a whole rule (filter, keys, part filters, template): each is a pass over
+# the data, and an evaluation holds the replica's only thread.
+MAX_RULE_COMPREHENSIONS = 8
 
 
 class RuleError(InvalidMessage):
@@ -318,6 +321,16 @@ def compile_record(record: TriggerRecord, allowed: Sequence[tuple[str, ...]] = (
     if not rule.job:
         raise RuleError("job: the job template may not be empty (it needs at least a runtime)", field="job")
     template = JobTemplate(rule.job, "job")
+    # The limit per expression multiplies with the number of expressions: count the rule's.
+    total = template.comprehensions + sum(
+        e.comprehensions for e in (flt, burst_key, *(p.filter for p in parts)) if e is not None
+    )
+    if total > MAX_RULE_COMPREHENSIONS:
+        raise RuleError(
+            f"the rule holds {total} comprehensions (all, exists, exists_one, map, filter) in its filter, keys and "
+            f"template; at most {MAX_RULE_COMPREHENSIONS}",
+            field="job" if template.comprehensions else "filter",
+        )
     return CompiledRule(record, tuple(patterns), flt, template, burst_key, tuple(parts))
 
 

@@ -81,6 +81,19 @@ def _render(node: Any, bindings: Bindings) -> Any:
     return node.render(bindings) if isinstance(node, _Node) else node
 
 
+def _expressions(node: Any) -> list[Expression]:
+    """Every expression of a compiled template."""
+    if isinstance(node, _Whole):
+        return [node.expr]
+    if isinstance(node, _Text):
+        return [p for p in node.parts if isinstance(p, Expression)]
+    if isinstance(node, _Map):
+        return [e for _, item in node.items for e in _expressions(item)]
+    if isinstance(node, _List):
+        return [e for item in node.items for e in _expressions(item)]
+    return []
+
+
 def as_text(value: Any) -> str:
     """How a value reads inside a string: strings as they are, true/false, JSON for the rest."""
     if isinstance(value, str):
@@ -141,11 +154,12 @@ class JobTemplate:
         ExpressionError: when a placeholder does not compile; names its field.
     """
 
-    __slots__ = ("_root", "field", "placeholders")
+    __slots__ = ("_root", "comprehensions", "field", "placeholders")
 
     def __init__(self, job: dict[str, Any], field: str = "job") -> None:
         self.field = field
         self._root, self.placeholders = _compile(job, field)
+        self.comprehensions = sum(e.comprehensions for e in _expressions(self._root))
         if self.placeholders > MAX_PLACEHOLDERS:
             raise ExpressionError(
                 f"{field}: the template holds {self.placeholders} placeholders; at most {MAX_PLACEHOLDERS}", field=field

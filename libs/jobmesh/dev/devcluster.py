@@ -247,7 +247,7 @@ def dev_http_env(state: Path, port: int) -> dict[str, str]:
         port: where the ingress listens.
 
     Returns:
-        ``JOBMESH_*`` settings for every service.
+        ``JOBMESH_*`` settings for the trigger (only: the secrets directory is not for jobs).
     """
     secrets = state / "secrets"
     secrets.mkdir(mode=0o700, exist_ok=True)
