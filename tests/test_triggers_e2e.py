@@ -12,6 +12,7 @@ import pytest
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
+    DeadLetter,
     ErrorReply,
     JobSubmitted,
     JobView,
@@ -25,7 +26,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.tracing import trace_id_of
-from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters
+from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters, jobmesh_cli
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -441,3 +442,50 @@ async def test_a_deeply_nested_event_is_dead_lettered_and_the_service_goes_on(tr
     finally:
         await remove_rule(nc, "after-nesting")
         await nc.close()
+
+
+async def test_a_replayed_dead_letter_fires_only_the_rule_that_failed(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    good = {
+        "name": "replay-good",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.replayed"]},
+        "job": {"name": "good", "runtime": {"kind": "noop"}},
+        "sample": {"subject": "jobmesh.v1.events.replayed", "data": {}},
+    }
+    picky = {**good, "name": "replay-picky", "job": {"name": "for {{ event.owner }}", "runtime": {"kind": "noop"}}}
+    picky["sample"] = {"subject": "jobmesh.v1.events.replayed", "data": {"owner": "x"}}
+    try:
+        await put_rule(nc, good)
+        await put_rule(nc, picky)
+        await js.publish("jobmesh.v1.events.replayed", b'{"name": "ann"}')
+        await eventually(lambda: submitted_by(js, "replay-good"), what="the good rule's job")
+
+        async def letter():
+            return [d for d in await dead_letters(js) if d.rule == "replay-picky"]
+
+        [refused] = await eventually(letter, what="the picky rule's dead letter")
+        assert refused.event_id.startswith(f"{subjects.STREAM_EVENTS}:")
+        # Fixed: the rule now reads the field the event has. The replay fires it, and only it.
+        fixed_rule = {**picky, "job": {"name": "for {{ event.name }}", "runtime": {"kind": "noop"}}}
+        await put_rule(nc, {**fixed_rule, "sample": {"subject": "jobmesh.v1.events.replayed", "data": {"name": "x"}}})
+        seq = await _letter_seq(js, refused)
+        result = jobmesh_cli(["dead-letters", "replay", str(seq)], nats_server.url)
+        assert result.returncode == 0, result.stderr
+        [fixed] = await eventually(lambda: submitted_by(js, "replay-picky"), what="the fixed rule's job")
+        assert fixed.spec.name == "for ann" and fixed.origin.version == 2
+        assert fixed.origin.event == refused.event_id  # the event's identity survived the replay
+        assert len(await submitted_by(js, "replay-good")) == 1  # the good rule made no second job
+    finally:
+        await remove_rule(nc, "replay-good")
+        await remove_rule(nc, "replay-picky")
+        await nc.close()
+
+
+async def _letter_seq(js, letter) -> int:
+    info = await js.stream_info(subjects.STREAM_DEADLETTER)
+    for seq in range(info.state.last_seq, info.state.first_seq - 1, -1):
+        msg = await js.get_msg(subjects.STREAM_DEADLETTER, seq)
+        if msgspec.json.decode(msg.data, type=DeadLetter) == letter:
+            return seq
+    raise AssertionError("the dead letter is not in the stream")

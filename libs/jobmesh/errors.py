@@ -88,6 +88,20 @@ class InvalidSpec(InvalidMessage):
     code = "invalid_spec"
 
 
+class InvalidRule(InvalidMessage):
+    """Raised when a trigger rule is refused (a pattern, a source, a missing sample, a
+    template that yields no valid job); names the rule's field."""
+
+    code = "invalid_rule"
+
+
+class InvalidExpression(InvalidMessage):
+    """Raised when a rule's CEL expression does not compile, is too costly, or fails on an
+    event (a missing field, a type mismatch); names the rule field that holds it."""
+
+    code = "invalid_expression"
+
+
 class UsageError(JobmeshError):
     """Raised when a command line asks for something that cannot work (names the flag)."""
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import cel
 
-from jobmesh.errors import InvalidMessage
+from jobmesh.errors import InvalidExpression
 
 # The longest expression text a rule may hold (also the contract's limit).
 MAX_EXPRESSION = 4096
@@ -45,11 +45,8 @@ BUILDERS = frozenset({"map", "filter"})
 BACKSLASH = chr(92)
 
 
-class ExpressionError(InvalidMessage):
-    """Raised when an expression does not compile, or fails on an event (a missing field,
-    a type mismatch, a division by zero); names the rule field that holds it."""
-
-    code = "invalid_expression"
+# The error lives in the shared tree, so a client raises it by its code too.
+ExpressionError = InvalidExpression
 
 
 class Bindings:

@@ -28,7 +28,7 @@ from jobmesh.contract.messages.v1 import (
     WebhookSource,
 )
 from jobmesh.contract.validation import validate_spec
-from jobmesh.errors import InvalidMessage
+from jobmesh.errors import InvalidMessage, InvalidRule
 from jobmesh.trigger.expressions import Bindings, Expression
 from jobmesh.trigger.templates import JobTemplate
 
@@ -43,10 +43,8 @@ MAX_KEY = 200
 MAX_RULE_COMPREHENSIONS = 8
 
 
-class RuleError(InvalidMessage):
-    """Raised when a rule is refused: names the field and the reason."""
-
-    code = "invalid_rule"
+# The error lives in the shared tree, so a client raises it by its code too.
+RuleError = InvalidRule
 
 
 # --- subject patterns ------------------------------------------------------------------

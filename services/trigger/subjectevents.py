@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 
 from jobmesh.contract.codec import Codec, encode
+from jobmesh.contract.ids import EVENT_ID_HEADER
 from jobmesh.errors import InvalidMessage, OversizedMessage, Unavailable
 from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.service import Envelope
@@ -60,6 +61,11 @@ def event_identity(env: Envelope, stream: str) -> tuple[str, float]:
     raw = env.raw
     meta = raw.metadata if raw is not None else None
     at = meta.timestamp.timestamp() if meta is not None and meta.timestamp is not None else 0.0
+    replayed = env.headers.get(EVENT_ID_HEADER)
+    if replayed:
+        # A dead letter replayed (jobmesh dead-letters replay): the event it was, so the rules
+        # that fired for it then make the same jobs (duplicates), not second ones.
+        return replayed, at
     msg_id = env.headers.get("Nats-Msg-Id")
     if msg_id:
         return f"id:{msg_id}", at
@@ -99,7 +105,7 @@ class EventHandler:
             if not matched:
                 continue  # no rule watches it: stored, and it starts nothing
             event_id, at = event_identity(env, self._stream)
-            headers = {k: v for k, v in env.headers.items() if k not in ("traceparent", "tracestate")}
+            headers = {k: v for k, v in env.headers.items() if k not in ("traceparent", "tracestate", EVENT_ID_HEADER)}
             variables = event_variables(env.subject, env.message, headers, event_id, at or self._clock())
             items.append(Incoming("event", variables, event_id, env.subject, matched, env.context, extra=env))
         if not items:
@@ -112,7 +118,13 @@ class EventHandler:
             reason = f"rule {failure.rule.name} v{failure.rule.version}: {failure.error}"
             payload = env.data if env is not None else encode(failure.incoming.variables["event"])
             if not await self._dead_letter(
-                failure.incoming.subject, payload, Reject(failure.error.code, reason), 1, seq, rule=failure.rule.name
+                failure.incoming.subject,
+                payload,
+                Reject(failure.error.code, reason),
+                1,
+                seq,
+                rule=failure.rule.name,
+                event_id=failure.incoming.event_id,
             ):
                 # Not recorded: the whole batch comes again (its jobs are idempotent).
                 raise Unavailable("cannot record a dead letter for a refused event")

@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js import api
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import replay_id
+from jobmesh.contract.ids import EVENT_ID_HEADER, replay_id
 from jobmesh.contract.messages.v1 import DeadLetter
 from jobmesh.errors import InvalidMessage, NotFound, Overloaded, Unavailable, UsageError
 
@@ -151,7 +151,10 @@ async def replay_dead_letter(nc: NATS, seq: int, timeout: float = 10.0) -> Repla
         raise InvalidMessage(f"record {seq} of {subjects.STREAM_DEADLETTER} is not a dead letter: {exc}") from exc
     payload = _payload_of(seq, letter)
     try:
-        ack = await js.publish(letter.subject, payload, headers={"Nats-Msg-Id": replay_id(seq)})
+        headers = {"Nats-Msg-Id": replay_id(seq)}
+        if letter.event_id:
+            headers[EVENT_ID_HEADER] = letter.event_id  # a trigger event: keeps its identity
+        ack = await js.publish(letter.subject, payload, headers=headers)
     except nats.js.errors.NoStreamResponseError as exc:
         raise UsageError(
             f"no stream stores {letter.subject} any more; dead letter {seq} cannot go back", field="seq"

@@ -13,6 +13,10 @@ from __future__ import annotations
 import hashlib
 import os
 
+# The header a replayed event carries with its original identity, so that the rules that
+# fired for it the first time make the same jobs again (duplicates), not new ones.
+EVENT_ID_HEADER = "Jobmesh-Event-Id"
+
 # A personalisation string, so job ids differ from any other BLAKE2b hash of the same keys.
 _PERSON = b"jobmesh.job.v1"
 

@@ -410,12 +410,20 @@ class Runtime:
             await raw.term()
 
     async def dead_letter(
-        self, subject: str, payload: bytes, outcome: Reject, deliveries: int = 1, stream_seq: int = 0, rule: str = ""
+        self,
+        subject: str,
+        payload: bytes,
+        outcome: Reject,
+        deliveries: int = 1,
+        stream_seq: int = 0,
+        rule: str = "",
+        event_id: str = "",
     ) -> bool:
         """Record a refused message with its reason. Returns False if that failed.
 
         ``rule`` names the trigger rule that could not use the message (one event can be
-        refused by several rules, one dead letter each)."""
+        refused by several rules, one dead letter each), and ``event_id`` the event's
+        identity, which a replay carries back."""
         self.stats.dead_lettered += 1
         self.stats.last_error = f"{outcome.code}: {outcome.reason}"
         log.warning("%s: dead-lettering a message on %s: %s: %s", self.service, subject, outcome.code, outcome.reason)
@@ -433,6 +441,7 @@ class Runtime:
             deliveries=deliveries,
             at=time.time(),
             rule=rule,
+            event_id=event_id,
         )
         msg_id = deadletter_id(self.service, subject + (f":{rule}" if rule else ""), stream_seq, time.time_ns())
         try:

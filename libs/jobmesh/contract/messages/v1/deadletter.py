@@ -21,3 +21,4 @@ class DeadLetter(Struct, frozen=True, kw_only=True, tag="deadletter"):
     at: float = 0.0
     payload_b64: str = ""  # the whole payload, base64, for ``jobmesh dead-letters replay``
     rule: str = ""  # the trigger rule that could not make a job of it (the event itself was fine)
+    event_id: str = ""  # that event's identity, which a replay carries (ids.EVENT_ID_HEADER)
