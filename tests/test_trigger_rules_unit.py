@@ -188,3 +188,9 @@ async def test_an_event_a_burst_rule_filters_out_counts_as_filtered_not_held():
         [Incoming("event", variables, "JM_EVENTS:1", "jobmesh.v1.events.dataset.updated.x", [compiled])]
     )
     assert (routed.held, routed.filtered, routed.failures) == (0, 1, [])
+
+
+def test_a_burst_state_nested_too_deeply_reads_as_corrupt_not_a_crash():
+    from jobmesh.trigger.bursts import Bursts
+
+    assert Bursts._decode("pending.r.k", b"[" * 5000 + b"]" * 5000) is None

@@ -16,6 +16,7 @@ from jobmesh.contract.messages.v1 import (
     ErrorReply,
     JobSubmitted,
     JobView,
+    SampleEvent,
     TriggerDeleteRequest,
     TriggerListReply,
     TriggerListRequest,
@@ -23,6 +24,8 @@ from jobmesh.contract.messages.v1 import (
     TriggerPutRequest,
     TriggerReply,
     TriggerRule,
+    TriggerTestReply,
+    TriggerTestRequest,
 )
 from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.tracing import trace_id_of
@@ -489,3 +492,46 @@ async def _letter_seq(js, letter) -> int:
         if msgspec.json.decode(msg.data, type=DeadLetter) == letter:
             return seq
     raise AssertionError("the dead letter is not in the stream")
+
+
+async def test_the_rule_api_gets_past_a_record_that_does_not_decode(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    try:
+        kv = await js.key_value(subjects.KV_TRIGGERS)
+        await kv.put("broken", b'{"type": "trigger.record", "rule": 42}')  # by hand, or a newer version
+        listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+        assert "broken" not in {r.name for r in listed.triggers}
+        rule = {
+            "name": "broken",
+            "source": {"kind": "event", "subjects": ["jobmesh.v1.events.broken"]},
+            "job": {"runtime": {"kind": "noop"}},
+            "sample": {"subject": "jobmesh.v1.events.broken", "data": {}},
+        }
+        replaced = await put_rule(nc, rule)  # a put replaces it
+        assert replaced.record.version == 1
+        await kv.put("broken", b"not even json")
+        await remove_rule(nc, "broken")  # and a delete removes it, without decoding it
+        with pytest.raises(nats.js.errors.KeyNotFoundError):
+            await kv.get("broken")
+    finally:
+        await nc.close()
+
+
+async def test_trigger_test_judges_a_draft_on_the_event_given(triggers, nats_server):
+    nc = await nats.connect(nats_server.url)
+    draft = msgspec.convert({k: v for k, v in REINDEX.items() if k != "sample"}, TriggerRule)
+    try:
+
+        async def test(subject: str, data) -> TriggerTestReply:
+            request = TriggerTestRequest(rule=draft, event=SampleEvent(subject=subject, data=data))
+            return await _request(nc, subjects.API_TRIGGERS_TEST, request, TriggerTestReply)
+
+        fired = await test("jobmesh.v1.events.dataset.updated.maps", {"rows": 7})
+        assert fired.matched and fired.job["name"] == "reindex maps"
+        elsewhere = await test("jobmesh.v1.events.other.thing", {"rows": 7})
+        assert not elsewhere.matched and "does not watch" in elsewhere.reason
+        empty = await test("jobmesh.v1.events.dataset.updated.maps", {"rows": 0})
+        assert not empty.matched and "filter" in empty.reason
+    finally:
+        await nc.close()
