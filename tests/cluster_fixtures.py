@@ -27,7 +27,7 @@ import pytest
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.contract.messages.v1 import DeadLetter, NodeInfo
+from jobmesh.contract.messages.v1 import DeadLetter, JobSubmitted, NodeInfo
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
 
@@ -201,6 +201,28 @@ async def dead_letters(js) -> list[DeadLetter]:
         msg = await js.get_msg(subjects.STREAM_DEADLETTER, seq)
         letters.append(msgspec.json.decode(msg.data, type=DeadLetter))
     return letters
+
+
+async def fired_by(js, rule: str) -> list[JobSubmitted]:
+    """Every JobSubmitted in JM_JOBS that trigger rule ``rule`` fired, read to the stream's
+    last message with a fresh ordered consumer."""
+    found = []
+    sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True)
+    try:
+        last = (await js.stream_info(subjects.STREAM_JOBS)).state.last_seq
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            event = msgspec.json.decode(msg.data, type=JobSubmitted)
+            if event.origin is not None and event.origin.rule == rule:
+                found.append(event)
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
+    return found
 
 
 async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:

@@ -11,15 +11,13 @@ import socket
 from pathlib import Path
 
 import aiohttp
-import msgspec
 import nats
 import pytest
 
 from jobmesh.client.client import Client
-from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for
-from jobmesh.contract.messages.v1 import JobSubmitted, JobView
-from tests.cluster_fixtures import E2E_NODE_ENV, jobmesh_cli
+from jobmesh.contract.messages.v1 import JobView
+from tests.cluster_fixtures import E2E_NODE_ENV, fired_by, jobmesh_cli
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -60,26 +58,6 @@ async def final(client: Client, job_id: str, timeout: float = 60) -> JobView:
     view = await client.wait(job_id, timeout=timeout)
     assert view.state == "succeeded", (view.state, view.reason, view.attempts)
     return view
-
-
-async def fired_by(js, rule: str) -> list[JobSubmitted]:
-    found = []
-    sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True)
-    try:
-        last = (await js.stream_info(subjects.STREAM_JOBS)).state.last_seq
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except nats.errors.TimeoutError:
-                break
-            event = msgspec.json.decode(msg.data, type=JobSubmitted)
-            if event.origin is not None and event.origin.rule == rule:
-                found.append(event)
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    return found
 
 
 async def test_dataset_reindex_and_its_completion_chain(examples_cluster, nats_server):

@@ -9,27 +9,20 @@ import msgspec
 import nats
 import pytest
 
+from jobmesh.client.client import Client
 from jobmesh.contract import subjects
-from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
     DeadLetter,
-    ErrorReply,
-    JobSubmitted,
     JobView,
     SampleEvent,
-    TriggerDeleteRequest,
-    TriggerListReply,
-    TriggerListRequest,
-    TriggerPauseRequest,
-    TriggerPutRequest,
     TriggerReply,
     TriggerRule,
     TriggerTestReply,
-    TriggerTestRequest,
 )
 from jobmesh.dev.servers import NatsServer
+from jobmesh.errors import NotFound
 from jobmesh.runtime.tracing import trace_id_of
-from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters, jobmesh_cli
+from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters, fired_by, jobmesh_cli
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -40,57 +33,19 @@ async def triggers(make_module_cluster):
     return await make_module_cluster(env=E2E_NODE_ENV, name="triggers")
 
 
-async def _request(nc, subject, message, reply_type):
-    reply = await nc.request(subject, encode(message), timeout=10)
-    decoded = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
-    if isinstance(decoded, ErrorReply):
-        raise decoded.error()
-    return decoded
-
-
 async def put_rule(nc, rule: dict, paused: bool = False) -> TriggerReply:
-    return await _request(
-        nc,
-        subjects.API_TRIGGERS_PUT,
-        TriggerPutRequest(rule=msgspec.convert(rule, TriggerRule), paused=paused),
-        TriggerReply,
-    )
+    return await Client(nc).put_trigger(rule, paused=paused)
 
 
 async def remove_rule(nc, name: str) -> None:
-    await _request(nc, subjects.API_TRIGGERS_DELETE, TriggerDeleteRequest(name=name), TriggerReply)
-
-
-async def submitted_by(js, rule: str, start_seq: int = 0) -> list[JobSubmitted]:
-    """Every JobSubmitted in JM_JOBS that ``rule`` fired (read with a fresh ordered consumer)."""
-    found = []
-    sub = await js.subscribe(
-        subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True, deliver_policy=nats.js.api.DeliverPolicy.ALL
-    )
-    try:
-        info = await js.stream_info(subjects.STREAM_JOBS)
-        last = info.state.last_seq
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except nats.errors.TimeoutError:
-                break
-            event = msgspec.json.decode(msg.data, type=JobSubmitted)
-            if event.origin is not None and event.origin.rule == rule:
-                found.append(event)
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    return found
+    await Client(nc).delete_trigger(name)
 
 
 async def job_view(nc, job_id: str) -> JobView | None:
-    reply = await nc.request(
-        subjects.API_JOB_GET, json.dumps({"type": "api.jobs.get", "job_id": job_id}).encode(), timeout=5
-    )
-    decoded = msgspec.json.decode(reply.data, type=JobView | ErrorReply)
-    return decoded if isinstance(decoded, JobView) else None
+    try:
+        return await Client(nc).get(job_id)
+    except NotFound:
+        return None
 
 
 REINDEX = {
@@ -120,7 +75,7 @@ async def test_an_event_published_by_an_integrator_runs_a_job_with_its_fields(tr
         # second one's job exists, the first one's would too.
         await js.publish("jobmesh.v1.events.dataset.updated.empty", json.dumps({"rows": 0}).encode())
         await js.publish("jobmesh.v1.events.dataset.updated.books", json.dumps({"rows": 42}).encode())
-        fired = await eventually(lambda: submitted_by(js, "dataset-reindex"), what="the rule to fire")
+        fired = await eventually(lambda: fired_by(js, "dataset-reindex"), what="the rule to fire")
         assert len(fired) == 1
         [job] = fired
         assert job.spec.name == "reindex books"
@@ -155,7 +110,7 @@ async def test_a_template_failure_is_dead_lettered_and_the_rule_keeps_firing(tri
         await js.publish("jobmesh.v1.events.owned.a", json.dumps({"nobody": 1}).encode())
         await js.publish("jobmesh.v1.events.owned.b", b"not json at all")
         await js.publish("jobmesh.v1.events.owned.c", json.dumps({"owner": "bob"}).encode())
-        fired = await eventually(lambda: submitted_by(js, "needs-owner"), what="the good event's job")
+        fired = await eventually(lambda: fired_by(js, "needs-owner"), what="the good event's job")
         assert [j.spec.name for j in fired] == ["for bob"]
 
         async def letters():
@@ -167,11 +122,11 @@ async def test_a_template_failure_is_dead_lettered_and_the_rule_keeps_firing(tri
         assert all("owner" in d.reason and "needs-owner" in d.reason for d in found)
         assert all(d.service == "trigger" and d.code == "invalid_expression" for d in found)
 
-        listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+        listed = await Client(nc).list_triggers()
         [row] = [r for r in listed.triggers if r.name == "needs-owner"]
 
         async def counted():
-            again = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+            again = await Client(nc).list_triggers()
             [r] = [r for r in again.triggers if r.name == "needs-owner"]
             return r if r.stats.fires == 1 and r.stats.failures == 2 else None
 
@@ -196,19 +151,17 @@ async def test_a_paused_rule_lets_events_pass_and_fires_again_after_resume(trigg
         await js.publish("jobmesh.v1.events.pausable", json.dumps({"n": 1}).encode())
 
         async def skipped():
-            listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+            listed = await Client(nc).list_triggers()
             return [r for r in listed.triggers if r.name == "pausable" and r.stats.skipped == 1]
 
         await eventually(skipped, what="the paused rule to count a skip")
-        resumed = await _request(
-            nc, subjects.API_TRIGGERS_PAUSE, TriggerPauseRequest(name="pausable", paused=False), TriggerReply
-        )
+        resumed = await Client(nc).pause_trigger("pausable", paused=False)
         assert not resumed.record.paused and resumed.record.version == 1  # pausing is not a new version
 
         async def resumed_view():
             # The trigger's view of the rule follows the bucket's watch; fire once it has.
             await js.publish("jobmesh.v1.events.pausable", json.dumps({"n": 2}).encode())
-            return await submitted_by(js, "pausable")
+            return await fired_by(js, "pausable")
 
         fired = await eventually(resumed_view, interval=0.5, what="the resumed rule to fire")
         # The event that came while it was paused never makes a job: resuming does not replay.
@@ -254,8 +207,8 @@ async def test_a_completion_rule_chains_three_jobs(triggers, nats_server):
             timeout=10,
         )
         [first] = json.loads(reply.data)["job_ids"]
-        [two] = await eventually(lambda: submitted_by(js, "after-one"), timeout=30, what="job two")
-        [three] = await eventually(lambda: submitted_by(js, "after-two"), timeout=30, what="job three")
+        [two] = await eventually(lambda: fired_by(js, "after-one"), timeout=30, what="job two")
+        [three] = await eventually(lambda: fired_by(js, "after-two"), timeout=30, what="job three")
         assert two.origin.event == f"end:{first}" and two.origin.depth == 1
         assert two.spec.metadata["jobmesh.chain_depth"] == "1"
         assert three.origin.event == f"end:{two.job_id}" and three.origin.depth == 2
@@ -303,7 +256,7 @@ async def test_kill_9_mid_burst_every_event_gives_exactly_one_job(triggers, nats
             return info.num_pending == 0 and info.num_ack_pending == 0
 
         await eventually(drained, timeout=120, what="every event to be handled")
-        fired = await submitted_by(js, "burst")
+        fired = await fired_by(js, "burst")
         names = [j.spec.name for j in fired]
         assert len(names) == total, f"{len(names)} jobs for {total} events"
         assert set(names) == {f"b{i}" for i in range(total)}
@@ -327,7 +280,7 @@ async def test_the_job_continues_the_trace_of_the_events_publish(triggers, nats_
         await js.publish(
             "jobmesh.v1.events.traced", b"{}", headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
         )
-        [job] = await eventually(lambda: submitted_by(js, "traced"), what="the rule to fire")
+        [job] = await eventually(lambda: fired_by(js, "traced"), what="the rule to fire")
 
         async def traces():
             found = {}
@@ -372,18 +325,18 @@ async def test_bursts_through_the_service_debounce_and_batch(triggers, nats_serv
         acks = [await js.publish_async("jobmesh.v1.events.settle.a", b"{}") for _ in range(100)]
         acks += [await js.publish_async("jobmesh.v1.events.gather", b'{"i": %d}' % i) for i in range(250)]
         await asyncio.gather(*acks)
-        [settled] = await eventually(lambda: submitted_by(js, "settle"), what="the debounce to fire")
+        [settled] = await eventually(lambda: fired_by(js, "settle"), what="the debounce to fire")
         assert settled.spec.name == "settled a after 100" and settled.origin.kind == "debounce"
 
         async def three():
-            found = await submitted_by(js, "gather")
+            found = await fired_by(js, "gather")
             return found if len(found) >= 3 else None
 
         gathered = await eventually(three, what="three batches")
         inputs = [j.spec.runtime.input for j in gathered]
         assert sorted(len(i) for i in inputs) == [50, 100, 100]
         assert sorted(i for batch_ in inputs for i in batch_) == list(range(250))
-        assert len(await submitted_by(js, "settle")) == 1  # still one, after the batches were fired
+        assert len(await fired_by(js, "settle")) == 1  # still one, after the batches were fired
     finally:
         await remove_rule(nc, "settle")
         await remove_rule(nc, "gather")
@@ -407,7 +360,7 @@ async def test_subjects_the_operator_allows_reach_rules_and_others_are_refused(m
     try:
         await put_rule(nc, rule)
         await nc.publish("legacy.orders.o42", b'{"total": 3}')  # core NATS: JM_EXTERNAL stores it
-        [job] = await eventually(lambda: submitted_by(js, "legacy-orders"), what="the external event's job")
+        [job] = await eventually(lambda: fired_by(js, "legacy-orders"), what="the external event's job")
         assert job.spec.name == "order o42" and job.origin.event.startswith(f"{subjects.STREAM_EXTERNAL}:")
         outside = {**rule, "name": "elsewhere", "source": {"kind": "event", "subjects": ["billing.>"]}}
         with pytest.raises(Exception) as refused:
@@ -433,7 +386,7 @@ async def test_a_deeply_nested_event_is_dead_lettered_and_the_service_goes_on(tr
         await put_rule(nc, rule)
         await js.publish("jobmesh.v1.events.nesting", b"[" * 1000 + b"]" * 1000)
         await js.publish("jobmesh.v1.events.nesting", b"{}")
-        [job] = await eventually(lambda: submitted_by(js, "after-nesting"), what="the next event's job")
+        [job] = await eventually(lambda: fired_by(js, "after-nesting"), what="the next event's job")
         assert job.spec.name == "fine"
 
         async def letter():
@@ -462,7 +415,7 @@ async def test_a_replayed_dead_letter_fires_only_the_rule_that_failed(triggers, 
         await put_rule(nc, good)
         await put_rule(nc, picky)
         await js.publish("jobmesh.v1.events.replayed", b'{"name": "ann"}')
-        await eventually(lambda: submitted_by(js, "replay-good"), what="the good rule's job")
+        await eventually(lambda: fired_by(js, "replay-good"), what="the good rule's job")
 
         async def letter():
             return [d for d in await dead_letters(js) if d.rule == "replay-picky"]
@@ -475,10 +428,10 @@ async def test_a_replayed_dead_letter_fires_only_the_rule_that_failed(triggers, 
         seq = await _letter_seq(js, refused)
         result = jobmesh_cli(["dead-letters", "replay", str(seq)], nats_server.url)
         assert result.returncode == 0, result.stderr
-        [fixed] = await eventually(lambda: submitted_by(js, "replay-picky"), what="the fixed rule's job")
+        [fixed] = await eventually(lambda: fired_by(js, "replay-picky"), what="the fixed rule's job")
         assert fixed.spec.name == "for ann" and fixed.origin.version == 2
         assert fixed.origin.event == refused.event_id  # the event's identity survived the replay
-        assert len(await submitted_by(js, "replay-good")) == 1  # the good rule made no second job
+        assert len(await fired_by(js, "replay-good")) == 1  # the good rule made no second job
     finally:
         await remove_rule(nc, "replay-good")
         await remove_rule(nc, "replay-picky")
@@ -500,7 +453,7 @@ async def test_the_rule_api_gets_past_a_record_that_does_not_decode(triggers, na
     try:
         kv = await js.key_value(subjects.KV_TRIGGERS)
         await kv.put("broken", b'{"type": "trigger.record", "rule": 42}')  # by hand, or a newer version
-        listed = await _request(nc, subjects.API_TRIGGERS_LIST, TriggerListRequest(), TriggerListReply)
+        listed = await Client(nc).list_triggers()
         assert "broken" not in {r.name for r in listed.triggers}
         rule = {
             "name": "broken",
@@ -524,8 +477,7 @@ async def test_trigger_test_judges_a_draft_on_the_event_given(triggers, nats_ser
     try:
 
         async def test(subject: str, data) -> TriggerTestReply:
-            request = TriggerTestRequest(rule=draft, event=SampleEvent(subject=subject, data=data))
-            return await _request(nc, subjects.API_TRIGGERS_TEST, request, TriggerTestReply)
+            return await Client(nc).test_trigger(draft, SampleEvent(subject=subject, data=data))
 
         fired = await test("jobmesh.v1.events.dataset.updated.maps", {"rows": 7})
         assert fired.matched and fired.job["name"] == "reindex maps"

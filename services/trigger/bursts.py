@@ -214,6 +214,20 @@ def _remember(state: Pending, held: Iterable[Held], now: float) -> None:
     state.done = dict(kept[-(DEBOUNCE_KEEP if state.kind == "debounce" else DONE_KEEP) :])
 
 
+def _after(
+    state: Pending | None, rule: CompiledRule, key: str, bursts: list[Burst], events: list[Held], now: float
+) -> Pending:
+    """The state once ``bursts`` fired (the events they used remembered) and ``events`` are
+    what it still holds; the caller sets its times, or settles it when it holds none."""
+    state = state if state is not None else _new(rule, key, now)
+    for burst in bursts:
+        _remember(state, burst.events, now)
+    state.events = events
+    if events:
+        state.count = len(events)
+    return state
+
+
 def _settle(state: Pending, now: float) -> Pending | None:
     """``state`` as it is stored: one without events keeps only its record of used events,
     due when the last of them passes the horizon (None: nothing is left to keep)."""
@@ -382,13 +396,9 @@ def _take_batch(
         if len(events) >= policy.max_events or size > SOFT_LIMIT:
             bursts.append(_batch_burst(key, events))
             events, size = [], 0
-    state = state if state is not None else _new(rule, key, now)
-    for burst in bursts:
-        _remember(state, burst.events, now)
-    state.events = events
+    state = _after(state, rule, key, bursts, events, now)
     if not events:
         return _settle(state, now), bursts
-    state.count = len(events)
     state.first_at = first_at
     state.last_at = now
     state.due_at = first_at + policy.max_seconds
@@ -422,13 +432,9 @@ def _take_correlate(
     while events and size > SOFT_LIMIT:
         size -= _size(events.pop(0))
         dropped += 1
-    state = state if state is not None else _new(rule, key, now)
-    for burst in bursts:
-        _remember(state, burst.events, now)
-    state.events = events
+    state = _after(state, rule, key, bursts, events, now)
     if not events:
         return _settle(state, now), bursts
-    state.count = len(events)
     state.dropped = dropped
     state.first_at = min(h.at for h in events)
     state.last_at = max(h.at for h in events)

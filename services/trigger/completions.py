@@ -153,8 +153,9 @@ class CompletionHandler:
                 reason = f"rule {failure.rule.name} v{failure.rule.version}: {failure.error}"
                 failures.append((failure.incoming.extra, failure.rule.name, failure.error.code, reason))
         for env, rule_name, code, reason in failures:
-            seq = env.raw.metadata.sequence.stream if env.raw is not None else 0
-            if not await self._dead_letter(env.subject, env.data, Reject(code, reason), 1, seq, rule=rule_name):
+            if not await self._dead_letter(
+                env.subject, env.data, Reject(code, reason), 1, env.stream_seq, rule=rule_name
+            ):
                 raise Unavailable("cannot record a dead letter for a finished job a rule refused")
 
 

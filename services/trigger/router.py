@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
+import msgspec
+
 from jobmesh.contract.messages.v1 import JobOrigin
 from jobmesh.errors import InvalidMessage, JobmeshError
 from jobmesh.runtime.tracing import Context
@@ -195,6 +197,4 @@ class Router:
 
 def with_metadata(spec: Any, metadata: dict[str, str]) -> Any:
     """``spec`` with ``metadata`` added to its labels (the trigger's own keys win)."""
-    import msgspec
-
     return msgspec.structs.replace(spec, metadata={**spec.metadata, **metadata})

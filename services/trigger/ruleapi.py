@@ -196,7 +196,7 @@ class RuleApi:
     async def _existing(self, name: str) -> tuple[TriggerRecord, int]:
         record, revision = await self._read(name)
         if record is None:
-            raise NotFound(f"no trigger rule named {name!r} (jobmesh trigger list shows them)", field="name")
+            raise _missing(name)
         return record, revision
 
     # --- requests ------------------------------------------------------------------
@@ -261,7 +261,7 @@ class RuleApi:
         request: TriggerDeleteRequest = env.message
         old, revision = await self._read(request.name)
         if old is None and not revision:
-            raise NotFound(f"no trigger rule named {request.name!r} (jobmesh trigger list shows them)", field="name")
+            raise _missing(request.name)
         if old is None:
             # A record that does not decode: removed all the same, so an operator needs no KV tool.
             old = TriggerRecord(
@@ -358,6 +358,10 @@ class RuleApi:
             return self._ticker.next_tick_of(compile_record(record, self._allowed))
         except InvalidMessage:
             return 0.0
+
+
+def _missing(name: str) -> NotFound:
+    return NotFound(f"no trigger rule named {name!r} (jobmesh trigger list shows them)", field="name")
 
 
 def _same(a: TriggerRule, b: TriggerRule) -> bool:

@@ -9,14 +9,14 @@ clock; publishing is :mod:`jobmesh.trigger.firing`'s job.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from jobmesh.contract import subjects
+from jobmesh.contract.ids import trigger_key
 from jobmesh.contract.messages.v1 import (
     CompletionSource,
     EventSource,
@@ -36,8 +36,6 @@ from jobmesh.trigger.templates import JobTemplate
 # none), so a rule that reads ``job.id`` on an event fails with "no such field", not with
 # an undefined variable.
 VARIABLES = ("event", "subject", "headers", "id", "time", "job", "tick", "events", "parts", "key", "count")
-# The longest idempotency key we build in full; longer event ids are hashed.
-MAX_KEY = 200
 # Comprehensions in a whole rule (filter, keys, part filters, template): each is a pass over
 # the data, and an evaluation holds the replica's only thread.
 MAX_RULE_COMPREHENSIONS = 8
@@ -182,7 +180,6 @@ class CompiledRule:
     template: JobTemplate
     burst_key: Expression | None = None
     parts: tuple[Part, ...] = ()
-    labels: dict[str, str] = field(default_factory=dict)
 
     @property
     def rule(self) -> TriggerRule:
@@ -255,9 +252,7 @@ class CompiledRule:
         """The key of the job this rule fires for ``event_id``: rule, version and event, so
         a redelivery or a second replica submits the same job, and a new version of the rule
         fires afresh."""
-        if len(event_id) > MAX_KEY:
-            event_id = "h:" + hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
-        return f"trigger:{self.name}:{self.version}:{event_id}"
+        return trigger_key(self.name, self.version, event_id)
 
 
 def source_kind(rule: TriggerRule) -> str:

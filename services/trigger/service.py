@@ -27,7 +27,7 @@ from jobmesh.trigger.handlers import SubmitHandler
 from jobmesh.trigger.handlerschemas import HandlerSchemas
 from jobmesh.trigger.router import Router
 from jobmesh.trigger.ruleapi import RuleApi
-from jobmesh.trigger.rules import RuleError, check_pattern
+from jobmesh.trigger.rules import pattern_problem
 from jobmesh.trigger.ruleset import RuleSet
 from jobmesh.trigger.stats import RuleStats
 from jobmesh.trigger.subjectevents import EventCodec, EventHandler
@@ -54,10 +54,11 @@ def allowed_subjects(setting: str) -> tuple[tuple[str, ...], ...]:
                 f"JOBMESH_TRIGGER_SUBJECTS: {pattern!r} overlaps jobmesh's or JetStream's own subjects",
                 field="trigger_subjects",
             )
-        try:
-            check_pattern(pattern, [tokens], "JOBMESH_TRIGGER_SUBJECTS")
-        except RuleError as exc:
-            raise InvalidMessage(str(exc), field="trigger_subjects") from exc
+        problem = pattern_problem(pattern)
+        if problem:
+            raise InvalidMessage(
+                f"JOBMESH_TRIGGER_SUBJECTS: {pattern!r} is not a subject pattern: {problem}", field="trigger_subjects"
+            )
         out.append(tokens)
     return tuple(out)
 

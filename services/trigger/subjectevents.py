@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from jobmesh.contract.codec import Codec, encode
+from jobmesh.contract.codec import Codec
 from jobmesh.contract.ids import EVENT_ID_HEADER
 from jobmesh.errors import InvalidMessage, OversizedMessage, Unavailable
 from jobmesh.runtime.outcomes import Reject
@@ -69,8 +69,7 @@ def event_identity(env: Envelope, stream: str) -> tuple[str, float]:
     msg_id = env.headers.get("Nats-Msg-Id")
     if msg_id:
         return f"id:{msg_id}", at
-    seq = meta.sequence.stream if meta is not None and meta.sequence is not None else 0
-    return f"{stream}:{seq}", at
+    return f"{stream}:{env.stream_seq}", at
 
 
 class EventHandler:
@@ -113,16 +112,13 @@ class EventHandler:
         routed = await self._router.route(items)
         for failure in routed.failures:
             env = failure.incoming.extra
-            raw = env.raw if env is not None else None
-            seq = raw.metadata.sequence.stream if raw is not None else 0
             reason = f"rule {failure.rule.name} v{failure.rule.version}: {failure.error}"
-            payload = env.data if env is not None else encode(failure.incoming.variables["event"])
             if not await self._dead_letter(
                 failure.incoming.subject,
-                payload,
+                env.data,
                 Reject(failure.error.code, reason),
                 1,
-                seq,
+                env.stream_seq,
                 rule=failure.rule.name,
                 event_id=failure.incoming.event_id,
             ):

@@ -200,8 +200,6 @@ def build_spec(rendered: dict[str, Any], field: str = "job") -> JobSpec:
     try:
         spec = _SPEC.decode(payload)
         reject_unknown_fields(payload, JobSpec)
-    except ExpressionError:
-        raise
     except InvalidMessage as exc:
         inner = exc.field or ""
         where = f"{field}.{inner}" if inner else field

@@ -47,6 +47,20 @@ def event_id(job_id: str, attempt: int, kind: str) -> str:
     return f"{job_id}:{attempt}:{kind}"
 
 
+# The longest event id a trigger key holds in full; a longer one is hashed.
+MAX_EVENT_ID = 200
+
+
+def trigger_key(rule: str, version: int, event_id: str) -> str:
+    """The idempotency key of the job trigger rule ``rule`` at ``version`` fires for
+    ``event_id``: a redelivery or a second replica submits the same job, and a new version
+    of the rule fires afresh. A publisher that knows the event id knows the job id
+    (``job_id_for(trigger_key(...))``)."""
+    if len(event_id) > MAX_EVENT_ID:
+        event_id = "h:" + hashlib.blake2b(event_id.encode(), digest_size=16).hexdigest()
+    return f"trigger:{rule}:{version}:{event_id}"
+
+
 def submit_id(idempotency_key: str) -> str:
     """Nats-Msg-Id of a JobSubmitted: the caller's idempotency key."""
     return f"submit:{idempotency_key}"

@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.contract.ids import job_id_for
+from jobmesh.contract.ids import job_id_for, trigger_key
 from jobmesh.contract.messages.v1 import (
     ErrorReply,
     JobSpec,
@@ -97,7 +97,7 @@ async def measure(url: str, n: int, light: int) -> dict[str, float]:
     spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0), name="bench")
 
     def event_job(seq: int) -> str:
-        return job_id_for(f"trigger:bench:{version}:{subjects.STREAM_EVENTS}:{seq}")
+        return job_id_for(trigger_key("bench", version, f"{subjects.STREAM_EVENTS}:{seq}"))
 
     # Warm-up of both paths.
     want["n"], done = 100, asyncio.Event()

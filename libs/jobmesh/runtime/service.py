@@ -65,6 +65,11 @@ class Envelope:
         """How often this message was delivered (parsed on demand: it is rarely needed)."""
         return _deliveries(self.raw) if self.raw is not None else 1
 
+    @property
+    def stream_seq(self) -> int:
+        """The message's sequence in its stream (0 for a request or a test's envelope)."""
+        return _stream_seq(self.raw) if self.raw is not None else 0
+
 
 BatchHandler = Callable[[list[Envelope]], Awaitable[Sequence[Outcome] | None]]
 RequestHandler = Callable[[Envelope], Awaitable[Any]]
