@@ -15,18 +15,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The sandbox isolation level needs bubblewrap (Debian package bubblewrap). As root with
-# apt, it is installed here; otherwise this says what is missing, and executors on this
-# machine advertise the process level only (the sandbox tests then fail, and say why).
+# The sandbox isolation level needs bubblewrap; the webhook examples (README, docs, tests)
+# sign and send with openssl and curl. As root with apt, what is missing is installed here;
+# otherwise this says what is missing (executors then advertise the process level only,
+# and the tests that need the tool fail, saying why).
+SYSTEM_PACKAGES := bwrap:bubblewrap curl:curl openssl:openssl
 system-packages:
-	@if command -v bwrap >/dev/null 2>&1; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "installing bubblewrap (the sandbox isolation level)"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null 2>&1 || \
-		{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null; }; \
-	else \
-		echo "bubblewrap is missing: install the bubblewrap package (as root: apt-get install bubblewrap)" >&2; \
-	fi
+	@for pair in $(SYSTEM_PACKAGES); do \
+		cmd=$${pair%%:*}; pkg=$${pair#*:}; \
+		if command -v $$cmd >/dev/null 2>&1; then continue; fi; \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "installing $$pkg"; \
+			DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null 2>&1 || \
+			{ apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkg >/dev/null; }; \
+		else \
+			echo "$$cmd is missing: install the $$pkg package (as root: apt-get install $$pkg)" >&2; \
+		fi; \
+	done
 
 ## run: set up, start a local cluster (nats-server, Postgres, five services) and show a demo
 run: $(STAMP) system-packages

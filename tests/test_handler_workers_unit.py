@@ -32,7 +32,7 @@ class SlowLaunch(Launch):
             if len(self.ticks) >= seen + 5:
                 self.loop_ran.set()
                 break
-            time.sleep(0.005)
+            time.sleep(0.005)  # stands in for a blocking kill-and-wait (noqa: sleep)
         return CgroupEvents()
 
 
@@ -55,7 +55,7 @@ async def test_closing_a_hung_worker_leaves_the_event_loop_running(tmp_path: Pat
     async def ticker() -> None:
         while True:
             launch.ticks.append(len(launch.ticks))
-            await asyncio.sleep(0.01)  # the loop's heartbeat, not a wait before an assert
+            await asyncio.sleep(0.01)  # the loop's heartbeat, not a wait before an assert (noqa: sleep)
 
     ticking = asyncio.ensure_future(ticker())
     try:

@@ -87,7 +87,7 @@ def square(ask: Ask, ctx: Context) -> Answer:
 
 @handler("slow_async")
 async def slow_async(ask: Ask) -> Answer:
-    await asyncio.sleep(ask.n / 1000)
+    await asyncio.sleep(ask.n / 1000)  # the handler's work: it is slow on purpose (noqa: sleep)
     return Answer(value=ask.n, pid=os.getpid())
 '''
 

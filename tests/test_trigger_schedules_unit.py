@@ -248,7 +248,7 @@ class FakeTime:
 
     async def sleep(self, seconds: float) -> None:
         self.now += seconds
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # the fake clock's sleep still yields to the loop (noqa: sleep)
 
 
 def record(source: ScheduleSource, *, paused=False, version=1, created_at=T0, paused_at=0.0, job=None) -> bytes:
@@ -286,13 +286,15 @@ async def test_ticker_wakes_on_a_rule_change():
     clock = FakeTime(T0)
     ticker, ruleset, _, _ = ticker_of(clock)
     never = asyncio.Event()
+    asleep = asyncio.Event()
 
     async def long_sleep(seconds: float) -> None:
+        asleep.set()
         await never.wait()
 
     ticker._sleep = long_sleep
     waiting = asyncio.ensure_future(ticker.step())
-    await asyncio.sleep(0)
+    await asyncio.wait_for(asleep.wait(), 1.0)  # the ticker is waiting for its next tick
     assert not waiting.done()
     ruleset.apply("nightly", record(ScheduleSource(every=10)))
     await asyncio.wait_for(waiting, 1.0)
