@@ -49,6 +49,7 @@ class NatsServer:
 
     def __init__(self, store_dir: str | Path, port: int | None = None, log_file: str | Path | None = None) -> None:
         self.store_dir = Path(store_dir)
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self.monitor_port = free_port()
         self.log_file = Path(log_file) if log_file else None
@@ -58,9 +59,28 @@ class NatsServer:
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 15.0) -> NatsServer:
-        """Start the server and wait until its client port accepts connections."""
+    def start(self, timeout: float = 15.0, attempts: int = 3) -> NatsServer:
+        """Start the server and wait until its client port accepts connections.
+
+        A port found free can be taken by another process before the server binds it (an
+        outgoing connection's ephemeral port, on a busy machine). When the server exits
+        before listening on ports we chose, it is started again on fresh ones; a port the
+        caller fixed is never changed.
+        """
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        for attempt in range(attempts):
+            try:
+                self._start_once(timeout)
+                return self
+            except Unavailable:
+                if self.proc is None or self.proc.poll() is None or attempt == attempts - 1:
+                    raise
+                self.monitor_port = free_port()
+                if not self._fixed_port:
+                    self.port = free_port()
+        return self
+
+    def _start_once(self, timeout: float) -> None:
         config = self.store_dir / "nats.conf"
         config.write_text(
             "\n".join(
@@ -82,8 +102,17 @@ class NatsServer:
         if self.log_file:
             args += ["-l", str(self.log_file)]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for_port("127.0.0.1", self.port, timeout, self.proc)
-        return self
+        try:
+            wait_for_port("127.0.0.1", self.port, timeout, self.proc)
+        except Unavailable as exc:
+            raise Unavailable(f"{exc}{self._log_tail()}") from None
+
+    def _log_tail(self) -> str:
+        """The end of the server's log, to say why it stopped (empty without a log)."""
+        if not self.log_file or not self.log_file.exists():
+            return ""
+        lines = self.log_file.read_text(errors="replace").splitlines()[-5:]
+        return ": " + " | ".join(line.strip() for line in lines) if lines else ""
 
     def stop(self, kill: bool = False) -> None:
         """Stop the server (SIGKILL when ``kill``) and wait for it."""
