@@ -61,6 +61,32 @@ def trigger_key(rule: str, version: int, event_id: str) -> str:
     return f"trigger:{rule}:{version}:{event_id}"
 
 
+def workflow_run_id(idempotency_key: str) -> str:
+    """The run id a workflow submit's idempotency key always maps to (32 hex characters)."""
+    return hashlib.blake2b(idempotency_key.encode(), digest_size=16, person=b"jobmesh.wf.v1").hexdigest()
+
+
+def step_key(run_id: str, step: str, generation: int) -> str:
+    """The idempotency key of a workflow step's job: a redelivered run makes the same jobs,
+    and a retry (the next generation) makes new ones for the steps it runs again."""
+    return f"workflow:{run_id}:{step}:{generation}"
+
+
+def map_item_key(map_job_id: str, index: int) -> str:
+    """The idempotency key of item ``index`` of a mapped step's job ``map_job_id``."""
+    return f"map:{map_job_id}:{index}"
+
+
+def watch_id(job_id: str, watcher: int) -> str:
+    """Nats-Msg-Id of a DependencyWatch: one per watched job and watching partition."""
+    return f"watch:{job_id}:{watcher}"
+
+
+def dep_ended_id(job_id: str, watcher: int) -> str:
+    """Nats-Msg-Id of a DependencyEnded sent to partition ``watcher``."""
+    return f"dep-ended:{job_id}:{watcher}"
+
+
 def submit_id(idempotency_key: str) -> str:
     """Nats-Msg-Id of a JobSubmitted: the caller's idempotency key."""
     return f"submit:{idempotency_key}"

@@ -61,6 +61,7 @@ BUCKETS: tuple[BucketSpec, ...] = (
     BucketSpec(subjects.KV_TRIGGERS, 5),
     BucketSpec(subjects.KV_TRIGGER_STATE, 1),
     BucketSpec(subjects.KV_TRIGGER_STATS, 1),
+    BucketSpec(subjects.KV_WORKFLOWS, 1),
 )
 
 

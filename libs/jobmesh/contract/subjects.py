@@ -32,6 +32,7 @@ KV_HANDLERS = "jm_handlers"  # Python handlers executors host, key = handler nam
 KV_TRIGGERS = "jm_triggers"  # trigger rules (TriggerRecord), key = rule name; owned by the trigger
 KV_TRIGGER_STATE = "jm_trigger_state"  # partial state of rules: pending bursts, last schedule ticks
 KV_TRIGGER_STATS = "jm_trigger_stats"  # per-rule figures, one key per rule and trigger instance
+KV_WORKFLOWS = "jm_workflows"  # workflow runs (WorkflowRun), key run.<run id>; owned by the trigger
 OBJ_RESULTS = "jm_results"  # job results too large to travel inline, key <job_id>/<attempt>
 OBJ_UPLOADS = "jm_uploads"  # files uploaded with a submit, key sha256/<hex digest>
 
@@ -52,6 +53,10 @@ RETRYING = "retrying"
 GAVE_UP = "gave_up"
 CANCELLING = "cancelling"
 CANCELLED = "cancelled"
+# A scheduler partition asks another to say when a job ends (a dependency across
+# partitions), and the other says so; both travel on the scheduler's partition subjects.
+DEP_WATCH = "dep_watch"
+DEP_ENDED = "dep_ended"
 # An attempt ended: its reservation (if any) can go.
 TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED)
 # A job ended for good: what "the end of an earlier job" means to a trigger rule.
@@ -121,6 +126,11 @@ API_TRIGGERS_LIST = f"{PREFIX}.api.triggers.list"
 API_TRIGGERS_DELETE = f"{PREFIX}.api.triggers.delete"
 API_TRIGGERS_PAUSE = f"{PREFIX}.api.triggers.pause"
 API_TRIGGERS_TEST = f"{PREFIX}.api.triggers.test"
+API_WORKFLOWS_RUN = f"{PREFIX}.api.workflows.run"
+API_WORKFLOWS_GET = f"{PREFIX}.api.workflows.get"
+API_WORKFLOWS_LIST = f"{PREFIX}.api.workflows.list"
+API_WORKFLOWS_CANCEL = f"{PREFIX}.api.workflows.cancel"
+API_WORKFLOWS_RETRY = f"{PREFIX}.api.workflows.retry"
 
 
 def scheduler_explain(partition: int) -> str:
@@ -137,6 +147,28 @@ def scheduler_cancel(partition: int) -> str:
 def result_key(job_id: str, attempt: int) -> str:
     """Object name of an attempt's result in ``jm_results``."""
     return f"{job_id}/{attempt}"
+
+
+def step_result_key(job_id: str) -> str:
+    """Object name in ``jm_results`` of a kept result (``JobSpec.keep_result``): one per
+    job, not per attempt, so a later step reads it knowing only the job id."""
+    return f"step/{job_id}"
+
+
+def map_manifest_key(job_id: str) -> str:
+    """Object name in ``jm_results`` of a mapped step's manifest: its items' job ids, in
+    item order (written by the scheduler when it expands the step)."""
+    return f"map/{job_id}"
+
+
+def workflow_key(run_id: str) -> str:
+    """Key of a workflow run's record in ``jm_workflows``."""
+    return f"run.{run_id}"
+
+
+def workflow_concurrency_key(digest: str) -> str:
+    """Key in ``jm_workflows`` of the last run of a workflow concurrency key (its digest)."""
+    return f"key.{digest}"
 
 
 def upload_key(digest: str) -> str:

@@ -10,3 +10,4 @@ from jobmesh.contract.messages.v1.deadletter import *  # noqa: F403
 from jobmesh.contract.messages.v1.jobs import *  # noqa: F403
 from jobmesh.contract.messages.v1.nodes import *  # noqa: F403
 from jobmesh.contract.messages.v1.triggers import *  # noqa: F403
+from jobmesh.contract.messages.v1.workflows import *  # noqa: F403

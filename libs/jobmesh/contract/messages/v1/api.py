@@ -105,10 +105,11 @@ class JobGetRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.get"):
 class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
     """Ask the tracker for recent jobs, newest first."""
 
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+    limit: Annotated[int, Meta(ge=1, le=20_000)] = 50
     state: JobState | Literal[""] = ""  # "" for every state
     queue: str = ""
     states: list[JobState] = []  # any of these; wins over ``state`` when given
+    workflow: str = ""  # only the jobs of this workflow run, in submission order
 
 
 class AttemptView(Struct, frozen=True, kw_only=True):
@@ -174,6 +175,10 @@ class JobSummary(Struct, frozen=True, kw_only=True):
     submitted_at: float
     updated_at: float
     final: bool = False
+    reason: str = ""
+    step: str = ""  # its workflow step, if it is one
+    index: int = -1  # a mapped item's position in its list
+    skipped: bool = False  # cancelled because a dependency ended as it did not need
 
 
 class JobListReply(Struct, frozen=True, kw_only=True, tag="api.jobs"):

@@ -22,6 +22,7 @@ from msgspec import Meta, Struct
 from jobmesh.contract.messages.v1.triggers import JobOrigin
 
 __all__ = [
+    "DEPENDENCY_CONDITIONS",
     "DISRUPTION_CODES",
     "FAILURE_CODES",
     "ISOLATION_LEVELS",
@@ -35,11 +36,15 @@ __all__ = [
     "AttemptEvent",
     "Constraints",
     "ContainerRuntime",
+    "Dependency",
+    "DependencyEnded",
+    "DependencyWatch",
     "FailureCode",
     "FallbackSpec",
     "HandlerRuntime",
     "InputFile",
     "IsolationLevel",
+    "ItemRef",
     "JobBound",
     "JobCancelled",
     "JobCancelling",
@@ -63,14 +68,17 @@ __all__ = [
     "LifecycleEvent",
     "Locality",
     "LogLine",
+    "MapSpec",
     "NoopRuntime",
     "Priority",
     "ProcessRuntime",
     "Resources",
     "RetryPolicy",
     "SecretName",
+    "StepRef",
     "TerminalEvent",
     "Timeouts",
+    "UpstreamRef",
     "runtime_kind",
 ]
 
@@ -321,10 +329,97 @@ class RetryPolicy(Struct, frozen=True, kw_only=True, omit_defaults=True):
         return code in (self.retry_on or RETRY_ON_BY_DEFAULT)
 
 
+# --- dependencies and workflow steps ----------------------------------------------
+
+# What a dependency waits for: ``succeeded`` (Slurm's afterok), ``failed`` (afternotok: the
+# job gave up or expired) or ``ended`` (afterany: any end, a cancel included).
+DependencyCondition = Literal["succeeded", "failed", "ended"]
+DEPENDENCY_CONDITIONS: tuple[str, ...] = typing.get_args(DependencyCondition)
+MAX_DEPENDENCIES = 1000
+
+
+class Dependency(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A job this job waits for, and which of its ends lets this one run.
+
+    The scheduler holds the job until every dependency has ended as ``when`` allows; a
+    dependency that ends otherwise skips the job (it ends cancelled, ``skipped``).
+
+    Attributes:
+        job_id: the job waited for.
+        when: the end that satisfies the dependency.
+        step: the workflow step the job is, for the words "waiting for: extract".
+    """
+
+    job_id: Id
+    when: DependencyCondition = "succeeded"
+    step: str = ""
+
+
+class UpstreamRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """An upstream step whose result a step's templates may read.
+
+    Attributes:
+        job_id: the step's job (a mapped step: its map job, whose result lists its items' jobs).
+        mapped: the step maps over a list; its result is the list of its items' results.
+    """
+
+    job_id: Id
+    mapped: bool = False
+
+
+class ItemRef(Struct, frozen=True, kw_only=True):
+    """The item a mapped job runs for: element ``index`` of the list at ``path`` in the
+    result of ``job_id`` (read by reference when the job starts, never copied inline)."""
+
+    job_id: Id
+    path: list[str | int]
+    index: NonNegInt
+
+
+class StepRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Where a job sits in a workflow run, and what its templates may read.
+
+    Attributes:
+        workflow_id: the run.
+        step: the step's name.
+        index: a mapped item's position in its list; -1 for a step's own job.
+        upstream: the steps named in this step's templates, by name.
+        item: what ``${item}`` is (mapped items only).
+    """
+
+    workflow_id: Id
+    step: Annotated[str, Meta(min_length=1, max_length=128)]
+    index: Annotated[int, Meta(ge=-1)] = -1
+    upstream: dict[str, UpstreamRef] = {}
+    item: ItemRef | None = None
+
+
+class MapSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Run a step once per item of a list from an upstream result (fan-out).
+
+    Attributes:
+        over: the template that names the list, e.g. ``${steps.extract.result.items}``.
+        concurrency: at most this many items run at once (0: no cap of its own).
+        source: the job whose result holds the list (filled in at submit).
+        path: the path to the list inside that result (filled in at submit).
+    """
+
+    over: Annotated[str, Meta(min_length=1, max_length=1024)]
+    concurrency: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    source: str = ""
+    path: list[str | int] = []
+
+
 class JobSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
     """Everything a user declares about one job."""
 
     retry: RetryPolicy = RetryPolicy()
+    after: Annotated[list[Dependency], Meta(max_length=MAX_DEPENDENCIES)] = []
+    # Store the result by reference (jm_results ``step/<job_id>``) so that later jobs can
+    # read it, however small: set on every workflow step.
+    keep_result: bool = False
+    step: StepRef | None = None  # set by the trigger on a workflow's jobs
+    map: MapSpec | None = None  # a mapped step: the scheduler runs one job per item
 
 
 class JobError(Struct, frozen=True, kw_only=True):
@@ -530,6 +625,23 @@ class JobCancelled(JobEvent, frozen=True, kw_only=True, tag="job.cancelled"):
     queue: str = ""
     name: str = ""
     metadata: dict[str, str] = {}
+    skipped: bool = False  # it never ran because a dependency ended as it did not need
+
+
+class DependencyWatch(JobEvent, frozen=True, kw_only=True, tag="job.dep_watch"):
+    """A scheduler partition asks the partition of ``job_id`` to say when that job ends:
+    a job of ``watcher`` depends on it. Sent on the watched job's partition subject."""
+
+    watcher: NonNegInt
+    at: float
+
+
+class DependencyEnded(JobEvent, frozen=True, kw_only=True, tag="job.dep_ended"):
+    """Job ``job_id`` ended (``outcome``: succeeded, failed, cancelled or expired); sent to
+    each partition that watches it, on that partition's subject (``partition``)."""
+
+    outcome: Literal["succeeded", "failed", "cancelled", "expired"]
+    at: float
 
 
 class AttemptCancel(Struct, frozen=True, kw_only=True, tag="node.cancel"):
@@ -569,6 +681,8 @@ LifecycleEvent = (
     | JobGaveUp
     | JobCancelling
     | JobCancelled
+    | DependencyWatch
+    | DependencyEnded
 )
 # An attempt has ended (its reservation, if any, can be freed).
 TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost | JobCancelled

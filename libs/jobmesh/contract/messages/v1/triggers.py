@@ -162,7 +162,10 @@ class TriggerRule(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
     name: RuleName
     source: TriggerSource
-    job: dict[str, Any]
+    job: dict[str, Any] = {}
+    # Instead of a job: a workflow spec (``WorkflowSpec``), run with the event's data as
+    # its input. Exactly one of ``job`` and ``workflow`` is given.
+    workflow: dict[str, Any] | None = None
     description: Annotated[str, Meta(max_length=1024)] = ""
     filter: Expression = ""
     debounce: DebouncePolicy | None = None

@@ -1,0 +1,181 @@
+"""Workflows: a DAG of steps, each a job spec plus what it needs, and a run of one.
+
+A ``WorkflowSpec`` is what a user declares (YAML or JSON, or built with the SDK). The
+trigger checks it whole at submit, turns every step into a job (``JobSpec.step`` says which
+run and step it is, ``JobSpec.after`` what it waits for) and keeps the run's record
+(``WorkflowRun``) in KV ``jm_workflows``. The scheduler holds each step until its
+dependencies allow it and expands a mapped step into one job per item. A run's state is
+read from its jobs (the tracker's views), so the record holds only what cannot be derived.
+
+Templates in a step's strings, resolved when the step's job starts:
+
+- ``${input.a.b}``: the run's input (resolved at submit);
+- ``${steps.<name>.result}`` and ``${steps.<name>.result.a.0}``: an upstream step's result
+  (read by reference from jm_results); for a mapped step, the list of its items' results,
+  in item order;
+- ``${item}``, ``${item.a}``: a mapped job's item;
+- ``${workflow.id}``: the run's id.
+
+A string that is exactly one placeholder takes the value itself (a list stays a list);
+otherwise each placeholder is replaced by its text (JSON for what is not a string).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from msgspec import Meta, Struct
+
+from jobmesh.contract.messages.v1.jobs import DependencyCondition, JobSpec, Priority
+from jobmesh.contract.messages.v1.triggers import JobOrigin
+
+__all__ = [
+    "MAX_STEPS",
+    "StepName",
+    "WorkflowCancelReply",
+    "WorkflowCancelRequest",
+    "WorkflowGetRequest",
+    "WorkflowListReply",
+    "WorkflowListRequest",
+    "WorkflowRetryReply",
+    "WorkflowRetryRequest",
+    "WorkflowRun",
+    "WorkflowRunReply",
+    "WorkflowRunRequest",
+    "WorkflowSpec",
+    "WorkflowStep",
+    "WorkflowSummary",
+]
+
+MAX_STEPS = 500  # steps declared in one workflow (a mapped step counts once)
+StepName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")]
+WorkflowName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+
+
+class WorkflowStep(JobSpec, frozen=True, kw_only=True, omit_defaults=True):
+    """One step: a job spec (every field of ``jobmesh submit --spec``) plus its place.
+
+    Attributes:
+        needs: the steps that must end before this one starts.
+        when: which end of every needed step lets it run: ``succeeded`` (the default),
+            ``failed`` (an on-failure step: it runs only if a needed step failed), or
+            ``ended`` (it runs whatever they did).
+        on_error: ``fail`` (the default: the run fails, and steps that need this one are
+            skipped) or ``continue`` (the run does not fail for it, and the steps that
+            need it run as if it had succeeded).
+    """
+
+    needs: Annotated[list[StepName], Meta(max_length=MAX_STEPS)] = []
+    when: DependencyCondition = "succeeded"
+    on_error: Literal["fail", "continue"] = "fail"
+
+
+class WorkflowSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A workflow as its author writes it.
+
+    Attributes:
+        name: what runs are listed under.
+        steps: the steps by name (at most :data:`MAX_STEPS`).
+        description: free text.
+        input: the input a run gets when none is given.
+        concurrency_key: at most one run with this key runs at a time (``${input...}``
+            may build it: one run per dataset); a later run waits for the earlier one.
+        priority: every step's priority, when set.
+        tenant: every step's tenant, when set.
+    """
+
+    name: WorkflowName
+    steps: Annotated[dict[StepName, WorkflowStep], Meta(min_length=1, max_length=MAX_STEPS)]
+    description: Annotated[str, Meta(max_length=1024)] = ""
+    input: Any = None
+    concurrency_key: Annotated[str, Meta(max_length=256)] = ""
+    priority: Priority | None = None
+    tenant: Annotated[str, Meta(max_length=128)] = ""
+
+
+class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
+    """What ``jm_workflows`` holds under a run's id (owned by the trigger).
+
+    Attributes:
+        run_id: the run.
+        spec: the workflow as submitted.
+        input: the run's input.
+        jobs: each step's current job (a retry gives the steps it runs again new jobs).
+        generation: how often the run was retried (0 for the first run).
+        state: ``running`` until cancelled; whether it has ended is read from its jobs.
+        concurrency_key: the resolved key, when the workflow has one.
+        after_run: the earlier run with that key this one waited for.
+        origin: the trigger rule and event that started it, if one did.
+    """
+
+    run_id: str
+    spec: WorkflowSpec
+    input: Any = None
+    jobs: dict[str, str] = {}
+    generation: int = 0
+    state: Literal["running", "cancelled"] = "running"
+    concurrency_key: str = ""
+    after_run: str = ""
+    origin: JobOrigin | None = None
+    created_at: float = 0.0
+    updated_at: float = 0.0
+    cancel_reason: str = ""
+
+
+class WorkflowRunRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.run"):
+    """Start a run of ``spec`` (``jobmesh.v1.api.workflows.run``). The same
+    ``idempotency_key`` always names the same run: a second request returns it."""
+
+    spec: WorkflowSpec
+    input: Any = None
+    idempotency_key: Annotated[str, Meta(max_length=256)] = ""
+
+
+class WorkflowRunReply(Struct, frozen=True, kw_only=True, tag="api.workflows.started"):
+    run: WorkflowRun
+    duplicate: bool = False
+
+
+class WorkflowGetRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.get"):
+    run_id: str
+
+
+class WorkflowSummary(Struct, frozen=True, kw_only=True):
+    """A run in a list: the record without its spec's steps."""
+
+    run_id: str
+    name: str
+    state: str
+    generation: int
+    steps: int
+    created_at: float
+    updated_at: float
+
+
+class WorkflowListRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.list"):
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+    name: str = ""  # only runs of this workflow
+
+
+class WorkflowListReply(Struct, frozen=True, kw_only=True, tag="api.workflows"):
+    runs: list[WorkflowSummary]  # newest first
+
+
+class WorkflowCancelRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.cancel"):
+    run_id: str
+    reason: Annotated[str, Meta(max_length=512)] = ""
+
+
+class WorkflowCancelReply(Struct, frozen=True, kw_only=True, tag="api.workflows.cancelled"):
+    run_id: str
+    cancelled: int  # jobs the cancel reached while they were held or running
+    message: str = ""
+
+
+class WorkflowRetryRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.retry"):
+    run_id: str
+
+
+class WorkflowRetryReply(Struct, frozen=True, kw_only=True, tag="api.workflows.retried"):
+    run: WorkflowRun
+    steps: list[str]  # the steps that run again
