@@ -65,7 +65,8 @@ class WorkflowStep(JobSpec, frozen=True, kw_only=True, omit_defaults=True):
             need it run as if it had succeeded).
     """
 
-    needs: Annotated[list[StepName], Meta(max_length=MAX_STEPS)] = []
+    # msgspec copies a mutable default per instance; ruff cannot see that JobSpec is a Struct.
+    needs: Annotated[list[StepName], Meta(max_length=MAX_STEPS)] = []  # noqa: RUF012
     when: DependencyCondition = "succeeded"
     on_error: Literal["fail", "continue"] = "fail"
 
