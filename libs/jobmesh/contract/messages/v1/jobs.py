@@ -348,11 +348,14 @@ class Dependency(Struct, frozen=True, kw_only=True, omit_defaults=True):
         job_id: the job waited for.
         when: the end that satisfies the dependency.
         step: the workflow step the job is, for the words "waiting for: extract".
+        partition: the scheduler partition of the job waited for (the partition of its
+            queue); -1 when unknown, which a scheduler takes for its own.
     """
 
     job_id: Id
     when: DependencyCondition = "succeeded"
     step: str = ""
+    partition: Annotated[int, Meta(ge=-1)] = -1
 
 
 class UpstreamRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
