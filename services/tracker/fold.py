@@ -32,6 +32,9 @@ The joins make the result independent of delivery order, of batching and of rede
   goes on after such a decision, a final job stays final; and a late success of an
   attempt the scheduler had already replaced (it was declared lost) is fenced off like any
   stale event, so it never makes the job final.
+* The workflow step a job is (run, step, item index) comes with its spec, and is kept
+  with it; the skip mark of a JobCancelled (a dependency ended as the job did not need)
+  is sticky.
 * JobCancelling changes no state: it records why the attempt is being stopped
   (``cancelling``), shown as the attempt's reason until the attempt ends.
 * Facts that fill gaps (node, bind and start times, spec, submission time, partition,
@@ -39,6 +42,10 @@ The joins make the result independent of delivery order, of batching and of rede
   them first, and are never cleared by a later, emptier event. The origin (the trigger
   rule and event that started the job) comes only with JobSubmitted, so it fills its gap
   on its own rather than with the spec, which JobReady and JobBound bring too.
+
+DependencyWatch and DependencyEnded travel on JM_JOBS between scheduler partitions; they
+say nothing about the job's own state (DependencyEnded carries the watcher's partition, not
+the job's), so the fold leaves them out.
 
 There is one deliberate exception to order independence: two *different* endings of one
 level for one attempt (Succeeded and Lost, say). The one recorded first wins, because
@@ -57,6 +64,8 @@ from msgspec.structs import replace
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
+    DependencyEnded,
+    DependencyWatch,
     JobBound,
     JobCancelled,
     JobCancelling,
@@ -136,6 +145,12 @@ class JobRow(Struct, frozen=True, kw_only=True):
     fallback_job_id: str = ""  # the job that runs in its place (JobGaveUp)
     fallback_of: str = ""  # the job it runs in place of (JobSubmitted)
     origin: JobOrigin | None = None  # the trigger rule and event that started it (JobSubmitted)
+    # Its place in a workflow run (``spec.step``), known with the spec: "" and -1 for a job
+    # that is not a step, or not a mapped item.
+    workflow_id: str = ""
+    step: str = ""
+    index: int = wire(name="step_index", default=-1)
+    skipped: bool = False  # cancelled because a dependency ended as it did not need (JobCancelled)
 
 
 class AttemptRow(Struct, frozen=True):
@@ -204,9 +219,23 @@ def shown_reason(record: AttemptState) -> str:
         ``cancelling: <reason>`` while a cancel of a live attempt is under way, else the
         reason its state came with.
     """
-    if record.cancelling and record.rank < TERMINAL_RANK:
-        return record.cancelling
-    return record.reason
+    return reason_of(record.reason, record.cancelling, record.rank)
+
+
+def reason_of(reason: str, cancelling: str, rank: int) -> str:
+    """:func:`shown_reason` of an attempt's columns (what a list reads, without the record).
+
+    Args:
+        reason: the reason its state came with.
+        cancelling: the cancel under way ("" for none).
+        rank: its state's rank.
+
+    Returns:
+        The reason to show.
+    """
+    if cancelling and rank < TERMINAL_RANK:
+        return cancelling
+    return reason
 
 
 # --- the joins -----------------------------------------------------------------------
@@ -278,7 +307,8 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
     Returns:
         The job showing the higher attempt (joined when both show the same one), the
         identity known first, the highest partition seen (every event carries the same
-        one), the fallback links and the origin from either, and the latest update time.
+        one), the fallback links, the origin and the skip mark from either, and the latest
+        update time. The workflow step goes with the identity (both come with the spec).
     """
     if new.current.attempt > old.current.attempt:
         current = new.current
@@ -300,6 +330,10 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
         fallback_job_id=old.fallback_job_id or new.fallback_job_id,
         fallback_of=old.fallback_of or new.fallback_of,
         origin=old.origin if old.origin is not None else new.origin,
+        workflow_id=ident.workflow_id,
+        step=ident.step,
+        index=ident.index,
+        skipped=old.skipped or new.skipped,
     )
 
 
@@ -541,7 +575,7 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 node_id=_clean(event.node_id),
                 ends_job=True,
             )
-            return _job(event.job_id, p, state), reason
+            return _job(event.job_id, p, state, skipped=event.skipped), reason
     raise TypeError(f"not a lifecycle event: {type(event).__name__}")
 
 
@@ -556,6 +590,7 @@ def _job(
     fallback_job_id: str = "",
     fallback_of: str = "",
     origin: JobOrigin | None = None,
+    skipped: bool = False,
 ) -> JobRow:
     # ``at``: when the event happened, if not when its state did (a give-up is later
     # than the end of the attempt it records).
@@ -570,7 +605,9 @@ def _job(
             fallback_job_id=fallback_job_id,
             fallback_of=fallback_of,
             origin=origin,
+            skipped=skipped,
         )
+    step = spec.step
     return JobRow(
         job_id=job_id,
         current=state,
@@ -584,6 +621,10 @@ def _job(
         fallback_job_id=fallback_job_id,
         fallback_of=fallback_of,
         origin=origin,
+        workflow_id=step.workflow_id if step is not None else "",
+        step=_clean(step.step) if step is not None else "",
+        index=step.index if step is not None else -1,
+        skipped=skipped,
     )
 
 
@@ -596,6 +637,15 @@ def _clean(text: str, limit: int | None = _TEXT_MAX) -> str:
 
 # --- the fold ------------------------------------------------------------------------
 
+# Scheduler-to-scheduler messages on JM_JOBS: part of no job's record.
+_NOT_RECORDED = (DependencyWatch, DependencyEnded)
+
+
+def recorded(event: LifecycleEvent) -> bool:
+    """Whether the tracker records ``event``: every lifecycle event but the schedulers'
+    dependency messages (DependencyWatch, DependencyEnded), which it acks and leaves out."""
+    return not isinstance(event, _NOT_RECORDED)
+
 
 def fold(events: Iterable[LifecycleEvent]) -> Folded:
     """Fold a batch, in delivery order, into one record per job and per attempt.
@@ -605,12 +655,14 @@ def fold(events: Iterable[LifecycleEvent]) -> Folded:
 
     Returns:
         Job rows, attempt rows (attempt >= 1) and event rows (deduplicated by event id),
-        each sorted by its key.
+        each sorted by its key; the schedulers' own messages (:func:`recorded`) leave none.
     """
     jobs: dict[str, JobRow] = {}
     attempts: dict[tuple[str, int], AttemptState] = {}
     rows: dict[str, EventRow] = {}
     for event in events:
+        if not recorded(event):
+            continue
         job, row = record_of(event)
         known = jobs.get(job.job_id)
         jobs[job.job_id] = job if known is None else join_job(known, job)

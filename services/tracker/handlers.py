@@ -99,7 +99,8 @@ class QueryHandler:
         return view
 
     async def list(self, env: Envelope) -> JobListReply:
-        """Recent jobs, newest first, optionally filtered by state and queue.
+        """Recent jobs, newest first, optionally filtered by state and queue; or one workflow
+        run's jobs, in submission order.
 
         Raises:
             Unavailable: Postgres did not answer.
@@ -107,5 +108,5 @@ class QueryHandler:
         request: JobListRequest = env.message
         async with translated("listing jobs"):
             states = request.states or ([request.state] if request.state else [])
-            jobs = await self._store.list(request.limit, states, request.queue)
+            jobs = await self._store.list(request.limit, states, request.queue, request.workflow)
         return JobListReply(jobs=jobs)

@@ -24,7 +24,7 @@ import msgspec
 
 from jobmesh.contract.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
 from jobmesh.contract.messages.v1.triggers import JobOrigin
-from jobmesh.tracker.fold import AttemptState, Folded, final_of, is_final, shown_reason
+from jobmesh.tracker.fold import AttemptState, Folded, final_of, is_final, reason_of, shown_reason
 
 # job_id and event_id use the "C" collation: byte order is cheaper to compare and lets the
 # events primary key answer "every event of job X" as a range scan over the "X:" prefix,
@@ -66,7 +66,15 @@ ALTER TABLE jobs
     ADD COLUMN IF NOT EXISTS fallback_of     text NOT NULL DEFAULT '',
     -- JobSubmitted.origin as JSON, like the spec; NULL for a plain submit (and for the
     -- rows of an older tracker, which never saw one).
-    ADD COLUMN IF NOT EXISTS origin          json;
+    ADD COLUMN IF NOT EXISTS origin          json,
+    -- Its place in a workflow run (JobSpec.step) and the skip mark of its JobCancelled.
+    ADD COLUMN IF NOT EXISTS workflow_id     text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS step            text NOT NULL DEFAULT '',
+    ADD COLUMN IF NOT EXISTS step_index      integer NOT NULL DEFAULT -1,
+    ADD COLUMN IF NOT EXISTS skipped         boolean NOT NULL DEFAULT false;
+-- A run's jobs in submission order. Partial: most jobs are no workflow's, and they need no
+-- entry (a query repeats the predicate, so that its generic plan may use the index).
+CREATE INDEX IF NOT EXISTS jobs_by_workflow ON jobs (workflow_id, submitted_at, job_id) WHERE workflow_id <> '';
 CREATE INDEX IF NOT EXISTS jobs_by_submitted ON jobs (submitted_at DESC NULLS LAST, job_id DESC);
 -- No index on state: a job changes state five times in a second, and an indexed state
 -- would make every one of those updates a non-HOT write to every index. Listing by state
@@ -158,10 +166,20 @@ _EVENT_COLUMNS = {
     "at": "float8",
     "detail": "text",
 }
-_JOB_IDENTITY = {"name": "text", "queue": "text", "tenant": "text", "spec": "json", "submitted_at": "float8"}
+# What the spec brings (the workflow step is read from it): taken with the first spec seen.
+_JOB_NAMES = {
+    "name": "text",
+    "queue": "text",
+    "tenant": "text",
+    "workflow_id": "text",
+    "step": "text",
+    "step_index": "int",
+}
+_JOB_IDENTITY = {**_JOB_NAMES, "spec": "json", "submitted_at": "float8"}
 # Job facts any of several events may bring: gap-filled (the partition: the highest seen).
-# The origin comes only with JobSubmitted, so it fills its own gap (not with the spec).
-_JOB_LINKS = {"partition": "int", "fallback_job_id": "text", "fallback_of": "text", "origin": "json"}
+# The origin comes only with JobSubmitted, so it fills its own gap (not with the spec); the
+# skip mark only with JobCancelled, and stays.
+_JOB_LINKS = {"partition": "int", "fallback_job_id": "text", "fallback_of": "text", "origin": "json", "skipped": "bool"}
 
 
 def _names(columns: dict[str, str]) -> str:
@@ -206,7 +224,8 @@ _J_LINKS = (
     "(EXCLUDED.partition > j.partition"
     " OR (j.fallback_job_id = '' AND EXCLUDED.fallback_job_id <> '')"
     " OR (j.fallback_of = '' AND EXCLUDED.fallback_of <> '')"
-    " OR (j.origin IS NULL AND EXCLUDED.origin IS NOT NULL))"
+    " OR (j.origin IS NULL AND EXCLUDED.origin IS NOT NULL)"
+    " OR (EXCLUDED.skipped AND NOT j.skipped))"
 )
 
 # Rows arrive as three JSON arrays (events, attempts, jobs) whose objects mirror the
@@ -237,7 +256,7 @@ FROM json_to_recordset($3::json)
     AS r(job_id text, {_typed(_JOB_IDENTITY)}, {_typed(_JOB_LINKS)}, updated_at float8, current json)
 CROSS JOIN LATERAL json_to_record(r.current) AS c({_typed(_ATTEMPT_COLUMNS)})
 ON CONFLICT (job_id) DO UPDATE SET
-    {_pick(("name", "queue", "tenant"), "j", _J_LEARNS, " " * 4)},
+    {_pick(_JOB_NAMES, "j", _J_LEARNS, " " * 4)},
     spec = COALESCE(j.spec, EXCLUDED.spec),
     submitted_at = COALESCE(j.submitted_at, EXCLUDED.submitted_at),
     attempt = GREATEST(j.attempt, EXCLUDED.attempt),
@@ -255,6 +274,7 @@ ON CONFLICT (job_id) DO UPDATE SET
     fallback_job_id = CASE WHEN j.fallback_job_id = '' THEN EXCLUDED.fallback_job_id ELSE j.fallback_job_id END,
     fallback_of = CASE WHEN j.fallback_of = '' THEN EXCLUDED.fallback_of ELSE j.fallback_of END,
     origin = COALESCE(j.origin, EXCLUDED.origin),
+    skipped = j.skipped OR EXCLUDED.skipped,
     updated_at = GREATEST(j.updated_at, EXCLUDED.updated_at)
 WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS} OR {_J_LINKS}
    OR EXCLUDED.updated_at > j.updated_at
@@ -262,14 +282,37 @@ WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS} OR {_J_LINKS}
 RETURNING job_id, {_names(_ATTEMPT_COLUMNS)}
 """
 
-_SUMMARY = "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at, ends_job"
-_ORDER = "ORDER BY submitted_at DESC NULLS LAST, job_id DESC LIMIT $1"
+_SUMMARY = (
+    "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at, ends_job,"
+    " reason, cancelling, state_rank, step, step_index, skipped"
+)
+_NEWEST = "ORDER BY submitted_at DESC NULLS LAST, job_id DESC LIMIT $1"
+# A run's jobs in the order they were submitted (its mapped items after their step).
+_SUBMITTED = "ORDER BY submitted_at NULLS LAST, job_id LIMIT $1"
+
+
+def _list_query(states: bool, queue: bool, workflow: bool) -> str:
+    conditions = []
+    n = 2
+    if workflow:
+        # ``<> ''`` repeats jobs_by_workflow's predicate, so a generic plan can use it.
+        conditions.append(f"workflow_id = ${n} AND workflow_id <> ''")
+        n += 1
+    if states:
+        conditions.append(f"state = ANY(${n}::text[])")
+        n += 1
+    if queue:
+        conditions.append(f"queue = ${n}")
+    where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+    return f"SELECT {_SUMMARY} FROM jobs{where} {_SUBMITTED if workflow else _NEWEST}"
+
+
 # One statement per filter combination, so each keeps a plan that uses its own index.
 _LIST = {
-    (False, False): f"SELECT {_SUMMARY} FROM jobs {_ORDER}",
-    (True, False): f"SELECT {_SUMMARY} FROM jobs WHERE state = ANY($2::text[]) {_ORDER}",
-    (False, True): f"SELECT {_SUMMARY} FROM jobs WHERE queue = $2 {_ORDER}",
-    (True, True): f"SELECT {_SUMMARY} FROM jobs WHERE state = ANY($2::text[]) AND queue = $3 {_ORDER}",
+    (states, queue, workflow): _list_query(states, queue, workflow)
+    for states in (False, True)
+    for queue in (False, True)
+    for workflow in (False, True)
 }
 _GET_JOB = f"""
 SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, {_names(_ATTEMPT_COLUMNS)},
@@ -401,10 +444,23 @@ class Store:
         )
         return view, True
 
-    async def list(self, limit: int, states: Sequence[str] = (), queue: str = "") -> list[JobSummary]:
-        """Recent jobs, latest submission first, optionally in some states and/or a queue."""
-        args: list = [limit] + [v for v in (list(states), queue) if v]
-        records = await self._pool.fetch(_LIST[(bool(states), bool(queue))], *args)
+    async def list(
+        self, limit: int, states: Sequence[str] = (), queue: str = "", workflow: str = ""
+    ) -> list[JobSummary]:
+        """Recent jobs, latest submission first, optionally in some states and/or a queue; or
+        the jobs of one workflow run, in submission order.
+
+        Args:
+            limit: at most this many.
+            states: only jobs in one of these ("" for every state).
+            queue: only jobs of this queue.
+            workflow: only the jobs of this run (then in submission order).
+
+        Returns:
+            One summary per job, with its shown reason and its workflow step.
+        """
+        args: list = [limit] + [v for v in (workflow, list(states), queue) if v]
+        records = await self._pool.fetch(_LIST[(bool(states), bool(queue), bool(workflow))], *args)
         return [
             JobSummary(
                 job_id=r["job_id"],
@@ -418,6 +474,10 @@ class Store:
                 submitted_at=r["submitted_at"] or 0.0,
                 updated_at=r["updated_at"],
                 final=final_of(r["state"], r["ends_job"]),
+                reason=reason_of(r["reason"], r["cancelling"], r["state_rank"]),
+                step=r["step"],
+                index=r["step_index"],
+                skipped=r["skipped"],
             )
             for r in records
         ]
