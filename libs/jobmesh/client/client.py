@@ -7,7 +7,8 @@ and dead letters (``JM_DEADLETTER``, see ``deadletters``); it uploads a job's in
 (``jm_uploads``, see ``uploads``), waits for a job's end, and calls a Python handler as a
 job and returns its typed result (``call``, see ``handlercalls``). Trigger rules are managed
 through the trigger service's ``api.triggers.*`` requests (``put_trigger`` and the rest;
-rule files are read by ``triggers``).
+rule files are read by ``triggers``), workflow runs through its ``api.workflows.*``
+requests (``run_workflow`` and the rest; what a run's state is, is ``workflows``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.client.triggers import rule_from_data
 from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
+from jobmesh.client.workflows import WorkflowStatus, run_status, workflow_from_data
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.messages.v1 import (
@@ -47,6 +49,7 @@ from jobmesh.contract.messages.v1 import (
     JobListReply,
     JobListRequest,
     JobSpec,
+    JobSummary,
     JobUpdate,
     JobView,
     NodesReply,
@@ -70,6 +73,17 @@ from jobmesh.contract.messages.v1 import (
     TriggerTestReply,
     TriggerTestRequest,
     TriggerView,
+    WorkflowCancelReply,
+    WorkflowCancelRequest,
+    WorkflowGetRequest,
+    WorkflowListReply,
+    WorkflowListRequest,
+    WorkflowRetryReply,
+    WorkflowRetryRequest,
+    WorkflowRun,
+    WorkflowRunReply,
+    WorkflowRunRequest,
+    WorkflowSpec,
     ZoneMap,
 )
 from jobmesh.errors import NotFound, Unavailable, UsageError
@@ -83,6 +97,8 @@ DEV_ENV = Path(".jobmesh") / "dev.env"
 # How often ``cancel`` asks again while the scheduler does not know a job the tracker shows
 # as not ended (the scheduler has not read its submission yet, or the tracker its end).
 CANCEL_RETRY_SECONDS = 0.2
+# The most jobs the tracker lists for one workflow run (its steps and their mapped items).
+MAX_WORKFLOW_JOBS = 20_000
 # How long ``wait`` trusts the tracker's watch announcements (core NATS, which may drop
 # one) before it asks the tracker itself.
 WAIT_POLL_SECONDS = 2.0
@@ -599,6 +615,101 @@ class Client:
             request = TriggerTestRequest(rule=_rule_of(name_or_rule), event=event)
         return await self.request(subjects.API_TRIGGERS_TEST, request, TriggerTestReply, "trigger")
 
+    # --- workflows (the trigger service's api.workflows.*) -------------------------------
+    async def run_workflow(
+        self, spec: WorkflowSpec | Mapping[str, Any], input: Any = None, idempotency_key: str = ""
+    ) -> WorkflowRunReply:
+        """Start a run of a workflow.
+
+        Args:
+            spec: the workflow (``Workflow.spec()``, ``read_workflow_file``), or its data as
+                a workflow file holds it; checked here first (fields, needs, cycles), so a
+                wrong field is named without a round trip.
+            input: the run's input (``${input...}``); None for the workflow's own.
+            idempotency_key: the same key always names the same run (a second request
+                returns it, ``duplicate``); the service makes a fresh one when empty.
+
+        Returns:
+            The run's record and whether it existed already.
+
+        Raises:
+            InvalidMessage: the workflow is invalid (its field named, ``steps.b.needs[0]``):
+                here, or at the service, which also checks its templates and every
+                step's job.
+        """
+        request = WorkflowRunRequest(spec=_workflow_of(spec), input=input, idempotency_key=idempotency_key)
+        return await self.request(subjects.API_WORKFLOWS_RUN, request, WorkflowRunReply, "trigger")
+
+    async def get_workflow(self, run_id: str) -> WorkflowRun:
+        """One run's record: its spec, input and each step's current job.
+
+        Raises:
+            NotFound: there is no such run.
+        """
+        return await self.request(subjects.API_WORKFLOWS_GET, WorkflowGetRequest(run_id=run_id), WorkflowRun, "trigger")
+
+    async def list_workflows(self, limit: int = 50, name: str = "") -> WorkflowListReply:
+        """Recent runs, newest first.
+
+        Args:
+            limit: at most this many (1-1000).
+            name: only runs of this workflow ("" for all).
+
+        Returns:
+            The trigger's reply.
+        """
+        request = WorkflowListRequest(limit=limit, name=name)
+        return await self.request(subjects.API_WORKFLOWS_LIST, request, WorkflowListReply, "trigger")
+
+    async def cancel_workflow(self, run_id: str, reason: str = "") -> WorkflowCancelReply:
+        """Cancel a run: its held and running steps and their items end cancelled.
+
+        Args:
+            run_id: the run.
+            reason: why, recorded with the cancel.
+
+        Returns:
+            How many jobs the cancel reached.
+
+        Raises:
+            NotFound: there is no such run.
+        """
+        request = WorkflowCancelRequest(run_id=run_id, reason=reason)
+        return await self.request(subjects.API_WORKFLOWS_CANCEL, request, WorkflowCancelReply, "trigger")
+
+    async def retry_workflow(self, run_id: str) -> WorkflowRetryReply:
+        """Run a run's failed, skipped and cancelled steps again (the next generation);
+        the steps that succeeded keep their results.
+
+        Raises:
+            NotFound: there is no such run.
+        """
+        request = WorkflowRetryRequest(run_id=run_id)
+        return await self.request(subjects.API_WORKFLOWS_RETRY, request, WorkflowRetryReply, "trigger")
+
+    async def workflow_jobs(self, run_id: str) -> builtins.list[JobSummary]:
+        """Every job of a run as the tracker lists it: each step's jobs (older generations
+        too) and their mapped items, in submission order."""
+        request = JobListRequest(workflow=run_id, limit=MAX_WORKFLOW_JOBS)
+        reply = await self.request(subjects.API_JOB_LIST, request, JobListReply, "tracker")
+        return reply.jobs
+
+    async def workflow_status(self, run_id: str) -> WorkflowStatus:
+        """A run as a person should see it: every step's state and the run's outcome.
+
+        Args:
+            run_id: the run.
+
+        Returns:
+            The status (``workflows.run_status`` of the record and the run's jobs); its
+            ``outcome`` is ``running`` until every step's job has ended.
+
+        Raises:
+            NotFound: there is no such run.
+        """
+        record = await self.get_workflow(run_id)
+        return run_status(record, await self.workflow_jobs(run_id))
+
     async def put_config(self, key: str, value: ConfigValue) -> None:
         """Write one configuration value to ``jm_config``; schedulers apply it at once.
 
@@ -684,3 +795,11 @@ def _rule_of(rule: TriggerRule | Mapping[str, Any]) -> TriggerRule:
     if isinstance(rule, TriggerRule):
         return rule_from_data(msgspec.to_builtins(rule))
     return rule_from_data(rule)
+
+
+def _workflow_of(spec: WorkflowSpec | Mapping[str, Any]) -> WorkflowSpec:
+    """A workflow as sent: data decoded strictly, a struct re-checked as the wire would
+    (its constructor checks no constraints) and for its needs and cycles."""
+    if isinstance(spec, WorkflowSpec):
+        return workflow_from_data(msgspec.to_builtins(spec), f"workflow {spec.name}")
+    return workflow_from_data(spec)
