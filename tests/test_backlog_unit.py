@@ -224,7 +224,7 @@ def test_a_job_changed_twice_in_one_batch_keeps_its_last_state():
     changes.add("x", "pending", "no free capacity")
     changes.add("y", "done")
     changes.add("x", "released", releases=2)
-    ids, states, _reasons, releases = changes.columns()
+    ids, states, _reasons, releases, _outcomes = changes.columns()
     assert dict(zip(ids, zip(states, releases, strict=False), strict=False)) == {
         "x": ("released", 2),
         "y": ("done", None),

@@ -9,7 +9,11 @@ A pending job is in exactly one place, and only jobs that could start now are in
 - group: behind an earlier job of the same sequential group (a list in submission order);
 - key: its concurrency key is at its limit (a heap per key, woken when a job of the key ends);
 - parked: no registered node fits (by reason; looked at again when the node set changes);
-- room: the binder found its candidates full (retried after a short delay).
+- room: the binder found its candidates full (retried after a short delay);
+- deps: waiting for the jobs it depends on to end (indexed by the job waited for, so an
+  ending wakes exactly its waiters); a mapped step waits here for its items too;
+- expand: a mapped step whose dependencies are met, until the scheduler has read its list
+  and submitted one job per item.
 
 Queue-level gates (a token-bucket rate and a cap on jobs in flight) stop a queue as a whole,
 at no per-job cost. Concurrency keys and sequential groups are scoped to their queue (a
@@ -34,11 +38,12 @@ import msgspec
 
 from jobmesh.contract.messages.v1 import AttemptError, JobSpec, JobSubmitted, QueueConfig
 from jobmesh.runtime.backoff import backoff
+from jobmesh.scheduler.dependencies import satisfied, skip_reason, waiting_reason
 from jobmesh.scheduler.fairshare import Rotation, Shares
 from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket
 
-READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
+READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE, DEPS, EXPAND = (
     "ready",
     "timer",
     "group",
@@ -47,7 +52,11 @@ READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE = (
     "room",
     "released",
     "gone",
+    "deps",
+    "expand",
 )
+# How a dependency can end: what the scheduler records for every job that ends.
+SUCCEEDED, FAILED, CANCELLED, EXPIRED = "succeeded", "failed", "cancelled", "expired"
 # The reason of a job held for its start time; its explanation names the time itself.
 DELAYED = "delayed until its start time (not_before)"
 RETRY_BACKOFF = "waiting out the backoff before its next attempt"
@@ -98,6 +107,12 @@ class Job:
     cancelling: str = ""  # the reason, once a cancel arrived while the attempt was out
     told: str = ""  # the wait reason last published for this attempt (JobWaiting)
     waits: int = 0  # JobWaiting published for this attempt
+    # The dependencies not met yet: job id -> (condition, label); None for most jobs.
+    deps: dict[str, tuple[str, str]] | None = None
+    mapped: bool = False  # a mapped step (JobSpec.map): expanded, not released
+    items: int = -1  # a mapped step's item count once expanded (-1: not yet)
+    items_failed: int = 0  # its items that ended other than succeeded
+    clock_from: float = 0.0  # when its queue timeout starts: its submission, or its deps met
 
     @classmethod
     def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
@@ -119,6 +134,9 @@ class Job:
             sig=signature(spec),
             trace=trace,
             heartbeat=spec.timeouts.heartbeat,
+            deps={d.job_id: (d.when, d.step or d.job_id) for d in spec.after} if spec.after else None,
+            mapped=spec.map is not None,
+            clock_from=submitted.submitted_at,
             **state,
         )
 
@@ -257,6 +275,10 @@ class Backlog:
         self._rr_next = 0
         self._sigs: dict[tuple, tuple] = {}  # one shared tuple per distinct signature
         self.held: list[Job] = []  # jobs put in a wait place since the last take_held()
+        self._waiters: dict[str, set[str]] = {}  # job waited for -> the jobs waiting for it
+        self.skipped: list[tuple[Job, str]] = []  # jobs a dependency's end ruled out, and why
+        self.to_expand: list[Job] = []  # mapped steps whose dependencies are met
+        self.items_done: list[Job] = []  # mapped steps whose items have all ended
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -281,16 +303,49 @@ class Backlog:
             if config != q.config:
                 q.configure(config, now)
 
-    def add(self, job: Job, now: float) -> bool:
-        """Take a new pending job. Returns False when the job is already held."""
+    def add(self, job: Job, now: float, ended: dict[str, str] | None = None) -> bool:
+        """Take a new pending job. Returns False when the job is already held.
+
+        Args:
+            ended: how jobs it depends on ended, for those that ended before it came (the
+                rest it waits for; an ending it cannot run after skips it: ``skipped``).
+        """
         if job.job_id in self.jobs:
             return False
         self.jobs[job.job_id] = job
         job.sig = self._sigs.setdefault(job.sig, job.sig)
         q = self.queue(job.queue, now)
         q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
+        if job.deps:
+            ended = ended or {}
+            for dep_id, (when, label) in list(job.deps.items()):
+                outcome = ended.get(dep_id)
+                if outcome is None:
+                    self._waiters.setdefault(dep_id, set()).add(job.job_id)
+                elif satisfied(when, outcome):
+                    del job.deps[dep_id]
+                else:
+                    self._skip(job, skip_reason(label, when, outcome))
+                    return True
+            if job.deps:
+                job.where = DEPS
+                job.reason = waiting_reason(job.deps)
+                self.held.append(job)
+                return True
+            job.clock_from = now
+        self._intake(job, now)
+        return True
+
+    def _intake(self, job: Job, now: float) -> None:
+        """A job whose dependencies are met (or that has none) joins the backlog proper."""
+        q = self.queue(job.queue, now)
         if job.queue_timeout > 0:
-            heapq.heappush(self._deadlines, (job.submitted_at + job.queue_timeout, job.seq, job.job_id))
+            heapq.heappush(self._deadlines, (job.clock_from + job.queue_timeout, job.seq, job.job_id))
+        if job.mapped and job.items < 0:
+            job.where = EXPAND
+            job.reason = "reading the list it maps over"
+            self.to_expand.append(job)
+            return
         if job.group:
             group = q.groups.setdefault(job.group, _Group())
             bisect.insort(group.waiting, (job.seq, job.job_id))
@@ -299,7 +354,93 @@ class Backlog:
             self._advance_group(q, job.group, now)
         else:
             self._enter(job, now)
-        return True
+
+    # --- dependencies ------------------------------------------------------------------
+    def dependency_ended(self, dep_id: str, outcome: str, now: float) -> None:
+        """Job ``dep_id`` ended with ``outcome``: its waiters go on, or are skipped.
+
+        A mapped step waiting for its items counts the item; once all have ended it is in
+        ``items_done``. Skips land in ``skipped``: the scheduler ends them (and their own
+        waiters hear of it through the same call).
+        """
+        for waiter_id in self._waiters.pop(dep_id, ()):
+            job = self.jobs.get(waiter_id)
+            if job is None or job.where != DEPS or not job.deps or dep_id not in job.deps:
+                continue
+            when, label = job.deps.pop(dep_id)
+            if job.items >= 0:
+                if outcome != SUCCEEDED:
+                    job.items_failed += 1
+                if not job.deps:
+                    self._forget_pending(self.queues[job.queue], job, now)
+                    del self.jobs[job.job_id]
+                    self.items_done.append(job)
+                continue
+            if not satisfied(when, outcome):
+                self._forget_pending(self.queues[job.queue], job, now)
+                del self.jobs[job.job_id]
+                self.skipped.append((job, skip_reason(label, when, outcome)))
+                continue
+            if job.deps:
+                job.reason = waiting_reason(job.deps)
+                self.held.append(job)
+            else:
+                job.clock_from = now
+                self._intake(job, now)
+
+    def expanded(self, job_id: str, item_ids: list[str], ended: dict[str, str], now: float) -> None:
+        """Mapped step ``job_id`` has submitted its items: it waits until they all end.
+
+        Args:
+            item_ids: the items' job ids, in item order.
+            ended: how items that ended already ended (a take-over expands again).
+        """
+        job = self.jobs.get(job_id)
+        if job is None or job.where != EXPAND:
+            return
+        job.items = len(item_ids)
+        job.items_failed = sum(1 for i in item_ids if i in ended and ended[i] != SUCCEEDED)
+        job.deps = {i: ("ended", f"item {n}") for n, i in enumerate(item_ids) if i not in ended}
+        if not job.deps:
+            self._forget_pending(self.queues[job.queue], job, now)
+            del self.jobs[job_id]
+            self.items_done.append(job)
+            return
+        for item_id in job.deps:
+            self._waiters.setdefault(item_id, set()).add(job_id)
+        job.where = DEPS
+        job.reason = f"waiting for its {job.items} items"
+        self.held.append(job)
+
+    def take_expand(self) -> list[Job]:
+        """The mapped steps to expand now (each handed out once)."""
+        jobs, self.to_expand = self.to_expand, []
+        return [job for job in jobs if job.where == EXPAND and self.jobs.get(job.job_id) is job]
+
+    def take_skipped(self) -> list[tuple[Job, str]]:
+        skipped, self.skipped = self.skipped, []
+        return skipped
+
+    def take_items_done(self) -> list[Job]:
+        done, self.items_done = self.items_done, []
+        return done
+
+    def map_failed(self, job_id: str, now: float) -> Job | None:
+        """A mapped step could not be expanded (its list is missing or not a list): it
+        leaves the backlog; the scheduler ends it failed."""
+        job = self.jobs.get(job_id)
+        if job is None or job.where != EXPAND:
+            return None
+        self._forget_pending(self.queues[job.queue], job, now)
+        del self.jobs[job_id]
+        return job
+
+    def _skip(self, job: Job, reason: str) -> None:
+        q = self.queues[job.queue]
+        q.pending_by_tenant[job.tenant] -= 1
+        job.where = GONE
+        del self.jobs[job.job_id]
+        self.skipped.append((job, reason))
 
     def add_released(self, job: Job, now: float) -> None:
         """Take a job that was released before a restart: it counts as in flight."""
@@ -455,8 +596,10 @@ class Backlog:
         while self._deadlines and self._deadlines[0][0] <= now:
             _, _, job_id = heapq.heappop(self._deadlines)
             job = self.jobs.get(job_id)
-            if job is None or job.where in (RELEASED, GONE) or job.attempt > 1:
-                continue  # out at the binder or running, or it has started before (a retry)
+            if job is None or job.where in (RELEASED, GONE, DEPS, EXPAND) or job.attempt > 1:
+                # Out at the binder or running, started before (a retry), or waiting for
+                # other jobs (its queue timeout counts from when they allow it to run).
+                continue
             q = self.queues[job.queue]
             reason = f"not started within the queue timeout of {job.queue_timeout:g}s"
             if job.reason:
@@ -530,7 +673,7 @@ class Backlog:
         if job.queue_timeout > 0:
             # Its deadline may have passed while it was out at the binder (that entry was
             # dropped then): file it again so the next round expires it if due.
-            heapq.heappush(self._deadlines, (job.submitted_at + job.queue_timeout, job.seq, job.job_id))
+            heapq.heappush(self._deadlines, (job.clock_from + job.queue_timeout, job.seq, job.job_id))
         return True
 
     def retry(
@@ -679,7 +822,7 @@ class Backlog:
         """The jobs put in a wait place (timer, group, key, parked) since the last call,
         still there now: the scheduler tells the tracker why each waits."""
         held, self.held = self.held, []
-        return [job for job in held if job.where in (TIMER, GROUP, KEY, PARKED)]
+        return [job for job in held if job.where in (TIMER, GROUP, KEY, PARKED, DEPS)]
 
     # --- visibility ------------------------------------------------------------------
     def explain(self, job_id: str, now: float) -> str:

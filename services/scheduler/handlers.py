@@ -30,6 +30,8 @@ from jobmesh.contract.messages.v1 import (
     AttemptError,
     CancelReply,
     CancelRequest,
+    DependencyEnded,
+    DependencyWatch,
     ExplainReply,
     ExplainRequest,
     JobCancelled,
@@ -50,10 +52,22 @@ from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing
-from jobmesh.scheduler import lifecycle, retries, store
+from jobmesh.scheduler import lifecycle, mapsteps, retries, store
 from jobmesh.scheduler.attemptleases import AttemptLeases, Lease
-from jobmesh.scheduler.backlog import RELEASED, TIMER, Backlog, Expire, Job, Release
+from jobmesh.scheduler.backlog import (
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    RELEASED,
+    SUCCEEDED,
+    TIMER,
+    Backlog,
+    Expire,
+    Job,
+    Release,
+)
 from jobmesh.scheduler.placement import Placement
+from jobmesh.scheduler.results import ResultMissing, Results
 
 if TYPE_CHECKING:
     from jobmesh.runtime.db import Connection
@@ -86,13 +100,15 @@ class Placements:
 class Round:
     """What one batch or planning round decides besides releases: messages and state changes."""
 
-    __slots__ = ("changes", "ended", "now", "out")
+    __slots__ = ("changes", "ended", "ends", "now", "out", "told")
 
     def __init__(self, now: float) -> None:
         self.now = now
         self.changes = store.StateChanges()
         self.out: list[Outgoing] = []
         self.ended = 0  # attempts that freed capacity (wakes jobs waiting for room)
+        self.ends: list[tuple[str, str]] = []  # jobs that ended for good, and how (for their waiters)
+        self.told: list[str] = []  # ended jobs whose watching partitions were told
 
 
 class PartitionScheduler:
@@ -111,6 +127,7 @@ class PartitionScheduler:
         settle: seconds the node view must have been caught up before a lease decision.
         clock: returns the current unix time.
         monotonic: monotonic seconds (lease deadlines).
+        results: reads the lists mapped steps map over and writes their manifests.
     """
 
     def __init__(
@@ -128,8 +145,12 @@ class PartitionScheduler:
         settle: float = 10.0,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        results: Results | None = None,
     ) -> None:
         self._tracing = tracing
+        self._results = results
+        self._watchers: dict[str, set[int]] = {}  # jobs of this partition others wait for
+        self._resend: list[Outgoing] = []  # watches to send again after a load
         self.partition = partition
         self._partitions = partitions
         self._pool = pool
@@ -157,6 +178,7 @@ class PartitionScheduler:
         leases = AttemptLeases(self.partition, self.leases.bind_timeout)
         now = self._clock()
         mono = self._monotonic()
+        loaded: list[tuple[Job, str]] = []
         for i, row in enumerate(rows):
             if i % 5000 == 4999:
                 await asyncio.sleep(0)  # let lease beats and other partitions run meanwhile
@@ -170,13 +192,22 @@ class PartitionScheduler:
             )
             if row["retry"]:
                 _restore(job, store.retry_decoder.decode(row["retry"]))
-            if row["state"] == "released":
+            loaded.append((job, row["state"]))
+        active = {job.job_id for job, _state in loaded}
+        waited = list({dep for job, _s in loaded if job.deps for dep in job.deps if dep not in active})
+        async with self._pool.acquire() as conn:
+            ended = await store.ended_outcomes(conn, waited, self.partition)
+        for job, state in loaded:
+            if state == "released":
                 backlog.add_released(job, now)
                 # A new owner knows nothing of the attempt's renewals: every lease starts
                 # afresh, long enough for the next records to renew the running ones.
                 leases.track(job.job_id, job.attempt, job.heartbeat, mono, max(leases.bind_timeout, job.heartbeat))
             else:
-                backlog.add(job, now)
+                backlog.add(job, now, ended)
+        self._watchers = await store.load_watches(self._pool, self.partition)
+        # Watches sent before may not have been recorded yet: send them again (idempotent).
+        self._resend = self._remote_watches([job for job, _s in loaded if job.deps], ended, now)
         self.backlog = backlog
         self.leases = leases
         if self._nodes is not None:
@@ -222,6 +253,8 @@ class PartitionScheduler:
             submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
             finished: list[TerminalEvent] = [env.message for env in batch if isinstance(env.message, TERMINAL)]
             refused: list[JobUnplaceable] = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
+            watches = [env.message for env in batch if isinstance(env.message, DependencyWatch)]
+            told = [env.message for env in batch if isinstance(env.message, DependencyEnded)]
             contexts = {env.message.job_id: env.context for env in batch}
             try:
                 async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
@@ -229,11 +262,22 @@ class PartitionScheduler:
                     new = await store.insert_new(
                         conn, [env.message for env in submits], traces, [env.data for env in submits]
                     )
-                    for env, trace in zip(submits, traces, strict=True):
-                        seq = new.get(env.message.job_id)
-                        if seq is not None:
-                            self.backlog.add(Job.of(env.message, seq, raw=env.data, trace=trace), now)
+                    jobs = [
+                        Job.of(env.message, seq, raw=env.data, trace=trace)
+                        for env, trace in zip(submits, traces, strict=True)
+                        if (seq := new.get(env.message.job_id)) is not None
+                    ]
                     rnd = Round(now)
+                    ended = await self._ended_before(conn, jobs)
+                    for job in jobs:
+                        self.backlog.add(job, now, ended)
+                    rnd.out.extend(self._remote_watches(jobs, ended, now))
+                    # Watches first: a watched job that ends in this batch is then told of.
+                    if watches:
+                        await self._watched(conn, watches, rnd)
+                    if told:
+                        await store.record_dep_ends(conn, self.partition, [(m.job_id, m.outcome, m.at) for m in told])
+                        rnd.ends.extend((m.job_id, m.outcome) for m in told)
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
                     for r in refused:
@@ -270,7 +314,15 @@ class PartitionScheduler:
                 return
         if self.backlog.finish(event.job_id, event.attempt, rnd.now):
             self.leases.forget(event.job_id)
-            rnd.changes.add(event.job_id, "done")
+            outcome = (
+                SUCCEEDED
+                if isinstance(event, JobSucceeded)
+                else EXPIRED
+                if isinstance(event, JobExpired)
+                else CANCELLED
+            )
+            rnd.changes.add(event.job_id, "done", outcome=outcome)
+            rnd.ends.append((event.job_id, outcome))
             rnd.ended += 1
 
     def _failed(
@@ -339,7 +391,8 @@ class PartitionScheduler:
                 spec=spec,
             )
         )
-        rnd.changes.add(job.job_id, "done", decision.reason)
+        rnd.changes.add(job.job_id, "done", decision.reason, outcome=FAILED)
+        rnd.ends.append((job.job_id, FAILED))
         rnd.ended += 1
         log.info(
             "job %s: gave up after attempt %d %s (%s): %s%s",
@@ -367,7 +420,8 @@ class PartitionScheduler:
         rnd.out.append(
             lifecycle.cancelled(job.job_id, self.partition, attempt, reason, node_id, rnd.now, context, spec=job.spec)
         )
-        rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
+        rnd.changes.add(job.job_id, "done", f"cancelled: {reason}", outcome=CANCELLED)
+        rnd.ends.append((job.job_id, CANCELLED))
         log.info("job %s: cancelled (attempt %d): %s", job.job_id, attempt, reason)
 
     def _check_leases(self, rnd: Round) -> None:
@@ -419,36 +473,19 @@ class PartitionScheduler:
                     message=f"job {request.job_id} is not held by the scheduler: it has ended or is not known",
                 )
             reason = request.reason or "cancelled by request"
-            state: Literal["cancelled", "cancelling"]
+            if job.where == RELEASED and job.cancelling:
+                return CancelReply(
+                    job_id=job.job_id, state="cancelling", message=f"already cancelling: {job.cancelling}"
+                )
             now = self._clock()
             rnd = Round(now)
-            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
-            if job.where == RELEASED:
-                if job.cancelling:
-                    return CancelReply(
-                        job_id=job.job_id, state="cancelling", message=f"already cancelling: {job.cancelling}"
-                    )
-                job.cancelling = reason
-                rnd.out.append(lifecycle.cancelling(job.job_id, self.partition, job.attempt, reason, now, context))
-                rnd.changes.add(
-                    job.job_id, "released", f"cancelling: {reason}", attempt=job.attempt, retry=_retry_state(job)
-                )
-                state, message = "cancelling", f"attempt {job.attempt} is being stopped"
-            else:
-                self.backlog.cancel_held(job.job_id, now)
-                self.leases.forget(job.job_id)
-                # The job's own attempt number, released or not: the tracker may already
-                # show that attempt (waiting), and an ending at another one would be fenced.
-                attempt = job.attempt
-                rnd.out.append(
-                    lifecycle.cancelled(job.job_id, self.partition, attempt, reason, "", now, context, spec=job.spec)
-                )
-                rnd.changes.add(job.job_id, "done", f"cancelled: {reason}")
-                state = "cancelled"
-                if job.errors:
-                    message = f"it was waiting to run attempt {job.attempt} after a failure; it ended now"
-                else:
-                    message = "it had not started; it ended now"
+            state, message = self._cancel_one(job, reason, rnd)
+            if job.items >= 0:
+                # A mapped step's items go with it.
+                for item_id in list(job.deps or ()):
+                    item = self.backlog.jobs.get(item_id)
+                    if item is not None and not (item.where == RELEASED and item.cancelling):
+                        self._cancel_one(item, f"{reason} (its mapped step was cancelled)", rnd)
             log.info("job %s: cancel asked (%s): %s", job.job_id, reason, state)
             try:
                 async with translated("cancelling a job"), self._pool.acquire() as conn, conn.transaction():
@@ -458,6 +495,134 @@ class PartitionScheduler:
                 raise
         self.kick()
         return CancelReply(job_id=job.job_id, state=state, message=message)
+
+    def _cancel_one(self, job: Job, reason: str, rnd: Round) -> tuple[Literal["cancelled", "cancelling"], str]:
+        """Cancel ``job``: end it now if it is held, else have its attempt stopped."""
+        context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+        if job.where == RELEASED:
+            job.cancelling = reason
+            rnd.out.append(lifecycle.cancelling(job.job_id, self.partition, job.attempt, reason, rnd.now, context))
+            rnd.changes.add(
+                job.job_id, "released", f"cancelling: {reason}", attempt=job.attempt, retry=_retry_state(job)
+            )
+            return "cancelling", f"attempt {job.attempt} is being stopped"
+        self.backlog.cancel_held(job.job_id, rnd.now)
+        self.leases.forget(job.job_id)
+        # The job's own attempt number, released or not: the tracker may already show that
+        # attempt (waiting), and an ending at another one would be fenced.
+        rnd.out.append(
+            lifecycle.cancelled(job.job_id, self.partition, job.attempt, reason, "", rnd.now, context, spec=job.spec)
+        )
+        rnd.changes.add(job.job_id, "done", f"cancelled: {reason}", outcome=CANCELLED)
+        rnd.ends.append((job.job_id, CANCELLED))
+        if job.errors:
+            return "cancelled", f"it was waiting to run attempt {job.attempt} after a failure; it ended now"
+        return "cancelled", "it had not started; it ended now"
+
+    # --- dependencies and mapped steps -----------------------------------------------
+    async def _ended_before(self, conn: Connection, jobs: list[Job]) -> dict[str, str]:
+        """How the jobs that new ``jobs`` depend on ended, for those not held here now."""
+        waited = list({dep for job in jobs if job.deps for dep in job.deps if dep not in self.backlog.jobs})
+        return await store.ended_outcomes(conn, waited, self.partition) if waited else {}
+
+    def _remote_watches(self, jobs: list[Job], ended: dict[str, str], now: float) -> list[Outgoing]:
+        """A DependencyWatch for every dependency in another partition not known to have ended."""
+        out = []
+        for job in jobs:
+            if not job.deps:
+                continue
+            for dep in job.spec.after:
+                if dep.partition not in (-1, self.partition) and dep.job_id in job.deps and dep.job_id not in ended:
+                    out.append(mapsteps.watch(dep.job_id, dep.partition, self.partition, now))
+        return out
+
+    async def _watched(self, conn: Connection, watches: list[DependencyWatch], rnd: Round) -> None:
+        """Other partitions wait for jobs of this one: tell them now of those that ended,
+        and remember the rest (durably) until they end."""
+        unknown = [w.job_id for w in watches if w.job_id not in self.backlog.jobs]
+        ended = await store.ended_outcomes(conn, unknown, self.partition) if unknown else {}
+        keep = []
+        for w in watches:
+            outcome = ended.get(w.job_id) if w.job_id not in self.backlog.jobs else None
+            if outcome is not None:
+                rnd.out.append(mapsteps.dependency_ended(w.job_id, outcome, w.watcher, rnd.now))
+            else:
+                self._watchers.setdefault(w.job_id, set()).add(w.watcher)
+                keep.append((w.job_id, w.watcher))
+        await store.add_watches(conn, self.partition, keep)
+
+    async def _carry_ends(self, conn: Connection, rnd: Round) -> None:
+        """Carry the round's job ends to the jobs waiting for them, until nothing moves:
+        waiters go on or are skipped (a skip is an end too), mapped steps are expanded or
+        end with their items, and other partitions that wait are told."""
+        backlog = self.backlog
+        while True:
+            ends, rnd.ends = rnd.ends, []
+            for job_id, outcome in ends:
+                backlog.dependency_ended(job_id, outcome, rnd.now)
+                watchers = self._watchers.pop(job_id, None)
+                if watchers:
+                    rnd.out.extend(mapsteps.dependency_ended(job_id, outcome, w, rnd.now) for w in sorted(watchers))
+                    rnd.told.append(job_id)
+            for job, reason in backlog.take_skipped():
+                context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+                rnd.out.append(mapsteps.skipped(job.submitted, job.attempt, self.partition, reason, rnd.now, context))
+                rnd.changes.add(job.job_id, "done", reason, outcome=CANCELLED)
+                rnd.ends.append((job.job_id, CANCELLED))
+                log.info("job %s: %s", job.job_id, reason)
+            for job in backlog.take_items_done():
+                context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+                rnd.out.append(
+                    mapsteps.step_ended(
+                        job.submitted, job.attempt, self.partition, job.items, job.items_failed, rnd.now, context
+                    )
+                )
+                outcome = SUCCEEDED if job.items_failed == 0 else FAILED
+                rnd.changes.add(job.job_id, "done", f"its {job.items} items ended", outcome=outcome)
+                rnd.ends.append((job.job_id, outcome))
+            expand = backlog.take_expand()
+            if expand:
+                await self._expand(conn, expand, rnd)
+            if not (rnd.ends or backlog.skipped or backlog.items_done or backlog.to_expand):
+                break
+        if rnd.told:
+            await store.drop_watches(conn, rnd.told)
+            rnd.told = []
+
+    async def _expand(self, conn: Connection, steps: list[Job], rnd: Round) -> None:
+        """Read each mapped step's list and submit one job per item."""
+        for job in steps:
+            submitted = job.submitted
+            mapping = submitted.spec.map
+            context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
+            try:
+                if mapping is None or submitted.spec.step is None or self._results is None:
+                    raise mapsteps.MapError("a mapped step needs a workflow step and a scheduler with results")
+                try:
+                    upstream = await self._results.kept(mapping.source)
+                except ResultMissing as exc:
+                    raise mapsteps.MapError(str(exc)) from None
+                items = mapsteps.items_of(upstream, list(mapping.path))
+            except mapsteps.MapError as exc:
+                if self.backlog.map_failed(job.job_id, rnd.now) is not None:
+                    message = f"cannot map over {mapping.over if mapping else '?'}: {exc}"
+                    rnd.out.append(
+                        mapsteps.step_failed(
+                            submitted, job.attempt, self.partition, message, "map_failed", rnd.now, context
+                        )
+                    )
+                    rnd.changes.add(job.job_id, "done", message, outcome=FAILED)
+                    rnd.ends.append((job.job_id, FAILED))
+                    log.info("job %s: %s", job.job_id, message)
+                continue
+            item_jobs = mapsteps.item_jobs(submitted, len(items), self.partition, rnd.now)
+            ids = [item.job_id for item in item_jobs]
+            await self._results.put_manifest(job.job_id, mapsteps.manifest(ids, mapping.source))
+            rnd.out.extend(mapsteps.submitted(item, context) for item in item_jobs)
+            ended = await store.ended_outcomes(conn, ids, self.partition)
+            self.backlog.expanded(job.job_id, ids, ended, rnd.now)
+            rnd.changes.add(job.job_id, "pending", f"waiting for its {len(ids)} items")
+            log.info("job %s: mapped over %d items", job.job_id, len(ids))
 
     def _next_wake(self, now: float) -> float | None:
         wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
@@ -491,7 +656,8 @@ class PartitionScheduler:
                     rnd = Round(now)
                     self._check_leases(rnd)
                     decisions = self._plan(now)
-                    if decisions or rnd.out or rnd.changes or self.backlog.held:  # idle: no transaction
+                    busy = self.backlog.held or self.backlog.skipped or self.backlog.to_expand or self._resend
+                    if decisions or rnd.out or rnd.changes or rnd.ends or busy:  # idle: no transaction
                         async with self._pool.acquire() as conn, conn.transaction():
                             await self._publish_and_record(conn, decisions, rnd)
                 if len(decisions) >= PLAN_LIMIT:
@@ -521,7 +687,12 @@ class PartitionScheduler:
         """Publish the decisions and the round's messages and write their state changes side
         by side, inside the open transaction; the commit that follows happens only if both
         succeeded."""
-        outgoing = rnd.out + self._messages(decisions, rnd.now, rnd.changes) + self._waits(rnd.now)
+        decided = self._messages(decisions, rnd)
+        await self._carry_ends(conn, rnd)
+        if self._resend:
+            rnd.out.extend(self._resend)
+            self._resend = []
+        outgoing = rnd.out + decided + self._waits(rnd.now)
         results = await asyncio.gather(
             self._publisher.publish(outgoing), store.apply(conn, rnd.changes), return_exceptions=True
         )
@@ -559,8 +730,9 @@ class PartitionScheduler:
     def _plan(self, now: float) -> list[Release | Expire]:
         return self.backlog.plan(now, self._placements.current().place_job, limit=PLAN_LIMIT)
 
-    def _messages(self, decisions: list[Release | Expire], now: float, changes: store.StateChanges) -> list[Outgoing]:
+    def _messages(self, decisions: list[Release | Expire], rnd: Round) -> list[Outgoing]:
         """The messages one round's decisions publish; notes the state changes they make."""
+        now, changes = rnd.now, rnd.changes
         outgoing: list[Outgoing] = []
         mono = self._monotonic()
         for d in decisions:
@@ -590,7 +762,8 @@ class PartitionScheduler:
                 outgoing.append(
                     lifecycle.expired(job.job_id, self.partition, job.attempt, d.reason, now, context, spec=job.spec)
                 )
-                changes.add(job.job_id, "done", d.reason)
+                changes.add(job.job_id, "done", d.reason, outcome=EXPIRED)
+                rnd.ends.append((job.job_id, EXPIRED))
         return outgoing
 
     async def explain(self, request: ExplainRequest) -> ExplainReply:

@@ -36,8 +36,15 @@ from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
+from jobmesh.scheduler.results import ObjectResults
 
-CONSUMED_KINDS = (subjects.SUBMITTED, subjects.UNPLACEABLE, *subjects.TERMINAL_KINDS)
+CONSUMED_KINDS = (
+    subjects.SUBMITTED,
+    subjects.UNPLACEABLE,
+    *subjects.TERMINAL_KINDS,
+    subjects.DEP_WATCH,
+    subjects.DEP_ENDED,
+)
 
 
 async def service_main(settings: Settings, tracing: Tracing) -> None:
@@ -70,6 +77,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     await nodes.wait_ready()
     await config.wait_ready()
     placements = Placements(nodes, config, settings.placement)
+    results = ObjectResults(rt.js)
     codec: Codec[Any] = Codec(LifecycleEvent, settings.max_message_bytes)
     planners: dict[int, asyncio.Task] = {}
     pruners: dict[int, asyncio.Task] = {}
@@ -88,6 +96,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             # A view that just caught up may still be missing a heartbeat's worth of
             # renewals: decide on leases only once it has been current for a node TTL.
             settle=settings.node_ttl_seconds,
+            results=results,
         )
         await part.load()
         owned[number] = part

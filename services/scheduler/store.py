@@ -39,6 +39,25 @@ CREATE TABLE IF NOT EXISTS backlog (
 ALTER TABLE backlog ADD COLUMN IF NOT EXISTS retry json;
 CREATE INDEX IF NOT EXISTS backlog_active ON backlog (partition, seq) WHERE state <> 'done';
 CREATE INDEX IF NOT EXISTS backlog_done ON backlog (partition, updated_at) WHERE state = 'done';
+-- How a done job ended (succeeded, failed, cancelled, expired): what a job submitted after
+-- it, and depending on it, is decided by.
+ALTER TABLE backlog ADD COLUMN IF NOT EXISTS outcome text;
+-- Ends of other partitions' jobs that this partition's jobs depend on (DependencyEnded).
+CREATE TABLE IF NOT EXISTS dep_ends (
+    job_id    text NOT NULL,
+    partition int NOT NULL,               -- the partition told
+    outcome   text NOT NULL,
+    at        double precision NOT NULL,
+    PRIMARY KEY (job_id, partition)
+);
+-- Jobs of this partition that other partitions wait for (DependencyWatch), until they end.
+CREATE TABLE IF NOT EXISTS dep_watches (
+    job_id    text NOT NULL,
+    partition int NOT NULL,               -- the watched job's partition
+    watcher   int NOT NULL,
+    PRIMARY KEY (job_id, watcher)
+);
+CREATE INDEX IF NOT EXISTS dep_watches_partition ON dep_watches (partition);
 """
 
 
@@ -107,7 +126,7 @@ class StateChanges:
     __slots__ = ("_by_job", "_extra")
 
     def __init__(self) -> None:
-        self._by_job: dict[str, tuple[str, str, int | None]] = {}
+        self._by_job: dict[str, tuple[str, str, int | None, str | None]] = {}
         self._extra: dict[str, tuple[int, str]] = {}  # job -> (attempt, retry state JSON)
 
     def add(
@@ -118,8 +137,9 @@ class StateChanges:
         releases: int | None = None,
         attempt: int | None = None,
         retry: RetryState | None = None,
+        outcome: str | None = None,
     ) -> None:
-        self._by_job[job_id] = (state, reason, releases)
+        self._by_job[job_id] = (state, reason, releases, outcome)
         if attempt is not None and retry is not None:
             # Rare (a retry or a cancel): written by a statement of its own in apply().
             self._extra[job_id] = (attempt, encode_retry(retry))
@@ -127,10 +147,10 @@ class StateChanges:
     def __bool__(self) -> bool:
         return bool(self._by_job)
 
-    def columns(self) -> tuple[list[str], list[str], list[str], list[int | None]]:
+    def columns(self) -> tuple[list[str], list[str], list[str], list[int | None], list[str | None]]:
         ids = list(self._by_job)
         rows = list(self._by_job.values())
-        return ids, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+        return ids, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows]
 
     def retries(self) -> tuple[list[str], list[int], list[str]]:
         ids = list(self._extra)
@@ -141,12 +161,13 @@ async def apply(conn: Connection, changes: StateChanges) -> None:
     """Write every state change of a batch (pending with reason, released, done) at once."""
     if not changes:
         return
-    ids, states, reasons, releases = changes.columns()
+    ids, states, reasons, releases, outcomes = changes.columns()
     await conn.execute(
         """
         UPDATE backlog AS b
-           SET state = u.s, reason = u.r, releases = COALESCE(u.n, b.releases), updated_at = $5
-          FROM unnest($1::text[], $2::text[], $3::text[], $4::int[]) AS u(j, s, r, n)
+           SET state = u.s, reason = u.r, releases = COALESCE(u.n, b.releases), updated_at = $5,
+               outcome = COALESCE(u.o, b.outcome)
+          FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $6::text[]) AS u(j, s, r, n, o)
          WHERE b.job_id = u.j
         """,
         ids,
@@ -154,6 +175,7 @@ async def apply(conn: Connection, changes: StateChanges) -> None:
         reasons,
         releases,
         time.time(),
+        outcomes,
     )
     retried, attempts, states_json = changes.retries()
     if retried:
@@ -167,6 +189,71 @@ async def apply(conn: Connection, changes: StateChanges) -> None:
             attempts,
             states_json,
         )
+
+
+async def ended_outcomes(conn: Connection, job_ids: list[str], partition: int) -> dict[str, str]:
+    """How those of ``job_ids`` that have ended ended: from the backlog (any partition's
+    done rows) and from the ends other partitions told ``partition`` of."""
+    if not job_ids:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT job_id, outcome FROM backlog WHERE job_id = ANY($1::text[]) AND state = 'done' AND outcome IS NOT NULL
+        UNION ALL
+        SELECT job_id, outcome FROM dep_ends WHERE job_id = ANY($1::text[]) AND partition = $2
+        """,
+        job_ids,
+        partition,
+    )
+    return {row["job_id"]: row["outcome"] for row in rows}
+
+
+async def record_dep_ends(conn: Connection, partition: int, ends: list[tuple[str, str, float]]) -> None:
+    """Keep the ends (job id, outcome, at) other partitions told ``partition`` of."""
+    if not ends:
+        return
+    await conn.execute(
+        """
+        INSERT INTO dep_ends (job_id, partition, outcome, at)
+        SELECT j, $1, o, a FROM unnest($2::text[], $3::text[], $4::float8[]) AS u(j, o, a)
+        ON CONFLICT DO NOTHING
+        """,
+        partition,
+        [e[0] for e in ends],
+        [e[1] for e in ends],
+        [e[2] for e in ends],
+    )
+
+
+async def add_watches(conn: Connection, partition: int, watches: list[tuple[str, int]]) -> None:
+    """Remember that partitions wait for jobs of ``partition`` (job id, watcher)."""
+    if not watches:
+        return
+    await conn.execute(
+        """
+        INSERT INTO dep_watches (job_id, partition, watcher)
+        SELECT j, $1, w FROM unnest($2::text[], $3::int[]) AS u(j, w)
+        ON CONFLICT DO NOTHING
+        """,
+        partition,
+        [w[0] for w in watches],
+        [w[1] for w in watches],
+    )
+
+
+async def drop_watches(conn: Connection, job_ids: list[str]) -> None:
+    """Forget the watches of jobs that ended (their watchers have been told)."""
+    if job_ids:
+        await conn.execute("DELETE FROM dep_watches WHERE job_id = ANY($1::text[])", job_ids)
+
+
+async def load_watches(pool: asyncpg.Pool, partition: int) -> dict[str, set[int]]:
+    """The partitions waiting for each job of ``partition``."""
+    rows = await pool.fetch("SELECT job_id, watcher FROM dep_watches WHERE partition = $1", partition)
+    watches: dict[str, set[int]] = {}
+    for row in rows:
+        watches.setdefault(row["job_id"], set()).add(row["watcher"])
+    return watches
 
 
 async def load_active(pool: asyncpg.Pool, partition: int) -> list[asyncpg.Record]:
@@ -184,6 +271,12 @@ async def prune_done(pool: asyncpg.Pool, partition: int, older_than: float, limi
     Finished rows are kept for a while so that a JobSubmitted redelivered after its job
     ended (beyond JetStream's duplicate window) is still recognised and not run again.
     """
+    await pool.execute(
+        "DELETE FROM dep_ends WHERE ctid IN (SELECT ctid FROM dep_ends WHERE partition = $1 AND at < $2 LIMIT $3)",
+        partition,
+        older_than,
+        limit,
+    )
     result = await pool.execute(
         """
         DELETE FROM backlog WHERE job_id IN (
