@@ -16,7 +16,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, NoReturn
 
 from jobmesh.client import jobstate
-from jobmesh.client.cli import commands, render, triggers
+from jobmesh.client.cli import commands, render, triggers, workflows
 from jobmesh.client.cli.exitcodes import EXIT_USAGE
 from jobmesh.client.cli.specflags import add_spec_flags
 from jobmesh.contract.subjects import SERVICES
@@ -199,6 +199,7 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
     z.set_defaults(fn=commands.cmd_zones_show)
 
     triggers.register(sub)  # ``trigger add|list|show|rm|pause|resume|test``
+    workflows.register(sub)  # ``workflow run|status|list|cancel|retry``
 
     p = sub.add_parser("health", help="ask a service whether it is healthy")
     p.add_argument("service", choices=SERVICES)

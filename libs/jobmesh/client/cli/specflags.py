@@ -8,6 +8,10 @@ The retry flags make the job's ``RetryPolicy`` (:func:`retry_policy_from`): ``--
 is ``max_attempts`` N+1; a flag left out keeps the policy's default. ``--fallback-json``
 takes a ``FallbackSpec`` as JSON text or as the path of a file that holds it.
 
+``--after ID[:ok|notok|any]`` (repeatable) makes the job wait for another one to end, as
+Slurm's afterok, afternotok and afterany: ``JobSpec.after`` with ``when`` succeeded
+(the default), failed or ended (:func:`dependency`).
+
 What runs and what it starts from (runtime, variables, files, stdin, network, secrets) are
 the flags of ``runtimeflags``.
 """
@@ -35,6 +39,7 @@ from jobmesh.contract.messages.v1 import (
     RETRY_ON_BY_DEFAULT,
     Constraints,
     ContainerRuntime,
+    Dependency,
     FallbackSpec,
     HandlerRuntime,
     JobSpec,
@@ -44,6 +49,7 @@ from jobmesh.contract.messages.v1 import (
     RetryPolicy,
     Timeouts,
 )
+from jobmesh.contract.messages.v1.jobs import DependencyCondition
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
 from jobmesh.errors import InvalidMessage, UsageError
@@ -90,7 +96,11 @@ FLAG_OF_FIELD = {
     "secrets_as": "--secrets-as",
     "stdin": "-i",
     "stdin_object": "-i",
+    "after": "--after",
 }
+# ``--after ID:COND``: Slurm's words for what a dependency waits for (afterok, afternotok,
+# afterany), and the contract's.
+AFTER_CONDITIONS: dict[str, DependencyCondition] = {"ok": "succeeded", "notok": "failed", "any": "ended"}
 # A retry policy allows at most this many attempts (RetryPolicy.max_attempts).
 MAX_RETRIES = 99
 _spec_codec: Codec[JobSpec] = Codec(JobSpec)
@@ -197,6 +207,30 @@ def failure_code(text: str) -> str:
     return text
 
 
+def dependency(text: str) -> Dependency:
+    """An argparse type: ``ID``, ``ID:ok``, ``ID:notok`` or ``ID:any`` as a dependency.
+
+    Args:
+        text: the flag's value: a job id, and what its end must be for this job to run
+            (``ok``: it succeeded, the default; ``notok``: it failed or expired; ``any``:
+            whatever it did, a cancel included).
+
+    Returns:
+        The ``Dependency`` (its id is checked with the rest of the spec).
+
+    Raises:
+        argparse.ArgumentTypeError: an empty id or a condition other than ok, notok, any.
+    """
+    job_id, sep, condition = text.partition(":")
+    if not job_id:
+        raise argparse.ArgumentTypeError(f"{text!r} names no job: give ID[:ok|notok|any]")
+    if sep and condition not in AFTER_CONDITIONS:
+        raise argparse.ArgumentTypeError(
+            f"{condition!r} is not ok, notok or any (ID:ok waits for success, ID:notok for a failure, ID:any for any end)"
+        )
+    return Dependency(job_id=job_id, when=AFTER_CONDITIONS[condition or "ok"])
+
+
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
     """Add the flags that describe a job, and its command after ``--``.
 
@@ -249,6 +283,14 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
         metavar="FILE|JSON",
         help="job to run in its place once every attempt failed, as JSON or a file that holds it, e.g. "
         + """'{"runtime": {"kind": "process", "argv": ["echo", "plan b"]}}'""",
+    )
+    p.add_argument(
+        "--after",
+        type=dependency,
+        action="append",
+        default=[],
+        metavar="ID[:ok|notok|any]",
+        help="start only once job ID has ended: ok succeeded (default), notok failed, any either (repeatable)",
     )
     p.add_argument("--key", default="", help="idempotency key (same key, same job)")
     add_runtime_flags(p)
@@ -325,6 +367,7 @@ def spec_from(args: argparse.Namespace, now: float | None = None, inputs: JobInp
         stdin=inputs.stdin,
         stdin_object=inputs.stdin_object,
         files=inputs.files,
+        after=list({d.job_id: d for d in args.after}.values()),  # the same job twice: the last flag
     )
     try:
         check_secret_names(args.secret)
