@@ -8,11 +8,13 @@ job's input files, its secrets as files or variables, its stdin), builds the
 :class:`~jobmesh.executor.runrequest.RunRequest` (a cleared environment: the allow-list, the
 job's own variables, jobmesh's) and hands it to the runner of its runtime kind
 (:data:`Runners`: the process runner with the node's isolation, the handler pool, the
-container runner), with a progress pipe (:mod:`jobmesh.executor.progress`). It watches and
+container runner), with a progress pipe (:mod:`jobmesh.executor.progress`); a workflow
+step's ``${steps...}`` and ``${item...}`` are filled in first, from the results it reads
+(:mod:`jobmesh.executor.stepinputs`). It watches and
 finally judges the disk quota (:mod:`jobmesh.executor.quota`), masks the job's secrets out
 of every log line, the output tail and the result (:mod:`jobmesh.executor.masking`),
-collects the result file (:mod:`jobmesh.executor.results`) and reports the outcome
-(:mod:`jobmesh.executor.outcomes`).
+collects the result file (:mod:`jobmesh.executor.results`; a kept result is stored before
+the success is reported) and reports the outcome (:mod:`jobmesh.executor.outcomes`).
 
 :class:`Attempts` is this node's register: which attempts run (for cancel, supersede and
 drain), which ran recently (so a redelivered ``JobBound`` is not run twice), which an
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import io
 import logging
 import os
 import shutil
@@ -51,7 +54,7 @@ from jobmesh.contract.messages.v1 import (
     ProcessRuntime,
 )
 from jobmesh.contract.messages.v1.jobs import FailureCode, runtime_kind
-from jobmesh.errors import Overloaded
+from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
 from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
 from jobmesh.executor.isolation.environment import job_environment
@@ -64,6 +67,7 @@ from jobmesh.executor.outcomes import (
     CANCELLED,
     EXECUTOR_ERROR,
     HANDLER_MISSING,
+    INPUT_INVALID,
     ISOLATION_REFUSED,
     NODE_DRAINED,
     RESULT_TOO_LARGE,
@@ -79,7 +83,7 @@ from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, Progress
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import kill_leftovers, lost_messages
-from jobmesh.executor.results import RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
+from jobmesh.executor.results import EMPTY_KEPT, RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.executor.runrequest import Runner, RunRequest
 from jobmesh.executor.secrets import (
@@ -91,6 +95,7 @@ from jobmesh.executor.secrets import (
     secret_env,
     write_secret_files,
 )
+from jobmesh.executor.stepinputs import ResultReader, StepInputs, resolve
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
 
@@ -324,6 +329,13 @@ class Attempt:
                 message = f"this node runs no handler pool, so it has no handler {runtime.handler!r}"
                 return failed_outcome(HANDLER_MISSING, message)
             return failed_outcome(ISOLATION_REFUSED, f"this node cannot run a {kind} runtime")
+        stdin = self.bound.spec.stdin
+        if self.bound.spec.step is not None:
+            filled = await self._step_inputs()
+            if isinstance(filled, Outcome):
+                return filled
+            if filled is not None:
+                runtime, stdin = filled.runtime, filled.stdin
         no_uid = self._take_uid(kind)
         if no_uid is not None:
             return failed_outcome(EXECUTOR_ERROR, no_uid)
@@ -338,27 +350,58 @@ class Attempt:
         recorder = ProgressRecorder(self.lease, self.name, self._mask)
         channel = ProgressChannel(recorder.line)
         try:
-            outcome = await self._prepared(runner, runtime, workdir, channel)
+            outcome = await self._prepared(runner, runtime, workdir, channel, stdin)
         finally:
             await channel.close()
         masker = self._masker
         if masker is not None and masker.active:
             outcome = _masked(outcome, masker)
-        if outcome.error is not None or self._results is None:
+        if outcome.error is not None:
+            return outcome
+        if self._results is None:
+            if self.bound.spec.keep_result:
+                log.warning("%s: its result is not kept: this executor has no result store", self.name)
             return outcome
         result = workdir / RESULT_FILE
         if masker is not None and masker.active:
             await asyncio.to_thread(masker.mask_file, result)
         return await self._with_result(outcome, result)
 
-    async def _prepared(self, runner: Runner, runtime: JobRuntime, workdir: Path, channel: ProgressChannel) -> Outcome:
-        """Put the job's files, secrets and stdin in place, then run it."""
+    async def _step_inputs(self) -> StepInputs | Outcome | None:
+        """A workflow step's argv, env, input and stdin with the results it reads filled in
+        (None: nothing to fill), or the failure: ``input_invalid`` when they cannot be, the
+        stop when the attempt is stopped meanwhile."""
+        results = self._results
+        reader = ResultReader(results.store) if results is not None else None
+        filling = asyncio.ensure_future(resolve(self.bound.spec, reader))
+        stopped = asyncio.ensure_future(self._abort.wait())
+        try:
+            await asyncio.wait({filling, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not filling.done():
+            filling.cancel()
+            assert self._abort.error is not None
+            return Outcome(None, self._abort.error)
+        try:
+            return filling.result()
+        except InvalidSpec as exc:
+            log.info("%s: %s", self.name, exc)
+            return failed_outcome(INPUT_INVALID, str(exc))
+        except Unavailable as exc:
+            log.warning("%s: %s", self.name, exc)
+            return failed_outcome(EXECUTOR_ERROR, f"cannot read the results of the steps it reads: {exc}")
+
+    async def _prepared(
+        self, runner: Runner, runtime: JobRuntime, workdir: Path, channel: ProgressChannel, stdin_text: str
+    ) -> Outcome:
+        """Put the job's files, secrets and stdin (``stdin_text``, filled in) in place, then run it."""
         spec, setup = self.bound.spec, self._setup
         isolation = setup.isolation
         own_env: dict[str, str] = dict(runtime.env) if isinstance(runtime, ProcessRuntime | ContainerRuntime) else {}
         secrets_dir: Path | None = None
         stdin: Path | None = None
-        if spec.secrets or spec.stdin or spec.stdin_object:
+        if spec.secrets or stdin_text or spec.stdin_object:
             await asyncio.to_thread(self.private_dir.mkdir, 0o700)
         try:
             if spec.secrets:
@@ -384,9 +427,9 @@ class Attempt:
                 await materialize(spec.files, workdir, setup.uploads, setup.allowed_roots, self._uid, self._gid)
             if spec.stdin_object:
                 stdin = await fetch_stdin(spec.stdin_object, setup.uploads, self.private_dir / "stdin")
-            elif spec.stdin:
+            elif stdin_text:
                 stdin = self.private_dir / "stdin"
-                await asyncio.to_thread(stdin.write_text, spec.stdin)
+                await asyncio.to_thread(stdin.write_text, stdin_text)
         except SecretMissing as exc:
             return failed_outcome(SECRET_MISSING, str(exc))
         except InputFileError as exc:
@@ -497,7 +540,9 @@ class Attempt:
         """The successful outcome with the result the job left, or the failure it causes."""
         assert self._results is not None
         try:
-            result = await self._results.collect(self.bound.job_id, self.bound.attempt, path)
+            result = await self._results.collect(
+                self.bound.job_id, self.bound.attempt, path, keep=self.bound.spec.keep_result
+            )
         except Overloaded as exc:
             log.warning("%s: its result cannot be stored: %s", self.name, exc)
             return failed_outcome(RESULT_TOO_LARGE, str(exc), outcome.exit_code, outcome.output_tail)
@@ -609,6 +654,7 @@ class Attempts:
         # key -> the future of its JobStarted (or refusal) being durable: what a redelivery waits on.
         self._recent: OrderedDict[str, asyncio.Future[None]] = OrderedDict()
         self._running: dict[str, tuple[Attempt, asyncio.Task[None]]] = {}
+        self._keeping: set[asyncio.Task[None]] = set()  # no-ops storing their kept result
         self._by_job: dict[str, Attempt] = {}  # the running process attempt of each job
         self._cancelled: OrderedDict[str, str] = OrderedDict()  # key -> reason, JobBound not seen yet
         self._orphaned: set[str] = set()
@@ -702,9 +748,14 @@ class Attempts:
                 older.abort(SUPERSEDED, f"superseded by attempt {bound.attempt}, bound to this node")
         runtime = bound.spec.runtime
         if isinstance(runtime, NoopRuntime):
-            self._reporter.post(
-                [terminal_message(bound, self._node_id, noop_outcome(runtime), started_at, self._clock(), context)]
-            )
+            outcome = noop_outcome(runtime)
+            if bound.spec.keep_result and outcome.error is None and self._results is not None:
+                # Its (empty) result is kept before its success is reported, as a process's is.
+                keeping = asyncio.get_running_loop().create_task(self._keep_noop(bound, context, started_at, outcome))
+                self._keeping.add(keeping)
+                keeping.add_done_callback(self._keeping.discard)
+                return None
+            self._reporter.post([terminal_message(bound, self._node_id, outcome, started_at, self._clock(), context)])
             return None
         if ready is None:
             raise ValueError("an attempt that runs something needs the future of its record being durable")
@@ -729,6 +780,20 @@ class Attempts:
         self._by_job[bound.job_id] = attempt
         task.add_done_callback(functools.partial(self._finished, attempt))
         return attempt
+
+    async def _keep_noop(self, bound: JobBound, context: Context, started_at: float, outcome: Outcome) -> None:
+        """Keep a no-op's ``null`` result, then report its success (or why it could not be kept)."""
+        assert self._results is not None
+        try:
+            await self._results.keep(bound.job_id, bound.attempt, io.BytesIO(EMPTY_KEPT))
+        except Overloaded as exc:
+            outcome = failed_outcome(RESULT_TOO_LARGE, str(exc))
+        except Exception as exc:
+            log.exception(
+                "%s: keeping its result failed inside the executor", attempt_name(bound.job_id, bound.attempt)
+            )
+            outcome = failed_outcome(EXECUTOR_ERROR, f"{type(exc).__name__}: {exc}")
+        self._reporter.post([terminal_message(bound, self._node_id, outcome, started_at, self._clock(), context)])
 
     def refuse(self, bound: JobBound, code: FailureCode, message: str, context: Context) -> asyncio.Future[None]:
         """Report an attempt failed without running it (cancelled or stale before it started).
@@ -835,7 +900,7 @@ class Attempts:
         Returns:
             How many attempts were stopped.
         """
-        tasks = [task for _, task in self._running.values()]
+        tasks = [task for _, task in self._running.values()] + list(self._keeping)
         if tasks and grace > 0:
             await asyncio.wait(tasks, timeout=grace)
         left = list(self._running.values())

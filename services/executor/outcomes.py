@@ -32,6 +32,7 @@ OOM: FailureCode = "oom"
 PIDS_EXCEEDED: FailureCode = "pids_exceeded"
 ISOLATION_REFUSED: FailureCode = "isolation_refused"
 HANDLER_MISSING: FailureCode = "handler_missing"
+INPUT_INVALID: FailureCode = "input_invalid"  # a workflow step's templates cannot be filled
 # What a process that ran into a cgroup limit ends with: the cgroup's verdict replaces these.
 _LIMIT_MAY_EXPLAIN = frozenset({EXIT_CODE, PIDS_EXCEEDED})
 

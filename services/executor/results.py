@@ -12,6 +12,12 @@ may write its result there. After a successful exit the executor reads it:
 ``result_bytes`` is the file's size. A result path that is not a regular file (a directory,
 a symbolic link) is ignored with a warning: the executor never follows a link a job made.
 
+A job that keeps its result (``JobSpec.keep_result``, every workflow step) has it stored
+besides under ``step/<job_id>`` (:func:`~jobmesh.contract.subjects.step_result_key`),
+whatever its size, and ``null`` when it left none; the attempt stores it before it reports
+the success, so a step that starts after it always finds it there. One key per job, not per
+attempt: a later step knows only the job.
+
 :func:`plan_result` is the decision; :class:`ResultStore` is the upload.
 """
 
@@ -25,7 +31,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import nats.errors
 from nats.js.errors import APIError
@@ -100,10 +106,18 @@ class Result:
     too_large: bool = False
 
 
-class ObjectPut(Protocol):
-    """The one object-store call an upload needs (nats-py's ``ObjectStore.put``)."""
+class ResultObjects(Protocol):
+    """The object store ``jm_results`` as the executor uses it (nats-py's ``ObjectStore``):
+    results are put, kept results of earlier steps read (:mod:`jobmesh.executor.stepinputs`)."""
 
     async def put(self, name: str, data: bytes | io.BufferedIOBase) -> object: ...
+
+    async def get(self, name: str) -> Any: ...
+
+
+ObjectPut = ResultObjects  # its name before kept results were read back
+
+EMPTY_KEPT = b"null"  # what a job that keeps its result but left none keeps
 
 
 class ResultStore:
@@ -116,19 +130,24 @@ class ResultStore:
         retry_max: longest delay between two tries.
     """
 
-    def __init__(self, store: ObjectPut, limits: ResultLimits, retry_base: float = 0.2, retry_max: float = 5.0) -> None:
-        self._store = store
+    def __init__(
+        self, store: ResultObjects, limits: ResultLimits, retry_base: float = 0.2, retry_max: float = 5.0
+    ) -> None:
+        self.store = store
         self.limits = limits
         self._retry_base = retry_base
         self._retry_max = retry_max
 
-    async def collect(self, job_id: str, attempt: int, path: Path) -> Result | None:
+    async def collect(self, job_id: str, attempt: int, path: Path, keep: bool = False) -> Result | None:
         """The result an attempt left at ``path``, uploaded when it does not travel inline.
 
         Args:
             job_id: the job.
             attempt: the attempt.
             path: the result path the job was given.
+            keep: store it besides as the job's kept result (``JobSpec.keep_result``);
+                ``null`` when there is none. Not for a result over the limit (the attempt
+                fails).
 
         Returns:
             The result, or None when the job left no regular file there.
@@ -137,10 +156,12 @@ class ResultStore:
             Overloaded: the result store is full (that does not pass with a retry).
         """
         opened = await asyncio.to_thread(_open_regular, path)
-        if opened is None:
-            return None
         if isinstance(opened, str):
             log.warning("job %s attempt %d: its result file %s is ignored: %s", job_id, attempt, path, opened)
+            opened = None
+        if opened is None:
+            if keep:
+                await self.keep(job_id, attempt, io.BytesIO(EMPTY_KEPT))
             return None
         stream, size = opened
         with stream:
@@ -150,20 +171,40 @@ class ResultStore:
             if route == "inline":
                 data = await asyncio.to_thread(stream.read)
                 try:
-                    return Result(len(data), text=data.decode("utf-8"))
+                    text = data.decode("utf-8")
                 except UnicodeDecodeError:
-                    pass  # binary: it goes to the store like a large one
+                    stream.seek(0)  # binary: it goes to the store like a large one
+                else:
+                    if keep:
+                        await self.keep(job_id, attempt, io.BytesIO(data or EMPTY_KEPT))
+                    return Result(len(data), text=text)
+            key = subjects.result_key(job_id, attempt)
+            await self._upload(key, job_id, attempt, stream)
+            if keep:
                 stream.seek(0)
-            key = await self._upload(job_id, attempt, stream)
+                await self.keep(job_id, attempt, stream)
             return Result(size, ref=key)
 
-    async def _upload(self, job_id: str, attempt: int, stream: io.BufferedReader) -> str:
-        key = subjects.result_key(job_id, attempt)
+    async def keep(self, job_id: str, attempt: int, stream: io.BufferedIOBase) -> None:
+        """Store ``stream`` as the job's kept result (``step/<job_id>``), replacing what an
+        earlier attempt kept.
+
+        Args:
+            job_id: the job.
+            attempt: the attempt that keeps it (for the log).
+            stream: the result's bytes, from their start.
+
+        Raises:
+            Overloaded: the result store is full.
+        """
+        await self._upload(subjects.step_result_key(job_id), job_id, attempt, stream)
+
+    async def _upload(self, key: str, job_id: str, attempt: int, stream: io.BufferedIOBase) -> None:
         tries = 0
         while True:
             try:
-                await self._store.put(key, stream)
-                return key
+                await self.store.put(key, stream)
+                return
             except APIError as exc:
                 if (exc.description or "").startswith("maximum") or exc.err_code == 10047:
                     raise Overloaded(f"the result store {subjects.OBJ_RESULTS} is full: {exc.description}") from exc
@@ -173,7 +214,12 @@ class ResultStore:
             tries += 1
             delay = backoff(tries, base=self._retry_base, cap=self._retry_max, key=key)
             log.warning(
-                "job %s attempt %d: could not store its result (%s); retrying in %.1fs", job_id, attempt, reason, delay
+                "job %s attempt %d: could not store its result as %s (%s); retrying in %.1fs",
+                job_id,
+                attempt,
+                key,
+                reason,
+                delay,
             )
             await asyncio.sleep(delay)
             stream.seek(0)
