@@ -557,8 +557,9 @@ def step_detail(step: StepStatus) -> str:
         parts.append(f"node {step.node_id}")
     if step.attempt > 1 and step.state in ("running", "failed", "succeeded"):
         parts.append(f"attempt {step.attempt}")
-    if step.state == "failed" and step.exit_code is not None:
-        parts.append(f"exit code {step.exit_code}")
+    code = f"exit code {step.exit_code}"
+    if step.state == "failed" and step.exit_code is not None and not any(code in p for p in parts):
+        parts.append(code)
     return ", ".join(parts)
 
 
