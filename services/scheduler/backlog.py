@@ -356,13 +356,17 @@ class Backlog:
             self._enter(job, now)
 
     # --- dependencies ------------------------------------------------------------------
-    def dependency_ended(self, dep_id: str, outcome: str, now: float) -> None:
+    def dependency_ended(self, dep_id: str, outcome: str, now: float) -> int:
         """Job ``dep_id`` ended with ``outcome``: its waiters go on, or are skipped.
 
         A mapped step waiting for its items counts the item; once all have ended it is in
         ``items_done``. Skips land in ``skipped``: the scheduler ends them (and their own
         waiters hear of it through the same call).
+
+        Returns:
+            How many waiters may now run (a planning round should look at them).
         """
+        woken = 0
         for waiter_id in self._waiters.pop(dep_id, ()):
             job = self.jobs.get(waiter_id)
             if job is None or job.where != DEPS or not job.deps or dep_id not in job.deps:
@@ -387,6 +391,8 @@ class Backlog:
             else:
                 job.clock_from = now
                 self._intake(job, now)
+                woken += 1
+        return woken
 
     def expanded(self, job_id: str, item_ids: list[str], ended: dict[str, str], now: float) -> None:
         """Mapped step ``job_id`` has submitted its items: it waits until they all end.

@@ -559,7 +559,8 @@ class PartitionScheduler:
         while True:
             ends, rnd.ends = rnd.ends, []
             for job_id, outcome in ends:
-                backlog.dependency_ended(job_id, outcome, rnd.now)
+                if backlog.dependency_ended(job_id, outcome, rnd.now):
+                    self.kick()  # a waiter may run: the next round releases it
                 watchers = self._watchers.pop(job_id, None)
                 if watchers:
                     rnd.out.extend(mapsteps.dependency_ended(job_id, outcome, w, rnd.now) for w in sorted(watchers))
