@@ -3,21 +3,139 @@
 The reply carries job ids only after JetStream acknowledged every JobSubmitted, so a job
 id a caller holds is never lost. A handler job's input is checked against its handler's
 input type (``handlerschemas``) with the rest of the request, before anything is published.
+
+A job that waits for others (``after``) is checked against the tracker in one round of
+requests: a job it names must exist (or be in the same request); one that has ended already
+either meets the condition (the dependency is dropped: the scheduler need not wait for a
+job it may have forgotten) or never can (refused, naming the field).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+import nats.errors
+from nats.aio.client import Client as NATS
 
 from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
 from jobmesh.contract.ids import job_id_for, new_idempotency_key, submit_id
-from jobmesh.contract.messages.v1 import HandlerRuntime, JobSubmitted, SubmitReply, SubmitRequest
+from jobmesh.contract.messages.v1 import (
+    ErrorReply,
+    HandlerRuntime,
+    JobGetRequest,
+    JobListReply,
+    JobListRequest,
+    JobSpec,
+    JobSubmitted,
+    JobSummary,
+    JobView,
+    SubmitReply,
+    SubmitRequest,
+)
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
+from jobmesh.errors import InvalidSpec, NotFound, Unavailable
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.trigger.handlerschemas import HandlerSchemas
+from jobmesh.trigger.workflows import condition
+
+# How long the tracker has to answer one request.
+TRACKER_TIMEOUT = 5.0
+# A job submitted a moment ago may not be recorded yet: a job the tracker does not know is
+# asked about again, this often, for this long, before a dependency on it is refused.
+NOT_FOUND_RETRY = 0.2
+NOT_FOUND_GRACE = 1.0
+# At most this many requests to the tracker in flight for one submit.
+LOOKUP_CONCURRENCY = 64
+
+
+class JobLookup:
+    """What the trigger asks the tracker about jobs (request/reply on core NATS).
+
+    Args:
+        nc: the NATS connection.
+        timeout: seconds the tracker has to answer one request.
+        clock: monotonic seconds (the not-found grace).
+        sleep: waits between the asks about a job not recorded yet.
+    """
+
+    def __init__(
+        self,
+        nc: NATS,
+        timeout: float = TRACKER_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Any] = asyncio.sleep,
+        grace: float = NOT_FOUND_GRACE,
+    ) -> None:
+        self._nc = nc
+        self._timeout = timeout
+        self._clock = clock
+        self._sleep = sleep
+        self._grace = grace
+
+    async def _request(self, subject: str, message: Any, reply_type: Any) -> Any:
+        try:
+            reply = await self._nc.request(subject, encode(message), timeout=self._timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise Unavailable(f"the tracker is not running (no responders on {subject})") from exc
+        except nats.errors.TimeoutError as exc:
+            raise Unavailable(f"the tracker did not answer on {subject} within {self._timeout}s") from exc
+        decoded = msgspec.json.decode(reply.data, type=reply_type | ErrorReply)
+        if isinstance(decoded, ErrorReply):
+            raise decoded.error()
+        return decoded
+
+    async def get(self, job_id: str) -> JobView | None:
+        """The tracker's view of one job; None when it does not know it."""
+        try:
+            view: JobView = await self._request(subjects.API_JOB_GET, JobGetRequest(job_id=job_id), JobView)
+        except NotFound:
+            return None
+        return view
+
+    async def views(self, job_ids: Iterable[str], grace: float | None = None) -> dict[str, JobView | None]:
+        """The views of several jobs, asked for together; a job not known at first is asked
+        about again for a short grace (it may have been submitted a moment ago).
+
+        Args:
+            job_ids: the jobs.
+            grace: seconds to keep asking about unknown jobs (None: this lookup's own).
+
+        Returns:
+            Each job's view, None for a job the tracker does not know.
+
+        Raises:
+            Unavailable: the tracker does not answer.
+        """
+        wanted = list(dict.fromkeys(job_ids))
+        limit = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(job_id: str) -> JobView | None:
+            async with limit:
+                return await self.get(job_id)
+
+        found: dict[str, JobView | None] = dict(zip(wanted, await asyncio.gather(*map(one, wanted)), strict=True))
+        deadline = self._clock() + (self._grace if grace is None else grace)
+        missing = [job_id for job_id, view in found.items() if view is None]
+        while missing and self._clock() < deadline:
+            await self._sleep(NOT_FOUND_RETRY)
+            for job_id, view in zip(missing, await asyncio.gather(*map(one, missing)), strict=True):
+                found[job_id] = view
+            missing = [job_id for job_id in missing if found[job_id] is None]
+        return found
+
+    async def workflow_jobs(self, run_id: str, limit: int = 20_000) -> list[JobSummary]:
+        """Every job of a workflow run as the tracker lists it (older generations too)."""
+        reply: JobListReply = await self._request(
+            subjects.API_JOB_LIST, JobListRequest(workflow=run_id, limit=limit), JobListReply
+        )
+        return reply.jobs
 
 
 class SubmitHandler:
@@ -28,6 +146,7 @@ class SubmitHandler:
         partitions: how many scheduler partitions queues hash onto.
         schemas: the handlers' input types; None checks no handler input at submit.
         clock: returns the current unix time.
+        jobs: asks the tracker about the jobs a job waits for; None checks no ``after``.
     """
 
     def __init__(
@@ -36,11 +155,13 @@ class SubmitHandler:
         partitions: int,
         schemas: HandlerSchemas | None = None,
         clock: Callable[[], float] = time.time,
+        jobs: JobLookup | None = None,
     ) -> None:
         self._publisher = publisher
         self._partitions = partitions
         self._schemas = schemas
         self._clock = clock
+        self._jobs = jobs
 
     async def __call__(self, env: Envelope) -> SubmitReply:
         request: SubmitRequest = env.message
@@ -58,22 +179,120 @@ class SubmitHandler:
             fallback = spec.retry.fallback
             if fallback is not None and type(fallback.runtime) is HandlerRuntime and self._schemas is not None:
                 await self._schemas.check(fallback.runtime, f"jobs[{i}].spec.retry.fallback.runtime")
+        keys = [submission.idempotency_key or new_idempotency_key() for submission in request.jobs]
+        job_ids = [job_id_for(key) for key in keys]
+        specs = [submission.spec for submission in request.jobs]
+        # A plain submit pays one test per job here; only one that waits asks the tracker.
+        if self._jobs is not None and any(spec.after for spec in specs):
+            specs = await settle_after(specs, job_ids, self._jobs)
         outgoing = []
-        job_ids = []
-        for submission in request.jobs:
-            key = submission.idempotency_key or new_idempotency_key()
-            job_id = job_id_for(key)
-            partition = subjects.partition_of(submission.spec.queue, self._partitions)
+        for key, job_id, spec in zip(keys, job_ids, specs, strict=True):
+            partition = subjects.partition_of(spec.queue, self._partitions)
             event = JobSubmitted(
                 job_id=job_id,
                 partition=partition,
-                spec=submission.spec,
+                spec=spec,
                 idempotency_key=key,
                 submitted_at=now,
             )
-            job_ids.append(job_id)
             outgoing.append(
                 Outgoing(subjects.job_event(partition, subjects.SUBMITTED), event, submit_id(key), env.context)
             )
         acks = await self._publisher.publish(outgoing)
         return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks])
+
+
+async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: JobLookup) -> list[JobSpec]:
+    """The specs with their ``after`` checked against the tracker, in one round of requests.
+
+    A dependency on a job of the same request stays (it is submitted with it); one on a
+    job that has not ended stays; one on a job that ended as the condition allows is
+    dropped; one on a job that ended otherwise, or that the tracker does not know, is
+    refused.
+
+    Args:
+        specs: the request's job specs, in order.
+        job_ids: their job ids (from their idempotency keys).
+        jobs: the tracker.
+
+    Returns:
+        The specs, each with the dependencies still to wait for.
+
+    Raises:
+        NotFound: a dependency names a job nobody submitted (``jobs[i].spec.after[k].job_id``).
+        InvalidSpec: a dependency can never be met, names the job itself, or the request's
+            jobs wait for each other in a cycle.
+        Unavailable: the tracker does not answer.
+    """
+    local = {job_id: i for i, job_id in enumerate(job_ids)}
+    _refuse_local_cycles(specs, job_ids, local)
+    asked = [dep.job_id for spec in specs for dep in spec.after if dep.job_id not in local]
+    views = await jobs.views(asked) if asked else {}
+    out = []
+    for i, spec in enumerate(specs):
+        if not spec.after:
+            out.append(spec)
+            continue
+        kept = []
+        for k, dep in enumerate(spec.after):
+            field = f"jobs[{i}].spec.after[{k}].job_id"
+            if dep.job_id in local:
+                kept.append(dep)
+                continue
+            view = views.get(dep.job_id)
+            if view is None:
+                raise NotFound(
+                    f"job {dep.job_id} is not known: a job can wait only for a job submitted before it"
+                    f" or with it - at `$.{field}`",
+                    field=field,
+                )
+            state = condition(dep.when, view.state, view.final)
+            if state == "pending":
+                kept.append(dep)
+            elif state == "never":
+                raise InvalidSpec(
+                    f"job {dep.job_id} ended {view.state}, and this job runs only after "
+                    f"{'success' if dep.when == 'succeeded' else 'a failure'} (when: {dep.when}); it could never run"
+                    f" - at `$.{field}`",
+                    field=field,
+                )
+        out.append(spec if len(kept) == len(spec.after) else msgspec.structs.replace(spec, after=kept))
+    return out
+
+
+def _refuse_local_cycles(specs: Sequence[JobSpec], job_ids: Sequence[str], local: dict[str, int]) -> None:
+    """Refuse a job that waits for itself, or jobs of one request that wait for each other in a cycle."""
+    for i, spec in enumerate(specs):
+        for k, dep in enumerate(spec.after):
+            if dep.job_id == job_ids[i]:
+                field = f"jobs[{i}].spec.after[{k}].job_id"
+                raise InvalidSpec(f"a job cannot wait for itself - at `$.{field}`", field=field)
+    if not any(dep.job_id in local for spec in specs for dep in spec.after):
+        return
+    state = [0] * len(specs)  # 0 not seen, 1 on the path, 2 done
+    # Depth first without recursion: a request may chain a thousand jobs one after another.
+    for start in range(len(specs)):
+        if state[start]:
+            continue
+        state[start] = 1
+        stack = [(start, 0)]
+        while stack:
+            i, k = stack[-1]
+            after = specs[i].after
+            if k == len(after):
+                state[i] = 2
+                stack.pop()
+                continue
+            stack[-1] = (i, k + 1)
+            j = local.get(after[k].job_id)
+            if j is None or state[j] == 2:
+                continue
+            if state[j] == 1:
+                field = f"jobs[{i}].spec.after[{k}].job_id"
+                raise InvalidSpec(
+                    f"jobs[{i}] waits for jobs[{j}], which waits for it in turn (a cycle): neither could ever run"
+                    f" - at `$.{field}`",
+                    field=field,
+                )
+            state[j] = 1
+            stack.append((j, 0))

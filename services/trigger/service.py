@@ -23,7 +23,7 @@ from jobmesh.runtime.tracing import Tracing
 from jobmesh.trigger.bursts import Bursts
 from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler
 from jobmesh.trigger.firing import Firer
-from jobmesh.trigger.handlers import SubmitHandler
+from jobmesh.trigger.handlers import JobLookup, SubmitHandler
 from jobmesh.trigger.handlerschemas import HandlerSchemas
 from jobmesh.trigger.router import Router
 from jobmesh.trigger.ruleapi import RuleApi
@@ -33,6 +33,7 @@ from jobmesh.trigger.stats import RuleStats
 from jobmesh.trigger.subjectevents import EventCodec, EventHandler
 from jobmesh.trigger.ticker import Ticker
 from jobmesh.trigger.webhooks import HttpIngress, SecretReader
+from jobmesh.trigger.workflowapi import HandlerTypes, WorkflowApi
 
 log = logging.getLogger("jobmesh.trigger.service")
 
@@ -104,7 +105,19 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         max_bytes=settings.max_message_bytes,
         view=rules,
     )
-    submit = SubmitHandler(rt.publisher, settings.partitions, schemas)
+    jobs = JobLookup(rt.nc)
+    submit = SubmitHandler(rt.publisher, settings.partitions, schemas, jobs=jobs)
+    workflows = WorkflowApi(
+        rt.nc,
+        rt.js,
+        rt.publisher,
+        settings.partitions,
+        jobs,
+        handlers=HandlerTypes(rt.js),
+        tracing=tracing,
+        clock=time.time,
+        max_bytes=settings.max_message_bytes,
+    )
     secrets = SecretReader(settings.secrets_dir, settings.secrets_env_prefix, os.environ)
     token = None
     if settings.http_submit_token_secret:
@@ -151,6 +164,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
                 queue="trigger",
             ),
             *api.responders(),
+            *workflows.responders(),
         ],
         on_stop=lambda: _stop(ingress, stats),
     )

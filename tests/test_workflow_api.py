@@ -1,0 +1,290 @@
+"""The workflow API (``api.workflows.*``) and ``after`` on plain submits, against real services.
+
+A trigger, a scheduler and a tracker run as processes; no executor does, so every job waits
+and nothing runs: the tests look at what the trigger stores (``jm_workflows``) and publishes
+(``JobSubmitted`` on ``JM_JOBS``), at how a cancel reaches waiting jobs, and at what a retry
+submits once they have ended.
+"""
+
+from __future__ import annotations
+
+import msgspec
+import nats.errors
+import pytest
+
+from jobmesh.client.client import Client
+from jobmesh.contract import subjects
+from jobmesh.contract.ids import job_id_for, new_idempotency_key, step_key, workflow_run_id
+from jobmesh.contract.messages.v1 import (
+    Dependency,
+    JobSpec,
+    JobSubmitted,
+    NoopRuntime,
+    Submission,
+    WorkflowRun,
+    WorkflowRunReply,
+    WorkflowRunRequest,
+    WorkflowSpec,
+)
+from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, NotFound
+from jobmesh.runtime.tracing import trace_id_of
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+async def services(make_module_cluster):
+    return await make_module_cluster(services=["trigger", "scheduler", "tracker"], name="workflow-api")
+
+
+@pytest.fixture(scope="module")
+async def client(services, nats_server):
+    c = await Client.connect(nats_server.url)
+    yield c
+    await c.close()
+
+
+def sh(*argv: str, **extra) -> dict:
+    return {"runtime": {"kind": "process", "argv": ["sh", "-c", *argv]}, "queue": "wf-api", **extra}
+
+
+def diamond(name: str = "diamond", **extra) -> WorkflowSpec:
+    steps = {
+        "a": sh("echo ${input.who}"),
+        "b": sh("echo ${steps.a.result.x}", needs=["a"]),
+        "c": sh("echo c", needs=["a"], on_error="continue"),
+        "d": sh("echo ${steps.b.result}", needs=["b", "c"]),
+    }
+    return msgspec.convert({"name": name, "steps": steps, **extra}, WorkflowSpec)
+
+
+async def run(client: Client, spec: WorkflowSpec, input=None, key: str = "") -> WorkflowRunReply:
+    # Straight to the service: the client checks what it can before sending, and these
+    # tests are about what the service checks.
+    request = WorkflowRunRequest(spec=spec, input=input, idempotency_key=key)
+    return await client.request(subjects.API_WORKFLOWS_RUN, request, WorkflowRunReply, "trigger")
+
+
+async def submitted(client: Client, label: str, value: str) -> list[tuple[JobSubmitted, dict]]:
+    """Every JobSubmitted in JM_JOBS whose metadata has ``label=value``, with its headers."""
+    js = client.nc.jetstream()
+    found = []
+    last = (await js.stream_info(subjects.STREAM_JOBS)).state.last_seq
+    sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True)
+    try:
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=2)
+            except nats.errors.TimeoutError:
+                break
+            event = msgspec.json.decode(msg.data, type=JobSubmitted)
+            if event.spec.metadata.get(label) == value:
+                found.append((event, dict(msg.headers or {})))
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def stored(client: Client, run_id: str) -> WorkflowRun | None:
+    kv = await client.nc.jetstream().key_value(subjects.KV_WORKFLOWS)
+    try:
+        entry = await kv.get(subjects.workflow_key(run_id))
+    except Exception:  # noqa: BLE001 - nats-py raises KeyNotFoundError for a missing key
+        return None
+    return msgspec.json.decode(entry.value, type=WorkflowRun)
+
+
+async def stored_keys(client: Client) -> list[str]:
+    kv = await client.nc.jetstream().key_value(subjects.KV_WORKFLOWS)
+    try:
+        return sorted(await kv.keys())
+    except Exception:  # noqa: BLE001 - NoKeysError when the bucket is empty
+        return []
+
+
+async def recorded(client: Client, job_ids, final: bool = False) -> bool:
+    for job_id in job_ids:
+        try:
+            view = await client.get(job_id)
+        except NotFound:
+            return False
+        if final and not view.final:
+            return False
+    return True
+
+
+# --- run -----------------------------------------------------------------------------------
+async def test_a_run_stores_its_record_and_publishes_one_job_per_step(client):
+    key = new_idempotency_key()
+    reply = await run(client, diamond(), {"who": "me"}, key)
+    record = reply.run
+    run_id = workflow_run_id(key)
+    assert record.run_id == run_id and not reply.duplicate
+    assert record.input == {"who": "me"} and record.generation == 0 and record.state == "running"
+    assert record.jobs == {step: job_id_for(step_key(run_id, step, 0)) for step in "abcd"}
+    assert await stored(client, run_id) == record
+
+    events = await submitted(client, "jobmesh.workflow", run_id)
+    by = {event.spec.step.step: (event, headers) for event, headers in events}
+    assert sorted(by) == ["a", "b", "c", "d"]
+    for step, (event, headers) in by.items():
+        assert event.job_id == record.jobs[step]
+        assert headers["Nats-Msg-Id"] == f"submit:{step_key(run_id, step, 0)}"
+        assert event.spec.keep_result and event.spec.metadata["jobmesh.step"] == step
+    assert by["a"][0].spec.runtime.argv[2] == "echo me"
+    assert [(d.job_id, d.when) for d in by["d"][0].spec.after] == [
+        (record.jobs["b"], "succeeded"),
+        (record.jobs["c"], "ended"),
+    ]
+    assert by["b"][0].spec.step.upstream["a"].job_id == record.jobs["a"]
+    # One trace for the run, a span (and so a traceparent) of its own for each step.
+    parents = {headers["traceparent"] for _, headers in by.values()}
+    assert len(parents) == 4
+    assert len({trace_id_of(headers) for _, headers in by.values()}) == 1
+
+    # The same key names the same run: its jobs are published again, as duplicates.
+    again = await run(client, diamond(), {"who": "someone else"}, key)
+    assert again.duplicate and again.run == record
+    assert len(await submitted(client, "jobmesh.workflow", run_id)) == 4
+
+
+@pytest.mark.parametrize(
+    ("steps", "field"),
+    [
+        ({"a": sh("x", needs=["b"]), "b": sh("x", needs=["a"])}, "steps.a.needs"),
+        ({"a": sh("x"), "b": sh("${steps.c.result}", needs=["a"]), "c": sh("x")}, "steps.b.runtime.argv[2]"),
+        ({"a": sh("${input.missing}")}, "steps.a.runtime.argv[2]"),
+        ({"a": sh("x", concurrency_limit=2)}, "steps.a.concurrency_key"),
+    ],
+)
+async def test_a_refused_workflow_creates_nothing(client, steps, field):
+    spec = msgspec.convert({"name": "refused", "steps": steps}, WorkflowSpec)
+    keys = await stored_keys(client)
+    key = new_idempotency_key()
+    with pytest.raises(InvalidSpec) as caught:
+        await run(client, spec, {}, key)
+    assert caught.value.field == field, caught.value
+    assert await submitted(client, "jobmesh.workflow", workflow_run_id(key)) == []
+    assert await stored_keys(client) == keys
+
+
+async def test_an_unknown_field_in_a_step_is_refused(client):
+    payload = msgspec.json.encode(
+        {"type": "api.workflows.run", "spec": {"name": "typo", "steps": {"a": {**sh("x"), "prority": 3}}}}
+    )
+    reply = await client.nc.request(subjects.API_WORKFLOWS_RUN, payload, timeout=10)
+    assert b"prority" in reply.data and b"api.error" in reply.data
+
+
+# --- get and list --------------------------------------------------------------------------
+async def test_get_and_list(client):
+    first = (await run(client, diamond("listed"), {"who": "1"})).run
+    second = (await run(client, diamond("listed"), {"who": "2"})).run
+    await run(client, diamond("other"), {"who": "3"})
+    assert await client.get_workflow(first.run_id) == first
+    with pytest.raises(NotFound) as caught:
+        await client.get_workflow("f" * 32)
+    assert caught.value.field == "run_id"
+    listed = (await client.list_workflows(name="listed")).runs
+    assert [row.run_id for row in listed] == [second.run_id, first.run_id]
+    assert listed[0].name == "listed" and listed[0].steps == 4 and listed[0].state == "running"
+    everything = (await client.list_workflows(limit=1000)).runs
+    assert {"listed", "other"} <= {row.name for row in everything}
+    assert [row.created_at for row in everything] == sorted((row.created_at for row in everything), reverse=True)
+    assert len((await client.list_workflows(limit=1)).runs) == 1
+
+
+# --- cancel and retry ----------------------------------------------------------------------
+async def test_cancel_reaches_every_waiting_job_and_a_retry_runs_them_again(client):
+    record = (await run(client, diamond("cancelled"), {"who": "me"})).run
+    await eventually(lambda: recorded(client, record.jobs.values()), what="the tracker to record the jobs")
+    with pytest.raises(Conflict, match="has not ended"):
+        await client.retry_workflow(record.run_id)
+
+    reply = await client.cancel_workflow(record.run_id, reason="test")
+    assert reply.cancelled == 4, reply
+    assert (await client.get_workflow(record.run_id)).state == "cancelled"
+    await eventually(lambda: recorded(client, record.jobs.values(), final=True), what="every job to end")
+    for job_id in record.jobs.values():
+        assert (await client.get(job_id)).state == "cancelled"
+
+    retried = await client.retry_workflow(record.run_id)
+    assert retried.steps == ["a", "b", "c", "d"]
+    run_id = record.run_id
+    assert retried.run.generation == 1 and retried.run.state == "running"
+    assert retried.run.jobs == {step: job_id_for(step_key(run_id, step, 1)) for step in "abcd"}
+    assert await stored(client, run_id) == retried.run
+    events = [
+        e for e, _ in await submitted(client, "jobmesh.workflow", run_id) if e.job_id in retried.run.jobs.values()
+    ]
+    assert len(events) == 4
+    by = {e.spec.step.step: e for e in events}
+    assert [d.job_id for d in by["b"].spec.after] == [retried.run.jobs["a"]]
+    await client.cancel_workflow(run_id)
+
+
+async def test_a_run_with_a_concurrency_key_waits_for_the_earlier_run(client):
+    spec = diamond("keyed", concurrency_key="ds-${input.who}")
+    first = (await run(client, spec, {"who": "x"})).run
+    second = (await run(client, spec, {"who": "x"})).run
+    assert first.concurrency_key == second.concurrency_key == "ds-x"
+    assert first.after_run == "" and second.after_run == first.run_id
+    by = {e.spec.step.step: e for e, _ in await submitted(client, "jobmesh.workflow", second.run_id)}
+    waited = [(d.job_id, d.when) for d in by["a"].spec.after]
+    assert sorted(waited) == sorted((job, "ended") for job in first.jobs.values())
+    # Another key's run waits for nobody.
+    third = (await run(client, spec, {"who": "y"})).run
+    assert third.after_run == ""
+    for one in (first, second, third):
+        await client.cancel_workflow(one.run_id)
+
+
+# --- after on a plain submit ---------------------------------------------------------------
+def waiting_job(**extra) -> JobSpec:
+    return JobSpec(runtime=NoopRuntime(), queue="wf-api", **extra)
+
+
+async def test_after_on_a_plain_submit_is_checked_against_the_tracker(client):
+    unknown = "0" * 32
+    with pytest.raises(NotFound) as caught:
+        await client.submit([Submission(spec=waiting_job(after=[Dependency(job_id=unknown)]))])
+    assert caught.value.field == "jobs[0].spec.after[0].job_id"
+
+    # A job of the same request is waited for as it is; a cycle among them never runs.
+    first_key = new_idempotency_key()
+    first_id = job_id_for(first_key)
+    reply = await client.submit(
+        [
+            Submission(spec=waiting_job(), idempotency_key=first_key),
+            Submission(spec=waiting_job(after=[Dependency(job_id=first_id)])),
+        ]
+    )
+    assert reply.job_ids[0] == first_id
+    with pytest.raises(InvalidMessage) as caught:
+        key = new_idempotency_key()
+        await client.submit(
+            [Submission(spec=waiting_job(after=[Dependency(job_id=job_id_for(key))]), idempotency_key=key)]
+        )
+    assert caught.value.field == "jobs[0].spec.after[0].job_id"
+
+    # A job that has not ended is waited for; one that ended is dropped when its end
+    # allows, refused when it never can.
+    await eventually(lambda: recorded(client, [first_id]), what="the tracker to record the job")
+    label = new_idempotency_key()
+    await client.submit([Submission(spec=waiting_job(after=[Dependency(job_id=first_id)], metadata={"t": label}))])
+    (event, _), *_ = await submitted(client, "t", label)
+    assert event.spec.after == [Dependency(job_id=first_id)]
+    await client.cancel(first_id)
+    await eventually(lambda: recorded(client, [first_id], final=True), what="the cancel to be recorded")
+    with pytest.raises(InvalidSpec) as caught:
+        await client.submit([Submission(spec=waiting_job(after=[Dependency(job_id=first_id, when="succeeded")]))])
+    assert caught.value.field == "jobs[0].spec.after[0].job_id" and "cancelled" in caught.value.message
+    label = new_idempotency_key()
+    await client.submit(
+        [Submission(spec=waiting_job(after=[Dependency(job_id=first_id, when="ended")], metadata={"t": label}))]
+    )
+    (event, _), *_ = await submitted(client, "t", label)
+    assert event.spec.after == []
