@@ -133,3 +133,24 @@ def predict(request: PredictDigits, ctx: Context) -> Predictions:
     digits = fitted.estimator.predict(request.images)
     ctx.progress(1.0, f"classified {len(digits)} images")
     return Predictions(digits=[int(d) for d in digits], cached=cached)
+
+
+class Scores(msgspec.Struct, frozen=True, kw_only=True):
+    """The scores of several trained models (a workflow's fan-in: one per mapped item)."""
+
+    scores: Annotated[list[DigitsScore], Meta(min_length=1)]
+
+
+class Best(msgspec.Struct, frozen=True, kw_only=True):
+    """The best of the scores, and where it ranked them all."""
+
+    best: DigitsScore
+    ranking: list[str]  # "<model> <accuracy>", best first
+
+
+@handler("digits.best")
+def best(request: Scores, ctx: Context) -> Best:
+    """Pick the most accurate of several trained models (ties: the faster fit)."""
+    ranked = sorted(request.scores, key=lambda s: (-s.accuracy, s.fit_seconds))
+    print(f"digits.best: {ranked[0].model} with accuracy {ranked[0].accuracy:.4f} of {len(ranked)} models")
+    return Best(best=ranked[0], ranking=[f"{s.model} {s.accuracy:.4f}" for s in ranked])

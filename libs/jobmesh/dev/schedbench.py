@@ -3,7 +3,11 @@
 For backlogs of 1k, 100k and 1M pending jobs (10 tenants, 10 priorities, 20 resource
 shapes) it times 20,000 decisions at a steady depth (each released job completes and a new
 one arrives) and prints the cost per decision, the ratio to the 1k backlog, and the memory
-held per pending job. For 10, 100 and 1,000 nodes it prints
+held per pending job. With 100, 1,000 and 10,000 workflows in flight (chains of three steps:
+one step runnable, two waiting for the one before), it times decisions the same way (each
+released step completes, which makes the next step of its run runnable; a finished run is
+replaced by a new one) and prints the cost per decision beside 100 runs. For 10, 100 and
+1,000 nodes it prints
 the cost of a placement computed from scratch (a new node set) and of a cached one.
 
 Run: ``python -m jobmesh.dev.schedbench`` (``make bench`` runs it too).
@@ -18,7 +22,7 @@ import time
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
+from jobmesh.contract.messages.v1 import Dependency, JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
 from jobmesh.scheduler.backlog import Backlog, Job
 from jobmesh.scheduler.placement import Placement
 
@@ -95,6 +99,52 @@ def bench_backlog(size: int, decisions: int, nodes: int) -> tuple[float, float]:
     return elapsed / made * 1e6, per_job
 
 
+CHAIN = 3  # steps per workflow run in the workflow figure
+
+
+def make_step(run: int, step: int, rng: random.Random) -> Job:
+    """Step ``step`` of workflow run ``run``: it needs the step before it."""
+    after = [Dependency(job_id=f"{run:028x}{step - 1:04x}", step=f"s{step - 1}")] if step else []
+    spec = JobSpec(
+        runtime=RUNTIME,
+        tenant=f"t{run % 10}",
+        priority=rng.randrange(10),
+        resources=SHAPES[run % len(SHAPES)],
+        after=after,
+    )
+    job_id = f"{run:028x}{step:04x}"
+    wire = _encode(JobSubmitted(job_id=job_id, partition=0, spec=spec, idempotency_key=job_id, submitted_at=0.0))
+    return Job.of(_decode(wire), run * CHAIN + step, raw=wire)
+
+
+def bench_workflows(runs: int, decisions: int, nodes: int) -> float:
+    """Microseconds per decision with ``runs`` workflow runs in flight (steady state)."""
+    rng = random.Random(runs)
+    backlog = Backlog()
+    for run in range(runs):
+        for step in range(CHAIN):
+            backlog.add(make_step(run, step, rng), now=0.0)
+    placement = Placement(make_nodes(nodes))
+    for shape in SHAPES:
+        placement.place(JobSpec(runtime=RUNTIME, resources=shape))
+    placer = placement.place_job
+    made = 0
+    next_run = runs
+    started = time.perf_counter()
+    while made < decisions:
+        step = backlog.plan(0.0, placer, limit=100)
+        for d in step:
+            job_id = d.job.job_id
+            backlog.finish(job_id, 1, 0.0)
+            backlog.dependency_ended(job_id, "succeeded", 0.0)
+            if int(job_id[28:], 16) == CHAIN - 1:  # the run's last step: a new run arrives
+                for s_ in range(CHAIN):
+                    backlog.add(make_step(next_run, s_, rng), now=0.0)
+                next_run += 1
+        made += len(step)
+    return (time.perf_counter() - started) / made * 1e6
+
+
 def bench_placement(nodes: int, rounds: int = 50) -> tuple[float, float]:
     """Returns (ms for a placement over a new node set, µs for a cached one)."""
     node_list = make_nodes(nodes)
@@ -133,6 +183,16 @@ def main() -> None:
         base = base or us
         print(
             f"  backlog {size:>9,}: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / base:4.2f}x of 1k   memory {per_job:6.0f} B/pending job"
+        )
+    print(
+        f"scheduler decisions with workflow runs in flight (chains of {CHAIN} steps; completion wakes the next step):"
+    )
+    wf_base = None
+    for runs in (100, 1000, 10_000):
+        us = min(bench_workflows(runs, args.decisions, nodes=100) for _ in range(3))
+        wf_base = wf_base or us
+        print(
+            f"  {runs:>6,} runs in flight: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / wf_base:4.2f}x of 100 runs"
         )
     print("placement (hard constraints + locality tiers + spread):")
     for nodes in (10, 100, 1000):
