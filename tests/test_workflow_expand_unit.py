@@ -9,8 +9,17 @@ import pytest
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for, step_key
-from jobmesh.contract.messages.v1 import HandlerInfo, JobSummary, WorkflowSpec
+from jobmesh.contract.messages.v1 import (
+    Dependency,
+    HandlerInfo,
+    JobSpec,
+    JobSummary,
+    JobView,
+    NoopRuntime,
+    WorkflowSpec,
+)
 from jobmesh.errors import Conflict, InvalidSpec
+from jobmesh.trigger.handlers import settle_after
 from jobmesh.trigger.handlerschemas import HandlerSchema
 from jobmesh.trigger.workflows import (
     check,
@@ -372,3 +381,75 @@ def test_order_and_depths():
     spec = workflow({"d": sh("x", needs=["b", "c"]), "b": sh("x", needs=["a"]), "c": sh("x"), "a": sh("x")})
     assert order(spec) == ["c", "a", "b", "d"]
     assert depths(spec) == {"c": 0, "a": 0, "b": 1, "d": 2}
+
+
+# --- after on a plain submit (the decision, with a stand-in tracker) -------------------------
+class StandInTracker:
+    def __init__(self, views: dict) -> None:
+        self._views = views
+        self.asked: list[list[str]] = []
+
+    async def views(self, job_ids, grace=None):
+        asked = list(job_ids)
+        self.asked.append(asked)
+        return {job_id: self._views.get(job_id) for job_id in asked}
+
+
+def view(job_id: str, state: str, final: bool):
+    return JobView(
+        job_id=job_id,
+        name="",
+        queue="default",
+        tenant="default",
+        state=state,
+        reason="",
+        attempt=1,
+        node_id="",
+        submitted_at=NOW,
+        updated_at=NOW,
+        spec=JobSpec(runtime=NoopRuntime()),
+        final=final,
+    )
+
+
+def waits(*deps) -> JobSpec:
+    return JobSpec(runtime=NoopRuntime(), after=[Dependency(job_id=j, when=w) for j, w in deps])
+
+
+async def test_after_keeps_what_is_pending_drops_what_is_met_and_refuses_what_never_can_be():
+    tracker = StandInTracker(
+        {
+            "done": view("done", "succeeded", True),
+            "busy": view("busy", "running", False),
+            "gone": view("gone", "cancelled", True),
+        }
+    )
+    specs = [
+        waits(("done", "succeeded"), ("busy", "succeeded")),
+        waits(("gone", "ended")),
+        JobSpec(runtime=NoopRuntime()),
+    ]
+    out = await settle_after(specs, ["j0", "j1", "j2"], tracker)
+    assert [d.job_id for d in out[0].after] == ["busy"]
+    assert out[1].after == [] and out[2] is specs[2]
+    assert len(tracker.asked) == 1 and sorted(tracker.asked[0]) == ["busy", "done", "gone"]
+
+    with pytest.raises(InvalidSpec) as caught:
+        await settle_after(
+            [JobSpec(runtime=NoopRuntime()), waits(("busy", "ended"), ("gone", "failed"))], ["a", "b"], tracker
+        )
+    assert caught.value.field == "jobs[1].spec.after[1].job_id"
+
+
+async def test_after_on_jobs_of_the_same_request_is_kept_unless_they_form_a_cycle():
+    tracker = StandInTracker({})
+    chain = [waits()] + [waits((f"j{i - 1}", "succeeded")) for i in range(1, 1000)]
+    out = await settle_after(chain, [f"j{i}" for i in range(1000)], tracker)
+    assert out[999].after[0].job_id == "j998" and tracker.asked == []
+    with pytest.raises(InvalidSpec) as caught:
+        await settle_after(
+            [waits(("j2", "ended")), waits(("j0", "ended")), waits(("j1", "ended"))], ["j0", "j1", "j2"], tracker
+        )
+    assert "cycle" in caught.value.message and caught.value.field.endswith(".after[0].job_id")
+    with pytest.raises(InvalidSpec, match="itself"):
+        await settle_after([waits(("j0", "ended"))], ["j0"], tracker)

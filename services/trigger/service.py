@@ -1,5 +1,5 @@
-"""The trigger service: API submits, event rules, webhooks, schedules and completions in;
-JobSubmitted out.
+"""The trigger service: API submits, workflow runs, event rules, webhooks, schedules and
+completions in; JobSubmitted out.
 
 It keeps live views of ``jm_triggers`` (the rules) and ``jm_handlers`` (to check a handler
 job's input), consumes ``JM_EVENTS`` (and ``JM_EXTERNAL`` for subjects the operator allows),
