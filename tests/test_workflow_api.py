@@ -3,14 +3,21 @@
 A trigger, a scheduler and a tracker run as processes; no executor does, so every job waits
 and nothing runs: the tests look at what the trigger stores (``jm_workflows``) and publishes
 (``JobSubmitted`` on ``JM_JOBS``), at how a cancel reaches waiting jobs, and at what a retry
-submits once they have ended.
+submits once they have ended. The spans of a run are looked at without a server (a bucket
+and a publisher that keep what they get, and an in-memory span exporter).
 """
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import msgspec
 import nats.errors
+import nats.js.errors
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
@@ -27,10 +34,12 @@ from jobmesh.contract.messages.v1 import (
     WorkflowSpec,
 )
 from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, NotFound
-from jobmesh.runtime.tracing import trace_id_of
+from jobmesh.runtime.publisher import Outgoing
+from jobmesh.runtime.tracing import Tracing, trace_id_of
+from jobmesh.trigger.workflowapi import WorkflowApi
 from tests.helpers import eventually
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +126,7 @@ async def recorded(client: Client, job_ids, final: bool = False) -> bool:
 
 
 # --- run -----------------------------------------------------------------------------------
+@integration
 async def test_a_run_stores_its_record_and_publishes_one_job_per_step(client):
     key = new_idempotency_key()
     reply = await run(client, diamond(), {"who": "me"}, key)
@@ -151,6 +161,7 @@ async def test_a_run_stores_its_record_and_publishes_one_job_per_step(client):
     assert len(await submitted(client, "jobmesh.workflow", run_id)) == 4
 
 
+@integration
 @pytest.mark.parametrize(
     ("steps", "field"),
     [
@@ -171,6 +182,7 @@ async def test_a_refused_workflow_creates_nothing(client, steps, field):
     assert await stored_keys(client) == keys
 
 
+@integration
 async def test_an_unknown_field_in_a_step_is_refused(client):
     payload = msgspec.json.encode(
         {"type": "api.workflows.run", "spec": {"name": "typo", "steps": {"a": {**sh("x"), "prority": 3}}}}
@@ -180,6 +192,7 @@ async def test_an_unknown_field_in_a_step_is_refused(client):
 
 
 # --- get and list --------------------------------------------------------------------------
+@integration
 async def test_get_and_list(client):
     first = (await run(client, diamond("listed"), {"who": "1"})).run
     second = (await run(client, diamond("listed"), {"who": "2"})).run
@@ -198,6 +211,7 @@ async def test_get_and_list(client):
 
 
 # --- cancel and retry ----------------------------------------------------------------------
+@integration
 async def test_cancel_reaches_every_waiting_job_and_a_retry_runs_them_again(client):
     record = (await run(client, diamond("cancelled"), {"who": "me"})).run
     await eventually(lambda: recorded(client, record.jobs.values()), what="the tracker to record the jobs")
@@ -226,6 +240,7 @@ async def test_cancel_reaches_every_waiting_job_and_a_retry_runs_them_again(clie
     await client.cancel_workflow(run_id)
 
 
+@integration
 async def test_a_run_with_a_concurrency_key_waits_for_the_earlier_run(client):
     spec = diamond("keyed", concurrency_key="ds-${input.who}")
     first = (await run(client, spec, {"who": "x"})).run
@@ -247,6 +262,7 @@ def waiting_job(**extra) -> JobSpec:
     return JobSpec(runtime=NoopRuntime(), queue="wf-api", **extra)
 
 
+@integration
 async def test_after_on_a_plain_submit_is_checked_against_the_tracker(client):
     unknown = "0" * 32
     with pytest.raises(NotFound) as caught:
@@ -288,3 +304,104 @@ async def test_after_on_a_plain_submit_is_checked_against_the_tracker(client):
     )
     (event, _), *_ = await submitted(client, "t", label)
     assert event.spec.after == []
+
+
+# --- spans (no server) ---------------------------------------------------------------------
+class KeptKV:
+    """A bucket in memory: get, create and update with compare-and-set."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, tuple[bytes, int]] = {}
+        self.revision = 0
+
+    async def get(self, key: str):
+        if key not in self.values:
+            raise nats.js.errors.KeyNotFoundError()
+        value, revision = self.values[key]
+        return SimpleNamespace(key=key, value=value, revision=revision)
+
+    async def create(self, key: str, value: bytes) -> int:
+        if key in self.values:
+            raise nats.js.errors.KeyWrongLastSequenceError()
+        return self._put(key, value)
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        if self.values.get(key, (b"", 0))[1] != last:
+            raise nats.js.errors.KeyWrongLastSequenceError()
+        return self._put(key, value)
+
+    def _put(self, key: str, value: bytes) -> int:
+        self.revision += 1
+        self.values[key] = (value, self.revision)
+        return self.revision
+
+
+class KeptPublisher:
+    def __init__(self) -> None:
+        self.sent: list[Outgoing] = []
+
+    async def publish(self, items):
+        items = list(items)
+        self.sent.extend(items)
+        return [SimpleNamespace(duplicate=False) for _ in items]
+
+
+def api_in_memory(tracing: Tracing) -> tuple[WorkflowApi, KeptKV, KeptPublisher]:
+    kv, publisher = KeptKV(), KeptPublisher()
+
+    async def key_value(_name):
+        return kv
+
+    js = SimpleNamespace(key_value=key_value)
+    api = WorkflowApi(None, js, publisher, 4, jobs=None, tracing=tracing)  # type: ignore[arg-type]
+    return api, kv, publisher
+
+
+async def test_a_run_is_one_span_with_a_child_span_per_step_whose_job_carries_it():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("test"), exporting=True, provider=provider)
+    api, kv, publisher = api_in_memory(tracing)
+    reply = await api.start(diamond("traced"), {"who": "me"}, "k1")
+    spans = {span.name: span for span in exporter.get_finished_spans()}
+    assert set(spans) == {"workflow traced", "step a", "step b", "step c", "step d"}
+    run_span = spans["workflow traced"]
+    for step in "abcd":
+        span = spans[f"step {step}"]
+        assert span.parent.span_id == run_span.context.span_id
+        assert span.context.trace_id == run_span.context.trace_id
+        assert span.attributes["jobmesh.job_id"] == reply.run.jobs[step]
+    for item in publisher.sent:
+        headers = tracing.inject({}, item.context)
+        step = item.message.spec.step.step
+        assert headers["traceparent"].split("-")[2] == f"{spans[f'step {step}'].context.span_id:016x}"
+    assert list(kv.values) == [subjects.workflow_key(reply.run.run_id)]
+
+
+async def test_a_second_request_and_a_later_run_with_the_key_in_memory():
+    api, kv, publisher = api_in_memory(Tracing.off())
+    spec = diamond("keyed", concurrency_key="${input.who}")
+    first = await api.start(spec, {"who": "x"}, "k1")
+    again = await api.start(spec, {"who": "x"}, "k1")
+    assert again.duplicate and again.run == first.run
+    assert len(publisher.sent) == 8  # the same jobs twice (their message ids make it a no-op)
+    assert publisher.sent[0].msg_id == publisher.sent[4].msg_id
+    # Nothing has ended as far as a tracker knows: the later run waits for every job.
+    api._jobs = SimpleNamespace(views=_nothing_known)  # type: ignore[assignment]
+    second = await api.start(spec, {"who": "x"}, "k2")
+    assert second.run.after_run == first.run.run_id
+    roots = [item.message for item in publisher.sent[8:] if item.message.spec.step.step == "a"]
+    assert sorted(d.job_id for d in roots[0].spec.after) == sorted(first.run.jobs.values())
+    # Cancelled: a second request for it publishes nothing again.
+    key = subjects.workflow_key(first.run.run_id)
+    value, revision = kv.values[key]
+    cancelled = msgspec.structs.replace(msgspec.json.decode(value, type=WorkflowRun), state="cancelled")
+    await kv.update(key, msgspec.json.encode(cancelled), last=revision)
+    sent = len(publisher.sent)
+    assert (await api.start(spec, {"who": "x"}, "k1")).duplicate
+    assert len(publisher.sent) == sent
+
+
+async def _nothing_known(job_ids, grace=None):
+    return dict.fromkeys(job_ids)

@@ -39,6 +39,7 @@ from jobmesh.contract.messages.v1 import (
     ErrorReply,
     HandlerInfo,
     JobOrigin,
+    JobSummary,
     WorkflowCancelReply,
     WorkflowCancelRequest,
     WorkflowGetRequest,
@@ -318,7 +319,7 @@ class WorkflowApi:
         run_id = workflow_run_id(idempotency_key or new_idempotency_key())
         existing, _ = await self._read(run_id)
         if existing is not None:
-            await self._publish(existing, context)
+            await self._republish(existing, context)
             return WorkflowRunReply(run=existing, duplicate=True)
         after_run = await self._hold_key(key, run_id) if key else ""
         record = WorkflowRun(
@@ -335,11 +336,17 @@ class WorkflowApi:
         if not await self._create(record):
             # Another replica took the same request at the same moment: its record stands.
             existing, _ = await self._existing(run_id)
-            await self._publish(existing, context)
+            await self._republish(existing, context)
             return WorkflowRunReply(run=existing, duplicate=True)
         await self._publish(record, context)
         log.info("workflow %s: run %s started with %d steps", spec.name, run_id, len(spec.steps))
         return WorkflowRunReply(run=record)
+
+    async def _republish(self, record: WorkflowRun, context: Context | None) -> None:
+        """Publish a run's jobs again for a request that names it a second time (the first
+        may have crashed between the record and the PubAcks); a cancelled run's are not."""
+        if record.state != "cancelled":
+            await self._publish(record, context)
 
     async def _publish(self, record: WorkflowRun, context: Context | None) -> None:
         """Publish the jobs of the record's generation (the same ids each time: a no-op when
@@ -516,9 +523,14 @@ class WorkflowApi:
         by_id = {row.job_id: row for row in rows if row.index == -1}
         current = {step: by_id.get(job) for step, job in record.jobs.items()}
         if any(row is None for row in current.values()):
-            # The jobs of the record's generation may never have been published (a crash
-            # between the record and the publish): publishing them again heals that.
-            await self._publish(record, env.context)
+            if record.state == "cancelled":
+                # Never published (a crash between the record and the publish) and then
+                # cancelled: such a job never ran, as a cancelled one.
+                current = {step: row or _never_ran(record.jobs[step]) for step, row in current.items()}
+            else:
+                # The jobs of the record's generation may never have been published:
+                # publishing them again heals that (the retry then waits for them to end).
+                await self._publish(record, env.context)
         plan = plan_retry(record.spec, record.jobs, current)
         if not plan.steps:
             return WorkflowRetryReply(run=record, steps=[])
@@ -535,6 +547,22 @@ class WorkflowApi:
         await self._publish(updated, env.context)
         log.info("workflow run %s retried (generation %d): %s", record.run_id, generation, ", ".join(plan.steps))
         return WorkflowRetryReply(run=updated, steps=plan.steps)
+
+
+def _never_ran(job_id: str) -> JobSummary:
+    return JobSummary(
+        job_id=job_id,
+        name="",
+        queue="",
+        tenant="",
+        state="cancelled",
+        attempt=0,
+        node_id="",
+        exit_code=None,
+        submitted_at=0.0,
+        updated_at=0.0,
+        final=True,
+    )
 
 
 def _summary(record: WorkflowRun) -> WorkflowSummary:
