@@ -372,7 +372,8 @@ def graph_problem(spec: WorkflowSpec) -> tuple[str, str] | None:
             if need == name:
                 return "a step cannot need itself", f"steps.{name}.needs[{i}]"
             if need not in spec.steps:
-                return f"no step is named {need!r}", f"steps.{name}.needs[{i}]"
+                known = ", ".join(sorted(spec.steps)[:10]) + (", ..." if len(spec.steps) > 10 else "")
+                return f"{need!r} is not a step of this workflow (the steps are {known})", f"steps.{name}.needs[{i}]"
     # Depth-first search; colour 1 = on the current path, 2 = done.
     colour: dict[str, int] = {}
     for start in spec.steps:
@@ -387,7 +388,7 @@ def graph_problem(spec: WorkflowSpec) -> tuple[str, str] | None:
             for i, need in stack[-1]:
                 if colour.get(need) == 1:
                     cycle = [*path[path.index(need) :], need]
-                    return f"the steps form a cycle: {' -> '.join(cycle)}", f"steps.{step_of_frame}.needs[{i}]"
+                    return f"the needs form a cycle: {' -> '.join(cycle)}", f"steps.{step_of_frame}.needs[{i}]"
                 if not colour.get(need):
                     colour[need] = 1
                     path.append(need)
@@ -487,7 +488,7 @@ class WorkflowStatus(msgspec.Struct, frozen=True, kw_only=True):
         name: the workflow's name.
         outcome: ``running`` while any step's job has not ended, then ``succeeded``,
             ``failed`` or ``cancelled`` (see :func:`run_status`).
-        state: the record's state (``running`` or ``cancelled``: a cancel was asked for).
+        cancel_requested: somebody cancelled the run (its jobs may still be stopping).
         generation: how often the run was retried.
         steps: every declared step, in declaration order.
         cancel_reason: why it was cancelled.
@@ -498,7 +499,7 @@ class WorkflowStatus(msgspec.Struct, frozen=True, kw_only=True):
     run_id: str
     name: str
     outcome: str
-    state: str
+    cancel_requested: bool
     generation: int
     steps: list[StepStatus]
     cancel_reason: str = ""
@@ -551,8 +552,11 @@ def _job_state(job: JobSummary) -> tuple[str, str]:
         return "waiting", job.reason
     if job.state in _PRE_RUNNING:
         return "queued", job.reason
-    if job.state in ("failed", "lost", "retrying"):
+    if job.state == "retrying":
         return "running", "retrying" + (f": {job.reason}" if job.reason else "")
+    if job.state in ("failed", "lost"):
+        # The attempt ended; the scheduler has yet to say whether another follows.
+        return "running", f"attempt {job.attempt} {job.state}" + (f": {job.reason}" if job.reason else "")
     return "running", job.reason
 
 
@@ -617,7 +621,8 @@ def run_status(record: WorkflowRun, jobs: Sequence[JobSummary]) -> WorkflowStatu
         started_at: float | None = None
         ended_at: float | None = None
         if job is None:
-            state, reason = ("waiting", _waiting_for(pending)) if pending else ("queued", "not recorded yet")
+            # Not recorded by the tracker yet: the trigger has submitted it.
+            state, reason = ("waiting", _waiting_for(pending)) if pending else ("queued", "")
         else:
             state, reason = _job_state(job)
             if not job.final and job.state in _PRE_RUNNING and pending:
@@ -655,7 +660,7 @@ def run_status(record: WorkflowRun, jobs: Sequence[JobSummary]) -> WorkflowStatu
         run_id=record.run_id,
         name=record.spec.name,
         outcome=_outcome(record, steps, still),
-        state=record.state,
+        cancel_requested=record.state == "cancelled",
         generation=record.generation,
         steps=steps,
         cancel_reason=record.cancel_reason,

@@ -557,9 +557,8 @@ def step_detail(step: StepStatus) -> str:
         parts.append(f"node {step.node_id}")
     if step.attempt > 1 and step.state in ("running", "failed", "succeeded"):
         parts.append(f"attempt {step.attempt}")
-    code = f"exit code {step.exit_code}"
-    if step.state == "failed" and step.exit_code is not None and not any(code in p for p in parts):
-        parts.append(code)
+    if step.state == "failed" and step.exit_code is not None and not step.reason:
+        parts.append(f"exit code {step.exit_code}")  # a failure's reason says it already
     return ", ".join(parts)
 
 
@@ -571,7 +570,7 @@ def outcome_line(status: WorkflowStatus) -> str:
     """
     counts = ", ".join(f"{n} {state}" for state, n in status.counts().items())
     cancel = ""
-    if status.state == "cancelled":
+    if status.cancel_requested:
         cancel = " (cancelled" + (f": {status.cancel_reason}" if status.cancel_reason else "") + ")"
         if status.outcome == "running":
             cancel = " (cancelling" + (f": {status.cancel_reason}" if status.cancel_reason else "") + ")"
@@ -586,7 +585,9 @@ def _signature(step: StepStatus) -> tuple[Any, ...]:
         done, total = step.items.done, step.items.total
         items = (done if total <= ITEM_LINES else done * 10 // total, step.items.failed)
     reason = "" if step.mapped and step.state == "running" else step.reason
-    return (step.state, reason, step.node_id, step.attempt, items)
+    # A held job's attempt number changes as the tracker records it: not news.
+    attempt = step.attempt if step.state in ("running", "succeeded", "failed") else 0
+    return (step.state, reason, step.node_id, attempt, items)
 
 
 def change_lines(shown: dict[str, tuple[Any, ...]], status: WorkflowStatus, elapsed: float, now: float) -> list[str]:
@@ -645,7 +646,7 @@ def tree_of(status: WorkflowStatus, elapsed: float, now: float) -> Tree:
     root.append(f"workflow {status.name} ", style="bold")
     root.append(f"run {status.run_id} ", style="dim")
     root.append(status.outcome, style=_OUTCOME_STYLES.get(status.outcome, ""))
-    if status.state == "cancelled" and status.outcome == "running":
+    if status.cancel_requested and status.outcome == "running":
         root.append(" (cancelling)", style="magenta")
     root.append(f"  {counts}  {seconds_text(elapsed)}", style="dim")
     tree = Tree(root)
@@ -678,7 +679,7 @@ def status_lines(status: WorkflowStatus, now: float) -> list[str]:
     generation = f"  generation {status.generation}" if status.generation else ""
     lines = [f"run       {status.run_id}  {status.name}{generation}"]
     outcome = status.outcome
-    if status.state == "cancelled":
+    if status.cancel_requested:
         outcome += " (cancelled" if status.outcome != "running" else " (cancelling"
         outcome += f": {status.cancel_reason})" if status.cancel_reason else ")"
     lines.append(f"outcome   {outcome}")
