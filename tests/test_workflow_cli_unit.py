@@ -492,6 +492,12 @@ def test_a_cancelled_run_is_cancelled_once_its_jobs_have_ended():
     assert cli.exit_code_for(status.outcome) == cli.EXIT_CANCELLED
 
 
+def test_a_cancel_after_every_step_ended_keeps_the_runs_outcome():
+    record = _record(_spec({"a": {}, "b": {"needs": ["a"]}}), state="cancelled")
+    status = run_status(record, [_job("a", "failed", final=True), _job("b", "cancelled", skipped=True)])
+    assert status.outcome == "failed" and status.cancel_requested
+
+
 def test_a_retried_run_follows_each_steps_current_job():
     spec = _spec({"a": {}, "b": {"needs": ["a"]}})
     record = _record(spec, generation=1, jobs={"a": "job-a", "b": "job-b2"})
@@ -633,6 +639,8 @@ def test_the_lines_of_run_cancel_retry_and_list():
     dup = WorkflowRunReply(run=_record(spec), duplicate=True)
     assert cli.started_line(dup) == f"workflow wf run {RUN} was started already (same idempotency key) (4 steps)"
     assert cli.cancelled_line(WorkflowCancelReply(run_id=RUN, cancelled=3)) == f"run {RUN} cancelled (3 jobs reached)"
+    ended = WorkflowCancelReply(run_id=RUN, cancelled=0, message="0 of 3 jobs stopped, 3 had ended")
+    assert cli.cancelled_line(ended) == f"run {RUN}: no job left to cancel (0 of 3 jobs stopped, 3 had ended)"
     retried = WorkflowRetryReply(run=_record(spec, generation=1), steps=["b", "d"])
     assert cli.retried_line(retried) == f"run {RUN} retried (generation 1): b, d run again"
     runs = [
@@ -813,3 +821,13 @@ def test_status_of_a_job_that_waits_for_its_dependencies_says_for_which(capsys):
     )
     render.job_status(view, seen_in_view(view, None), as_json=False)
     assert "state    waiting (waiting for: extract)" in capsys.readouterr().out.splitlines()
+
+
+def test_a_held_step_recorded_by_the_tracker_is_no_news():
+    # First its job is not recorded (attempt 0), then it is, waiting with attempt 1: same line.
+    spec = _spec({"a": {}, "b": {"needs": ["a"]}})
+    lines: list[str] = []
+    display = cli.PlainRunDisplay(lines.append)
+    display.show(run_status(_record(spec), [_job("a", "running")]), 0.0, T0)
+    display.show(run_status(_record(spec), [_job("a", "running"), _job("b", "waiting", attempt=1)]), 0.5, T0)
+    assert lines == ["[  0.00s] a running (node node-a)", "[  0.00s] b waiting (waiting for: a)"]

@@ -589,7 +589,8 @@ def run_status(record: WorkflowRun, jobs: Sequence[JobSummary]) -> WorkflowStatu
     counts them by state.
 
     The outcome is ``running`` while any step's job (or a current item) has not ended;
-    then ``cancelled`` when the run was cancelled; ``failed`` when a step with
+    then ``cancelled`` when the run was cancelled and the cancel ended a step (one that
+    came after every step had ended changes nothing); ``failed`` when a step with
     ``on_error: fail`` failed, expired or was cancelled without being skipped; else
     ``succeeded``. A skipped step never fails a run.
 
@@ -676,7 +677,8 @@ def _waiting_for(pending: Sequence[str]) -> str:
 def _outcome(record: WorkflowRun, steps: Sequence[StepStatus], still_running: bool) -> Outcome:
     if still_running:
         return "running"
-    if record.state == "cancelled":
+    # A cancel that came after every step had ended stopped nothing: the run keeps its outcome.
+    if record.state == "cancelled" and any(s.state == "cancelled" for s in steps):
         return "cancelled"
     if any(s.on_error == "fail" and s.state in ("failed", "cancelled") for s in steps):
         return "failed"

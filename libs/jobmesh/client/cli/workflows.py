@@ -731,6 +731,8 @@ def cancelled_line(reply: WorkflowCancelReply) -> str:
     Args:
         reply: the trigger's reply.
     """
+    if not reply.cancelled:
+        return f"run {reply.run_id}: no job left to cancel" + (f" ({reply.message})" if reply.message else "")
     jobs = f"{reply.cancelled} job{'s' if reply.cancelled != 1 else ''}"
     return f"run {reply.run_id} cancelled ({jobs} reached)" + (f": {reply.message}" if reply.message else "")
 
