@@ -512,9 +512,11 @@ class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
 
 
 class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded"):
-    """The attempt ended with exit code 0."""
+    """The attempt ended with exit code 0 (or a mapped step's items all succeeded)."""
 
-    node_id: Id
+    # A node id, or "" for a mapped step, which the scheduler ends without running it: the
+    # constraint was loosened from Id (same type; a v1.0 reader refuses only those ends).
+    node_id: str
     exit_code: int
     output_tail: str
     submitted_at: float
