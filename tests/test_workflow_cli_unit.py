@@ -50,7 +50,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowStep,
     WorkflowSummary,
 )
-from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound, UsageError
+from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound, Unavailable, UsageError
 
 T0 = 1_700_000_000.0
 RUN = "r" * 32
@@ -761,6 +761,30 @@ async def test_follow_raises_not_found_for_an_unknown_run():
 
     with pytest.raises(NotFound):
         await cli.follow(Missing([], {}), RUN, cli.PlainRunDisplay(lambda line: None), poll_seconds=0)
+
+
+async def test_follow_keeps_asking_while_a_service_is_away_for_a_while(capsys):
+    spec = _spec({"a": {}})
+    done = run_status(_record(spec), [_job("a", "succeeded")])
+
+    class Flaky(_FakeClient):
+        def __init__(self, failures: int) -> None:
+            super().__init__([done], {})
+            self.failures = failures
+
+        async def workflow_status(self, run_id: str) -> WorkflowStatus:
+            if self.failures:
+                self.failures -= 1
+                raise Unavailable("the tracker service did not answer")
+            return done
+
+    ticks = iter(range(1000))
+    clock = lambda: float(next(ticks))  # noqa: E731 - one second a call
+    status = await cli.follow(Flaky(3), RUN, cli.PlainRunDisplay(lambda line: None), poll_seconds=0, clock=clock)
+    assert status.outcome == "succeeded"
+    assert capsys.readouterr().err.count("still trying") == 1
+    with pytest.raises(Unavailable):
+        await cli.follow(Flaky(100), RUN, cli.PlainRunDisplay(lambda line: None), poll_seconds=0, clock=clock)
 
 
 def test_the_display_is_plain_lines_when_not_on_a_terminal():

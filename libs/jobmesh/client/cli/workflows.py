@@ -51,7 +51,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowRunReply,
     WorkflowSummary,
 )
-from jobmesh.errors import JobmeshError, UsageError
+from jobmesh.errors import JobmeshError, Unavailable, UsageError
 
 __all__ = [
     "EXIT_CANCELLED",
@@ -72,6 +72,8 @@ __all__ = [
 # Belongs with the others in ``exitcodes`` (asked for there); 3 stays "it failed".
 EXIT_CANCELLED = 5
 POLL_SECONDS = 0.5
+# How long a follower keeps asking while the trigger or the tracker does not answer.
+UNAVAILABLE_GRACE = 30.0
 # Job views read at once for the steps' exact times, and runs whose outcome ``list`` asks at once.
 CONCURRENCY = 16
 MAX_LIMIT = 1000  # the trigger's largest page of runs
@@ -438,11 +440,26 @@ async def follow(
 
     Raises:
         NotFound: there is no such run.
+        Unavailable: the trigger or the tracker did not answer for ``UNAVAILABLE_GRACE`` seconds.
     """
     began = clock()
     times = StepClock(client)
+    away_since: float | None = None
     while True:
-        status = await times.refresh(await client.workflow_status(run_id))
+        try:
+            status = await times.refresh(await client.workflow_status(run_id))
+        except Unavailable as exc:
+            # A service restarting (a deploy, a failover) should not end a follow of an
+            # hour-long run: keep asking for a while, and say so once.
+            now = clock()
+            if away_since is None:
+                away_since = now
+                render.err(f"{exc}; still trying for {UNAVAILABLE_GRACE:g}s")
+            elif now - away_since >= UNAVAILABLE_GRACE:
+                raise
+            await asyncio.sleep(max(poll_seconds, 0.5) if poll_seconds else 0)
+            continue
+        away_since = None
         display.show(status, clock() - began, wall())
         if status.outcome != "running":
             return status
