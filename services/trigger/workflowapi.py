@@ -216,6 +216,8 @@ class WorkflowApi:
             return None, 0
         except nats.js.errors.InvalidKeyError:
             return None, 0  # not an id a run can have
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _unavailable("read", run_id, exc) from exc
         if not entry.value:
             return None, 0
         try:
@@ -237,6 +239,8 @@ class WorkflowApi:
             await kv.create(subjects.workflow_key(record.run_id), encode(record))
         except nats.js.errors.KeyWrongLastSequenceError:
             return False
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _unavailable("write", record.run_id, exc) from exc
         return True
 
     async def _update(self, record: WorkflowRun, revision: int) -> None:
@@ -245,6 +249,8 @@ class WorkflowApi:
             await kv.update(subjects.workflow_key(record.run_id), encode(record), last=revision)
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"workflow run {record.run_id} changed meanwhile; try again") from exc
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _unavailable("write", record.run_id, exc) from exc
 
     async def _hold_key(self, key: str, run_id: str) -> str:
         """Make ``run_id`` the latest run with concurrency key ``key``; return the run before it ("" for none)."""
@@ -261,6 +267,8 @@ class WorkflowApi:
                 pass
             except msgspec.DecodeError:
                 log.warning("concurrency key %s: the stored value does not decode; replacing it", name)
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _unavailable("read", name, exc) from exc
             if holder is not None and holder.run_id == run_id:
                 return holder.after_run  # this run's own request, retried
             previous = holder.run_id if holder is not None else ""
@@ -272,6 +280,8 @@ class WorkflowApi:
                     await kv.create(name, value)
             except nats.js.errors.KeyWrongLastSequenceError:
                 continue
+            except (TimeoutError, nats.errors.Error) as exc:
+                raise _unavailable("write", name, exc) from exc
             return previous
         raise Conflict(f"concurrency key {key!r} kept changing under {CAS_TRIES} tries; try again")
 
@@ -428,6 +438,8 @@ class WorkflowApi:
             keys = [key for key in await kv.keys() if key.startswith(RUN_PREFIX)]
         except nats.js.errors.NoKeysError:
             keys = []
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _unavailable("list", "the runs", exc) from exc
         limit = asyncio.Semaphore(LIST_CONCURRENCY)
 
         async def one(key: str) -> WorkflowRun | None:
@@ -547,6 +559,10 @@ class WorkflowApi:
         await self._publish(updated, env.context)
         log.info("workflow run %s retried (generation %d): %s", record.run_id, generation, ", ".join(plan.steps))
         return WorkflowRetryReply(run=updated, steps=plan.steps)
+
+
+def _unavailable(what: str, key: str, exc: BaseException) -> Unavailable:
+    return Unavailable(f"cannot {what} {key} in {subjects.KV_WORKFLOWS}: {type(exc).__name__}: {exc}")
 
 
 def _never_ran(job_id: str) -> JobSummary:
