@@ -162,6 +162,7 @@ def test_a_step_may_not_set_step_after_or_the_map_source():
     step = {"workflow_id": "w", "step": "a"}
     assert refused(workflow({"a": sh("x", step=step)})).field == "steps.a.step"
     assert refused(workflow({"a": sh("x", after=[{"job_id": "j"}])})).field == "steps.a.after"
+    assert refused(workflow({"a": sh("x", when="failed")})).field == "steps.a.when"
     mapped = sh("${item}", needs=["a"], map={"over": "${steps.a.result}", "source": "j"})
     assert refused(workflow({"a": sh("x"), "m": mapped})).field == "steps.m.map.source"
 

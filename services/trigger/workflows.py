@@ -224,6 +224,8 @@ def _check_step(
         _fail(name, "step", "set by the trigger on a workflow's jobs; a step does not set it")
     if step.after:
         _fail(name, "after", "a step waits for the steps in its needs; name them there")
+    if step.when != "succeeded" and not step.needs:
+        _fail(name, "when", f"when: {step.when} says which end of its needs lets it run, and it needs no step")
     if step.map is not None and (step.map.source or step.map.path):
         _fail(name, "map.source" if step.map.source else "map.path", "filled in by the trigger from map.over")
     raw = _raw(step)
