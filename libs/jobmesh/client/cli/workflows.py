@@ -670,7 +670,8 @@ def tree_of(status: WorkflowStatus, elapsed: float, now: float) -> Tree:
     width = max((len(s.name) for s in status.steps), default=0)
     for step in status.steps:
         style = _STYLES.get(step.state, "")
-        label = Text()
+        # One line per step, however narrow the terminal: a long reason is cut, not wrapped.
+        label = Text(no_wrap=True, overflow="ellipsis")
         label.append(f"{_MARKS.get(step.state, '?')} ", style=style)
         label.append(step.name.ljust(width) + "  ")
         label.append(step.state.ljust(9), style=style)
