@@ -173,10 +173,21 @@ def test_a_step_spec_is_checked_as_a_plain_submit_would_be():
     assert error.field == "steps.a.concurrency_limit"
     spec = workflow({"a": {"runtime": {"kind": "process", "argv": [" "]}}})
     assert refused(spec).field == "steps.a.runtime.argv[0]"
-    # After the input is filled in: a whole-string placeholder takes the value's own type.
-    error = refused(workflow({"a": sh("${input.n}")}), {"n": 3})
-    assert error.field == "steps.a.runtime.argv[2]", error
-    assert "with the run's input filled in" in error.message
+
+
+def test_an_input_value_filled_into_argv_env_or_stdin_becomes_its_text():
+    spec = workflow({"a": {**sh("${input.n}"), "stdin": "${input.tags}"}})
+    spec = msgspec.structs.replace(
+        spec,
+        steps={
+            "a": msgspec.structs.replace(
+                spec.steps["a"], runtime=msgspec.structs.replace(spec.steps["a"].runtime, env={"N": "${input.n}"})
+            )
+        },
+    )
+    (job,) = expand(spec, {"n": 3, "tags": ["x", "y"]}, RUN, 0, 4, {}, NOW)
+    assert job.spec.runtime.argv[2] == "3" and job.spec.runtime.env == {"N": "3"}
+    assert job.spec.stdin == '["x","y"]'
 
 
 def test_a_handler_input_is_checked_against_its_type_unless_it_reads_upstream():
@@ -299,8 +310,8 @@ def test_a_mapped_step_is_one_job_that_names_its_list():
 
 def test_root_steps_wait_for_every_job_of_the_earlier_run_with_the_key():
     spec = workflow(DIAMOND, concurrency_key="x")
-    by = jobs_by_step(expand(spec, None, RUN, 0, 4, {}, NOW, after_jobs=["p1", "p2"]))
-    assert [(d.job_id, d.when) for d in by["a"].spec.after] == [("p1", "ended"), ("p2", "ended")]
+    by = jobs_by_step(expand(spec, None, RUN, 0, 4, {}, NOW, after_jobs=[("p1", 1), ("p2", 3)]))
+    assert [(d.job_id, d.when, d.partition) for d in by["a"].spec.after] == [("p1", "ended", 1), ("p2", "ended", 3)]
     assert all(d.job_id not in ("p1", "p2") for d in by["b"].spec.after + by["d"].spec.after)
 
 
@@ -430,14 +441,14 @@ async def test_after_keeps_what_is_pending_drops_what_is_met_and_refuses_what_ne
         waits(("gone", "ended")),
         JobSpec(runtime=NoopRuntime()),
     ]
-    out = await settle_after(specs, ["j0", "j1", "j2"], tracker)
+    out = await settle_after(specs, ["j0", "j1", "j2"], tracker, 4)
     assert [d.job_id for d in out[0].after] == ["busy"]
     assert out[1].after == [] and out[2] is specs[2]
     assert len(tracker.asked) == 1 and sorted(tracker.asked[0]) == ["busy", "done", "gone"]
 
     with pytest.raises(InvalidSpec) as caught:
         await settle_after(
-            [JobSpec(runtime=NoopRuntime()), waits(("busy", "ended"), ("gone", "failed"))], ["a", "b"], tracker
+            [JobSpec(runtime=NoopRuntime()), waits(("busy", "ended"), ("gone", "failed"))], ["a", "b"], tracker, 4
         )
     assert caught.value.field == "jobs[1].spec.after[1].job_id"
 
@@ -445,12 +456,12 @@ async def test_after_keeps_what_is_pending_drops_what_is_met_and_refuses_what_ne
 async def test_after_on_jobs_of_the_same_request_is_kept_unless_they_form_a_cycle():
     tracker = StandInTracker({})
     chain = [waits()] + [waits((f"j{i - 1}", "succeeded")) for i in range(1, 1000)]
-    out = await settle_after(chain, [f"j{i}" for i in range(1000)], tracker)
+    out = await settle_after(chain, [f"j{i}" for i in range(1000)], tracker, 4)
     assert out[999].after[0].job_id == "j998" and tracker.asked == []
     with pytest.raises(InvalidSpec) as caught:
         await settle_after(
-            [waits(("j2", "ended")), waits(("j0", "ended")), waits(("j1", "ended"))], ["j0", "j1", "j2"], tracker
+            [waits(("j2", "ended")), waits(("j0", "ended")), waits(("j1", "ended"))], ["j0", "j1", "j2"], tracker, 4
         )
     assert "cycle" in caught.value.message and caught.value.field.endswith(".after[0].job_id")
     with pytest.raises(InvalidSpec, match="itself"):
-        await settle_after([waits(("j0", "ended"))], ["j0"], tracker)
+        await settle_after([waits(("j0", "ended"))], ["j0"], tracker, 4)

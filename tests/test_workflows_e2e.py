@@ -238,3 +238,26 @@ async def test_killing_the_trigger_and_the_scheduler_mid_run_still_runs_each_ste
     finally:
         await conn.close()
         await client.close()
+
+
+async def test_steps_in_queues_of_other_partitions_wait_and_read_across_them(client):
+    # etl and q1 hash to different scheduler partitions (of the default 4).
+    spec = _spec(
+        {
+            "name": "across",
+            "steps": {
+                "list": {"queue": "etl", "runtime": sh('echo "{\\"items\\": [5, 6, 7]}" > "$JOBMESH_RESULT_PATH"')},
+                "double": {
+                    "queue": "q1",
+                    "needs": ["list"],
+                    "map": {"over": "${steps.list.result.items}"},
+                    "runtime": sh('echo "$(($0 * 2))" > "$JOBMESH_RESULT_PATH"', "${item}"),
+                },
+                "sum": {"queue": "etl", "needs": ["double"], "runtime": sh('echo "$0"', "${steps.double.result}")},
+            },
+        }
+    )
+    run = (await client.run_workflow(spec)).run
+    status = await _ended(client, run.run_id)
+    assert status.outcome == "succeeded", [(s.name, s.state, s.reason) for s in status.steps]
+    assert json.loads(await _output(client, run.jobs["sum"])) == [10, 12, 14]

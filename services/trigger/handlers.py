@@ -184,7 +184,7 @@ class SubmitHandler:
         specs = [submission.spec for submission in request.jobs]
         # A plain submit pays one test per job here; only one that waits asks the tracker.
         if self._jobs is not None and any(spec.after for spec in specs):
-            specs = await settle_after(specs, job_ids, self._jobs)
+            specs = await settle_after(specs, job_ids, self._jobs, self._partitions)
         outgoing = []
         for key, job_id, spec in zip(keys, job_ids, specs, strict=True):
             partition = subjects.partition_of(spec.queue, self._partitions)
@@ -202,7 +202,9 @@ class SubmitHandler:
         return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks])
 
 
-async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: JobLookup) -> list[JobSpec]:
+async def settle_after(
+    specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: JobLookup, partitions: int
+) -> list[JobSpec]:
     """The specs with their ``after`` checked against the tracker, in one round of requests.
 
     A dependency on a job of the same request stays (it is submitted with it); one on a
@@ -214,9 +216,11 @@ async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: J
         specs: the request's job specs, in order.
         job_ids: their job ids (from their idempotency keys).
         jobs: the tracker.
+        partitions: how many scheduler partitions queues hash onto.
 
     Returns:
-        The specs, each with the dependencies still to wait for.
+        The specs, each with the dependencies still to wait for, each naming the partition
+        of the job it waits for (where the scheduler asks to hear of its end).
 
     Raises:
         NotFound: a dependency names a job nobody submitted (``jobs[i].spec.after[k].job_id``).
@@ -237,7 +241,8 @@ async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: J
         for k, dep in enumerate(spec.after):
             field = f"jobs[{i}].spec.after[{k}].job_id"
             if dep.job_id in local:
-                kept.append(dep)
+                queue = specs[local[dep.job_id]].queue
+                kept.append(msgspec.structs.replace(dep, partition=subjects.partition_of(queue, partitions)))
                 continue
             view = views.get(dep.job_id)
             if view is None:
@@ -248,7 +253,7 @@ async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: J
                 )
             state = condition(dep.when, view.state, view.final)
             if state == "pending":
-                kept.append(dep)
+                kept.append(msgspec.structs.replace(dep, partition=view.partition) if view.partition >= 0 else dep)
             elif state == "never":
                 raise InvalidSpec(
                     f"job {dep.job_id} ended {view.state}, and this job runs only after "
@@ -256,7 +261,7 @@ async def settle_after(specs: Sequence[JobSpec], job_ids: Sequence[str], jobs: J
                     f" - at `$.{field}`",
                     field=field,
                 )
-        out.append(spec if len(kept) == len(spec.after) else msgspec.structs.replace(spec, after=kept))
+        out.append(msgspec.structs.replace(spec, after=kept))
     return out
 
 

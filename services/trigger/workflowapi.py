@@ -403,23 +403,28 @@ class WorkflowApi:
                 if span is not None:
                     span.end()
 
-    async def _earlier_jobs(self, run_id: str) -> list[str]:
+    async def _earlier_jobs(self, run_id: str) -> list[tuple[str, int]]:
         """The jobs of the earlier run with the same key that have not ended (as far as the
-        tracker knows: one it has not recorded yet is waited for)."""
+        tracker knows: one it has not recorded yet is waited for), with their partitions."""
         earlier, _ = await self._read(run_id)
         if earlier is None:
             return []  # forgotten: nothing left to wait for
+        partition_of = {
+            job: subjects.partition_of(earlier.spec.steps[step].queue, self._partitions)
+            for step, job in earlier.jobs.items()
+            if step in earlier.spec.steps
+        }
         jobs = list(dict.fromkeys(earlier.jobs.values()))
         try:
             views = await self._jobs.views(jobs, grace=0.0)
         except JobmeshError as exc:
             log.warning("run %s: the tracker cannot say which jobs have ended (%s); waiting for all", run_id, exc)
-            return jobs
+            return [(job, partition_of.get(job, -1)) for job in jobs]
         out = []
         for job in jobs:
             view = views.get(job)
             if view is None or not view.final:
-                out.append(job)
+                out.append((job, partition_of.get(job, -1)))
         return out
 
     # --- get and list --------------------------------------------------------------

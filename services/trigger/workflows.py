@@ -403,7 +403,7 @@ def expand(
     jobs_kept: Mapping[str, str],
     now: float,
     *,
-    after_jobs: Sequence[str] = (),
+    after_jobs: Sequence[tuple[str, int]] = (),
     origin: JobOrigin | None = None,
 ) -> list[JobSubmitted]:
     """The jobs of a run (a checked workflow): one per step not kept, needs before dependents.
@@ -417,8 +417,8 @@ def expand(
         jobs_kept: steps that keep their job (a retry's succeeded steps), by name: not
             submitted again, and a dependency on one is dropped (it is met already).
         now: the submission time.
-        after_jobs: jobs of the earlier run with the same concurrency key; every root step
-            waits for each of them to end.
+        after_jobs: jobs of the earlier run with the same concurrency key, with their
+            partitions; every root step waits for each of them to end.
         origin: the trigger rule and event that started the run, if one did.
 
     Returns:
@@ -432,12 +432,20 @@ def expand(
         step = spec.steps[name]
         job = _filled(name, _raw(step), input, run_id)
         after = [
-            Dependency(job_id=jobs[need], when=_when(step, spec.steps[need]), step=need)
+            Dependency(
+                job_id=jobs[need],
+                when=_when(step, spec.steps[need]),
+                step=need,
+                partition=subjects.partition_of(spec.steps[need].queue, partitions),
+            )
             for need in dict.fromkeys(step.needs)
             if need not in jobs_kept
         ]
         if not step.needs:
-            after.extend(Dependency(job_id=job_id, when="ended") for job_id in dict.fromkeys(after_jobs))
+            after.extend(
+                Dependency(job_id=job_id, when="ended", partition=partition)
+                for job_id, partition in dict.fromkeys(after_jobs)
+            )
         upstream = {}
         source: tuple[str, list[str | int]] | None = None
         for where, ref in refs_in(msgspec.to_builtins(job)):
@@ -496,7 +504,7 @@ def _filled(name: str, raw: dict[str, Any], input: Any, run_id: str) -> JobSpec:
     def lookup(ref: Ref) -> Any:
         return run_id if ref.kind == "workflow" else walk(input, ref.path)
 
-    filled = fill(raw, lookup, SUBMIT_KINDS)
+    filled = _as_text(fill(raw, lookup, SUBMIT_KINDS))
     try:
         return msgspec.convert(filled, JobSpec)
     except msgspec.ValidationError as exc:
@@ -505,6 +513,24 @@ def _filled(name: str, raw: dict[str, Any], input: Any, run_id: str) -> JobSpec:
         field = f"steps.{name}.{inner}" if inner else f"steps.{name}"
         text = message.rsplit(" - at `", 1)[0]
         raise InvalidSpec(f"with the run's input filled in: {text} - at `$.{field}`", field=field) from None
+
+
+def _as_text(raw: dict[str, Any]) -> dict[str, Any]:
+    """A value filled into a place that holds text (argv, env, stdin) as its text: a number
+    or a list from the input becomes its JSON, as the executor does for upstream results."""
+    runtime = raw.get("runtime")
+    if isinstance(runtime, dict):
+        if isinstance(runtime.get("argv"), list):
+            runtime["argv"] = [_text(a) for a in runtime["argv"]]
+        if isinstance(runtime.get("env"), dict):
+            runtime["env"] = {k: _text(v) for k, v in runtime["env"].items()}
+    if "stdin" in raw:
+        raw["stdin"] = _text(raw["stdin"])
+    return raw
+
+
+def _text(value: Any) -> Any:
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 # --- retrying ----------------------------------------------------------------------
