@@ -40,7 +40,7 @@ TERMINAL: frozenset[str] = frozenset(TERMINAL_STATES)
 # Places in the scheduler's backlog (``ExplainReply.where``) where a job waits for
 # something other than its turn: a start time, an earlier group member, a concurrency key,
 # a node that fits, room on its candidates.
-WAITING_PLACES: frozenset[str] = frozenset({"timer", "group", "key", "parked", "room"})
+WAITING_PLACES: frozenset[str] = frozenset({"timer", "group", "key", "parked", "room", "deps", "expand"})
 # ``where`` of a job that sits in the ready structures; the explanation tells whether it
 # only waits for its turn ("queued: ...") or for a queue gate (rate limit, in-flight cap).
 READY_PLACE = "ready"

@@ -135,7 +135,7 @@ def rule_from_data(data: Any, source: str = "rule") -> TriggerRule:
     """
     if not isinstance(data, Mapping):
         raise InvalidMessage(f"{source}: a rule must be a mapping of fields (name, source, job...), not {_kind(data)}")
-    return _strict(data, TriggerRule, source)
+    return strict_from_data(data, TriggerRule, source)
 
 
 def sample_event_from_data(data: Any, source: str = "event") -> SampleEvent:
@@ -162,7 +162,7 @@ def sample_event_from_data(data: Any, source: str = "event") -> SampleEvent:
             f"{source}: an event holds subject, data and headers, and this has none of them"
             " (give --subject to send the file as the event's data)"
         )
-    return _strict(data, SampleEvent, source)
+    return strict_from_data(data, SampleEvent, source)
 
 
 def read_rule_file(path: str | Path) -> TriggerRule:
@@ -222,7 +222,7 @@ def _headers(flags: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _strict(data: Mapping[str, Any], kind: type[S], source: str) -> S:
+def strict_from_data(data: Mapping[str, Any], kind: type[S], source: str) -> S:
     try:
         value = msgspec.convert(data, kind)
         # The wire types accept unknown fields (rolling upgrades); a person's file should not.

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from jobmesh.client.triggers import _strict, load_document
+from jobmesh.client.triggers import load_document, strict_from_data
 from jobmesh.contract.ids import job_id_for, map_item_key
 from jobmesh.contract.messages.v1 import (
     Constraints,
@@ -305,7 +305,7 @@ def workflow_from_data(data: Any, source: str = "workflow") -> WorkflowSpec:
         # that an error names the step (steps.load.runtime.argv).
         for name, step in steps.items():
             _check_step(name, step, source)
-    spec = _strict(data, WorkflowSpec, source)
+    spec = strict_from_data(data, WorkflowSpec, source)
     problem = graph_problem(spec)
     if problem is not None:
         message, field = problem
@@ -326,7 +326,7 @@ def _check_step(name: Any, step: Any, source: str) -> None:
             f"{source}: {where}: a step must be a mapping of fields (runtime, needs...), not {_kind(step)}", field=where
         )
     try:
-        _strict(step, WorkflowStep, source)
+        strict_from_data(step, WorkflowStep, source)
     except InvalidMessage as exc:
         inner = exc.field or ""
         field = f"{where}.{inner}" if inner else where

@@ -1,8 +1,8 @@
 """The ``jobmesh`` command line: parse, run the command, map its outcome to an exit code.
 
 Exit codes (``exitcodes``): 0 success, 1 bad usage or a request the cluster refused, 2 the
-cluster unreachable or busy (retryable), 3 the job failed (``run``), 4 not found, 130
-interrupted. With ``--json`` only JSON goes to stdout; diagnostics always go to stderr.
+cluster unreachable or busy (retryable), 3 the job or workflow run failed (``run``,
+``workflow run``), 4 not found, 5 the workflow run was cancelled, 130 interrupted. With ``--json`` only JSON goes to stdout; diagnostics always go to stderr.
 
 Modules: ``parser`` (subcommands and flags, plugin commands), ``specflags`` (job-spec flags
 to a ``JobSpec``), ``commands`` (what each subcommand asks the cluster), ``render`` (what is

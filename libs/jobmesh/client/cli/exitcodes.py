@@ -9,6 +9,7 @@ EXIT_USAGE = 1  # a bad command line, or a request the cluster refused
 EXIT_UNAVAILABLE = 2  # the cluster is unreachable or busy: the same command may work later
 EXIT_FAILED = 3  # the job ended and did not succeed (``run``, ``watch``)
 EXIT_NOT_FOUND = 4  # the job (or other thing) asked for does not exist
+EXIT_CANCELLED = 5  # the workflow run was cancelled (``workflow run``, ``status --follow``)
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports SIGINT
 
 

@@ -38,7 +38,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from jobmesh.client.cli import render
-from jobmesh.client.cli.exitcodes import EXIT_FAILED, EXIT_OK
+from jobmesh.client.cli.exitcodes import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 from jobmesh.client.cli.triggers import moment, relative
 from jobmesh.client.client import Client
 from jobmesh.client.triggers import load_document
@@ -70,7 +70,6 @@ __all__ = [
 
 # The run was cancelled (``workflow run``, ``status --follow``, ``retry --follow``).
 # Belongs with the others in ``exitcodes`` (asked for there); 3 stays "it failed".
-EXIT_CANCELLED = 5
 POLL_SECONDS = 0.5
 # How long a follower keeps asking while the trigger or the tracker does not answer.
 UNAVAILABLE_GRACE = 30.0
