@@ -681,7 +681,7 @@ def test_the_exit_codes_are_distinct():
     from jobmesh.client.cli import exitcodes
 
     codes = [v for k, v in vars(exitcodes).items() if k.startswith("EXIT_")]
-    assert cli.EXIT_CANCELLED not in codes
+    assert len(codes) == len(set(codes)) and exitcodes.EXIT_CANCELLED == 5
 
 
 # --- following ---------------------------------------------------------------------------
