@@ -20,7 +20,7 @@ DIGITS = Path(__file__).resolve().parent.parent / "examples" / "handlers" / "dig
 async def pool():
     one = HandlerPool([str(DIGITS)], workers=1)
     infos = {info.name: info for info in await one.start()}
-    assert set(infos) == {"digits.train", "digits.predict"}
+    assert set(infos) == {"digits.train", "digits.predict", "digits.best"}
     assert infos["digits.train"].input_schema["$defs"]["TrainDigits"]["properties"]["model"]["enum"] == [
         "forest",
         "logistic",
@@ -81,13 +81,38 @@ def test_jobmesh_dev_hosts_the_example_unless_told_otherwise(tmp_path):
     assert dev_service_env({}, ((tmp_path / "absent.py", ""),)) == {}  # an installed package has no examples/
 
 
-async def test_the_make_run_demo_calls_the_digits_handler_on_a_real_cluster(make_cluster, nats_server, capsys):
+async def test_the_make_run_demo_runs_the_train_and_pick_workflow_on_a_real_cluster(make_cluster, nats_server, capsys):
     from jobmesh.dev.demo import run_demo
 
     await make_cluster(env={"JOBMESH_HANDLER_MODULES": str(DIGITS)}, name="demo")
     await run_demo(nats_server.url, timeout=120)
     err = capsys.readouterr().err
-    assert re.search(r"^  digits: svc scored 0\.9\d\d on 450 held-out images", err, re.M), err
-    assert re.search(r"^  digits \w+  succeeded", err, re.M) and re.search(
-        r"^  fails  \w+  failed \(exit 3\)", err, re.M
+    # The demo jobs first, then the workflow as `jobmesh workflow run` shows it off a terminal.
+    assert re.search(r"^  fails  \w+  failed \(exit 3\)", err, re.M), err
+    assert re.search(r"^jobmesh: workflow train-and-pick run (\w+) started \(4 steps\)$", err, re.M), err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] prep succeeded", err, re.M), err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] train running \(\d/4 items done", err, re.M), err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] train succeeded \(4/4 items done", err, re.M), err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] pick succeeded", err, re.M), err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] report skipped", err, re.M), err
+    run = re.search(
+        r"^jobmesh: \[ *[\d.]+s\] workflow train-and-pick run (\w+) succeeded: 3 succeeded, 1 skipped$", err, re.M
     )
+    assert run, err
+    best = re.search(
+        r"^  best model: (svc|logistic|forest) scored 0\.9\d\d on 450 held-out images .*; ranking: (.*)$", err, re.M
+    )
+    assert best, err
+    assert len(best[2].split(", ")) == 4 and best[2].startswith(best[1]), best[2]
+    assert re.search(rf"^try: \S*jobmesh workflow status {run[1]}$", err, re.M), err
+
+
+async def test_without_the_digits_handlers_the_demo_runs_the_diamond(make_cluster, nats_server, capsys):
+    from jobmesh.dev.demo import run_demo
+
+    await make_cluster(env={"JOBMESH_HANDLER_MODULES": ""}, name="demo-plain")
+    await run_demo(nats_server.url, timeout=120)
+    err = capsys.readouterr().err
+    assert "(no executor hosts digits.train and digits.best: the demo runs diamond.yaml instead)" in err, err
+    assert re.search(r"^jobmesh: \[ *[\d.]+s\] workflow diamond run (\w+) succeeded: 4 succeeded$", err, re.M), err
+    assert re.search(r"^  d printed: left=60 right=60 total=120$", err, re.M), err
