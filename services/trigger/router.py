@@ -23,7 +23,7 @@ from jobmesh.errors import InvalidMessage, JobmeshError
 from jobmesh.runtime.tracing import Context
 from jobmesh.trigger.expressions import Bindings
 from jobmesh.trigger.firing import Fire, Fired, Firer
-from jobmesh.trigger.rules import CompiledRule
+from jobmesh.trigger.rules import CompiledRule, WorkflowStart
 from jobmesh.trigger.stats import RuleStats
 
 SourceKind = Literal["event", "webhook", "schedule", "completion"]
@@ -167,11 +167,15 @@ class Router:
                 if spec is None:
                     routed.filtered += 1
                     continue
-                if item.metadata:
-                    spec = with_metadata(spec, item.metadata)
-                fires.append(
-                    Fire(rule.name, spec, rule.idempotency_key(item.event_id), origin_of(item, rule, now), item.context)
-                )
+                key, origin = rule.idempotency_key(item.event_id), origin_of(item, rule, now)
+                if isinstance(spec, WorkflowStart):
+                    if item.metadata:
+                        spec = WorkflowStart(workflow_with_metadata(spec.spec, item.metadata), spec.input)
+                    fires.append(Fire(rule.name, None, key, origin, item.context, run=spec))
+                else:
+                    if item.metadata:
+                        spec = with_metadata(spec, item.metadata)
+                    fires.append(Fire(rule.name, spec, key, origin, item.context))
                 fired_for.append((item, rule))
         if fires:
             for (item, rule), result in zip(fired_for, await self.firer.fire(fires), strict=True):
@@ -198,3 +202,10 @@ class Router:
 def with_metadata(spec: Any, metadata: dict[str, str]) -> Any:
     """``spec`` with ``metadata`` added to its labels (the trigger's own keys win)."""
     return msgspec.structs.replace(spec, metadata={**spec.metadata, **metadata})
+
+
+def workflow_with_metadata(spec: Any, metadata: dict[str, str]) -> Any:
+    """``spec`` with ``metadata`` added to every step's labels: a run a completion started
+    carries the chain's depth on each of its jobs, so the chain stays bounded through it."""
+    steps = {name: with_metadata(step, metadata) for name, step in spec.steps.items()}
+    return msgspec.structs.replace(spec, steps=steps)

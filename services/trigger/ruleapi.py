@@ -4,7 +4,8 @@ Any trigger replica answers (queue group ``trigger``). Writes go to ``jm_trigger
 compare-and-set on the key's revision, so two writers of one rule never lose an update;
 every replica's rule view picks the change up from its watch. A put checks the rule
 completely first (:func:`jobmesh.trigger.rules.check_rule`, plus the input of a handler
-job against its handler's type), so nothing invalid is ever stored.
+job against its handler's type; for a rule that starts a workflow, a run of it checked with
+the sample's data as its input), so nothing invalid is ever stored.
 
 Reads go to the bucket, not to this replica's view, so ``trigger add`` followed by
 ``trigger list`` shows the rule whichever replicas answer.
@@ -12,6 +13,7 @@ Reads go to the bucket, not to this replica's view, so ``trigger add`` followed 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -51,14 +53,19 @@ from jobmesh.trigger.expressions import Bindings
 from jobmesh.trigger.handlerschemas import HandlerSchemas
 from jobmesh.trigger.rules import (
     CompiledRule,
+    WorkflowStart,
     burst_variables,
     check_rule,
+    check_workflow_run,
     compile_record,
     sample_variables,
     source_kind,
+    workflow_input,
 )
 from jobmesh.trigger.ruleset import RuleSet
 from jobmesh.trigger.stats import RuleStats
+from jobmesh.trigger.workflowapi import HandlerTypes
+from jobmesh.trigger.workflows import handler_names
 
 log = logging.getLogger("jobmesh.trigger.ruleapi")
 
@@ -205,7 +212,9 @@ class RuleApi:
         request = _decode_rule_request(self._put_codec, env.message, TriggerPutRequest)
         rule = request.rule
         _, spec = check_rule(rule, self._allowed, self._clock())
-        if type(spec.runtime) is HandlerRuntime and self._schemas is not None:
+        if isinstance(spec, WorkflowStart):
+            await self._check_handlers(spec)
+        elif type(spec.runtime) is HandlerRuntime and self._schemas is not None:
             await self._schemas.check(spec.runtime, "job.runtime")
         for _ in range(CAS_TRIES):
             now = self._clock()
@@ -341,6 +350,18 @@ class RuleApi:
         bindings = Bindings(burst_variables(compiled, variables))
         if not compiled.passes(bindings):
             return TriggerTestReply(matched=False, reason=f"the filter {rule.filter!r} is false for this event")
+        if compiled.workflow is not None:
+            start = WorkflowStart(compiled.workflow, workflow_input(kind, variables))
+            check_workflow_run(start.spec, start.input, None, now)
+            await self._check_handlers(start)
+            shown = json.dumps(start.input, separators=(",", ":"), default=str)
+            shown = shown if len(shown) <= 200 else shown[:199] + "…"
+            paused = "; paused: the rule lets events pass without a run" if record.paused else ""
+            return TriggerTestReply(
+                matched=True,
+                reason=f"starts a run of workflow {start.spec.name} with input {shown}{paused}",
+                idempotency_key=compiled.idempotency_key(variables["id"]),
+            )
         spec = compiled.job(bindings, now)
         if type(spec.runtime) is HandlerRuntime and self._schemas is not None:
             await self._schemas.check(spec.runtime, "job.runtime")
@@ -350,6 +371,13 @@ class RuleApi:
             job=msgspec.to_builtins(spec),
             idempotency_key=compiled.idempotency_key(variables["id"]),
         )
+
+    async def _check_handlers(self, start: WorkflowStart) -> None:
+        """Check the run again with the types of the handlers its steps call (those an
+        executor advertised; the others are checked when their steps run)."""
+        names = handler_names(start.spec)
+        if names:
+            check_workflow_run(start.spec, start.input, await HandlerTypes(self._js)(names), self._clock())
 
     def _next_tick(self, record: TriggerRecord) -> float:
         if self._ticker is None or source_kind(record.rule) != "schedule" or record.paused:

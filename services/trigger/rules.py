@@ -1,8 +1,10 @@
-"""A trigger rule, compiled: its subject patterns, filter, burst keys and job template.
+"""A trigger rule, compiled: its subject patterns, filter, burst keys and job template (or
+the workflow it starts).
 
-:func:`compile_rule` checks a rule completely (patterns, every CEL expression, the job its
-sample yields) and is what ``api.triggers.put`` runs before storing anything, so a rule in
-``jm_triggers`` always compiles. Deciding what an event does under a rule
+:func:`check_rule` checks a rule completely (patterns, every CEL expression, the job its
+sample yields, or the workflow run it starts checked with the sample as its input) and is
+what ``api.triggers.put`` runs before storing anything, so a rule in ``jm_triggers`` always
+compiles. Deciding what an event does under a rule
 (:meth:`CompiledRule.decide`) is a pure function of the rule, the event's bindings and the
 clock; publishing is :mod:`jobmesh.trigger.firing`'s job.
 """
@@ -10,10 +12,12 @@ clock; publishing is :mod:`jobmesh.trigger.firing`'s job.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import trigger_key
@@ -26,10 +30,15 @@ from jobmesh.contract.messages.v1 import (
     TriggerRecord,
     TriggerRule,
     WebhookSource,
+    WorkflowSpec,
+    WorkflowStep,
 )
+from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
-from jobmesh.errors import InvalidMessage, InvalidRule
+from jobmesh.errors import InvalidMessage, InvalidRule, InvalidSpec
+from jobmesh.trigger import workflows
 from jobmesh.trigger.expressions import Bindings, Expression
+from jobmesh.trigger.handlerschemas import HandlerSchema
 from jobmesh.trigger.templates import JobTemplate
 
 # The variables every expression may read. Each is always bound (empty where the source has
@@ -169,17 +178,19 @@ class CompiledRule:
         record: the record from ``jm_triggers``.
         patterns: the subject patterns it watches (event sources and correlation parts).
         filter: the rule's condition, or None.
-        template: the job template.
+        template: the job template (None for a rule that starts a workflow).
         burst_key: the key expression of a debounce, batch or correlation.
         parts: a correlation's parts.
+        workflow: the workflow a run of which each event starts (None for a job rule).
     """
 
     record: TriggerRecord
     patterns: tuple[tuple[str, ...], ...]
     filter: Expression | None
-    template: JobTemplate
+    template: JobTemplate | None
     burst_key: Expression | None = None
     parts: tuple[Part, ...] = ()
+    workflow: WorkflowSpec | None = None
 
     @property
     def rule(self) -> TriggerRule:
@@ -233,19 +244,26 @@ class CompiledRule:
             ExpressionError: a placeholder failed for this event.
             InvalidMessage: the result is not a valid job spec (names the field under ``job``).
         """
+        if self.template is None:
+            raise InvalidRule(f"rule {self.name} starts a workflow, not a job", field="workflow")
         spec = self.template.spec(bindings)
         validate_spec(spec, where="job", now=now)
         return spec
 
-    def decide(self, bindings: Bindings, now: float) -> JobSpec | None:
-        """What one event does under a rule that fires per event: a job spec, or None
-        when the filter lets it pass.
+    def decide(self, bindings: Bindings, now: float) -> JobSpec | WorkflowStart | None:
+        """What one event does under a rule that fires per event: a job spec, the workflow
+        run to start, or None when the filter lets it pass.
+
+        A workflow run is checked where it starts (:meth:`WorkflowApi.start`, which knows
+        the handlers' types), so its refusal comes from there.
 
         Raises:
             ExpressionError, InvalidMessage: the event cannot make a job (dead-lettered).
         """
         if not self.passes(bindings):
             return None
+        if self.workflow is not None:
+            return WorkflowStart(self.workflow, workflow_input(self.kind, bindings.variables))
         return self.job(bindings, now)
 
     def idempotency_key(self, event_id: str) -> str:
@@ -253,6 +271,87 @@ class CompiledRule:
         a redelivery or a second replica submits the same job, and a new version of the rule
         fires afresh."""
         return trigger_key(self.name, self.version, event_id)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowStart:
+    """A run a workflow rule starts for one event: the workflow and the run's input."""
+
+    spec: WorkflowSpec
+    input: Any
+
+
+def workflow_input(kind: str, variables: dict[str, Any]) -> Any:
+    """The input of the run a workflow rule starts: what a job template sees as ``event``
+    (a subject event's data, a webhook's body, the finished job of a completion); for a
+    schedule, which has no data, its tick (``{"unix": ..., "iso": ...}``)."""
+    if kind == "schedule" and variables.get("event") is None:
+        return variables["tick"]
+    return variables["event"]
+
+
+def decode_workflow(raw: dict[str, Any]) -> WorkflowSpec:
+    """A rule's ``workflow``, decoded strictly (a field the workflow does not know is a typo).
+
+    Raises:
+        InvalidRule: naming the field as ``workflow.<field>`` (``workflow.steps.b.needs[0]``).
+    """
+    # The rule arrived as JSON, so its workflow encodes again.
+    steps = raw.get("steps")
+    if isinstance(steps, dict):
+        # msgspec says "steps[...]" for a field inside a step: decode each step on its own
+        # first, so that an error names the step (workflow.steps.b.needs[0]).
+        for name, step in steps.items():
+            _decode_part(step, WorkflowStep, f"steps.{name}")
+    return _decode_part(raw, WorkflowSpec, "")
+
+
+def _decode_part(raw: Any, kind: Any, where: str) -> Any:
+    """Decode (strictly) a workflow or one of its steps; ``where`` is its field in the workflow."""
+    payload = msgspec.json.encode(raw)
+    try:
+        value = msgspec.json.decode(payload, type=kind)
+        reject_unknown_fields(payload, kind)
+    except msgspec.ValidationError as exc:
+        message, inner = str(exc), _path_of(str(exc))
+    except InvalidMessage as exc:
+        message, inner = str(exc), exc.field or ""
+    else:
+        return value
+    if where:
+        message = message.replace("`$.", f"`$.{where}.").replace("`$`", f"`$.{where}`")
+        inner = f"{where}.{inner}" if inner else where
+    raise workflow_error(message, inner)
+
+
+def _path_of(message: str) -> str:
+    """The field of a msgspec error (`` - at `$.steps.b.needs[0]` ``), without ``$.``."""
+    if " - at `$" not in message:
+        return ""
+    return message.rsplit(" - at `$", 1)[1].rstrip("`").lstrip(".")
+
+
+def workflow_error(message: str, inner: str) -> InvalidRule:
+    """An error of the workflow, named as its field sits in the rule."""
+    field = f"workflow.{inner}" if inner else "workflow"
+    text = message.replace("`$.", "`$.workflow.").replace("`$`", "`$.workflow`")
+    if not text.startswith(field):
+        text = f"{field}: {text}"
+    return InvalidRule(text, field=field)
+
+
+def check_workflow_run(
+    spec: WorkflowSpec, input: Any, handlers: Mapping[str, HandlerSchema] | None = None, now: float | None = None
+) -> None:
+    """Check a run of a rule's workflow with ``input`` as a run would be checked.
+
+    Raises:
+        InvalidRule: naming the field as ``workflow.<field>`` (``workflow.steps.a.runtime``).
+    """
+    try:
+        workflows.check(spec, workflows.run_input(spec, input), handlers, now)
+    except InvalidSpec as exc:
+        raise workflow_error(str(exc), exc.field or "") from None
 
 
 def source_kind(rule: TriggerRule) -> str:
@@ -311,20 +410,37 @@ def compile_record(record: TriggerRecord, allowed: Sequence[tuple[str, ...]] = (
     if isinstance(rule.source, ScheduleSource):
         _check_schedule(rule.source)
     flt = Expression(rule.filter, "filter") if rule.filter else None
-    if not rule.job:
-        raise RuleError("job: the job template may not be empty (it needs at least a runtime)", field="job")
-    template = JobTemplate(rule.job, "job")
+    template: JobTemplate | None = None
+    workflow: WorkflowSpec | None = None
+    if rule.workflow is not None:
+        if rule.job:
+            raise RuleError("workflow: a rule gives either a job or a workflow to start, not both", field="workflow")
+        if bursts:
+            # A burst fires with many events (``events``, ``parts``): a run has one input,
+            # and which of them it should be is not for the trigger to guess.
+            raise RuleError(
+                f"{bursts[0]}: a rule that starts a workflow fires per event; {bursts[0]} is for job rules "
+                "(start the workflow from a job rule's job, or filter the events instead)",
+                field=bursts[0],
+            )
+        workflow = decode_workflow(rule.workflow)
+    elif not rule.job:
+        raise RuleError(
+            "job: the job template may not be empty (it needs at least a runtime); or give a workflow to start",
+            field="job",
+        )
+    else:
+        template = JobTemplate(rule.job, "job")
     # The limit per expression multiplies with the number of expressions: count the rule's.
-    total = template.comprehensions + sum(
-        e.comprehensions for e in (flt, burst_key, *(p.filter for p in parts)) if e is not None
-    )
+    in_template = template.comprehensions if template is not None else 0
+    total = in_template + sum(e.comprehensions for e in (flt, burst_key, *(p.filter for p in parts)) if e is not None)
     if total > MAX_RULE_COMPREHENSIONS:
         raise RuleError(
             f"the rule holds {total} comprehensions (all, exists, exists_one, map, filter) in its filter, keys and "
             f"template; at most {MAX_RULE_COMPREHENSIONS}",
-            field="job" if template.comprehensions else "filter",
+            field="job" if in_template else "filter",
         )
-    return CompiledRule(record, tuple(patterns), flt, template, burst_key, tuple(parts))
+    return CompiledRule(record, tuple(patterns), flt, template, burst_key, tuple(parts), workflow)
 
 
 def _check_schedule(source: ScheduleSource) -> None:
@@ -398,15 +514,28 @@ def completion_sample(rule: TriggerRule, data: Any) -> dict[str, Any]:
 
 
 def check_rule(
-    rule: TriggerRule, allowed: Sequence[tuple[str, ...]] = (), now: float | None = None
-) -> tuple[CompiledRule, JobSpec]:
+    rule: TriggerRule,
+    allowed: Sequence[tuple[str, ...]] = (),
+    now: float | None = None,
+    handlers: Mapping[str, HandlerSchema] | None = None,
+) -> tuple[CompiledRule, JobSpec | WorkflowStart]:
     """Check a rule completely, as ``api.triggers.put`` does before storing it.
 
+    Args:
+        rule: the rule.
+        allowed: patterns the operator lets rules watch beyond ``jobmesh.v1.events.>``.
+        now: unix time (the clock's when None).
+        handlers: the types of the handlers a workflow's steps call (``workflows.handler_names``);
+            a handler missing here is not checked.
+
     Returns:
-        The compiled rule (as version 1) and the job spec its sample yields.
+        The compiled rule (as version 1) and the job spec its sample yields, or for a rule
+        that starts a workflow, the run it starts (checked as a run with the sample's data
+        as its input).
 
     Raises:
-        RuleError, ExpressionError, InvalidMessage: naming the field and the reason.
+        RuleError, ExpressionError, InvalidMessage: naming the field and the reason
+            (``workflow.<field>`` for the workflow).
     """
     at = time.time() if now is None else now
     compiled = compile_record(TriggerRecord(rule=rule, version=1), allowed)
@@ -424,6 +553,10 @@ def check_rule(
             part.filter.test(bindings)
     if compiled.burst_key is not None:
         compiled.burst_key.key(bindings)
+    if compiled.workflow is not None:
+        start = WorkflowStart(compiled.workflow, workflow_input(compiled.kind, variables))
+        check_workflow_run(start.spec, start.input, handlers, at)
+        return compiled, start
     return compiled, compiled.job(bindings, at)
 
 

@@ -118,6 +118,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         clock=time.time,
         max_bytes=settings.max_message_bytes,
     )
+    firer.workflows = workflows  # rules that start a workflow start it as the API does
     secrets = SecretReader(settings.secrets_dir, settings.secrets_env_prefix, os.environ)
     token = None
     if settings.http_submit_token_secret:
