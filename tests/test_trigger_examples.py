@@ -1,6 +1,7 @@
 """The rule files of examples/triggers/, each added to a live cluster with `jobmesh trigger add`
 and fired the way its users would: an event published with plain nats-py, a signed webhook
-POST, a cron tick, and the completion chain that follows the reindex."""
+POST, a cron tick, the completion chain that follows the reindex, and the workflow a dataset's
+arrival starts."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import nats
 import pytest
 
 from jobmesh.client.client import Client
-from jobmesh.contract.ids import job_id_for
+from jobmesh.contract.ids import job_id_for, trigger_key, workflow_run_id
 from jobmesh.contract.messages.v1 import JobView
+from jobmesh.errors import NotFound
 from tests.cluster_fixtures import E2E_NODE_ENV, fired_by, jobmesh_cli
 from tests.helpers import eventually
 
@@ -127,6 +129,35 @@ async def test_dataset_probe_cron_fires(examples_cluster, nats_server):
         assert row["next_tick"] > first.origin.at
     finally:
         jobmesh_cli(["trigger", "rm", "dataset-probe"], nats_server.url)
+        await client.close()
+        await nc.close()
+
+
+async def test_dataset_pipeline_starts_a_workflow_per_dataset(examples_cluster, nats_server):
+    add("dataset-pipeline.yaml", nats_server.url)
+    nc = await nats.connect(nats_server.url)
+    client = await Client.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        body = {"dataset": "books", "shards": 20}
+        ack = await js.publish("jobmesh.v1.events.datasets.arrived", json.dumps(body).encode())
+        run_id = workflow_run_id(trigger_key("dataset-pipeline", 1, f"{ack.stream}:{ack.seq}"))
+
+        async def ended():
+            try:
+                status = await client.workflow_status(run_id)
+            except NotFound:
+                return None
+            return status if status.outcome != "running" else None
+
+        status = await eventually(ended, timeout=120, what="the dataset's run to end")
+        assert status.outcome == "succeeded"
+        run = await client.get_workflow(run_id)
+        assert run.input == body and run.concurrency_key == "dataset-books"
+        collect = await final(client, run.jobs["collect"])
+        assert json.loads(collect.attempts[-1].result) == [{"dataset": "books", "shard": i} for i in range(20)]
+    finally:
+        jobmesh_cli(["trigger", "rm", "dataset-pipeline"], nats_server.url)
         await client.close()
         await nc.close()
 
