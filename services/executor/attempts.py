@@ -51,6 +51,7 @@ from jobmesh.contract.messages.v1 import (
     JobRuntime,
     LogLine,
     NoopRuntime,
+    ParentRef,
     ProcessRuntime,
 )
 from jobmesh.contract.messages.v1.jobs import FailureCode, runtime_kind
@@ -521,6 +522,7 @@ class Attempt:
             on_checkpoint=lambda text: setattr(lease, "checkpoint", self._mask(text)),
             pass_fds=(channel.child_fd,),
             on_spawned=channel.spawned,
+            parent=_parent_of(self.bound),
         )
         try:
             outcome = await runner.run(request)
@@ -921,3 +923,11 @@ class Attempts:
                 # it, or the loop's end would cancel that too.
                 await asyncio.wait(pending, timeout=settle)
         return len(left)
+
+
+def _parent_of(bound: JobBound) -> ParentRef | None:
+    """The attempt's job as the parent of what its handler submits, if it is a workflow step."""
+    step = bound.spec.step
+    if step is None:
+        return None
+    return ParentRef(job_id=bound.job_id, partition=bound.partition, workflow_id=step.workflow_id, step=step.step)

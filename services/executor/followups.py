@@ -17,7 +17,7 @@ import nats.errors
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.contract.messages.v1 import ErrorReply, JobSpec, Submission, SubmitReply, SubmitRequest
+from jobmesh.contract.messages.v1 import ErrorReply, JobSpec, ParentRef, Submission, SubmitReply, SubmitRequest
 from jobmesh.errors import InvalidMessage, Unavailable
 
 
@@ -42,12 +42,13 @@ class Followups:
         self._timeout = timeout
         self._decoder = msgspec.json.Decoder(SubmitReply | ErrorReply)
 
-    async def __call__(self, spec: JobSpec, idempotency_key: str) -> str:
+    async def __call__(self, spec: JobSpec, idempotency_key: str, parent: ParentRef | None = None) -> str:
         """Submit ``spec`` and return its job id once the trigger accepted it.
 
         Args:
             spec: the follow-up job.
             idempotency_key: the same key always yields the same job id (and one job).
+            parent: the workflow step submitting it, whose dependents wait for it too.
 
         Returns:
             The job id.
@@ -56,7 +57,7 @@ class Followups:
             Unavailable: no trigger answered in time.
             JobmeshError: the trigger refused the job (``InvalidMessage`` names the field).
         """
-        request = SubmitRequest(jobs=[Submission(spec=spec, idempotency_key=idempotency_key)])
+        request = SubmitRequest(jobs=[Submission(spec=spec, idempotency_key=idempotency_key, parent=parent)])
         try:
             reply = await self._nc.request(subjects.API_SUBMIT, encode(request), timeout=self._timeout)
         except nats.errors.NoRespondersError as exc:

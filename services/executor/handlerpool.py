@@ -47,7 +47,7 @@ from typing import Protocol
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, JobSpec
+from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, JobSpec, ParentRef
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.executor.childprocess import READ_CHUNK, PipedProcess, start_piped
@@ -111,7 +111,8 @@ class WorkerProcess(Protocol):
 # stdout and stderr piped, inheriting pass_fds under the same numbers.
 Spawn = Callable[[Sequence[str], Mapping[str, str], Path, Sequence[int]], Awaitable[WorkerProcess]]
 # submit(spec, idempotency_key) -> job id; raises JobmeshError when the cluster refuses.
-SubmitFollowup = Callable[[JobSpec, str], Awaitable[str]]
+# submit(spec, idempotency_key, parent) -> job id; the parent is the submitting workflow step.
+SubmitFollowup = Callable[[JobSpec, str, ParentRef | None], Awaitable[str]]
 
 
 class HandlerLoadError(Exception):
@@ -562,7 +563,7 @@ class HandlerPool:
                 spec = msgspec.json.decode(event.spec, type=JobSpec)
             except msgspec.ValidationError as exc:
                 raise InvalidMessage(f"the follow-up job spec is invalid: {exc}") from exc
-            job_id = await self._submit(spec, event.key)
+            job_id = await self._submit(spec, event.key, request.parent)
             log.info("%s: submitted follow-up job %s", request.name, job_id)
             answer = msgspec.structs.replace(answer, job_id=job_id)
         except JobmeshError as exc:

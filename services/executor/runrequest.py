@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from jobmesh.contract.messages.v1 import JobRuntime, Resources
+from jobmesh.contract.messages.v1 import JobRuntime, ParentRef, Resources
 from jobmesh.executor.outcomes import Outcome
 from jobmesh.executor.runner import AbortSignal, LineSink
 
@@ -49,6 +49,8 @@ class RunRequest:
         on_checkpoint: called with a checkpoint the job reports.
         pass_fds: descriptors a process inherits under the same numbers (the progress pipe).
         on_spawned: awaited once the process started, or failed to start.
+        parent: the attempt's job as the parent of the jobs its handler submits, when it is
+            a workflow step (their dependents wait for them too); None otherwise.
     """
 
     job_id: str
@@ -72,6 +74,7 @@ class RunRequest:
     on_checkpoint: Callable[[str], None] | None = None
     pass_fds: tuple[int, ...] = ()
     on_spawned: Callable[[], Awaitable[None]] | None = None
+    parent: ParentRef | None = None
 
 
 class Runner(Protocol):

@@ -130,7 +130,9 @@ def wanted(spec: JobSpec) -> Wanted:
     Raises:
         InvalidSpec: a placeholder is malformed (``field`` names where).
     """
-    if spec.step is None:
+    if spec.step is None or not (spec.step.upstream or spec.step.item):
+        # Not a workflow step, or one whose templates read nothing (the trigger fills in
+        # the rest at submit): a job a step's handler submitted keeps its ${...} as written.
         return Wanted()
     steps: set[str] = set()
     item = False

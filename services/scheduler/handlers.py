@@ -30,6 +30,7 @@ from jobmesh.contract.messages.v1 import (
     AttemptError,
     CancelReply,
     CancelRequest,
+    ChildAdded,
     DependencyEnded,
     DependencyWatch,
     ExplainReply,
@@ -100,7 +101,7 @@ class Placements:
 class Round:
     """What one batch or planning round decides besides releases: messages and state changes."""
 
-    __slots__ = ("changes", "ended", "ends", "now", "out", "told")
+    __slots__ = ("awaiting", "changes", "children_done", "ended", "ends", "now", "out", "told")
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -109,6 +110,8 @@ class Round:
         self.ended = 0  # attempts that freed capacity (wakes jobs waiting for room)
         self.ends: list[tuple[str, str]] = []  # jobs that ended for good, and how (for their waiters)
         self.told: list[str] = []  # ended jobs whose watching partitions were told
+        self.awaiting: list[str] = []  # succeeded steps whose end waits for their child jobs
+        self.children_done: list[str] = []  # parents whose children no longer matter
 
 
 class PartitionScheduler:
@@ -151,6 +154,12 @@ class PartitionScheduler:
         self._results = results
         self._watchers: dict[str, set[int]] = {}  # jobs of this partition others wait for
         self._resend: list[Outgoing] = []  # watches to send again after a load
+        # Child jobs of workflow steps (a handler's ctx.submit): parent -> {child: partition};
+        # a parent that succeeded ends, for its dependents, once its children have.
+        self._children: dict[str, dict[str, int]] = {}
+        self._awaiting: dict[str, list] = {}  # parent -> [children not ended, children failed]
+        self._child_of: dict[str, str] = {}  # child of an awaiting parent -> the parent
+        self._reawait: list[str] = []  # parents that were awaiting at a load
         self.partition = partition
         self._partitions = partitions
         self._pool = pool
@@ -206,6 +215,10 @@ class PartitionScheduler:
             else:
                 backlog.add(job, now, ended)
         self._watchers = await store.load_watches(self._pool, self.partition)
+        self._children = await store.load_children(self._pool, self.partition)
+        self._awaiting, self._child_of = {}, {}
+        # A parent not held any more has ended: it was waiting for its children.
+        self._reawait = [parent for parent in self._children if parent not in active]
         # Watches sent before may not have been recorded yet: send them again (idempotent).
         self._resend = self._remote_watches([job for job, _s in loaded if job.deps], ended, now)
         self.backlog = backlog
@@ -255,6 +268,7 @@ class PartitionScheduler:
             refused: list[JobUnplaceable] = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
             watches = [env.message for env in batch if isinstance(env.message, DependencyWatch)]
             told = [env.message for env in batch if isinstance(env.message, DependencyEnded)]
+            added = [env.message for env in batch if isinstance(env.message, ChildAdded)]
             contexts = {env.message.job_id: env.context for env in batch}
             try:
                 async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
@@ -278,6 +292,12 @@ class PartitionScheduler:
                     if told:
                         await store.record_dep_ends(conn, self.partition, [(m.job_id, m.outcome, m.at) for m in told])
                         rnd.ends.extend((m.job_id, m.outcome) for m in told)
+                    if added:
+                        for child in added:
+                            self._children.setdefault(child.job_id, {})[child.child] = child.child_partition
+                        await store.add_children(
+                            conn, self.partition, [(c.job_id, c.child, c.child_partition) for c in added]
+                        )
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
                     for r in refused:
@@ -321,8 +341,13 @@ class PartitionScheduler:
                 if isinstance(event, JobExpired)
                 else CANCELLED
             )
-            rnd.changes.add(event.job_id, "done", outcome=outcome)
-            rnd.ends.append((event.job_id, outcome))
+            if outcome == SUCCEEDED and event.job_id in self._children:
+                # Its handler submitted jobs: for its dependents it ends once they have.
+                rnd.changes.add(event.job_id, "done", "waiting for the jobs its handler submitted")
+                rnd.awaiting.append(event.job_id)
+            else:
+                rnd.changes.add(event.job_id, "done", outcome=outcome)
+                rnd.ends.append((event.job_id, outcome))
             rnd.ended += 1
 
     def _failed(
@@ -556,11 +581,29 @@ class PartitionScheduler:
         waiters go on or are skipped (a skip is an end too), mapped steps are expanded or
         end with their items, and other partitions that wait are told."""
         backlog = self.backlog
+        if self._reawait:
+            rnd.awaiting.extend(self._reawait)
+            self._reawait = []
+        for parent in rnd.awaiting:
+            await self._await_children(conn, parent, rnd)
+        rnd.awaiting = []
         while True:
             ends, rnd.ends = rnd.ends, []
             for job_id, outcome in ends:
                 if backlog.dependency_ended(job_id, outcome, rnd.now):
                     self.kick()  # a waiter may run: the next round releases it
+                if job_id in self._children and job_id not in self._awaiting:
+                    # It ended without waiting for its children (it failed, or was
+                    # cancelled): they no longer matter to its dependents.
+                    del self._children[job_id]
+                    rnd.children_done.append(job_id)
+                owner = self._child_of.pop(job_id, None)
+                if owner is not None:
+                    waiting = self._awaiting[owner]
+                    waiting[0].discard(job_id)
+                    waiting[1] += outcome != SUCCEEDED
+                    if not waiting[0]:
+                        self._children_ended(owner, waiting[1], rnd)
                 watchers = self._watchers.pop(job_id, None)
                 if watchers:
                     rnd.out.extend(mapsteps.dependency_ended(job_id, outcome, w, rnd.now) for w in sorted(watchers))
@@ -589,6 +632,35 @@ class PartitionScheduler:
         if rnd.told:
             await store.drop_watches(conn, rnd.told)
             rnd.told = []
+        if rnd.children_done:
+            await store.drop_children(conn, rnd.children_done)
+            rnd.children_done = []
+
+    async def _await_children(self, conn: Connection, parent: str, rnd: Round) -> None:
+        """Step ``parent`` succeeded and its handler submitted jobs: it ends, for the jobs
+        that need it, once they have (failed if one of them did not succeed)."""
+        children = self._children.get(parent, {})
+        gone = [child for child in children if child not in self.backlog.jobs]
+        ended = await store.ended_outcomes(conn, gone, self.partition) if gone else {}
+        pending = {child for child in children if child not in ended}
+        failed = sum(1 for child in children if child in ended and ended[child] != SUCCEEDED)
+        if not pending:
+            self._children_ended(parent, failed, rnd)
+            return
+        self._awaiting[parent] = [pending, failed]
+        for child in pending:
+            self._child_of[child] = parent
+            if children[child] != self.partition:
+                rnd.out.append(mapsteps.watch(child, children[child], self.partition, rnd.now))
+
+    def _children_ended(self, parent: str, failed: int, rnd: Round) -> None:
+        count = len(self._children.pop(parent, {}))
+        self._awaiting.pop(parent, None)
+        outcome = SUCCEEDED if failed == 0 else FAILED
+        reason = f"its {count} child jobs ended" + (f", {failed} did not succeed" if failed else "")
+        rnd.changes.add(parent, "done", reason, outcome=outcome)
+        rnd.ends.append((parent, outcome))
+        rnd.children_done.append(parent)
 
     async def _expand(self, conn: Connection, steps: list[Job], rnd: Round) -> None:
         """Read each mapped step's list and submit one job per item."""
@@ -657,7 +729,13 @@ class PartitionScheduler:
                     rnd = Round(now)
                     self._check_leases(rnd)
                     decisions = self._plan(now)
-                    busy = self.backlog.held or self.backlog.skipped or self.backlog.to_expand or self._resend
+                    busy = (
+                        self.backlog.held
+                        or self.backlog.skipped
+                        or self.backlog.to_expand
+                        or self._resend
+                        or self._reawait
+                    )
                     if decisions or rnd.out or rnd.changes or rnd.ends or busy:  # idle: no transaction
                         async with self._pool.acquire() as conn, conn.transaction():
                             await self._publish_and_record(conn, decisions, rnd)

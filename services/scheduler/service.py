@@ -44,6 +44,7 @@ CONSUMED_KINDS = (
     *subjects.TERMINAL_KINDS,
     subjects.DEP_WATCH,
     subjects.DEP_ENDED,
+    subjects.CHILD_ADDED,
 )
 
 

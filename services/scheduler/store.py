@@ -58,6 +58,15 @@ CREATE TABLE IF NOT EXISTS dep_watches (
     PRIMARY KEY (job_id, watcher)
 );
 CREATE INDEX IF NOT EXISTS dep_watches_partition ON dep_watches (partition);
+-- Jobs a workflow step's handler submitted (ChildAdded): the step's dependents wait for them.
+CREATE TABLE IF NOT EXISTS dep_children (
+    parent          text NOT NULL,
+    partition       int NOT NULL,         -- the parent's partition
+    child           text NOT NULL,
+    child_partition int NOT NULL,
+    PRIMARY KEY (parent, child)
+);
+CREATE INDEX IF NOT EXISTS dep_children_partition ON dep_children (partition);
 """
 
 
@@ -254,6 +263,38 @@ async def load_watches(pool: asyncpg.Pool, partition: int) -> dict[str, set[int]
     for row in rows:
         watches.setdefault(row["job_id"], set()).add(row["watcher"])
     return watches
+
+
+async def add_children(conn: Connection, partition: int, children: list[tuple[str, str, int]]) -> None:
+    """Remember jobs' children (parent, child, child's partition)."""
+    if not children:
+        return
+    await conn.execute(
+        """
+        INSERT INTO dep_children (parent, partition, child, child_partition)
+        SELECT p, $1, c, cp FROM unnest($2::text[], $3::text[], $4::int[]) AS u(p, c, cp)
+        ON CONFLICT DO NOTHING
+        """,
+        partition,
+        [c[0] for c in children],
+        [c[1] for c in children],
+        [c[2] for c in children],
+    )
+
+
+async def drop_children(conn: Connection, parents: list[str]) -> None:
+    """Forget the children of parents whose end has been decided."""
+    if parents:
+        await conn.execute("DELETE FROM dep_children WHERE parent = ANY($1::text[])", parents)
+
+
+async def load_children(pool: asyncpg.Pool, partition: int) -> dict[str, dict[str, int]]:
+    """The children of each parent of ``partition``, with the children's partitions."""
+    rows = await pool.fetch("SELECT parent, child, child_partition FROM dep_children WHERE partition = $1", partition)
+    children: dict[str, dict[str, int]] = {}
+    for row in rows:
+        children.setdefault(row["parent"], {})[row["child"]] = row["child_partition"]
+    return children
 
 
 async def load_active(pool: asyncpg.Pool, partition: int) -> list[asyncpg.Record]:

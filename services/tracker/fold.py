@@ -43,9 +43,9 @@ The joins make the result independent of delivery order, of batching and of rede
   rule and event that started the job) comes only with JobSubmitted, so it fills its gap
   on its own rather than with the spec, which JobReady and JobBound bring too.
 
-DependencyWatch and DependencyEnded travel on JM_JOBS between scheduler partitions; they
-say nothing about the job's own state (DependencyEnded carries the watcher's partition, not
-the job's), so the fold leaves them out.
+DependencyWatch, DependencyEnded (and ChildAdded, from the trigger) travel on JM_JOBS to
+scheduler partitions; they say nothing about the job's own state (DependencyEnded carries
+the watcher's partition, not the job's), so the fold leaves them out.
 
 There is one deliberate exception to order independence: two *different* endings of one
 level for one attempt (Succeeded and Lost, say). The one recorded first wins, because
@@ -64,6 +64,7 @@ from msgspec.structs import replace
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import event_id, release_id
 from jobmesh.contract.messages.v1 import (
+    ChildAdded,
     DependencyEnded,
     DependencyWatch,
     JobBound,
@@ -638,7 +639,7 @@ def _clean(text: str, limit: int | None = _TEXT_MAX) -> str:
 # --- the fold ------------------------------------------------------------------------
 
 # Scheduler-to-scheduler messages on JM_JOBS: part of no job's record.
-_NOT_RECORDED = (DependencyWatch, DependencyEnded)
+_NOT_RECORDED = (DependencyWatch, DependencyEnded, ChildAdded)
 
 
 def recorded(event: LifecycleEvent) -> bool:

@@ -23,8 +23,9 @@ from nats.aio.client import Client as NATS
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
-from jobmesh.contract.ids import job_id_for, new_idempotency_key, submit_id
+from jobmesh.contract.ids import child_id, child_step, job_id_for, new_idempotency_key, submit_id
 from jobmesh.contract.messages.v1 import (
+    ChildAdded,
     ErrorReply,
     HandlerRuntime,
     JobGetRequest,
@@ -34,6 +35,8 @@ from jobmesh.contract.messages.v1 import (
     JobSubmitted,
     JobSummary,
     JobView,
+    StepRef,
+    Submission,
     SubmitReply,
     SubmitRequest,
 )
@@ -181,7 +184,7 @@ class SubmitHandler:
                 await self._schemas.check(fallback.runtime, f"jobs[{i}].spec.retry.fallback.runtime")
         keys = [submission.idempotency_key or new_idempotency_key() for submission in request.jobs]
         job_ids = [job_id_for(key) for key in keys]
-        specs = [submission.spec for submission in request.jobs]
+        specs = [_as_child(submission) for submission in request.jobs]
         # A plain submit pays one test per job here; only one that waits asks the tracker.
         if self._jobs is not None and any(spec.after for spec in specs):
             specs = await settle_after(specs, job_ids, self._jobs, self._partitions)
@@ -198,8 +201,31 @@ class SubmitHandler:
             outgoing.append(
                 Outgoing(subjects.job_event(partition, subjects.SUBMITTED), event, submit_id(key), env.context)
             )
+        # A job a workflow step's handler submitted: its step's partition hears of it, in
+        # the same batch, so that it knows of the child before the step's own end.
+        for submission, job_id, event_out in zip(request.jobs, job_ids, list(outgoing), strict=True):
+            parent = submission.parent
+            if parent is not None:
+                added = ChildAdded(
+                    job_id=parent.job_id,
+                    partition=parent.partition,
+                    child=job_id,
+                    child_partition=event_out.message.partition,
+                    at=now,
+                )
+                subject = subjects.job_event(parent.partition, subjects.CHILD_ADDED)
+                outgoing.append(Outgoing(subject, added, child_id(parent.job_id, job_id), env.context))
         acks = await self._publisher.publish(outgoing)
-        return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks])
+        return SubmitReply(job_ids=job_ids, duplicates=[bool(ack.duplicate) for ack in acks[: len(job_ids)]])
+
+
+def _as_child(submission: Submission) -> JobSpec:
+    """A job a workflow step's handler submitted is listed with the step's run."""
+    spec, parent = submission.spec, submission.parent
+    if parent is None or not parent.workflow_id or spec.step is not None:
+        return spec
+    step = StepRef(workflow_id=parent.workflow_id, step=child_step(parent.step, parent.job_id))
+    return msgspec.structs.replace(spec, step=step)
 
 
 async def settle_after(

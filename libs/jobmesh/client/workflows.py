@@ -28,7 +28,7 @@ from typing import Any, Literal
 import msgspec
 
 from jobmesh.client.triggers import load_document, strict_from_data
-from jobmesh.contract.ids import job_id_for, map_item_key
+from jobmesh.contract.ids import child_step, job_id_for, map_item_key
 from jobmesh.contract.messages.v1 import (
     Constraints,
     InputFile,
@@ -613,12 +613,19 @@ def run_status(record: WorkflowRun, jobs: Sequence[JobSummary]) -> WorkflowStatu
         for name, step in record.spec.steps.items()
         if step.map is not None
     }
-    ended = {name: job is not None and job.final for name, job in current.items()}
+    # Jobs a step's handler submitted: the steps that need it wait for them too.
+    children = {
+        name: [j for j in jobs if job is not None and j.step == child_step(name, job.job_id)]
+        for name, job in current.items()
+    }
+    ended = {
+        name: job is not None and job.final and all(c.final for c in children[name]) for name, job in current.items()
+    }
     steps = []
     for name, step in record.spec.steps.items():
         job = current[name]
         pending = [n for n in step.needs if not ended.get(n, False)]
-        counts = _counts(items[name]) if name in items else None
+        counts = _counts(items[name]) if name in items else (_counts(children[name]) if children[name] else None)
         started_at: float | None = None
         ended_at: float | None = None
         if job is None:
@@ -632,11 +639,18 @@ def run_status(record: WorkflowRun, jobs: Sequence[JobSummary]) -> WorkflowStatu
                 started_at = job.updated_at  # the tracker's last change: its start
             if job.final:
                 ended_at = job.updated_at
-        if counts is not None and items[name]:
+        if counts is not None and items.get(name):
             started_at = min(i.submitted_at for i in items[name])
             if not (job is not None and job.final):
                 state = "running"  # its map job is held while its items run
                 reason = counts.text()
+        kids = children[name]
+        if kids and state == "succeeded":
+            if not ended[name]:
+                state, reason = "running", f"{sum(c.final for c in kids)}/{len(kids)} child jobs done"
+            elif any(_job_state(c)[0] != "succeeded" for c in kids):
+                bad = sum(_job_state(c)[0] != "succeeded" for c in kids)
+                state, reason = "failed", f"{bad} of {len(kids)} child jobs did not succeed"
         steps.append(
             StepStatus(
                 name=name,

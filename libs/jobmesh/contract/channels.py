@@ -61,6 +61,7 @@ JOB_KINDS = (
     subjects.CANCELLED,
     subjects.DEP_WATCH,
     subjects.DEP_ENDED,
+    subjects.CHILD_ADDED,
 )
 
 # The row that gathers every per-kind job channel (the tracker's jobmesh.v1.job.> filter).
@@ -274,6 +275,15 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         ("scheduler",),
         "A job that a job of this partition depends on ended (sent by the ended job's partition).",
+    ),
+    Channel(
+        "jobChildAdded",
+        _job(subjects.CHILD_ADDED),
+        (v1.ChildAdded,),
+        subjects.STREAM_JOBS,
+        ("trigger",),
+        ("scheduler",),
+        "A workflow step's handler submitted a child job: the steps that need the step wait for it too.",
     ),
     Channel(
         JOB_EVENTS,

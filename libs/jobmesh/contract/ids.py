@@ -87,6 +87,17 @@ def dep_ended_id(job_id: str, watcher: int) -> str:
     return f"dep-ended:{job_id}:{watcher}"
 
 
+def child_step(step: str, parent: str) -> str:
+    """``StepRef.step`` of a job that workflow step ``step`` (its job ``parent``) submitted
+    from its handler: the run lists it under this name, apart from the step's own jobs."""
+    return f"{step}.children.{parent}"
+
+
+def child_id(parent: str, child: str) -> str:
+    """Nats-Msg-Id of a ChildAdded: one per parent and child."""
+    return f"child:{parent}:{child}"
+
+
 def submit_id(idempotency_key: str) -> str:
     """Nats-Msg-Id of a JobSubmitted: the caller's idempotency key."""
     return f"submit:{idempotency_key}"

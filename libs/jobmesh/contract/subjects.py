@@ -57,6 +57,9 @@ CANCELLED = "cancelled"
 # partitions), and the other says so; both travel on the scheduler's partition subjects.
 DEP_WATCH = "dep_watch"
 DEP_ENDED = "dep_ended"
+# A workflow step's handler submitted a child job its dependents wait for too (trigger to
+# the step's partition).
+CHILD_ADDED = "child_added"
 # An attempt ended: its reservation (if any) can go.
 TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED)
 # A job ended for good: what "the end of an earlier job" means to a trigger rule.

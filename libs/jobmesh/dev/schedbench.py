@@ -122,8 +122,8 @@ def bench_workflows(runs: int, decisions: int, nodes: int) -> float:
     rng = random.Random(runs)
     backlog = Backlog()
     for run in range(runs):
-        for step in range(CHAIN):
-            backlog.add(make_step(run, step, rng), now=0.0)
+        for index in range(CHAIN):
+            backlog.add(make_step(run, index, rng), now=0.0)
     placement = Placement(make_nodes(nodes))
     for shape in SHAPES:
         placement.place(JobSpec(runtime=RUNTIME, resources=shape))
@@ -132,16 +132,16 @@ def bench_workflows(runs: int, decisions: int, nodes: int) -> float:
     next_run = runs
     started = time.perf_counter()
     while made < decisions:
-        step = backlog.plan(0.0, placer, limit=100)
-        for d in step:
+        released = backlog.plan(0.0, placer, limit=100)
+        for d in released:
             job_id = d.job.job_id
             backlog.finish(job_id, 1, 0.0)
             backlog.dependency_ended(job_id, "succeeded", 0.0)
             if int(job_id[28:], 16) == CHAIN - 1:  # the run's last step: a new run arrives
-                for s_ in range(CHAIN):
-                    backlog.add(make_step(next_run, s_, rng), now=0.0)
+                for index in range(CHAIN):
+                    backlog.add(make_step(next_run, index, rng), now=0.0)
                 next_run += 1
-        made += len(step)
+        made += len(released)
     return (time.perf_counter() - started) / made * 1e6
 
 
@@ -188,11 +188,11 @@ def main() -> None:
         f"scheduler decisions with workflow runs in flight (chains of {CHAIN} steps; completion wakes the next step):"
     )
     wf_base = None
-    for runs in (100, 1000, 10_000):
-        us = min(bench_workflows(runs, args.decisions, nodes=100) for _ in range(3))
+    for in_flight in (100, 1000, 10_000):
+        us = min(bench_workflows(in_flight, args.decisions, nodes=100) for _ in range(3))
         wf_base = wf_base or us
         print(
-            f"  {runs:>6,} runs in flight: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / wf_base:4.2f}x of 100 runs"
+            f"  {in_flight:>6,} runs in flight: {us:6.2f} us/decision ({1e6 / us:>9,.0f}/s)  {us / wf_base:4.2f}x of 100 runs"
         )
     print("placement (hard constraints + locality tiers + spread):")
     for nodes in (10, 100, 1000):

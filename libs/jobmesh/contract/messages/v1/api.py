@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from msgspec import Meta, Struct
 
 from jobmesh.contract.messages.v1.config import PartitionStats
-from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, Resources
+from jobmesh.contract.messages.v1.jobs import JobError, JobSpec, ParentRef, Resources
 from jobmesh.contract.messages.v1.nodes import NodeInfo
 from jobmesh.contract.messages.v1.triggers import JobOrigin
 from jobmesh.errors import JobmeshError
@@ -63,6 +63,9 @@ class Submission(Struct, frozen=True, kw_only=True):
 
     spec: JobSpec
     idempotency_key: Annotated[str, Meta(max_length=256)] = ""
+    # Set by an executor for a job a workflow step's handler submits (``ctx.submit``): the
+    # steps that need that step wait for this job too.
+    parent: ParentRef | None = None
 
 
 class SubmitRequest(Struct, frozen=True, kw_only=True, tag="api.submit"):

@@ -34,6 +34,7 @@ __all__ = [
     "AttemptCancel",
     "AttemptError",
     "AttemptEvent",
+    "ChildAdded",
     "Constraints",
     "ContainerRuntime",
     "Dependency",
@@ -70,6 +71,7 @@ __all__ = [
     "LogLine",
     "MapSpec",
     "NoopRuntime",
+    "ParentRef",
     "Priority",
     "ProcessRuntime",
     "Resources",
@@ -641,6 +643,26 @@ class DependencyWatch(JobEvent, frozen=True, kw_only=True, tag="job.dep_watch"):
     at: float
 
 
+class ParentRef(Struct, frozen=True, kw_only=True):
+    """The workflow step whose handler submitted a job (``ctx.submit``): the step counts as
+    ended for the steps that need it only once such child jobs have ended too."""
+
+    job_id: Id
+    partition: NonNegInt
+    workflow_id: str = ""  # the step's run and name: the child is listed with the run
+    step: str = ""
+
+
+class ChildAdded(JobEvent, frozen=True, kw_only=True, tag="job.child_added"):
+    """Job ``job_id`` (a workflow step, of ``partition``) submitted ``child``: the steps that
+    need it wait for the child too. Published by the trigger with the child's JobSubmitted,
+    before the submit is answered, so it precedes the step's own end in its partition."""
+
+    child: Id
+    child_partition: NonNegInt
+    at: float
+
+
 class DependencyEnded(JobEvent, frozen=True, kw_only=True, tag="job.dep_ended"):
     """Job ``job_id`` ended (``outcome``: succeeded, failed, cancelled or expired); sent to
     each partition that watches it, on that partition's subject (``partition``)."""
@@ -688,6 +710,7 @@ LifecycleEvent = (
     | JobCancelled
     | DependencyWatch
     | DependencyEnded
+    | ChildAdded
 )
 # An attempt has ended (its reservation, if any, can be freed).
 TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost | JobCancelled
