@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import nats
 import pytest
 
 from jobmesh.client.client import Client
 from jobmesh.client.workflows import WorkflowStatus
 from jobmesh.contract.ids import EVENT_ID_HEADER, trigger_key, workflow_run_id
-from jobmesh.contract.messages.v1 import WorkflowRun
-from jobmesh.errors import InvalidMessage, NotFound
+from jobmesh.contract.messages.v1 import TriggerRule, WorkflowRun, WorkflowRunReply
+from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound
+from jobmesh.trigger.firing import Firer
+from jobmesh.trigger.router import Incoming, Router
+from jobmesh.trigger.rules import check_rule, event_variables, workflow_input
+from jobmesh.trigger.stats import RuleStats
 from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters
 from tests.helpers import eventually
 
-pytestmark = pytest.mark.integration
+# The tests that run the services; the decisions below them need no cluster.
+integration = pytest.mark.integration
 
 SUBJECT = "jobmesh.v1.events.datasets.updated"
 
@@ -109,6 +115,7 @@ async def ended(client: Client, run_id: str, timeout: float = 120) -> WorkflowSt
     return await eventually(done, timeout=timeout, what=f"run {run_id} to end")
 
 
+@integration
 async def test_an_event_starts_extract_a_fan_out_of_20_and_a_collect_of_every_result_in_order(client, js):
     await client.put_trigger(pipeline_rule("pipeline"))
     try:
@@ -129,6 +136,7 @@ async def test_an_event_starts_extract_a_fan_out_of_20_and_a_collect_of_every_re
         await client.delete_trigger("pipeline")
 
 
+@integration
 async def test_the_same_event_twice_starts_one_run(client, js):
     await client.put_trigger(pipeline_rule("once"))
     try:
@@ -164,6 +172,7 @@ async def _fires(client: Client, rule: str, fires: int):
     return view if view.stats.fires >= fires else None
 
 
+@integration
 async def test_an_event_lacking_what_the_workflow_reads_is_dead_lettered_and_counted(client, js):
     await client.put_trigger(pipeline_rule("strict"))
     try:
@@ -190,6 +199,7 @@ async def _failures(client: Client, rule: str):
     return view if view.stats.failures >= 1 else None
 
 
+@integration
 async def test_a_rule_with_a_job_and_a_workflow_is_refused_naming_the_field(client):
     with pytest.raises(InvalidMessage) as refused:
         await client.put_trigger(pipeline_rule("both", job={"runtime": {"kind": "noop"}}))
@@ -199,6 +209,7 @@ async def test_a_rule_with_a_job_and_a_workflow_is_refused_naming_the_field(clie
     assert neither.value.field == "job"
 
 
+@integration
 async def test_a_workflow_rule_whose_sample_lacks_an_input_field_is_refused_naming_it(client):
     sample = {"subject": SUBJECT, "data": {"dataset": "books"}}
     with pytest.raises(InvalidMessage) as refused:
@@ -216,8 +227,88 @@ async def test_a_workflow_rule_whose_sample_lacks_an_input_field_is_refused_nami
         await client.get_trigger("no-shards")
 
 
+@integration
 async def test_trigger_test_shows_the_run_a_workflow_rule_starts(client):
     reply = await client.test_trigger(pipeline_rule("draft"))
     assert reply.matched and reply.job is None
     assert "starts a run of workflow dataset-pipeline" in reply.reason and '"shards":3' in reply.reason
     assert reply.idempotency_key == trigger_key("draft", 1, "sample")
+
+
+# --- the decisions, without a cluster ----------------------------------------------------
+class _Starter:
+    """A stand-in for WorkflowApi.start: records the calls, answers as told."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.calls: list[tuple] = []
+        self.refuse = refuse
+        self.seen: set[str] = set()
+
+    async def start(self, spec, input=None, idempotency_key="", *, origin=None, context=None):
+        self.calls.append((spec, input, idempotency_key, origin))
+        if self.refuse:
+            raise InvalidSpec("${input.shards}: the run's input has no shards", field="steps.extract.runtime.argv[4]")
+        duplicate = idempotency_key in self.seen
+        self.seen.add(idempotency_key)
+        run = WorkflowRun(run_id=workflow_run_id(idempotency_key), spec=spec, input=input, origin=origin)
+        return WorkflowRunReply(run=run, duplicate=duplicate)
+
+
+def _compiled(rule: dict):
+    compiled, _ = check_rule(msgspec.convert(rule, TriggerRule))
+    return compiled
+
+
+def _incoming(rule, data: dict, event_id: str = "JM_EVENTS:7", metadata: dict | None = None) -> Incoming:
+    variables = event_variables(SUBJECT, data, {}, event_id, 1000.0)
+    return Incoming("event", variables, event_id, SUBJECT, [rule], metadata=metadata or {})
+
+
+async def test_routing_starts_one_run_per_event_with_the_jobs_origin_and_counts_it():
+    starter = _Starter()
+    stats = RuleStats(None, "test")
+    firer = Firer(publisher=None, partitions=1, schemas=None, stats=stats, clock=lambda: 1000.0, workflows=starter)
+    rule = _compiled(pipeline_rule("unit", filter="event.shards > 0"))
+    router = Router(firer, stats, clock=lambda: 1000.0)
+    body = {"dataset": "books", "shards": 4}
+    routed = await router.route([_incoming(rule, body), _incoming(rule, {"dataset": "x", "shards": 0}, "JM_EVENTS:8")])
+    assert routed.filtered == 1 and not routed.failures
+    [(_, _, fired)] = routed.fired
+    assert fired.run_id == workflow_run_id(trigger_key("unit", 1, "JM_EVENTS:7")) and not fired.duplicate
+    [(spec, given, key, origin)] = starter.calls
+    assert (spec.name, given, key) == ("dataset-pipeline", body, trigger_key("unit", 1, "JM_EVENTS:7"))
+    assert origin.rule == "unit" and origin.kind == "event" and origin.event == "JM_EVENTS:7"
+    again = await router.route([_incoming(rule, body)])
+    assert again.fired[0][2].duplicate
+    assert stats._of("unit").fires == 1  # the run found again does not count
+
+
+async def test_a_run_refused_at_fire_time_is_a_failure_naming_the_workflow_field():
+    stats = RuleStats(None, "test")
+    firer = Firer(None, 1, None, stats, clock=lambda: 1000.0, workflows=_Starter(refuse=True))
+    rule = _compiled(pipeline_rule("unit"))
+    routed = await Router(firer, stats, clock=lambda: 1000.0).route([_incoming(rule, {"dataset": "x"})])
+    [failure] = routed.failures
+    assert failure.error.field == "workflow.steps.extract.runtime.argv[4]"
+    assert "shards" in str(failure.error)
+    assert stats._of("unit").failures == 1 and not routed.fired
+
+
+async def test_a_run_a_completion_starts_carries_the_chain_depth_on_every_step():
+    starter = _Starter()
+    stats = RuleStats(None, "test")
+    firer = Firer(None, 1, None, stats, workflows=starter)
+    rule = _compiled(pipeline_rule("unit"))
+    await Router(firer, stats).route(
+        [_incoming(rule, {"dataset": "x", "shards": 1}, metadata={"jobmesh.chain_depth": "2"})]
+    )
+    [(spec, _, _, origin)] = starter.calls
+    assert all(step.metadata == {"jobmesh.chain_depth": "2"} for step in spec.steps.values())
+    assert origin is not None
+
+
+def test_the_input_is_what_a_job_template_sees_as_event_and_a_schedule_gives_its_tick():
+    tick = {"unix": 60.0, "iso": "1970-01-01T00:01:00+00:00"}
+    assert workflow_input("schedule", {"event": None, "tick": tick}) == tick
+    assert workflow_input("completion", {"event": {"id": "j"}, "tick": {}}) == {"id": "j"}
+    assert workflow_input("webhook", {"event": {"ref": "main"}, "tick": {}}) == {"ref": "main"}
