@@ -45,6 +45,7 @@ test: $(STAMP) system-packages
 bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.bench
 	$(BIN)/python -m jobmesh.dev.triggerbench
+	$(BIN)/python -m jobmesh.dev.workflowbench
 	$(BIN)/python -m jobmesh.dev.schedbench
 	$(BIN)/python -m jobmesh.dev.startbench
 	$(BIN)/python -m jobmesh.dev.startbench --cpu 1000
