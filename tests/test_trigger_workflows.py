@@ -228,6 +228,42 @@ async def test_a_workflow_rule_whose_sample_lacks_an_input_field_is_refused_nami
 
 
 @integration
+async def test_a_schedule_starts_a_run_with_its_tick_as_the_input(client):
+    rule = {
+        "name": "nightly",
+        "source": {"kind": "schedule", "every": 1},
+        "workflow": {
+            "name": "nightly",
+            "steps": {
+                "report": {
+                    "runtime": {
+                        "kind": "process",
+                        "argv": ["sh", "-c", 'echo "{\\"tick\\": $0}" > "$JOBMESH_RESULT_PATH"', "${input.unix}"],
+                    }
+                }
+            },
+        },
+    }
+    await client.put_trigger(rule)
+    try:
+
+        async def a_run():
+            runs = (await client.list_workflows(name="nightly")).runs
+            return runs[-1] if runs else None
+
+        summary = await eventually(a_run, timeout=30, what="a tick to start a run")
+        run = await client.get_workflow(summary.run_id)
+        assert run.origin is not None and run.origin.kind == "schedule" and run.origin.event.startswith("tick:")
+        tick = int(run.origin.event.removeprefix("tick:"))
+        assert run.input["unix"] == tick and run.input["iso"].startswith("20")
+        assert run.run_id == workflow_run_id(trigger_key("nightly", 1, f"tick:{tick}"))
+        assert (await ended(client, run.run_id)).outcome == "succeeded"
+        assert json.loads((await client.get(run.jobs["report"])).attempts[-1].result) == {"tick": tick}
+    finally:
+        await client.delete_trigger("nightly")
+
+
+@integration
 async def test_trigger_test_shows_the_run_a_workflow_rule_starts(client):
     reply = await client.test_trigger(pipeline_rule("draft"))
     assert reply.matched and reply.job is None
