@@ -72,10 +72,13 @@ class ObjectStoreSpec:
     name: str
     max_age: float
     max_bytes: int
+    max_age_setting: str = ""  # the Settings field that overrides max_age, if any
 
 
 OBJECT_STORES: tuple[ObjectStoreSpec, ...] = (
-    ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB),
+    # Results, kept ones (workflow steps') included, expire this long after they were
+    # written (JOBMESH_RESULT_RETENTION_SECONDS).
+    ObjectStoreSpec(subjects.OBJ_RESULTS, 7 * DAY, 2 * GIB, max_age_setting="result_retention_seconds"),
     # Uploads are read when an attempt starts, so they must outlive the longest wait in a
     # queue plus the retries of the job: a week, like the job's own history.
     ObjectStoreSpec(subjects.OBJ_UPLOADS, 7 * DAY, 2 * GIB),

@@ -63,6 +63,7 @@ async def run(args: argparse.Namespace) -> int:
             lease_ttl=settings.lease_ttl_seconds,
             update=True,
             replicas=settings.stream_replicas,
+            result_retention=settings.result_retention_seconds,
         )
     finally:
         await nc.close()

@@ -8,6 +8,7 @@ every service at start, changes nothing.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -104,7 +105,12 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: fl
 
 
 async def provision(
-    js: JetStreamContext, node_ttl: float = 10.0, lease_ttl: float = 6.0, update: bool = False, replicas: int = 1
+    js: JetStreamContext,
+    node_ttl: float = 10.0,
+    lease_ttl: float = 6.0,
+    update: bool = False,
+    replicas: int = 1,
+    result_retention: float | None = None,
 ) -> None:
     """Create every stream and bucket jobmesh needs that is missing. Safe to run any time.
 
@@ -114,8 +120,11 @@ async def provision(
         lease_ttl: seconds a scheduler partition lease lives without renewal (likewise).
         update: also apply today's limits to existing streams (see ``ensure_stream``).
         replicas: stream replicas at creation (3 on a NATS cluster).
+        result_retention: seconds results live in jm_results (its max age); None keeps
+            the contract's default.
     """
     ttls = {"node_ttl_seconds": node_ttl, "lease_ttl_seconds": lease_ttl}
+    ages = {"result_retention_seconds": result_retention} if result_retention else {}
     for spec in streams.STREAMS:
         config = stream_config(spec.name)
         config.num_replicas = replicas
@@ -123,13 +132,22 @@ async def provision(
     for bucket in streams.BUCKETS:
         await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0))
     for store in streams.OBJECT_STORES:
-        await ensure_object_store(js, store, replicas)
+        age = ages.get(store.max_age_setting)
+        await ensure_object_store(js, replace(store, max_age=age) if age else store, replicas, update=update)
 
 
-async def ensure_object_store(js: JetStreamContext, store: streams.ObjectStoreSpec, replicas: int = 1) -> None:
-    """Create an object store bucket if it is missing (its limits are set at creation)."""
+async def ensure_object_store(
+    js: JetStreamContext, store: streams.ObjectStoreSpec, replicas: int = 1, update: bool = False
+) -> None:
+    """Create an object store bucket if it is missing (its limits are set at creation);
+    with ``update``, an existing one gets today's max age (``jobmesh provision``)."""
     try:
         await js.object_store(store.name)
+        if update:
+            info = await js.stream_info(f"OBJ_{store.name}")
+            if info.config.max_age != store.max_age:
+                await js.update_stream(replace(info.config, max_age=store.max_age))
+                log.info("object store %s: max age now %gs", store.name, store.max_age)
     except (BucketNotFoundError, NotFoundError):
         await js.create_object_store(
             store.name,

@@ -193,6 +193,7 @@ class Runtime:
             node_ttl=self.settings.node_ttl_seconds,
             lease_ttl=self.settings.lease_ttl_seconds,
             replicas=self.settings.stream_replicas,
+            result_retention=self.settings.result_retention_seconds,
         )
 
     def on_reconnect(self, hook: Callable[[], None]) -> None:

@@ -107,6 +107,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Scheduler: finished jobs are remembered this long, so a submit redelivered after its
     # job ended is not run again (JetStream's duplicate window covers only two minutes).
     done_retention_seconds: Annotated[float, Meta(ge=0)] = 86_400.0
+    # How long results stay in jm_results after they were written, a workflow's
+    # intermediate results included (read by later steps, a retry, `jobmesh result`).
+    result_retention_seconds: Positive = 7 * 86_400.0
     # Binder: within the best locality tier, "spread" prefers the node with most free
     # capacity, "pack" the one with least that still fits.
     placement: Literal["spread", "pack"] = "spread"
