@@ -296,7 +296,6 @@ def decode_workflow(raw: dict[str, Any]) -> WorkflowSpec:
     Raises:
         InvalidRule: naming the field as ``workflow.<field>`` (``workflow.steps.b.needs[0]``).
     """
-    # The rule arrived as JSON, so its workflow encodes again.
     steps = raw.get("steps")
     if isinstance(steps, dict):
         # msgspec says "steps[...]" for a field inside a step: decode each step on its own
