@@ -114,10 +114,11 @@ def test_a_waiting_reason_names_five_steps_then_counts():
     assert waiting_reason(deps) == "waiting for: s0, s1, s2, s3, s4 and 3 more"
 
 
-def mapped(job_id: str, after=()) -> Job:
+def mapped(job_id: str, after=(), keep_result=True) -> Job:
     return job(
         job_id,
         after=after,
+        keep_result=keep_result,
         step=StepRef(workflow_id="w", step="train"),
         map=MapSpec(over="${steps.prep.result.items}", source="prep", path=["items"], concurrency=2),
     )
@@ -159,6 +160,9 @@ def test_items_of_a_mapped_step_know_their_item_by_reference_and_share_a_cap():
     assert items[2].spec.step.item.job_id == "prep" and items[2].spec.step.item.path == ["items"]
     assert len({i.job_id for i in items}) == 3
     assert [i.job_id for i in mapsteps.item_jobs(m.submitted, 3, 0, 9.0)] == [i.job_id for i in items]
+    # Items of a step nobody reads keep nothing (a write per item saved).
+    unread = mapsteps.item_jobs(mapped("u", keep_result=False).submitted, 2, 0, 5.0)
+    assert not any(i.spec.keep_result for i in unread)
 
 
 def test_items_of_refuses_what_is_not_a_list():

@@ -143,7 +143,7 @@ async def test_a_run_stores_its_record_and_publishes_one_job_per_step(client):
     for step, (event, headers) in by.items():
         assert event.job_id == record.jobs[step]
         assert headers["Nats-Msg-Id"] == f"submit:{step_key(run_id, step, 0)}"
-        assert event.spec.keep_result and event.spec.metadata["jobmesh.step"] == step
+        assert event.spec.metadata["jobmesh.step"] == step
     assert by["a"][0].spec.runtime.argv[2] == "echo me"
     assert [(d.job_id, d.when) for d in by["d"][0].spec.after] == [
         (record.jobs["b"], "succeeded"),

@@ -264,7 +264,8 @@ def test_a_diamond_becomes_one_job_per_step_waiting_for_its_needs():
         assert event.job_id == ids[name] == step_job_id(RUN, name, 0)
         assert event.idempotency_key == step_key(RUN, name, 0)
         assert event.partition == subjects.partition_of(event.spec.queue, 4)
-        assert event.spec.keep_result
+        # Only a result another step reads is kept (a and b are read by b and d).
+        assert event.spec.keep_result == (name in ("a", "b"))
         assert event.spec.priority == 7 and event.spec.tenant == "team"
         assert event.spec.metadata == {"jobmesh.workflow": RUN, "jobmesh.step": name}
         assert event.spec.step.workflow_id == RUN and event.spec.step.index == -1

@@ -61,7 +61,7 @@ def item_jobs(step: JobSubmitted, count: int, partition: int, now: float) -> lis
     """The JobSubmitted of each of ``count`` items of mapped step ``step``, in item order.
 
     Each item is the step's spec without ``map`` and ``after``, knowing its item by
-    reference (``StepRef.item``). The step's concurrency cap becomes a concurrency key of
+    reference (``StepRef.item``), and keeping its result when the step's is read. The step's concurrency cap becomes a concurrency key of
     its own, scoped to the step's queue like any key.
     """
     spec = step.spec
@@ -73,7 +73,7 @@ def item_jobs(step: JobSubmitted, count: int, partition: int, now: float) -> lis
         spec,
         map=None,
         after=[],
-        keep_result=True,
+        keep_result=spec.keep_result,  # the items' results are read when the step's are
         concurrency_key=f"map:{step.job_id}" if mapping.concurrency else spec.concurrency_key,
         concurrency_limit=mapping.concurrency or spec.concurrency_limit,
     )

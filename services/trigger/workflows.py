@@ -425,6 +425,7 @@ def expand(
         One ``JobSubmitted`` per step not in ``jobs_kept``, in :func:`order`.
     """
     jobs = step_jobs(spec, run_id, generation, jobs_kept)
+    read = read_steps(spec)
     out = []
     for name in order(spec):
         if name in jobs_kept:
@@ -465,7 +466,9 @@ def expand(
             tenant=spec.tenant or job.tenant,
             metadata={**job.metadata, LABEL_WORKFLOW: run_id, LABEL_STEP: name},
             after=after,
-            keep_result=True,
+            # Kept (stored by reference) only where a later step reads it: storing costs
+            # an object-store write per job, which a step nobody reads need not pay.
+            keep_result=name in read,
             step=StepRef(workflow_id=run_id, step=name, upstream=upstream),
             map=mapping,
         )
@@ -481,6 +484,14 @@ def expand(
             )
         )
     return out
+
+
+def read_steps(spec: WorkflowSpec) -> set[str]:
+    """The steps whose results another step reads (its templates or its ``map.over``)."""
+    read: set[str] = set()
+    for step in spec.steps.values():
+        read.update(ref.step for _where, ref in refs_in(msgspec.to_builtins(step)) if ref.kind == "steps")
+    return read
 
 
 def _when(step: WorkflowStep, need: WorkflowStep) -> DependencyCondition:
