@@ -9,11 +9,15 @@ from pathlib import Path
 
 import asyncpg
 import msgspec
+import nats
 import pytest
 
 from jobmesh.client.client import Client
 from jobmesh.client.workflows import WorkflowStatus, read_workflow_file
-from jobmesh.contract.messages.v1 import WorkflowSpec
+from jobmesh.contract import subjects
+from jobmesh.contract.codec import encode
+from jobmesh.contract.messages.v1 import WorkflowRunReply, WorkflowRunRequest, WorkflowSpec
+from jobmesh.runtime.tracing import trace_id_of
 from tests.cluster_fixtures import E2E_NODE_ENV, jobmesh_cli
 from tests.helpers import eventually
 
@@ -261,3 +265,42 @@ async def test_steps_in_queues_of_other_partitions_wait_and_read_across_them(cli
     status = await _ended(client, run.run_id)
     assert status.outcome == "succeeded", [(s.name, s.state, s.reason) for s in status.steps]
     assert json.loads(await _output(client, run.jobs["sum"])) == [10, 12, 14]
+
+
+async def test_a_run_is_one_trace_from_its_request_down_to_every_items_events(client, nats_server):
+    spec = _spec(
+        {
+            "name": "traced",
+            "steps": {
+                "list": {"runtime": sh('echo "{\\"items\\": [1, 2]}" > "$JOBMESH_RESULT_PATH"')},
+                "each": {"needs": ["list"], "map": {"over": "${steps.list.result.items}"}, "runtime": {"kind": "noop"}},
+                "end": {"needs": ["each"], "runtime": {"kind": "noop"}},
+            },
+        }
+    )
+    trace_id = "5bf92f3577b34da6a3ce929d0e0e4736"
+    nc = await nats.connect(nats_server.url)
+    try:
+        reply = await nc.request(
+            subjects.API_WORKFLOWS_RUN,
+            encode(WorkflowRunRequest(spec=spec)),
+            timeout=10,
+            headers={"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        run = msgspec.json.decode(reply.data, type=WorkflowRunReply).run
+        status = await _ended(client, run.run_id)
+        assert status.outcome == "succeeded"
+        jobs = {j.job_id for j in await client.workflow_jobs(run.run_id)}
+        assert len(jobs) == 5  # three steps and two items
+        js = nc.jetstream()
+        info = await js.stream_info(subjects.STREAM_JOBS)
+        found: dict[str, set[str]] = {}
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg(subjects.STREAM_JOBS, seq)
+            body = msgspec.json.decode(msg.data)
+            if body.get("job_id") in jobs and body.get("type") in ("job.submitted", "job.started", "job.succeeded"):
+                found.setdefault(body["job_id"], set()).add(trace_id_of(msg.headers))
+        assert set(found) == jobs
+        assert {t for ts in found.values() for t in ts} == {trace_id}, found
+    finally:
+        await nc.close()
