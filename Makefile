@@ -41,7 +41,7 @@ run: $(STAMP) system-packages
 test: $(STAMP) system-packages
 	$(BIN)/pytest -q -ra
 
-## bench: print figures: end to end beside the raw JetStream baseline, a trigger rule's event-to-job path beside a plain submit, the scheduler alone, attempt start-up per isolation level (at a job's default 100 millicores and at a full core)
+## bench: print figures: end to end beside the raw JetStream baseline, a trigger rule's event-to-job path beside a plain submit, a workflow step beside a plain job and a 1,000-item fan-out, the scheduler alone (with 10,000 workflow runs in flight too), attempt start-up per isolation level (at a job's default 100 millicores and at a full core)
 bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.bench
 	$(BIN)/python -m jobmesh.dev.triggerbench

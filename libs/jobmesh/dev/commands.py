@@ -19,7 +19,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("dev", help="run a local cluster: nats-server, Postgres, the five services")
     p.add_argument("--detach", action="store_true", help="start in the background; return once healthy")
     p.add_argument("--stop", action="store_true", help="stop a detached cluster")
-    p.add_argument("--demo", action="store_true", help="run a few demo jobs once healthy")
+    p.add_argument("--demo", action="store_true", help="run a few demo jobs and a demo workflow once healthy")
     p.add_argument(
         "--reset",
         action="store_true",
