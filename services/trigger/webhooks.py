@@ -84,14 +84,16 @@ SecretLookup = Callable[[str], bytes | None]
 class HookReply(msgspec.Struct, frozen=True, kw_only=True):
     """What a hook's POST did (HTTP only, not a wire message).
 
-    ``job_ids`` holds the job the body started (empty when none did); ``duplicate`` is
-    true when that job existed already (the same event id again); ``held`` when a
+    ``job_ids`` holds the job the body started (empty when none did), ``run_id`` the
+    workflow run a workflow rule started; ``duplicate`` is true when that job or run
+    existed already (the same event id again); ``held`` when a
     debounce or batch rule keeps the event for a later job; ``filtered`` when the rule's
     filter let it pass; ``paused`` when the rule is paused.
     """
 
     event_id: str
     job_ids: list[str] = []
+    run_id: str = ""
     duplicate: bool = False
     held: bool = False
     filtered: bool = False
@@ -518,7 +520,15 @@ class HttpIngress:
             raise HttpError(422, error.code, reason, field=error.field or "")
         if routed.fired:
             fired = routed.fired[0][2]
-            return _json(HookReply(event_id=event_id, job_ids=[fired.job_id], duplicate=fired.duplicate), 202)
+            return _json(
+                HookReply(
+                    event_id=event_id,
+                    job_ids=[fired.job_id] if fired.job_id else [],
+                    run_id=fired.run_id,
+                    duplicate=fired.duplicate,
+                ),
+                202,
+            )
         if routed.held:
             return _json(HookReply(event_id=event_id, held=True), 202)
         if routed.skipped:
