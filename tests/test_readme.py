@@ -1,7 +1,7 @@
 """The README's examples, run as a user would paste them, against a real ``jobmesh dev`` cluster.
 
-The same goes for the worked examples of docs/scheduling.md, docs/operations.md and
-docs/triggers.md. In each document, every fenced ``sh`` block runs line by line in one bash session (so variables set
+The same goes for the worked examples of docs/scheduling.md, docs/operations.md,
+docs/triggers.md and docs/workflows.md. In each document, every fenced ``sh`` block runs line by line in one bash session (so variables set
 by one line reach the next), in a fresh temporary directory that holds a link to this venv
 as ``.venv``; every ``python`` block runs with the venv's python in the same directory. The
 document starts the cluster itself (``jobmesh dev --detach``); the test gives it a fresh database through
@@ -34,7 +34,13 @@ from jobmesh.runtime.db import create_database, drop_database
 
 ROOT = Path(__file__).resolve().parent.parent
 # The documents whose examples are run, each against a cluster of its own.
-DOCUMENTS = ("README.md", "docs/scheduling.md", "docs/operations.md", "docs/triggers.md")
+DOCUMENTS = (
+    "README.md",
+    "docs/scheduling.md",
+    "docs/operations.md",
+    "docs/triggers.md",
+    "docs/workflows.md",
+)
 SKIP_MARK = "<!-- not run by tests/test_readme.py"
 SHELL_LANGS = {"sh", "bash", "shell"}
 COMMAND_TIMEOUT = 90.0  # seconds for one pasted line; `jobmesh dev --detach` waits up to 120 s itself
