@@ -113,6 +113,7 @@ class Job:
     items: int = -1  # a mapped step's item count once expanded (-1: not yet)
     items_failed: int = 0  # its items that ended other than succeeded
     clock_from: float = 0.0  # when its queue timeout starts: its submission, or its deps met
+    deps_met_at: float = 0.0  # when its dependencies were all met (0: it had none, or not yet)
 
     @classmethod
     def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
@@ -279,6 +280,7 @@ class Backlog:
         self.skipped: list[tuple[Job, str]] = []  # jobs a dependency's end ruled out, and why
         self.to_expand: list[Job] = []  # mapped steps whose dependencies are met
         self.items_done: list[Job] = []  # mapped steps whose items have all ended
+        self.deps_met: list[Job] = []  # jobs whose dependencies were all met since the last look
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -332,7 +334,9 @@ class Backlog:
                 job.reason = waiting_reason(job.deps)
                 self.held.append(job)
                 return True
-            job.clock_from = now
+            job.deps = None
+            job.clock_from = job.deps_met_at = now
+            self.deps_met.append(job)
         self._intake(job, now)
         return True
 
@@ -389,7 +393,9 @@ class Backlog:
                 job.reason = waiting_reason(job.deps)
                 self.held.append(job)
             else:
-                job.clock_from = now
+                job.deps = None
+                job.clock_from = job.deps_met_at = now
+                self.deps_met.append(job)
                 self._intake(job, now)
                 woken += 1
         return woken
@@ -426,6 +432,12 @@ class Backlog:
     def take_skipped(self) -> list[tuple[Job, str]]:
         skipped, self.skipped = self.skipped, []
         return skipped
+
+    def take_deps_met(self) -> list[Job]:
+        """The jobs whose dependencies were met since the last call (the scheduler keeps
+        when, so that a new owner neither waits for them again nor restarts their clock)."""
+        met, self.deps_met = self.deps_met, []
+        return met
 
     def take_items_done(self) -> list[Job]:
         done, self.items_done = self.items_done, []
@@ -873,6 +885,9 @@ class Backlog:
                 reason = gates.get(job.queue, "") if job.where == READY else job.reason
                 if job.where == GROUP:
                     reason = f"sequential group {job.group}"
+                elif job.where in (DEPS, EXPAND):
+                    # One count for all: each job's own reason names its dependencies.
+                    reason = "waiting for other jobs" if job.items < 0 else "waiting for its mapped items"
                 if reason:
                     reasons = out[job.queue]["reasons"]
                     reasons[reason] = reasons.get(reason, 0) + 1

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 import msgspec
+from nats.errors import Error as NatsError
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import release_id
@@ -57,6 +58,7 @@ from jobmesh.scheduler import lifecycle, mapsteps, retries, store
 from jobmesh.scheduler.attemptleases import AttemptLeases, Lease
 from jobmesh.scheduler.backlog import (
     CANCELLED,
+    DEPS,
     EXPIRED,
     FAILED,
     RELEASED,
@@ -77,6 +79,7 @@ log = logging.getLogger("jobmesh.scheduler")
 
 TERMINAL = (JobSucceeded, JobFailed, JobExpired, JobLost, JobCancelled)
 _submitted = msgspec.json.Decoder(JobSubmitted)
+_encode_submitted = msgspec.json.Encoder().encode
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
 
 
@@ -101,7 +104,19 @@ class Placements:
 class Round:
     """What one batch or planning round decides besides releases: messages and state changes."""
 
-    __slots__ = ("awaiting", "changes", "children_done", "ended", "ends", "now", "out", "told")
+    __slots__ = (
+        "awaiting",
+        "changes",
+        "children_done",
+        "edges",
+        "edges_done",
+        "ended",
+        "ends",
+        "now",
+        "out",
+        "outcomes",
+        "told",
+    )
 
     def __init__(self, now: float) -> None:
         self.now = now
@@ -112,6 +127,14 @@ class Round:
         self.told: list[str] = []  # ended jobs whose watching partitions were told
         self.awaiting: list[str] = []  # succeeded steps whose end waits for their child jobs
         self.children_done: list[str] = []  # parents whose children no longer matter
+        self.outcomes: dict[str, str] = {}  # every end of this round (not in Postgres yet)
+        self.edges: list[tuple[str, str]] = []  # (job waited for, waiter) to keep from pruning
+        self.edges_done: list[str] = []  # waiters that ended: their edges go
+
+    def end(self, job_id: str, outcome: str) -> None:
+        """``job_id`` ended for good with ``outcome``: its waiters hear of it."""
+        self.ends.append((job_id, outcome))
+        self.outcomes[job_id] = outcome
 
 
 class PartitionScheduler:
@@ -160,6 +183,7 @@ class PartitionScheduler:
         self._awaiting: dict[str, list] = {}  # parent -> [children not ended, children failed]
         self._child_of: dict[str, str] = {}  # child of an awaiting parent -> the parent
         self._reawait: list[str] = []  # parents that were awaiting at a load
+        self._with_edges: set[str] = set()  # held jobs whose dependencies are kept from pruning
         self.partition = partition
         self._partitions = partitions
         self._pool = pool
@@ -203,10 +227,18 @@ class PartitionScheduler:
                 _restore(job, store.retry_decoder.decode(row["retry"]))
             loaded.append((job, row["state"]))
         active = {job.job_id for job, _state in loaded}
-        waited = list({dep for job, _s in loaded if job.deps for dep in job.deps if dep not in active})
+        waited = {dep for job, _s in loaded if job.deps for dep in job.deps if dep not in active}
+        # A mapped step expanded before waits for its items (their ids follow from its own).
+        expanded = {job.job_id: mapsteps.item_ids(job.job_id, job.items) for job, _s in loaded if job.items >= 0}
+        waited.update(i for items in expanded.values() for i in items if i not in active)
         async with self._pool.acquire() as conn:
-            ended = await store.ended_outcomes(conn, waited, self.partition)
+            ended = await store.ended_outcomes(conn, list(waited), self.partition)
         for job, state in loaded:
+            if job.job_id in expanded and state != "released":
+                job.items, job.deps = -1, None
+                backlog.add(job, now)
+                backlog.expanded(job.job_id, expanded[job.job_id], ended, now)
+                continue
             if state == "released":
                 backlog.add_released(job, now)
                 # A new owner knows nothing of the attempt's renewals: every lease starts
@@ -215,6 +247,7 @@ class PartitionScheduler:
             else:
                 backlog.add(job, now, ended)
         self._watchers = await store.load_watches(self._pool, self.partition)
+        self._with_edges = await store.load_edge_waiters(self._pool, self.partition)
         self._children = await store.load_children(self._pool, self.partition)
         self._awaiting, self._child_of = {}, {}
         # A parent not held any more has ended: it was waiting for its children.
@@ -285,19 +318,19 @@ class PartitionScheduler:
                     ended = await self._ended_before(conn, jobs)
                     for job in jobs:
                         self.backlog.add(job, now, ended)
+                        if job.where == DEPS and job.deps:
+                            rnd.edges.extend((dep, job.job_id) for dep in job.deps)
+                            self._with_edges.add(job.job_id)
                     rnd.out.extend(self._remote_watches(jobs, ended, now))
                     # Watches first: a watched job that ends in this batch is then told of.
                     if watches:
                         await self._watched(conn, watches, rnd)
                     if told:
                         await store.record_dep_ends(conn, self.partition, [(m.job_id, m.outcome, m.at) for m in told])
-                        rnd.ends.extend((m.job_id, m.outcome) for m in told)
+                        for ended_there in told:
+                            rnd.end(ended_there.job_id, ended_there.outcome)
                     if added:
-                        for child in added:
-                            self._children.setdefault(child.job_id, {})[child.child] = child.child_partition
-                        await store.add_children(
-                            conn, self.partition, [(c.job_id, c.child, c.child_partition) for c in added]
-                        )
+                        await self._children_added(conn, added)
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
                     for r in refused:
@@ -347,7 +380,7 @@ class PartitionScheduler:
                 rnd.awaiting.append(event.job_id)
             else:
                 rnd.changes.add(event.job_id, "done", outcome=outcome)
-                rnd.ends.append((event.job_id, outcome))
+                rnd.end(event.job_id, outcome)
             rnd.ended += 1
 
     def _failed(
@@ -417,7 +450,7 @@ class PartitionScheduler:
             )
         )
         rnd.changes.add(job.job_id, "done", decision.reason, outcome=FAILED)
-        rnd.ends.append((job.job_id, FAILED))
+        rnd.end(job.job_id, FAILED)
         rnd.ended += 1
         log.info(
             "job %s: gave up after attempt %d %s (%s): %s%s",
@@ -446,7 +479,7 @@ class PartitionScheduler:
             lifecycle.cancelled(job.job_id, self.partition, attempt, reason, node_id, rnd.now, context, spec=job.spec)
         )
         rnd.changes.add(job.job_id, "done", f"cancelled: {reason}", outcome=CANCELLED)
-        rnd.ends.append((job.job_id, CANCELLED))
+        rnd.end(job.job_id, CANCELLED)
         log.info("job %s: cancelled (attempt %d): %s", job.job_id, attempt, reason)
 
     def _check_leases(self, rnd: Round) -> None:
@@ -539,7 +572,7 @@ class PartitionScheduler:
             lifecycle.cancelled(job.job_id, self.partition, job.attempt, reason, "", rnd.now, context, spec=job.spec)
         )
         rnd.changes.add(job.job_id, "done", f"cancelled: {reason}", outcome=CANCELLED)
-        rnd.ends.append((job.job_id, CANCELLED))
+        rnd.end(job.job_id, CANCELLED)
         if job.errors:
             return "cancelled", f"it was waiting to run attempt {job.attempt} after a failure; it ended now"
         return "cancelled", "it had not started; it ended now"
@@ -592,6 +625,9 @@ class PartitionScheduler:
             for job_id, outcome in ends:
                 if backlog.dependency_ended(job_id, outcome, rnd.now):
                     self.kick()  # a waiter may run: the next round releases it
+                if job_id in self._with_edges:
+                    self._with_edges.discard(job_id)
+                    rnd.edges_done.append(job_id)
                 if job_id in self._children and job_id not in self._awaiting:
                     # It ended without waiting for its children (it failed, or was
                     # cancelled): they no longer matter to its dependents.
@@ -612,7 +648,7 @@ class PartitionScheduler:
                 context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
                 rnd.out.append(mapsteps.skipped(job.submitted, job.attempt, self.partition, reason, rnd.now, context))
                 rnd.changes.add(job.job_id, "done", reason, outcome=CANCELLED)
-                rnd.ends.append((job.job_id, CANCELLED))
+                rnd.end(job.job_id, CANCELLED)
                 log.info("job %s: %s", job.job_id, reason)
             for job in backlog.take_items_done():
                 context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
@@ -623,18 +659,40 @@ class PartitionScheduler:
                 )
                 outcome = SUCCEEDED if job.items_failed == 0 else FAILED
                 rnd.changes.add(job.job_id, "done", f"its {job.items} items ended", outcome=outcome)
-                rnd.ends.append((job.job_id, outcome))
+                rnd.end(job.job_id, outcome)
             expand = backlog.take_expand()
             if expand:
                 await self._expand(conn, expand, rnd)
             if not (rnd.ends or backlog.skipped or backlog.items_done or backlog.to_expand):
                 break
+        for job in backlog.take_deps_met():
+            rnd.changes.keep(job.job_id, job.attempt, _retry_state(job))
         if rnd.told:
             await store.drop_watches(conn, rnd.told)
             rnd.told = []
+        if rnd.edges:
+            await store.add_edges(conn, self.partition, rnd.edges)
+            rnd.edges = []
+        if rnd.edges_done:
+            await store.drop_edges(conn, rnd.edges_done)
+            rnd.edges_done = []
         if rnd.children_done:
             await store.drop_children(conn, rnd.children_done)
             rnd.children_done = []
+
+    async def _children_added(self, conn: Connection, added: list[ChildAdded]) -> None:
+        """Remember steps' children; one for a step that has ended already (its ChildAdded
+        came late, after a redelivery) no longer changes what its dependents saw."""
+        unheld = [c.job_id for c in added if c.job_id not in self.backlog.jobs and c.job_id not in self._awaiting]
+        ended = await store.ended_outcomes(conn, unheld, self.partition) if unheld else {}
+        kept = [c for c in added if c.job_id not in ended]
+        for child in kept:
+            self._children.setdefault(child.job_id, {})[child.child] = child.child_partition
+            waiting = self._awaiting.get(child.job_id)
+            if waiting is not None and child.child not in self._child_of:
+                waiting[0].add(child.child)  # it is waiting for its children: one more
+                self._child_of[child.child] = child.job_id
+        await store.add_children(conn, self.partition, [(c.job_id, c.child, c.child_partition) for c in kept])
 
     async def _await_children(self, conn: Connection, parent: str, rnd: Round) -> None:
         """Step ``parent`` succeeded and its handler submitted jobs: it ends, for the jobs
@@ -642,6 +700,7 @@ class PartitionScheduler:
         children = self._children.get(parent, {})
         gone = [child for child in children if child not in self.backlog.jobs]
         ended = await store.ended_outcomes(conn, gone, self.partition) if gone else {}
+        ended.update((c, rnd.outcomes[c]) for c in gone if c in rnd.outcomes)  # ended this round
         pending = {child for child in children if child not in ended}
         failed = sum(1 for child in children if child in ended and ended[child] != SUCCEEDED)
         if not pending:
@@ -659,7 +718,7 @@ class PartitionScheduler:
         outcome = SUCCEEDED if failed == 0 else FAILED
         reason = f"its {count} child jobs ended" + (f", {failed} did not succeed" if failed else "")
         rnd.changes.add(parent, "done", reason, outcome=outcome)
-        rnd.ends.append((parent, outcome))
+        rnd.end(parent, outcome)
         rnd.children_done.append(parent)
 
     async def _expand(self, conn: Connection, steps: list[Job], rnd: Round) -> None:
@@ -676,6 +735,11 @@ class PartitionScheduler:
                 except ResultMissing as exc:
                     raise mapsteps.MapError(str(exc)) from None
                 items = mapsteps.items_of(upstream, list(mapping.path))
+            except (OSError, TimeoutError, NatsError) as exc:
+                # jm_results does not answer: try again shortly; the batch still commits.
+                log.warning("job %s: cannot read the list it maps over yet (%s); retrying", job.job_id, exc)
+                self._expand_later(job)
+                continue
             except mapsteps.MapError as exc:
                 if self.backlog.map_failed(job.job_id, rnd.now) is not None:
                     message = f"cannot map over {mapping.over if mapping else '?'}: {exc}"
@@ -685,17 +749,46 @@ class PartitionScheduler:
                         )
                     )
                     rnd.changes.add(job.job_id, "done", message, outcome=FAILED)
-                    rnd.ends.append((job.job_id, FAILED))
+                    rnd.end(job.job_id, FAILED)
                     log.info("job %s: %s", job.job_id, message)
                 continue
             item_jobs = mapsteps.item_jobs(submitted, len(items), self.partition, rnd.now)
             ids = [item.job_id for item in item_jobs]
-            await self._results.put_manifest(job.job_id, mapsteps.manifest(ids, mapping.source))
+            try:
+                await self._results.put_manifest(job.job_id, mapsteps.manifest(ids, mapping.source))
+            except (OSError, TimeoutError, NatsError) as exc:
+                log.warning("job %s: cannot write its manifest yet (%s); retrying", job.job_id, exc)
+                self._expand_later(job)
+                continue
+            # The items join the backlog now, in this transaction, as the step's expansion
+            # does: a cancel reaches them at once, and a new owner finds them (their
+            # JobSubmitted, published for everyone else, is a duplicate when it comes back).
+            raws = [_encode_submitted(item) for item in item_jobs]
+            new = await store.insert_new(conn, item_jobs, [job.trace] * len(item_jobs), raws)
+            for item, raw in zip(item_jobs, raws, strict=True):
+                seq = new.get(item.job_id)
+                if seq is not None:
+                    self.backlog.add(Job.of(item, seq, raw=raw, trace=job.trace), rnd.now)
             rnd.out.extend(mapsteps.submitted(item, context) for item in item_jobs)
-            ended = await store.ended_outcomes(conn, ids, self.partition)
+            known = [i for i in ids if i not in new]  # a redone expansion: some may have ended
+            ended = await store.ended_outcomes(conn, known, self.partition) if known else {}
+            ended.update((i, rnd.outcomes[i]) for i in ids if i in rnd.outcomes)
             self.backlog.expanded(job.job_id, ids, ended, rnd.now)
             rnd.changes.add(job.job_id, "pending", f"waiting for its {len(ids)} items")
+            rnd.changes.keep(job.job_id, job.attempt, _retry_state(job))  # its item count
+            rnd.edges.extend((i, job.job_id) for i in ids)
+            self._with_edges.add(job.job_id)
             log.info("job %s: mapped over %d items", job.job_id, len(ids))
+
+    def _expand_later(self, job: Job, delay: float = 2.0) -> None:
+        """Look at a mapped step again after ``delay`` (its list could not be read)."""
+
+        def again() -> None:
+            if self.backlog.jobs.get(job.job_id) is job:
+                self.backlog.to_expand.append(job)
+                self.kick()
+
+        asyncio.get_running_loop().call_later(delay, again)
 
     def _next_wake(self, now: float) -> float | None:
         wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
@@ -842,7 +935,7 @@ class PartitionScheduler:
                     lifecycle.expired(job.job_id, self.partition, job.attempt, d.reason, now, context, spec=job.spec)
                 )
                 changes.add(job.job_id, "done", d.reason, outcome=EXPIRED)
-                rnd.ends.append((job.job_id, EXPIRED))
+                rnd.end(job.job_id, EXPIRED)
         return outgoing
 
     async def explain(self, request: ExplainRequest) -> ExplainReply:
@@ -872,6 +965,8 @@ def _retry_state(job: Job) -> store.RetryState:
         errors=list(job.errors),
         checkpoint=job.checkpoint,
         cancelling=job.cancelling,
+        deps_met_at=job.deps_met_at,
+        items=job.items,
     )
 
 
@@ -882,3 +977,9 @@ def _restore(job: Job, state: store.RetryState) -> None:
     job.errors = tuple(state.errors)
     job.checkpoint = state.checkpoint
     job.cancelling = state.cancelling
+    if state.deps_met_at:
+        # Its dependencies were met before: it waits for none of them again (their rows
+        # may be gone), and its queue timeout still counts from then.
+        job.deps = None
+        job.clock_from = job.deps_met_at = state.deps_met_at
+    job.items = state.items

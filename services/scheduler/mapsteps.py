@@ -57,6 +57,11 @@ def items_of(result: object, path: list[str | int]) -> list:
     return value
 
 
+def item_ids(step_job_id: str, count: int) -> list[str]:
+    """The job ids of a mapped step's ``count`` items, in item order."""
+    return [job_id_for(map_item_key(step_job_id, index)) for index in range(count)]
+
+
 def item_jobs(step: JobSubmitted, count: int, partition: int, now: float) -> list[JobSubmitted]:
     """The JobSubmitted of each of ``count`` items of mapped step ``step``, in item order.
 

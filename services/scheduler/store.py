@@ -67,6 +67,16 @@ CREATE TABLE IF NOT EXISTS dep_children (
     PRIMARY KEY (parent, child)
 );
 CREATE INDEX IF NOT EXISTS dep_children_partition ON dep_children (partition);
+CREATE INDEX IF NOT EXISTS dep_ends_age ON dep_ends (partition, at);
+-- A held job waits for these jobs (or a mapped step for its items): their done rows and
+-- told ends are not pruned while it does, so a new owner still finds how they ended.
+CREATE TABLE IF NOT EXISTS dep_edges (
+    dep       text NOT NULL,
+    waiter    text NOT NULL,
+    partition int NOT NULL,               -- the waiter's partition
+    PRIMARY KEY (dep, waiter)
+);
+CREATE INDEX IF NOT EXISTS dep_edges_waiter ON dep_edges (waiter);
 """
 
 
@@ -112,6 +122,8 @@ class RetryState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     errors: list[AttemptError] = []
     checkpoint: str = ""
     cancelling: str = ""
+    deps_met_at: float = 0.0  # when its dependencies were all met (0: none, or not yet)
+    items: int = -1  # a mapped step's item count once expanded (-1: not yet)
 
 
 _retry_encoder = msgspec.json.Encoder()
@@ -153,8 +165,13 @@ class StateChanges:
             # Rare (a retry or a cancel): written by a statement of its own in apply().
             self._extra[job_id] = (attempt, encode_retry(retry))
 
+    def keep(self, job_id: str, attempt: int, retry: RetryState) -> None:
+        """Write a job's retry state alone (its dependencies met, its expansion), leaving
+        its state as the round sets it."""
+        self._extra[job_id] = (attempt, encode_retry(retry))
+
     def __bool__(self) -> bool:
-        return bool(self._by_job)
+        return bool(self._by_job) or bool(self._extra)
 
     def columns(self) -> tuple[list[str], list[str], list[str], list[int | None], list[str | None]]:
         ids = list(self._by_job)
@@ -171,7 +188,7 @@ async def apply(conn: Connection, changes: StateChanges) -> None:
     if not changes:
         return
     ids, states, reasons, releases, outcomes = changes.columns()
-    await conn.execute(
+    await conn.execute(  # a no-op for an empty batch of states (only retry states)
         """
         UPDATE backlog AS b
            SET state = u.s, reason = u.r, releases = COALESCE(u.n, b.releases), updated_at = $5,
@@ -288,6 +305,34 @@ async def drop_children(conn: Connection, parents: list[str]) -> None:
         await conn.execute("DELETE FROM dep_children WHERE parent = ANY($1::text[])", parents)
 
 
+async def add_edges(conn: Connection, partition: int, edges: list[tuple[str, str]]) -> None:
+    """Keep the done rows of these jobs (dep, waiter) while their waiters wait."""
+    if not edges:
+        return
+    await conn.execute(
+        """
+        INSERT INTO dep_edges (dep, waiter, partition)
+        SELECT d, w, $1 FROM unnest($2::text[], $3::text[]) AS u(d, w)
+        ON CONFLICT DO NOTHING
+        """,
+        partition,
+        [e[0] for e in edges],
+        [e[1] for e in edges],
+    )
+
+
+async def drop_edges(conn: Connection, waiters: list[str]) -> None:
+    """The waiters ended: what they waited for may be pruned in time."""
+    if waiters:
+        await conn.execute("DELETE FROM dep_edges WHERE waiter = ANY($1::text[])", waiters)
+
+
+async def load_edge_waiters(pool: asyncpg.Pool, partition: int) -> set[str]:
+    """The jobs of ``partition`` that hold edges."""
+    rows = await pool.fetch("SELECT DISTINCT waiter FROM dep_edges WHERE partition = $1", partition)
+    return {row["waiter"] for row in rows}
+
+
 async def load_children(pool: asyncpg.Pool, partition: int) -> dict[str, dict[str, int]]:
     """The children of each parent of ``partition``, with the children's partitions."""
     rows = await pool.fetch("SELECT parent, child, child_partition FROM dep_children WHERE partition = $1", partition)
@@ -313,7 +358,12 @@ async def prune_done(pool: asyncpg.Pool, partition: int, older_than: float, limi
     ended (beyond JetStream's duplicate window) is still recognised and not run again.
     """
     await pool.execute(
-        "DELETE FROM dep_ends WHERE ctid IN (SELECT ctid FROM dep_ends WHERE partition = $1 AND at < $2 LIMIT $3)",
+        """
+        DELETE FROM dep_ends WHERE ctid IN (
+            SELECT ctid FROM dep_ends d WHERE partition = $1 AND at < $2
+               AND NOT EXISTS (SELECT 1 FROM dep_edges e WHERE e.dep = d.job_id)
+             LIMIT $3)
+        """,
         partition,
         older_than,
         limit,
@@ -321,8 +371,9 @@ async def prune_done(pool: asyncpg.Pool, partition: int, older_than: float, limi
     result = await pool.execute(
         """
         DELETE FROM backlog WHERE job_id IN (
-            SELECT job_id FROM backlog
+            SELECT job_id FROM backlog b
              WHERE partition = $1 AND state = 'done' AND updated_at < $2
+               AND NOT EXISTS (SELECT 1 FROM dep_edges e WHERE e.dep = b.job_id)
              LIMIT $3)
         """,
         partition,
