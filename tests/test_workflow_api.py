@@ -37,6 +37,7 @@ from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, NotFound
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Tracing, trace_id_of
 from jobmesh.trigger.workflowapi import WorkflowApi
+from jobmesh.trigger.workflows import step_jobs
 from tests.helpers import eventually
 
 integration = pytest.mark.integration
@@ -332,6 +333,11 @@ class KeptKV:
             raise nats.js.errors.KeyWrongLastSequenceError()
         return self._put(key, value)
 
+    async def keys(self) -> list[str]:
+        if not self.values:
+            raise nats.js.errors.NoKeysError()
+        return list(self.values)
+
     def _put(self, key: str, value: bytes) -> int:
         self.revision += 1
         self.values[key] = (value, self.revision)
@@ -386,14 +392,15 @@ async def test_a_second_request_and_a_later_run_with_the_key_in_memory():
     spec = diamond("keyed", concurrency_key="${input.who}")
     first = await api.start(spec, {"who": "x"}, "k1")
     again = await api.start(spec, {"who": "x"}, "k1")
-    assert again.duplicate and again.run == first.run
-    assert len(publisher.sent) == 8  # the same jobs twice (their message ids make it a no-op)
-    assert publisher.sent[0].msg_id == publisher.sent[4].msg_id
+    assert again.duplicate and again.run == first.run and first.run.published
+    # A run whose jobs were all published is not published again: long after, its jobs
+    # may be forgotten by the scheduler and would run a second time.
+    assert len(publisher.sent) == 4
     # Nothing has ended as far as a tracker knows: the later run waits for every job.
     api._jobs = SimpleNamespace(views=_nothing_known)  # type: ignore[assignment]
     second = await api.start(spec, {"who": "x"}, "k2")
     assert second.run.after_run == first.run.run_id
-    roots = [item.message for item in publisher.sent[8:] if item.message.spec.step.step == "a"]
+    roots = [item.message for item in publisher.sent[4:] if item.message.spec.step.step == "a"]
     assert sorted(d.job_id for d in roots[0].spec.after) == sorted(first.run.jobs.values())
     # Cancelled: a second request for it publishes nothing again.
     key = subjects.workflow_key(first.run.run_id)
@@ -407,3 +414,43 @@ async def test_a_second_request_and_a_later_run_with_the_key_in_memory():
 
 async def _nothing_known(job_ids, grace=None):
     return dict.fromkeys(job_ids)
+
+
+async def test_a_run_left_unpublished_is_published_by_the_sweep_and_once():
+    api, kv, publisher = api_in_memory(Tracing.off())
+    spec = diamond("swept")
+    # A trigger that wrote the record and died before publishing: the record alone.
+    jobs = step_jobs(spec, "r1", 0, {})
+    record = WorkflowRun(run_id="r1", spec=spec, input={"who": "me"}, jobs=jobs, created_at=0.0, updated_at=0.0)
+    await kv.create(subjects.workflow_key("r1"), msgspec.json.encode(record))
+    assert await api.sweep_unpublished(older_than=30) == 1
+    assert sorted(o.message.spec.step.step for o in publisher.sent) == ["a", "b", "c", "d"]
+    stored = msgspec.json.decode(kv.values[subjects.workflow_key("r1")][0], type=WorkflowRun)
+    assert stored.published
+    assert await api.sweep_unpublished(older_than=30) == 0
+    assert len(publisher.sent) == 4
+
+
+async def test_a_later_run_waits_for_every_earlier_run_still_going_not_only_the_last():
+    api, _kv, publisher = api_in_memory(Tracing.off())
+    api._jobs = SimpleNamespace(views=_nothing_known)  # type: ignore[assignment]
+    spec = diamond("keyed2", concurrency_key="${input.who}")
+    first = await api.start(spec, {"who": "y"}, "k1")
+    second = await api.start(spec, {"who": "y"}, "k2")
+    # The second run is cancelled while it waits; its jobs end, the first's still run.
+    cancelled = {**second.run.jobs}
+    known = {job: SimpleNamespace(final=True, state="cancelled") for job in cancelled.values()}
+
+    async def views(job_ids, grace=None):
+        return {job: known.get(job) for job in job_ids}
+
+    api._jobs = SimpleNamespace(views=views)  # type: ignore[assignment]
+    third = await api.start(spec, {"who": "y"}, "k3")
+    assert third.run.after_runs[:2] == [second.run.run_id, first.run.run_id]
+    roots = [o.message for o in publisher.sent if o.message.job_id == third.run.jobs["a"]]
+    assert sorted(d.job_id for d in roots[0].spec.after) == sorted(first.run.jobs.values())
+
+
+def test_a_workflow_tenant_is_checked_as_a_jobs_tenant():
+    with pytest.raises(msgspec.ValidationError, match="tenant"):
+        msgspec.convert({"name": "t", "tenant": "a b", "steps": {"a": {"runtime": {"kind": "noop"}}}}, WorkflowSpec)

@@ -224,7 +224,7 @@ def _as_child(submission: Submission) -> JobSpec:
     spec, parent = submission.spec, submission.parent
     if parent is None or not parent.workflow_id or spec.step is not None:
         return spec
-    step = StepRef(workflow_id=parent.workflow_id, step=child_step(parent.step, parent.job_id))
+    step = StepRef(workflow_id=parent.workflow_id, step=child_step(parent.step, parent.job_id)[:128])
     return msgspec.structs.replace(spec, step=step)
 
 

@@ -119,6 +119,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         max_bytes=settings.max_message_bytes,
     )
     firer.workflows = workflows  # rules that start a workflow start it as the API does
+    rt.spawn(workflows.run_sweeper(), "workflow-sweeper")
     secrets = SecretReader(settings.secrets_dir, settings.secrets_env_prefix, os.environ)
     token = None
     if settings.http_submit_token_secret:

@@ -54,7 +54,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowSummary,
 )
 from jobmesh.contract.strict import reject_unknown_fields
-from jobmesh.errors import Conflict, JobmeshError, NotFound, Unavailable
+from jobmesh.errors import Conflict, InvalidSpec, JobmeshError, NotFound, Unavailable
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope, ResponderSpec
 from jobmesh.runtime.tracing import Carried, Context, Tracing, new_root
@@ -91,12 +91,17 @@ _run_decoder = msgspec.json.Decoder(WorkflowRun)
 _info_decoder = msgspec.json.Decoder(HandlerInfo)
 
 
+MAX_EARLIER_RUNS = 32  # earlier runs of a concurrency key a new run looks back over
+
+
 class _KeyHolder(Struct, frozen=True, kw_only=True):
-    """What ``key.<digest>`` holds: the latest run with the key and the run it waits for
-    (kept with it, so a request retried after a crash finds the same earlier run)."""
+    """What ``key.<digest>`` holds: the latest run with the key and the runs before it,
+    latest first (kept with it, so a request retried after a crash finds the same ones,
+    and a run whose record was never written does not hide the one before it)."""
 
     run_id: str
     after_run: str = ""
+    earlier: list[str] = []
 
 
 _holder_decoder = msgspec.json.Decoder(_KeyHolder)
@@ -252,8 +257,9 @@ class WorkflowApi:
         except (TimeoutError, nats.errors.Error) as exc:
             raise _unavailable("write", record.run_id, exc) from exc
 
-    async def _hold_key(self, key: str, run_id: str) -> str:
-        """Make ``run_id`` the latest run with concurrency key ``key``; return the run before it ("" for none)."""
+    async def _hold_key(self, key: str, run_id: str) -> list[str]:
+        """Make ``run_id`` the latest run with concurrency key ``key``; return the runs
+        before it, latest first (bounded)."""
         kv = await self._bucket()
         name = subjects.workflow_concurrency_key(concurrency_digest(key))
         for _ in range(CAS_TRIES):
@@ -270,9 +276,9 @@ class WorkflowApi:
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _unavailable("read", name, exc) from exc
             if holder is not None and holder.run_id == run_id:
-                return holder.after_run  # this run's own request, retried
-            previous = holder.run_id if holder is not None else ""
-            value = encode(_KeyHolder(run_id=run_id, after_run=previous))
+                return holder.earlier or ([holder.after_run] if holder.after_run else [])  # its own request, retried
+            earlier = [holder.run_id, *holder.earlier][:MAX_EARLIER_RUNS] if holder is not None else []
+            value = encode(_KeyHolder(run_id=run_id, after_run=earlier[0] if earlier else "", earlier=earlier))
             try:
                 if revision:
                     await kv.update(name, value, last=revision)
@@ -282,7 +288,7 @@ class WorkflowApi:
                 continue
             except (TimeoutError, nats.errors.Error) as exc:
                 raise _unavailable("write", name, exc) from exc
-            return previous
+            return earlier
         raise Conflict(f"concurrency key {key!r} kept changing under {CAS_TRIES} tries; try again")
 
     # --- run -----------------------------------------------------------------------
@@ -327,43 +333,114 @@ class WorkflowApi:
         check(spec, input, handlers, now)
         key = concurrency_key(spec, input)
         run_id = workflow_run_id(idempotency_key or new_idempotency_key())
-        existing, _ = await self._read(run_id)
+        existing, revision = await self._read(run_id)
         if existing is not None:
-            await self._republish(existing, context)
-            return WorkflowRunReply(run=existing, duplicate=True)
-        after_run = await self._hold_key(key, run_id) if key else ""
+            return WorkflowRunReply(run=await self._republish(existing, revision, context), duplicate=True)
+        self._check_sizes(spec, input, run_id, now)
+        earlier = await self._hold_key(key, run_id) if key else []
         record = WorkflowRun(
             run_id=run_id,
             spec=spec,
             input=input,
             jobs=step_jobs(spec, run_id, 0, {}),
             concurrency_key=key,
-            after_run=after_run,
+            after_run=earlier[0] if earlier else "",
+            after_runs=earlier,
             origin=origin,
             created_at=now,
             updated_at=now,
         )
         if not await self._create(record):
             # Another replica took the same request at the same moment: its record stands.
-            existing, _ = await self._existing(run_id)
-            await self._republish(existing, context)
-            return WorkflowRunReply(run=existing, duplicate=True)
-        await self._publish(record, context)
+            existing, revision = await self._existing(run_id)
+            return WorkflowRunReply(run=await self._republish(existing, revision, context), duplicate=True)
+        record = await self._publish_once(record, await self._revision(run_id), context)
         log.info("workflow %s: run %s started with %d steps", spec.name, run_id, len(spec.steps))
         return WorkflowRunReply(run=record)
 
-    async def _republish(self, record: WorkflowRun, context: Context | None) -> None:
-        """Publish a run's jobs again for a request that names it a second time (the first
-        may have crashed between the record and the PubAcks); a cancelled run's are not."""
-        if record.state != "cancelled":
-            await self._publish(record, context)
+    def _check_sizes(self, spec: WorkflowSpec, input: Any, run_id: str, now: float) -> None:
+        """Refuse a run whose step jobs would not fit in a message (the input filled into
+        many places can make one much larger than the request), before anything is made."""
+        for event in expand(spec, input, run_id, 0, self._partitions, {}, now):
+            size = len(encode(event))
+            if size > self._max_bytes:
+                step = event.spec.step.step if event.spec.step is not None else "?"
+                raise InvalidSpec(
+                    f"step {step}'s job is {size} bytes with the input filled in, over the {self._max_bytes}-byte"
+                    " message limit: pass large values as files or results, not inline",
+                    field=f"steps.{step}",
+                )
+
+    async def _revision(self, run_id: str) -> int:
+        _, revision = await self._read(run_id)
+        return revision
+
+    async def _republish(self, record: WorkflowRun, revision: int, context: Context | None) -> WorkflowRun:
+        """Publish a run's jobs again for a request that names it a second time, if the first
+        did not finish publishing them (a crash between the record and the PubAcks). A run
+        published already is not: long after, its jobs may have been forgotten and would
+        run again. A cancelled run's are not either."""
+        if record.state == "cancelled" or record.published:
+            return record
+        return await self._publish_once(record, revision, context)
+
+    async def _publish_once(self, record: WorkflowRun, revision: int, context: Context | None) -> WorkflowRun:
+        """Publish the record's jobs, then mark it published (compare-and-set)."""
+        await self._publish(record, context)
+        done = msgspec.structs.replace(record, published=True)
+        try:
+            await self._update(done, revision)
+        except Conflict:
+            return record  # changed meanwhile (a cancel, a retry): the next look publishes if needed
+        return done
+
+    async def sweep_unpublished(self, older_than: float = 30.0) -> int:
+        """Publish the jobs of runs whose request stopped between writing the record and
+        the last PubAck (a trigger killed there, and nobody sent the request again).
+
+        Returns:
+            How many runs were published.
+        """
+        kv = await self._bucket()
+        try:
+            keys = await kv.keys()
+        except nats.js.errors.NoKeysError:
+            return 0
+        except (TimeoutError, nats.errors.Error) as exc:
+            raise _unavailable("list", subjects.KV_WORKFLOWS, exc) from exc
+        count = 0
+        now = self._clock()
+        for key in keys:
+            if not key.startswith(RUN_PREFIX):
+                continue
+            record, revision = await self._read(key[len(RUN_PREFIX) :])
+            if record is None or record.published or record.state == "cancelled":
+                continue
+            if now - record.updated_at < older_than:
+                continue  # its request may still be publishing
+            await self._republish(record, revision, None)
+            log.warning("workflow run %s: its jobs were not all published; published them now", record.run_id)
+            count += 1
+        return count
+
+    async def run_sweeper(self, every: float = 60.0) -> None:
+        """Sweep for unpublished runs every ``every`` seconds (a background task)."""
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.sweep_unpublished()
+            except asyncio.CancelledError:
+                raise
+            except JobmeshError as exc:
+                log.warning("sweeping for unpublished workflow runs failed (%s); will retry", exc)
 
     async def _publish(self, record: WorkflowRun, context: Context | None) -> None:
         """Publish the jobs of the record's generation (the same ids each time: a no-op when
         they were published already) and wait for every PubAck."""
         run_id, generation = record.run_id, record.generation
         kept = {step: job for step, job in record.jobs.items() if job != step_job_id(run_id, step, generation)}
-        after_jobs = await self._earlier_jobs(record.after_run) if record.after_run and generation == 0 else []
+        earlier = record.after_runs or ([record.after_run] if record.after_run else [])
+        after_jobs = await self._earlier_jobs(earlier) if earlier and generation == 0 else []
         events = expand(
             record.spec,
             record.input,
@@ -403,23 +480,29 @@ class WorkflowApi:
                 if span is not None:
                     span.end()
 
-    async def _earlier_jobs(self, run_id: str) -> list[tuple[str, int]]:
-        """The jobs of the earlier run with the same key that have not ended (as far as the
-        tracker knows: one it has not recorded yet is waited for), with their partitions."""
-        earlier, _ = await self._read(run_id)
-        if earlier is None:
-            return []  # forgotten: nothing left to wait for
-        partition_of = {
-            job: subjects.partition_of(earlier.spec.steps[step].queue, self._partitions)
-            for step, job in earlier.jobs.items()
-            if step in earlier.spec.steps
-        }
-        jobs = list(dict.fromkeys(earlier.jobs.values()))
+    async def _earlier_jobs(self, run_ids: list[str]) -> list[tuple[str, int]]:
+        """The jobs of the earlier runs with the same key that have not ended (as far as the
+        tracker knows: one it has not recorded yet is waited for), with their partitions.
+
+        Raises:
+            Unavailable: the tracker cannot say (the request fails; the same one again
+                starts the run), rather than wait for jobs that may be long forgotten.
+        """
+        partition_of: dict[str, int] = {}
+        for run_id in run_ids:
+            earlier, _ = await self._read(run_id)
+            if earlier is None:
+                continue  # forgotten, or never written: nothing of it to wait for
+            for step, job in earlier.jobs.items():
+                if step in earlier.spec.steps:
+                    partition_of[job] = subjects.partition_of(earlier.spec.steps[step].queue, self._partitions)
+        jobs = list(partition_of)
+        if not jobs:
+            return []
         try:
             views = await self._jobs.views(jobs, grace=0.0)
         except JobmeshError as exc:
-            log.warning("run %s: the tracker cannot say which jobs have ended (%s); waiting for all", run_id, exc)
-            return [(job, partition_of.get(job, -1)) for job in jobs]
+            raise Unavailable(f"the tracker cannot say which jobs of the earlier runs have ended: {exc}") from exc
         out = []
         for job in jobs:
             view = views.get(job)
@@ -558,10 +641,11 @@ class WorkflowApi:
             generation=generation,
             state="running",
             cancel_reason="",
+            published=False,  # until the new generation's jobs are all published
             updated_at=self._clock(),
         )
         await self._update(updated, revision)
-        await self._publish(updated, env.context)
+        updated = await self._publish_once(updated, await self._revision(record.run_id), env.context)
         log.info("workflow run %s retried (generation %d): %s", record.run_id, generation, ", ".join(plan.steps))
         return WorkflowRetryReply(run=updated, steps=plan.steps)
 

@@ -37,6 +37,7 @@ from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, up
 from jobmesh.client.workflows import WorkflowStatus, run_status, workflow_from_data
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
+from jobmesh.contract.ids import new_idempotency_key
 from jobmesh.contract.messages.v1 import (
     CancelReply,
     CancelRequest,
@@ -627,7 +628,8 @@ class Client:
                 wrong field is named without a round trip.
             input: the run's input (``${input...}``); None for the workflow's own.
             idempotency_key: the same key always names the same run (a second request
-                returns it, ``duplicate``); the service makes a fresh one when empty.
+                returns it, ``duplicate``); a fresh one is made here when empty, so that
+                a request retried by the client's own timeout makes one run, not two.
 
         Returns:
             The run's record and whether it existed already.
@@ -637,7 +639,9 @@ class Client:
                 here, or at the service, which also checks its templates and every
                 step's job.
         """
-        request = WorkflowRunRequest(spec=_workflow_of(spec), input=input, idempotency_key=idempotency_key)
+        request = WorkflowRunRequest(
+            spec=_workflow_of(spec), input=input, idempotency_key=idempotency_key or new_idempotency_key()
+        )
         return await self.request(subjects.API_WORKFLOWS_RUN, request, WorkflowRunReply, "trigger")
 
     async def get_workflow(self, run_id: str) -> WorkflowRun:

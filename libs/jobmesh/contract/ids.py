@@ -89,8 +89,9 @@ def dep_ended_id(job_id: str, watcher: int) -> str:
 
 def child_step(step: str, parent: str) -> str:
     """``StepRef.step`` of a job that workflow step ``step`` (its job ``parent``) submitted
-    from its handler: the run lists it under this name, apart from the step's own jobs."""
-    return f"{step}.children.{parent}"
+    from its handler: the run lists it under this name, apart from the step's own jobs.
+    A child's child is listed under the same root step (names do not grow per level)."""
+    return f"{step.split('.children.', 1)[0]}.children.{parent}"
 
 
 def child_id(parent: str, child: str) -> str:

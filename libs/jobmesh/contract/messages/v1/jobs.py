@@ -649,8 +649,9 @@ class ParentRef(Struct, frozen=True, kw_only=True):
 
     job_id: Id
     partition: NonNegInt
-    workflow_id: str = ""  # the step's run and name: the child is listed with the run
-    step: str = ""
+    # The step's run and name: the child is listed with the run.
+    workflow_id: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9_\-]*$")] = ""
+    step: Annotated[str, Meta(max_length=128)] = ""
 
 
 class ChildAdded(JobEvent, frozen=True, kw_only=True, tag="job.child_added"):

@@ -91,7 +91,8 @@ class WorkflowSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
     input: Any = None
     concurrency_key: Annotated[str, Meta(max_length=256)] = ""
     priority: Priority | None = None
-    tenant: Annotated[str, Meta(max_length=128)] = ""
+    # As a job's tenant (it becomes every step's), or "" for the steps' own.
+    tenant: Annotated[str, Meta(max_length=128, pattern=r"^[A-Za-z0-9_.\-]*$")] = ""
 
 
 class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
@@ -106,6 +107,11 @@ class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
         state: ``running`` until cancelled; whether it has ended is read from its jobs.
         concurrency_key: the resolved key, when the workflow has one.
         after_run: the earlier run with that key this one waited for.
+        after_runs: the earlier runs with that key, latest first (bounded); it waits for
+            every job of them that has not ended, so a cancelled or lost run between
+            does not let it pass one that still runs.
+        published: every job of its generation was published (PubAcked); a record not
+            published is published again by the trigger, one published is not.
         origin: the trigger rule and event that started it, if one did.
     """
 
@@ -117,7 +123,9 @@ class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
     state: Literal["running", "cancelled"] = "running"
     concurrency_key: str = ""
     after_run: str = ""
+    after_runs: list[str] = []
     origin: JobOrigin | None = None
+    published: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
     cancel_reason: str = ""
