@@ -167,7 +167,7 @@ async def test_a_runs_jobs_list_in_submission_order_with_their_steps(nc, publish
     await publish(step_ready(load0, run, "load", 0), cancelling(load0))
     await until(nc, report, lambda v: v.state == "cancelled", "the skipped step to be recorded")
     await until(nc, load0, lambda v: v.reason.startswith("cancelling"), "the cancel under way to be recorded")
-    listed = (await list_jobs(nc, workflow=run, limit=20_000)).jobs
+    listed = (await list_jobs(nc, workflow=run, limit=5_000)).jobs
     assert [j.job_id for j in listed] == [extract, load0, load1, report]
     assert [(j.step, j.index, j.skipped) for j in listed] == [
         ("extract", -1, False),
@@ -256,10 +256,13 @@ async def test_the_stored_step_fields_agree_with_the_fold(store, database_url) -
     assert [j.skipped for j in listed] == [bool(i % 2) for i in range(len(jobs))]
 
 
-async def test_a_run_lists_its_jobs_beyond_the_usual_limit(store) -> None:
+async def test_a_run_lists_its_jobs_beyond_the_usual_limit_in_pages(store) -> None:
     run = f"w-{new_job()[:10]}"
     jobs = [new_job() for _ in range(1200)]
     batch = [step_submitted(job, run, "map", index=i, at=i / 1000) for i, job in enumerate(jobs)]
     await store.write(fold(batch))
-    listed = await store.list(20_000, workflow=run)
+    listed = await store.list(5_000, workflow=run)
     assert [j.index for j in listed] == list(range(len(jobs)))
+    pages = [await store.list(500, workflow=run, offset=offset) for offset in (0, 500, 1000)]
+    assert [len(p) for p in pages] == [500, 500, 200]
+    assert [j.job_id for p in pages for j in p] == [j.job_id for j in listed]

@@ -108,5 +108,5 @@ class QueryHandler:
         request: JobListRequest = env.message
         async with translated("listing jobs"):
             states = request.states or ([request.state] if request.state else [])
-            jobs = await self._store.list(request.limit, states, request.queue, request.workflow)
+            jobs = await self._store.list(request.limit, states, request.queue, request.workflow, request.offset)
         return JobListReply(jobs=jobs)

@@ -303,8 +303,10 @@ def _list_query(states: bool, queue: bool, workflow: bool) -> str:
         n += 1
     if queue:
         conditions.append(f"queue = ${n}")
+        n += 1
     where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
-    return f"SELECT {_SUMMARY} FROM jobs{where} {_SUBMITTED if workflow else _NEWEST}"
+    order = f"{_SUBMITTED} OFFSET ${n}" if workflow else _NEWEST
+    return f"SELECT {_SUMMARY} FROM jobs{where} {order}"
 
 
 # One statement per filter combination, so each keeps a plan that uses its own index.
@@ -445,7 +447,7 @@ class Store:
         return view, True
 
     async def list(
-        self, limit: int, states: Sequence[str] = (), queue: str = "", workflow: str = ""
+        self, limit: int, states: Sequence[str] = (), queue: str = "", workflow: str = "", offset: int = 0
     ) -> list[JobSummary]:
         """Recent jobs, latest submission first, optionally in some states and/or a queue; or
         the jobs of one workflow run, in submission order.
@@ -455,11 +457,12 @@ class Store:
             states: only jobs in one of these ("" for every state).
             queue: only jobs of this queue.
             workflow: only the jobs of this run (then in submission order).
+            offset: with ``workflow``, skip this many (pages of a large run).
 
         Returns:
             One summary per job, with its shown reason and its workflow step.
         """
-        args: list = [limit] + [v for v in (workflow, list(states), queue) if v]
+        args: list = [limit] + [v for v in (workflow, list(states), queue) if v] + ([offset] if workflow else [])
         records = await self._pool.fetch(_LIST[(bool(states), bool(queue), bool(workflow))], *args)
         return [
             JobSummary(

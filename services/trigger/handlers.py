@@ -133,12 +133,17 @@ class JobLookup:
             missing = [job_id for job_id in missing if found[job_id] is None]
         return found
 
-    async def workflow_jobs(self, run_id: str, limit: int = 20_000) -> list[JobSummary]:
-        """Every job of a workflow run as the tracker lists it (older generations too)."""
-        reply: JobListReply = await self._request(
-            subjects.API_JOB_LIST, JobListRequest(workflow=run_id, limit=limit), JobListReply
-        )
-        return reply.jobs
+    async def workflow_jobs(self, run_id: str, page: int = 2_000) -> list[JobSummary]:
+        """Every job of a workflow run as the tracker lists it (older generations too), read
+        in pages that each fit in a message."""
+        jobs: list[JobSummary] = []
+        while True:
+            reply: JobListReply = await self._request(
+                subjects.API_JOB_LIST, JobListRequest(workflow=run_id, limit=page, offset=len(jobs)), JobListReply
+            )
+            jobs.extend(reply.jobs)
+            if len(reply.jobs) < page:
+                return jobs
 
 
 class SubmitHandler:

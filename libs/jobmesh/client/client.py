@@ -98,8 +98,7 @@ DEV_ENV = Path(".jobmesh") / "dev.env"
 # How often ``cancel`` asks again while the scheduler does not know a job the tracker shows
 # as not ended (the scheduler has not read its submission yet, or the tracker its end).
 CANCEL_RETRY_SECONDS = 0.2
-# The most jobs the tracker lists for one workflow run (its steps and their mapped items).
-MAX_WORKFLOW_JOBS = 20_000
+WORKFLOW_PAGE = 2_000  # rows per request when reading a run's jobs (about 0.7 MB)
 # How long ``wait`` trusts the tracker's watch announcements (core NATS, which may drop
 # one) before it asks the tracker itself.
 WAIT_POLL_SECONDS = 2.0
@@ -694,9 +693,13 @@ class Client:
     async def workflow_jobs(self, run_id: str) -> builtins.list[JobSummary]:
         """Every job of a run as the tracker lists it: each step's jobs (older generations
         too) and their mapped items, in submission order."""
-        request = JobListRequest(workflow=run_id, limit=MAX_WORKFLOW_JOBS)
-        reply = await self.request(subjects.API_JOB_LIST, request, JobListReply, "tracker")
-        return reply.jobs
+        jobs: builtins.list[JobSummary] = []
+        while True:  # in pages: the rows of a large run would not fit in one message
+            request = JobListRequest(workflow=run_id, limit=WORKFLOW_PAGE, offset=len(jobs))
+            reply = await self.request(subjects.API_JOB_LIST, request, JobListReply, "tracker")
+            jobs.extend(reply.jobs)
+            if len(reply.jobs) < WORKFLOW_PAGE:
+                return jobs
 
     async def workflow_status(self, run_id: str) -> WorkflowStatus:
         """A run as a person should see it: every step's state and the run's outcome.

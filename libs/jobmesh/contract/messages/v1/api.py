@@ -108,11 +108,14 @@ class JobGetRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.get"):
 class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
     """Ask the tracker for recent jobs, newest first."""
 
-    limit: Annotated[int, Meta(ge=1, le=20_000)] = 50
+    limit: Annotated[int, Meta(ge=1, le=5_000)] = 50
     state: JobState | Literal[""] = ""  # "" for every state
     queue: str = ""
     states: list[JobState] = []  # any of these; wins over ``state`` when given
     workflow: str = ""  # only the jobs of this workflow run, in submission order
+    # With ``workflow``: skip this many (a large run is read in pages, as one reply of
+    # 20,000 rows would not fit in a message).
+    offset: Annotated[int, Meta(ge=0)] = 0
 
 
 class AttemptView(Struct, frozen=True, kw_only=True):
