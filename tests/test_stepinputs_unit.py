@@ -283,3 +283,18 @@ async def test_a_kept_result_is_stored_by_job_whatever_its_size(tmp_path) -> Non
     path.write_text("not kept")
     assert await results.collect("k", 1, path) is not None
     assert subjects.step_result_key("k") not in store.objects
+
+
+def test_a_filled_argument_the_kernel_would_refuse_fails_as_the_inputs_fault():
+    from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, StepRef, UpstreamRef
+    from jobmesh.errors import InvalidSpec
+    from jobmesh.executor.stepinputs import MAX_ARG_BYTES, StepValues, fill_inputs
+
+    step = StepRef(workflow_id="w", step="b", upstream={"a": UpstreamRef(job_id="ja")})
+    spec = JobSpec(runtime=ProcessRuntime(argv=["echo", "${steps.a.result}"]), step=step)
+    with pytest.raises(InvalidSpec, match="over the 131072-byte limit") as caught:
+        fill_inputs(spec, StepValues(results={"a": "x" * (MAX_ARG_BYTES + 1)}))
+    assert caught.value.field == "runtime.argv[1]"
+    with pytest.raises(InvalidSpec, match="NUL") as caught:
+        fill_inputs(spec, StepValues(results={"a": "a\x00b"}))
+    assert fill_inputs(spec, StepValues(results={"a": "fine"})).runtime.argv == ["echo", "fine"]

@@ -145,6 +145,24 @@ def wanted(spec: JobSpec) -> Wanted:
     return Wanted(frozenset(steps), item)
 
 
+# The kernel refuses one argument or variable longer than this (MAX_ARG_STRLEN, 32 pages).
+MAX_ARG_BYTES = 128 * 1024
+
+
+def _check_arg(where: str, text: str) -> None:
+    """A filled argv element or env value the process could not be started with is the
+    input's fault (``input_invalid``), not the executor's: refuse it here, by name."""
+    if "\x00" in text:
+        raise InvalidSpec(f"{where}: the filled-in value holds a NUL character, which no argument can", field=where)
+    size = len(text.encode())
+    if size > MAX_ARG_BYTES:
+        raise InvalidSpec(
+            f"{where}: the filled-in value is {size} bytes, over the {MAX_ARG_BYTES}-byte limit of one argument;"
+            " read a large result through stdin or a handler's input instead",
+            field=where,
+        )
+
+
 def fill_inputs(spec: JobSpec, values: StepValues) -> StepInputs:
     """The spec's argv, env, input and stdin with ``${steps...}`` and ``${item...}`` filled.
 
@@ -173,7 +191,10 @@ def fill_inputs(spec: JobSpec, values: StepValues) -> StepInputs:
         except InvalidSpec as exc:
             raise InvalidSpec(f"{where}: {exc}", field=where) from None
         # An argv element, an env value and the stdin stay strings.
-        return out if not text or isinstance(out, str) else json.dumps(out, separators=(",", ":"))
+        out = out if not text or isinstance(out, str) else json.dumps(out, separators=(",", ":"))
+        if text and where != "stdin" and out != value:
+            _check_arg(where, out)
+        return out
 
     runtime = spec.runtime
     if isinstance(runtime, ProcessRuntime | ContainerRuntime):
