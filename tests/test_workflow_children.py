@@ -118,3 +118,10 @@ async def test_a_failed_child_fails_its_step_for_the_steps_that_need_it(client):
     assert status.outcome == "failed"
     jobs = await client.workflow_jobs(run.run_id)
     assert sum(1 for j in jobs if j.step.startswith("split.children.")) == 3
+
+
+async def test_a_retry_runs_a_step_again_whose_child_failed(client):
+    run = (await client.run_workflow(_workflow(fail=1))).run
+    assert (await _ended(client, run.run_id)).outcome == "failed"
+    retried = await client.retry_workflow(run.run_id)
+    assert sorted(retried.steps) == ["merge", "split"]

@@ -466,3 +466,15 @@ async def test_after_on_jobs_of_the_same_request_is_kept_unless_they_form_a_cycl
     assert "cycle" in caught.value.message and caught.value.field.endswith(".after[0].job_id")
     with pytest.raises(InvalidSpec, match="itself"):
         await settle_after([waits(("j0", "ended"))], ["j0"], tracker, 4)
+
+
+def test_a_step_cannot_map_over_a_mapped_step_nor_template_its_fallback():
+    steps = {
+        "a": sh("x"),
+        "m": {**sh("${item}"), "needs": ["a"], "map": {"over": "${steps.a.result.items}"}},
+        "mm": {**sh("${item}"), "needs": ["m"], "map": {"over": "${steps.m.result}"}},
+    }
+    assert refused(workflow(steps)).field == "steps.mm.map.over"
+    fallback = {"runtime": {"kind": "process", "argv": ["echo", "${steps.a.result}"]}}
+    steps = {"a": sh("x"), "b": {**sh("y"), "needs": ["a"], "retry": {"max_attempts": 2, "fallback": fallback}}}
+    assert refused(workflow(steps)).field == "steps.b.retry.fallback.runtime.argv[1]"

@@ -32,7 +32,7 @@ from opentelemetry import trace
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
-from jobmesh.contract.ids import new_idempotency_key, submit_id, workflow_run_id
+from jobmesh.contract.ids import child_step, new_idempotency_key, submit_id, workflow_run_id
 from jobmesh.contract.messages.v1 import (
     CancelReply,
     CancelRequest,
@@ -631,6 +631,7 @@ class WorkflowApi:
                 # The jobs of the record's generation may never have been published:
                 # publishing them again heals that (the retry then waits for them to end).
                 await self._publish(record, env.context)
+        current = _with_children(current, rows)
         plan = plan_retry(record.spec, record.jobs, current)
         if not plan.steps:
             return WorkflowRetryReply(run=record, steps=[])
@@ -652,6 +653,22 @@ class WorkflowApi:
 
 def _unavailable(what: str, key: str, exc: BaseException) -> Unavailable:
     return Unavailable(f"cannot {what} {key} in {subjects.KV_WORKFLOWS}: {type(exc).__name__}: {exc}")
+
+
+def _with_children(current: dict[str, JobSummary | None], rows: list[JobSummary]) -> dict[str, JobSummary | None]:
+    """Each step's job as a retry judges it: a step whose own job succeeded but whose
+    handler's child jobs did not all succeed counts as failed (it runs again), and one
+    whose children still run as not ended."""
+    out = dict(current)
+    for step, row in current.items():
+        if row is None or row.state != "succeeded":
+            continue
+        children = [r for r in rows if r.step == child_step(step, row.job_id)]
+        if any(not c.final for c in children):
+            out[step] = msgspec.structs.replace(row, final=False)
+        elif any(c.state != "succeeded" for c in children):
+            out[step] = msgspec.structs.replace(row, state="failed")
+    return out
 
 
 def _never_ran(job_id: str) -> JobSummary:

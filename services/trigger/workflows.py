@@ -234,6 +234,20 @@ def _check_step(
             _input_present(input, ref, f"steps.{name}.{where}")
     if step.map is not None:
         _check_over(name, step.map.over)
+        over = next(ref for _where, ref in refs_in(step.map.over))
+        if over.step in spec.steps and spec.steps[over.step].map is not None:
+            _fail(
+                name,
+                "map.over",
+                f"{step.map.over}: {over.step} is a mapped step; a step maps over a list in one job's result"
+                f" (map over the list {over.step} maps over, or have a step after it build one)",
+            )
+    fallback = raw.get("retry", {}).get("fallback")
+    if fallback is not None:
+        for where, ref in refs_in(fallback, "retry.fallback"):
+            _fail(
+                name, where, f"${{{ref.text}}}: a fallback job is not a workflow step; its placeholders stay unfilled"
+            )
     job = _filled(name, raw, input, _SAMPLE_RUN_ID)
     # What is left to fill when the job starts, read from the filled spec: a value taken
     # from the input may hold a placeholder too, and it must pass the same checks.
