@@ -454,3 +454,15 @@ async def test_a_later_run_waits_for_every_earlier_run_still_going_not_only_the_
 def test_a_workflow_tenant_is_checked_as_a_jobs_tenant():
     with pytest.raises(msgspec.ValidationError, match="tenant"):
         msgspec.convert({"name": "t", "tenant": "a b", "steps": {"a": {"runtime": {"kind": "noop"}}}}, WorkflowSpec)
+
+
+async def test_a_run_whose_filled_job_would_not_fit_a_message_is_refused_and_nothing_made():
+    api, kv, publisher = api_in_memory(Tracing.off())
+    argv = ["echo", *["${input.blob}"] * 40]
+    spec = msgspec.convert(
+        {"name": "big", "steps": {"a": {"runtime": {"kind": "process", "argv": argv}}}}, WorkflowSpec
+    )
+    with pytest.raises(InvalidSpec, match="message limit") as caught:
+        await api.start(spec, {"blob": "x" * 150_000}, "big")
+    assert caught.value.field == "steps.a"
+    assert kv.values == {} and publisher.sent == []

@@ -92,6 +92,7 @@ _info_decoder = msgspec.json.Decoder(HandlerInfo)
 
 
 MAX_EARLIER_RUNS = 32  # earlier runs of a concurrency key a new run looks back over
+SIZE_MARGIN = 16 * 1024  # what a JobSubmitted adds to its spec (ids, deps, labels), generously
 
 
 class _KeyHolder(Struct, frozen=True, kw_only=True):
@@ -237,21 +238,21 @@ class WorkflowApi:
             raise NotFound(f"no workflow run {run_id!r} (jobmesh workflow list shows them)", field="run_id")
         return record, revision
 
-    async def _create(self, record: WorkflowRun) -> bool:
-        """Store a new run's record; False when the run exists already."""
+    async def _create(self, record: WorkflowRun) -> int:
+        """Store a new run's record; its revision, or 0 when the run exists already."""
         kv = await self._bucket()
         try:
-            await kv.create(subjects.workflow_key(record.run_id), encode(record))
+            return int(await kv.create(subjects.workflow_key(record.run_id), encode(record)))
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+            return 0
         except (TimeoutError, nats.errors.Error) as exc:
             raise _unavailable("write", record.run_id, exc) from exc
-        return True
 
-    async def _update(self, record: WorkflowRun, revision: int) -> None:
+    async def _update(self, record: WorkflowRun, revision: int) -> int:
+        """Replace a run's record if it is still at ``revision``; its new revision."""
         kv = await self._bucket()
         try:
-            await kv.update(subjects.workflow_key(record.run_id), encode(record), last=revision)
+            return int(await kv.update(subjects.workflow_key(record.run_id), encode(record), last=revision))
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise Conflict(f"workflow run {record.run_id} changed meanwhile; try again") from exc
         except (TimeoutError, nats.errors.Error) as exc:
@@ -350,17 +351,22 @@ class WorkflowApi:
             created_at=now,
             updated_at=now,
         )
-        if not await self._create(record):
+        revision = await self._create(record)
+        if not revision:
             # Another replica took the same request at the same moment: its record stands.
             existing, revision = await self._existing(run_id)
             return WorkflowRunReply(run=await self._republish(existing, revision, context), duplicate=True)
-        record = await self._publish_once(record, await self._revision(run_id), context)
+        record = await self._publish_once(record, revision, context)
         log.info("workflow %s: run %s started with %d steps", spec.name, run_id, len(spec.steps))
         return WorkflowRunReply(run=record)
 
     def _check_sizes(self, spec: WorkflowSpec, input: Any, run_id: str, now: float) -> None:
         """Refuse a run whose step jobs would not fit in a message (the input filled into
         many places can make one much larger than the request), before anything is made."""
+        spec_bytes = encode(spec)
+        fills = spec_bytes.count(b"${input")
+        if len(spec_bytes) + fills * len(encode(input)) + SIZE_MARGIN <= self._max_bytes:
+            return  # no step's job can be larger than the whole workflow with every fill
         for event in expand(spec, input, run_id, 0, self._partitions, {}, now):
             size = len(encode(event))
             if size > self._max_bytes:
@@ -370,10 +376,6 @@ class WorkflowApi:
                     " message limit: pass large values as files or results, not inline",
                     field=f"steps.{step}",
                 )
-
-    async def _revision(self, run_id: str) -> int:
-        _, revision = await self._read(run_id)
-        return revision
 
     async def _republish(self, record: WorkflowRun, revision: int, context: Context | None) -> WorkflowRun:
         """Publish a run's jobs again for a request that names it a second time, if the first
@@ -645,8 +647,8 @@ class WorkflowApi:
             published=False,  # until the new generation's jobs are all published
             updated_at=self._clock(),
         )
-        await self._update(updated, revision)
-        updated = await self._publish_once(updated, await self._revision(record.run_id), env.context)
+        revision = await self._update(updated, revision)
+        updated = await self._publish_once(updated, revision, env.context)
         log.info("workflow run %s retried (generation %d): %s", record.run_id, generation, ", ".join(plan.steps))
         return WorkflowRetryReply(run=updated, steps=plan.steps)
 

@@ -16,9 +16,11 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import msgspec
+
 from jobmesh.errors import InvalidSpec
 
-__all__ = ["MISSING", "Ref", "fill", "parse_ref", "refs_in", "walk"]
+__all__ = ["MISSING", "Ref", "fill", "has_placeholders", "parse_ref", "refs_in", "walk"]
 
 # ``${ ... }``: a dotted path of names and indexes, spaces allowed around it.
 _PLACEHOLDER = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)\s*\}")
@@ -77,6 +79,16 @@ def parse_ref(text: str) -> Ref:
     raise InvalidSpec(f"${{{text}}}: a placeholder starts with steps., item, input or workflow.id")
 
 
+def has_placeholders(value: Any) -> bool:
+    """Whether any string inside ``value`` may hold a placeholder: one encode (in C) spares
+    walking a spec that has none, as most of a workflow's steps do not."""
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, list | dict):
+        return b"${" in msgspec.json.encode(value)
+    return False
+
+
 def refs_in(value: Any, where: str = "") -> Iterator[tuple[str, Ref]]:
     """Every reference in ``value`` (strings inside lists and dicts), with the field path
     it is at (``runtime.argv[2]``).
@@ -84,6 +96,8 @@ def refs_in(value: Any, where: str = "") -> Iterator[tuple[str, Ref]]:
     Raises:
         InvalidSpec: a reference is malformed; ``field`` names where.
     """
+    if not where and not has_placeholders(value):
+        return
     if isinstance(value, str):
         for match in _PLACEHOLDER.finditer(value):
             try:
@@ -125,6 +139,12 @@ def fill(value: Any, lookup: Callable[[Ref], Any], kinds: frozenset[str] | None 
         lookup: the value of a reference; raises ``InvalidSpec`` when it has none.
         kinds: only references of these kinds are replaced (the rest stay as written).
     """
+    if isinstance(value, list | dict) and not has_placeholders(value):
+        return value
+    return _fill(value, lookup, kinds)
+
+
+def _fill(value: Any, lookup: Callable[[Ref], Any], kinds: frozenset[str] | None) -> Any:
     if isinstance(value, str):
         if "${" not in value:
             return value
@@ -142,7 +162,7 @@ def fill(value: Any, lookup: Callable[[Ref], Any], kinds: frozenset[str] | None 
 
         return _PLACEHOLDER.sub(one, value)
     if isinstance(value, list):
-        return [fill(item, lookup, kinds) for item in value]
+        return [_fill(item, lookup, kinds) for item in value]
     if isinstance(value, dict):
-        return {key: fill(item, lookup, kinds) for key, item in value.items()}
+        return {key: _fill(item, lookup, kinds) for key, item in value.items()}
     return value
