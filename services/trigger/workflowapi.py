@@ -334,9 +334,12 @@ class WorkflowApi:
         check(spec, input, handlers, now)
         key = concurrency_key(spec, input)
         run_id = workflow_run_id(idempotency_key or new_idempotency_key())
-        existing, revision = await self._read(run_id)
-        if existing is not None:
-            return WorkflowRunReply(run=await self._republish(existing, revision, context), duplicate=True)
+        if key:
+            # A repeated request must find its run before it takes the key again (it would
+            # queue behind itself); without a key the create below finds it instead.
+            existing, revision = await self._read(run_id)
+            if existing is not None:
+                return WorkflowRunReply(run=await self._republish(existing, revision, context), duplicate=True)
         self._check_sizes(spec, input, run_id, now)
         earlier = await self._hold_key(key, run_id) if key else []
         record = WorkflowRun(
