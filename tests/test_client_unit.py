@@ -8,6 +8,7 @@ import argparse
 import io
 import json
 
+import msgspec
 import pytest
 from rich.console import Console
 
@@ -17,6 +18,7 @@ from jobmesh.client.cli.display import BarDisplay, PlainDisplay, display_for
 from jobmesh.client.cli.exitcodes import EXIT_FAILED, EXIT_OK, for_final_view
 from jobmesh.client.cli.parser import build_parser
 from jobmesh.client.cli.specflags import fallback_from, retry_policy_from, spec_from
+from jobmesh.client.client import Client
 from jobmesh.client.jobstate import Progress, Seen
 from jobmesh.client.results import result_attempt
 from jobmesh.client.timeline import job_notes, timeline
@@ -32,6 +34,7 @@ from jobmesh.contract.messages.v1 import (
     NoopRuntime,
     ProcessRuntime,
     RetryPolicy,
+    WorkflowSpec,
 )
 from jobmesh.errors import InvalidMessage, InvalidSpec, NotFound, UsageError
 
@@ -376,3 +379,18 @@ def test_the_result_is_the_successful_attempts_and_its_absence_is_explained():
         result_attempt(view(attempts=[]))
     with pytest.raises(NotFound, match="it ended failed"):
         result_attempt(view(state="failed", final=True, attempts=[first]))
+
+
+async def test_run_workflow_makes_the_runs_key_when_none_is_given(monkeypatch):
+    sent = []
+
+    async def request(self, subject, message, reply_type, service):
+        sent.append(message)
+        return None
+
+    monkeypatch.setattr(Client, "request", request)
+    client = Client.__new__(Client)
+    spec = msgspec.convert({"name": "k", "steps": {"a": {"runtime": {"kind": "noop"}}}}, WorkflowSpec)
+    await client.run_workflow(spec)
+    await client.run_workflow(spec, idempotency_key="mine")
+    assert len(sent[0].idempotency_key) == 32 and sent[1].idempotency_key == "mine"

@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import job_id_for, new_idempotency_key, step_key, workflow_run_id
+from jobmesh.contract.ids import child_step, job_id_for, new_idempotency_key, step_key, workflow_run_id
 from jobmesh.contract.messages.v1 import (
     Dependency,
     JobSpec,
@@ -33,7 +33,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowRunRequest,
     WorkflowSpec,
 )
-from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, NotFound
+from jobmesh.errors import Conflict, InvalidMessage, InvalidSpec, NotFound, Unavailable
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Tracing, trace_id_of
 from jobmesh.trigger.workflowapi import WorkflowApi
@@ -466,3 +466,27 @@ async def test_a_run_whose_filled_job_would_not_fit_a_message_is_refused_and_not
         await api.start(spec, {"blob": "x" * 150_000}, "big")
     assert caught.value.field == "steps.a"
     assert kv.values == {} and publisher.sent == []
+
+
+async def test_a_keyed_run_the_tracker_cannot_vouch_for_fails_and_the_sweep_publishes_it_later():
+    api, _kv, publisher = api_in_memory(Tracing.off())
+    spec = diamond("keyed3", concurrency_key="${input.who}")
+    await api.start(spec, {"who": "z"}, "e1")
+
+    async def down(job_ids, grace=None):
+        raise Unavailable("the tracker does not answer")
+
+    api._jobs = SimpleNamespace(views=down)  # type: ignore[assignment]
+    sent = len(publisher.sent)
+    with pytest.raises(Unavailable):
+        await api.start(spec, {"who": "z"}, "e2")
+    assert len(publisher.sent) == sent  # nothing of the second run went out
+    api._jobs = SimpleNamespace(views=_nothing_known)  # type: ignore[assignment]
+    api._clock = lambda: 10**10  # long after: the sweep takes it
+    assert await api.sweep_unpublished() == 1
+    assert len(publisher.sent) == sent + 4
+
+
+def test_a_childs_child_is_listed_under_the_root_step():
+    assert child_step("split", "p1") == "split.children.p1"
+    assert child_step(child_step("split", "p1"), "p2") == "split.children.p2"
