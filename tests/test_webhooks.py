@@ -28,7 +28,14 @@ import pytest
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.ids import job_id_for
-from jobmesh.contract.messages.v1 import JobSubmitted, TriggerRecord, TriggerRule, WebhookSource
+from jobmesh.contract.messages.v1 import (
+    JobSubmitted,
+    TriggerRecord,
+    TriggerRule,
+    WebhookSource,
+    WorkflowRun,
+    WorkflowRunReply,
+)
 from jobmesh.runtime.publisher import Publisher
 from jobmesh.runtime.service import Runtime
 from jobmesh.runtime.settings import Settings
@@ -575,3 +582,40 @@ async def test_a_stop_lets_a_request_in_flight_finish_and_then_refuses_connectio
     assert resp.status == 200 and (await resp.json())["job_ids"] == [job_id_for("in-flight")]
     resp.release()
     await asyncio.wait_for(stopping, 10)
+
+
+class _Runs:
+    """Stands in for the trigger's workflow API: records what a hook started."""
+
+    def __init__(self) -> None:
+        self.started: list = []
+
+    async def start(self, spec, input=None, idempotency_key="", *, origin=None, context=None):
+        self.started.append((spec.name, input, idempotency_key))
+        return WorkflowRunReply(run=WorkflowRun(run_id="run-from-hook", spec=spec, input=input))
+
+
+async def test_a_hook_whose_rule_starts_a_workflow_answers_with_the_run(harness):
+    runs = _Runs()
+    harness.ingress._router.firer.workflows = runs
+    rule = TriggerRule(
+        name="wf-hook",
+        source=WebhookSource(secret="hook-bearer"),
+        workflow={
+            "name": "hooked",
+            "steps": {"a": {"runtime": {"kind": "process", "argv": ["echo", "${input.repo}"]}}},
+        },
+    )
+    await harness.put_rule(rule)
+    try:
+        async with harness.http.post(
+            f"{harness.base}/v1/hooks/wf-hook",
+            data=b'{"repo": "jobmesh"}',
+            headers={"Authorization": f"Bearer {BEARER_SECRET.decode()}", "Content-Type": "application/json"},
+        ) as resp:
+            body = await resp.json()
+        assert resp.status == 202, body
+        assert body["run_id"] == "run-from-hook" and body["job_ids"] == []
+        assert runs.started[0][:2] == ("hooked", {"repo": "jobmesh"})
+    finally:
+        harness.ingress._router.firer.workflows = None
