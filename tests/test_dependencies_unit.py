@@ -173,3 +173,12 @@ def test_items_of_refuses_what_is_not_a_list():
         mapsteps.items_of({"a": {}}, ["a", "c"])
     with pytest.raises(mapsteps.MapError, match="not a list"):
         mapsteps.items_of({"a": 3}, ["a"])
+
+
+def test_queue_stats_count_every_waiting_job_under_one_reason():
+    b = Backlog()
+    b.add(job("x", after=[Dependency(job_id="a", step="a")]), 0)
+    b.add(job("y", after=[Dependency(job_id="b", step="b")]), 0)
+    stats = b.stats(0)["default"]
+    assert stats["waiting"] == {"deps": 2}
+    assert stats["reasons"] == {"waiting for other jobs": 2}

@@ -30,6 +30,7 @@ from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Round
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +240,36 @@ async def test_a_child_added_after_its_step_ended_changes_nothing(pool):
 def test_messages_used_here_decode():
     # The envelopes above carry structs; what a real consumer decodes is the same.
     assert msgspec.json.decode(msgspec.json.encode(succeeded("x")), type=JobSucceeded).job_id == "x"
+
+
+class FlakyResults(Results):
+    """jm_results times out on the first read, then answers."""
+
+    def __init__(self, kept: dict) -> None:
+        super().__init__(kept)
+        self.reads = 0
+
+    async def kept(self, job_id):
+        self.reads += 1
+        if self.reads == 1:
+            raise TimeoutError("jm_results did not answer")
+        return await super().kept(job_id)
+
+
+async def test_an_object_store_timeout_while_expanding_retries_the_step_and_the_batch_commits(pool):
+    clock = Clock()
+    pub = Publisher()
+    results = FlakyResults({"prep": {"items": ["a", "b"]}})
+    part = partition(pool, pub, clock, results)
+    await part.load()
+    await part.handle([env(submitted("prep")), env(mapped_step())])
+    await part.handle([env(succeeded("prep"))])  # the read times out: the batch still commits
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT outcome FROM backlog WHERE job_id = 'prep'") == "succeeded"
+    assert pub.of(JobSubmitted) == [] and not part._dirty
+
+    async def expanded_later():
+        await plan_round(part, pool, clock.now)
+        return [m.job_id for m in pub.of(JobSubmitted)] == ITEMS
+
+    await eventually(expanded_later, timeout=10, what="the step to be expanded on its retry")
