@@ -478,3 +478,15 @@ def test_a_step_cannot_map_over_a_mapped_step_nor_template_its_fallback():
     fallback = {"runtime": {"kind": "process", "argv": ["echo", "${steps.a.result}"]}}
     steps = {"a": sh("x"), "b": {**sh("y"), "needs": ["a"], "retry": {"max_attempts": 2, "fallback": fallback}}}
     assert refused(workflow(steps)).field == "steps.b.retry.fallback.runtime.argv[1]"
+
+
+def test_an_on_failure_step_cannot_read_the_result_of_the_step_whose_failure_it_waits_for():
+    steps = {
+        "a": sh("x"),
+        "b": sh("y", needs=["a"]),
+        "alert": sh("echo ${steps.b.result}", needs=["b"], when="failed"),
+    }
+    assert refused(workflow(steps)).field == "steps.alert.runtime.argv[2]"
+    # What the failed step's own upstream made is there to read.
+    steps["alert"] = sh("echo ${steps.a.result}", needs=["b"], when="failed")
+    check(workflow(steps), None, now=NOW)

@@ -303,6 +303,14 @@ def _check_upstream(
             f"${{{ref.text}}}: {ref.step!r} is not among the needs of {name!r} (directly or through its needs),"
             " so its result may not exist yet; add it to needs",
         )
+    step = spec.steps[name]
+    if step.when == "failed" and ref.step in step.needs:
+        _fail(
+            name,
+            field,
+            f"${{{ref.text}}}: {name!r} runs only after {ref.step!r} failed, and a failed step keeps no"
+            " result; read what its own upstream steps made instead",
+        )
     upstream = spec.steps[ref.step]
     path = list(ref.path)
     if upstream.map is not None and path:
