@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,9 +203,9 @@ async def dead_letters(js) -> list[DeadLetter]:
     return letters
 
 
-async def fired_by(js, rule: str) -> list[JobSubmitted]:
-    """Every JobSubmitted in JM_JOBS that trigger rule ``rule`` fired, read to the stream's
-    last message with a fresh ordered consumer."""
+async def submitted_where(js, keep: Callable[[JobSubmitted], bool]) -> list[tuple[JobSubmitted, dict]]:
+    """Every JobSubmitted in JM_JOBS that ``keep`` accepts, with its headers, read to the
+    stream's last message with a fresh ordered consumer."""
     found = []
     sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True)
     try:
@@ -216,13 +216,19 @@ async def fired_by(js, rule: str) -> list[JobSubmitted]:
             except nats.errors.TimeoutError:
                 break
             event = msgspec.json.decode(msg.data, type=JobSubmitted)
-            if event.origin is not None and event.origin.rule == rule:
-                found.append(event)
+            if keep(event):
+                found.append((event, dict(msg.headers or {})))
             if msg.metadata.sequence.stream >= last:
                 break
     finally:
         await sub.unsubscribe()
     return found
+
+
+async def fired_by(js, rule: str) -> list[JobSubmitted]:
+    """Every JobSubmitted in JM_JOBS that trigger rule ``rule`` fired."""
+    fired = await submitted_where(js, lambda event: event.origin is not None and event.origin.rule == rule)
+    return [event for event, _headers in fired]
 
 
 async def node_record(nats_url: str, node_id: str) -> NodeInfo | None:

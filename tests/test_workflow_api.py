@@ -38,6 +38,7 @@ from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Tracing, trace_id_of
 from jobmesh.trigger.workflowapi import WorkflowApi
 from jobmesh.trigger.workflows import step_jobs
+from tests.cluster_fixtures import submitted_where
 from tests.helpers import eventually
 
 integration = pytest.mark.integration
@@ -78,24 +79,7 @@ async def run(client: Client, spec: WorkflowSpec, input=None, key: str = "") -> 
 
 async def submitted(client: Client, label: str, value: str) -> list[tuple[JobSubmitted, dict]]:
     """Every JobSubmitted in JM_JOBS whose metadata has ``label=value``, with its headers."""
-    js = client.nc.jetstream()
-    found = []
-    last = (await js.stream_info(subjects.STREAM_JOBS)).state.last_seq
-    sub = await js.subscribe(subjects.job_event("*", subjects.SUBMITTED), ordered_consumer=True)
-    try:
-        while True:
-            try:
-                msg = await sub.next_msg(timeout=2)
-            except nats.errors.TimeoutError:
-                break
-            event = msgspec.json.decode(msg.data, type=JobSubmitted)
-            if event.spec.metadata.get(label) == value:
-                found.append((event, dict(msg.headers or {})))
-            if msg.metadata.sequence.stream >= last:
-                break
-    finally:
-        await sub.unsubscribe()
-    return found
+    return await submitted_where(client.nc.jetstream(), lambda event: event.spec.metadata.get(label) == value)
 
 
 async def stored(client: Client, run_id: str) -> WorkflowRun | None:

@@ -25,7 +25,6 @@ The pure part (:func:`wanted`, :func:`fill_inputs`) is apart from the reading
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from nats.js.errors import ObjectDeletedError, ObjectNotFoundError
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import ContainerRuntime, HandlerRuntime, JobRuntime, JobSpec, ProcessRuntime, StepRef
-from jobmesh.contract.steptemplates import MISSING, Ref, fill, refs_in, walk
+from jobmesh.contract.steptemplates import MISSING, Ref, as_text, fill, refs_in, walk
 from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.runtime.backoff import backoff
 
@@ -191,7 +190,7 @@ def fill_inputs(spec: JobSpec, values: StepValues) -> StepInputs:
         except InvalidSpec as exc:
             raise InvalidSpec(f"{where}: {exc}", field=where) from None
         # An argv element, an env value and the stdin stay strings.
-        out = out if not text or isinstance(out, str) else json.dumps(out, separators=(",", ":"))
+        out = as_text(out) if text else out
         if text and where != "stdin" and out != value:
             _check_arg(where, out)
         return out

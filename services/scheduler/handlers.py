@@ -296,13 +296,29 @@ class PartitionScheduler:
                     await self.load()
             now = self._clock()
             wake_before = self._next_wake(now)
-            submits = [env for env in batch if isinstance(env.message, JobSubmitted)]
-            finished: list[TerminalEvent] = [env.message for env in batch if isinstance(env.message, TERMINAL)]
-            refused: list[JobUnplaceable] = [env.message for env in batch if isinstance(env.message, JobUnplaceable)]
-            watches = [env.message for env in batch if isinstance(env.message, DependencyWatch)]
-            told = [env.message for env in batch if isinstance(env.message, DependencyEnded)]
-            added = [env.message for env in batch if isinstance(env.message, ChildAdded)]
-            contexts = {env.message.job_id: env.context for env in batch}
+            submits: list[Envelope] = []
+            finished: list[TerminalEvent] = []
+            refused: list[JobUnplaceable] = []
+            # Messages between partitions (and from the trigger) about dependencies: rare.
+            watches: list[DependencyWatch] = []
+            told: list[DependencyEnded] = []
+            added: list[ChildAdded] = []
+            contexts = {}
+            for env in batch:  # one pass: this is every job's path
+                message = env.message
+                contexts[message.job_id] = env.context
+                if isinstance(message, JobSubmitted):
+                    submits.append(env)
+                elif isinstance(message, TERMINAL):
+                    finished.append(message)
+                elif isinstance(message, JobUnplaceable):
+                    refused.append(message)
+                elif isinstance(message, DependencyWatch):
+                    watches.append(message)
+                elif isinstance(message, DependencyEnded):
+                    told.append(message)
+                elif isinstance(message, ChildAdded):
+                    added.append(message)
             try:
                 async with translated("scheduler batch"), self._pool.acquire() as conn, conn.transaction():
                     traces = [env.headers.get("traceparent", "") for env in submits]
@@ -646,7 +662,19 @@ class PartitionScheduler:
                     rnd.told.append(job_id)
             for job, reason in backlog.take_skipped():
                 context = self._tracing.extract({"traceparent": job.trace} if job.trace else None)
-                rnd.out.append(mapsteps.skipped(job.submitted, job.attempt, self.partition, reason, rnd.now, context))
+                rnd.out.append(
+                    lifecycle.cancelled(
+                        job.job_id,
+                        self.partition,
+                        job.attempt,
+                        reason,
+                        "",
+                        rnd.now,
+                        context,
+                        spec=job.spec,
+                        skipped=True,
+                    )
+                )
                 rnd.changes.add(job.job_id, "done", reason, outcome=CANCELLED)
                 rnd.end(job.job_id, CANCELLED)
                 log.info("job %s: %s", job.job_id, reason)

@@ -137,8 +137,10 @@ def cancelled(
     context: Context | None,
     *,
     spec: JobSpec,
+    skipped: bool = False,
 ) -> Outgoing:
-    """JobCancelled: the job ended cancelled (attempt 0 when none was ever released).
+    """JobCancelled: the job ended cancelled (attempt 0 when none was ever released), or
+    was ``skipped`` (a dependency ended as it does not run after).
 
     ``spec`` is the job's: its queue, name and metadata go on the event (see
     :func:`gave_up`).
@@ -153,6 +155,7 @@ def cancelled(
         queue=spec.queue,
         name=spec.name,
         metadata=spec.metadata,
+        skipped=skipped,
     )
     subject = subjects.job_event(partition, subjects.CANCELLED)
     return Outgoing(subject, message, event_id(job_id, attempt, subjects.CANCELLED), context)

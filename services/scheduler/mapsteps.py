@@ -16,17 +16,17 @@ import msgspec
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import dep_ended_id, event_id, job_id_for, map_item_key, submit_id, watch_id
 from jobmesh.contract.messages.v1 import (
+    AttemptError,
     DependencyEnded,
     DependencyWatch,
     ItemRef,
-    JobCancelled,
     JobError,
-    JobGaveUp,
     JobSubmitted,
     JobSucceeded,
 )
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
+from jobmesh.scheduler import lifecycle
 
 MAX_ITEMS = 10_000  # items one mapped step may run
 
@@ -152,50 +152,11 @@ def step_failed(
     step: JobSubmitted, attempt: int, partition: int, message: str, code: str, now: float, context: Context | None
 ) -> Outgoing:
     """JobGaveUp of a mapped step that could not be expanded or whose items failed."""
-    spec = step.spec
-    gave_up = JobGaveUp(
-        job_id=step.job_id,
-        attempt=attempt,
-        partition=partition,
-        state="failed",
-        node_id="",
-        error=JobError(code=code, message=message),
-        reason=message,
-        at=now,
-        queue=spec.queue,
-        name=spec.name,
-        metadata=spec.metadata,
+    ended = AttemptError(attempt=attempt, node_id="", error=JobError(code=code, message=message), at=now)
+    [gave_up] = lifecycle.gave_up(
+        step.job_id, partition, ended, "failed", message, [], None, now, context, spec=step.spec
     )
-    return Outgoing(
-        subjects.job_event(partition, subjects.GAVE_UP),
-        gave_up,
-        event_id(step.job_id, attempt, subjects.GAVE_UP),
-        context,
-    )
-
-
-def skipped(
-    job: JobSubmitted, attempt: int, partition: int, reason: str, now: float, context: Context | None
-) -> Outgoing:
-    """JobCancelled with ``skipped``: a dependency ended as the job does not run after."""
-    spec = job.spec
-    message = JobCancelled(
-        job_id=job.job_id,
-        partition=partition,
-        attempt=attempt,
-        reason=reason,
-        at=now,
-        queue=spec.queue,
-        name=spec.name,
-        metadata=spec.metadata,
-        skipped=True,
-    )
-    return Outgoing(
-        subjects.job_event(partition, subjects.CANCELLED),
-        message,
-        event_id(job.job_id, attempt, subjects.CANCELLED),
-        context,
-    )
+    return gave_up
 
 
 def watch(job_id: str, job_partition: int, watcher: int, now: float) -> Outgoing:

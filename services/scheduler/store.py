@@ -6,6 +6,7 @@ Set-based statements only (``unnest`` arrays), one round trip per batch and oper
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -234,37 +235,39 @@ async def ended_outcomes(conn: Connection, job_ids: list[str], partition: int) -
     return {row["job_id"]: row["outcome"] for row in rows}
 
 
+async def _insert_rows(
+    conn: Connection,
+    table: str,
+    columns: tuple[str, ...],
+    types: tuple[str, ...],
+    partition: int,
+    rows: Sequence[tuple],
+) -> None:
+    """Insert ``rows`` (one value per column) with ``partition`` into one of the
+    dependency tables, in one statement; a row already there stays as it is.
+
+    ``table``, ``columns`` and ``types`` are this module's constants, never input.
+    """
+    if not rows:
+        return
+    arrays = ", ".join(f"${i + 2}::{kind}[]" for i, kind in enumerate(types))
+    names = ", ".join(f"c{i}" for i in range(len(columns)))
+    await conn.execute(
+        f"INSERT INTO {table} (partition, {', '.join(columns)})"
+        f" SELECT $1, {names} FROM unnest({arrays}) AS u({names}) ON CONFLICT DO NOTHING",
+        partition,
+        *([row[i] for row in rows] for i in range(len(columns))),
+    )
+
+
 async def record_dep_ends(conn: Connection, partition: int, ends: list[tuple[str, str, float]]) -> None:
     """Keep the ends (job id, outcome, at) other partitions told ``partition`` of."""
-    if not ends:
-        return
-    await conn.execute(
-        """
-        INSERT INTO dep_ends (job_id, partition, outcome, at)
-        SELECT j, $1, o, a FROM unnest($2::text[], $3::text[], $4::float8[]) AS u(j, o, a)
-        ON CONFLICT DO NOTHING
-        """,
-        partition,
-        [e[0] for e in ends],
-        [e[1] for e in ends],
-        [e[2] for e in ends],
-    )
+    await _insert_rows(conn, "dep_ends", ("job_id", "outcome", "at"), ("text", "text", "float8"), partition, ends)
 
 
 async def add_watches(conn: Connection, partition: int, watches: list[tuple[str, int]]) -> None:
     """Remember that partitions wait for jobs of ``partition`` (job id, watcher)."""
-    if not watches:
-        return
-    await conn.execute(
-        """
-        INSERT INTO dep_watches (job_id, partition, watcher)
-        SELECT j, $1, w FROM unnest($2::text[], $3::int[]) AS u(j, w)
-        ON CONFLICT DO NOTHING
-        """,
-        partition,
-        [w[0] for w in watches],
-        [w[1] for w in watches],
-    )
+    await _insert_rows(conn, "dep_watches", ("job_id", "watcher"), ("text", "int"), partition, watches)
 
 
 async def drop_watches(conn: Connection, job_ids: list[str]) -> None:
@@ -284,19 +287,8 @@ async def load_watches(pool: asyncpg.Pool, partition: int) -> dict[str, set[int]
 
 async def add_children(conn: Connection, partition: int, children: list[tuple[str, str, int]]) -> None:
     """Remember jobs' children (parent, child, child's partition)."""
-    if not children:
-        return
-    await conn.execute(
-        """
-        INSERT INTO dep_children (parent, partition, child, child_partition)
-        SELECT p, $1, c, cp FROM unnest($2::text[], $3::text[], $4::int[]) AS u(p, c, cp)
-        ON CONFLICT DO NOTHING
-        """,
-        partition,
-        [c[0] for c in children],
-        [c[1] for c in children],
-        [c[2] for c in children],
-    )
+    columns = ("parent", "child", "child_partition")
+    await _insert_rows(conn, "dep_children", columns, ("text", "text", "int"), partition, children)
 
 
 async def drop_children(conn: Connection, parents: list[str]) -> None:
@@ -307,18 +299,7 @@ async def drop_children(conn: Connection, parents: list[str]) -> None:
 
 async def add_edges(conn: Connection, partition: int, edges: list[tuple[str, str]]) -> None:
     """Keep the done rows of these jobs (dep, waiter) while their waiters wait."""
-    if not edges:
-        return
-    await conn.execute(
-        """
-        INSERT INTO dep_edges (dep, waiter, partition)
-        SELECT d, w, $1 FROM unnest($2::text[], $3::text[]) AS u(d, w)
-        ON CONFLICT DO NOTHING
-        """,
-        partition,
-        [e[0] for e in edges],
-        [e[1] for e in edges],
-    )
+    await _insert_rows(conn, "dep_edges", ("dep", "waiter"), ("text", "text"), partition, edges)
 
 
 async def drop_edges(conn: Connection, waiters: list[str]) -> None:

@@ -40,7 +40,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowStep,
 )
 from jobmesh.contract.messages.v1.jobs import DependencyCondition
-from jobmesh.contract.steptemplates import MISSING, Ref, fill, refs_in, walk
+from jobmesh.contract.steptemplates import MISSING, Ref, as_text, fill, refs_in, walk
 from jobmesh.contract.validation import validate_spec
 from jobmesh.errors import Conflict, InvalidSpec
 from jobmesh.trigger.handlerschemas import HandlerSchema
@@ -537,7 +537,7 @@ def _filled(name: str, raw: dict[str, Any], input: Any, run_id: str) -> JobSpec:
     def lookup(ref: Ref) -> Any:
         return run_id if ref.kind == "workflow" else walk(input, ref.path)
 
-    filled = _as_text(fill(raw, lookup, SUBMIT_KINDS))
+    filled = _text_places(fill(raw, lookup, SUBMIT_KINDS))
     try:
         return msgspec.convert(filled, JobSpec)
     except msgspec.ValidationError as exc:
@@ -548,22 +548,18 @@ def _filled(name: str, raw: dict[str, Any], input: Any, run_id: str) -> JobSpec:
         raise InvalidSpec(f"with the run's input filled in: {text} - at `$.{field}`", field=field) from None
 
 
-def _as_text(raw: dict[str, Any]) -> dict[str, Any]:
+def _text_places(raw: dict[str, Any]) -> dict[str, Any]:
     """A value filled into a place that holds text (argv, env, stdin) as its text: a number
     or a list from the input becomes its JSON, as the executor does for upstream results."""
     runtime = raw.get("runtime")
     if isinstance(runtime, dict):
         if isinstance(runtime.get("argv"), list):
-            runtime["argv"] = [_text(a) for a in runtime["argv"]]
+            runtime["argv"] = [as_text(a) for a in runtime["argv"]]
         if isinstance(runtime.get("env"), dict):
-            runtime["env"] = {k: _text(v) for k, v in runtime["env"].items()}
+            runtime["env"] = {k: as_text(v) for k, v in runtime["env"].items()}
     if "stdin" in raw:
-        raw["stdin"] = _text(raw["stdin"])
+        raw["stdin"] = as_text(raw["stdin"])
     return raw
-
-
-def _text(value: Any) -> Any:
-    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 # --- retrying ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ import msgspec
 
 from jobmesh.errors import InvalidSpec
 
-__all__ = ["MISSING", "Ref", "fill", "has_placeholders", "parse_ref", "refs_in", "walk"]
+__all__ = ["MISSING", "Ref", "as_text", "fill", "has_placeholders", "parse_ref", "refs_in", "walk"]
 
 # ``${ ... }``: a dotted path of names and indexes, spaces allowed around it.
 _PLACEHOLDER = re.compile(r"\$\{\s*([A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_\-]+)*)\s*\}")
@@ -77,6 +77,12 @@ def parse_ref(text: str) -> Ref:
             raise InvalidSpec(f"${{{text}}}: the workflow offers only ${{workflow.id}}")
         return Ref("workflow", "", [], text)
     raise InvalidSpec(f"${{{text}}}: a placeholder starts with steps., item, input or workflow.id")
+
+
+def as_text(value: Any) -> str:
+    """A filled-in value where text goes (inside a string, an argv element, a variable, the
+    stdin): a string as it is, anything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
 
 
 def has_placeholders(value: Any) -> bool:
@@ -158,7 +164,7 @@ def _fill(value: Any, lookup: Callable[[Ref], Any], kinds: frozenset[str] | None
             if kinds is not None and ref.kind not in kinds:
                 return match.group(0)
             found = lookup(ref)
-            return found if isinstance(found, str) else json.dumps(found, separators=(",", ":"))
+            return as_text(found)
 
         return _PLACEHOLDER.sub(one, value)
     if isinstance(value, list):

@@ -65,6 +65,15 @@ def make_job(i: int, rng: random.Random) -> Job:
     return Job.of(_decode(wire), i, raw=wire, trace="00-" + job_id + "-" + job_id[:16] + "-00")
 
 
+def warm_placer(nodes: int):
+    """``place_job`` over ``nodes`` nodes with every shape ranked once: the figures time
+    ordering, not first rankings."""
+    placement = Placement(make_nodes(nodes))
+    for shape in SHAPES:
+        placement.place(JobSpec(runtime=RUNTIME, resources=shape))
+    return placement.place_job
+
+
 def bench_backlog(size: int, decisions: int, nodes: int) -> tuple[float, float]:
     """Returns (microseconds per decision, bytes per pending job)."""
     rng = random.Random(size)
@@ -76,10 +85,7 @@ def bench_backlog(size: int, decisions: int, nodes: int) -> tuple[float, float]:
     gc.collect()
     per_job = (_rss_bytes() - before) / size
     gc.freeze()  # as the service does after loading a backlog (see handlers.load)
-    placement = Placement(make_nodes(nodes))
-    for shape in SHAPES:  # warm the placement cache: we time ordering, not first rankings
-        placement.place(JobSpec(runtime=RUNTIME, resources=shape))
-    placer = placement.place_job
+    placer = warm_placer(nodes)
     # Steady state at this depth: every released job finishes and a new one arrives, so
     # each decision pays for the intake, the pick and the completion of one job.
     made = 0
@@ -124,10 +130,7 @@ def bench_workflows(runs: int, decisions: int, nodes: int) -> float:
     for run in range(runs):
         for index in range(CHAIN):
             backlog.add(make_step(run, index, rng), now=0.0)
-    placement = Placement(make_nodes(nodes))
-    for shape in SHAPES:
-        placement.place(JobSpec(runtime=RUNTIME, resources=shape))
-    placer = placement.place_job
+    placer = warm_placer(nodes)
     made = 0
     next_run = runs
     started = time.perf_counter()

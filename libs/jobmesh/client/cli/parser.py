@@ -18,11 +18,10 @@ from typing import Any, NoReturn
 from jobmesh.client import jobstate
 from jobmesh.client.cli import commands, render, triggers, workflows
 from jobmesh.client.cli.exitcodes import EXIT_USAGE
-from jobmesh.client.cli.specflags import add_spec_flags
+from jobmesh.client.cli.specflags import MAX_LIMIT, add_spec_flags, page_size
 from jobmesh.contract.subjects import SERVICES
 
 PLUGIN_GROUP = "jobmesh.commands"
-MAX_LIMIT = 1000  # the tracker's largest page
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,16 +50,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {MAX_LIMIT}")
-    return value
 
 
 def _positive(text: str, what: str) -> int:
@@ -131,7 +120,7 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
         "--service", default="", choices=SERVICES, metavar="SERVICE", help="only this service's: " + ", ".join(SERVICES)
     )
     p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=_limit, default=50, help=f"the newest this many (1-{MAX_LIMIT}, default 50)")
+    p.add_argument("--limit", type=page_size, default=50, help=f"the newest this many (1-{MAX_LIMIT}, default 50)")
     p.set_defaults(fn=commands.cmd_dead_letters)
     dsub = p.add_subparsers(dest="action", metavar="ACTION")
     d = dsub.add_parser("replay", help="publish a dead letter's message again to the subject it was refused on")
@@ -146,7 +135,7 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
 
     p = sub.add_parser("list", help="recent jobs, newest first")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--limit", type=_limit, default=50, help=f"at most this many (1-{MAX_LIMIT}, default 50)")
+    p.add_argument("--limit", type=page_size, default=50, help=f"at most this many (1-{MAX_LIMIT}, default 50)")
     p.add_argument(
         "--state",
         default="",

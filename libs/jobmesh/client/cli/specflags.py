@@ -107,6 +107,20 @@ _spec_codec: Codec[JobSpec] = Codec(JobSpec)
 _fallback_codec: Codec[FallbackSpec] = Codec(FallbackSpec)
 
 
+MAX_LIMIT = 1000  # the largest --limit of a list command (one page of the tracker or trigger)
+
+
+def page_size(text: str) -> int:
+    """A ``--limit`` flag's value: a whole number from 1 to :data:`MAX_LIMIT`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 1 <= value <= MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {MAX_LIMIT}")
+    return value
+
+
 def seconds(text: str) -> float:
     """An argparse type: a finite number of seconds, not negative.
 

@@ -39,6 +39,7 @@ from rich.tree import Tree
 
 from jobmesh.client.cli import render
 from jobmesh.client.cli.exitcodes import EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
+from jobmesh.client.cli.specflags import MAX_LIMIT, page_size
 from jobmesh.client.cli.triggers import moment, relative
 from jobmesh.client.client import Client
 from jobmesh.client.triggers import load_document
@@ -75,7 +76,6 @@ POLL_SECONDS = 0.5
 UNAVAILABLE_GRACE = 30.0
 # Job views read at once for the steps' exact times, and runs whose outcome ``list`` asks at once.
 CONCURRENCY = 16
-MAX_LIMIT = 1000  # the trigger's largest page of runs
 # A mapped step with more items than this gets a plain line per tenth of its items done,
 # not per item.
 ITEM_LINES = 20
@@ -130,7 +130,7 @@ def register(sub: Any) -> None:
 
     w = wsub.add_parser("list", help="recent runs, newest first, with their outcome")
     w.add_argument("--name", default="", metavar="N", help="only runs of this workflow")
-    w.add_argument("--limit", type=_limit, default=50, help=f"at most this many (1-{MAX_LIMIT}, default 50)")
+    w.add_argument("--limit", type=page_size, default=50, help=f"at most this many (1-{MAX_LIMIT}, default 50)")
     w.add_argument("--json", action="store_true")
     w.set_defaults(fn=cmd_list)
 
@@ -145,16 +145,6 @@ def register(sub: Any) -> None:
     w.add_argument("-f", "--follow", action="store_true", help="follow it until it ends; exit with its outcome")
     w.add_argument("--json", action="store_true")
     w.set_defaults(fn=cmd_retry)
-
-
-def _limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if not 1 <= value <= MAX_LIMIT:
-        raise argparse.ArgumentTypeError(f"{value} is not between 1 and {MAX_LIMIT}")
-    return value
 
 
 def exit_code_for(outcome: str) -> int:
@@ -212,7 +202,6 @@ async def cmd_run(args: argparse.Namespace) -> int:
     run_id = workflow_run_id(key)
     client = await Client.connect()
     confirmed = False
-    display: RunDisplay | None = None
     try:
         reply = await client.run_workflow(spec, run_input, key)
         confirmed = True
@@ -221,17 +210,12 @@ async def cmd_run(args: argparse.Namespace) -> int:
             started(reply, args.json)
             return EXIT_OK
         render.err(started_line(reply))
-        display = display_for()
-        status = await follow(client, run_id, display)
+        status = await _follow_shown(client, run_id)
     except asyncio.CancelledError:
         # Ctrl-C: asyncio cancels this task, then raises KeyboardInterrupt in main().
-        if display is not None:
-            display.close()
         _still_running(run_id, confirmed)
         raise
     finally:
-        if display is not None:
-            display.close()
         await client.close()
     if args.json:
         render.json_out(status)
@@ -245,21 +229,15 @@ async def cmd_status(args: argparse.Namespace) -> int:
         0; with ``--follow``, once the run has ended, its outcome's code.
     """
     client = await Client.connect()
-    display: RunDisplay | None = None
     try:
         if args.follow:
-            display = display_for()
-            status = await follow(client, args.run_id, display)
+            status = await _follow_shown(client, args.run_id)
         else:
             status = await StepClock(client).refresh(await client.workflow_status(args.run_id))
     except asyncio.CancelledError:
-        if display is not None:
-            display.close()
         render.err(f"stopped following; run {args.run_id} goes on")
         raise
     finally:
-        if display is not None:
-            display.close()
         await client.close()
     if args.json:
         render.json_out(status)
@@ -267,6 +245,16 @@ async def cmd_status(args: argparse.Namespace) -> int:
         for line in status_lines(status, time.time()):
             print(line)
     return exit_code_for(status.outcome) if args.follow else EXIT_OK
+
+
+async def _follow_shown(client: Client, run_id: str) -> WorkflowStatus:
+    """Follow a run on the display this terminal gets (``display_for``), which is closed
+    before anything else is said, however following ends."""
+    display = display_for()
+    try:
+        return await follow(client, run_id, display)
+    finally:
+        display.close()
 
 
 async def cmd_list(args: argparse.Namespace) -> int:
@@ -319,7 +307,6 @@ async def cmd_retry(args: argparse.Namespace) -> int:
         0; with ``--follow``, once the run has ended again, its outcome's code.
     """
     client = await Client.connect()
-    display: RunDisplay | None = None
     try:
         reply = await client.retry_workflow(args.run_id)
         if not args.follow:
@@ -329,16 +316,11 @@ async def cmd_retry(args: argparse.Namespace) -> int:
                 print(retried_line(reply))
             return EXIT_OK
         render.err(retried_line(reply))
-        display = display_for()
-        status = await follow(client, args.run_id, display)
+        status = await _follow_shown(client, args.run_id)
     except asyncio.CancelledError:
-        if display is not None:
-            display.close()
         render.err(f"stopped following; run {args.run_id} goes on")
         raise
     finally:
-        if display is not None:
-            display.close()
         await client.close()
     if args.json:
         render.json_out(status)
