@@ -62,7 +62,7 @@ class MemoryObjects:
         self.running += 1
         self.most = max(self.most, self.running)
         try:
-            await asyncio.sleep(0)  # let other reads start: the bound is what is measured
+            await asyncio.sleep(0)  # one loop turn for other reads to start, not a wait for time (noqa: sleep)
             if self.failures:
                 self.failures -= 1
                 raise nats.errors.TimeoutError()
