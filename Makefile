@@ -16,10 +16,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The sandbox isolation level needs bubblewrap; the webhook examples (README, docs, tests)
-# sign and send with openssl and curl. As root with apt, what is missing is installed here;
+# sign and send with openssl and curl; the dashboard's browser test drives Debian's
+# chromium through Playwright (browser downloads do not work here). As root with apt, what is missing is installed here;
 # otherwise this says what is missing (executors then advertise the process level only,
 # and the tests that need the tool fail, saying why).
-SYSTEM_PACKAGES := bwrap:bubblewrap curl:curl openssl:openssl
+SYSTEM_PACKAGES := bwrap:bubblewrap curl:curl openssl:openssl chromium:chromium chromedriver:chromium-driver
 system-packages:
 	@for pair in $(SYSTEM_PACKAGES); do \
 		cmd=$${pair%%:*}; pkg=$${pair#*:}; \

@@ -124,6 +124,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Replicas of each stream when it is first created (3 on a NATS cluster).
     stream_replicas: Literal[1, 3, 5] = 1
     log_level: str = "INFO"
+    # "json": one JSON object per line with trace and job ids (what a log pipeline reads);
+    # "text": plain lines for a person (what `jobmesh dev` sets).
+    log_format: Literal["json", "text"] = "json"
+    # Each replica's own operations endpoint (host:port; "" turns it off): GET /healthz
+    # answers for this process alone (200 healthy, 503 with the problems), GET /metrics is
+    # its Prometheus scrape. A compose or Nomad check reaches the replica beside it here.
+    ops_listen: str = ""
     # When set, a service writes a cProfile dump <service>-<pid>.prof here at a graceful stop.
     profile_dir: str = ""
 
