@@ -1,0 +1,49 @@
+"""The entry point every service's ``__main__`` calls: settings, logs, telemetry, run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from jobmesh.runtime import logs, metrics
+from jobmesh.runtime.settings import Settings
+from jobmesh.runtime.tracing import Tracing
+
+__all__ = ["run_service"]
+
+
+def run_service(main: Callable[[Settings, Tracing], Coroutine[Any, Any, None]], service: str) -> None:
+    """Read the settings, configure logs, traces and metrics, and run ``main`` on uvloop.
+
+    Args:
+        main: the service's coroutine (connect, serve until stopped, drain).
+        service: its name (trigger, scheduler, binder, executor, tracker).
+    """
+    import uvloop
+
+    settings = Settings.from_env(service)
+    logs.configure(service, settings.log_level, settings.log_format)
+    tracing = Tracing.from_env(service)
+    meter_provider = metrics.install(service, scrape=bool(settings.ops_listen))
+    try:
+        profile_dir = settings.profile_dir
+        if not profile_dir:
+            uvloop.run(main(settings, tracing))
+            return
+        # Profile before guessing: JOBMESH_PROFILE_DIR=/tmp/prof writes <service>-<pid>.prof
+        # at a graceful stop, for `python -m pstats`.
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            uvloop.run(main(settings, tracing))
+        finally:
+            profiler.disable()
+            profiler.dump_stats(os.path.join(profile_dir, f"{service}-{os.getpid()}.prof"))
+    finally:
+        # (The runtime flushes the tracer provider in its drain.) An unreachable OTLP
+        # endpoint costs at most its export timeout here.
+        if meter_provider is not None:
+            meter_provider.shutdown()
