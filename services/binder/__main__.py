@@ -1,7 +1,7 @@
 """Run the binder service: ``python -m jobmesh.binder``."""
 
 from jobmesh.binder.service import service_main
-from jobmesh.runtime.service import run_service
+from jobmesh.runtime.entrypoint import run_service
 
 
 def main() -> None:

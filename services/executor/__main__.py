@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from jobmesh.executor.service import service_main
-from jobmesh.runtime.service import run_service
+from jobmesh.runtime.entrypoint import run_service
 
 
 def main() -> None:

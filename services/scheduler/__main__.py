@@ -1,6 +1,6 @@
 """Run the scheduler service: ``python -m jobmesh.scheduler``."""
 
-from jobmesh.runtime.service import run_service
+from jobmesh.runtime.entrypoint import run_service
 from jobmesh.scheduler.service import service_main
 
 

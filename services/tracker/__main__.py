@@ -1,6 +1,6 @@
 """Run the tracker service: ``python -m jobmesh.tracker`` (or ``jobmesh-tracker``)."""
 
-from jobmesh.runtime.service import run_service
+from jobmesh.runtime.entrypoint import run_service
 from jobmesh.tracker.service import service_main
 
 

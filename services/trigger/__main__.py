@@ -1,6 +1,6 @@
 """Run the trigger service: ``python -m jobmesh.trigger``."""
 
-from jobmesh.runtime.service import run_service
+from jobmesh.runtime.entrypoint import run_service
 from jobmesh.trigger.service import service_main
 
 

@@ -13,7 +13,7 @@ import base64
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,9 @@ from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import deadletter_id
 from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
+from jobmesh.runtime.consumerlag import poll_lag
+from jobmesh.runtime.metrics import Metrics
+from jobmesh.runtime.opsserver import OpsServer
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
 from jobmesh.runtime.publisher import Outgoing, Publisher
@@ -127,7 +130,7 @@ class Runtime:
     Args:
         settings: the process settings.
         tracing: what the process does with trace context (``Tracing.from_env`` in
-            :func:`run_service`); carry-only when omitted.
+            :func:`jobmesh.runtime.entrypoint.run_service`); carry-only when omitted.
     """
 
     def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
@@ -137,6 +140,8 @@ class Runtime:
         self.tracer = self.tracing.tracer
         self._connection: tuple[NATS, JetStreamContext, Publisher] | None = None
         self.stats = _Stats()
+        self.metrics = Metrics()
+        self._ops: OpsServer | None = None
         self._stopping = asyncio.Event()
         self._busy = 0
         self._idle = asyncio.Event()
@@ -237,6 +242,7 @@ class Runtime:
         for responder in responders:
             await self.add_responder(responder)
         await self.add_responder(ResponderSpec(subjects.health(self.service), None, self._health, queue=self.service))
+        await self._start_ops([(spec.stream, spec.durable) for spec in consumers])
         log.info("%s ready (instance %s)", self.service, self.settings.instance)
         await self._stopping.wait()
         await self._drain(on_stop)
@@ -273,6 +279,8 @@ class Runtime:
                 await asyncio.wait_for(self.nc.drain(), 5)
             except Exception:  # noqa: BLE001 - closing anyway
                 await self.nc.close()
+        if self._ops is not None:
+            await self._ops.stop()
         self.tracing.shutdown()
         log.info(
             "%s stopped: %d messages in %d batches, %d retried, %d dead-lettered",
@@ -365,6 +373,7 @@ class Runtime:
                 env.span.end()
         self.stats.handled += len(envelopes)
         self.stats.batches += 1
+        self.metrics.processed(self.service, spec.span_name.partition(" ")[2] or spec.durable, len(envelopes))
 
     async def handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
         """Run the handler; map an exception to every message's fate.
@@ -431,6 +440,7 @@ class Runtime:
         refused by several rules, one dead letter each), and ``event_id`` the event's
         identity, which a replay carries back."""
         self.stats.dead_lettered += 1
+        self.metrics.dead_lettered(self.service, outcome.code)
         self.stats.last_error = f"{outcome.code}: {outcome.reason}"
         log.warning("%s: dead-lettering a message on %s: %s: %s", self.service, subject, outcome.code, outcome.reason)
         letter = DeadLetter(
@@ -515,9 +525,24 @@ class Runtime:
         finally:
             if span is not None:
                 span.end()
+        self.metrics.processed(self.service, spec.subject)
         await _reply(msg, reply)
 
+    async def _start_ops(self, durables: list[tuple[str, str]]) -> None:
+        """This replica's own /healthz and /metrics (JOBMESH_OPS_LISTEN), and the lag poll
+        behind the consumer-lag gauge (only when something can read it)."""
+        if not self.settings.ops_listen:
+            return
+        self._ops = OpsServer(self.settings.ops_listen, self.health_reply)
+        await self._ops.start()
+        if durables:
+            self.spawn(poll_lag(self.js, durables, self.metrics), "consumer-lag")
+
     async def _health(self, env: Envelope) -> HealthReply:
+        return self.health_reply()
+
+    def health_reply(self) -> HealthReply:
+        """This process's health now: its own checks, the NATS connection, stopping."""
         problems = [p for p in (check() for check in self._health_checks) if p]
         if self._connection is None or not self.nc.is_connected:
             problems.append("not connected to NATS")
@@ -612,37 +637,3 @@ def _stream_seq(raw: Msg) -> int:
         return raw.metadata.sequence.stream
     except Exception:  # noqa: BLE001 - not a JetStream message
         return 0
-
-
-def configure_logging(service: str, level: str = "INFO") -> None:
-    """Plain, greppable log lines on stderr, one per event."""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s",
-    )
-
-
-def run_service(main: Callable[[Settings, Tracing], Coroutine[Any, Any, None]], service: str) -> None:
-    """Entry point used by every service's ``__main__``: settings, logging, tracing, uvloop, run."""
-    import os
-
-    import uvloop
-
-    settings = Settings.from_env(service)
-    configure_logging(service, settings.log_level)
-    tracing = Tracing.from_env(service)
-    profile_dir = settings.profile_dir
-    if not profile_dir:
-        uvloop.run(main(settings, tracing))
-        return
-    # Profile before guessing: JOBMESH_PROFILE_DIR=/tmp/prof writes <service>-<pid>.prof
-    # at a graceful stop, for `python -m pstats`.
-    import cProfile
-
-    profiler = cProfile.Profile()
-    profiler.enable()
-    try:
-        uvloop.run(main(settings, tracing))
-    finally:
-        profiler.disable()
-        profiler.dump_stats(os.path.join(profile_dir, f"{service}-{os.getpid()}.prof"))
