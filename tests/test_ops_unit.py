@@ -184,3 +184,9 @@ def test_text_lines_are_plain_and_name_the_job():
 
 def test_a_malformed_traceparent_gives_no_trace_id():
     assert logs.ids_from_traceparent("garbage", job_id="j") == logs.LogIds(job_id="j")
+
+
+def test_a_line_naming_a_job_carries_its_id():
+    job = "7699f93065fd20621d31beb713806e7e"
+    record = json.loads(_logged(logs.JsonFormatter("scheduler"), lambda log: log.info("job %s: attempt 1 lost", job)))
+    assert record["job_id"] == job

@@ -7,8 +7,10 @@ and, when known, ``trace_id``, ``span_id`` and ``job_id``, plus ``exc`` with the
 line.
 
 Where the ids come from: a call may pass them, ``log.info(..., extra={"job_id": id})``;
-otherwise they are read from :data:`current`, which the runtime sets while it handles one
-message (the request being answered, the message being dead-lettered).
+otherwise they are read from :data:`current`, which the runtime sets while it answers one
+request. A line that names a job the way every jobmesh line does (``job <32 hex>``) and
+has no job id otherwise gets that one, so the lines of batch handlers are found by job id
+too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass
 
@@ -35,6 +38,7 @@ class LogIds:
 current: contextvars.ContextVar[LogIds | None] = contextvars.ContextVar("jobmesh_log_ids", default=None)
 
 _FIELDS = ("trace_id", "span_id", "job_id")
+_NAMED_JOB = re.compile(r"\bjob ([0-9a-f]{32})\b")
 
 
 def ids_from_traceparent(traceparent: str, job_id: str = "") -> LogIds:
@@ -69,6 +73,8 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, field, "") or (getattr(ambient, field) if ambient is not None else "")
             if value:
                 out[field] = value
+        if "job_id" not in out and (named := _NAMED_JOB.search(str(out["msg"]))):
+            out["job_id"] = named.group(1)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         # default=str: a log line never fails on a value JSON cannot hold.

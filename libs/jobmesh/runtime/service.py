@@ -29,6 +29,7 @@ from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import deadletter_id
 from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
+from jobmesh.runtime import logs
 from jobmesh.runtime.consumerlag import poll_lag
 from jobmesh.runtime.metrics import Metrics
 from jobmesh.runtime.opsserver import OpsServer
@@ -508,6 +509,10 @@ class Runtime:
             return
         headers = msg.headers or {}
         span, context = self.tracing.open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER)
+        # Each request is its own task, so its log lines carry its ids without a reset.
+        job_id = getattr(message, "job_id", "")
+        traceparent = self.tracing.inject({}, context).get("traceparent", "")
+        logs.current.set(logs.ids_from_traceparent(traceparent, job_id if isinstance(job_id, str) else ""))
         try:
             env = Envelope(message, msg.subject, headers, context, msg)
             try:
