@@ -333,10 +333,14 @@ def test_asyncapi_covers_every_subject() -> None:
         subjects.job_log("{job_id}"),
         subjects.node_dispatch("{node_id}"),
         subjects.deadletter("{service}"),
-        subjects.job_event("{partition}", "{kind}"),  # type: ignore[arg-type]
     }
     expected |= {subjects.job_event("{partition}", k) for k in channels.job_kinds()}  # type: ignore[arg-type]
     assert expected <= addresses
+    # Each kind once, with its own message: no generic job.{partition}.{kind} channel besides.
+    assert subjects.job_event("{partition}", "{kind}") not in addresses  # type: ignore[arg-type]
+    job_channels = [c for c in doc["channels"].values() if c.get("x-stream") == subjects.STREAM_JOBS]
+    assert len(job_channels) == len(channels.job_kinds())
+    assert all(len(c["messages"]) == 1 for c in job_channels)
     assert any(a and a.startswith(subjects.EVENTS_ALL.removesuffix(">")) for a in addresses)
     streams = {c.get("x-stream") for c in doc["channels"].values()}
     assert {
@@ -384,7 +388,10 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("jobWatch", "send") == {"tracker"}
     # The scheduler declares expired leases; an executor that restarted declares its own.
     assert parties("jobLost", "send") == {"scheduler", "executor"}
-    assert "tracker" in parties("jobEvents", "receive") & parties("nodeDispatch", "receive")
+    # The tracker reads every kind (one filter, jobmesh.v1.job.>), named on each kind's channel.
+    for kind in ("jobSubmitted", "jobReady", "jobSucceeded", "jobGaveUp", "jobChildAdded"):
+        assert "tracker" in parties(kind, "receive"), kind
+    assert "tracker" in parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
     assert parties("apiJobsGet", "receive") == parties("apiJobsList", "receive") == {"tracker"}
     assert parties("apiNodes", "receive") == {"binder"}  # the binder owns allocations

@@ -40,7 +40,6 @@ from jobmesh.contract.messages.v1 import (
     SubmitReply,
     SubmitRequest,
 )
-from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.contract.validation import validate_spec
 from jobmesh.errors import InvalidSpec, NotFound, Unavailable
 from jobmesh.runtime.publisher import Outgoing, Publisher
@@ -175,7 +174,7 @@ class SubmitHandler:
         request: SubmitRequest = env.message
         may_hold_nul = True
         if env.raw is not None:
-            reject_unknown_fields(env.raw.data, SubmitRequest)
+            # Unknown fields were refused by the request's codec (SubmitRequest is strict).
             may_hold_nul = b"\\u0000" in env.raw.data  # JSON can carry NUL only escaped
         now = self._clock()
         for i, submission in enumerate(request.jobs):

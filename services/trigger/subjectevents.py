@@ -8,8 +8,9 @@ it, and the idempotency keys (rule, version, event id) make the second pass subm
 same jobs. An event that a rule cannot make a job of is dead-lettered with the rule and the
 reason; the event is still acknowledged, and the other rules still fire for it.
 
-An event's payload is any JSON value (an object, usually); a payload that is not JSON
-reaches the rules as text.
+An event's payload is any JSON value (an object, usually; ``schemas/v1/ExternalEvent.json``).
+A payload that is not JSON is refused by the codec: the runtime dead-letters it with the
+reason (``invalid_message``) and no rule sees it, so garbage never fires a job.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ _json = msgspec.json.Decoder()
 
 
 class EventCodec(Codec[Any]):
-    """Decodes an event's payload: JSON when it is JSON, else its text. Never refuses a
-    payload for its content (rules decide what they need); only for its size."""
+    """Decodes an event's payload: any JSON value. Refuses a payload that is not JSON, or
+    too large, or nested too deeply; rules decide what else they need of it."""
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(Any, max_bytes)
@@ -47,8 +48,8 @@ class EventCodec(Codec[Any]):
             raise OversizedMessage(f"event of {len(payload)} bytes exceeds the limit of {self.max_bytes}")
         try:
             return _json.decode(payload)
-        except msgspec.DecodeError:
-            return payload.decode("utf-8", "replace")
+        except msgspec.DecodeError as exc:
+            raise InvalidMessage(f"event is not JSON: {exc}") from exc
         except RecursionError as exc:
             # ~1000 levels of brackets: refused (dead-lettered), never a crash of the consumer.
             raise InvalidMessage("malformed event: JSON nested too deeply") from exc

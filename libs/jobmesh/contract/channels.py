@@ -15,7 +15,7 @@ a new message that travels on no channel, cannot go unnoticed.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,7 +33,6 @@ PARTIES = (*SERVICES, CLIENT)
 # Channel parameters. Placeholders are passed to the subject builders so addresses come
 # from subjects.py itself and follow it when a subject changes.
 PARTITION = "{partition}"
-KIND = "{kind}"
 NODE_ID = "{node_id}"
 JOB_ID = "{job_id}"
 SERVICE = "{service}"
@@ -64,8 +63,10 @@ JOB_KINDS = (
     subjects.CHILD_ADDED,
 )
 
-# The row that gathers every per-kind job channel (the tracker's jobmesh.v1.job.> filter).
-JOB_EVENTS = "jobEvents"
+# Who reads every lifecycle kind through one filter (jobmesh.v1.job.>): the tracker records
+# each in Postgres. channels() adds it to every per-kind job row, so each kind is described
+# once, with its own message, and its readers are all named there.
+ALL_KINDS_CONSUMERS = ("tracker",)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,13 @@ HEALTH_REQUEST = Payload(
 EXTERNAL_EVENT = Payload(
     "ExternalEvent",
     "An external event: any JSON value, usually an object; trigger rules match its subject and fields.",
-    {"type": "object", "description": "Free-form JSON object published by users or other systems."},
+    {
+        "description": "Any JSON value (usually an object) published by users or other systems; rules "
+        "read it as `data`. A payload that is not JSON is dead-lettered by the trigger "
+        "(code invalid_message) and fires no rule. The optional Nats-Msg-Id header is the event's "
+        "identity: the same id is the same event (its jobs are not made twice), else the stream "
+        "sequence is.",
+    },
 )
 
 
@@ -132,7 +139,7 @@ TERMINAL_CONSUMERS = ("scheduler", "binder")  # who reacts to a terminal event t
 END_CONSUMERS = ("scheduler", "binder", "trigger")
 
 # The table. Consumers of job.* kinds exclude the tracker: it reads them all through one
-# filter (jobmesh.v1.job.>), which is the jobEvents channel below.
+# filter (jobmesh.v1.job.>), and channels() adds it to each (ALL_KINDS_CONSUMERS).
 CHANNELS: tuple[Channel, ...] = (
     # --- job lifecycle: stream JM_JOBS -------------------------------------------------
     Channel(
@@ -285,16 +292,6 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         "A workflow step's handler submitted a child job: the steps that need the step wait for it too.",
     ),
-    Channel(
-        JOB_EVENTS,
-        subjects.job_event(PARTITION, KIND),
-        (),
-        subjects.STREAM_JOBS,  # messages: filled in from the rows above, see _job_events_row
-        (),
-        ("tracker",),
-        "Every lifecycle event (filter jobmesh.v1.job.>): the tracker records each one in Postgres, "
-        "exactly one terminal state per attempt, then announces it on watch.{job_id}.",
-    ),
     # --- dispatch: stream JM_DISPATCH ----------------------------------------------------
     Channel(
         "nodeDispatch",
@@ -357,7 +354,8 @@ CHANNELS: tuple[Channel, ...] = (
         ("trigger",),
         "Events from outside (any language, or `nats pub`). The trigger service matches each against "
         "the event rules (subject pattern, filter) and submits the jobs they build; an event no rule "
-        "matches is stored and starts nothing.",
+        "matches is stored and starts nothing; a payload that is not JSON is dead-lettered (trigger) "
+        "with the reason and fires nothing.",
     ),
     # --- request/reply APIs: core NATS, answered by one replica (queue group) -------------
     Channel(
@@ -831,15 +829,14 @@ CHANNELS: tuple[Channel, ...] = (
     ),
 )
 
-# The AsyncAPI Parameter Object of every {name} an address may hold; the renderer fills in
-# kind's enum from job_kinds(), and the checks take each sample value from here.
+# The AsyncAPI Parameter Object of every {name} an address may hold; the checks take each
+# sample value from here.
 PARAMETERS: dict[str, dict[str, Any]] = {
     "partition": {
         "description": "Scheduler partition of the job's queue: crc32(queue) % JOBMESH_PARTITIONS "
         "(subjects.partition_of).",
         "examples": ["0"],
     },
-    "kind": {"description": "Lifecycle event kind.", "enum": []},  # enum filled from the table
     "node_id": {"description": "Executor node id (JOBMESH_NODE_ID).", "examples": ["node-1"]},
     "job_id": {"description": "Job id.", "examples": ["j-7f3a9c2e"]},
     "service": {"description": "Service name.", "enum": list(SERVICES)},
@@ -896,21 +893,18 @@ def message_name(message: Any) -> str:
 
 
 # --- the completed table -------------------------------------------------------------
-def _job_events_row(rows: Sequence[Channel]) -> tuple[tuple[Any, ...], list[str]]:
-    """Messages and kinds carried by the per-kind job channels (for the jobEvents row)."""
-    messages: list[Any] = []
-    kinds: list[str] = []
+def _is_job_row(channel: Channel) -> bool:
     prefix, suffix = _job("\0").split("\0")
-    for channel in rows:
-        if channel.key == JOB_EVENTS or channel.stream != subjects.STREAM_JOBS or not channel.address:
-            continue
-        kinds.append(channel.address.removeprefix(prefix).removesuffix(suffix))
-        messages.extend(m for m in channel.messages if m not in messages)
-    return tuple(messages), kinds
+    return (
+        channel.stream == subjects.STREAM_JOBS
+        and channel.address is not None
+        and channel.address.startswith(prefix)
+        and channel.address.endswith(suffix)
+    )
 
 
 def channels() -> list[Channel]:
-    """The channel table with its derived row completed: jobEvents carries every lifecycle message.
+    """The channel table completed: every per-kind job row names the tracker as a reader too.
 
     Not checked here: :func:`jobmesh.contract.channelcheck.checked_channels` returns the same
     rows after checking them against the streams, the parties and the parameters.
@@ -918,8 +912,7 @@ def channels() -> list[Channel]:
     Returns:
         The rows of :data:`CHANNELS`, in table order.
     """
-    messages, _kinds = _job_events_row(CHANNELS)
-    return [replace(c, messages=messages) if c.key == JOB_EVENTS else c for c in CHANNELS]
+    return [replace(c, consumers=(*c.consumers, *ALL_KINDS_CONSUMERS)) if _is_job_row(c) else c for c in CHANNELS]
 
 
 def job_kinds() -> list[str]:
@@ -928,4 +921,18 @@ def job_kinds() -> list[str]:
     Returns:
         The kind tokens of the per-kind job subjects (``submitted``, ``ready``, ...).
     """
-    return _job_events_row(CHANNELS)[1]
+    prefix, suffix = _job("\0").split("\0")
+    return [c.address.removeprefix(prefix).removesuffix(suffix) for c in CHANNELS if c.address and _is_job_row(c)]
+
+
+def request_messages() -> list[type[msgspec.Struct]]:
+    """The request structs: what travels on a channel that has a reply.
+
+    Returns:
+        Their types, in table order (each declares ``forbid_unknown_fields``).
+    """
+    found: list[type[msgspec.Struct]] = []
+    for c in CHANNELS:
+        if c.reply is not None:
+            found.extend(m for m in c.messages if not isinstance(m, Payload) and m not in found)
+    return found

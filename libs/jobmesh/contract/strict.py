@@ -1,12 +1,13 @@
 """Unknown-field checks for what users send.
 
-Wire types accept unknown fields (msgspec's default), so an older service reads a newer
-writer's messages during a rolling upgrade. A *user's* request is different: a field we do
-not know is almost always a typo ("prority", "queue_timout"), and silently ignoring it would
-run the job without what the user asked for. The trigger therefore checks submit requests
-against a strict twin of the declared types: the same structs, fields, tags and
-constraints, with ``forbid_unknown_fields`` on, built once from the real types so the two
-can never drift apart. Checking is then one decode in msgspec's C code.
+Events and records accept unknown fields (msgspec's default), so an older service reads a
+newer writer's messages during a rolling upgrade. A *user's* request is different: a field we
+do not know is almost always a typo ("prority", "queue_timout"), and silently ignoring it
+would run the job without what the user asked for. Request structs therefore declare
+``forbid_unknown_fields``, and the types they share with events (``JobSpec`` ...) are checked
+against a strict twin: the same structs, fields, tags and constraints, with
+``forbid_unknown_fields`` on, built once from the real types so the two can never drift
+apart. Checking is then one decode in msgspec's C code (``Codec`` does it for every request).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def strict_twin(kind: Any) -> Any:
 def _strict_struct(kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
     config = kind.__struct_config__
     hints = typing.get_type_hints(kind, include_extras=True)
+    if config.forbid_unknown_fields and all(
+        strict_twin(hints[f.name]) == hints[f.name] for f in msgspec.structs.fields(kind)
+    ):
+        # Strict already, all the way down (a request struct): it is its own twin, so its
+        # codec decodes once.
+        return kind
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
     for f in msgspec.structs.fields(kind):
         if f.default is not msgspec.NODEFAULT:
@@ -52,7 +59,7 @@ def _strict_struct(kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
             fields.append((f.name, strict_twin(hints[f.name]), msgspec.field(default_factory=f.default_factory)))
         else:
             fields.append((f.name, strict_twin(hints[f.name])))
-    return msgspec.defstruct(
+    twin = msgspec.defstruct(
         kind.__name__,
         fields,
         tag=config.tag,
@@ -62,6 +69,8 @@ def _strict_struct(kind: type[msgspec.Struct]) -> type[msgspec.Struct]:
         forbid_unknown_fields=True,
         rename={f.name: f.encode_name for f in msgspec.structs.fields(kind) if f.name != f.encode_name} or None,
     )
+    twin.__doc__ = kind.__doc__  # the schema of a request describes its types as the real ones do
+    return twin
 
 
 @functools.lru_cache(maxsize=32)

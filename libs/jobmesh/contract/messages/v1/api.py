@@ -58,7 +58,7 @@ JobState = Literal[
 TERMINAL_STATES = frozenset({"succeeded", "failed", "expired", "lost", "cancelled"})
 
 
-class Submission(Struct, frozen=True, kw_only=True):
+class Submission(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """One job to submit; the same idempotency key always yields the same job id."""
 
     spec: JobSpec
@@ -68,7 +68,9 @@ class Submission(Struct, frozen=True, kw_only=True):
     parent: ParentRef | None = None
 
 
-class SubmitRequest(Struct, frozen=True, kw_only=True, tag="api.submit"):
+class SubmitRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.submit"
+):
     """Submit one or more jobs; the reply comes only after every PubAck."""
 
     jobs: Annotated[list[Submission], Meta(min_length=1, max_length=1000)]
@@ -99,13 +101,17 @@ class ErrorReply(Struct, frozen=True, kw_only=True, tag="api.error"):
         return JobmeshError.from_wire(self.code, self.message, self.field, self.retryable)
 
 
-class JobGetRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.get"):
+class JobGetRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.jobs.get"
+):
     """Ask the tracker for one job with its attempts and events."""
 
     job_id: str
 
 
-class JobListRequest(Struct, frozen=True, kw_only=True, tag="api.jobs.list"):
+class JobListRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.jobs.list"
+):
     """Ask the tracker for recent jobs, newest first."""
 
     limit: Annotated[int, Meta(ge=1, le=5_000)] = 50
@@ -215,13 +221,17 @@ class HealthReply(Struct, frozen=True, kw_only=True, tag="health"):
     detail: str = ""
 
 
-class ExplainRequest(Struct, frozen=True, kw_only=True, tag="api.scheduler.explain"):
+class ExplainRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.scheduler.explain"
+):
     """Ask the owner of a job's partition why the job is not running yet."""
 
     job_id: str
 
 
-class CancelRequest(Struct, frozen=True, kw_only=True, tag="api.scheduler.cancel"):
+class CancelRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.scheduler.cancel"
+):
     """Ask the owner of a job's partition to cancel it (``scheduler.<p>.cancel``)."""
 
     job_id: str
@@ -246,7 +256,9 @@ class ExplainReply(Struct, frozen=True, kw_only=True, tag="api.scheduler.explain
     reason: str
 
 
-class QueuesRequest(Struct, frozen=True, kw_only=True, tag="api.queues"):
+class QueuesRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.queues"
+):
     """Ask every scheduler for the depth of the queues in the partitions it owns."""
 
 
@@ -258,7 +270,7 @@ class QueuesReply(Struct, frozen=True, kw_only=True, tag="api.queues.reply"):
     owned: list[PartitionStats]
 
 
-class NodesRequest(Struct, frozen=True, kw_only=True, tag="api.nodes"):
+class NodesRequest(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.nodes"):
     """Ask the binder for every node with its capacity and allocation."""
 
 

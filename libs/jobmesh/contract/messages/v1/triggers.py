@@ -252,7 +252,9 @@ class TriggerView(Struct, frozen=True, kw_only=True, tag="api.trigger"):
     pending: list[PendingView] = []
 
 
-class TriggerPutRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.put"):
+class TriggerPutRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.put"
+):
     """Add a rule, or change the rule of that name (a new version when it differs)."""
 
     rule: TriggerRule
@@ -267,13 +269,17 @@ class TriggerReply(Struct, frozen=True, kw_only=True, tag="api.trigger.reply"):
     changed: bool = True
 
 
-class TriggerGetRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.get"):
+class TriggerGetRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.get"
+):
     """Ask for one rule."""
 
     name: RuleName
 
 
-class TriggerListRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.list"):
+class TriggerListRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.list"
+):
     """Ask for every rule."""
 
 
@@ -283,20 +289,26 @@ class TriggerListReply(Struct, frozen=True, kw_only=True, tag="api.triggers"):
     triggers: list[TriggerSummary]
 
 
-class TriggerDeleteRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.delete"):
+class TriggerDeleteRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.delete"
+):
     """Remove a rule, its figures and its partial state."""
 
     name: RuleName
 
 
-class TriggerPauseRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.pause"):
+class TriggerPauseRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.pause"
+):
     """Pause (``paused``) or resume a rule."""
 
     name: RuleName
     paused: bool = True
 
 
-class TriggerTestRequest(Struct, frozen=True, kw_only=True, tag="api.triggers.test"):
+class TriggerTestRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.triggers.test"
+):
     """Show the job an event would produce, without submitting it. Give a stored rule's
     ``name`` or a whole ``rule``; without ``event`` the rule's sample is used."""
 

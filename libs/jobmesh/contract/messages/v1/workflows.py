@@ -131,7 +131,9 @@ class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
     cancel_reason: str = ""
 
 
-class WorkflowRunRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.run"):
+class WorkflowRunRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.run"
+):
     """Start a run of ``spec`` (``jobmesh.v1.api.workflows.run``). The same
     ``idempotency_key`` always names the same run: a second request returns it."""
 
@@ -145,7 +147,9 @@ class WorkflowRunReply(Struct, frozen=True, kw_only=True, tag="api.workflows.sta
     duplicate: bool = False
 
 
-class WorkflowGetRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.get"):
+class WorkflowGetRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.get"
+):
     run_id: str
 
 
@@ -161,7 +165,9 @@ class WorkflowSummary(Struct, frozen=True, kw_only=True):
     updated_at: float
 
 
-class WorkflowListRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.list"):
+class WorkflowListRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.list"
+):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
     name: str = ""  # only runs of this workflow
 
@@ -170,7 +176,9 @@ class WorkflowListReply(Struct, frozen=True, kw_only=True, tag="api.workflows"):
     runs: list[WorkflowSummary]  # newest first
 
 
-class WorkflowCancelRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.cancel"):
+class WorkflowCancelRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.cancel"
+):
     run_id: str
     reason: Annotated[str, Meta(max_length=512)] = ""
 
@@ -181,7 +189,9 @@ class WorkflowCancelReply(Struct, frozen=True, kw_only=True, tag="api.workflows.
     message: str = ""
 
 
-class WorkflowRetryRequest(Struct, frozen=True, kw_only=True, tag="api.workflows.retry"):
+class WorkflowRetryRequest(
+    Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.retry"
+):
     run_id: str
 
 
