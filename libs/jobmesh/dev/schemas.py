@@ -7,9 +7,14 @@ channel in :mod:`jobmesh.contract.channels`. It deletes generated files that no 
 message, and never a file without the generated marker.
 
 ``python -m jobmesh.dev.schemas --check`` renders in memory and exits 1, naming each stale
-file, when ``schemas/`` differs; ``tests/test_schemas.py`` runs the same check. Both exit 2
+file, when ``schemas/`` differs, or naming each message and field that changed incompatibly
+since the released schemas (``schemas/released/v1``, :mod:`jobmesh.dev.schemacompat`);
+``tests/test_schemas.py`` and ``tests/test_schema_compat.py`` run the same checks. Both exit 2
 when the channel table is inconsistent (:mod:`jobmesh.contract.channelcheck`), and warn about
 a wire message that travels on no channel.
+
+Releasing: copy ``schemas/v1/*.json`` over ``schemas/released/v1/`` (only ever additive
+changes get past the check, so the copy is the new baseline).
 """
 
 from __future__ import annotations
@@ -21,7 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobmesh.contract.channelcheck import ChannelTableError, unmapped_messages
+from jobmesh.contract.channels import request_messages
 from jobmesh.dev.asyncapi import ASYNCAPI_PATH, MARKER, MESSAGE_DIR, render
+from jobmesh.dev.schemacompat import Break, check_dir
+
+RELEASED_DIR = "released/v1"
 
 
 @dataclass(frozen=True)
@@ -104,6 +113,20 @@ def write(out_dir: Path | None = None) -> Staleness:
     return stale
 
 
+def incompatible(out_dir: Path | None = None) -> list[Break]:
+    """Every incompatible change of ``out_dir``'s v1 schemas since the released ones.
+
+    Args:
+        out_dir: the ``schemas/`` directory; :func:`default_out_dir` when omitted.
+
+    Returns:
+        The breaks (:class:`jobmesh.dev.schemacompat.Break`); empty when compatible.
+    """
+    out_dir = out_dir or default_out_dir()
+    requests = frozenset(m.__name__ for m in request_messages())
+    return check_dir(out_dir / RELEASED_DIR, out_dir / MESSAGE_DIR, requests)
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     """Command line: write ``schemas/`` (default) or ``--check`` it.
 
@@ -124,7 +147,15 @@ def main(argv: Iterable[str] | None = None) -> int:
             if stale:
                 print(stale.report(out_dir), file=sys.stderr)
                 return 1
-            print(f"{out_dir} is up to date")
+            breaks = incompatible(out_dir)
+            if breaks:
+                print(
+                    f"{out_dir / MESSAGE_DIR} breaks v1 compatibility with {out_dir / RELEASED_DIR}:", file=sys.stderr
+                )
+                for found in breaks:
+                    print(f"  {found}", file=sys.stderr)
+                return 1
+            print(f"{out_dir} is up to date and compatible with {out_dir / RELEASED_DIR}")
         else:
             stale = write(out_dir)
             touched = len(stale.missing) + len(stale.changed)
