@@ -56,6 +56,19 @@ def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
     return free
 
 
+def allocated(alloc: Allocation | None) -> Resources:
+    """The sum of every reservation on a node (nothing when it has no record)."""
+    if alloc is None or not alloc.reservations:
+        return Resources(cpu_milli=0, memory_mb=0)
+    held = alloc.reservations.values()
+    return Resources(
+        cpu_milli=sum(r.resources.cpu_milli for r in held),
+        memory_mb=sum(r.resources.memory_mb for r in held),
+        gpu=sum(r.resources.gpu for r in held),
+        disk_mb=sum(r.resources.disk_mb for r in held),
+    )
+
+
 def overbooked(node: NodeInfo, alloc: Allocation) -> bool:
     """True when reservations exceed capacity or two of them hold one GPU index (must
     never happen; tests check it)."""

@@ -17,9 +17,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from jobmesh.binder.allocation import Binding, plan, reserve
+from jobmesh.binder.allocation import Binding, allocated, plan, reserve
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
+from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
@@ -32,7 +33,6 @@ from jobmesh.contract.messages.v1 import (
     NodeInfo,
     NodesReply,
     NodeView,
-    Resources,
 )
 from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.nodes import NodeWatcher
@@ -65,6 +65,7 @@ class Binder:
         monotonic: returns monotonic seconds (compared with the node view's ``fresh_since``).
         reconnects: cuts short the waits on NATS that a reconnect made hopeless (the
             service wires it to the runtime's reconnect hook).
+        metrics: the binder's instruments (the global meter's when omitted).
     """
 
     def __init__(
@@ -79,7 +80,9 @@ class Binder:
         node_ttl: float = 10.0,
         monotonic: Callable[[], float] = time.monotonic,
         reconnects: Reconnects | None = None,
+        metrics: BinderMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or BinderMetrics()
         self._strategy = strategy
         self._allocs = allocations
         self._nodes = nodes
@@ -247,6 +250,14 @@ class Binder:
                 )
             )
         acks = await self._guard(self._publisher.publish(outgoing), "publishing bindings")
+        # Once published: from the scheduler's release to this answer. A binding an
+        # earlier delivery made (not new) is not counted again.
+        placed = self._metrics.placed
+        for binding in bound:
+            if binding.new:
+                placed(binding.job.spec.queue, "bound", now - binding.job.ready_at)
+        for job, _reason in refused:
+            placed(job.spec.queue, "unplaceable", now - job.ready_at)
         # Not guarded from here: a double must go even when NATS reconnects meanwhile.
         # A duplicate JobBound for a reservation we just made means an earlier delivery
         # was bound elsewhere (by a binder that died before acking): give ours back.
@@ -363,18 +374,21 @@ class Binder:
     async def nodes(self, env: Envelope) -> NodesReply:
         """Every node with its capacity, allocation and last heartbeat."""
         views = []
-        allocs = self._allocs.snapshot()
-        for node, alive in self._nodes.all():
-            alloc = allocs.get(node.node_id)
-            used = Resources(cpu_milli=0, memory_mb=0)
-            count = 0
-            if alloc is not None:
-                count = len(alloc.reservations)
-                used = Resources(
-                    cpu_milli=sum(r.resources.cpu_milli for r in alloc.reservations.values()),
-                    memory_mb=sum(r.resources.memory_mb for r in alloc.reservations.values()),
-                    gpu=sum(r.resources.gpu for r in alloc.reservations.values()),
-                    disk_mb=sum(r.resources.disk_mb for r in alloc.reservations.values()),
-                )
-            views.append(NodeView(node=node, alive=alive, allocated=used, reservations=count))
+        for usage in self.usage():
+            views.append(
+                NodeView(node=usage.node, alive=usage.alive, allocated=usage.used, reservations=usage.reservations)
+            )
         return NodesReply(nodes=views)
+
+    def usage(self) -> list[NodeUsage]:
+        """Every node in the view with what is reserved on it (``api.nodes`` and the node
+        gauges). Reads only this replica's caches, so it never waits; each is copied in
+        one step first, as a metric reader may call this from its own thread."""
+        allocs = dict(list(self._allocs.records.items()))
+        out = []
+        for node, alive in self._nodes.all():
+            record = allocs.get(node.node_id)
+            alloc = record[0] if record is not None else None
+            count = len(alloc.reservations) if alloc is not None else 0
+            out.append(NodeUsage(node, alive, allocated(alloc), count))
+        return out

@@ -11,6 +11,7 @@ import logging
 
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
+from jobmesh.binder.metrics import BinderMetrics
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
@@ -37,6 +38,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt.spawn(allocations.watch(), "alloc-watch")
     await nodes.wait_ready()
     await allocations.wait_ready()
+    instruments = BinderMetrics()
     binder = Binder(
         allocations,
         nodes,
@@ -46,7 +48,9 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         node_ttl=settings.node_ttl_seconds,
         # A batch waiting on a KV request the old connection sent is handed back at once.
         reconnects=rt.reconnects,
+        metrics=instruments,
     )
+    instruments.observe_nodes(binder.usage)
     await rt.serve(
         consumers=[
             ConsumerSpec(

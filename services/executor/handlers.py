@@ -43,6 +43,7 @@ from jobmesh.contract.ids import attempt_key, event_id
 from jobmesh.contract.messages.v1 import AttemptCancel, JobBound, JobStarted, NoopRuntime
 from jobmesh.errors import Unavailable
 from jobmesh.executor.attempts import Attempts, stop_code
+from jobmesh.executor.metrics import ExecutorMetrics
 from jobmesh.executor.outcomes import SUPERSEDED
 from jobmesh.executor.reporter import Reporter
 from jobmesh.runtime.outcomes import ACK, Outcome, Reject, Retry
@@ -78,6 +79,7 @@ class DispatchHandler:
             before giving up on this delivery (the runtime then naks it; the redelivery
             finds the attempts known and waits on the same futures again). Keep it below
             the consumer's ``ack_wait``.
+        metrics: the executor's instruments (told the queue of every attempt started).
     """
 
     def __init__(
@@ -89,7 +91,9 @@ class DispatchHandler:
         clock: Callable[[], float] = time.time,
         started_timeout: float = 20.0,
         incarnation: str = "",
+        metrics: ExecutorMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or ExecutorMetrics()
         self._node_id = node_id
         self._incarnation = incarnation
         self._attempts = attempts
@@ -163,6 +167,7 @@ class DispatchHandler:
                 ),
             )
             fresh.append((bound, env, now))
+            self._metrics.started(key, bound.spec.queue)
             outcomes.append(ACK)
         if fresh:
             process_attempts |= self._launch(started, fresh, waits)

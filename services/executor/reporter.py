@@ -45,6 +45,8 @@ class Reporter:
             uses it to stop, because nothing it reports would be published any more.
         reconnects: cuts a retry's wait short when NATS reconnects (the runtime's), so
             what waited out an outage goes the moment the connection is back.
+        on_durable: called with every batch once it is durable (the executor's metrics
+            record run times there); must not block or raise.
     """
 
     def __init__(
@@ -57,8 +59,10 @@ class Reporter:
         retry_max: float = 5.0,
         on_crash: Callable[[BaseException], None] | None = None,
         reconnects: Reconnects | None = None,
+        on_durable: Callable[[list[Outgoing]], None] | None = None,
     ) -> None:
         self._reconnects = reconnects or Reconnects()
+        self._on_durable = on_durable
         self._publisher = publisher
         self._max_batch = max_batch
         self._max_backlog = max_backlog
@@ -164,6 +168,8 @@ class Reporter:
                 await self._wake.wait()
             batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
             await self._publish(batch)
+            if self._on_durable is not None:
+                self._on_durable(batch)
             self._durable += len(batch)
             self.published += len(batch)
             self.flushes += 1

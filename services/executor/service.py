@@ -46,6 +46,7 @@ from jobmesh.executor.isolation.environment import allowed_environment
 from jobmesh.executor.isolation.probe import NodeIsolation, probe_node, unreachable_parent
 from jobmesh.executor.isolation.workers import isolated_spawn
 from jobmesh.executor.leases import LeaseBook
+from jobmesh.executor.metrics import ExecutorMetrics
 from jobmesh.executor.node import build_node_info, node_work_dir, read_machine_facts, resolve_node_id
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
@@ -125,11 +126,13 @@ class Executor:
         self.work_root = Path(info.work_dir)
         self.leases = LeaseBook()
         # Room for the Started and the no-op Succeeded of a whole pulled batch in one flush.
+        self.metrics = ExecutorMetrics()
         self.reporter = Reporter(
             rt.publisher,
             max_batch=max(512, 2 * settings.batch_size),
             on_crash=self._crashed,
             reconnects=rt.reconnects,
+            on_durable=self.metrics.reported,
         )
         limits = ResultLimits(settings.result_inline_bytes, settings.result_max_bytes)
         isolation = setup.isolation if setup is not None else None
@@ -159,7 +162,9 @@ class Executor:
             clock,
             started_timeout=DISPATCH_ACK_WAIT * 2 / 3,
             incarnation=self.incarnation,
+            metrics=self.metrics,
         )
+        self.metrics.observe_running(info.node_id, lambda: self.attempts.running)
         self._heartbeat: asyncio.Task | None = None
         self._drain_deadline: float | None = None
 

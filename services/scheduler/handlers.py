@@ -69,6 +69,7 @@ from jobmesh.scheduler.backlog import (
     Job,
     Release,
 )
+from jobmesh.scheduler.metrics import SchedulerMetrics
 from jobmesh.scheduler.placement import Placement
 from jobmesh.scheduler.results import ResultMissing, Results
 
@@ -154,6 +155,7 @@ class PartitionScheduler:
         clock: returns the current unix time.
         monotonic: monotonic seconds (lease deadlines).
         results: reads the lists mapped steps map over and writes their manifests.
+        metrics: the scheduler's instruments (the global meter's when omitted).
     """
 
     def __init__(
@@ -172,8 +174,10 @@ class PartitionScheduler:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
         results: Results | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self._tracing = tracing
+        self._metrics = metrics or SchedulerMetrics()
         self._results = results
         self._watchers: dict[str, set[int]] = {}  # jobs of this partition others wait for
         self._resend: list[Outgoing] = []  # watches to send again after a load
@@ -334,6 +338,7 @@ class PartitionScheduler:
                     ended = await self._ended_before(conn, jobs)
                     for job in jobs:
                         self.backlog.add(job, now, ended)
+                        self._metrics.submitted(job.queue, job.tenant)
                         if job.where == DEPS and job.deps:
                             rnd.edges.extend((dep, job.job_id) for dep in job.deps)
                             self._with_edges.add(job.job_id)
@@ -415,6 +420,8 @@ class PartitionScheduler:
                 checkpoint goes to the next attempt.
         """
         lease = self.leases.forget(job.job_id) or lease
+        if state == "lost":
+            self._metrics.lost(job.queue, job.tenant)
         if job.cancelling:
             self._end_cancelled(job, job.attempt, ended.node_id, rnd, context)
             return
@@ -439,6 +446,7 @@ class PartitionScheduler:
                 decision.avoid_zones, ended, checkpoint, rnd.now,
             )  # fmt: skip
             rnd.out.append(lifecycle.retrying(job.job_id, self.partition, ended, decision, rnd.now, context))
+            self._metrics.retried(job.queue, job.tenant)
             reason = f"retrying: attempt {decision.next_attempt} in {decision.delay:.1f}s after {code}"
             rnd.changes.add(job.job_id, "pending", reason, attempt=decision.next_attempt, retry=_retry_state(job))
             rnd.ended += 1
@@ -468,6 +476,7 @@ class PartitionScheduler:
         rnd.changes.add(job.job_id, "done", decision.reason, outcome=FAILED)
         rnd.end(job.job_id, FAILED)
         rnd.ended += 1
+        self._metrics.gave_up(job.queue, job.tenant)
         log.info(
             "job %s: gave up after attempt %d %s (%s): %s%s",
             job.job_id, ended.attempt, state, code, decision.reason,
@@ -796,7 +805,9 @@ class PartitionScheduler:
             for item, raw in zip(item_jobs, raws, strict=True):
                 seq = new.get(item.job_id)
                 if seq is not None:
-                    self.backlog.add(Job.of(item, seq, raw=raw, trace=job.trace), rnd.now)
+                    item_job = Job.of(item, seq, raw=raw, trace=job.trace)
+                    self.backlog.add(item_job, rnd.now)
+                    self._metrics.submitted(item_job.queue, item_job.tenant)
             rnd.out.extend(mapsteps.submitted(item, context) for item in item_jobs)
             known = [i for i in ids if i not in new]  # a redone expansion: some may have ended
             ended = await store.ended_outcomes(conn, known, self.partition) if known else {}
@@ -957,6 +968,10 @@ class PartitionScheduler:
                 outgoing.append(Outgoing(subject, ready, msg_id, context))
                 changes.add(job.job_id, "released", releases=job.releases)
                 self.leases.track(job.job_id, job.attempt, job.heartbeat, mono)
+                if job.releases == 1:
+                    # Its first release ends its wait; a release again (a lost bind, a full
+                    # node) is the binder's to explain, not the queue's.
+                    self._metrics.waited(job.queue, job.tenant, now - max(job.clock_from, job.not_before))
             elif isinstance(d, Expire):
                 # The attempt that never started (the tracker may show it waiting).
                 outgoing.append(

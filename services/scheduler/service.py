@@ -36,6 +36,7 @@ from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
 from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
+from jobmesh.scheduler.metrics import SchedulerMetrics
 from jobmesh.scheduler.results import ObjectResults
 
 CONSUMED_KINDS = (
@@ -80,6 +81,9 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     placements = Placements(nodes, config, settings.placement)
     results = ObjectResults(rt.js)
     codec: Codec[Any] = Codec(LifecycleEvent, settings.max_message_bytes)
+    instruments = SchedulerMetrics()
+    # Each owned partition's backlog, read at collection time (list(): a copy in one step).
+    instruments.observe_backlogs(lambda: [part.backlog for part in list(owned.values())])
     planners: dict[int, asyncio.Task] = {}
     pruners: dict[int, asyncio.Task] = {}
 
@@ -98,6 +102,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             # renewals: decide on leases only once it has been current for a node TTL.
             settle=settings.node_ttl_seconds,
             results=results,
+            metrics=instruments,
         )
         await part.load()
         owned[number] = part

@@ -21,6 +21,7 @@ from jobmesh.runtime.db import translated
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing
 from jobmesh.tracker.fold import fold, updates
+from jobmesh.tracker.metrics import TrackerMetrics
 from jobmesh.tracker.store import Store
 
 log = logging.getLogger("jobmesh.tracker")
@@ -34,9 +35,13 @@ class EventsHandler:
         nc: the NATS connection watch updates are published on (core NATS, no ack).
         tracing: writes each update's trace context into its headers (carry-only when
             omitted).
+        metrics: the tracker's instruments (the global meter's when omitted).
     """
 
-    def __init__(self, store: Store, nc: NATS, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self, store: Store, nc: NATS, tracing: Tracing | None = None, metrics: TrackerMetrics | None = None
+    ) -> None:
+        self._metrics = metrics or TrackerMetrics()
         self._store = store
         self._nc = nc
         self._inject = (tracing or Tracing.off()).inject
@@ -53,7 +58,9 @@ class EventsHandler:
         folded = fold([env.message for env in envelopes])
         async with translated("recording a batch"):
             stored = await self._store.write(folded)
-        await self._announce(updates(folded, stored), envelopes)
+        changes = updates(folded, stored)
+        self._metrics.announced(changes)
+        await self._announce(changes, envelopes)
 
     async def _announce(self, changes: list[JobUpdate], envelopes: list[Envelope]) -> None:
         if not changes:

@@ -167,7 +167,7 @@ class Firer:
             for i, ack in zip(sent, acks, strict=True):
                 results[i].duplicate = bool(ack.duplicate)
                 if not ack.duplicate:
-                    self._stats.fired(fires[i].rule, now)
+                    self._stats.fired(fires[i].rule, now, kind=fires[i].origin.kind)
         if runs:
             await self._start_runs(fires, runs, results, now)
         return results
@@ -201,7 +201,7 @@ class Firer:
             results[i].run_id = reply.run.run_id
             results[i].duplicate = reply.duplicate
             if not reply.duplicate:
-                self._stats.fired(item.rule, now)
+                self._stats.fired(item.rule, now, kind=item.origin.kind)
 
         # Every start finishes (or fails) before the batch returns: an error other than a
         # refusal fails the batch, and its retry finds the runs already started.

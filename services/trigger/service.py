@@ -25,6 +25,7 @@ from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler
 from jobmesh.trigger.firing import Firer
 from jobmesh.trigger.handlers import JobLookup, SubmitHandler
 from jobmesh.trigger.handlerschemas import HandlerSchemas
+from jobmesh.trigger.metrics import TriggerMetrics
 from jobmesh.trigger.router import Router
 from jobmesh.trigger.ruleapi import RuleApi
 from jobmesh.trigger.rules import pattern_problem
@@ -81,7 +82,8 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rules = RuleSet(rt.js, allowed)
     rt.spawn(rules.run(), "rule-view")
     rt.on_reconnect(rules.restart)
-    stats = RuleStats(rt.js, settings.instance)
+    instruments = TriggerMetrics()
+    stats = RuleStats(rt.js, settings.instance, instruments)
     rt.spawn(stats.run(), "rule-stats")
     firer = Firer(rt.publisher, settings.partitions, schemas, stats)
     bursts = Bursts(rt.js, firer, stats, rules, dead_letter=rt.dead_letter)
@@ -144,6 +146,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             tracing=tracing,
             max_submit_bytes=settings.max_message_bytes,
             drain_seconds=settings.drain_seconds,
+            metrics=instruments,
         )
     # Events are matched against the rules as they stand: consuming before the view holds
     # every stored rule would acknowledge events that a rule should have fired for (and an

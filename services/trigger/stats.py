@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import TriggerStats
+from jobmesh.trigger.metrics import TriggerMetrics
 
 log = logging.getLogger("jobmesh.trigger.stats")
 
@@ -55,9 +56,12 @@ class RuleStats:
     Args:
         js: the JetStream context (None: count in memory only, for tests of the deciders).
         instance: this instance's name (``Settings.instance``).
+        metrics: the trigger's instruments, which count the same fires, failures and
+            skips for the metrics endpoint (the global meter's when omitted).
     """
 
-    def __init__(self, js: JetStreamContext | None, instance: str) -> None:
+    def __init__(self, js: JetStreamContext | None, instance: str, metrics: TriggerMetrics | None = None) -> None:
+        self._metrics = metrics or TriggerMetrics()
         self._js = js
         self._instance = instance
         self._counts: dict[str, _Counts] = {}
@@ -70,14 +74,17 @@ class RuleStats:
         self._dirty.add(rule)
         return counts
 
-    def fired(self, rule: str, at: float, jobs: int = 1) -> None:
-        """Count ``jobs`` submitted (not duplicates) for ``rule``."""
+    def fired(self, rule: str, at: float, jobs: int = 1, kind: str = "") -> None:
+        """Count ``jobs`` submitted (not duplicates) for ``rule``; ``kind`` is what fired
+        (``JobOrigin.kind``)."""
+        self._metrics.fired(kind, rule, jobs)
         counts = self._of(rule)
         counts.fires += jobs
         counts.last_fire_at = max(counts.last_fire_at, at)
 
     def failed(self, rule: str, reason: str, at: float) -> None:
         """Count an event the rule could not make a job of."""
+        self._metrics.failed(rule)
         counts = self._of(rule)
         counts.failures += 1
         counts.last_error = reason[:500]
@@ -85,6 +92,7 @@ class RuleStats:
 
     def skipped(self, rule: str) -> None:
         """Count an event that matched while the rule was paused."""
+        self._metrics.skipped(rule)
         self._of(rule).skipped += 1
 
     def local(self, rule: str) -> TriggerStats:

@@ -47,6 +47,7 @@ from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.secretfiles import SecretFileError, read_secret_file
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
+from jobmesh.trigger.metrics import TriggerMetrics
 from jobmesh.trigger.router import Incoming, Router
 from jobmesh.trigger.rules import event_variables
 from jobmesh.trigger.ruleset import RuleSet
@@ -327,6 +328,7 @@ class HttpIngress:
         tracing: extracts the sender's ``traceparent`` (carry-only when omitted).
         max_submit_bytes: the largest ``POST /v1/jobs`` body (``JOBMESH_MAX_MESSAGE_BYTES``).
         drain_seconds: how long :meth:`stop` waits for requests in flight.
+        metrics: the trigger's instruments (every request's duration and status).
     """
 
     def __init__(
@@ -343,7 +345,9 @@ class HttpIngress:
         tracing: Tracing | None = None,
         max_submit_bytes: int = 256 * 1024,
         drain_seconds: float = 10.0,
+        metrics: TriggerMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or TriggerMetrics()
         self.host, self._port = parse_listen(listen)
         self._submit = submit
         self._rules = rules
@@ -360,7 +364,8 @@ class HttpIngress:
         self.app = self._make_app()
 
     def _make_app(self) -> web.Application:
-        app = web.Application(middlewares=[self._errors])
+        # Outermost first: the duration covers the error handling, and every answer has a status.
+        app = web.Application(middlewares=[self._measured, self._errors])
         handlers = {
             "submitJobs": self._post_jobs,
             "postHook": self._post_hook,
@@ -399,6 +404,17 @@ class HttpIngress:
             await runner.cleanup()
 
     # --- middleware ----------------------------------------------------------------
+    @web.middleware
+    async def _measured(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.perf_counter()
+        response = await handler(request)  # _errors turns every failure into an answer
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else ""
+        self._metrics.http_request(request.method, route, response.status, time.perf_counter() - start)
+        return response
+
     @web.middleware
     async def _errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
