@@ -399,3 +399,97 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("externalEvents", "receive") == {"trigger"}  # event rules
     assert "trigger" in parties("jobSucceeded", "receive") & parties("jobGaveUp", "receive")  # completion rules
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
+
+
+# --- the AsyncAPI document against the AsyncAPI 3.0 specification's own JSON Schema ----
+# The specification's schema ships in the AsyncAPI initiative's npm package @asyncapi/specs
+# (no PyPI package carries it). It is fetched once with the npm client, pinned by version and
+# by the registry's sha512 integrity, and kept under .venv (like every other dependency).
+ASYNCAPI_SPECS = "@asyncapi/specs@6.11.1"
+ASYNCAPI_SPECS_INTEGRITY = (
+    "sha512-A3WBLqAKGoJ2+6FWFtpjBlCQ1oFCcs4GxF7zsIGvNqp/klGUHjlA3aAcZ9XMMpLGE8zPeYDz2x9FmO6DSuKraQ=="
+)
+ASYNCAPI_SPEC_MEMBER = "package/schemas/3.0.0-without-$id.json"
+
+
+def _asyncapi_specification_schema() -> dict[str, Any]:
+    import base64
+    import hashlib
+    import shutil
+    import tarfile
+
+    cache = Path(sys.prefix) / "share" / "asyncapi-specs" / ASYNCAPI_SPECS.rsplit("@", 1)[1]
+    target = cache / "3.0.0-without-$id.json"
+    if not target.exists():
+        npm = shutil.which("npm")
+        assert npm, "the npm client is needed once, to fetch the AsyncAPI 3.0 JSON Schema (apt-get install npm)"
+        cache.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(
+            [npm, "pack", ASYNCAPI_SPECS, "--pack-destination", str(cache), "--silent"],
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        tarball = cache / done.stdout.decode().strip().splitlines()[-1]
+        digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball.read_bytes()).digest()).decode()
+        assert digest == ASYNCAPI_SPECS_INTEGRITY, f"{tarball} does not match the pinned integrity"
+        with tarfile.open(tarball) as archive:
+            member = archive.extractfile(ASYNCAPI_SPEC_MEMBER)
+            assert member is not None, ASYNCAPI_SPEC_MEMBER
+            target.write_bytes(member.read())
+    schema: dict[str, Any] = json.loads(target.read_text(encoding="utf-8"))
+    return schema
+
+
+def test_asyncapi_document_is_valid_asyncapi_3() -> None:
+    spec = _asyncapi_specification_schema()
+    assert spec["title"].startswith("AsyncAPI 3.0.0"), spec.get("title")
+    Draft7Validator.check_schema(spec)
+    validator = Draft7Validator(spec)
+    doc = _load(asyncapi.ASYNCAPI_PATH)
+    assert _errors(validator, doc) == []
+    # And the specification's schema is not a pushover: a document it must refuse.
+    broken = {**doc, "operations": {"x": {"action": "publish", "channel": {"$ref": "#/channels/apiSubmit"}}}}
+    assert _errors(validator, broken)
+
+
+def test_request_operations_say_where_the_reply_goes() -> None:
+    doc = _load(asyncapi.ASYNCAPI_PATH)
+    requests = [op for op in doc["operations"].values() if op["action"] == "send" and "reply" in op]
+    assert len(requests) >= 20
+    for op in requests:
+        assert op["reply"]["address"]["location"].startswith("$message.")
+        assert "reply subject" in op["reply"]["address"]["description"]
+
+
+def _objects(node: Any) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        if node.get("type") == "object" and "properties" in node:
+            yield node
+        for value in node.values():
+            yield from _objects(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _objects(value)
+
+
+@pytest.mark.parametrize("message", channels.wire_messages(), ids=lambda m: m.__name__)
+def test_a_request_schema_is_closed_and_an_event_schema_open(message: type[msgspec.Struct]) -> None:
+    schema = _load(f"v1/{message.__name__}.json")
+    objects = list(_objects(schema))
+    assert objects
+    if message in channels.request_messages():
+        assert all(o.get("additionalProperties") is False for o in objects), message.__name__
+        assert "unknown" not in schema["description"] or "refuses" in schema["description"]
+    else:
+        assert all("additionalProperties" not in o or o["additionalProperties"] is not False for o in objects)
+        assert "Readers ignore fields they do not know" in schema["description"]
+
+
+def test_external_events_have_a_schema_file() -> None:
+    schema = _load("v1/ExternalEvent.json")
+    Draft202012Validator.check_schema(schema)
+    assert "not JSON is dead-lettered" in schema["description"]
+    for value in ({"order": 7}, [1, 2], "text", 3):
+        assert _errors(Draft202012Validator(schema), value) == []
