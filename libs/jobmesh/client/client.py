@@ -31,6 +31,7 @@ from nats.js.kv import KeyValue
 from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.handlercalls import decode_result, failure_of, input_data
+from jobmesh.client.logs import LogPage, read_log_lines
 from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.client.triggers import rule_from_data
 from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
@@ -507,6 +508,18 @@ class Client:
             Where it went, and whether it was a duplicate of an earlier replay.
         """
         return await deadletters.replay_dead_letter(self.nc, seq, self.timeout)
+
+    async def logs(self, job_id: str, limit: int = 500) -> LogPage:
+        """The newest output lines of a job (every attempt's), oldest first.
+
+        Args:
+            job_id: the job.
+            limit: at most this many.
+
+        Returns:
+            The lines and how many the stream holds in all.
+        """
+        return await read_log_lines(self.nc, job_id, limit, self.timeout)
 
     async def nodes(self) -> NodesReply:
         """Every node with capacity, allocation and last heartbeat (from the binder)."""

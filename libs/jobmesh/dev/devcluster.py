@@ -22,13 +22,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from jobmesh.contract.subjects import SERVICES
-from jobmesh.dev.cluster import LocalCluster
+from jobmesh.dev.cluster import LocalCluster, ServiceProcess
 from jobmesh.dev.servers import NatsServer, embedded_postgres
 from jobmesh.errors import Unavailable
 
@@ -269,6 +271,44 @@ def secrets_token() -> str:
     return secrets.token_urlsafe(32)
 
 
+DEV_WEB_PORT = 8080  # the dashboard and HTTP API, when free (else any free port)
+
+
+def start_dashboard(cluster: LocalCluster, port: int, token: str | None = None) -> ServiceProcess:
+    """Start the HTTP API and dashboard (``python -m jobmesh.web``) as one of ``cluster``'s processes.
+
+    Args:
+        cluster: the cluster it serves (and which stops it with the services).
+        port: where it listens on 127.0.0.1.
+        token: its bearer token; None to run open, as on loopback ``jobmesh dev`` does.
+
+    Returns:
+        The process; :func:`wait_dashboard` waits until it answers.
+    """
+    env = {"JOBMESH_WEB_LISTEN": f"127.0.0.1:{port}", "JOBMESH_WEB_TOKEN": token or ""}
+    return cluster.start_service("web", env)
+
+
+def wait_dashboard(cluster: LocalCluster, url: str, timeout: float = 30.0) -> None:
+    """Wait until the dashboard at ``url`` answers ``GET /healthz`` with 200.
+
+    Raises:
+        Unavailable: it did not within ``timeout``, or its process (or a service) exited.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        cluster.check_alive()
+        try:
+            with urllib.request.urlopen(f"{url}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass  # not listening yet, or not connected to NATS yet (503)
+        if time.monotonic() > deadline:
+            raise Unavailable(f"the dashboard at {url} did not answer within {timeout}s; see {cluster.log_of('web')}")
+        time.sleep(0.1)
+
+
 def foreground(demo: bool = False, reset: bool = False) -> int:
     """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
 
@@ -319,13 +359,18 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
             cluster.start_service(name, http_env if name == "trigger" else None)
         _say("starting services: " + ", ".join(SERVICES))
         asyncio.run(_wait_healthy_with_progress(cluster))
+        # On loopback and without a token: the one case where the dashboard runs open.
+        web_port = _free_port(DEV_WEB_PORT)
+        start_dashboard(cluster, web_port)
+        web_url = f"http://127.0.0.1:{web_port}"
+        wait_dashboard(cluster, web_url)
         ENV_FILE.write_text(
             f"JOBMESH_NATS_URL={nats_server.url}\nJOBMESH_DATABASE_URL={database_url}\nJOBMESH_DEV_PID={os.getpid()}\n"
-            f"JOBMESH_HTTP_URL=http://127.0.0.1:{http_port}\n"
+            f"JOBMESH_HTTP_URL=http://127.0.0.1:{http_port}\nJOBMESH_WEB_URL={web_url}\n"
         )
         _say(
-            f"ready. NATS {nats_server.url}; HTTP ingress http://127.0.0.1:{http_port}; settings in {ENV_FILE}; "
-            f"logs in {STATE / 'logs'}/"
+            f"ready. Dashboard and HTTP API {web_url} (loopback, no token); NATS {nats_server.url}; HTTP ingress"
+            f" http://127.0.0.1:{http_port}; settings in {ENV_FILE}; logs in {STATE / 'logs'}/"
         )
         if demo:
             from jobmesh.dev.demo import run_demo
