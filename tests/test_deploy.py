@@ -479,3 +479,19 @@ def test_compose_interpolation_helper() -> None:
     assert interpolate("${A:-x}", {}) == "x"
     assert interpolate("${A:-x}", {"A": "y"}) == "y"
     assert interpolate("a${B}", {"B": "b"}) == "ab"
+
+
+def test_nomad_prometheus_scrapes_the_services_ops_ports() -> None:
+    config = yaml.safe_load((ROOT / "deploy/nomad/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    keep = next(r for r in job["relabel_configs"] if r.get("action") == "keep")
+    assert keep["source_labels"] == ["__meta_nomad_tags"]
+    for stem, spec in nomad_jobs().items():
+        if stem in ("nats", "provision"):
+            continue
+        _, _, task = nomad_parts(spec)
+        tagged = [s for s in task["service"] if re.fullmatch(keep["regex"], ",".join(s["tags"]))]
+        if stem == "web":
+            assert tagged == [], "jobmesh web has no /metrics"
+        else:
+            assert [s["port"] for s in tagged] == ["ops"], stem

@@ -5,7 +5,8 @@
 - ``compose.yaml``: ``deploy/compose.base.yaml`` (the third-party services: NATS,
   Postgres, Tempo, Prometheus, Grafana) with one block per jobmesh process in place of its
   ``# @jobmesh-services`` line;
-- ``deploy/prometheus/prometheus.yml``: one scrape job per service, reaching every replica;
+- ``deploy/prometheus/prometheus.yml``: one scrape job per service, reaching every replica
+  (and ``deploy/nomad/prometheus.yml``, the same through Nomad's service catalogue);
 - ``deploy/nomad/<name>.nomad.hcl``: one Nomad job per process, and ``nats.nomad.hcl``, a
   three-node NATS cluster whose configuration is ``deploy/nats/cluster.conf``.
 
@@ -287,6 +288,29 @@ def render_prometheus(source: Source) -> str:
         if service.kind == "service"
     ]
     config = {"global": {"scrape_interval": "15s", "evaluation_interval": "15s"}, "scrape_configs": jobs}
+    return f"# {GENERATED}\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+
+
+def render_nomad_prometheus(source: Source) -> str:
+    """A scrape configuration for a Prometheus beside Nomad: every allocation whose service
+    carries the ``metrics`` tag (each service process's ops port), found through Nomad's
+    service catalogue, so each replica is a target of its own."""
+    config = {
+        "global": {"scrape_interval": "15s", "evaluation_interval": "15s"},
+        "scrape_configs": [
+            {
+                "job_name": "jobmesh",
+                "metrics_path": "/metrics",
+                "nomad_sd_configs": [{"server": "http://127.0.0.1:4646", "refresh_interval": "15s"}],
+                "relabel_configs": [
+                    {"source_labels": ["__meta_nomad_tags"], "regex": "(.*,)?metrics(,.*)?", "action": "keep"},
+                    # job="jobmesh-trigger" and so on, as in compose.
+                    {"source_labels": ["__meta_nomad_service"], "target_label": "job"},
+                    {"source_labels": ["__meta_nomad_node_id"], "target_label": "nomad_node"},
+                ],
+            }
+        ],
+    }
     return f"# {GENERATED}\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
 
 
@@ -784,6 +808,7 @@ def generate(root: Path) -> dict[Path, str]:
         Path("compose.yaml"): render_compose(source, (root / COMPOSE_BASE).read_text()),
         Path("deploy/prometheus/prometheus.yml"): render_prometheus(source),
         Path("deploy/nomad/nats.nomad.hcl"): render_nats_job(source, (root / NATS_CLUSTER_CONF).read_text()),
+        Path("deploy/nomad/prometheus.yml"): render_nomad_prometheus(source),
     }
     for name, service in source.services.items():
         files[Path(f"deploy/nomad/{name}.nomad.hcl")] = render_nomad_job(source, name, service)
