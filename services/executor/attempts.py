@@ -98,7 +98,7 @@ from jobmesh.executor.secrets import (
 )
 from jobmesh.executor.stepinputs import ResultReader, StepInputs, resolve
 from jobmesh.runtime.publisher import Outgoing
-from jobmesh.runtime.tracing import Context
+from jobmesh.runtime.tracing import Context, start_attempt_span
 
 log = logging.getLogger("jobmesh.executor.attempts")
 
@@ -206,6 +206,8 @@ class Attempt:
     ) -> None:
         self.bound = bound
         self.context = context
+        # What its events and log lines continue: the attempt's span once it is recorded.
+        self._trace_context = context
         self.started_at = started_at
         self.key = attempt_key(bound.job_id, bound.attempt)
         self.name = attempt_name(bound.job_id, bound.attempt)
@@ -246,7 +248,7 @@ class Attempt:
 
     async def run(self) -> None:
         """Run to the end and publish the terminal event; never raises for a job's failure."""
-        span = self._tracer.start_span("execute jobmesh.job", context=self.context)
+        span = self._open_spans()
         try:
             try:
                 runtime = self.bound.spec.runtime
@@ -258,8 +260,13 @@ class Attempt:
                 outcome = failed_outcome(EXECUTOR_ERROR, f"{type(exc).__name__}: {exc}")
             if outcome.error is not None:
                 span.set_attribute("jobmesh.error.code", outcome.error.code)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome.error.code}: {outcome.error.message}"))
             durable = self._reporter.emit(
-                [terminal_message(self.bound, self._node_id, outcome, self.started_at, self._clock(), self.context)]
+                [
+                    terminal_message(
+                        self.bound, self._node_id, outcome, self.started_at, self._clock(), self._trace_context
+                    )
+                ]
             )
             # The directory stays until the outcome is durable, for whoever debugs a loss
             # (an executor that dies first leaves it, and its next start clears it).
@@ -270,6 +277,41 @@ class Attempt:
             # However it ends, cancelled by a drain whose events never became durable
             # included: its secrets must not outlive it, nor meet its uid's next attempt.
             await asyncio.shield(self._clean_up())
+
+    def _open_spans(self) -> trace.Span:
+        """The attempt's span, from when the attempt was queued (the submit for the first,
+        its binding for a retry, whose backoff came before), with the wait in the queue
+        (until the executor took it) as a span of its own below it. A retry's or a
+        migration's span links to the attempt before it (``start_attempt_span``)."""
+        bound = self.bound
+        queued_since = bound.submitted_at if bound.attempt == 1 else min(bound.bound_at, self.started_at)
+        span = start_attempt_span(
+            self._tracer,
+            "attempt jobmesh.job",
+            self.context,
+            bound.job_id,
+            bound.attempt,
+            start_time=_nanoseconds(queued_since),
+            attributes={
+                "jobmesh.job_id": bound.job_id,
+                "jobmesh.attempt": bound.attempt,
+                "jobmesh.node_id": self._node_id,
+                "jobmesh.queue": bound.spec.queue,
+                "jobmesh.tenant": bound.spec.tenant,
+                "jobmesh.runtime": runtime_kind(bound.spec.runtime),
+            },
+        )
+        if not span.is_recording():
+            return span  # nothing is exported: the dispatch's context is carried on as it came
+        self._trace_context = trace.set_span_in_context(span, self.context)
+        wait = self._tracer.start_span(
+            "wait jobmesh.job",
+            context=self._trace_context,
+            start_time=_nanoseconds(queued_since),
+            attributes={"jobmesh.queue": bound.spec.queue, "jobmesh.tenant": bound.spec.tenant},
+        )
+        wait.end(end_time=max(_nanoseconds(self.started_at), _nanoseconds(queued_since)))
+        return span
 
     async def _clean_up(self) -> None:
         """Kill whatever still runs as the attempt's own uid (before its files go, so nothing
@@ -524,9 +566,18 @@ class Attempt:
             on_spawned=channel.spawned,
             parent=_parent_of(self.bound),
         )
+        run_span = self._tracer.start_span(
+            "run jobmesh.job", context=self._trace_context, attributes={"jobmesh.runtime": runtime_kind(runtime)}
+        )
         try:
             outcome = await runner.run(request)
+            if outcome.exit_code is not None:
+                run_span.set_attribute("process.exit.code", outcome.exit_code)
+            if outcome.error is not None:
+                run_span.set_attribute("jobmesh.error.code", outcome.error.code)
+                run_span.set_status(trace.Status(trace.StatusCode.ERROR, outcome.error.code))
         finally:
+            run_span.end()
             if watchdog is not None:
                 watchdog.cancel()
             if stop_at_total is not None:
@@ -574,7 +625,11 @@ class Attempt:
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
         msg_id = log_id(bound.job_id, bound.attempt, self._log_seq)
-        await self._reporter.emit_log(Outgoing(subjects.job_log(bound.job_id), message, msg_id, self.context))
+        await self._reporter.emit_log(Outgoing(subjects.job_log(bound.job_id), message, msg_id, self._trace_context))
+
+
+def _nanoseconds(epoch_seconds: float) -> int:
+    return int(epoch_seconds * 1e9)
 
 
 def _progress(lease: LeaseState, fraction: float, message: str) -> None:

@@ -41,7 +41,10 @@ class LocalCluster:
         nats_url: the NATS server every service connects to.
         database_url: Postgres for the scheduler and tracker.
         work_dir: logs go to ``work_dir/logs``; executors run jobs under ``work_dir/nodes``.
-        env: extra environment for every service (``JOBMESH_*`` settings).
+        env: extra environment for every service (``JOBMESH_*`` settings, and the
+            ``OTEL_*`` variables that make the services export traces). The services log
+            text lines (``JOBMESH_LOG_FORMAT=text``) unless this or the caller's
+            environment says otherwise.
     """
 
     nats_url: str
@@ -65,6 +68,8 @@ class LocalCluster:
         )
         env.update(self.env)
         env.update(extra_env or {})
+        # Human-readable lines in a developer's or a test's logs; production's default is JSON.
+        env.setdefault("JOBMESH_LOG_FORMAT", "text")
         log_path = logs / f"{name}{tag}.log"
         with open(log_path, "ab") as log_file:
             proc = subprocess.Popen(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import asyncpg
 
@@ -69,6 +69,19 @@ async def translated(what: str) -> AsyncIterator[None]:
             # int4) is an InterfaceError and a ValueError; it has no public name.
             raise Unstorable(f"{what}: {type(exc).__name__}: {exc}") from exc
         raise Unavailable(f"{what}: Postgres unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+def trace_queries(tracer_provider: Any) -> None:
+    """Trace every asyncpg query (a CLIENT span below whatever span is current).
+
+    Called by ``Tracing.from_env`` only when spans are exported: the instrumentation wraps
+    asyncpg's methods, which would cost a check per query for nothing otherwise.
+    """
+    from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+
+    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+    if not instrumentor.is_instrumented_by_opentelemetry:
+        instrumentor.instrument(tracer_provider=tracer_provider)
 
 
 async def connect_pool(url: str | None, schema: str, ddl: str, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

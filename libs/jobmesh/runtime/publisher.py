@@ -1,4 +1,8 @@
-"""Batched JetStream publishing with deterministic message ids and trace context."""
+"""Batched JetStream publishing with deterministic message ids and trace context.
+
+When spans are exported, each message gets a ``send`` span (PRODUCER, named by its subject
+template) that ends with its PubAck, and its headers carry that span's context.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import nats.errors
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
+from opentelemetry import trace
 
 from jobmesh.contract.codec import encode
 from jobmesh.errors import Overloaded, Unavailable
@@ -56,7 +61,8 @@ class Publisher:
         reconnects: Reconnects | None = None,
     ) -> None:
         self._js = js
-        self._inject = (tracing or Tracing.off()).inject
+        self._tracing = tracing or Tracing.off()
+        self._inject = self._tracing.inject
         self._timeout = timeout
         self._reconnects = reconnects
 
@@ -67,10 +73,35 @@ class Publisher:
             Overloaded: a stream refused a message because it is full (discard=new).
             Unavailable: no stream answered, or acks did not come within the timeout.
         """
+        if self._tracing.exporting:
+            return await self._publish_traced(list(items))
+        return await self._publish(items)
+
+    async def _publish_traced(self, items: list[Outgoing]) -> list[Any]:
+        """:meth:`publish` with a ``send`` span per message, ended once its fate is known."""
+        spans = [self._tracing.send(item.subject, item.msg_id, item.context) for item in items]
+        try:
+            acks = await self._publish(items, spans)
+        except Exception as exc:
+            for span in spans:
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                span.end()
+            raise
+        for span, ack in zip(spans, acks, strict=True):
+            if getattr(ack, "duplicate", False):
+                span.set_attribute("jobmesh.duplicate", True)  # the stream already had it
+            span.end()
+        return acks
+
+    async def _publish(self, items: Iterable[Outgoing], spans: list[trace.Span] | None = None) -> list[Any]:
         futures = []
         try:
-            for item in items:
-                headers = self._inject({"Nats-Msg-Id": item.msg_id}, item.context)
+            for n, item in enumerate(items):
+                if spans is None:
+                    headers = self._inject({"Nats-Msg-Id": item.msg_id}, item.context)
+                else:
+                    headers = self._inject({"Nats-Msg-Id": item.msg_id}, trace.set_span_in_context(spans[n]))
                 futures.append(await self._js.publish_async(item.subject, encode(item.message), headers=headers))
         except nats.errors.Error as exc:  # disconnected, closed, outbound buffer full
             _cancel(futures)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import logging
 import signal
 import time
@@ -22,6 +23,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import DeliverPolicy
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
@@ -341,6 +343,9 @@ class Runtime:
         """Decode, handle and settle one batch. Never raises for a bad message."""
         envelopes: list[Envelope] = []
         decoded: list[Msg] = []
+        traced = self.tracing.exporting
+        received_at = time.time_ns() if traced else 0
+        span: trace.Span | None
         for raw in raws:
             headers = raw.headers or {}
             try:
@@ -352,29 +357,49 @@ class Runtime:
                 log.exception("%s: decoding a message on %s failed", spec.durable, raw.subject)
                 await self._settle(raw, Reject("invalid_message", f"{type(exc).__name__}: {exc}"), _deliveries(raw))
                 continue
-            span, context = self.tracing.open_span(spec.span_name, headers, trace.SpanKind.CONSUMER)
+            if traced:
+                span, context = self.tracing.received(
+                    raw.subject, headers, spec.durable, received_at, _template_of(spec), len(raw.data)
+                )
+                _describe(span, message)
+            else:
+                span, context = self.tracing.open_span(spec.span_name, headers, trace.SpanKind.CONSUMER)
             envelopes.append(Envelope(message, raw.subject, headers, context, raw, span))
             decoded.append(raw)
         if not envelopes:
             return
         # A batch that outlives a third of ack_wait keeps its messages checked out.
         keepalive = _KeepAlive(decoded, spec.ack_wait / 3)
+        batch_span, token = self._enter_batch(spec, envelopes) if traced else (None, None)
         try:
             outcomes = await self.handle(spec, envelopes)
         finally:
             keepalive.cancel()
+            if token is not None:
+                otel_context.detach(token)
         if outcomes is None:
             for raw in decoded:
                 await raw.ack()
         else:
             for env, raw, outcome in zip(envelopes, decoded, outcomes, strict=True):
                 await self._settle(raw, outcome, 1 if isinstance(outcome, Ack) else env.deliveries)
-        for env in envelopes:
-            if env.span is not None:
-                env.span.end()
+        if traced:
+            _end_spans(envelopes, outcomes, batch_span)
         self.stats.handled += len(envelopes)
         self.stats.batches += 1
         self.metrics.processed(self.service, spec.span_name.partition(" ")[2] or spec.durable, len(envelopes))
+
+    def _enter_batch(
+        self, spec: ConsumerSpec, envelopes: list[Envelope]
+    ) -> tuple[trace.Span | None, contextvars.Token[Context]]:
+        """Make the batch's span current while its handler runs, so that what the handler
+        does without naming a context (a database query, a publish without one) goes
+        beneath it: a message's own ``process`` span, or for a batch of several a span of
+        the batch, linked to each message's."""
+        if len(envelopes) == 1:
+            return None, otel_context.attach(envelopes[0].context)
+        span, context = self.tracing.batch(_template_of(spec), spec.durable, [env.context for env in envelopes])
+        return span, otel_context.attach(context)
 
     async def handle(self, spec: ConsumerSpec, envelopes: list[Envelope]) -> Sequence[Outcome] | None:
         """Run the handler; map an exception to every message's fate.
@@ -508,7 +533,14 @@ class Runtime:
             await _reply(msg, ErrorReply.of(refused))
             return
         headers = msg.headers or {}
-        span, context = self.tracing.open_span(f"handle {spec.subject}", headers, trace.SpanKind.SERVER)
+        span: trace.Span | None
+        if self.tracing.exporting:
+            span, context = self.tracing.served(msg.subject, headers, spec.queue)
+            # Each request is its own task: what it does without naming a context (a
+            # database query) goes beneath its span, and needs no detach.
+            otel_context.attach(context)
+        else:
+            span, context = self.tracing.open_span(f"process {spec.subject}", headers, trace.SpanKind.SERVER)
         # Each request is its own task, so its log lines carry its ids without a reset.
         job_id = getattr(message, "job_id", "")
         traceparent = self.tracing.inject({}, context).get("traceparent", "")
@@ -529,6 +561,8 @@ class Runtime:
                 reply = ErrorReply.of(JobmeshError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
             if span is not None:
+                if isinstance(reply, ErrorReply):
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, reply.message))
                 span.end()
         self.metrics.processed(self.service, spec.subject)
         await _reply(msg, reply)
@@ -623,6 +657,41 @@ class _KeepAlive:
         self._handle.cancel()
         if self._task is not None:
             self._task.cancel()
+
+
+def _template_of(spec: ConsumerSpec) -> str:
+    """The subject template a consumer's spans fall back on for a subject jobmesh does not
+    define (an external event's): its one filter, or its span name's subject."""
+    if len(spec.filter_subjects) == 1:
+        return spec.filter_subjects[0]
+    return spec.span_name.partition(" ")[2] or spec.span_name
+
+
+def _describe(span: trace.Span, message: Any) -> None:
+    """The job and attempt a message is about, as span attributes (searchable in Tempo)."""
+    job_id = getattr(message, "job_id", None)
+    if isinstance(job_id, str):
+        span.set_attribute("jobmesh.job_id", job_id)
+    attempt = getattr(message, "attempt", None)
+    if isinstance(attempt, int):
+        span.set_attribute("jobmesh.attempt", attempt)
+
+
+def _end_spans(envelopes: list[Envelope], outcomes: Sequence[Outcome] | None, batch_span: trace.Span | None) -> None:
+    """End each message's ``process`` span with its fate, then the batch's span."""
+    for n, env in enumerate(envelopes):
+        span = env.span
+        if span is None:
+            continue
+        outcome = outcomes[n] if outcomes is not None else ACK
+        if isinstance(outcome, Retry):
+            span.set_attribute("jobmesh.fate", "retry")
+        elif isinstance(outcome, Reject):
+            span.set_attribute("jobmesh.fate", "dead_letter")
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome.code}: {outcome.reason}"[:500]))
+        span.end()
+    if batch_span is not None:
+        batch_span.end()
 
 
 async def _reply(msg: Msg, reply: Any) -> None:
