@@ -1,0 +1,124 @@
+"""The dashboard in a real browser: headless Chromium (Debian's package) driven by Playwright,
+against the dashboard of a running cluster (the five services and ``python -m jobmesh.web``).
+
+It logs in with the token, submits a job from the page, sees it reach succeeded without a
+reload, opens its timeline and takes a screenshot: ``$JOBMESH_SCREENSHOT`` when set (that is
+how docs/images/dashboard.png is made), else a file under the test's tmp_path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, async_playwright, expect
+
+from jobmesh.dev.devcluster import start_dashboard, wait_dashboard
+from tests.cluster_fixtures import NODE_ID
+
+CHROMIUM = "/usr/bin/chromium"
+TOKEN = "web-browser-test-token"
+LAPTOP = {"width": 1366, "height": 768}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def chromium() -> str:
+    """Debian's Chromium; a clear failure (never a skip) when it is not installed."""
+    path = CHROMIUM if os.access(CHROMIUM, os.X_OK) else shutil.which("chromium")
+    if not path:
+        pytest.fail(f"{CHROMIUM} is missing: `make system-packages` installs chromium (Playwright cannot download one)")
+    return path
+
+
+@pytest.fixture(scope="module")
+async def web_url(cluster) -> str:
+    port = free_port()
+    start_dashboard(cluster, port, token=TOKEN)
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(wait_dashboard, cluster, url)
+    return url
+
+
+@pytest.fixture
+async def page():
+    executable = chromium()
+    async with async_playwright() as p:
+        # --no-sandbox: Chromium's own sandbox needs user namespaces, which a container
+        # running the tests as root may not give it.
+        browser = await p.chromium.launch(executable_path=executable, headless=True, args=["--no-sandbox"])
+        try:
+            context = await browser.new_context(viewport=LAPTOP, color_scheme="light")
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+async def log_in(page: Page, url: str) -> None:
+    await page.goto(url)
+    await page.fill("#token", "not the token")
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("#login-error")).to_contain_text("not valid")
+    await page.fill("#token", TOKEN)
+    await page.click("#login-form button[type=submit]")
+    await expect(page.locator("h1")).to_have_text("Overview")
+
+
+async def test_a_job_submitted_from_the_page_reaches_succeeded_live(page, web_url, tmp_path):
+    await log_in(page, web_url)
+    await expect(page.locator("#live")).to_have_text("live")
+    # A reload would lose this; it must still be there when the job has succeeded.
+    await page.evaluate("window.__noReload = true")
+
+    await page.fill("#submit-form input[name=command]", "echo hello from the dashboard")
+    await page.fill("#submit-form input[name=name]", "dashboard-hello")
+    await page.click("#submit-form button[type=submit]")
+    submitted = page.locator("[data-submitted]")
+    await expect(submitted).to_have_count(1)
+    job_id = await submitted.get_attribute("data-submitted")
+    assert job_id
+
+    row = page.locator(f'#recent-jobs tr[data-job-id="{job_id}"]')
+    await expect(row.locator('[data-state="succeeded"]')).to_be_visible(timeout=30_000)
+    assert await page.evaluate("window.__noReload") is True
+    # The node table, fed by the stream, shows the executor with its capacity and isolation.
+    node = page.locator(f'#nodes tr[data-node="{NODE_ID}"]')
+    await expect(node).to_contain_text("8000 m")
+    await expect(node.locator("[data-isolation]")).not_to_be_empty()
+
+    await row.locator("a").first.click()
+    await expect(page.locator("#job h1")).to_contain_text(job_id)
+    await expect(page.locator('#attempts tr[data-attempt="1"]')).to_contain_text(NODE_ID)
+    await expect(page.locator('#attempts [data-state="succeeded"]')).to_be_visible()
+    for kind in ("submitted", "started", "succeeded"):
+        await expect(page.locator(f'#transitions tr[data-event="{kind}"]')).to_have_count(1)
+    await expect(page.locator("#logs pre")).to_contain_text("hello from the dashboard", timeout=10_000)
+    assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "wider than a laptop"
+
+    shot = Path(os.environ.get("JOBMESH_SCREENSHOT") or tmp_path / "dashboard.png")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+async def test_the_dashboard_follows_dark_mode(page, web_url):
+    await log_in(page, web_url)
+    light = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    await page.emulate_media(color_scheme="dark")
+    dark = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert light != dark
+
+    def luminance(rgb: str) -> float:
+        r, g, b = (int(x) for x in rgb[rgb.index("(") + 1 : rgb.index(")")].split(",")[:3])
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    text = await page.evaluate("getComputedStyle(document.body).color")
+    assert luminance(dark) < 60 < 160 < luminance(text), (dark, text)
