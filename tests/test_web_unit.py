@@ -1,0 +1,234 @@
+"""The HTTP API's pure parts: the token check, the workflow graph's layout, error fields,
+the merged queue view, the live stream's overflow, and the committed OpenAPI document."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from jobmesh.client.logs import LogPage
+from jobmesh.contract.messages.v1 import (
+    AttemptLease,
+    JobSpec,
+    JobView,
+    NodeInfo,
+    NodesReply,
+    NodeView,
+    NoopRuntime,
+    PartitionStats,
+    QueuesReply,
+    QueueStats,
+    Resources,
+)
+from jobmesh.errors import UsageError
+from jobmesh.web import auth
+from jobmesh.web.graph import layered
+from jobmesh.web.live import QUEUE_SIZE, Listener, LiveEvent
+from jobmesh.web.openapi import document
+from jobmesh.web.problems import field_of
+from jobmesh.web.routes import ENDPOINTS
+from jobmesh.web.views import job_timeline, queues_view
+from tests.cluster_fixtures import jobmesh_cli
+
+SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "http-api.json"
+
+
+# --- auth ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "host", "port", "loopback"),
+    [
+        ("127.0.0.1:8080", "127.0.0.1", 8080, True),
+        ("localhost:0", "localhost", 0, True),
+        ("[::1]:9000", "::1", 9000, True),
+        ("0.0.0.0:8080", "0.0.0.0", 8080, False),
+        ("10.1.2.3:80", "10.1.2.3", 80, False),
+    ],
+)
+def test_listen_addresses(text, host, port, loopback):
+    listen = auth.parse_listen(text)
+    assert (listen.host, listen.port, listen.loopback) == (host, port, loopback)
+
+
+@pytest.mark.parametrize("text", ["8080", "host:", ":8080", "host:99999", "host:http"])
+def test_a_bad_listen_address_names_the_flag(text):
+    with pytest.raises(UsageError) as caught:
+        auth.parse_listen(text)
+    assert caught.value.field == "listen"
+
+
+def test_no_token_is_refused_off_loopback():
+    auth.check_listen(auth.parse_listen("127.0.0.1:8080"), None)
+    auth.check_listen(auth.parse_listen("0.0.0.0:8080"), "secret")
+    with pytest.raises(UsageError, match="without a token") as caught:
+        auth.check_listen(auth.parse_listen("0.0.0.0:8080"), None)
+    assert "--token-file" in str(caught.value) and "JOBMESH_WEB_TOKEN" in str(caught.value)
+
+
+def test_the_token_comes_from_the_file_before_the_environment(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file\n")
+    assert auth.read_token(str(token_file), {"JOBMESH_WEB_TOKEN": "from-env"}) == "from-file"
+    assert auth.read_token(None, {"JOBMESH_WEB_TOKEN": "from-env"}) == "from-env"
+    assert auth.read_token(None, {"JOBMESH_WEB_TOKEN": ""}) is None
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(UsageError, match="empty"):
+        auth.read_token(str(tmp_path / "empty"), {})
+    with pytest.raises(UsageError, match="cannot read"):
+        auth.read_token(str(tmp_path / "missing"), {})
+
+
+@pytest.mark.parametrize(
+    ("header", "cookie", "problem"),
+    [
+        ("Bearer s3cret", None, None),
+        ("bearer s3cret", None, None),
+        (None, "s3cret", None),
+        (None, None, "authentication required"),
+        ("Bearer nope", None, "not valid"),
+        ("Basic s3cret", None, "must be 'Bearer <token>'"),
+        ("Bearer ", None, "must be 'Bearer <token>'"),
+        (None, "nope", "log in again"),
+    ],
+)
+def test_requests_are_refused_with_the_reason(header, cookie, problem):
+    found = auth.refusal("s3cret", header, cookie)
+    assert found is None if problem is None else problem in (found or "")
+
+
+def test_an_open_server_lets_everything_through():
+    assert auth.refusal(None, None, None) is None
+    assert auth.refusal(None, "Bearer whatever", None) is None
+
+
+def test_jobmesh_web_refuses_a_public_address_without_a_token():
+    result = jobmesh_cli(["web", "--listen", "0.0.0.0:8080"], "nats://127.0.0.1:1", timeout=60, env={"PATH": ""})
+    assert result.returncode == 1, result.stderr
+    assert "refusing to listen on 0.0.0.0:8080 without a token" in result.stderr
+
+
+# --- the graph -------------------------------------------------------------------------------
+def test_steps_are_laid_out_by_dependency_depth():
+    layout = layered({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": []})
+    placed = {p.step: (p.column, p.row) for p in layout.steps}
+    assert placed == {"a": (0, 0), "b": (1, 0), "c": (1, 1), "d": (2, 0), "e": (0, 1)}
+    assert (layout.columns, layout.rows) == (3, 2)
+    assert {(e.source, e.target) for e in layout.edges} == {("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")}
+
+
+def test_a_long_chain_goes_right_of_its_deepest_need():
+    layout = layered({"x": ["c"], "a": [], "b": ["a"], "c": ["b"], "y": ["a", "x"]})
+    assert {p.step: p.column for p in layout.steps} == {"a": 0, "b": 1, "c": 2, "x": 3, "y": 4}
+
+
+def test_unknown_needs_and_cycles_do_not_break_the_page():
+    layout = layered({"a": ["ghost"], "b": ["c"], "c": ["b"]})
+    assert {p.step for p in layout.steps} == {"a", "b", "c"}
+    assert all(e.source != "ghost" for e in layout.edges)
+
+
+# --- errors ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("message", "field"),
+    [
+        ("Expected `int`, got `str` - at `$.jobs[0].spec.priority`", "jobs[0].spec.priority"),
+        ("Object missing required field `spec` - at `$.jobs[0]`", "jobs[0].spec"),
+        ("Object missing required field `jobs`", "jobs"),
+        ("Expected `object`, got `array`", ""),
+    ],
+)
+def test_the_field_of_a_validation_error(message, field):
+    assert field_of(message) == field
+
+
+# --- views -----------------------------------------------------------------------------------
+def test_queues_are_taken_from_the_newest_owner_of_each_partition():
+    def stats(queue: str, pending: int) -> QueueStats:
+        return QueueStats(queue=queue, pending=pending, in_flight=0, waiting={}, tenants={"acme": pending})
+
+    old = QueuesReply(
+        instance="s1",
+        partitions=2,
+        owned=[PartitionStats(partition=0, owner="s1", queues=[stats("q", 1)], at=1.0)],
+    )
+    new = QueuesReply(
+        instance="s2",
+        partitions=2,
+        owned=[
+            PartitionStats(partition=0, owner="s2", queues=[stats("q", 5)], at=2.0),
+            PartitionStats(partition=1, owner="s2", queues=[stats("a", 2)], at=2.0),
+        ],
+    )
+    view = queues_view([old, new])
+    assert view.partitions == 2 and view.answered == [0, 1]
+    assert [(r.queue, r.pending, r.owner, r.tenants) for r in view.queues] == [
+        ("a", 2, "s2", {"acme": 2}),
+        ("q", 5, "s2", {"acme": 5}),
+    ]
+
+
+def test_a_running_jobs_timeline_carries_its_progress():
+    view = JobView(
+        job_id="j1",
+        name="",
+        queue="default",
+        tenant="default",
+        state="running",
+        reason="",
+        attempt=2,
+        node_id="n1",
+        submitted_at=1.0,
+        updated_at=2.0,
+        spec=JobSpec(runtime=NoopRuntime()),
+    )
+    lease = [
+        AttemptLease(job_id="j1", attempt=1, partition=0, started_at=1.0, progress=0.9),
+        AttemptLease(job_id="j1", attempt=2, partition=0, started_at=1.5, progress=0.25, message="a quarter"),
+    ]
+    node = NodeView(
+        node=NodeInfo(node_id="n1", cpu_milli=1000, memory_mb=512, attempts=lease),
+        alive=True,
+        allocated=Resources(),
+        reservations=1,
+    )
+    timeline = job_timeline(view, NodesReply(nodes=[node]), LogPage(lines=[], total=0), None)
+    assert timeline.progress is not None
+    assert (timeline.progress.attempt, timeline.progress.fraction, timeline.progress.message) == (2, 0.25, "a quarter")
+    assert timeline.result == "" and timeline.result_bytes == 0
+
+
+# --- the live stream -------------------------------------------------------------------------
+async def test_a_listener_that_falls_behind_gets_one_resync():
+    listener = Listener()
+    for i in range(QUEUE_SIZE + 10):
+        listener.offer(LiveEvent("job", str(i).encode()))
+    first = await listener.next()
+    assert first.kind == "resync"
+    assert listener.queue.empty()
+    listener.offer(LiveEvent("job", b"after"))
+    assert (await asyncio.wait_for(listener.next(), 1)).data == b"after"
+
+
+# --- the OpenAPI document --------------------------------------------------------------------
+def test_the_committed_openapi_document_is_fresh():
+    committed = json.loads(SCHEMA.read_text())
+    assert committed == json.loads(json.dumps(document())), (
+        "schemas/http-api.json is stale: python -m jobmesh.web.openapi > schemas/http-api.json"
+    )
+
+
+def test_every_endpoint_is_documented_once_with_its_errors():
+    doc = document()
+    ids = [e.operation_id for e in ENDPOINTS]
+    assert len(ids) == len(set(ids))
+    for e in ENDPOINTS:
+        op = doc["paths"][e.path][e.method.lower()]
+        assert op["operationId"] == e.operation_id
+        assert ("401" in op["responses"]) == e.auth
+        for param in e.params:
+            if param.where == "path":
+                assert f"{{{param.name}}}" in e.path
+    assert "SubmitBody" in doc["components"]["schemas"]
+    assert doc["x-generated"].startswith("generated by")
