@@ -26,6 +26,7 @@ from jobmesh.client.cli.parser import build_parser
 from jobmesh.contract import streams
 from jobmesh.dev import deploygen
 from jobmesh.dev.servers import nats_server_binary
+from jobmesh.executor.service import FINAL_FLUSH_SECONDS
 from jobmesh.runtime.settings import Settings
 from tests.test_deploy_files import (
     ROOT,
@@ -45,9 +46,9 @@ from tests.test_deploy_files import (
 
 SERVICES = ("trigger", "scheduler", "binder", "executor", "tracker")
 SETTINGS_NAMES = {f"JOBMESH_{field.upper()}": field for field in Settings.__struct_fields__}
-# The executor's SIGTERM path: attempts get the drain, then their kill grace, then the NATS
-# connection drains (up to 5 s). Defaults of Settings unless a file sets them.
-CONNECTION_DRAIN_SECONDS = 5.0
+# The executor's SIGTERM path: attempts get the drain, then their kill grace, then what is
+# queued is published (up to FINAL_FLUSH_SECONDS) and the NATS connection drains (up to 5 s).
+CONNECTION_DRAIN_SECONDS = FINAL_FLUSH_SECONDS + 5.0
 
 
 def source() -> deploygen.Source:
@@ -162,8 +163,8 @@ def test_every_service_has_replicas_a_health_check_and_time_to_drain() -> None:
 
 
 def _drain_budget(env: dict[str, str]) -> float:
-    """How long a stopping executor may take: its drain, its attempts' kill grace, the NATS
-    connection's drain."""
+    """How long a stopping executor may take: its drain, its attempts' kill grace, its last
+    publishes and the NATS connection's drain."""
     fixed = {k: v for k, v in env.items() if k in SETTINGS_NAMES and "${" not in v and "{{" not in v}
     settings = Settings.from_env("executor", fixed)
     return settings.drain_seconds + settings.kill_grace_seconds + CONNECTION_DRAIN_SECONDS

@@ -83,8 +83,8 @@ job "jobmesh-tracker" {
         EOT
       }
 
-      # Postgres from the Nomad variable nomad/jobs (every job of the namespace may read it);
-      # the task waits until it exists, and restarts, draining first, when it changes.
+      # Postgres from the Nomad variable nomad/jobs (deploy/README.md); the task waits until
+      # it exists, and restarts, draining first, when it changes.
       template {
         destination = "secrets/database.env"
         env         = true

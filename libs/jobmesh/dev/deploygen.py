@@ -146,6 +146,11 @@ class NatsJob(Strict):
 class NomadSettings(Strict):
     env: dict[str, str]
     nats: NatsJob
+    # The Nomad variable whose database_url item is JOBMESH_DATABASE_URL.
+    database_var: str = "nomad/jobs"
+    # A NATS the jobs reach at this URL; empty: the servers of nats.nomad.hcl, found in the
+    # service catalogue.
+    nats_url: str = ""
 
 
 class Source(Strict):
@@ -195,6 +200,8 @@ def process_env(source: Source, service: Service, target: Literal["compose", "no
             env.update(source.compose.database_env)
     else:
         env.update(source.nomad.env)
+        if source.nomad.nats_url:
+            env["JOBMESH_NATS_URL"] = source.nomad.nats_url
     if service.kind == "service":
         env["JOBMESH_OPS_LISTEN"] = ops_listen(source)
     env.update(service.env)
@@ -545,32 +552,34 @@ def _task(out: _Hcl, source: Source, name: str, service: Service, kind: str, por
     )
     out.attrs([("kill_signal", _q("SIGTERM")), ("kill_timeout", _q(f"{source.stop_grace_seconds}s"))])
     out.blank()
-    out.comment(
-        "NATS from the service catalogue (deploy/nomad/nats.nomad.hcl); the client learns the cluster's "
-        "other servers from the one it reaches, so a change needs no restart."
-    )
-    _template(
-        out,
-        destination="local/nats.env",
-        env=True,
-        change_mode="noop",
-        data=(
-            '{{ with nomadService "jobmesh-nats" }}{{ with index . 0 }}'
-            "JOBMESH_NATS_URL=nats://{{ .Address }}:{{ .Port }}{{ end }}{{ end }}\n"
-        ),
-    )
+    nomad = source.nomad
+    if not nomad.nats_url:
+        out.comment(
+            "NATS from the service catalogue (deploy/nomad/nats.nomad.hcl); the client learns the cluster's "
+            "other servers from the one it reaches, so a change needs no restart."
+        )
+        _template(
+            out,
+            destination="local/nats.env",
+            env=True,
+            change_mode="noop",
+            data=(
+                '{{ with nomadService "jobmesh-nats" }}{{ with index . 0 }}'
+                "JOBMESH_NATS_URL=nats://{{ .Address }}:{{ .Port }}{{ end }}{{ end }}\n"
+            ),
+        )
     if service.database:
         out.blank()
         out.comment(
-            "Postgres from the Nomad variable nomad/jobs (every job of the namespace may read it); "
-            "the task waits until it exists, and restarts, draining first, when it changes."
+            f"Postgres from the Nomad variable {nomad.database_var} (deploy/README.md); the task waits until "
+            "it exists, and restarts, draining first, when it changes."
         )
         _template(
             out,
             destination="secrets/database.env",
             env=True,
             change_mode="restart",
-            data='{{ with nomadVar "nomad/jobs" }}JOBMESH_DATABASE_URL={{ .database_url }}{{ end }}\n',
+            data=f'{{{{ with nomadVar "{nomad.database_var}" }}}}JOBMESH_DATABASE_URL={{{{ .database_url }}}}{{{{ end }}}}\n',
         )
     for template in service.nomad.templates:
         out.blank()
