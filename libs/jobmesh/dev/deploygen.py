@@ -47,32 +47,32 @@ class Strict(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     """The source is ours: a misspelt key is an error, not a silent default."""
 
 
-class Health(Strict):
+class Health(Strict, frozen=True):
     interval: str
     timeout: str
     retries: int
     start_period: str
 
 
-class Restart(Strict):
+class Restart(Strict, frozen=True):
     attempts: int
     interval: str
     delay: str
 
 
-class Reschedule(Strict):
+class Reschedule(Strict, frozen=True):
     delay: str
     max_delay: str
 
 
-class Resources(Strict):
+class Resources(Strict, frozen=True):
     # A number, or "${expression}" for a Nomad expression (executor: the advertised memory
     # plus the agent's).
     cpu: int | str
     memory: int | str
 
 
-class ComposePart(Strict):
+class ComposePart(Strict, frozen=True):
     env: dict[str, str] = {}
     volumes: list[str] = []
     # Container port name (a key of the service's ports) to the host port or range.
@@ -80,13 +80,13 @@ class ComposePart(Strict):
     limits: dict[str, str] = {}
 
 
-class NomadVariable(Strict):
+class NomadVariable(Strict, frozen=True):
     type: Literal["string", "number", "bool"]
     default: str | int | bool
     description: str = ""
 
 
-class NomadTemplate(Strict):
+class NomadTemplate(Strict, frozen=True):
     destination: str
     data: str
     comment: str = ""
@@ -95,18 +95,18 @@ class NomadTemplate(Strict):
     change_mode: Literal["restart", "noop"] = "restart"
 
 
-class Constraint(Strict):
+class Constraint(Strict, frozen=True):
     attribute: str
     value: str
     operator: str = "="
 
 
-class HttpService(Strict):
+class HttpService(Strict, frozen=True):
     port: str
     path: str
 
 
-class NomadPart(Strict):
+class NomadPart(Strict, frozen=True):
     type: Literal["service", "system"] = "service"
     env: dict[str, str] = {}
     templates: list[NomadTemplate] = []
@@ -116,7 +116,7 @@ class NomadPart(Strict):
     resources: Resources | None = None
 
 
-class Service(Strict):
+class Service(Strict, frozen=True):
     summary: str
     command: list[str]
     # "service": a long-running process with the ops endpoint; "web": a long-running client
@@ -132,18 +132,18 @@ class Service(Strict):
     nomad: NomadPart = NomadPart()
 
 
-class ComposeSettings(Strict):
+class ComposeSettings(Strict, frozen=True):
     env: dict[str, str]
     database_env: dict[str, str]
 
 
-class NatsJob(Strict):
+class NatsJob(Strict, frozen=True):
     image: str
     count: int
     resources: Resources
 
 
-class NomadSettings(Strict):
+class NomadSettings(Strict, frozen=True):
     env: dict[str, str]
     nats: NatsJob
     # The Nomad variable whose database_url item is JOBMESH_DATABASE_URL.
@@ -153,7 +153,7 @@ class NomadSettings(Strict):
     nats_url: str = ""
 
 
-class Source(Strict):
+class Source(Strict, frozen=True):
     image: str
     ops_port: int
     stop_grace_seconds: int
