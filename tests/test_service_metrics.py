@@ -33,6 +33,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
+from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
@@ -52,8 +53,11 @@ from jobmesh.contract.messages.v1 import (
     QueueConfig,
     Resources,
     RetryPolicy,
+    Submission,
     Timeouts,
 )
+from jobmesh.contract.subjects import SERVICES
+from jobmesh.dev.servers import free_port
 from jobmesh.executor.attempts import Attempts
 from jobmesh.executor.handlers import DispatchHandler
 from jobmesh.executor.leases import LeaseBook
@@ -77,6 +81,7 @@ from jobmesh.trigger.firing import Fire, Firer
 from jobmesh.trigger.metrics import TriggerMetrics
 from jobmesh.trigger.stats import RuleStats
 from jobmesh.trigger.webhooks import HttpIngress
+from tests.cluster_fixtures import Service
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -427,6 +432,52 @@ def test_the_tracker_counts_the_jobs_a_batch_made_final(meters):
         ]
     )
     assert meters.points("jobmesh.jobs.finished") == {at(state="succeeded"): 1, at(state="failed"): 1}
+
+
+# --- a running cluster: each replica's /metrics --------------------------------------------
+async def test_each_service_process_serves_its_metrics_on_its_ops_endpoint(make_cluster, nats_server):
+    ports = {name: free_port() for name in SERVICES}
+    await make_cluster([Service(name, {"JOBMESH_OPS_LISTEN": f"127.0.0.1:{ports[name]}"}) for name in SERVICES])
+    client = await Client.connect(nats_server.url)
+    try:
+        spec = JobSpec(runtime=ProcessRuntime(argv=["true"]), queue="scraped", tenant="acme")
+        reply = await client.submit([Submission(spec=spec, idempotency_key=f"scraped-{uuid.uuid4().hex}")])
+
+        async def succeeded() -> bool:
+            try:
+                return (await client.get(reply.job_ids[0])).state == "succeeded"
+            except Exception:  # noqa: BLE001 - not recorded yet
+                return False
+
+        await eventually(succeeded, what="the job to succeed")
+        node_id = (await client.get(reply.job_ids[0])).node_id
+    finally:
+        await client.close()
+    wanted = {
+        "scheduler": ("jobmesh_queue_wait_seconds_count{", 'queue="scraped"', 'tenant="acme"'),
+        "binder": ("jobmesh_placement_latency_seconds_count{", 'outcome="bound"', 'queue="scraped"'),
+        "executor": ("jobmesh_attempt_duration_seconds_count{", 'outcome="succeeded"', 'queue="scraped"'),
+        "tracker": ("jobmesh_jobs_finished_total{", 'state="succeeded"'),
+    }
+    async with aiohttp.ClientSession() as http:
+
+        async def scraped(name: str) -> str:
+            async with http.get(f"http://127.0.0.1:{ports[name]}/metrics") as resp:
+                assert resp.status == 200
+                return await resp.text()
+
+        for name, parts in wanted.items():
+
+            async def shows(name: str = name, parts: tuple[str, ...] = parts) -> bool:
+                text = await scraped(name)
+                return any(all(part in line for part in parts) for line in text.splitlines())
+
+            await eventually(shows, timeout=20, what=f"{name}'s /metrics to show {parts}")
+        lines = (await scraped("binder")).splitlines()
+        assert any(line.startswith("jobmesh_node_cpu_capacity{") and f'node="{node_id}"' in line for line in lines)
+        assert "jobmesh_executor_attempts_running{" in await scraped("executor")
+        assert "jobmesh_queue_depth{" in await scraped("scheduler")
+        await scraped("trigger")
 
 
 # --- the exported names and the dashboard --------------------------------------------------
