@@ -14,6 +14,7 @@ import shutil
 import socket
 from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Page, async_playwright, expect
 
@@ -122,3 +123,36 @@ async def test_the_dashboard_follows_dark_mode(page, web_url):
 
     text = await page.evaluate("getComputedStyle(document.body).color")
     assert luminance(dark) < 60 < 160 < luminance(text), (dark, text)
+
+
+async def test_a_workflow_is_drawn_as_a_graph_that_follows_the_run(page, web_url):
+    spec = {
+        "name": "browser-flow",
+        "steps": {
+            "fetch": {"runtime": {"kind": "process", "argv": ["true"]}},
+            "clean": {"runtime": {"kind": "process", "argv": ["true"]}, "needs": ["fetch"]},
+            "stats": {"runtime": {"kind": "process", "argv": ["true"]}, "needs": ["fetch"]},
+            "report": {"runtime": {"kind": "process", "argv": ["true"]}, "needs": ["clean", "stats"]},
+        },
+    }
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(base_url=web_url, headers=headers) as http:
+        async with http.post("/api/v1/workflows", json={"spec": spec}) as response:
+            assert response.status == 200, await response.text()
+            run_id = (await response.json())["run"]["run_id"]
+    await log_in(page, web_url)
+    await page.goto(f"{web_url}/#/workflows/{run_id}")
+    graph = page.locator("svg.graph")
+    await expect(graph.locator("g[data-step]")).to_have_count(4)
+    await expect(graph.locator("path[marker-end]")).to_have_count(4)
+    # Reached live: the page was opened while the run went on, or after; either way the
+    # last step ends succeeded in the graph without a reload.
+    await expect(graph.locator('g[data-step="report"].state-succeeded')).to_have_count(1, timeout=60_000)
+    x = {}
+    for step in ("fetch", "clean", "stats", "report"):
+        box = await graph.locator(f'g[data-step="{step}"]').bounding_box()
+        assert box is not None
+        x[step] = box["x"]
+    assert x["fetch"] < x["clean"] == x["stats"] < x["report"]
+    await graph.locator('g[data-step="report"]').click()
+    await expect(page.locator("#job h1")).to_contain_text("succeeded")

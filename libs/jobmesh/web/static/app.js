@@ -14,7 +14,6 @@ const JOB_STATES = ["queued", "waiting", "ready", "bound", "running", "succeeded
 const cache = { nodes: null, queues: null };
 let events = null;       // the one EventSource
 let current = null;      // the view on screen: {render, onJob(update), onNodes, onQueues}
-let authNeeded = false;
 
 // --- small helpers ---------------------------------------------------------------------
 function h(tag, attrs, ...children) {
@@ -96,7 +95,6 @@ function failed(err) {
 
 // --- auth ------------------------------------------------------------------------------
 function login(message) {
-  authNeeded = true;
   if (events) { events.close(); events = null; setLive(false); }
   const node = document.getElementById("login-template").content.cloneNode(true);
   show(node);
@@ -453,7 +451,6 @@ async function route() {
     const handlers = await view();
     current = { render: route, ...handlers };
     connectEvents();
-    if (authNeeded) logoutButton.hidden = false;
   } catch (err) {
     current = null;
     failed(err);
@@ -461,4 +458,6 @@ async function route() {
 }
 
 window.addEventListener("hashchange", route);
+// Whether this server needs a token at all decides whether there is anything to log out of.
+fetch("/healthz").then((r) => r.json()).then((health) => { logoutButton.hidden = !health.auth; }).catch(() => {});
 route();
