@@ -496,3 +496,14 @@ def test_nomad_prometheus_scrapes_the_services_ops_ports() -> None:
             assert tagged == [], "jobmesh web has no /metrics"
         else:
             assert [s["port"] for s in tagged] == ["ops"], stem
+
+
+def test_a_nats_server_leaves_in_lame_duck_mode_within_its_kill_timeout() -> None:
+    _, _, task = nomad_parts(nomad_jobs()["nats"])
+    options = _options((ROOT / deploygen.NATS_CLUSTER_CONF).read_text())
+    lame_duck = duration_seconds(options["lame_duck_grace_period"]) + duration_seconds(options["lame_duck_duration"])
+    assert task["kill_signal"] == "SIGUSR2"
+    assert lame_duck < duration_seconds(task["kill_timeout"])
+    # Nomad caps kill_timeout at the client's max_kill_timeout: the README says to raise it.
+    assert 'max_kill_timeout = "60s"' in (ROOT / "deploy/README.md").read_text()
+    assert duration_seconds(task["kill_timeout"]) <= 60

@@ -98,9 +98,11 @@ job "jobmesh-nats" {
       }
 
       # SIGUSR2 is lame duck mode: the server hands its clients to the others over
-      # lame_duck_duration (30 s) before it exits.
+      # lame_duck_grace_period and lame_duck_duration (35 s) before it exits. Nomad caps
+      # kill_timeout at the client's max_kill_timeout (30 s unless raised: set it to "60s" on
+      # the NATS hosts, deploy/README.md).
       kill_signal  = "SIGUSR2"
-      kill_timeout = "45s"
+      kill_timeout = "50s"
 
       # deploy/nats/cluster.conf, as it is in the repository.
       template {
@@ -122,8 +124,10 @@ job "jobmesh-nats" {
           # this only has to be larger than both.
           max_payload: 4MB
 
-          # On SIGUSR2 (lame duck) a server stops taking new clients and moves the ones it has over
-          # this long, so a rolling restart does not drop every client at once.
+          # On SIGUSR2 (lame duck) a server stops taking new clients, waits the grace period, then
+          # moves the ones it has over the duration, so a rolling restart does not drop every client
+          # at once (30 s is the least nats-server accepts). Both fit in the job's kill_timeout.
+          lame_duck_grace_period: 5s
           lame_duck_duration: 30s
 
           jetstream {

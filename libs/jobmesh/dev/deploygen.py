@@ -466,9 +466,11 @@ def render_nats_job(source: Source, cluster_conf: str) -> str:
                 out.blank()
                 out.comment(
                     "SIGUSR2 is lame duck mode: the server hands its clients to the others over "
-                    "lame_duck_duration (30 s) before it exits."
+                    "lame_duck_grace_period and lame_duck_duration (35 s) before it exits. Nomad caps "
+                    'kill_timeout at the client\'s max_kill_timeout (30 s unless raised: set it to "60s" '
+                    "on the NATS hosts, deploy/README.md)."
                 )
-                out.attrs([("kill_signal", _q("SIGUSR2")), ("kill_timeout", _q("45s"))])
+                out.attrs([("kill_signal", _q("SIGUSR2")), ("kill_timeout", _q("50s"))])
                 out.blank()
                 out.comment(f"{NATS_CLUSTER_CONF}, as it is in the repository.")
                 _template(
