@@ -154,7 +154,7 @@ def describe_tags(value: Any) -> Any:
     if isinstance(value, Mapping):
         out = {k: describe_tags(v) for k, v in value.items()}
         props = out.get("properties")
-        if isinstance(props, Mapping):
+        if isinstance(props, dict):
             for name in ("type", "kind"):
                 prop = props.get(name)
                 if isinstance(prop, Mapping) and set(prop) == {"enum"} and len(prop["enum"]) == 1:

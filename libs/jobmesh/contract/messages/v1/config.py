@@ -17,41 +17,58 @@ __all__ = ["PartitionStats", "QueueConfig", "QueueStats", "TenantConfig", "ZoneM
 class QueueConfig(Struct, frozen=True, kw_only=True, tag="config.queue"):
     """Release regulation of one queue. 0 means unlimited."""
 
-    rate: Annotated[float, Meta(ge=0)] = 0.0  # jobs released per second (token bucket)
-    burst: Annotated[int, Meta(ge=0)] = 0  # bucket size; 0 = max(1, rate)
-    max_in_flight: Annotated[int, Meta(ge=0)] = 0  # released and not yet ended
+    rate: Annotated[float, Meta(ge=0), Meta(description="Jobs released per second (token bucket); 0: unlimited.")] = 0.0
+    burst: Annotated[int, Meta(ge=0), Meta(description="The token bucket's size; 0: max(1, rate).")] = 0
+    max_in_flight: Annotated[
+        int, Meta(ge=0), Meta(description="At most this many released and not yet ended; 0: unlimited.")
+    ] = 0
 
 
 class TenantConfig(Struct, frozen=True, kw_only=True, tag="config.tenant"):
     """A tenant's share: with weights 1 and 3, the second gets three starts for every one."""
 
-    weight: Annotated[float, Meta(gt=0, le=1000)] = 1.0
+    weight: Annotated[
+        float,
+        Meta(gt=0, le=1000),
+        Meta(
+            description="The tenant's share (above 0, at most 1000; default 1): with weights 1 and 3 the second gets three starts for every one."
+        ),
+    ] = 1.0
 
 
 class ZoneMap(Struct, frozen=True, kw_only=True, tag="config.zones"):
     """Network distance between zones (symmetric; unknown pairs count as ``default``)."""
 
-    distances: dict[str, dict[str, Annotated[int, Meta(ge=0)]]] = {}
-    default: Annotated[int, Meta(ge=0)] = 100
+    distances: Annotated[
+        dict[str, dict[str, Annotated[int, Meta(ge=0)]]],
+        Meta(description="Network distance between zones (symmetric; zone to zone to a non-negative number)."),
+    ] = {}
+    default: Annotated[int, Meta(ge=0), Meta(description="The distance of a pair not listed (default 100).")] = 100
 
 
 class QueueStats(Struct, frozen=True, kw_only=True):
     """Depth of one queue, per tenant, as its scheduler partition sees it."""
 
-    queue: str
-    pending: int
-    in_flight: int
-    waiting: dict[str, int]  # where the scheduler holds them (ready, timer, group, key, parked, room) -> count
-    tenants: dict[str, int]  # tenant -> pending
-    rate: float = 0.0
-    max_in_flight: int = 0
-    reasons: dict[str, int] = {}  # why the held ones wait, in words -> count
+    queue: Annotated[str, Meta(description="The queue.")]
+    pending: Annotated[int, Meta(description="Jobs waiting to be released.")]
+    in_flight: Annotated[int, Meta(description="Jobs released and not yet ended.")]
+    waiting: Annotated[
+        dict[str, int],
+        Meta(description="Held jobs by where the scheduler holds them (ready, timer, group, key, parked, room)."),
+    ]
+    tenants: Annotated[dict[str, int], Meta(description="Pending jobs per tenant.")]
+    rate: Annotated[float, Meta(description="The queue's configured rate, per second; 0: unlimited.")] = 0.0
+    max_in_flight: Annotated[int, Meta(description="The queue's configured in-flight cap; 0: unlimited.")] = 0
+    reasons: Annotated[
+        dict[str, int],
+        Meta(description="Why the held ones wait, in words, with a count each; empty when none is held."),
+    ] = {}
 
 
 class PartitionStats(Struct, frozen=True, kw_only=True):
     """The queues of one partition, as its owner sees them (part of ``QueuesReply``)."""
 
-    partition: int
-    owner: str
-    queues: list[QueueStats]
-    at: float
+    partition: Annotated[int, Meta(description="The partition number.")]
+    owner: Annotated[str, Meta(description="The scheduler instance that owns it.")]
+    queues: Annotated[list[QueueStats], Meta(description="Its queues' depths.")]
+    at: Annotated[float, Meta(description="When the figures were taken. Unix time, in seconds.")]

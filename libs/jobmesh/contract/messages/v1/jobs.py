@@ -25,6 +25,7 @@ __all__ = [
     "DEPENDENCY_CONDITIONS",
     "DISRUPTION_CODES",
     "FAILURE_CODES",
+    "FAILURE_CODE_NAMES",
     "ISOLATION_LEVELS",
     "MAX_DISRUPTIONS",
     "MAX_STDIN_BYTES",
@@ -139,6 +140,7 @@ FailureCode = Literal[
     "container_failed",  # the container engine could not start the container
 ]
 FAILURE_CODES: frozenset[str] = frozenset(typing.get_args(FailureCode))
+FAILURE_CODE_NAMES: tuple[str, ...] = typing.get_args(FailureCode)  # in declaration order, for the schema
 # What a retry policy retries unless it names its own codes. The codes left out say the
 # job cannot run as declared (spawn_failed, workdir_failed, result_too_large,
 # disk_quota_exceeded), or that nobody wants it to run again (cancelled, superseded).
@@ -162,24 +164,35 @@ MAX_DISRUPTIONS = 10
 class Resources(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What one attempt reserves on its node for as long as it runs."""
 
-    cpu_milli: NonNegInt = 100
-    memory_mb: NonNegInt = 64
-    gpu: NonNegInt = 0
-    gpu_kind: str = ""
-    disk_mb: NonNegInt = 0
+    cpu_milli: Annotated[NonNegInt, Meta(description="CPU, in millicores (1000 = one core); default 100.")] = 100
+    memory_mb: Annotated[
+        NonNegInt, Meta(description="Memory, in MiB; default 64. Exceeding it ends the attempt with oom.")
+    ] = 64
+    gpu: Annotated[NonNegInt, Meta(description="GPUs, a count; 0 (the default): none.")] = 0
+    gpu_kind: Annotated[str, Meta(description="The GPU model wanted; empty: any kind.")] = ""
+    disk_mb: Annotated[NonNegInt, Meta(description="Scratch disk, in MiB; 0 (the default): no quota reserved.")] = 0
 
 
 class ProcessRuntime(Struct, frozen=True, kw_only=True, tag="process", tag_field="kind"):
     """Run ``argv`` as a subprocess in a fresh working directory."""
 
-    argv: Annotated[list[str], Meta(min_length=1)]
-    env: dict[str, str] = {}
+    argv: Annotated[
+        list[str],
+        Meta(min_length=1),
+        Meta(description="The command and its arguments (at least one); argv[0] is looked up on the node's PATH."),
+    ]
+    env: Annotated[
+        dict[str, str],
+        Meta(
+            description="Environment variables added to the node's minimal environment (name to value); empty adds none."
+        ),
+    ] = {}
 
 
 class NoopRuntime(Struct, frozen=True, kw_only=True, tag="noop", tag_field="kind"):
     """Succeed at once without starting a process (benchmarks, smoke tests)."""
 
-    exit_code: NonNegInt = 0
+    exit_code: Annotated[NonNegInt, Meta(description="The exit code it ends with (default 0: success).")] = 0
 
 
 class HandlerRuntime(Struct, frozen=True, kw_only=True, tag="handler", tag_field="kind"):
@@ -190,17 +203,30 @@ class HandlerRuntime(Struct, frozen=True, kw_only=True, tag="handler", tag_field
     return value is the job's result (JSON).
     """
 
-    handler: Name
-    input: Any = None
+    handler: Annotated[Name, Meta(description="The handler's name, as an executor advertises it (KV jm_handlers).")]
+    input: Annotated[
+        Any, Meta(description="The handler's input, JSON for its input type; null when it takes none.")
+    ] = None
 
 
 class ContainerRuntime(Struct, frozen=True, kw_only=True, tag="container", tag_field="kind"):
     """Run ``argv`` (or the image's own command when empty) in a container of ``image``,
     with the same limits, network policy, files and secrets as a process."""
 
-    image: Annotated[str, Meta(min_length=1, max_length=512, pattern=r"^[^\s\x00]+$")]
-    argv: list[str] = []
-    env: dict[str, str] = {}
+    image: Annotated[
+        str,
+        Meta(min_length=1, max_length=512, pattern=r"^[^\s\x00]+$"),
+        Meta(description="The container image to run (a reference the node's engine can pull or has)."),
+    ]
+    argv: Annotated[
+        list[str], Meta(description="The command in the container; empty runs the image's own command.")
+    ] = []
+    env: Annotated[
+        dict[str, str],
+        Meta(
+            description="Environment variables added to the node's minimal environment (name to value); empty adds none."
+        ),
+    ] = {}
 
 
 JobRuntime = ProcessRuntime | NoopRuntime | HandlerRuntime | ContainerRuntime
@@ -229,27 +255,57 @@ class InputFile(Struct, frozen=True, kw_only=True, omit_defaults=True):
         mode: its permission bits.
     """
 
-    path: RelativePath
-    object: Annotated[str, Meta(max_length=256)] = ""
-    node_path: Annotated[str, Meta(max_length=4096)] = ""
-    size: NonNegInt = 0
-    mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o644
+    path: Annotated[
+        RelativePath,
+        Meta(description='Where the file goes, relative to the working directory (no "..", no leading "/").'),
+    ]
+    object: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(
+            description="Its object name in the jm_uploads bucket (uploaded with the submit); empty when node_path is given."
+        ),
+    ] = ""
+    node_path: Annotated[
+        str,
+        Meta(max_length=4096),
+        Meta(
+            description="An absolute path on the node, under one its operator allows (JOBMESH_ALLOWED_INPUT_PATHS); empty when object is given."
+        ),
+    ] = ""
+    size: Annotated[
+        NonNegInt, Meta(description="Its size in bytes, as uploaded (checked when fetched); 0 for a node path.")
+    ] = 0
+    mode: Annotated[int, Meta(ge=0, le=0o777), Meta(description="Its permission bits (default 0o644 = 420).")] = 0o644
 
 
 class Constraints(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Hard placement constraints: a node that fails any of these is never a candidate."""
 
-    arch: str = ""
-    isolation: Literal["", "process", "sandbox", "container", "vm"] = ""  # see IsolationLevel
-    labels: dict[str, str] = {}  # checked by contract.validation.label_problem
-    handler: str = ""
+    arch: Annotated[
+        str, Meta(description="Only nodes of this architecture (NodeInfo.arch, e.g. x86_64, aarch64); empty: any.")
+    ] = ""
+    isolation: Annotated[
+        Literal["", "process", "sandbox", "container", "vm"],
+        Meta(
+            description="Only nodes that enforce at least this isolation level (process < sandbox < container < vm); empty: any."
+        ),
+    ] = ""
+    labels: Annotated[
+        dict[str, str], Meta(description="Only nodes that have all these labels with these values; empty: any node.")
+    ] = {}
+    handler: Annotated[str, Meta(description="Only nodes that host this Python handler; empty: any.")] = ""
 
 
 class Locality(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Soft placement hints: nodes near these score higher."""
 
-    zone: str = ""
-    dataset: str = ""
+    zone: Annotated[
+        str, Meta(description="Prefer nodes in this zone, then the nearest (ZoneMap); empty: no preference.")
+    ] = ""
+    dataset: Annotated[
+        str, Meta(description="Prefer nodes that hold this dataset locally (NodeInfo.datasets); empty: none.")
+    ] = ""
 
 
 class Timeouts(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -263,36 +319,117 @@ class Timeouts(Struct, frozen=True, kw_only=True, omit_defaults=True):
             not retried and a running one is stopped (``timeout``).
     """
 
-    queue: Annotated[float, Meta(ge=0)] = 0.0
-    run: Annotated[float, Meta(gt=0, le=30 * 86400)] = 3600.0
-    heartbeat: Annotated[float, Meta(ge=1, le=3600)] = 10.0
-    total: Annotated[float, Meta(ge=0)] = 0.0
+    queue: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(
+            description="The job expires if no attempt started within this many seconds of the submission; 0 (the default): never."
+        ),
+    ] = 0.0
+    run: Annotated[
+        float,
+        Meta(gt=0, le=30 * 86400),
+        Meta(
+            description="One attempt is stopped (timeout) after running this many seconds (default 3600, at most 30 days)."
+        ),
+    ] = 3600.0
+    heartbeat: Annotated[
+        float,
+        Meta(ge=1, le=3600),
+        Meta(
+            description="An attempt whose lease is not renewed within this many seconds is lost (1 to 3600, default 10)."
+        ),
+    ] = 10.0
+    total: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(
+            description="Seconds across all attempts from the submission; once passed a failed attempt is not retried and a running one is stopped. 0 (the default): none."
+        ),
+    ] = 0.0
 
 
 class JobSpecBase(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The fields a job and a fallback job share: what runs, where and when."""
 
-    runtime: JobRuntime
-    name: Annotated[str, Meta(max_length=256)] = ""
-    queue: Name = "default"
-    tenant: Name = "default"
-    priority: Priority = 5
-    resources: Resources = Resources()
-    constraints: Constraints = Constraints()
-    locality: Locality = Locality()
-    timeouts: Timeouts = Timeouts()
-    concurrency_key: Annotated[str, Meta(max_length=256)] = ""
-    concurrency_limit: NonNegInt = 0
-    group: Annotated[str, Meta(max_length=256)] = ""
-    not_before: Annotated[float, Meta(ge=0)] = 0.0
-    metadata: dict[str, str] = {}
+    runtime: Annotated[
+        JobRuntime, Meta(description="What runs: a process, a Python handler, a container, or noop (tagged by kind).")
+    ]
+    name: Annotated[
+        str, Meta(max_length=256), Meta(description="A name for people (at most 256 characters); empty: none.")
+    ] = ""
+    queue: Annotated[
+        Name, Meta(description='The queue it waits in (letters, digits, _ . -); "default" when not given.')
+    ] = "default"
+    tenant: Annotated[
+        Name,
+        Meta(description='The job\'s tenant (fair share between tenants); "default" when the submitter named none.'),
+    ] = "default"
+    priority: Annotated[
+        Priority,
+        Meta(description="Priority from 0 (lowest) to 9 (highest); higher runs first within a tenant's share."),
+    ] = 5
+    resources: Annotated[
+        Resources, Meta(description="What one attempt reserves on its node (default: 100 millicores, 64 MiB).")
+    ] = Resources()
+    constraints: Annotated[Constraints, Meta(description="Hard placement constraints; empty: any node.")] = (
+        Constraints()
+    )
+    locality: Annotated[Locality, Meta(description="Soft placement hints; empty: none.")] = Locality()
+    timeouts: Annotated[Timeouts, Meta(description="Deadlines, in seconds.")] = Timeouts()
+    concurrency_key: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(description="Jobs with the same key share its concurrency limit; empty: no key."),
+    ] = ""
+    concurrency_limit: Annotated[
+        NonNegInt, Meta(description="At most this many jobs with the same concurrency_key run at once; 0: no limit.")
+    ] = 0
+    group: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(
+            description="A sequential group: jobs with the same group run one at a time, in submission order; empty: none."
+        ),
+    ] = ""
+    not_before: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(description="Do not start before this time. Unix time, in seconds; 0: as soon as possible."),
+    ] = 0.0
+    metadata: Annotated[
+        dict[str, str], Meta(description="Labels for people and for completion rules (string to string); empty: none.")
+    ] = {}
     # What the job sees of the world besides its own files.
-    network: bool = False  # outbound network; without it a sandboxed job has none
-    secrets: Annotated[list[SecretName], Meta(max_length=64)] = []
-    secrets_as: Literal["file", "env"] = "file"  # files readable only by the job, or variables
-    stdin: Annotated[str, Meta(max_length=MAX_STDIN_BYTES)] = ""  # what the process reads on stdin
-    stdin_object: Annotated[str, Meta(max_length=256)] = ""  # a larger stdin, uploaded to jm_uploads
-    files: Annotated[list[InputFile], Meta(max_length=1024)] = []
+    network: Annotated[
+        bool, Meta(description="Allow outbound network access; without it (the default) a sandboxed job has none.")
+    ] = False
+    secrets: Annotated[
+        list[SecretName],
+        Meta(max_length=64),
+        Meta(description="Names of secrets the node provides to the job (at most 64); empty: none."),
+    ] = []
+    secrets_as: Annotated[
+        Literal["file", "env"],
+        Meta(
+            description="How the job gets its secrets: file (readable only by the job, the default) or env (variables)."
+        ),
+    ] = "file"
+    stdin: Annotated[
+        str,
+        Meta(max_length=MAX_STDIN_BYTES),
+        Meta(description="What the process reads on stdin (at most 64 KiB); empty: nothing."),
+    ] = ""
+    stdin_object: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(description="A larger stdin, uploaded to jm_uploads, by object name; empty: none."),
+    ] = ""
+    files: Annotated[
+        list[InputFile],
+        Meta(max_length=1024),
+        Meta(description="Files the working directory starts with (at most 1024); empty: none."),
+    ] = []
 
 
 class FallbackSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
@@ -317,14 +454,45 @@ class RetryPolicy(Struct, frozen=True, kw_only=True, omit_defaults=True):
         fallback: runs in place of the job once its last attempt failed.
     """
 
-    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 1
-    backoff: Annotated[float, Meta(gt=0, le=86400)] = 1.0
-    backoff_max: Annotated[float, Meta(gt=0, le=86400)] = 300.0
-    jitter: Annotated[float, Meta(ge=0, le=1)] = 0.25
-    retry_on: Annotated[list[str], Meta(max_length=32)] = []
-    migrate_after: Annotated[int, Meta(ge=0, le=100)] = 0
-    migrate_zone: bool = False
-    fallback: FallbackSpec | None = None
+    max_attempts: Annotated[
+        int,
+        Meta(ge=1, le=100),
+        Meta(description="Attempts in all, the first included (1 to 100; 1, the default: never retry)."),
+    ] = 1
+    backoff: Annotated[
+        float,
+        Meta(gt=0, le=86400),
+        Meta(description="Seconds before the second attempt; each retry doubles it (default 1)."),
+    ] = 1.0
+    backoff_max: Annotated[
+        float, Meta(gt=0, le=86400), Meta(description="The longest wait between attempts, in seconds (default 300).")
+    ] = 300.0
+    jitter: Annotated[
+        float,
+        Meta(ge=0, le=1),
+        Meta(
+            description="How much shorter than the doubled delay a wait may be, as a fraction from 0 to 1 (default 0.25)."
+        ),
+    ] = 0.25
+    retry_on: Annotated[
+        list[str],
+        Meta(max_length=32),
+        Meta(
+            description="The FailureCodes that are retried; empty: exit_code, lost, timeout, oom, executor_error, handler_failed, handler_crashed, handler_missing, container_failed."
+        ),
+    ] = []
+    migrate_after: Annotated[
+        int,
+        Meta(ge=0, le=100),
+        Meta(description="After this many failures on one node, later attempts avoid it; 0 (the default): never."),
+    ] = 0
+    migrate_zone: Annotated[
+        bool, Meta(description="When migrating, avoid the node's whole zone too (default false).")
+    ] = False
+    fallback: Annotated[
+        FallbackSpec | None,
+        Meta(description="A job that runs once in place of this one after its last attempt failed; null: none."),
+    ] = None
 
     def retries(self, code: str) -> bool:
         """Whether this policy retries a failure with ``code`` (attempts left aside)."""
@@ -354,10 +522,26 @@ class Dependency(Struct, frozen=True, kw_only=True, omit_defaults=True):
             queue); -1 when unknown, which a scheduler takes for its own.
     """
 
-    job_id: Id
-    when: DependencyCondition = "succeeded"
-    step: str = ""
-    partition: Annotated[int, Meta(ge=-1)] = -1
+    job_id: Annotated[Id, Meta(description="The job waited for.")]
+    when: Annotated[
+        DependencyCondition,
+        Meta(
+            description="Which end satisfies it: succeeded (the default), failed (gave up or expired) or ended (any end)."
+        ),
+    ] = "succeeded"
+    step: Annotated[
+        str,
+        Meta(
+            description='The workflow step the job waited for is, for messages such as "waiting for: extract"; empty outside workflows.'
+        ),
+    ] = ""
+    partition: Annotated[
+        int,
+        Meta(ge=-1),
+        Meta(
+            description="The scheduler partition of the job waited for; -1 (the default) when unknown, which a scheduler takes for its own."
+        ),
+    ] = -1
 
 
 class UpstreamRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -368,17 +552,19 @@ class UpstreamRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
         mapped: the step maps over a list; its result is the list of its items' results.
     """
 
-    job_id: Id
-    mapped: bool = False
+    job_id: Annotated[Id, Meta(description="The upstream step's job (a mapped step: its map job).")]
+    mapped: Annotated[
+        bool, Meta(description="True when the step maps over a list: its result is the list of its items' results.")
+    ] = False
 
 
 class ItemRef(Struct, frozen=True, kw_only=True):
     """The item a mapped job runs for: element ``index`` of the list at ``path`` in the
     result of ``job_id`` (read by reference when the job starts, never copied inline)."""
 
-    job_id: Id
-    path: list[str | int]
-    index: NonNegInt
+    job_id: Annotated[Id, Meta(description="The job whose result holds the list.")]
+    path: Annotated[list[str | int], Meta(description="The path to the list inside that result (keys and indices).")]
+    index: Annotated[NonNegInt, Meta(description="The item's position in the list, from 0.")]
 
 
 class StepRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -392,11 +578,17 @@ class StepRef(Struct, frozen=True, kw_only=True, omit_defaults=True):
         item: what ``${item}`` is (mapped items only).
     """
 
-    workflow_id: Id
-    step: Annotated[str, Meta(min_length=1, max_length=128)]
-    index: Annotated[int, Meta(ge=-1)] = -1
-    upstream: dict[str, UpstreamRef] = {}
-    item: ItemRef | None = None
+    workflow_id: Annotated[Id, Meta(description="The run.")]
+    step: Annotated[str, Meta(min_length=1, max_length=128), Meta(description="The step's name.")]
+    index: Annotated[
+        int,
+        Meta(ge=-1),
+        Meta(description="A mapped item's position in its list; -1 (the default) for a step's own job."),
+    ] = -1
+    upstream: Annotated[
+        dict[str, UpstreamRef], Meta(description="The steps named in this step's templates, by name; empty: none.")
+    ] = {}
+    item: Annotated[ItemRef | None, Meta(description="What ${item} is (mapped items only); null otherwise.")] = None
 
 
 class MapSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -409,29 +601,63 @@ class MapSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
         path: the path to the list inside that result (filled in at submit).
     """
 
-    over: Annotated[str, Meta(min_length=1, max_length=1024)]
-    concurrency: Annotated[int, Meta(ge=0, le=10_000)] = 0
-    source: str = ""
-    path: list[str | int] = []
+    over: Annotated[
+        str,
+        Meta(min_length=1, max_length=1024),
+        Meta(description="The template naming the list, e.g. ${steps.extract.result.items}."),
+    ]
+    concurrency: Annotated[
+        int, Meta(ge=0, le=10_000), Meta(description="At most this many items run at once; 0: no cap of its own.")
+    ] = 0
+    source: Annotated[
+        str, Meta(description="The job whose result holds the list (filled in at submit); empty before.")
+    ] = ""
+    path: Annotated[
+        list[str | int],
+        Meta(description="The path to the list inside that result (filled in at submit); empty: the result itself."),
+    ] = []
 
 
 class JobSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
     """Everything a user declares about one job."""
 
-    retry: RetryPolicy = RetryPolicy()
-    after: Annotated[list[Dependency], Meta(max_length=MAX_DEPENDENCIES)] = []
+    retry: Annotated[
+        RetryPolicy,
+        Meta(description="What the scheduler does when an attempt fails or is lost (default: one attempt, no retry)."),
+    ] = RetryPolicy()
+    after: Annotated[
+        list[Dependency],
+        Meta(max_length=MAX_DEPENDENCIES),
+        Meta(description="Jobs this one waits for, and which of their ends let it run (at most 1000); empty: none."),
+    ] = []
     # Store the result by reference (jm_results ``step/<job_id>``) so that later jobs can
     # read it, however small: set on every workflow step.
-    keep_result: bool = False
-    step: StepRef | None = None  # set by the trigger on a workflow's jobs
-    map: MapSpec | None = None  # a mapped step: the scheduler runs one job per item
+    keep_result: Annotated[
+        bool,
+        Meta(
+            description="Store the result by reference (jm_results step/<job_id>) so later jobs can read it, however small; default false."
+        ),
+    ] = False
+    step: Annotated[
+        StepRef | None,
+        Meta(description="Where the job sits in a workflow run (set by the trigger); null outside workflows."),
+    ] = None
+    map: Annotated[
+        MapSpec | None, Meta(description="A mapped step: run one job per item of an upstream list; null otherwise.")
+    ] = None
 
 
 class JobError(Struct, frozen=True, kw_only=True):
     """Why an attempt failed: a stable code (a :data:`FailureCode`) and a human message."""
 
-    code: str
-    message: str
+    code: Annotated[
+        str,
+        Meta(
+            description="Why the attempt failed: a stable FailureCode. A later v1 may add codes: treat an unknown one as a failure.",
+            extra_json_schema={"enum": list(FAILURE_CODE_NAMES)},
+        ),
+    ]
+    message: Annotated[str, Meta(description="What happened, in words.")]
 
 
 # --- lifecycle events (stream JM_JOBS / JM_DISPATCH) ---------------------------------
@@ -440,46 +666,83 @@ class JobError(Struct, frozen=True, kw_only=True):
 class JobEvent(Struct, frozen=True, kw_only=True):
     """What every lifecycle event carries: the job and its scheduler partition."""
 
-    job_id: Id
-    partition: NonNegInt
+    job_id: Annotated[
+        Id,
+        Meta(
+            description='The job\'s id: 32 hex characters derived from its idempotency key (docs/integrations.md, "Job ids").'
+        ),
+    ]
+    partition: Annotated[
+        NonNegInt, Meta(description="The scheduler partition of the job's queue: crc32(queue) % JOBMESH_PARTITIONS.")
+    ]
 
 
 class AttemptEvent(JobEvent, frozen=True, kw_only=True):
     """What every event about one attempt carries besides: the attempt number, which
     fences off events of a stale attempt."""
 
-    attempt: AttemptNumber
+    attempt: Annotated[
+        AttemptNumber,
+        Meta(
+            description="The attempt number, counted from 1; events of an older attempt than the job's current one are ignored."
+        ),
+    ]
 
 
 class JobSubmitted(JobEvent, frozen=True, kw_only=True, tag="job.submitted"):
     """A job was accepted; published by the trigger with Nats-Msg-Id = idempotency key
     (or by the scheduler, for a fallback job, with ``fallback_of`` set)."""
 
-    spec: JobSpec
-    idempotency_key: str
-    submitted_at: float
-    fallback_of: str = ""  # the job this one runs in place of
-    origin: JobOrigin | None = None  # the trigger rule and event that started it, if one did
+    spec: Annotated[JobSpec, Meta(description="The job as its submitter declared it (JobSpec).")]
+    idempotency_key: Annotated[
+        str,
+        Meta(
+            description="The key the job id derives from (the submitter's, or one generated for a submit without a key)."
+        ),
+    ]
+    submitted_at: Annotated[float, Meta(description="When the job was accepted. Unix time, in seconds.")]
+    fallback_of: Annotated[
+        str, Meta(description="The job this one runs in place of (a fallback); empty otherwise.")
+    ] = ""
+    origin: Annotated[
+        JobOrigin | None, Meta(description="The trigger rule and event that started the job; null for a plain submit.")
+    ] = None
 
 
 class JobReady(AttemptEvent, frozen=True, kw_only=True, tag="job.ready"):
     """The scheduler released an attempt; candidates are ranked best first."""
 
-    spec: JobSpec
-    candidates: list[str]
-    submitted_at: float
-    ready_at: float
-    release: Annotated[int, Meta(ge=1)] = 1  # counts re-releases of the same attempt
-    tiers: list[int] = []  # locality tier of each candidate (lower is nearer); [] = all equal
-    checkpoint: str = ""  # the last checkpoint an earlier attempt reported, for this one
+    spec: Annotated[JobSpec, Meta(description="The job's spec, as the binder reserves and the executor runs it.")]
+    candidates: Annotated[
+        list[str], Meta(description="Node ids that fit, best first; the binder takes the first it can reserve.")
+    ]
+    submitted_at: Annotated[float, Meta(description="When the job was accepted. Unix time, in seconds.")]
+    ready_at: Annotated[float, Meta(description="When the scheduler released it. Unix time, in seconds.")]
+    release: Annotated[
+        int,
+        Meta(ge=1),
+        Meta(
+            description="Counts the releases of this attempt by the scheduler, from 1 (a refused release is released again)."
+        ),
+    ] = 1
+    tiers: Annotated[
+        list[int],
+        Meta(description="The locality tier of each candidate (lower is nearer), in the same order; empty: all equal."),
+    ] = []
+    checkpoint: Annotated[
+        str,
+        Meta(
+            description="The last checkpoint the job reported (free text it chose); empty when none: the attempt starts afresh."
+        ),
+    ] = ""
 
 
 class JobUnplaceable(AttemptEvent, frozen=True, kw_only=True, tag="job.unplaceable"):
     """The binder could not reserve any candidate; the scheduler will hold the job."""
 
-    reason: str
-    at: float
-    release: Annotated[int, Meta(ge=1)] = 1  # the JobReady.release this answers
+    reason: Annotated[str, Meta(description="Why no candidate could be reserved.")]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
+    release: Annotated[int, Meta(ge=1), Meta(description="The JobReady.release this answers.")] = 1
 
 
 class JobWaiting(AttemptEvent, frozen=True, kw_only=True, tag="job.waiting"):
@@ -487,30 +750,50 @@ class JobWaiting(AttemptEvent, frozen=True, kw_only=True, tag="job.waiting"):
     group, its concurrency key, or no node that fits. Published when the reason first
     applies (not again while it stays the same), so history shows every wait."""
 
-    reason: str
-    at: float
-    release: NonNegInt = 0  # releases of this attempt so far (orders it among them)
-    wait: Annotated[int, Meta(ge=1)] = 1  # counts this attempt's waits (numbers their ids)
+    reason: Annotated[
+        str,
+        Meta(
+            description="Why the scheduler holds the attempt back (start time, group, concurrency key, no fitting node)."
+        ),
+    ]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
+    release: Annotated[NonNegInt, Meta(description="Releases of this attempt so far (orders the wait among them).")] = 0
+    wait: Annotated[
+        int, Meta(ge=1), Meta(description="Counts this attempt's waits, from 1 (numbers their message ids).")
+    ] = 1
 
 
 class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
     """Resources are reserved on ``node_id``; sent on that node's dispatch subject."""
 
-    node_id: Id
-    spec: JobSpec
-    scratch_dir: str
-    submitted_at: float
-    bound_at: float
-    checkpoint: str = ""  # from JobReady: what the attempt starts from
-    gpu_devices: list[int] = []  # the indices of the node's GPUs reserved for this attempt
+    node_id: Annotated[Id, Meta(description="The node the resources are reserved on.")]
+    spec: Annotated[JobSpec, Meta(description="The job as its submitter declared it (JobSpec).")]
+    scratch_dir: Annotated[str, Meta(description="The attempt's scratch directory on the node.")]
+    submitted_at: Annotated[float, Meta(description="When the job was accepted. Unix time, in seconds.")]
+    bound_at: Annotated[float, Meta(description="When the binder reserved the resources. Unix time, in seconds.")]
+    checkpoint: Annotated[
+        str,
+        Meta(
+            description="The last checkpoint the job reported (free text it chose); empty when none: the attempt starts afresh."
+        ),
+    ] = ""
+    gpu_devices: Annotated[
+        list[int],
+        Meta(description="The indices of the node's GPUs reserved for this attempt; empty when it reserved none."),
+    ] = []
 
 
 class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
     """The executor started the attempt."""
 
-    node_id: Id
-    at: float
-    incarnation: str = ""  # the executor process that runs it (NodeInfo.incarnation)
+    node_id: Annotated[Id, Meta(description="The node running the attempt.")]
+    at: Annotated[float, Meta(description="When the attempt started. Unix time, in seconds.")]
+    incarnation: Annotated[
+        str,
+        Meta(
+            description="The executor process that runs it (NodeInfo.incarnation): a new value after every restart; empty when unknown."
+        ),
+    ] = ""
 
 
 class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded"):
@@ -518,45 +801,82 @@ class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded")
 
     # A node id, or "" for a mapped step, which the scheduler ends without running it: the
     # constraint was loosened from Id (same type; a v1.0 reader refuses only those ends).
-    node_id: str
-    exit_code: int
-    output_tail: str
-    submitted_at: float
-    started_at: float
-    at: float
-    result: str = ""  # the result file, when it is small and UTF-8 text
-    result_ref: str = ""  # else its key in the object store bucket jm_results
-    result_bytes: int = 0
+    node_id: Annotated[
+        str,
+        Meta(description="The node that ran it; empty for a mapped step, which the scheduler ends without running it."),
+    ]
+    exit_code: Annotated[int, Meta(description="The process's exit code (0).")]
+    output_tail: Annotated[
+        str,
+        Meta(
+            description="The last lines of the attempt's output (stdout and stderr), at most a few KiB; empty when it printed nothing."
+        ),
+    ]
+    submitted_at: Annotated[float, Meta(description="When the job was accepted. Unix time, in seconds.")]
+    started_at: Annotated[
+        float, Meta(description="When the attempt started. Unix time, in seconds; 0 when it has not.")
+    ]
+    at: Annotated[float, Meta(description="When the attempt ended. Unix time, in seconds.")]
+    result: Annotated[
+        str,
+        Meta(
+            description="The job's result when it was small UTF-8 text and travelled inline; empty otherwise (see result_ref)."
+        ),
+    ] = ""
+    result_ref: Annotated[
+        str,
+        Meta(
+            description="The result's object name in the jm_results bucket when it did not travel inline; empty when there is none or it is inline."
+        ),
+    ] = ""
+    result_bytes: Annotated[int, Meta(description="The result's size, in bytes; 0 when there is none.")] = 0
     # What a completion rule filters on (the job's queue, name and metadata labels), so a
     # consumer of job ends needs no lookup of the spec.
-    queue: str = ""
-    name: str = ""
-    metadata: dict[str, str] = {}
+    queue: Annotated[
+        str, Meta(description="The job's queue; empty in an event from a version that did not send it.")
+    ] = ""
+    name: Annotated[str, Meta(description="The job's name (free text); empty when it has none.")] = ""
+    metadata: Annotated[
+        dict[str, str], Meta(description="The job's metadata labels (string to string); empty when it has none.")
+    ] = {}
 
 
 class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
     """The attempt ended badly: non-zero exit, timeout, or a runtime error."""
 
-    node_id: str
-    exit_code: int | None
-    error: JobError
-    output_tail: str
-    submitted_at: float
-    started_at: float
-    at: float
+    node_id: Annotated[str, Meta(description="The node the attempt ran on.")]
+    exit_code: Annotated[
+        int | None, Meta(description="The process's exit code; null when it was killed or never started.")
+    ]
+    error: Annotated[JobError, Meta(description="Why the attempt failed: a stable code (FailureCode) and a message.")]
+    output_tail: Annotated[
+        str,
+        Meta(
+            description="The last lines of the attempt's output (stdout and stderr), at most a few KiB; empty when it printed nothing."
+        ),
+    ]
+    submitted_at: Annotated[float, Meta(description="When the job was accepted. Unix time, in seconds.")]
+    started_at: Annotated[
+        float, Meta(description="When the attempt started. Unix time, in seconds; 0 when it never did.")
+    ]
+    at: Annotated[float, Meta(description="When the attempt ended. Unix time, in seconds.")]
 
 
 class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
     """The job was not started before its queue timeout."""
 
-    attempt: NonNegInt  # the attempt that never started (0 from schedulers before v1.1)
-    reason: str
-    at: float
+    attempt: Annotated[NonNegInt, Meta(description="The attempt that never started (0 from schedulers before v1.1).")]
+    reason: Annotated[str, Meta(description="Why it expired (its queue timeout passed).")]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
     # What a completion rule filters on (the job's queue, name and metadata labels), so a
     # consumer of job ends needs no lookup of the spec.
-    queue: str = ""
-    name: str = ""
-    metadata: dict[str, str] = {}
+    queue: Annotated[
+        str, Meta(description="The job's queue; empty in an event from a version that did not send it.")
+    ] = ""
+    name: Annotated[str, Meta(description="The job's name (free text); empty when it has none.")] = ""
+    metadata: Annotated[
+        dict[str, str], Meta(description="The job's metadata labels (string to string); empty when it has none.")
+    ] = {}
 
 
 class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
@@ -566,92 +886,129 @@ class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
     or by the executor itself (it restarted, or refused a dispatch it may have run before).
     """
 
-    node_id: str
-    at: float
-    reason: str = ""
+    node_id: Annotated[str, Meta(description="The node the attempt ran or was bound on.")]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
+    reason: Annotated[
+        str,
+        Meta(
+            description="Why it is considered lost (lease expired, bind timeout, executor restarted); empty from older versions."
+        ),
+    ] = ""
 
 
 class AttemptError(Struct, frozen=True, kw_only=True):
     """How one attempt of a job ended, as the scheduler saw it (JobGaveUp lists them all)."""
 
-    attempt: int
-    node_id: str
-    error: JobError
-    at: float
+    attempt: Annotated[int, Meta(description="The attempt this error ended.")]
+    node_id: Annotated[str, Meta(description="The node the attempt ran on; empty when it never ran.")]
+    error: Annotated[JobError, Meta(description="How the attempt failed (code and message).")]
+    at: Annotated[float, Meta(description="When the attempt ended. Unix time, in seconds.")]
 
 
 class JobRetrying(AttemptEvent, frozen=True, kw_only=True, tag="job.retrying"):
     """The scheduler will run the job again: ``attempt`` failed (or was lost), and
     ``next_attempt`` is released once ``not_before`` has passed."""
 
-    node_id: str
-    error: JobError
-    next_attempt: AttemptNumber
-    delay: float  # seconds of backoff before next_attempt
-    not_before: float
-    avoid: list[str] = []  # nodes the next attempts avoid (migrate_after)
-    at: float
+    node_id: Annotated[str, Meta(description="The node the failed attempt ran on.")]
+    error: Annotated[JobError, Meta(description="Why the attempt failed.")]
+    next_attempt: Annotated[AttemptNumber, Meta(description="The number of the attempt that follows.")]
+    delay: Annotated[float, Meta(description="Seconds of backoff before next_attempt is released.")]
+    not_before: Annotated[float, Meta(description="When next_attempt is released. Unix time, in seconds.")]
+    avoid: Annotated[
+        list[str], Meta(description="Nodes the next attempts avoid (retry.migrate_after); empty: none.")
+    ] = []
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
 
 
 class JobGaveUp(AttemptEvent, frozen=True, kw_only=True, tag="job.gave_up"):
     """The job ended failed for good: ``attempt`` was its last. ``state`` is how that
     attempt ended; ``errors`` lists every attempt's error, in order."""
 
-    state: Literal["failed", "lost"]
-    node_id: str
-    error: JobError
-    reason: str  # why no retry: attempts exhausted, code not retried, total timeout
-    errors: list[AttemptError] = []
-    fallback_job_id: str = ""  # the job that runs in its place, if the policy has one
-    at: float
+    state: Annotated[Literal["failed", "lost"], Meta(description="How the last attempt ended: failed or lost.")]
+    node_id: Annotated[str, Meta(description="The node the last attempt ran on; empty when it never ran.")]
+    error: Annotated[JobError, Meta(description="The last attempt's error.")]
+    reason: Annotated[
+        str, Meta(description="Why no retry: attempts exhausted, code not retried, or the total timeout passed.")
+    ]
+    errors: Annotated[
+        list[AttemptError], Meta(description="Every attempt's error, in order; empty from older schedulers.")
+    ] = []
+    fallback_job_id: Annotated[
+        str, Meta(description="The job that runs in its place when the retry policy has a fallback; empty otherwise.")
+    ] = ""
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
     # What a completion rule filters on (the job's queue, name and metadata labels), so a
     # consumer of job ends needs no lookup of the spec.
-    queue: str = ""
-    name: str = ""
-    metadata: dict[str, str] = {}
+    queue: Annotated[
+        str, Meta(description="The job's queue; empty in an event from a version that did not send it.")
+    ] = ""
+    name: Annotated[str, Meta(description="The job's name (free text); empty when it has none.")] = ""
+    metadata: Annotated[
+        dict[str, str], Meta(description="The job's metadata labels (string to string); empty when it has none.")
+    ] = {}
 
 
 class JobCancelling(AttemptEvent, frozen=True, kw_only=True, tag="job.cancelling"):
     """A cancel arrived while ``attempt`` was out of the scheduler's hands (at the binder
     or running): the binder forwards it to the attempt's node, which stops it."""
 
-    reason: str
-    at: float
+    reason: Annotated[str, Meta(description="Why it is being cancelled.")]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
 
 
 class JobCancelled(JobEvent, frozen=True, kw_only=True, tag="job.cancelled"):
     """The job ended cancelled; it never runs again. ``attempt`` is the attempt that was
     stopped, or the one that never started."""
 
-    attempt: NonNegInt
-    reason: str
-    node_id: str = ""
-    at: float
+    attempt: Annotated[
+        NonNegInt,
+        Meta(description="The attempt that was stopped, or the one that never started (0 before any was released)."),
+    ]
+    reason: Annotated[
+        str,
+        Meta(
+            description="Why it was cancelled (the canceller's words, or skipped: a dependency ended as it did not need)."
+        ),
+    ]
+    node_id: Annotated[str, Meta(description="The node the stopped attempt ran on; empty when it was not running.")] = (
+        ""
+    )
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
     # What a completion rule filters on (the job's queue, name and metadata labels), so a
     # consumer of job ends needs no lookup of the spec.
-    queue: str = ""
-    name: str = ""
-    metadata: dict[str, str] = {}
-    skipped: bool = False  # it never ran because a dependency ended as it did not need
+    queue: Annotated[
+        str, Meta(description="The job's queue; empty in an event from a version that did not send it.")
+    ] = ""
+    name: Annotated[str, Meta(description="The job's name (free text); empty when it has none.")] = ""
+    metadata: Annotated[
+        dict[str, str], Meta(description="The job's metadata labels (string to string); empty when it has none.")
+    ] = {}
+    skipped: Annotated[
+        bool, Meta(description="True when it never ran because a dependency ended as it did not need.")
+    ] = False
 
 
 class DependencyWatch(JobEvent, frozen=True, kw_only=True, tag="job.dep_watch"):
     """A scheduler partition asks the partition of ``job_id`` to say when that job ends:
     a job of ``watcher`` depends on it. Sent on the watched job's partition subject."""
 
-    watcher: NonNegInt
-    at: float
+    watcher: Annotated[
+        NonNegInt, Meta(description="The partition to tell when the job ends (it holds a job that depends on it).")
+    ]
+    at: Annotated[float, Meta(description="When the watch was asked for. Unix time, in seconds.")]
 
 
 class ParentRef(Struct, frozen=True, kw_only=True):
     """The workflow step whose handler submitted a job (``ctx.submit``): the step counts as
     ended for the steps that need it only once such child jobs have ended too."""
 
-    job_id: Id
-    partition: NonNegInt
+    job_id: Annotated[Id, Meta(description="The step's job (whose handler submitted this one).")]
+    partition: Annotated[NonNegInt, Meta(description="The step job's scheduler partition.")]
     # The step's run and name: the child is listed with the run.
-    workflow_id: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9_\-]*$")] = ""
-    step: Annotated[str, Meta(max_length=128)] = ""
+    workflow_id: Annotated[
+        str, Meta(max_length=64, pattern=r"^[A-Za-z0-9_\-]*$"), Meta(description="The step's run; empty when unknown.")
+    ] = ""
+    step: Annotated[str, Meta(max_length=128), Meta(description="The step's name; empty when unknown.")] = ""
 
 
 class ChildAdded(JobEvent, frozen=True, kw_only=True, tag="job.child_added"):
@@ -659,39 +1016,65 @@ class ChildAdded(JobEvent, frozen=True, kw_only=True, tag="job.child_added"):
     need it wait for the child too. Published by the trigger with the child's JobSubmitted,
     before the submit is answered, so it precedes the step's own end in its partition."""
 
-    child: Id
-    child_partition: NonNegInt
-    at: float
+    child: Annotated[Id, Meta(description="The child job the step's handler submitted.")]
+    child_partition: Annotated[NonNegInt, Meta(description="The child's scheduler partition.")]
+    at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
 
 
 class DependencyEnded(JobEvent, frozen=True, kw_only=True, tag="job.dep_ended"):
     """Job ``job_id`` ended (``outcome``: succeeded, failed, cancelled or expired); sent to
     each partition that watches it, on that partition's subject (``partition``)."""
 
-    outcome: Literal["succeeded", "failed", "cancelled", "expired"]
-    at: float
+    outcome: Annotated[
+        Literal["succeeded", "failed", "cancelled", "expired"], Meta(description="How the watched job ended.")
+    ]
+    at: Annotated[float, Meta(description="When it ended. Unix time, in seconds.")]
 
 
 class AttemptCancel(Struct, frozen=True, kw_only=True, tag="node.cancel"):
     """Stop this attempt now (SIGTERM, then SIGKILL after the grace period); sent on the
     attempt's node's cancel subject. An attempt not started yet never starts."""
 
-    job_id: Id
-    attempt: AttemptNumber
-    partition: NonNegInt
-    node_id: Id
-    reason: str
-    at: float
+    job_id: Annotated[
+        Id,
+        Meta(
+            description='The job\'s id: 32 hex characters derived from its idempotency key (docs/integrations.md, "Job ids").'
+        ),
+    ]
+    attempt: Annotated[
+        AttemptNumber,
+        Meta(
+            description="The attempt number, counted from 1; events of an older attempt than the job's current one are ignored."
+        ),
+    ]
+    partition: Annotated[
+        NonNegInt, Meta(description="The scheduler partition of the job's queue: crc32(queue) % JOBMESH_PARTITIONS.")
+    ]
+    node_id: Annotated[Id, Meta(description="The node the attempt is bound to (the cancel subject's node).")]
+    reason: Annotated[
+        str, Meta(description="Why it is cancelled, for the attempt's record; empty when the canceller gave none.")
+    ]
+    at: Annotated[float, Meta(description="When the cancel was sent. Unix time, in seconds.")]
 
 
 class LogLine(Struct, frozen=True, kw_only=True, tag="job.log"):
     """One line of an attempt's output (stream JM_LOGS)."""
 
-    job_id: Id
-    attempt: AttemptNumber
-    stream: Literal["stdout", "stderr"]
-    line: str
-    at: float
+    job_id: Annotated[
+        Id,
+        Meta(
+            description='The job\'s id: 32 hex characters derived from its idempotency key (docs/integrations.md, "Job ids").'
+        ),
+    ]
+    attempt: Annotated[
+        AttemptNumber,
+        Meta(
+            description="The attempt number, counted from 1; events of an older attempt than the job's current one are ignored."
+        ),
+    ]
+    stream: Annotated[Literal["stdout", "stderr"], Meta(description="Which output it came from: stdout or stderr.")]
+    line: Annotated[str, Meta(description="One line of output, without its newline.")]
+    at: Annotated[float, Meta(description="When the executor read it. Unix time, in seconds.")]
 
 
 LifecycleEvent = (

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from msgspec import Struct, field
+from msgspec import Meta, Struct, field
 
-from jobmesh.contract.messages.v1.jobs import Resources
+from jobmesh.contract.messages.v1.jobs import ISOLATION_LEVELS, Resources
 
 __all__ = ["Allocation", "AttemptLease", "GpuDevice", "HandlerInfo", "NodeInfo", "Reservation"]
 
@@ -21,10 +21,14 @@ class GpuDevice(Struct, frozen=True, kw_only=True, omit_defaults=True):
         uuid: its UUID, when the probe reports one.
     """
 
-    index: int
-    kind: str = ""
-    memory_mb: int = 0
-    uuid: str = ""
+    index: Annotated[
+        int, Meta(description="The device index (what CUDA_VISIBLE_DEVICES names, and /dev/nvidia<index>).")
+    ]
+    kind: Annotated[
+        str, Meta(description="Its model, as placement matches resources.gpu_kind; empty when unknown.")
+    ] = ""
+    memory_mb: Annotated[int, Meta(description="Its memory, in MiB; 0 when configured rather than probed.")] = 0
+    uuid: Annotated[str, Meta(description="Its UUID, when the probe reports one; empty otherwise.")] = ""
 
 
 class HandlerInfo(Struct, frozen=True, kw_only=True, tag="handler.info"):
@@ -44,14 +48,17 @@ class HandlerInfo(Struct, frozen=True, kw_only=True, tag="handler.info"):
         at: when it was last written.
     """
 
-    name: str
-    input_type: str
-    output_type: str
-    input_schema: dict[str, Any]
-    output_schema: dict[str, Any]
-    doc: str = ""
-    module: str = ""
-    at: float = 0.0
+    name: Annotated[str, Meta(description='The handler\'s name (@handler("name")), also its key.')]
+    input_type: Annotated[str, Meta(description="The qualified name of its input struct.")]
+    output_type: Annotated[str, Meta(description="The qualified name of its output struct.")]
+    input_schema: Annotated[
+        dict[str, Any],
+        Meta(description="The JSON Schema of its input; a handler job's input is checked against it at submit."),
+    ]
+    output_schema: Annotated[dict[str, Any], Meta(description="The JSON Schema of its output (the job's result).")]
+    doc: Annotated[str, Meta(description="Its docstring's first line; empty when it has none.")] = ""
+    module: Annotated[str, Meta(description="The module that defines it; empty when unknown.")] = ""
+    at: Annotated[float, Meta(description="When an executor last wrote it. Unix time, in seconds.")] = 0.0
 
 
 class AttemptLease(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -63,13 +70,25 @@ class AttemptLease(Struct, frozen=True, kw_only=True, omit_defaults=True):
         checkpoint: the last checkpoint the job reported; a retry starts from it.
     """
 
-    job_id: str
-    attempt: int
-    partition: int
-    started_at: float
-    progress: float | None = None
-    message: str = ""
-    checkpoint: str = ""
+    job_id: Annotated[str, Meta(description="The running attempt's job.")]
+    attempt: Annotated[int, Meta(description="The running attempt's number.")]
+    partition: Annotated[
+        int, Meta(description="The scheduler partition of the job's queue: crc32(queue) % JOBMESH_PARTITIONS.")
+    ]
+    started_at: Annotated[float, Meta(description="When the attempt started. Unix time, in seconds.")]
+    progress: Annotated[
+        float | None,
+        Meta(description="The last fraction done the job reported, from 0 to 1; null when it never reported any."),
+    ] = None
+    message: Annotated[
+        str, Meta(description="The message that came with the last progress report; empty when none.")
+    ] = ""
+    checkpoint: Annotated[
+        str,
+        Meta(
+            description="The last checkpoint the job reported (free text it chose); empty when none: the attempt starts afresh."
+        ),
+    ] = ""
 
 
 class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
@@ -81,47 +100,89 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     says that the attempts of the old one are gone.
     """
 
-    node_id: str
-    cpu_milli: int
-    memory_mb: int
-    gpu: int = 0
-    gpu_kind: str = ""
-    gpu_devices: list[GpuDevice] = []  # one per GPU, by index (its length is ``gpu``)
-    disk_mb: int = 0
-    arch: str = ""
-    zone: str = ""
-    isolation: str = "process"  # the strongest level this node enforces (IsolationLevel)
-    network: bool = True  # whether a job that asks for the network may have it here
+    node_id: Annotated[str, Meta(description="The node's id (JOBMESH_NODE_ID), also its key.")]
+    cpu_milli: Annotated[int, Meta(description="CPU capacity offered, in millicores (1000 = one core).")]
+    memory_mb: Annotated[int, Meta(description="Memory offered, in MiB.")]
+    gpu: Annotated[int, Meta(description="GPUs offered; 0: none.")] = 0
+    gpu_kind: Annotated[str, Meta(description="The GPUs' model; empty when none or unknown.")] = ""
+    gpu_devices: Annotated[
+        list[GpuDevice], Meta(description="One entry per GPU, by index (its length is gpu); empty when none.")
+    ] = []
+    disk_mb: Annotated[int, Meta(description="Scratch disk offered, in MiB; 0: none reserved.")] = 0
+    arch: Annotated[str, Meta(description="The node's architecture (x86_64, aarch64); empty when unknown.")] = ""
+    zone: Annotated[str, Meta(description="The node's zone (for locality); empty when none.")] = ""
+    isolation: Annotated[
+        str,
+        Meta(
+            description="The strongest isolation level the node enforces: process, sandbox, container or vm.",
+            extra_json_schema={"enum": list(ISOLATION_LEVELS)},
+        ),
+    ] = "process"
+    network: Annotated[
+        bool, Meta(description="Whether a job that asks for the network may have it here (default true).")
+    ] = True
     # What the executor's probe found at start, for ``jobmesh nodes``: "sandbox" ->
     # "bubblewrap 0.8.0", "cgroup" -> "v1 memory,cpu,pids", "container" -> "podman: ...".
-    probe: dict[str, str] = {}
-    labels: dict[str, str] = {}
-    handlers: list[str] = []
-    datasets: list[str] = []  # datasets held locally (data-locality hints match these)
-    runtimes: list[str] = field(default_factory=lambda: ["process", "noop"])
-    work_dir: str = ""
-    started_at: float = 0.0
-    heartbeat_at: float = 0.0
-    draining: bool = False
-    incarnation: str = ""
-    attempts: list[AttemptLease] = []
+    probe: Annotated[
+        dict[str, str],
+        Meta(
+            description="What the executor's probe found at start (sandbox, cgroup, container: in words); empty when it did not probe."
+        ),
+    ] = {}
+    labels: Annotated[
+        dict[str, str], Meta(description="The node's labels, matched by constraints.labels; empty: none.")
+    ] = {}
+    handlers: Annotated[list[str], Meta(description="The Python handlers it hosts; empty: none.")] = []
+    datasets: Annotated[
+        list[str], Meta(description="Datasets held locally (locality.dataset matches these); empty: none.")
+    ] = []
+    runtimes: Annotated[list[str], Meta(description="The runtimes it runs (process, noop, handler, container).")] = (
+        field(default_factory=lambda: ["process", "noop"])
+    )
+    work_dir: Annotated[str, Meta(description="Where its attempts' working directories live; empty when unknown.")] = ""
+    started_at: Annotated[float, Meta(description="When the executor started. Unix time, in seconds.")] = 0.0
+    heartbeat_at: Annotated[float, Meta(description="Its last heartbeat. Unix time, in seconds.")] = 0.0
+    draining: Annotated[bool, Meta(description="True while it drains: it takes no new attempts.")] = False
+    incarnation: Annotated[
+        str,
+        Meta(
+            description="The executor process that runs it (NodeInfo.incarnation): a new value after every restart; empty when unknown."
+        ),
+    ] = ""
+    attempts: Annotated[
+        list[AttemptLease], Meta(description="The attempts it runs; each put renews their leases. Empty: none.")
+    ] = []
     # Attempts whose terminal event is durable, kept for a while after they end, so that a
     # lease holder whose view of terminal events lags never takes an ended one for lost.
-    ended: list[str] = []
+    ended: Annotated[
+        list[str],
+        Meta(
+            description='"<job_id>:<attempt>" of attempts whose terminal event is durable, kept a while after they end; empty: none.'
+        ),
+    ] = []
 
 
 class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One attempt's hold on a node."""
 
-    resources: Resources
-    scratch_dir: str
-    at: float
-    partition: int = 0  # the job's scheduler partition, to address JobLost if the node dies
-    gpu_devices: list[int] = []  # the indices of the GPUs it holds, none shared with another
+    resources: Annotated[Resources, Meta(description="What the attempt holds.")]
+    scratch_dir: Annotated[str, Meta(description="Its scratch directory on the node.")]
+    at: Annotated[float, Meta(description="When it was reserved. Unix time, in seconds.")]
+    partition: Annotated[
+        int, Meta(description="The job's scheduler partition (to address JobLost if the node dies).")
+    ] = 0
+    gpu_devices: Annotated[
+        list[int], Meta(description="The indices of the GPUs it holds, none shared with another; empty: none.")
+    ] = []
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
     """Everything reserved on one node, keyed by ``job_id:attempt``; updated by CAS only."""
 
-    node_id: str
-    reservations: dict[str, Reservation] = {}
+    node_id: Annotated[str, Meta(description="The node these reservations are on.")]
+    reservations: Annotated[
+        dict[str, Reservation],
+        Meta(
+            description='Every attempt\'s hold on the node, keyed by "<job_id>:<attempt>"; empty when nothing is reserved.'
+        ),
+    ] = {}

@@ -31,6 +31,7 @@ from jobmesh.contract.messages.v1.triggers import JobOrigin
 
 __all__ = [
     "MAX_STEPS",
+    "RUN_STATES",
     "StepName",
     "WorkflowCancelReply",
     "WorkflowCancelRequest",
@@ -47,6 +48,7 @@ __all__ = [
     "WorkflowSummary",
 ]
 
+RUN_STATES = ("running", "cancelled")  # WorkflowRun.state; whether a run ended is read from its jobs
 MAX_STEPS = 500  # steps declared in one workflow (a mapped step counts once)
 StepName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")]
 WorkflowName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
@@ -66,9 +68,19 @@ class WorkflowStep(JobSpec, frozen=True, kw_only=True, omit_defaults=True):
     """
 
     # msgspec copies a mutable default per instance; ruff cannot see that JobSpec is a Struct.
-    needs: Annotated[list[StepName], Meta(max_length=MAX_STEPS)] = []  # noqa: RUF012
-    when: DependencyCondition = "succeeded"
-    on_error: Literal["fail", "continue"] = "fail"
+    needs: Annotated[
+        list[StepName],
+        Meta(max_length=MAX_STEPS),
+        Meta(description="The steps that must end before this one starts; empty: it starts at once."),
+    ] = []  # noqa: RUF012
+    when: Annotated[
+        DependencyCondition,
+        Meta(description="Which end of every needed step lets it run: succeeded (the default), failed, or ended."),
+    ] = "succeeded"
+    on_error: Annotated[
+        Literal["fail", "continue"],
+        Meta(description="fail (the default: the run fails and the steps that need this one are skipped) or continue."),
+    ] = "fail"
 
 
 class WorkflowSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -85,14 +97,28 @@ class WorkflowSpec(Struct, frozen=True, kw_only=True, omit_defaults=True):
         tenant: every step's tenant, when set.
     """
 
-    name: WorkflowName
-    steps: Annotated[dict[StepName, WorkflowStep], Meta(min_length=1, max_length=MAX_STEPS)]
-    description: Annotated[str, Meta(max_length=1024)] = ""
-    input: Any = None
-    concurrency_key: Annotated[str, Meta(max_length=256)] = ""
-    priority: Priority | None = None
+    name: Annotated[WorkflowName, Meta(description="What runs are listed under (letters, digits, _ . -).")]
+    steps: Annotated[
+        dict[StepName, WorkflowStep],
+        Meta(min_length=1, max_length=MAX_STEPS),
+        Meta(description="The steps by name (1 to 500)."),
+    ]
+    description: Annotated[str, Meta(max_length=1024), Meta(description="Free text for people; empty when none.")] = ""
+    input: Annotated[Any, Meta(description="The input a run gets when none is given; null: none.")] = None
+    concurrency_key: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(description="At most one run with this key runs at a time (${input...} may build it); empty: no limit."),
+    ] = ""
+    priority: Annotated[
+        Priority | None, Meta(description="Every step's priority (0 to 9), when set; null: the steps' own.")
+    ] = None
     # As a job's tenant (it becomes every step's), or "" for the steps' own.
-    tenant: Annotated[str, Meta(max_length=128, pattern=r"^[A-Za-z0-9_.\-]*$")] = ""
+    tenant: Annotated[
+        str,
+        Meta(max_length=128, pattern=r"^[A-Za-z0-9_.\-]*$"),
+        Meta(description="Every step's tenant, when set; empty: the steps' own."),
+    ] = ""
 
 
 class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
@@ -115,20 +141,40 @@ class WorkflowRun(Struct, frozen=True, kw_only=True, tag="workflow.run"):
         origin: the trigger rule and event that started it, if one did.
     """
 
-    run_id: str
-    spec: WorkflowSpec
-    input: Any = None
-    jobs: dict[str, str] = {}
-    generation: int = 0
-    state: Literal["running", "cancelled"] = "running"
-    concurrency_key: str = ""
-    after_run: str = ""
-    after_runs: list[str] = []
-    origin: JobOrigin | None = None
-    published: bool = False
-    created_at: float = 0.0
-    updated_at: float = 0.0
-    cancel_reason: str = ""
+    run_id: Annotated[
+        str, Meta(description="The workflow run's id: 32 hex characters derived from the run's idempotency key.")
+    ]
+    spec: Annotated[WorkflowSpec, Meta(description="The workflow as submitted.")]
+    input: Annotated[Any, Meta(description="The run's input; null when none.")] = None
+    jobs: Annotated[
+        dict[str, str],
+        Meta(description="Each step's current job id, by step name (a retry gives the steps it runs again new jobs)."),
+    ] = {}
+    generation: Annotated[int, Meta(description="How often the run was retried (0 for the first run).")] = 0
+    state: Annotated[
+        Literal["running", "cancelled"],
+        Meta(description="running until cancelled; whether it has ended is read from its jobs."),
+    ] = "running"
+    concurrency_key: Annotated[
+        str, Meta(description="The resolved concurrency key; empty when the workflow has none.")
+    ] = ""
+    after_run: Annotated[
+        str, Meta(description="The earlier run with that key this one waited for; empty when none.")
+    ] = ""
+    after_runs: Annotated[
+        list[str], Meta(description="The earlier runs with that key, latest first (bounded); empty when none.")
+    ] = []
+    origin: Annotated[
+        JobOrigin | None, Meta(description="The trigger rule and event that started the job; null for a plain submit.")
+    ] = None
+    published: Annotated[bool, Meta(description="True once every job of its generation was published (PubAcked).")] = (
+        False
+    )
+    created_at: Annotated[
+        float, Meta(description="When the record was created. Unix time, in seconds; 0 when unknown.")
+    ] = 0.0
+    updated_at: Annotated[float, Meta(description="When the record last changed. Unix time, in seconds.")] = 0.0
+    cancel_reason: Annotated[str, Meta(description="Why it was cancelled; empty when it was not.")] = ""
 
 
 class WorkflowRunRequest(
@@ -137,64 +183,85 @@ class WorkflowRunRequest(
     """Start a run of ``spec`` (``jobmesh.v1.api.workflows.run``). The same
     ``idempotency_key`` always names the same run: a second request returns it."""
 
-    spec: WorkflowSpec
-    input: Any = None
-    idempotency_key: Annotated[str, Meta(max_length=256)] = ""
+    spec: Annotated[WorkflowSpec, Meta(description="The workflow to run.")]
+    input: Annotated[Any, Meta(description="The run's input; null: the workflow's own default input.")] = None
+    idempotency_key: Annotated[
+        str,
+        Meta(max_length=256),
+        Meta(
+            description="The run id derives from it: the same key always names the same run. Empty: a random key, so sending it twice starts two runs."
+        ),
+    ] = ""
 
 
 class WorkflowRunReply(Struct, frozen=True, kw_only=True, tag="api.workflows.started"):
-    run: WorkflowRun
-    duplicate: bool = False
+    run: Annotated[WorkflowRun, Meta(description="The run's record.")]
+    duplicate: Annotated[
+        bool,
+        Meta(
+            description="True when the idempotency key named a run that already existed: that run is returned, nothing new started."
+        ),
+    ] = False
 
 
 class WorkflowGetRequest(
     Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.get"
 ):
-    run_id: str
+    run_id: Annotated[str, Meta(description="The run to read.")]
 
 
 class WorkflowSummary(Struct, frozen=True, kw_only=True):
     """A run in a list: the record without its spec's steps."""
 
-    run_id: str
-    name: str
-    state: str
-    generation: int
-    steps: int
-    created_at: float
-    updated_at: float
+    run_id: Annotated[str, Meta(description="The run.")]
+    name: Annotated[str, Meta(description="Its workflow's name.")]
+    state: Annotated[
+        str,
+        Meta(
+            description="running or cancelled (whether it has ended is read from its jobs).",
+            extra_json_schema={"enum": list(RUN_STATES)},
+        ),
+    ]
+    generation: Annotated[int, Meta(description="How often it was retried.")]
+    steps: Annotated[int, Meta(description="How many steps it has.")]
+    created_at: Annotated[
+        float, Meta(description="When the record was created. Unix time, in seconds; 0 when unknown.")
+    ]
+    updated_at: Annotated[float, Meta(description="When the record last changed. Unix time, in seconds.")]
 
 
 class WorkflowListRequest(
     Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.list"
 ):
-    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
-    name: str = ""  # only runs of this workflow
+    limit: Annotated[int, Meta(ge=1, le=1000), Meta(description="At most this many runs (1 to 1000, default 50).")] = 50
+    name: Annotated[str, Meta(description="Only runs of this workflow; empty: every workflow.")] = ""
 
 
 class WorkflowListReply(Struct, frozen=True, kw_only=True, tag="api.workflows"):
-    runs: list[WorkflowSummary]  # newest first
+    runs: Annotated[list[WorkflowSummary], Meta(description="The runs, newest first.")]
 
 
 class WorkflowCancelRequest(
     Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.cancel"
 ):
-    run_id: str
-    reason: Annotated[str, Meta(max_length=512)] = ""
+    run_id: Annotated[str, Meta(description="The run to cancel.")]
+    reason: Annotated[str, Meta(max_length=512), Meta(description="Why (at most 512 characters); empty when none.")] = (
+        ""
+    )
 
 
 class WorkflowCancelReply(Struct, frozen=True, kw_only=True, tag="api.workflows.cancelled"):
-    run_id: str
-    cancelled: int  # jobs the cancel reached while they were held or running
-    message: str = ""
+    run_id: Annotated[str, Meta(description="The run.")]
+    cancelled: Annotated[int, Meta(description="Jobs the cancel reached while they were held or running.")]
+    message: Annotated[str, Meta(description="A message for a person; empty when there is nothing to add.")] = ""
 
 
 class WorkflowRetryRequest(
     Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, omit_defaults=True, tag="api.workflows.retry"
 ):
-    run_id: str
+    run_id: Annotated[str, Meta(description="The run to retry.")]
 
 
 class WorkflowRetryReply(Struct, frozen=True, kw_only=True, tag="api.workflows.retried"):
-    run: WorkflowRun
-    steps: list[str]  # the steps that run again
+    run: Annotated[WorkflowRun, Meta(description="The run's record after the retry.")]
+    steps: Annotated[list[str], Meta(description="The steps that run again.")]
