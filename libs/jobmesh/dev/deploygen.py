@@ -216,7 +216,7 @@ def compose_healthcheck(source: Source, service: Service) -> dict[str, object]:
     """A check of this container's own process: the image has Python, not curl or wget."""
     url = f"http://127.0.0.1:{health_port(source, service)}/healthz"
     timeout = max(1, _seconds(source.health.timeout) - 1)
-    probe = f"import urllib.request; urllib.request.urlopen('{url}', timeout={timeout})"
+    probe = f'import urllib.request; urllib.request.urlopen("{url}", timeout={timeout})'
     return {
         "test": ["CMD", "python", "-c", probe],
         "interval": source.health.interval,
@@ -260,6 +260,22 @@ def compose_block(source: Source, name: str, service: Service) -> dict[str, obje
     return block
 
 
+class _Dumper(yaml.SafeDumper):
+    """Short lists of strings on one line (commands, checks), as a person writes them."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, items: list[object]) -> yaml.Node:
+    short = all(isinstance(item, str) for item in items) and sum(len(str(item)) for item in items) < 120
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", items, flow_style=short)
+
+
+_Dumper.add_representer(list, _represent_list)
+
+
+def _yaml(data: object) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=1000)
+
+
 def render_compose(source: Source, base: str) -> str:
     """``compose.yaml``: the base file with the jobmesh processes at its mark.
 
@@ -272,7 +288,7 @@ def render_compose(source: Source, base: str) -> str:
     parts: list[str] = []
     for name, service in source.services.items():
         parts.append(_comment(f"{name}: {service.summary}", indent="  "))
-        text = yaml.safe_dump({name: compose_block(source, name, service)}, sort_keys=False, width=1000)
+        text = _yaml({name: compose_block(source, name, service)})
         parts.append(textwrap.indent(text, "  ") + "\n")
     blocks = "".join(parts).rstrip("\n")
     body = base.replace(marks[0], blocks, 1)
@@ -295,7 +311,7 @@ def render_prometheus(source: Source) -> str:
         if service.kind == "service"
     ]
     config = {"global": {"scrape_interval": "15s", "evaluation_interval": "15s"}, "scrape_configs": jobs}
-    return f"# {GENERATED}\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    return f"# {GENERATED}\n" + _yaml(config)
 
 
 def render_nomad_prometheus(source: Source) -> str:
@@ -318,7 +334,7 @@ def render_nomad_prometheus(source: Source) -> str:
             }
         ],
     }
-    return f"# {GENERATED}\n" + yaml.safe_dump(config, sort_keys=False, width=1000)
+    return f"# {GENERATED}\n" + _yaml(config)
 
 
 # --- Nomad ---------------------------------------------------------------------------
