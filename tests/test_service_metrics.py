@@ -37,6 +37,7 @@ from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import (
+    AttemptLease,
     JobBound,
     JobError,
     JobFailed,
@@ -201,9 +202,11 @@ def submit(job_id: str, tenant: str, **fields) -> JobSubmitted:
 async def test_the_scheduler_counts_submits_waits_depth_retries_losses_and_give_ups(pool, meters):
     clock = Clock(1004.0)
     instruments = SchedulerMetrics(meters.meter())
+    mono = Clock(0.0)
     part = PartitionScheduler(
-        0, pool, RecordingPublisher(), Anywhere(), Config(), Tracing.off(), clock=clock, metrics=instruments
-    )
+        0, pool, RecordingPublisher(), Anywhere(), Config(), Tracing.off(), clock=clock, monotonic=mono,
+        metrics=instruments,
+    )  # fmt: skip
     instruments.observe_backlogs(lambda: [part.backlog])
     await part.load()
     retry = RetryPolicy(max_attempts=2, backoff=1.0, jitter=0.0)
@@ -241,6 +244,15 @@ async def test_the_scheduler_counts_submits_waits_depth_retries_losses_and_give_
     assert meters.points("jobmesh.jobs.gave_up") == {at(queue="q", tenant="t"): 1}
     assert meters.points("jobmesh.retries") == {at(queue="q", tenant="t"): 1}
     assert meters.points("jobmesh.queue.in_flight") == {at(queue="q"): 1}  # b runs on
+
+    # b's node renews its lease once, then falls silent past b's heartbeat timeout.
+    lease = AttemptLease(job_id="b", attempt=1, partition=0, started_at=1005.0)
+    part.observe(NodeInfo(node_id="n1", cpu_milli=1000, memory_mb=1000, incarnation="i1", attempts=[lease]), 1.0)
+    mono.now = 1.0 + JobSpec(runtime=NoopRuntime()).timeouts.heartbeat + 1.0
+    await part.handle([])
+    assert meters.points("jobmesh.attempts.lost") == {at(queue="q", tenant="t"): 1, at(queue="q", tenant="u"): 1}
+    assert meters.points("jobmesh.jobs.gave_up") == {at(queue="q", tenant="t"): 1, at(queue="q", tenant="u"): 1}
+    assert meters.points("jobmesh.queue.in_flight") == {at(queue="q"): 0}
 
 
 # --- binder: a real NATS server ------------------------------------------------------------
