@@ -190,3 +190,13 @@ async def test_a_submit_without_type_makes_no_job(cluster, nc) -> None:
     assert view["type"] == "api.error" and view["code"] == "not_found", view
     missing = await _ask(nc, subjects.API_JOB_GET, b'{"type": "api.jobs.get"}')
     assert missing["field"] == "job_id" and "job_id" in missing["message"]
+
+
+def test_the_job_id_snippet_of_the_docs_runs_and_agrees() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text(encoding="utf-8")
+    [snippet] = [block.split("```", 1)[0] for block in text.split("```python\n")[1:] if "hashlib.blake2b" in block]
+    scope: dict[str, Any] = {}
+    exec(snippet, scope)  # the docs' own assertion runs
+    assert scope["job_id"] == ids.job_id_for("order-7")

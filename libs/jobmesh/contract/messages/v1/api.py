@@ -102,7 +102,7 @@ class SubmitReply(Struct, frozen=True, kw_only=True, tag="api.submitted"):
     duplicates: Annotated[
         list[bool],
         Meta(
-            description="duplicates[i] is true when job i was already known (its key was submitted before): nothing new was made for it."
+            description="duplicates[i] is true when JetStream dropped job i as a repeat of its key within the duplicate window (120 s): nothing new was made. After the window a repeat says false, yet names the same job id, and the first job stands (docs/integrations.md)."
         ),
     ]
 
