@@ -15,6 +15,12 @@ import socket
 import time
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
 from jobmesh.client.client import Client
 from jobmesh.client.workflows import read_workflow_file
@@ -22,6 +28,14 @@ from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, RetryPolicy, S
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.runtime.tracing import (
+    AttemptIds,
+    NoLoneQueries,
+    Tracing,
+    attempt_span_id,
+    start_attempt_span,
+    subject_template,
+)
 from tests.cluster_fixtures import E2E_NODE_ENV, NODE_ID
 from tests.helpers import eventually
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
@@ -281,6 +295,62 @@ async def test_a_workflow_run_is_one_trace_with_its_steps_beneath_it(client, rec
         assert steps[step].span_id in chain, step
 
 
+@pytest.mark.parametrize(
+    ("subject", "template"),
+    [
+        ("jobmesh.v1.job.3.submitted", "jobmesh.v1.job.{partition}.submitted"),
+        ("jobmesh.v1.node.node-1.dispatch", "jobmesh.v1.node.{node}.dispatch"),
+        ("jobmesh.v1.log.0f0f", "jobmesh.v1.log.{job_id}"),
+        ("jobmesh.v1.watch.0f0f", "jobmesh.v1.watch.{job_id}"),
+        ("jobmesh.v1.api.scheduler.7.explain", "jobmesh.v1.api.scheduler.{partition}.explain"),
+        ("jobmesh.v1.api.submit", "jobmesh.v1.api.submit"),
+        ("jobmesh.v1.deadletter.binder", "jobmesh.v1.deadletter.binder"),
+        ("jobmesh.v1.events.orders.created", None),
+        ("orders.created", None),
+    ],
+)
+def test_a_subject_template_has_placeholders_where_the_subject_has_ids(subject, template):
+    assert subject_template(subject) == template
+
+
+def test_an_attempt_span_has_a_derived_id_and_the_next_attempt_links_to_it():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=AttemptIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    with tracer.start_as_current_span("dispatch") as dispatch:
+        parent = trace.set_span_in_context(dispatch)
+        first = start_attempt_span(tracer, "attempt jobmesh.job", parent, "job-1", 1)
+        inner = tracer.start_span("run jobmesh.job", context=trace.set_span_in_context(first))
+        second = start_attempt_span(tracer, "attempt jobmesh.job", parent, "job-1", 2)
+    trace_id = dispatch.get_span_context().trace_id
+    assert first.get_span_context().span_id == attempt_span_id(trace_id, "job-1", 1)
+    assert second.get_span_context().span_id == attempt_span_id(trace_id, "job-1", 2)
+    # Only the attempt's own span gets the derived id, not what starts below it.
+    assert inner.get_span_context().span_id not in (first.get_span_context().span_id, 0)
+    assert not first.links
+    [link] = second.links
+    assert link.context.span_id == first.get_span_context().span_id and link.context.trace_id == trace_id
+
+
+def test_a_query_outside_any_span_is_not_recorded_and_one_inside_is():
+    sampler = NoLoneQueries(ALWAYS_ON)
+    query = {"db.system": "postgresql"}
+    assert not sampler.should_sample(Context(), 1, "SELECT", attributes=query).decision.is_sampled()
+    assert sampler.should_sample(Context(), 1, "process x", attributes={}).decision.is_sampled()
+    provider = TracerProvider()
+    with provider.get_tracer("test").start_as_current_span("process x"):
+        assert sampler.should_sample(None, 1, "SELECT", attributes=query).decision.is_sampled()
+
+
+def test_nothing_is_exported_without_the_otel_variables():
+    assert not Tracing.from_env("trigger", {}).exporting
+    assert not Tracing.from_env(
+        "trigger", {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://x:4318", "OTEL_TRACES_EXPORTER": "none"}
+    ).exporting
+    assert not Tracing.from_env("trigger", {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}).exporting
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then closed again)."""
     with socket.socket() as sock:
@@ -302,7 +372,9 @@ async def own_servers(tmp_path_factory, postgres_server_url):
 
 async def test_jobs_run_and_services_stop_promptly_when_the_endpoint_cannot_be_reached(make_cluster, own_servers):
     nats_url, database = own_servers
-    env = {**E2E_NODE_ENV, **exporting_to(f"http://127.0.0.1:{closed_port()}")}
+    # The exporter would retry each batch for 30 s (OTEL_EXPORTER_OTLP_TIMEOUT), and a stop
+    # would wait for that, were the last flush not bounded.
+    env = {**E2E_NODE_ENV, **exporting_to(f"http://127.0.0.1:{closed_port()}"), "OTEL_EXPORTER_OTLP_TIMEOUT": "30"}
     cluster = await make_cluster(env=env, name="no-otlp", nats_url=nats_url, database_url=database)
     client = await Client.connect(nats_url)
     try:

@@ -382,6 +382,14 @@ class Runtime:
                 await raw.ack()
         else:
             for env, raw, outcome in zip(envelopes, decoded, outcomes, strict=True):
+                if traced and isinstance(outcome, Reject):
+                    # Its dead letter's send span goes into the refused message's trace.
+                    settling = otel_context.attach(env.context)
+                    try:
+                        await self._settle(raw, outcome, env.deliveries)
+                    finally:
+                        otel_context.detach(settling)
+                    continue
                 await self._settle(raw, outcome, 1 if isinstance(outcome, Ack) else env.deliveries)
         if traced:
             _end_spans(envelopes, outcomes, batch_span)

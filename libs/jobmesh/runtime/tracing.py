@@ -122,9 +122,9 @@ class Tracing:
 
         # Resource.create also reads OTEL_RESOURCE_ATTRIBUTES; OTEL_SERVICE_NAME wins over both.
         resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", f"jobmesh-{service}")})
-        provider = TracerProvider(resource=resource, id_generator=_AttemptIds())
+        provider = TracerProvider(resource=resource, id_generator=AttemptIds())
         # The sampler OTEL_TRACES_SAMPLER chose, minus queries that belong to no trace.
-        provider.sampler = _NoLoneQueries(provider.sampler)
+        provider.sampler = NoLoneQueries(provider.sampler)
         exporter: SpanExporter
         if exporter_name == "console":
             exporter = ConsoleSpanExporter()
@@ -390,7 +390,7 @@ def start_attempt_span(
         _WANTED_SPAN_ID.reset(token)
 
 
-class _AttemptIds(RandomIdGenerator):
+class AttemptIds(RandomIdGenerator):
     """Random ids, except the span id :func:`start_attempt_span` asks for."""
 
     def generate_span_id(self) -> int:
@@ -401,7 +401,7 @@ class _AttemptIds(RandomIdGenerator):
         return super().generate_span_id()
 
 
-class _NoLoneQueries(Sampler):
+class NoLoneQueries(Sampler):
     """The configured sampler, except that a database query outside any span (a
     service's background loop) is dropped rather than made a trace of its own."""
 
