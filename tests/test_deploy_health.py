@@ -113,9 +113,10 @@ def started(nats_server: NatsServer, database_url: str, work_dir: Path, tmp_path
     def start(name: str) -> tuple[subprocess.Popen, Local, Path]:
         local = localize(name, nats_server.url, database_url, work_dir, tmp_path)
         log = tmp_path / f"{name}.log"
-        proc = subprocess.Popen(
-            local.command, env=local.env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with log.open("w") as out:  # the child keeps its own copy of the descriptor
+            proc = subprocess.Popen(
+                local.command, env=local.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         procs.append(proc)
         return proc, local, log
 
