@@ -16,7 +16,9 @@ def register(subparsers: Any) -> None:
     Args:
         subparsers: the ``jobmesh`` command line's subparsers action.
     """
-    p = subparsers.add_parser("dev", help="run a local cluster: nats-server, Postgres, the five services")
+    p = subparsers.add_parser(
+        "dev", help="run a local cluster: nats-server, Postgres, the five services and the web dashboard"
+    )
     p.add_argument("--detach", action="store_true", help="start in the background; return once healthy")
     p.add_argument("--stop", action="store_true", help="stop a detached cluster")
     p.add_argument("--demo", action="store_true", help="run a few demo jobs and a demo workflow once healthy")
@@ -46,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
         if code == 0 and args.demo:
             import uvloop
 
-            from jobmesh.client.client import resolve_nats_url
+            from jobmesh.client.client import read_env_file, resolve_nats_url
             from jobmesh.dev.demo import run_demo
 
-            uvloop.run(run_demo(resolve_nats_url()))
+            web_url = read_env_file(devcluster.ENV_FILE).get("JOBMESH_WEB_URL", "")
+            uvloop.run(run_demo(resolve_nats_url(), web_url=web_url))
         return code
     return devcluster.foreground(demo=args.demo, reset=args.reset)

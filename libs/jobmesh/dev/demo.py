@@ -64,18 +64,19 @@ def command_path() -> str:
         return str(script)
 
 
-async def run_demo(nats_url: str, timeout: float = 60.0) -> None:
+async def run_demo(nats_url: str, timeout: float = 60.0, web_url: str = "") -> None:
     """Run the demo jobs, then the demo workflow, each shown live until it has ended.
 
     Args:
         nats_url: the cluster's NATS.
         timeout: how long each part (the jobs, the workflow) is followed at most; what is
             still running then goes on in the cluster.
+        web_url: the dashboard's URL, to say where the workflow's graph is ("" for none).
     """
     client = await Client.connect(nats_url)
     try:
         await _run_jobs(client, timeout)
-        await _run_workflow(client, timeout)
+        await _run_workflow(client, timeout, web_url)
     finally:
         await client.close()
 
@@ -106,7 +107,7 @@ async def _run_jobs(client: Client, timeout: float) -> None:
     _say(f"try: {cli} status {reply.job_ids[0]}   or   {cli} logs {reply.job_ids[1]}")
 
 
-async def _run_workflow(client: Client, timeout: float) -> None:
+async def _run_workflow(client: Client, timeout: float, web_url: str = "") -> None:
     """Start the demo workflow, follow it with the CLI's live tree, then say what it made."""
     path = TRAIN_AND_PICK
     if not await _hosted(client, DIGITS_HANDLERS):
@@ -120,6 +121,8 @@ async def _run_workflow(client: Client, timeout: float) -> None:
     _say("")
     _say(f"workflow {path.relative_to(EXAMPLES.parent)}:")
     render.err(started_line(reply))  # the lines `jobmesh workflow run` prints, from here on
+    if web_url:
+        _say(f"its graph, live: {web_url}/#/workflows/{run_id}")
     display = display_for()
     try:
         status: WorkflowStatus | None = await asyncio.wait_for(follow(client, run_id, display), timeout)

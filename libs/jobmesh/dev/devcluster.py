@@ -375,7 +375,7 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
         if demo:
             from jobmesh.dev.demo import run_demo
 
-            asyncio.run(run_demo(nats_server.url))
+            asyncio.run(run_demo(nats_server.url, web_url=web_url))
         _say("press Ctrl-C to stop")
         while not stop["now"]:
             cluster.check_alive()

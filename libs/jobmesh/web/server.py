@@ -109,7 +109,8 @@ async def serve(
 
     started = asyncio.Event()
     app = create_app(handed_over, token, on_started=started.set)
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    # A bounded drain: open event streams would otherwise hold a stop up for as long as they last.
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     # The socket listens already: once the app has started, a connection waits in the
