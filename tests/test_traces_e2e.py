@@ -14,6 +14,7 @@ import re
 import socket
 import time
 
+import nats
 import pytest
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -36,7 +37,7 @@ from jobmesh.runtime.tracing import (
     start_attempt_span,
     subject_template,
 )
-from tests.cluster_fixtures import E2E_NODE_ENV, NODE_ID
+from tests.cluster_fixtures import E2E_NODE_ENV, NODE_ID, fired_by
 from tests.helpers import eventually
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
@@ -293,6 +294,39 @@ async def test_a_workflow_run_is_one_trace_with_its_steps_beneath_it(client, rec
             span = by_id[span.parent_span_id]
             chain.append(span.span_id)
         assert steps[step].span_id in chain, step
+
+
+async def test_a_trigger_event_is_the_root_of_the_trace_of_the_job_it_fires(client, receiver, nats_server):
+    rule = {
+        "name": "traced-orders",
+        "source": {"kind": "event", "subjects": ["jobmesh.v1.events.orders.*"]},
+        "job": {"name": "order {{ subject.tokens[4] }}", "runtime": {"kind": "process", "argv": ["true"]}},
+        "sample": {"subject": "jobmesh.v1.events.orders.o1", "data": {}},
+    }
+    await client.put_trigger(rule)
+    nc = await nats.connect(nats_server.url)
+    try:
+        js = nc.jetstream()
+        # A plain integrator's event: nats-py, JSON, no trace context of its own.
+        await js.publish("jobmesh.v1.events.orders.o-77", b"{}")
+        [job] = await eventually(lambda: fired_by(js, "traced-orders"), what="the rule to fire")
+        await _ended(client, job.job_id)
+        wanted = {
+            ("trigger", "receive jobmesh.v1.events.>"),
+            ("trigger", "process jobmesh.v1.events.>"),
+            ("trigger", "send jobmesh.v1.job.{partition}.submitted"),
+            ("executor", "run jobmesh.job"),
+            ("tracker", "process jobmesh.v1.job.{partition}.succeeded"),
+        }
+        spans = await receiver.wait_for(job_trace(receiver, job.job_id, wanted), what=f"the trace of {job.job_id}")
+    finally:
+        await client.delete_trigger("traced-orders")
+        await nc.close()
+    [root] = [s for s in spans if not s.parent_span_id]
+    assert (root.service, root.name, root.kind) == ("jobmesh-trigger", "receive jobmesh.v1.events.>", "CLIENT")
+    assert root.attributes["messaging.destination.name"] == "jobmesh.v1.events.orders.o-77"
+    assert root.attributes["messaging.consumer.group.name"] == "trigger-events"
+    assert services_of(spans) >= set(SERVICES)
 
 
 @pytest.mark.parametrize(
