@@ -52,26 +52,35 @@ async def connect(url: str, wait: float, say: Callable[[str], None]) -> Client:
     Raises:
         Unavailable: NATS did not answer within ``wait``.
     """
-    started = time.monotonic()
-    next_note = CONNECT_NOTE_SECONDS
 
     async def quiet(exc: Exception) -> None:
-        return None  # nats-py logs each failed reconnect; the hub's snapshots say it instead
+        return None  # nats-py logs each failed attempt; the wait is said below instead
 
+    # With reconnects unlimited nats-py also retries the first connect without end; the
+    # wait is bounded here.
+    connecting = asyncio.ensure_future(
+        nats.connect(
+            url,
+            connect_timeout=2,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            error_cb=quiet,
+        )
+    )
+    started = time.monotonic()
     while True:
-        try:
-            nc = await nats.connect(
-                url, connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1, error_cb=quiet
-            )
-            return Client(nc)
-        except Exception as exc:
-            elapsed = time.monotonic() - started
-            if elapsed >= wait:
-                raise Unavailable(f"cannot reach NATS at {url} within {wait:.0f}s: {type(exc).__name__} {exc}") from exc
-            if elapsed >= next_note:
-                say(f"waiting for NATS at {url} ... {elapsed:.0f}s")
-                next_note += CONNECT_NOTE_SECONDS
-            await asyncio.sleep(0.5)
+        left = wait - (time.monotonic() - started)
+        done, _ = await asyncio.wait([connecting], timeout=max(0.0, min(CONNECT_NOTE_SECONDS, left)))
+        if done:
+            try:
+                return Client(connecting.result())
+            except Exception as exc:
+                raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__} {exc}".rstrip()) from exc
+        if left <= 0:
+            connecting.cancel()
+            raise Unavailable(f"cannot reach NATS at {url} within {wait:g}s")
+        say(f"waiting for NATS at {url} ... {time.monotonic() - started:.0f}s")
 
 
 def say(message: str) -> None:
