@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint format schemas check-schemas install clean dev-stop typecheck-tree system-packages
+.PHONY: run test bench lint format schemas check-schemas deploy-files install clean dev-stop typecheck-tree system-packages
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (Python 3.11+) on PATH; or run: make PYTHON=python3 ..."; exit 1; }
@@ -74,6 +74,10 @@ format: $(STAMP)
 ## schemas: regenerate schemas/ from the message types
 schemas: $(STAMP)
 	$(BIN)/python -m jobmesh.dev.schemas
+
+## deploy-files: regenerate compose.yaml and deploy/ (Nomad jobs, Prometheus scrape configs) from deploy/services.yaml
+deploy-files: $(STAMP)
+	$(BIN)/python -m jobmesh.dev.deploygen
 
 check-schemas: $(STAMP)
 	$(BIN)/python -m jobmesh.dev.schemas --check
