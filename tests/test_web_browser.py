@@ -156,3 +156,25 @@ async def test_a_workflow_is_drawn_as_a_graph_that_follows_the_run(page, web_url
     assert x["fetch"] < x["clean"] == x["stats"] < x["report"]
     await graph.locator('g[data-step="report"]').click()
     await expect(page.locator("#job h1")).to_contain_text("succeeded")
+
+
+@pytest.mark.parametrize(
+    ("fragment", "title", "table"),
+    [
+        ("#/jobs?state=succeeded&limit=5", "Jobs", "#jobs"),
+        ("#/workflows", "Workflow runs", "main section"),
+        ("#/queues", "Queues", "#queues"),
+        ("#/nodes", "Nodes", "#nodes"),
+        ("#/dead-letters", "Dead letters", "main section"),
+        ("#/triggers", "Trigger rules", "main section"),
+    ],
+)
+async def test_every_page_renders_without_an_error(page, web_url, fragment, title, table):
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await log_in(page, web_url)
+    await page.goto(f"{web_url}/{fragment}")
+    await expect(page.locator("h1")).to_have_text(title)
+    await expect(page.locator(table).first).to_be_visible()
+    await expect(page.locator("main [role=alert]:not(:empty)")).to_have_count(0)
+    assert not errors
