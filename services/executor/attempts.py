@@ -260,7 +260,9 @@ class Attempt:
                 outcome = failed_outcome(EXECUTOR_ERROR, f"{type(exc).__name__}: {exc}")
             if outcome.error is not None:
                 span.set_attribute("jobmesh.error.code", outcome.error.code)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, f"{outcome.error.code}: {outcome.error.message}"))
+                span.set_status(
+                    trace.Status(trace.StatusCode.ERROR, f"{outcome.error.code}: {outcome.error.message}"[:500])
+                )
             durable = self._reporter.emit(
                 [
                     terminal_message(
