@@ -111,6 +111,15 @@ async def test_submit_get_list_and_timeline(http):
     assert page["lines"][0]["line"] == "hello from the api"
 
 
+async def test_a_result_too_large_for_a_page_is_named_not_read(http):
+    big = "head -c 1500000 /dev/zero | tr '\\0' a > $JOBMESH_RESULT_PATH"
+    (job_id,) = await submit(http, job(["sh", "-c", big], name="web-big-result"))
+    assert (await final_view(http, job_id))["state"] == "succeeded"
+    timeline = await get_json(http, f"/api/v1/jobs/{job_id}/timeline")
+    assert timeline["result"] == "" and timeline["result_bytes"] == 0
+    assert timeline["attempts"][0]["result"] == "1500000 bytes in jm_results"
+
+
 async def test_cancel_a_waiting_job_and_an_ended_one(http):
     (held,) = await submit(http, job(["true"], name="web-held", not_before=4102444800.0))
 

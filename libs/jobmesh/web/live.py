@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 
 from jobmesh.client.client import Client
@@ -153,10 +154,11 @@ class LiveHub:
         for kind, fetch in (("nodes", self._nodes), ("queues", self._queues)):
             try:
                 data = await fetch()
-            except JobmeshError as exc:
-                # The binder or the schedulers are down or slow: the page keeps what it shows
-                # and says why; the next round asks again.
-                data = msgspec.json.encode({"error": exc.code, "message": str(exc)})
+            except (JobmeshError, nats.errors.Error) as exc:
+                # The binder or the schedulers are down or slow, or NATS is reconnecting: the
+                # page keeps what it shows and says why; the next round asks again.
+                code = exc.code if isinstance(exc, JobmeshError) else "unavailable"
+                data = msgspec.json.encode({"error": code, "message": str(exc) or type(exc).__name__})
             if self._last.get(kind) != data:
                 self._last[kind] = data
                 self.publish(LiveEvent(kind, data))

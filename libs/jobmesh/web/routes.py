@@ -22,6 +22,7 @@ from starlette.responses import Response
 from jobmesh.client.client import CancelOutcome, Client
 from jobmesh.client.deadletters import DeadLetterPage
 from jobmesh.client.logs import LogPage
+from jobmesh.client.results import has_result
 from jobmesh.contract.messages.v1 import (
     JobListReply,
     JobState,
@@ -54,6 +55,7 @@ from jobmesh.web.views import (
 
 JOB_STATES: tuple[str, ...] = get_args(JobState)
 MAX_LIST = 1000
+RESULT_READ_LIMIT = 1024 * 1024  # the largest result a timeline reads (it shows the first 64 KiB)
 SSE_PING_SECONDS = 15  # a comment line this often keeps proxies from closing an idle stream
 
 
@@ -217,11 +219,14 @@ async def get_timeline(request: Request, web: WebState) -> Response:
     lines = query_int(request, "lines", 500, 1, 5000)
     view = await web.client.get(job_id)
     result = None
-    if view.state == "succeeded":
+    ok = [a for a in view.attempts if a.state == "succeeded" and has_result(a)]
+    # A stored result larger than a page can show is not read at all: the timeline names
+    # its size and where it is (``jobmesh result ID`` reads it).
+    if ok and ok[-1].result_bytes <= RESULT_READ_LIMIT:
         try:
             result = (await web.client.result(job_id)).data
         except NotFound:
-            result = None  # no result written, or it expired: the page says none
+            result = None  # it expired: the attempts say where it was
     nodes = None
     if not view.final:
         try:

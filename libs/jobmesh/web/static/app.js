@@ -292,6 +292,14 @@ function attemptRows(t) {
       a.waited !== null ? `waited ${secs(a.waited)}` : null, ...a.notes].filter(Boolean).join("; "))));
 }
 
+function resultNote(t) {
+  // No text here: none was written, or it is too large for a page (the attempt says where).
+  const stored = t.attempts.filter((a) => a.state === "succeeded" && a.result).map((a) => a.result);
+  if (stored.length) return h("p", { class: "muted" }, `${stored[stored.length - 1]}: too large to show here; `,
+    h("code", {}, `jobmesh result ${t.job.job_id}`), " reads it");
+  return h("p", { class: "muted" }, t.job.state === "succeeded" ? "no result written" : "none yet");
+}
+
 async function jobView(jobId) {
   const page = h("div", { id: "job", "data-job-id": jobId }, h("p", { class: "muted" }, "loading…"));
   show(page);
@@ -329,7 +337,7 @@ async function jobView(jobId) {
       h("section", { class: "panel", id: "logs" }, h("h2", {}, `Output (${t.logs.total} line${t.logs.total === 1 ? "" : "s"})`),
         t.logs.lines.length ? h("pre", {}, t.logs.lines.map((l) => `[${l.attempt} ${l.stream}] ${l.line}\n`).join("")) : h("p", { class: "muted" }, "no output")),
       h("section", { class: "panel", id: "result" }, h("h2", {}, "Result"),
-        t.result_bytes ? h("pre", {}, t.result, t.result_bytes > t.result.length ? "\n…" : "") : h("p", { class: "muted" }, j.state === "succeeded" ? "no result written" : "none yet")));
+        t.result_bytes ? h("pre", {}, t.result, t.result_bytes > t.result.length ? "\n…" : "") : resultNote(t)));
   };
   await render();
   const again = debounce(render, 150);
