@@ -27,6 +27,7 @@ from jobmesh.client.client import Client
 from jobmesh.client.workflows import read_workflow_file
 from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, RetryPolicy, Submission
 from jobmesh.contract.subjects import SERVICES
+from jobmesh.dev.cluster import LocalCluster
 from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.db import create_database, drop_database
 from jobmesh.runtime.tracing import (
@@ -424,3 +425,19 @@ async def test_jobs_run_and_services_stop_promptly_when_the_endpoint_cannot_be_r
     assert took < 15, f"the services took {took:.1f}s to stop"
     logs = "".join(sp.log_path.read_text(errors="replace") for sp in procs)
     assert "Traceback" not in logs.replace("exporting", ""), logs[-3000:]
+
+
+def test_cluster_services_log_text_lines_unless_told_otherwise(tmp_path, monkeypatch):
+    started: list[dict[str, str]] = []
+
+    class Started:
+        def __init__(self, argv, env, **kwargs):
+            started.append(env)
+
+    monkeypatch.setattr("jobmesh.dev.cluster.subprocess.Popen", Started)
+    monkeypatch.delenv("JOBMESH_LOG_FORMAT", raising=False)
+    cluster = LocalCluster("nats://127.0.0.1:1", "postgresql://x/y", tmp_path, env={"OTEL_TRACES_EXPORTER": "otlp"})
+    cluster.start_service("tracker")
+    cluster.start_service("binder", {"JOBMESH_LOG_FORMAT": "json"})
+    assert [env["JOBMESH_LOG_FORMAT"] for env in started] == ["text", "json"]
+    assert started[0]["OTEL_TRACES_EXPORTER"] == "otlp"
