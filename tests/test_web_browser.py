@@ -9,6 +9,7 @@ how docs/images/dashboard.png is made), else a file under the test's tmp_path.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -79,7 +80,8 @@ async def test_a_job_submitted_from_the_page_reaches_succeeded_live(page, web_ur
     # A reload would lose this; it must still be there when the job has succeeded.
     await page.evaluate("window.__noReload = true")
 
-    await page.fill("#submit-form input[name=command]", "echo hello from the dashboard")
+    command = ["sh", "-c", "echo hello from the dashboard; printf '{\"answer\": 42}' > $JOBMESH_RESULT_PATH"]
+    await page.fill("#submit-form input[name=command]", json.dumps(command))
     await page.fill("#submit-form input[name=name]", "dashboard-hello")
     await page.click("#submit-form button[type=submit]")
     submitted = page.locator("[data-submitted]")
@@ -102,6 +104,7 @@ async def test_a_job_submitted_from_the_page_reaches_succeeded_live(page, web_ur
     for kind in ("submitted", "started", "succeeded"):
         await expect(page.locator(f'#transitions tr[data-event="{kind}"]')).to_have_count(1)
     await expect(page.locator("#logs pre")).to_contain_text("hello from the dashboard", timeout=10_000)
+    await expect(page.locator("#result pre")).to_contain_text('{"answer": 42}')
     assert await page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), "wider than a laptop"
 
     shot = Path(os.environ.get("JOBMESH_SCREENSHOT") or tmp_path / "dashboard.png")

@@ -201,7 +201,7 @@ function jobsTable(jobs) {
 function submitForm(after) {
   const error = h("p", { class: "error", role: "alert" });
   const form = h("form", { class: "submit", id: "submit-form" },
-    h("label", {}, "command", h("input", { name: "command", placeholder: "echo hello", required: true, size: 30 })),
+    h("label", {}, "command", h("input", { name: "command", placeholder: 'echo hello   or   ["sh", "-c", "echo hi; sleep 5"]', required: true, size: 40 })),
     h("label", {}, "name", h("input", { name: "name", placeholder: "(optional)" })),
     h("label", {}, "queue", h("input", { name: "queue", value: "default", size: 10 })),
     h("label", {}, "tenant", h("input", { name: "tenant", value: "default", size: 10 })),
@@ -209,7 +209,13 @@ function submitForm(after) {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const data = new FormData(form);
-    const argv = String(data.get("command")).trim().split(/\s+/);
+    // Words separated by spaces, or a JSON array for arguments with spaces in them.
+    const command = String(data.get("command")).trim();
+    let argv;
+    try { argv = command.startsWith("[") ? JSON.parse(command) : command.split(/\s+/); } catch (err) {
+      error.textContent = `the command is not a JSON array: ${err.message}`;
+      return;
+    }
     const spec = { runtime: { kind: "process", argv }, queue: data.get("queue") || "default",
       tenant: data.get("tenant") || "default" };
     if (data.get("name")) spec.name = data.get("name");
