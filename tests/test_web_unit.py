@@ -241,3 +241,35 @@ def test_jobmesh_web_says_that_it_waits_for_nats_and_gives_up_after_wait():
     assert result.returncode == 2, result.stderr
     assert "waiting for NATS at nats://127.0.0.1:1" in result.stderr
     assert "cannot reach NATS at nats://127.0.0.1:1 within 3s" in result.stderr
+
+
+def test_the_document_lists_exactly_the_served_routes_and_every_ref_resolves():
+    from jsonschema import Draft202012Validator
+    from starlette.routing import Route
+
+    from jobmesh.web.app import create_app
+
+    async def never() -> None:
+        raise AssertionError("not started")
+
+    app = create_app(never, None)  # type: ignore[arg-type]
+    served = {(m, r.path) for r in app.routes if isinstance(r, Route) for m in (r.methods or ()) if m != "HEAD"}
+    doc = document()
+    documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert served == documented
+    schemas = doc["components"]["schemas"]
+    for schema in schemas.values():
+        Draft202012Validator.check_schema(schema)
+
+    def refs(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                yield node["$ref"]
+            for value in node.values():
+                yield from refs(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from refs(value)
+
+    for ref in refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
