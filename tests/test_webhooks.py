@@ -371,8 +371,10 @@ async def test_a_filtered_event_is_200_and_a_paused_rule_202_without_a_job(harne
 
 
 # --- POST /v1/jobs ----------------------------------------------------------------------
+# A SubmitRequest as on jobmesh.v1.api.submit: its type tag is required over HTTP too.
 SUBMIT = {
-    "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "name": "http"}, "idempotency_key": "http-1"}]
+    "type": "api.submit",
+    "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "name": "http"}, "idempotency_key": "http-1"}],
 }
 
 
@@ -400,14 +402,21 @@ async def test_a_submit_without_or_with_a_wrong_token_is_401(harness):
     ("request_body", "field"),
     [
         (
-            {"jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "prority": 3}}]},
+            {
+                "type": "api.submit",
+                "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "prority": 3}}],
+            },
             "jobs[0].spec.prority",
         ),
         (
-            {"jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "priority": "high"}}]},
+            {
+                "type": "api.submit",
+                "jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["true"]}, "priority": "high"}}],
+            },
             "jobs[0].spec.priority",
         ),
-        ({"jobs": []}, "jobs"),
+        ({"type": "api.submit", "jobs": []}, "jobs"),
+        ({"jobs": [{"spec": {"runtime": {"kind": "noop"}}}]}, "type"),
     ],
 )
 async def test_an_invalid_submit_is_400_naming_the_field(harness, request_body, field):
@@ -559,7 +568,7 @@ async def test_a_stop_lets_a_request_in_flight_finish_and_then_refuses_connectio
     )  # fmt: skip
     await ingress.start()
     base = f"http://127.0.0.1:{ingress.port}"
-    body = {"jobs": [{"spec": SUBMIT["jobs"][0]["spec"], "idempotency_key": "in-flight"}]}
+    body = {"type": "api.submit", "jobs": [{"spec": SUBMIT["jobs"][0]["spec"], "idempotency_key": "in-flight"}]}
     headers = {"Authorization": "Bearer " + SUBMIT_TOKEN.decode()}
     request = asyncio.ensure_future(harness.http.post(f"{base}/v1/jobs", json=body, headers=headers))
     await asyncio.wait_for(entered.wait(), 10)

@@ -1,6 +1,6 @@
 """Encoding and decoding of wire messages, with errors that name the field.
 
-Two rules, one per kind of message (docs/integrations.md, "Strictness"):
+Two rules, one per kind of message (docs/integrations.md, "The rules every message follows"):
 
 * **Requests are strict.** A request struct declares ``forbid_unknown_fields=True``; its
   codec refuses a field it does not know anywhere in the request (a typo such as

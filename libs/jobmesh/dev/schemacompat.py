@@ -1,6 +1,6 @@
 """Compatibility of the v1 message schemas with the last released ones.
 
-Within v1 a change is additive only (docs/integrations.md, "Evolution"). This module compares
+Within v1 a change is additive only (docs/integrations.md, "Evolution within v1"). This module compares
 each released schema (``schemas/released/v1/<Message>.json``, kept in the repository as
 released) with the current one (``schemas/v1/<Message>.json``) and names every change that
 would break a reader or a writer of the released version:
