@@ -217,6 +217,7 @@ def asyncapi_document(rows: Sequence[Channel] | None = None) -> dict[str, Any]:
         }
         if not isinstance(message, Payload):
             entry["x-type-tag"] = type_tag(message)
+            entry["description"] = STRICT_NOTE if message in request_messages() else LENIENT_NOTE
         messages[name] = entry
 
     parameters = {name: dict(spec) for name, spec in PARAMETERS.items()}
