@@ -190,3 +190,11 @@ def test_a_line_naming_a_job_carries_its_id():
     job = "7699f93065fd20621d31beb713806e7e"
     record = json.loads(_logged(logs.JsonFormatter("scheduler"), lambda log: log.info("job %s: attempt 1 lost", job)))
     assert record["job_id"] == job
+
+
+def test_a_nats_url_list_names_every_server():
+    from jobmesh.runtime.settings import Settings
+
+    many = Settings.from_env("binder", {"JOBMESH_NATS_URL": "nats://a:4222, nats://b:4222,nats://c:4222"})
+    assert many.nats_servers == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+    assert Settings.from_env("binder", {"JOBMESH_NATS_URL": "nats://one:4222"}).nats_servers == ["nats://one:4222"]

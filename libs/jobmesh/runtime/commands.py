@@ -47,7 +47,7 @@ async def run(args: argparse.Namespace) -> int:
     settings = Settings.from_env("provision")
     try:
         nc = await nats.connect(
-            settings.nats_url,
+            servers=settings.nats_servers,
             connect_timeout=3,
             allow_reconnect=False,
             max_reconnect_attempts=1,

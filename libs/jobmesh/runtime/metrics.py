@@ -61,7 +61,10 @@ def install(service: str, scrape: bool, env: Mapping[str, str] | None = None) ->
 
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     resource = Resource.create({"service.name": env.get("OTEL_SERVICE_NAME", f"jobmesh-{service}")})
-    provider = MeterProvider(metric_readers=readers, resource=resource)
+    # No exemplars: neither reader exports them, and sampling one costs per recording.
+    from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter
+
+    provider = MeterProvider(metric_readers=readers, resource=resource, exemplar_filter=AlwaysOffExemplarFilter())
     metrics.set_meter_provider(provider)
     return provider
 

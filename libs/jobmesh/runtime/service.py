@@ -183,7 +183,7 @@ class Runtime:
         """Connect to NATS (retrying forever on later disconnects) and provision."""
         try:
             nc = await nats.connect(
-                self.settings.nats_url,
+                servers=self.settings.nats_servers,
                 name=f"jobmesh-{self.service}-{self.settings.instance}",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,

@@ -134,6 +134,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # When set, a service writes a cProfile dump <service>-<pid>.prof here at a graceful stop.
     profile_dir: str = ""
 
+    @property
+    def nats_servers(self) -> list[str]:
+        """``nats_url`` as the list nats-py takes: a comma-separated value names several
+        servers of one cluster (a joined string would be read as one URL)."""
+        return [url.strip() for url in self.nats_url.split(",") if url.strip()] or [self.nats_url]
+
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings for ``service`` from ``JOBMESH_*`` variables.
