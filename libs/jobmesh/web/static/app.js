@@ -372,7 +372,9 @@ function graph(view) {
   });
   const nodes = layout.steps.map((p) => {
     const s = byName[p.step], at = pos[p.step];
-    const items = s.items ? ` · ${Object.entries(s.items).filter(([, n]) => n).map(([k, n]) => `${k} ${n}`).join(", ")}` : "";
+    const it = s.items;
+    const done = it ? it.succeeded + it.failed + it.cancelled + it.skipped : 0;
+    const items = it ? ` · ${done}/${it.total} items${it.failed ? `, ${it.failed} failed` : ""}` : "";
     const g = svg("g", { class: `node state-${s.state}`, "data-step": s.name, transform: `translate(${at.x},${at.y})`,
       style: s.job_id ? "cursor:pointer" : "", onclick: () => { if (s.job_id) location.hash = `#/jobs/${s.job_id}`; } },
     svg("rect", { width: W, height: H }), svg("text", { x: 10, y: 20 }, s.name),
