@@ -35,6 +35,7 @@ from jobmesh.runtime.tracing import (
     NoLoneQueries,
     Tracing,
     attempt_span_id,
+    record_lost_attempt,
     start_attempt_span,
     subject_template,
 )
@@ -366,6 +367,32 @@ def test_an_attempt_span_has_a_derived_id_and_the_next_attempt_links_to_it():
     assert not first.links
     [link] = second.links
     assert link.context.span_id == first.get_span_context().span_id and link.context.trace_id == trace_id
+
+
+def test_a_lost_attempt_gets_its_span_from_the_scheduler_so_the_next_attempt_s_link_resolves():
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(id_generator=AttemptIds())
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider.get_tracer("test"), exporting=True)
+    tracer = tracing.tracer
+    with tracer.start_as_current_span("submit") as submit:
+        parent = trace.set_span_in_context(submit)
+        # The executor of attempt 1 was killed: only the scheduler's stand-in is recorded.
+        record_lost_attempt(tracing, parent, "job-9", 1, "gpu-1", "no lease renewal for 3s", at=1_700_000_000.5)
+        retry = start_attempt_span(tracer, "attempt jobmesh.job", parent, "job-9", 2)
+        retry.end()
+    [lost] = [s for s in exporter.get_finished_spans() if s.attributes.get("jobmesh.lost")]
+    trace_id = submit.get_span_context().trace_id
+    assert lost.context.span_id == attempt_span_id(trace_id, "job-9", 1)
+    assert lost.parent.span_id == submit.get_span_context().span_id
+    assert lost.status.status_code.name == "ERROR" and "no lease renewal" in lost.status.description
+    assert lost.start_time == lost.end_time == 1_700_000_000_500_000_000
+    assert lost.attributes["jobmesh.node_id"] == "gpu-1" and lost.attributes["jobmesh.attempt"] == 1
+    [link] = retry.links
+    assert (link.context.trace_id, link.context.span_id) == (trace_id, lost.context.span_id)
+    # Nothing is recorded when the scheduler does not export.
+    record_lost_attempt(Tracing.off(), parent, "job-9", 1, "gpu-1", "x", at=1.0)
+    assert len([s for s in exporter.get_finished_spans() if s.attributes.get("jobmesh.lost")]) == 1
 
 
 def test_a_query_outside_any_span_is_not_recorded_and_one_inside_is():

@@ -53,7 +53,7 @@ from jobmesh.runtime.db import translated
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
-from jobmesh.runtime.tracing import Context, Tracing
+from jobmesh.runtime.tracing import Context, Tracing, record_lost_attempt
 from jobmesh.scheduler import lifecycle, mapsteps, retries, store
 from jobmesh.scheduler.attemptleases import AttemptLeases, Lease
 from jobmesh.scheduler.backlog import (
@@ -422,6 +422,9 @@ class PartitionScheduler:
         lease = self.leases.forget(job.job_id) or lease
         if state == "lost":
             self._metrics.lost(job.queue, job.tenant)
+            record_lost_attempt(
+                self._tracing, context, job.job_id, ended.attempt, ended.node_id, ended.error.message, ended.at
+            )
         if job.cancelling:
             self._end_cancelled(job, job.attempt, ended.node_id, rnd, context)
             return

@@ -390,6 +390,48 @@ def start_attempt_span(
         _WANTED_SPAN_ID.reset(token)
 
 
+def record_lost_attempt(
+    tracing: Tracing, parent: Context | None, job_id: str, attempt: int, node_id: str, reason: str, at: float
+) -> None:
+    """Record the span of an attempt declared lost, in the executor's stead.
+
+    A lost attempt's executor was killed or cut off, so its attempt span never reaches the
+    collector, and the next attempt's link (to the derived id) would point at nothing.
+    The scheduler records it when it declares the loss: a zero-length span at ``at`` with
+    the derived id and an error status. (If the executor did export its own after all,
+    both carry the same id.)
+
+    Args:
+        tracing: the scheduler's tracing (nothing is recorded unless it exports).
+        parent: the job's context (its stored traceparent).
+        job_id: the job.
+        attempt: the lost attempt's number.
+        node_id: the node it was on.
+        reason: why it counts as lost.
+        at: when it was declared lost, Unix seconds.
+    """
+    if not tracing.exporting or parent is None:
+        return
+    when = int(at * 1e9)
+    span = start_attempt_span(
+        tracing.tracer,
+        "attempt jobmesh.job",
+        parent,
+        job_id,
+        attempt,
+        start_time=when,
+        attributes={
+            "jobmesh.job_id": job_id,
+            "jobmesh.attempt": attempt,
+            "jobmesh.node_id": node_id,
+            "jobmesh.lost": True,
+            "jobmesh.recorded_by": "scheduler",
+        },
+    )
+    span.set_status(trace.Status(trace.StatusCode.ERROR, f"lost: {reason}"))
+    span.end(end_time=when)
+
+
 class AttemptIds(RandomIdGenerator):
     """Random ids, except the span id :func:`start_attempt_span` asks for."""
 
