@@ -71,9 +71,10 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix libs services tests
 	$(BIN)/ruff format libs services tests
 
-## schemas: regenerate schemas/ from the message types
+## schemas: regenerate schemas/ from the message types (and the HTTP API's OpenAPI document)
 schemas: $(STAMP)
 	$(BIN)/python -m jobmesh.dev.schemas
+	$(BIN)/python -m jobmesh.web.openapi > schemas/http-api.json
 
 ## deploy-files: regenerate compose.yaml and deploy/ (Nomad jobs, Prometheus scrape configs) from deploy/services.yaml
 deploy-files: $(STAMP)
