@@ -489,7 +489,28 @@ async def test_each_service_process_serves_its_metrics_on_its_ops_endpoint(make_
         assert any(line.startswith("jobmesh_node_cpu_capacity{") and f'node="{node_id}"' in line for line in lines)
         assert "jobmesh_executor_attempts_running{" in await scraped("executor")
         assert "jobmesh_queue_depth{" in await scraped("scheduler")
-        await scraped("trigger")
+        # The runtime's own: the submit request counted by subject, and consumer lag for
+        # the durables running now, the scheduler's partition consumers (added after its
+        # leases, after start) included. The lag poll runs every 10 s.
+        submits = [
+            line
+            for line in (await scraped("trigger")).splitlines()
+            if line.startswith("jobmesh_messages_processed_total{") and 'destination="jobmesh.v1.api.submit"' in line
+        ]
+        assert submits and float(submits[0].rsplit(" ", 1)[1]) >= 1, submits
+
+        async def lag_of(name: str, durable: str) -> bool:
+            return any(
+                line.startswith("jobmesh_consumer_lag{") and f'durable="{durable}"' in line
+                for line in (await scraped(name)).splitlines()
+            )
+
+        await eventually(
+            lambda: lag_of("tracker", "tracker-jobs"), timeout=40, interval=0.5, what="the tracker's consumer lag"
+        )
+        await eventually(
+            lambda: lag_of("scheduler", "scheduler-p0"), timeout=40, interval=0.5, what="a scheduler partition's lag"
+        )
 
 
 # --- the exported names and the dashboard --------------------------------------------------

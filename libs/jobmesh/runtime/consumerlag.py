@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -27,7 +27,7 @@ POLL_SECONDS = 10.0
 
 async def poll_lag(
     js: JetStreamContext,
-    durables: Sequence[tuple[str, str]],
+    durables: Callable[[], Sequence[tuple[str, str]]],
     metrics: Metrics,
     interval: float = POLL_SECONDS,
 ) -> None:
@@ -35,12 +35,12 @@ async def poll_lag(
 
     Args:
         js: the service's JetStream context.
-        durables: (stream, durable) of every pull consumer this process runs.
+        durables: (stream, durable) of every pull consumer this process runs now.
         metrics: where the figures go.
         interval: seconds between polls.
     """
     while True:
-        await poll_once(js, durables, metrics)
+        await poll_once(js, durables(), metrics)
         await asyncio.sleep(interval)
 
 

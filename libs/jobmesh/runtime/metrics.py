@@ -12,7 +12,7 @@ from ``metrics.get_meter(...)``, the runtime's (:class:`Metrics`) and each servi
   from the standard ``OTEL_EXPORTER_OTLP_*`` and ``OTEL_METRIC_EXPORT_INTERVAL``).
 
 With neither, no provider is installed and every instrument is the API's no-op. The
-runtime records per batch, never per message.
+runtime records once per batch or per request, never per message of a batch.
 """
 
 from __future__ import annotations
@@ -125,11 +125,15 @@ class Metrics:
         """What the last consumer-info poll said about one durable."""
         self._lag[(stream, durable)] = (pending, ack_pending)
 
+    def drop_lag(self, stream: str, durable: str) -> None:
+        """Forget a durable this process no longer runs (a partition lease it lost)."""
+        self._lag.pop((stream, durable), None)
+
     def _observe_lag(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(p, {"stream": s, "durable": d}) for (s, d), (p, _) in self._lag.items()]
+        return [Observation(p, {"stream": s, "durable": d}) for (s, d), (p, _) in list(self._lag.items())]
 
     def _observe_ack_pending(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(a, {"stream": s, "durable": d}) for (s, d), (_, a) in self._lag.items()]
+        return [Observation(a, {"stream": s, "durable": d}) for (s, d), (_, a) in list(self._lag.items())]
 
 
 def _exporters(value: str) -> set[str] | None:

@@ -145,6 +145,7 @@ class Runtime:
         self.stats = _Stats()
         self.metrics = Metrics()
         self._ops: OpsServer | None = None
+        self._durables: dict[str, str] = {}  # durable -> stream, of the pull loops running
         self._stopping = asyncio.Event()
         self._busy = 0
         self._idle = asyncio.Event()
@@ -245,7 +246,7 @@ class Runtime:
         for responder in responders:
             await self.add_responder(responder)
         await self.add_responder(ResponderSpec(subjects.health(self.service), None, self._health, queue=self.service))
-        await self._start_ops([(spec.stream, spec.durable) for spec in consumers])
+        await self._start_ops()
         log.info("%s ready (instance %s)", self.service, self.settings.instance)
         await self._stopping.wait()
         await self._drain(on_stop)
@@ -311,6 +312,7 @@ class Runtime:
         pull = PullConsumer(self.nc, spec.stream, spec.durable, spec.batch_size or self.settings.batch_size)
         await pull.start()
         self._pulls.append(pull)
+        self._durables[spec.durable] = spec.stream
         self.spawn(self._consume(spec, pull), f"consume:{spec.durable}")
 
     async def remove_consumer(self, durable: str) -> None:
@@ -318,6 +320,9 @@ class Runtime:
 
         Messages already pulled but not handled are given back at once.
         """
+        stream = self._durables.pop(durable, None)
+        if stream is not None:
+            self.metrics.drop_lag(stream, durable)  # another replica reports it now
         for pull in [p for p in self._pulls if p.durable == durable]:
             pull.stopped = True
             self._pulls.remove(pull)
@@ -553,6 +558,7 @@ class Runtime:
         job_id = getattr(message, "job_id", "")
         traceparent = self.tracing.inject({}, context).get("traceparent", "")
         logs.current.set(logs.ids_from_traceparent(traceparent, job_id if isinstance(job_id, str) else ""))
+        reply: Any = None  # set below; None only when the handler was cancelled
         try:
             env = Envelope(message, msg.subject, headers, context, msg)
             try:
@@ -575,15 +581,18 @@ class Runtime:
         self.metrics.processed(self.service, spec.subject)
         await _reply(msg, reply)
 
-    async def _start_ops(self, durables: list[tuple[str, str]]) -> None:
+    async def _start_ops(self) -> None:
         """This replica's own /healthz and /metrics (JOBMESH_OPS_LISTEN), and the lag poll
-        behind the consumer-lag gauge (only when something can read it)."""
+        behind the consumer-lag gauge (only when something can read it). The poll asks
+        about the consumers running at each round: the scheduler's come and go with its
+        partition leases, the trigger's completion consumer with its rules."""
         if not self.settings.ops_listen:
             return
         self._ops = OpsServer(self.settings.ops_listen, self.health_reply)
         await self._ops.start()
-        if durables:
-            self.spawn(poll_lag(self.js, durables, self.metrics), "consumer-lag")
+        self.spawn(
+            poll_lag(self.js, lambda: [(st, d) for d, st in self._durables.items()], self.metrics), "consumer-lag"
+        )
 
     async def _health(self, env: Envelope) -> HealthReply:
         return self.health_reply()
