@@ -37,6 +37,16 @@ async def web_url(cluster) -> str:
     return url
 
 
+@pytest.fixture(scope="module")
+async def open_url(cluster) -> str:
+    """The API of the module's cluster without a token, as jobmesh dev runs it."""
+    port = free_port()
+    start_dashboard(cluster, port)
+    url = f"http://127.0.0.1:{port}"
+    await asyncio.to_thread(wait_dashboard, cluster, url)
+    return url
+
+
 @pytest.fixture
 async def http(web_url) -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession(base_url=web_url, headers=AUTH) as session:
@@ -335,3 +345,87 @@ async def test_openapi_is_served(web_url):
     async with aiohttp.ClientSession() as session, session.get(f"{web_url}/openapi.json") as response:
         assert response.status == 200
         assert await response.json() == json.loads(json.dumps(document()))
+
+
+SIMPLE_SUBMIT = b'{"jobs": [{"spec": {"runtime": {"kind": "process", "argv": ["touch", "/tmp/pwned"]}}}]}'
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", None])
+async def test_a_body_that_is_not_json_typed_is_refused(open_url, content_type):
+    # What any web page can make a browser send without a preflight ("simple" requests).
+    headers = {"Content-Type": content_type} if content_type else {}
+    async with aiohttp.ClientSession(base_url=open_url) as session:
+        for path in ("/api/v1/jobs", "/api/v1/jobs/x/cancel", "/api/v1/workflows"):
+            async with session.post(path, data=SIMPLE_SUBMIT, headers=headers, skip_auto_headers=["Content-Type"]) as r:
+                problem = await r.json()
+                assert r.status == 415, problem
+                assert problem["field"] == "Content-Type", problem
+
+
+@pytest.mark.parametrize(
+    ("headers", "field"),
+    [
+        ({"Origin": "http://evil.example"}, "Origin"),
+        ({"Origin": "null"}, "Origin"),
+        ({"Sec-Fetch-Site": "cross-site"}, "Origin"),
+        ({"Host": "evil.example:8080"}, "Host"),  # a DNS-rebinding page's own host name
+    ],
+)
+async def test_an_open_server_refuses_other_sites(open_url, headers, field):
+    async with aiohttp.ClientSession(base_url=open_url) as session:
+        json_body = {**headers, "Content-Type": "application/json"}
+        async with session.post("/api/v1/jobs", data=SIMPLE_SUBMIT, headers=json_body) as response:
+            problem = await response.json()
+            assert response.status == 403, problem
+            assert problem["field"] == field and problem["code"] == "forbidden", problem
+
+
+async def test_an_open_server_answers_its_own_origin_and_loopback_names(open_url):
+    port = open_url.rsplit(":", 1)[1]
+    async with aiohttp.ClientSession(base_url=open_url) as session:
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]"):
+            async with session.get("/api/v1/jobs?limit=1", headers={"Host": host}) as response:
+                assert response.status == 200, (host, await response.text())
+        own = {"Origin": open_url, "Sec-Fetch-Site": "same-origin"}
+        async with session.post(
+            "/api/v1/jobs", json={"jobs": [job(["true"], name="web-own-origin")]}, headers=own
+        ) as r:
+            assert r.status == 200, await r.text()
+        async with session.get("/", headers={"Host": "evil.example"}) as response:
+            assert response.status == 403  # the pages too: a rebound page must not read them
+        async with session.get("/") as response:
+            assert response.status == 200
+            assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "field"),
+    [
+        ("/api/v1/jobs", {"jobs": [job(["true"], prority=9)]}, "jobs[0].spec.prority"),
+        ("/api/v1/jobs", {"jobs": [{**job(["true"]), "extra": 1}]}, "jobs[0].extra"),
+        ("/api/v1/jobs", {"jobs": [job(["true"])], "dry_run": True}, "dry_run"),
+        (
+            "/api/v1/workflows",
+            {
+                "spec": {
+                    "name": "w",
+                    "steps": {"a": {"runtime": {"kind": "noop"}}, "b": {"runtime": {"kind": "noop"}, "neds": ["a"]}},
+                }
+            },
+            "spec.steps[...].neds",  # msgspec does not name the key of a dict
+        ),
+        (
+            "/api/v1/workflows",
+            {"spec": {"name": "w", "steps": {"a": {"runtime": {"kind": "noop"}}}}, "inptu": 1},
+            "inptu",
+        ),
+        ("/api/v1/jobs/x/cancel", {"reason": "r", "force": True}, "force"),
+        ("/api/v1/workflows/x/cancel", {"reson": "r"}, "reson"),
+    ],
+)
+async def test_an_unknown_field_is_refused_not_dropped(http, path, body, field):
+    async with http.post(path, json=body) as response:
+        problem = await response.json()
+        assert response.status == 422, problem
+        assert problem["code"] == "invalid_body", problem
+        assert problem["field"] == field, problem

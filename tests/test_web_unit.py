@@ -24,7 +24,7 @@ from jobmesh.contract.messages.v1 import (
     Resources,
 )
 from jobmesh.errors import UsageError
-from jobmesh.web import auth
+from jobmesh.web import auth, guard
 from jobmesh.web.graph import layered
 from jobmesh.web.live import QUEUE_SIZE, Listener, LiveEvent
 from jobmesh.web.openapi import document
@@ -60,11 +60,25 @@ def test_a_bad_listen_address_names_the_flag(text):
 
 
 def test_no_token_is_refused_off_loopback():
-    auth.check_listen(auth.parse_listen("127.0.0.1:8080"), None)
+    auth.check_listen(auth.parse_listen("127.0.0.1:8080"), None, open_on_loopback=True)
     auth.check_listen(auth.parse_listen("0.0.0.0:8080"), "secret")
     with pytest.raises(UsageError, match="without a token") as caught:
-        auth.check_listen(auth.parse_listen("0.0.0.0:8080"), None)
+        auth.check_listen(auth.parse_listen("0.0.0.0:8080"), None, open_on_loopback=True)
     assert "--token-file" in str(caught.value) and "JOBMESH_WEB_TOKEN" in str(caught.value)
+
+
+def test_no_token_on_loopback_needs_the_explicit_open_flag():
+    # Issue 11: only jobmesh dev runs open; a plain jobmesh web on loopback needs a token.
+    with pytest.raises(UsageError, match="--open-on-loopback") as caught:
+        auth.check_listen(auth.parse_listen("127.0.0.1:8080"), None)
+    assert caught.value.field == "token"
+    auth.check_listen(auth.parse_listen("127.0.0.1:8080"), "secret")
+
+
+def test_jobmesh_web_on_loopback_without_a_token_refuses_to_start():
+    result = jobmesh_cli(["web", "--listen", "127.0.0.1:0"], "nats://127.0.0.1:1", timeout=60, env={"PATH": ""})
+    assert result.returncode == 1, result.stderr
+    assert "--open-on-loopback" in result.stderr and "without a token" in result.stderr
 
 
 def test_the_token_comes_from_the_file_before_the_environment(tmp_path):
@@ -109,6 +123,60 @@ def test_jobmesh_web_refuses_a_public_address_without_a_token():
     assert "refusing to listen on 0.0.0.0:8080 without a token" in result.stderr
 
 
+# --- the guard -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1:8080", True),
+        ("127.0.0.1", True),
+        ("LOCALHOST:9", True),
+        ("[::1]:8080", True),
+        ("[::1]", True),
+        ("evil.example:8080", False),
+        ("127.0.0.1.evil.example", False),
+        ("localhost.evil.example:8080", False),
+        ("", False),
+        (None, False),
+    ],
+)
+def test_an_open_server_answers_only_loopback_host_names(host, loopback):
+    assert (guard.host_refusal(host) is None) == loopback
+
+
+@pytest.mark.parametrize(
+    ("method", "headers", "refused"),
+    [
+        ("GET", {"origin": "http://evil.example", "host": "127.0.0.1:8080"}, False),
+        ("POST", {"host": "127.0.0.1:8080"}, False),
+        ("POST", {"origin": "http://127.0.0.1:8080", "host": "127.0.0.1:8080"}, False),
+        ("POST", {"origin": "https://jobs.example.com", "host": "jobs.example.com:443"}, False),
+        ("POST", {"origin": "http://evil.example", "host": "127.0.0.1:8080"}, True),
+        ("POST", {"origin": "http://127.0.0.1:9999", "host": "127.0.0.1:8080"}, True),
+        ("DELETE", {"origin": "null", "host": "127.0.0.1:8080"}, True),
+        ("POST", {"sec-fetch-site": "cross-site", "host": "127.0.0.1:8080"}, True),
+        ("POST", {"sec-fetch-site": "same-origin", "host": "127.0.0.1:8080"}, False),
+    ],
+)
+def test_unsafe_requests_from_another_origin_are_refused(method, headers, refused):
+    assert (guard.origin_refusal(method, headers) is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("content_type", "ok"),
+    [
+        ("application/json", True),
+        ("application/json; charset=utf-8", True),
+        ("Application/JSON", True),
+        ("text/plain", False),
+        ("application/x-www-form-urlencoded", False),
+        ("multipart/form-data; boundary=x", False),
+        (None, False),
+    ],
+)
+def test_a_body_must_be_json(content_type, ok):
+    assert (guard.content_type_refusal(content_type) is None) == ok
+
+
 # --- the graph -------------------------------------------------------------------------------
 def test_steps_are_laid_out_by_dependency_depth():
     layout = layered({"a": [], "b": ["a"], "c": ["a"], "d": ["b", "c"], "e": []})
@@ -136,6 +204,8 @@ def test_unknown_needs_and_cycles_do_not_break_the_page():
         ("Expected `int`, got `str` - at `$.jobs[0].spec.priority`", "jobs[0].spec.priority"),
         ("Object missing required field `spec` - at `$.jobs[0]`", "jobs[0].spec"),
         ("Object missing required field `jobs`", "jobs"),
+        ("Object contains unknown field `extra` - at `$.jobs[0]`", "jobs[0].extra"),
+        ("Object contains unknown field `dry_run`", "dry_run"),
         ("Expected `object`, got `array`", ""),
     ],
 )
@@ -236,7 +306,9 @@ def test_every_endpoint_is_documented_once_with_its_errors():
 
 def test_jobmesh_web_says_that_it_waits_for_nats_and_gives_up_after_wait():
     result = jobmesh_cli(
-        ["web", "--listen", "127.0.0.1:0", "--nats-url", "nats://127.0.0.1:1", "--wait", "3"], "", timeout=60
+        ["web", "--listen", "127.0.0.1:0", "--open-on-loopback", "--nats-url", "nats://127.0.0.1:1", "--wait", "3"],
+        "",
+        timeout=60,
     )
     assert result.returncode == 2, result.stderr
     assert "waiting for NATS at nats://127.0.0.1:1" in result.stderr

@@ -285,7 +285,14 @@ def start_dashboard(cluster: LocalCluster, port: int, token: str | None = None) 
     Returns:
         The process; :func:`wait_dashboard` waits until it answers.
     """
-    env = {"JOBMESH_WEB_LISTEN": f"127.0.0.1:{port}", "JOBMESH_WEB_TOKEN": token or ""}
+    # The caller's own token settings must not leak in: the token is the one given here.
+    # Without one it runs open, which jobmesh web does on loopback only when told to.
+    env = {
+        "JOBMESH_WEB_LISTEN": f"127.0.0.1:{port}",
+        "JOBMESH_WEB_TOKEN": token or "",
+        "JOBMESH_WEB_TOKEN_FILE": "",
+        "JOBMESH_WEB_OPEN_ON_LOOPBACK": "" if token else "1",
+    }
     return cluster.start_service("web", env)
 
 

@@ -2,7 +2,8 @@
 
 What ``jobmesh dev``, compose and the tests start (a ``LocalCluster`` service process):
 ``JOBMESH_WEB_LISTEN``, ``JOBMESH_WEB_TOKEN`` or ``JOBMESH_WEB_TOKEN_FILE``, and
-``JOBMESH_NATS_URL``; the same as ``jobmesh web`` with no flags.
+``JOBMESH_NATS_URL``, and ``JOBMESH_WEB_OPEN_ON_LOOPBACK=1`` to run without a token on
+loopback (``jobmesh dev``); the same as ``jobmesh web`` with no flags.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main() -> None:
         listen=None,
         token_file=os.environ.get("JOBMESH_WEB_TOKEN_FILE") or None,
         nats_url=None,
+        open_on_loopback=None,  # JOBMESH_WEB_OPEN_ON_LOOPBACK, read by run()
         wait=float(os.environ.get("JOBMESH_WEB_WAIT", "60")),
         json=False,
         fn=run,

@@ -3,7 +3,8 @@ dashboard's static files at ``/``.
 
 The app owns one cluster client for its lifetime (opened in the lifespan, by the
 ``connect`` callable it is given, so tests and ``jobmesh web`` choose how) and one live
-hub on it. Errors raised by a handler become the one error shape here, so no handler
+hub on it. Every request passes ``guard.Guard`` first (Host, Origin, and the pages' CSP).
+Errors raised by a handler become the one error shape here, so no handler
 formats an error itself.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import nats.errors
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -24,6 +26,7 @@ from starlette.staticfiles import StaticFiles
 from jobmesh.client.client import Client
 from jobmesh.errors import JobmeshError, Unavailable
 from jobmesh.web import auth
+from jobmesh.web.guard import Guard
 from jobmesh.web.live import LiveHub
 from jobmesh.web.problems import HttpProblem, Problem, error_response, problem_response
 from jobmesh.web.routes import ENDPOINTS, Endpoint, WebState
@@ -70,7 +73,7 @@ def create_app(
         Route(e.path, _endpoint(e), methods=[e.method], name=e.operation_id) for e in ENDPOINTS
     ]
     routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="dashboard"))
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, open_mode=token is None)])
 
 
 def _endpoint(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:

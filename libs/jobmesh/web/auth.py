@@ -5,8 +5,9 @@ that header on an ``EventSource``, so it trades the token once for an HttpOnly,
 ``SameSite=Strict`` cookie (``POST /api/v1/session``) that every later request of the page,
 the event stream included, carries by itself.
 
-Without a token the server runs open, which it only does on a loopback address (the
-``jobmesh dev`` case): :func:`check_listen` refuses anything else. Everything here is pure.
+Without a token the server runs open, which it only does on a loopback address when
+``jobmesh dev`` starts it (``--open-on-loopback``, or ``JOBMESH_WEB_OPEN_ON_LOOPBACK=1`` that
+``jobmesh dev`` sets): :func:`check_listen` refuses anything else. Everything here is pure.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jobmesh.errors import UsageError
 
 COOKIE = "jobmesh_token"
 TOKEN_ENV = "JOBMESH_WEB_TOKEN"
+OPEN_ENV = "JOBMESH_WEB_OPEN_ON_LOOPBACK"  # "1": run without a token on loopback (jobmesh dev)
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
 
@@ -93,16 +95,31 @@ def read_token(token_file: str | None, environ: Mapping[str, str] = os.environ) 
     return environ.get(TOKEN_ENV) or None
 
 
-def check_listen(listen: Listen, token: str | None) -> None:
-    """Refuse to serve a non-loopback address without a token.
+def check_listen(listen: Listen, token: str | None, open_on_loopback: bool = False) -> None:
+    """Refuse to serve without a token, except on loopback when asked to (``jobmesh dev``).
+
+    Args:
+        listen: where the server would listen.
+        token: its token; None to run open.
+        open_on_loopback: running open on a loopback address was asked for explicitly.
 
     Raises:
-        UsageError: ``listen`` is reachable from other machines and no token is set.
+        UsageError: no token is set and ``listen`` is reachable from other machines, or it
+            is loopback but running open was not asked for (field ``token``).
     """
-    if token is None and not listen.loopback:
+    if token is not None:
+        return
+    if not listen.loopback:
         raise UsageError(
             f"refusing to listen on {listen.host}:{listen.port} without a token: anyone who can reach it could"
-            f" submit and cancel jobs. Give one with --token-file PATH or {TOKEN_ENV}, or listen on 127.0.0.1",
+            f" submit and cancel jobs. Give one with --token-file PATH or {TOKEN_ENV}",
+            field="token",
+        )
+    if not open_on_loopback:
+        raise UsageError(
+            f"refusing to serve {listen.host}:{listen.port} without a token: every user and process of this"
+            f" machine could submit jobs. Give one with --token-file PATH or {TOKEN_ENV}, or pass"
+            f" --open-on-loopback to run open to this machine (what jobmesh dev does)",
             field="token",
         )
 

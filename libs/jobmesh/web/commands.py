@@ -11,7 +11,7 @@ import json
 import os
 from typing import Any
 
-from jobmesh.web.auth import DEFAULT_LISTEN, TOKEN_ENV
+from jobmesh.web.auth import DEFAULT_LISTEN, OPEN_ENV, TOKEN_ENV
 
 LISTEN_ENV = "JOBMESH_WEB_LISTEN"
 
@@ -31,6 +31,12 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--token-file", default=None, metavar="PATH", help=f"the bearer token's file (first line); else {TOKEN_ENV}"
+    )
+    p.add_argument(
+        "--open-on-loopback",
+        action="store_true",
+        default=None,
+        help=f"run without a token on a loopback address (what jobmesh dev does; or {OPEN_ENV}=1)",
     )
     p.add_argument("--nats-url", default=None, help="the cluster's NATS (default JOBMESH_NATS_URL, or jobmesh dev's)")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for NATS at start (default 60)")
@@ -52,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
     listen = auth.parse_listen(args.listen or os.environ.get(LISTEN_ENV) or DEFAULT_LISTEN)
     token = auth.read_token(args.token_file)
-    auth.check_listen(listen, token)  # before connecting: a refused setting should not wait for NATS
+    open_on_loopback = bool(getattr(args, "open_on_loopback", None)) or os.environ.get(OPEN_ENV) == "1"
+    # Before connecting: a refused setting should not wait for NATS.
+    auth.check_listen(listen, token, open_on_loopback)
     nats_url = args.nats_url or resolve_nats_url()
 
     def ready(url: str) -> None:
@@ -61,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
         mode = "token required" if token else "no token: open to this machine only"
         server.say(f"serving the API and dashboard at {url} ({mode}); NATS {nats_url}")
 
-    uvloop.run(server.serve(listen, token, nats_url, wait=args.wait, on_ready=ready))
+    uvloop.run(server.serve(listen, token, nats_url, wait=args.wait, on_ready=ready, open_on_loopback=open_on_loopback))
     return 0

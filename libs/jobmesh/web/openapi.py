@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from jobmesh.web import guard
 from jobmesh.web.problems import Problem
 from jobmesh.web.routes import ENDPOINTS, Endpoint
 
@@ -22,8 +23,10 @@ _REF = "#/components/schemas/{name}"
 _STATUS_WORDS = {
     400: "a bad query parameter or a body that is not JSON (the field named)",
     401: "no token, or a wrong one",
+    403: "another site's page sent it (Origin, Sec-Fetch-Site), or, without a token, a Host that is not loopback",
     404: "no such job, run or rule",
     409: "a conflict: try again",
+    415: "a body that is not sent as Content-Type: application/json",
     422: "a body, or a spec inside it, that is not valid (the field named)",
     503: "the cluster (or the service that answers) is unreachable or overloaded: try again later",
 }
@@ -87,7 +90,13 @@ def _operation(e: Endpoint, ref_of: dict[int, dict[str, Any]]) -> dict[str, Any]
         ok = {"description": "OK", "content": {"application/json": {"schema": {"type": "object"}}}}
     responses: dict[str, Any] = {"200": ok}
     problem = {"application/json": {"schema": ref_of[id(Problem)]}}
-    for status in sorted({*e.errors, *((401,) if e.auth else ())}):
+    # Every unsafe method passes the Origin check, every body the Content-Type check (guard).
+    implied = {
+        *((401,) if e.auth else ()),
+        *((403,) if e.method in guard.UNSAFE_METHODS else ()),
+        *((415,) if e.body else ()),
+    }
+    for status in sorted({*e.errors, *implied}):
         responses[str(status)] = {"description": _STATUS_WORDS[status], "content": problem}
     op["responses"] = responses
     return op

@@ -14,12 +14,13 @@ from typing import Any, TypeVar
 import msgspec
 from starlette.responses import Response
 
+from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import Conflict, InvalidMessage, JobmeshError, NotFound, Overloaded, Unavailable, UsageError
 
 T = TypeVar("T")
 
 _PATH = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
-_MISSING = re.compile(r"^Object missing required field `(?P<name>[^`]+)`")
+_MISSING = re.compile(r"^Object (missing required|contains unknown) field `(?P<name>[^`]+)`")
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):
@@ -97,25 +98,39 @@ def error_response(error: JobmeshError) -> Response:
 
 
 def decode_body(raw: bytes, kind: type[T]) -> T:
-    """A request body as ``kind``, checked as the wire checks it.
+    """A request body as ``kind``, checked as the wire checks it, and strictly.
+
+    A field ``kind`` does not declare is refused rather than dropped: in a user's request
+    it is almost always a typo (``prority``, a step's ``neds``) that would otherwise run
+    the job without what was asked for (``contract.strict``).
 
     Raises:
         HttpProblem: 400 ``bad_request`` when the body is not JSON, 422 ``invalid_body``
-            when it does not fit ``kind`` (the field named, such as ``jobs[0].spec.runtime``).
+            when it does not fit ``kind`` or holds an unknown field (the field named, such
+            as ``jobs[0].spec.runtime`` or ``jobs[0].spec.prority``).
     """
     if not raw.strip():
         raise HttpProblem(400, "bad_request", "the request needs a JSON body", field="body")
     try:
-        return msgspec.json.decode(raw, type=kind)
+        value = msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
         message, field = str(exc), field_of(str(exc))
         raise HttpProblem(422, "invalid_body", message, field=field) from exc
     except msgspec.DecodeError as exc:
         raise HttpProblem(400, "bad_request", f"the body is not valid JSON: {exc}", field="body") from exc
+    try:
+        reject_unknown_fields(raw, kind)
+    except InvalidMessage as exc:
+        raise HttpProblem(422, "invalid_body", str(exc), field=exc.field or "") from exc
+    return value
 
 
 def field_of(message: str) -> str:
-    """The field a msgspec validation message names (``jobs[0].spec.priority``), "" for the body."""
+    """The field a msgspec validation message names (``jobs[0].spec.priority``), "" for the body.
+
+    A missing or an unknown field is named itself (``jobs[0].spec``, ``jobs[0].extra``),
+    not the object that lacks or holds it.
+    """
     found = _PATH.search(message)
     path = found.group("path") if found else ""
     missing = _MISSING.match(message)

@@ -36,7 +36,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowRunReply,
 )
 from jobmesh.errors import JobmeshError, NotFound
-from jobmesh.web import auth
+from jobmesh.web import auth, guard
 from jobmesh.web.live import LiveHub
 from jobmesh.web.problems import HttpProblem, decode_body, json_response
 from jobmesh.web.views import (
@@ -153,9 +153,27 @@ def query_states(request: Request) -> list[str]:
     return states
 
 
-async def body_of(request: Request, kind: type[Any]) -> Any:
-    """The request's JSON body decoded as ``kind`` (see ``problems.decode_body``)."""
-    return decode_body(await request.body(), kind)
+async def body_of(request: Request, kind: type[Any], default: Any = None) -> Any:
+    """The request's JSON body decoded as ``kind`` (see ``problems.decode_body``).
+
+    Args:
+        request: the request.
+        kind: the body's type.
+        default: what an empty body stands for; None when a body is required.
+
+    Raises:
+        HttpProblem: 415 naming ``Content-Type`` when a body is not ``application/json``
+            (no other page can send that without a CORS preflight, which this server never
+            grants), or what ``decode_body`` raises.
+    """
+    raw = await request.body()
+    if default is not None and not raw.strip():
+        return default
+    if raw:
+        problem = guard.content_type_refusal(request.headers.get("content-type"))
+        if problem is not None:
+            raise HttpProblem(415, "unsupported_media_type", problem, "Content-Type")
+    return decode_body(raw, kind)
 
 
 # --- handlers ----------------------------------------------------------------------------
@@ -242,8 +260,7 @@ async def get_logs(request: Request, web: WebState) -> Response:
 
 
 async def cancel_job(request: Request, web: WebState) -> Response:
-    raw = await request.body()
-    body = decode_body(raw, CancelBody) if raw.strip() else CancelBody()
+    body: CancelBody = await body_of(request, CancelBody, default=CancelBody())
     return json_response(await web.client.cancel(request.path_params["job_id"], body.reason))
 
 
@@ -262,8 +279,7 @@ async def get_workflow(request: Request, web: WebState) -> Response:
 
 
 async def cancel_workflow(request: Request, web: WebState) -> Response:
-    raw = await request.body()
-    body = decode_body(raw, CancelBody) if raw.strip() else CancelBody()
+    body: CancelBody = await body_of(request, CancelBody, default=CancelBody())
     return json_response(await web.client.cancel_workflow(request.path_params["run_id"], body.reason))
 
 

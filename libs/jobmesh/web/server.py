@@ -94,21 +94,24 @@ async def serve(
     *,
     wait: float = 60.0,
     on_ready: Callable[[str], None] | None = None,
+    open_on_loopback: bool = False,
 ) -> None:
     """Serve the API and the dashboard until SIGINT or SIGTERM.
 
     Args:
         listen: where to listen.
-        token: the bearer token; None to run open (loopback only, checked here).
+        token: the bearer token; None to run open (loopback only, when asked: checked here).
         nats_url: the cluster's NATS.
         wait: seconds to wait for NATS at start.
         on_ready: called with the base URL once the server accepts connections.
+        open_on_loopback: without a token, serve loopback anyway (``jobmesh dev``).
 
     Raises:
-        UsageError: a non-loopback address without a token, or one that cannot be bound.
+        UsageError: no token where one is needed (``auth.check_listen``), or an address
+            that cannot be bound.
         Unavailable: NATS did not answer within ``wait``.
     """
-    auth.check_listen(listen, token)
+    auth.check_listen(listen, token, open_on_loopback)
     sock = bind(listen)
     url = listen.url(sock.getsockname()[1])
     client = await connect(nats_url, wait, say)

@@ -21,13 +21,13 @@ from jobmesh.web.graph import Layout, layered
 RESULT_PREVIEW_BYTES = 64 * 1024  # the most of a result a timeline carries
 
 
-class SubmitBody(msgspec.Struct, frozen=True, kw_only=True):
+class SubmitBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /api/v1/jobs``: the jobs to submit, as ``jobmesh.v1.api.submit`` takes them."""
 
     jobs: Annotated[list[Submission], Meta(min_length=1, max_length=1000)]
 
 
-class WorkflowBody(msgspec.Struct, frozen=True, kw_only=True):
+class WorkflowBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST /api/v1/workflows``: a run of a workflow.
 
     Attributes:
@@ -41,7 +41,7 @@ class WorkflowBody(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_key: Annotated[str, Meta(max_length=256)] = ""
 
 
-class CancelBody(msgspec.Struct, frozen=True, kw_only=True):
+class CancelBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """``POST .../cancel``: why (recorded with the cancel)."""
 
     reason: Annotated[str, Meta(max_length=1000)] = ""

@@ -11,6 +11,7 @@ const logoutButton = document.getElementById("logout");
 const JOB_STATES = ["queued", "waiting", "ready", "bound", "running", "succeeded", "failed", "expired", "lost",
   "retrying", "cancelled"];
 
+const JSON_BODY = { "Content-Type": "application/json" };  // the API takes no other body
 const cache = { nodes: null, queues: null };
 let events = null;       // the one EventSource
 let current = null;      // the view on screen: {render, onJob(update), onNodes, onQueues}
@@ -21,6 +22,7 @@ function h(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") el.className = v;
+    else if (k === "style") el.style.cssText = v;  // through the CSSOM: the CSP forbids style attributes
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? "" : v);
   }
@@ -35,6 +37,7 @@ function svg(tag, attrs, ...children) {
   const el = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
+    else if (k === "style") el.style.cssText = v;
     else el.setAttribute(k, v);
   }
   for (const c of children.flat()) el.append(c instanceof Node ? c : document.createTextNode(String(c)));
@@ -221,7 +224,7 @@ function submitForm(after) {
     if (data.get("name")) spec.name = data.get("name");
     try {
       error.textContent = "";
-      const reply = await api("/jobs", { method: "POST", headers: { "Content-Type": "application/json" },
+      const reply = await api("/jobs", { method: "POST", headers: JSON_BODY,
         body: JSON.stringify({ jobs: [{ spec }] }) });
       after(reply.job_ids[0]);
     } catch (err) {
@@ -316,7 +319,7 @@ async function jobView(jobId) {
     const runtime = j.spec.runtime || {};
     const what = runtime.argv ? runtime.argv.join(" ") : runtime.handler || runtime.image || runtime.kind;
     const cancel = h("button", { class: "secondary", type: "button", onclick: async () => {
-      try { await api(`/jobs/${jobId}/cancel`, { method: "POST", body: "{}" }); } catch (err) { failed(err); }
+      try { await api(`/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST", headers: JSON_BODY, body: "{}" }); } catch (err) { failed(err); }
     } }, "Cancel");
     const progress = t.progress ? h("div", { id: "progress" },
       h("span", {}, `attempt ${t.progress.attempt} on ${t.progress.node_id}: `,
