@@ -376,9 +376,13 @@ class Runtime:
         # A batch that outlives a third of ack_wait keeps its messages checked out.
         keepalive = _KeepAlive(decoded, spec.ack_wait / 3)
         batch_span, token = self._enter_batch(spec, envelopes) if traced else (None, None)
+        # A batch about one job (every batch at light load) lends its ids to the log lines
+        # written meanwhile; a batch of several jobs has no single trace to name.
+        ids = logs.current.set(self._log_ids(envelopes[0]) if _one_job(envelopes) else None)
         try:
             outcomes = await self.handle(spec, envelopes)
         finally:
+            logs.current.reset(ids)
             keepalive.cancel()
             if token is not None:
                 otel_context.detach(token)
@@ -555,12 +559,10 @@ class Runtime:
         else:
             span, context = self.tracing.open_span(f"process {spec.subject}", headers, trace.SpanKind.SERVER)
         # Each request is its own task, so its log lines carry its ids without a reset.
-        job_id = getattr(message, "job_id", "")
-        traceparent = self.tracing.inject({}, context).get("traceparent", "")
-        logs.current.set(logs.ids_from_traceparent(traceparent, job_id if isinstance(job_id, str) else ""))
+        env = Envelope(message, msg.subject, headers, context, msg)
+        logs.current.set(self._log_ids(env))
         reply: Any = None  # set below; None only when the handler was cancelled
         try:
-            env = Envelope(message, msg.subject, headers, context, msg)
             try:
                 reply = await spec.handle(env)
             except InvalidMessage as exc:
@@ -580,6 +582,12 @@ class Runtime:
                 span.end()
         self.metrics.processed(self.service, spec.subject)
         await _reply(msg, reply)
+
+    def _log_ids(self, env: Envelope) -> logs.LogIds:
+        """The trace, span and job ids that log lines about ``env`` carry."""
+        job_id = getattr(env.message, "job_id", "")
+        traceparent = self.tracing.inject({}, env.context).get("traceparent", "")
+        return logs.ids_from_traceparent(traceparent, job_id if isinstance(job_id, str) else "")
 
     async def _start_ops(self) -> None:
         """This replica's own /healthz and /metrics (JOBMESH_OPS_LISTEN), and the lag poll
@@ -714,6 +722,12 @@ def _end_spans(envelopes: list[Envelope], outcomes: Sequence[Outcome] | None, ba
 async def _reply(msg: Msg, reply: Any) -> None:
     if msg.reply:
         await msg.respond(encode(reply))
+
+
+def _one_job(envelopes: list[Envelope]) -> bool:
+    """Whether every message of a batch is about the same job (one trace)."""
+    first = getattr(envelopes[0].message, "job_id", None)
+    return first is not None and all(getattr(env.message, "job_id", None) == first for env in envelopes[1:])
 
 
 def _deliveries(raw: Msg) -> int:
