@@ -81,6 +81,17 @@ def test_an_optional_field_made_required_is_a_break() -> None:
     assert "JobStarted: field incarnation became required" in _breaks("JobStarted", current)
 
 
+def test_a_new_field_added_as_required_is_a_break() -> None:
+    current = copy.deepcopy(_load(CURRENT, "JobStarted"))
+    body = _body(current, "JobStarted")
+    body["properties"]["zone"] = {"type": "string", "description": "The node's zone."}
+    body["required"].append("zone")
+    assert "JobStarted: field zone added as required (must have a default)" in _breaks("JobStarted", current)
+    # The same field with a default (optional) is additive.
+    body["required"].remove("zone")
+    assert _breaks("JobStarted", current) == []
+
+
 def test_a_renamed_tag_is_a_break() -> None:
     current = copy.deepcopy(_load(CURRENT, "JobLost"))
     _body(current, "JobLost")["properties"]["type"] = {"enum": ["job.gone"]}

@@ -169,7 +169,10 @@ class Reporter:
             batch = [queue.popleft() for _ in range(min(len(queue), self._max_batch))]
             await self._publish(batch)
             if self._on_durable is not None:
-                self._on_durable(batch)
+                try:
+                    self._on_durable(batch)
+                except Exception:  # noqa: BLE001 - bookkeeping must never stop the flusher
+                    log.exception("the reporter's on_durable hook failed; the batch is durable anyway")
             self._durable += len(batch)
             self.published += len(batch)
             self.flushes += 1

@@ -178,6 +178,10 @@ def _compare(
             if name in new_required and name not in old_required:
                 yield Break(message, field, "became required")
             yield from _compare(message, field, (old_doc, old_prop), (new_doc, new_props[name]), request, depth + 1)
+        # A new field that is required at once: a reader of the new schema refuses what an
+        # old writer sends (a rolling upgrade would dead-letter it).
+        for name in sorted(new_required - set(old_object.get("properties", {}))):
+            yield Break(message, f"{here}.{name}" if here else name, "added as required (must have a default)")
     for old_items in _items(old_doc, old_schema):
         for new_items in _items(new_doc, new_schema)[:1]:
             yield from _compare(message, f"{path}[]", (old_doc, old_items), (new_doc, new_items), request, depth + 1)
