@@ -171,7 +171,7 @@ class Reporter:
             if self._on_durable is not None:
                 try:
                     self._on_durable(batch)
-                except Exception:  # noqa: BLE001 - bookkeeping must never stop the flusher
+                except Exception:  # bookkeeping must never stop the flusher
                     log.exception("the reporter's on_durable hook failed; the batch is durable anyway")
             self._durable += len(batch)
             self.published += len(batch)
