@@ -21,6 +21,7 @@ from playwright.async_api import Page, async_playwright, expect
 
 from jobmesh.dev.devcluster import start_dashboard, wait_dashboard
 from tests.cluster_fixtures import NODE_ID
+from tests.helpers import eventually
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "web-browser-test-token"
@@ -180,4 +181,54 @@ async def test_every_page_renders_without_an_error(page, web_url, fragment, titl
     await expect(page.locator("h1")).to_have_text(title)
     await expect(page.locator(table).first).to_be_visible()
     await expect(page.locator("main [role=alert]:not(:empty)")).to_have_count(0)
+    assert not errors
+
+
+async def test_a_page_drawn_while_the_stream_was_down_catches_up(page, web_url):
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    held = {
+        "spec": {"runtime": {"kind": "process", "argv": ["true"]}, "name": "browser-held", "not_before": 4102444800.0}
+    }
+    await log_in(page, web_url)
+    # The stream cannot connect: whatever happens meanwhile reaches the page only when it does.
+    await page.route("**/api/v1/events*", lambda route: route.abort())
+    async with aiohttp.ClientSession(base_url=web_url, headers=headers) as http:
+        async with http.post("/api/v1/jobs", json={"jobs": [held]}) as response:
+            assert response.status == 200, await response.text()
+            (job_id,) = (await response.json())["job_ids"]
+        await page.goto(f"{web_url}/#/jobs/{job_id}")
+        await page.reload()  # a fresh page whose stream is refused from the start
+        await expect(page.locator("#job h1")).to_contain_text(job_id)
+        await expect(page.locator("#live")).not_to_have_text("live")
+
+        async def cancelled() -> bool:
+            async with http.post(f"/api/v1/jobs/{job_id}/cancel", json={"reason": "browser"}) as response:
+                return response.status == 200  # 503 until the scheduler has seen the job
+
+        await eventually(cancelled, timeout=30, what="the cancel to reach the scheduler")
+    await expect(page.locator("#job h1 [data-state]")).not_to_have_attribute("data-state", "cancelled")
+    await page.unroute("**/api/v1/events*")
+    # Reconnected: the cancel it missed is drawn without a reload.
+    await expect(page.locator("#live")).to_have_text("live", timeout=20_000)
+    await expect(page.locator('#job h1 [data-state="cancelled"]')).to_have_count(1, timeout=10_000)
+
+
+async def test_an_unreachable_panel_is_drawn_as_an_error_and_no_style_is_blocked(page, web_url):
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+    down = json.dumps({"code": "unavailable", "message": "the binder is not running", "field": "", "retryable": True})
+    await log_in(page, web_url)
+    await page.route("**/api/v1/events*", lambda route: route.abort())  # no snapshot hides the failure
+    await page.route(
+        "**/api/v1/nodes", lambda route: route.fulfill(status=503, body=down, content_type="application/json")
+    )
+    await page.goto(f"{web_url}/#/nodes")
+    await page.reload()
+    await expect(page.locator("h1")).to_have_text("Nodes")
+    await expect(page.locator("#nodes .error")).to_contain_text("the binder is not running")
+    await page.goto(f"{web_url}/#/")
+    await expect(page.locator("h1")).to_have_text("Overview")
+    await expect(page.locator("#nodes .error")).to_contain_text("the binder is not running")
+    await expect(page.locator("#queues table, #queues p.muted").first).to_be_visible()
     assert not errors

@@ -75,6 +75,17 @@ function debounce(fn, ms) {
   return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
 }
 
+// At most one call per `ms`, the last request never lost: a busy run's stream of updates
+// redraws its page once a second rather than after every quiet gap.
+function throttle(fn, ms) {
+  let last = 0, timer = null;
+  return () => {
+    if (timer) return;
+    const wait = Math.max(0, last + ms - Date.now());
+    timer = setTimeout(() => { timer = null; last = Date.now(); fn(); }, wait);
+  };
+}
+
 class Unauthorized extends Error {}
 
 async function api(path, options) {
@@ -94,6 +105,15 @@ function show(...nodes) { main.replaceChildren(...nodes); }
 function failed(err) {
   if (err instanceof Unauthorized) return login(err.message);
   show(h("section", { class: "panel" }, h("p", { class: "error", role: "alert" }, String(err.message || err))));
+}
+
+// A panel's data, or {error, message} that its table draws in its place; a refused token
+// still goes to the login.
+async function orError(promise) {
+  try { return await promise; } catch (err) {
+    if (err instanceof Unauthorized) throw err;
+    return { error: true, message: String(err.message || err) };
+  }
 }
 
 // --- auth ------------------------------------------------------------------------------
@@ -132,11 +152,38 @@ function setLive(on) {
   liveBadge.className = `live ${on ? "on" : "off"}`;
 }
 
+// A "ready" after the first one, or after the stream failed while a view was on screen, is
+// a reconnection: the updates sent meanwhile were missed, so the view is drawn again.
+let everReady = false;
+let gap = false;
+const RETRY_MS = 3000;
+
 function connectEvents() {
   if (events) return;
-  events = new EventSource(API + "/events");
-  events.addEventListener("ready", () => setLive(true));
-  events.addEventListener("error", () => setLive(false));  // it reconnects by itself
+  const source = new EventSource(API + "/events");
+  events = source;
+  source.addEventListener("ready", () => {
+    setLive(true);
+    if ((everReady || gap) && current && current.render) current.render();
+    everReady = true;
+    gap = false;
+  });
+  source.addEventListener("error", () => {
+    setLive(false);
+    gap = true;
+    if (source.readyState !== EventSource.CLOSED) return;  // it reconnects by itself
+    // Closed for good: the server refused the stream (an expired or cleared cookie answers
+    // 401), or answered something else. Ask the API which: the login, or a retry.
+    if (events === source) events = null;
+    liveBadge.textContent = "disconnected";
+    setTimeout(async () => {
+      if (events) return;
+      try { await api("/jobs?limit=1"); connectEvents(); } catch (err) {
+        if (err instanceof Unauthorized) return login(err.message);
+        setTimeout(connectEvents, RETRY_MS);
+      }
+    }, RETRY_MS);
+  });
   events.addEventListener("job", (ev) => { if (current && current.onJob) current.onJob(JSON.parse(ev.data)); });
   events.addEventListener("nodes", (ev) => {
     cache.nodes = JSON.parse(ev.data);
@@ -252,12 +299,18 @@ async function overview() {
       jobs.replaceChildren(h("h2", {}, "Recent jobs ", h("a", { href: "#/jobs", class: "muted" }, "(all)")), jobsTable(reply.jobs));
     } catch (err) { failed(err); }
   }, 150);
+  const panels = async (fresh) => {
+    const [q, n] = await Promise.all([orError(api("/queues")), orError(api("/nodes"))]);
+    if (fresh || !cache.queues || cache.queues.error) cache.queues = q;
+    if (fresh || !cache.nodes || cache.nodes.error) cache.nodes = n;
+    queues.replaceChildren(h("h2", {}, "Queues"), queuesTable(cache.queues));
+    nodes.replaceChildren(h("h2", {}, "Nodes"), nodesTable(cache.nodes));
+  };
   refreshJobs();
-  const [q, n] = await Promise.all([api("/queues"), api("/nodes")]);
-  cache.queues = cache.queues || q; cache.nodes = cache.nodes || n;
-  queues.replaceChildren(h("h2", {}, "Queues"), queuesTable(cache.queues));
-  nodes.replaceChildren(h("h2", {}, "Nodes"), nodesTable(cache.nodes));
+  await panels(false);
   return {
+    // After a reconnection: every panel afresh, the form (and what is typed in it) kept.
+    render: async () => { refreshJobs(); try { await panels(true); } catch (err) { failed(err); } },
     onJob: refreshJobs,
     onQueues: (v) => queues.replaceChildren(h("h2", {}, "Queues"), queuesTable(v)),
     onNodes: (v) => nodes.replaceChildren(h("h2", {}, "Nodes"), nodesTable(v)),
@@ -312,19 +365,21 @@ function resultNote(t) {
 async function jobView(jobId) {
   const page = h("div", { id: "job", "data-job-id": jobId }, h("p", { class: "muted" }, "loading…"));
   show(page);
+  let running = false;
   const render = async () => {
     let t;
     try { t = await api(`/jobs/${encodeURIComponent(jobId)}/timeline`); } catch (err) { return failed(err); }
     const j = t.job;
     const runtime = j.spec.runtime || {};
     const what = runtime.argv ? runtime.argv.join(" ") : runtime.handler || runtime.image || runtime.kind;
-    const cancel = h("button", { class: "secondary", type: "button", onclick: async () => {
+    const cancel = h("button", { class: "secondary", type: "button", id: "cancel-job", onclick: async () => {
       try { await api(`/jobs/${encodeURIComponent(jobId)}/cancel`, { method: "POST", headers: JSON_BODY, body: "{}" }); } catch (err) { failed(err); }
     } }, "Cancel");
     const progress = t.progress ? h("div", { id: "progress" },
       h("span", {}, `attempt ${t.progress.attempt} on ${t.progress.node_id}: `,
         t.progress.fraction !== null ? `${Math.round(t.progress.fraction * 100)}%` : "", " ", t.progress.message),
-      t.progress.fraction !== null ? bar(t.progress.fraction, 1) : null) : null;
+      t.progress.fraction !== null ? bar(t.progress.fraction, 1) : null) : j.final ? null : h("div", { id: "progress" });
+    running = ["bound", "running"].includes(j.state);
     page.replaceChildren(
       h("h1", {}, "Job ", h("code", {}, j.job_id), " ", state(j.state, j.final)),
       h("section", { class: "panel" }, h("dl", { class: "kv" },
@@ -343,14 +398,45 @@ async function jobView(jobId) {
       h("section", { class: "panel", id: "transitions" }, h("h2", {}, "Transitions"),
         table(["at", "attempt#", "event", "detail"], [...j.events].sort((a, b) => a.at - b.at).map((e) => h("tr", { "data-event": e.kind },
           h("td", {}, when(e.at)), h("td", { class: "num" }, e.attempt), h("td", {}, e.kind), h("td", { class: "muted" }, e.detail))), "none yet")),
-      h("section", { class: "panel", id: "logs" }, h("h2", {}, `Output (${t.logs.total} line${t.logs.total === 1 ? "" : "s"})`),
-        t.logs.lines.length ? h("pre", {}, t.logs.lines.map((l) => `[${l.attempt} ${l.stream}] ${l.line}\n`).join("")) : h("p", { class: "muted" }, "no output")),
+      h("section", { class: "panel", id: "logs" }, logsSection(t.logs)),
       h("section", { class: "panel", id: "result" }, h("h2", {}, "Result"),
         t.result_bytes ? h("pre", {}, t.result, t.result_bytes > t.result.length ? "\n…" : "") : resultNote(t)));
   };
+  // A node's heartbeat carries the running attempt's progress, and its output grows: only
+  // the logs section is read again (the timeline itself changes with job events).
+  const refreshLogs = throttle(async () => {
+    const section = document.getElementById("logs");
+    if (!section || !page.isConnected) return;
+    try { section.replaceChildren(...logsSection(await api(`/jobs/${encodeURIComponent(jobId)}/logs?lines=500`))); } catch (err) {
+      if (err instanceof Unauthorized) failed(err);  // otherwise the page keeps what it shows
+    }
+  }, 1000);
+  const showProgress = (reply) => {
+    const el = document.getElementById("progress");
+    if (!el || !reply || !reply.nodes) return;
+    for (const n of reply.nodes) {
+      for (const a of n.node.attempts || []) {
+        if (a.job_id !== jobId) continue;
+        const fraction = a.progress === null || a.progress === undefined ? null : a.progress;
+        el.replaceChildren(h("span", {}, `attempt ${a.attempt} on ${n.node.node_id}: `,
+          fraction !== null ? `${Math.round(fraction * 100)}%` : "", " ", a.message || ""), fraction !== null ? bar(fraction, 1) : null);
+      }
+    }
+  };
   await render();
   const again = debounce(render, 150);
-  return { render, onJob: (u) => { if (u.job_id === jobId) again(); }, onNodes: () => { if (document.getElementById("progress")) again(); } };
+  return {
+    render,
+    onJob: (u) => { if (u.job_id === jobId) again(); },
+    onNodes: (reply) => { if (running) { showProgress(reply); refreshLogs(); } },
+  };
+}
+
+function logsSection(logs) {
+  return [h("h2", {}, `Output (${logs.total} line${logs.total === 1 ? "" : "s"})`),
+    logs.truncated ? h("p", { class: "muted" }, "older output not read: only the newest lines are shown") : null,
+    logs.lines.length ? h("pre", {}, logs.lines.map((l) => `[${l.attempt} ${l.stream}] ${l.line}\n`).join("")) : h("p", { class: "muted" }, "no output")]
+    .filter(Boolean);
 }
 
 async function workflowsView(params) {
@@ -410,22 +496,28 @@ async function workflowView(runId) {
         h("p", {}, h("a", { href: `#/jobs?workflow=${s.run_id}` }, "every job of this run"))));
   };
   await render();
-  const again = debounce(render, 200);
+  const again = throttle(render, 1000);
   // A mapped step's items and a handler's child jobs are not among the steps' jobs: while
   // the run goes on, any job's update may be one of its own.
   return { render, onJob: (u) => { if (jobs.has(u.job_id) || running) again(); } };
 }
 
 async function queuesView() {
-  const panel = h("section", { class: "panel", id: "queues" }, queuesTable(cache.queues || await api("/queues")));
+  const panel = h("section", { class: "panel", id: "queues" }, queuesTable(cache.queues || await orError(api("/queues"))));
   show(h("h1", {}, "Queues"), panel);
-  return { onQueues: (v) => panel.replaceChildren(queuesTable(v)) };
+  const render = async () => {
+    try { cache.queues = await orError(api("/queues")); panel.replaceChildren(queuesTable(cache.queues)); } catch (err) { failed(err); }
+  };
+  return { render, onQueues: (v) => panel.replaceChildren(queuesTable(v)) };
 }
 
 async function nodesView() {
-  const panel = h("section", { class: "panel", id: "nodes" }, nodesTable(cache.nodes || await api("/nodes")));
+  const panel = h("section", { class: "panel", id: "nodes" }, nodesTable(cache.nodes || await orError(api("/nodes"))));
   show(h("h1", {}, "Nodes"), panel);
-  return { onNodes: (v) => panel.replaceChildren(nodesTable(v)) };
+  const render = async () => {
+    try { cache.nodes = await orError(api("/nodes")); panel.replaceChildren(nodesTable(cache.nodes)); } catch (err) { failed(err); }
+  };
+  return { render, onNodes: (v) => panel.replaceChildren(nodesTable(v)) };
 }
 
 async function deadLettersView(params) {
@@ -471,8 +563,11 @@ async function route() {
     current = { render: route, ...handlers };
     connectEvents();
   } catch (err) {
-    current = null;
+    // The view failed (the cluster unreachable, say): a later reconnection of the stream
+    // draws it again, so the stream is opened all the same, unless the token was refused.
+    current = { render: route };
     failed(err);
+    if (!(err instanceof Unauthorized)) connectEvents();
   }
 }
 
