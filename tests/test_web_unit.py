@@ -191,6 +191,21 @@ def test_a_long_chain_goes_right_of_its_deepest_need():
     assert {p.step: p.column for p in layout.steps} == {"a": 0, "b": 1, "c": 2, "x": 3, "y": 4}
 
 
+def test_a_chain_of_the_most_steps_a_workflow_may_have_is_laid_out():
+    from jobmesh.contract.messages.v1.workflows import MAX_STEPS
+
+    chain = {f"s{i}": [f"s{i - 1}"] if i else [] for i in range(MAX_STEPS)}
+    layout = layered(dict(reversed(chain.items())))  # the deepest first: the walk goes all the way down at once
+    assert {p.step: p.column for p in layout.steps} == {f"s{i}": i for i in range(MAX_STEPS)}
+    assert (layout.columns, layout.rows) == (MAX_STEPS, 1)
+
+
+def test_a_cycle_inside_a_longer_graph_is_drawn_as_if_cut():
+    layout = layered({"a": [], "b": ["a", "d"], "c": ["b"], "d": ["c"], "e": ["d"]})
+    columns = {p.step: p.column for p in layout.steps}
+    assert columns["a"] == 0 and columns["e"] > columns["d"]
+
+
 def test_unknown_needs_and_cycles_do_not_break_the_page():
     layout = layered({"a": ["ghost"], "b": ["c"], "c": ["b"]})
     assert {p.step for p in layout.steps} == {"a", "b", "c"}

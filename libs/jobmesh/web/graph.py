@@ -7,7 +7,7 @@ their declaration order. Pure: the browser only draws the boxes and edges it is 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import msgspec
 
@@ -53,21 +53,39 @@ def layered(needs: Mapping[str, Sequence[str]]) -> Layout:
     Returns:
         The layout.
     """
-    depth: dict[str, int] = {}
-
-    def depth_of(step: str, path: frozenset[str]) -> int:
-        if step in depth:
-            return depth[step]
-        inside = [n for n in needs.get(step, ()) if n in needs and n not in path]
-        found = 1 + max((depth_of(n, path | {step}) for n in inside), default=-1)
-        depth[step] = found
-        return found
-
+    depth = _depths(needs)
     rows: dict[int, int] = {}
     placed = []
     for step in needs:
-        column = depth_of(step, frozenset())
+        column = depth[step]
         placed.append(Placed(step=step, column=column, row=rows.get(column, 0)))
         rows[column] = rows.get(column, 0) + 1
     edges = [Edge(source=n, target=step) for step, wanted in needs.items() for n in wanted if n in needs]
     return Layout(steps=placed, edges=edges, columns=len(rows), rows=max(rows.values(), default=0))
+
+
+def _depths(needs: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """Each step's dependency depth, in a depth-first post-order (a topological order).
+
+    With an explicit stack rather than recursion: a chain of MAX_STEPS steps is deeper than
+    Python's recursion limit allows. A need already on the walk's path (a cycle) is left out.
+    """
+    depth: dict[str, int] = {}
+    for root in needs:
+        if root in depth:
+            continue
+        stack: list[tuple[str, Iterator[str]]] = [(root, iter(needs[root]))]
+        on_path = {root}
+        while stack:
+            step, pending = stack[-1]
+            for need in pending:
+                if need in needs and need not in on_path and need not in depth:
+                    stack.append((need, iter(needs[need])))
+                    on_path.add(need)
+                    break
+            else:
+                stack.pop()
+                on_path.discard(step)
+                # Every need that is not on the path has its depth by now.
+                depth[step] = 1 + max((depth[n] for n in needs[step] if n in depth), default=-1)
+    return depth
