@@ -429,3 +429,22 @@ async def test_an_unknown_field_is_refused_not_dropped(http, path, body, field):
         assert response.status == 422, problem
         assert problem["code"] == "invalid_body", problem
         assert problem["field"] == field, problem
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [
+        ("GET", "/api/v1/no-such-thing", 404, "not_found"),
+        ("GET", "/no-such-page.html", 404, "not_found"),
+        ("DELETE", "/api/v1/jobs", 405, "method_not_allowed"),
+        ("PUT", "/api/v1/nodes", 405, "method_not_allowed"),
+    ],
+)
+async def test_what_no_endpoint_answers_has_the_error_shape(http, method, path, status, code):
+    async with http.request(method, path) as response:
+        assert response.status == status
+        assert response.headers["Content-Type"].startswith("application/json")
+        problem = await response.json()
+        assert problem["code"] == code and problem["message"] and problem["retryable"] is False, problem
+        if status == 405:
+            assert "GET" in response.headers["Allow"]

@@ -360,3 +360,19 @@ def test_the_document_lists_exactly_the_served_routes_and_every_ref_resolves():
 
     for ref in refs(doc):
         assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in schemas, ref
+
+
+async def test_a_crash_answers_with_the_error_shape():
+    from starlette.requests import Request
+
+    from jobmesh.web.app import _crash
+
+    request = Request({"type": "http", "method": "GET", "path": "/api/v1/jobs", "headers": [], "query_string": b""})
+    response = await _crash(request, RuntimeError("boom"))
+    assert response.status_code == 500
+    assert json.loads(bytes(response.body)) == {
+        "code": "internal",
+        "message": "the server failed: RuntimeError",
+        "field": "",
+        "retryable": False,
+    }

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nats.errors
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
@@ -73,7 +74,31 @@ def create_app(
         Route(e.path, _endpoint(e), methods=[e.method], name=e.operation_id) for e in ENDPOINTS
     ]
     routes.append(Mount("/", StaticFiles(directory=STATIC, html=True), name="dashboard"))
-    return Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(Guard, open_mode=token is None)])
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        middleware=[Middleware(Guard, open_mode=token is None)],
+        # What no handler answers (no such path, a wrong method, a crash) has the one error
+        # shape too: the dashboard reads every answer of /api/v1 as JSON.
+        exception_handlers={HTTPException: _http_error, Exception: _crash},
+    )
+
+
+_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = _CODES.get(exc.status_code, "bad_request" if exc.status_code < 500 else "internal")
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    field = "method" if exc.status_code == 405 else "path" if exc.status_code == 404 else ""
+    return problem_response(exc.status_code, Problem(code=code, message=message, field=field), dict(exc.headers or {}))
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    # Starlette logs the traceback (and re-raises for the server) after this answer.
+    log.error("%s %s failed: %s", request.method, request.url.path, type(exc).__name__)
+    return problem_response(500, Problem(code="internal", message=f"the server failed: {type(exc).__name__}"))
 
 
 def _endpoint(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
