@@ -376,3 +376,14 @@ async def test_a_crash_answers_with_the_error_shape():
         "field": "",
         "retryable": False,
     }
+
+
+async def test_a_stalled_event_stream_reader_times_out():
+    from starlette.requests import Request
+
+    from jobmesh.web.routes import SSE_SEND_TIMEOUT_SECONDS, WebState, events
+
+    request = Request({"type": "http", "method": "GET", "path": "/api/v1/events", "headers": [], "query_string": b""})
+    web = WebState(client=None, hub=None, token=None)  # type: ignore[arg-type]  # not touched before streaming
+    response = await events(request, web)
+    assert response.send_timeout == SSE_SEND_TIMEOUT_SECONDS == 30.0

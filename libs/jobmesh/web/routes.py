@@ -57,6 +57,9 @@ JOB_STATES: tuple[str, ...] = get_args(JobState)
 MAX_LIST = 1000
 RESULT_READ_LIMIT = 1024 * 1024  # the largest result a timeline reads (it shows the first 64 KiB)
 SSE_PING_SECONDS = 15  # a comment line this often keeps proxies from closing an idle stream
+# A client that takes no bytes for this long (a stalled or vanished reader whose socket
+# stays open) loses its stream, rather than holding the connection and its listener forever.
+SSE_SEND_TIMEOUT_SECONDS = 30.0
 
 
 @dataclass
@@ -316,7 +319,9 @@ async def events(request: Request, web: WebState) -> Response:
                 event = await listener.next()
                 yield ServerSentEvent(data=event.data.decode(), event=event.kind)
 
-    return EventSourceResponse(stream(), ping=SSE_PING_SECONDS, headers={"Cache-Control": "no-store"})
+    return EventSourceResponse(
+        stream(), ping=SSE_PING_SECONDS, send_timeout=SSE_SEND_TIMEOUT_SECONDS, headers={"Cache-Control": "no-store"}
+    )
 
 
 async def openapi(request: Request, web: WebState) -> Response:
