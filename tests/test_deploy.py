@@ -135,9 +135,12 @@ def test_grafana_provisions_tempo_prometheus_and_the_dashboard() -> None:
 def test_the_provisioner_runs_once_before_every_service() -> None:
     doc = compose()
     provision = doc["services"]["provision"]
-    assert provision["command"] == ["jobmesh", "provision"]
+    # Streams and buckets, then each service's durables and tables (tests/test_provision_services.py).
+    assert provision["command"] == ["jobmesh", "provision", "--services"]
     assert provision["restart"] == "no"
     assert provision["depends_on"]["nats"]["condition"] == "service_healthy"
+    assert provision["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "JOBMESH_DATABASE_URL" in provision["environment"]
     for name in (*SERVICES, "web"):
         depends = doc["services"][name]["depends_on"]
         assert depends["provision"]["condition"] == "service_completed_successfully", name

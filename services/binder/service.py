@@ -16,7 +16,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
 from jobmesh.runtime.nodes import NodeWatcher
-from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 
@@ -52,31 +52,48 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     )
     instruments.observe_nodes(binder.usage)
     await rt.serve(
-        consumers=[
-            ConsumerSpec(
-                stream=subjects.STREAM_JOBS,
-                durable=subjects.durable("binder", "ready"),
-                filter_subjects=tuple(subjects.job_events("*", (subjects.READY,))),
-                codec=Codec(JobReady, settings.max_message_bytes),
-                handle=binder.bind,
-                span_name="process jobmesh.v1.job.{partition}.ready",
-            ),
-            ConsumerSpec(
-                stream=subjects.STREAM_JOBS,
-                durable=subjects.durable("binder", "release"),
-                filter_subjects=tuple(subjects.job_events("*", subjects.TERMINAL_KINDS)),
-                codec=Codec(TerminalEvent, settings.max_message_bytes),
-                handle=binder.release,
-                span_name="process jobmesh.v1.job.{partition}.{terminal}",
-            ),
-            ConsumerSpec(
-                stream=subjects.STREAM_JOBS,
-                durable=subjects.durable("binder", "cancel"),
-                filter_subjects=tuple(subjects.job_events("*", (subjects.CANCELLING,))),
-                codec=Codec(JobCancelling, settings.max_message_bytes),
-                handle=binder.cancel,
-                span_name="process jobmesh.v1.job.{partition}.cancelling",
-            ),
-        ],
+        consumers=consumers(settings, binder.bind, binder.release, binder.cancel),
         responders=[ResponderSpec(subjects.API_NODES, Codec(NodesRequest), binder.nodes, queue="binder")],
     )
+
+
+def consumers(
+    settings: Settings, bind: BatchHandler, release: BatchHandler, cancel: BatchHandler
+) -> list[ConsumerSpec]:
+    """The binder's three durable consumers, on JM_JOBS, shared by every replica."""
+    return [
+        ConsumerSpec(
+            stream=subjects.STREAM_JOBS,
+            durable=subjects.durable("binder", "ready"),
+            filter_subjects=tuple(subjects.job_events("*", (subjects.READY,))),
+            codec=Codec(JobReady, settings.max_message_bytes),
+            handle=bind,
+            span_name="process jobmesh.v1.job.{partition}.ready",
+        ),
+        ConsumerSpec(
+            stream=subjects.STREAM_JOBS,
+            durable=subjects.durable("binder", "release"),
+            filter_subjects=tuple(subjects.job_events("*", subjects.TERMINAL_KINDS)),
+            codec=Codec(TerminalEvent, settings.max_message_bytes),
+            handle=release,
+            span_name="process jobmesh.v1.job.{partition}.{terminal}",
+        ),
+        ConsumerSpec(
+            stream=subjects.STREAM_JOBS,
+            durable=subjects.durable("binder", "cancel"),
+            filter_subjects=tuple(subjects.job_events("*", (subjects.CANCELLING,))),
+            codec=Codec(JobCancelling, settings.max_message_bytes),
+            handle=cancel,
+            span_name="process jobmesh.v1.job.{partition}.cancelling",
+        ),
+    ]
+
+
+async def provision_main(settings: Settings, tracing: Tracing) -> None:
+    """The binder's part of the one-shot provisioner: its durables, then exit."""
+    rt = Runtime(settings, tracing)
+    await rt.connect()
+    try:
+        await rt.ensure_consumers(consumers(settings, not_consumed, not_consumed, not_consumed))
+    finally:
+        await rt.close()

@@ -30,7 +30,7 @@ from jobmesh.contract.messages.v1 import (
 from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import connect_pool
 from jobmesh.runtime.nodes import NodeWatcher
-from jobmesh.runtime.service import ConsumerSpec, Envelope, ResponderSpec, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, Envelope, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
@@ -118,16 +118,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
                 subjects.scheduler_cancel(number), Codec(CancelRequest), _cancel(part), queue=f"scheduler-p{number}"
             )
         )
-        await rt.add_consumer(
-            ConsumerSpec(
-                stream=subjects.STREAM_JOBS,
-                durable=subjects.durable("scheduler", f"p{number}"),
-                filter_subjects=tuple(subjects.job_events(number, CONSUMED_KINDS)),
-                codec=codec,
-                handle=part.handle,
-                span_name="process jobmesh.v1.job.{partition}.{kind}",
-            )
-        )
+        await rt.add_consumer(partition_consumer(number, codec, part.handle))
 
     async def lost(number: int) -> None:
         # Also called after a take-over failed half way: every step tolerates "not there".
@@ -192,3 +183,29 @@ def _cancel(part: PartitionScheduler) -> Callable[[Envelope], Awaitable[CancelRe
         return await part.cancel(env.message)
 
     return handle
+
+
+def partition_consumer(number: int, codec: Codec[Any], handle: BatchHandler) -> ConsumerSpec:
+    """The durable consumer of partition ``number``: run by the instance holding its lease."""
+    return ConsumerSpec(
+        stream=subjects.STREAM_JOBS,
+        durable=subjects.durable("scheduler", f"p{number}"),
+        filter_subjects=tuple(subjects.job_events(number, CONSUMED_KINDS)),
+        codec=codec,
+        handle=handle,
+        span_name="process jobmesh.v1.job.{partition}.{kind}",
+    )
+
+
+async def provision_main(settings: Settings, tracing: Tracing) -> None:
+    """The scheduler's part of the one-shot provisioner: its tables and every partition's
+    durable, then exit. It takes no lease, so it never schedules."""
+    rt = Runtime(settings, tracing)
+    await rt.connect()
+    try:
+        pool = await connect_pool(settings.database_url, "scheduler", store.DDL, max_size=1)
+        await pool.close()
+        codec: Codec[Any] = Codec(LifecycleEvent, settings.max_message_bytes)
+        await rt.ensure_consumers([partition_consumer(n, codec, not_consumed) for n in range(settings.partitions)])
+    finally:
+        await rt.close()

@@ -8,7 +8,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobBound, JobGetRequest, JobListRequest, LifecycleEvent
 from jobmesh.runtime.db import connect_pool
-from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
@@ -17,7 +17,7 @@ from jobmesh.tracker.store import DDL, Store
 QUEUE_GROUP = "tracker"
 
 
-def consumers(settings: Settings, events: EventsHandler) -> list[ConsumerSpec]:
+def consumers(settings: Settings, events: BatchHandler) -> list[ConsumerSpec]:
     """The tracker's two durable consumers; one handler records both streams.
 
     Args:
@@ -68,3 +68,15 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         responders=responders(QueryHandler(store)),
         on_stop=pool.close,
     )
+
+
+async def provision_main(settings: Settings, tracing: Tracing) -> None:
+    """The tracker's part of the one-shot provisioner: its tables and durables, then exit."""
+    rt = Runtime(settings, tracing)
+    await rt.connect()
+    try:
+        pool = await connect_pool(settings.database_url, "tracker", DDL, max_size=1)
+        await pool.close()
+        await rt.ensure_consumers(consumers(settings, not_consumed))
+    finally:
+        await rt.close()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import SubmitRequest
 from jobmesh.errors import InvalidMessage, InvalidSpec
 from jobmesh.runtime.provisioning import ensure_stream, external_stream_config
-from jobmesh.runtime.service import ConsumerSpec, ResponderSpec, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.trigger.bursts import Bursts
@@ -70,12 +71,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     allowed = allowed_subjects(settings.trigger_subjects)
     rt = Runtime(settings, tracing)
     await rt.connect()
-    if allowed:
-        # Made with JOBMESH_STREAM_REPLICAS like every stream; a restart adds subjects the
-        # setting gained and leaves limits an operator changed by hand alone.
-        external = external_stream_config([".".join(t) for t in allowed])
-        external.num_replicas = settings.stream_replicas
-        await ensure_stream(rt.js, external)
+    await _ensure_external(rt, settings, allowed)
     schemas = HandlerSchemas(rt.js)
     rt.spawn(schemas.run(), "handler-schemas")
     rt.on_reconnect(schemas.restart)
@@ -155,12 +151,10 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     if ingress is not None:
         await ingress.start()
         log.info("HTTP ingress on %s (port %d)", settings.http_listen, ingress.port)
-    consumers = [_event_consumer(subjects.STREAM_EVENTS, "events", (subjects.EVENTS_ALL,), rules, router, rt, settings)]
-    if allowed:
-        patterns = tuple(".".join(t) for t in allowed)
-        consumers.append(_event_consumer(subjects.STREAM_EXTERNAL, "external", patterns, rules, router, rt, settings))
     await rt.serve(
-        consumers=consumers,
+        consumers=event_consumers(
+            settings, allowed, lambda stream: EventHandler(rules, router, rt.dead_letter, stream, time.time)
+        ),
         responders=[
             ResponderSpec(
                 subjects.API_SUBMIT,
@@ -181,20 +175,51 @@ async def _stop(ingress: HttpIngress | None, stats: RuleStats) -> None:
     await stats.flush()
 
 
-def _event_consumer(
-    stream: str,
-    purpose: str,
-    filters: tuple[str, ...],
-    rules: RuleSet,
-    router: Router,
-    rt: Runtime,
-    settings: Settings,
-) -> ConsumerSpec:
-    return ConsumerSpec(
-        stream=stream,
-        durable=subjects.durable("trigger", purpose),
-        filter_subjects=filters,
-        codec=EventCodec(settings.max_message_bytes),
-        handle=EventHandler(rules, router, rt.dead_letter, stream, time.time),
-        span_name=f"process {filters[0]}",
-    )
+def event_consumers(
+    settings: Settings, allowed: tuple[tuple[str, ...], ...], handler: Callable[[str], BatchHandler]
+) -> list[ConsumerSpec]:
+    """The durables events are matched from: ``jobmesh.v1.events.>`` on JM_EVENTS, and the
+    subjects JOBMESH_TRIGGER_SUBJECTS allows on JM_EXTERNAL.
+
+    Args:
+        settings: the process settings.
+        allowed: the allowed external patterns, as tokens.
+        handler: the batch handler of a stream's consumer.
+    """
+    sources: list[tuple[str, str, tuple[str, ...]]] = [(subjects.STREAM_EVENTS, "events", (subjects.EVENTS_ALL,))]
+    if allowed:
+        sources.append((subjects.STREAM_EXTERNAL, "external", tuple(".".join(t) for t in allowed)))
+    return [
+        ConsumerSpec(
+            stream=stream,
+            durable=subjects.durable("trigger", purpose),
+            filter_subjects=filters,
+            codec=EventCodec(settings.max_message_bytes),
+            handle=handler(stream),
+            span_name=f"process {filters[0]}",
+        )
+        for stream, purpose, filters in sources
+    ]
+
+
+async def _ensure_external(rt: Runtime, settings: Settings, allowed: tuple[tuple[str, ...], ...]) -> None:
+    if allowed:
+        # Made with JOBMESH_STREAM_REPLICAS like every stream; a restart adds subjects the
+        # setting gained and leaves limits an operator changed by hand alone.
+        external = external_stream_config([".".join(t) for t in allowed])
+        external.num_replicas = settings.stream_replicas
+        await ensure_stream(rt.js, external)
+
+
+async def provision_main(settings: Settings, tracing: Tracing) -> None:
+    """The trigger's part of the one-shot provisioner: the external-events stream (when
+    subjects are allowed) and the event durables, then exit. (The completions consumer
+    exists only while a completion rule does, so the trigger makes it itself.)"""
+    allowed = allowed_subjects(settings.trigger_subjects)
+    rt = Runtime(settings, tracing)
+    await rt.connect()
+    try:
+        await _ensure_external(rt, settings, allowed)
+        await rt.ensure_consumers(event_consumers(settings, allowed, lambda _stream: not_consumed))
+    finally:
+        await rt.close()

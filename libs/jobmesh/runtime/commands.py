@@ -9,6 +9,7 @@ services do.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 from typing import Any
 
@@ -28,6 +29,12 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "provision", help="create missing streams and buckets, and bring existing streams to today's limits"
     )
+    p.add_argument(
+        "--services",
+        action="store_true",
+        help="also run each service's own part: the scheduler's and tracker's database tables and every "
+        "shared durable consumer (needs JOBMESH_DATABASE_URL); what a deployment's one-shot provisioner runs",
+    )
     p.set_defaults(fn=run)
 
 
@@ -35,7 +42,7 @@ async def run(args: argparse.Namespace) -> int:
     """Create every missing stream and bucket, and apply today's limits to existing streams.
 
     Args:
-        args: the parsed command line (no options).
+        args: the parsed command line (`--services`: each service's tables and durables too).
 
     Returns:
         0 once everything is provisioned.
@@ -70,7 +77,40 @@ async def run(args: argparse.Namespace) -> int:
     print(
         "jobmesh: streams and buckets are provisioned (existing streams updated to the current limits)", file=sys.stderr
     )
+    if getattr(args, "services", False):
+        for service in PROVISIONED_SERVICES:
+            await _provision_service(service)
+        print(
+            f"jobmesh: database tables and durable consumers are provisioned ({', '.join(PROVISIONED_SERVICES)})",
+            file=sys.stderr,
+        )
     return 0
+
+
+# The services with something to prepare before they start: tables (scheduler, tracker)
+# and shared durable consumers. An executor's consumer is its own node's, made at its start.
+PROVISIONED_SERVICES = ("trigger", "scheduler", "binder", "tracker")
+
+
+async def _provision_service(service: str) -> None:
+    """Run ``python -m jobmesh.<service> --provision`` (the service's own code knows its
+    tables and durables; the runtime does not import the services).
+
+    Raises:
+        Unavailable: the service's provisioning failed; its last output lines are quoted.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        f"jobmesh.{service}",
+        "--provision",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await proc.communicate()
+    if proc.returncode != 0:
+        tail = output.decode(errors="replace").strip().splitlines()[-5:]
+        raise Unavailable(f"provisioning the {service} failed (exit {proc.returncode}): " + " | ".join(tail))
 
 
 async def _quiet(exc: Exception) -> None:

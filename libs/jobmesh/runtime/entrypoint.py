@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -13,15 +14,42 @@ from jobmesh.runtime.tracing import Tracing
 __all__ = ["run_service"]
 
 
-def run_service(main: Callable[[Settings, Tracing], Coroutine[Any, Any, None]], service: str) -> None:
+ServiceMain = Callable[[Settings, Tracing], Coroutine[Any, Any, None]]
+
+
+def run_service(
+    main: ServiceMain, service: str, provision: ServiceMain | None = None, argv: list[str] | None = None
+) -> None:
     """Read the settings, configure logs, traces and metrics, and run ``main`` on uvloop.
 
     Args:
         main: the service's coroutine (connect, serve until stopped, drain).
         service: its name (trigger, scheduler, binder, executor, tracker).
+        provision: its part of the one-shot provisioner (``--provision``): its database
+            tables and durable consumers, then exit. None for a service that has neither
+            to prepare ahead (the executor's consumer is its node's own).
+        argv: the command line's arguments (``sys.argv[1:]`` when omitted).
     """
     import uvloop
 
+    parser = argparse.ArgumentParser(
+        prog=f"jobmesh-{service}",
+        description=f"The jobmesh {service} service, configured by JOBMESH_* and OTEL_* variables "
+        "(docs/architecture.md, Configuration).",
+    )
+    if provision is not None:
+        parser.add_argument(
+            "--provision",
+            action="store_true",
+            help="create or update this service's database tables and durable consumers, then exit "
+            "(what `jobmesh provision --services` runs for each service)",
+        )
+    args = parser.parse_args(argv)
+    if provision is not None and args.provision:
+        settings = Settings.from_env(service)
+        logs.configure(service, settings.log_level, settings.log_format)
+        uvloop.run(provision(settings, Tracing.off()))
+        return
     settings = Settings.from_env(service)
     logs.configure(service, settings.log_level, settings.log_format)
     tracing = Tracing.from_env(service)

@@ -296,8 +296,14 @@ class Runtime:
         )
 
     # --- consumers -----------------------------------------------------------------
-    async def add_consumer(self, spec: ConsumerSpec) -> None:
-        """Ensure the durable consumer exists and start its pull loop."""
+    async def ensure_consumers(self, specs: Sequence[ConsumerSpec]) -> None:
+        """Create (or bring up to date) the durable consumers of ``specs`` without
+        consuming from them: a service's part of the one-shot provisioner."""
+        for spec in specs:
+            await self._ensure_consumer(spec)
+            log.info("%s: durable consumer %s on %s is provisioned", self.service, spec.durable, spec.stream)
+
+    async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
         await ensure_consumer(
             self.js,
             spec.stream,
@@ -309,6 +315,15 @@ class Runtime:
                 deliver_policy=spec.deliver_policy,
             ),
         )
+
+    async def close(self) -> None:
+        """Close the connection of a runtime that never served (a provisioning run)."""
+        if self._connection is not None and not self.nc.is_closed:
+            await self.nc.close()
+
+    async def add_consumer(self, spec: ConsumerSpec) -> None:
+        """Ensure the durable consumer exists and start its pull loop."""
+        await self._ensure_consumer(spec)
         pull = PullConsumer(self.nc, spec.stream, spec.durable, spec.batch_size or self.settings.batch_size)
         await pull.start()
         self._pulls.append(pull)
@@ -722,6 +737,12 @@ def _end_spans(envelopes: list[Envelope], outcomes: Sequence[Outcome] | None, ba
 async def _reply(msg: Msg, reply: Any) -> None:
     if msg.reply:
         await msg.respond(encode(reply))
+
+
+async def not_consumed(envelopes: list[Envelope]) -> Sequence[Outcome] | None:
+    """The handler of a consumer spec made only to provision its durable
+    (:meth:`Runtime.ensure_consumers`): it is never consumed from."""
+    raise RuntimeError("a consumer spec made for provisioning was consumed from")
 
 
 def _one_job(envelopes: list[Envelope]) -> bool:
