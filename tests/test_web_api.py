@@ -235,14 +235,30 @@ async def test_the_event_stream_sees_a_jobs_updates(http):
 
 
 async def test_the_event_stream_of_one_job(http):
-    (job_id,) = await submit(http, job(["true"], name="web-sse-one"))
-    async with http.get(f"/api/v1/events?job={job_id}", timeout=aiohttp.ClientTimeout(total=60)) as stream:
+    (held,) = await submit(http, job(["true"], name="web-sse-one", not_before=4102444800.0))
+    seen: list[tuple[str, dict]] = []
+    async with http.get(f"/api/v1/events?job={held}", timeout=aiohttp.ClientTimeout(total=60)) as stream:
         events = sse_events(stream)
         assert (await anext(events))[0] == "ready"
-        view = await final_view(http, job_id)
-        assert view["state"] == "succeeded"
-    # Only this job's updates, and no snapshots of nodes or queues, came on that stream
-    # (checked by the decoder: a foreign job would have failed the assertion below).
+        # Another job runs and ends meanwhile: its updates, and the node and queue changes it
+        # makes (snapshots every 2 s on an unfiltered stream), must not reach this one.
+        (other,) = await submit(http, job(["sh", "-c", "sleep 2.5"], name="web-sse-other"))
+        assert (await final_view(http, other))["state"] == "succeeded"
+
+        async def cancelled() -> bool:
+            async with http.post(f"/api/v1/jobs/{held}/cancel", json={"reason": "sse test"}) as response:
+                return response.status == 200  # 503 until the scheduler has seen the job
+
+        await eventually(cancelled, what="the cancel to reach the scheduler")
+        async with asyncio.timeout(30):
+            async for kind, data in events:
+                seen.append((kind, data))
+                if kind == "job" and data.get("final"):
+                    break
+    assert seen, "no update of the job came"
+    assert all(kind == "job" for kind, _ in seen), [kind for kind, _ in seen]
+    assert {data["job_id"] for _, data in seen} == {held}
+    assert seen[-1][1]["state"] == "cancelled"
 
 
 async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, dict]]:
