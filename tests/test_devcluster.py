@@ -158,3 +158,39 @@ def test_the_embedded_postgres_starts_without_a_runtime_dir_warning(tmp_path: Pa
     assert uri.startswith("postgresql://")
     assert runtime_dir == "None"  # the services started later see the caller's environment
     assert stat.S_IMODE((state_dir / "run").stat().st_mode) == 0o700
+
+
+# --- the dashboard ------------------------------------------------------------------------
+class _Recorder:
+    """Stands in for a LocalCluster: records what start_service is asked to start."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, dict[str, str]]] = []
+
+    def start_service(self, name: str, extra_env: dict[str, str] | None = None) -> None:
+        self.started.append((name, dict(extra_env or {})))
+
+
+@pytest.mark.parametrize("token", [None, "given-token"])
+def test_the_dashboard_gets_no_token_setting_of_the_caller(token: str | None) -> None:
+    recorder = _Recorder()
+    devcluster.start_dashboard(recorder, 8123, token=token)  # type: ignore[arg-type]
+    ((name, env),) = recorder.started
+    assert name == "web"
+    assert env["JOBMESH_WEB_LISTEN"] == "127.0.0.1:8123"
+    # Blanked, so a JOBMESH_WEB_TOKEN_FILE in the developer's shell cannot put a token in.
+    assert env["JOBMESH_WEB_TOKEN_FILE"] == ""
+    assert env["JOBMESH_WEB_TOKEN"] == (token or "")
+    assert env["JOBMESH_WEB_OPEN_ON_LOOPBACK"] == ("" if token else "1")
+
+
+def test_python_m_jobmesh_web_reads_the_open_flag_from_the_environment(tmp_path: Path) -> None:
+    env = {**os.environ, "JOBMESH_WEB_LISTEN": "127.0.0.1:0", "JOBMESH_WEB_TOKEN": "", "JOBMESH_WEB_TOKEN_FILE": ""}
+    env.pop("JOBMESH_WEB_OPEN_ON_LOOPBACK", None)
+    env["JOBMESH_NATS_URL"], env["JOBMESH_WEB_WAIT"] = NO_NATS, "1"
+    refused = subprocess.run([sys.executable, "-m", "jobmesh.web"], env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "--open-on-loopback" in refused.stderr, refused.stderr
+    env["JOBMESH_WEB_OPEN_ON_LOOPBACK"] = "1"
+    opened = subprocess.run([sys.executable, "-m", "jobmesh.web"], env=env, capture_output=True, text=True, timeout=60)
+    # Past the token check: it waits for NATS (unreachable here) and gives up.
+    assert opened.returncode == 2 and "cannot reach NATS" in opened.stderr, opened.stderr
