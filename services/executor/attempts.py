@@ -627,7 +627,8 @@ class Attempt:
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
         msg_id = log_id(bound.job_id, bound.attempt, self._log_seq)
-        await self._reporter.emit_log(Outgoing(subjects.job_log(bound.job_id), message, msg_id, self._trace_context))
+        line_out = Outgoing(subjects.job_log(bound.job_id), message, msg_id, self._trace_context, spanned=False)
+        await self._reporter.emit_log(line_out)
 
 
 def _nanoseconds(epoch_seconds: float) -> int:

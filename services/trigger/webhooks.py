@@ -41,7 +41,6 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import new_idempotency_key
 from jobmesh.contract.messages.v1 import ErrorReply, SubmitReply, SubmitRequest, WebhookSource
-from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, Overloaded, OversizedMessage, Unavailable
 from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.secretfiles import SecretFileError, read_secret_file
@@ -455,8 +454,7 @@ class HttpIngress:
         body = await read_body(request, self._max_submit)
         headers = {k.lower(): v for k, v in request.headers.items() if k.lower() not in CREDENTIAL_HEADERS}
         try:
-            message = self._codec.decode(body)
-            reject_unknown_fields(body, SubmitRequest)
+            message = self._codec.decode(body)  # strict: unknown fields are refused, naming them
         except InvalidMessage as exc:
             await self._record_refused(body, exc)
             raise error_for(exc) from exc

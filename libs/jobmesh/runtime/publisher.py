@@ -33,12 +33,16 @@ class Outgoing:
         message: a msgspec struct, encoded as JSON.
         msg_id: the Nats-Msg-Id that makes a re-publish a no-op within the duplicate window.
         context: the trace context this message continues (usually the input's).
+        spanned: whether exporting records a ``send`` span for it. A job's output lines
+            are not: a chatty job would fill the exporter's queue and crowd out every
+            other job's spans (they still carry the trace context).
     """
 
     subject: str
     message: Any
     msg_id: str
     context: Context | None = None
+    spanned: bool = True
 
 
 class Publisher:
@@ -79,29 +83,36 @@ class Publisher:
 
     async def _publish_traced(self, items: list[Outgoing]) -> list[Any]:
         """:meth:`publish` with a ``send`` span per message, ended once its fate is known."""
-        spans = [self._tracing.send(item.subject, item.msg_id, item.context) for item in items]
+        spans = [
+            self._tracing.send(item.subject, item.msg_id, item.context) if item.spanned else None for item in items
+        ]
         try:
             acks = await self._publish(items, spans)
         except Exception as exc:
             for span in spans:
+                if span is None:
+                    continue
                 span.record_exception(exc)
                 span.set_status(trace.Status(trace.StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 span.end()
             raise
         for span, ack in zip(spans, acks, strict=True):
+            if span is None:
+                continue
             if getattr(ack, "duplicate", False):
                 span.set_attribute("jobmesh.duplicate", True)  # the stream already had it
             span.end()
         return acks
 
-    async def _publish(self, items: Iterable[Outgoing], spans: list[trace.Span] | None = None) -> list[Any]:
+    async def _publish(self, items: Iterable[Outgoing], spans: list[trace.Span | None] | None = None) -> list[Any]:
         futures = []
         try:
             for n, item in enumerate(items):
-                if spans is None:
+                span = spans[n] if spans is not None else None
+                if span is None:
                     headers = self._inject({"Nats-Msg-Id": item.msg_id}, item.context)
                 else:
-                    headers = self._inject({"Nats-Msg-Id": item.msg_id}, trace.set_span_in_context(spans[n]))
+                    headers = self._inject({"Nats-Msg-Id": item.msg_id}, trace.set_span_in_context(span))
                 futures.append(await self._js.publish_async(item.subject, encode(item.message), headers=headers))
         except nats.errors.Error as exc:  # disconnected, closed, outbound buffer full
             _cancel(futures)
