@@ -464,3 +464,22 @@ async def test_what_no_endpoint_answers_has_the_error_shape(http, method, path, 
         assert problem["code"] == code and problem["message"] and problem["retryable"] is False, problem
         if status == 405:
             assert "GET" in response.headers["Allow"]
+
+
+async def test_only_the_newest_output_lines_are_read(http):
+    script = "i=1; while [ $i -le 3000 ]; do echo line $i; i=$((i+1)); done"
+    (job_id,) = await submit(http, job(["sh", "-c", script], name="web-many-lines"))
+    assert (await final_view(http, job_id))["state"] == "succeeded"
+
+    async def all_stored() -> dict | None:
+        page = await get_json(http, f"/api/v1/jobs/{job_id}/logs?lines=100")
+        return page if page["total"] >= 3000 else None
+
+    page = await eventually(all_stored, what="the job's 3000 output lines")
+    assert [line["line"] for line in page["lines"]] == [f"line {i}" for i in range(2901, 3001)]
+    assert page["truncated"] is True
+    timeline = await get_json(http, f"/api/v1/jobs/{job_id}/timeline?lines=10")
+    assert [line["line"] for line in timeline["logs"]["lines"]][-1] == "line 3000"
+    assert len(timeline["logs"]["lines"]) == 10 and timeline["logs"]["truncated"] is True
+    whole = await get_json(http, f"/api/v1/jobs/{job_id}/logs?lines=5000")
+    assert len(whole["lines"]) == whole["total"] and whole["truncated"] is False

@@ -387,3 +387,30 @@ async def test_a_stalled_event_stream_reader_times_out():
     web = WebState(client=None, hub=None, token=None)  # type: ignore[arg-type]  # not touched before streaming
     response = await events(request, web)
     assert response.send_timeout == SSE_SEND_TIMEOUT_SECONDS == 30.0
+
+
+# --- log reads ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("mine", "limit"),
+    [
+        (list(range(1, 1001)), 100),  # the stream holds only this job's lines
+        (list(range(5, 200_000, 7)), 500),  # interleaved with other jobs' lines
+        ([3, 4] + list(range(150_000, 150_050)), 20),  # a burst long after two early lines
+        ([3, 4] + list(range(150_000, 150_050)), 51),  # all but the first
+        ([10, 20, 30], 1),
+    ],
+)
+async def test_log_reads_start_at_the_newest_lines(mine, limit):
+    from bisect import bisect_left
+
+    from jobmesh.client.logs import newest_start
+
+    probes = []
+
+    async def count_from(seq: int) -> int:
+        probes.append(seq)
+        return len(mine) - bisect_left(mine, seq)
+
+    start = await newest_start(count_from, 1, mine[-1], limit)
+    assert [s for s in mine if s >= start] == mine[-limit:]
+    assert len(probes) < 64
