@@ -395,8 +395,8 @@ async def test_a_stalled_event_stream_reader_times_out():
     [
         (list(range(1, 1001)), 100),  # the stream holds only this job's lines
         (list(range(5, 200_000, 7)), 500),  # interleaved with other jobs' lines
-        ([3, 4] + list(range(150_000, 150_050)), 20),  # a burst long after two early lines
-        ([3, 4] + list(range(150_000, 150_050)), 51),  # all but the first
+        ([3, 4, *range(150_000, 150_050)], 20),  # a burst long after two early lines
+        ([3, 4, *range(150_000, 150_050)], 51),  # all but the first
         ([10, 20, 30], 1),
     ],
 )
