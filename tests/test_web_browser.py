@@ -232,3 +232,16 @@ async def test_an_unreachable_panel_is_drawn_as_an_error_and_no_style_is_blocked
     await expect(page.locator("#nodes .error")).to_contain_text("the binder is not running")
     await expect(page.locator("#queues table, #queues p.muted").first).to_be_visible()
     assert not errors
+
+
+async def test_a_stream_refused_for_good_goes_back_to_the_login(page, web_url):
+    await log_in(page, web_url)
+    await page.goto(f"{web_url}/#/triggers")  # a page that reads nothing again on updates
+    await expect(page.locator("h1")).to_have_text("Trigger rules")
+    await expect(page.locator("#live")).to_have_text("live")
+    # The cookie expires; the stream's next connection is refused (401), which closes the
+    # EventSource for good: the page must say so and ask for the token again.
+    await page.context.clear_cookies()
+    await page.evaluate("events.close(); events = null; connectEvents()")
+    await expect(page.locator("#live")).to_have_text("disconnected")
+    await expect(page.locator("#login-form")).to_be_visible(timeout=15_000)
