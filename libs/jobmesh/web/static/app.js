@@ -119,6 +119,9 @@ async function orError(promise) {
 // --- auth ------------------------------------------------------------------------------
 function login(message) {
   if (events) { events.close(); events = null; setLive(false); }
+  // Several requests of one page may be refused: the form already shown stays, with what
+  // is typed in it and what it said.
+  if (document.getElementById("login-form")) return;
   const node = document.getElementById("login-template").content.cloneNode(true);
   show(node);
   const form = document.getElementById("login-form");
