@@ -47,6 +47,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import Conflict, InvalidMessage, NotFound, Unavailable
+from jobmesh.runtime.kvwatch import bucket_keys
 from jobmesh.runtime.service import Envelope, ResponderSpec
 from jobmesh.trigger.completions import completion_matches
 from jobmesh.trigger.expressions import Bindings
@@ -188,13 +189,13 @@ class RuleApi:
             raise Conflict(f"rule {name} changed meanwhile") from exc
 
     async def _records(self) -> list[TriggerRecord]:
-        kv = await self._kv()
+        await self._kv()  # the bucket exists (or Unavailable)
         try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return []
+            keys = await bucket_keys(self._js, subjects.KV_TRIGGERS)
+        except nats.errors.Error as exc:
+            raise Unavailable(f"cannot list {subjects.KV_TRIGGERS}: {exc}") from exc
         out = []
-        for key in sorted(keys):
+        for key in keys:
             record, _ = await self._read(key)
             if record is not None:
                 out.append(record)

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import nats.errors
+from nats.js import JetStreamContext
 
 from jobmesh.runtime.backoff import backoff
 
@@ -73,3 +74,17 @@ async def watch_forever(
         if failure is not None:
             raise failure
         log.info("%s: watching %s afresh", name, bucket)
+
+
+async def bucket_keys(js: JetStreamContext, bucket: str) -> list[str]:
+    """Every key a KV bucket holds an entry for, sorted, deleted ones included.
+
+    nats-py's ``kv.keys()`` decides it has seen everything from a consumer-info answer
+    that can come before the first entry reaches the client, so right after a put it can
+    answer "no keys" for a bucket that has one. The stream's own subject list has no such
+    race: one request. A deleted or purged key keeps a marker, so callers read each key and
+    skip those that are gone.
+    """
+    prefix = f"$KV.{bucket}."
+    info = await js.stream_info(f"KV_{bucket}", subjects_filter=f"{prefix}>")
+    return sorted(subject[len(prefix) :] for subject in (info.state.subjects or {}))
