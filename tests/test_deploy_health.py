@@ -138,7 +138,7 @@ def wait_healthy(proc: subprocess.Popen, check: list[str], log: Path) -> None:
         if result.returncode == 0:
             return
         last = (result.stderr.strip().splitlines() or [""])[-1]
-        time.sleep(0.25)  # between probes, as compose's interval; not before an assert
+        time.sleep(0.25)  # noqa: sleep - between probes, as compose's interval; not before an assert
     pytest.fail(f"not healthy within {HEALTH_DEADLINE}s (last check: {last}):\n{_tail(log)}")
 
 

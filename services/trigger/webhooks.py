@@ -41,7 +41,8 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import new_idempotency_key
 from jobmesh.contract.messages.v1 import ErrorReply, SubmitReply, SubmitRequest, WebhookSource
-from jobmesh.errors import InvalidMessage, InvalidSpec, JobmeshError, Overloaded, OversizedMessage, Unavailable
+from jobmesh.errors import InvalidMessage, JobmeshError, Overloaded, OversizedMessage, Unavailable
+from jobmesh.runtime.opsserver import parse_listen
 from jobmesh.runtime.outcomes import Reject
 from jobmesh.runtime.secretfiles import SecretFileError, read_secret_file
 from jobmesh.runtime.service import Envelope
@@ -222,22 +223,6 @@ class SecretReader:
 
 
 # --- pure checks ---------------------------------------------------------------------
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:8480``; ``:8480`` is every interface) as host and port.
-
-    Raises:
-        InvalidSpec: naming ``JOBMESH_HTTP_LISTEN``.
-    """
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise InvalidSpec(
-            f"JOBMESH_HTTP_LISTEN: {listen!r} is not host:port (e.g. 127.0.0.1:8480, [::]:8480, :8480)",
-            field="http_listen",
-        )
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
-
-
 def bearer_token(header: str) -> bytes | None:
     """The token of an ``Authorization: Bearer <token>`` header (None when it is not one)."""
     scheme, _, token = header.strip().partition(" ")
@@ -347,7 +332,7 @@ class HttpIngress:
         metrics: TriggerMetrics | None = None,
     ) -> None:
         self._metrics = metrics or TriggerMetrics()
-        self.host, self._port = parse_listen(listen)
+        self.host, self._port = parse_listen(listen, "JOBMESH_HTTP_LISTEN")
         self._submit = submit
         self._rules = rules
         self._router = router

@@ -45,13 +45,11 @@ def run_service(
             "(what `jobmesh provision --services` runs for each service)",
         )
     args = parser.parse_args(argv)
-    if provision is not None and args.provision:
-        settings = Settings.from_env(service)
-        logs.configure(service, settings.log_level, settings.log_format)
-        uvloop.run(provision(settings, Tracing.off()))
-        return
     settings = Settings.from_env(service)
     logs.configure(service, settings.log_level, settings.log_format)
+    if provision is not None and args.provision:
+        uvloop.run(provision(settings, Tracing.off()))
+        return
     tracing = Tracing.from_env(service)
     meter_provider = metrics.install(service, scrape=bool(settings.ops_listen))
     try:

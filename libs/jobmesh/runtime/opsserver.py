@@ -30,7 +30,8 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def parse_listen(listen: str, variable: str) -> tuple[str, int]:
-    """``host:port`` (``[::1]:9464``; ``:9464`` is every interface) as host and port.
+    """``host:port`` (``[::1]:9464``; ``:9464`` is every interface) as host and port: every
+    listen setting's one parser (the ops endpoint's, the trigger's HTTP ingress's).
 
     Args:
         listen: the value.
@@ -42,7 +43,7 @@ def parse_listen(listen: str, variable: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise InvalidSpec(
-            f"{variable}: {listen!r} is not host:port (e.g. 127.0.0.1:9464, [::]:9464, :9464)",
+            f"{variable}: {listen!r} is not host:port (e.g. 127.0.0.1:9000, [::]:9000, :9000)",
             field=variable.removeprefix("JOBMESH_").lower(),
         )
     return host.strip("[]") or "0.0.0.0", int(port)
