@@ -344,7 +344,12 @@ def api_in_memory(tracing: Tracing) -> tuple[WorkflowApi, KeptKV, KeptPublisher]
     async def key_value(_name):
         return kv
 
-    js = SimpleNamespace(key_value=key_value)
+    async def stream_info(_stream, subjects_filter=None):
+        # What bucket_keys reads: the subject of every key the bucket holds.
+        names = {f"$KV.{subjects.KV_WORKFLOWS}.{key}": 1 for key in kv.values}
+        return SimpleNamespace(state=SimpleNamespace(subjects=names))
+
+    js = SimpleNamespace(key_value=key_value, stream_info=stream_info)
     api = WorkflowApi(None, js, publisher, 4, jobs=None, tracing=tracing)  # type: ignore[arg-type]
     return api, kv, publisher
 

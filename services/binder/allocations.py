@@ -31,7 +31,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import Allocation
 from jobmesh.errors import Conflict, Unavailable
-from jobmesh.runtime.kvwatch import watch_forever
+from jobmesh.runtime.kvwatch import bucket_keys, watch_forever
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -203,9 +203,7 @@ class Allocations:
             Unavailable: when the server does not answer.
         """
         try:
-            keys = await self.kv.keys()
-        except nats.js.errors.NoKeysError:
-            return
+            keys = await bucket_keys(self._js, subjects.KV_ALLOC)
         except (TimeoutError, nats.errors.Error) as exc:
             raise Unavailable(f"cannot list the allocation records: {type(exc).__name__}: {exc}") from exc
         await asyncio.gather(*(self.refresh(key) for key in keys))

@@ -19,6 +19,7 @@ from nats.js import JetStreamContext
 
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import TriggerStats
+from jobmesh.runtime.kvwatch import bucket_keys
 from jobmesh.trigger.metrics import TriggerMetrics
 
 log = logging.getLogger("jobmesh.trigger.stats")
@@ -132,7 +133,7 @@ class RuleStats:
         found: dict[str, list[TriggerStats]] = {}
         if self._js is not None:
             kv = await self._js.key_value(subjects.KV_TRIGGER_STATS)
-            for key, value in await _entries(kv):
+            for key, value in await _entries(self._js, kv):
                 rule = key.split(".", 1)[0]
                 try:
                     found.setdefault(rule, []).append(_decoder.decode(value))
@@ -149,7 +150,7 @@ class RuleStats:
         if self._js is None:
             return
         kv = await self._js.key_value(subjects.KV_TRIGGER_STATS)
-        for key, _ in await _entries(kv):
+        for key, _ in await _entries(self._js, kv):
             if key.split(".", 1)[0] == rule:
                 await kv.purge(key)
 
@@ -176,14 +177,11 @@ def summed(items: Iterable[TriggerStats]) -> TriggerStats:
     )
 
 
-async def _entries(kv: Any) -> list[tuple[str, bytes]]:
-    """Every live key and value of a bucket (an empty bucket has none)."""
+async def _entries(js: JetStreamContext, kv: Any) -> list[tuple[str, bytes]]:
+    """Every live key and value of the figures bucket (an empty bucket has none)."""
     import nats.js.errors
 
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+    keys = await bucket_keys(js, subjects.KV_TRIGGER_STATS)
     out = []
     for key in keys:
         try:

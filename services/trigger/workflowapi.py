@@ -55,6 +55,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.contract.strict import reject_unknown_fields
 from jobmesh.errors import Conflict, InvalidSpec, JobmeshError, NotFound, Unavailable
+from jobmesh.runtime.kvwatch import bucket_keys
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope, ResponderSpec
 from jobmesh.runtime.tracing import Carried, Context, Tracing, new_root
@@ -406,11 +407,8 @@ class WorkflowApi:
         Returns:
             How many runs were published.
         """
-        kv = await self._bucket()
         try:
-            keys = await kv.keys()
-        except nats.js.errors.NoKeysError:
-            return 0
+            keys = await bucket_keys(self._js, subjects.KV_WORKFLOWS)
         except (TimeoutError, nats.errors.Error) as exc:
             raise _unavailable("list", subjects.KV_WORKFLOWS, exc) from exc
         count = 0
@@ -525,12 +523,8 @@ class WorkflowApi:
     async def list(self, env: Envelope) -> WorkflowListReply:
         """Runs, newest first (of one workflow when ``name`` is given)."""
         request: WorkflowListRequest = env.message
-        kv = await self._bucket()
         try:
-            # nats-py's key filters match substrings, not subjects: the prefix is tested here.
-            keys = [key for key in await kv.keys() if key.startswith(RUN_PREFIX)]
-        except nats.js.errors.NoKeysError:
-            keys = []
+            keys = [key for key in await bucket_keys(self._js, subjects.KV_WORKFLOWS) if key.startswith(RUN_PREFIX)]
         except (TimeoutError, nats.errors.Error) as exc:
             raise _unavailable("list", "the runs", exc) from exc
         limit = asyncio.Semaphore(LIST_CONCURRENCY)
