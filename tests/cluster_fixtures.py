@@ -253,3 +253,32 @@ async def stand_in_heartbeats(kv, nodes: Iterable[NodeInfo], period: float = 1.0
         for node in nodes:
             await kv.put(node.node_id, encode(msgspec.structs.replace(node, heartbeat_at=time.time())))
         await asyncio.sleep(period)  # the stand-in nodes' heartbeat period (a deliberate sleep: noqa)
+
+
+async def tracker_settled(nats_url: str, timeout: float = 60.0) -> None:
+    """Wait until the tracker has recorded everything its streams hold: both its consumers
+    have nothing pending and nothing delivered unacked.
+
+    A tracker killed mid-batch leaves its in-hand events unacked; JetStream hands them out
+    again only after the consumer's ack wait, behind newer events. So a job can already show
+    ``succeeded`` while its ``started`` is still on its way back: count events after this.
+    """
+    from tests.helpers import eventually
+
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+
+        async def settled() -> bool:
+            for stream, durable in (
+                (subjects.STREAM_JOBS, subjects.durable("tracker", "jobs")),
+                (subjects.STREAM_DISPATCH, subjects.durable("tracker", "dispatch")),
+            ):
+                info = await js.consumer_info(stream, durable)
+                if info.num_pending or info.num_ack_pending:
+                    return False
+            return True
+
+        await eventually(settled, timeout=timeout, what="the tracker to record everything its streams hold")
+    finally:
+        await nc.close()

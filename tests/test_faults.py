@@ -12,7 +12,7 @@ from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
 from jobmesh.dev.servers import NatsServer
-from tests.cluster_fixtures import dead_letters
+from tests.cluster_fixtures import dead_letters, tracker_settled
 from tests.helpers import eventually
 from tests.proxy import CuttableProxy
 
@@ -76,6 +76,7 @@ async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database
             return await _count(conn, "SELECT count(*) FROM tracker.jobs WHERE state = 'succeeded'") == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed after the restarts")
+        await tracker_settled(nats_server.url)  # the killed tracker's in-hand events come back last
         # Exactly one attempt per job, and every reservation given back.
         assert await _count(conn, "SELECT count(*) FROM tracker.attempts") == len(ids)
         assert await _count(conn, "SELECT count(*) FROM tracker.events WHERE kind = 'started'") == len(ids)
@@ -118,6 +119,7 @@ async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, datab
             return await _succeeded(conn, ids) == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed after the NATS restart")
+        await tracker_settled(server.url)
         assert await _started(conn, ids) == len(ids)
         cluster.check_alive()
     finally:
@@ -156,6 +158,7 @@ async def test_postgres_link_cut_and_restored_loses_nothing_and_dead_letters_not
             return await _succeeded(conn, ids) == len(ids)
 
         await eventually(all_done, timeout=120, what="every job to succeed once Postgres is back")
+        await tracker_settled(nats_server.url)
         assert await _started(conn, ids) == len(ids)
         assert len(await dead_letters(js)) == letters_before, "an outage produced dead letters"
         cluster.check_alive()
