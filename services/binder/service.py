@@ -12,6 +12,7 @@ import logging
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.handlers import Binder
 from jobmesh.binder.metrics import BinderMetrics
+from jobmesh.binder.reaping import Reaper
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
@@ -51,6 +52,8 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         metrics=instruments,
     )
     instruments.observe_nodes(binder.usage)
+    reaper = Reaper(rt.js, nodes, allocations, settings.node_grace_seconds)
+    rt.spawn(reaper.run(settings.retention_interval_seconds), "node-reaper")
     await rt.serve(
         consumers=consumers(settings, binder.bind, binder.release, binder.cancel),
         responders=[ResponderSpec(subjects.API_NODES, Codec(NodesRequest), binder.nodes, queue="binder")],

@@ -12,6 +12,7 @@ from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, R
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.tracker.handlers import EventsHandler, QueryHandler
+from jobmesh.tracker.retention import Pruner, log_purger, purges_logs
 from jobmesh.tracker.store import DDL, Store
 
 QUEUE_GROUP = "tracker"
@@ -63,10 +64,24 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt = Runtime(settings, tracing)
     await rt.connect()
     store, pool = await open_store(settings)
+    # The pruner's own connection: a round never holds one the write path is waiting for.
+    prune_pool = await connect_pool(settings.database_url, "tracker", DDL, max_size=1)
+    pruner = Pruner(
+        prune_pool,
+        settings.history_retention_seconds,
+        settings.retention_batch,
+        purge=log_purger(rt.js) if purges_logs(settings.history_retention_seconds) else None,
+    )
+    rt.spawn(pruner.run(settings.retention_interval_seconds), "history-pruner")
+
+    async def close_pools() -> None:
+        await prune_pool.close()
+        await pool.close()
+
     await rt.serve(
         consumers=consumers(settings, EventsHandler(store, rt.nc, rt.tracing)),
         responders=responders(QueryHandler(store)),
-        on_stop=pool.close,
+        on_stop=close_pools,
     )
 
 

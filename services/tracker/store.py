@@ -331,6 +331,44 @@ ORDER BY at, attempt,
                          'succeeded', 'failed', 'expired', 'lost', 'retrying', 'gave_up', 'cancelled'], kind)
 """
 
+# History retention (retention.py): one batch of old rows, deleted in one short statement.
+# Only final jobs go (a succeeded attempt, or one the scheduler ended the job with), and
+# spec-less rows (events of a job whose submission never came, such as a late redelivery
+# after the job was pruned). The oldest are found by walking jobs_by_submitted from its old
+# end (NULLS FIRST is that index read backwards; NULLS LAST would make Postgres sort the
+# whole table per batch): no index of its own, so the write path keeps its HOT updates. SKIP LOCKED passes over
+# a row a write batch holds right now instead of waiting for it (it goes next round).
+# $1: the cutoff (epoch seconds), $2: the batch size.
+_PRUNE_DOOMED = {
+    "submitted": """
+    SELECT job_id FROM jobs
+    WHERE submitted_at < $1 AND updated_at < $1 AND (ends_job OR state = 'succeeded' OR spec IS NULL)
+    ORDER BY submitted_at NULLS FIRST, job_id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+    # Rows with no submission time sort apart (NULLS LAST); they are orphans by definition.
+    "orphans": """
+    SELECT job_id FROM jobs
+    WHERE submitted_at IS NULL AND updated_at < $1
+    LIMIT $2 FOR UPDATE SKIP LOCKED""",
+}
+
+
+def _prune_query(doomed: str) -> str:
+    # The events of a job are the "<job_id>:" range of their primary key (see _GET_EVENTS).
+    return f"""
+WITH doomed AS ({doomed}
+), j AS (
+    DELETE FROM jobs USING doomed WHERE jobs.job_id = doomed.job_id RETURNING jobs.job_id
+), a AS (
+    DELETE FROM attempts USING j WHERE attempts.job_id = j.job_id
+), e AS (
+    DELETE FROM events USING j WHERE events.event_id >= j.job_id || ':' AND events.event_id < j.job_id || ';'
+)
+SELECT job_id FROM j
+"""
+
+
+_PRUNE = {kind: _prune_query(doomed) for kind, doomed in _PRUNE_DOOMED.items()}
+
 _encoder = msgspec.json.Encoder()
 _spec_decoder = msgspec.json.Decoder(JobSpec)
 _origin_decoder = msgspec.json.Decoder(JobOrigin)
@@ -484,3 +522,22 @@ class Store:
             )
             for r in records
         ]
+
+
+async def prune(pool: asyncpg.Pool, cutoff: float, limit: int) -> list[str]:
+    """Delete one batch of jobs (with their attempts and events) that ended before ``cutoff``.
+
+    Args:
+        pool: the pool to use (the pruner's own, so the write path never waits for one).
+        cutoff: epoch seconds; a job last changed before it may go.
+        limit: at most this many jobs of each kind (final, orphan).
+
+    Returns:
+        The ids of the jobs deleted.
+    """
+    async with pool.acquire() as conn:
+        gone: list[str] = []
+        for query in _PRUNE.values():
+            # One statement, one transaction each: locks held for one batch only.
+            gone.extend(r["job_id"] for r in await conn.fetch(query, cutoff, limit))
+        return gone

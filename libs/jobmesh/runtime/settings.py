@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from jobmesh.contract.streams import DUPLICATE_WINDOW
 from jobmesh.errors import InvalidSpec
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -106,7 +107,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lease_ttl_seconds: Positive = 6.0
     # Scheduler: finished jobs are remembered this long, so a submit redelivered after its
     # job ended is not run again (JetStream's duplicate window covers only two minutes).
-    done_retention_seconds: Annotated[float, Meta(ge=0)] = 86_400.0
+    # This is the idempotency window of a key: unset, it follows history_retention_seconds
+    # plus one retention round, so the tracker forgets a job before the scheduler could run
+    # its key again, and a re-run never shows the first run's outcome (checked below).
+    done_retention_seconds: Annotated[float, Meta(ge=0)] = 30 * 86_400.0 + 300.0
+    # Tracker: a finished job (with its attempts, events and log lines) is pruned this long
+    # after its last change. Never a job that is not final.
+    history_retention_seconds: Annotated[float, Meta(ge=DUPLICATE_WINDOW)] = 30 * 86_400.0
+    # Tracker and binder: seconds between two rounds of pruning and of node reaping.
+    retention_interval_seconds: Annotated[float, Meta(gt=0, le=3600)] = 300.0
+    # Tracker: jobs deleted per statement (each in its own short transaction, off the write path).
+    retention_batch: Annotated[int, Meta(ge=1, le=10_000)] = 500
+    # Binder: a node absent from jm_nodes this long, with no reservation left, is gone for
+    # good: its allocation record and its dispatch consumer are removed.
+    node_grace_seconds: Annotated[float, Meta(ge=60)] = 86_400.0
     # How long results stay in jm_results after they were written, a workflow's
     # intermediate results included (read by later steps, a retry, `jobmesh result`).
     result_retention_seconds: Positive = 7 * 86_400.0
@@ -164,9 +178,47 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raw["instance"] = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         try:
             # The constraints are declared on the fields; msgspec checks them all here.
-            return msgspec.convert(raw, cls, strict=False)
+            settings = msgspec.convert(raw, cls, strict=False)
         except msgspec.ValidationError as exc:
             raise InvalidSpec(f"bad environment: {_env_name(str(exc))}", field=_field(str(exc))) from exc
+        if "JOBMESH_DONE_RETENTION_SECONDS" not in env:
+            settings = msgspec.structs.replace(settings, done_retention_seconds=idempotency_window(settings))
+        settings.check_retention()
+        return settings
+
+    def check_retention(self) -> None:
+        """Refuse an idempotency window shorter than the tracker's history.
+
+        The scheduler runs a key again once it forgot the key's job; if the tracker still
+        held that job's row, the re-run's events (same ids) would merge into the finished
+        row and the old outcome would show. So the scheduler must remember a job at least
+        one pruning round longer than the tracker keeps it.
+
+        Raises:
+            InvalidSpec: naming both variables, when the window is too short.
+        """
+        needed = idempotency_window(self)
+        if self.done_retention_seconds < needed:
+            raise InvalidSpec(
+                f"bad environment: JOBMESH_DONE_RETENTION_SECONDS ({self.done_retention_seconds:g}) must be at"
+                f" least JOBMESH_HISTORY_RETENTION_SECONDS + JOBMESH_RETENTION_INTERVAL_SECONDS ({needed:g}):"
+                " the scheduler would run a reused idempotency key again while the tracker still shows the"
+                " job's first outcome",
+                field="done_retention_seconds",
+            )
+
+
+def idempotency_window(settings: Settings) -> float:
+    """The shortest time the scheduler may remember a finished job: the tracker's history
+    plus one pruning round (the tracker prunes at most that late).
+
+    Args:
+        settings: the process settings.
+
+    Returns:
+        Seconds.
+    """
+    return settings.history_retention_seconds + settings.retention_interval_seconds
 
 
 def _field(message: str) -> str | None:
