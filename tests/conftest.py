@@ -65,9 +65,17 @@ async def database_url(postgres_server_url) -> str:
 
 @pytest.fixture(scope="module")
 def nats_server(tmp_path_factory) -> NatsServer:
-    """A real nats-server with JetStream on a free port, one per test module."""
+    """A real nats-server with JetStream on a free port, one per test module.
+
+    It runs without ``sync_interval: always`` (fsync before every PubAck), which the shipped
+    configurations and ``jobmesh dev`` set: on this machine's disk that makes every test of
+    the suite several times slower, and what it guards against is an OS crash or a power
+    loss, which no test here causes. A SIGKILLed nats-server loses nothing its OS already
+    holds. The tests that kill NATS itself, the cluster and leaf-node tests and the
+    benchmarks run with the shipped setting.
+    """
     store = tmp_path_factory.mktemp("nats")
-    server = NatsServer(store, log_file=store / "nats.log").start()
+    server = NatsServer(store, log_file=store / "nats.log", sync_always=False).start()
     yield server
     server.stop()
 

@@ -215,7 +215,8 @@ class Client:
             # a short wait fails within a fraction of a second.
             nc = await asyncio.wait_for(
                 nats.connect(
-                    url,
+                    # A cluster's members, comma-separated, as the services take them.
+                    [part.strip() for part in url.split(",") if part.strip()],
                     connect_timeout=3,
                     allow_reconnect=False,
                     max_reconnect_attempts=1,

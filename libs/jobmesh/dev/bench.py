@@ -37,7 +37,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSpec, JobUpdate, NoopRuntime, Resources, Submission
 from jobmesh.dev.cluster import LocalCluster
-from jobmesh.dev.servers import NatsServer, embedded_postgres
+from jobmesh.dev.servers import NatsCluster, NatsServer, embedded_postgres
 from jobmesh.runtime.db import create_database, drop_database
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
@@ -62,7 +62,7 @@ class _Raw(msgspec.Struct):
 
 async def relay_stage(url: str, stage: int) -> None:
     """One relay process: pull from stage ``stage``'s subject, republish to the next."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url.split(","))
     js = nc.jetstream(publish_async_max_pending=20_000)
     publisher = Publisher(js)
     pull = PullConsumer(nc, "BENCH", f"stage{stage}", 256)
@@ -79,11 +79,13 @@ async def relay_stage(url: str, stage: int) -> None:
             await m.ack()
 
 
-async def raw_baseline(url: str, n: int) -> float:
-    nc = await nats.connect(url)
+async def raw_baseline(url: str, n: int, replicas: int = 1) -> float:
+    nc = await nats.connect(url.split(","))
     js = nc.jetstream(publish_async_max_pending=20_000)
     await js.add_stream(
-        StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120)
+        StreamConfig(
+            name="BENCH", subjects=["bench.>"], storage=StorageType.FILE, duplicate_window=120, num_replicas=replicas
+        )
     )
     for stage in range(STAGES):
         await js.add_consumer(
@@ -258,22 +260,29 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def raw_first(tmp: Path, n: int, into: dict[str, float]) -> None:
-    """Measure the raw relay on a NATS server of its own before the cluster starts."""
+def nats_for_bench(store: Path, cluster: int) -> NatsServer | NatsCluster:
+    """One nats-server, or ``cluster`` of them joined by routes (streams then get as many
+    replicas), started."""
+    return NatsCluster(store, size=cluster).start() if cluster > 1 else NatsServer(store).start()
+
+
+def raw_first(tmp: Path, n: int, into: dict[str, float], cluster: int = 1) -> None:
+    """Measure the raw relay on NATS of its own (a server or a cluster) before the services start."""
     import uvloop
 
-    raw_server = NatsServer(tmp / "nats-raw").start()
+    raw_server = nats_for_bench(tmp / "nats-raw", cluster)
     try:
-        print(f"raw JetStream relay, {STAGES} processes, {n} messages ...", file=sys.stderr, flush=True)
-        into["rate"] = uvloop.run(raw_baseline(raw_server.url, n))
+        where = f"a {cluster}-node cluster, R{cluster}" if cluster > 1 else "one server"
+        print(f"raw JetStream relay, {STAGES} processes, {n} messages, {where} ...", file=sys.stderr, flush=True)
+        into["rate"] = uvloop.run(raw_baseline(raw_server.url, n, replicas=max(1, cluster)))
     finally:
         raw_server.stop()
 
 
 @contextlib.contextmanager
 def bench_cluster(
-    prefix: str, database: str, before: Callable[[Path], None] | None = None
-) -> Iterator[tuple[NatsServer, LocalCluster]]:
+    prefix: str, database: str, before: Callable[[Path], None] | None = None, nats_cluster: int = 1
+) -> Iterator[tuple[NatsServer | NatsCluster, LocalCluster]]:
     """A NATS server, a fresh database (``JOBMESH_DATABASE_URL``, else an embedded Postgres)
     and the five services on a node that fits any job, for one benchmark; all removed after.
 
@@ -281,6 +290,7 @@ def bench_cluster(
         prefix: of the temporary directory.
         database: the database's name.
         before: run with the temporary directory before the cluster starts (the raw relay).
+        nats_cluster: NATS servers; above 1 a cluster, and every stream gets that many replicas.
     """
     import uvloop
 
@@ -292,13 +302,18 @@ def bench_cluster(
         base = pg.get_uri()
     if before is not None:
         before(tmp)
-    server = NatsServer(tmp / "nats").start()
+    server = nats_for_bench(tmp / "nats", nats_cluster)
     db_url = uvloop.run(create_database(base, database))
+    replicas = (
+        {"JOBMESH_NATS_URL": server.url, "JOBMESH_STREAM_REPLICAS": str(nats_cluster)} if nats_cluster > 1 else {}
+    )
     cluster = LocalCluster(
-        server.url,
+        # LocalCluster's health probe takes one URL; the services get every one (replicas).
+        server.url.split(",")[0],
         db_url,
         tmp,
         env={
+            **replicas,
             "JOBMESH_NODE_ID": "bench-node",
             "JOBMESH_NODE_CPU_MILLI": "100000000",
             "JOBMESH_NODE_MEMORY_MB": "100000000",
@@ -306,6 +321,11 @@ def bench_cluster(
         },
     )
     try:
+        if nats_cluster > 1:
+            # A one-shot provisioner first, as compose and Nomad run it.
+            env = {**os.environ, **cluster.env, "JOBMESH_DATABASE_URL": db_url}
+            command = [sys.executable, "-c", "from jobmesh.client.cli import main; main()", "provision", "--services"]
+            subprocess.run(command, env=env, check=True, capture_output=True, timeout=300)
         cluster.start()
         uvloop.run(cluster.wait_healthy())
         yield server, cluster
@@ -322,6 +342,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
     parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        choices=(1, 3, 5),
+        help="NATS servers: 3 or 5 run everything on a cluster with that many replicas per stream",
+    )
     parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -331,14 +358,20 @@ def main() -> None:
     if args.relay is not None:
         uvloop.run(relay_stage(args.url, args.relay))
         return
-    with bench_cluster("jobmesh-bench-", "jm_bench", before=lambda tmp: raw_first(tmp, args.jobs, raw)) as (
+    with bench_cluster(
+        "jobmesh-bench-",
+        "jm_bench",
+        before=lambda tmp: raw_first(tmp, args.jobs, raw, args.cluster),
+        nats_cluster=args.cluster,
+    ) as (
         server,
         cluster,
     ):
         print(f"end to end, {args.jobs} no-op jobs through five services ...", file=sys.stderr, flush=True)
         watched = {sp.name: sp.proc.pid for sp in cluster.procs}
-        assert server.proc is not None  # started above
-        watched["nats-server"] = server.proc.pid
+        for i, member in enumerate(server.servers if isinstance(server, NatsCluster) else [server]):
+            assert member.proc is not None  # started above
+            watched[f"nats-server {i}" if args.cluster > 1 else "nats-server"] = member.proc.pid
         for pid in postgres_pids():
             watched[f"postgres {pid}"] = pid
         before: dict[str, float] = {}
@@ -346,9 +379,13 @@ def main() -> None:
         def mark() -> None:
             before.update({name: cpu_seconds(pid) for name, pid in watched.items()})
 
-        throughput, light, durable, loaded = uvloop.run(end_to_end(server.url, args.jobs, args.light, mark))
+        # The client connects to one server (it takes one URL), as the CLI would.
+        first = server.url.split(",")[0]
+        throughput, light, durable, loaded = uvloop.run(end_to_end(first, args.jobs, args.light, mark))
         used = {name: cpu_seconds(pid) - before.get(name, 0.0) for name, pid in watched.items()}
     raw_rate = raw["rate"]
+    if args.cluster > 1:
+        print(f"NATS: {args.cluster}-node cluster, every stream, bucket and store R{args.cluster}")
     print(f"raw JetStream relay ({STAGES} stages):  {raw_rate:8.0f} msg/s")
     print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw_rate:.2f}")
     print(

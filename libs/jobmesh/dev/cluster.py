@@ -96,7 +96,7 @@ class LocalCluster:
             Unavailable: on timeout or when a process exits; the message names the service
                 and points at its log.
         """
-        nc = await nats.connect(self.nats_url, connect_timeout=5)
+        nc = await nats.connect([u.strip() for u in self.nats_url.split(",") if u.strip()], connect_timeout=5)
         try:
             deadline = time.monotonic() + timeout
             pending = list(services)

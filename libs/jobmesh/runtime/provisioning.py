@@ -7,9 +7,11 @@ every service at start, changes nothing.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import replace
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -25,6 +27,7 @@ from nats.js.api import (
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from jobmesh.contract import streams
+from jobmesh.errors import Unavailable
 
 log = logging.getLogger("jobmesh.provisioning")
 
@@ -87,8 +90,17 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
         log.info("stream %s now also stores %s", config.name, ", ".join(missing))
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: float) -> None:
-    """Create a KV bucket if it is missing (its limits are set at creation)."""
+async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: float, replicas: int = 1) -> None:
+    """Create a KV bucket if it is missing (its limits and replicas are set at creation).
+
+    Args:
+        js: the JetStream context.
+        bucket: the bucket's name.
+        history: values kept per key.
+        ttl: seconds a value lives; 0 for ever.
+        replicas: copies of the bucket's stream (3 on a NATS cluster, like the streams: a
+            node record or a lease must survive the loss of a server as a job does).
+    """
     try:
         await js.key_value(bucket)
     except BucketNotFoundError:
@@ -99,6 +111,7 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: fl
                 ttl=ttl or None,
                 storage=StorageType.FILE,
                 max_bytes=streams.BUCKET_MAX_BYTES,
+                replicas=replicas,
             )
         )
         log.info("created bucket %s", bucket)
@@ -119,7 +132,8 @@ async def provision(
         node_ttl: seconds a node record lives without a heartbeat (set at bucket creation).
         lease_ttl: seconds a scheduler partition lease lives without renewal (likewise).
         update: also apply today's limits to existing streams (see ``ensure_stream``).
-        replicas: stream replicas at creation (3 on a NATS cluster).
+        replicas: replicas of every stream, KV bucket and object store at creation (3 on
+            a NATS cluster).
         result_retention: seconds results live in jm_results (its max age); None keeps
             the contract's default.
     """
@@ -130,10 +144,49 @@ async def provision(
         config.num_replicas = replicas
         await ensure_stream(js, config, update=update)
     for bucket in streams.BUCKETS:
-        await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0))
+        await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0), replicas)
     for store in streams.OBJECT_STORES:
         age = ages.get(store.max_age_setting)
         await ensure_object_store(js, replace(store, max_age=age) if age else store, replicas, update=update)
+    if replicas > 1:
+        await wait_for_leaders(js, provisioned_streams())
+
+
+def provisioned_streams() -> list[str]:
+    """The JetStream stream behind every stream, KV bucket and object store jobmesh uses."""
+    return (
+        [spec.name for spec in streams.STREAMS]
+        + [f"KV_{bucket.name}" for bucket in streams.BUCKETS]
+        + [f"OBJ_{store.name}" for store in streams.OBJECT_STORES]
+    )
+
+
+async def wait_for_leaders(js: JetStreamContext, names: list[str], timeout: float = 30.0) -> None:
+    """Return once each stream of ``names`` answers with a leader.
+
+    On a cluster a stream just created (here or by another service starting beside this
+    one) has no leader until its Raft group elects one, and meanwhile a lookup can answer
+    "stream not found": a service that opened its buckets right after provisioning then
+    failed to start (seen with five services starting at once on three servers).
+
+    Raises:
+        Unavailable: when a stream has no leader within ``timeout``, naming it.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for name in names:
+        while True:
+            reason = ""
+            try:
+                info = await js.stream_info(name)
+                if info.cluster is None or info.cluster.leader:
+                    break
+                reason = "no leader yet"
+            except (NotFoundError, nats.errors.Error) as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            if loop.time() > deadline:
+                raise Unavailable(f"stream {name} has no leader {timeout:.0f}s after provisioning ({reason})")
+            await asyncio.sleep(0.1)  # a Raft election takes a few hundred milliseconds
 
 
 async def ensure_object_store(

@@ -60,7 +60,7 @@ async def connect(url: str, wait: float, say: Callable[[str], None]) -> Client:
     # wait is bounded here.
     connecting = asyncio.ensure_future(
         nats.connect(
-            url,
+            [part.strip() for part in url.split(",") if part.strip()],  # a cluster's members
             connect_timeout=2,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
