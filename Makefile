@@ -51,6 +51,11 @@ bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.startbench
 	$(BIN)/python -m jobmesh.dev.startbench --cpu 1000
 
+.PHONY: chaos
+## chaos: two replicas of each service and three executor nodes, supervised, under kill -9 every 2 s, a NATS and a Postgres restart and a SIGSTOPped executor; 10,000 mixed jobs; prints loss, duplication, leaks, dead letters and recovery times from the durable records (docs/chaos.md)
+chaos: $(STAMP) system-packages
+	$(BIN)/python -m jobmesh.dev.chaos
+
 # mypy and import-linter read the package as it is installed: services/<name> is
 # jobmesh.<name>. This tree of links shows them that layout.
 TYPECHECK := $(VENV)/typecheck
