@@ -83,8 +83,11 @@ async def _submit(url: str, n: int) -> None:
 
 async def _events(nc: NATS, kind: str) -> int:
     """How many events of ``kind`` the job stream holds (each attempt's at most once: ids dedupe)."""
-    info = await nc.jetstream().stream_info(subjects.STREAM_JOBS, subjects_filter=subjects.job_event("*", kind))
-    return sum((info.state.subjects or {}).values())
+    total = 0
+    for pattern in subjects.job_events("*", (kind,)):  # an executor's kinds come in both forms
+        info = await nc.jetstream().stream_info(subjects.STREAM_JOBS, subjects_filter=pattern)
+        total += sum((info.state.subjects or {}).values())
+    return total
 
 
 async def _answers(nc: NATS) -> int | None:

@@ -62,9 +62,10 @@ async def submit(client: Client, spec: JobSpec) -> str:
 async def event_of(nc, job_id: str, kind: str, type_: type, timeout: float = 30.0):
     """The first ``kind`` event of ``job_id`` on JM_JOBS, read from the stream's start."""
     decoder = msgspec.json.Decoder(type_)
-    sub = await nc.jetstream().subscribe(
-        subjects.job_event("*", kind), stream=subjects.STREAM_JOBS, ordered_consumer=True
-    )
+    # An executor's kinds travel on the node form (jobmesh.v1.job.*.<kind>.<node>), the
+    # services' on the partition form: one ordered consumer covers both (`>`), and the
+    # kind token picks this kind's events.
+    sub = await nc.jetstream().subscribe(subjects.JOBS_ALL, stream=subjects.STREAM_JOBS, ordered_consumer=True)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -75,6 +76,8 @@ async def event_of(nc, job_id: str, kind: str, type_: type, timeout: float = 30.
                 msg = await sub.next_msg(timeout=remaining)
             except TimeoutError:
                 continue  # the loop's deadline check reports it
+            if msg.subject.split(".")[4] != kind:
+                continue
             event = decoder.decode(msg.data)
             if event.job_id == job_id:
                 return event

@@ -261,7 +261,7 @@ def test_orphans_are_the_attempts_of_another_incarnation():
     assert orphaned_attempts(old, "old") == []
     assert orphaned_attempts(old, "new") == [lease]
     (lost,) = lost_messages([lease], "n", 5.0)
-    assert lost.subject == subjects.job_event(1, subjects.LOST) and lost.msg_id == "j:2:lost"
+    assert lost.subject == subjects.node_event(1, subjects.LOST, "n") and lost.msg_id == "j:2:lost"
     assert lost.message == JobLost(job_id="j", attempt=2, partition=1, node_id="n", at=5.0, reason=LOST_REASON)
 
 

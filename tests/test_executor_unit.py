@@ -525,7 +525,7 @@ async def test_handler_acks_once_started_is_published(node):
     started = [m for m in publisher.messages if isinstance(m, JobStarted)]
     assert [s.job_id for s in started] == ["a", "b"]
     assert publisher.calls[0][0].msg_id == "a:1:started"
-    assert publisher.calls[0][0].subject == subjects.job_event(2, subjects.STARTED)
+    assert publisher.calls[0][0].subject == subjects.node_event(2, subjects.STARTED, NODE)
     await reporter.flush()
     done = [m for m in publisher.messages if isinstance(m, JobSucceeded)]
     assert [d.job_id for d in done] == ["a", "b"]

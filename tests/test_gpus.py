@@ -313,7 +313,8 @@ async def test_gpu_jobs_on_a_two_gpu_node_never_hold_one_index_at_once(nats_serv
             held.pop(msgspec.json.decode(msg.data, type=JobSucceeded).job_id, None)
 
     await nc.subscribe(subjects.DISPATCH_ALL, cb=on_event)
-    await nc.subscribe(subjects.job_event("*", subjects.SUCCEEDED), cb=on_event)
+    for subject in subjects.job_events("*", (subjects.SUCCEEDED,)):  # both forms (executors: the node's)
+        await nc.subscribe(subject, cb=on_event)
     client = await Client.connect(nats_server.url)
     try:
         spec = JobSpec(

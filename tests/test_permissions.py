@@ -63,6 +63,7 @@ def identities() -> dict[str, Permissions]:
 def publish_catalogue() -> list[str]:
     """Concrete subjects of everything jobmesh publishes, plus the JetStream API's."""
     out = [subjects.job_event(0, kind) for kind in _kinds()]
+    out += [subjects.node_event(0, kind, node) for kind in subjects.EXECUTOR_KINDS for node in NODES]
     for node in NODES:
         out += [subjects.node_dispatch(node), subjects.node_cancel(node), f"$KV.{subjects.KV_NODES}.{node}"]
     out += [subjects.job_log("job1"), f"{subjects.PREFIX}.events.orders.created", subjects.job_watch("job1")]
@@ -251,7 +252,7 @@ def test_each_service_publishes_only_the_event_kinds_it_produces():
         "trigger": {subjects.SUBMITTED, subjects.CHILD_ADDED},
         "binder": {subjects.BOUND, subjects.UNPLACEABLE},
         "tracker": set(),
-        "executor-node-a": {subjects.STARTED, subjects.SUCCEEDED, subjects.FAILED, subjects.LOST},
+        "executor-node-a": set(),  # it reports on its own node's subjects only (below)
         "client": set(),
         "integrator": set(),
     }
@@ -259,6 +260,15 @@ def test_each_service_publishes_only_the_event_kinds_it_produces():
     for identity, kinds in own.items():
         allowed = {kind for kind in _kinds() if perms.allows(granted[identity].publish, subjects.job_event(0, kind))}
         assert allowed == kinds, identity
+    # An executor reports on its own node's subjects, every kind it sends and no other.
+    for node, other in (("node-a", "node-b"), ("node-b", "node-a")):
+        grants = granted[perms.executor_identity(node)].publish
+        assert {k for k in _kinds() if perms.allows(grants, subjects.node_event(3, k, node))} == set(
+            subjects.EXECUTOR_KINDS
+        )
+        assert not any(perms.allows(grants, subjects.node_event(3, k, other)) for k in _kinds())
+        # Nor may another service pose as a node.
+        assert not perms.allows(granted["binder"].publish, subjects.node_event(3, subjects.SUCCEEDED, node))
     # The executor of one node neither reads another's dispatch nor writes its record.
     node_a = granted["executor-node-a"].publish
     assert not perms.allows(node_a, f"$JS.API.CONSUMER.MSG.NEXT.{subjects.STREAM_DISPATCH}.executor-node-b")

@@ -45,8 +45,10 @@ async def test_kill_9_scheduler_with_10000_queued_runs_each_job_exactly_once(nat
         await put_config(js, "queue.bulk", QueueConfig(rate=800, burst=100))
         ready, started, succeeded = _Counter(), _Counter(), _Counter()
         await js.subscribe(subjects.job_event("*", subjects.READY), cb=ready.count, ordered_consumer=True)
-        await js.subscribe(subjects.job_event("*", subjects.STARTED), cb=started.count, ordered_consumer=True)
-        await js.subscribe(subjects.job_event("*", subjects.SUCCEEDED), cb=succeeded.count, ordered_consumer=True)
+        # Executors report on the node form of the subjects (every node: "*").
+        started_on, succeeded_on = (subjects.node_event("*", k, "*") for k in (subjects.STARTED, subjects.SUCCEEDED))
+        await js.subscribe(started_on, cb=started.count, ordered_consumer=True)
+        await js.subscribe(succeeded_on, cb=succeeded.count, ordered_consumer=True)
 
         client = await Client.connect(nats_server.url, timeout=30)
         spec = JobSpec(runtime=NoopRuntime(), queue="bulk", resources=Resources(cpu_milli=1, memory_mb=0))

@@ -335,11 +335,14 @@ def test_asyncapi_covers_every_subject() -> None:
         subjects.deadletter("{service}"),
     }
     expected |= {subjects.job_event("{partition}", k) for k in channels.job_kinds()}  # type: ignore[arg-type]
+    # What executors publish, on the node form as well (the node is the last token).
+    expected |= {subjects.node_event("{partition}", k, "{node_id}") for k in subjects.EXECUTOR_KINDS}
+    assert channels.node_kinds() == list(subjects.EXECUTOR_KINDS)
     assert expected <= addresses
     # Each kind once, with its own message: no generic job.{partition}.{kind} channel besides.
     assert subjects.job_event("{partition}", "{kind}") not in addresses  # type: ignore[arg-type]
     job_channels = [c for c in doc["channels"].values() if c.get("x-stream") == subjects.STREAM_JOBS]
-    assert len(job_channels) == len(channels.job_kinds())
+    assert len(job_channels) == len(channels.job_kinds()) + len(channels.node_kinds())
     assert all(len(c["messages"]) == 1 for c in job_channels)
     assert any(a and a.startswith(subjects.EVENTS_ALL.removesuffix(">")) for a in addresses)
     streams = {c.get("x-stream") for c in doc["channels"].values()}
@@ -383,13 +386,18 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("jobExpired", "send") == {"scheduler"}
     assert parties("nodeDispatch", "send") == {"binder"}
     assert parties("jobUnplaceable", "send") == {"binder"}
-    assert parties("jobStarted", "send") == parties("jobSucceeded", "send") == {"executor"}
+    # Executors publish on the node form only; the partition form is the services' own.
+    assert parties("jobStartedOnNode", "send") == parties("jobSucceededOnNode", "send") == {"executor"}
+    assert parties("jobFailedOnNode", "send") == {"executor"}
+    assert parties("jobStarted", "send") == parties("jobFailed", "send") == set()
+    assert parties("jobSucceeded", "send") == {"scheduler"}  # a mapped step's end
     assert parties("jobLog", "send") == {"executor"}
     assert parties("jobWatch", "send") == {"tracker"}
     # The scheduler declares expired leases; an executor that restarted declares its own.
-    assert parties("jobLost", "send") == {"scheduler", "executor"}
+    assert parties("jobLost", "send") == {"scheduler"}
+    assert parties("jobLostOnNode", "send") == {"executor"}
     # The tracker reads every kind (one filter, jobmesh.v1.job.>), named on each kind's channel.
-    for kind in ("jobSubmitted", "jobReady", "jobSucceeded", "jobGaveUp", "jobChildAdded"):
+    for kind in ("jobSubmitted", "jobReady", "jobSucceeded", "jobSucceededOnNode", "jobGaveUp", "jobChildAdded"):
         assert "tracker" in parties(kind, "receive"), kind
     assert "tracker" in parties("nodeDispatch", "receive")
     assert parties("apiSubmit", "receive") == {"trigger"}
@@ -398,6 +406,7 @@ def test_asyncapi_matches_the_design_table() -> None:
     assert parties("apiQueues", "receive") == parties("apiSchedulerExplain", "receive") == {"scheduler"}
     assert parties("externalEvents", "receive") == {"trigger"}  # event rules
     assert "trigger" in parties("jobSucceeded", "receive") & parties("jobGaveUp", "receive")  # completion rules
+    assert "trigger" in parties("jobSucceededOnNode", "receive")
     assert "x-stream" not in doc["channels"]["jobWatch"]  # core NATS, not a stream
 
 

@@ -50,8 +50,10 @@ async def watch_events(js: Any) -> Any:
     """Start reading lifecycle events now (before submitting, so that none is missed).
 
     An ordered consumer: in order, nothing durable left behind. Each kind has its own
-    subject (jobmesh.v1.job.<partition>.<kind>), so a reader that needs only the ends
-    filters on jobmesh.v1.job.*.succeeded and so on; this one reads every kind.
+    subject (jobmesh.v1.job.<partition>.<kind>, and an executor's reports add its node:
+    jobmesh.v1.job.<partition>.<kind>.<node>), so a reader that needs only the ends
+    filters on jobmesh.v1.job.*.succeeded and jobmesh.v1.job.*.succeeded.* and so on;
+    this one reads every kind.
     """
     return await js.subscribe(f"{PREFIX}.job.>", ordered_consumer=True, deliver_policy=DeliverPolicy.NEW)
 

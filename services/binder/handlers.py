@@ -35,6 +35,7 @@ from jobmesh.contract.messages.v1 import (
     NodeView,
 )
 from jobmesh.errors import Conflict, Unavailable
+from jobmesh.runtime.fencing import binding_fence
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.outcomes import ACK, Outcome, Retry
 from jobmesh.runtime.publisher import Outgoing, Publisher
@@ -276,28 +277,46 @@ class Binder:
         if doubles:
             await self._remove([(b.node_id, attempt_key(b.job.job_id, b.job.attempt)) for b in doubles])
 
-    async def release(self, batch: list[Envelope]) -> None:
+    async def release(self, batch: list[Envelope]) -> list[Outcome] | None:
         """Handle a batch of terminal events: free each attempt's reservation.
 
         Returns only once the server's record of every node named holds none of the
         attempts (so the batch is acked only then). An event that names no node (expired,
-        or cancelled before any binding) has nothing to free.
+        or cancelled before any binding) has nothing to free. An executor's event (the
+        node form of the subject) frees only a reservation on its own node; one for an
+        attempt another node holds is fenced off (:func:`binding_fence`): it frees
+        nothing and does not count as the attempt's end.
 
         Args:
             batch: the terminal events (``TerminalEvent``).
+
+        Returns:
+            None (ack them all), or one outcome per event when one was fenced off.
 
         Raises:
             Unavailable: NATS does not answer (the batch comes back later).
             Conflict: a record kept changing under every compare-and-set.
         """
         pairs = []
-        for env in batch:
+        outcomes: list[Outcome] | None = None
+        for n, env in enumerate(batch):
             node_id = getattr(env.message, "node_id", "")
+            key = attempt_key(env.message.job_id, env.message.attempt)
+            if subjects.node_of_event(env.subject) is not None:
+                holder = self._allocs.holder(key) or ""
+                what = f"attempt {key} is held by"
+                fenced = binding_fence(env.subject, node_id, holder, env.deliveries, what)
+                if fenced is not None:
+                    outcomes = outcomes or [ACK] * len(batch)
+                    outcomes[n] = fenced
+                    continue
             if node_id:
-                pairs.append((node_id, attempt_key(env.message.job_id, env.message.attempt)))
+                pairs.append((node_id, key))
         await self._guard(self._remove(pairs), "releasing")
-        for env in batch:
-            self.ended.add(attempt_key(env.message.job_id, env.message.attempt))
+        for n, env in enumerate(batch):
+            if outcomes is None or outcomes[n] is ACK:
+                self.ended.add(attempt_key(env.message.job_id, env.message.attempt))
+        return outcomes
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
         by_node: dict[str, set[str]] = {}

@@ -153,7 +153,7 @@ class DispatchHandler:
             now = self._clock()
             started.append(
                 Outgoing(
-                    subjects.job_event(bound.partition, subjects.STARTED),
+                    subjects.node_event(bound.partition, subjects.STARTED, self._node_id),
                     JobStarted(
                         job_id=bound.job_id,
                         attempt=bound.attempt,

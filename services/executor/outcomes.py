@@ -194,7 +194,7 @@ def terminal_message(
     """
     kind = subjects.SUCCEEDED if outcome.error is None else subjects.FAILED
     return Outgoing(
-        subjects.job_event(bound.partition, kind),
+        subjects.node_event(bound.partition, kind, node_id),
         terminal_event(bound, node_id, outcome, started_at, at),
         event_id(bound.job_id, bound.attempt, kind),
         context,

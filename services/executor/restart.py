@@ -67,7 +67,7 @@ def lost_messages(
     """
     return [
         Outgoing(
-            subjects.job_event(lease.partition, subjects.LOST),
+            subjects.node_event(lease.partition, subjects.LOST, node_id),
             JobLost(
                 job_id=lease.job_id,
                 attempt=lease.attempt,

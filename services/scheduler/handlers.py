@@ -50,7 +50,9 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import translated
+from jobmesh.runtime.fencing import binding_fence
 from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.outcomes import ACK, Outcome
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing, record_lost_attempt
@@ -292,8 +294,14 @@ class PartitionScheduler:
         if self.leases._pending:  # a restarted executor: act now, not at the next deadline
             self.kick()
 
-    async def handle(self, batch: list[Envelope]) -> None:
-        """Apply a batch of submits, attempt endings and unplaceable replies."""
+    async def handle(self, batch: list[Envelope]) -> list[Outcome] | None:
+        """Apply a batch of submits, attempt endings and unplaceable replies.
+
+        Returns:
+            None (ack them all), or one outcome per message when an executor's ending was
+            fenced off (:meth:`_fenced`): that one is retried or dead-lettered, unapplied.
+        """
+        outcomes: list[Outcome] | None = None
         async with self._lock:
             if self._dirty:
                 async with translated("reloading the backlog"):
@@ -308,12 +316,17 @@ class PartitionScheduler:
             told: list[DependencyEnded] = []
             added: list[ChildAdded] = []
             contexts = {}
-            for env in batch:  # one pass: this is every job's path
+            for n, env in enumerate(batch):  # one pass: this is every job's path
                 message = env.message
                 contexts[message.job_id] = env.context
                 if isinstance(message, JobSubmitted):
                     submits.append(env)
                 elif isinstance(message, TERMINAL):
+                    fenced = self._fenced(env)
+                    if fenced is not None:
+                        outcomes = outcomes or [ACK] * len(batch)
+                        outcomes[n] = fenced
+                        continue
                     finished.append(message)
                 elif isinstance(message, JobUnplaceable):
                     refused.append(message)
@@ -371,6 +384,26 @@ class PartitionScheduler:
                 wake_after is not None and (wake_before is None or wake_after < wake_before)
             ):
                 self.kick()
+        return outcomes
+
+    def _fenced(self, env: Envelope) -> Outcome | None:
+        """The fate of an executor's ending for an attempt whose lease names another node.
+
+        The lease learns the attempt's node from that node's own record (it lists the
+        attempt before running it), so an ending from any other node is not the attempt's:
+        it is refused (after a few deliveries' patience, as the record view may lag). An
+        ending of the partition form (the scheduler's own), of a stale attempt (ignored
+        anyway) or of an attempt no record listed yet passes: nothing here can tell.
+        """
+        parsed = subjects.node_of_event(env.subject)
+        if parsed is None:
+            return None
+        event = env.message
+        lease = self.leases.leases.get(event.job_id)
+        if lease is None or lease.attempt != event.attempt:
+            return None
+        what = f"job {event.job_id} attempt {event.attempt} is listed by the record of"
+        return binding_fence(env.subject, parsed[1], lease.node_id, env.deliveries, what)
 
     # --- what follows an attempt -----------------------------------------------------
     def _attempt_ended(self, event: TerminalEvent, rnd: Round, context: Context | None) -> None:

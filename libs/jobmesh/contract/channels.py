@@ -129,6 +129,21 @@ def _job(kind: str) -> str:
     return subjects.job_event(PARTITION, kind)  # a template, not a number
 
 
+def _node_job(kind: str) -> str:
+    # An executor's event: the node form, whose last token NATS permissions restrict.
+    return subjects.node_event(PARTITION, kind, NODE_ID)
+
+
+# What every node-form channel says about the subject's node token.
+_NODE_FORM = (
+    " The last token is the reporting node: each executor may publish only under its own node id, and a "
+    "consumer dead-letters (code forged) an event whose body names another node_id, or one about an "
+    "attempt it knows is bound to another node."
+)
+# What the partition form of an executor's kind says.
+_OLDER_EXECUTORS = " Executors of earlier v1 versions published it here; consumers still read this form."
+
+
 def _kv(bucket: str, key: str) -> str:
     # A KV put is a message on $KV.<bucket>.<key> stored in stream KV_<bucket> (NATS convention).
     return f"$KV.{bucket}.{key}"
@@ -184,28 +199,56 @@ CHANNELS: tuple[Channel, ...] = (
         _job(subjects.STARTED),
         (v1.JobStarted,),
         subjects.STREAM_JOBS,
+        (),
+        (),
+        "The partition form of jobStartedOnNode: no service publishes it." + _OLDER_EXECUTORS,
+    ),
+    Channel(
+        "jobStartedOnNode",
+        _node_job(subjects.STARTED),
+        (v1.JobStarted,),
+        subjects.STREAM_JOBS,
         ("executor",),
         (),
-        "The executor started an attempt.",
+        "The executor started an attempt." + _NODE_FORM,
     ),
     Channel(
         "jobSucceeded",
         _job(subjects.SUCCEEDED),
         (v1.JobSucceeded,),
         subjects.STREAM_JOBS,
+        ("scheduler",),
+        END_CONSUMERS,
+        "Terminal: a mapped step's items all succeeded (the scheduler ends the step without running it; "
+        "node_id is empty)." + _OLDER_EXECUTORS,
+    ),
+    Channel(
+        "jobSucceededOnNode",
+        _node_job(subjects.SUCCEEDED),
+        (v1.JobSucceeded,),
+        subjects.STREAM_JOBS,
         ("executor",),
         END_CONSUMERS,
-        "Terminal: the attempt exited 0.",
+        "Terminal: the attempt exited 0." + _NODE_FORM,
     ),
     Channel(
         "jobFailed",
         _job(subjects.FAILED),
         (v1.JobFailed,),
         subjects.STREAM_JOBS,
+        (),
+        TERMINAL_CONSUMERS,
+        "The partition form of jobFailedOnNode: no service publishes it." + _OLDER_EXECUTORS,
+    ),
+    Channel(
+        "jobFailedOnNode",
+        _node_job(subjects.FAILED),
+        (v1.JobFailed,),
+        subjects.STREAM_JOBS,
         ("executor",),
         TERMINAL_CONSUMERS,
         "Terminal for the attempt: non-zero exit, timeout, disk quota, cancellation or a runtime error. "
-        "The scheduler then publishes JobRetrying or JobGaveUp.",
+        "The scheduler then publishes JobRetrying or JobGaveUp." + _NODE_FORM,
     ),
     Channel(
         "jobExpired",
@@ -221,12 +264,22 @@ CHANNELS: tuple[Channel, ...] = (
         _job(subjects.LOST),
         (v1.JobLost,),
         subjects.STREAM_JOBS,
-        ("scheduler", "executor"),
+        ("scheduler",),
         TERMINAL_CONSUMERS,
         "Terminal for the attempt: its lease was not renewed within its heartbeat timeout, or it "
         "was not started within the bind timeout (declared by the scheduler that owns the "
-        "partition), or its executor restarted without it (declared by that executor). The "
-        "scheduler then retries or gives up; the binder frees the reservation.",
+        "partition). The scheduler then retries or gives up; the binder frees the reservation." + _OLDER_EXECUTORS,
+    ),
+    Channel(
+        "jobLostOnNode",
+        _node_job(subjects.LOST),
+        (v1.JobLost,),
+        subjects.STREAM_JOBS,
+        ("executor",),
+        TERMINAL_CONSUMERS,
+        "Terminal for the attempt: its executor restarted without it, or refused a dispatch it may "
+        "have run before (declared by that executor). The scheduler then retries or gives up; the "
+        "binder frees the reservation." + _NODE_FORM,
     ),
     Channel(
         "jobRetrying",
@@ -837,7 +890,10 @@ PARAMETERS: dict[str, dict[str, Any]] = {
         "(subjects.partition_of).",
         "examples": ["0"],
     },
-    "node_id": {"description": "Executor node id (JOBMESH_NODE_ID).", "examples": ["node-1"]},
+    "node_id": {
+        "description": "Executor node id (JOBMESH_NODE_ID): one subject token of A-Z a-z 0-9 _ -.",
+        "examples": ["node-1"],
+    },
     "job_id": {"description": "Job id.", "examples": ["j-7f3a9c2e"]},
     "service": {"description": "Service name.", "enum": list(SERVICES)},
     "event": {
@@ -915,14 +971,35 @@ def channels() -> list[Channel]:
     return [replace(c, consumers=(*c.consumers, *ALL_KINDS_CONSUMERS)) if _is_job_row(c) else c for c in CHANNELS]
 
 
+def _is_node_row(channel: Channel) -> bool:
+    """Whether a job row is the node form of an executor's kind (``...<kind>.{node_id}``)."""
+    return _is_job_row(channel) and channel.address is not None and channel.address.endswith("." + NODE_ID)
+
+
 def job_kinds() -> list[str]:
-    """Lifecycle kinds that have a channel, in pipeline order.
+    """Lifecycle kinds that have a channel of the partition form, in pipeline order.
 
     Returns:
         The kind tokens of the per-kind job subjects (``submitted``, ``ready``, ...).
     """
     prefix, suffix = _job("\0").split("\0")
-    return [c.address.removeprefix(prefix).removesuffix(suffix) for c in CHANNELS if c.address and _is_job_row(c)]
+    return [
+        c.address.removeprefix(prefix).removesuffix(suffix)
+        for c in CHANNELS
+        if c.address and _is_job_row(c) and not _is_node_row(c)
+    ]
+
+
+def node_kinds() -> list[str]:
+    """Lifecycle kinds that have a channel of the node form (what executors publish).
+
+    Returns:
+        Their kind tokens, in pipeline order (``started``, ``succeeded``, ...).
+    """
+    prefix = _job("\0").split("\0")[0]
+    return [
+        c.address.removeprefix(prefix).removesuffix("." + NODE_ID) for c in CHANNELS if c.address and _is_node_row(c)
+    ]
 
 
 def request_messages() -> list[type[msgspec.Struct]]:

@@ -9,9 +9,9 @@ for itself only. Only the provisioner may create, update or delete streams and d
 The functions here are pure: they turn the subject catalogue of :mod:`subjects` into allow
 lists. Rendering them into a nats-server configuration is the runtime's business.
 
-Not expressible here yet (see docs/operations.md, "Security"): an executor publishes its
-lifecycle events on the partition's subjects, which name no node, so a node could report
-for another node's attempt; the consumers fence such events by the attempt's binding.
+An executor reports on subjects that name its node (``subjects.node_event``), and may
+publish on no other node's: a report for another node's attempt must claim that node's id
+on its own node's subject, which the consumers refuse (``runtime.fencing``).
 """
 
 from __future__ import annotations
@@ -166,6 +166,7 @@ def service(name: str, *, partitions: int = 0) -> Permissions:
             *_events(
                 (
                     subjects.READY,
+                    subjects.SUCCEEDED,  # a mapped step ends when its items have
                     subjects.WAITING,
                     subjects.RETRYING,
                     subjects.GAVE_UP,
@@ -222,7 +223,7 @@ def executor(node_id: str) -> Permissions:
     identity = executor_identity(node_id)
     publish, subscribe = _common("executor")
     publish += [
-        *_events((subjects.STARTED, subjects.SUCCEEDED, subjects.FAILED, subjects.LOST)),
+        *(subjects.node_event("*", kind, node_id) for kind in subjects.EXECUTOR_KINDS),
         subjects.job_log("*"),
         subjects.API_SUBMIT,  # a job's follow-ups are submitted like any client's
         *_durable(subjects.STREAM_DISPATCH, subjects.durable("executor", node_id)),

@@ -64,6 +64,11 @@ CHILD_ADDED = "child_added"
 TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED)
 # A job ended for good: what "the end of an earlier job" means to a trigger rule.
 JOB_END_KINDS = (SUCCEEDED, GAVE_UP, CANCELLED, EXPIRED)
+# What an executor reports about the attempts bound to its node. These travel on the node
+# form (node_event: the node id is the subject's last token), so a NATS permission can
+# let each node publish for its own attempts only. The services' own events of the same
+# kinds (the scheduler's success of a mapped step, its lost lease) keep the partition form.
+EXECUTOR_KINDS = (STARTED, SUCCEEDED, FAILED, LOST)
 
 
 def partition_of(queue: str, partitions: int) -> int:
@@ -76,9 +81,53 @@ def job_event(partition: int | str, kind: str) -> str:
     return f"{PREFIX}.job.{partition}.{kind}"
 
 
+def node_event(partition: int | str, kind: str, node_id: str) -> str:
+    """Subject of an event an executor publishes about an attempt bound to ``node_id``
+    (one of :data:`EXECUTOR_KINDS`): ``jobmesh.v1.job.<partition>.<kind>.<node_id>``.
+
+    Args:
+        partition: the job's partition (``*`` for every partition, in a filter).
+        kind: the event kind.
+        node_id: the node (one subject token; ``*`` for every node, in a filter).
+
+    Returns:
+        The six-token subject.
+    """
+    return f"{PREFIX}.job.{partition}.{kind}.{node_id}"
+
+
 def job_events(partition: int | str, kinds: tuple[str, ...]) -> list[str]:
-    """Filter subjects for several kinds in a partition (``*`` for every partition)."""
-    return [f"{PREFIX}.job.{partition}.{kind}" for kind in kinds]
+    """Filter subjects for several kinds in a partition (``*`` for every partition).
+
+    A kind executors publish (:data:`EXECUTOR_KINDS`) comes with both its forms: the
+    partition form (the services' events of that kind, and older executors') and the node
+    form of every node (``...<kind>.*``). The two never overlap (five tokens and six), as
+    one consumer's filters must not.
+    """
+    out = []
+    for kind in kinds:
+        out.append(f"{PREFIX}.job.{partition}.{kind}")
+        if kind in EXECUTOR_KINDS:
+            out.append(node_event(partition, kind, "*"))
+    return out
+
+
+def node_of_event(subject: str) -> tuple[str, str] | None:
+    """The kind and node of a job event subject in the node form, None for any other.
+
+    Args:
+        subject: a subject of stream JM_JOBS.
+
+    Returns:
+        ``(kind, node_id)`` of ``jobmesh.v1.job.<partition>.<kind>.<node_id>``; None for the
+        partition form (five tokens). A subject of more than six tokens under
+        ``jobmesh.v1.job.`` is returned with everything after the kind as its node, which
+        no node id matches (node ids are one token).
+    """
+    if subject.count(".") < 5:
+        return None
+    parts = subject.split(".", 5)
+    return parts[4], parts[5]
 
 
 # --- dispatch (stream JM_DISPATCH) ---------------------------------------------------

@@ -181,7 +181,9 @@ async def end_to_end(
         job_id = _job_id_of(msg.data)
         outcome_at.setdefault(job_id, time.perf_counter())
 
-    await client.nc.subscribe(subjects.job_event("*", subjects.SUCCEEDED), cb=on_outcome)
+    # Both forms: executors publish on the node form, the scheduler (mapped steps) on the other.
+    for subject in subjects.job_events("*", (subjects.SUCCEEDED,)):
+        await client.nc.subscribe(subject, cb=on_outcome)
     spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0), name="bench")
 
     # Warm-up: a few jobs so every service has its consumers and caches hot.

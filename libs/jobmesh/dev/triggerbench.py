@@ -85,7 +85,8 @@ async def measure(url: str, n: int, light: int) -> dict[str, float]:
             if len(finished) >= want["n"]:
                 done.set()
 
-    await nc.subscribe(subjects.job_event("*", subjects.STARTED), cb=on_started)
+    for subject in subjects.job_events("*", (subjects.STARTED,)):  # both forms (partition and node)
+        await nc.subscribe(subject, cb=on_started)
     await nc.subscribe(subjects.job_watch("*"), cb=on_update)
     reply = await nc.request(
         subjects.API_TRIGGERS_PUT, encode(TriggerPutRequest(rule=msgspec.convert(RULE, TriggerRule))), timeout=10

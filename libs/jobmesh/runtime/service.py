@@ -33,6 +33,7 @@ from jobmesh.contract.messages.v1 import DeadLetter, ErrorReply, HealthReply
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.runtime import logs
 from jobmesh.runtime.consumerlag import poll_lag
+from jobmesh.runtime.fencing import subject_fence
 from jobmesh.runtime.metrics import Metrics
 from jobmesh.runtime.opsserver import OpsServer
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
@@ -366,6 +367,9 @@ class Runtime:
         traced = self.tracing.exporting
         received_at = time.time_ns() if traced else 0
         span: trace.Span | None
+        # Every consumer of JM_JOBS, whichever service runs it, refuses an executor's event
+        # that speaks for another node than its subject's before any handler sees it.
+        fenced = spec.stream == subjects.STREAM_JOBS
         for raw in raws:
             headers = raw.headers or {}
             try:
@@ -376,6 +380,9 @@ class Runtime:
             except Exception as exc:  # a decoder's bug must not stop the consumer
                 log.exception("%s: decoding a message on %s failed", spec.durable, raw.subject)
                 await self._settle(raw, Reject("invalid_message", f"{type(exc).__name__}: {exc}"), _deliveries(raw))
+                continue
+            if fenced and (forged := subject_fence(raw.subject, message)) is not None:
+                await self._settle(raw, forged, _deliveries(raw))
                 continue
             if traced:
                 span, context = self.tracing.received(

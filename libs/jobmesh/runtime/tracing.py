@@ -330,6 +330,10 @@ def subject_template(subject: str) -> str | None:
     if family == "events":
         return None  # named by whoever publishes them
     placeholder = _PLACEHOLDERS.get(family)
+    if family == "job" and len(tokens) == 6:
+        # An executor's report names its node last: the template (span names, metric
+        # destinations) stays the kind's, the full subject is in the destination attribute.
+        del tokens[5]
     if placeholder is not None and len(tokens) > 3:
         tokens[3] = placeholder
     elif family == "api" and len(tokens) > 4 and tokens[3] == "scheduler":

@@ -21,8 +21,9 @@ def _codes(kind: type[JobmeshError]) -> set[str]:
 # take a code it does not know (a later v1 may add one) as a permanent error.
 ERROR_CODES: tuple[str, ...] = tuple(sorted(_codes(JobmeshError)))
 # A dead letter's code: an error's, or how the runtime refused the message (a handler that
-# kept failing, a dispatch for another node).
-DEADLETTER_CODES: tuple[str, ...] = (*ERROR_CODES, "handler_error", "wrong_node")
+# kept failing, a dispatch for another node, an executor's event that speaks for another
+# node than the one it came from or its attempt is bound to).
+DEADLETTER_CODES: tuple[str, ...] = (*ERROR_CODES, "handler_error", "wrong_node", "forged")
 
 
 class DeadLetter(Struct, frozen=True, kw_only=True, tag="deadletter"):
@@ -33,7 +34,7 @@ class DeadLetter(Struct, frozen=True, kw_only=True, tag="deadletter"):
     code: Annotated[
         str,
         Meta(
-            description="Why it was refused: a stable code (an ErrorReply code, or handler_error / wrong_node).",
+            description="Why it was refused: a stable code (an ErrorReply code, or handler_error / wrong_node / forged).",
             extra_json_schema={"enum": list(DEADLETTER_CODES)},
         ),
     ]
