@@ -74,6 +74,7 @@ class ClusterFactory:
         database_url: str | None = None,
         name: str = "cluster",
         timeout: float = 60.0,
+        credentials: Path | None = None,
     ) -> LocalCluster:
         """Start ``services`` and wait until each answers its health check.
 
@@ -84,6 +85,8 @@ class ClusterFactory:
             database_url: another database than the factory's (a proxy, say).
             name: the prefix of the cluster's work directory.
             timeout: how long the services have to become healthy.
+            credentials: the directory of ``jobmesh auth issue``: each process connects
+                with its own identity (see ``LocalCluster.credentials``).
 
         Returns:
             The started cluster; the factory stops it at teardown.
@@ -93,6 +96,7 @@ class ClusterFactory:
             database_url or self.database_url,
             self.tmp_path_factory.mktemp(name),
             env=dict(env or {}),
+            credentials=credentials,
         )
         self.clusters.append(cluster)  # before starting: a failed start is stopped too
         started: list[str] = []

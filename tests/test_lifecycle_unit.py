@@ -125,6 +125,21 @@ def test_a_new_incarnation_without_the_attempt_loses_it_at_once() -> None:
     assert expiry.kind == "lost" and "restarted" in expiry.reason
 
 
+def test_a_loss_a_record_showed_waits_until_the_events_before_it_are_processed() -> None:
+    # The scheduler passes how far its partition's events are processed as ``now``: a
+    # restart seen at 2.0 is not acted on while the events are processed only to 1.5 (the
+    # attempt's JobSucceeded may be among the rest), and is once they reach 2.0.
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0)
+    leases.observe(record("a", "i1", ("j", 1)), at=1.0)
+    leases.observe(record("a", "i2"), at=2.0)
+    assert leases.next_deadline() == 2.0
+    assert leases.expired(1.5) == []
+    [expiry] = leases.expired(2.0)
+    assert expiry.kind == "lost" and "restarted" in expiry.reason
+    assert leases.expired(100.0) == [] and leases.next_deadline() is None
+
+
 def test_ended_attempts_other_partitions_and_stale_attempts_are_left_alone() -> None:
     leases = AttemptLeases(partition=0, bind_timeout=30.0)
     leases.track("j", 2, heartbeat=10.0, now=0.0)

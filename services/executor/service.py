@@ -55,7 +55,7 @@ from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
 from jobmesh.executor.runrequest import Runner
 from jobmesh.executor.secrets import SecretSource
-from jobmesh.runtime.service import ConsumerSpec, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 
@@ -220,15 +220,7 @@ class Executor:
 
     def consumer(self) -> ConsumerSpec:
         """The durable consumer of this node's dispatch and cancel subjects."""
-        return ConsumerSpec(
-            stream=subjects.STREAM_DISPATCH,
-            durable=subjects.durable("executor", self.node_id),
-            filter_subjects=(subjects.node_dispatch(self.node_id), subjects.node_cancel(self.node_id)),
-            codec=Codec(DISPATCH_MESSAGES, self._settings.max_message_bytes),
-            handle=self.handler,
-            span_name="process jobmesh.v1.node.*.dispatch",
-            ack_wait=DISPATCH_ACK_WAIT,
-        )
+        return dispatch_consumer(self._settings, self.node_id, self.handler)
 
     async def stop(self) -> None:
         """Drain: mark draining, keep the leases alive while attempts finish, fail the rest,
@@ -388,3 +380,33 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     executor = Executor(rt, info, kv, setup.base_env, results, setup=setup, pool=pool)
     await executor.start()
     await rt.serve(consumers=[executor.consumer()], on_stop=executor.stop)
+
+
+def dispatch_consumer(settings: Settings, node_id: str, handler: BatchHandler) -> ConsumerSpec:
+    """The durable consumer of one node's dispatch and cancel subjects."""
+    return ConsumerSpec(
+        stream=subjects.STREAM_DISPATCH,
+        durable=subjects.durable("executor", node_id),
+        filter_subjects=(subjects.node_dispatch(node_id), subjects.node_cancel(node_id)),
+        codec=Codec(DISPATCH_MESSAGES, settings.max_message_bytes),
+        handle=handler,
+        span_name="process jobmesh.v1.node.*.dispatch",
+        ack_wait=DISPATCH_ACK_WAIT,
+    )
+
+
+async def provision_main(settings: Settings, tracing: Tracing) -> None:
+    """A node's part of the one-shot provisioner (``jobmesh provision --node <id>``): its
+    dispatch durable, which an executor with its own NATS identity may read but not make.
+
+    Raises:
+        InvalidSpec: JOBMESH_NODE_ID is not set (the durable is that node's).
+    """
+    if not settings.node_id:
+        raise InvalidSpec("JOBMESH_NODE_ID: provisioning an executor needs the node's id", field="node_id")
+    rt = Runtime(settings, tracing)
+    await rt.connect()
+    try:
+        await rt.ensure_consumers([dispatch_consumer(settings, settings.node_id, not_consumed)])
+    finally:
+        await rt.close()

@@ -70,7 +70,8 @@ class AttemptLeases:
     leases: dict[str, Lease] = field(default_factory=dict)  # job id -> lease
     _heap: list[tuple[float, str, int]] = field(default_factory=list)
     _by_node: dict[str, set[str]] = field(default_factory=dict)  # node -> job ids seen on it
-    _pending: list[Expiry] = field(default_factory=list)  # found by a record, not yet taken
+    # Losses a record showed (at its arrival, monotonic), not yet taken.
+    _pending: list[tuple[float, Expiry]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.leases)
@@ -128,15 +129,27 @@ class AttemptLeases:
             if lease.incarnation and record.incarnation and lease.incarnation != record.incarnation:
                 # The executor restarted: the new process does not run what the old one ran.
                 self._pending.append(
-                    Expiry(
-                        job_id, lease.attempt, "lost", record.node_id, "its executor restarted without it", lease, True
+                    (
+                        at,
+                        Expiry(
+                            job_id,
+                            lease.attempt,
+                            "lost",
+                            record.node_id,
+                            "its executor restarted without it",
+                            lease,
+                            True,
+                        ),
                     )
                 )
                 self.forget(job_id)
 
     def expired(self, now: float) -> list[Expiry]:
-        """The leases that ran out by ``now`` (and those a record showed lost), once each."""
-        out, self._pending = self._pending, []
+        """The leases that ran out by ``now`` (and those a record showed lost by ``now``),
+        once each. A caller that may act only on what happened before some time passes that
+        time as ``now``: a loss a record showed later waits, as a lease's deadline does."""
+        out = [expiry for at, expiry in self._pending if at <= now]
+        self._pending = [(at, expiry) for at, expiry in self._pending if at > now]
         while self._heap and self._heap[0][0] <= now:
             deadline, job_id, attempt = heapq.heappop(self._heap)
             lease = self.leases.get(job_id)
@@ -152,15 +165,17 @@ class AttemptLeases:
         return out
 
     def next_deadline(self) -> float | None:
-        """The earliest live deadline (stale entries on top are dropped on the way)."""
+        """The earliest live deadline, a loss a record showed included (stale entries on
+        top are dropped on the way)."""
+        pending = min((at for at, _ in self._pending), default=None)
         heap = self._heap
         while heap:
             deadline, job_id, attempt = heap[0]
             lease = self.leases.get(job_id)
             if lease is not None and lease.attempt == attempt and lease.deadline == deadline:
-                return deadline
+                return deadline if pending is None else min(deadline, pending)
             heapq.heappop(heap)
-        return None
+        return pending
 
     def _push(self, deadline: float, job_id: str, attempt: int) -> None:
         heapq.heappush(self._heap, (deadline, job_id, attempt))

@@ -17,8 +17,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Literal
 
 import asyncpg
@@ -84,6 +85,8 @@ TERMINAL = (JobSucceeded, JobFailed, JobExpired, JobLost, JobCancelled)
 _submitted = msgspec.json.Decoder(JobSubmitted)
 _encode_submitted = msgspec.json.Encoder().encode
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
+# A lease is due but the partition's events are not processed that far: ask again this soon.
+LEASE_CATCH_UP_RETRY = 0.25
 
 
 class Placements:
@@ -177,7 +180,16 @@ class PartitionScheduler:
         monotonic: Callable[[], float] = time.monotonic,
         results: Results | None = None,
         metrics: SchedulerMetrics | None = None,
+        processed_through: Callable[[], Awaitable[float]] | None = None,
     ) -> None:
+        # How far this partition's own events are processed (unix time: every event stored
+        # before it has been handled and acked; inf when none is outstanding). A lease is
+        # declared run out only for a deadline before that: an attempt's JobSucceeded may
+        # still wait in the consumer (a lagging or a killed owner's unacked batch), and
+        # declaring it lost then would run it a second time. None: no such wait (tests).
+        self._processed_through = processed_through
+        self._through = math.inf if processed_through is None else -math.inf  # monotonic
+        self._through_retry = 0.0
         self._tracing = tracing
         self._metrics = metrics or SchedulerMetrics()
         self._results = results
@@ -548,7 +560,7 @@ class PartitionScheduler:
         view that missed records would take live attempts for lost ones."""
         if not self._view_settled():
             return
-        for expiry in self.leases.expired(self._monotonic()):
+        for expiry in self.leases.expired(min(self._monotonic(), self._through)):
             job = self.backlog.jobs.get(expiry.job_id)
             if job is None or job.attempt != expiry.attempt or job.where != RELEASED:
                 continue
@@ -869,8 +881,29 @@ class PartitionScheduler:
         wakes = [t for t in (self.backlog.next_wake(), self.backlog.next_token(now)) if t is not None]
         deadline = self.leases.next_deadline()
         if deadline is not None:
-            wakes.append(now + max(0.0, deadline - self._monotonic()))
+            mono = self._monotonic()
+            if deadline <= mono and deadline >= self._through:
+                # Due, but this partition's events are not processed that far yet: look again
+                # shortly (a batch handled meanwhile kicks the planner sooner).
+                deadline = max(deadline, self._through_retry)
+            wakes.append(now + max(0.0, deadline - mono))
         return min(wakes) if wakes else None
+
+    async def _catch_up_leases(self) -> None:
+        """Learn how far this partition's events are processed, when a lease is due and
+        the last answer did not cover it (one or two requests, only then)."""
+        if self._processed_through is None:
+            return
+        deadline = self.leases.next_deadline()
+        mono = self._monotonic()
+        if deadline is None or deadline > mono or deadline < self._through or mono < self._through_retry:
+            return
+        through = await self._processed_through()
+        # As a monotonic time: how long before now the processed events end. Nothing
+        # outstanding covers what happened until now, not what comes later.
+        self._through = mono if through == math.inf else mono - max(0.0, self._clock() - through)
+        if deadline >= self._through:
+            self._through_retry = mono + LEASE_CATCH_UP_RETRY
 
     async def run_planner(self) -> None:
         """Plan when nodes change, config changes, timers fire, tokens refill or leases run out."""
@@ -886,6 +919,7 @@ class PartitionScheduler:
                 pass
             self._kick.clear()
             try:
+                await self._catch_up_leases()
                 async with self._lock:
                     if self._dirty:
                         await self.load()

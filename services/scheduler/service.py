@@ -9,9 +9,15 @@ timers, attempt leases) and its explain and cancel responders.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
+
+import nats.errors
+from nats.js import JetStreamContext
 
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
@@ -38,6 +44,8 @@ from jobmesh.scheduler.handlers import PartitionScheduler, Placements
 from jobmesh.scheduler.leases import Leases
 from jobmesh.scheduler.metrics import SchedulerMetrics
 from jobmesh.scheduler.results import ObjectResults
+
+log = logging.getLogger("jobmesh.scheduler")
 
 CONSUMED_KINDS = (
     subjects.SUBMITTED,
@@ -103,6 +111,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             settle=settings.node_ttl_seconds,
             results=results,
             metrics=instruments,
+            processed_through=functools.partial(processed_through, rt.js, subjects.durable("scheduler", f"p{number}")),
         )
         await part.load()
         owned[number] = part
@@ -209,3 +218,22 @@ async def provision_main(settings: Settings, tracing: Tracing) -> None:
         await rt.ensure_consumers([partition_consumer(n, codec, not_consumed) for n in range(settings.partitions)])
     finally:
         await rt.close()
+
+
+async def processed_through(js: JetStreamContext, durable: str) -> float:
+    """Until when a partition's events on JM_JOBS are all handled: the time the first
+    message after the durable's ack floor was stored (everything before it is acked), inf
+    when nothing is outstanding, -inf when the server does not say.
+
+    The message after the floor may be another partition's (JM_JOBS holds them all), which
+    only makes the answer earlier than it could be: never later.
+    """
+    try:
+        info = await js.consumer_info(subjects.STREAM_JOBS, durable)
+        if not info.num_pending and not info.num_ack_pending:
+            return math.inf
+        first = await js.get_msg(subjects.STREAM_JOBS, (info.ack_floor.stream_seq or 0) + 1)
+    except (TimeoutError, nats.errors.Error) as exc:
+        log.warning("cannot tell how far %s has handled its events (%s): leases wait", durable, exc)
+        return -math.inf
+    return first.time.timestamp() if first.time is not None else -math.inf

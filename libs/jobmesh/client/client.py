@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import os
+import ssl
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.client.triggers import rule_from_data
 from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
 from jobmesh.client.workflows import WorkflowStatus, run_status, workflow_from_data
-from jobmesh.contract import subjects
+from jobmesh.contract import permissions, subjects
 from jobmesh.contract.codec import Codec, encode
 from jobmesh.contract.ids import new_idempotency_key
 from jobmesh.contract.messages.v1 import (
@@ -88,7 +89,7 @@ from jobmesh.contract.messages.v1 import (
     WorkflowSpec,
     ZoneMap,
 )
-from jobmesh.errors import NotFound, Unavailable, UsageError
+from jobmesh.errors import InvalidSpec, NotFound, Unavailable, UsageError
 
 R = TypeVar("R")
 ConfigValue = QueueConfig | TenantConfig | ZoneMap
@@ -140,6 +141,62 @@ def resolve_nats_url() -> str:
         if url:
             return url
     raise Unavailable("no jobmesh cluster found: set JOBMESH_NATS_URL or start one with `jobmesh dev --detach`")
+
+
+CREDENTIAL_VARIABLES = (
+    "JOBMESH_NATS_IDENTITY",
+    "JOBMESH_NATS_NKEY_FILE",
+    "JOBMESH_NATS_NKEY",
+    "JOBMESH_NATS_TLS_CA",
+    "JOBMESH_NATS_TLS_CERT",
+    "JOBMESH_NATS_TLS_KEY",
+)
+
+
+ADMIN_KEY_VARIABLE = "JOBMESH_ADMIN_NKEY_FILE"
+
+
+def connect_options(url: str, admin: bool = False) -> dict[str, Any]:
+    """Credentials and TLS for ``nats.connect``: the identity's inbox prefix (the client's,
+    or ``JOBMESH_NATS_IDENTITY``'s), its nkey seed (``JOBMESH_NATS_NKEY_FILE`` or
+    ``JOBMESH_NATS_NKEY``, else those of a
+    ``jobmesh dev`` cluster found nearby) and TLS (``JOBMESH_NATS_TLS_*`` or a tls:// URL).
+
+    Raises:
+        InvalidSpec: naming the variable, for a seed file that is missing or a CA, a
+            certificate or a key that cannot be read.
+    """
+    wanted = (*CREDENTIAL_VARIABLES, ADMIN_KEY_VARIABLE)
+    found = {name: os.environ[name] for name in wanted if os.environ.get(name)}
+    if not found and "JOBMESH_NATS_URL" not in os.environ:
+        env_file = find_dev_env()
+        if env_file is not None:
+            found = {k: v for k, v in read_env_file(env_file).items() if k in wanted and v}
+    if admin and found.get(ADMIN_KEY_VARIABLE):
+        # An operator's command (cluster configuration, a replay): the administrator's key.
+        found = {**found, "JOBMESH_NATS_NKEY_FILE": found[ADMIN_KEY_VARIABLE], "JOBMESH_NATS_IDENTITY": "provisioner"}
+        found.pop("JOBMESH_NATS_NKEY", None)
+    # The client identity's, unless the key is another's (an operator's commands run as the
+    # provisioner: JOBMESH_NATS_IDENTITY=provisioner).
+    identity = found.get("JOBMESH_NATS_IDENTITY") or "client"
+    options: dict[str, Any] = {"inbox_prefix": permissions.inbox_of(identity)}
+    seed_file = found.get("JOBMESH_NATS_NKEY_FILE")
+    if seed_file:
+        if not os.path.isfile(seed_file):
+            raise InvalidSpec(f"JOBMESH_NATS_NKEY_FILE: no file {seed_file}", field="JOBMESH_NATS_NKEY_FILE")
+        options["nkeys_seed"] = seed_file
+    elif found.get("JOBMESH_NATS_NKEY"):
+        options["nkeys_seed_str"] = found["JOBMESH_NATS_NKEY"].strip()
+    ca, cert, key = (found.get(f"JOBMESH_NATS_TLS_{part}", "") for part in ("CA", "CERT", "KEY"))
+    if ca or cert or url.startswith("tls://"):
+        try:
+            context = ssl.create_default_context(cafile=ca or None)
+            if cert:
+                context.load_cert_chain(cert, key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise InvalidSpec(f"JOBMESH_NATS_TLS_*: {exc}", field="JOBMESH_NATS_TLS_CA") from exc
+        options["tls"] = context
+    return options
 
 
 class ClusterSettings(msgspec.Struct, frozen=True, kw_only=True):
@@ -202,9 +259,16 @@ class Client:
         self.timeout = timeout
 
     @classmethod
-    async def connect(cls, url: str | None = None, timeout: float = 10.0) -> Client:  # timeout: per reply
-        """Connect once, without retrying, so a missing cluster fails fast and clearly."""
+    async def connect(
+        cls, url: str | None = None, timeout: float = 10.0, admin: bool = False
+    ) -> Client:  # timeout: per reply
+        """Connect once, without retrying, so a missing cluster fails fast and clearly.
+
+        ``admin`` asks for the administrator's key (``JOBMESH_ADMIN_NKEY_FILE``) when one is
+        given: what writing the cluster configuration or replaying dead letters needs.
+        """
         url = url or resolve_nats_url()
+        options = connect_options(url, admin)
 
         async def quiet(exc: Exception) -> None:
             # nats-py logs connection errors itself; the one line below says it better.
@@ -217,6 +281,7 @@ class Client:
                 nats.connect(
                     # A cluster's members, comma-separated, as the services take them.
                     [part.strip() for part in url.split(",") if part.strip()],
+                    **options,
                     connect_timeout=3,
                     allow_reconnect=False,
                     max_reconnect_attempts=1,

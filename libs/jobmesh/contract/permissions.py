@@ -26,6 +26,10 @@ API = "$JS.API"
 # requests by publishing to $JS.FC.<stream>.>.
 FLOW_CONTROL = "$JS.FC"
 
+# Read-only calls about the account: its limits, and which stream holds a subject (nats-py
+# asks that before reading an object or following a subject without naming the stream).
+ACCOUNT_READS = (f"{API}.INFO", f"{API}.STREAM.NAMES")
+
 ROLES = ("provisioner", *subjects.SERVICES, "client", "integrator")
 
 
@@ -102,8 +106,10 @@ def _objects_read(store: str) -> list[str]:
 
 
 def _objects_write(store: str) -> list[str]:
-    # Chunks go to $O.<store>.C.<nuid> and the object's record to $O.<store>.M.<name>.
-    return [f"$O.{store}.C.>", f"$O.{store}.M.>"]
+    # Chunks go to $O.<store>.C.<nuid> and the object's record to $O.<store>.M.<name>;
+    # putting an object again purges the old one's chunks (a purge of the store's stream
+    # with a filter, which a permission cannot narrow to one object).
+    return [f"$O.{store}.C.>", f"$O.{store}.M.>", f"{API}.STREAM.PURGE.OBJ_{store}"]
 
 
 def _dead_letters(service: str) -> list[str]:
@@ -113,7 +119,7 @@ def _dead_letters(service: str) -> list[str]:
 def _common(service: str) -> tuple[list[str], list[str]]:
     """What every service identity may do: answer its health checks, record its dead
     letters, read the cluster configuration and account information."""
-    publish = [*_dead_letters(service), *_kv_read(subjects.KV_CONFIG), f"{API}.INFO"]
+    publish = [*_dead_letters(service), *_kv_read(subjects.KV_CONFIG), *ACCOUNT_READS]
     subscribe = [subjects.health(service)]
     return publish, subscribe
 
@@ -124,10 +130,12 @@ def _events(kinds: Iterable[str]) -> list[str]:
 
 # --- the identities ----------------------------------------------------------------------
 def provisioner() -> Permissions:
-    """Creates, updates and deletes streams, consumers and buckets (the one-shot set-up
-    and the removal of gone nodes' consumers)."""
+    """The administrator: the only identity that creates, updates and deletes streams,
+    consumers and buckets (the one-shot set-up, a new node's durable), and the one the
+    operators' own commands use (cluster configuration, replaying dead letters, tests that
+    look at everything). It may do anything; its key stays with the operators."""
     identity = "provisioner"
-    return Permissions(identity, inbox_of(identity), publish=(f"{API}.>",), subscribe=(f"{inbox_of(identity)}.>",))
+    return Permissions(identity, inbox_of(identity), publish=(">",), subscribe=(">",))
 
 
 def service(name: str, *, partitions: int = 0) -> Permissions:
@@ -154,8 +162,9 @@ def service(name: str, *, partitions: int = 0) -> Permissions:
         ):
             publish += [*_kv_read(bucket), *_kv_write(bucket)]
         publish += _kv_read(subjects.KV_HANDLERS)
-        # Cancelling a workflow cancels its jobs through their partitions' owners.
-        publish.append(f"{subjects.PREFIX}.api.scheduler.*.cancel")
+        # Cancelling a workflow cancels its jobs through their partitions' owners; a plain
+        # submit's `after` and a workflow's state are checked with the tracker.
+        publish += [f"{subjects.PREFIX}.api.scheduler.*.cancel", subjects.API_JOB_GET, subjects.API_JOB_LIST]
         subscribe += [
             subjects.API_SUBMIT,
             f"{subjects.PREFIX}.api.triggers.*",
@@ -165,6 +174,7 @@ def service(name: str, *, partitions: int = 0) -> Permissions:
         publish += [
             *_events(
                 (
+                    subjects.SUBMITTED,  # a fallback job, and a mapped step's items
                     subjects.READY,
                     subjects.SUCCEEDED,  # a mapped step ends when its items have
                     subjects.WAITING,
@@ -187,6 +197,9 @@ def service(name: str, *, partitions: int = 0) -> Permissions:
         ]
         for number in range(partitions):
             publish += _durable(subjects.STREAM_JOBS, subjects.durable("scheduler", f"p{number}"))
+        # How far a partition's events are handled (services/scheduler/service.py
+        # processed_through): the message after its durable's ack floor.
+        publish += [f"{API}.STREAM.MSG.GET.{subjects.STREAM_JOBS}", f"{API}.DIRECT.GET.{subjects.STREAM_JOBS}"]
         subscribe += [f"{subjects.PREFIX}.api.scheduler.*.*", subjects.API_QUEUES]
     elif name == "binder":
         publish += [
@@ -253,7 +266,7 @@ def client() -> Permissions:
         f"{subjects.PREFIX}.api.workflows.*",
         f"{subjects.PREFIX}.api.scheduler.*.*",
         subjects.health("*"),
-        f"{API}.INFO",
+        *ACCOUNT_READS,
         *_stream_read(subjects.STREAM_LOGS),
         *_ephemeral_cleanup(subjects.STREAM_LOGS),
         *_stream_read(subjects.STREAM_DEADLETTER),
@@ -264,7 +277,8 @@ def client() -> Permissions:
         *_kv_read(subjects.KV_NODES),
         *_kv_read(subjects.KV_CONFIG),
     ]
-    subscribe = [f"{subjects.PREFIX}.watch.*", f"{inbox}.>"]
+    # A job's state changes and its output lines as they happen (`jobmesh run`, `logs -f`).
+    subscribe = [f"{subjects.PREFIX}.watch.*", subjects.job_log("*"), f"{inbox}.>"]
     return Permissions(identity, inbox, tuple(publish), tuple(subscribe))
 
 
@@ -274,7 +288,7 @@ def integrator() -> Permissions:
     inbox = inbox_of(identity)
     # It follows job events with ephemeral consumers of its own; they go when it stops
     # reading (JM_JOBS holds every service's durables, so it may delete none).
-    publish = [subjects.EVENTS_ALL, *_stream_read(subjects.STREAM_JOBS)]
+    publish = [subjects.EVENTS_ALL, *ACCOUNT_READS, *_stream_read(subjects.STREAM_JOBS)]
     subscribe = [f"{subjects.PREFIX}.watch.*", f"{inbox}.>"]
     return Permissions(identity, inbox, tuple(publish), tuple(subscribe))
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import msgspec
 import nats
 
-from jobmesh.contract import subjects
+from jobmesh.contract import permissions, subjects
 from jobmesh.contract.messages.v1 import HealthReply
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.errors import Unavailable
@@ -45,6 +45,9 @@ class LocalCluster:
             ``OTEL_*`` variables that make the services export traces). The services log
             text lines (``JOBMESH_LOG_FORMAT=text``) unless this or the caller's
             environment says otherwise.
+        credentials: the directory ``jobmesh auth issue`` wrote (NATS authentication on):
+            each process connects with its own identity's seed (``<identity>.nk``), and
+            the cluster's own health checks with the client's.
     """
 
     nats_url: str
@@ -52,6 +55,26 @@ class LocalCluster:
     work_dir: Path
     env: dict[str, str] = field(default_factory=dict)
     procs: list[ServiceProcess] = field(default_factory=list)
+    credentials: Path | None = None
+
+    def seed_file(self, identity: str) -> Path:
+        """The seed file of ``identity`` in :attr:`credentials`.
+
+        Raises:
+            Unavailable: no credentials, or none issued for that identity.
+        """
+        if self.credentials is None:
+            raise Unavailable("this cluster runs without NATS credentials")
+        path = self.credentials / f"{identity}.nk"
+        if not path.exists():
+            raise Unavailable(f"no seed for {identity} in {self.credentials}: run `jobmesh auth issue` for it")
+        return path
+
+    def connect_options(self) -> dict[str, object]:
+        """``nats.connect`` arguments for the harness's own connections (the client's)."""
+        if self.credentials is None:
+            return {}
+        return {"nkeys_seed": str(self.seed_file("client")), "inbox_prefix": permissions.inbox_of("client")}
 
     def start_service(self, name: str, extra_env: dict[str, str] | None = None, tag: str = "") -> ServiceProcess:
         """Start one service process (``python -m jobmesh.<name>``)."""
@@ -68,6 +91,17 @@ class LocalCluster:
         )
         env.update(self.env)
         env.update(extra_env or {})
+        if self.credentials is not None:
+            given = {**self.env, **(extra_env or {})}
+            for variable in ("JOBMESH_NATS_NKEY", "JOBMESH_NATS_IDENTITY", "JOBMESH_ADMIN_NKEY_FILE"):
+                if variable not in given:
+                    env.pop(variable, None)  # the caller's shell's, not this process's
+            node = env.get("JOBMESH_NODE_ID", "")
+            # The web API is a client of the cluster, like the CLI: it has the client's identity.
+            identity = f"executor-{node}" if name == "executor" and node else "client" if name == "web" else name
+            if "JOBMESH_NATS_NKEY_FILE" not in {**self.env, **(extra_env or {})}:
+                # Its own identity's, not one the caller's environment happens to carry.
+                env["JOBMESH_NATS_NKEY_FILE"] = str(self.seed_file(identity))
         # Human-readable lines in a developer's or a test's logs; production's default is JSON.
         env.setdefault("JOBMESH_LOG_FORMAT", "text")
         log_path = logs / f"{name}{tag}.log"
@@ -96,7 +130,9 @@ class LocalCluster:
             Unavailable: on timeout or when a process exits; the message names the service
                 and points at its log.
         """
-        nc = await nats.connect([u.strip() for u in self.nats_url.split(",") if u.strip()], connect_timeout=5)
+        nc = await nats.connect(
+            [u.strip() for u in self.nats_url.split(",") if u.strip()], connect_timeout=5, **self.connect_options()
+        )
         try:
             deadline = time.monotonic() + timeout
             pending = list(services)

@@ -23,6 +23,18 @@ def register(subparsers: Any) -> None:
     p.add_argument("--stop", action="store_true", help="stop a detached cluster")
     p.add_argument("--demo", action="store_true", help="run a few demo jobs and a demo workflow once healthy")
     p.add_argument(
+        "--auth",
+        action="store_true",
+        help="NATS authentication on: one key per identity in .jobmesh/credentials, each process within "
+        "its permissions (docs/operations.md, Security)",
+    )
+    p.add_argument(
+        "--add-node",
+        metavar="NODE_ID",
+        help="let another executor join the running cluster: issue its NATS key, make the server take it "
+        "and create its dispatch consumer; prints the key file for its JOBMESH_NATS_NKEY_FILE",
+    )
+    p.add_argument(
         "--reset",
         action="store_true",
         help="remove .jobmesh/ (NATS store, embedded Postgres, logs) and start afresh",
@@ -43,8 +55,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.stop:
         return devcluster.stop()
+    if args.add_node:
+        return devcluster.add_node(args.add_node)
     if args.detach:
-        code = devcluster.detach(reset=args.reset)
+        code = devcluster.detach(reset=args.reset, auth=args.auth)
         if code == 0 and args.demo:
             import uvloop
 
@@ -54,4 +68,4 @@ def run(args: argparse.Namespace) -> int:
             web_url = read_env_file(devcluster.ENV_FILE).get("JOBMESH_WEB_URL", "")
             uvloop.run(run_demo(resolve_nats_url(), web_url=web_url))
         return code
-    return devcluster.foreground(demo=args.demo, reset=args.reset)
+    return devcluster.foreground(demo=args.demo, reset=args.reset, auth=args.auth)

@@ -33,6 +33,9 @@ from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster, ServiceProcess
 from jobmesh.dev.servers import NatsServer, embedded_postgres
 from jobmesh.errors import Unavailable
+from jobmesh.executor.node import sanitize_node_id
+from jobmesh.runtime.commands import AUTH_FILE, issue
+from jobmesh.runtime.settings import Settings
 
 STATE = Path(".jobmesh")
 ENV_FILE = STATE / "dev.env"
@@ -44,6 +47,8 @@ EXAMPLE_HANDLERS: tuple[tuple[Path, str], ...] = (
     (EXAMPLES / "triggers" / "reindex.py", ""),
 )
 PID_FILE = STATE / "dev.pid"
+NATS_PID_FILE = STATE / "nats.pid"  # the dev nats-server, for `--add-node` to reload it
+CREDENTIALS = STATE / "credentials"
 LOG_FILE = STATE / "dev.log"
 DATABASE_FILE = STATE / "database"
 EMBEDDED = "embedded"  # what DATABASE_FILE holds when the embedded Postgres is the database
@@ -316,12 +321,14 @@ def wait_dashboard(cluster: LocalCluster, url: str, timeout: float = 30.0) -> No
         time.sleep(0.1)
 
 
-def foreground(demo: bool = False, reset: bool = False) -> int:
+def foreground(demo: bool = False, reset: bool = False, auth: bool = False) -> int:
     """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
 
     Args:
         demo: run the demo jobs once the cluster is healthy.
         reset: remove ``.jobmesh/`` first (its NATS store, embedded Postgres and logs).
+        auth: NATS authentication on: one key per identity, each process within its
+            permissions (docs/operations.md, "Security").
 
     Returns:
         The exit code: 0 after a clean stop, 1 when refused (a cluster already runs here, or
@@ -346,8 +353,21 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    nats_server = NatsServer(STATE / "nats", log_file=STATE / "nats.log").start()
-    _say(f"nats-server on {nats_server.url} (store {STATE / 'nats'})")
+    service_env = dev_service_env(os.environ)
+    credentials: Path | None = None
+    node_id = dev_node_id(os.environ)
+    if auth:
+        # As in production: one nkey per identity, kept across runs.
+        service_env["JOBMESH_NODE_ID"] = node_id
+        credentials = CREDENTIALS.resolve()
+        issue(credentials, [node_id], Settings.from_env("provision").partitions)
+    nats_server = NatsServer(
+        STATE / "nats", log_file=STATE / "nats.log", auth_file=credentials / AUTH_FILE if credentials else None
+    ).start()
+    assert nats_server.proc is not None
+    NATS_PID_FILE.write_text(str(nats_server.proc.pid))
+    keys = f"; identities in {credentials}" if credentials else ""
+    _say(f"nats-server on {nats_server.url} (store {STATE / 'nats'}{keys})")
     pg = None
     database_url = plan.database
     if database_url == EMBEDDED:
@@ -360,8 +380,11 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
     # The ingress settings (its secrets directory above all) go to the trigger only: an
     # executor given them would hand the submit token to any job that names it.
     http_env = dev_http_env(STATE.resolve(), http_port)
-    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=dev_service_env(os.environ))
+    cluster = LocalCluster(nats_server.url, database_url, STATE.resolve(), env=service_env, credentials=credentials)
     try:
+        if credentials is not None:
+            _say("provisioning streams, buckets, tables and durables (as the provisioner)")
+            provision_as_provisioner(nats_server.url, database_url, credentials, [node_id])
         for name in SERVICES:
             cluster.start_service(name, http_env if name == "trigger" else None)
         _say("starting services: " + ", ".join(SERVICES))
@@ -374,6 +397,12 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
         ENV_FILE.write_text(
             f"JOBMESH_NATS_URL={nats_server.url}\nJOBMESH_DATABASE_URL={database_url}\nJOBMESH_DEV_PID={os.getpid()}\n"
             f"JOBMESH_HTTP_URL=http://127.0.0.1:{http_port}\nJOBMESH_WEB_URL={web_url}\n"
+            + (
+                f"JOBMESH_NATS_NKEY_FILE={credentials / 'client.nk'}\n"
+                f"JOBMESH_ADMIN_NKEY_FILE={credentials / 'provisioner.nk'}\n"
+                if credentials
+                else ""
+            )
         )
         _say(
             f"ready. Dashboard and HTTP API {web_url} (loopback, no token); NATS {nats_server.url}; HTTP ingress"
@@ -399,7 +428,95 @@ def foreground(demo: bool = False, reset: bool = False) -> int:
             pg.cleanup()
         ENV_FILE.unlink(missing_ok=True)
         PID_FILE.unlink(missing_ok=True)
+        NATS_PID_FILE.unlink(missing_ok=True)
         _say("stopped")
+
+
+def add_node(node_id: str, timeout: float = 30.0) -> int:
+    """``jobmesh dev --add-node``: let one more executor join the running dev cluster.
+
+    Its key is issued beside the others, the nats-server reads its configuration again
+    (SIGHUP) and is waited for until it accepts the key, and the provisioner creates the
+    node's dispatch consumer. Prints the key file for the executor's JOBMESH_NATS_NKEY_FILE.
+
+    Returns:
+        0 once the node may join; 1 when no dev cluster runs here.
+    """
+    if not ENV_FILE.exists() or not NATS_PID_FILE.exists():
+        _say("no dev cluster runs here: start one with `jobmesh dev --detach`")
+        return 1
+    if not CREDENTIALS.exists():
+        _say("this dev cluster runs without authentication: any executor may join as it is")
+        return 0
+    from jobmesh.client.client import read_env_file
+
+    env = read_env_file(ENV_FILE)
+    credentials = CREDENTIALS.resolve()
+    rows = issue(credentials, [node_id], Settings.from_env("provision").partitions)
+    seed = next(Path(row["seed_file"]) for row in rows if row["identity"] == f"executor-{node_id}")
+    os.kill(int(NATS_PID_FILE.read_text()), signal.SIGHUP)
+    asyncio.run(_wait_key_accepted(env["JOBMESH_NATS_URL"], seed, node_id, timeout))
+    provision_as_provisioner(env["JOBMESH_NATS_URL"], env["JOBMESH_DATABASE_URL"], credentials, [node_id])
+    _say(f"node {node_id} may join: start its executor with JOBMESH_NODE_ID={node_id} and")
+    print(f"JOBMESH_NATS_NKEY_FILE={seed}")
+    return 0
+
+
+async def _wait_key_accepted(url: str, seed: Path, node_id: str, timeout: float) -> None:
+    """Connect with the new key until the reloaded server accepts it (a reload is not
+    instant), or raise ``Unavailable``."""
+    import nats
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            nc = await nats.connect(
+                url,
+                nkeys_seed=str(seed),
+                inbox_prefix=f"_INBOX_executor-{node_id}",
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+                connect_timeout=2,
+            )
+            await nc.close()
+            return
+        except Exception as exc:  # refused until the reload is done
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the dev nats-server did not take node {node_id}'s key: {exc}") from exc
+            await asyncio.sleep(0.2)  # polling the reload, not a wait before an assert
+
+
+def dev_node_id(environ: Mapping[str, str]) -> str:
+    """The dev executor's node id: ``JOBMESH_NODE_ID``, else this host's name as a node id
+    (its NATS key is issued for that id)."""
+    return environ.get("JOBMESH_NODE_ID") or sanitize_node_id(socket.gethostname())
+
+
+def provision_as_provisioner(nats_url: str, database_url: str, credentials: Path, nodes: list[str]) -> None:
+    """Run ``jobmesh provision --services`` with the provisioner's key: with authentication
+    on, the services may use their streams and durables but not create them.
+
+    Raises:
+        Unavailable: provisioning failed; its last lines are quoted.
+    """
+    env = {
+        **os.environ,
+        "JOBMESH_NATS_URL": nats_url,
+        "JOBMESH_DATABASE_URL": database_url,
+        "JOBMESH_NATS_NKEY_FILE": str(credentials / "provisioner.nk"),
+    }
+    env.pop("JOBMESH_NATS_NKEY", None)
+    args = ["provision", "--services", *(f"--node={node}" for node in nodes)]
+    done = subprocess.run(
+        [sys.executable, "-c", "from jobmesh.client.cli import main; main()", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        tail = " | ".join(done.stderr.strip().splitlines()[-5:])
+        raise Unavailable(f"provisioning failed (exit {done.returncode}): {tail}")
 
 
 async def _wait_healthy_with_progress(cluster: LocalCluster, timeout: float = 90.0) -> None:
@@ -412,11 +529,12 @@ async def _wait_healthy_with_progress(cluster: LocalCluster, timeout: float = 90
     waiter.result()
 
 
-def detach(reset: bool = False) -> int:
+def detach(reset: bool = False, auth: bool = False) -> int:
     """Start the cluster in the background; return once every service is healthy.
 
     Args:
         reset: remove ``.jobmesh/`` first; refused while a cluster runs here.
+        auth: NATS authentication on (see :func:`foreground`).
 
     Returns:
         The exit code: 0 once healthy (or already running), 1 when refused, 2 when it failed.
@@ -435,7 +553,11 @@ def detach(reset: bool = False) -> int:
     ENV_FILE.unlink(missing_ok=True)
     with open(LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from jobmesh.client.cli import main; main(['dev'])"],
+            [
+                sys.executable,
+                "-c",
+                f"from jobmesh.client.cli import main; main({['dev', *(['--auth'] if auth else [])]!r})",
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

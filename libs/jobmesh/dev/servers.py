@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def nats_config(
     js_domain: str | None = None,
     hub_domain: str | None = None,
     sync_always: bool = True,
+    auth_file: Path | None = None,
 ) -> str:
     """The nats-server configuration of a local server (pure: no file is written).
 
@@ -94,6 +96,8 @@ def nats_config(
             object-store traffic is sent there (see below).
         sync_always: fsync before every PubAck (what every shipped configuration does);
             False only for the test suite's per-module servers (see tests/conftest.py).
+        auth_file: the authorization block ``jobmesh auth issue`` writes (``auth.conf``):
+            with it, only jobmesh's identities may connect, each within its permissions.
 
     Returns:
         The configuration text.
@@ -147,6 +151,10 @@ def nats_config(
             f'  "$KV.>": "$JS.{hub_domain}.API.$KV.>"',
             "}",
         ]
+    if auth_file is not None:
+        # nats-server reads an include relative to the configuration's own directory
+        # (store_dir, where the configuration is written), even a path that starts with /.
+        lines.append(f'include "{os.path.relpath(Path(auth_file).resolve(), Path(store_dir).resolve())}"')
     return "\n".join(lines) + "\n"
 
 
@@ -177,6 +185,7 @@ class NatsServer:
         js_domain: JetStream domain of a hub that edge servers reach (``HUB_DOMAIN``).
         hub_domain: on an edge server, the hub's JetStream domain its clients use.
         sync_always: fsync before every PubAck (the default, as shipped).
+        auth_file: the ``auth.conf`` of ``jobmesh auth issue`` (authentication on).
     """
 
     def __init__(
@@ -194,6 +203,7 @@ class NatsServer:
         js_domain: str | None = None,
         hub_domain: str | None = None,
         sync_always: bool = True,
+        auth_file: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         # A member of a cluster is known to the others by its ports: they never change.
@@ -210,6 +220,7 @@ class NatsServer:
         self.js_domain = js_domain
         self.hub_domain = hub_domain
         self.sync_always = sync_always
+        self.auth_file = auth_file
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -244,6 +255,7 @@ class NatsServer:
             js_domain=self.js_domain,
             hub_domain=self.hub_domain,
             sync_always=self.sync_always,
+            auth_file=self.auth_file,
         )
 
     def start(self, timeout: float = 15.0, attempts: int = 3) -> NatsServer:
@@ -286,6 +298,14 @@ class NatsServer:
             return ""
         lines = self.log_file.read_text(errors="replace").splitlines()[-5:]
         return ": " + " | ".join(line.strip() for line in lines) if lines else ""
+
+    def reload(self) -> None:
+        """Make the running server read its configuration again (SIGHUP), such as an
+        ``auth.conf`` with a newly issued node's key."""
+        if not self.running():
+            raise Unavailable("nats-server is not running: nothing to reload")
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def stop(self, kill: bool = False) -> None:
         """Stop the server (SIGKILL when ``kill``) and wait for it."""

@@ -1,4 +1,5 @@
-"""``jobmesh provision``, added to the command line through the ``jobmesh.commands`` entry point.
+"""``jobmesh provision`` and ``jobmesh auth issue``, added to the command line through the
+``jobmesh.commands`` entry point.
 
 Provisioning belongs to the runtime (bucket TTLs and stream limits come from the same
 ``JOBMESH_*`` settings the services read), so the command lives here and the client's
@@ -10,12 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import nats
 
-from jobmesh.errors import Unavailable
+from jobmesh.contract import permissions
+from jobmesh.errors import InvalidSpec, Unavailable
+from jobmesh.runtime import natsauth
 from jobmesh.runtime.provisioning import provision
 from jobmesh.runtime.settings import Settings
 
@@ -35,7 +41,28 @@ def register(subparsers: Any) -> None:
         help="also run each service's own part: the scheduler's and tracker's database tables and every "
         "shared durable consumer (needs JOBMESH_DATABASE_URL); what a deployment's one-shot provisioner runs",
     )
+    p.add_argument(
+        "--node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="also create this executor node's dispatch consumer (repeat for several): with NATS "
+        "authentication on, an executor may read its durable but not create it",
+    )
     p.set_defaults(fn=run)
+    auth = subparsers.add_parser("auth", help="NATS credentials: one nkey per identity")
+    verbs = auth.add_subparsers(dest="verb", required=True)
+    issue = verbs.add_parser(
+        "issue",
+        help="write a seed file for every identity that has none yet in --dir, and the server's "
+        "authorization block (auth.conf) for all of them",
+    )
+    issue.add_argument("--dir", required=True, type=Path, help="where the seed files and auth.conf go")
+    issue.add_argument(
+        "--node", action="append", default=[], metavar="NODE_ID", help="an executor node (repeat for several)"
+    )
+    issue.add_argument("--json", action="store_true", help="print what was issued as JSON")
+    issue.set_defaults(fn=run_issue)
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -55,6 +82,7 @@ async def run(args: argparse.Namespace) -> int:
     try:
         nc = await nats.connect(
             servers=settings.nats_servers,
+            **natsauth.connect_options(settings),
             connect_timeout=3,
             allow_reconnect=False,
             max_reconnect_attempts=1,
@@ -84,6 +112,9 @@ async def run(args: argparse.Namespace) -> int:
             f"jobmesh: database tables and durable consumers are provisioned ({', '.join(PROVISIONED_SERVICES)})",
             file=sys.stderr,
         )
+    for node in getattr(args, "node", []):
+        await _provision_service("executor", {"JOBMESH_NODE_ID": node})
+        print(f"jobmesh: the dispatch consumer of node {node} is provisioned", file=sys.stderr)
     return 0
 
 
@@ -92,7 +123,7 @@ async def run(args: argparse.Namespace) -> int:
 PROVISIONED_SERVICES = ("trigger", "scheduler", "binder", "tracker")
 
 
-async def _provision_service(service: str) -> None:
+async def _provision_service(service: str, env: dict[str, str] | None = None) -> None:
     """Run ``python -m jobmesh.<service> --provision`` (the service's own code knows its
     tables and durables; the runtime does not import the services).
 
@@ -106,6 +137,8 @@ async def _provision_service(service: str) -> None:
         "--provision",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        # It runs with this command's credentials: the provisioner's.
+        env={**os.environ, **(env or {}), "JOBMESH_NATS_IDENTITY": "provisioner"},
     )
     output, _ = await proc.communicate()
     if proc.returncode != 0:
@@ -116,3 +149,78 @@ async def _provision_service(service: str) -> None:
 async def _quiet(exc: Exception) -> None:
     # nats-py logs connection errors itself; the one Unavailable line says it better.
     return None
+
+
+AUTH_FILE = "auth.conf"
+EXECUTOR_PREFIX = "executor-"
+
+
+def identities(nodes: list[str], partitions: int) -> dict[str, permissions.Permissions]:
+    """Every identity of a cluster with these executor nodes, by name."""
+    found = {"provisioner": permissions.provisioner()}
+    for name in ("trigger", "scheduler", "binder", "tracker"):
+        found[name] = permissions.service(name, partitions=partitions)
+    for node in nodes:
+        found[permissions.executor_identity(node)] = permissions.executor(node)
+    found["client"] = permissions.client()
+    found["integrator"] = permissions.integrator()
+    return found
+
+
+def issue(directory: Path, nodes: list[str], partitions: int) -> list[dict[str, str]]:
+    """Write a seed for each identity that has none in ``directory``, and ``auth.conf``.
+
+    Nodes whose seed is already there stay in the block, so issuing a key for a new node
+    keeps every earlier one; nothing existing is overwritten.
+
+    Returns:
+        One row per identity: its name, public key, seed file and whether it is new.
+    """
+    for node in nodes:
+        if not node or any(c in node for c in ".*> \t"):
+            raise InvalidSpec(f"--node: {node!r} is not a node id (one subject token: no dots, wildcards or spaces)")
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    known = sorted(p.stem.removeprefix(EXECUTOR_PREFIX) for p in directory.glob(f"{EXECUTOR_PREFIX}*.nk"))
+    everyone = identities(sorted(set(known) | set(nodes)), partitions)
+    rows, users = [], {}
+    for name, grants in everyone.items():
+        path = directory / f"{name}.nk"
+        new = not path.exists()
+        if new:
+            natsauth.write_seed(path, natsauth.new_seed())
+        key = natsauth.public_key(natsauth.read_seed(path))
+        users[key] = grants
+        rows.append({"identity": name, "public_key": key, "seed_file": str(path), "new": "yes" if new else "no"})
+    (directory / AUTH_FILE).write_text(
+        "# Written by `jobmesh auth issue`: public keys only, no secret. Include it in the\n"
+        "# nats-server configuration and reload the server after each issue.\n" + natsauth.authorization_block(users)
+    )
+    return rows
+
+
+async def run_issue(args: argparse.Namespace) -> int:
+    """``jobmesh auth issue``: seeds for new identities and the server's authorization block.
+
+    Returns:
+        0 once the files are written.
+    """
+    settings = Settings.from_env("provision")
+    rows = issue(args.dir, args.node, settings.partitions)
+    if args.json:
+        print(json.dumps({"auth_file": str(args.dir / AUTH_FILE), "identities": rows}, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("identity", "public key", "seed file", "new")
+    for row in rows:
+        table.add_row(row["identity"], row["public_key"], row["seed_file"], row["new"])
+    Console(stderr=True).print(table)
+    print(
+        f"jobmesh: {args.dir / AUTH_FILE} holds the authorization block: include it in nats-server's configuration "
+        '(include "auth.conf") and reload the server (nats-server --signal reload, or SIGHUP). Give each process '
+        "its own seed file through JOBMESH_NATS_NKEY_FILE.",
+        file=sys.stderr,
+    )
+    return 0

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import nkeys  # type: ignore[import-untyped]
 
-from jobmesh.contract.permissions import Permissions
+from jobmesh.contract.permissions import Permissions, inbox_of
+from jobmesh.runtime.settings import Settings
 
 
 def new_seed() -> bytes:
@@ -80,3 +83,28 @@ def read_seed(path: Path) -> bytes:
     if not seed.startswith(b"SU"):
         raise ValueError(f"{path}: not a NATS user nkey seed (it should start with 'SU')")
     return seed
+
+
+def tls_context(ca: str, cert: str = "", key: str = "") -> ssl.SSLContext:
+    """A client TLS context that trusts ``ca`` (the system's roots when empty) and, for
+    mutual TLS, presents ``cert`` and ``key``."""
+    context = ssl.create_default_context(cafile=ca or None)
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def connect_options(settings: Settings) -> dict[str, Any]:
+    """The credentials and TLS part of ``nats.connect``'s arguments for this process.
+
+    Every process uses its identity's own inbox prefix, so a permission can confine the
+    replies it may read to its own; with a seed it signs the server's challenge with it.
+    """
+    options: dict[str, Any] = {"inbox_prefix": inbox_of(settings.identity)}
+    if settings.nats_nkey_file:
+        options["nkeys_seed"] = settings.nats_nkey_file
+    elif settings.nats_nkey:
+        options["nkeys_seed_str"] = settings.nats_nkey.strip()
+    if settings.nats_tls_ca or settings.nats_tls_cert or any(url.startswith("tls://") for url in settings.nats_servers):
+        options["tls"] = tls_context(settings.nats_tls_ca, settings.nats_tls_cert, settings.nats_tls_key)
+    return options

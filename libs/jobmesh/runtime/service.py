@@ -35,6 +35,7 @@ from jobmesh.runtime import logs
 from jobmesh.runtime.consumerlag import poll_lag
 from jobmesh.runtime.fencing import subject_fence
 from jobmesh.runtime.metrics import Metrics
+from jobmesh.runtime.natsauth import connect_options
 from jobmesh.runtime.opsserver import OpsServer
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
 from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
@@ -186,6 +187,7 @@ class Runtime:
         try:
             nc = await nats.connect(
                 servers=self.settings.nats_servers,
+                **connect_options(self.settings),
                 name=f"jobmesh-{self.service}-{self.settings.instance}",
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.5,
@@ -198,6 +200,8 @@ class Runtime:
             raise Unavailable(f"cannot reach NATS at {self.settings.nats_url}: {exc}") from exc
         js = nc.jetstream(timeout=10, publish_async_max_pending=20_000)
         self._connection = (nc, js, Publisher(js, self.tracing, reconnects=self.reconnects))
+        if not self.provisions:
+            return  # the provisioner made the streams and buckets; this identity may not
         await provision(
             js,
             node_ttl=self.settings.node_ttl_seconds,
@@ -304,7 +308,23 @@ class Runtime:
             await self._ensure_consumer(spec)
             log.info("%s: durable consumer %s on %s is provisioned", self.service, spec.durable, spec.stream)
 
+    @property
+    def provisions(self) -> bool:
+        """Whether this process creates what it needs: without NATS credentials (one
+        identity for everything), or as the provisioner. A service with an identity of its
+        own may use its streams and durables, never create or change them."""
+        return not self.settings.authenticated or self.settings.identity == "provisioner"
+
     async def _ensure_consumer(self, spec: ConsumerSpec) -> None:
+        if not self.provisions:
+            try:
+                await self.js.consumer_info(spec.stream, spec.durable)
+            except nats.js.errors.NotFoundError:
+                raise Unavailable(
+                    f"durable consumer {spec.durable} on {spec.stream} does not exist: run `jobmesh provision"
+                    " --services` (and `--node <id>` for an executor) with the provisioner's credentials"
+                ) from None
+            return
         await ensure_consumer(
             self.js,
             spec.stream,

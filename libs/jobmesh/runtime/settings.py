@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -27,6 +28,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything a jobmesh process needs to know about its surroundings."""
 
     nats_url: str = DEFAULT_NATS_URL
+    # This process's NATS identity (docs/operations.md, "Security"): the file holding its
+    # nkey seed (mode 0600), or the seed itself in the variable (a container's secret).
+    # Neither set: no authentication (a server without an authorization block).
+    nats_nkey_file: str = ""
+    nats_nkey: str = ""
+    # The identity the seed belongs to, when it is not this process's own (a service's
+    # provisioning step runs as the provisioner).
+    nats_identity: str = ""
+    # TLS to NATS: the CA that signs the server's certificate, and this process's own
+    # certificate and key when the server asks for one (mutual TLS). A tls:// URL or a CA
+    # turns TLS on.
+    nats_tls_ca: str = ""
+    nats_tls_cert: str = ""
+    nats_tls_key: str = ""
     database_url: str | None = None
     service: str = "jobmesh"
     instance: str = ""
@@ -154,6 +169,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         servers of one cluster (a joined string would be read as one URL)."""
         return [url.strip() for url in self.nats_url.split(",") if url.strip()] or [self.nats_url]
 
+    @property
+    def authenticated(self) -> bool:
+        """Whether this process connects with an identity of its own (an nkey)."""
+        return bool(self.nats_nkey_file or self.nats_nkey)
+
+    @property
+    def identity(self) -> str:
+        """The NATS identity this process connects as: its service, or an executor's
+        ``executor-<node_id>`` (its inbox prefix and permissions follow from it)."""
+        if self.nats_identity:
+            return self.nats_identity
+        if self.service == "executor" and self.node_id:
+            return f"executor-{self.node_id}"
+        if self.service == "provision":
+            return "provisioner"
+        return self.service
+
     @classmethod
     def from_env(cls, service: str, env: Mapping[str, str] | None = None) -> Settings:
         """Build settings for ``service`` from ``JOBMESH_*`` variables.
@@ -184,7 +216,45 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if "JOBMESH_DONE_RETENTION_SECONDS" not in env:
             settings = msgspec.structs.replace(settings, done_retention_seconds=idempotency_window(settings))
         settings.check_retention()
+        settings.check_credentials()
         return settings
+
+    def check_credentials(self) -> None:
+        """Refuse credentials that cannot work, naming the variable, before connecting.
+
+        Raises:
+            InvalidSpec: two sources of one seed, a seed file that is missing or readable
+                by others, a TLS certificate without its key, or a file that is not there.
+        """
+        if self.nats_nkey_file and self.nats_nkey:
+            raise InvalidSpec(
+                "bad environment: set JOBMESH_NATS_NKEY_FILE or JOBMESH_NATS_NKEY, not both", field="nats_nkey"
+            )
+        if self.nats_nkey and not self.nats_nkey.strip().startswith("SU"):
+            raise InvalidSpec("bad environment: JOBMESH_NATS_NKEY is not a NATS user seed (SU...)", field="nats_nkey")
+        if self.nats_nkey_file:
+            path = Path(self.nats_nkey_file)
+            if not path.is_file():
+                raise InvalidSpec(f"bad environment: JOBMESH_NATS_NKEY_FILE: no file {path}", field="nats_nkey_file")
+            if path.stat().st_mode & 0o077:
+                raise InvalidSpec(
+                    f"bad environment: JOBMESH_NATS_NKEY_FILE: {path} is readable by others (chmod 600 it)",
+                    field="nats_nkey_file",
+                )
+        if self.service == "executor" and self.authenticated and not self.node_id and not self.nats_identity:
+            raise InvalidSpec(
+                "bad environment: JOBMESH_NODE_ID: an executor with NATS credentials must name its node"
+                " (its key and permissions are issued for that node id)",
+                field="node_id",
+            )
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise InvalidSpec(
+                "bad environment: JOBMESH_NATS_TLS_CERT and JOBMESH_NATS_TLS_KEY go together", field="nats_tls_cert"
+            )
+        for name in ("nats_tls_ca", "nats_tls_cert", "nats_tls_key"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                raise InvalidSpec(f"bad environment: JOBMESH_{name.upper()}: no file {value}", field=name)
 
     def check_retention(self) -> None:
         """Refuse an idempotency window shorter than the tracker's history.

@@ -313,7 +313,7 @@ async def cmd_replay(args: argparse.Namespace) -> int:
         NotFound: when there is no such dead letter (exit 4).
         UsageError: when it cannot be replayed (no payload, or a refused request).
     """
-    client = await Client.connect()
+    client = await Client.connect(admin=True)  # it publishes to a service's own subject
     try:
         done = await client.replay_dead_letter(args.seq)
     finally:
@@ -537,7 +537,7 @@ def _name(name: str, what: str) -> str:
 
 
 async def _put(key: str, value: QueueConfig | TenantConfig | ZoneMap) -> None:
-    client = await Client.connect()
+    client = await Client.connect(admin=True)  # the cluster's configuration is the operators'
     try:
         await client.put_config(key, value)
     finally:
