@@ -27,6 +27,7 @@ from jobmesh.contract import streams, subjects
 from jobmesh.contract.permissions import Permissions
 from jobmesh.dev.servers import free_port, nats_server_binary, wait_for_port
 from jobmesh.runtime import natsauth
+from jobmesh.runtime.commands import identities as issued_identities
 from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
 from tests.helpers import eventually
 
@@ -50,14 +51,8 @@ DESTRUCTIVE = re.compile(r"^\$JS\.API\.(STREAM\.(CREATE|UPDATE|DELETE|PURGE)|CON
 
 
 def identities() -> dict[str, Permissions]:
-    found = {
-        "provisioner": perms.provisioner(),
-        **{name: perms.service(name, partitions=PARTITIONS) for name in ("trigger", "scheduler", "binder", "tracker")},
-        **{perms.executor_identity(node): perms.executor(node) for node in NODES},
-        "client": perms.client(),
-        "integrator": perms.integrator(),
-    }
-    return found
+    # The set `jobmesh auth issue` writes into the server's authorization block.
+    return issued_identities(list(NODES), PARTITIONS)
 
 
 def publish_catalogue() -> list[str]:

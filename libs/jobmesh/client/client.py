@@ -143,6 +143,12 @@ def resolve_nats_url() -> str:
     raise Unavailable("no jobmesh cluster found: set JOBMESH_NATS_URL or start one with `jobmesh dev --detach`")
 
 
+def server_urls(url: str) -> list[str]:
+    """A comma-separated ``JOBMESH_NATS_URL`` (a cluster's members) as the list nats-py
+    takes: a joined string would be read as one URL (the services' ``Settings.nats_servers``)."""
+    return [part.strip() for part in url.split(",") if part.strip()] or [url]
+
+
 CREDENTIAL_VARIABLES = (
     "JOBMESH_NATS_IDENTITY",
     "JOBMESH_NATS_NKEY_FILE",
@@ -279,8 +285,7 @@ class Client:
             # a short wait fails within a fraction of a second.
             nc = await asyncio.wait_for(
                 nats.connect(
-                    # A cluster's members, comma-separated, as the services take them.
-                    [part.strip() for part in url.split(",") if part.strip()],
+                    server_urls(url),
                     **options,
                     connect_timeout=3,
                     allow_reconnect=False,

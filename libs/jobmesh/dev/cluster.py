@@ -18,6 +18,7 @@ from pathlib import Path
 import msgspec
 import nats
 
+from jobmesh.client.client import server_urls
 from jobmesh.contract import permissions, subjects
 from jobmesh.contract.messages.v1 import HealthReply
 from jobmesh.contract.subjects import SERVICES
@@ -130,9 +131,7 @@ class LocalCluster:
             Unavailable: on timeout or when a process exits; the message names the service
                 and points at its log.
         """
-        nc = await nats.connect(
-            [u.strip() for u in self.nats_url.split(",") if u.strip()], connect_timeout=5, **self.connect_options()
-        )
+        nc = await nats.connect(server_urls(self.nats_url), connect_timeout=5, **self.connect_options())
         try:
             deadline = time.monotonic() + timeout
             pending = list(services)

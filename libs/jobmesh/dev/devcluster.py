@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from jobmesh.contract import permissions
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster, ServiceProcess
 from jobmesh.dev.servers import NatsServer, embedded_postgres
@@ -473,7 +474,7 @@ async def _wait_key_accepted(url: str, seed: Path, node_id: str, timeout: float)
             nc = await nats.connect(
                 url,
                 nkeys_seed=str(seed),
-                inbox_prefix=f"_INBOX_executor-{node_id}",
+                inbox_prefix=permissions.inbox_of(permissions.executor_identity(node_id)),
                 allow_reconnect=False,
                 max_reconnect_attempts=0,
                 connect_timeout=2,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import nats
 import uvicorn
 
-from jobmesh.client.client import Client, connect_options
+from jobmesh.client.client import Client, connect_options, server_urls
 from jobmesh.errors import Unavailable, UsageError
 from jobmesh.web import auth
 from jobmesh.web.app import create_app
@@ -60,7 +60,7 @@ async def connect(url: str, wait: float, say: Callable[[str], None]) -> Client:
     # wait is bounded here.
     connecting = asyncio.ensure_future(
         nats.connect(
-            [part.strip() for part in url.split(",") if part.strip()],  # a cluster's members
+            server_urls(url),
             **connect_options(url),  # the client identity's credentials, as the CLI's
             connect_timeout=2,
             allow_reconnect=True,
