@@ -125,7 +125,7 @@ async def test_an_event_starts_extract_a_fan_out_of_20_and_a_collect_of_every_re
         assert run.origin is not None and run.origin.rule == "pipeline" and run.origin.kind == "event"
         assert run.origin.subject == SUBJECT and run.origin.version == 1
         status = await ended(client, run.run_id)
-        assert status.outcome == "succeeded", status
+        assert status.outcome == "succeeded", [(s.name, s.state, s.reason) for s in status.steps]
         items = status.step("process").items
         assert items is not None and items.succeeded == 20
         collected = json.loads((await client.get(run.jobs["collect"])).attempts[-1].result)

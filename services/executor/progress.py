@@ -183,26 +183,6 @@ def _unmasked(text: str) -> str:
     return text
 
 
-class _PipeProtocol(asyncio.Protocol):
-    def __init__(self, splitter: LineSplitter, on_line: Callable[[str], None], closed: asyncio.Future[None]) -> None:
-        self._splitter = splitter
-        self._on_line = on_line
-        self._closed = closed
-
-    def data_received(self, data: bytes) -> None:
-        for line in self._splitter.feed(data):
-            self._on_line(line)
-
-    def eof_received(self) -> bool | None:
-        for line in self._splitter.finish():
-            self._on_line(line)
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self._closed.done():
-            self._closed.set_result(None)
-
-
 class ProgressChannel:
     """The pipe a process job reports progress on: the job gets the write end.
 
@@ -210,14 +190,23 @@ class ProgressChannel:
     ``JOBMESH_PROGRESS_FD``), call :meth:`spawned` right after the process started (or failed
     to), and :meth:`close` once it ended.
 
+    The read end is watched with ``loop.add_reader`` and closed here, once. Not with
+    ``loop.connect_read_pipe``: uvloop's pipe transport closes the descriptor through libuv
+    and again through the file object, and a number the kernel handed out in between is
+    someone else's (MagicStack/uvloop#763). Under concurrent attempts that closed another
+    attempt's result file while it was being read.
+
     Args:
         on_line: called with every line the job writes.
     """
 
+    READ_SIZE = 64 * 1024
+
     def __init__(self, on_line: Callable[[str], None]) -> None:
         self._on_line = on_line
         self._read_fd, self.child_fd = os.pipe()
-        self._transport: asyncio.ReadTransport | None = None
+        self._splitter = LineSplitter()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set while the read end is watched
         self._closed: asyncio.Future[None] | None = None
 
     async def spawned(self) -> None:
@@ -229,12 +218,31 @@ class ProgressChannel:
         self.child_fd = -1
         loop = asyncio.get_running_loop()
         self._closed = loop.create_future()
-        pipe = os.fdopen(self._read_fd, "rb", buffering=0)
-        self._read_fd = -1
-        closed = self._closed
-        self._transport, _ = await loop.connect_read_pipe(
-            lambda: _PipeProtocol(LineSplitter(), self._on_line, closed), pipe
-        )
+        os.set_blocking(self._read_fd, False)
+        loop.add_reader(self._read_fd, self._readable)
+        self._loop = loop
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._read_fd, self.READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""  # as good as the end: nothing more comes
+        if data:
+            for line in self._splitter.feed(data):
+                self._on_line(line)
+            return
+        for line in self._splitter.finish():
+            self._on_line(line)
+        self._stop_reading()
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(self._read_fd)
+            self._loop = None
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     async def close(self, grace: float = 0.5) -> None:
         """Read what the job still wrote (up to ``grace`` seconds), then close the pipe.
@@ -246,14 +254,12 @@ class ProgressChannel:
         if self.child_fd >= 0:  # the process never started
             os.close(self.child_fd)
             self.child_fd = -1
-        if self._read_fd >= 0:
-            os.close(self._read_fd)
-            self._read_fd = -1
         if self._closed is not None and not self._closed.done():
             try:
                 await asyncio.wait_for(asyncio.shield(self._closed), grace)
             except TimeoutError:
                 pass
-        if self._transport is not None:
-            self._transport.close()
-            self._transport = None
+        self._stop_reading()
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+            self._read_fd = -1
