@@ -270,6 +270,51 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
                 stop_process(proc)
 
 
+async def test_an_executor_back_after_its_record_expired_reports_lost_what_its_lease_files_name(
+    harness, nats_server, work_dir, shared_dir
+):
+    node = "exec-life-expired"
+    marker = shared_dir / "runs-expired"
+    settings = {"JOBMESH_HEARTBEAT_SECONDS": "0.3"}
+    first = start_executor(nats_server.url, node, work_dir, **settings)
+    second = None
+    try:
+        await eventually(lambda: harness.node_record(node), what="the first executor's record")
+        bound = await harness.dispatch(sh(f"echo $$ >> {marker}; exec sleep 30"), node_id=node)
+        await wait_for(harness, bound.job_id, JobStarted, "the attempt to start")
+
+        async def ran():
+            return marker.exists() and marker.read_text().strip()
+
+        pid = int(await eventually(ran, what="the command to run"))
+        first.kill()
+        await asyncio.to_thread(first.wait, 10)
+        # Its record goes as the node TTL would take it: the new process finds none to read.
+        kv = await harness.js.key_value(subjects.KV_NODES)
+        await kv.purge(node)
+        assert await harness.node_record(node) is None
+        second = start_executor(nats_server.url, node, work_dir, **settings)
+        lost = await wait_for(harness, bound.job_id, JobLost, "JobLost from the restarted executor")
+        assert lost.node_id == node and lost.attempt == 1 and lost.partition == bound.partition
+        assert lost.reason == "executor restarted; the attempt was not running any more"
+
+        async def old_process_gone():
+            return not pid_alive(pid)
+
+        await eventually(old_process_gone, timeout=5, what="the old attempt's process to be killed")
+        root = work_dir / node
+        assert not (root / f"{bound.job_id}-1").exists() and not (root / f".{bound.job_id}-1").exists()
+        # The dispatch comes again: acked without running, as for an orphan its record named.
+        await harness.redispatch(bound, f"{bound.job_id}:1:again")
+        await eventually(lambda: harness.all_acked(node), what="the redelivered dispatch to be acked")
+        assert marker.read_text().splitlines() == [str(pid)]
+        assert not harness.jobs.of(bound.job_id, JobSucceeded) and not harness.jobs.of(bound.job_id, JobFailed)
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_process(proc)
+
+
 # --- drain ---------------------------------------------------------------------------------
 async def test_drain_keeps_the_leases_alive_while_an_attempt_finishes_then_hands_back_the_rest(
     harness, nats_server, work_dir, shared_dir

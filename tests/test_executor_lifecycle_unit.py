@@ -48,12 +48,15 @@ from jobmesh.executor.progress import (
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import (
+    LEASE_FILE,
     LOST_REASON,
     kill_leftovers,
+    left_behind,
     leftover_groups,
     lost_messages,
     orphaned_attempts,
     private_dir_of,
+    write_lease,
 )
 from jobmesh.executor.results import Result, ResultLimits, ResultStore, plan_result
 from jobmesh.executor.runner import AbortSignal, ProcessRunner
@@ -130,6 +133,60 @@ async def test_a_process_reports_progress_through_its_fd(tmp_path):
     await channel.close()
     assert outcome.error is None
     assert (lease.progress, lease.message, lease.checkpoint) == (0.4, "copying", "17")
+
+
+def test_the_progress_pipe_closes_its_read_end_once_and_not_through_a_pipe_transport(tmp_path, monkeypatch):
+    # uvloop's pipe transport closes a descriptor through libuv and again through the file
+    # object (MagicStack/uvloop#763): a number handed out in between, such as another
+    # attempt's result file being read in a thread, was closed under its reader. The channel
+    # owns its read end: watched with add_reader, closed once, by itself.
+    import uvloop
+
+    from jobmesh.executor import progress
+
+    closed: list[int] = []
+    real_close = os.close
+
+    def counting_close(fd: int) -> None:
+        closed.append(fd)
+        real_close(fd)
+
+    monkeypatch.setattr(progress.os, "close", counting_close)
+
+    async def main() -> tuple[int, list[str]]:
+        loop = asyncio.get_running_loop()
+
+        async def refused(*_args, **_kwargs):
+            raise AssertionError("connect_read_pipe closes the descriptor twice under uvloop")
+
+        loop.connect_read_pipe = refused  # type: ignore[method-assign]
+        runner = ProcessRunner(job_base_env(os.environ), kill_grace=0.5, pipe_grace=0.5)
+        lines: list[str] = []
+        channel = ProgressChannel(lines.append)
+        read_fd = channel._read_fd
+        runtime = ProcessRuntime(argv=["sh", "-c", 'echo "progress 0.5" > /dev/fd/$F'])
+        env = runner.environment(runtime, tmp_path, {"F": str(channel.child_fd)})
+
+        async def no_lines(_stream, _line):
+            return None
+
+        await runner.run(
+            runtime,
+            tmp_path,
+            env,
+            10.0,
+            AbortSignal(),
+            no_lines,
+            pass_fds=(channel.child_fd,),
+            on_spawned=channel.spawned,
+        )
+        await channel.close()
+        await channel.close()  # twice is harmless
+        return read_fd, lines
+
+    read_fd, lines = uvloop.run(main())
+    assert lines == ["progress 0.5"]
+    assert closed.count(read_fd) == 1
 
 
 async def test_an_abort_before_the_spawn_starts_nothing(tmp_path):
@@ -263,6 +320,24 @@ def test_orphans_are_the_attempts_of_another_incarnation():
     (lost,) = lost_messages([lease], "n", 5.0)
     assert lost.subject == subjects.node_event(1, subjects.LOST, "n") and lost.msg_id == "j:2:lost"
     assert lost.message == JobLost(job_id="j", attempt=2, partition=1, node_id="n", at=5.0, reason=LOST_REASON)
+
+
+def test_lease_files_name_the_attempts_no_record_accounts_for(tmp_path):
+    root = tmp_path / "node"
+    lease = AttemptLease(job_id="j1", attempt=2, partition=5, started_at=1.0)
+    write_lease(root / ".j1-2", lease)
+    (root / "j1-2").mkdir()
+    write_lease(root / ".j2-1", AttemptLease(job_id="j2", attempt=1, partition=0, started_at=1.0))
+    (root / ".j3-1").mkdir()  # cut off before its lease was written
+    (root / ".j4-1").mkdir()
+    (root / ".j4-1" / LEASE_FILE).write_bytes(b"{not json")
+    (root / "unrelated").mkdir()
+    found, workdirs = left_behind(root, accounted={"j2:1"})
+    assert found == [lease]  # j2 attempt 1 is its record's business
+    assert sorted(p.name for p in workdirs) == ["j1-2", "j2-1", "j3-1", "j4-1"]  # all are cleared
+    assert oct((root / ".j1-2").stat().st_mode & 0o777) == "0o700"
+    assert not list((root / ".j1-2").glob("*.partial"))
+    assert left_behind(tmp_path / "missing", accounted=set()) == ([], [])
 
 
 def test_leftover_processes_in_an_orphaned_attempts_directory_are_killed(tmp_path):

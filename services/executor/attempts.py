@@ -83,7 +83,7 @@ from jobmesh.executor.outcomes import (
 from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, ProgressRecorder
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, lost_messages
+from jobmesh.executor.restart import kill_leftovers, lost_messages, write_lease
 from jobmesh.executor.results import EMPTY_KEPT, RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.executor.runrequest import Runner, RunRequest
@@ -386,6 +386,9 @@ class Attempt:
             return failed_outcome(EXECUTOR_ERROR, no_uid)
         workdir = self.workdir
         try:
+            # The lease first: an executor that replaces this one after its record expired
+            # learns from it what ran here (restart.left_behind).
+            write_lease(self.private_dir, self.lease.as_lease())
             # 0700 until handed over: nobody else reads the input files while they arrive.
             workdir.mkdir(mode=0o700, parents=True)
         except OSError as exc:
@@ -446,8 +449,6 @@ class Attempt:
         own_env: dict[str, str] = dict(runtime.env) if isinstance(runtime, ProcessRuntime | ContainerRuntime) else {}
         secrets_dir: Path | None = None
         stdin: Path | None = None
-        if spec.secrets or stdin_text or spec.stdin_object:
-            await asyncio.to_thread(self.private_dir.mkdir, 0o700)
         try:
             if spec.secrets:
                 if setup.secrets is None:

@@ -13,6 +13,13 @@ then removes what the attempt left on disk (:func:`remove_leftovers`): its worki
 directory ``<work_root>/<job>-<attempt>`` and its private directory beside it,
 ``<work_root>/.<job>-<attempt>`` (its stdin file and secret files). A secret must not
 outlive the executor that fetched it, and an attempt that comes again must find neither.
+
+An executor that comes back after its record expired finds no record to read. So every
+attempt writes its lease (job, attempt, partition) into its private directory before its
+working directory exists (:func:`write_lease`), and a starting executor also reports lost
+every attempt whose lease it finds there that no record accounts for
+(:func:`left_behind`). Without that, a scheduler that took the partition over meanwhile
+would know neither the attempt's node nor its fate until its bind timeout ran out.
 """
 
 from __future__ import annotations
@@ -21,11 +28,13 @@ import logging
 import os
 import shutil
 import signal
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
+import msgspec
+
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import event_id
+from jobmesh.contract.ids import attempt_key, event_id
 from jobmesh.contract.messages.v1 import AttemptLease, JobLost, NodeInfo
 from jobmesh.executor.secrets import remove_secret_files
 from jobmesh.runtime.publisher import Outgoing
@@ -34,6 +43,9 @@ from jobmesh.runtime.tracing import Context
 log = logging.getLogger("jobmesh.executor.restart")
 
 LOST_REASON = "executor restarted; the attempt was not running any more"
+LEASE_FILE = "lease.json"  # in the attempt's private directory
+
+_lease_decoder = msgspec.json.Decoder(AttemptLease)
 
 
 def orphaned_attempts(old: NodeInfo | None, incarnation: str) -> list[AttemptLease]:
@@ -177,3 +189,52 @@ def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
     # After the kill: nothing of the attempt writes a file into them any more.
     remove_leftovers(workdirs)
     return killed
+
+
+def write_lease(private: Path, lease: AttemptLease) -> None:
+    """Record an attempt's lease in its private directory (created 0700), before it runs.
+
+    Written to a temporary name and renamed, so a crash leaves the whole file or none.
+
+    Args:
+        private: ``<work_root>/.<job>-<attempt>``.
+        lease: the attempt's job, attempt number and partition.
+    """
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = private / f"{LEASE_FILE}.partial"
+    partial.write_bytes(msgspec.json.encode(lease))
+    partial.replace(private / LEASE_FILE)
+
+
+def left_behind(work_root: Path, accounted: Collection[str]) -> tuple[list[AttemptLease], list[Path]]:
+    """The attempts an earlier executor of this node started here that no record accounts for.
+
+    Blocking (it lists the work root): run it in a thread.
+
+    Args:
+        work_root: this node's ``<work_dir>/<node_id>``.
+        accounted: attempt keys the previous record listed, running or ended.
+
+    Returns:
+        The leases found that ``accounted`` lacks (to report lost), and the working
+        directory of every attempt left here (to clear: at start nothing here is this
+        process's own).
+    """
+    leases: list[AttemptLease] = []
+    workdirs: list[Path] = []
+    try:
+        entries = list(os.scandir(work_root))
+    except OSError:
+        return [], []  # no work root yet: nothing ran here
+    for entry in entries:
+        if not entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+            continue
+        workdir = work_root / entry.name[1:]
+        try:
+            lease = _lease_decoder.decode((Path(entry.path) / LEASE_FILE).read_bytes())
+        except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+            lease = None  # an attempt older than lease files, or one cut off before it ran
+        if lease is not None and attempt_key(lease.job_id, lease.attempt) not in accounted:
+            leases.append(lease)
+        workdirs.append(workdir)
+    return leases, workdirs

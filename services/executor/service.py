@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -50,7 +49,7 @@ from jobmesh.executor.metrics import ExecutorMetrics
 from jobmesh.executor.node import build_node_info, node_work_dir, read_machine_facts, resolve_node_id
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, lost_messages, orphaned_attempts
+from jobmesh.executor.restart import kill_leftovers, left_behind, lost_messages, orphaned_attempts
 from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
 from jobmesh.executor.runrequest import Runner
@@ -187,36 +186,37 @@ class Executor:
         log.info("node %s registered (incarnation %s, work dir %s)", self.node_id, self.incarnation, self.work_root)
 
     async def _take_over(self) -> None:
-        """Before the first put: report the attempts an earlier process of this node ran as lost."""
+        """Before the first put: report lost the attempts an earlier process of this node ran,
+        as its record lists them or, once that record expired, as their lease files do."""
         previous = await self.registration.read_previous()
-        if previous is None:
-            return
         orphans = orphaned_attempts(previous, self.incarnation)
-        self.attempts.adopt_previous((attempt_key(o.job_id, o.attempt) for o in orphans), previous.ended)
+        ended = list(previous.ended) if previous is not None else []
+        accounted = {attempt_key(o.job_id, o.attempt) for o in orphans} | set(ended)
+        behind, stray = await asyncio.to_thread(left_behind, self.work_root, accounted)
+        self.attempts.adopt_previous([attempt_key(o.job_id, o.attempt) for o in (*orphans, *behind)], ended)
         # What the old process had finished stays listed as ended: a scheduler that has not
         # consumed its terminal event yet must not take the new incarnation's silence about
         # it for a loss.
         now = self._clock()
-        for key in previous.ended:
+        for key in ended:
             self.leases.end(key, now)
-        if not orphans:
-            return
-        for orphan in orphans:
+        for orphan, where in [(o, "its record") for o in orphans] + [(b, "its lease file") for b in behind]:
             log.warning(
-                "%s was running in the previous executor of node %s (incarnation %s): reporting it lost",
+                "%s was running in the previous executor of node %s (as %s says): reporting it lost",
                 attempt_name(orphan.job_id, orphan.attempt),
                 self.node_id,
-                previous.incarnation or "unknown",
+                where,
             )
         # What the old processes left running goes first: "not running any more" must be true
         # before the attempt is retried elsewhere.
-        workdirs = [self.work_root / f"{o.job_id}-{o.attempt}" for o in orphans]
-        await asyncio.to_thread(kill_leftovers, workdirs)
-        for workdir in workdirs:
-            await asyncio.to_thread(shutil.rmtree, workdir, True)
-        # Not awaited: the reporter retries until they are durable, and the scheduler also
-        # takes a record of a new incarnation that does not list an attempt for its loss.
-        self.reporter.post(lost_messages(orphans, self.node_id, self._clock()))
+        workdirs = sorted({self.work_root / f"{o.job_id}-{o.attempt}" for o in orphans} | set(stray))
+        if workdirs:
+            await asyncio.to_thread(kill_leftovers, workdirs)
+        lost = [*orphans, *behind]
+        if lost:
+            # Not awaited: the reporter retries until they are durable, and the scheduler also
+            # takes a record of a new incarnation that does not list an attempt for its loss.
+            self.reporter.post(lost_messages(lost, self.node_id, self._clock()))
 
     def consumer(self) -> ConsumerSpec:
         """The durable consumer of this node's dispatch and cancel subjects."""
