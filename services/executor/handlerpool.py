@@ -51,6 +51,7 @@ from jobmesh.contract.messages.v1 import HandlerInfo, HandlerRuntime, JobError, 
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.errors import InvalidMessage, JobmeshError, Unavailable
 from jobmesh.executor.childprocess import READ_CHUNK, PipedProcess, start_piped
+from jobmesh.executor.fdpipes import PipeReadTransport, PipeWriter
 from jobmesh.executor.outcomes import EXECUTOR_ERROR, NODE_DRAINED, TIMEOUT, Outcome, failed_outcome
 from jobmesh.executor.results import RESULT_FILE
 from jobmesh.executor.runner import MAX_LINE_BYTES, AbortSignal, OutputStream, OutputTail
@@ -189,7 +190,7 @@ class _Job:
 class _Worker:
     """One worker process, its pipes, and the job it serves."""
 
-    def __init__(self, process: WorkerProcess, commands: asyncio.StreamWriter, events: asyncio.StreamReader) -> None:
+    def __init__(self, process: WorkerProcess, commands: PipeWriter, events: asyncio.StreamReader) -> None:
         self.process = process
         self.pid = process.pid
         self._commands = commands
@@ -211,8 +212,7 @@ class _Worker:
         if self._commands.is_closing():
             return False
         try:
-            self._commands.write(protocol.encode_frame(message))
-            await self._commands.drain()
+            await self._commands.send(protocol.encode_frame(message))
         except (ConnectionError, OSError):
             return False
         return True
@@ -695,7 +695,6 @@ class HandlerPool:
             HandlerLoadError: a module failed to import, or the worker did not start.
         """
         assert self._home is not None
-        loop = asyncio.get_running_loop()
         commands_in, commands_out = os.pipe()
         events_in, events_out = os.pipe()
         argv = [
@@ -718,24 +717,11 @@ class HandlerPool:
         finally:
             os.close(commands_in)
             os.close(events_out)
-        try:
-            events = asyncio.StreamReader(limit=READ_CHUNK)
-            events_file = os.fdopen(events_in, "rb", 0)
-            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(events), events_file)
-            commands_file = os.fdopen(commands_out, "wb", 0)
-            transport, flow = await loop.connect_write_pipe(asyncio.streams.FlowControlMixin, commands_file)
-        except BaseException:
-            # Cancelled (the pool stops) or out of descriptors: the process must not outlive this.
-            process.kill()
-            await process.close()
-            for fd in (events_in, commands_out):
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass  # already closed with its transport
-            raise
-        commands = asyncio.StreamWriter(transport, flow, None, loop)
-        worker = _Worker(process, commands, events)
+        # Each end is owned, and closed once, by its PipeReadTransport / PipeWriter (fdpipes).
+        # The end of the pipe (the worker and all it started exited) closes the read end.
+        events = asyncio.StreamReader(limit=READ_CHUNK)
+        PipeReadTransport(events_in, events)
+        worker = _Worker(process, PipeWriter(commands_out), events)
         self._workers.add(worker)
         worker.tasks = [
             asyncio.ensure_future(self._pump(worker, process.stdout, "stdout")),
