@@ -106,6 +106,25 @@ async def test_jobs_run_end_to_end_with_every_process_on_its_own_identity(
         assert view.state == "succeeded"
         lines = (await client.logs(ids[-1])).lines
         assert [line.line for line in lines] == ["hello"]
+        # A completion rule: the trigger may not make the completions durable itself, so
+        # the provisioner made it, and the trigger consumes it from its start.
+        await client.put_trigger(
+            {
+                "name": "after-x",
+                "source": {"kind": "completion", "outcome": "succeeded", "name": "x"},
+                "job": {"name": "after-x", "runtime": {"kind": "noop"}, "resources": {"cpu_milli": 10}},
+            }
+        )
+        (first,) = (
+            await client.submit([Submission(spec=JobSpec(name="x", runtime=NoopRuntime(), resources=small))])
+        ).job_ids
+
+        async def chained() -> bool:
+            return bool(
+                await conn.fetchval("SELECT count(*) FROM tracker.jobs WHERE name = 'after-x' AND state = 'succeeded'")
+            )
+
+        await eventually(chained, timeout=60, what=f"the completion rule to fire after job {first}")
         cluster.check_alive()
         refused = {
             sp.name: [line for line in sp.log_path.read_text().splitlines() if "permissions violation" in line.lower()]

@@ -17,6 +17,8 @@ from jobmesh.binder.reaping import Reaper
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import Allocation, NodeInfo, Reservation, Resources
+from jobmesh.errors import InvalidSpec
+from jobmesh.runtime.commands import forget_node
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import Runtime
 from jobmesh.runtime.settings import Settings
@@ -165,6 +167,34 @@ async def test_a_record_written_after_the_decision_is_not_deleted(binder):
     # The node re-registered a moment ago, but the binder's view has not seen it yet.
     kv = await js.key_value(subjects.KV_NODES)
     await kv.put(node, encode(NodeInfo(node_id=node, cpu_milli=1000, memory_mb=1024, heartbeat_at=clock.now)))
-    assert not await reaper._reap(node, True)
+    assert not await reaper._reap(node)
     assert await has_record(allocations, node)
     assert await has_consumer(js, node)
+
+
+async def test_a_binder_without_the_right_to_delete_leaves_the_durable_to_the_provisioner(binder):
+    # With an identity of its own, the binder may remove its allocation record only; the
+    # provisioner's `jobmesh provision --forget-node` removes the durable and the dispatches.
+    _reaper, nodes, allocations, clock, js = binder
+    reaper = Reaper(js, nodes, allocations, GRACE, clock=clock, nats_side=False)
+    gone, busy = (f"n-{uuid.uuid4().hex[:8]}" for _ in range(2))
+    for node in (gone, busy):
+        await register(js, nodes, node, clock.now)
+        await leave_traces(js, allocations, node, reserved=node == busy)
+    with pytest.raises(InvalidSpec, match="is registered"):
+        await forget_node(js, gone)
+    for node in (gone, busy):
+        await deregister(js, nodes, node)
+    assert await reaper.round() == []
+    clock.now += GRACE
+    reaped = await reaper.round()  # (nodes earlier tests left in this module's server too)
+    assert gone in reaped and busy not in reaped
+    assert not await has_record(allocations, gone)
+    assert await has_consumer(js, gone) and await has_dispatch(js, gone)
+
+    with pytest.raises(InvalidSpec, match="holds 1 reservations"):
+        await forget_node(js, busy)
+    assert await has_consumer(js, busy) and await has_dispatch(js, busy) and await has_record(allocations, busy)
+    assert await forget_node(js, gone) is True
+    assert not await has_consumer(js, gone) and not await has_dispatch(js, gone)
+    assert await forget_node(js, gone) is False  # again: nothing left, no error

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import msgspec
 import nats.errors
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, KeyNotFoundError, NotFoundError
+from nats.js.errors import BadRequestError, KeyNotFoundError
 
 from jobmesh.binder.allocations import Allocations
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import Allocation, NodeInfo
 from jobmesh.runtime.nodes import NodeWatcher
+from jobmesh.runtime.provisioning import forget_dispatch
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -113,6 +114,9 @@ class Reaper:
         allocations: the binder's allocation view.
         grace: seconds a node must have been absent.
         clock: returns the current unix time.
+        nats_side: also purge the node's dispatch subjects and delete its durable (and the
+            allocation record's delete marker): False for a binder with an identity of its
+            own, which may not (those are the provisioner's, ``jobmesh provision --forget-node``).
     """
 
     def __init__(
@@ -122,8 +126,10 @@ class Reaper:
         allocations: Allocations,
         grace: float,
         clock: Callable[[], float] = time.time,
+        nats_side: bool = True,
     ) -> None:
         self._js = js
+        self._nats_side = nats_side
         self._nodes = nodes
         self._allocations = allocations
         self._grace = grace
@@ -135,12 +141,14 @@ class Reaper:
         """Decide once and reap; return the nodes reaped. A stale view decides nothing."""
         if not (self._nodes.fresh and self._allocations.fresh):
             return []
-        durables = await self._dispatch_durables()
+        # Without the right to list and delete durables, the nodes known are those with a
+        # record: the provisioner's `--forget-node` does the rest.
+        durables = await self._dispatch_durables() if self._nats_side else []
         snapshot = snapshot_of(self._nodes, self._allocations.records, durables)
         doomed, self.absent_since = gone_for_good(self._clock(), self._grace, snapshot, self.absent_since)
         done = []
         for node in doomed:
-            if await self._reap(node, node in snapshot.consumers):
+            if await self._reap(node):
                 done.append(node)
                 self.absent_since.pop(node, None)
         self.reaped.extend(done)
@@ -166,12 +174,12 @@ class Reaper:
             if not page:
                 return names
 
-    async def _reap(self, node: str, has_consumer: bool) -> bool:
+    async def _reap(self, node: str) -> bool:
         """Remove what ``node`` left behind, if the server agrees it is still gone."""
         # The dispatch stream's last sequence before the check below: what is purged from
         # the node's subjects is older than the check, so a bind to a node that registers
         # again right after it survives.
-        last = (await self._js.stream_info(subjects.STREAM_DISPATCH)).state.last_seq
+        last = (await self._js.stream_info(subjects.STREAM_DISPATCH)).state.last_seq if self._nats_side else 0
         registrations = await self._js.key_value(subjects.KV_NODES)
         try:
             entry = await registrations.get(node)
@@ -183,15 +191,17 @@ class Reaper:
             pass
         if not await self._delete_record(node):
             return False
-        # A node id that comes back after this starts a new consumer from the stream's
-        # start (DeliverPolicy.ALL): it must not find old dispatches to run again.
-        for subject in (subjects.node_dispatch(node), subjects.node_cancel(node)):
-            await self._js.purge_stream(subjects.STREAM_DISPATCH, subject=subject, seq=last + 1)
-        if has_consumer:
-            try:
-                await self._js.delete_consumer(subjects.STREAM_DISPATCH, subjects.durable("executor", node))
-            except NotFoundError:
-                pass  # another binder replica was first
+        if not self._nats_side:
+            log.info(
+                "node %s gone for good: removed its allocation record; its dispatch durable and subjects "
+                "stay until `jobmesh provision --forget-node %s` runs with the provisioner's credentials",
+                node,
+                node,
+            )
+            return True
+        # A node id that comes back after this starts a new consumer from the stream's start
+        # (DeliverPolicy.ALL): it must not find old dispatches to run again.
+        await forget_dispatch(self._js, node, up_to=last)
         log.info("node %s gone for good: removed its allocation record, dispatch consumer and dispatches", node)
         return True
 
@@ -218,7 +228,7 @@ class Reaper:
             return True  # written again right after the delete: leave it
         except KeyNotFoundError as exc:
             marker = getattr(exc.entry, "revision", None) or 0
-        if marker:
+        if marker and self._nats_side:
             # Purging only up to the marker's sequence keeps any write that follows it.
             await self._js.purge_stream(
                 _kv_stream(subjects.KV_ALLOC), subject=_kv_subject(subjects.KV_ALLOC, node), seq=marker + 1

@@ -52,7 +52,7 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         metrics=instruments,
     )
     instruments.observe_nodes(binder.usage)
-    reaper = Reaper(rt.js, nodes, allocations, settings.node_grace_seconds)
+    reaper = Reaper(rt.js, nodes, allocations, settings.node_grace_seconds, nats_side=rt.provisions)
     rt.spawn(reaper.run(settings.retention_interval_seconds), "node-reaper")
     await rt.serve(
         consumers=consumers(settings, binder.bind, binder.release, binder.cancel),

@@ -70,7 +70,9 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         prune_pool,
         settings.history_retention_seconds,
         settings.retention_batch,
-        purge=log_purger(rt.js) if purges_logs(settings.history_retention_seconds) else None,
+        # Purging is the provisioner's right: a tracker with an identity of its own leaves a
+        # pruned job's lines to expire with JM_LOGS.
+        purge=log_purger(rt.js) if rt.provisions and purges_logs(settings.history_retention_seconds) else None,
     )
     rt.spawn(pruner.run(settings.retention_interval_seconds), "history-pruner")
 

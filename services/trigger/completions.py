@@ -32,7 +32,7 @@ from jobmesh.contract.messages.v1 import CompletionSource, JobCancelled, JobExpi
 from jobmesh.errors import Unavailable
 from jobmesh.runtime.backoff import backoff
 from jobmesh.runtime.outcomes import Reject
-from jobmesh.runtime.service import ConsumerSpec, Envelope, Runtime
+from jobmesh.runtime.service import BatchHandler, ConsumerSpec, Envelope, Runtime
 from jobmesh.trigger.router import Incoming, Router
 from jobmesh.trigger.rules import CompiledRule, event_variables
 from jobmesh.trigger.ruleset import RuleSet
@@ -164,6 +164,19 @@ def end_id(end: Any) -> str:
     return str(end.job_id)
 
 
+def completions_spec(max_bytes: int, handler: BatchHandler) -> ConsumerSpec:
+    """The completions durable: every job's end, from those that come after it is made."""
+    return ConsumerSpec(
+        stream=subjects.STREAM_JOBS,
+        durable=DURABLE,
+        filter_subjects=tuple(subjects.job_events("*", subjects.JOB_END_KINDS)),
+        codec=Codec(JobEnd, max_bytes),
+        handle=handler,
+        span_name="process jobmesh.v1.job.end",
+        deliver_policy=DeliverPolicy.NEW,
+    )
+
+
 class CompletionConsumer:
     """Keeps the completions consumer in step with the rules: present while a completion
     rule exists, gone when none does.
@@ -191,22 +204,17 @@ class CompletionConsumer:
         self._rt = rt
         self._rules = rules
         self._handler = handler
-        self._codec: Codec[Any] = Codec(JobEnd, max_bytes)
+        self._max_bytes = max_bytes
+        # With an identity of its own the trigger may not make or delete the durable: the
+        # provisioner made it, and it is consumed whether completion rules exist or not.
+        self._permanent = not rt.provisions
         self._running = False
         self._deleting: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         rules.on_change(self._wake.set)
 
     def spec(self) -> ConsumerSpec:
-        return ConsumerSpec(
-            stream=subjects.STREAM_JOBS,
-            durable=DURABLE,
-            filter_subjects=tuple(subjects.job_events("*", subjects.JOB_END_KINDS)),
-            codec=self._codec,
-            handle=self._handler,
-            span_name="process jobmesh.v1.job.end",
-            deliver_policy=DeliverPolicy.NEW,
-        )
+        return completions_spec(self._max_bytes, self._handler)
 
     async def run(self) -> None:
         """Follow the rule set forever (a background task)."""
@@ -222,8 +230,9 @@ class CompletionConsumer:
             try:
                 await self._follow()
                 failures = 0
-            except (TimeoutError, nats.errors.Error) as exc:
-                # NATS away for a moment: the consumer is created (or stopped) when it is back.
+            except (TimeoutError, nats.errors.Error, Unavailable) as exc:
+                # NATS away for a moment (or the durable not provisioned yet): the consumer is
+                # created (or stopped) when it is back.
                 failures += 1
                 delay = backoff(failures, base=0.5, cap=10.0)
                 log.warning("completions consumer: %s: %s; again in %.1fs", type(exc).__name__, exc, delay)
@@ -232,7 +241,7 @@ class CompletionConsumer:
 
     async def _follow(self) -> None:
         """Start or stop pulling as the rules now ask."""
-        wanted = bool(self._rules.of_kind("completion"))
+        wanted = self._permanent or bool(self._rules.of_kind("completion"))
         if wanted and not self._running:
             await self._rt.add_consumer(self.spec())
             self._running = True
@@ -245,6 +254,8 @@ class CompletionConsumer:
 
     def _idle_check(self) -> None:
         """(Re)start the one timer that deletes the durable when it is idle."""
+        if self._permanent:
+            return
         if self._deleting is not None:
             self._deleting.cancel()
         self._deleting = self._rt.spawn(self._delete_when_idle(), "completions-idle")

@@ -22,7 +22,7 @@ from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, R
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.trigger.bursts import Bursts
-from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler
+from jobmesh.trigger.completions import CompletionConsumer, CompletionHandler, completions_spec
 from jobmesh.trigger.firing import Firer
 from jobmesh.trigger.handlers import JobLookup, SubmitHandler
 from jobmesh.trigger.handlerschemas import HandlerSchemas
@@ -71,7 +71,8 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     allowed = allowed_subjects(settings.trigger_subjects)
     rt = Runtime(settings, tracing)
     await rt.connect()
-    await _ensure_external(rt, settings, allowed)
+    if rt.provisions:
+        await _ensure_external(rt, settings, allowed)
     schemas = HandlerSchemas(rt.js)
     rt.spawn(schemas.run(), "handler-schemas")
     rt.on_reconnect(schemas.restart)
@@ -213,13 +214,16 @@ async def _ensure_external(rt: Runtime, settings: Settings, allowed: tuple[tuple
 
 async def provision_main(settings: Settings, tracing: Tracing) -> None:
     """The trigger's part of the one-shot provisioner: the external-events stream (when
-    subjects are allowed) and the event durables, then exit. (The completions consumer
-    exists only while a completion rule does, so the trigger makes it itself.)"""
+    subjects are allowed), the event durables and the completions durable, then exit. (A
+    trigger without credentials makes and deletes the completions durable itself as
+    completion rules come and go; one with an identity of its own may not, so it is made
+    here and stays.)"""
     allowed = allowed_subjects(settings.trigger_subjects)
     rt = Runtime(settings, tracing)
     await rt.connect()
     try:
         await _ensure_external(rt, settings, allowed)
         await rt.ensure_consumers(event_consumers(settings, allowed, lambda _stream: not_consumed))
+        await rt.ensure_consumers([completions_spec(settings.max_message_bytes, not_consumed)])
     finally:
         await rt.close()

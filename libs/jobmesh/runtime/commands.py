@@ -17,12 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import nats
 
 from jobmesh.contract import permissions
 from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.runtime import natsauth
-from jobmesh.runtime.provisioning import provision
+from jobmesh.runtime.provisioning import forget_dispatch, provision
 from jobmesh.runtime.settings import Settings
 
 
@@ -48,6 +49,16 @@ def register(subparsers: Any) -> None:
         metavar="NODE_ID",
         help="also create this executor node's dispatch consumer (repeat for several): with NATS "
         "authentication on, an executor may read its durable but not create it",
+    )
+    p.add_argument(
+        "--forget-node",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="remove what this node, gone for good, left on NATS: its dispatch durable, its dispatch and "
+        "cancel subjects and its allocation record (repeat for several). Refused while the node is "
+        "registered or holds reservations. With NATS authentication on, the binder's reaper removes "
+        "only the allocation record and its log names the nodes to forget",
     )
     p.set_defaults(fn=run)
     auth = subparsers.add_parser("auth", help="NATS credentials: one nkey per identity")
@@ -92,6 +103,14 @@ async def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise Unavailable(f"cannot reach NATS at {settings.nats_url}: {type(exc).__name__} {exc}".rstrip()) from exc
     try:
+        forget = list(getattr(args, "forget_node", []))
+        if forget:
+            js = nc.jetstream()
+            for node in forget:
+                had = await forget_node(js, node)
+                what = "its dispatch durable, dispatches and allocation record" if had else "its dispatches"
+                print(f"jobmesh: node {node} is forgotten: removed {what}", file=sys.stderr)
+            return 0
         await provision(
             nc.jetstream(),
             node_ttl=settings.node_ttl_seconds,
@@ -116,6 +135,50 @@ async def run(args: argparse.Namespace) -> int:
         await _provision_service("executor", {"JOBMESH_NODE_ID": node})
         print(f"jobmesh: the dispatch consumer of node {node} is provisioned", file=sys.stderr)
     return 0
+
+
+async def forget_node(js: Any, node_id: str) -> bool:
+    """Remove a gone node's dispatch durable, dispatches and allocation record.
+
+    Args:
+        js: the provisioner's JetStream context.
+        node_id: the node.
+
+    Returns:
+        Whether it had a dispatch durable.
+
+    Raises:
+        InvalidSpec: the node is registered (its executor runs, or stopped less than the
+            node TTL ago), or its allocation record holds reservations.
+    """
+    from nats.js.errors import KeyNotFoundError
+
+    from jobmesh.contract import subjects
+    from jobmesh.contract.messages.v1 import Allocation
+
+    registrations = await js.key_value(subjects.KV_NODES)
+    try:
+        entry = await registrations.get(node_id)
+    except KeyNotFoundError:
+        entry = None
+    if entry is not None and entry.value:
+        raise InvalidSpec(
+            f"--forget-node: node {node_id} is registered (its executor runs, or stopped less than the node TTL ago): "
+            "stop it and wait for its record to expire first",
+        )
+    allocations = await js.key_value(subjects.KV_ALLOC)
+    try:
+        record = await allocations.get(node_id)
+    except KeyNotFoundError:
+        record = None
+    if record is not None and record.value:
+        held = msgspec.json.decode(record.value, type=Allocation).reservations
+        if held:
+            raise InvalidSpec(
+                f"--forget-node: node {node_id} holds {len(held)} reservations: they are released as their attempts end",
+            )
+        await allocations.purge(node_id)
+    return await forget_dispatch(js, node_id)
 
 
 # The services with something to prepare before they start: tables (scheduler, tracker)

@@ -26,7 +26,7 @@ from nats.js.api import (
 )
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
-from jobmesh.contract import streams
+from jobmesh.contract import streams, subjects
 from jobmesh.errors import Unavailable
 
 log = logging.getLogger("jobmesh.provisioning")
@@ -247,3 +247,32 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
             alone, because recreating it would lose its position in the stream.
     """
     await js.add_consumer(stream, config)
+
+
+async def forget_dispatch(js: JetStreamContext, node_id: str, up_to: int | None = None) -> bool:
+    """Remove what a node gone for good left on JM_DISPATCH: its dispatch and cancel
+    subjects' messages and its dispatch durable. Destructive: the provisioner's (or, without
+    NATS credentials, the binder's reaper's) to call.
+
+    A node id that comes back after this starts a new durable from the stream's start, so it
+    must find no old dispatch to run again.
+
+    Args:
+        js: a JetStream context allowed to purge and delete on JM_DISPATCH.
+        node_id: the node.
+        up_to: purge only messages up to this stream sequence (what was there before the
+            caller checked the node is gone); None for all.
+
+    Returns:
+        Whether the node had a durable to delete.
+    """
+    for subject in (subjects.node_dispatch(node_id), subjects.node_cancel(node_id)):
+        if up_to is None:
+            await js.purge_stream(subjects.STREAM_DISPATCH, subject=subject)
+        else:
+            await js.purge_stream(subjects.STREAM_DISPATCH, subject=subject, seq=up_to + 1)
+    try:
+        await js.delete_consumer(subjects.STREAM_DISPATCH, subjects.durable("executor", node_id))
+    except NotFoundError:
+        return False  # never made, or another binder replica was first
+    return True
