@@ -7,6 +7,11 @@ at free loopback ports, container paths at temporary directories. The provisione
 first and exits 0; then each service starts and the compose health check itself (its
 ``python -c`` one-liner, ports rewritten the same way) must pass against that process's
 own /healthz; SIGTERM must then stop it cleanly within its stop_grace_period.
+
+NATS runs with authentication, as compose's does: the credentials service's own command
+(``jobmesh auth issue``) writes the keys into a temporary directory in place of the
+credentials volume, nats-server includes its ``auth.conf``, and each process's seed file
+(``JOBMESH_NATS_NKEY_FILE``) is that directory's file of the same name.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from urllib.parse import urlparse
 
 import pytest
 
+from jobmesh.dev import deploygen
 from jobmesh.dev.servers import NatsServer, free_port
 from tests.test_deploy_files import compose, duration_seconds, interpolate, jobmesh_services, listen_port
 
@@ -33,7 +39,11 @@ WEB_TOKEN = "deploy-test-token"
 # What an operator sets in the shell or .env beside compose.yaml.
 SHELL = {"JOBMESH_WEB_TOKEN": WEB_TOKEN}
 HEALTH_DEADLINE = 90.0
-SERVICES = [name for name, svc in jobmesh_services(compose()).items() if name != "provision"]
+# The long-running processes: the one-shots (the credentials, the provisioner) have no check.
+SERVICES = [name for name, svc in jobmesh_services(compose()).items() if "healthcheck" in svc]
+# Where compose's credentials service writes the keys: its --dir, the volume's mount.
+_ISSUE = jobmesh_services(compose())[deploygen.CREDENTIALS_SERVICE]["command"]
+CREDENTIALS_DIR = _ISSUE[_ISSUE.index("--dir") + 1]
 
 
 @dataclass
@@ -46,7 +56,13 @@ class Local:
 
 
 def localize(
-    name: str, nats_url: str, database_url: str, work_dir: Path, tmp: Path, service: dict | None = None
+    name: str,
+    nats_url: str,
+    database_url: str,
+    work_dir: Path,
+    tmp: Path,
+    service: dict | None = None,
+    credentials: Path | None = None,
 ) -> Local:
     """Rewrite one compose service's command and environment for this machine.
 
@@ -62,6 +78,13 @@ def localize(
         port = listen_port(value)
         assert port is not None, value
         return f"127.0.0.1:{ports.setdefault(port, free_port())}"
+
+    def local_credentials(value: str) -> str | None:
+        """A path in the credentials volume, as the directory that stands in for it holds it."""
+        if value == CREDENTIALS_DIR or value.startswith(CREDENTIALS_DIR + "/"):
+            assert credentials is not None, f"{name}: {value} needs the credentials"
+            return str(credentials) + value[len(CREDENTIALS_DIR) :]
+        return None
 
     env: dict[str, str] = {}
     for key, raw in service.get("environment", {}).items():
@@ -79,11 +102,16 @@ def localize(
             value = local_listen(value)
         elif key == "JOBMESH_WORK_DIR":
             value = str(work_dir / name)
+        elif local_credentials(value) is not None:
+            value = local_credentials(value) or value
         elif value.startswith("/"):
             value = str(tmp / key.lower())
             Path(value).mkdir(parents=True, exist_ok=True)
         env[key] = value
-    command = [arg if listen_port(arg) is None else local_listen(arg) for arg in service["command"]]
+    command = [
+        local_listen(arg) if listen_port(arg) is not None else local_credentials(arg) or arg
+        for arg in service["command"]
+    ]
     command[0] = str(BIN / command[0])
     base = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
     return Local(command=command, env={**base, **env}, ports=ports)
@@ -98,20 +126,57 @@ def local_healthcheck(service: dict, ports: dict[int, int]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def provisioned(nats_server: NatsServer, database_url: str, work_dir: Path, tmp_path_factory) -> None:
-    """compose's one-shot provisioner, run once: it must exit 0."""
-    local = localize("provision", nats_server.url, database_url, work_dir, tmp_path_factory.mktemp("provision"))
+def credentials(tmp_path_factory) -> Path:
+    """compose's one-shot credentials service, run once into a directory that stands in for
+    its volume: it must exit 0."""
+    directory = tmp_path_factory.mktemp("credentials-volume") / "credentials"
+    local = localize(
+        deploygen.CREDENTIALS_SERVICE,
+        "nats://127.0.0.1:1",
+        "postgresql://unused",
+        Path("/nonexistent"),
+        tmp_path_factory.mktemp(deploygen.CREDENTIALS_SERVICE),
+        credentials=directory,
+    )
+    result = subprocess.run(local.command, env=local.env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return directory
+
+
+@pytest.fixture(scope="module")
+def nats_server(tmp_path_factory, credentials: Path) -> NatsServer:
+    """This module's nats-server, with compose's authorization block: only the issued keys
+    connect (it replaces the suite's server, which has none)."""
+    store = tmp_path_factory.mktemp("nats-auth")
+    server = NatsServer(
+        store, log_file=store / "nats.log", sync_always=False, auth_file=credentials / "auth.conf"
+    ).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def provisioned(nats_server: NatsServer, database_url: str, work_dir: Path, tmp_path_factory, credentials) -> None:
+    """compose's one-shot provisioner, run once as the provisioner: it must exit 0."""
+    local = localize(
+        "provision",
+        nats_server.url,
+        database_url,
+        work_dir,
+        tmp_path_factory.mktemp("provision"),
+        credentials=credentials,
+    )
     result = subprocess.run(local.command, env=local.env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture
-def started(nats_server: NatsServer, database_url: str, work_dir: Path, tmp_path: Path, provisioned):
+def started(nats_server: NatsServer, database_url: str, work_dir: Path, tmp_path: Path, provisioned, credentials):
     """Start one compose service here; stop it (SIGKILL if it outlives the test)."""
     procs: list[subprocess.Popen] = []
 
     def start(name: str) -> tuple[subprocess.Popen, Local, Path]:
-        local = localize(name, nats_server.url, database_url, work_dir, tmp_path)
+        local = localize(name, nats_server.url, database_url, work_dir, tmp_path, credentials=credentials)
         log = tmp_path / f"{name}.log"
         with log.open("w") as out:  # the child keeps its own copy of the descriptor
             proc = subprocess.Popen(
@@ -179,6 +244,16 @@ def test_the_compose_command_becomes_healthy_and_stops_cleanly(name: str, starte
     # uvicorn shuts jobmesh web down gracefully, then raises the captured SIGTERM again, so
     # it ends by the signal (compose shows 143); the services drain and exit 0.
     assert code in ((0, -signal.SIGTERM) if name == "web" else (0,)), _tail(log)
+
+
+async def test_a_client_without_a_key_is_refused(nats_server: NatsServer, credentials: Path) -> None:
+    """The server the processes passed their checks against lets no one in without a key."""
+    import nats
+
+    with pytest.raises(Exception, match=r"[Aa]uthorization"):
+        await nats.connect(nats_server.url, allow_reconnect=False, max_reconnect_attempts=1, connect_timeout=3)
+    nc = await nats.connect(nats_server.url, nkeys_seed=str(credentials / "client.nk"), connect_timeout=3)
+    await nc.close()
 
 
 def test_a_check_fails_when_its_own_replica_is_gone(started, nats_server: NatsServer) -> None:

@@ -6,18 +6,30 @@ server and the cluster's), the configuration the Nomad NATS job embeds, and what
 Without it nats-server flushes every two minutes and acknowledges writes that an OS crash
 can still lose (docs/nats-cluster.md). The configurations are parsed, not grepped: the
 option must sit in the ``jetstream`` block, outside any comment.
+
+The shipped configurations also include the authorization block ``jobmesh auth issue``
+writes (``credentials/auth.conf``, beside them): the tests that start one issue the keys
+there first, and check the running server lets in those keys and no one else.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import urllib.request
 from pathlib import Path
 
+import nats
 import pytest
 
-from jobmesh.dev.servers import NatsCluster, NatsServer, nats_config, nats_server_binary
+from jobmesh.dev.servers import NatsCluster, NatsServer, free_port, nats_config, nats_server_binary, wait_for_port
+from jobmesh.runtime.commands import AUTH_FILE, issue
+from jobmesh.runtime.settings import Settings
 from tests.test_deploy_files import ROOT, compose, heredoc, nomad_jobs
+
+# Where both shipped configurations include the authorization block from, beside them.
+AUTH_INCLUDE = "credentials/auth.conf"
 
 _BLOCK_OPEN = re.compile(r"^([\w$]+)\s*[:=]?\s*\{\s*$")
 _OPTION = re.compile(r"^([\w$]+)\s*(?:[:=]\s*|\s+)(.*?)\s*,?$")
@@ -133,6 +145,72 @@ def test_every_shipped_file_and_the_nomad_job_fsync_every_write() -> None:
     for name, text in configs.items():
         assert has_jetstream(text), f"{name}: no jetstream block"
         assert fsyncs_every_write(text), f"{name}: jetstream has no `sync_interval: always`"
+
+
+def test_every_shipped_config_includes_the_authorization_block() -> None:
+    """Each configuration that runs JetStream for jobmesh lets in only the issued keys: it
+    includes auth.conf at the top level (an include inside a block would scope it there)."""
+    configs = shipped_files() | nomad_nats_configs()
+    for name, text in configs.items():
+        found = options(text)
+        assert found.get("include") == AUTH_INCLUDE, f"{name}: no top-level include of {AUTH_INCLUDE}"
+        assert AUTH_INCLUDE.endswith(AUTH_FILE)
+
+
+def _serving(text: str, tmp: Path) -> tuple[str, int, int]:
+    """A shipped configuration made to run here: its ports free ones, its store in ``tmp``;
+    every other line (the include, JetStream's limits, fsync) as shipped."""
+    client, monitor = free_port(), free_port()
+    replaced = re.sub(r"(?m)^port: \d+$", f"port: {client}", text)
+    replaced = re.sub(r"(?m)^http_port: \d+$", f"http_port: {monitor}", replaced)
+    replaced = re.sub(r"(?m)^(\s*)store_dir: \S+$", rf"\g<1>store_dir: {tmp / 'store'}", replaced)
+    assert replaced.count(str(client)) == 1 and replaced.count(str(monitor)) == 1, "the ports moved"
+    assert str(tmp / "store") in replaced, "the store moved"
+    return replaced, client, monitor
+
+
+@pytest.fixture
+def shipped_compose_server(tmp_path: Path):
+    """deploy/nats/nats.conf running here, with auth.conf issued beside it as compose's
+    credentials volume holds it; yields its URL, its /varz and the credentials directory."""
+    text, client, monitor = _serving((ROOT / "deploy/nats/nats.conf").read_text(), tmp_path)
+    config = tmp_path / "nats.conf"
+    config.write_text(text)
+    issue(tmp_path / "credentials", ["compose-1"], Settings().partitions)
+    proc = subprocess.Popen(
+        [nats_server_binary(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for_port("127.0.0.1", client, timeout=15, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{monitor}/varz", timeout=5) as reply:
+            varz = json.loads(reply.read())
+        yield f"nats://127.0.0.1:{client}", varz, tmp_path / "credentials"
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+async def test_the_compose_config_starts_and_lets_in_the_issued_keys_only(shipped_compose_server, tmp_path) -> None:
+    """The running server requires authentication, refuses a client without a key and one
+    with a key it does not know, and takes the client's and the executor's issued keys."""
+    url, varz, credentials = shipped_compose_server
+    assert varz["auth_required"] is True
+    assert varz["jetstream"]["config"]["sync_always"] is True
+    strangers = tmp_path / "strangers"
+    issue(strangers, [], Settings().partitions)  # valid seeds, unknown to this server
+    for seed in (None, strangers / "client.nk"):
+        with pytest.raises(Exception, match=r"[Aa]uthorization"):
+            await nats.connect(
+                url,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                connect_timeout=3,
+                **({"nkeys_seed": str(seed)} if seed else {}),
+            )
+    for identity in ("client", "executor-compose-1"):
+        nc = await nats.connect(url, nkeys_seed=str(credentials / f"{identity}.nk"), connect_timeout=3)
+        await nc.flush(timeout=3)
+        await nc.close()
 
 
 def test_compose_runs_nats_with_a_checked_file() -> None:

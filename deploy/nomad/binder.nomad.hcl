@@ -83,6 +83,21 @@ job "jobmesh-binder" {
         EOT
       }
 
+      # This task's NATS identity, binder: its seed, item nats_seed of the Nomad variable
+      # nomad/jobs/jobmesh-binder/binder/binder, which only this task may read
+      # (deploy/README.md, Credentials). The task waits until it exists, and restarts when it
+      # changes.
+      template {
+        destination = "secrets/binder.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-binder/binder/binder" }}{{ .nats_seed }}{{ end -}}
+        EOT
+      }
+
       env {
         JOBMESH_DRAIN_SECONDS       = "10"
         JOBMESH_LOG_LEVEL           = "INFO"
@@ -92,6 +107,7 @@ job "jobmesh-binder" {
         OTEL_EXPORTER_OTLP_PROTOCOL = "http/protobuf"
         OTEL_TRACES_EXPORTER        = "${var.otlp_endpoint == "" ? "none" : "otlp"}"
         JOBMESH_OPS_LISTEN          = "0.0.0.0:9464"
+        JOBMESH_NATS_NKEY_FILE      = "${NOMAD_SECRETS_DIR}/binder.nk"
       }
 
       # Nomad checks this allocation's own port: /healthz answers for the process beside it,

@@ -97,6 +97,21 @@ job "jobmesh-executor" {
         EOT
       }
 
+      # This node's NATS identity, executor-${node.unique.id}: its seed is the item named
+      # after the node id in the Nomad variable nomad/jobs/jobmesh-executor/executor/executor,
+      # which only this job may read (deploy/README.md, Credentials). A node without one gets
+      # an empty file, and its executor stops: issue its key first.
+      template {
+        destination = "secrets/executor-${node.unique.id}.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-executor/executor/executor" }}{{ (index . (env "node.unique.id")).Value }}{{ end -}}
+        EOT
+      }
+
       # What the node offers besides capacity, from its attributes and client meta: the CPU
       # architecture and node class as labels, plus meta.jobmesh_labels (k=v,...),
       # meta.jobmesh_datasets (datasets on local disk) and meta.jobmesh_gpu /
@@ -126,6 +141,7 @@ job "jobmesh-executor" {
         JOBMESH_NODE_ZONE           = "${node.datacenter}"
         JOBMESH_NODE_CPU_MILLI      = "${var.executor_cpu_milli}"
         JOBMESH_NODE_MEMORY_MB      = "${var.executor_memory_mb}"
+        JOBMESH_NATS_NKEY_FILE      = "${NOMAD_SECRETS_DIR}/executor-${node.unique.id}.nk"
       }
 
       # Nomad checks this allocation's own port: /healthz answers for the process beside it,

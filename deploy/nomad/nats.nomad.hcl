@@ -114,7 +114,8 @@ job "jobmesh-nats" {
           # streams are created with three replicas, JOBMESH_STREAM_REPLICAS=3). Each server needs
           # NATS_SERVER_NAME in its environment (unique and stable: JetStream's Raft groups know a
           # server by it) and routes.conf beside this file: `routes = [nats-route://host:6222, ...]`
-          # listing every server of the cluster (Nomad renders it from the service catalogue).
+          # listing every server of the cluster (Nomad renders it from the service catalogue), and
+          # credentials/auth.conf beside it: the authorization block of `jobmesh auth issue`.
           server_name: $NATS_SERVER_NAME
           port: 4222
           # Monitoring: /healthz?js-enabled-only=true is the Nomad check, /varz, /jsz for people.
@@ -129,6 +130,11 @@ job "jobmesh-nats" {
           # at once (30 s is the least nats-server accepts). Both fit in the job's kill_timeout.
           lame_duck_grace_period: 5s
           lame_duck_duration: 30s
+
+          # Authentication: every jobmesh process connects with its own nkey, and only those keys may
+          # connect (docs/operations.md, "Security"): the public keys and allow lists, no secret. The
+          # path is relative to this file (Nomad renders it from a variable, deploy/README.md).
+          include "credentials/auth.conf"
 
           jetstream {
             store_dir: /data/jetstream
@@ -161,6 +167,19 @@ job "jobmesh-nats" {
             nats-route://{{ .Address }}:{{ .Port }}
           {{- end }}
           ]
+        EOT
+      }
+
+      # The authorization block the configuration includes: auth.conf of `jobmesh auth issue`,
+      # item auth_conf of the Nomad variable nomad/jobs/jobmesh-nats/nats/nats
+      # (deploy/README.md, Credentials). Public keys only, no secret. The server waits until
+      # it exists, and reloads it on SIGHUP when it changes (a new node's key).
+      template {
+        destination   = "local/credentials/auth.conf"
+        change_mode   = "signal"
+        change_signal = "SIGHUP"
+        data = <<-EOT
+          {{ with nomadVar "nomad/jobs/jobmesh-nats/nats/nats" }}{{ .auth_conf }}{{ end }}
         EOT
       }
 

@@ -22,6 +22,12 @@ variable "otlp_endpoint" {
   description = "OTLP/HTTP endpoint for traces, e.g. http://tempo.service.consul:4318; empty turns export off."
 }
 
+variable "executor_nodes" {
+  type        = list(string)
+  default     = []
+  description = "The executor nodes (their Nomad node ids) whose dispatch consumers to create: every node with a key in nomad/jobs/jobmesh-executor/executor/executor (deploy/README.md, Credentials)."
+}
+
 job "jobmesh-provision" {
   datacenters = var.datacenters
   type        = "batch"
@@ -45,10 +51,12 @@ job "jobmesh-provision" {
     task "provision" {
       driver = "docker"
 
+      # Each node of var.executor_nodes adds `--node <id>`: its dispatch consumer, which its
+      # executor may use but not create.
       config {
         image   = var.image
         command = "jobmesh"
-        args    = ["provision", "--services"]
+        args    = concat(["provision", "--services"], flatten([for node in var.executor_nodes : ["--node", node]]))
       }
 
       # SIGTERM starts the drain (deploy/services.yaml: stop_grace_seconds); Nomad sends
@@ -65,6 +73,21 @@ job "jobmesh-provision" {
         change_mode = "noop"
         data = <<-EOT
           {{ with nomadService "jobmesh-nats" }}{{ with index . 0 }}JOBMESH_NATS_URL=nats://{{ .Address }}:{{ .Port }}{{ end }}{{ end }}
+        EOT
+      }
+
+      # This task's NATS identity, provisioner: its seed, item nats_seed of the Nomad variable
+      # nomad/jobs/jobmesh-provision/provision/provision, which only this task may read
+      # (deploy/README.md, Credentials). The task waits until it exists, and restarts when it
+      # changes.
+      template {
+        destination = "secrets/provisioner.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-provision/provision/provision" }}{{ .nats_seed }}{{ end -}}
         EOT
       }
 
@@ -87,6 +110,7 @@ job "jobmesh-provision" {
         OTEL_EXPORTER_OTLP_ENDPOINT = "${var.otlp_endpoint}"
         OTEL_EXPORTER_OTLP_PROTOCOL = "http/protobuf"
         OTEL_TRACES_EXPORTER        = "${var.otlp_endpoint == "" ? "none" : "otlp"}"
+        JOBMESH_NATS_NKEY_FILE      = "${NOMAD_SECRETS_DIR}/provisioner.nk"
       }
 
       resources {

@@ -84,6 +84,21 @@ job "jobmesh-scheduler" {
         EOT
       }
 
+      # This task's NATS identity, scheduler: its seed, item nats_seed of the Nomad variable
+      # nomad/jobs/jobmesh-scheduler/scheduler/scheduler, which only this task may read
+      # (deploy/README.md, Credentials). The task waits until it exists, and restarts when it
+      # changes.
+      template {
+        destination = "secrets/scheduler.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-scheduler/scheduler/scheduler" }}{{ .nats_seed }}{{ end -}}
+        EOT
+      }
+
       # Postgres from the Nomad variable nomad/jobs (deploy/README.md); the task waits until
       # it exists, and restarts, draining first, when it changes.
       template {
@@ -104,6 +119,7 @@ job "jobmesh-scheduler" {
         OTEL_EXPORTER_OTLP_PROTOCOL = "http/protobuf"
         OTEL_TRACES_EXPORTER        = "${var.otlp_endpoint == "" ? "none" : "otlp"}"
         JOBMESH_OPS_LISTEN          = "0.0.0.0:9464"
+        JOBMESH_NATS_NKEY_FILE      = "${NOMAD_SECRETS_DIR}/scheduler.nk"
       }
 
       # Nomad checks this allocation's own port: /healthz answers for the process beside it,

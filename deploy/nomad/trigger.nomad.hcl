@@ -92,6 +92,21 @@ job "jobmesh-trigger" {
         EOT
       }
 
+      # This task's NATS identity, trigger: its seed, item nats_seed of the Nomad variable
+      # nomad/jobs/jobmesh-trigger/trigger/trigger, which only this task may read
+      # (deploy/README.md, Credentials). The task waits until it exists, and restarts when it
+      # changes.
+      template {
+        destination = "secrets/trigger.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-trigger/trigger/trigger" }}{{ .nats_seed }}{{ end -}}
+        EOT
+      }
+
       # The bearer token of POST /v1/jobs, from the variable nomad/jobs/jobmesh-trigger that
       # only this job may read. Read once at start, so a change restarts the task. Add one
       # template like this per secret a webhook rule names (destination
@@ -99,6 +114,8 @@ job "jobmesh-trigger" {
       template {
         destination = "secrets/hooks/http-submit"
         perms       = "0400"
+        uid         = 10001
+        gid         = 10001
         change_mode = "restart"
         data = <<-EOT
           {{- with nomadVar "nomad/jobs/jobmesh-trigger" }}{{ (index . "http_submit").Value }}{{ end -}}
@@ -118,6 +135,7 @@ job "jobmesh-trigger" {
         JOBMESH_SECRETS_DIR              = "${NOMAD_SECRETS_DIR}/hooks"
         JOBMESH_HTTP_SUBMIT_TOKEN_SECRET = "http-submit"
         JOBMESH_TRIGGER_SUBJECTS         = "${var.trigger_subjects}"
+        JOBMESH_NATS_NKEY_FILE           = "${NOMAD_SECRETS_DIR}/trigger.nk"
       }
 
       # Nomad checks this allocation's own port: /healthz answers for the process beside it,

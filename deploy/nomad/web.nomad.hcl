@@ -84,6 +84,20 @@ job "jobmesh-web" {
         EOT
       }
 
+      # This task's NATS identity, client: its seed, item nats_seed of the Nomad variable
+      # nomad/jobs/jobmesh-web/web/web, which only this task may read (deploy/README.md,
+      # Credentials). The task waits until it exists, and restarts when it changes.
+      template {
+        destination = "secrets/client.nk"
+        perms       = "0600"
+        uid         = 10001
+        gid         = 10001
+        change_mode = "restart"
+        data = <<-EOT
+          {{- with nomadVar "nomad/jobs/jobmesh-web/web/web" }}{{ .nats_seed }}{{ end -}}
+        EOT
+      }
+
       # The dashboard's token, from the variable nomad/jobs/jobmesh-web that only this job may
       # read.
       template {
@@ -103,6 +117,7 @@ job "jobmesh-web" {
         OTEL_EXPORTER_OTLP_ENDPOINT = "${var.otlp_endpoint}"
         OTEL_EXPORTER_OTLP_PROTOCOL = "http/protobuf"
         OTEL_TRACES_EXPORTER        = "${var.otlp_endpoint == "" ? "none" : "otlp"}"
+        JOBMESH_NATS_NKEY_FILE      = "${NOMAD_SECRETS_DIR}/client.nk"
       }
 
       # Nomad checks this allocation's own port: /healthz answers for the process beside it,
