@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from jobmesh.contract.messages.v1 import JobSpec, JobSubmitted, NoopRuntime, QueueConfig, Timeouts
-from jobmesh.scheduler.backlog import Backlog, Expire, Job, Release
+from jobmesh.scheduler.backlog import RELEASED, Backlog, Expire, Job, Release
 from jobmesh.scheduler.fairshare import Shares
 from jobmesh.scheduler.ratelimit import TokenBucket
 
@@ -173,6 +173,22 @@ def test_binder_refusal_is_retried_after_a_delay_or_when_room_frees():
     b.retry_rooms_now(0.6, finished=1)
     [again] = b.plan(0.6, anywhere)
     assert again.job.job_id == "a" and again.job.releases == 2
+
+
+def test_a_refusal_of_an_older_release_is_stale_and_one_of_a_newer_release_is_taken():
+    b = Backlog()
+    b.add(job("a"), now=0)
+    [out] = b.plan(0, anywhere)
+    assert out.job.releases == 1
+    out.job.releases = 3  # released twice more since (bind timeouts)
+    assert not b.room_wanted("a", 1, 2, "refusal of release 2", now=0)
+    assert b.jobs["a"].where == RELEASED
+    # A new owner of the partition loaded release 3, but the old one published release 4
+    # before it died: the binder's refusal of release 4 is the only answer that will come.
+    assert b.room_wanted("a", 1, 4, "no free capacity on candidate nodes", now=0)
+    assert b.jobs["a"].releases == 4
+    [again] = b.plan(60, anywhere)
+    assert again.job.job_id == "a" and again.job.releases == 5
 
 
 def test_stale_attempts_and_unknown_jobs_are_ignored():

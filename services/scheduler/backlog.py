@@ -674,10 +674,17 @@ class Backlog:
         return True
 
     def room_wanted(self, job_id: str, attempt: int, release: int, reason: str, now: float) -> bool:
-        """The binder found no room for this release: retry it shortly."""
+        """The binder found no room for this release: retry it shortly.
+
+        A refusal of an earlier release than the job's last is stale (the job was released
+        again since) and changes nothing. One of a later release than this scheduler knows
+        of is taken: that release was published by the partition's previous owner, which
+        died before its record of it was committed, and nothing else will ever answer it.
+        """
         job = self.jobs.get(job_id)
-        if job is None or job.attempt != attempt or job.where != RELEASED or job.releases != release:
+        if job is None or job.attempt != attempt or job.where != RELEASED or release < job.releases:
             return False
+        job.releases = release
         q = self.queues[job.queue]
         self._release_slot(q, job, now)
         q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
