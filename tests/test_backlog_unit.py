@@ -167,7 +167,7 @@ def test_binder_refusal_is_retried_after_a_delay_or_when_room_frees():
     b.add(job("x"), now=0)
     [first, _second] = b.plan(0, anywhere)
     assert b.room_wanted("a", 1, first.job.releases, "no free capacity on candidate nodes", now=0)
-    assert not b.room_wanted("a", 1, 99, "stale release", now=0)
+    assert not b.room_wanted("a", 1, 0, "stale release", now=0)
     assert b.plan(0.5, anywhere) == []
     b.finish("x", 1, 0.6)
     b.retry_rooms_now(0.6, finished=1)
@@ -189,6 +189,17 @@ def test_a_refusal_of_an_older_release_is_stale_and_one_of_a_newer_release_is_ta
     assert b.jobs["a"].releases == 4
     [again] = b.plan(60, anywhere)
     assert again.job.job_id == "a" and again.job.releases == 5
+
+
+def test_a_refusal_for_a_job_still_waiting_here_moves_its_next_release_past_the_refused_one():
+    # The previous owner released "a" (release 1) and died before committing; this owner
+    # loaded it as never released. The refusal comes before this owner releases it again.
+    b = Backlog()
+    b.add(job("a"), now=0)
+    assert b.jobs["a"].releases == 0
+    assert not b.room_wanted("a", 1, 1, "no free capacity on candidate nodes", now=0)
+    [out] = b.plan(0, anywhere)
+    assert out.job.releases == 2  # a new message id: JetStream would drop release 1's again
 
 
 def test_stale_attempts_and_unknown_jobs_are_ignored():

@@ -678,11 +678,19 @@ class Backlog:
 
         A refusal of an earlier release than the job's last is stale (the job was released
         again since) and changes nothing. One of a later release than this scheduler knows
-        of is taken: that release was published by the partition's previous owner, which
-        died before its record of it was committed, and nothing else will ever answer it.
+        of comes from the partition's previous owner, which published that release and died
+        before its record of it was committed:
+        - if this owner has released the job since, the refusal is taken (nothing else will
+          answer that release);
+        - if the job still waits here, its count moves past the refused release. Its next
+          release would otherwise carry the refused one's message id, and JetStream would
+          drop it as a duplicate, leaving the job out until its bind timeout.
         """
         job = self.jobs.get(job_id)
-        if job is None or job.attempt != attempt or job.where != RELEASED or release < job.releases:
+        if job is None or job.attempt != attempt or release < job.releases:
+            return False
+        if job.where != RELEASED:
+            job.releases = max(job.releases, release)
             return False
         job.releases = release
         q = self.queues[job.queue]
