@@ -30,6 +30,7 @@ from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import DeadLetter, JobSubmitted, NodeInfo
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
+from tests.natsauth_fixtures import AuthNats
 
 NODE_ID = "node-e2e"
 E2E_NODE_ENV = {"JOBMESH_NODE_ID": NODE_ID, "JOBMESH_NODE_CPU_MILLI": "8000", "JOBMESH_NODE_MEMORY_MB": "8192"}
@@ -59,10 +60,17 @@ class ClusterFactory:
         tmp_path_factory: gives each cluster a fresh work directory.
     """
 
-    def __init__(self, nats_url: str, database_url: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    def __init__(
+        self,
+        nats_url: str,
+        database_url: str,
+        tmp_path_factory: pytest.TempPathFactory,
+        auth: AuthNats | None = None,
+    ) -> None:
         self.nats_url = nats_url
         self.database_url = database_url
         self.tmp_path_factory = tmp_path_factory
+        self.auth = auth  # the module server's credentials (clusters on it use them)
         self.clusters: list[LocalCluster] = []
 
     async def __call__(
@@ -91,12 +99,14 @@ class ClusterFactory:
         Returns:
             The started cluster; the factory stops it at teardown.
         """
+        shared = self.auth if nats_url is None and credentials is None else None
         cluster = LocalCluster(
             nats_url or self.nats_url,
             database_url or self.database_url,
             self.tmp_path_factory.mktemp(name),
             env=dict(env or {}),
-            credentials=credentials,
+            credentials=credentials if shared is None else shared.credentials,
+            prepare=None if shared is None else shared.preparer(self.database_url),
         )
         self.clusters.append(cluster)  # before starting: a failed start is stopped too
         started: list[str] = []
@@ -123,14 +133,14 @@ class ClusterFactory:
 @pytest.fixture
 def make_cluster(nats_server, database_url, tmp_path_factory) -> Iterator[ClusterFactory]:
     """A cluster factory whose clusters are stopped when the test ends."""
-    with ClusterFactory(nats_server.url, database_url, tmp_path_factory) as factory:
+    with ClusterFactory(nats_server.plain_url, database_url, tmp_path_factory, auth=nats_server) as factory:
         yield factory
 
 
 @pytest.fixture(scope="module")
 def make_module_cluster(nats_server, database_url, tmp_path_factory) -> Iterator[ClusterFactory]:
     """A cluster factory whose clusters are stopped when the module's tests are done."""
-    with ClusterFactory(nats_server.url, database_url, tmp_path_factory) as factory:
+    with ClusterFactory(nats_server.plain_url, database_url, tmp_path_factory, auth=nats_server) as factory:
         yield factory
 
 

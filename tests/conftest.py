@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from jobmesh.dev.servers import NatsServer, embedded_postgres
+from jobmesh.dev.servers import embedded_postgres
 from jobmesh.runtime.db import create_database, drop_database
+from tests.natsauth_fixtures import AuthNats
 
 pytest_plugins = ["tests.cluster_fixtures"]
 
@@ -64,8 +65,11 @@ async def database_url(postgres_server_url) -> str:
 
 
 @pytest.fixture(scope="module")
-def nats_server(tmp_path_factory) -> NatsServer:
-    """A real nats-server with JetStream on a free port, one per test module.
+def nats_server(tmp_path_factory) -> AuthNats:
+    """A real nats-server with JetStream on a free port, one per test module, with NATS
+    authentication on: it knows jobmesh's identities and the tests' administrator only
+    (tests/natsauth_fixtures.py). Services started on it connect as themselves; the
+    tests' own connections use ``.url``, which carries the administrator's password.
 
     It runs without ``sync_interval: always`` (fsync before every PubAck), which the shipped
     configurations and ``jobmesh dev`` set: on this machine's disk that makes every test of
@@ -75,7 +79,7 @@ def nats_server(tmp_path_factory) -> NatsServer:
     benchmarks run with the shipped setting.
     """
     store = tmp_path_factory.mktemp("nats")
-    server = NatsServer(store, log_file=store / "nats.log", sync_always=False).start()
+    server = AuthNats(store).start()
     yield server
     server.stop()
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +58,9 @@ class LocalCluster:
     env: dict[str, str] = field(default_factory=dict)
     procs: list[ServiceProcess] = field(default_factory=list)
     credentials: Path | None = None
+    # Called with a process's name and environment just before it starts (credentials on):
+    # what its identity may not do itself (its durables, a new node's key) is done there.
+    prepare: Callable[[str, dict[str, str]], None] | None = None
 
     def seed_file(self, identity: str) -> Path:
         """The seed file of ``identity`` in :attr:`credentials`.
@@ -92,6 +96,8 @@ class LocalCluster:
         )
         env.update(self.env)
         env.update(extra_env or {})
+        if self.credentials is not None and self.prepare is not None:
+            self.prepare(name, env)
         if self.credentials is not None:
             given = {**self.env, **(extra_env or {})}
             for variable in ("JOBMESH_NATS_NKEY", "JOBMESH_NATS_IDENTITY", "JOBMESH_ADMIN_NKEY_FILE"):
