@@ -332,9 +332,11 @@ def test_lease_files_name_the_attempts_no_record_accounts_for(tmp_path):
     (root / ".j4-1").mkdir()
     (root / ".j4-1" / LEASE_FILE).write_bytes(b"{not json")
     (root / "unrelated").mkdir()
+    # A lease that names another attempt than its directory (a job wrote it): not believed.
+    write_lease(root / ".j5-1", AttemptLease(job_id="other", attempt=9, partition=1, started_at=1.0))
     found, workdirs = left_behind(root, accounted={"j2:1"})
     assert found == [lease]  # j2 attempt 1 is its record's business
-    assert sorted(p.name for p in workdirs) == ["j1-2", "j2-1", "j3-1", "j4-1"]  # all are cleared
+    assert sorted(p.name for p in workdirs) == ["j1-2", "j2-1", "j3-1", "j4-1", "j5-1"]  # all are cleared
     assert oct((root / ".j1-2").stat().st_mode & 0o777) == "0o700"
     assert not list((root / ".j1-2").glob("*.partial"))
     assert left_behind(tmp_path / "missing", accounted=set()) == ([], [])

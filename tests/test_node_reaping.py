@@ -197,4 +197,6 @@ async def test_a_binder_without_the_right_to_delete_leaves_the_durable_to_the_pr
     assert await has_consumer(js, busy) and await has_dispatch(js, busy) and await has_record(allocations, busy)
     assert await forget_node(js, gone) is True
     assert not await has_consumer(js, gone) and not await has_dispatch(js, gone)
+    with pytest.raises(NotFoundError):  # not even the reaper's delete marker is left
+        await js.get_last_msg(f"KV_{subjects.KV_ALLOC}", f"$KV.{subjects.KV_ALLOC}.{gone}")
     assert await forget_node(js, gone) is False  # again: nothing left, no error

@@ -69,12 +69,13 @@ class PipeReadTransport(asyncio.ReadTransport):
         return self._closed
 
     def close(self) -> None:
-        """Stop reading and close the descriptor (once)."""
+        """Stop reading and close the descriptor (once); the reader sees the end."""
         if self._closed:
             return
         self.pause_reading()
         self._closed = True
         os.close(self._fd)
+        self._reader.feed_eof()
 
 
 class PipeWriter:

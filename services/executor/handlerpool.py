@@ -206,6 +206,7 @@ class _Worker:
         self.mark_seen = asyncio.Event()
         self.tasks: list[asyncio.Task[None]] = []
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.events_pipe: PipeReadTransport | None = None  # the read end of its events
 
     async def send(self, message: protocol.Command) -> bool:
         """Send a command; False when the worker is gone."""
@@ -686,6 +687,10 @@ class HandlerPool:
             if not worker.closed.done():
                 worker.closed.set_result(None)
                 self._workers.discard(worker)
+                # A grandchild that left the group may hold the event pipe open: close it.
+                if worker.events_pipe is not None:
+                    worker.events_pipe.close()
+                worker.close_commands()
                 await worker.process.close()
 
     async def _start_worker(self) -> _Worker:
@@ -718,10 +723,19 @@ class HandlerPool:
             os.close(commands_in)
             os.close(events_out)
         # Each end is owned, and closed once, by its PipeReadTransport / PipeWriter (fdpipes).
-        # The end of the pipe (the worker and all it started exited) closes the read end.
-        events = asyncio.StreamReader(limit=READ_CHUNK)
-        PipeReadTransport(events_in, events)
+        # Each end is owned, and closed once, by its PipeReadTransport / PipeWriter: at the
+        # end of the pipe, or when the worker is reaped.
+        try:
+            events = asyncio.StreamReader(limit=READ_CHUNK)
+            events_pipe = PipeReadTransport(events_in, events)
+        except BaseException:
+            os.close(events_in)
+            os.close(commands_out)
+            process.kill()
+            await process.close()
+            raise
         worker = _Worker(process, PipeWriter(commands_out), events)
+        worker.events_pipe = events_pipe
         self._workers.add(worker)
         worker.tasks = [
             asyncio.ensure_future(self._pump(worker, process.stdout, "stdout")),

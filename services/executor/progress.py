@@ -22,7 +22,7 @@ import asyncio
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from jobmesh.executor.leases import LeaseState
@@ -230,12 +230,17 @@ class ProgressChannel:
         except OSError:
             data = b""  # as good as the end: nothing more comes
         if data:
-            for line in self._splitter.feed(data):
-                self._on_line(line)
+            self._deliver(self._splitter.feed(data))
             return
-        for line in self._splitter.finish():
-            self._on_line(line)
+        self._deliver(self._splitter.finish())
         self._stop_reading()
+
+    def _deliver(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            try:
+                self._on_line(line)
+            except Exception:  # a reader's bug must not end the reading, nor reach the loop
+                log.exception("a progress line could not be applied")
 
     def _stop_reading(self) -> None:
         if self._loop is not None:

@@ -234,6 +234,11 @@ def left_behind(work_root: Path, accounted: Collection[str]) -> tuple[list[Attem
             lease = _lease_decoder.decode((Path(entry.path) / LEASE_FILE).read_bytes())
         except (OSError, msgspec.DecodeError, msgspec.ValidationError):
             lease = None  # an attempt older than lease files, or one cut off before it ran
+        if lease is not None and entry.name != f".{lease.job_id}-{lease.attempt}":
+            # A job that can write its own private directory (an executor not run as root)
+            # must not make the next executor report another attempt lost.
+            log.warning("ignoring %s: its lease names another attempt", Path(entry.path) / LEASE_FILE)
+            lease = None
         if lease is not None and attempt_key(lease.job_id, lease.attempt) not in accounted:
             leases.append(lease)
         workdirs.append(workdir)

@@ -103,14 +103,6 @@ async def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         raise Unavailable(f"cannot reach NATS at {settings.nats_url}: {type(exc).__name__} {exc}".rstrip()) from exc
     try:
-        forget = list(getattr(args, "forget_node", []))
-        if forget:
-            js = nc.jetstream()
-            for node in forget:
-                had = await forget_node(js, node)
-                what = "its dispatch durable, dispatches and allocation record" if had else "its dispatches"
-                print(f"jobmesh: node {node} is forgotten: removed {what}", file=sys.stderr)
-            return 0
         await provision(
             nc.jetstream(),
             node_ttl=settings.node_ttl_seconds,
@@ -134,6 +126,16 @@ async def run(args: argparse.Namespace) -> int:
     for node in getattr(args, "node", []):
         await _provision_service("executor", {"JOBMESH_NODE_ID": node})
         print(f"jobmesh: the dispatch consumer of node {node} is provisioned", file=sys.stderr)
+    forget = list(getattr(args, "forget_node", []))
+    if forget:
+        nc = await nats.connect(servers=settings.nats_servers, **natsauth.connect_options(settings), connect_timeout=3)
+        try:
+            for node in forget:
+                had = await forget_node(nc.jetstream(), node)
+                what = "its dispatch durable, dispatches and allocation record" if had else "its dispatches"
+                print(f"jobmesh: node {node} is forgotten: removed {what}", file=sys.stderr)
+        finally:
+            await nc.close()
     return 0
 
 
@@ -156,6 +158,9 @@ async def forget_node(js: Any, node_id: str) -> bool:
     from jobmesh.contract import subjects
     from jobmesh.contract.messages.v1 import Allocation
 
+    # What is purged is older than the checks below: a node that registers again right
+    # after them keeps the dispatches bound to it since.
+    last = (await js.stream_info(subjects.STREAM_DISPATCH)).state.last_seq
     registrations = await js.key_value(subjects.KV_NODES)
     try:
         entry = await registrations.get(node_id)
@@ -177,8 +182,9 @@ async def forget_node(js: Any, node_id: str) -> bool:
             raise InvalidSpec(
                 f"--forget-node: node {node_id} holds {len(held)} reservations: they are released as their attempts end",
             )
-        await allocations.purge(node_id)
-    return await forget_dispatch(js, node_id)
+    # The record, and the delete marker a binder's reaper left of it: nothing of the node stays.
+    await js.purge_stream(f"KV_{subjects.KV_ALLOC}", subject=f"$KV.{subjects.KV_ALLOC}.{node_id}")
+    return await forget_dispatch(js, node_id, up_to=last)
 
 
 # The services with something to prepare before they start: tables (scheduler, tracker)
