@@ -83,6 +83,7 @@ class ClusterFactory:
         name: str = "cluster",
         timeout: float = 60.0,
         credentials: Path | None = None,
+        server: AuthNats | None = None,
     ) -> LocalCluster:
         """Start ``services`` and wait until each answers its health check.
 
@@ -95,11 +96,15 @@ class ClusterFactory:
             timeout: how long the services have to become healthy.
             credentials: the directory of ``jobmesh auth issue``: each process connects
                 with its own identity (see ``LocalCluster.credentials``).
+            server: another authenticated server than the factory's (one a test kills and
+                restarts): its processes connect with their own identities on it.
 
         Returns:
             The started cluster; the factory stops it at teardown.
         """
-        shared = self.auth if nats_url is None and credentials is None else None
+        shared = server if server is not None else self.auth if nats_url is None and credentials is None else None
+        if server is not None:
+            nats_url = server.plain_url
         cluster = LocalCluster(
             nats_url or self.nats_url,
             database_url or self.database_url,

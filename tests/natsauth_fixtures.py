@@ -82,12 +82,13 @@ class AuthNats:
         url: the address with the test administrator's password (the tests' own).
     """
 
-    def __init__(self, store: Path) -> None:
+    def __init__(self, store: Path, sync_always: bool = False) -> None:
         self.credentials = store / "credentials"
         self._password = secrets.token_hex(16)
+        self._sync_always = sync_always
         write_auth(self.credentials, [], self._password)
         self.server = NatsServer(
-            store / "data", log_file=store / "nats.log", sync_always=False, auth_file=self.credentials / AUTH_FILE
+            store / "data", log_file=store / "nats.log", sync_always=sync_always, auth_file=self.credentials / AUTH_FILE
         )
         self._nodes: set[str] = set()
         self._lock = threading.Lock()
@@ -96,8 +97,26 @@ class AuthNats:
         self.server.start()
         return self
 
-    def stop(self) -> None:
-        self.server.stop()
+    def stop(self, kill: bool = False) -> None:
+        self.server.stop(kill=kill)
+
+    def restart(self, kill: bool = False) -> AuthNats:
+        """Stop the server (SIGKILL when ``kill``) and start it again on the same port and
+        store, with the same keys: a NATS outage as the services live through it."""
+        old = self.server
+        old.stop(kill=kill)
+        self.server = NatsServer(
+            old.store_dir,
+            port=old.port,
+            log_file=old.log_file,
+            sync_always=self._sync_always,
+            auth_file=self.credentials / AUTH_FILE,
+        ).start()
+        return self
+
+    @property
+    def port(self) -> int:
+        return self.server.port
 
     @property
     def plain_url(self) -> str:

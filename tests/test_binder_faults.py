@@ -39,11 +39,11 @@ from jobmesh.contract.messages.v1 import (
     Resources,
     Submission,
 )
-from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.clusterconfig import put_config
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from tests.cluster_fixtures import Service
 from tests.helpers import eventually
+from tests.natsauth_fixtures import AuthNats
 
 pytestmark = pytest.mark.integration
 
@@ -179,11 +179,11 @@ async def _probe(nc: NATS) -> float:
 
 async def test_nats_killed_and_restarted_during_a_burst_leaks_no_reservation(tmp_path_factory, make_cluster) -> None:
     store = tmp_path_factory.mktemp("binder-nats-fault")
-    server = NatsServer(store, log_file=store / "nats.log").start()
+    server = AuthNats(store).start()
     # The test's own connection rides out the restart like the services' do.
     nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1)
     try:
-        cluster = await make_cluster(SERVICES, env=NODE_ENV, nats_url=server.url, name="binder-nats-fault")
+        cluster = await make_cluster(SERVICES, env=NODE_ENV, server=server, name="binder-nats-fault")
         async with _probe_node_alive(nc):
             # Released at a steady 500/s, so the burst lasts about ten seconds and the
             # outage surely hits it in the middle (a no-op burst is done in about three).
@@ -194,8 +194,7 @@ async def test_nats_killed_and_restarted_during_a_burst_leaks_no_reservation(tmp
                 return await _events(nc, subjects.SUCCEEDED) >= 100
 
             await eventually(some_done, timeout=60, interval=0.01, what="the first jobs to finish")
-            server.stop(kill=True)  # SIGKILL the only NATS server mid-burst
-            server = NatsServer(store, port=server.port, log_file=store / "nats.log").start()
+            server.restart(kill=True)  # SIGKILL the only NATS server mid-burst, then start it again
             back = time.monotonic()
             # A fresh connection sees the server at once; the test's old one reconnects in
             # its own time, which says nothing about the services.

@@ -11,9 +11,9 @@ import pytest
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, ProcessRuntime, Resources, Submission
-from jobmesh.dev.servers import NatsServer
 from tests.cluster_fixtures import dead_letters, tracker_settled
 from tests.helpers import eventually
+from tests.natsauth_fixtures import AuthNats
 from tests.proxy import CuttableProxy
 
 pytestmark = pytest.mark.integration
@@ -96,11 +96,11 @@ async def test_kill_9_binder_executor_and_tracker_mid_flow(nats_server, database
 
 async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, database_url, make_cluster):
     store = tmp_path_factory.mktemp("nats-fault")
-    server = NatsServer(store, log_file=store / "nats.log").start()
+    server = AuthNats(store).start()
     conn = await asyncpg.connect(database_url)
     try:
         cluster = await make_cluster(
-            env={**NODE_ENV, "JOBMESH_NODE_ID": "nats-fault-node"}, nats_url=server.url, name="nats-fault"
+            env={**NODE_ENV, "JOBMESH_NODE_ID": "nats-fault-node"}, server=server, name="nats-fault"
         )
         # Processes that take a while, so the outage hits running, bound and queued jobs.
         spec = JobSpec(
@@ -112,8 +112,7 @@ async def test_nats_server_killed_and_restarted_mid_flow(tmp_path_factory, datab
             return await _succeeded(conn, ids) >= 50
 
         await eventually(some_done, timeout=60, what="the first jobs to finish")
-        server.stop(kill=True)  # SIGKILL the only NATS server
-        server = NatsServer(store, port=server.port, log_file=store / "nats.log").start()
+        server.restart(kill=True)  # SIGKILL the only NATS server, then start it again
 
         async def all_done():
             return await _succeeded(conn, ids) == len(ids)

@@ -28,7 +28,6 @@ from jobmesh.client.workflows import read_workflow_file
 from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, RetryPolicy, Submission
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
-from jobmesh.dev.servers import NatsServer
 from jobmesh.runtime.db import create_database, drop_database
 from jobmesh.runtime.tracing import (
     AttemptIds,
@@ -41,6 +40,7 @@ from jobmesh.runtime.tracing import (
 )
 from tests.cluster_fixtures import E2E_NODE_ENV, NODE_ID, fired_by
 from tests.helpers import eventually
+from tests.natsauth_fixtures import AuthNats
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 pytestmark = pytest.mark.integration
@@ -425,20 +425,20 @@ async def own_servers(tmp_path_factory, postgres_server_url):
     """A NATS server and a database of its own, so this test's cluster shares nothing with
     the module's traced one."""
     store = tmp_path_factory.mktemp("nats-no-otlp")
-    server = NatsServer(store, log_file=store / "nats.log").start()
+    server = AuthNats(store).start()
     database = await create_database(postgres_server_url, "jm_test")
-    yield server.url, database
+    yield server, database
     server.stop()
     await drop_database(postgres_server_url, database)
 
 
 async def test_jobs_run_and_services_stop_promptly_when_the_endpoint_cannot_be_reached(make_cluster, own_servers):
-    nats_url, database = own_servers
+    server, database = own_servers
     # The exporter would retry each batch for 30 s (OTEL_EXPORTER_OTLP_TIMEOUT), and a stop
     # would wait for that, were the last flush not bounded.
     env = {**E2E_NODE_ENV, **exporting_to(f"http://127.0.0.1:{closed_port()}"), "OTEL_EXPORTER_OTLP_TIMEOUT": "30"}
-    cluster = await make_cluster(env=env, name="no-otlp", nats_url=nats_url, database_url=database)
-    client = await Client.connect(nats_url)
+    cluster = await make_cluster(env=env, name="no-otlp", server=server, database_url=database)
+    client = await Client.connect(server.url)
     try:
         reply = await client.submit([Submission(spec=JobSpec(runtime=ProcessRuntime(argv=["true"])))])
         await _ended(client, reply.job_ids[0])

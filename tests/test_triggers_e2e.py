@@ -19,11 +19,11 @@ from jobmesh.contract.messages.v1 import (
     TriggerRule,
     TriggerTestReply,
 )
-from jobmesh.dev.servers import NatsServer
 from jobmesh.errors import NotFound
 from jobmesh.runtime.tracing import trace_id_of
 from tests.cluster_fixtures import E2E_NODE_ENV, dead_letters, fired_by, jobmesh_cli
 from tests.helpers import eventually
+from tests.natsauth_fixtures import AuthNats
 
 pytestmark = pytest.mark.integration
 
@@ -350,10 +350,8 @@ async def test_bursts_through_the_service_debounce_and_batch(triggers, nats_serv
 
 async def test_subjects_the_operator_allows_reach_rules_and_others_are_refused(make_cluster, tmp_path):
     # A NATS server of its own: every trigger replica of one cluster must allow the same subjects.
-    server = NatsServer(tmp_path / "nats").start()
-    await make_cluster(
-        ["trigger"], env={"JOBMESH_TRIGGER_SUBJECTS": "legacy.orders.>"}, nats_url=server.url, name="external"
-    )
+    server = AuthNats(tmp_path / "nats").start()
+    await make_cluster(["trigger"], env={"JOBMESH_TRIGGER_SUBJECTS": "legacy.orders.>"}, server=server, name="external")
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     rule = {
