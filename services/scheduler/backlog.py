@@ -690,7 +690,8 @@ class Backlog:
         if job is None or job.attempt != attempt or release < job.releases:
             return False
         if job.where != RELEASED:
-            job.releases = max(job.releases, release)
+            if job.where in (READY, TIMER, GROUP, KEY, PARKED, ROOM):  # still to be released
+                job.releases = max(job.releases, release)
             return False
         job.releases = release
         q = self.queues[job.queue]

@@ -538,9 +538,14 @@ class PartitionScheduler:
             self.leases.forget(job.job_id)
             self._end_cancelled(job, job.attempt, "", rnd, context)
             return
+        before = job.releases if job is not None else 0
         if self.backlog.room_wanted(refusal.job_id, refusal.attempt, refusal.release, refusal.reason, rnd.now):
             self.leases.forget(refusal.job_id)
-            rnd.changes.add(refusal.job_id, "pending", refusal.reason)
+            rnd.changes.add(refusal.job_id, "pending", refusal.reason, releases=refusal.release)
+        elif job is not None and job.releases != before:
+            # A dead owner's release, refused, of a job still waiting here: the count moved
+            # past it, and is kept, so no later owner reuses its message id either.
+            rnd.changes.add(job.job_id, "pending", job.reason, releases=job.releases)
 
     def _end_cancelled(self, job: Job, attempt: int, node_id: str, rnd: Round, context: Context | None) -> None:
         if job.where == RELEASED:
