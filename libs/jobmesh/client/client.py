@@ -143,6 +143,30 @@ def resolve_nats_url() -> str:
     raise Unavailable("no jobmesh cluster found: set JOBMESH_NATS_URL or start one with `jobmesh dev --detach`")
 
 
+INTEGRATOR_KEY_VARIABLE = "JOBMESH_INTEGRATOR_NKEY_FILE"
+
+
+def integrator_options() -> dict[str, Any]:
+    """``nats.connect`` arguments for an integrator's own connection (plain nats-py that
+    publishes ``jobmesh.v1.events.>`` and follows job events): its seed file
+    (``JOBMESH_INTEGRATOR_NKEY_FILE``, else that of a ``jobmesh dev`` cluster found nearby)
+    and its inbox prefix. Empty for a cluster that runs without authentication.
+
+    Raises:
+        InvalidSpec: the seed file named does not exist.
+    """
+    seed = os.environ.get(INTEGRATOR_KEY_VARIABLE, "")
+    if not seed and "JOBMESH_NATS_URL" not in os.environ:
+        env_file = find_dev_env()
+        if env_file is not None:
+            seed = read_env_file(env_file).get(INTEGRATOR_KEY_VARIABLE, "")
+    if not seed:
+        return {}
+    if not os.path.isfile(seed):
+        raise InvalidSpec(f"{INTEGRATOR_KEY_VARIABLE}: no file {seed}", field=INTEGRATOR_KEY_VARIABLE)
+    return {"nkeys_seed": seed, "inbox_prefix": permissions.inbox_of("integrator")}
+
+
 def server_urls(url: str) -> list[str]:
     """A comma-separated ``JOBMESH_NATS_URL`` (a cluster's members) as the list nats-py
     takes: a joined string would be read as one URL (the services' ``Settings.nats_servers``)."""

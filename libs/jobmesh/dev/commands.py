@@ -25,8 +25,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--auth",
         action="store_true",
-        help="NATS authentication on: one key per identity in .jobmesh/credentials, each process within "
-        "its permissions (docs/operations.md, Security)",
+        help="NATS authentication on (the default): one key per identity in .jobmesh/credentials, each "
+        "process within its permissions (docs/operations.md, Security)",
+    )
+    p.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="run NATS without authentication: any process that reaches it may publish anything",
     )
     p.add_argument(
         "--add-node",
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.add_node:
         return devcluster.add_node(args.add_node)
     if args.detach:
-        code = devcluster.detach(reset=args.reset, auth=args.auth)
+        code = devcluster.detach(reset=args.reset, auth=not args.no_auth)
         if code == 0 and args.demo:
             import uvloop
 
@@ -68,4 +73,4 @@ def run(args: argparse.Namespace) -> int:
             web_url = read_env_file(devcluster.ENV_FILE).get("JOBMESH_WEB_URL", "")
             uvloop.run(run_demo(resolve_nats_url(), web_url=web_url))
         return code
-    return devcluster.foreground(demo=args.demo, reset=args.reset, auth=args.auth)
+    return devcluster.foreground(demo=args.demo, reset=args.reset, auth=not args.no_auth)

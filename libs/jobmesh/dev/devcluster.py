@@ -322,7 +322,7 @@ def wait_dashboard(cluster: LocalCluster, url: str, timeout: float = 30.0) -> No
         time.sleep(0.1)
 
 
-def foreground(demo: bool = False, reset: bool = False, auth: bool = False) -> int:
+def foreground(demo: bool = False, reset: bool = False, auth: bool = True) -> int:
     """Run the cluster until Ctrl-C or SIGTERM, then stop everything cleanly.
 
     Args:
@@ -401,6 +401,7 @@ def foreground(demo: bool = False, reset: bool = False, auth: bool = False) -> i
             + (
                 f"JOBMESH_NATS_NKEY_FILE={credentials / 'client.nk'}\n"
                 f"JOBMESH_ADMIN_NKEY_FILE={credentials / 'provisioner.nk'}\n"
+                f"JOBMESH_INTEGRATOR_NKEY_FILE={credentials / 'integrator.nk'}\n"
                 if credentials
                 else ""
             )
@@ -530,7 +531,7 @@ async def _wait_healthy_with_progress(cluster: LocalCluster, timeout: float = 90
     waiter.result()
 
 
-def detach(reset: bool = False, auth: bool = False) -> int:
+def detach(reset: bool = False, auth: bool = True) -> int:
     """Start the cluster in the background; return once every service is healthy.
 
     Args:
@@ -557,7 +558,7 @@ def detach(reset: bool = False, auth: bool = False) -> int:
             [
                 sys.executable,
                 "-c",
-                f"from jobmesh.client.cli import main; main({['dev', *(['--auth'] if auth else [])]!r})",
+                f"from jobmesh.client.cli import main; main({['dev', *([] if auth else ['--no-auth'])]!r})",
             ],
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -89,7 +89,14 @@ async def run(args: argparse.Namespace) -> int:
         Unavailable: when NATS cannot be reached.
         InvalidSpec: when a ``JOBMESH_*`` variable does not parse.
     """
-    settings = Settings.from_env("provision")
+    # The operators' key when one is named (a dev cluster's dev.env names it beside the
+    # client's): provisioning is the provisioner's, whatever key the shell holds besides.
+    environ = dict(os.environ)
+    admin = environ.get("JOBMESH_ADMIN_NKEY_FILE")
+    if admin:
+        environ.pop("JOBMESH_NATS_NKEY", None)
+        environ.update({"JOBMESH_NATS_NKEY_FILE": admin, "JOBMESH_NATS_IDENTITY": "provisioner"})
+    settings = Settings.from_env("provision", environ)
     try:
         nc = await nats.connect(
             servers=settings.nats_servers,
@@ -118,13 +125,13 @@ async def run(args: argparse.Namespace) -> int:
     )
     if getattr(args, "services", False):
         for service in PROVISIONED_SERVICES:
-            await _provision_service(service)
+            await _provision_service(service, environ)
         print(
             f"jobmesh: database tables and durable consumers are provisioned ({', '.join(PROVISIONED_SERVICES)})",
             file=sys.stderr,
         )
     for node in getattr(args, "node", []):
-        await _provision_service("executor", {"JOBMESH_NODE_ID": node})
+        await _provision_service("executor", {**environ, "JOBMESH_NODE_ID": node})
         print(f"jobmesh: the dispatch consumer of node {node} is provisioned", file=sys.stderr)
     forget = list(getattr(args, "forget_node", []))
     if forget:
@@ -207,7 +214,7 @@ async def _provision_service(service: str, env: dict[str, str] | None = None) ->
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         # It runs with this command's credentials: the provisioner's.
-        env={**os.environ, **(env or {}), "JOBMESH_NATS_IDENTITY": "provisioner"},
+        env={**(os.environ if env is None else env), "JOBMESH_NATS_IDENTITY": "provisioner"},
     )
     output, _ = await proc.communicate()
     if proc.returncode != 0:
