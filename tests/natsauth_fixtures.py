@@ -19,13 +19,11 @@ from __future__ import annotations
 import asyncio
 import secrets
 import threading
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import nats
-
+from jobmesh.dev.devcluster import wait_key_accepted
 from jobmesh.dev.servers import NatsServer
 from jobmesh.errors import InvalidSpec
 from jobmesh.runtime.commands import AUTH_FILE, issue
@@ -170,7 +168,8 @@ class AuthNats:
             if node not in self._nodes:
                 write_auth(self.credentials, sorted(self._nodes | {node}), self._password)
                 self.server.reload()
-                await self._accepted(node)
+                seed = self.credentials / f"executor-{node}.nk"
+                await wait_key_accepted(self.plain_url, seed, node, timeout=15.0)
                 self._nodes.add(node)
             await provision_main(Settings.from_env("executor", as_provisioner), Tracing.off())
         elif name in PROVISIONED:
@@ -181,23 +180,6 @@ class AuthNats:
                     f"{ISSUED_PARTITIONS} (tests/natsauth_fixtures.py ISSUED_PARTITIONS)"
                 )
             await _service_provision(name)(settings, Tracing.off())
-
-    async def _accepted(self, node: str, timeout: float = 15.0) -> None:
-        """Wait until the reloaded server accepts the new node's key."""
-        seed = str(self.credentials / f"executor-{node}.nk")
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                nc = await nats.connect(
-                    self.plain_url, nkeys_seed=seed, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2
-                )
-            except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.05)  # polling the reload (a deliberate sleep: noqa)
-                continue
-            await nc.close()
-            return
 
 
 def _service_provision(name: str):

@@ -219,6 +219,20 @@ async def test_a_dispatch_of_the_next_attempt_supersedes_the_running_one(harness
     assert isinstance(new, JobSucceeded) and new.attempt == 2
 
 
+async def _run_one(harness, node: str, marker):
+    """Run one sleeping attempt on ``node``'s executor; return its first record, the
+    dispatch and the pid of the attempt's command once it runs."""
+    old = await eventually(lambda: harness.node_record(node), what="the first executor's record")
+    bound = await harness.dispatch(sh(f"echo $$ >> {marker}; exec sleep 30"), node_id=node)
+    await wait_for(harness, bound.job_id, JobStarted, "the attempt to start")
+
+    async def ran():
+        return marker.exists() and marker.read_text().strip()
+
+    pid = int(await eventually(ran, what="the command to run"))
+    return old, bound, pid
+
+
 # --- restart under the same node id --------------------------------------------------------
 async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_it_again(
     harness, nats_server, work_dir, shared_dir
@@ -229,14 +243,7 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
     first = start_executor(nats_server.url, node, work_dir, **settings)
     second = None
     try:
-        old = await eventually(lambda: harness.node_record(node), what="the first executor's record")
-        bound = await harness.dispatch(sh(f"echo $$ >> {marker}; exec sleep 30"), node_id=node)
-        await wait_for(harness, bound.job_id, JobStarted, "the attempt to start")
-
-        async def ran():
-            return marker.exists() and marker.read_text().strip()
-
-        pid = int(await eventually(ran, what="the command to run"))
+        old, bound, pid = await _run_one(harness, node, marker)
         # The fault: kill -9 shortly after the start (a deliberate sleep, not a wait before an assert).
         await asyncio.sleep(0.1)  # the fault's moment (a deliberate sleep: noqa)
         first.kill()
@@ -279,14 +286,7 @@ async def test_an_executor_back_after_its_record_expired_reports_lost_what_its_l
     first = start_executor(nats_server.url, node, work_dir, **settings)
     second = None
     try:
-        await eventually(lambda: harness.node_record(node), what="the first executor's record")
-        bound = await harness.dispatch(sh(f"echo $$ >> {marker}; exec sleep 30"), node_id=node)
-        await wait_for(harness, bound.job_id, JobStarted, "the attempt to start")
-
-        async def ran():
-            return marker.exists() and marker.read_text().strip()
-
-        pid = int(await eventually(ran, what="the command to run"))
+        _old, bound, pid = await _run_one(harness, node, marker)
         first.kill()
         await asyncio.to_thread(first.wait, 10)
         # Its record goes as the node TTL would take it: the new process finds none to read.

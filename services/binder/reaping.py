@@ -31,7 +31,7 @@ from jobmesh.binder.allocations import Allocations
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import Allocation, NodeInfo
 from jobmesh.runtime.nodes import NodeWatcher
-from jobmesh.runtime.provisioning import forget_dispatch
+from jobmesh.runtime.provisioning import forget_dispatch, kv_stream, kv_subject
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -231,15 +231,6 @@ class Reaper:
         if marker and self._nats_side:
             # Purging only up to the marker's sequence keeps any write that follows it.
             await self._js.purge_stream(
-                _kv_stream(subjects.KV_ALLOC), subject=_kv_subject(subjects.KV_ALLOC, node), seq=marker + 1
+                kv_stream(subjects.KV_ALLOC), subject=kv_subject(subjects.KV_ALLOC, node), seq=marker + 1
             )
         return True
-
-
-def _kv_stream(bucket: str) -> str:
-    # JetStream's naming of a KV bucket's stream and subjects (ADR-8).
-    return f"KV_{bucket}"
-
-
-def _kv_subject(bucket: str, key: str) -> str:
-    return f"$KV.{bucket}.{key}"

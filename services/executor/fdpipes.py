@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 READ_SIZE = 64 * 1024
 
 
 class PipeReadTransport(asyncio.ReadTransport):
-    """Feeds ``reader`` (an ``asyncio.StreamReader``) from the read end ``fd``, which it owns.
+    """Feeds ``reader`` from the read end ``fd``, which it owns: an ``asyncio.StreamReader``,
+    or anything with its ``set_transport``, ``feed_data``, ``feed_eof`` and ``set_exception``.
 
     The reader pauses and resumes it as its buffer fills and empties (its own flow
     control); the end of the pipe, or an error reading it, ends the reader and closes ``fd``.
@@ -26,7 +28,7 @@ class PipeReadTransport(asyncio.ReadTransport):
         reader: where the bytes go.
     """
 
-    def __init__(self, fd: int, reader: asyncio.StreamReader) -> None:
+    def __init__(self, fd: int, reader: Any) -> None:
         super().__init__()
         self._loop = asyncio.get_running_loop()
         self._fd = fd
@@ -62,8 +64,7 @@ class PipeReadTransport(asyncio.ReadTransport):
         if data:
             self._reader.feed_data(data)
             return
-        self._reader.feed_eof()
-        self.close()
+        self.close()  # the end of the pipe: the reader sees it there
 
     def is_closing(self) -> bool:
         return self._closed

@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from jobmesh.executor.fdpipes import PipeReadTransport
 from jobmesh.executor.leases import LeaseState
 
 log = logging.getLogger("jobmesh.executor.progress")
@@ -183,57 +184,28 @@ def _unmasked(text: str) -> str:
     return text
 
 
-class ProgressChannel:
-    """The pipe a process job reports progress on: the job gets the write end.
+class _LineSink:
+    """What :class:`~jobmesh.executor.fdpipes.PipeReadTransport` feeds: the pipe's bytes,
+    cut into lines for ``on_line``; ``ended`` is set at the end of the pipe."""
 
-    Use: :meth:`open`, give :attr:`child_fd` to the process (``pass_fds``, and its number in
-    ``JOBMESH_PROGRESS_FD``), call :meth:`spawned` right after the process started (or failed
-    to), and :meth:`close` once it ended.
-
-    The read end is watched with ``loop.add_reader`` and closed here, once. Not with
-    ``loop.connect_read_pipe``: uvloop's pipe transport closes the descriptor through libuv
-    and again through the file object, and a number the kernel handed out in between is
-    someone else's (MagicStack/uvloop#763). Under concurrent attempts that closed another
-    attempt's result file while it was being read.
-
-    Args:
-        on_line: called with every line the job writes.
-    """
-
-    READ_SIZE = 64 * 1024
-
-    def __init__(self, on_line: Callable[[str], None]) -> None:
+    def __init__(self, on_line: Callable[[str], None], ended: asyncio.Future[None]) -> None:
         self._on_line = on_line
-        self._read_fd, self.child_fd = os.pipe()
         self._splitter = LineSplitter()
-        self._loop: asyncio.AbstractEventLoop | None = None  # set while the read end is watched
-        self._closed: asyncio.Future[None] | None = None
+        self._ended = ended
 
-    async def spawned(self) -> None:
-        """Close the parent's copy of the write end and start reading.
+    def set_transport(self, transport: object) -> None:
+        return None  # nothing to pause: lines are applied as they come
 
-        From now on the pipe ends when the job and everything it started have closed it.
-        """
-        os.close(self.child_fd)
-        self.child_fd = -1
-        loop = asyncio.get_running_loop()
-        self._closed = loop.create_future()
-        os.set_blocking(self._read_fd, False)
-        loop.add_reader(self._read_fd, self._readable)
-        self._loop = loop
+    def feed_data(self, data: bytes) -> None:
+        self._deliver(self._splitter.feed(data))
 
-    def _readable(self) -> None:
-        try:
-            data = os.read(self._read_fd, self.READ_SIZE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""  # as good as the end: nothing more comes
-        if data:
-            self._deliver(self._splitter.feed(data))
-            return
-        self._deliver(self._splitter.finish())
-        self._stop_reading()
+    def feed_eof(self) -> None:
+        if not self._ended.done():
+            self._deliver(self._splitter.finish())
+            self._ended.set_result(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        return None  # as good as the end: the transport closes, and feed_eof follows
 
     def _deliver(self, lines: Iterable[str]) -> None:
         for line in lines:
@@ -242,12 +214,37 @@ class ProgressChannel:
             except Exception:  # a reader's bug must not end the reading, nor reach the loop
                 log.exception("a progress line could not be applied")
 
-    def _stop_reading(self) -> None:
-        if self._loop is not None:
-            self._loop.remove_reader(self._read_fd)
-            self._loop = None
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+
+class ProgressChannel:
+    """The pipe a process job reports progress on: the job gets the write end.
+
+    Use: :meth:`open`, give :attr:`child_fd` to the process (``pass_fds``, and its number in
+    ``JOBMESH_PROGRESS_FD``), call :meth:`spawned` right after the process started (or failed
+    to), and :meth:`close` once it ended.
+
+    The read end belongs to a :class:`~jobmesh.executor.fdpipes.PipeReadTransport`, which
+    closes it once (not uvloop's pipe transport, which closes a descriptor twice).
+
+    Args:
+        on_line: called with every line the job writes.
+    """
+
+    def __init__(self, on_line: Callable[[str], None]) -> None:
+        self._on_line = on_line
+        self._read_fd, self.child_fd = os.pipe()
+        self._transport: PipeReadTransport | None = None
+        self._ended: asyncio.Future[None] | None = None
+
+    async def spawned(self) -> None:
+        """Close the parent's copy of the write end and start reading.
+
+        From now on the pipe ends when the job and everything it started have closed it.
+        """
+        os.close(self.child_fd)
+        self.child_fd = -1
+        self._ended = asyncio.get_running_loop().create_future()
+        self._transport = PipeReadTransport(self._read_fd, _LineSink(self._on_line, self._ended))
+        self._read_fd = -1  # the transport's now
 
     async def close(self, grace: float = 0.5) -> None:
         """Read what the job still wrote (up to ``grace`` seconds), then close the pipe.
@@ -259,12 +256,14 @@ class ProgressChannel:
         if self.child_fd >= 0:  # the process never started
             os.close(self.child_fd)
             self.child_fd = -1
-        if self._closed is not None and not self._closed.done():
-            try:
-                await asyncio.wait_for(asyncio.shield(self._closed), grace)
-            except TimeoutError:
-                pass
-        self._stop_reading()
         if self._read_fd >= 0:
             os.close(self._read_fd)
             self._read_fd = -1
+        if self._ended is not None and not self._ended.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._ended), grace)
+            except TimeoutError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None

@@ -457,14 +457,14 @@ def add_node(node_id: str, timeout: float = 30.0) -> int:
     rows = issue(credentials, [node_id], Settings.from_env("provision").partitions)
     seed = next(Path(row["seed_file"]) for row in rows if row["identity"] == f"executor-{node_id}")
     os.kill(int(NATS_PID_FILE.read_text()), signal.SIGHUP)
-    asyncio.run(_wait_key_accepted(env["JOBMESH_NATS_URL"], seed, node_id, timeout))
+    asyncio.run(wait_key_accepted(env["JOBMESH_NATS_URL"], seed, node_id, timeout))
     provision_as_provisioner(env["JOBMESH_NATS_URL"], env["JOBMESH_DATABASE_URL"], credentials, [node_id])
     _say(f"node {node_id} may join: start its executor with JOBMESH_NODE_ID={node_id} and")
     print(f"JOBMESH_NATS_NKEY_FILE={seed}")
     return 0
 
 
-async def _wait_key_accepted(url: str, seed: Path, node_id: str, timeout: float) -> None:
+async def wait_key_accepted(url: str, seed: Path, node_id: str, timeout: float) -> None:
     """Connect with the new key until the reloaded server accepts it (a reload is not
     instant), or raise ``Unavailable``."""
     import nats

@@ -23,7 +23,7 @@ import nats
 from jobmesh.contract import permissions
 from jobmesh.errors import InvalidSpec, Unavailable
 from jobmesh.runtime import natsauth
-from jobmesh.runtime.provisioning import forget_dispatch, provision
+from jobmesh.runtime.provisioning import forget_dispatch, kv_stream, kv_subject, provision
 from jobmesh.runtime.settings import Settings
 
 
@@ -190,7 +190,7 @@ async def forget_node(js: Any, node_id: str) -> bool:
                 f"--forget-node: node {node_id} holds {len(held)} reservations: they are released as their attempts end",
             )
     # The record, and the delete marker a binder's reaper left of it: nothing of the node stays.
-    await js.purge_stream(f"KV_{subjects.KV_ALLOC}", subject=f"$KV.{subjects.KV_ALLOC}.{node_id}")
+    await js.purge_stream(kv_stream(subjects.KV_ALLOC), subject=kv_subject(subjects.KV_ALLOC, node_id))
     return await forget_dispatch(js, node_id, up_to=last)
 
 

@@ -156,7 +156,7 @@ def provisioned_streams() -> list[str]:
     """The JetStream stream behind every stream, KV bucket and object store jobmesh uses."""
     return (
         [spec.name for spec in streams.STREAMS]
-        + [f"KV_{bucket.name}" for bucket in streams.BUCKETS]
+        + [kv_stream(bucket.name) for bucket in streams.BUCKETS]
         + [f"OBJ_{store.name}" for store in streams.OBJECT_STORES]
     )
 
@@ -247,6 +247,16 @@ async def ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerCon
             alone, because recreating it would lose its position in the stream.
     """
     await js.add_consumer(stream, config)
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind KV bucket ``bucket`` (JetStream's naming, ADR-8)."""
+    return f"KV_{bucket}"
+
+
+def kv_subject(bucket: str, key: str) -> str:
+    """The subject of ``key`` in KV bucket ``bucket`` (JetStream's naming, ADR-8)."""
+    return f"$KV.{bucket}.{key}"
 
 
 async def forget_dispatch(js: JetStreamContext, node_id: str, up_to: int | None = None) -> bool:
