@@ -317,3 +317,50 @@ def test_queue_stats_count_jobs_a_queue_gate_holds_back():
     b.plan(0, anywhere)  # a is out; b and c wait behind the cap
     assert b.stats(0)["default"]["reasons"] == {"queue default at its in-flight cap of 1": 2}
     assert b.stats()["default"]["reasons"] == {}  # without a time, gates are not judged
+
+
+def test_a_queue_refused_for_want_of_room_releases_only_as_its_attempts_end():
+    # Room for 4: all 10 go out once, 6 come back refused. From then on the queue has at
+    # most 4 out; one that ends lets exactly one more go (no storm of refusals).
+    b = Backlog()
+    for i in range(10):
+        b.add(job(f"w{i}"), now=0)
+    out = b.plan(0, anywhere)
+    assert len(out) == 10
+    for d in out[4:]:
+        assert b.room_wanted(d.job.job_id, 1, d.job.releases, "no free capacity on candidate nodes", now=0)
+    waiting = [d.job.job_id for d in out[4:]]
+    b.retry_rooms_now(0.5, finished=3)  # as if three had ended: all six refused wake up
+    assert ids(b.plan(0.5, anywhere)) == []  # ...but the queue still has 4 out
+    assert "no free capacity" in b.explain(waiting[0], 0.5)
+    assert b.finish(out[0].job.job_id, 1, 0.6)
+    assert len(ids(b.plan(0.6, anywhere))) == 1  # one ended: one more
+
+
+def test_the_room_window_probes_for_room_others_freed_and_opens_after_a_quiet_while():
+    b = Backlog()
+    for i in range(12):
+        b.add(job(f"p{i}"), now=0)
+    out = b.plan(0, anywhere)
+    for d in out[8:]:
+        assert b.room_wanted(d.job.job_id, 1, d.job.releases, "no free capacity on candidate nodes", now=0)
+    b.retry_rooms_now(0.0, finished=2)  # all four back to ready
+    assert ids(b.plan(0.5, anywhere)) == []
+    assert b.next_token(0.5) == 1.0  # the window grows by 8 // 4 = 2 after a second
+    assert len(ids(b.plan(1.0, anywhere))) == 2
+    # A refusal of one of those probes sets the window back to what is out.
+    [probe, _other] = [d for d in out if b.jobs[d.job.job_id].where == RELEASED][-2:]
+    assert b.room_wanted(probe.job.job_id, 1, probe.job.releases, "no free capacity on candidate nodes", now=1.2)
+    b.retry_rooms_now(1.2, finished=1)
+    assert ids(b.plan(1.5, anywhere)) == []
+    assert len(ids(b.plan(31.2, anywhere))) == 3  # 30 s without a refusal: unbounded
+
+
+def test_a_refusal_for_another_reason_leaves_the_window_open():
+    b = Backlog()
+    for i in range(3):
+        b.add(job(f"o{i}"), now=0)
+    out = b.plan(0, anywhere)
+    assert b.room_wanted(out[0].job.job_id, 1, out[0].job.releases, "lost every reservation race this round", now=0)
+    b.retry_rooms_now(0.0, finished=1)
+    assert ids(b.plan(0.0, anywhere)) == [out[0].job.job_id]

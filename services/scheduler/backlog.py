@@ -9,7 +9,8 @@ A pending job is in exactly one place, and only jobs that could start now are in
 - group: behind an earlier job of the same sequential group (a list in submission order);
 - key: its concurrency key is at its limit (a heap per key, woken when a job of the key ends);
 - parked: no registered node fits (by reason; looked at again when the node set changes);
-- room: the binder found its candidates full (retried after a short delay);
+- room: the binder found its candidates full (retried after a short delay; meanwhile the
+  queue's room window, ``roomwindow``, bounds what it has out);
 - deps: waiting for the jobs it depends on to end (indexed by the job waited for, so an
   ending wakes exactly its waiters); a mapped step waits here for its items too;
 - expand: a mapped step whose dependencies are met, until the scheduler has read its list
@@ -42,6 +43,7 @@ from jobmesh.scheduler.dependencies import satisfied, skip_reason, waiting_reaso
 from jobmesh.scheduler.fairshare import Rotation, Shares
 from jobmesh.scheduler.placement import signature
 from jobmesh.scheduler.ratelimit import TokenBucket
+from jobmesh.scheduler.roomwindow import FULL, RoomWindow
 
 READY, TIMER, GROUP, KEY, PARKED, ROOM, RELEASED, GONE, DEPS, EXPAND = (
     "ready",
@@ -236,6 +238,7 @@ class QueueState:
         self.groups: dict[str, _Group] = {}
         self.config = config
         self.bucket: TokenBucket | None = None
+        self.room = RoomWindow()  # bounds what is out once the binder found no room
         self.configure(config, now)
 
     def configure(self, config: QueueConfig, now: float) -> None:
@@ -248,6 +251,8 @@ class QueueState:
             return f"queue {self.name} at its in-flight cap of {self.config.max_in_flight}"
         if self.bucket is not None and not self.bucket.available(now):
             return f"queue {self.name} rate limit of {self.config.rate:g}/s"
+        if self.in_flight >= self.room.limit(now):
+            return f"queue {self.name}: the binder found no free capacity; {self.in_flight} out, more as they end"
         return ""
 
 
@@ -652,6 +657,10 @@ class Backlog:
             and q.bucket is not None
             and not (q.config.max_in_flight and q.in_flight >= q.config.max_in_flight)
         ]
+        # A queue held by its room window opens by time too (its own finishes kick anyway).
+        times.extend(
+            at for q in self.queues.values() if q.ready and (at := q.room.opens_at(q.in_flight, now)) is not None
+        )
         return min(times) if times else None
 
     # --- outcomes --------------------------------------------------------------------
@@ -699,6 +708,8 @@ class Backlog:
         q.pending_by_tenant[job.tenant] = q.pending_by_tenant.get(job.tenant, 0) + 1
         job.where = ROOM
         job.reason = reason
+        if reason.startswith(FULL):
+            q.room.refused(q.in_flight, now)
         # Back off: a job that keeps finding its candidates full is not sent back and forth
         # every second; each refusal doubles the wait (about 1 s ... 30 s, jittered per job
         # so that jobs refused together do not all come back together).

@@ -439,7 +439,7 @@ async def _read_records(db_url: str, ids: list[str]):
         await conn.close()
 
 
-async def _write_evidence(db_url: str, report: Report, path: Path) -> None:
+async def _write_evidence(db_url: str, report: Report, path: Path, js=None) -> None:
     """The tracker's attempts and events of every sampled job, for digging once the
     database is gone (the run drops it)."""
     ids = sorted({case.split()[0] for cases in report.samples.values() for case in cases if len(case.split()[0]) == 32})
@@ -449,13 +449,75 @@ async def _write_evidence(db_url: str, report: Report, path: Path) -> None:
         for job_id in ids:
             attempts = await conn.fetch("SELECT * FROM tracker.attempts WHERE job_id = $1 ORDER BY attempt", job_id)
             events = await conn.fetch("SELECT * FROM tracker.events WHERE job_id = $1 ORDER BY at", job_id)
+            backlog = await conn.fetch(
+                "SELECT partition, state, attempt, releases, reason, outcome, updated_at, retry"
+                " FROM scheduler.backlog WHERE job_id = $1",
+                job_id,
+            )
             evidence[job_id] = {
                 "attempts": [dict(r) for r in attempts],
                 "events": [dict(r) for r in events],
+                "scheduler": [dict(r) for r in backlog],
+                "messages": [],
             }
     finally:
         await conn.close()
+    if js is not None and evidence:
+        # Every message of these jobs in JM_JOBS and JM_DISPATCH, with its sequence, time
+        # and message id: which release went out, which was refused, which was bound.
+        for stream, subject in (
+            (subjects.STREAM_JOBS, subjects.JOBS_ALL),
+            (subjects.STREAM_DISPATCH, subjects.DISPATCH_ALL),
+        ):
+            with contextlib.suppress(Exception):
+                for seq, when, subj, msg_id, body in await _stream_messages(js, stream, subject, set(evidence)):
+                    evidence[body["job_id"]]["messages"].append(
+                        {"stream": stream, "seq": seq, "at": when, "subject": subj, "msg_id": msg_id, "body": body}
+                    )
     await asyncio.to_thread(path.write_text, json.dumps(evidence, indent=1, default=str))
+
+
+class _Keyed(msgspec.Struct):
+    job_id: str = ""
+
+
+async def _stream_messages(js, stream: str, subject: str, ids: set[str], limit: float = 300.0) -> list:
+    """The messages of ``stream`` about the jobs ``ids`` (read once, front to back, in
+    batches by an ephemeral pull consumer that acks nothing; at most ``limit`` seconds)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+    info = await js.stream_info(stream)
+    last = info.state.last_seq
+    found: list[tuple[int, object, str, str, dict]] = []
+    if last == 0:
+        return found
+    sub = await js.pull_subscribe(
+        subject,
+        stream=stream,
+        config=ConsumerConfig(ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=60.0),
+    )
+    deadline = time.time() + limit
+    try:
+        while time.time() < deadline:
+            try:
+                msgs = await sub.fetch(2000, timeout=5.0)
+            except nats.errors.TimeoutError:
+                break
+            for msg in msgs:
+                with contextlib.suppress(msgspec.DecodeError):
+                    keyed = msgspec.json.decode(msg.data, type=_Keyed)
+                    if keyed.job_id in ids:
+                        body = msgspec.json.decode(msg.data)
+                        body.pop("spec", None)
+                        meta = msg.metadata
+                        msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+                        found.append((meta.sequence.stream, meta.timestamp, msg.subject, msg_id, body))
+            if msgs and msgs[-1].metadata.sequence.stream >= last:
+                break
+    finally:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()
+    return found
 
 
 def read_runs(path: Path) -> Counter[tuple[str, int]]:
@@ -563,7 +625,7 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
         if run.submit_errors:
             report.samples["submit_retries"] = [f"{k} {v}" for k, v in run.submit_errors.most_common()]
         if report.problems:
-            await _write_evidence(db_url, report, tmp / "evidence.json")
+            await _write_evidence(db_url, report, tmp / "evidence.json", js)
         return report
     finally:
         await sup.stop_watching()
