@@ -19,12 +19,14 @@ from jobmesh.contract.messages.v1 import (
     JobSpec,
     JobSubmitted,
     JobSucceeded,
+    JobUnplaceable,
     MapSpec,
     NoopRuntime,
     QueueConfig,
     StepRef,
     Timeouts,
 )
+from jobmesh.errors import Unavailable
 from jobmesh.runtime.db import connect_pool
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
@@ -273,3 +275,32 @@ async def test_an_object_store_timeout_while_expanding_retries_the_step_and_the_
         return [m.job_id for m in pub.of(JobSubmitted)] == ITEMS
 
     await eventually(expanded_later, timeout=10, what="the step to be expanded on its retry")
+
+
+async def test_a_batch_that_reaches_a_given_up_partition_is_left_to_its_next_owner(pool):
+    # Owner A pulled the binder's refusal just before giving the partition up; its batch
+    # reaches the partition's lock only after A quiesced and B loaded the job as released.
+    # A must not apply (and ack) it: B would then wait for an answer that never comes.
+    clock = Clock()
+    pub_a = Publisher()
+    a = partition(pool, pub_a, clock)
+    await a.load()
+    await a.handle([env(submitted("r"))])
+    [ready] = pub_a.of(JobReady)
+    await a.quiesce()
+    b = partition(pool, Publisher(), clock)
+    await b.load()
+    refusal = JobUnplaceable(
+        job_id="r", attempt=1, partition=0, reason="no free capacity on candidate nodes", at=1000.0,
+        release=ready.release,
+    )  # fmt: skip
+    with pytest.raises(Unavailable, match="given up"):
+        await a.handle([env(refusal)])
+    with pytest.raises(Unavailable, match="given up"):
+        await a.cancel(CancelRequest(job_id="r"))
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT state FROM backlog WHERE job_id = 'r'") == "released"
+    await b.handle([env(refusal)])  # redelivered to the new owner, which takes it
+    assert b.backlog.jobs["r"].where == "room"
+    async with pool.acquire() as conn:
+        assert await conn.fetchval("SELECT state FROM backlog WHERE job_id = 'r'") == "pending"

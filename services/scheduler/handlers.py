@@ -49,6 +49,7 @@ from jobmesh.contract.messages.v1 import (
     NodeInfo,
     TerminalEvent,
 )
+from jobmesh.errors import Unavailable
 from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import translated
 from jobmesh.runtime.fencing import binding_fence
@@ -217,6 +218,10 @@ class PartitionScheduler:
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()
         self._dirty = False
+        # Set once the partition is given up (quiesce): a batch this process pulled before
+        # that, and that reaches the lock only after it, must not be applied (its next
+        # owner may have loaded the backlog already, and would never see the batch).
+        self._closed = False
         self._nodes_key: object = None
 
     def _new_backlog(self) -> Backlog:
@@ -290,7 +295,11 @@ class PartitionScheduler:
         """Wait until the batch, round or cancel in hand has finished (the partition is
         being given up: nothing may commit after its next owner loaded it)."""
         async with self._lock:
-            pass
+            self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable(f"partition {self.partition} was given up: its next owner takes this")
 
     def kick(self) -> None:
         """Ask the planner to look at the backlog again."""
@@ -315,6 +324,7 @@ class PartitionScheduler:
         """
         outcomes: list[Outcome] | None = None
         async with self._lock:
+            self._check_open()
             if self._dirty:
                 async with translated("reloading the backlog"):
                     await self.load()
@@ -601,6 +611,7 @@ class PartitionScheduler:
     async def cancel(self, request: CancelRequest) -> CancelReply:
         """Cancel a job of this partition: at once if it is held, else stop its attempt."""
         async with self._lock:
+            self._check_open()
             job = self.backlog.jobs.get(request.job_id)
             if job is None:
                 return CancelReply(
@@ -926,6 +937,8 @@ class PartitionScheduler:
             try:
                 await self._catch_up_leases()
                 async with self._lock:
+                    if self._closed:
+                        return
                     if self._dirty:
                         await self.load()
                     now = self._clock()
