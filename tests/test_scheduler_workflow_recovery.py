@@ -7,6 +7,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for, map_item_key
 from jobmesh.contract.messages.v1 import (
     CancelRequest,
@@ -15,6 +16,7 @@ from jobmesh.contract.messages.v1 import (
     JobCancelled,
     JobExpired,
     JobGaveUp,
+    JobLost,
     JobReady,
     JobSpec,
     JobSubmitted,
@@ -23,6 +25,7 @@ from jobmesh.contract.messages.v1 import (
     MapSpec,
     NoopRuntime,
     QueueConfig,
+    RetryPolicy,
     StepRef,
     Timeouts,
 )
@@ -304,3 +307,72 @@ async def test_a_batch_that_reaches_a_given_up_partition_is_left_to_its_next_own
     assert b.backlog.jobs["r"].where == "room"
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT state FROM backlog WHERE job_id = 'r'") == "pending"
+
+
+class Through:
+    """processed_through as a test sets it: until when the partition's events are handled."""
+
+    def __init__(self) -> None:
+        self.at = float("-inf")
+
+    async def __call__(self) -> float:
+        return self.at
+
+
+async def lease_round(part: PartitionScheduler, pool, now: float) -> None:
+    """One planning round with its lease check, as the partition's planner runs it."""
+    await part._catch_up_leases()
+    rnd = Round(now)
+    part._check_leases(rnd)
+    async with pool.acquire() as conn, conn.transaction():
+        await part._publish_and_record(conn, part._plan(now), rnd)
+
+
+def node_env(message, kind: str) -> Envelope:
+    return Envelope(message=message, subject=subjects.node_event(0, kind, "n1"), headers={}, context=None)
+
+
+async def restarted_executor_case(pool):
+    clock, mono, through = Clock(), Clock(), Through()
+    pub = Publisher()
+    part = PartitionScheduler(
+        0, pool, pub, Placements(), Config(), Tracing.off(), clock=clock, monotonic=mono, partitions=1,
+        processed_through=through,
+    )  # fmt: skip
+    await part.load()
+    await part.handle([env(submitted("j", retry=RetryPolicy(max_attempts=2, backoff=0.5)))])
+    assert [m.job_id for m in pub.of(JobReady)] == ["j"]
+    lost = JobLost(
+        job_id="j", attempt=1, partition=0, node_id="n1", at=1000.5,
+        reason="executor restarted; the attempt was not running any more",
+    )  # fmt: skip
+    await part.handle([node_env(lost, subjects.LOST)])
+    return part, pub, clock, mono, through
+
+
+async def test_a_restarted_executors_loss_waits_for_the_events_stored_before_it(pool):
+    # The old executor published "j succeeded" and died before its record said so; the new
+    # one reports j lost. The success is redelivered after the loss (its batch was retried):
+    # the loss waits while an earlier event is unhandled, and the success wins.
+    part, pub, clock, mono, through = await restarted_executor_case(pool)
+    clock.now, mono.now = 1001.0, 1001.0
+    await lease_round(part, pool, clock.now)
+    assert part.backlog.jobs["j"].attempt == 1 and pub.of(JobLost) == []  # not taken yet
+    await part.handle([node_env(succeeded("j"), subjects.SUCCEEDED)])
+    through.at = float("inf")
+    clock.now, mono.now = 1002.0, 1002.0
+    await lease_round(part, pool, clock.now)
+    assert "j" not in part.backlog.jobs and pub.of(JobLost) == []
+    async with pool.acquire() as conn:
+        row = await conn.fetchrow("SELECT state, outcome, attempt FROM backlog WHERE job_id = 'j'")
+    assert dict(row) == {"state": "done", "outcome": "succeeded", "attempt": 1}
+
+
+async def test_a_restarted_executors_loss_is_taken_once_everything_before_it_is_handled(pool):
+    part, pub, clock, mono, through = await restarted_executor_case(pool)
+    through.at = float("inf")
+    clock.now, mono.now = 1001.0, 1001.0
+    await lease_round(part, pool, clock.now)
+    assert part.backlog.jobs["j"].attempt == 2  # retried, as the policy says
+    [loss] = pub.of(JobLost)
+    assert loss.reason.startswith("executor restarted")

@@ -333,6 +333,7 @@ class PartitionScheduler:
             submits: list[Envelope] = []
             finished: list[TerminalEvent] = []
             refused: list[JobUnplaceable] = []
+            reported: list[JobLost] = []
             # Messages between partitions (and from the trigger) about dependencies: rare.
             watches: list[DependencyWatch] = []
             told: list[DependencyEnded] = []
@@ -348,6 +349,9 @@ class PartitionScheduler:
                     if fenced is not None:
                         outcomes = outcomes or [ACK] * len(batch)
                         outcomes[n] = fenced
+                        continue
+                    if isinstance(message, JobLost) and subjects.node_of_event(env.subject) is not None:
+                        reported.append(message)  # a restarted executor's word: see _reported_lost
                         continue
                     finished.append(message)
                 elif isinstance(message, JobUnplaceable):
@@ -389,6 +393,8 @@ class PartitionScheduler:
                         await self._children_added(conn, added)
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
+                    for lost in reported:
+                        self._reported_lost(lost, rnd, contexts.get(lost.job_id))
                     for r in refused:
                         self._refused(r, rnd, contexts.get(r.job_id))
                     self._check_leases(rnd)
@@ -458,6 +464,18 @@ class PartitionScheduler:
                 rnd.changes.add(event.job_id, "done", outcome=outcome)
                 rnd.end(event.job_id, outcome)
             rnd.ended += 1
+
+    def _reported_lost(self, event: JobLost, rnd: Round, context: Context | None) -> None:
+        """An executor that restarted says an attempt of its old process is not running.
+
+        The old process may have published the attempt's end just before it died, and that
+        event may reach this consumer after the JobLost (a batch retried in an outage, or
+        handed to the next owner, is redelivered after later messages). So the loss is
+        taken as a lease's is, only once every event stored before it is handled
+        (:meth:`_check_leases`); an end that comes first finishes the attempt instead.
+        """
+        if not self.leases.reported_lost(event.job_id, event.attempt, event.node_id, event.reason, self._monotonic()):
+            self._attempt_ended(event, rnd, context)
 
     def _failed(
         self,
