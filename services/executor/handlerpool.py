@@ -22,8 +22,11 @@ How a job ends:
   (``ctx.cancelled``), killed with its whole process group after ``kill_grace`` seconds,
   and the attempt fails ``timeout`` or with the abort's reason.
 
-After every failure but ``input_invalid`` and ``handler_missing`` the worker is killed and
-a fresh one started in its place: a handler that failed may have left its model broken.
+After a crash, a timeout or an abort the worker is killed and a fresh one started in its
+place: it may be wedged or half way through something. After a raise (``handler_failed``),
+``input_invalid`` and ``handler_missing`` it serves the next job: the exception unwound in
+a healthy process, and a handler that can leave its state broken should catch that itself
+(or exit, ``os._exit``, to be replaced).
 
 The worker's stdout and stderr are the current job's log lines (lines between jobs go to
 the executor's log). How workers are started is injectable (``spawn``): the executor passes
@@ -65,8 +68,12 @@ INPUT_INVALID: FailureCode = "input_invalid"
 HANDLER_FAILED: FailureCode = "handler_failed"
 HANDLER_CRASHED: FailureCode = "handler_crashed"
 HANDLER_MISSING: FailureCode = "handler_missing"
-# Failures after which the worker is kept: the handler's code never ran.
-_KEEPS_WORKER = frozenset({INPUT_INVALID, HANDLER_MISSING})
+# Failures after which the worker is kept: the handler's code never ran, or it raised (or
+# returned output of the wrong type) and the exception unwound in a healthy worker, which
+# serves on as Celery's and RQ's workers do. Each replacement is a new sandboxed Python
+# process: in make chaos, one per failed attempt kept bwrap and Python start-ups running
+# all the time (seen in top, not measured).
+_KEEPS_WORKER = frozenset({INPUT_INVALID, HANDLER_MISSING, HANDLER_FAILED})
 # How often a job whose worker died before accepting it goes to another worker.
 MAX_HANDOFFS = 1
 # The executor's variables a worker keeps: enough to find Python, its packages and a locale.
