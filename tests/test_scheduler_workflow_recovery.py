@@ -31,10 +31,11 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.errors import Unavailable
 from jobmesh.runtime.db import connect_pool
+from jobmesh.runtime.outcomes import Retry
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
-from jobmesh.scheduler.handlers import PartitionScheduler, Round
+from jobmesh.scheduler.handlers import LOST_PATIENCE, PartitionScheduler, Round
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -309,70 +310,62 @@ async def test_a_batch_that_reaches_a_given_up_partition_is_left_to_its_next_own
         assert await conn.fetchval("SELECT state FROM backlog WHERE job_id = 'r'") == "pending"
 
 
-class Through:
-    """processed_through as a test sets it: until when the partition's events are handled."""
+class Pending:
+    """ack_pending as a test sets it: the partition's delivered, unacked events."""
 
-    def __init__(self) -> None:
-        self.at = float("-inf")
+    def __init__(self, count: int) -> None:
+        self.count = count
 
-    async def __call__(self) -> float:
-        return self.at
-
-
-async def lease_round(part: PartitionScheduler, pool, now: float) -> None:
-    """One planning round with its lease check, as the partition's planner runs it."""
-    await part._catch_up_leases()
-    rnd = Round(now)
-    part._check_leases(rnd)
-    async with pool.acquire() as conn, conn.transaction():
-        await part._publish_and_record(conn, part._plan(now), rnd)
+    async def __call__(self) -> int:
+        return self.count
 
 
 def node_env(message, kind: str) -> Envelope:
     return Envelope(message=message, subject=subjects.node_event(0, kind, "n1"), headers={}, context=None)
 
 
-async def restarted_executor_case(pool):
-    clock, mono, through = Clock(), Clock(), Through()
+LOST = JobLost(
+    job_id="j", attempt=1, partition=0, node_id="n1", at=1000.5,
+    reason="executor restarted; the attempt was not running any more",
+)  # fmt: skip
+
+
+async def released_job(pool, pending: Pending):
     pub = Publisher()
     part = PartitionScheduler(
-        0, pool, pub, Placements(), Config(), Tracing.off(), clock=clock, monotonic=mono, partitions=1,
-        processed_through=through,
+        0, pool, pub, Placements(), Config(), Tracing.off(), clock=Clock(), partitions=1, ack_pending=pending,
     )  # fmt: skip
     await part.load()
     await part.handle([env(submitted("j", retry=RetryPolicy(max_attempts=2, backoff=0.5)))])
     assert [m.job_id for m in pub.of(JobReady)] == ["j"]
-    lost = JobLost(
-        job_id="j", attempt=1, partition=0, node_id="n1", at=1000.5,
-        reason="executor restarted; the attempt was not running any more",
-    )  # fmt: skip
-    await part.handle([node_env(lost, subjects.LOST)])
-    return part, pub, clock, mono, through
+    return part
 
 
-async def test_a_restarted_executors_loss_waits_for_the_events_stored_before_it(pool):
+async def test_a_restarted_executors_loss_waits_while_earlier_events_are_unhandled(pool):
     # The old executor published "j succeeded" and died before its record said so; the new
-    # one reports j lost. The success is redelivered after the loss (its batch was retried):
-    # the loss waits while an earlier event is unhandled, and the success wins.
-    part, pub, clock, mono, through = await restarted_executor_case(pool)
-    clock.now, mono.now = 1001.0, 1001.0
-    await lease_round(part, pool, clock.now)
-    assert part.backlog.jobs["j"].attempt == 1 and pub.of(JobLost) == []  # not taken yet
+    # one reports j lost. The success waits for its redelivery (its batch was retried), so
+    # two events are outstanding: the loss goes back, and the success wins.
+    pending = Pending(2)
+    part = await released_job(pool, pending)
+    [outcome] = await part.handle([node_env(LOST, subjects.LOST)])
+    assert isinstance(outcome, Retry) and "not handled yet" in outcome.reason
+    assert part.backlog.jobs["j"].attempt == 1
     await part.handle([node_env(succeeded("j"), subjects.SUCCEEDED)])
-    through.at = float("inf")
-    clock.now, mono.now = 1002.0, 1002.0
-    await lease_round(part, pool, clock.now)
-    assert "j" not in part.backlog.jobs and pub.of(JobLost) == []
+    pending.count = 1
+    assert await part.handle([node_env(LOST, subjects.LOST)]) is None  # redelivered: stale now
     async with pool.acquire() as conn:
         row = await conn.fetchrow("SELECT state, outcome, attempt FROM backlog WHERE job_id = 'j'")
     assert dict(row) == {"state": "done", "outcome": "succeeded", "attempt": 1}
 
 
-async def test_a_restarted_executors_loss_is_taken_once_everything_before_it_is_handled(pool):
-    part, pub, clock, mono, through = await restarted_executor_case(pool)
-    through.at = float("inf")
-    clock.now, mono.now = 1001.0, 1001.0
-    await lease_round(part, pool, clock.now)
+async def test_a_restarted_executors_loss_is_applied_at_once_when_nothing_else_is_outstanding(pool):
+    part = await released_job(pool, Pending(1))
+    assert await part.handle([node_env(LOST, subjects.LOST)]) is None
     assert part.backlog.jobs["j"].attempt == 2  # retried, as the policy says
-    [loss] = pub.of(JobLost)
-    assert loss.reason.startswith("executor restarted")
+
+
+async def test_a_restarted_executors_loss_waits_only_so_many_deliveries(pool, monkeypatch):
+    part = await released_job(pool, Pending(5))
+    monkeypatch.setattr(Envelope, "deliveries", property(lambda self: LOST_PATIENCE))
+    assert await part.handle([node_env(LOST, subjects.LOST)]) is None
+    assert part.backlog.jobs["j"].attempt == 2

@@ -144,22 +144,6 @@ class AttemptLeases:
                 )
                 self.forget(job_id)
 
-    def reported_lost(self, job_id: str, attempt: int, node_id: str, reason: str, at: float) -> bool:
-        """A restarted executor reported the attempt lost (its ``JobLost``, handled at
-        ``at``): file the loss to be taken like one a record showed, once everything stored
-        before it is handled. The old process may have published the attempt's end just
-        before it died; if that end waits in the consumer (redelivered later), it must win.
-
-        Returns:
-            False when no lease of that attempt is held (the caller decides at once).
-        """
-        lease = self.leases.get(job_id)
-        if lease is None or lease.attempt != attempt:
-            return False
-        self._pending.append((at, Expiry(job_id, attempt, "lost", node_id, reason, lease, True)))
-        self.forget(job_id)
-        return True
-
     def expired(self, now: float) -> list[Expiry]:
         """The leases that ran out by ``now`` (and those a record showed lost by ``now``),
         once each. A caller that may act only on what happened before some time passes that

@@ -54,7 +54,7 @@ from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import translated
 from jobmesh.runtime.fencing import binding_fence
 from jobmesh.runtime.nodes import NodeWatcher
-from jobmesh.runtime.outcomes import ACK, Outcome
+from jobmesh.runtime.outcomes import ACK, Outcome, Retry
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing, record_lost_attempt
@@ -88,6 +88,10 @@ _encode_submitted = msgspec.json.Encoder().encode
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
 # A lease is due but the partition's events are not processed that far: ask again this soon.
 LEASE_CATCH_UP_RETRY = 0.25
+# A restarted executor's JobLost waits this long per delivery, at most this many times,
+# for events stored before it (see PartitionScheduler._earlier_unhandled).
+LOST_WAIT = 1.0
+LOST_PATIENCE = 5
 
 
 class Placements:
@@ -182,7 +186,11 @@ class PartitionScheduler:
         results: Results | None = None,
         metrics: SchedulerMetrics | None = None,
         processed_through: Callable[[], Awaitable[float]] | None = None,
+        ack_pending: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
+        # How many of the partition's events are delivered and not acked (-1: unknown);
+        # None: not asked (tests). See _earlier_unhandled.
+        self._ack_pending = ack_pending
         # How far this partition's own events are processed (unix time: every event stored
         # before it has been handled and acked; inf when none is outstanding). A lease is
         # declared run out only for a deadline before that: an attempt's JobSucceeded may
@@ -323,6 +331,7 @@ class PartitionScheduler:
             fenced off (:meth:`_fenced`): that one is retried or dead-lettered, unapplied.
         """
         outcomes: list[Outcome] | None = None
+        earlier_unhandled = await self._earlier_unhandled(batch)
         async with self._lock:
             self._check_open()
             if self._dirty:
@@ -351,7 +360,11 @@ class PartitionScheduler:
                         outcomes[n] = fenced
                         continue
                     if isinstance(message, JobLost) and subjects.node_of_event(env.subject) is not None:
-                        reported.append(message)  # a restarted executor's word: see _reported_lost
+                        if earlier_unhandled and env.deliveries < LOST_PATIENCE:
+                            outcomes = outcomes or [ACK] * len(batch)
+                            outcomes[n] = Retry(LOST_WAIT, "events stored before it are not handled yet")
+                        else:
+                            reported.append(message)
                         continue
                     finished.append(message)
                 elif isinstance(message, JobUnplaceable):
@@ -394,7 +407,7 @@ class PartitionScheduler:
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
                     for lost in reported:
-                        self._reported_lost(lost, rnd, contexts.get(lost.job_id))
+                        self._attempt_ended(lost, rnd, contexts.get(lost.job_id))
                     for r in refused:
                         self._refused(r, rnd, contexts.get(r.job_id))
                     self._check_leases(rnd)
@@ -413,6 +426,26 @@ class PartitionScheduler:
             ):
                 self.kick()
         return outcomes
+
+    async def _earlier_unhandled(self, batch: list[Envelope]) -> bool:
+        """Whether events other than this batch wait unacked in the partition's consumer,
+        asked only for a batch with a restarted executor's JobLost (rare).
+
+        Such a loss is applied only once nothing else is outstanding: the executor's old
+        process may have published the attempt's end just before it died, and that end may
+        be waiting for its redelivery (its batch was retried in an outage, or handed to the
+        next owner) behind the JobLost. Applied first, the loss would run the attempt again
+        and end the job twice. The JobLost waits (``LOST_WAIT``) at most ``LOST_PATIENCE``
+        deliveries, so two losses that each see the other outstanding still go through.
+        """
+        if self._ack_pending is None:
+            return False
+        if not any(
+            isinstance(env.message, JobLost) and subjects.node_of_event(env.subject) is not None for env in batch
+        ):
+            return False
+        pending = await self._ack_pending()
+        return pending < 0 or pending > len(batch)
 
     def _fenced(self, env: Envelope) -> Outcome | None:
         """The fate of an executor's ending for an attempt whose lease names another node.
@@ -464,18 +497,6 @@ class PartitionScheduler:
                 rnd.changes.add(event.job_id, "done", outcome=outcome)
                 rnd.end(event.job_id, outcome)
             rnd.ended += 1
-
-    def _reported_lost(self, event: JobLost, rnd: Round, context: Context | None) -> None:
-        """An executor that restarted says an attempt of its old process is not running.
-
-        The old process may have published the attempt's end just before it died, and that
-        event may reach this consumer after the JobLost (a batch retried in an outage, or
-        handed to the next owner, is redelivered after later messages). So the loss is
-        taken as a lease's is, only once every event stored before it is handled
-        (:meth:`_check_leases`); an end that comes first finishes the attempt instead.
-        """
-        if not self.leases.reported_lost(event.job_id, event.attempt, event.node_id, event.reason, self._monotonic()):
-            self._attempt_ended(event, rnd, context)
 
     def _failed(
         self,
