@@ -57,6 +57,8 @@ def square(ask: Ask, ctx: Context) -> Answer:
     ctx.progress(0.5, "half way")
     if ask.mode == "raise":
         raise ValueError(f"cannot square {ask.n}")
+    if ask.mode == "sys_exit":
+        sys.exit(4)
     if ask.mode == "exit":
         print("leaving with os._exit(3)")
         os._exit(3)
@@ -199,6 +201,15 @@ async def test_a_raise_fails_handler_failed_with_its_traceback_and_the_worker_se
     after = await run_job(pool, tmp_path / "c", "square", {"n": 4})
     assert after.code is None and after.result["value"] == 16
     assert after.result["pid"] == before and _alive(before)  # the exception unwound: no new worker
+
+
+async def test_sys_exit_fails_handler_failed_and_the_next_job_gets_a_fresh_worker(pool, tmp_path):
+    # Not a plain Exception: the worker is not trusted to serve on after it.
+    before = (await run_job(pool, tmp_path / "a", "square", {"n": 2})).result["pid"]
+    ran = await run_job(pool, tmp_path / "b", "square", {"n": 3, "mode": "sys_exit"})
+    assert ran.code == "handler_failed" and "SystemExit" in ran.outcome.error.message
+    after = await run_job(pool, tmp_path / "c", "square", {"n": 4})
+    assert after.code is None and after.result["pid"] != before
 
 
 async def test_os_exit_fails_handler_crashed_and_the_next_job_gets_a_fresh_worker(pool, tmp_path):

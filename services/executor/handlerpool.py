@@ -873,7 +873,8 @@ def _timeout_message(request: RunRequest, waited: float) -> str:
 
 
 def _failure_code(code: str) -> FailureCode:
-    """A failure code the worker reported, as the contract's; anything else is a bug."""
+    """A failure code the worker reported, as the contract's (``handler_failed_replace``,
+    a raise after which the worker is replaced, is ``handler_failed``)."""
     if code == INPUT_INVALID:
         return INPUT_INVALID
     if code == HANDLER_MISSING:

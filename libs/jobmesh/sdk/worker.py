@@ -42,6 +42,10 @@ __all__ = ["HANDLER_FAILED", "HANDLER_MISSING", "INPUT_FIELD", "INPUT_INVALID", 
 INPUT_INVALID: FailureCode = "input_invalid"
 HANDLER_FAILED: FailureCode = "handler_failed"
 HANDLER_MISSING: FailureCode = "handler_missing"
+# A raise the worker should not serve on after (SystemExit, KeyboardInterrupt, MemoryError,
+# RecursionError): reported to the pool, which fails the job handler_failed and starts a
+# fresh worker. A plain Exception unwinds cleanly, and the worker serves the next job.
+HANDLER_FAILED_REPLACE = "handler_failed_replace"
 # Where the input sits in a job spec; a run-time mismatch names its fields under it.
 INPUT_FIELD = "$.runtime.input"
 
@@ -228,7 +232,9 @@ class Worker:
                 result = entry.fn(*args)
         except BaseException as exc:  # noqa: BLE001 - SystemExit too: a handler never ends the worker quietly
             traceback.print_exc()
-            return protocol.Failed(call.seq, HANDLER_FAILED, f"handler {entry.name!r} raised {_describe(exc)}")
+            unsafe = not isinstance(exc, Exception) or isinstance(exc, MemoryError | RecursionError)
+            code = HANDLER_FAILED_REPLACE if unsafe else HANDLER_FAILED
+            return protocol.Failed(call.seq, code, f"handler {entry.name!r} raised {_describe(exc)}")
         try:
             raw = msgspec.json.encode(result)
             self._decoder(self._output_decoders, entry.name, entry.output_type).decode(raw)
