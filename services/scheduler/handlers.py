@@ -88,10 +88,12 @@ _encode_submitted = msgspec.json.Encoder().encode
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
 # A lease is due but the partition's events are not processed that far: ask again this soon.
 LEASE_CATCH_UP_RETRY = 0.25
-# A restarted executor's JobLost waits this long per delivery, at most this many times,
-# for events stored before it (see PartitionScheduler._earlier_unhandled).
-LOST_WAIT = 1.0
-LOST_PATIENCE = 5
+# A restarted executor's JobLost waits this long per delivery, at most this many times
+# (about 30 s: longer than the consumers' 10 s ack wait, after which a killed owner's
+# batch comes back, and than a batch's early retries in an outage), for events stored
+# before it (see PartitionScheduler._earlier_unhandled).
+LOST_WAIT = 2.0
+LOST_PATIENCE = 16
 
 
 class Placements:

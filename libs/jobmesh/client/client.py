@@ -429,7 +429,15 @@ class Client:
             if view.final:
                 return CancelOutcome(job_id=job_id, state="ended", message=f"already ended {view.state}")
             partition = await self.partition_of(view)
-            reply = await self.request(subjects.scheduler_cancel(partition), request, CancelReply, "scheduler")
+            try:
+                reply = await self.request(subjects.scheduler_cancel(partition), request, CancelReply, "scheduler")
+            except Unavailable:
+                # The partition is moving to another scheduler (its old owner refuses): ask
+                # again, as long as the deadline allows.
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(CANCEL_RETRY_SECONDS)
+                continue
             if reply.state != "unknown":
                 return CancelOutcome(job_id=job_id, state=reply.state, message=reply.message)
             # The scheduler holds no such job, yet the tracker has not seen it end: one of
