@@ -364,3 +364,28 @@ def test_a_refusal_for_another_reason_leaves_the_window_open():
     assert b.room_wanted(out[0].job.job_id, 1, out[0].job.releases, "lost every reservation race this round", now=0)
     b.retry_rooms_now(0.0, finished=1)
     assert ids(b.plan(0.0, anywhere)) == [out[0].job.job_id]
+
+
+def test_a_queue_refused_with_nothing_out_gets_the_room_another_queues_end_frees():
+    # Queue b had nothing out when it was refused (its window: 0); an attempt of queue a
+    # ends and wakes b's job, which may then try that room at once.
+    b = Backlog()
+    b.add(job("a1", queue="a"), now=0)
+    [a1] = b.plan(0, anywhere)
+    b.add(job("b1", queue="b"), now=0)
+    [b1] = b.plan(0, anywhere)
+    assert b.room_wanted("b1", 1, b1.job.releases, "no free capacity on candidate nodes", now=0)
+    assert b.finish(a1.job.job_id, 1, 0.2)
+    b.retry_rooms_now(0.2, finished=1, ended_in={"a": 1})
+    assert ids(b.plan(0.2, anywhere)) == ["b1"]
+
+
+def test_a_clock_that_steps_back_opens_the_room_window():
+    b = Backlog()
+    for i in range(2):
+        b.add(job(f"c{i}"), now=100)
+    [_c0, c1] = b.plan(100, anywhere)
+    assert b.room_wanted("c1", 1, c1.job.releases, "no free capacity on candidate nodes", now=100)
+    b.retry_rooms_now(100, finished=1)
+    assert ids(b.plan(100.5, anywhere)) == []
+    assert ids(b.plan(90, anywhere)) == ["c1"]  # never held shut by a clock behind its refusal

@@ -801,16 +801,25 @@ class Backlog:
         del self.jobs[job_id]
         return job
 
-    def retry_rooms_now(self, now: float, finished: int) -> None:
+    def retry_rooms_now(self, now: float, finished: int, ended_in: dict[str, int] | None = None) -> None:
         """``finished`` jobs freed capacity: that many jobs waiting for room (times a small
         factor, for jobs smaller than the ones that ended) may try at once. Bounded, so a
-        large set of waiting jobs is not woken, and sent to the binder, wholesale."""
+        large set of waiting jobs is not woken, and sent to the binder, wholesale.
+
+        ``ended_in`` says how many of them were of each queue: a job woken by the end of
+        another queue's attempt widens its own queue's room window by one (the room that
+        end freed is its to try too); its own queue's ends open the window anyway."""
+        others = dict(ended_in or {})
         woken = 0
         while self._room and woken < finished * ROOM_WAKE_PER_FINISH:
             _, _, job_id = heapq.heappop(self._room)
             job = self.jobs.get(job_id)
             if job is not None and job.where == ROOM:
                 self._make_ready(job, now)
+                donor = next((name for name, n in others.items() if n > 0 and name != job.queue), None)
+                if donor is not None:
+                    others[donor] -= 1
+                    self.queues[job.queue].room.woken()
                 woken += 1
 
     def unpark(self, now: float) -> None:

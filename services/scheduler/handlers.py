@@ -124,6 +124,7 @@ class Round:
         "edges",
         "edges_done",
         "ended",
+        "ended_in",
         "ends",
         "now",
         "out",
@@ -136,6 +137,7 @@ class Round:
         self.changes = store.StateChanges()
         self.out: list[Outgoing] = []
         self.ended = 0  # attempts that freed capacity (wakes jobs waiting for room)
+        self.ended_in: dict[str, int] = {}  # the same, per queue
         self.ends: list[tuple[str, str]] = []  # jobs that ended for good, and how (for their waiters)
         self.told: list[str] = []  # ended jobs whose watching partitions were told
         self.awaiting: list[str] = []  # succeeded steps whose end waits for their child jobs
@@ -143,6 +145,11 @@ class Round:
         self.outcomes: dict[str, str] = {}  # every end of this round (not in Postgres yet)
         self.edges: list[tuple[str, str]] = []  # (job waited for, waiter) to keep from pruning
         self.edges_done: list[str] = []  # waiters that ended: their edges go
+
+    def freed(self, queue: str) -> None:
+        """An attempt of ``queue`` ended and freed its capacity."""
+        self.ended += 1
+        self.ended_in[queue] = self.ended_in.get(queue, 0) + 1
 
     def end(self, job_id: str, outcome: str) -> None:
         """``job_id`` ended for good with ``outcome``: its waiters hear of it."""
@@ -414,7 +421,7 @@ class PartitionScheduler:
                         self._refused(r, rnd, contexts.get(r.job_id))
                     self._check_leases(rnd)
                     if rnd.ended:
-                        self.backlog.retry_rooms_now(now, rnd.ended)
+                        self.backlog.retry_rooms_now(now, rnd.ended, rnd.ended_in)
                     decisions = self._plan(now)
                     await self._publish_and_record(conn, decisions, rnd)
             except BaseException:
@@ -498,7 +505,7 @@ class PartitionScheduler:
             else:
                 rnd.changes.add(event.job_id, "done", outcome=outcome)
                 rnd.end(event.job_id, outcome)
-            rnd.ended += 1
+            rnd.freed(job.queue)
 
     def _failed(
         self,
@@ -548,7 +555,7 @@ class PartitionScheduler:
             self._metrics.retried(job.queue, job.tenant)
             reason = f"retrying: attempt {decision.next_attempt} in {decision.delay:.1f}s after {code}"
             rnd.changes.add(job.job_id, "pending", reason, attempt=decision.next_attempt, retry=_retry_state(job))
-            rnd.ended += 1
+            rnd.freed(job.queue)
             log.info(
                 "job %s: attempt %d %s (%s) on %s; attempt %d in %.1fs%s",
                 job.job_id, ended.attempt, state, code, ended.node_id or "-", decision.next_attempt, decision.delay,
@@ -574,7 +581,7 @@ class PartitionScheduler:
         )
         rnd.changes.add(job.job_id, "done", decision.reason, outcome=FAILED)
         rnd.end(job.job_id, FAILED)
-        rnd.ended += 1
+        rnd.freed(job.queue)
         self._metrics.gave_up(job.queue, job.tenant)
         log.info(
             "job %s: gave up after attempt %d %s (%s): %s%s",
@@ -601,7 +608,7 @@ class PartitionScheduler:
     def _end_cancelled(self, job: Job, attempt: int, node_id: str, rnd: Round, context: Context | None) -> None:
         if job.where == RELEASED:
             self.backlog.finish(job.job_id, job.attempt, rnd.now)
-            rnd.ended += 1
+            rnd.freed(job.queue)
         reason = job.cancelling or "cancelled"
         # The spec is decoded from the backlog's bytes once, here at the job's end.
         rnd.out.append(

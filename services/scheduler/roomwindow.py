@@ -9,8 +9,9 @@ and the storm with it (seen in ``make chaos``: 7,000 jobs cycling, 11 refusals e
 So a queue whose release was refused for want of free capacity keeps a window, as TCP
 keeps its congestion window: at most what it had out at that moment. An attempt of the
 queue that ends makes room for exactly one release (self-clocked by the queue's own
-finishes); capacity that other queues free is found by probing, ``max(1, base/4)`` more
-releases per second, and a refusal sets the window back. After ``RECOVER_SECONDS``
+finishes); capacity that other queues free is found by probing, ``max(1, base/4)`` (at
+most 32) more releases per second, and each refused job of the queue that another queue's
+end wakes adds one. A refusal sets the window back. After ``RECOVER_SECONDS``
 without one the window is gone. A refused job waits in the backlog, which sends nothing.
 """
 
@@ -20,6 +21,7 @@ import math
 
 GROW_SECONDS = 1.0  # the window grows by one step per this many seconds without a refusal
 RECOVER_SECONDS = 30.0  # without a refusal for this long, the queue is unbounded again
+MAX_STEP = 32  # at most this many more per step: probes of a big window stay few
 FULL = "no free capacity"  # the binder's reason when every candidate is full (a prefix)
 
 
@@ -40,7 +42,7 @@ class RoomWindow:
     def limit(self, now: float) -> float:
         """How many attempts may be out at ``now`` (inf: no limit)."""
         elapsed = now - self.since
-        if elapsed >= RECOVER_SECONDS:
+        if elapsed >= RECOVER_SECONDS or elapsed < 0:  # < 0: the clock stepped back; open
             return math.inf
         return self.base + self._step() * math.floor(max(0.0, elapsed) / GROW_SECONDS)
 
@@ -51,5 +53,10 @@ class RoomWindow:
         steps = (out - self.base) // self._step() + 1
         return min(self.since + steps * GROW_SECONDS, self.since + RECOVER_SECONDS)
 
+    def woken(self) -> None:
+        """A refused job of this queue was woken because an attempt of another queue ended:
+        that room is this queue's to try too (queues share the nodes they free)."""
+        self.base += 1
+
     def _step(self) -> int:
-        return max(1, self.base // 4)
+        return min(MAX_STEP, max(1, self.base // 4))
