@@ -7,7 +7,6 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from jobmesh.contract import subjects
 from jobmesh.contract.ids import job_id_for, map_item_key
 from jobmesh.contract.messages.v1 import (
     CancelRequest,
@@ -16,7 +15,6 @@ from jobmesh.contract.messages.v1 import (
     JobCancelled,
     JobExpired,
     JobGaveUp,
-    JobLost,
     JobReady,
     JobSpec,
     JobSubmitted,
@@ -25,17 +23,15 @@ from jobmesh.contract.messages.v1 import (
     MapSpec,
     NoopRuntime,
     QueueConfig,
-    RetryPolicy,
     StepRef,
     Timeouts,
 )
 from jobmesh.errors import Unavailable
 from jobmesh.runtime.db import connect_pool
-from jobmesh.runtime.outcomes import Retry
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Tracing
 from jobmesh.scheduler import store
-from jobmesh.scheduler.handlers import LOST_PATIENCE, PartitionScheduler, Round
+from jobmesh.scheduler.handlers import PartitionScheduler, Round
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.integration
@@ -308,64 +304,3 @@ async def test_a_batch_that_reaches_a_given_up_partition_is_left_to_its_next_own
     assert b.backlog.jobs["r"].where == "room"
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT state FROM backlog WHERE job_id = 'r'") == "pending"
-
-
-class Pending:
-    """ack_pending as a test sets it: the partition's delivered, unacked events."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-
-    async def __call__(self) -> int:
-        return self.count
-
-
-def node_env(message, kind: str) -> Envelope:
-    return Envelope(message=message, subject=subjects.node_event(0, kind, "n1"), headers={}, context=None)
-
-
-LOST = JobLost(
-    job_id="j", attempt=1, partition=0, node_id="n1", at=1000.5,
-    reason="executor restarted; the attempt was not running any more",
-)  # fmt: skip
-
-
-async def released_job(pool, pending: Pending):
-    pub = Publisher()
-    part = PartitionScheduler(
-        0, pool, pub, Placements(), Config(), Tracing.off(), clock=Clock(), partitions=1, ack_pending=pending,
-    )  # fmt: skip
-    await part.load()
-    await part.handle([env(submitted("j", retry=RetryPolicy(max_attempts=2, backoff=0.5)))])
-    assert [m.job_id for m in pub.of(JobReady)] == ["j"]
-    return part
-
-
-async def test_a_restarted_executors_loss_waits_while_earlier_events_are_unhandled(pool):
-    # The old executor published "j succeeded" and died before its record said so; the new
-    # one reports j lost. The success waits for its redelivery (its batch was retried), so
-    # two events are outstanding: the loss goes back, and the success wins.
-    pending = Pending(2)
-    part = await released_job(pool, pending)
-    [outcome] = await part.handle([node_env(LOST, subjects.LOST)])
-    assert isinstance(outcome, Retry) and "not handled yet" in outcome.reason
-    assert part.backlog.jobs["j"].attempt == 1
-    await part.handle([node_env(succeeded("j"), subjects.SUCCEEDED)])
-    pending.count = 1
-    assert await part.handle([node_env(LOST, subjects.LOST)]) is None  # redelivered: stale now
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow("SELECT state, outcome, attempt FROM backlog WHERE job_id = 'j'")
-    assert dict(row) == {"state": "done", "outcome": "succeeded", "attempt": 1}
-
-
-async def test_a_restarted_executors_loss_is_applied_at_once_when_nothing_else_is_outstanding(pool):
-    part = await released_job(pool, Pending(1))
-    assert await part.handle([node_env(LOST, subjects.LOST)]) is None
-    assert part.backlog.jobs["j"].attempt == 2  # retried, as the policy says
-
-
-async def test_a_restarted_executors_loss_waits_only_so_many_deliveries(pool, monkeypatch):
-    part = await released_job(pool, Pending(5))
-    monkeypatch.setattr(Envelope, "deliveries", property(lambda self: LOST_PATIENCE))
-    assert await part.handle([node_env(LOST, subjects.LOST)]) is None
-    assert part.backlog.jobs["j"].attempt == 2

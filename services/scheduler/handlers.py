@@ -54,7 +54,7 @@ from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.db import translated
 from jobmesh.runtime.fencing import binding_fence
 from jobmesh.runtime.nodes import NodeWatcher
-from jobmesh.runtime.outcomes import ACK, Outcome, Retry
+from jobmesh.runtime.outcomes import ACK, Outcome
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.service import Envelope
 from jobmesh.runtime.tracing import Context, Tracing, record_lost_attempt
@@ -88,12 +88,6 @@ _encode_submitted = msgspec.json.Encoder().encode
 PLAN_LIMIT = 2000  # releases per planning round; the rest go in the next round
 # A lease is due but the partition's events are not processed that far: ask again this soon.
 LEASE_CATCH_UP_RETRY = 0.25
-# A restarted executor's JobLost waits this long per delivery, at most this many times
-# (about 30 s: longer than the consumers' 10 s ack wait, after which a killed owner's
-# batch comes back, and than a batch's early retries in an outage), for events stored
-# before it (see PartitionScheduler._earlier_unhandled).
-LOST_WAIT = 2.0
-LOST_PATIENCE = 16
 
 
 class Placements:
@@ -195,11 +189,7 @@ class PartitionScheduler:
         results: Results | None = None,
         metrics: SchedulerMetrics | None = None,
         processed_through: Callable[[], Awaitable[float]] | None = None,
-        ack_pending: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
-        # How many of the partition's events are delivered and not acked (-1: unknown);
-        # None: not asked (tests). See _earlier_unhandled.
-        self._ack_pending = ack_pending
         # How far this partition's own events are processed (unix time: every event stored
         # before it has been handled and acked; inf when none is outstanding). A lease is
         # declared run out only for a deadline before that: an attempt's JobSucceeded may
@@ -340,7 +330,6 @@ class PartitionScheduler:
             fenced off (:meth:`_fenced`): that one is retried or dead-lettered, unapplied.
         """
         outcomes: list[Outcome] | None = None
-        earlier_unhandled = await self._earlier_unhandled(batch)
         async with self._lock:
             self._check_open()
             if self._dirty:
@@ -351,7 +340,6 @@ class PartitionScheduler:
             submits: list[Envelope] = []
             finished: list[TerminalEvent] = []
             refused: list[JobUnplaceable] = []
-            reported: list[JobLost] = []
             # Messages between partitions (and from the trigger) about dependencies: rare.
             watches: list[DependencyWatch] = []
             told: list[DependencyEnded] = []
@@ -367,13 +355,6 @@ class PartitionScheduler:
                     if fenced is not None:
                         outcomes = outcomes or [ACK] * len(batch)
                         outcomes[n] = fenced
-                        continue
-                    if isinstance(message, JobLost) and subjects.node_of_event(env.subject) is not None:
-                        if earlier_unhandled and env.deliveries < LOST_PATIENCE:
-                            outcomes = outcomes or [ACK] * len(batch)
-                            outcomes[n] = Retry(LOST_WAIT, "events stored before it are not handled yet")
-                        else:
-                            reported.append(message)
                         continue
                     finished.append(message)
                 elif isinstance(message, JobUnplaceable):
@@ -415,8 +396,6 @@ class PartitionScheduler:
                         await self._children_added(conn, added)
                     for m in finished:
                         self._attempt_ended(m, rnd, contexts.get(m.job_id))
-                    for lost in reported:
-                        self._attempt_ended(lost, rnd, contexts.get(lost.job_id))
                     for r in refused:
                         self._refused(r, rnd, contexts.get(r.job_id))
                     self._check_leases(rnd)
@@ -435,26 +414,6 @@ class PartitionScheduler:
             ):
                 self.kick()
         return outcomes
-
-    async def _earlier_unhandled(self, batch: list[Envelope]) -> bool:
-        """Whether events other than this batch wait unacked in the partition's consumer,
-        asked only for a batch with a restarted executor's JobLost (rare).
-
-        Such a loss is applied only once nothing else is outstanding: the executor's old
-        process may have published the attempt's end just before it died, and that end may
-        be waiting for its redelivery (its batch was retried in an outage, or handed to the
-        next owner) behind the JobLost. Applied first, the loss would run the attempt again
-        and end the job twice. The JobLost waits (``LOST_WAIT``) at most ``LOST_PATIENCE``
-        deliveries, so two losses that each see the other outstanding still go through.
-        """
-        if self._ack_pending is None:
-            return False
-        if not any(
-            isinstance(env.message, JobLost) and subjects.node_of_event(env.subject) is not None for env in batch
-        ):
-            return False
-        pending = await self._ack_pending()
-        return pending < 0 or pending > len(batch)
 
     def _fenced(self, env: Envelope) -> Outcome | None:
         """The fate of an executor's ending for an attempt whose lease names another node.

@@ -112,7 +112,6 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
             results=results,
             metrics=instruments,
             processed_through=functools.partial(processed_through, rt.js, subjects.durable("scheduler", f"p{number}")),
-            ack_pending=functools.partial(ack_pending, rt.js, subjects.durable("scheduler", f"p{number}")),
         )
         await part.load()
         owned[number] = part
@@ -238,13 +237,3 @@ async def processed_through(js: JetStreamContext, durable: str) -> float:
         log.warning("cannot tell how far %s has handled its events (%s): leases wait", durable, exc)
         return -math.inf
     return first.time.timestamp() if first.time is not None else -math.inf
-
-
-async def ack_pending(js: JetStreamContext, durable: str) -> int:
-    """How many of a partition's events are delivered and not acked yet (-1: unknown)."""
-    try:
-        info = await js.consumer_info(subjects.STREAM_JOBS, durable)
-    except (TimeoutError, nats.errors.Error) as exc:
-        log.warning("cannot tell what %s has outstanding (%s)", durable, exc)
-        return -1
-    return info.num_ack_pending or 0
