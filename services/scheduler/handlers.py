@@ -117,7 +117,6 @@ class Round:
         "children_done",
         "edges",
         "edges_done",
-        "ended",
         "ended_in",
         "ends",
         "now",
@@ -130,8 +129,7 @@ class Round:
         self.now = now
         self.changes = store.StateChanges()
         self.out: list[Outgoing] = []
-        self.ended = 0  # attempts that freed capacity (wakes jobs waiting for room)
-        self.ended_in: dict[str, int] = {}  # the same, per queue
+        self.ended_in: dict[str, int] = {}  # attempts that freed capacity, per queue (wake room)
         self.ends: list[tuple[str, str]] = []  # jobs that ended for good, and how (for their waiters)
         self.told: list[str] = []  # ended jobs whose watching partitions were told
         self.awaiting: list[str] = []  # succeeded steps whose end waits for their child jobs
@@ -142,8 +140,12 @@ class Round:
 
     def freed(self, queue: str) -> None:
         """An attempt of ``queue`` ended and freed its capacity."""
-        self.ended += 1
         self.ended_in[queue] = self.ended_in.get(queue, 0) + 1
+
+    @property
+    def ended(self) -> int:
+        """How many attempts freed capacity this round (wakes jobs waiting for room)."""
+        return sum(self.ended_in.values())
 
     def end(self, job_id: str, outcome: str) -> None:
         """``job_id`` ended for good with ``outcome``: its waiters hear of it."""
