@@ -19,6 +19,7 @@ import nats
 import pytest
 
 from jobmesh.contract import subjects
+from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import (
     JobFailed,
     JobLost,
@@ -29,6 +30,8 @@ from jobmesh.contract.messages.v1 import (
     NodeInfo,
     ProcessRuntime,
 )
+from jobmesh.executor.outcomes import Outcome, terminal_message
+from jobmesh.executor.restart import write_outcome
 from jobmesh.runtime.provisioning import provision
 from tests.helpers import eventually
 from tests.test_executor import TTL, Collector, Harness, start_executor, stop_process
@@ -266,6 +269,9 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
 
         record = await eventually(new_record, what="the new incarnation's record")
         assert not [a for a in record.attempts if a.job_id == bound.job_id]
+        # The JobLost was durable before that first record, which lists the attempt as ended:
+        # an executor replacing this one neither reports it again nor runs it.
+        assert attempt_key(bound.job_id, 1) in record.ended
         # The dispatch comes again, as a redelivery would bring it: acked without running.
         await harness.redispatch(bound, f"{bound.job_id}:1:again")
         await eventually(lambda: harness.all_acked(node), what="the redelivered dispatch to be acked")
@@ -309,6 +315,56 @@ async def test_an_executor_back_after_its_record_expired_reports_lost_what_its_l
         await eventually(lambda: harness.all_acked(node), what="the redelivered dispatch to be acked")
         assert marker.read_text().splitlines() == [str(pid)]
         assert not harness.jobs.of(bound.job_id, JobSucceeded) and not harness.jobs.of(bound.job_id, JobFailed)
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_process(proc)
+
+
+async def test_a_restarted_executor_publishes_the_end_an_attempt_kept_instead_of_a_loss(
+    harness, nats_server, work_dir, shared_dir
+):
+    """The state a kill leaves between an attempt's end and the record put that lists it as
+    ended: the old record still lists it running, its private directory holds the terminal
+    event (written there before it is published). The next executor publishes that event
+    (the same message id), not a JobLost that would race it and end the job twice."""
+    node = "exec-life-kept"
+    marker = shared_dir / "runs-kept"
+    settings = {"JOBMESH_HEARTBEAT_SECONDS": "0.3"}
+    first = start_executor(nats_server.url, node, work_dir, **settings)
+    second = None
+    try:
+        old, bound, pid = await _run_one(harness, node, marker)
+        first.kill()
+        await asyncio.to_thread(first.wait, 10)
+        record = await harness.node_record(node)
+        assert record is not None and [a.job_id for a in record.attempts] == [bound.job_id]
+        outcome = Outcome(0, None, result="kept")
+        terminal = terminal_message(bound, node, outcome, bound.bound_at, time.time(), None)
+        write_outcome(work_dir / node / f".{bound.job_id}-1", terminal)
+
+        second = start_executor(nats_server.url, node, work_dir, **settings)
+        ended = await wait_for(harness, bound.job_id, JobSucceeded, "the kept JobSucceeded, published again")
+        assert ended.attempt == 1 and ended.node_id == node and ended.result == "kept"
+
+        async def new_record():
+            record = await harness.node_record(node)
+            return record if record is not None and record.incarnation != old.incarnation else None
+
+        record = await eventually(new_record, what="the new incarnation's record")
+        # The report was durable before the first record, which lists the attempt as ended.
+        assert attempt_key(bound.job_id, 1) in record.ended
+        assert not [a for a in record.attempts if a.job_id == bound.job_id]
+
+        async def old_process_gone():
+            return not pid_alive(pid)
+
+        await eventually(old_process_gone, timeout=5, what="the old attempt's process to be killed")
+        await harness.redispatch(bound, f"{bound.job_id}:1:again")
+        await eventually(lambda: harness.all_acked(node), what="the redelivered dispatch to be acked")
+        assert marker.read_text().splitlines() == [str(pid)]
+        assert not harness.jobs.of(bound.job_id, JobLost)
+        assert len(harness.jobs.of(bound.job_id, JobSucceeded)) == 1
     finally:
         for proc in (first, second):
             if proc is not None:

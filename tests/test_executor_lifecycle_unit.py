@@ -36,6 +36,7 @@ from jobmesh.errors import Overloaded, Unavailable
 from jobmesh.executor.attempts import Attempts, stop_code
 from jobmesh.executor.handlers import CANCEL_WAIT_DELIVERIES, DispatchHandler
 from jobmesh.executor.leases import LeaseBook, fit_record
+from jobmesh.executor.outcomes import EXECUTOR_ERROR, Outcome, failed_outcome, terminal_message
 from jobmesh.executor.progress import (
     CHECKPOINT_MAX_BYTES,
     Checkpoint,
@@ -50,13 +51,17 @@ from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import (
     LEASE_FILE,
     LOST_REASON,
+    OUTCOME_FILE,
     kill_leftovers,
     left_behind,
     leftover_groups,
     lost_messages,
     orphaned_attempts,
     private_dir_of,
+    read_outcome,
+    reports_of,
     write_lease,
+    write_outcome,
 )
 from jobmesh.executor.results import Result, ResultLimits, ResultStore, plan_result
 from jobmesh.executor.runner import AbortSignal, ProcessRunner
@@ -340,6 +345,46 @@ def test_lease_files_name_the_attempts_no_record_accounts_for(tmp_path):
     assert oct((root / ".j1-2").stat().st_mode & 0o777) == "0o700"
     assert not list((root / ".j1-2").glob("*.partial"))
     assert left_behind(tmp_path / "missing", accounted=set()) == ([], [])
+
+
+def test_an_attempt_that_kept_its_outcome_is_reported_ended_and_the_others_lost(tmp_path):
+    root = tmp_path / "node"
+    ended = AttemptLease(job_id="j1", attempt=2, partition=2, started_at=1.0)
+    running = AttemptLease(job_id="j2", attempt=1, partition=2, started_at=1.0)
+    failed = AttemptLease(job_id="j3", attempt=1, partition=2, started_at=1.0)
+    outcome = Outcome(0, None, result="42")
+    succeeded = terminal_message(bound("j1", attempt=2), NODE, outcome, 1.5, 3.0, None)
+    write_outcome(root / ".j1-2", succeeded)  # the private directory is made when missing
+    write_lease(root / ".j2-1", running)
+    refused = terminal_message(bound("j3"), NODE, failed_outcome(EXECUTOR_ERROR, "boom"), 0.0, 3.0, None)
+    write_outcome(root / ".j3-1", refused)
+    assert oct((root / ".j1-2").stat().st_mode & 0o777) == "0o700"
+    assert not list((root / ".j1-2").glob("*.partial"))
+
+    reports, kept = reports_of(root, [ended, running, failed], NODE, 9.0)
+    assert kept == 2
+    first, second, third = reports
+    assert (first.subject, first.msg_id) == (succeeded.subject, "j1:2:succeeded")
+    assert isinstance(first.message, JobSucceeded) and first.message.result == "42"
+    assert first.message == succeeded.message
+    assert isinstance(second.message, JobLost) and second.msg_id == "j2:1:lost"
+    assert isinstance(third.message, JobFailed) and third.message.error.code == EXECUTOR_ERROR
+    assert third.msg_id == refused.msg_id and third.subject == refused.subject
+
+
+def test_a_kept_outcome_cut_off_or_of_another_attempt_is_not_believed(tmp_path):
+    root = tmp_path / "node"
+    lease = AttemptLease(job_id="j1", attempt=1, partition=2, started_at=1.0)
+    (root / ".j1-1").mkdir(parents=True)
+    (root / ".j1-1" / OUTCOME_FILE).write_bytes(b'{"subject": "x", "msg_')
+    assert read_outcome(root / ".j1-1", lease) is None
+    # A job that could write its private directory must not end another attempt.
+    other = terminal_message(bound("other"), NODE, Outcome(0, None), 1.0, 2.0, None)
+    write_outcome(root / ".j1-1", other)
+    assert read_outcome(root / ".j1-1", lease) is None
+    assert read_outcome(root / ".missing", lease) is None
+    reports, kept = reports_of(root, [lease], NODE, 9.0)
+    assert kept == 0 and [r.msg_id for r in reports] == ["j1:1:lost"]
 
 
 def test_leftover_processes_in_an_orphaned_attempts_directory_are_killed(tmp_path):

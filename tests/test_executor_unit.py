@@ -462,10 +462,10 @@ async def test_abort_stops_the_process_with_its_reason(tmp_path):
 
 
 # --- handlers.py and the attempt register ------------------------------------------------
-def bound(job_id: str, runtime=None, node_id: str = NODE, run: float = 30.0) -> JobBound:
+def bound(job_id: str, runtime=None, node_id: str = NODE, run: float = 30.0, attempt: int = 1) -> JobBound:
     return JobBound(
         job_id=job_id,
-        attempt=1,
+        attempt=attempt,
         partition=2,
         node_id=node_id,
         spec=JobSpec(runtime=runtime or NoopRuntime(), timeouts=Timeouts(run=run)),

@@ -83,7 +83,7 @@ from jobmesh.executor.outcomes import (
 from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, ProgressRecorder
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, lost_messages, write_lease
+from jobmesh.executor.restart import kill_leftovers, reports_of, write_lease, write_outcome
 from jobmesh.executor.results import EMPTY_KEPT, RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.executor.runrequest import Runner, RunRequest
@@ -263,13 +263,16 @@ class Attempt:
                 span.set_status(
                     trace.Status(trace.StatusCode.ERROR, f"{outcome.error.code}: {outcome.error.message}"[:500])
                 )
-            durable = self._reporter.emit(
-                [
-                    terminal_message(
-                        self.bound, self._node_id, outcome, self.started_at, self._clock(), self._trace_context
-                    )
-                ]
+            terminal = terminal_message(
+                self.bound, self._node_id, outcome, self.started_at, self._clock(), self._trace_context
             )
+            try:
+                # Kept before it is published: an executor killed before its record lists the
+                # attempt as ended lets the next one publish this again, not a loss.
+                await asyncio.to_thread(write_outcome, self.private_dir, terminal)
+            except OSError as exc:
+                log.warning("%s: cannot keep its outcome in %s: %s", self.name, self.private_dir, exc)
+            durable = self._reporter.emit([terminal])
             # The directory stays until the outcome is durable, for whoever debugs a loss
             # (an executor that dies first leaves it, and its next start clears it).
             await durable
@@ -878,14 +881,15 @@ class Attempts:
         return durable
 
     async def report_left_behind(self, bound: JobBound, context: Context) -> asyncio.Future[None]:
-        """Report lost an attempt an earlier executor started here, and clear what it left.
+        """Report lost an attempt an earlier executor started here (or ended, when it kept its
+        terminal event), and clear what it left.
 
         Args:
             bound: the dispatch message (it came again).
             context: its trace context.
 
         Returns:
-            The future of the JobLost being durable.
+            The future of the report being durable.
         """
         key = attempt_key(bound.job_id, bound.attempt)
         workdir = self.workdir_of(bound)
@@ -894,12 +898,14 @@ class Attempts:
             attempt_name(bound.job_id, bound.attempt),
             workdir,
         )
-        await asyncio.to_thread(kill_leftovers, [workdir])
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
         lease = AttemptLease(
             job_id=bound.job_id, attempt=bound.attempt, partition=bound.partition, started_at=bound.bound_at
         )
-        durable = self._reporter.emit(lost_messages([lease], self._node_id, self._clock(), context))
+        # Its kept outcome, if it ended, is read before its directories go.
+        reports, _ = await asyncio.to_thread(reports_of, self._work_root, [lease], self._node_id, self._clock())
+        await asyncio.to_thread(kill_leftovers, [workdir])
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        durable = self._reporter.emit([dataclasses.replace(report, context=context) for report in reports])
         self._remember_seen(key, durable)
         return durable
 

@@ -20,6 +20,15 @@ working directory exists (:func:`write_lease`), and a starting executor also rep
 every attempt whose lease it finds there that no record accounts for
 (:func:`left_behind`). Without that, a scheduler that took the partition over meanwhile
 would know neither the attempt's node nor its fate until its bind timeout ran out.
+
+An attempt that ended writes its terminal event into the same directory before publishing it
+(:func:`write_outcome`). The executor may be killed between that event becoming durable and
+its record listing the attempt as ended; the next one then finds the attempt among the old
+record's running ones. Reporting it lost would race the real end to the scheduler (a
+scheduler replica killed while holding the end delivers it only after its ack wait), and
+the job could end twice. So a starting executor publishes again the terminal event it finds
+(:func:`reports_of`: the same message id, a no-op for JetStream when it was durable) and
+reports lost only the attempts that left none.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ import msgspec
 
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id
-from jobmesh.contract.messages.v1 import AttemptLease, JobLost, NodeInfo
+from jobmesh.contract.messages.v1 import AttemptLease, JobFailed, JobLost, JobSucceeded, NodeInfo
 from jobmesh.executor.secrets import remove_secret_files
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
@@ -44,8 +53,27 @@ log = logging.getLogger("jobmesh.executor.restart")
 
 LOST_REASON = "executor restarted; the attempt was not running any more"
 LEASE_FILE = "lease.json"  # in the attempt's private directory
+OUTCOME_FILE = "outcome.json"  # beside it: the terminal event, written before it is published
+
+
+class StoredOutcome(msgspec.Struct, frozen=True):
+    """An attempt's terminal event as its private directory keeps it (:func:`write_outcome`).
+
+    Attributes:
+        subject: where it is published.
+        msg_id: its Nats-Msg-Id (deterministic per attempt and kind).
+        succeeded: the event, when the attempt succeeded.
+        failed: the event, when it failed.
+    """
+
+    subject: str
+    msg_id: str
+    succeeded: JobSucceeded | None = None
+    failed: JobFailed | None = None
+
 
 _lease_decoder = msgspec.json.Decoder(AttemptLease)
+_outcome_decoder = msgspec.json.Decoder(StoredOutcome)
 
 
 def orphaned_attempts(old: NodeInfo | None, incarnation: str) -> list[AttemptLease]:
@@ -204,6 +232,81 @@ def write_lease(private: Path, lease: AttemptLease) -> None:
     partial = private / f"{LEASE_FILE}.partial"
     partial.write_bytes(msgspec.json.encode(lease))
     partial.replace(private / LEASE_FILE)
+
+
+def write_outcome(private: Path, terminal: Outgoing) -> None:
+    """Keep an attempt's terminal event in its private directory, before it is published.
+
+    Blocking: run it in a thread. Written to a temporary name and renamed, so a crash leaves
+    the whole file or none.
+
+    Args:
+        private: ``<work_root>/.<job>-<attempt>`` (created 0700 when the attempt never
+            got as far as its lease).
+        terminal: the JobSucceeded or JobFailed, addressed (``outcomes.terminal_message``).
+    """
+    event = terminal.message
+    stored = StoredOutcome(
+        terminal.subject,
+        terminal.msg_id,
+        succeeded=event if isinstance(event, JobSucceeded) else None,
+        failed=event if isinstance(event, JobFailed) else None,
+    )
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    partial = private / f"{OUTCOME_FILE}.partial"
+    partial.write_bytes(msgspec.json.encode(stored))
+    partial.replace(private / OUTCOME_FILE)
+
+
+def read_outcome(private: Path, lease: AttemptLease) -> Outgoing | None:
+    """The terminal event an attempt kept in its private directory, ready to publish again.
+
+    Args:
+        private: ``<work_root>/.<job>-<attempt>``.
+        lease: the attempt it must be of.
+
+    Returns:
+        The event, or None when there is none (the attempt had not ended), it is cut off,
+        or it names another attempt (a job that could write the directory must not end
+        another attempt).
+    """
+    try:
+        stored = _outcome_decoder.decode((private / OUTCOME_FILE).read_bytes())
+    except (OSError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    event = stored.succeeded if stored.succeeded is not None else stored.failed
+    if event is None or (event.job_id, event.attempt) != (lease.job_id, lease.attempt):
+        return None
+    return Outgoing(stored.subject, event, stored.msg_id)
+
+
+def reports_of(
+    work_root: Path, ended_or_lost: Iterable[AttemptLease], node_id: str, at: float
+) -> tuple[list[Outgoing], int]:
+    """What a starting executor reports for the attempts an earlier one left running: the
+    terminal event each kept (:func:`read_outcome`), else a ``JobLost``.
+
+    Blocking (it reads files): run it in a thread, before the attempts' directories go.
+
+    Args:
+        work_root: this node's ``<work_dir>/<node_id>``.
+        ended_or_lost: the orphaned and left-behind attempts.
+        node_id: this node.
+        at: now (epoch seconds).
+
+    Returns:
+        The messages, in the order of ``ended_or_lost``, and how many are terminal events.
+    """
+    reports: list[Outgoing] = []
+    kept = 0
+    for lease in ended_or_lost:
+        terminal = read_outcome(work_root / f".{lease.job_id}-{lease.attempt}", lease)
+        if terminal is not None:
+            kept += 1
+            reports.append(terminal)
+        else:
+            reports.extend(lost_messages([lease], node_id, at))
+    return reports, kept
 
 
 def left_behind(work_root: Path, accounted: Collection[str]) -> tuple[list[AttemptLease], list[Path]]:

@@ -49,7 +49,7 @@ from jobmesh.executor.metrics import ExecutorMetrics
 from jobmesh.executor.node import build_node_info, node_work_dir, read_machine_facts, resolve_node_id
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, left_behind, lost_messages, orphaned_attempts
+from jobmesh.executor.restart import kill_leftovers, left_behind, orphaned_attempts, reports_of
 from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
 from jobmesh.executor.runrequest import Runner
@@ -63,6 +63,9 @@ log = logging.getLogger("jobmesh.executor")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 DISPATCH_ACK_WAIT = 30.0
 FINAL_FLUSH_SECONDS = 10.0
+# How long a starting executor waits for its reports of the previous one's attempts to be
+# durable before its first record (which then lists them as ended).
+TAKEOVER_REPORT_SECONDS = 10.0
 
 
 def check_settings(settings: Settings) -> None:
@@ -186,37 +189,60 @@ class Executor:
         log.info("node %s registered (incarnation %s, work dir %s)", self.node_id, self.incarnation, self.work_root)
 
     async def _take_over(self) -> None:
-        """Before the first put: report lost the attempts an earlier process of this node ran,
-        as its record lists them or, once that record expired, as their lease files do."""
+        """Before the first put: report what became of the attempts an earlier process of this
+        node ran, as its record lists them or, once that record expired, as their lease files
+        do: the terminal event an attempt kept, else its loss."""
         previous = await self.registration.read_previous()
         orphans = orphaned_attempts(previous, self.incarnation)
         ended = list(previous.ended) if previous is not None else []
         accounted = {attempt_key(o.job_id, o.attempt) for o in orphans} | set(ended)
         behind, stray = await asyncio.to_thread(left_behind, self.work_root, accounted)
-        self.attempts.adopt_previous([attempt_key(o.job_id, o.attempt) for o in (*orphans, *behind)], ended)
+        lost = [*orphans, *behind]
+        lost_keys = [attempt_key(o.job_id, o.attempt) for o in lost]
+        self.attempts.adopt_previous(lost_keys, ended)
         # What the old process had finished stays listed as ended: a scheduler that has not
         # consumed its terminal event yet must not take the new incarnation's silence about
         # it for a loss.
         now = self._clock()
         for key in ended:
             self.leases.end(key, now)
+        if not lost and not stray:
+            return
+        # Read before the directories go: an attempt that ended kept its terminal event.
+        reports, kept = await asyncio.to_thread(reports_of, self.work_root, lost, self.node_id, now)
         for orphan, where in [(o, "its record") for o in orphans] + [(b, "its lease file") for b in behind]:
             log.warning(
-                "%s was running in the previous executor of node %s (as %s says): reporting it lost",
+                "%s was running in the previous executor of node %s (as %s says): reporting what became of it",
                 attempt_name(orphan.job_id, orphan.attempt),
                 self.node_id,
                 where,
             )
+        if kept:
+            log.info("%d of them had ended: publishing the terminal events they kept", kept)
         # What the old processes left running goes first: "not running any more" must be true
         # before the attempt is retried elsewhere.
         workdirs = sorted({self.work_root / f"{o.job_id}-{o.attempt}" for o in orphans} | set(stray))
-        if workdirs:
-            await asyncio.to_thread(kill_leftovers, workdirs)
-        lost = [*orphans, *behind]
-        if lost:
-            # Not awaited: the reporter retries until they are durable, and the scheduler also
-            # takes a record of a new incarnation that does not list an attempt for its loss.
-            self.reporter.post(lost_messages(lost, self.node_id, self._clock()))
+        await asyncio.to_thread(kill_leftovers, workdirs)
+        if not reports:
+            return
+        # Durable before the first record: that record lists them as ended, so an executor
+        # that replaces this one before they are consumed neither reports them again nor
+        # runs a dispatch of theirs that comes again. Bounded: the reporter goes on retrying,
+        # and the scheduler also takes a new incarnation's record that omits an attempt for
+        # its loss.
+        durable = self.reporter.emit(reports)
+        try:
+            await asyncio.wait_for(asyncio.shield(durable), TAKEOVER_REPORT_SECONDS)
+        except TimeoutError:
+            log.warning(
+                "the reports of %d attempts of the previous executor are not durable after %.0fs; registering anyway",
+                len(reports),
+                TAKEOVER_REPORT_SECONDS,
+            )
+            return
+        done = self._clock()
+        for key in lost_keys:
+            self.leases.end(key, done)
 
     def consumer(self) -> ConsumerSpec:
         """The durable consumer of this node's dispatch and cancel subjects."""
