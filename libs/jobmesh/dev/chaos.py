@@ -45,16 +45,19 @@ import nats.errors
 from nats.aio.client import Client as NATS
 
 from jobmesh.client.client import Client
-from jobmesh.contract import subjects
+from jobmesh.contract import permissions, subjects
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import Allocation, DeadLetter, JobUpdate
 from jobmesh.dev.chaosjobs import HANDLER_MODULE, HEARTBEAT_TIMEOUT, RUNS_FILE_LABEL, PlannedJob, plan, submission_of
 from jobmesh.dev.chaosreport import AttemptRow, Fault, JobRow, Report, analyse, render
 from jobmesh.dev.cluster import LocalCluster
+from jobmesh.dev.devcluster import provision_as_provisioner
 from jobmesh.dev.servers import NatsServer, embedded_postgres
 from jobmesh.dev.supervisor import Slot, Supervisor
 from jobmesh.errors import JobmeshError, Unavailable
+from jobmesh.runtime.commands import AUTH_FILE, issue
 from jobmesh.runtime.db import create_database, drop_database
+from jobmesh.runtime.settings import Settings
 
 REPLICATED = ("trigger", "scheduler", "binder", "tracker")
 NODES = ("n1", "n2", "n3")
@@ -180,14 +183,20 @@ def _slots(handler_module: Path) -> list[Slot]:
     return slots
 
 
-async def _connect(url: str) -> NATS:
-    """A connection that rides out the NATS restart (the CLI's gives up at once)."""
+async def _connect(url: str, credentials: Path, identity: str) -> NATS:
+    """A connection as ``identity`` that rides out the NATS restart (the CLI's gives up at once)."""
 
     async def quiet(exc: Exception) -> None:
         return None
 
     return await nats.connect(
-        url, max_reconnect_attempts=-1, reconnect_time_wait=0.25, connect_timeout=3, error_cb=quiet
+        url,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        connect_timeout=3,
+        error_cb=quiet,
+        nkeys_seed=str(credentials / f"{identity}.nk"),
+        inbox_prefix=permissions.inbox_of(identity),
     )
 
 
@@ -235,7 +244,7 @@ async def _restart_nats(server: NatsServer, run: Run, outage: float = 2.0) -> Na
     run.faults.append(fault)
     server.stop(kill=True)
     await asyncio.sleep(outage)  # the outage itself (a deliberate sleep: noqa)
-    restarted = NatsServer(server.store_dir, port=server.port, log_file=server.log_file)
+    restarted = NatsServer(server.store_dir, port=server.port, log_file=server.log_file, auth_file=server.auth_file)
     await asyncio.to_thread(restarted.start)
     fault.back_at = time.time()
     return restarted
@@ -411,6 +420,21 @@ async def _settle(db_url: str, js, run: Run, limit: float) -> None:
         await asyncio.sleep(1.0)  # polling the records while the cluster finishes (noqa)
 
 
+async def _history_caught_up(js, limit: float) -> None:
+    """Wait (at most ``limit`` seconds) until the tracker has recorded every lifecycle event:
+    its JM_JOBS durable has nothing left to deliver and nothing unacked. A job can be final
+    before its own Started is recorded: a killed tracker's batch comes back only after the
+    ack wait, behind newer events."""
+    deadline = time.time() + limit
+    durable = subjects.durable("tracker", "jobs")
+    while time.time() < deadline:
+        with contextlib.suppress(Exception):
+            info = await js.consumer_info(subjects.STREAM_JOBS, durable)
+            if info.num_pending == 0 and info.num_ack_pending == 0:
+                return
+        await asyncio.sleep(0.5)  # polling the tracker's consumer (noqa)
+
+
 async def _read_records(db_url: str, ids: list[str]):
     conn = await asyncpg.connect(db_url)
     try:
@@ -563,14 +587,20 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
     """One chaos run in ``tmp`` against ``pg``; returns its report (nothing printed but progress)."""
     runs_file, handler_module = prepare_work_dir(tmp)
 
-    server = NatsServer(tmp / "nats", log_file=tmp / "nats.log").start()
+    # Authentication on, as in production: every replica connects as its own identity, and
+    # what the identities may not do (streams, durables, tables) the provisioner does first.
+    credentials = tmp / "credentials"
+    nodes = [f"chaos-{node}" for node in NODES]
+    issue(credentials, nodes, Settings.from_env("provision").partitions)
+    server = NatsServer(tmp / "nats", log_file=tmp / "nats.log", auth_file=credentials / AUTH_FILE).start()
     server_box = [server]
     db_url = await create_database(pg.uri(), "jm_chaos")
-    cluster = LocalCluster(server.url, db_url, tmp, env={"JOBMESH_LOG_LEVEL": "WARNING"})
+    cluster = LocalCluster(server.url, db_url, tmp, env={"JOBMESH_LOG_LEVEL": "WARNING"}, credentials=credentials)
     sup = Supervisor(cluster, _slots(handler_module))
     run = Run()
-    nc = None
+    nc = admin = None
     try:
+        await asyncio.to_thread(provision_as_provisioner, server.url, db_url, credentials, nodes)
         sup.start_all()
         # Not cluster.wait_healthy: a replica that dies at start (a port taken meanwhile)
         # is the supervisor's to restart, as it would be in production.
@@ -580,8 +610,10 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
             if time.time() > deadline:
                 raise Unavailable("not every replica's /healthz said ok within 120 s; see " + str(tmp / "logs"))
             await asyncio.sleep(0.2)  # waiting for every replica (noqa)
-        nc = await _connect(server.url)
-        js = nc.jetstream()
+        # Jobs go in and are watched as a client would; the records are read as the operator.
+        nc = await _connect(server.url, credentials, "client")
+        admin = await _connect(server.url, credentials, "provisioner")
+        js = admin.jetstream()
         await _watch(nc, run)
         client = Client(nc, timeout=10.0)
         tag = os.urandom(4).hex()
@@ -594,6 +626,7 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
         await submitting
         log(f"chaos: window over after {time.time() - run.t0:.0f} s; {len(run.acked)} acknowledged; settling")
         await _settle(db_url, js, run, cfg.settle)
+        await _history_caught_up(js, 30.0)
         settled_at = time.time()
         for fault, slot in run.kill_slots:
             start = sup.start_after(slot, fault.at)
@@ -632,9 +665,10 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
         for slot in sup.slots:
             if slot.stopped:
                 sup.resume(slot)
-        if nc is not None:
-            with contextlib.suppress(Exception):
-                await nc.close()
+        for conn in (nc, admin):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await conn.close()
         cluster.stop()
         server_box[0].stop()
         with contextlib.suppress(Exception):
