@@ -57,7 +57,7 @@ chaos: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.chaos
 
 .PHONY: chaos-short
-## chaos-short: the same in short (1,200 jobs, an 80 s window, every fault kind; about 3 minutes)
+## chaos-short: the same in short (1,200 jobs, an 80 s window, every fault kind; about 2 minutes); CI runs it as tests/test_chaos_short.py
 chaos-short: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.chaos --jobs 1200 --seconds 80 --settle 150
 

@@ -2,8 +2,7 @@
 is shown to fail when it should.
 
 The real runs are ``make chaos`` (10,000 jobs over 240 s) and ``make chaos-short`` (1,200
-jobs over 80 s). The short one is not in CI: it does not report all zeros every time
-(docs/chaos.md).
+jobs over 80 s); the short one runs in CI as ``tests/test_chaos_short.py`` (docs/chaos.md).
 """
 
 from __future__ import annotations
