@@ -30,7 +30,7 @@ from jobmesh.contract.codec import encode
 from jobmesh.contract.messages.v1 import DeadLetter, JobSubmitted, NodeInfo
 from jobmesh.contract.subjects import SERVICES
 from jobmesh.dev.cluster import LocalCluster
-from tests.natsauth_fixtures import AuthNats
+from tests.natsauth_fixtures import AuthBase
 
 NODE_ID = "node-e2e"
 E2E_NODE_ENV = {"JOBMESH_NODE_ID": NODE_ID, "JOBMESH_NODE_CPU_MILLI": "8000", "JOBMESH_NODE_MEMORY_MB": "8192"}
@@ -65,7 +65,7 @@ class ClusterFactory:
         nats_url: str,
         database_url: str,
         tmp_path_factory: pytest.TempPathFactory,
-        auth: AuthNats | None = None,
+        auth: AuthBase | None = None,
     ) -> None:
         self.nats_url = nats_url
         self.database_url = database_url
@@ -83,7 +83,7 @@ class ClusterFactory:
         name: str = "cluster",
         timeout: float = 60.0,
         credentials: Path | None = None,
-        server: AuthNats | None = None,
+        server: AuthBase | None = None,
     ) -> LocalCluster:
         """Start ``services`` and wait until each answers its health check.
 

@@ -5,6 +5,12 @@ The hub is a nats-server with JetStream (domain ``hub``) that accepts leaf nodes
 services run on it. The edge is a second nats-server with no JetStream of its own that
 dials the hub as a leaf node (``edge_server``); the executor connects only to it. Nothing
 connects to the edge from outside: its only listening port is for local clients.
+
+Authentication is on at both ends (``AuthNats(leafnodes=True)``): the hub's leaf node port
+takes only the link's key, and the edge lets in only jobmesh's identities, the executor
+with its own key and its grants in the hub domain's form (``permissions.in_domain``). The
+services on the hub connect as themselves; the test's own connections use the test
+administrator's password.
 """
 
 from __future__ import annotations
@@ -14,15 +20,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
+import nats
 import pytest
 
 from jobmesh.client.client import Client
 from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, Resources, Submission
 from jobmesh.dev.cluster import LocalCluster
-from jobmesh.dev.servers import HUB_DOMAIN, NatsServer, edge_server, free_port
+from jobmesh.dev.servers import NatsServer, edge_server
 from tests.cluster_fixtures import ClusterFactory, Service
 from tests.helpers import eventually
+from tests.natsauth_fixtures import LINK_SEED, AuthNats
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +38,16 @@ EDGE_NODE = "edge-node"
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory) -> Iterator[NatsServer]:
-    store = tmp_path_factory.mktemp("hub")
-    server = NatsServer(store, log_file=store / "nats.log", leafnode_port=free_port(), js_domain=HUB_DOMAIN).start()
+def hub(tmp_path_factory) -> Iterator[AuthNats]:
+    # The shipped fsync setting: this module kills a nats-server (tests/conftest.py).
+    server = AuthNats(tmp_path_factory.mktemp("hub"), sync_always=True, leafnodes=True).start()
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
 def edge(hub, tmp_path_factory) -> Iterator[NatsServer]:
-    store = tmp_path_factory.mktemp("edge")
-    server = edge_server(store, [hub.leafnode_url], log_file=store / "nats.log").start()
+    server = hub.edge(tmp_path_factory.mktemp("edge")).start()
     yield server
     server.stop()
 
@@ -56,7 +63,9 @@ async def services(hub, edge, database_url, tmp_path_factory, work_dir) -> Local
         "JOBMESH_NODE_ISOLATION": "process",
         "JOBMESH_WORK_DIR": str(work_dir / "nodes"),  # which that uid can reach
     }
-    with ClusterFactory(hub.url, database_url, tmp_path_factory) as factory:
+    # Every process connects with its own key; the executor's is issued, and the hub and the
+    # edge reloaded, before it starts (AuthNats.prepare).
+    with ClusterFactory(hub.plain_url, database_url, tmp_path_factory, auth=hub) as factory:
         yield await factory(
             ["trigger", "scheduler", "binder", "tracker", Service("executor", edge_env)],
             env={"JOBMESH_LOG_LEVEL": "WARNING"},
@@ -93,15 +102,35 @@ async def _submit(hub_url: str, argv: list[str]) -> str:
 
 async def test_the_edge_server_has_no_jetstream_and_only_dials_out(hub, edge):
     assert "jetstream" not in edge.config_text() and "listen" not in edge.config_text()
+    # It signs the link with a seed it includes from a file of the owner's only, not in its text.
+    assert (hub.credentials / LINK_SEED).read_text().strip() not in edge.config_text()
     varz = edge.monitor("/varz")
     assert not varz.get("leafnode", {}).get("port")  # the edge accepts no leaf nodes
     assert not varz.get("jetstream", {}).get("config")  # and stores nothing
 
     async def linked():
-        return hub.monitor("/leafz")["leafs"]  # the hub sees the edge's connection come in
+        return hub.server.monitor("/leafz")["leafs"]  # the hub sees the edge's connection come in
 
     (link,) = await eventually(linked, timeout=10, what="the edge to connect to the hub")
     assert link["account"] == "$G"
+
+
+async def test_the_edge_lets_in_keys_only_and_the_hub_links_only_the_link_key(hub, edge, tmp_path):
+    with pytest.raises(nats.errors.Error):
+        await nats.connect(edge.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    # An edge server without the link's key dials the hub and is turned away.
+    store = tmp_path / "rogue"
+    rogue = edge_server(store, [hub.server.leafnode_url], log_file=store / "nats.log").start()
+    try:
+
+        async def refused():
+            log = rogue.log_file.read_text(errors="replace") if rogue.log_file and rogue.log_file.exists() else ""
+            return "Authorization Violation" in log
+
+        await eventually(refused, timeout=15, what="the hub to refuse a link without the key")
+        assert len(hub.server.monitor("/leafz")["leafs"]) == 1  # the edge's link only
+    finally:
+        rogue.stop()
 
 
 async def test_an_edge_executor_pulls_a_job_bound_to_it_and_reports_it(hub, services, db):

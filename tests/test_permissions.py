@@ -270,6 +270,31 @@ def test_each_service_publishes_only_the_event_kinds_it_produces():
     assert perms.allows(node_a, f"$KV.{subjects.KV_NODES}.node-a")
 
 
+def test_an_edge_executor_gets_each_jetstream_grant_in_the_hub_domain_form_and_nothing_more():
+    # An edge server maps its clients' $JS.API.> and $KV.> onto the hub's domain before it
+    # checks their permissions (tests/test_leafnode.py runs an executor there).
+    plain = perms.executor("node-a")
+    edge = perms.executor("node-a", domain="hub")
+    assert edge.subscribe == plain.subscribe and edge.inbox == plain.inbox and edge.responds
+    assert edge.publish[: len(plain.publish)] == plain.publish  # every plain grant stays
+    added = edge.publish[len(plain.publish) :]
+    expected = [p.replace("$JS.API.", "$JS.hub.API.", 1) for p in plain.publish if p.startswith("$JS.API.")]
+    expected += [f"$JS.hub.API.{p}" for p in plain.publish if p.startswith("$KV.")]
+    assert sorted(added) == sorted(expected)
+    for pattern in added:  # each is a plain grant addressed through the domain
+        unprefixed = pattern.removeprefix("$JS.hub.API.")
+        assert unprefixed in plain.publish or f"$JS.API.{unprefixed}" in plain.publish, pattern
+    domain_next = f"$JS.hub.API.CONSUMER.MSG.NEXT.{subjects.STREAM_DISPATCH}"
+    assert perms.allows(edge.publish, f"{domain_next}.executor-node-a")
+    assert not perms.allows(edge.publish, f"{domain_next}.executor-node-b")
+    assert perms.allows(edge.publish, f"$JS.hub.API.$KV.{subjects.KV_NODES}.node-a")
+    assert not perms.allows(edge.publish, f"$JS.hub.API.$KV.{subjects.KV_NODES}.node-b")
+    assert not perms.allows(edge.publish, "$JS.hub.API.STREAM.DELETE.JM_DISPATCH")
+    for bad in ("*", ">", "a.b", ""):
+        with pytest.raises(ValueError):
+            perms.executor("node-a", domain=bad)
+
+
 async def test_granted_operations_work_against_the_server(provisioned: AuthServer):
     # The binder publishes a Bound event and gets its PubAck in its own inbox.
     binder = await provisioned.connect("binder")

@@ -230,9 +230,40 @@ def service(name: str, *, partitions: int = 0) -> Permissions:
     return Permissions(name, inbox, tuple(publish), (*subscribe, f"{inbox}.>"), responds=True)
 
 
-def executor(node_id: str) -> Permissions:
+def in_domain(patterns: Iterable[str], domain: str) -> list[str]:
+    """The JetStream API and KV grants among ``patterns`` as they reach the permission
+    check of an edge server (a leaf node of a hub whose JetStream domain is ``domain``).
+
+    That server maps its clients' ``$JS.API.>`` onto ``$JS.<domain>.API.>`` and ``$KV.>``
+    onto ``$JS.<domain>.API.$KV.>`` (``jobmesh.dev.servers.nats_config``, docs/nats-cluster.md)
+    before it checks the client's publish permissions, so a grant holds there only in that
+    form. Each is the same call on the same stream or key, only addressed through the
+    domain: nothing is granted that the plain form does not grant.
+
+    Raises:
+        ValueError: ``domain`` is not one subject token (a wildcard would grant the calls in
+            every domain).
+    """
+    if not domain or any(c in domain for c in ".*> \t"):
+        raise ValueError(f"in_domain: {domain!r} is not a JetStream domain (one subject token, no wildcards)")
+    found = []
+    for pattern in patterns:
+        if pattern.startswith(f"{API}."):
+            found.append(f"$JS.{domain}.API.{pattern.removeprefix(f'{API}.')}")
+        elif pattern.startswith("$KV."):
+            found.append(f"$JS.{domain}.API.{pattern}")
+    return found
+
+
+def executor(node_id: str, *, domain: str | None = None) -> Permissions:
     """The identity of one node's executor: its own dispatch durable, its own node record,
-    and events, logs and results of the attempts it runs."""
+    and events, logs and results of the attempts it runs.
+
+    Args:
+        node_id: the node.
+        domain: the hub's JetStream domain, for an executor that connects to an edge
+            server: its JetStream and KV grants in that form too (:func:`in_domain`).
+    """
     identity = executor_identity(node_id)
     publish, subscribe = _common("executor")
     publish += [
@@ -248,6 +279,8 @@ def executor(node_id: str) -> Permissions:
         *_objects_write(subjects.OBJ_RESULTS),
         *_objects_read(subjects.OBJ_UPLOADS),
     ]
+    if domain is not None:
+        publish += in_domain(publish, domain)
     inbox = inbox_of(identity)
     return Permissions(identity, inbox, tuple(publish), (*subscribe, f"{inbox}.>"), responds=True)
 

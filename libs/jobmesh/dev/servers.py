@@ -79,6 +79,8 @@ def nats_config(
     hub_domain: str | None = None,
     sync_always: bool = True,
     auth_file: Path | None = None,
+    leafnode_nkey: str | None = None,
+    leaf_credentials: Path | None = None,
 ) -> str:
     """The nats-server configuration of a local server (pure: no file is written).
 
@@ -98,6 +100,10 @@ def nats_config(
             False only for the test suite's per-module servers (see tests/conftest.py).
         auth_file: the authorization block ``jobmesh auth issue`` writes (``auth.conf``):
             with it, only jobmesh's identities may connect, each within its permissions.
+        leafnode_nkey: on a hub, the public nkey a leaf node must sign with to connect
+            (the link's own key; its clients authenticate at the edge).
+        leaf_credentials: on an edge server, a file holding the ``nkey`` line (the seed of
+            the link's key) of its remote; included, so the seed stays out of this text.
 
     Returns:
         The configuration text.
@@ -132,12 +138,26 @@ def nats_config(
         lines.append("leafnodes {")
         if leafnode_port is not None:
             lines.append(f"  listen: 127.0.0.1:{leafnode_port}")
+            if leafnode_nkey:
+                # Only a leaf node that signs with this key's seed may link up (bound to the
+                # global account, where jobmesh's streams are).
+                lines.append(f'  authorization {{ nkey: "{leafnode_nkey}" }}')
         if leaf_remotes:
             # The edge dials out; nothing connects to it. A short reconnect interval so a
             # link that comes back is used again within a heartbeat or two.
             lines.append("  reconnect: 1s")
             lines.append("  remotes = [")
-            lines.append("    { urls: [" + ", ".join(f'"{url}"' for url in leaf_remotes) + "] }")
+            urls = "urls: [" + ", ".join(f'"{url}"' for url in leaf_remotes) + "]"
+            if leaf_credentials is None:
+                lines.append(f"    {{ {urls} }}")
+            else:
+                # An include ends at the end of its line: the entry spans three.
+                lines += [
+                    "    {",
+                    f"      {urls}",
+                    f'      include "{_relative_include(leaf_credentials, store_dir)}"',
+                    "    }",
+                ]
             lines.append("  ]")
         lines.append("}")
     if hub_domain:
@@ -152,20 +172,39 @@ def nats_config(
             "}",
         ]
     if auth_file is not None:
-        # nats-server reads an include relative to the configuration's own directory
-        # (store_dir, where the configuration is written), even a path that starts with /.
-        lines.append(f'include "{os.path.relpath(Path(auth_file).resolve(), Path(store_dir).resolve())}"')
+        lines.append(f'include "{_relative_include(auth_file, store_dir)}"')
     return "\n".join(lines) + "\n"
 
 
+def _relative_include(path: Path, store_dir: Path) -> str:
+    # nats-server reads an include relative to the configuration's own directory
+    # (store_dir, where the configuration is written), even a path that starts with /.
+    return os.path.relpath(Path(path).resolve(), Path(store_dir).resolve())
+
+
 def edge_server(
-    store_dir: str | Path, hub_leafnode_urls: Sequence[str], log_file: str | Path | None = None
+    store_dir: str | Path,
+    hub_leafnode_urls: Sequence[str],
+    log_file: str | Path | None = None,
+    *,
+    auth_file: Path | None = None,
+    leaf_credentials: Path | None = None,
 ) -> NatsServer:
     """An edge nats-server: a leaf node of a hub (``HUB_DOMAIN``) with no JetStream of its
     own, so its clients' streams, consumers, KV and object stores are the hub's. It opens
-    the connection to the hub; nothing connects to it but local clients."""
+    the connection to the hub; nothing connects to it but local clients.
+
+    With ``auth_file`` its local clients connect with their own keys, within their
+    permissions (an executor's in their ``HUB_DOMAIN`` form: ``permissions.executor``);
+    ``leaf_credentials`` signs the link to a hub that requires a key for it."""
     return NatsServer(
-        store_dir, log_file=log_file, leaf_remotes=hub_leafnode_urls, jetstream=False, hub_domain=HUB_DOMAIN
+        store_dir,
+        log_file=log_file,
+        leaf_remotes=hub_leafnode_urls,
+        jetstream=False,
+        hub_domain=HUB_DOMAIN,
+        auth_file=auth_file,
+        leaf_credentials=leaf_credentials,
     )
 
 
@@ -186,6 +225,8 @@ class NatsServer:
         hub_domain: on an edge server, the hub's JetStream domain its clients use.
         sync_always: fsync before every PubAck (the default, as shipped).
         auth_file: the ``auth.conf`` of ``jobmesh auth issue`` (authentication on).
+        leafnode_nkey: on a hub, the public key a leaf node must sign its link with.
+        leaf_credentials: on an edge server, the file with the link's ``nkey`` seed line.
     """
 
     def __init__(
@@ -204,6 +245,8 @@ class NatsServer:
         hub_domain: str | None = None,
         sync_always: bool = True,
         auth_file: Path | None = None,
+        leafnode_nkey: str | None = None,
+        leaf_credentials: Path | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         # A member of a cluster is known to the others by its ports: they never change.
@@ -221,6 +264,8 @@ class NatsServer:
         self.hub_domain = hub_domain
         self.sync_always = sync_always
         self.auth_file = auth_file
+        self.leafnode_nkey = leafnode_nkey
+        self.leaf_credentials = leaf_credentials
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -256,6 +301,8 @@ class NatsServer:
             hub_domain=self.hub_domain,
             sync_always=self.sync_always,
             auth_file=self.auth_file,
+            leafnode_nkey=self.leafnode_nkey,
+            leaf_credentials=self.leaf_credentials,
         )
 
     def start(self, timeout: float = 15.0, attempts: int = 3) -> NatsServer:
@@ -342,10 +389,14 @@ class NatsCluster:
         size: how many servers.
         leafnodes: also accept leaf node connections on each member (``leafnode_urls``);
             the cluster's JetStream domain is then ``HUB_DOMAIN``.
+        auth_file: the ``auth.conf`` of ``jobmesh auth issue``, included by every member
+            alike (authentication on): a client may reconnect to any member with its key.
+            After issuing a key, ``reload`` makes every running member read it.
     """
 
-    def __init__(self, root: str | Path, size: int = 3, leafnodes: bool = False) -> None:
+    def __init__(self, root: str | Path, size: int = 3, leafnodes: bool = False, auth_file: Path | None = None) -> None:
         self.root = Path(root)
+        self.auth_file = auth_file
         route_ports = [free_port() for _ in range(size)]
         self.servers = [
             NatsServer(
@@ -356,6 +407,7 @@ class NatsCluster:
                 cluster=ClusterBlock(route_ports[i], tuple(p for j, p in enumerate(route_ports) if j != i)),
                 leafnode_port=free_port() if leafnodes else None,
                 js_domain=HUB_DOMAIN if leafnodes else None,
+                auth_file=auth_file,
             )
             for i in range(size)
         ]
@@ -449,6 +501,12 @@ class NatsCluster:
                 if detail.get("name") == stream:
                     return detail.get("cluster") or {}
         return None
+
+    def reload(self) -> None:
+        """Make every running member read its configuration again (an ``auth.conf`` with a
+        newly issued key). A stopped member reads the file when it starts again."""
+        for server in self.running():
+            server.reload()
 
     def kill(self, server: NatsServer) -> None:
         """SIGKILL one member: no shutdown, no flush, as a crashed host would."""
