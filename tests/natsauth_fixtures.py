@@ -24,19 +24,16 @@ there connects with its own key, its grants written in the hub domain's form too
 from __future__ import annotations
 
 import asyncio
-import os
 import secrets
 import threading
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from jobmesh.contract import permissions
 from jobmesh.dev.devcluster import wait_key_accepted
 from jobmesh.dev.servers import HUB_DOMAIN, NatsCluster, NatsServer, edge_server, free_port
 from jobmesh.errors import InvalidSpec
-from jobmesh.runtime import natsauth
-from jobmesh.runtime.commands import AUTH_FILE, EXECUTOR_PREFIX, identities, issue
+from jobmesh.runtime.commands import AUTH_FILE, LINK_CONF, issue, link_key
 from jobmesh.runtime.settings import Settings
 from jobmesh.runtime.tracing import Tracing
 
@@ -44,10 +41,6 @@ from jobmesh.runtime.tracing import Tracing
 ISSUED_PARTITIONS = 16
 ADMIN_USER = "test-admin"
 PROVISIONED = ("trigger", "scheduler", "binder", "tracker")
-# The leaf link's own key (a hub's leaf node port takes no other) and the line an edge
-# server includes in its remote to sign with it.
-LINK_SEED = "leaf-link.nk"
-LINK_CONF = "leaf-link.conf"
 
 
 def write_auth(directory: Path, nodes: list[str], password: str, domain: str | None = None) -> None:
@@ -55,13 +48,12 @@ def write_auth(directory: Path, nodes: list[str], password: str, domain: str | N
     with the test administrator's password entry added.
 
     Args:
-        domain: the hub's JetStream domain when executors connect to an edge server: their
-            grants are written in that form too (``permissions.executor(domain=...)``).
+        domain: the hub's JetStream domain when executors connect to an edge server: issued
+            as ``jobmesh auth issue --edge-domain`` does (their grants in that form too, and
+            the leaf link's own key).
     """
-    issue(directory, nodes, ISSUED_PARTITIONS)
+    issue(directory, nodes, ISSUED_PARTITIONS, domain)
     path = directory / AUTH_FILE
-    if domain is not None:
-        _executors_in_domain(directory, domain)
     text = path.read_text()
     entry = (
         f'    {{ user: "{ADMIN_USER}", password: "{password}", '
@@ -72,30 +64,9 @@ def write_auth(directory: Path, nodes: list[str], password: str, domain: str | N
     path.write_text(text[: -len(end)] + "\n" + entry + end)
 
 
-def _executors_in_domain(directory: Path, domain: str) -> None:
-    """Write ``auth.conf`` again, as ``issue`` did, with every executor's grants in their
-    ``domain`` form too: ``jobmesh auth issue`` has no option for that yet."""
-    path = directory / AUTH_FILE
-    nodes = sorted(seed.stem.removeprefix(EXECUTOR_PREFIX) for seed in directory.glob(f"{EXECUTOR_PREFIX}*.nk"))
-    grants = identities(nodes, ISSUED_PARTITIONS)
-    grants |= {permissions.executor_identity(node): permissions.executor(node, domain=domain) for node in nodes}
-    users = {natsauth.public_key(natsauth.read_seed(directory / f"{name}.nk")): perms for name, perms in grants.items()}
-    header, block, _ = path.read_text().partition("authorization {")
-    assert block, "auth.conf changed shape: it has no authorization block"
-    path.write_text(header + natsauth.authorization_block(users))
-
-
 def write_link_key(directory: Path) -> str:
-    """Write the leaf link's seed and the ``nkey`` line an edge server includes, both
-    readable by their owner only; return the public key a hub requires of the link."""
-    seed_file = directory / LINK_SEED
-    if not seed_file.exists():
-        natsauth.write_seed(seed_file, natsauth.new_seed())
-    seed = natsauth.read_seed(seed_file)
-    fd = os.open(directory / LINK_CONF, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(f'nkey: "{seed.decode()}"\n')
-    return natsauth.public_key(seed)
+    """The public key a hub requires of the leaf link (``commands.link_key``)."""
+    return link_key(directory)["public_key"]
 
 
 def run_blocking(coro: Coroutine[Any, Any, Any]) -> Any:

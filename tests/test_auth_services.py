@@ -138,3 +138,33 @@ async def test_jobs_run_end_to_end_with_every_process_on_its_own_identity(
     finally:
         await conn.close()
         await client.close()
+
+
+def test_issue_for_executors_behind_a_leaf_node(tmp_path):
+    directory = tmp_path / "edge-keys"
+    issued = _jobmesh(
+        ["auth", "issue", "--dir", str(directory), "--node", "edge-1", "--edge-domain", "hub", "--json"], {}
+    )
+    assert issued.returncode == 0, issued.stderr
+    rows = {row["identity"]: row for row in json.loads(issued.stdout)["identities"]}
+    link = rows["leaf-link"]
+    assert link["new"] == "yes" and link["public_key"].startswith("U")
+    conf = directory / "leaf-link.conf"
+    assert oct(conf.stat().st_mode & 0o777) == "0o600"
+    assert conf.read_text().startswith('nkey: "SU')
+    text = (directory / "auth.conf").read_text()
+    # The edge checks grants after its mapping: the executor's calls in the domain's form.
+    assert "$JS.hub.API.CONSUMER.MSG.NEXT.JM_DISPATCH.executor-edge-1" in text
+    assert "$JS.hub.API.$KV.jm_nodes.edge-1" in text
+    assert link["public_key"] not in text  # the link has no client grants
+    # A later issue (a new node) keeps the domain and the link key.
+    again = _jobmesh(["auth", "issue", "--dir", str(directory), "--node", "edge-2", "--json"], {})
+    assert again.returncode == 0, again.stderr
+    rows = {row["identity"]: row for row in json.loads(again.stdout)["identities"]}
+    assert rows["leaf-link"] == {**link, "new": "no"}
+    assert "$JS.hub.API.CONSUMER.MSG.NEXT.JM_DISPATCH.executor-edge-2" in (directory / "auth.conf").read_text()
+    # Another domain for the same keys, or one that is not a subject token, is refused by name.
+    other = _jobmesh(["auth", "issue", "--dir", str(directory), "--edge-domain", "elsewhere"], {})
+    assert other.returncode != 0 and "--edge-domain" in other.stderr and "'hub'" in other.stderr
+    bad = _jobmesh(["auth", "issue", "--dir", str(tmp_path / "bad"), "--edge-domain", "a.b"], {})
+    assert bad.returncode != 0 and "--edge-domain" in bad.stderr

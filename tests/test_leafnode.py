@@ -28,9 +28,10 @@ from jobmesh.contract.ids import job_id_for
 from jobmesh.contract.messages.v1 import JobSpec, ProcessRuntime, Resources, Submission
 from jobmesh.dev.cluster import LocalCluster
 from jobmesh.dev.servers import NatsServer, edge_server
+from jobmesh.runtime.commands import LINK_SEED
 from tests.cluster_fixtures import ClusterFactory, Service
 from tests.helpers import eventually
-from tests.natsauth_fixtures import LINK_SEED, AuthNats
+from tests.natsauth_fixtures import AuthNats
 
 pytestmark = pytest.mark.integration
 

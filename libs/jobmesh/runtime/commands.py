@@ -72,6 +72,13 @@ def register(subparsers: Any) -> None:
     issue.add_argument(
         "--node", action="append", default=[], metavar="NODE_ID", help="an executor node (repeat for several)"
     )
+    issue.add_argument(
+        "--edge-domain",
+        metavar="DOMAIN",
+        help="the hub's JetStream domain, for executors behind a leaf node (docs/nats-cluster.md): every "
+        "executor's grants are also written in that domain's form, and the leaf link gets a key of its own "
+        "(leaf-link.nk, and leaf-link.conf for the edge's remote). Remembered in --dir for later issues",
+    )
     issue.add_argument("--json", action="store_true", help="print what was issued as JSON")
     issue.set_defaults(fn=run_issue)
 
@@ -229,36 +236,58 @@ async def _quiet(exc: Exception) -> None:
 
 AUTH_FILE = "auth.conf"
 EXECUTOR_PREFIX = "executor-"
+# With executors behind a leaf node: the hub's JetStream domain (kept for later issues),
+# the leaf link's own seed, and the line an edge server's remote includes to sign with it.
+EDGE_DOMAIN_FILE = "edge-domain"
+LINK_SEED = "leaf-link.nk"
+LINK_CONF = "leaf-link.conf"
 
 
-def identities(nodes: list[str], partitions: int) -> dict[str, permissions.Permissions]:
-    """Every identity of a cluster with these executor nodes, by name."""
+def identities(nodes: list[str], partitions: int, edge_domain: str | None = None) -> dict[str, permissions.Permissions]:
+    """Every identity of a cluster with these executor nodes, by name (an executor's grants
+    also in ``edge_domain``'s form, when executors connect through a leaf node)."""
     found = {"provisioner": permissions.provisioner()}
     for name in ("trigger", "scheduler", "binder", "tracker"):
         found[name] = permissions.service(name, partitions=partitions)
     for node in nodes:
-        found[permissions.executor_identity(node)] = permissions.executor(node)
+        found[permissions.executor_identity(node)] = permissions.executor(node, domain=edge_domain)
     found["client"] = permissions.client()
     found["integrator"] = permissions.integrator()
     return found
 
 
-def issue(directory: Path, nodes: list[str], partitions: int) -> list[dict[str, str]]:
+def issue(directory: Path, nodes: list[str], partitions: int, edge_domain: str | None = None) -> list[dict[str, str]]:
     """Write a seed for each identity that has none in ``directory``, and ``auth.conf``.
 
     Nodes whose seed is already there stay in the block, so issuing a key for a new node
     keeps every earlier one; nothing existing is overwritten.
 
+    Args:
+        edge_domain: the hub's JetStream domain when executors connect through a leaf node:
+            their grants are written in its form too, and the leaf link gets its own key
+            (:func:`link_key`). Kept in the directory: a later issue without it keeps it.
+
     Returns:
         One row per identity: its name, public key, seed file and whether it is new.
+
+    Raises:
+        InvalidSpec: a node id or the domain is not one subject token, or the domain differs
+            from the one issued before.
     """
     for node in nodes:
         if not node or any(c in node for c in ".*> \t"):
             raise InvalidSpec(f"--node: {node!r} is not a node id (one subject token: no dots, wildcards or spaces)")
+    if edge_domain is not None and (not edge_domain or any(c in edge_domain for c in ".*> \t")):
+        raise InvalidSpec(f"--edge-domain: {edge_domain!r} is not a JetStream domain (one subject token)")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
+    domain_file = directory / EDGE_DOMAIN_FILE
+    kept = domain_file.read_text().strip() if domain_file.exists() else None
+    if edge_domain is not None and kept is not None and edge_domain != kept:
+        raise InvalidSpec(f"--edge-domain: {edge_domain!r}, but the keys in {directory} were issued for {kept!r}")
+    edge_domain = edge_domain or kept
     known = sorted(p.stem.removeprefix(EXECUTOR_PREFIX) for p in directory.glob(f"{EXECUTOR_PREFIX}*.nk"))
-    everyone = identities(sorted(set(known) | set(nodes)), partitions)
+    everyone = identities(sorted(set(known) | set(nodes)), partitions, edge_domain)
     rows, users = [], {}
     for name, grants in everyone.items():
         path = directory / f"{name}.nk"
@@ -272,7 +301,31 @@ def issue(directory: Path, nodes: list[str], partitions: int) -> list[dict[str, 
         "# Written by `jobmesh auth issue`: public keys only, no secret. Include it in the\n"
         "# nats-server configuration and reload the server after each issue.\n" + natsauth.authorization_block(users)
     )
+    if edge_domain is not None:
+        domain_file.write_text(edge_domain + "\n")
+        rows.append(link_key(directory))
     return rows
+
+
+def link_key(directory: Path) -> dict[str, str]:
+    """The leaf link's own key: its seed (``leaf-link.nk``, made once) and the ``nkey:`` line
+    an edge server's remote includes (``leaf-link.conf``), both readable by their owner only.
+    The hub's ``leafnodes`` block accepts a link signed by it alone; it carries no grants
+    (the edge checks its own clients).
+
+    Returns:
+        Its row, as :func:`issue` lists identities.
+    """
+    seed_file = directory / LINK_SEED
+    new = not seed_file.exists()
+    if new:
+        natsauth.write_seed(seed_file, natsauth.new_seed())
+    seed = natsauth.read_seed(seed_file)
+    fd = os.open(directory / LINK_CONF, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f'nkey: "{seed.decode()}"\n')
+    key = natsauth.public_key(seed)
+    return {"identity": "leaf-link", "public_key": key, "seed_file": str(seed_file), "new": "yes" if new else "no"}
 
 
 async def run_issue(args: argparse.Namespace) -> int:
@@ -282,7 +335,7 @@ async def run_issue(args: argparse.Namespace) -> int:
         0 once the files are written.
     """
     settings = Settings.from_env("provision")
-    rows = issue(args.dir, args.node, settings.partitions)
+    rows = issue(args.dir, args.node, settings.partitions, args.edge_domain)
     if args.json:
         print(json.dumps({"auth_file": str(args.dir / AUTH_FILE), "identities": rows}, indent=2))
         return 0
@@ -299,4 +352,12 @@ async def run_issue(args: argparse.Namespace) -> int:
         "its own seed file through JOBMESH_NATS_NKEY_FILE.",
         file=sys.stderr,
     )
+    link = next((row for row in rows if row["identity"] == "leaf-link"), None)
+    if link is not None:
+        print(
+            f"jobmesh: the leaf link: the hub's leafnodes block takes it alone "
+            f'(authorization {{ nkey: "{link["public_key"]}" }}), and the edge server\'s remote includes '
+            f"{args.dir / LINK_CONF} (its seed). The edge server includes auth.conf too (docs/nats-cluster.md).",
+            file=sys.stderr,
+        )
     return 0
