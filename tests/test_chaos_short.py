@@ -11,6 +11,8 @@ failure the kept work directory (logs, evidence.json) is named in its stderr.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -23,13 +25,23 @@ pytestmark = pytest.mark.integration
 SHORT = ["--jobs", "1200", "--seconds", "80", "--settle", "150"]  # as `make chaos-short`
 
 
+@pytest.mark.timeout(960)  # start-up, the 80 s window, at most 150 s of settling, the history wait
 def test_the_short_chaos_run_loses_duplicates_and_leaks_nothing():
-    done = subprocess.run(
+    # A session of its own: on a timeout the whole run goes (its nats-server, Postgres and
+    # replicas run in sessions of their own too, and it stops them when it is interrupted).
+    proc = subprocess.Popen(
         [sys.executable, "-m", "jobmesh.dev.chaos", *SHORT, "--json"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=900,
+        start_new_session=True,
     )
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGTERM)  # chaos.main turns SIGTERM into a clean stop
+        stdout, stderr = proc.communicate(timeout=60)
+    done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
     tail = "\n".join(done.stderr.strip().splitlines()[-15:])
     assert done.stdout.strip(), f"no report (exit {done.returncode}):\n{tail}"
     report = json.loads(done.stdout)

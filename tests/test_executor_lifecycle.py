@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 
 from jobmesh.contract import subjects
@@ -365,6 +366,50 @@ async def test_a_restarted_executor_publishes_the_end_an_attempt_kept_instead_of
         assert marker.read_text().splitlines() == [str(pid)]
         assert not harness.jobs.of(bound.job_id, JobLost)
         assert len(harness.jobs.of(bound.job_id, JobSucceeded)) == 1
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                stop_process(proc)
+
+
+async def test_a_kill_right_after_an_attempt_succeeded_is_not_reported_as_a_loss(
+    harness, nats_server, work_dir, shared_dir
+):
+    """kill -9 as soon as an attempt's JobSucceeded is out, before a heartbeat would list it
+    as ended (they come every 1.5 s here): the next executor must not report it lost, which
+    would race the end to the scheduler and end the job twice."""
+    node = "exec-life-ended"
+    marker = shared_dir / "runs-ended"
+    settings = {"JOBMESH_HEARTBEAT_SECONDS": "1.5"}
+    first = start_executor(nats_server.url, node, work_dir, **settings)
+    second = None
+    try:
+        old = await eventually(lambda: harness.node_record(node), what="the first executor's record")
+        bound = await harness.dispatch(sh(f"echo $$ >> {marker}"), node_id=node)
+        await wait_for(harness, bound.job_id, JobSucceeded, "the attempt to succeed")
+        first.kill()
+        await asyncio.to_thread(first.wait, 10)
+        second = start_executor(nats_server.url, node, work_dir, **settings)
+
+        async def new_record():
+            record = await harness.node_record(node)
+            return record if record is not None and record.incarnation != old.incarnation else None
+
+        record = await eventually(new_record, what="the new incarnation's record")
+        assert attempt_key(bound.job_id, 1) in record.ended
+        assert not [a for a in record.attempts if a.job_id == bound.job_id]
+        # Whatever the new process reported was durable before that record: a JobLost would
+        # be the last message on its subject now.
+        lost_subject = subjects.node_event(bound.partition, subjects.LOST, node)
+        with pytest.raises(nats.js.errors.NotFoundError):
+            await harness.js.get_last_msg(subjects.STREAM_JOBS, lost_subject)
+        root = work_dir / node
+
+        async def cleared():
+            return not (root / f".{bound.job_id}-1").exists() and not (root / f"{bound.job_id}-1").exists()
+
+        await eventually(cleared, what="the attempt's directories to be removed")
+        assert len(marker.read_text().splitlines()) == 1
     finally:
         for proc in (first, second):
             if proc is not None:

@@ -372,17 +372,32 @@ def test_an_attempt_that_kept_its_outcome_is_reported_ended_and_the_others_lost(
     assert third.msg_id == refused.msg_id and third.subject == refused.subject
 
 
-def test_a_kept_outcome_cut_off_or_of_another_attempt_is_not_believed(tmp_path):
+def test_a_kept_outcome_cut_off_or_not_of_this_attempt_on_this_node_is_not_believed(tmp_path):
     root = tmp_path / "node"
     lease = AttemptLease(job_id="j1", attempt=1, partition=2, started_at=1.0)
     (root / ".j1-1").mkdir(parents=True)
-    (root / ".j1-1" / OUTCOME_FILE).write_bytes(b'{"subject": "x", "msg_')
-    assert read_outcome(root / ".j1-1", lease) is None
-    # A job that could write its private directory must not end another attempt.
-    other = terminal_message(bound("other"), NODE, Outcome(0, None), 1.0, 2.0, None)
-    write_outcome(root / ".j1-1", other)
-    assert read_outcome(root / ".j1-1", lease) is None
-    assert read_outcome(root / ".missing", lease) is None
+    (root / ".j1-1" / OUTCOME_FILE).write_bytes(b'{"succeeded": {"job_')
+    assert read_outcome(root / ".j1-1", lease, NODE) is None
+    # A job that could write its private directory must not end another attempt, report
+    # for another node or partition.
+    for other in (
+        terminal_message(bound("other"), NODE, Outcome(0, None), 1.0, 2.0, None),
+        terminal_message(bound("j1", attempt=2), NODE, Outcome(0, None), 1.0, 2.0, None),
+        terminal_message(bound("j1", node_id="elsewhere"), "elsewhere", Outcome(0, None), 1.0, 2.0, None),
+    ):
+        write_outcome(root / ".j1-1", other)
+        assert read_outcome(root / ".j1-1", lease, NODE) is None
+    moved = AttemptLease(job_id="j1", attempt=1, partition=7, started_at=1.0)
+    write_outcome(root / ".j1-1", terminal_message(bound("j1"), NODE, Outcome(0, None), 1.0, 2.0, None))
+    assert read_outcome(root / ".j1-1", moved, NODE) is None
+    # Its subject and message id come from the attempt, never from the file.
+    again = read_outcome(root / ".j1-1", lease, NODE)
+    assert again is not None and again.subject == subjects.node_event(2, subjects.SUCCEEDED, NODE)
+    assert again.msg_id == "j1:1:succeeded"
+    assert read_outcome(root / ".missing", lease, NODE) is None
+    # A new run of the same attempt id does not inherit an outcome left from an earlier one.
+    write_lease(root / ".j1-1", lease)
+    assert not (root / ".j1-1" / OUTCOME_FILE).exists()
     reports, kept = reports_of(root, [lease], NODE, 9.0)
     assert kept == 0 and [r.msg_id for r in reports] == ["j1:1:lost"]
 

@@ -25,6 +25,7 @@ earlier incarnation left behind, and which were cancelled before their ``JobBoun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import io
@@ -83,7 +84,7 @@ from jobmesh.executor.outcomes import (
 from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, ProgressRecorder
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, reports_of, write_lease, write_outcome
+from jobmesh.executor.restart import kill_leftovers, remove_leftovers, reports_of, write_lease, write_outcome
 from jobmesh.executor.results import EMPTY_KEPT, RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.executor.runrequest import Runner, RunRequest
@@ -103,6 +104,9 @@ from jobmesh.runtime.tracing import Context, start_attempt_span
 log = logging.getLogger("jobmesh.executor.attempts")
 
 CHECKPOINT_VAR = "JOBMESH_CHECKPOINT"
+# How long an ended attempt keeps its private directory (its lease and kept outcome) while
+# it waits for a node record that lists it as ended (a put takes milliseconds).
+RECORDED_WAIT_SECONDS = 5.0
 SECRET_MISSING: FailureCode = "secret_missing"
 INPUT_FILE_FAILED: FailureCode = "input_file_failed"
 # The runner of each runtime kind this node offers, by the runtime's wire tag: "process"
@@ -111,10 +115,11 @@ INPUT_FILE_FAILED: FailureCode = "input_file_failed"
 Runners = Mapping[str, Runner]
 # What a JobBound gets (Attempts.classify):
 #   run: a new attempt; duplicate: this process has it already (running or ended);
-#   orphaned: an earlier incarnation started it (it was reported lost at start);
+#   orphaned: an earlier incarnation started it (it was reported at start: lost, or ended
+#     with the terminal event it kept);
 #   ended_before: an earlier incarnation ended it, and its terminal event is durable;
 #   left_behind: its working directory exists, so an earlier incarnation started it (its
-#     record has expired since): it is reported lost, not run a second time;
+#     record has expired since): it is reported lost (or ended, as it kept), not run again;
 #   cancelled: an AttemptCancel came first; stale: a newer attempt of the job runs here.
 Verdict = Literal["run", "duplicate", "orphaned", "ended_before", "left_behind", "cancelled", "stale"]
 
@@ -183,7 +188,10 @@ class Attempt:
         setup: the node's runners, environment, isolation, secrets and uploads.
         results: reads and stores result files.
         tracer: for the attempt's span.
-        on_ended: called with the attempt's key once its terminal event is durable.
+        on_ended: called with the attempt's key once its terminal event is durable; may
+            return the future of a node record listing it as ended being durable, which the
+            attempt waits for (bounded) before its private directory, with the outcome it
+            kept, goes.
         clock: epoch seconds.
     """
 
@@ -201,7 +209,7 @@ class Attempt:
         setup: AttemptSetup,
         results: ResultStore | None,
         tracer: trace.Tracer,
-        on_ended: Callable[[str], None],
+        on_ended: Callable[[str], asyncio.Future[None] | None],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bound = bound
@@ -268,15 +276,22 @@ class Attempt:
             )
             try:
                 # Kept before it is published: an executor killed before its record lists the
-                # attempt as ended lets the next one publish this again, not a loss.
-                await asyncio.to_thread(write_outcome, self.private_dir, terminal)
-            except OSError as exc:
+                # attempt as ended lets the next one publish this again, not a loss. Shielded:
+                # a drain's cancel must not leave the write to finish after the clean-up.
+                await asyncio.shield(asyncio.to_thread(write_outcome, self.private_dir, terminal))
+            except Exception as exc:  # noqa: BLE001 - the end is published all the same
                 log.warning("%s: cannot keep its outcome in %s: %s", self.name, self.private_dir, exc)
             durable = self._reporter.emit([terminal])
             # The directory stays until the outcome is durable, for whoever debugs a loss
             # (an executor that dies first leaves it, and its next start clears it).
             await durable
-            self._on_ended(self.key)
+            recorded = self._on_ended(self.key)
+            if recorded is not None:
+                # And until a record listing the attempt as ended is durable: before that, a
+                # kill leaves a record that lists it running, and the next executor must find
+                # the outcome to publish again rather than report a loss.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(recorded), RECORDED_WAIT_SECONDS)
         finally:
             span.end()
             # However it ends, cancelled by a drain whose events never became durable
@@ -711,6 +726,9 @@ class Attempts:
         self.setup = setup
         self._tracer = tracer
         self.leases = leases if leases is not None else LeaseBook()
+        # Asks for a node record put (Registration.put_soon; set once the registration
+        # exists): an attempt that ended waits for the record listing it as ended.
+        self.record_put: Callable[[], asyncio.Future[None]] | None = None
         self._results = results
         self._clock = clock
         self._remember = remember
@@ -894,20 +912,32 @@ class Attempts:
         key = attempt_key(bound.job_id, bound.attempt)
         workdir = self.workdir_of(bound)
         log.warning(
-            "%s: an earlier executor of this node started it (%s is left), so it is reported lost, not run again",
+            "%s: an earlier executor of this node started it (%s is left): reporting what became of it, not running it",
             attempt_name(bound.job_id, bound.attempt),
             workdir,
         )
         lease = AttemptLease(
             job_id=bound.job_id, attempt=bound.attempt, partition=bound.partition, started_at=bound.bound_at
         )
-        # Its kept outcome, if it ended, is read before its directories go.
+        # Its kept outcome, if it ended, is read first; its directories go only once the
+        # report is durable and recorded, so an executor killed meanwhile leaves the next one
+        # the same evidence.
         reports, _ = await asyncio.to_thread(reports_of, self._work_root, [lease], self._node_id, self._clock())
-        await asyncio.to_thread(kill_leftovers, [workdir])
-        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        await asyncio.to_thread(kill_leftovers, [workdir], remove=False)
         durable = self._reporter.emit([dataclasses.replace(report, context=context) for report in reports])
         self._remember_seen(key, durable)
+        clearing = asyncio.get_running_loop().create_task(self._clear_left_behind(key, workdir, durable))
+        self._keeping.add(clearing)
+        clearing.add_done_callback(self._keeping.discard)
         return durable
+
+    async def _clear_left_behind(self, key: str, workdir: Path, durable: asyncio.Future[None]) -> None:
+        await durable
+        recorded = self._ended(key)
+        if recorded is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(recorded), RECORDED_WAIT_SECONDS)
+        await asyncio.to_thread(remove_leftovers, [workdir])
 
     def _remember_seen(self, key: str, started: asyncio.Future[None]) -> None:
         recent = self._recent
@@ -915,8 +945,9 @@ class Attempts:
         if len(recent) > self._remember:
             recent.popitem(last=False)
 
-    def _ended(self, key: str) -> None:
+    def _ended(self, key: str) -> asyncio.Future[None] | None:
         self.leases.end(key, self._clock())
+        return self.record_put() if self.record_put is not None else None
 
     def _finished(self, attempt: Attempt, _task: asyncio.Task[None]) -> None:
         self._running.pop(attempt.key, None)

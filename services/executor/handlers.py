@@ -15,7 +15,7 @@ verdict:
 
 - a copy of an attempt this process already has is acked once its Started is durable;
 - an attempt an earlier incarnation ran, or ended, is acked without running it (it was
-  reported lost at start, or its terminal event is durable);
+  reported at start, lost or with the end it kept, or its terminal event is durable);
 - an attempt whose working directory exists was started by an earlier incarnation whose
   record has expired since: it is reported lost (and what it left running is killed),
   never run a second time under the same attempt number;

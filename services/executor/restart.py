@@ -3,8 +3,9 @@
 An executor that starts under a node id whose record is still in KV (it was killed and came
 back within the node TTL) reads that record before its first put. Every attempt the record
 lists belongs to another incarnation and is not running any more in this process: it is
-reported lost at once (:func:`lost_messages`), so the scheduler retries it without waiting
-for a lease to expire, and a dispatch of it that comes again is acked without running it.
+reported lost at once (:func:`lost_messages`; or ended, below), so the scheduler retries it
+without waiting for a lease to expire, and a dispatch of it that comes again is acked
+without running it.
 
 The processes such an attempt started may have outlived the executor (each attempt runs in
 a session of its own). :func:`kill_leftovers` stops those still working in the attempt's
@@ -28,7 +29,12 @@ record's running ones. Reporting it lost would race the real end to the schedule
 scheduler replica killed while holding the end delivers it only after its ack wait), and
 the job could end twice. So a starting executor publishes again the terminal event it finds
 (:func:`reports_of`: the same message id, a no-op for JetStream when it was durable) and
-reports lost only the attempts that left none.
+reports lost only the attempts that left none. An attempt's private directory therefore
+stays until a node record listing it as ended is durable, and a starting executor removes
+the old directories only once its reports are durable and in a record of its own.
+JetStream drops the copy of an event that was durable only within its duplicate window
+(120 s); a later copy is absorbed by the tracker (events by id) and the scheduler (an
+attempt that already ended).
 """
 
 from __future__ import annotations
@@ -59,15 +65,15 @@ OUTCOME_FILE = "outcome.json"  # beside it: the terminal event, written before i
 class StoredOutcome(msgspec.Struct, frozen=True):
     """An attempt's terminal event as its private directory keeps it (:func:`write_outcome`).
 
+    Only the event: its subject and message id are derived again from the attempt when it
+    is published again, so a file a job could have written cannot address another subject
+    or take another attempt's message id.
+
     Attributes:
-        subject: where it is published.
-        msg_id: its Nats-Msg-Id (deterministic per attempt and kind).
         succeeded: the event, when the attempt succeeded.
         failed: the event, when it failed.
     """
 
-    subject: str
-    msg_id: str
     succeeded: JobSucceeded | None = None
     failed: JobFailed | None = None
 
@@ -189,7 +195,7 @@ def remove_leftovers(workdirs: Iterable[Path]) -> None:
             log.error("cannot remove all of %s and %s, left by the previous executor", workdir, private)
 
 
-def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
+def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc"), remove: bool = True) -> int:
     """SIGKILL the process groups still working in orphaned attempts' directories, then remove
     those directories and the attempts' private directories (:func:`remove_leftovers`).
 
@@ -198,6 +204,8 @@ def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
     Args:
         workdirs: attempt directories of orphaned attempts.
         proc: the proc file system.
+        remove: also remove the directories now (False: the caller does, once what it
+            reports of them is durable and recorded).
 
     Returns:
         How many process groups were killed.
@@ -215,7 +223,8 @@ def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc")) -> int:
         killed += 1
         log.warning("killed process group %d left running in %s by the previous executor", pgid, root)
     # After the kill: nothing of the attempt writes a file into them any more.
-    remove_leftovers(workdirs)
+    if remove:
+        remove_leftovers(workdirs)
     return killed
 
 
@@ -229,6 +238,8 @@ def write_lease(private: Path, lease: AttemptLease) -> None:
         lease: the attempt's job, attempt number and partition.
     """
     private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # An outcome left from an earlier run of the same attempt id is not this run's.
+    (private / OUTCOME_FILE).unlink(missing_ok=True)
     partial = private / f"{LEASE_FILE}.partial"
     partial.write_bytes(msgspec.json.encode(lease))
     partial.replace(private / LEASE_FILE)
@@ -247,8 +258,6 @@ def write_outcome(private: Path, terminal: Outgoing) -> None:
     """
     event = terminal.message
     stored = StoredOutcome(
-        terminal.subject,
-        terminal.msg_id,
         succeeded=event if isinstance(event, JobSucceeded) else None,
         failed=event if isinstance(event, JobFailed) else None,
     )
@@ -258,26 +267,37 @@ def write_outcome(private: Path, terminal: Outgoing) -> None:
     partial.replace(private / OUTCOME_FILE)
 
 
-def read_outcome(private: Path, lease: AttemptLease) -> Outgoing | None:
+def read_outcome(private: Path, lease: AttemptLease, node_id: str) -> Outgoing | None:
     """The terminal event an attempt kept in its private directory, ready to publish again.
 
     Args:
         private: ``<work_root>/.<job>-<attempt>``.
         lease: the attempt it must be of.
+        node_id: this node, which it must name.
 
     Returns:
-        The event, or None when there is none (the attempt had not ended), it is cut off,
-        or it names another attempt (a job that could write the directory must not end
-        another attempt).
+        The event on its own subject with its own message id, or None when there is none
+        (the attempt had not ended), it is cut off, or it is not this attempt's on this node
+        (a job that could write the directory must not end another attempt).
     """
     try:
         stored = _outcome_decoder.decode((private / OUTCOME_FILE).read_bytes())
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
-    event = stored.succeeded if stored.succeeded is not None else stored.failed
-    if event is None or (event.job_id, event.attempt) != (lease.job_id, lease.attempt):
+    event: JobSucceeded | JobFailed | None = stored.succeeded if stored.succeeded is not None else stored.failed
+    if event is None:
         return None
-    return Outgoing(stored.subject, event, stored.msg_id)
+    if (event.job_id, event.attempt, event.partition, event.node_id) != (
+        lease.job_id,
+        lease.attempt,
+        lease.partition,
+        node_id,
+    ):
+        return None
+    kind = subjects.SUCCEEDED if isinstance(event, JobSucceeded) else subjects.FAILED
+    return Outgoing(
+        subjects.node_event(lease.partition, kind, node_id), event, event_id(lease.job_id, lease.attempt, kind)
+    )
 
 
 def reports_of(
@@ -300,7 +320,7 @@ def reports_of(
     reports: list[Outgoing] = []
     kept = 0
     for lease in ended_or_lost:
-        terminal = read_outcome(work_root / f".{lease.job_id}-{lease.attempt}", lease)
+        terminal = read_outcome(work_root / f".{lease.job_id}-{lease.attempt}", lease, node_id)
         if terminal is not None:
             kept += 1
             reports.append(terminal)

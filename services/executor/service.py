@@ -19,12 +19,14 @@ everything still queued, stops the handler pool and removes the node record.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
+from typing import Any
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -49,7 +51,7 @@ from jobmesh.executor.metrics import ExecutorMetrics
 from jobmesh.executor.node import build_node_info, node_work_dir, read_machine_facts, resolve_node_id
 from jobmesh.executor.registration import Registration
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, left_behind, orphaned_attempts, reports_of
+from jobmesh.executor.restart import kill_leftovers, left_behind, orphaned_attempts, remove_leftovers, reports_of
 from jobmesh.executor.results import ObjectPut, ResultLimits, ResultStore
 from jobmesh.executor.runner import ProcessRunner
 from jobmesh.executor.runrequest import Runner
@@ -156,6 +158,7 @@ class Executor:
             setup=setup if setup is not None else AttemptSetup(runners, base_env),
         )
         self.registration = Registration(kv, info, self.leases, settings.heartbeat_seconds, clock)
+        self.attempts.record_put = self.registration.put_soon
         self.handler = DispatchHandler(
             info.node_id,
             self.attempts,
@@ -168,6 +171,7 @@ class Executor:
         )
         self.metrics.observe_running(info.node_id, lambda: self.attempts.running)
         self._heartbeat: asyncio.Task | None = None
+        self._handover: asyncio.Task | None = None  # clearing the previous process's directories
         self._drain_deadline: float | None = None
 
     async def start(self) -> None:
@@ -178,8 +182,16 @@ class Executor:
             # Jobs pass through to their own directory, but cannot list the others' names.
             self.work_root.chmod(0o711)
         self.reporter.start()
-        await self._take_over()
-        await self.registration.register()
+        handover = await self._take_over()
+        try:
+            await self.registration.register()
+        except BaseException:
+            if handover is not None:
+                handover.close()  # the directories stay for the next start
+            raise
+        if handover is not None:
+            self._handover = asyncio.get_running_loop().create_task(handover, name="executor-handover")
+            self._handover.add_done_callback(_log_failure)
         self._heartbeat = asyncio.get_running_loop().create_task(
             self.registration.run(lambda: self._rt.stopping, self._stop_begun), name="executor-heartbeat"
         )
@@ -188,10 +200,15 @@ class Executor:
         self._rt.add_health_check(self.reporter.problem)
         log.info("node %s registered (incarnation %s, work dir %s)", self.node_id, self.incarnation, self.work_root)
 
-    async def _take_over(self) -> None:
+    async def _take_over(self) -> Coroutine[Any, Any, None] | None:
         """Before the first put: report what became of the attempts an earlier process of this
         node ran, as its record lists them or, once that record expired, as their lease files
-        do: the terminal event an attempt kept, else its loss."""
+        do: the terminal event an attempt kept, else its loss.
+
+        Returns:
+            What is left to do once this process is registered (None: nothing): removing
+            the old attempts' directories, which must outlast the reports' way into a record.
+        """
         previous = await self.registration.read_previous()
         orphans = orphaned_attempts(previous, self.incarnation)
         ended = list(previous.ended) if previous is not None else []
@@ -207,8 +224,8 @@ class Executor:
         for key in ended:
             self.leases.end(key, now)
         if not lost and not stray:
-            return
-        # Read before the directories go: an attempt that ended kept its terminal event.
+            return None
+        # Read before anything goes: an attempt that ended kept its terminal event.
         reports, kept = await asyncio.to_thread(reports_of, self.work_root, lost, self.node_id, now)
         for orphan, where in [(o, "its record") for o in orphans] + [(b, "its lease file") for b in behind]:
             log.warning(
@@ -220,29 +237,42 @@ class Executor:
         if kept:
             log.info("%d of them had ended: publishing the terminal events they kept", kept)
         # What the old processes left running goes first: "not running any more" must be true
-        # before the attempt is retried elsewhere.
+        # before the attempt is retried elsewhere. Their directories stay for now: a process
+        # killed before its reports are recorded leaves the next one the same kept outcomes.
         workdirs = sorted({self.work_root / f"{o.job_id}-{o.attempt}" for o in orphans} | set(stray))
-        await asyncio.to_thread(kill_leftovers, workdirs)
+        await asyncio.to_thread(kill_leftovers, workdirs, remove=False)
         if not reports:
-            return
-        # Durable before the first record: that record lists them as ended, so an executor
-        # that replaces this one before they are consumed neither reports them again nor
-        # runs a dispatch of theirs that comes again. Bounded: the reporter goes on retrying,
-        # and the scheduler also takes a new incarnation's record that omits an attempt for
-        # its loss.
+            return self._clear(workdirs, None)
+        # Durable before the first record, when the wait allows: that record then lists them
+        # as ended, so the executor after this one neither reports them again nor runs a
+        # dispatch of theirs. Bounded: the scheduler also takes a new incarnation's record
+        # that omits an attempt for its loss, and the handover finishes it later.
         durable = self.reporter.emit(reports)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(durable), TAKEOVER_REPORT_SECONDS)
-        except TimeoutError:
-            log.warning(
-                "the reports of %d attempts of the previous executor are not durable after %.0fs; registering anyway",
-                len(reports),
-                TAKEOVER_REPORT_SECONDS,
-            )
-            return
-        done = self._clock()
-        for key in lost_keys:
-            self.leases.end(key, done)
+        if durable.done():
+            done = self._clock()
+            for key in lost_keys:
+                self.leases.end(key, done)
+            return self._clear(workdirs, None)
+        log.warning(
+            "the reports of %d attempts of the previous executor are not durable after %.0fs; registering anyway",
+            len(reports),
+            TAKEOVER_REPORT_SECONDS,
+        )
+        return self._clear(workdirs, (durable, lost_keys))
+
+    async def _clear(self, workdirs: list[Path], late: tuple[asyncio.Future[None], list[str]] | None) -> None:
+        """After registering: once the reports of the old attempts are durable (``late``: not
+        yet at registration) and a record listing them as ended is, remove their directories."""
+        if late is not None:
+            durable, keys = late
+            await durable
+            done = self._clock()
+            for key in keys:
+                self.leases.end(key, done)
+            await self.registration.put_soon()
+        await asyncio.to_thread(remove_leftovers, workdirs)
 
     def consumer(self) -> ConsumerSpec:
         """The durable consumer of this node's dispatch and cancel subjects."""
@@ -259,6 +289,9 @@ class Executor:
         if self.pool is not None:
             await self.pool.stop()
         await self.reporter.close(FINAL_FLUSH_SECONDS)
+        if self._handover is not None:
+            self._handover.cancel()  # its directories stay for the next start
+            await asyncio.gather(self._handover, return_exceptions=True)
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             await asyncio.gather(self._heartbeat, return_exceptions=True)
@@ -288,6 +321,11 @@ class Executor:
         if not task.cancelled() and task.exception() is not None:
             log.error("heartbeat loop crashed", exc_info=task.exception())
             self._rt.stop()
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("clearing what the previous executor left failed", exc_info=task.exception())
 
 
 def check_work_dir(isolation: NodeIsolation, work_root: Path) -> None:

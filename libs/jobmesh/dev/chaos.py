@@ -420,7 +420,7 @@ async def _settle(db_url: str, js, run: Run, limit: float) -> None:
         await asyncio.sleep(1.0)  # polling the records while the cluster finishes (noqa)
 
 
-async def _history_caught_up(js, limit: float) -> None:
+async def _history_caught_up(js, limit: float) -> bool:
     """Wait (at most ``limit`` seconds) until the tracker has recorded every lifecycle event:
     its JM_JOBS durable has nothing left to deliver and nothing unacked. A job can be final
     before its own Started is recorded: a killed tracker's batch comes back only after the
@@ -431,8 +431,9 @@ async def _history_caught_up(js, limit: float) -> None:
         with contextlib.suppress(Exception):
             info = await js.consumer_info(subjects.STREAM_JOBS, durable)
             if info.num_pending == 0 and info.num_ack_pending == 0:
-                return
+                return True
         await asyncio.sleep(0.5)  # polling the tracker's consumer (noqa)
+    return False
 
 
 async def _read_records(db_url: str, ids: list[str]):
@@ -626,8 +627,8 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
         await submitting
         log(f"chaos: window over after {time.time() - run.t0:.0f} s; {len(run.acked)} acknowledged; settling")
         await _settle(db_url, js, run, cfg.settle)
-        await _history_caught_up(js, 30.0)
         settled_at = time.time()
+        history_current = await _history_caught_up(js, 30.0)
         for fault, slot in run.kill_slots:
             start = sup.start_after(slot, fault.at)
             if start is not None:
@@ -651,6 +652,8 @@ async def run_chaos(cfg: ChaosConfig, tmp: Path, pg: KillablePostgres, log=print
             seconds=settled_at - run.t0,
             required_faults=required_faults(cfg),
         )
+        if not history_current:
+            report.problems.append("the tracker had not recorded every lifecycle event 30 s after the jobs settled")
         sigstops = [f for f in run.faults if f.kind == "sigstop"]
         for fault in sigstops:
             if fault.back_at is None or (fault.back_at - fault.at) <= HEARTBEAT_TIMEOUT:
