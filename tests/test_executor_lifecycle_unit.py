@@ -665,3 +665,56 @@ async def test_the_lease_ends_once_the_terminal_event_is_durable(node):
     await eventually(lambda: ended(attempts), what="the attempt to end")
     running, ended_keys = attempts.leases.snapshot(time.time())
     assert running == [] and ended_keys == ["e:1"]
+
+
+async def test_an_ended_attempt_keeps_its_lease_and_outcome_until_a_record_lists_it_ended(node, tmp_path):
+    _, reporter, attempts, handler, _ = node
+    recorded: list[asyncio.Future[None]] = []
+
+    def record_put() -> asyncio.Future[None]:
+        future = asyncio.get_running_loop().create_future()
+        recorded.append(future)
+        return future
+
+    attempts.record_put = record_put
+    await handler([envelope(bound("k", ProcessRuntime(argv=["sh", "-c", "echo hi > note"])))])
+    await eventually(lambda: ended(attempts), what="the attempt to end")
+    await reporter.flush()
+    private, workdir = tmp_path / ".k-1", tmp_path / "k-1"
+
+    async def stripped():
+        return not workdir.exists() and private.exists() and sorted(p.name for p in private.iterdir())
+
+    # The record put it asked for is not durable yet: what a next executor needs stays, and
+    # nothing else does (the working directory goes as always).
+    assert await eventually(stripped, what="the clean-up") == [LEASE_FILE, OUTCOME_FILE]
+    assert len(recorded) == 1
+    kept = read_outcome(private, AttemptLease(job_id="k", attempt=1, partition=2, started_at=0.0), NODE)
+    assert kept is not None and isinstance(kept.message, JobSucceeded)
+    recorded[0].set_result(None)
+
+    async def gone():
+        return not private.exists()
+
+    await eventually(gone, what="the private directory once the record lists the attempt as ended")
+
+
+async def test_an_ended_attempt_whose_record_put_is_cancelled_leaves_its_evidence_for_the_next_start(node, tmp_path):
+    _, _, attempts, handler, _ = node
+    recorded: list[asyncio.Future[None]] = []
+
+    def record_put() -> asyncio.Future[None]:
+        recorded.append(asyncio.get_running_loop().create_future())
+        return recorded[-1]
+
+    attempts.record_put = record_put
+    await handler([envelope(bound("c", ProcessRuntime(argv=["true"])))])
+    await eventually(lambda: ended(attempts), what="the attempt to end")
+
+    async def asked():
+        return recorded
+
+    await eventually(asked, what="the record put")
+    recorded[0].cancel()  # the record writer stopped (a stop of the executor)
+    await attempts.drain(1.0)
+    assert sorted(p.name for p in (tmp_path / ".c-1").iterdir()) == [LEASE_FILE, OUTCOME_FILE]

@@ -25,7 +25,6 @@ earlier incarnation left behind, and which were cancelled before their ``JobBoun
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import io
@@ -84,7 +83,14 @@ from jobmesh.executor.outcomes import (
 from jobmesh.executor.progress import PROGRESS_FD_VAR, ProgressChannel, ProgressRecorder
 from jobmesh.executor.quota import directory_bytes, outcome_after_exit, watch_quota
 from jobmesh.executor.reporter import Reporter
-from jobmesh.executor.restart import kill_leftovers, remove_leftovers, reports_of, write_lease, write_outcome
+from jobmesh.executor.restart import (
+    kill_leftovers,
+    remove_leftovers,
+    reports_of,
+    strip_private,
+    write_lease,
+    write_outcome,
+)
 from jobmesh.executor.results import EMPTY_KEPT, RESULT_FILE, RESULT_PATH_VAR, ResultStore, too_large_message
 from jobmesh.executor.runner import AbortSignal, OutputStream, ProcessRunner
 from jobmesh.executor.runrequest import Runner, RunRequest
@@ -104,9 +110,6 @@ from jobmesh.runtime.tracing import Context, start_attempt_span
 log = logging.getLogger("jobmesh.executor.attempts")
 
 CHECKPOINT_VAR = "JOBMESH_CHECKPOINT"
-# How long an ended attempt keeps its private directory (its lease and kept outcome) while
-# it waits for a node record that lists it as ended (a put takes milliseconds).
-RECORDED_WAIT_SECONDS = 5.0
 SECRET_MISSING: FailureCode = "secret_missing"
 INPUT_FILE_FAILED: FailureCode = "input_file_failed"
 # The runner of each runtime kind this node offers, by the runtime's wire tag: "process"
@@ -188,10 +191,9 @@ class Attempt:
         setup: the node's runners, environment, isolation, secrets and uploads.
         results: reads and stores result files.
         tracer: for the attempt's span.
-        on_ended: called with the attempt's key once its terminal event is durable; may
-            return the future of a node record listing it as ended being durable, which the
-            attempt waits for (bounded) before its private directory, with the outcome it
-            kept, goes.
+        on_ended: called with the attempt's key once its terminal event is durable; True
+            when it removes the lease and kept outcome itself once a node record listing the
+            attempt as ended is durable (the clean-up leaves those two files then).
         clock: epoch seconds.
     """
 
@@ -209,7 +211,7 @@ class Attempt:
         setup: AttemptSetup,
         results: ResultStore | None,
         tracer: trace.Tracer,
-        on_ended: Callable[[str], asyncio.Future[None] | None],
+        on_ended: Callable[[str], bool],
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.bound = bound
@@ -237,6 +239,7 @@ class Attempt:
         self._uid: int | None = setup.isolation.uid
         self._gid: int | None = setup.isolation.gid
         self._own_uid = False
+        self._keep_evidence = False  # its lease and outcome wait for a record (on_ended)
 
     @property
     def workdir(self) -> Path:
@@ -257,6 +260,7 @@ class Attempt:
     async def run(self) -> None:
         """Run to the end and publish the terminal event; never raises for a job's failure."""
         span = self._open_spans()
+        writing: asyncio.Future[None] | None = None
         try:
             try:
                 runtime = self.bound.spec.runtime
@@ -274,26 +278,27 @@ class Attempt:
             terminal = terminal_message(
                 self.bound, self._node_id, outcome, self.started_at, self._clock(), self._trace_context
             )
+            # Kept before it is published: an executor killed before its record lists the
+            # attempt as ended lets the next one publish this again, not a loss.
+            writing = asyncio.ensure_future(asyncio.to_thread(write_outcome, self.private_dir, terminal))
             try:
-                # Kept before it is published: an executor killed before its record lists the
-                # attempt as ended lets the next one publish this again, not a loss. Shielded:
-                # a drain's cancel must not leave the write to finish after the clean-up.
-                await asyncio.shield(asyncio.to_thread(write_outcome, self.private_dir, terminal))
+                await asyncio.shield(writing)
             except Exception as exc:  # noqa: BLE001 - the end is published all the same
                 log.warning("%s: cannot keep its outcome in %s: %s", self.name, self.private_dir, exc)
             durable = self._reporter.emit([terminal])
             # The directory stays until the outcome is durable, for whoever debugs a loss
             # (an executor that dies first leaves it, and its next start clears it).
             await durable
-            recorded = self._on_ended(self.key)
-            if recorded is not None:
-                # And until a record listing the attempt as ended is durable: before that, a
-                # kill leaves a record that lists it running, and the next executor must find
-                # the outcome to publish again rather than report a loss.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(recorded), RECORDED_WAIT_SECONDS)
+            # Its lease and kept outcome stay until a record listing it as ended is durable
+            # (Attempts removes them then): before that, a kill leaves a record that lists it
+            # running, and the next executor must find the outcome to publish, not a loss.
+            self._keep_evidence = self._on_ended(self.key)
         finally:
             span.end()
+            if writing is not None and not writing.done():
+                # A drain's cancel came during the write: let it finish first, or it would
+                # bring the directory back after the clean-up.
+                await asyncio.shield(asyncio.wait({writing}))
             # However it ends, cancelled by a drain whose events never became durable
             # included: its secrets must not outlive it, nor meet its uid's next attempt.
             await asyncio.shield(self._clean_up())
@@ -335,15 +340,19 @@ class Attempt:
 
     async def _clean_up(self) -> None:
         """Kill whatever still runs as the attempt's own uid (before its files go, so nothing
-        of it acts on them meanwhile), remove the private directory (secrets first) and the
-        working directory, then return the uid to the pool."""
+        of it acts on them meanwhile), remove the private directory (secrets first; all but
+        the lease and kept outcome when those wait for the record) and the working
+        directory, then return the uid to the pool."""
         pool = self._setup.uids
         uid = self._uid if self._own_uid and pool is not None else None
         self._own_uid = False
         try:
             if uid is not None:
                 await asyncio.to_thread(kill_uid, uid, uid if self._gid is None else self._gid)
-            await asyncio.to_thread(_remove_private, self.private_dir)
+            if self._keep_evidence:
+                await asyncio.to_thread(strip_private, self.private_dir)
+            else:
+                await asyncio.to_thread(_remove_private, self.private_dir)
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
         finally:
             if uid is not None and pool is not None:
@@ -933,11 +942,9 @@ class Attempts:
 
     async def _clear_left_behind(self, key: str, workdir: Path, durable: asyncio.Future[None]) -> None:
         await durable
-        recorded = self._ended(key)
-        if recorded is not None:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(recorded), RECORDED_WAIT_SECONDS)
-        await asyncio.to_thread(remove_leftovers, [workdir])
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+        if not self._ended(key):  # else its lease and outcome go once a record lists it ended
+            await asyncio.to_thread(remove_leftovers, [workdir])
 
     def _remember_seen(self, key: str, started: asyncio.Future[None]) -> None:
         recent = self._recent
@@ -945,9 +952,23 @@ class Attempts:
         if len(recent) > self._remember:
             recent.popitem(last=False)
 
-    def _ended(self, key: str) -> asyncio.Future[None] | None:
+    def _ended(self, key: str) -> bool:
+        """List the attempt as ended; True when its private directory is removed here once a
+        record saying so is durable (see :class:`Attempt`)."""
         self.leases.end(key, self._clock())
-        return self.record_put() if self.record_put is not None else None
+        if self.record_put is None:
+            return False
+        dropping = asyncio.get_running_loop().create_task(self._drop_evidence(key, self.record_put()))
+        self._keeping.add(dropping)
+        dropping.add_done_callback(self._keeping.discard)
+        return True
+
+    async def _drop_evidence(self, key: str, recorded: asyncio.Future[None]) -> None:
+        # Cancelled with the record writer (a stop): the files stay for the next start,
+        # which finds the attempt ended in the last record, or publishes its kept outcome.
+        await recorded
+        job_id, _, attempt = key.rpartition(":")
+        await asyncio.to_thread(_remove_private, self._work_root / f".{job_id}-{attempt}")
 
     def _finished(self, attempt: Attempt, _task: asyncio.Task[None]) -> None:
         self._running.pop(attempt.key, None)

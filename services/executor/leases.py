@@ -111,6 +111,10 @@ class LeaseBook:
         while len(self._ended) > self._max_ended:
             self._ended.popitem(last=False)
 
+    def drop(self, key: str) -> None:
+        """Stop listing a running attempt without calling it ended (the next record omits it)."""
+        self._running.pop(key, None)
+
     def running(self, key: str) -> LeaseState | None:
         """The lease of a running attempt, or None."""
         return self._running.get(key)

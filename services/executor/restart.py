@@ -39,6 +39,7 @@ attempt that already ended).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -193,6 +194,28 @@ def remove_leftovers(workdirs: Iterable[Path]) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
         if private.exists() or workdir.exists():
             log.error("cannot remove all of %s and %s, left by the previous executor", workdir, private)
+
+
+def strip_private(private: Path) -> None:
+    """Remove from an ended attempt's private directory all but its lease and kept outcome
+    (its secrets first), which stay until a node record lists the attempt as ended.
+
+    Args:
+        private: ``<work_root>/.<job>-<attempt>``; a missing one is fine.
+    """
+    remove_secret_files(private / "secrets")
+    try:
+        entries = list(os.scandir(private))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name in (LEASE_FILE, OUTCOME_FILE):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
 
 
 def kill_leftovers(workdirs: Iterable[Path], proc: Path = Path("/proc"), remove: bool = True) -> int:

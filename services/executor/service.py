@@ -68,6 +68,8 @@ FINAL_FLUSH_SECONDS = 10.0
 # How long a starting executor waits for its reports of the previous one's attempts to be
 # durable before its first record (which then lists them as ended).
 TAKEOVER_REPORT_SECONDS = 10.0
+# How long the old attempts stay listed as running when those reports took longer.
+LATE_REPORT_SECONDS = 60.0
 
 
 def check_settings(settings: Settings) -> None:
@@ -260,6 +262,10 @@ class Executor:
             len(reports),
             TAKEOVER_REPORT_SECONDS,
         )
+        # Listed as running meanwhile: a record of a new incarnation that omits them would
+        # make the scheduler declare them lost at once, racing a kept end it has not read.
+        for lease in lost:
+            self.leases.add(lease.job_id, lease.attempt, lease.partition, lease.started_at, lease.checkpoint)
         return self._clear(workdirs, (durable, lost_keys))
 
     async def _clear(self, workdirs: list[Path], late: tuple[asyncio.Future[None], list[str]] | None) -> None:
@@ -267,7 +273,14 @@ class Executor:
         yet at registration) and a record listing them as ended is, remove their directories."""
         if late is not None:
             durable, keys = late
-            await durable
+            try:
+                await asyncio.wait_for(asyncio.shield(durable), LATE_REPORT_SECONDS)
+            except TimeoutError:
+                # Not listed for ever: the scheduler then takes their absence for a loss.
+                log.error("the reports of %d attempts of the previous executor are still not durable", len(keys))
+                for key in keys:
+                    self.leases.drop(key)
+                return  # their directories stay for the next start
             done = self._clock()
             for key in keys:
                 self.leases.end(key, done)

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,7 @@ EXECUTOR_PREFIX = "executor-"
 EDGE_DOMAIN_FILE = "edge-domain"
 LINK_SEED = "leaf-link.nk"
 LINK_CONF = "leaf-link.conf"
+_DOMAIN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def identities(nodes: list[str], partitions: int, edge_domain: str | None = None) -> dict[str, permissions.Permissions]:
@@ -277,12 +279,14 @@ def issue(directory: Path, nodes: list[str], partitions: int, edge_domain: str |
     for node in nodes:
         if not node or any(c in node for c in ".*> \t"):
             raise InvalidSpec(f"--node: {node!r} is not a node id (one subject token: no dots, wildcards or spaces)")
-    if edge_domain is not None and (not edge_domain or any(c in edge_domain for c in ".*> \t")):
-        raise InvalidSpec(f"--edge-domain: {edge_domain!r} is not a JetStream domain (one subject token)")
+    if edge_domain is not None and not _DOMAIN.fullmatch(edge_domain):
+        raise InvalidSpec(f"--edge-domain: {edge_domain!r} is not a JetStream domain (letters, digits, - and _)")
     directory.mkdir(parents=True, exist_ok=True)
     os.chmod(directory, 0o700)
     domain_file = directory / EDGE_DOMAIN_FILE
     kept = domain_file.read_text().strip() if domain_file.exists() else None
+    if kept is not None and not _DOMAIN.fullmatch(kept):
+        raise InvalidSpec(f"{domain_file} holds {kept!r}, not a JetStream domain: remove it or write the hub's domain")
     if edge_domain is not None and kept is not None and edge_domain != kept:
         raise InvalidSpec(f"--edge-domain: {edge_domain!r}, but the keys in {directory} were issued for {kept!r}")
     edge_domain = edge_domain or kept
@@ -322,6 +326,7 @@ def link_key(directory: Path) -> dict[str, str]:
         natsauth.write_seed(seed_file, natsauth.new_seed())
     seed = natsauth.read_seed(seed_file)
     fd = os.open(directory / LINK_CONF, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through open(): narrow it first
     with os.fdopen(fd, "w") as out:
         out.write(f'nkey: "{seed.decode()}"\n')
     key = natsauth.public_key(seed)
