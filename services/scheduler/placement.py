@@ -50,8 +50,8 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
     kind = runtime_kind(spec)
     if kind not in node.runtimes:
         return f"no node with runtime {kind}"
-    if res.gpu and _gpus_of_kind(node, res.gpu_kind) < res.gpu:
-        if res.gpu_kind and not _gpus_of_kind(node, res.gpu_kind):
+    if res.gpu and gpus_of_kind(node, res.gpu_kind) < res.gpu:
+        if res.gpu_kind and not gpus_of_kind(node, res.gpu_kind):
             return f"no node with gpu kind {res.gpu_kind}"
         return f"no node with {res.gpu} gpu" + (f" of kind {res.gpu_kind}" if res.gpu_kind else "")
     if cons.arch and node.arch != cons.arch:
@@ -80,7 +80,7 @@ def misfit(spec: JobSpec, node: NodeInfo) -> str | None:
     return None
 
 
-def _gpus_of_kind(node: NodeInfo, kind: str) -> int:
+def gpus_of_kind(node: NodeInfo, kind: str) -> int:
     """How many of a node's GPUs are of ``kind`` ("" for any): a node with GPUs of several
     kinds lists each device with its own (and advertises no single ``gpu_kind``)."""
     if not kind:

@@ -8,7 +8,10 @@ one step runnable, two waiting for the one before), it times decisions the same 
 released step completes, which makes the next step of its run runnable; a finished run is
 replaced by a new one) and prints the cost per decision beside 100 runs. For 10, 100 and
 1,000 nodes it prints
-the cost of a placement computed from scratch (a new node set) and of a cached one.
+the cost of a placement computed from scratch (a new node set) and of a cached one. It
+also prints a gang placement among 1,000 nodes (gangs of 8 and 64, in one zone) and a
+victim selection for preemption among 10,000 running attempts: the first call (cold) and
+the median of later ones.
 
 Run: ``python -m jobmesh.dev.schedbench`` (``make bench`` runs it too).
 """
@@ -24,7 +27,9 @@ import msgspec
 
 from jobmesh.contract.messages.v1 import Dependency, JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
 from jobmesh.scheduler.backlog import Backlog, Job
+from jobmesh.scheduler.gangs import place_gang
 from jobmesh.scheduler.placement import Placement
+from jobmesh.scheduler.preemption import PendingJob, RunningAttempt, choose_victims
 
 SHAPES = [Resources(cpu_milli=100 * (1 + i % 8), memory_mb=64 * (1 + i // 8)) for i in range(20)]
 RUNTIME = NoopRuntime()
@@ -168,6 +173,62 @@ def bench_placement(nodes: int, rounds: int = 50) -> tuple[float, float]:
     return cold[len(cold) // 2] * 1e3, warm * 1e6
 
 
+def _cold_and_median(call, rounds: int = 50) -> tuple[float, float]:
+    """(ms of the first call, median ms of ``rounds`` later ones)."""
+    t = time.perf_counter()
+    call()
+    cold = time.perf_counter() - t
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return cold * 1e3, times[len(times) // 2] * 1e3
+
+
+def bench_gang(replicas: int, nodes: int = 1000) -> tuple[float, float]:
+    """A gang of one-gpu members in one zone among ``nodes`` 8-gpu nodes, a third of them busy."""
+    node_list = [
+        NodeInfo(
+            node_id=f"node-{i}",
+            cpu_milli=64000,
+            memory_mb=524288,
+            gpu=8,
+            gpu_kind="h100",
+            zone="abcd"[i % 4],
+            heartbeat_at=0.0,
+        )
+        for i in range(nodes)
+    ]
+    free = {f"node-{i}": (32000, 262144, i % 9) for i in range(0, nodes, 3)}
+    member = JobSpec(runtime=RUNTIME, resources=Resources(cpu_milli=4000, memory_mb=16384, gpu=1, gpu_kind="h100"))
+    return _cold_and_median(lambda: place_gang(node_list, member, replicas, free, same="zone"))
+
+
+def bench_victims(running: int = 10_000, nodes: int = 1000) -> tuple[float, float]:
+    """Victims for a priority-8 job among ``running`` attempts over ``nodes`` nodes."""
+    rng = random.Random(running)
+    attempts = [
+        RunningAttempt(
+            job_id=f"{i:032x}",
+            attempt=1,
+            node_id=f"node-{i % nodes}",
+            priority=rng.randrange(10),
+            tenant=f"t{i % 10}",
+            resources=SHAPES[i % len(SHAPES)],
+            started_at=-rng.uniform(0, 3600),
+            preemptible=i % 7 != 0,
+            queue=f"q{i % 3}",
+        )
+        for i in range(running)
+    ]
+    over = {f"t{t}": t % 2 == 0 for t in range(10)}
+    caps = {"q0": 0.1, "q1": 0.5}
+    job = PendingJob(priority=8, tenant="t1", resources=Resources(cpu_milli=1500, memory_mb=512))
+    return _cold_and_median(lambda: choose_victims(attempts, job, over, caps, 0.0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.schedbench")
     parser.add_argument("--sizes", default="1000,100000,1000000")
@@ -201,6 +262,13 @@ def main() -> None:
     for nodes in (10, 100, 1000):
         cold_ms, warm_us = bench_placement(nodes)
         print(f"  {nodes:>5} nodes: new node set {cold_ms:6.3f} ms   cached {warm_us:5.2f} us")
+    print("gang placement (all or nothing, one zone, spread) among 1,000 nodes:")
+    for replicas in (8, 64):
+        cold_ms, median_ms = bench_gang(replicas)
+        print(f"  gang of {replicas:>3}: cold {cold_ms:6.3f} ms   median {median_ms:6.3f} ms")
+    print("preemption victim selection (one node, minimal set):")
+    cold_ms, median_ms = bench_victims()
+    print(f"  10,000 running attempts: cold {cold_ms:6.3f} ms   median {median_ms:6.3f} ms")
 
 
 if __name__ == "__main__":
