@@ -31,6 +31,7 @@ from nats.js.kv import KeyValue
 
 from jobmesh.client import deadletters
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
+from jobmesh.client.denials import Denials
 from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.logs import LogPage, read_log_lines
 from jobmesh.client.results import JobResult, result_attempt
@@ -284,9 +285,12 @@ class Client:
         timeout: seconds to wait for each reply.
     """
 
-    def __init__(self, nc: NATS, timeout: float = 10.0) -> None:
+    def __init__(self, nc: NATS, timeout: float = 10.0, denials: Denials | None = None) -> None:
         self.nc = nc
         self.timeout = timeout
+        # The connection's permission violations (when it was made by connect): a request
+        # the server refused fails at once, saying so, rather than timing out.
+        self._denials = denials
 
     @classmethod
     async def connect(
@@ -299,10 +303,9 @@ class Client:
         """
         url = url or resolve_nats_url()
         options = connect_options(url, admin)
-
-        async def quiet(exc: Exception) -> None:
-            # nats-py logs connection errors itself; the one line below says it better.
-            return None
+        # Also the connection's error callback: nats-py logs connection errors itself (the
+        # one line below says them better), and a permission violation fails its request.
+        denials = Denials()
 
         try:
             # max_reconnect_attempts=0 makes nats-py retry the first connect forever; 1 with
@@ -315,13 +318,13 @@ class Client:
                     allow_reconnect=False,
                     max_reconnect_attempts=1,
                     reconnect_time_wait=0.2,
-                    error_cb=quiet,
+                    error_cb=denials.on_error,
                 ),
                 10,
             )
         except Exception as exc:
             raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__} {exc}".rstrip()) from exc
-        return cls(nc, timeout)
+        return cls(nc, timeout, denials)
 
     async def close(self) -> None:
         await self.nc.close()
@@ -341,9 +344,11 @@ class Client:
         Raises:
             Unavailable: nobody answered in time.
             JobmeshError: the error the service replied with.
+            PermissionDenied: NATS refused this client's key the subject.
         """
         try:
-            reply = await self.nc.request(subject, encode(message), timeout=self.timeout)
+            pending = self.nc.request(subject, encode(message), timeout=self.timeout)
+            reply = await (pending if self._denials is None else self._denials.guard(pending, subject))
         except nats.errors.NoRespondersError as exc:
             raise Unavailable(f"the {service} service is not running (no responders on {subject})") from exc
         except nats.errors.TimeoutError as exc:

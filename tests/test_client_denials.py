@@ -1,0 +1,55 @@
+"""A request NATS refuses this client's key fails at once, saying so, instead of timing out."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats.errors
+import pytest
+
+from jobmesh.client.client import Client
+from jobmesh.client.denials import Denials, PermissionDenied, refused_subject
+from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Submission
+
+
+def test_the_subject_a_violation_names():
+    text = 'nats: permissions violation for publish to "jobmesh.v1.api.submit"'
+    assert refused_subject(text) == "jobmesh.v1.api.submit"
+    assert refused_subject("nats: stale connection") is None
+
+
+async def test_a_violation_for_another_subject_leaves_a_request_waiting():
+    denials = Denials()
+    answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    waiting = asyncio.ensure_future(denials.guard(answered, "jobmesh.v1.api.submit"))
+    await asyncio.sleep(0)  # one loop turn: the guard registers its request (a yield, not a wait: noqa)
+    await denials.on_error(nats.errors.Error('nats: permissions violation for publish to "jobmesh.v1.api.nodes"'))
+    await denials.on_error(nats.errors.Error("nats: slow consumer"))
+    assert not waiting.done()
+    answered.set_result("reply")
+    assert await waiting == "reply"
+    # A refused reply inbox fails every request of the connection.
+    pending = asyncio.ensure_future(denials.guard(asyncio.sleep(30), "jobmesh.v1.api.queues"))
+    await asyncio.sleep(0)  # one loop turn: the guard registers its request (a yield, not a wait: noqa)
+    await denials.on_error(nats.errors.Error('nats: permissions violation for subscription to "_inbox_x.>"'))
+    with pytest.raises(PermissionDenied):
+        await pending
+
+
+@pytest.mark.integration
+async def test_a_submit_with_the_integrators_key_is_refused_by_name_at_once(nats_server, monkeypatch):
+    # The integrator may publish events and read job events, not submit (docs/operations.md).
+    monkeypatch.setenv("JOBMESH_NATS_NKEY_FILE", str(nats_server.credentials / "integrator.nk"))
+    monkeypatch.setenv("JOBMESH_NATS_IDENTITY", "integrator")
+    client = await Client.connect(nats_server.plain_url, timeout=10.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(PermissionDenied) as refused:
+            await client.submit([Submission(spec=JobSpec(runtime=NoopRuntime()))])
+        assert time.monotonic() - started < 5.0  # not the 10 s reply timeout
+        assert subjects.API_SUBMIT in str(refused.value) and "JOBMESH_NATS_NKEY_FILE" in str(refused.value)
+        assert not refused.value.retryable
+    finally:
+        await client.close()
