@@ -65,6 +65,23 @@ class ClusterBlock:
     name: str = "jobmesh"
 
 
+@dataclass(frozen=True)
+class TlsBlock:
+    """The ``tls`` block of a server's client port: every client then speaks TLS.
+
+    Attributes:
+        cert_file: the server's certificate (PEM); its names must cover the host clients dial.
+        key_file: that certificate's private key (PEM).
+        ca_file: the CA that signs the clients' certificates (needed with ``verify``).
+        verify: require and check a client certificate (mutual TLS).
+    """
+
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    verify: bool = False
+
+
 def nats_config(
     *,
     port: int,
@@ -81,6 +98,7 @@ def nats_config(
     auth_file: Path | None = None,
     leafnode_nkey: str | None = None,
     leaf_credentials: Path | None = None,
+    tls: TlsBlock | None = None,
 ) -> str:
     """The nats-server configuration of a local server (pure: no file is written).
 
@@ -104,6 +122,8 @@ def nats_config(
             (the link's own key; its clients authenticate at the edge).
         leaf_credentials: on an edge server, a file holding the ``nkey`` line (the seed of
             the link's key) of its remote; included, so the seed stays out of this text.
+        tls: TLS on the client port (the server's certificate, and a CA and ``verify``
+            for mutual TLS).
 
     Returns:
         The configuration text.
@@ -171,6 +191,17 @@ def nats_config(
             f'  "$KV.>": "$JS.{hub_domain}.API.$KV.>"',
             "}",
         ]
+    if tls is not None:
+        # Absolute paths: nats-server reads these from its working directory, not the
+        # configuration's (unlike an include).
+        lines += [
+            "tls {",
+            f'  cert_file: "{Path(tls.cert_file).resolve()}"',
+            f'  key_file: "{Path(tls.key_file).resolve()}"',
+            *([f'  ca_file: "{Path(tls.ca_file).resolve()}"'] if tls.ca_file is not None else []),
+            *(["  verify: true"] if tls.verify else []),
+            "}",
+        ]
     if auth_file is not None:
         lines.append(f'include "{_relative_include(auth_file, store_dir)}"')
     return "\n".join(lines) + "\n"
@@ -227,6 +258,8 @@ class NatsServer:
         auth_file: the ``auth.conf`` of ``jobmesh auth issue`` (authentication on).
         leafnode_nkey: on a hub, the public key a leaf node must sign its link with.
         leaf_credentials: on an edge server, the file with the link's ``nkey`` seed line.
+        tls: TLS on the client port (``TlsBlock``); ``url`` stays ``nats://``, which a
+            client given a CA upgrades when the server asks for TLS.
     """
 
     def __init__(
@@ -247,6 +280,7 @@ class NatsServer:
         auth_file: Path | None = None,
         leafnode_nkey: str | None = None,
         leaf_credentials: Path | None = None,
+        tls: TlsBlock | None = None,
     ) -> None:
         self.store_dir = Path(store_dir)
         # A member of a cluster is known to the others by its ports: they never change.
@@ -266,6 +300,7 @@ class NatsServer:
         self.auth_file = auth_file
         self.leafnode_nkey = leafnode_nkey
         self.leaf_credentials = leaf_credentials
+        self.tls = tls
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -303,6 +338,7 @@ class NatsServer:
             auth_file=self.auth_file,
             leafnode_nkey=self.leafnode_nkey,
             leaf_credentials=self.leaf_credentials,
+            tls=self.tls,
         )
 
     def start(self, timeout: float = 15.0, attempts: int = 3) -> NatsServer:
