@@ -17,25 +17,63 @@ from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Submission
 def test_the_subject_a_violation_names():
     text = 'nats: permissions violation for publish to "jobmesh.v1.api.submit"'
     assert refused_subject(text) == "jobmesh.v1.api.submit"
+    assert refused_subject("nats: permissions violation") == ""
     assert refused_subject("nats: stale connection") is None
 
 
-async def test_a_violation_for_another_subject_leaves_a_request_waiting():
-    denials = Denials()
-    answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    waiting = asyncio.ensure_future(denials.guard(answered, "jobmesh.v1.api.submit"))
+async def _started(denials: Denials, request, subject: str) -> asyncio.Future:
+    waiting = asyncio.ensure_future(denials.guard(request, subject))
     await asyncio.sleep(0)  # one loop turn: the guard registers its request (a yield, not a wait: noqa)
+    return waiting
+
+
+async def test_a_violation_for_another_subject_leaves_a_request_waiting():
+    denials = Denials("_INBOX_client")
+    answered: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def request() -> str:
+        return await answered
+
+    waiting = await _started(denials, request(), "jobmesh.v1.api.submit")
     await denials.on_error(nats.errors.Error('nats: permissions violation for publish to "jobmesh.v1.api.nodes"'))
+    # A watch's own refused subscription is not the reply inbox: the request goes on.
+    await denials.on_error(nats.errors.Error('nats: permissions violation for subscription to "jobmesh.v1.x.*"'))
     await denials.on_error(nats.errors.Error("nats: slow consumer"))
     assert not waiting.done()
     answered.set_result("reply")
     assert await waiting == "reply"
-    # A refused reply inbox fails every request of the connection.
-    pending = asyncio.ensure_future(denials.guard(asyncio.sleep(30), "jobmesh.v1.api.queues"))
-    await asyncio.sleep(0)  # one loop turn: the guard registers its request (a yield, not a wait: noqa)
-    await denials.on_error(nats.errors.Error('nats: permissions violation for subscription to "_inbox_x.>"'))
+
+
+async def test_a_refused_reply_inbox_fails_every_request_now_and_later():
+    denials = Denials("_INBOX_client")
+    pending = await _started(denials, asyncio.sleep(30), "jobmesh.v1.api.queues")
+    await denials.on_error(nats.errors.Error('nats: permissions violation for subscription to "_inbox_client.abc.*"'))
     with pytest.raises(PermissionDenied):
         await pending
+    later = asyncio.sleep(30)
+    with pytest.raises(PermissionDenied):
+        await denials.guard(later, "jobmesh.v1.api.nodes")
+
+
+async def test_a_cancelled_caller_takes_its_request_with_it():
+    denials = Denials()
+    started = asyncio.Event()
+    cancelled = asyncio.Event()
+
+    async def request() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    waiting = asyncio.ensure_future(denials.guard(request(), "jobmesh.v1.api.submit"))
+    await asyncio.wait_for(started.wait(), 5)
+    waiting.cancel()
+    await asyncio.wait_for(cancelled.wait(), 5)  # the request itself was cancelled, not left to time out
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
 
 
 @pytest.mark.integration

@@ -305,7 +305,7 @@ class Client:
         options = connect_options(url, admin)
         # Also the connection's error callback: nats-py logs connection errors itself (the
         # one line below says them better), and a permission violation fails its request.
-        denials = Denials()
+        denials = Denials(options["inbox_prefix"])
 
         try:
             # max_reconnect_attempts=0 makes nats-py retry the first connect forever; 1 with

@@ -12,14 +12,15 @@ and the key's variable.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from jobmesh.errors import UsageError
 
 T = TypeVar("T")
 
 _MARK = "permissions violation"
+_SUBSCRIBE = "permissions violation for subscription to"
 
 
 class PermissionDenied(UsageError):
@@ -42,46 +43,68 @@ def refused_subject(error_text: str) -> str | None:
 
 class Denials:
     """The requests of one connection waiting for a reply, by subject, failed at once when the
-    server reports a violation for their subject (or for any subscription: the reply inbox)."""
+    server reports a violation for their subject, or for the connection's reply inbox (then
+    every request, now and later, since nats-py subscribes that inbox once).
 
-    def __init__(self) -> None:
+    Args:
+        inbox_prefix: the connection's inbox prefix (``connect_options``); a refused
+            subscription under it is the reply inbox, any other refused subscription (a
+            watch) concerns its own caller only.
+    """
+
+    def __init__(self, inbox_prefix: str = "_INBOX") -> None:
+        self._inbox = inbox_prefix.lower()
         self._waiting: dict[str, set[asyncio.Future[None]]] = {}
-        self.last: str = ""  # the last violation reported, for a message after the fact
+        self._inbox_refused = ""  # the violation, once the reply inbox was refused
 
     async def on_error(self, exc: Exception) -> None:
-        """The connection's ``error_cb``: fails the requests the violation concerns."""
+        """The connection's ``error_cb``: fails the requests the violation concerns. Never
+        raises: an error here would stop nats-py's read loop."""
+        try:
+            self._on_error(exc)
+        except Exception:  # noqa: BLE001 - see above; the request then times out as before
+            return
+
+    def _on_error(self, exc: Exception) -> None:
         text = str(exc)
         subject = refused_subject(text)
         if subject is None:
             return
-        self.last = text.removeprefix("nats: ")
-        if "subscription" in text.lower():
-            # The reply inbox itself is refused: no request of this connection can be answered.
+        violation = text.removeprefix("nats: ")
+        if _SUBSCRIBE in text.lower():
+            if not subject.lower().startswith(self._inbox):
+                return  # a watch's own subscription: its caller's business, not the requests'
+            self._inbox_refused = violation
             targets = [f for futures in self._waiting.values() for f in futures]
         else:
             targets = list(self._waiting.get(subject.lower(), ()))
         for future in targets:
             if not future.done():
-                future.set_exception(_denied(self.last))
+                future.set_exception(_denied(violation))
 
-    async def guard(self, request: Awaitable[T], subject: str) -> T:
+    async def guard(self, request: Coroutine[Any, Any, T], subject: str) -> T:
         """Await ``request`` (to ``subject``), unless the server refuses that subject first.
 
         Raises:
-            PermissionDenied: the server reported a violation for it.
+            PermissionDenied: the server reported a violation for it, or had refused the
+                connection's reply inbox.
         """
+        if self._inbox_refused:
+            request.close()
+            raise _denied(self._inbox_refused)
         key = subject.lower()
         refused: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.setdefault(key, set()).add(refused)
         task = asyncio.ensure_future(request)
         try:
-            racing: set[asyncio.Future[object]] = {task, refused}  # type: ignore[arg-type]
+            racing: set[asyncio.Future[Any]] = {task, refused}
             await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
             if refused.done() and not task.done():
-                task.cancel()
                 refused.result()  # raises PermissionDenied
             return await task
         finally:
+            if not task.done():
+                task.cancel()  # refused, or this caller was cancelled: the request goes too
             waiting = self._waiting.get(key)
             if waiting is not None:
                 waiting.discard(refused)

@@ -17,6 +17,7 @@ import nats
 import uvicorn
 
 from jobmesh.client.client import Client, connect_options, server_urls
+from jobmesh.client.denials import Denials
 from jobmesh.errors import Unavailable, UsageError
 from jobmesh.web import auth
 from jobmesh.web.app import create_app
@@ -53,20 +54,21 @@ async def connect(url: str, wait: float, say: Callable[[str], None]) -> Client:
         Unavailable: NATS did not answer within ``wait``.
     """
 
-    async def quiet(exc: Exception) -> None:
-        return None  # nats-py logs each failed attempt; the wait is said below instead
-
+    # Also the connection's error callback: nats-py logs each failed attempt (the wait is
+    # said below instead), and a permission violation fails its request at once.
+    options = connect_options(url)  # the client identity's credentials, as the CLI's
+    denials = Denials(options["inbox_prefix"])
     # With reconnects unlimited nats-py also retries the first connect without end; the
     # wait is bounded here.
     connecting = asyncio.ensure_future(
         nats.connect(
             server_urls(url),
-            **connect_options(url),  # the client identity's credentials, as the CLI's
+            **options,
             connect_timeout=2,
             allow_reconnect=True,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
-            error_cb=quiet,
+            error_cb=denials.on_error,
         )
     )
     started = time.monotonic()
@@ -75,7 +77,7 @@ async def connect(url: str, wait: float, say: Callable[[str], None]) -> Client:
         done, _ = await asyncio.wait([connecting], timeout=max(0.0, min(CONNECT_NOTE_SECONDS, left)))
         if done:
             try:
-                return Client(connecting.result())
+                return Client(connecting.result(), denials=denials)
             except Exception as exc:
                 raise Unavailable(f"cannot reach NATS at {url}: {type(exc).__name__} {exc}".rstrip()) from exc
         if left <= 0:
