@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jobmesh.contract.messages.v1 import Constraints, JobSpec, NodeInfo, NoopRuntime, Resources
+from jobmesh.contract.messages.v1 import Constraints, GpuDevice, JobSpec, NodeInfo, NoopRuntime, Resources
 from jobmesh.errors import InvalidSpec
 from jobmesh.scheduler.gangs import place_gang
 
@@ -42,7 +42,7 @@ def test_a_gang_that_fits_in_no_single_zone_is_refused_though_enough_nodes_exist
 
 def test_does_not_fit_now_waits_with_the_reason_and_never_returns_a_partial_fit():
     nodes = [gpu_node(f"a{i}", "a") for i in range(4)] + [gpu_node("b0", "b")]
-    busy = {"a3": (4000, 8192, 0)}  # its one gpu is reserved
+    busy = {"a3": (4000, 8192, 0, 0)}  # its one gpu is reserved
     d = place_gang(nodes, member(), 4, busy, same="zone")
     assert d.nodes == () and not d.never and d.field == ""
     assert d.reason == "needs 4 nodes with gpu kind h100 in one zone; 3 free"
@@ -83,7 +83,7 @@ def test_pack_fills_the_fewest_nodes_and_best_fits_the_last():
 
 def test_live_free_capacity_counts():
     nodes = [node("a"), node("b")]
-    d = place_gang(nodes, member(Resources(cpu_milli=2000, memory_mb=64)), 2, {"a": (1000, 8192, 0)})
+    d = place_gang(nodes, member(Resources(cpu_milli=2000, memory_mb=64)), 2, {"a": (1000, 8192, 0, 0)})
     assert d.nodes == ("b", "b")
 
 
@@ -125,3 +125,35 @@ def test_deterministic_whatever_the_node_order():
     first = place_gang(nodes, member(), 6, {}, same="zone")
     again = place_gang(list(reversed(nodes)), member(), 6, {}, same="zone")
     assert first.placed and first == again
+
+
+def test_reserved_disk_counts_now():
+    # Two members' disk each when empty; the binder holds 3000 of a's 4000 MiB.
+    nodes = [node("a", disk_mb=4000), node("b", disk_mb=4000)]
+    res = Resources(cpu_milli=1000, memory_mb=64, disk_mb=2000)
+    d = place_gang(nodes, member(res), 3, {"a": (4000, 8192, 0, 1000)}, spread="pack")
+    assert not d.placed and d.reason.endswith("; 2 free")
+    d = place_gang(nodes, member(res), 2, {"a": (4000, 8192, 0, 1000)}, spread="pack")
+    assert d.nodes == ("b", "b")
+
+
+def test_free_gpus_of_another_kind_do_not_take_members():
+    devices = [GpuDevice(index=i, kind=kind) for i, kind in enumerate(("h100", "h100", "t4", "t4"))]
+    mixed = node("m", gpu=4, gpu_devices=devices)
+    # Both h100 are held, both t4 free: the caller counts free GPUs of the member's kind.
+    assert not place_gang([mixed], member(), 1, {"m": (4000, 8192, 0, 0)}).placed
+    t4 = Resources(cpu_milli=1000, memory_mb=1024, gpu=1, gpu_kind="t4")
+    assert place_gang([mixed], member(t4), 2, {"m": (4000, 8192, 2, 0)}).nodes == ("m", "m")
+
+
+def test_spread_prefers_a_group_with_a_node_per_member_over_a_tighter_one():
+    slots4 = Resources(cpu_milli=1000, memory_mb=64)  # four per 4000m node
+    nodes = [node("a0", zone="a")] + [node(f"b{i}", zone="b") for i in range(4)]
+    d = place_gang(nodes, member(slots4), 4, {}, same="zone")
+    assert sorted(d.nodes) == ["b0", "b1", "b2", "b3"]
+    # pack still takes the tightest group, and spread does when no group has enough nodes.
+    assert place_gang(nodes, member(slots4), 4, {}, same="zone", spread="pack").nodes == ("a0",) * 4
+    d = place_gang(
+        [node("a0", zone="a"), node("b0", zone="b"), node("b1", zone="b")], member(slots4), 4, {}, same="zone"
+    )
+    assert d.nodes == ("a0",) * 4

@@ -17,7 +17,10 @@ The steps, each chosen to keep the decision O(n log n) in the number of nodes:
    it until the node set changes, as it parks a job ``misfit`` refuses. If some group
    could, but none can now, the gang *waits*, with the reason.
 4. Among the groups that can hold it now, take the tightest (fewest free slots, then the
-   attribute value): large groups stay whole for larger gangs.
+   attribute value): large groups stay whole for larger gangs. For ``spread``, groups
+   with at least ``replicas`` nodes with room (one member each) come first, and the
+   tightest of those is taken: a tight group of few roomy nodes would otherwise win and
+   stack every member on one node though another group could spread them.
 5. Within the group pick greedily. ``spread``: one member per node, on the nodes with the
    most free slots, and only when there are fewer such nodes than members a second one
    per node, round by round. ``pack``: the fewest nodes, filling the roomiest first, with
@@ -39,8 +42,13 @@ PACK = "pack"
 ZONE = "zone"
 LABEL = "label:"  # the prefix of a label constraint: label:<key>
 
-# (cpu_milli, memory_mb, gpu) free on a node now, as the binder computes it from jm_alloc.
-FreeCapacity = tuple[int, int, int]
+# (cpu_milli, memory_mb, gpu, disk_mb) free on a node now, as the binder computes it from
+# jm_alloc (services/binder/allocation.py ``Free``). ``gpu`` is the number of free GPUs of
+# the kind the member asks for (any kind when it names none): the caller counts the node's
+# devices of that kind that no reservation's ``gpu_devices`` holds, as the binder's
+# ``pick_gpus`` does. A plain free count would let held GPUs of one kind pass for free
+# ones of another. A node missing from the mapping has everything free (see place_gang).
+FreeCapacity = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,9 +105,10 @@ def place_gang(
         nodes: the live node snapshot.
         member: one member's spec; every member asks for the same.
         replicas: how many members (N >= 1).
-        free: node id -> free (cpu_milli, memory_mb, gpu) now. A node missing from it has
-            nothing reserved (all its capacity is free), as the binder reads a node with
-            no allocation record.
+        free: node id -> free (cpu_milli, memory_mb, gpu, disk_mb) now, ``gpu`` counting
+            only GPUs of ``member``'s kind (see ``FreeCapacity``). A node missing from it
+            has nothing reserved (all its capacity is free), as the binder reads a node
+            with no allocation record.
         same: "" (anywhere), ``zone``, or ``label:<key>``: every member on nodes sharing
             that attribute's value.
         spread: ``spread`` (one member per node when there are enough nodes) or ``pack``.
@@ -110,6 +119,7 @@ def place_gang(
     check_request(replicas, same, spread)
     res = member.resources
     label = same[len(LABEL) :] if same.startswith(LABEL) else ""
+    spreading = spread == SPREAD
     # group value -> [(node id, static slots, free slots)]
     groups: dict[str, list[tuple[str, int, int]]] = {}
     reasons: Counter[str] = Counter()
@@ -131,9 +141,9 @@ def place_gang(
             continue
         kind_gpus = gpus_of_kind(node, res.gpu_kind)
         static = _slots(node.cpu_milli, node.memory_mb, kind_gpus, node.disk_mb, res, replicas)
-        cpu, memory, gpu = free.get(node.node_id, (node.cpu_milli, node.memory_mb, node.gpu))
-        # Free gpus are counted without kinds: on a node of mixed kinds, no more than it has of ours.
-        now = min(static, _slots(cpu, memory, min(gpu, kind_gpus), node.disk_mb, res, replicas))
+        cpu, memory, gpu, disk = free.get(node.node_id, (node.cpu_milli, node.memory_mb, kind_gpus, node.disk_mb))
+        # ``gpu`` is already of our kind; the min only guards a caller's count above the node's.
+        now = min(static, _slots(cpu, memory, min(gpu, kind_gpus), disk, res, replicas))
         most_per_node = max(most_per_node, static)
         groups.setdefault(key, []).append((node.node_id, static, now))
 
@@ -153,11 +163,21 @@ def place_gang(
     roomy = [(now, key) for key, (_, now) in totals.items() if now >= replicas]
     if not roomy:
         return GangDecision(reason=f"{wanted}; {max(now for _, now in totals.values())} free")
-    _, chosen = min(roomy)
+    if spreading:
+        # Groups where every member gets a node of its own first; the tightest of them.
+        spread_out = [(0 if _nodes_with_room(groups[key]) >= replicas else 1, now, key) for now, key in roomy]
+        _, _, chosen = min(spread_out)
+    else:
+        _, chosen = min(roomy)
     entries = [(node_id, now) for node_id, _, now in groups[chosen] if now > 0]
     entries.sort(key=lambda e: (-e[1], e[0]))
-    picked = _spread(entries, replicas) if spread == SPREAD else _pack(entries, replicas)
+    picked = _spread(entries, replicas) if spreading else _pack(entries, replicas)
     return GangDecision(nodes=tuple(picked))
+
+
+def _nodes_with_room(entries: list[tuple[str, int, int]]) -> int:
+    """How many of a group's nodes take at least one member now."""
+    return sum(1 for _, _, now in entries if now > 0)
 
 
 def _slots(cpu: int, memory: int, gpu: int, disk: int, res: Resources, cap: int) -> int:

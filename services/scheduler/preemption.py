@@ -12,13 +12,20 @@ The rule, in the order it is applied:
 2. **Per node, in order of cost.** Lowest priority first, then the least work lost
    (``now - started_at``: the youngest attempt), then job id and attempt, so equal inputs
    give equal answers. An attempt is taken only while it frees something still short (one
-   holding no gpu does not help a gpu job), and only while its queue's cap allows.
+   holding no gpu does not help a gpu job, nor one holding gpus of another kind than the
+   job asks for). What is short: cpu, memory, gpus (of the job's kind) and disk.
 3. **Never more than needed.** The taken set is then pruned, costliest first: any victim
    whose release is not needed for the fit is dropped. Because freeing less never makes
    a fit, one pass leaves a minimal set: no victim can be removed and the job still fit.
+   The set is chosen greedily, so it is minimal, not necessarily the cheapest one.
 4. **Queue caps.** At most ``floor(cap * running attempts of the queue)`` attempts of a
    queue are taken by one decision (a queue without a cap: no limit). The caller charges
-   earlier preemptions by passing a smaller cap; this function has no memory.
+   earlier preemptions by passing a smaller cap; this function has no memory. Caps are
+   checked on the pruned set, not while taking: a cap spent on a small young attempt the
+   pruning then drops would hide a set that fits. When a queue is over its cap, its
+   candidates are cut to the ``allowed`` largest (what they free of the shortfall) and
+   steps 2-3 run again; each round fixes at least one queue, so there are at most as
+   many rounds as capped queues.
 5. **Which node.** Among the nodes that can be freed, the one whose victims cost least:
    the highest victim priority, then the total work lost, then the number of victims,
    then the node id.
@@ -40,9 +47,13 @@ from jobmesh.contract.messages.v1 import Resources
 OVER_SHARE_MARGIN = 1  # priority levels a victim over its tenant's share must be below the pending job
 UNDER_SHARE_MARGIN = 2  # ... and one at or under its share
 
-# (cpu_milli, memory_mb, gpu) free on a node now, as the binder computes it from jm_alloc.
-FreeCapacity = tuple[int, int, int]
-_NOTHING: FreeCapacity = (0, 0, 0)
+# (cpu_milli, memory_mb, gpu, disk_mb) free on a node now, as the binder computes it from
+# jm_alloc; ``gpu`` counts only free GPUs of the pending job's kind (any kind when it names
+# none). Unlike gangs.FreeCapacity, a node missing from the mapping has *nothing* free:
+# preemption is only asked about nodes that are full, and assuming room there would
+# preempt too little.
+NodeFree = tuple[int, int, int, int]
+_NOTHING: NodeFree = (0, 0, 0, 0)
 _queue_of = attrgetter("queue")
 
 
@@ -59,6 +70,9 @@ class RunningAttempt:
     started_at: float
     preemptible: bool
     queue: str
+    # The kind of the GPUs it holds ("" when none or unknown): its gpus count toward a job
+    # asking for a kind only when this names that kind.
+    gpu_kind: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +104,12 @@ def choose_victims(
     caps: Mapping[str, float],
     now: float,
     *,
-    free: Mapping[str, FreeCapacity] | None = None,
+    free: Mapping[str, NodeFree] | None = None,
     nodes: Collection[str] | None = None,
 ) -> Preemption | None:
-    """The cheapest minimal set of attempts on one node whose end lets ``pending`` fit.
+    """A minimal set of attempts on one node, chosen greedily by cost, whose end lets
+    ``pending`` fit (see the module's docstring for the rule; the cheapest set is not
+    guaranteed).
 
     Args:
         running: every running attempt.
@@ -102,12 +118,13 @@ def choose_victims(
         caps: queue -> the largest fraction (0..1) of its running attempts one decision
             may preempt; a queue not listed has no cap.
         now: the clock, for the work an attempt would lose.
-        free: node id -> what is free there already (a node not listed: nothing).
+        free: node id -> what is free there already, gpus of ``pending``'s kind only (a
+            node not listed: nothing; see ``NodeFree``).
         nodes: the nodes the pending job may run on (its placement candidates; None: any).
             Its gpu kind, labels and the rest are checked there, not here.
     """
     need = pending.resources
-    need_cpu, need_mem, need_gpu = need.cpu_milli, need.memory_mb, need.gpu
+    kind = need.gpu_kind
     free = free or {}
     top = pending.priority
     # The lowest priority a victim of each kind may have: below these, by the margin.
@@ -123,16 +140,23 @@ def choose_victims(
         if a.preemptible
         and (a.priority <= below_under or (a.priority <= below_over and over_share.get(a.tenant, False)))
     ]
+    # A set, whatever collection the caller passes: one membership test per attempt.
+    wanted_nodes = None if nodes is None else frozenset(nodes)
     by_node: dict[str, list[RunningAttempt]] = {}
     for attempt in eligible:
-        if nodes is None or attempt.node_id in nodes:
+        if wanted_nodes is None or attempt.node_id in wanted_nodes:
             by_node.setdefault(attempt.node_id, []).append(attempt)
     allowed = {queue: int(cap * per_queue[queue]) for queue, cap in caps.items()}
 
     best: tuple[tuple[int, float, int, str], Preemption] | None = None
     for node_id, candidates in by_node.items():
-        have_cpu, have_mem, have_gpu = free.get(node_id, _NOTHING)
-        short = [need_cpu - have_cpu, need_mem - have_mem, need_gpu - have_gpu]
+        have = free.get(node_id, _NOTHING)
+        short = (
+            need.cpu_milli - have[0],
+            need.memory_mb - have[1],
+            need.gpu - have[2],
+            need.disk_mb - have[3],
+        )
         if best is not None:
             # The highest victim priority is what a node is judged by first, and the greedy
             # pick takes no attempt above the one that completes the fit: attempts above
@@ -140,13 +164,20 @@ def choose_victims(
             ceiling = best[0][0]
             candidates = [a for a in candidates if a.priority <= ceiling]
         # Cheap bound first: if every candidate together does not free enough, skip the sort.
-        if not _enough(short, candidates):
+        if not _enough(short, candidates, kind):
             continue
-        candidates.sort(key=lambda a: (a.priority, -a.started_at, a.job_id, a.attempt))  # least work lost: latest start
-        chosen = _take(candidates, short, allowed)
+        candidates.sort(key=_cost_order)
+        chosen = _take(candidates, short, kind)
         if not chosen:  # None: cannot be freed; []: fits already, which is the binder's to find
             continue
-        chosen = _prune(chosen, [need_cpu - have_cpu, need_mem - have_mem, need_gpu - have_gpu])
+        chosen = _prune(chosen, short, kind)
+        if allowed and _over_caps(chosen, allowed):
+            # Retry over every candidate of the node, not the ceiling's cut: which of a
+            # queue's attempts are its largest must not depend on the nodes seen before.
+            everyone = sorted(by_node[node_id], key=_cost_order)
+            chosen = _within_caps(everyone, short, kind, allowed)
+            if not chosen:
+                continue
         cost = (
             max(a.priority for a in chosen),
             sum(now - a.started_at for a in chosen),
@@ -158,55 +189,91 @@ def choose_victims(
     return None if best is None else best[1]
 
 
-def _enough(short: list[int], candidates: list[RunningAttempt]) -> bool:
-    cpu, mem, gpu = short
+def _cost_order(a: RunningAttempt) -> tuple[int, float, str, int]:
+    return (a.priority, -a.started_at, a.job_id, a.attempt)  # least work lost: latest start
+
+
+def _frees(a: RunningAttempt, kind: str) -> tuple[int, int, int, int]:
+    """What ending ``a`` frees for a job asking for gpus of ``kind`` ("" for any)."""
+    r = a.resources
+    gpu = r.gpu if not kind or a.gpu_kind == kind else 0
+    return (r.cpu_milli, r.memory_mb, gpu, r.disk_mb)
+
+
+def _enough(short: tuple[int, ...], candidates: list[RunningAttempt], kind: str) -> bool:
+    cpu, mem, gpu, disk = short
     for a in candidates:
-        r = a.resources
-        cpu -= r.cpu_milli
-        mem -= r.memory_mb
-        gpu -= r.gpu
-    return cpu <= 0 and mem <= 0 and gpu <= 0
+        f = _frees(a, kind)
+        cpu -= f[0]
+        mem -= f[1]
+        gpu -= f[2]
+        disk -= f[3]
+    return cpu <= 0 and mem <= 0 and gpu <= 0 and disk <= 0
 
 
-def _take(
-    candidates: list[RunningAttempt], short: list[int], allowed: Mapping[str, int]
-) -> list[RunningAttempt] | None:
+def _take(candidates: list[RunningAttempt], short: tuple[int, ...], kind: str) -> list[RunningAttempt] | None:
     """Victims in order of cost until nothing is short; None when the node cannot be freed."""
-    cpu, mem, gpu = short
-    if cpu <= 0 and mem <= 0 and gpu <= 0:
+    cpu, mem, gpu, disk = short
+    if cpu <= 0 and mem <= 0 and gpu <= 0 and disk <= 0:
         return []
-    used: Counter[str] = Counter()
     chosen: list[RunningAttempt] = []
     for a in candidates:
-        r = a.resources
-        if not ((cpu > 0 and r.cpu_milli) or (mem > 0 and r.memory_mb) or (gpu > 0 and r.gpu)):
+        f = _frees(a, kind)
+        if not ((cpu > 0 and f[0]) or (mem > 0 and f[1]) or (gpu > 0 and f[2]) or (disk > 0 and f[3])):
             continue  # frees nothing that is short
-        cap = allowed.get(a.queue)
-        if cap is not None and used[a.queue] >= cap:
-            continue
-        used[a.queue] += 1
         chosen.append(a)
-        cpu -= r.cpu_milli
-        mem -= r.memory_mb
-        gpu -= r.gpu
-        if cpu <= 0 and mem <= 0 and gpu <= 0:
+        cpu -= f[0]
+        mem -= f[1]
+        gpu -= f[2]
+        disk -= f[3]
+        if cpu <= 0 and mem <= 0 and gpu <= 0 and disk <= 0:
             return chosen
     return None
 
 
-def _prune(chosen: list[RunningAttempt], short: list[int]) -> list[RunningAttempt]:
+def _prune(chosen: list[RunningAttempt], short: tuple[int, ...], kind: str) -> list[RunningAttempt]:
     """Drop, costliest first, every victim the fit does not need."""
-    spare = [
-        sum(a.resources.cpu_milli for a in chosen) - short[0],
-        sum(a.resources.memory_mb for a in chosen) - short[1],
-        sum(a.resources.gpu for a in chosen) - short[2],
-    ]
+    frees = [_frees(a, kind) for a in chosen]
+    spare = [sum(f[d] for f in frees) - short[d] for d in range(4)]
     kept = list(chosen)
-    for a in reversed(chosen):
-        r = a.resources
-        if r.cpu_milli <= spare[0] and r.memory_mb <= spare[1] and r.gpu <= spare[2]:
+    for a, f in zip(reversed(chosen), reversed(frees), strict=True):
+        if all(f[d] <= spare[d] for d in range(4)):
             kept.remove(a)
-            spare[0] -= r.cpu_milli
-            spare[1] -= r.memory_mb
-            spare[2] -= r.gpu
+            for d in range(4):
+                spare[d] -= f[d]
     return kept
+
+
+def _over_caps(chosen: list[RunningAttempt], allowed: Mapping[str, int]) -> list[str]:
+    """The capped queues ``chosen`` takes more attempts of than their caps allow, sorted."""
+    used = Counter(map(_queue_of, chosen))
+    return sorted(q for q, n in used.items() if q in allowed and n > allowed[q])
+
+
+def _within_caps(
+    candidates: list[RunningAttempt], short: tuple[int, ...], kind: str, allowed: Mapping[str, int]
+) -> list[RunningAttempt] | None:
+    """Take and prune as ``_take`` and ``_prune`` do, within the queue caps.
+
+    ``candidates`` are in order of cost. Each round that leaves a queue over its cap keeps
+    only that queue's ``allowed`` largest candidates (by the share of the shortfall each
+    frees, cost order breaking ties) and tries again: a queue cut so can no longer exceed
+    its cap, so the rounds end. None when no set within the caps is found."""
+    while True:
+        chosen = _take(candidates, short, kind)
+        if not chosen:
+            return None
+        chosen = _prune(chosen, short, kind)
+        over = _over_caps(chosen, allowed)
+        if not over:
+            return chosen
+        for queue in over:
+            mine = [(i, a) for i, a in enumerate(candidates) if a.queue == queue]
+            mine.sort(key=lambda e: (-_share(_frees(e[1], kind), short), e[0]))
+            keep = {i for i, _ in mine[: allowed[queue]]}
+            candidates = [a for i, a in enumerate(candidates) if a.queue != queue or i in keep]
+
+
+def _share(frees: tuple[int, int, int, int], short: tuple[int, ...]) -> float:
+    """How much of the shortfall ``frees`` covers: per short resource, the covered fraction."""
+    return sum(min(f, s) / s for f, s in zip(frees, short, strict=True) if s > 0)

@@ -201,7 +201,8 @@ def bench_gang(replicas: int, nodes: int = 1000) -> tuple[float, float]:
         )
         for i in range(nodes)
     ]
-    free = {f"node-{i}": (32000, 262144, i % 9) for i in range(0, nodes, 3)}
+    # (cpu, memory, free h100s, disk): the nodes offer no disk and the members ask none.
+    free = {f"node-{i}": (32000, 262144, i % 9, 0) for i in range(0, nodes, 3)}
     member = JobSpec(runtime=RUNTIME, resources=Resources(cpu_milli=4000, memory_mb=16384, gpu=1, gpu_kind="h100"))
     return _cold_and_median(lambda: place_gang(node_list, member, replicas, free, same="zone"))
 
