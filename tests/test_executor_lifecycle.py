@@ -310,7 +310,13 @@ async def test_an_executor_back_after_its_record_expired_reports_lost_what_its_l
 
         await eventually(old_process_gone, timeout=5, what="the old attempt's process to be killed")
         root = work_dir / node
-        assert not (root / f"{bound.job_id}-1").exists() and not (root / f".{bound.job_id}-1").exists()
+
+        async def cleared():
+            return not (root / f"{bound.job_id}-1").exists() and not (root / f".{bound.job_id}-1").exists()
+
+        # Removed once the new process is registered with its report durable: until then the
+        # directories are the evidence a next start would need.
+        await eventually(cleared, timeout=10, what="the old attempt's directories to be removed")
         # The dispatch comes again: acked without running, as for an orphan its record named.
         await harness.redispatch(bound, f"{bound.job_id}:1:again")
         await eventually(lambda: harness.all_acked(node), what="the redelivered dispatch to be acked")
