@@ -237,6 +237,16 @@ async def _run_one(harness, node: str, marker):
     return old, bound, pid
 
 
+async def _new_incarnation_record(harness: Harness, node: str, old: NodeInfo) -> NodeInfo:
+    """The node's record once a process other than ``old``'s has put it."""
+
+    async def new_record():
+        record = await harness.node_record(node)
+        return record if record is not None and record.incarnation != old.incarnation else None
+
+    return await eventually(new_record, what="the new incarnation's record")
+
+
 # --- restart under the same node id --------------------------------------------------------
 async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_it_again(
     harness, nats_server, work_dir, shared_dir
@@ -264,11 +274,7 @@ async def test_a_restarted_executor_reports_the_old_attempt_lost_and_never_runs_
 
         await eventually(old_process_gone, timeout=5, what="the old attempt's process to be killed")
 
-        async def new_record():
-            record = await harness.node_record(node)
-            return record if record is not None and record.incarnation != old.incarnation else None
-
-        record = await eventually(new_record, what="the new incarnation's record")
+        record = await _new_incarnation_record(harness, node, old)
         assert not [a for a in record.attempts if a.job_id == bound.job_id]
         # The JobLost was durable before that first record, which lists the attempt as ended:
         # an executor replacing this one neither reports it again nor runs it.
@@ -354,11 +360,7 @@ async def test_a_restarted_executor_publishes_the_end_an_attempt_kept_instead_of
         ended = await wait_for(harness, bound.job_id, JobSucceeded, "the kept JobSucceeded, published again")
         assert ended.attempt == 1 and ended.node_id == node and ended.result == "kept"
 
-        async def new_record():
-            record = await harness.node_record(node)
-            return record if record is not None and record.incarnation != old.incarnation else None
-
-        record = await eventually(new_record, what="the new incarnation's record")
+        record = await _new_incarnation_record(harness, node, old)
         # The report was durable before the first record, which lists the attempt as ended.
         assert attempt_key(bound.job_id, 1) in record.ended
         assert not [a for a in record.attempts if a.job_id == bound.job_id]
@@ -397,11 +399,7 @@ async def test_a_kill_right_after_an_attempt_succeeded_is_not_reported_as_a_loss
         await asyncio.to_thread(first.wait, 10)
         second = start_executor(nats_server.url, node, work_dir, **settings)
 
-        async def new_record():
-            record = await harness.node_record(node)
-            return record if record is not None and record.incarnation != old.incarnation else None
-
-        record = await eventually(new_record, what="the new incarnation's record")
+        record = await _new_incarnation_record(harness, node, old)
         assert attempt_key(bound.job_id, 1) in record.ended
         assert not [a for a in record.attempts if a.job_id == bound.job_id]
         # Whatever the new process reported was durable before that record: a JobLost would
