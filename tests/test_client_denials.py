@@ -46,11 +46,12 @@ async def test_a_violation_for_another_subject_leaves_a_request_waiting():
 
 async def test_a_refused_reply_inbox_fails_every_request_now_and_later():
     denials = Denials("_INBOX_client")
+    # A request that would wait 30 s; the refusal fails it long before (a deliberate sleep: noqa).
     pending = await _started(denials, asyncio.sleep(30), "jobmesh.v1.api.queues")
     await denials.on_error(nats.errors.Error('nats: permissions violation for subscription to "_inbox_client.abc.*"'))
     with pytest.raises(PermissionDenied):
         await pending
-    later = asyncio.sleep(30)
+    later = asyncio.sleep(30)  # never awaited: refused before it starts (noqa)
     with pytest.raises(PermissionDenied):
         await denials.guard(later, "jobmesh.v1.api.nodes")
 
@@ -63,7 +64,7 @@ async def test_a_cancelled_caller_takes_its_request_with_it():
     async def request() -> None:
         started.set()
         try:
-            await asyncio.sleep(30)
+            await asyncio.sleep(30)  # a request that ends only by its cancel (a deliberate sleep: noqa)
         except asyncio.CancelledError:
             cancelled.set()
             raise
