@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
+from typing import TypeVar
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -30,6 +33,7 @@ from jobmesh.contract import streams, subjects
 from jobmesh.errors import Unavailable
 
 log = logging.getLogger("jobmesh.provisioning")
+T = TypeVar("T")
 
 
 def stream_config(name: str) -> StreamConfig:
@@ -117,6 +121,30 @@ async def ensure_bucket(js: JetStreamContext, bucket: str, history: int, ttl: fl
         log.info("created bucket %s", bucket)
 
 
+# How long provisioning keeps asking a JetStream that does not answer. On a cluster busy
+# with R3 traffic one stream lookup can exceed the API timeout (CI saw STREAM.INFO time out
+# at 10 s while a restarted service provisioned mid-burst); each step is idempotent, so
+# asking again is safe, and a service that gave up would only be restarted to do the same.
+PROVISION_PATIENCE_SECONDS = 60.0
+
+
+async def retry_timeouts(call: Callable[[], Awaitable[T]], what: str, deadline: float) -> T:
+    """Await ``call()``, calling it again after a JetStream API timeout until ``deadline``
+    (the loop's clock). Only for idempotent steps: a timed-out create may have happened.
+
+    Raises:
+        Unavailable: JetStream did not answer for ``what`` before ``deadline``.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            return await call()
+        except nats.errors.TimeoutError as exc:
+            if loop.time() >= deadline:
+                raise Unavailable(f"provisioning {what}: JetStream did not answer in time") from exc
+            log.warning("provisioning %s: JetStream API timed out; asking again", what)
+
+
 async def provision(
     js: JetStreamContext,
     node_ttl: float = 10.0,
@@ -139,15 +167,22 @@ async def provision(
     """
     ttls = {"node_ttl_seconds": node_ttl, "lease_ttl_seconds": lease_ttl}
     ages = {"result_retention_seconds": result_retention} if result_retention else {}
+    deadline = asyncio.get_running_loop().time() + PROVISION_PATIENCE_SECONDS
     for spec in streams.STREAMS:
         config = stream_config(spec.name)
         config.num_replicas = replicas
-        await ensure_stream(js, config, update=update)
+        await retry_timeouts(partial(ensure_stream, js, config, update=update), f"stream {spec.name}", deadline)
     for bucket in streams.BUCKETS:
-        await ensure_bucket(js, bucket.name, bucket.history, ttls.get(bucket.ttl_setting, 0.0), replicas)
+        ttl = ttls.get(bucket.ttl_setting, 0.0)
+        await retry_timeouts(
+            partial(ensure_bucket, js, bucket.name, bucket.history, ttl, replicas), f"bucket {bucket.name}", deadline
+        )
     for store in streams.OBJECT_STORES:
         age = ages.get(store.max_age_setting)
-        await ensure_object_store(js, replace(store, max_age=age) if age else store, replicas, update=update)
+        sized = replace(store, max_age=age) if age else store
+        await retry_timeouts(
+            partial(ensure_object_store, js, sized, replicas, update=update), f"object store {store.name}", deadline
+        )
     if replicas > 1:
         await wait_for_leaders(js, provisioned_streams())
 

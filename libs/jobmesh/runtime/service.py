@@ -38,7 +38,13 @@ from jobmesh.runtime.metrics import Metrics
 from jobmesh.runtime.natsauth import connect_options
 from jobmesh.runtime.opsserver import OpsServer
 from jobmesh.runtime.outcomes import ACK, Ack, Outcome, Reject, Retry, fate_for
-from jobmesh.runtime.provisioning import consumer_config, ensure_consumer, provision
+from jobmesh.runtime.provisioning import (
+    PROVISION_PATIENCE_SECONDS,
+    consumer_config,
+    ensure_consumer,
+    provision,
+    retry_timeouts,
+)
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
 from jobmesh.runtime.reconnects import Reconnects
@@ -325,17 +331,15 @@ class Runtime:
                     " --services` (and `--node <id>` for an executor) with the provisioner's credentials"
                 ) from None
             return
-        await ensure_consumer(
-            self.js,
-            spec.stream,
-            consumer_config(
-                spec.durable,
-                list(spec.filter_subjects),
-                ack_wait=spec.ack_wait,
-                max_ack_pending=spec.max_ack_pending,
-                deliver_policy=spec.deliver_policy,
-            ),
+        config = consumer_config(
+            spec.durable,
+            list(spec.filter_subjects),
+            ack_wait=spec.ack_wait,
+            max_ack_pending=spec.max_ack_pending,
+            deliver_policy=spec.deliver_policy,
         )
+        deadline = asyncio.get_running_loop().time() + PROVISION_PATIENCE_SECONDS
+        await retry_timeouts(lambda: ensure_consumer(self.js, spec.stream, config), f"durable {spec.durable}", deadline)
 
     async def close(self) -> None:
         """Close the connection of a runtime that never served (a provisioning run)."""
