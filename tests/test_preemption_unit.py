@@ -1,17 +1,17 @@
-"""Victim selection for preemption (services/scheduler/preemption.py): a pure rule."""
+"""Victim selection for preemption (services/binder/preemption.py): a pure rule."""
 
 from __future__ import annotations
 
 import random
 
-from jobmesh.contract.messages.v1 import Resources
-from jobmesh.scheduler.preemption import (
+from jobmesh.binder.preemption import (
     OVER_SHARE_MARGIN,
     UNDER_SHARE_MARGIN,
     PendingJob,
     RunningAttempt,
     choose_victims,
 )
+from jobmesh.contract.messages.v1 import Resources
 
 NOW = 1000.0
 

@@ -124,6 +124,9 @@ def pick_gpus(node: NodeInfo, reservations: Mapping[str, Reservation], res: Reso
     return free[: res.gpu]
 
 
+NO_ROOM = "no free capacity on candidate nodes"  # the refusal that preemption may answer
+
+
 @dataclass
 class Plan:
     """Where each job of a batch goes."""
@@ -174,7 +177,7 @@ def plan(
                 chosen, chosen_tier = node_id, tier
         if chosen is None:
             live = [c for c in job.candidates if c in nodes]
-            reason = "no free capacity on candidate nodes" if live else "candidate nodes are gone"
+            reason = NO_ROOM if live else "candidate nodes are gone"
             result.refused.append((job, reason))
             continue
         free[chosen] = free[chosen].minus(job.spec.resources)
@@ -229,16 +232,26 @@ def reserve(
             lost.append(job)
             continue
         scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
+        gpus: list[int] = []
         if res.gpu:
-            gpus = pick_gpus(node, reservations, res)
-            if gpus is None:
+            picked = pick_gpus(node, reservations, res)
+            if picked is None:
                 lost.append(job)
                 continue
-            reservation = Reservation(
-                resources=res, scratch_dir=scratch, at=now, partition=job.partition, gpu_devices=gpus
-            )
-        else:
-            reservation = Reservation(resources=res, scratch_dir=scratch, at=now, partition=job.partition)
+            gpus = picked
+        spec = job.spec
+        reservation = Reservation(
+            resources=res,
+            scratch_dir=scratch,
+            at=now,
+            partition=job.partition,
+            gpu_devices=gpus,
+            # What preemption weighs, from the reservation alone (preempting.py).
+            priority=spec.priority,
+            tenant=spec.tenant,
+            queue=spec.queue,
+            preemptible=spec.preemptible,
+        )
         free = free.minus(res)
         reservations[key] = reservation
         won.append(Binding(job, node.node_id, scratch, True, reservation.gpu_devices))

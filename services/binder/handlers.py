@@ -13,14 +13,24 @@ hold it. Cancel: send AttemptCancel to the node that holds the attempt's reserva
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
 
-from jobmesh.binder.allocation import Binding, allocated, plan, reserve
+from jobmesh.binder.allocation import NO_ROOM, Binding, allocated, plan, reserve
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
+from jobmesh.binder.preempting import (
+    PREEMPTED_REASON,
+    claimed_victims,
+    describe,
+    hold,
+    plan_preemption,
+    waiting_on,
+    waiting_text,
+)
 from jobmesh.contract import subjects
 from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
 from jobmesh.contract.messages.v1 import (
@@ -33,6 +43,7 @@ from jobmesh.contract.messages.v1 import (
     NodeInfo,
     NodesReply,
     NodeView,
+    QueueConfig,
 )
 from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.fencing import binding_fence
@@ -49,6 +60,13 @@ MAX_ROUNDS = 4  # candidates tried per job per batch after lost races
 FRESH_WAIT = 5.0
 CANCEL = "cancel"  # the event kind in an AttemptCancel's message id
 CANCELLED_REASON = "cancelled"  # JobUnplaceable.reason for an attempt cancelled before its binding
+PREEMPT = "preempt"  # the event kind in a preemption's AttemptCancel message id
+
+
+def _hold_edit(
+    node: NodeInfo, job: JobReady, victims: list[str], now: float, alloc: Allocation
+) -> tuple[Allocation | None, bool]:
+    return hold(node, alloc, job, victims, now)
 
 
 class Binder:
@@ -67,6 +85,9 @@ class Binder:
         reconnects: cuts short the waits on NATS that a reconnect made hopeless (the
             service wires it to the runtime's reconnect hook).
         metrics: the binder's instruments (the global meter's when omitted).
+        queues: a queue's configuration (the live jm_config view): whether a job of it may
+            preempt, and its cap as a victim. None: nothing is ever preempted.
+        weight: a tenant's fair-share weight (whose tenants are over their share).
     """
 
     def __init__(
@@ -82,8 +103,12 @@ class Binder:
         monotonic: Callable[[], float] = time.monotonic,
         reconnects: Reconnects | None = None,
         metrics: BinderMetrics | None = None,
+        queues: Callable[[str], QueueConfig] | None = None,
+        weight: Callable[[str], float] = lambda _tenant: 1.0,
     ) -> None:
         self._metrics = metrics or BinderMetrics()
+        self._queues = queues
+        self._weight = weight
         self._strategy = strategy
         self._allocs = allocations
         self._nodes = nodes
@@ -136,8 +161,14 @@ class Binder:
             # node has gone (or drains) since, the reservation is dropped and the job placed anew.
             holder = self._allocs.holder(key)
             if holder is not None and self._usable(nodes.get(holder), settled):
-                held = self._allocs.records[holder][0].reservations[key]
-                bound.append(Binding(job, holder, held.scratch_dir, False, held.gpu_devices))
+                record = self._allocs.records[holder][0]
+                held = record.reservations[key]
+                waiting = waiting_on(record, held) if held.waiting_for else []
+                if waiting:
+                    # A hold: the room is this job's once its victims have stopped.
+                    refused.append((job, waiting_text(holder, waiting)))
+                else:
+                    bound.append(Binding(job, holder, held.scratch_dir, False, held.gpu_devices))
             elif holder is None and key in self.cancelled:
                 log.info("job %s attempt %d: cancelled before its binding; not bound", job.job_id, job.attempt)
                 refused.append((job, CANCELLED_REASON))
@@ -168,7 +199,66 @@ class Binder:
                     skip.setdefault(job.job_id, set()).add(node_id)
                     remaining.append(job)
         refused.extend((job, "lost every reservation race this round") for job in remaining)
-        await self._announce(by_key, bound, refused, rebound)
+        cancels: list[Outgoing] = []
+        if self._queues is not None and any(job.spec.preempt and reason == NO_ROOM for job, reason in refused):
+            refused, cancels = await self._preempt(refused, nodes, by_key)
+        await self._announce(by_key, bound, refused, rebound, cancels)
+
+    async def _preempt(
+        self, refused: list[tuple[JobReady, str]], nodes: dict[str, NodeInfo], by_key: dict[str, Envelope]
+    ) -> tuple[list[tuple[JobReady, str]], list[Outgoing]]:
+        """For each refused job that asks to preempt: choose victims, hold the room for it
+        on their node, and cancel them (``preempting.py``). Returns the refusals with their
+        reasons, and the cancels to send with them."""
+        assert self._queues is not None
+        now = self._clock()
+        out: list[tuple[JobReady, str]] = []
+        cancels: list[Outgoing] = []
+        for job, reason in refused:
+            if not job.spec.preempt or reason != NO_ROOM:
+                out.append((job, reason))
+                continue
+            # Each job sees the holds the ones before it wrote (the cache has our writes).
+            snapshot = self._allocs.snapshot()
+            claimed = claimed_victims(snapshot)
+            choice = plan_preemption(job, self._queues, self._weight, snapshot, nodes, claimed, now)
+            if choice is None:
+                out.append((job, f"{reason}; no preemptible attempt of low enough priority frees enough"))
+                continue
+            victims = [attempt_key(v.job_id, v.attempt) for v in choice.victims]
+
+            edit = functools.partial(_hold_edit, nodes[choice.node_id], job, victims, now)
+            try:
+                held: bool = await self._guard(self._allocs.change(choice.node_id, edit), "holding room")
+            except Conflict:
+                held = False
+            if not held:
+                out.append((job, f"{reason}; its preemption on {choice.node_id} is planned again"))
+                continue
+            context = by_key[attempt_key(job.job_id, job.attempt)].context
+            for victim, victim_key in zip(choice.victims, victims, strict=True):
+                message = AttemptCancel(
+                    job_id=victim.job_id,
+                    attempt=victim.attempt,
+                    partition=snapshot[victim.node_id].reservations[victim_key].partition,
+                    node_id=victim.node_id,
+                    reason=f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room",
+                    at=now,
+                )
+                # Its own message id: a user's cancel of the same attempt must still get through.
+                msg_id = event_id(victim.job_id, victim.attempt, PREEMPT)
+                cancels.append(Outgoing(subjects.node_cancel(victim.node_id), message, msg_id, context))
+            log.info(
+                "job %s attempt %d (priority %d): preempting %s on node %s; the room is held for it",
+                job.job_id,
+                job.attempt,
+                job.spec.priority,
+                ", ".join(victims),
+                choice.node_id,
+            )
+            self._metrics.preempted(job.spec.queue, len(victims))
+            out.append((job, describe(choice)))
+        return out, cancels
 
     @staticmethod
     def _usable(node: NodeInfo | None, settled: bool) -> bool:
@@ -207,9 +297,10 @@ class Binder:
         bound: list[Binding],
         refused: list[tuple[JobReady, str]],
         rebound: set[str],
+        cancels: list[Outgoing] | None = None,
     ) -> None:
         now = self._clock()
-        outgoing = []
+        outgoing: list[Outgoing] = []
         for binding in bound:
             job, node_id, scratch = binding.job, binding.node_id, binding.scratch_dir
             key = attempt_key(job.job_id, job.attempt)
@@ -250,7 +341,8 @@ class Binder:
                     context,
                 )
             )
-        acks = await self._guard(self._publisher.publish(outgoing), "publishing bindings")
+        # The preemption cancels go last: the acks of the bindings come first, in order.
+        acks = await self._guard(self._publisher.publish(outgoing + (cancels or [])), "publishing bindings")
         # Once published: from the scheduler's release to this answer. A binding an
         # earlier delivery made (not new) is not counted again.
         placed = self._metrics.placed
@@ -312,6 +404,12 @@ class Binder:
                     continue
             if node_id:
                 pairs.append((node_id, key))
+            else:
+                # An attempt never bound (cancelled or expired while it waited) may hold
+                # room all the same: a preemption's hold, found by its key.
+                unbound_holder = self._allocs.holder(key)
+                if unbound_holder is not None:
+                    pairs.append((unbound_holder, key))
         await self._guard(self._remove(pairs), "releasing")
         for n, env in enumerate(batch):
             if outcomes is None or outcomes[n] is ACK:

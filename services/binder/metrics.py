@@ -58,6 +58,15 @@ class BinderMetrics:
             ),
             explicit_bucket_boundaries_advisory=PLACEMENT_BUCKETS,
         )
+        self._preemptions = meter.create_counter(
+            "jobmesh.preemptions",
+            unit="{attempt}",
+            description="Attempts stopped to make room for a higher-priority job, by the preempting job's queue",
+        )
+
+    def preempted(self, queue: str, victims: int) -> None:
+        """A job of ``queue`` preempted ``victims`` attempts."""
+        self._preemptions.add(victims, {"queue": queue})
 
     def placed(self, queue: str, outcome: str, seconds: float) -> None:
         """A JobReady was answered ``outcome`` (``bound`` or ``unplaceable``) after ``seconds``."""

@@ -16,6 +16,7 @@ from jobmesh.binder.reaping import Reaper
 from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import JobCancelling, JobReady, NodesRequest, TerminalEvent
+from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.nodes import NodeWatcher
 from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
@@ -37,8 +38,12 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
     rt.spawn(nodes.run(), "nodes-watch")
     rt.spawn(nodes.expire_loop(), "nodes-expire")
     rt.spawn(allocations.watch(), "alloc-watch")
+    # Preemption reads which queues may preempt, their caps and the tenants' weights.
+    config = ClusterConfig(rt.js)
+    rt.spawn(config.run(), "config-watch")
     await nodes.wait_ready()
     await allocations.wait_ready()
+    await config.wait_ready()
     instruments = BinderMetrics()
     binder = Binder(
         allocations,
@@ -50,6 +55,8 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         # A batch waiting on a KV request the old connection sent is handed back at once.
         reconnects=rt.reconnects,
         metrics=instruments,
+        queues=config.queue,
+        weight=config.weight,
     )
     instruments.observe_nodes(binder.usage)
     reaper = Reaper(rt.js, nodes, allocations, settings.node_grace_seconds, nats_side=rt.provisions)

@@ -71,6 +71,7 @@ from jobmesh.executor.outcomes import (
     INPUT_INVALID,
     ISOLATION_REFUSED,
     NODE_DRAINED,
+    PREEMPTED,
     RESULT_TOO_LARGE,
     SUPERSEDED,
     TIMEOUT,
@@ -164,12 +165,15 @@ def stop_code(reason: str) -> FailureCode:
 
     Args:
         reason: the cancel's reason; one that starts with ``superseded`` means a newer
-            attempt of the job exists.
+            attempt of the job exists, one that starts with ``preempted`` that a
+            higher-priority job needs the room (the binder's preemption).
 
     Returns:
-        ``superseded`` or ``cancelled``.
+        ``superseded``, ``preempted`` or ``cancelled``.
     """
-    return SUPERSEDED if reason.startswith("superseded") else CANCELLED
+    if reason.startswith("superseded"):
+        return SUPERSEDED
+    return PREEMPTED if reason.startswith("preempted") else CANCELLED
 
 
 class Attempt:

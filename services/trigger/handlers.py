@@ -35,6 +35,7 @@ from jobmesh.contract.messages.v1 import (
     JobSubmitted,
     JobSummary,
     JobView,
+    QueueConfig,
     StepRef,
     Submission,
     SubmitReply,
@@ -145,6 +146,25 @@ class JobLookup:
                 return jobs
 
 
+def check_preempt(spec: JobSpec, queue: QueueConfig, where: str) -> None:
+    """Refuse a job that asks to preempt (``spec.preempt``) when its queue does not allow it
+    at the job's priority: the operator decides which queues and bands may stop others.
+
+    Raises:
+        InvalidSpec: naming ``where``, the queue and what its configuration says.
+    """
+    if queue.allows_preemption(spec.priority):
+        return
+    if queue.preempt_min_priority is None:
+        why = "does not allow preemption"
+    else:
+        why = f"allows preemption from priority {queue.preempt_min_priority}, and the job has {spec.priority}"
+    raise InvalidSpec(
+        f"{where}: queue {spec.queue!r} {why} (jobmesh queue set {spec.queue} --preempt-min-priority N)",
+        field=where,
+    )
+
+
 class SubmitHandler:
     """Handles ``jobmesh.v1.api.submit``.
 
@@ -154,6 +174,8 @@ class SubmitHandler:
         schemas: the handlers' input types; None checks no handler input at submit.
         clock: returns the current unix time.
         jobs: asks the tracker about the jobs a job waits for; None checks no ``after``.
+        queues: a queue's configuration (the live ``jm_config`` view), to refuse a job that
+            asks to preempt on a queue that does not allow it; None checks nothing.
     """
 
     def __init__(
@@ -163,12 +185,14 @@ class SubmitHandler:
         schemas: HandlerSchemas | None = None,
         clock: Callable[[], float] = time.time,
         jobs: JobLookup | None = None,
+        queues: Callable[[str], QueueConfig] | None = None,
     ) -> None:
         self._publisher = publisher
         self._partitions = partitions
         self._schemas = schemas
         self._clock = clock
         self._jobs = jobs
+        self._queues = queues
 
     async def __call__(self, env: Envelope) -> SubmitReply:
         request: SubmitRequest = env.message
@@ -180,6 +204,8 @@ class SubmitHandler:
         for i, submission in enumerate(request.jobs):
             spec = submission.spec
             validate_spec(spec, where=f"jobs[{i}].spec", may_hold_nul=may_hold_nul, now=now)
+            if spec.preempt and self._queues is not None:
+                check_preempt(spec, self._queues(spec.queue), f"jobs[{i}].spec.preempt")
             # A type test per job is all a job that is not a handler call pays here.
             if type(spec.runtime) is HandlerRuntime and self._schemas is not None:
                 await self._schemas.check(spec.runtime, f"jobs[{i}].spec.runtime")

@@ -17,6 +17,7 @@ from jobmesh.contract import subjects
 from jobmesh.contract.codec import Codec
 from jobmesh.contract.messages.v1 import SubmitRequest
 from jobmesh.errors import InvalidMessage, InvalidSpec
+from jobmesh.runtime.clusterconfig import ClusterConfig
 from jobmesh.runtime.provisioning import ensure_stream, external_stream_config
 from jobmesh.runtime.service import BatchHandler, ConsumerSpec, ResponderSpec, Runtime, not_consumed
 from jobmesh.runtime.settings import Settings
@@ -105,7 +106,11 @@ async def service_main(settings: Settings, tracing: Tracing) -> None:
         view=rules,
     )
     jobs = JobLookup(rt.nc)
-    submit = SubmitHandler(rt.publisher, settings.partitions, schemas, jobs=jobs)
+    # Read only to refuse a job that asks to preempt on a queue that does not allow it.
+    config = ClusterConfig(rt.js)
+    rt.spawn(config.run(), "config-watch")
+    await config.wait_ready()
+    submit = SubmitHandler(rt.publisher, settings.partitions, schemas, jobs=jobs, queues=config.queue)
     workflows = WorkflowApi(
         rt.nc,
         rt.js,

@@ -100,7 +100,9 @@ def timeline(view: JobView) -> list[Step]:
         steps.append(
             Step(
                 attempt=a.attempt,
-                state=a.state,
+                # A preempted attempt did not fail: it was stopped for a higher-priority
+                # job and does not count toward the job's attempts.
+                state="preempted" if a.state == "failed" and a.error and a.error.code == "preempted" else a.state,
                 node_id=a.node_id,
                 started_at=a.started_at,
                 finished_at=a.finished_at,

@@ -25,11 +25,11 @@ import time
 
 import msgspec
 
+from jobmesh.binder.preemption import PendingJob, RunningAttempt, choose_victims
 from jobmesh.contract.messages.v1 import Dependency, JobSpec, JobSubmitted, NodeInfo, NoopRuntime, Resources
 from jobmesh.scheduler.backlog import Backlog, Job
 from jobmesh.scheduler.gangs import place_gang
 from jobmesh.scheduler.placement import Placement
-from jobmesh.scheduler.preemption import PendingJob, RunningAttempt, choose_victims
 
 SHAPES = [Resources(cpu_milli=100 * (1 + i % 8), memory_mb=64 * (1 + i // 8)) for i in range(20)]
 RUNTIME = NoopRuntime()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ class Launch:
         procs_files: the cgroup.procs files the child joins through.
         owner: (uid, gid) the child hands its pipes to (when the job runs as another uid).
         pass_fds: the descriptors it inherits besides 0-2 (the progress pipe).
+        sandboxed: ``argv`` is bubblewrap's chain (a SIGTERM must spare bubblewrap itself).
     """
 
     argv: list[str]
@@ -84,6 +86,7 @@ class Launch:
     procs_files: list[bytes] = field(default_factory=list)
     owner: tuple[int, int] | None = None
     pass_fds: tuple[int, ...] = ()
+    sandboxed: bool = False
 
     def preexec(self) -> None:
         """Run in the forked child before ``exec``: join the cgroup, set rlimits, drop root."""
@@ -114,7 +117,20 @@ class Launch:
 
     def signal_all(self, pgid: int, sig: int) -> None:
         """Send ``sig`` to the process group and, where there is one, every process of the cgroup
-        (a sandboxed job runs in a session of its own, outside the group)."""
+        (a sandboxed job runs in a session of its own, outside the group).
+
+        A SIGTERM in a sandbox goes to the job's processes only: bubblewrap (the group's
+        leader) forwards no signal, and its death SIGKILLs the sandbox (--die-with-parent),
+        so terminating it would take away the grace a cancel or a preemption promises. It
+        exits by itself once the job has; a SIGKILL after the grace reaches it as well."""
+        if sig == signal.SIGTERM and self.sandboxed and self.cgroup is not None:
+            for pid in self.cgroup.pids():
+                if pid != pgid:
+                    try:
+                        os.kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            return
         try:
             os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError):
@@ -197,7 +213,9 @@ def prepare_launch(isolation: NodeIsolation, spec: LaunchSpec) -> Launch:
         drop_to = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
     owner = (isolation.uid, isolation.gid) if isolation.uid is not None and isolation.gid is not None else None
     procs = cgroup.procs_files() if cgroup is not None else []
-    return Launch(argv, cgroup, rlimits, drop_to, procs, owner, tuple(spec.pass_fds))
+    return Launch(
+        argv, cgroup, rlimits, drop_to, procs, owner, tuple(spec.pass_fds), sandboxed=isolation.sandbox is not None
+    )
 
 
 def _own_uid(isolation: NodeIsolation) -> bool:

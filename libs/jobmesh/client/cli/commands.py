@@ -469,8 +469,18 @@ async def cmd_health(args: argparse.Namespace) -> int:
 
 # --- configuration -----------------------------------------------------------------------
 async def cmd_queue_set(args: argparse.Namespace) -> int:
-    """``jobmesh queue set``: a queue's release rate, burst and in-flight cap (all three)."""
-    config = _checked(QueueConfig, {"rate": args.rate, "burst": args.burst, "max_in_flight": args.max_in_flight})
+    """``jobmesh queue set``: a queue's release rate, burst, in-flight cap and preemption
+    policy (all of them)."""
+    config = _checked(
+        QueueConfig,
+        {
+            "rate": args.rate,
+            "burst": args.burst,
+            "max_in_flight": args.max_in_flight,
+            "preempt_min_priority": args.preempt_min_priority,
+            "preemptible_fraction": args.preemptible_fraction,
+        },
+    )
     await _put(f"queue.{_name(args.name, 'queue')}", config)
     render.queue_set(args.name, config)
     return EXIT_OK

@@ -157,12 +157,29 @@ def build_parser(plugins: Iterable[EntryPoint] | None = None) -> argparse.Argume
     p = sub.add_parser("queue", help="configure queues")
     qsub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     q = qsub.add_parser(
-        "set", help="set a queue's release rate and in-flight cap; sets all three (omitted = 0 = unlimited)"
+        "set",
+        help="set a queue's release rate, in-flight cap and preemption policy; sets them all"
+        " (omitted = unlimited, no preemption)",
     )
     q.add_argument("name")
     q.add_argument("--rate", type=float, default=0.0, help="jobs released per second")
     q.add_argument("--burst", type=int, default=0, help="token bucket size (default: max(1, rate))")
     q.add_argument("--max-in-flight", type=int, default=0, help="released and not yet ended")
+    q.add_argument(
+        "--preempt-min-priority",
+        type=int,
+        default=None,
+        metavar="N",
+        help="jobs of this queue at priority N or higher that ask to (--preempt) may stop lower-priority"
+        " jobs when they fit nowhere (default: none may)",
+    )
+    q.add_argument(
+        "--preemptible-fraction",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="at most this fraction (0-1) of this queue's running jobs is stopped by one preemption (default 1)",
+    )
     q.set_defaults(fn=commands.cmd_queue_set)
     q = qsub.add_parser("list", help="every configured queue (queues not listed are unlimited)")
     q.add_argument("--json", action="store_true")

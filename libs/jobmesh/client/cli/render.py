@@ -671,8 +671,19 @@ def queue_set(name: str, config: QueueConfig) -> None:
     """
     err(
         f"queue {name}: rate {config.rate:g}/s, burst {config.burst}, max in flight {config.max_in_flight}"
-        " (0 = unlimited)"
+        f" (0 = unlimited); {preemption_text(config)}"
     )
+
+
+def preemption_text(config: QueueConfig) -> str:
+    """A queue's preemption policy in words."""
+    if config.preempt_min_priority is None:
+        preempts = "its jobs do not preempt"
+    else:
+        preempts = f"its jobs of priority {config.preempt_min_priority}+ may preempt"
+    if config.preemptible_fraction < 1:
+        return f"{preempts}; at most {config.preemptible_fraction:.0%} of it preempted at once"
+    return preempts
 
 
 def tenant_set(name: str, config: TenantConfig) -> None:
@@ -712,9 +723,16 @@ def queue_configs(settings: ClusterSettings, as_json: bool) -> None:
         json_out([{"queue": name, **msgspec.structs.asdict(c)} for name, c in items])
     else:
         table(
-            ["QUEUE", "RATE", "BURST", "MAX IN FLIGHT"],
+            ["QUEUE", "RATE", "BURST", "MAX IN FLIGHT", "PREEMPTS FROM", "PREEMPTIBLE"],
             [
-                [name, f"{c.rate:g}/s" if c.rate else "-", str(c.burst or "-"), str(c.max_in_flight or "-")]
+                [
+                    name,
+                    f"{c.rate:g}/s" if c.rate else "-",
+                    str(c.burst or "-"),
+                    str(c.max_in_flight or "-"),
+                    "-" if c.preempt_min_priority is None else f"priority {c.preempt_min_priority}",
+                    f"{c.preemptible_fraction:.0%}",
+                ]
                 for name, c in items
             ],
             right=frozenset({1, 2, 3}),

@@ -60,6 +60,8 @@ FLAG_OF_FIELD = {
     "queue": "--queue",
     "tenant": "--tenant",
     "priority": "--priority",
+    "preempt": "--preempt",
+    "preemptible": "--not-preemptible",
     "resources.cpu_milli": "--cpu",
     "resources.memory_mb": "--memory",
     "resources.gpu": "--gpu",
@@ -255,6 +257,17 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--queue", default="default")
     p.add_argument("--tenant", default="default")
     p.add_argument("--priority", type=int, default=5, help="0-9, higher runs first (default 5)")
+    p.add_argument(
+        "--preempt",
+        action="store_true",
+        help="when it fits nowhere, stop lower-priority jobs to make room (its queue must allow it)",
+    )
+    p.add_argument(
+        "--not-preemptible",
+        dest="preemptible",
+        action="store_false",
+        help="a higher-priority job may never stop this one (default: it may)",
+    )
     p.add_argument("--cpu", type=int, default=100, help="millicores (default 100)")
     p.add_argument("--memory", type=int, default=64, help="MiB (default 64)")
     p.add_argument("--gpu", type=int, default=0)
@@ -357,6 +370,8 @@ def spec_from(args: argparse.Namespace, now: float | None = None, inputs: JobInp
         queue=args.queue,
         tenant=args.tenant,
         priority=args.priority,
+        preempt=args.preempt,
+        preemptible=args.preemptible,
         resources=Resources(
             cpu_milli=args.cpu, memory_mb=args.memory, gpu=args.gpu, gpu_kind=args.gpu_kind, disk_mb=args.disk
         ),

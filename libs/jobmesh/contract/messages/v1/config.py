@@ -22,6 +22,23 @@ class QueueConfig(Struct, frozen=True, kw_only=True, tag="config.queue"):
     max_in_flight: Annotated[
         int, Meta(ge=0), Meta(description="At most this many released and not yet ended; 0: unlimited.")
     ] = 0
+    preempt_min_priority: Annotated[
+        Annotated[int, Meta(ge=0, le=9)] | None,
+        Meta(
+            description="The lowest priority (0-9) at which a job of this queue that asks for it (JobSpec.preempt) may stop lower-priority attempts to make room; null (the default): no job of this queue preempts."
+        ),
+    ] = None
+    preemptible_fraction: Annotated[
+        float,
+        Meta(ge=0, le=1),
+        Meta(
+            description="The largest fraction (0 to 1) of this queue's running attempts that one preemption may stop; 1 (the default): no cap, 0: none of them."
+        ),
+    ] = 1.0
+
+    def allows_preemption(self, priority: int) -> bool:
+        """Whether a job of this queue at ``priority`` may preempt (when it asks to)."""
+        return self.preempt_min_priority is not None and priority >= self.preempt_min_priority
 
 
 class TenantConfig(Struct, frozen=True, kw_only=True, tag="config.tenant"):

@@ -138,6 +138,7 @@ FailureCode = Literal[
     "handler_crashed",  # the handler's worker process died (os._exit, a signal, a crash)
     "handler_missing",  # the node does not host the handler (any more)
     "container_failed",  # the container engine could not start the container
+    "preempted",  # a higher-priority job needed its room; it was stopped and requeued
 ]
 FAILURE_CODES: frozenset[str] = frozenset(typing.get_args(FailureCode))
 FAILURE_CODE_NAMES: tuple[str, ...] = typing.get_args(FailureCode)  # in declaration order, for the schema
@@ -157,7 +158,7 @@ RETRY_ON_BY_DEFAULT: tuple[FailureCode, ...] = (
 )
 # Disruptions are not the job's fault (an operator drained its node): they are retried
 # whatever the policy says, and do not count toward max_attempts, up to this many.
-DISRUPTION_CODES: frozenset[str] = frozenset({"node_drained"})
+DISRUPTION_CODES: frozenset[str] = frozenset({"node_drained", "preempted"})
 MAX_DISRUPTIONS = 10
 
 
@@ -369,6 +370,18 @@ class JobSpecBase(Struct, frozen=True, kw_only=True, omit_defaults=True):
         Priority,
         Meta(description="Priority from 0 (lowest) to 9 (highest); higher runs first within a tenant's share."),
     ] = 5
+    preempt: Annotated[
+        bool,
+        Meta(
+            description="When it fits on no node, stop lower-priority preemptible attempts to make room; its queue must allow this for its priority (QueueConfig.preempt_min_priority). Default false."
+        ),
+    ] = False
+    preemptible: Annotated[
+        bool,
+        Meta(
+            description="Whether a higher-priority job may stop its attempt to make room (it is then requeued, the attempt counted preempted, not failed). Default true."
+        ),
+    ] = True
     resources: Annotated[
         Resources, Meta(description="What one attempt reserves on its node (default: 100 millicores, 64 MiB).")
     ] = Resources()

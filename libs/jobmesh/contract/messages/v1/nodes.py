@@ -174,6 +174,22 @@ class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
     gpu_devices: Annotated[
         list[int], Meta(description="The indices of the GPUs it holds, none shared with another; empty: none.")
     ] = []
+    # What preemption weighs (services/binder/preempting.py). A reservation written before
+    # these existed reads as a job of the defaults (priority 5, preemptible: no job could
+    # opt out then), which is what its job was unless it named a priority.
+    priority: Annotated[int, Meta(ge=0, le=9), Meta(description="The job's priority (0-9).")] = 5
+    tenant: Annotated[str, Meta(description='The job\'s tenant; "default" when not recorded.')] = "default"
+    queue: Annotated[str, Meta(description='The job\'s queue; "default" when not recorded.')] = "default"
+    preemptible: Annotated[
+        bool,
+        Meta(description="Whether a higher-priority job may stop the attempt to make room (default true)."),
+    ] = True
+    waiting_for: Annotated[
+        list[str],
+        Meta(
+            description='A hold: the attempts ("<job_id>:<attempt>") this job preempted here; it is bound once none of them is reserved any more. Empty: a plain reservation.'
+        ),
+    ] = []
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
