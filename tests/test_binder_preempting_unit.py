@@ -91,15 +91,15 @@ def test_a_reservation_records_what_preemption_weighs() -> None:
 
 def test_a_job_that_does_not_ask_or_whose_queue_forbids_it_preempts_nothing() -> None:
     urgent = queues(urgent=URGENT)
-    assert plan_preemption(ready("p", 2000, 9, preempt=False), urgent, lambda t: 1.0, FULL, NODES, set(), NOW) is None
+    assert plan_preemption(ready("p", 2000, 9, preempt=False), urgent, lambda t: 1.0, FULL, NODES, NOW) is None
     # The queue allows it from priority 8; this job has 7.
-    assert plan_preemption(ready("p", 2000, 7), urgent, lambda t: 1.0, FULL, NODES, set(), NOW) is None
+    assert plan_preemption(ready("p", 2000, 7), urgent, lambda t: 1.0, FULL, NODES, NOW) is None
     # A queue without a policy: never.
-    assert plan_preemption(ready("p", 2000, 9), queues(), lambda t: 1.0, FULL, NODES, set(), NOW) is None
+    assert plan_preemption(ready("p", 2000, 9), queues(), lambda t: 1.0, FULL, NODES, NOW) is None
 
 
 def test_the_youngest_low_priority_attempt_is_the_one_stopped() -> None:
-    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, FULL, NODES, set(), NOW)
+    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, FULL, NODES, NOW)
     assert choice is not None and choice.node_id == "n1"
     assert [(v.job_id, v.attempt) for v in choice.victims] == [("young", 1)]  # least work lost, and only one
     assert describe(choice) == (
@@ -109,15 +109,15 @@ def test_the_youngest_low_priority_attempt_is_the_one_stopped() -> None:
 
 
 def test_victims_another_preemption_claimed_are_not_chosen_again() -> None:
-    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, FULL, NODES, {"young:1"}, NOW)
+    # Another job (it needs no cpu of its own here) holds the room of "young" already.
+    other, _ = hold(NODES["n1"], FULL["n1"], ready("other", 0, 9), ["young:1"], NOW)
+    assert other is not None
+    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, {"n1": other}, NODES, NOW)
     assert choice is not None and [v.job_id for v in choice.victims] == ["old"]
-    # Both claimed: the room they hold is promised elsewhere, so nothing is left to take.
-    assert (
-        plan_preemption(
-            ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, FULL, NODES, {"young:1", "old:1"}, NOW
-        )
-        is None
-    )
+    # A hold that books the room it frees: what is left cannot make enough room.
+    big, _ = hold(NODES["n1"], FULL["n1"], ready("big", 2000, 9), ["young:1"], NOW)
+    assert big is not None
+    assert plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, {"n1": big}, NODES, NOW) is None
 
 
 def test_an_opted_out_attempt_and_a_capped_queue_are_respected() -> None:
@@ -130,17 +130,17 @@ def test_an_opted_out_attempt_and_a_capped_queue_are_respected() -> None:
             },
         )
     }
-    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, allocs, NODES, set(), NOW)
+    choice = plan_preemption(ready("p", 2000, 9), queues(urgent=URGENT), lambda t: 1.0, allocs, NODES, NOW)
     assert choice is not None and [v.job_id for v in choice.victims] == ["other"]
     capped = queues(urgent=URGENT, capped=QueueConfig(preemptible_fraction=0.0))
-    assert plan_preemption(ready("p", 2000, 9), capped, lambda t: 1.0, allocs, NODES, set(), NOW) is None
+    assert plan_preemption(ready("p", 2000, 9), capped, lambda t: 1.0, allocs, NODES, NOW) is None
 
 
 def test_a_draining_or_gone_candidate_is_not_freed() -> None:
     draining = {"n1": node("n1", draining=True)}
     urgent = queues(urgent=URGENT)
-    assert plan_preemption(ready("p", 2000, 9), urgent, lambda t: 1.0, FULL, draining, set(), NOW) is None
-    assert plan_preemption(ready("p", 2000, 9), urgent, lambda t: 1.0, FULL, {}, set(), NOW) is None
+    assert plan_preemption(ready("p", 2000, 9), urgent, lambda t: 1.0, FULL, draining, NOW) is None
+    assert plan_preemption(ready("p", 2000, 9), urgent, lambda t: 1.0, FULL, {}, NOW) is None
 
 
 def test_over_share_weighs_reserved_cpu_by_tenant_weight() -> None:
@@ -172,10 +172,10 @@ def test_a_tenant_under_its_share_needs_two_levels_more() -> None:
     # 25% (under). "under" is the cheaper victim (younger, and enough), but one level
     # (8 over 7) does not take an under-share tenant's attempt: "over" goes instead.
     urgent = queues(urgent=URGENT)
-    choice = plan_preemption(ready("p", 1000, 8), urgent, lambda t: 1.0, allocs, NODES, set(), NOW)
+    choice = plan_preemption(ready("p", 1000, 8), urgent, lambda t: 1.0, allocs, NODES, NOW)
     assert choice is not None and [v.job_id for v in choice.victims] == ["over"]
     # Two levels (9 over 7) may take it, and it is the cheapest.
-    choice = plan_preemption(ready("p", 1000, 9), urgent, lambda t: 1.0, allocs, NODES, set(), NOW)
+    choice = plan_preemption(ready("p", 1000, 9), urgent, lambda t: 1.0, allocs, NODES, NOW)
     assert choice is not None and [v.job_id for v in choice.victims] == ["under"]
 
 
@@ -204,7 +204,7 @@ def test_gpu_victims_count_only_gpus_of_the_asked_kind() -> None:
         queue="urgent",
     )
     job = JobReady(job_id="p", attempt=1, partition=0, spec=spec, candidates=["g1"], submitted_at=NOW, ready_at=NOW)
-    choice = plan_preemption(job, queues(urgent=URGENT), lambda t: 1.0, allocs, {"g1": gpu_node}, set(), NOW)
+    choice = plan_preemption(job, queues(urgent=URGENT), lambda t: 1.0, allocs, {"g1": gpu_node}, NOW)
     assert choice is not None and [v.job_id for v in choice.victims] == ["h"]
 
 

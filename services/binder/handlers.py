@@ -24,7 +24,6 @@ from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.binder.preempting import (
     PREEMPTED_REASON,
-    claimed_victims,
     describe,
     hold,
     plan_preemption,
@@ -220,8 +219,7 @@ class Binder:
                 continue
             # Each job sees the holds the ones before it wrote (the cache has our writes).
             snapshot = self._allocs.snapshot()
-            claimed = claimed_victims(snapshot)
-            choice = plan_preemption(job, self._queues, self._weight, snapshot, nodes, claimed, now)
+            choice = plan_preemption(job, self._queues, self._weight, snapshot, nodes, now)
             if choice is None:
                 out.append((job, f"{reason}; no preemptible attempt of low enough priority frees enough"))
                 continue

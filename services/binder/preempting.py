@@ -26,6 +26,7 @@ Everything here is a pure function of its arguments.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping
 
 from jobmesh.binder.allocation import free_on, node_gpus, pick_gpus
@@ -119,7 +120,6 @@ def plan_preemption(
     weight: Callable[[str], float],
     allocs: Mapping[str, Allocation],
     nodes: Mapping[str, NodeInfo],
-    claimed: set[str],
     now: float,
 ) -> Preemption | None:
     """The victims whose stop lets ``job`` fit on one of its candidates, or None.
@@ -127,13 +127,16 @@ def plan_preemption(
     None also when the job does not ask to preempt, or its queue does not allow it at the
     job's priority (the configuration may have changed since the job was submitted).
 
+    Only the candidates' records are turned into the rule's inputs (victims, and the holds
+    that claimed some already, are on the node they free); the fair-share state and the
+    capped queues' sizes are counted over every record, one pass each.
+
     Args:
         job: a ready job that fit on none of its candidates.
         queues: a queue's configuration (whether it may preempt; its cap as a victim).
         weight: a tenant's fair-share weight.
         allocs: every node's allocation record.
         nodes: the live nodes.
-        claimed: attempts holds wait for already (:func:`claimed_victims`).
         now: the clock (the work a victim would lose).
     """
     spec = job.spec
@@ -142,7 +145,8 @@ def plan_preemption(
     usable = [c for c in job.candidates if c in nodes and not nodes[c].draining]
     if not usable:
         return None
-    running = running_attempts(allocs, nodes, claimed)
+    nearby = {c: allocs[c] for c in usable if c in allocs}
+    running = running_attempts(nearby, nodes, claimed_victims(nearby))
     if not running:
         return None
     caps = {}
@@ -150,10 +154,22 @@ def plan_preemption(
         fraction = queues(queue).preemptible_fraction
         if fraction < 1:
             caps[queue] = fraction
+    sizes = None
+    if caps:
+        sizes = Counter(r.queue for alloc in allocs.values() for r in alloc.reservations.values() if r.queue in caps)
     kind = spec.resources.gpu_kind
     free = {c: free_of_kind(nodes[c], allocs.get(c), kind) for c in usable}
     pending = PendingJob(priority=spec.priority, tenant=spec.tenant, resources=spec.resources)
-    return choose_victims(running, pending, over_share(allocs, weight, spec.tenant), caps, now, free=free, nodes=usable)
+    return choose_victims(
+        running,
+        pending,
+        over_share(allocs, weight, spec.tenant),
+        caps,
+        now,
+        free=free,
+        nodes=usable,
+        queue_sizes=sizes,
+    )
 
 
 def describe(preemption: Preemption) -> str:

@@ -106,6 +106,7 @@ def choose_victims(
     *,
     free: Mapping[str, NodeFree] | None = None,
     nodes: Collection[str] | None = None,
+    queue_sizes: Mapping[str, int] | None = None,
 ) -> Preemption | None:
     """A minimal set of attempts on one node, chosen greedily by cost, whose end lets
     ``pending`` fit (see the module's docstring for the rule; the cheapest set is not
@@ -122,6 +123,8 @@ def choose_victims(
             node not listed: nothing; see ``NodeFree``).
         nodes: the nodes the pending job may run on (its placement candidates; None: any).
             Its gpu kind, labels and the rest are checked there, not here.
+        queue_sizes: queue -> its running attempts, for the caps; None counts ``running``
+            (a caller that passes only some nodes' attempts passes the whole counts).
     """
     need = pending.resources
     kind = need.gpu_kind
@@ -133,7 +136,9 @@ def choose_victims(
     # One pass, in C where it can be: the queues' sizes (only those with a cap matter), then
     # the eligible attempts. A priority at or below ``below_under`` is low enough whatever
     # the tenant's share, so the share is looked up only for the level in between.
-    per_queue = Counter(map(_queue_of, running)) if caps else Counter()
+    per_queue: Mapping[str, int] = Counter()
+    if caps:
+        per_queue = queue_sizes if queue_sizes is not None else Counter(map(_queue_of, running))
     eligible = [
         a
         for a in running
@@ -146,7 +151,7 @@ def choose_victims(
     for attempt in eligible:
         if wanted_nodes is None or attempt.node_id in wanted_nodes:
             by_node.setdefault(attempt.node_id, []).append(attempt)
-    allowed = {queue: int(cap * per_queue[queue]) for queue, cap in caps.items()}
+    allowed = {queue: int(cap * per_queue.get(queue, 0)) for queue, cap in caps.items()}
 
     best: tuple[tuple[int, float, int, str], Preemption] | None = None
     for node_id, candidates in by_node.items():
