@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from jobmesh.binder.allocation import free_on, reserve
 from jobmesh.binder.preempting import (
+    bound_hold,
     claimed_victims,
     describe,
     hold,
@@ -211,7 +212,7 @@ def test_gpu_victims_count_only_gpus_of_the_asked_kind() -> None:
 def test_a_hold_books_the_room_beside_its_victims_and_claims_them() -> None:
     job = ready("p", 2000, 9)
     alloc, held = hold(NODES["n1"], FULL["n1"], job, ["young:1"], NOW)
-    assert held and alloc is not None
+    assert held == ["young:1"] and alloc is not None
     r = alloc.reservations["p:1"]
     assert r.waiting_for == ["young:1"] and r.priority == 9 and r.resources.cpu_milli == 2000
     # Booked beyond capacity by exactly the victim, until it goes.
@@ -229,10 +230,38 @@ def test_a_hold_books_the_room_beside_its_victims_and_claims_them() -> None:
 
 def test_a_hold_is_not_written_when_a_victim_has_gone_or_written_twice() -> None:
     job = ready("p", 2000, 9)
-    assert hold(NODES["n1"], FULL["n1"], job, ["young:1", "gone:1"], NOW) == (None, False)
+    assert hold(NODES["n1"], FULL["n1"], job, ["young:1", "gone:1"], NOW) == (None, None)
     alloc, _ = hold(NODES["n1"], FULL["n1"], job, ["young:1"], NOW)
     assert alloc is not None
-    assert hold(NODES["n1"], alloc, job, ["young:1"], NOW) == (None, True)  # held already
+    # Held already (an earlier delivery, another replica): its stored victims, whatever
+    # this delivery would have chosen, and no write.
+    assert hold(NODES["n1"], alloc, job, ["old:1"], NOW) == (None, ["young:1"])
+
+
+def test_a_hold_never_claims_a_victim_twice_nor_overbooks_once_they_have_gone() -> None:
+    # Another replica's hold waits for "young" already (its lost race re-runs this step on
+    # the record that replica wrote).
+    first, _ = hold(NODES["n1"], FULL["n1"], ready("j1", 2000, 9), ["young:1"], NOW)
+    assert first is not None
+    assert hold(NODES["n1"], first, ready("j2", 2000, 9), ["young:1"], NOW) == (None, None)
+    # A reservation made since the plan: once "young" has gone, 2000 are not free any more.
+    busier = Allocation(node_id="n1", reservations={**FULL["n1"].reservations, "new:1": held(1000, priority=5, at=NOW)})
+    assert hold(NODES["n1"], busier, ready("p", 2000, 9), ["young:1"], NOW) == (None, None)
+    # With "old" too, the room is there again.
+    new, victims = hold(NODES["n1"], busier, ready("p", 2000, 9), ["young:1", "old:1"], NOW)
+    assert new is not None and victims == ["young:1", "old:1"]
+
+
+def test_a_bound_hold_becomes_a_plain_reservation_that_may_be_a_victim() -> None:
+    alloc, _ = hold(NODES["n1"], FULL["n1"], ready("p", 2000, 9), ["young:1"], NOW)
+    assert alloc is not None
+    gone = Allocation(node_id="n1", reservations={k: v for k, v in alloc.reservations.items() if k != "young:1"})
+    # Before it is bound it is never a victim, though its victims have gone.
+    assert {a.job_id for a in running_attempts({"n1": gone}, NODES, set())} == {"old"}
+    plain, _ = bound_hold(gone, "p:1")
+    assert plain is not None and plain.reservations["p:1"].waiting_for == []
+    assert {a.job_id for a in running_attempts({"n1": plain}, NODES, set())} == {"old", "p"}
+    assert bound_hold(plain, "p:1") == (None, None)  # nothing left to clear
 
 
 def test_a_gpu_hold_takes_the_devices_its_victims_free() -> None:
@@ -252,5 +281,19 @@ def test_a_gpu_hold_takes_the_devices_its_victims_free() -> None:
         queue="urgent",
     )
     job = JobReady(job_id="p", attempt=1, partition=0, spec=spec, candidates=["g1"], submitted_at=NOW, ready_at=NOW)
-    new, ok = hold(gpu_node, alloc, job, ["victim:1"], NOW)
-    assert ok and new is not None and new.reservations["p:1"].gpu_devices == [1]
+    new, victims = hold(gpu_node, alloc, job, ["victim:1"], NOW)
+    assert victims == ["victim:1"] and new is not None and new.reservations["p:1"].gpu_devices == [1]
+
+
+def test_victims_earlier_preemptions_claimed_count_against_their_queues_cap() -> None:
+    capped = queues(urgent=URGENT, batch=QueueConfig(preemptible_fraction=0.5))
+    n1 = Allocation(node_id="n1", reservations={f"b{i}:1": held(1000, priority=1, at=NOW - i) for i in range(4)})
+    n2 = Allocation(node_id="n2", reservations={"b9:1": held(1000, priority=1, at=NOW)})
+    nodes = {"n1": node("n1"), "n2": node("n2")}
+    # Five running in batch: a cap of half lets one decision take two, what p needs on n1.
+    choice = plan_preemption(ready("p", 2000, 9), capped, lambda t: 1.0, {"n1": n1, "n2": n2}, nodes, NOW)
+    assert choice is not None and len(choice.victims) == 2
+    # An earlier preemption is stopping one of batch's attempts on n2: one is left to take.
+    n2_held, _ = hold(nodes["n2"], n2, ready("q", 1000, 9, candidates=("n2",)), ["b9:1"], NOW)
+    assert n2_held is not None
+    assert plan_preemption(ready("p", 2000, 9), capped, lambda t: 1.0, {"n1": n1, "n2": n2_held}, nodes, NOW) is None

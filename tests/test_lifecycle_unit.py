@@ -67,6 +67,19 @@ def test_a_drain_is_handed_back_without_using_an_attempt() -> None:
     assert isinstance(retry, Retry) and retry.delay == 0.0 and retry.next_attempt == 2
 
 
+def test_drains_are_capped_and_preemptions_are_not() -> None:
+    drains = [ended(i, "node_drained") for i in range(1, 11)]
+    assert isinstance(run(RetryPolicy(), ended(11, "node_drained"), drains), GiveUp)
+    # Fifteen preemptions, and a drain among them: still retried at once, uncounted.
+    preempted = [ended(i, "preempted") for i in range(1, 16)]
+    again = run(RetryPolicy(), ended(16, "preempted"), preempted)
+    assert isinstance(again, Retry) and again.delay == 0.0 and again.next_attempt == 17
+    assert isinstance(run(RetryPolicy(), ended(17, "node_drained"), [*preempted, ended(16, "preempted")]), Retry)
+    # Preemptions count toward neither the drains' cap nor max_attempts; ``total`` still ends it.
+    late = run(RetryPolicy(), ended(16, "preempted"), preempted, timeouts=Timeouts(total=50), now=60.0)
+    assert isinstance(late, GiveUp) and "total timeout" in late.reason
+
+
 def test_migrate_after_avoids_the_failing_node_and_optionally_its_zone() -> None:
     policy = RetryPolicy(max_attempts=4, migrate_after=2)
     once = run(policy, ended(1, node="a"))

@@ -23,7 +23,10 @@ from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.binder.preempting import (
+    HOLD_RETRY_SECONDS,
     PREEMPTED_REASON,
+    PREEMPTING,
+    bound_hold,
     describe,
     hold,
     plan_preemption,
@@ -51,6 +54,7 @@ from jobmesh.runtime.outcomes import ACK, Outcome, Retry
 from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.reconnects import Reconnects
 from jobmesh.runtime.service import Envelope
+from jobmesh.runtime.tracing import Context
 
 log = logging.getLogger("jobmesh.binder")
 
@@ -64,8 +68,12 @@ PREEMPT = "preempt"  # the event kind in a preemption's AttemptCancel message id
 
 def _hold_edit(
     node: NodeInfo, job: JobReady, victims: list[str], now: float, alloc: Allocation
-) -> tuple[Allocation | None, bool]:
+) -> tuple[Allocation | None, list[str] | None]:
     return hold(node, alloc, job, victims, now)
+
+
+def _bound_hold_edit(key: str, alloc: Allocation) -> tuple[Allocation | None, None]:
+    return bound_hold(alloc, key)
 
 
 class Binder:
@@ -150,6 +158,8 @@ class Binder:
         skip: dict[str, set[str]] = {}
         bound: list[Binding] = []
         refused: list[tuple[JobReady, str]] = []
+        resend: list[Outgoing] = []  # cancels of the victims of holds that still wait
+        clear: list[tuple[str, str]] = []  # holds bound now: their victims have gone
         remaining = []
         stale: list[tuple[str, str]] = []
         for key, env in by_key.items():
@@ -164,9 +174,14 @@ class Binder:
                 held = record.reservations[key]
                 waiting = waiting_on(record, held) if held.waiting_for else []
                 if waiting:
-                    # A hold: the room is this job's once its victims have stopped.
+                    # A hold: the room is this job's once its victims have stopped. Their
+                    # cancels go again (a no-op when they got through: same message ids),
+                    # in case the delivery that wrote the hold died before sending them.
                     refused.append((job, waiting_text(holder, waiting)))
+                    resend.extend(self._victim_cancels(job, record, waiting, env.context))
                 else:
+                    if held.waiting_for:
+                        clear.append((holder, key))  # bound from here on: it runs, a plain reservation
                     bound.append(Binding(job, holder, held.scratch_dir, False, held.gpu_devices))
             elif holder is None and key in self.cancelled:
                 log.info("job %s attempt %d: cancelled before its binding; not bound", job.job_id, job.attempt)
@@ -183,6 +198,8 @@ class Binder:
                 remaining.append(job)
         if stale:
             await self._guard(self._remove(stale), "removing reservations on gone nodes")
+        if clear:
+            await self._guard(self._clear_holds(clear), "binding held room")
         rebound = {key for _, key in stale}
         for _ in range(MAX_ROUNDS):
             if not remaining:
@@ -198,10 +215,43 @@ class Binder:
                     skip.setdefault(job.job_id, set()).add(node_id)
                     remaining.append(job)
         refused.extend((job, "lost every reservation race this round") for job in remaining)
-        cancels: list[Outgoing] = []
+        cancels: list[Outgoing] = resend
         if self._queues is not None and any(job.spec.preempt and reason == NO_ROOM for job, reason in refused):
-            refused, cancels = await self._preempt(refused, nodes, by_key)
+            refused, started = await self._preempt(refused, nodes, by_key)
+            cancels = cancels + started
         await self._announce(by_key, bound, refused, rebound, cancels)
+
+    def _victim_cancels(
+        self, job: JobReady, record: Allocation, victims: list[str], context: Context | None
+    ) -> list[Outgoing]:
+        """An ``AttemptCancel`` for each victim of ``job``'s hold on ``record``'s node."""
+        out = []
+        for victim_key in victims:
+            victim = record.reservations.get(victim_key)
+            if victim is None:
+                continue  # gone already
+            job_id, _, attempt = victim_key.rpartition(":")
+            message = AttemptCancel(
+                job_id=job_id,
+                attempt=int(attempt),
+                partition=victim.partition,
+                node_id=record.node_id,
+                reason=f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room",
+                at=self._clock(),
+            )
+            # Its own message id: a user's cancel of the same attempt must still get through.
+            msg_id = event_id(job_id, int(attempt), PREEMPT)
+            out.append(Outgoing(subjects.node_cancel(record.node_id), message, msg_id, context))
+        return out
+
+    async def _clear_holds(self, pairs: list[tuple[str, str]]) -> None:
+        for node_id, key in pairs:
+            try:
+                await self._allocs.change(node_id, functools.partial(_bound_hold_edit, key))
+            except Conflict:
+                # It stays marked as a hold: never chosen as a victim, which costs nothing
+                # but a missed choice; the binding itself goes ahead.
+                log.warning("node %s: could not mark the held room of %s as bound", node_id, key)
 
     async def _preempt(
         self, refused: list[tuple[JobReady, str]], nodes: dict[str, NodeInfo], by_key: dict[str, Envelope]
@@ -227,25 +277,18 @@ class Binder:
 
             edit = functools.partial(_hold_edit, nodes[choice.node_id], job, victims, now)
             try:
-                held: bool = await self._guard(self._allocs.change(choice.node_id, edit), "holding room")
+                held: list[str] | None = await self._guard(self._allocs.change(choice.node_id, edit), "holding room")
             except Conflict:
-                held = False
-            if not held:
+                held = None
+            if held is None:
                 out.append((job, f"{reason}; its preemption on {choice.node_id} is planned again"))
                 continue
-            context = by_key[attempt_key(job.job_id, job.attempt)].context
-            for victim, victim_key in zip(choice.victims, victims, strict=True):
-                message = AttemptCancel(
-                    job_id=victim.job_id,
-                    attempt=victim.attempt,
-                    partition=snapshot[victim.node_id].reservations[victim_key].partition,
-                    node_id=victim.node_id,
-                    reason=f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room",
-                    at=now,
-                )
-                # Its own message id: a user's cancel of the same attempt must still get through.
-                msg_id = event_id(victim.job_id, victim.attempt, PREEMPT)
-                cancels.append(Outgoing(subjects.node_cancel(victim.node_id), message, msg_id, context))
+            # The victims the stored hold waits for: ours, or those an earlier delivery chose.
+            victims = held
+            record = self._allocs.records[choice.node_id][0]
+            cancels.extend(
+                self._victim_cancels(job, record, victims, by_key[attempt_key(job.job_id, job.attempt)].context)
+            )
             log.info(
                 "job %s attempt %d (priority %d): preempting %s on node %s; the room is held for it",
                 job.job_id,
@@ -329,6 +372,7 @@ class Binder:
                 reason=reason,
                 at=now,
                 release=job.release,
+                retry_after=HOLD_RETRY_SECONDS if reason.startswith(PREEMPTING) else 0.0,
             )
             context = by_key[attempt_key(job.job_id, job.attempt)].context
             outgoing.append(
@@ -388,6 +432,7 @@ class Binder:
             Conflict: a record kept changing under every compare-and-set.
         """
         pairs = []
+        unseen: list[str] = []  # attempts never bound, looked up on the server
         outcomes: list[Outcome] | None = None
         for n, env in enumerate(batch):
             node_id = getattr(env.message, "node_id", "")
@@ -400,14 +445,20 @@ class Binder:
                     outcomes = outcomes or [ACK] * len(batch)
                     outcomes[n] = fenced
                     continue
+            # An attempt never bound (cancelled or expired while it waited) may hold room
+            # all the same: a preemption's hold, found by its key. So may a bound one on
+            # another node than its event names (a duplicate delivery held room there).
+            elsewhere = self._allocs.holder(key)
             if node_id:
                 pairs.append((node_id, key))
-            else:
-                # An attempt never bound (cancelled or expired while it waited) may hold
-                # room all the same: a preemption's hold, found by its key.
-                unbound_holder = self._allocs.holder(key)
-                if unbound_holder is not None:
-                    pairs.append((unbound_holder, key))
+            if elsewhere is not None and elsewhere != node_id:
+                pairs.append((elsewhere, key))
+            elif not node_id and not self._allocs.fresh:
+                unseen.append(key)
+        if unseen:
+            # The cache is catching up after a reconnect: it cannot show that no hold exists.
+            await self._guard(self._allocs.reload(), "reading the allocations")
+            pairs.extend((found, key) for key in unseen if (found := self._allocs.holder(key)) is not None)
         await self._guard(self._remove(pairs), "releasing")
         for n, env in enumerate(batch):
             if outcomes is None or outcomes[n] is ACK:

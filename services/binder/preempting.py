@@ -29,12 +29,18 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 
+import msgspec
+
 from jobmesh.binder.allocation import free_on, node_gpus, pick_gpus
 from jobmesh.binder.preemption import NodeFree, PendingJob, Preemption, RunningAttempt, choose_victims
 from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, QueueConfig, Reservation
 
 PREEMPTED_REASON = "preempted"  # the AttemptCancel reason's first word (the executor's stop code)
+PREEMPTING = "preempting "  # how the refusal of a job whose hold waits begins
+# How soon such a job is released again (JobUnplaceable.retry_after): its victims stop
+# within the node's grace, and the held room must not sit idle for the scheduler's backoff.
+HOLD_RETRY_SECONDS = 1.0
 
 
 def waiting_on(alloc: Allocation, reservation: Reservation) -> list[str]:
@@ -65,8 +71,8 @@ def running_attempts(
         if node is None:
             continue
         for key, r in alloc.reservations.items():
-            if key in claimed or (r.waiting_for and waiting_on(alloc, r)):
-                continue  # chosen already, or a hold: nothing runs there yet
+            if key in claimed or r.waiting_for:
+                continue  # chosen already, or a hold not bound yet: nothing runs there
             job_id, _, attempt = key.rpartition(":")
             running.append(
                 RunningAttempt(
@@ -129,7 +135,8 @@ def plan_preemption(
 
     Only the candidates' records are turned into the rule's inputs (victims, and the holds
     that claimed some already, are on the node they free); the fair-share state and the
-    capped queues' sizes are counted over every record, one pass each.
+    capped queues' sizes (and their attempts other holds claimed, charged to their caps)
+    are counted over every record, one pass each.
 
     Args:
         job: a ready job that fit on none of its candidates.
@@ -154,9 +161,22 @@ def plan_preemption(
         fraction = queues(queue).preemptible_fraction
         if fraction < 1:
             caps[queue] = fraction
-    sizes = None
+    sizes: Counter[str] | None = None
+    already: Counter[str] = Counter()
     if caps:
-        sizes = Counter(r.queue for alloc in allocs.values() for r in alloc.reservations.values() if r.queue in caps)
+        # A capped queue's running attempts, and those of them earlier preemptions are
+        # stopping already: they count against its cap (a cap per decision alone would let
+        # a run of urgent jobs, one victim each, take the whole queue).
+        sizes = Counter()
+        for alloc in allocs.values():
+            for r in alloc.reservations.values():
+                if r.waiting_for:
+                    for victim in waiting_on(alloc, r):
+                        queue = alloc.reservations[victim].queue
+                        if queue in caps:
+                            already[queue] += 1
+                elif r.queue in caps:
+                    sizes[r.queue] += 1
     kind = spec.resources.gpu_kind
     free = {c: free_of_kind(nodes[c], allocs.get(c), kind) for c in usable}
     pending = PendingJob(priority=spec.priority, tenant=spec.tenant, resources=spec.resources)
@@ -169,6 +189,7 @@ def plan_preemption(
         free=free,
         nodes=usable,
         queue_sizes=sizes,
+        already=already,
     )
 
 
@@ -177,38 +198,47 @@ def describe(preemption: Preemption) -> str:
     count = len(preemption.victims)
     lower = max(v.priority for v in preemption.victims)
     return (
-        f"preempting {count} attempt{'s' if count != 1 else ''} of priority {lower} or lower"
+        f"{PREEMPTING}{count} attempt{'s' if count != 1 else ''} of priority {lower} or lower"
         f" on {preemption.node_id}; the room is held for it and it starts when they have stopped"
     )
 
 
 def hold(
     node: NodeInfo, alloc: Allocation, job: JobReady, victims: list[str], now: float
-) -> tuple[Allocation | None, bool]:
+) -> tuple[Allocation | None, list[str] | None]:
     """The compare-and-set step that books ``job``'s room on ``node`` as a hold waiting for
     ``victims``; pure, as it runs again on the fresh record after a lost race.
 
+    The record it writes must keep every promise: no victim is claimed by another hold
+    already, and once the victims have gone the job fits beside everything else on the
+    node (another replica may have reserved or held room there since the plan).
+
     Returns:
-        The record to write (None: no write) and whether the job holds the room: False when
-        a victim has gone already (the preemption is planned again on the next release) or
-        too few GPUs would be free once they have.
+        The record to write (None: no write), and the victims the job's hold waits for:
+        ``victims`` for a new hold, the stored ones when the job holds room there already
+        (another replica, an earlier delivery), None when it holds none (the preemption is
+        planned again on its next release).
     """
     key = attempt_key(job.job_id, job.attempt)
-    if key in alloc.reservations:
-        return None, True  # held already (another replica, or an earlier delivery)
-    if any(v not in alloc.reservations for v in victims):
-        return None, False
+    existing = alloc.reservations.get(key)
+    if existing is not None:
+        return None, waiting_on(alloc, existing)
+    if any(v not in alloc.reservations for v in victims) or claimed_victims({node.node_id: alloc}) & set(victims):
+        return None, None
     spec = job.spec
+    res = spec.resources
+    after = {k: r for k, r in alloc.reservations.items() if k not in victims}
+    # What is free once the victims have gone: every other reservation and hold counts.
+    if not free_on(node, Allocation(node_id=alloc.node_id, reservations=after)).fits(res):
+        return None, None
     gpus: list[int] = []
-    if spec.resources.gpu:
-        # The devices it gets are free once the victims have gone.
-        after = {k: r for k, r in alloc.reservations.items() if k not in victims}
-        picked = pick_gpus(node, after, spec.resources)
+    if res.gpu:
+        picked = pick_gpus(node, after, res)
         if picked is None:
-            return None, False
+            return None, None
         gpus = picked
     reservation = Reservation(
-        resources=spec.resources,
+        resources=res,
         scratch_dir=f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else "",
         at=now,
         partition=job.partition,
@@ -219,13 +249,24 @@ def hold(
         preemptible=spec.preemptible,
         waiting_for=list(victims),
     )
-    return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: reservation}), True
+    return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: reservation}), list(victims)
+
+
+def bound_hold(alloc: Allocation, key: str) -> tuple[Allocation | None, None]:
+    """The compare-and-set step that turns a hold whose victims have gone into a plain
+    reservation (``waiting_for`` emptied) as it is bound: from then on it runs, and may be
+    a victim itself."""
+    held = alloc.reservations.get(key)
+    if held is None or not held.waiting_for:
+        return None, None
+    plain = msgspec.structs.replace(held, waiting_for=[])
+    return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: plain}), None
 
 
 def waiting_text(node_id: str, waiting: list[str]) -> str:
     """The refusal reason of a job whose hold still waits for its victims."""
     count = len(waiting)
     return (
-        f"preempting {count} attempt{'s' if count != 1 else ''} on {node_id}; the room is held for it"
+        f"{PREEMPTING}{count} attempt{'s' if count != 1 else ''} on {node_id}; the room is held for it"
         " and it starts when they have stopped"
     )

@@ -107,6 +107,7 @@ def choose_victims(
     free: Mapping[str, NodeFree] | None = None,
     nodes: Collection[str] | None = None,
     queue_sizes: Mapping[str, int] | None = None,
+    already: Mapping[str, int] | None = None,
 ) -> Preemption | None:
     """A minimal set of attempts on one node, chosen greedily by cost, whose end lets
     ``pending`` fit (see the module's docstring for the rule; the cheapest set is not
@@ -125,6 +126,7 @@ def choose_victims(
             Its gpu kind, labels and the rest are checked there, not here.
         queue_sizes: queue -> its running attempts, for the caps; None counts ``running``
             (a caller that passes only some nodes' attempts passes the whole counts).
+        already: queue -> its attempts earlier preemptions are stopping: charged to its cap.
     """
     need = pending.resources
     kind = need.gpu_kind
@@ -151,7 +153,8 @@ def choose_victims(
     for attempt in eligible:
         if wanted_nodes is None or attempt.node_id in wanted_nodes:
             by_node.setdefault(attempt.node_id, []).append(attempt)
-    allowed = {queue: int(cap * per_queue.get(queue, 0)) for queue, cap in caps.items()}
+    charged = already or {}
+    allowed = {queue: max(0, int(cap * per_queue.get(queue, 0)) - charged.get(queue, 0)) for queue, cap in caps.items()}
 
     best: tuple[tuple[int, float, int, str], Preemption] | None = None
     for node_id, candidates in by_node.items():

@@ -682,8 +682,12 @@ class Backlog:
         del self.jobs[job_id]
         return True
 
-    def room_wanted(self, job_id: str, attempt: int, release: int, reason: str, now: float) -> bool:
-        """The binder found no room for this release: retry it shortly.
+    def room_wanted(
+        self, job_id: str, attempt: int, release: int, reason: str, now: float, retry_after: float = 0.0
+    ) -> bool:
+        """The binder found no room for this release: retry it shortly (after at most
+        ``retry_after`` seconds when the binder said when, as it does for a job whose
+        preemption holds room for it).
 
         A refusal of an earlier release than the job's last is stale (the job was released
         again since) and changes nothing. One of a later release than this scheduler knows
@@ -714,6 +718,8 @@ class Backlog:
         # every second; each refusal doubles the wait (about 1 s ... 30 s, jittered per job
         # so that jobs refused together do not all come back together).
         delay = backoff(job.releases, base=ROOM_RETRY_SECONDS, cap=ROOM_RETRY_MAX_SECONDS, key=job.job_id)
+        if retry_after > 0:
+            delay = min(delay, retry_after)
         heapq.heappush(self._room, (now + delay, job.seq, job.job_id))
         if job.queue_timeout > 0:
             # Its deadline may have passed while it was out at the binder (that entry was

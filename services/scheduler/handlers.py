@@ -558,7 +558,9 @@ class PartitionScheduler:
             self._end_cancelled(job, job.attempt, "", rnd, context)
             return
         before = job.releases if job is not None else 0
-        if self.backlog.room_wanted(refusal.job_id, refusal.attempt, refusal.release, refusal.reason, rnd.now):
+        if self.backlog.room_wanted(
+            refusal.job_id, refusal.attempt, refusal.release, refusal.reason, rnd.now, refusal.retry_after
+        ):
             self.leases.forget(refusal.job_id)
             rnd.changes.add(refusal.job_id, "pending", refusal.reason, releases=refusal.release)
         elif job is not None and job.releases != before:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from jobmesh.contract.messages.v1 import DISRUPTION_CODES, MAX_DISRUPTIONS, AttemptError, RetryPolicy, Timeouts
 from jobmesh.runtime.backoff import backoff
 
+PREEMPTED = "preempted"  # a disruption without a cap (see decide)
+
 
 @dataclass(frozen=True, slots=True)
 class Retry:
@@ -62,8 +64,12 @@ def decide(
     disruptions = sum(1 for a in history if a.error.code in DISRUPTION_CODES)
     counted = len(history) - disruptions  # attempts that count toward max_attempts
     if code in DISRUPTION_CODES:
-        if disruptions > MAX_DISRUPTIONS:
-            return GiveUp(f"handed back {disruptions} times ({code}); the job is not retried any more")
+        # Drains are capped (a node that keeps handing a job back is a reason to stop);
+        # preemptions are not: a low-priority job on a busy cluster may be stopped many
+        # times, and giving up on it would turn priority into failure. ``total`` bounds it.
+        drained = disruptions - sum(1 for a in history if a.error.code == PREEMPTED)
+        if code != PREEMPTED and drained > MAX_DISRUPTIONS:
+            return GiveUp(f"handed back {drained} times ({code}); the job is not retried any more")
     elif not policy.retries(code):
         return GiveUp(f"failure code {code} is not retried by the job's policy")
     elif counted >= policy.max_attempts:

@@ -123,8 +123,10 @@ class Launch:
         leader) forwards no signal, and its death SIGKILLs the sandbox (--die-with-parent),
         so terminating it would take away the grace a cancel or a preemption promises. It
         exits by itself once the job has; a SIGKILL after the grace reaches it as well."""
-        if sig == signal.SIGTERM and self.sandboxed and self.cgroup is not None:
-            for pid in self.cgroup.pids():
+        if sig == signal.SIGTERM and self.sandboxed:
+            # The job's processes: its cgroup's, or without one bubblewrap's descendants.
+            pids = self.cgroup.pids() if self.cgroup is not None else descendants(pgid)
+            for pid in pids:
                 if pid != pgid:
                     try:
                         os.kill(pid, sig)
@@ -156,6 +158,35 @@ class Launch:
             return self.cgroup.events()
         finally:
             self.cgroup.remove()
+
+
+def descendants(root: int, proc: str = "/proc") -> list[int]:
+    """Every live descendant of process ``root`` (one scan of ``proc``: the parent of each
+    process, then the tree below ``root``)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(proc)
+    except OSError:
+        return []
+    for name in entries:
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{name}/stat", "rb") as f:
+                stat_line = f.read()
+        except OSError:
+            continue  # gone meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses; the last ")" ends it.
+        fields = stat_line[stat_line.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(name))
+    found: list[int] = []
+    todo = [root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def hand_workdir(workdir: Path, uid: int) -> None:

@@ -156,8 +156,9 @@ RETRY_ON_BY_DEFAULT: tuple[FailureCode, ...] = (
     "handler_missing",
     "container_failed",
 )
-# Disruptions are not the job's fault (an operator drained its node): they are retried
-# whatever the policy says, and do not count toward max_attempts, up to this many.
+# Disruptions are not the job's fault (an operator drained its node, a higher-priority job
+# preempted it): they are retried whatever the policy says, and do not count toward
+# max_attempts; drains up to this many (preemptions without a cap).
 DISRUPTION_CODES: frozenset[str] = frozenset({"node_drained", "preempted"})
 MAX_DISRUPTIONS = 10
 
@@ -756,6 +757,13 @@ class JobUnplaceable(AttemptEvent, frozen=True, kw_only=True, tag="job.unplaceab
     reason: Annotated[str, Meta(description="Why no candidate could be reserved.")]
     at: Annotated[float, Meta(description="When this happened. Unix time, in seconds.")]
     release: Annotated[int, Meta(ge=1), Meta(description="The JobReady.release this answers.")] = 1
+    retry_after: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(
+            description="Release it again after at most this many seconds (room is held for it and frees soon); 0: the scheduler's own backoff."
+        ),
+    ] = 0.0
 
 
 class JobWaiting(AttemptEvent, frozen=True, kw_only=True, tag="job.waiting"):
