@@ -81,10 +81,11 @@ format: $(STAMP)
 	$(BIN)/ruff check --fix libs services tests
 	$(BIN)/ruff format libs services tests
 
-## schemas: regenerate schemas/ from the message types (and the HTTP API's OpenAPI document)
+## schemas: regenerate schemas/ from the message types (and the OpenAPI documents of the HTTP API and the trigger's ingress)
 schemas: $(STAMP)
 	$(BIN)/python -m jobmesh.dev.schemas
 	$(BIN)/python -m jobmesh.web.openapi > schemas/http-api.json
+	$(BIN)/python -m jobmesh.trigger.webhooks > schemas/openapi.json
 
 ## deploy-files: regenerate compose.yaml and deploy/ (Nomad jobs, Prometheus scrape configs) from deploy/services.yaml
 deploy-files: $(STAMP)

@@ -222,12 +222,19 @@ async def test_tenant_and_queue_settings_read_back(cluster, nats_server, nc):
     tenants = _json_of(jobmesh_cli(["tenant", "list", "--json"], url))
     assert {"tenant": "cli-tenant", "weight": 3.0} in tenants
     queues = _json_of(jobmesh_cli(["queue", "list", "--json"], url))
-    assert {"queue": "cli-queue", "rate": 2.0, "burst": 0, "max_in_flight": 5} in queues
+    assert {
+        "queue": "cli-queue",
+        "rate": 2.0,
+        "burst": 0,
+        "max_in_flight": 5,
+        "preempt_min_priority": None,
+        "preemptible_fraction": 1.0,
+    } in queues
 
     plain = jobmesh_cli(["queue", "list"], url)
     assert plain.returncode == 0, plain.stderr
     [row] = [line for line in plain.stdout.splitlines() if line.startswith("cli-queue ")]
-    assert row.split() == ["cli-queue", "2/s", "-", "5"]
+    assert row.split() == ["cli-queue", "2/s", "-", "5", "-", "100%"]  # no preemption policy, no cap
 
     # A hand-written bad value is shown as ignored, beside the good ones.
     kv = await nc.jetstream().key_value(subjects.KV_CONFIG)

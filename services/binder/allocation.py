@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from jobmesh.binder.backfill import EXPIRY, ends_by, may_take
 from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import Allocation, GpuDevice, JobReady, NodeInfo, Reservation, Resources
 
@@ -48,19 +49,45 @@ class Free:
 
 
 def free_on(node: NodeInfo, alloc: Allocation | None) -> Free:
-    """Advertised capacity minus every reservation on the node."""
+    """Advertised capacity minus every reservation in force on the node (a future hold,
+    ``backfill.py``, is not in force before its job is bound)."""
     free = Free(node.cpu_milli, node.memory_mb, node.gpu, node.disk_mb)
     if alloc is not None:
         for r in alloc.reservations.values():
-            free = free.minus(r.resources)
+            if not r.starts_at:
+                free = free.minus(r.resources)
     return free
+
+
+def free_and_holds(
+    node: NodeInfo, alloc: Allocation | None, now: float
+) -> tuple[Free, list[tuple[str, Reservation]], bool]:
+    """In one pass over a node's record: what is free now (as :func:`free_on`), the future
+    holds that constrain it at ``now``, and whether it holds expired ones (``backfill.py``)."""
+    cpu, mem, gpu, disk = node.cpu_milli, node.memory_mb, node.gpu, node.disk_mb
+    holds: list[tuple[str, Reservation]] = []
+    expired = False
+    if alloc is not None:
+        for key, r in alloc.reservations.items():
+            if r.starts_at:
+                if now <= r.starts_at + EXPIRY:
+                    holds.append((key, r))
+                else:
+                    expired = True
+                continue
+            res = r.resources
+            cpu -= res.cpu_milli
+            mem -= res.memory_mb
+            gpu -= res.gpu
+            disk -= res.disk_mb
+    return Free(cpu, mem, gpu, disk), holds, expired
 
 
 def allocated(alloc: Allocation | None) -> Resources:
     """The sum of every reservation on a node (nothing when it has no record)."""
     if alloc is None or not alloc.reservations:
         return Resources(cpu_milli=0, memory_mb=0)
-    held = alloc.reservations.values()
+    held = [r for r in alloc.reservations.values() if not r.starts_at]
     return Resources(
         cpu_milli=sum(r.resources.cpu_milli for r in held),
         memory_mb=sum(r.resources.memory_mb for r in held),
@@ -141,6 +168,7 @@ def plan(
     allocs: dict[str, Allocation],
     skip: dict[str, set[str]] | None = None,
     strategy: str = "spread",
+    now: float = 0.0,
 ) -> Plan:
     """Assign each job to a candidate with room: the best tier first, then by strategy.
 
@@ -151,12 +179,15 @@ def plan(
         skip: per job id, candidate nodes already tried and lost in a race this batch.
         strategy: among fitting nodes of the best tier, ``spread`` takes the one with the
             most free cpu, ``pack`` the one with the least.
+        now: the clock: a node with a future hold takes only jobs that end by its start
+            or fit beside it (``backfill.may_take``).
 
     Returns:
         The assignment per node and the jobs that fit nowhere, with the reason.
     """
     skip = skip or {}
     free: dict[str, Free] = {}
+    holds: dict[str, list[tuple[str, Reservation]]] = {}
     result = Plan()
     for job in jobs:
         chosen = None
@@ -170,9 +201,11 @@ def plan(
             if node is None or node.draining or node_id in tried:
                 continue
             if node_id not in free:
-                free[node_id] = free_on(node, allocs.get(node_id))
+                free[node_id], holds[node_id], _ = free_and_holds(node, allocs.get(node_id), now)
             if not free[node_id].fits(job.spec.resources):
                 continue
+            if holds[node_id] and not _may_take(free[node_id], job, holds[node_id], now):
+                continue  # the room is promised to a waiting job; this one would overstay
             if chosen is None or _better(free[node_id], free[chosen], strategy):
                 chosen, chosen_tier = node_id, tier
         if chosen is None:
@@ -217,18 +250,22 @@ def reserve(
         that no longer fit (another binder took the room since the plan was made, or too
         few GPUs of the asked kind are free).
     """
-    free = free_on(node, alloc)
+    free, holds, expired = free_and_holds(node, alloc, now)
     reservations = dict(alloc.reservations)
+    if expired:
+        # Future holds nobody came back for go with this write (backfill.EXPIRY).
+        live = {k for k, _ in holds}
+        reservations = {k: r for k, r in reservations.items() if not r.starts_at or k in live}
     won: list[Binding] = []
     lost: list[JobReady] = []
     for job in jobs:
         key = attempt_key(job.job_id, job.attempt)
         held = reservations.get(key)
-        if held is not None:  # a redelivery: already ours on this node
+        if held is not None and not held.starts_at:  # a redelivery: already ours on this node
             won.append(Binding(job, node.node_id, held.scratch_dir, False, held.gpu_devices))
             continue
         res = job.spec.resources
-        if not free.fits(res):
+        if not free.fits(res) or (holds and not _may_take(free, job, holds, now)):
             lost.append(job)
             continue
         scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
@@ -251,12 +288,26 @@ def reserve(
             tenant=spec.tenant,
             queue=spec.queue,
             preemptible=spec.preemptible,
+            ends_by=ends_by(now, spec.timeouts.run),
         )
         free = free.minus(res)
         reservations[key] = reservation
         won.append(Binding(job, node.node_id, scratch, True, reservation.gpu_devices))
-    changed = any(b.new for b in won)
+    changed = any(b.new for b in won) or expired
     return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost
+
+
+def _may_take(free: Free, job: JobReady, holds: list[tuple[str, Reservation]], now: float) -> bool:
+    """Whether ``job`` may take room now beside a node's future holds (its own excepted)."""
+    spec = job.spec
+    own = attempt_key(job.job_id, job.attempt)
+    return may_take(
+        (free.cpu_milli, free.memory_mb, free.gpu, free.disk_mb),
+        spec.resources,
+        ends_by(now, spec.timeouts.run),
+        holds,
+        own,
+    )
 
 
 def without(alloc: Allocation, keys: set[str]) -> Allocation | None:

@@ -18,8 +18,18 @@ import logging
 import time
 from collections.abc import Callable
 
+import msgspec
+
 from jobmesh.binder.allocation import NO_ROOM, Binding, allocated, plan, reserve
 from jobmesh.binder.allocations import Allocations
+from jobmesh.binder.backfill import (
+    BACKFILL_AFTER_RELEASES,
+    BACKFILL_RETRY_MIN,
+    EXPIRY,
+    choose_node,
+    future_hold,
+    promised_text,
+)
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.binder.preempting import (
@@ -46,6 +56,7 @@ from jobmesh.contract.messages.v1 import (
     NodesReply,
     NodeView,
     QueueConfig,
+    Resources,
 )
 from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.fencing import binding_fence
@@ -74,6 +85,12 @@ def _hold_edit(
 
 def _bound_hold_edit(key: str, alloc: Allocation) -> tuple[Allocation | None, None]:
     return bound_hold(alloc, key)
+
+
+def _future_hold_edit(
+    node: NodeInfo, key: str, res: Resources, partition: int, priority: int, now: float, alloc: Allocation
+) -> tuple[Allocation | None, float | None]:
+    return future_hold(node, alloc, key, res, partition, priority, now)
 
 
 class Binder:
@@ -169,11 +186,17 @@ class Binder:
             # it afresh could reserve a second node and leak the first reservation. If that
             # node has gone (or drains) since, the reservation is dropped and the job placed anew.
             holder = self._allocs.holder(key)
-            if holder is not None and self._usable(nodes.get(holder), settled):
+            if holder is not None and self._expired_hold(holder, key):
+                stale.append((holder, key))  # a promise past its expiry: planned afresh
+                remaining.append(job)
+            elif holder is not None and self._usable(nodes.get(holder), settled):
                 record = self._allocs.records[holder][0]
                 held = record.reservations[key]
                 waiting = waiting_on(record, held) if held.waiting_for else []
-                if waiting:
+                if held.starts_at:
+                    # A future hold (backfill): bound there once it fits, nowhere else.
+                    remaining.append(msgspec.structs.replace(job, candidates=[holder], tiers=[0]))
+                elif waiting:
                     # A hold: the room is this job's once its victims have stopped. Their
                     # cancels go again (a no-op when they got through: same message ids),
                     # in case the delivery that wrote the hold died before sending them.
@@ -204,7 +227,7 @@ class Binder:
         for _ in range(MAX_ROUNDS):
             if not remaining:
                 break
-            p = plan(remaining, nodes, self._allocs.snapshot(), skip, self._strategy)
+            p = plan(remaining, nodes, self._allocs.snapshot(), skip, self._strategy, self._clock())
             refused.extend(p.refused)
             reserving = asyncio.gather(*(self._reserve(node_id, jobs, nodes) for node_id, jobs in p.assign.items()))
             results = await self._guard(reserving, "reserving")
@@ -219,7 +242,54 @@ class Binder:
         if self._queues is not None and any(job.spec.preempt and reason == NO_ROOM for job, reason in refused):
             refused, started = await self._preempt(refused, nodes, by_key)
             cancels = cancels + started
-        await self._announce(by_key, bound, refused, rebound, cancels)
+        hints: dict[str, float] = {}
+        if any(reason.startswith(NO_ROOM) for _, reason in refused):
+            refused = await self._backfill(refused, nodes, hints)
+        await self._announce(by_key, bound, refused, rebound, cancels, hints)
+
+    async def _backfill(
+        self, refused: list[tuple[JobReady, str]], nodes: dict[str, NodeInfo], hints: dict[str, float]
+    ) -> list[tuple[JobReady, str]]:
+        """For each job still refused for want of room: say when its future hold promises
+        the room, or write one for a starving job (``backfill.py``). ``hints`` gets how
+        soon each such job should be released again (its promised start)."""
+        now = self._clock()
+        out: list[tuple[JobReady, str]] = []
+        for job, reason in refused:
+            if not reason.startswith(NO_ROOM):
+                out.append((job, reason))
+                continue
+            key = attempt_key(job.job_id, job.attempt)
+            holder = self._allocs.holder(key)
+            start: float | None = None
+            if holder is not None:
+                held = self._allocs.records[holder][0].reservations.get(key)
+                start = held.starts_at if held is not None and held.starts_at else None
+            elif job.release >= BACKFILL_AFTER_RELEASES:
+                choice = choose_node(job.candidates, nodes, self._allocs.snapshot(), job.spec.resources, now)
+                if choice is not None:
+                    holder = choice[0]
+                    edit = functools.partial(
+                        _future_hold_edit, nodes[holder], key, job.spec.resources, job.partition, job.spec.priority, now
+                    )
+                    try:
+                        start = await self._guard(self._allocs.change(holder, edit), "reserving future room")
+                    except Conflict:
+                        start = None
+                    if start is not None:
+                        log.info(
+                            "job %s attempt %d: room on %s reserved from %.0fs from now (backfill)",
+                            job.job_id,
+                            job.attempt,
+                            holder,
+                            start - now,
+                        )
+            if start is None or holder is None:
+                out.append((job, reason))
+                continue
+            hints[key] = max(BACKFILL_RETRY_MIN, start - now)
+            out.append((job, promised_text(holder, start)))
+        return out
 
     def _victim_cancels(
         self, job: JobReady, record: Allocation, victims: list[str], context: Context | None
@@ -301,6 +371,10 @@ class Binder:
             out.append((job, describe(choice)))
         return out, cancels
 
+    def _expired_hold(self, node_id: str, key: str) -> bool:
+        held = self._allocs.records[node_id][0].reservations.get(key)
+        return held is not None and bool(held.starts_at) and self._clock() > held.starts_at + EXPIRY
+
     @staticmethod
     def _usable(node: NodeInfo | None, settled: bool) -> bool:
         """Whether an attempt's reservation on ``node`` stands: the node lives and takes
@@ -339,6 +413,7 @@ class Binder:
         refused: list[tuple[JobReady, str]],
         rebound: set[str],
         cancels: list[Outgoing] | None = None,
+        hints: dict[str, float] | None = None,
     ) -> None:
         now = self._clock()
         outgoing: list[Outgoing] = []
@@ -372,7 +447,9 @@ class Binder:
                 reason=reason,
                 at=now,
                 release=job.release,
-                retry_after=HOLD_RETRY_SECONDS if reason.startswith(PREEMPTING) else 0.0,
+                retry_after=HOLD_RETRY_SECONDS
+                if reason.startswith(PREEMPTING)
+                else (hints or {}).get(attempt_key(job.job_id, job.attempt), 0.0),
             )
             context = by_key[attempt_key(job.job_id, job.attempt)].context
             outgoing.append(

@@ -71,7 +71,7 @@ def running_attempts(
         if node is None:
             continue
         for key, r in alloc.reservations.items():
-            if key in claimed or r.waiting_for:
+            if key in claimed or r.waiting_for or r.starts_at:
                 continue  # chosen already, or a hold not bound yet: nothing runs there
             job_id, _, attempt = key.rpartition(":")
             running.append(
@@ -101,7 +101,8 @@ def over_share(allocs: Mapping[str, Allocation], weight: Callable[[str], float],
     held: dict[str, int] = {asking: 0}
     for alloc in allocs.values():
         for r in alloc.reservations.values():
-            held[r.tenant] = held.get(r.tenant, 0) + r.resources.cpu_milli
+            if not r.starts_at:  # a future hold holds nothing yet
+                held[r.tenant] = held.get(r.tenant, 0) + r.resources.cpu_milli
     total = sum(held.values())
     weights = {tenant: weight(tenant) for tenant in held}
     weight_total = sum(weights.values())
@@ -175,7 +176,7 @@ def plan_preemption(
                         queue = alloc.reservations[victim].queue
                         if queue in caps:
                             already[queue] += 1
-                elif r.queue in caps:
+                elif r.queue in caps and not r.starts_at:
                     sizes[r.queue] += 1
     kind = spec.resources.gpu_kind
     free = {c: free_of_kind(nodes[c], allocs.get(c), kind) for c in usable}

@@ -184,6 +184,20 @@ class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
         bool,
         Meta(description="Whether a higher-priority job may stop the attempt to make room (default true)."),
     ] = True
+    ends_by: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(
+            description="When the attempt has ended at the latest: reserved at plus its run timeout and the stop grace. Unix time, in seconds; 0: unknown (a reservation from before this field)."
+        ),
+    ] = 0.0
+    starts_at: Annotated[
+        float,
+        Meta(ge=0),
+        Meta(
+            description="A future hold (backfill): the room is promised to the job from this time; it does not count against the node before it is bound. Unix time, in seconds; 0: a reservation in force."
+        ),
+    ] = 0.0
     waiting_for: Annotated[
         list[str],
         Meta(
