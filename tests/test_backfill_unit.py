@@ -52,7 +52,7 @@ def job(job_id: str, cpu: int, timeout: float = 3600.0, release: int = 1) -> Job
     )
 
 
-# Eight 1-cpu jobs fill the node; they end (at the latest) 15 s to 22 s from now.
+# Eight 1-cpu jobs fill the node; they end (at the latest) 10 s to 17 s from now, plus the slack.
 FULL = Allocation(node_id="n1", reservations={f"s{i}:1": small(NOW - i, 10 + 2 * i) for i in range(8)})
 BIG = Resources(cpu_milli=8000, memory_mb=0)
 
@@ -60,10 +60,10 @@ BIG = Resources(cpu_milli=8000, memory_mb=0)
 def test_a_job_starts_once_enough_reservations_have_ended_by_their_bounds() -> None:
     assert earliest_start(NODE, None, BIG, NOW) == NOW  # an empty node: now
     # All eight must go for 8 cpus: the last one to end sets the start.
-    assert earliest_start(NODE, FULL, BIG, NOW) == NOW + 22
+    assert earliest_start(NODE, FULL, BIG, NOW) == NOW + 17 + STOP_SLACK
     # Two cpus: the two that end first.
     two = Resources(cpu_milli=2000, memory_mb=0)
-    assert earliest_start(NODE, FULL, two, NOW) == NOW + 16
+    assert earliest_start(NODE, FULL, two, NOW) == NOW + 11 + STOP_SLACK
     # More than the node has: never; a reservation with no known end: no bound.
     assert earliest_start(NODE, FULL, Resources(cpu_milli=9000, memory_mb=0), NOW) is None
     # One of them with no known end (from before ends_by existed): the 8 cpus have no bound,
@@ -75,13 +75,13 @@ def test_a_job_starts_once_enough_reservations_have_ended_by_their_bounds() -> N
             "s7:1": Reservation(resources=Resources(cpu_milli=1000, memory_mb=0), scratch_dir="", at=0),
         },
     )
-    assert earliest_start(NODE, unknown, two, NOW) == NOW + 16
+    assert earliest_start(NODE, unknown, two, NOW) == NOW + 11 + STOP_SLACK
     assert earliest_start(NODE, unknown, BIG, NOW) is None
 
 
 def test_a_future_hold_books_nothing_now_and_is_written_once_per_node() -> None:
     new, start = future_hold(NODE, FULL, "big:1", BIG, 0, 5, NOW)
-    assert new is not None and start == NOW + 22
+    assert new is not None and start == NOW + 17 + STOP_SLACK
     hold = new.reservations["big:1"]
     assert hold.starts_at == start and hold.resources == BIG
     assert free_on(NODE, new) == free_on(NODE, FULL)  # not in force before it is bound
@@ -114,7 +114,7 @@ def test_a_job_that_fits_beside_the_held_room_may_stay_longer() -> None:
     # 9 cpus free on a 24-cpu node, 8 of them promised: a long 1-cpu job fits beside them,
     # a long 2-cpu one does not; a short one that ends before the promise may take any.
     wide = NodeInfo(node_id="n1", cpu_milli=24000, memory_mb=8192, heartbeat_at=NOW, started_at=0.0)
-    hold = Reservation(resources=BIG, scratch_dir="", at=NOW, starts_at=NOW + 30)
+    hold = Reservation(resources=BIG, scratch_dir="", at=NOW, starts_at=NOW + 60)
     busy = Reservation(resources=Resources(cpu_milli=15000, memory_mb=0), scratch_dir="", at=NOW, ends_by=NOW + 30)
     record = Allocation(node_id="n1", reservations={"busy:1": busy, "big:1": hold})
     _, won, lost = reserve(wide, record, [job("long1", 1000), job("long2", 2000)], NOW)
@@ -158,5 +158,8 @@ def test_the_reason_names_the_node_and_a_time_that_stays_the_same() -> None:
 def test_only_a_large_job_gets_a_future_hold() -> None:
     nodes = {"n1": NODE}
     assert choose_node(["n1"], nodes, {"n1": FULL}, Resources(cpu_milli=2000, memory_mb=0), NOW) is None
-    assert choose_node(["n1"], nodes, {"n1": FULL}, Resources(cpu_milli=2001, memory_mb=0), NOW) == ("n1", NOW + 17)
-    assert choose_node(["n1"], nodes, {"n1": FULL}, BIG, NOW) == ("n1", NOW + 22)
+    assert choose_node(["n1"], nodes, {"n1": FULL}, Resources(cpu_milli=2001, memory_mb=0), NOW) == (
+        "n1",
+        NOW + 12 + STOP_SLACK,
+    )
+    assert choose_node(["n1"], nodes, {"n1": FULL}, BIG, NOW) == ("n1", NOW + 17 + STOP_SLACK)

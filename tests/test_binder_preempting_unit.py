@@ -258,10 +258,12 @@ def test_a_bound_hold_becomes_a_plain_reservation_that_may_be_a_victim() -> None
     gone = Allocation(node_id="n1", reservations={k: v for k, v in alloc.reservations.items() if k != "young:1"})
     # Before it is bound it is never a victim, though its victims have gone.
     assert {a.job_id for a in running_attempts({"n1": gone}, NODES, set())} == {"old"}
-    plain, _ = bound_hold(gone, "p:1")
+    plain, _ = bound_hold(gone, "p:1", NOW + 5)
     assert plain is not None and plain.reservations["p:1"].waiting_for == []
+    # Its bound moves to the binding: the run timeout's clock starts now.
+    assert plain.reservations["p:1"].ends_by == alloc.reservations["p:1"].ends_by + 5
     assert {a.job_id for a in running_attempts({"n1": plain}, NODES, set())} == {"old", "p"}
-    assert bound_hold(plain, "p:1") == (None, None)  # nothing left to clear
+    assert bound_hold(plain, "p:1", NOW + 5) == (None, None)  # nothing left to clear
 
 
 def test_a_gpu_hold_takes_the_devices_its_victims_free() -> None:
@@ -297,3 +299,9 @@ def test_victims_earlier_preemptions_claimed_count_against_their_queues_cap() ->
     n2_held, _ = hold(nodes["n2"], n2, ready("q", 1000, 9, candidates=("n2",)), ["b9:1"], NOW)
     assert n2_held is not None
     assert plan_preemption(ready("p", 2000, 9), capped, lambda t: 1.0, {"n1": n1, "n2": n2_held}, nodes, NOW) is None
+
+
+def test_a_job_with_a_future_hold_is_no_preemption_hold() -> None:
+    backfill = Reservation(resources=Resources(cpu_milli=2000, memory_mb=0), scratch_dir="", at=NOW, starts_at=NOW + 60)
+    record = Allocation(node_id="n1", reservations={**FULL["n1"].reservations, "p:1": backfill})
+    assert hold(NODES["n1"], record, ready("p", 2000, 9), ["young:1"], NOW) == (None, None)

@@ -214,6 +214,10 @@ def plan(
             result.refused.append((job, reason))
             continue
         free[chosen] = free[chosen].minus(job.spec.resources)
+        if holds.get(chosen):
+            # Its own future hold, if it had one there, is its reservation from now on.
+            own = attempt_key(job.job_id, job.attempt)
+            holds[chosen] = [h for h in holds[chosen] if h[0] != own]
         result.assign.setdefault(chosen, []).append(job)
     return result
 
@@ -292,6 +296,8 @@ def reserve(
         )
         free = free.minus(res)
         reservations[key] = reservation
+        if holds:
+            holds = [h for h in holds if h[0] != key]  # its own future hold, if any, is now this
         won.append(Binding(job, node.node_id, scratch, True, reservation.gpu_devices))
     changed = any(b.new for b in won) or expired
     return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost

@@ -35,9 +35,14 @@ BACKFILL_AFTER_RELEASES = 3  # a job refused for room on its first two releases 
 # memory or GPUs. A small one finds room in the gaps as they come; were it to take the
 # node's one hold, a big job behind it would find none.
 LARGE_SHARE = 0.25
-STOP_SLACK = 5.0  # seconds past a run timeout until the attempt's end is reported: the grace, the report
+# Seconds past a run timeout until the attempt's end is reported and its room released:
+# dispatch and set-up before the timeout's clock starts, the stop (the node's kill grace, 3 s
+# by default, and the output's 2 s), the report. Generous, so that what is admitted beside a
+# hold really is gone by its start.
+STOP_SLACK = 15.0
 EXPIRY = 300.0  # seconds past its start after which a future hold no longer constrains the node
 BACKFILL_RETRY_MIN = 0.5  # the soonest a job with a future hold is released again
+BACKFILL_EARLY = 1.0  # its release is due this long before the promise, so that it starts by it
 RESERVED = "reserved: "  # how the refusal of a job with a future hold begins
 
 

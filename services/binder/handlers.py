@@ -24,10 +24,12 @@ from jobmesh.binder.allocation import NO_ROOM, Binding, allocated, plan, reserve
 from jobmesh.binder.allocations import Allocations
 from jobmesh.binder.backfill import (
     BACKFILL_AFTER_RELEASES,
+    BACKFILL_EARLY,
     BACKFILL_RETRY_MIN,
     EXPIRY,
     choose_node,
     future_hold,
+    is_large,
     promised_text,
 )
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
@@ -83,8 +85,8 @@ def _hold_edit(
     return hold(node, alloc, job, victims, now)
 
 
-def _bound_hold_edit(key: str, alloc: Allocation) -> tuple[Allocation | None, None]:
-    return bound_hold(alloc, key)
+def _bound_hold_edit(key: str, now: float, alloc: Allocation) -> tuple[Allocation | None, None]:
+    return bound_hold(alloc, key, now)
 
 
 def _future_hold_edit(
@@ -255,6 +257,7 @@ class Binder:
         soon each such job should be released again (its promised start)."""
         now = self._clock()
         out: list[tuple[JobReady, str]] = []
+        snapshot: dict[str, Allocation] | None = None  # taken once, and again after a write
         for job, reason in refused:
             if not reason.startswith(NO_ROOM):
                 out.append((job, reason))
@@ -265,8 +268,11 @@ class Binder:
             if holder is not None:
                 held = self._allocs.records[holder][0].reservations.get(key)
                 start = held.starts_at if held is not None and held.starts_at else None
-            elif job.release >= BACKFILL_AFTER_RELEASES:
-                choice = choose_node(job.candidates, nodes, self._allocs.snapshot(), job.spec.resources, now)
+            elif job.release >= BACKFILL_AFTER_RELEASES and any(
+                c in nodes and is_large(nodes[c], job.spec.resources) for c in job.candidates
+            ):
+                snapshot = snapshot if snapshot is not None else self._allocs.snapshot()
+                choice = choose_node(job.candidates, nodes, snapshot, job.spec.resources, now)
                 if choice is not None:
                     holder = choice[0]
                     edit = functools.partial(
@@ -277,6 +283,7 @@ class Binder:
                     except Conflict:
                         start = None
                     if start is not None:
+                        snapshot = None
                         log.info(
                             "job %s attempt %d: room on %s reserved from %.0fs from now (backfill)",
                             job.job_id,
@@ -287,7 +294,10 @@ class Binder:
             if start is None or holder is None:
                 out.append((job, reason))
                 continue
-            hints[key] = max(BACKFILL_RETRY_MIN, start - now)
+            if start > now + BACKFILL_RETRY_MIN:
+                # Back a little before the promise (it fits as soon as the node has drained);
+                # past it, the scheduler's own backoff: no refusal storm if it overstays.
+                hints[key] = max(BACKFILL_RETRY_MIN, start - now - BACKFILL_EARLY)
             out.append((job, promised_text(holder, start)))
         return out
 
@@ -317,7 +327,7 @@ class Binder:
     async def _clear_holds(self, pairs: list[tuple[str, str]]) -> None:
         for node_id, key in pairs:
             try:
-                await self._allocs.change(node_id, functools.partial(_bound_hold_edit, key))
+                await self._allocs.change(node_id, functools.partial(_bound_hold_edit, key, self._clock()))
             except Conflict:
                 # It stays marked as a hold: never chosen as a victim, which costs nothing
                 # but a missed choice; the binding itself goes ahead.
@@ -334,7 +344,8 @@ class Binder:
         out: list[tuple[JobReady, str]] = []
         cancels: list[Outgoing] = []
         for job, reason in refused:
-            if not job.spec.preempt or reason != NO_ROOM:
+            if not job.spec.preempt or reason != NO_ROOM or self._allocs.holder(attempt_key(job.job_id, job.attempt)):
+                # A job holding a future hold waits for its promise (backfill) there.
                 out.append((job, reason))
                 continue
             # Each job sees the holds the ones before it wrote (the cache has our writes).
@@ -632,6 +643,7 @@ class Binder:
         for node, alive in self._nodes.all():
             record = allocs.get(node.node_id)
             alloc = record[0] if record is not None else None
-            count = len(alloc.reservations) if alloc is not None else 0
+            # Future holds (backfill) are promises, not reservations in force.
+            count = sum(1 for r in alloc.reservations.values() if not r.starts_at) if alloc is not None else 0
             out.append(NodeUsage(node, alive, allocated(alloc), count))
         return out

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from jobmesh.binder.allocation import free_on, node_gpus, pick_gpus
+from jobmesh.binder.backfill import ends_by
 from jobmesh.binder.preemption import NodeFree, PendingJob, Preemption, RunningAttempt, choose_victims
 from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, QueueConfig, Reservation
@@ -223,7 +224,8 @@ def hold(
     key = attempt_key(job.job_id, job.attempt)
     existing = alloc.reservations.get(key)
     if existing is not None:
-        return None, waiting_on(alloc, existing)
+        # Held already: by a preemption (its victims), or by backfill (no preemption here).
+        return None, (None if existing.starts_at else waiting_on(alloc, existing))
     if any(v not in alloc.reservations for v in victims) or claimed_victims({node.node_id: alloc}) & set(victims):
         return None, None
     spec = job.spec
@@ -248,19 +250,22 @@ def hold(
         tenant=spec.tenant,
         queue=spec.queue,
         preemptible=spec.preemptible,
+        ends_by=ends_by(now, spec.timeouts.run),  # refreshed when it is bound (bound_hold)
         waiting_for=list(victims),
     )
     return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: reservation}), list(victims)
 
 
-def bound_hold(alloc: Allocation, key: str) -> tuple[Allocation | None, None]:
+def bound_hold(alloc: Allocation, key: str, now: float) -> tuple[Allocation | None, None]:
     """The compare-and-set step that turns a hold whose victims have gone into a plain
     reservation (``waiting_for`` emptied) as it is bound: from then on it runs, and may be
     a victim itself."""
     held = alloc.reservations.get(key)
     if held is None or not held.waiting_for:
         return None, None
-    plain = msgspec.structs.replace(held, waiting_for=[])
+    # Its run timeout's clock starts now, not when the room was held: the bound moves with it.
+    bound = held.ends_by + max(0.0, now - held.at) if held.ends_by else 0.0
+    plain = msgspec.structs.replace(held, waiting_for=[], ends_by=bound)
     return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: plain}), None
 
 

@@ -100,7 +100,10 @@ def snapshot_of(
     return NodeSnapshot(
         alive=frozenset(n.node_id for n, fresh in seen if fresh),
         last_heartbeat={n.node_id: n.heartbeat_at for n, fresh in seen if not fresh},
-        reservations={node: len(alloc.reservations) for node, (alloc, _) in records.items()},
+        # A future hold (backfill) holds nothing yet: it does not keep a gone node's record.
+        reservations={
+            node: sum(1 for r in alloc.reservations.values() if not r.starts_at) for node, (alloc, _) in records.items()
+        },
         consumers=frozenset(n for n in map(node_of_durable, durables) if n is not None),
     )
 
