@@ -730,3 +730,14 @@ def test_the_node_record_says_what_the_probes_found():
     assert (info.isolation, info.network, info.probe) == ("sandbox", False, {"sandbox": "bubblewrap 0.8.0"})
     assert info.runtimes == ["process", "noop", "handler"] and info.handlers == ["fixed", "digits"]
     assert (info.gpu, info.gpu_kind, info.gpu_devices) == (2, "a100", gpus)
+
+
+def test_a_failure_carries_the_attempts_last_checkpoint_to_the_scheduler() -> None:
+    from jobmesh.executor.outcomes import exit_outcome, terminal_event
+
+    # A job that checkpoints and fails at once may end before a node record with its
+    # checkpoint reaches the scheduler: the failure itself carries it.
+    failed = terminal_event(bound("cp"), NODE, exit_outcome(1), 1.0, 2.0, checkpoint="step-7")
+    assert isinstance(failed, JobFailed) and failed.checkpoint == "step-7"
+    plain = terminal_event(bound("cp"), NODE, exit_outcome(1), 1.0, 2.0)
+    assert isinstance(plain, JobFailed) and plain.checkpoint == ""

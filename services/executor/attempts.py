@@ -280,7 +280,13 @@ class Attempt:
                     trace.Status(trace.StatusCode.ERROR, f"{outcome.error.code}: {outcome.error.message}"[:500])
                 )
             terminal = terminal_message(
-                self.bound, self._node_id, outcome, self.started_at, self._clock(), self._trace_context
+                self.bound,
+                self._node_id,
+                outcome,
+                self.started_at,
+                self._clock(),
+                self._trace_context,
+                self.lease.checkpoint,
             )
             # Kept before it is published: an executor killed before its record lists the
             # attempt as ended lets the next one publish this again, not a loss.

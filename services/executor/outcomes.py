@@ -178,7 +178,13 @@ def noop_outcome(runtime: NoopRuntime) -> Outcome:
 
 
 def terminal_message(
-    bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float, context: Context | None
+    bound: JobBound,
+    node_id: str,
+    outcome: Outcome,
+    started_at: float,
+    at: float,
+    context: Context | None,
+    checkpoint: str = "",
 ) -> Outgoing:
     """The terminal event of an attempt, addressed and with its deterministic message id.
 
@@ -189,6 +195,7 @@ def terminal_message(
         started_at: when the executor started it (0 when it never started).
         at: when it ended.
         context: the trace context the event carries.
+        checkpoint: the attempt's last checkpoint (a failure carries it to the next attempt).
 
     Returns:
         The Succeeded or Failed event, ready for the reporter.
@@ -196,14 +203,14 @@ def terminal_message(
     kind = subjects.SUCCEEDED if outcome.error is None else subjects.FAILED
     return Outgoing(
         subjects.node_event(bound.partition, kind, node_id),
-        terminal_event(bound, node_id, outcome, started_at, at),
+        terminal_event(bound, node_id, outcome, started_at, at, checkpoint),
         event_id(bound.job_id, bound.attempt, kind),
         context,
     )
 
 
 def terminal_event(
-    bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float
+    bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float, checkpoint: str = ""
 ) -> JobSucceeded | JobFailed:
     """The Succeeded or Failed event reporting ``outcome``.
 
@@ -248,4 +255,5 @@ def terminal_event(
         submitted_at=bound.submitted_at,
         started_at=started_at,
         at=at,
+        checkpoint=checkpoint,
     )

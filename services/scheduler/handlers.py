@@ -448,7 +448,9 @@ class PartitionScheduler:
             if job.where == RELEASED or self.backlog.claim_released(job.job_id, job.attempt, rnd.now):
                 node_id = event.node_id
                 ended = lifecycle.attempt_error(event, job.attempt, node_id, event.at)
-                self._failed(job, ended, "lost" if isinstance(event, JobLost) else "failed", rnd, context)
+                state = "lost" if isinstance(event, JobLost) else "failed"
+                checkpoint = event.checkpoint if isinstance(event, JobFailed) else ""
+                self._failed(job, ended, state, rnd, context, checkpoint=checkpoint)
                 return
         if self.backlog.finish(event.job_id, event.attempt, rnd.now):
             self.leases.forget(event.job_id)
@@ -476,12 +478,15 @@ class PartitionScheduler:
         rnd: Round,
         context: Context | None,
         lease: Lease | None = None,
+        checkpoint: str = "",
     ) -> None:
         """Attempt ``ended.attempt`` of ``job`` failed or was lost: retry or give up.
 
         Args:
             lease: the attempt's lease when it was already taken out (an expiry); its
                 checkpoint goes to the next attempt.
+            checkpoint: the one the attempt's failure carried (JobFailed.checkpoint): it
+                wins over the lease's, which may not have heard of it yet.
         """
         lease = self.leases.forget(job.job_id) or lease
         if state == "lost":
@@ -507,7 +512,7 @@ class PartitionScheduler:
         )
         code = ended.error.code
         if isinstance(decision, retries.Retry):
-            checkpoint = lease.checkpoint if lease is not None else ""
+            checkpoint = checkpoint or (lease.checkpoint if lease is not None else "")
             self.backlog.retry(
                 job.job_id, job.attempt, decision.next_attempt, decision.not_before, decision.avoid,
                 decision.avoid_zones, ended, checkpoint, rnd.now,

@@ -881,6 +881,14 @@ class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
         float, Meta(description="When the attempt started. Unix time, in seconds; 0 when it never did.")
     ]
     at: Annotated[float, Meta(description="When the attempt ended. Unix time, in seconds.")]
+    # The node record carries it too, but a job that checkpoints and fails at once may end
+    # before a record with it reaches the scheduler: the next attempt must not lose it.
+    checkpoint: Annotated[
+        str,
+        Meta(
+            description="The last checkpoint the attempt reported (masked as in its lease), for the next attempt; empty when none."
+        ),
+    ] = ""
 
 
 class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
