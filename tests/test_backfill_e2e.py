@@ -88,7 +88,7 @@ async def test_a_big_job_behind_a_stream_of_small_ones_starts_by_its_promise(bac
             for i in range(400):
                 [job_id] = (await client.submit([Submission(spec=_small(f"stream-{i}", 3, timeout=10))])).job_ids
                 stream_ids.append(job_id)
-                await asyncio.sleep(0.25)  # the stream's pace, not a wait for a result
+                await asyncio.sleep(0.25)  # the stream's pace, not a wait for a result (noqa: sleep)
 
         streaming = asyncio.ensure_future(stream())
 

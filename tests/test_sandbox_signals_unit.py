@@ -26,7 +26,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     deadline = time.monotonic() + 10
     while not ready.exists():
         assert time.monotonic() < deadline, "the job never started"
-        time.sleep(0.01)
+        time.sleep(0.01)  # polling with the deadline above (noqa: sleep)
     return leader, out, ready
 
 

@@ -272,7 +272,6 @@ def reserve(
         if not free.fits(res) or (holds and not _may_take(free, job, holds, now)):
             lost.append(job)
             continue
-        scratch = f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else ""
         gpus: list[int] = []
         if res.gpu:
             picked = pick_gpus(node, reservations, res)
@@ -280,27 +279,36 @@ def reserve(
                 lost.append(job)
                 continue
             gpus = picked
-        spec = job.spec
-        reservation = Reservation(
-            resources=res,
-            scratch_dir=scratch,
-            at=now,
-            partition=job.partition,
-            gpu_devices=gpus,
-            # What preemption weighs, from the reservation alone (preempting.py).
-            priority=spec.priority,
-            tenant=spec.tenant,
-            queue=spec.queue,
-            preemptible=spec.preemptible,
-            ends_by=ends_by(now, spec.timeouts.run),
-        )
+        reservation = new_reservation(node, job, now, gpus)
         free = free.minus(res)
         reservations[key] = reservation
         if holds:
             holds = [h for h in holds if h[0] != key]  # its own future hold, if any, is now this
-        won.append(Binding(job, node.node_id, scratch, True, reservation.gpu_devices))
+        won.append(Binding(job, node.node_id, reservation.scratch_dir, True, reservation.gpu_devices))
     changed = any(b.new for b in won) or expired
     return (Allocation(node_id=node.node_id, reservations=reservations) if changed else None), won, lost
+
+
+def new_reservation(
+    node: NodeInfo, job: JobReady, now: float, gpus: list[int], waiting_for: list[str] | None = None
+) -> Reservation:
+    """``job``'s reservation on ``node`` made at ``now``: its scratch directory, GPUs, what
+    preemption weighs (preempting.py), when it has ended at the latest (backfill.py), and
+    for a preemption's hold the victims it waits for."""
+    spec = job.spec
+    return Reservation(
+        resources=spec.resources,
+        scratch_dir=f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else "",
+        at=now,
+        partition=job.partition,
+        gpu_devices=gpus,
+        priority=spec.priority,
+        tenant=spec.tenant,
+        queue=spec.queue,
+        preemptible=spec.preemptible,
+        ends_by=ends_by(now, spec.timeouts.run),
+        waiting_for=waiting_for or [],
+    )
 
 
 def _may_take(free: Free, job: JobReady, holds: list[tuple[str, Reservation]], now: float) -> bool:

@@ -37,7 +37,6 @@ from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.binder.preempting import (
     HOLD_RETRY_SECONDS,
     PREEMPTED_REASON,
-    PREEMPTING,
     bound_hold,
     describe,
     hold,
@@ -46,7 +45,7 @@ from jobmesh.binder.preempting import (
     waiting_text,
 )
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id
+from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id, split_attempt_key
 from jobmesh.contract.messages.v1 import (
     Allocation,
     AttemptCancel,
@@ -58,7 +57,6 @@ from jobmesh.contract.messages.v1 import (
     NodesReply,
     NodeView,
     QueueConfig,
-    Resources,
 )
 from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.fencing import binding_fence
@@ -77,22 +75,6 @@ FRESH_WAIT = 5.0
 CANCEL = "cancel"  # the event kind in an AttemptCancel's message id
 CANCELLED_REASON = "cancelled"  # JobUnplaceable.reason for an attempt cancelled before its binding
 PREEMPT = "preempt"  # the event kind in a preemption's AttemptCancel message id
-
-
-def _hold_edit(
-    node: NodeInfo, job: JobReady, victims: list[str], now: float, alloc: Allocation
-) -> tuple[Allocation | None, list[str] | None]:
-    return hold(node, alloc, job, victims, now)
-
-
-def _bound_hold_edit(key: str, now: float, alloc: Allocation) -> tuple[Allocation | None, None]:
-    return bound_hold(alloc, key, now)
-
-
-def _future_hold_edit(
-    node: NodeInfo, key: str, res: Resources, partition: int, priority: int, now: float, alloc: Allocation
-) -> tuple[Allocation | None, float | None]:
-    return future_hold(node, alloc, key, res, partition, priority, now)
 
 
 class Binder:
@@ -177,6 +159,7 @@ class Binder:
         skip: dict[str, set[str]] = {}
         bound: list[Binding] = []
         refused: list[tuple[JobReady, str]] = []
+        hints: dict[str, float] = {}  # how soon a refused job should come back (JobUnplaceable.retry_after)
         resend: list[Outgoing] = []  # cancels of the victims of holds that still wait
         clear: list[tuple[str, str]] = []  # holds bound now: their victims have gone
         remaining = []
@@ -203,6 +186,7 @@ class Binder:
                     # cancels go again (a no-op when they got through: same message ids),
                     # in case the delivery that wrote the hold died before sending them.
                     refused.append((job, waiting_text(holder, waiting)))
+                    hints[key] = HOLD_RETRY_SECONDS
                     resend.extend(self._victim_cancels(job, record, waiting, env.context))
                 else:
                     if held.waiting_for:
@@ -242,9 +226,8 @@ class Binder:
         refused.extend((job, "lost every reservation race this round") for job in remaining)
         cancels: list[Outgoing] = resend
         if self._queues is not None and any(job.spec.preempt and reason == NO_ROOM for job, reason in refused):
-            refused, started = await self._preempt(refused, nodes, by_key)
+            refused, started = await self._preempt(refused, nodes, by_key, hints)
             cancels = cancels + started
-        hints: dict[str, float] = {}
         if any(reason.startswith(NO_ROOM) for _, reason in refused):
             refused = await self._backfill(refused, nodes, hints)
         await self._announce(by_key, bound, refused, rebound, cancels, hints)
@@ -276,7 +259,13 @@ class Binder:
                 if choice is not None:
                     holder = choice[0]
                     edit = functools.partial(
-                        _future_hold_edit, nodes[holder], key, job.spec.resources, job.partition, job.spec.priority, now
+                        future_hold,
+                        nodes[holder],
+                        key=key,
+                        res=job.spec.resources,
+                        partition=job.partition,
+                        priority=job.spec.priority,
+                        now=now,
                     )
                     try:
                         start = await self._guard(self._allocs.change(holder, edit), "reserving future room")
@@ -310,35 +299,40 @@ class Binder:
             victim = record.reservations.get(victim_key)
             if victim is None:
                 continue  # gone already
-            job_id, _, attempt = victim_key.rpartition(":")
+            job_id, attempt = split_attempt_key(victim_key)
             message = AttemptCancel(
                 job_id=job_id,
-                attempt=int(attempt),
+                attempt=attempt,
                 partition=victim.partition,
                 node_id=record.node_id,
                 reason=f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room",
                 at=self._clock(),
             )
             # Its own message id: a user's cancel of the same attempt must still get through.
-            msg_id = event_id(job_id, int(attempt), PREEMPT)
+            msg_id = event_id(job_id, attempt, PREEMPT)
             out.append(Outgoing(subjects.node_cancel(record.node_id), message, msg_id, context))
         return out
 
     async def _clear_holds(self, pairs: list[tuple[str, str]]) -> None:
         for node_id, key in pairs:
             try:
-                await self._allocs.change(node_id, functools.partial(_bound_hold_edit, key, self._clock()))
+                await self._allocs.change(node_id, functools.partial(bound_hold, key=key, now=self._clock()))
             except Conflict:
                 # It stays marked as a hold: never chosen as a victim, which costs nothing
                 # but a missed choice; the binding itself goes ahead.
                 log.warning("node %s: could not mark the held room of %s as bound", node_id, key)
 
     async def _preempt(
-        self, refused: list[tuple[JobReady, str]], nodes: dict[str, NodeInfo], by_key: dict[str, Envelope]
+        self,
+        refused: list[tuple[JobReady, str]],
+        nodes: dict[str, NodeInfo],
+        by_key: dict[str, Envelope],
+        hints: dict[str, float],
     ) -> tuple[list[tuple[JobReady, str]], list[Outgoing]]:
         """For each refused job that asks to preempt: choose victims, hold the room for it
         on their node, and cancel them (``preempting.py``). Returns the refusals with their
-        reasons, and the cancels to send with them."""
+        reasons, and the cancels to send with them; ``hints`` gets each holding job's quick
+        return (its victims stop within the node's grace)."""
         assert self._queues is not None
         now = self._clock()
         out: list[tuple[JobReady, str]] = []
@@ -356,7 +350,7 @@ class Binder:
                 continue
             victims = [attempt_key(v.job_id, v.attempt) for v in choice.victims]
 
-            edit = functools.partial(_hold_edit, nodes[choice.node_id], job, victims, now)
+            edit = functools.partial(hold, nodes[choice.node_id], job=job, victims=victims, now=now)
             try:
                 held: list[str] | None = await self._guard(self._allocs.change(choice.node_id, edit), "holding room")
             except Conflict:
@@ -379,6 +373,7 @@ class Binder:
                 choice.node_id,
             )
             self._metrics.preempted(job.spec.queue, len(victims))
+            hints[attempt_key(job.job_id, job.attempt)] = HOLD_RETRY_SECONDS
             out.append((job, describe(choice)))
         return out, cancels
 
@@ -458,9 +453,7 @@ class Binder:
                 reason=reason,
                 at=now,
                 release=job.release,
-                retry_after=HOLD_RETRY_SECONDS
-                if reason.startswith(PREEMPTING)
-                else (hints or {}).get(attempt_key(job.job_id, job.attempt), 0.0),
+                retry_after=(hints or {}).get(attempt_key(job.job_id, job.attempt), 0.0),
             )
             context = by_key[attempt_key(job.job_id, job.attempt)].context
             outgoing.append(

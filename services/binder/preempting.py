@@ -31,10 +31,9 @@ from collections.abc import Callable, Mapping
 
 import msgspec
 
-from jobmesh.binder.allocation import free_on, node_gpus, pick_gpus
-from jobmesh.binder.backfill import ends_by
+from jobmesh.binder.allocation import free_on, new_reservation, node_gpus, pick_gpus
 from jobmesh.binder.preemption import NodeFree, PendingJob, Preemption, RunningAttempt, choose_victims
-from jobmesh.contract.ids import attempt_key
+from jobmesh.contract.ids import attempt_key, split_attempt_key
 from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, QueueConfig, Reservation
 
 PREEMPTED_REASON = "preempted"  # the AttemptCancel reason's first word (the executor's stop code)
@@ -74,11 +73,11 @@ def running_attempts(
         for key, r in alloc.reservations.items():
             if key in claimed or r.waiting_for or r.starts_at:
                 continue  # chosen already, or a hold not bound yet: nothing runs there
-            job_id, _, attempt = key.rpartition(":")
+            job_id, attempt = split_attempt_key(key)
             running.append(
                 RunningAttempt(
                     job_id=job_id,
-                    attempt=int(attempt),
+                    attempt=attempt,
                     node_id=node_id,
                     priority=r.priority,
                     tenant=r.tenant,
@@ -240,19 +239,8 @@ def hold(
         if picked is None:
             return None, None
         gpus = picked
-    reservation = Reservation(
-        resources=res,
-        scratch_dir=f"{node.work_dir}/{job.job_id}-{job.attempt}" if node.work_dir else "",
-        at=now,
-        partition=job.partition,
-        gpu_devices=gpus,
-        priority=spec.priority,
-        tenant=spec.tenant,
-        queue=spec.queue,
-        preemptible=spec.preemptible,
-        ends_by=ends_by(now, spec.timeouts.run),  # refreshed when it is bound (bound_hold)
-        waiting_for=list(victims),
-    )
+    # Its end bound is refreshed when it is bound (bound_hold).
+    reservation = new_reservation(node, job, now, gpus, waiting_for=list(victims))
     return Allocation(node_id=alloc.node_id, reservations={**alloc.reservations, key: reservation}), list(victims)
 
 

@@ -41,6 +41,12 @@ def attempt_key(job_id: str, attempt: int) -> str:
     return f"{job_id}:{attempt}"
 
 
+def split_attempt_key(key: str) -> tuple[str, int]:
+    """The job id and attempt number of an :func:`attempt_key`."""
+    job_id, _, attempt = key.rpartition(":")
+    return job_id, int(attempt)
+
+
 def event_id(job_id: str, attempt: int, kind: str) -> str:
     """Nats-Msg-Id of a lifecycle event that an attempt has at most once of
     (started, succeeded, failed, expired, lost, bound)."""
