@@ -61,6 +61,7 @@ JOB_KINDS = (
     subjects.DEP_WATCH,
     subjects.DEP_ENDED,
     subjects.CHILD_ADDED,
+    subjects.MEMBER_SUCCEEDED,
 )
 
 # Who reads every lifecycle kind through one filter (jobmesh.v1.job.>): the tracker records
@@ -220,7 +221,8 @@ CHANNELS: tuple[Channel, ...] = (
         ("scheduler",),
         END_CONSUMERS,
         "Terminal: a mapped step's items all succeeded (the scheduler ends the step without running it; "
-        "node_id is empty)." + _OLDER_EXECUTORS,
+        "node_id is empty), or every member of a gang did (node_id is rank 0's node, the result rank 0's)."
+        + _OLDER_EXECUTORS,
     ),
     Channel(
         "jobSucceededOnNode",
@@ -280,6 +282,25 @@ CHANNELS: tuple[Channel, ...] = (
         "Terminal for the attempt: its executor restarted without it, or refused a dispatch it may "
         "have run before (declared by that executor). The scheduler then retries or gives up; the "
         "binder frees the reservation." + _NODE_FORM,
+    ),
+    Channel(
+        "memberSucceeded",
+        _job(subjects.MEMBER_SUCCEEDED),
+        (v1.MemberSucceeded,),
+        subjects.STREAM_JOBS,
+        (),
+        TERMINAL_CONSUMERS,
+        "The partition form of memberSucceededOnNode: no service publishes it.",
+    ),
+    Channel(
+        "memberSucceededOnNode",
+        _node_job(subjects.MEMBER_SUCCEEDED),
+        (v1.MemberSucceeded,),
+        subjects.STREAM_JOBS,
+        ("executor",),
+        TERMINAL_CONSUMERS,
+        "One member of a gang exited 0: the binder frees its node's reservation, and the scheduler "
+        "ends the attempt with JobSucceeded once every member has sent this." + _NODE_FORM,
     ),
     Channel(
         "jobRetrying",

@@ -53,6 +53,12 @@ def event_id(job_id: str, attempt: int, kind: str) -> str:
     return f"{job_id}:{attempt}:{kind}"
 
 
+def member_event_id(job_id: str, attempt: int, kind: str, rank: int) -> str:
+    """Nats-Msg-Id of an event each member of a gang has once (bound, started, failed, lost,
+    member_succeeded): rank 0's is :func:`event_id`'s, so a plain job's ids are unchanged."""
+    return event_id(job_id, attempt, kind) if rank == 0 else f"{job_id}:{attempt}:{kind}:{rank}"
+
+
 # The longest event id a trigger key holds in full; a longer one is hashed.
 MAX_EVENT_ID = 200
 

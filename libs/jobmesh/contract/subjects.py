@@ -60,15 +60,17 @@ DEP_ENDED = "dep_ended"
 # A workflow step's handler submitted a child job its dependents wait for too (trigger to
 # the step's partition).
 CHILD_ADDED = "child_added"
+# One member of a gang ended well (MemberSucceeded); the gang's attempt ends once all have.
+MEMBER_SUCCEEDED = "member_succeeded"
 # An attempt ended: its reservation (if any) can go.
-TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED)
+TERMINAL_KINDS = (SUCCEEDED, FAILED, EXPIRED, LOST, CANCELLED, MEMBER_SUCCEEDED)
 # A job ended for good: what "the end of an earlier job" means to a trigger rule.
 JOB_END_KINDS = (SUCCEEDED, GAVE_UP, CANCELLED, EXPIRED)
 # What an executor reports about the attempts bound to its node. These travel on the node
 # form (node_event: the node id is the subject's last token), so a NATS permission can
 # let each node publish for its own attempts only. The services' own events of the same
 # kinds (the scheduler's success of a mapped step, its lost lease) keep the partition form.
-EXECUTOR_KINDS = (STARTED, SUCCEEDED, FAILED, LOST)
+EXECUTOR_KINDS = (STARTED, SUCCEEDED, FAILED, LOST, MEMBER_SUCCEEDED)
 
 
 def partition_of(queue: str, partitions: int) -> int:

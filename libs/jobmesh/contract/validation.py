@@ -88,11 +88,37 @@ def validate_spec(spec: JobSpecBase, where: str = "spec", may_hold_nul: bool = T
         _validate_inputs(spec, where)
     if isinstance(spec, JobSpec):
         _validate_retry(spec, where, now)
+        if spec.replicas > 1 or spec.same:
+            _validate_gang(spec, where)
     nul = _first_nul(msgspec.to_builtins(spec), where) if may_hold_nul else ""
     if nul:
         # JSON allows "\u0000"; Postgres text does not, so the job's history could not be
         # recorded. Refuse it here rather than half-create it.
         raise InvalidSpec(f"a NUL character is not allowed - at `$.{nul}`", field=nul)
+
+
+GANG_SAME_ZONE = "zone"
+GANG_SAME_LABEL = "label:"  # the prefix of a label attribute: label:<key>
+
+
+def same_problem(same: str) -> str:
+    """Why ``same`` names no node attribute a gang can share ("" when it does)."""
+    if same == GANG_SAME_ZONE:
+        return ""
+    if same.startswith(GANG_SAME_LABEL):
+        key = same[len(GANG_SAME_LABEL) :]
+        return label_problem(key, "x") if key else "label: needs a key (label:<key>)"
+    return f"{same!r} is no node attribute: a gang can share only 'zone' or 'label:<key>'"
+
+
+def _validate_gang(spec: JobSpec, where: str) -> None:
+    if spec.same and spec.replicas == 1:
+        _fail(where, "same", "same constrains a gang's members; set replicas to 2 or more")
+    problem = same_problem(spec.same) if spec.same else ""
+    if problem:
+        _fail(where, "same", problem)
+    if spec.map is not None:
+        _fail(where, "replicas", "a mapped step cannot be a gang: each item is a job of its own")
 
 
 def env_name_problem(key: str) -> str:

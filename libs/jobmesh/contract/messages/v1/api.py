@@ -31,6 +31,7 @@ __all__ = [
     "JobSummary",
     "JobUpdate",
     "JobView",
+    "MemberView",
     "NodeView",
     "NodesReply",
     "NodesRequest",
@@ -175,6 +176,16 @@ class JobListRequest(
     ] = 0
 
 
+class MemberView(Struct, frozen=True, kw_only=True):
+    """One member of a gang's attempt, as its events say."""
+
+    rank: Annotated[int, Meta(description="The member's rank, from 0.")]
+    node_id: Annotated[str, Meta(description="The node it was bound to.")]
+    state: Annotated[str, Meta(description="How far it got: bound, running, succeeded, failed or lost.")]
+    at: Annotated[float, Meta(description="When it got there. Unix time, in seconds.")]
+    detail: Annotated[str, Meta(description="Why it failed, in words; empty otherwise.")] = ""
+
+
 class AttemptView(Struct, frozen=True, kw_only=True):
     """One attempt as recorded by the tracker."""
 
@@ -212,6 +223,9 @@ class AttemptView(Struct, frozen=True, kw_only=True):
         ),
     ] = ""
     result_bytes: Annotated[int, Meta(description="The result's size, in bytes; 0 when there is none.")] = 0
+    members: Annotated[
+        list[MemberView], Meta(description="A gang's members that were bound, by rank; empty for a plain job.")
+    ] = []
 
 
 class EventView(Struct, frozen=True, kw_only=True):

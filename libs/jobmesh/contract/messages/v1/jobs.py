@@ -28,6 +28,7 @@ __all__ = [
     "FAILURE_CODE_NAMES",
     "ISOLATION_LEVELS",
     "MAX_DISRUPTIONS",
+    "MAX_REPLICAS",
     "MAX_STDIN_BYTES",
     "MAX_UPLOAD_BYTES",
     "RETRY_ON_BY_DEFAULT",
@@ -71,6 +72,7 @@ __all__ = [
     "Locality",
     "LogLine",
     "MapSpec",
+    "MemberSucceeded",
     "NoopRuntime",
     "ParentRef",
     "Priority",
@@ -92,6 +94,10 @@ Seconds = Annotated[float, Meta(gt=0)]
 # Subject tokens may not contain dots or wildcards, so ids are restricted to this set.
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 AttemptNumber = Annotated[int, Meta(ge=1)]
+# The largest gang jobmesh places (JobSpec.replicas): more members than this is no cluster
+# jobmesh is built for, and its JobReady would carry thousands of candidates.
+MAX_REPLICAS = 1024
+Rank = Annotated[int, Meta(ge=0, lt=MAX_REPLICAS)]
 # A secret is looked up by name in a directory or as a variable on the node, so a name holds
 # no path characters (no "/", no leading "."), and fits a variable name once upper-cased.
 SecretName = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_\-]*$")]
@@ -659,6 +665,28 @@ class JobSpec(JobSpecBase, frozen=True, kw_only=True, omit_defaults=True):
     map: Annotated[
         MapSpec | None, Meta(description="A mapped step: run one job per item of an upstream list; null otherwise.")
     ] = None
+    # A gang (docs/scheduling.md#gangs): every member on a node of its own, all reserved or
+    # none, started together; one member failing fails the attempt of all.
+    replicas: Annotated[
+        int,
+        Meta(ge=1, le=MAX_REPLICAS),
+        Meta(
+            description="How many members run at once, each on a node of its own with these resources (a gang, at most 1024); 1: a plain job."
+        ),
+    ] = 1
+    same: Annotated[
+        str,
+        Meta(max_length=300),
+        Meta(
+            description='With replicas: put every member on nodes sharing this attribute\'s value: "zone" or "label:<key>"; empty: any nodes.'
+        ),
+    ] = ""
+    spread: Annotated[
+        Literal["spread", "pack"],
+        Meta(
+            description="With replicas: spread takes the roomiest nodes (the default), pack the fullest that fit, leaving roomy nodes whole."
+        ),
+    ] = "spread"
 
 
 class JobError(Struct, frozen=True, kw_only=True):
@@ -802,6 +830,18 @@ class JobBound(AttemptEvent, frozen=True, kw_only=True, tag="job.bound"):
         list[int],
         Meta(description="The indices of the node's GPUs reserved for this attempt; empty when it reserved none."),
     ] = []
+    # A gang member's place in its gang: the job sees them as JOBMESH_RANK,
+    # JOBMESH_WORLD_SIZE and JOBMESH_PEERS.
+    rank: Annotated[Rank, Meta(description="The member's rank in its gang, from 0; 0 for a plain job.")] = 0
+    world_size: Annotated[
+        int, Meta(ge=1), Meta(description="How many members the gang has (JobSpec.replicas); 1 for a plain job.")
+    ] = 1
+    peers: Annotated[
+        list[str],
+        Meta(
+            description="Every member's address as \"host:port\", by rank (this one's included); empty for a plain job."
+        ),
+    ] = []
 
 
 class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
@@ -815,6 +855,10 @@ class JobStarted(AttemptEvent, frozen=True, kw_only=True, tag="job.started"):
             description="The executor process that runs it (NodeInfo.incarnation): a new value after every restart; empty when unknown."
         ),
     ] = ""
+    rank: Annotated[Rank, Meta(description="The gang member that started (JobBound.rank); 0 for a plain job.")] = 0
+    world_size: Annotated[
+        int, Meta(ge=1), Meta(description="How many members its gang has (JobBound.world_size); 1 for a plain job.")
+    ] = 1
 
 
 class JobSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.succeeded"):
@@ -889,6 +933,37 @@ class JobFailed(AttemptEvent, frozen=True, kw_only=True, tag="job.failed"):
             description="The last checkpoint the attempt reported (masked as in its lease), for the next attempt; empty when none."
         ),
     ] = ""
+    rank: Annotated[
+        Rank,
+        Meta(description="The gang member that failed (JobBound.rank): it fails the whole attempt; 0 for a plain job."),
+    ] = 0
+    world_size: Annotated[
+        int, Meta(ge=1), Meta(description="How many members its gang has (JobBound.world_size); 1 for a plain job.")
+    ] = 1
+
+
+class MemberSucceeded(AttemptEvent, frozen=True, kw_only=True, tag="job.member_succeeded"):
+    """One member of a gang ended with exit code 0. Not the job's end: the scheduler ends the
+    attempt with one JobSucceeded once every member has sent this (published by the
+    executor on the node form, like JobSucceeded for a plain job)."""
+
+    node_id: Annotated[Id, Meta(description="The node that ran the member.")]
+    rank: Annotated[Rank, Meta(description="The member's rank in its gang, from 0.")]
+    world_size: Annotated[int, Meta(ge=2), Meta(description="How many members the gang has.")]
+    exit_code: Annotated[int, Meta(description="The process's exit code (0).")]
+    output_tail: Annotated[
+        str,
+        Meta(description="The last lines of the member's output, at most a few KiB; empty when it printed nothing."),
+    ]
+    started_at: Annotated[float, Meta(description="When the member started. Unix time, in seconds.")]
+    at: Annotated[float, Meta(description="When the member ended. Unix time, in seconds.")]
+    result: Annotated[
+        str, Meta(description="The member's result when small UTF-8 text travelled inline; empty otherwise.")
+    ] = ""
+    result_ref: Annotated[
+        str, Meta(description="The result's object name in jm_results when it did not travel inline; empty otherwise.")
+    ] = ""
+    result_bytes: Annotated[int, Meta(description="The result's size, in bytes; 0 when there is none.")] = 0
 
 
 class JobExpired(JobEvent, frozen=True, kw_only=True, tag="job.expired"):
@@ -923,6 +998,10 @@ class JobLost(AttemptEvent, frozen=True, kw_only=True, tag="job.lost"):
             description="Why it is considered lost (lease expired, bind timeout, executor restarted); empty from older versions."
         ),
     ] = ""
+    rank: Annotated[Rank, Meta(description="The gang member that was lost; 0 for a plain job or when unknown.")] = 0
+    world_size: Annotated[
+        int, Meta(ge=1), Meta(description="How many members its gang has (JobBound.world_size); 1 for a plain job.")
+    ] = 1
 
 
 class AttemptError(Struct, frozen=True, kw_only=True):
@@ -1124,8 +1203,10 @@ LifecycleEvent = (
     | DependencyWatch
     | DependencyEnded
     | ChildAdded
+    | MemberSucceeded
 )
 # An attempt has ended (its reservation, if any, can be freed).
-TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost | JobCancelled
+# A gang member's success ends that member's part only (its node's reservation).
+TerminalEvent = JobSucceeded | JobFailed | JobExpired | JobLost | JobCancelled | MemberSucceeded
 # A job has ended for good (what a rule that fires on "the end of an earlier job" reads).
 JobEnd = JobSucceeded | JobGaveUp | JobCancelled | JobExpired

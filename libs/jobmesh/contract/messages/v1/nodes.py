@@ -89,6 +89,10 @@ class AttemptLease(Struct, frozen=True, kw_only=True, omit_defaults=True):
             description="The last checkpoint the job reported (free text it chose); empty when none: the attempt starts afresh."
         ),
     ] = ""
+    rank: Annotated[int, Meta(ge=0), Meta(description="The gang member it is (JobBound.rank); 0 for a plain job.")] = 0
+    world_size: Annotated[
+        int, Meta(ge=1), Meta(description="How many members its gang has (JobBound.world_size); 1 for a plain job.")
+    ] = 1
 
 
 class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
@@ -111,6 +115,12 @@ class NodeInfo(Struct, frozen=True, kw_only=True, tag="node.info"):
     disk_mb: Annotated[int, Meta(description="Scratch disk offered, in MiB; 0: none reserved.")] = 0
     arch: Annotated[str, Meta(description="The node's architecture (x86_64, aarch64); empty when unknown.")] = ""
     zone: Annotated[str, Meta(description="The node's zone (for locality); empty when none.")] = ""
+    address: Annotated[
+        str,
+        Meta(
+            description="The host name or IP its gang members' peers reach it at (JOBMESH_NODE_ADDRESS); empty: the executor's host name."
+        ),
+    ] = ""
     isolation: Annotated[
         str,
         Meta(
