@@ -1,13 +1,31 @@
-"""Gang placement (services/scheduler/gangs.py): all members or none, pure, deterministic."""
+"""Gangs as pure decisions: which nodes the scheduler offers (services/scheduler/gangs.py),
+where the binder puts each member and how it reserves them (services/binder/gangs.py), and
+how a gang's lease follows its members (services/scheduler/attemptleases.py)."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 
-from jobmesh.contract.messages.v1 import Constraints, GpuDevice, JobSpec, NodeInfo, NoopRuntime, Resources
+from jobmesh.binder.gangs import choose_gang, peers, reserve_member
+from jobmesh.contract.ids import member_event_id
+from jobmesh.contract.messages.v1 import (
+    Allocation,
+    AttemptLease,
+    GpuDevice,
+    JobReady,
+    JobSpec,
+    NodeInfo,
+    NoopRuntime,
+    Reservation,
+    Resources,
+)
+from jobmesh.contract.validation import validate_spec
 from jobmesh.errors import InvalidSpec
-from jobmesh.scheduler.gangs import place_gang
+from jobmesh.scheduler.attemptleases import AttemptLeases
+from jobmesh.scheduler.gangs import gang_candidates
 
+SMALL = Resources(cpu_milli=1000, memory_mb=1024)
 H100 = Resources(cpu_milli=1000, memory_mb=1024, gpu=1, gpu_kind="h100")
 
 
@@ -17,143 +35,213 @@ def node(node_id: str, **kw) -> NodeInfo:
     return NodeInfo(**base)
 
 
-def member(res: Resources = H100, **kw) -> JobSpec:
-    return JobSpec(runtime=NoopRuntime(), resources=res, **kw)
+def ready(replicas: int, candidates: list[str], res: Resources = SMALL, **kw) -> JobReady:
+    spec = JobSpec(runtime=NoopRuntime(), resources=res, replicas=replicas, **kw)
+    return JobReady(
+        job_id="a" * 32, attempt=1, partition=0, spec=spec, candidates=candidates, submitted_at=0.0, ready_at=0.0
+    )
 
 
-def gpu_node(node_id: str, zone: str, gpus: int = 1, **kw) -> NodeInfo:
-    return node(node_id, zone=zone, gpu=gpus, gpu_kind="h100", **kw)
+def busy(node_id: str, cpu: int, key: str = "b" * 32 + ":1") -> Allocation:
+    held = Reservation(resources=Resources(cpu_milli=cpu, memory_mb=0), scratch_dir="", at=0.0)
+    return Allocation(node_id=node_id, reservations={key: held})
 
 
-def test_places_every_member_once_per_node_when_spreading():
-    nodes = [gpu_node(f"n{i}", "a") for i in range(5)]
-    d = place_gang(nodes, member(), 4, {})
-    assert d.placed and len(d.nodes) == 4 and len(set(d.nodes)) == 4
-    assert d.assignment() == dict(enumerate(d.nodes))
+# --- the scheduler: which nodes a gang may use at all ------------------------------------
 
 
-def test_a_gang_that_fits_in_no_single_zone_is_refused_though_enough_nodes_exist():
-    nodes = [gpu_node(f"a{i}", "a") for i in range(3)] + [gpu_node(f"b{i}", "b") for i in range(3)]
-    d = place_gang(nodes, member(), 4, {}, same="zone")
-    assert not d.placed and d.never and d.field == "replicas"
-    assert d.reason == "needs 4 nodes with gpu kind h100 in one zone; at most 3 even when empty"
-    assert place_gang(nodes, member(), 4, {}).placed  # without the constraint it fits
+def test_the_scheduler_offers_only_groups_large_enough_and_says_what_is_missing():
+    nodes = {f"a{i}": node(f"a{i}", zone="a") for i in range(3)} | {f"b{i}": node(f"b{i}", zone="b") for i in range(4)}
+    fitting = sorted(nodes)
+    picked, reason = gang_candidates(fitting, nodes, 4, "zone", SMALL)
+    assert picked == ["b0", "b1", "b2", "b3"] and reason == ""
+    picked, reason = gang_candidates(fitting, nodes, 5, "zone", SMALL)
+    assert picked == []
+    assert reason == "needs 5 nodes with 1000m cpu and 1024 MiB in one zone; 4 fit"
+    # Without the constraint every fitting node counts.
+    assert gang_candidates(fitting, nodes, 7, "", SMALL) == (fitting, "")
+    assert gang_candidates(fitting, nodes, 8, "", SMALL) == ([], "needs 8 nodes with 1000m cpu and 1024 MiB; 7 fit")
 
 
-def test_does_not_fit_now_waits_with_the_reason_and_never_returns_a_partial_fit():
-    nodes = [gpu_node(f"a{i}", "a") for i in range(4)] + [gpu_node("b0", "b")]
-    busy = {"a3": (4000, 8192, 0, 0)}  # its one gpu is reserved
-    d = place_gang(nodes, member(), 4, busy, same="zone")
-    assert d.nodes == () and not d.never and d.field == ""
-    assert d.reason == "needs 4 nodes with gpu kind h100 in one zone; 3 free"
-    assert place_gang(nodes, member(), 4, {}, same="zone").nodes != ()
+def test_a_label_gang_skips_nodes_without_the_label_and_names_it_when_none_has_it():
+    nodes = {
+        "r1": node("r1", labels={"rack": "r1"}),
+        "r2": node("r2", labels={"rack": "r1"}),
+        "x": node("x"),
+    }
+    assert gang_candidates(["r1", "r2", "x"], nodes, 2, "label:rack", H100) == (["r1", "r2"], "")
+    picked, reason = gang_candidates(["x"], nodes, 2, "label:rack", H100)
+    assert picked == [] and reason.endswith("no node that fits has label rack")
+    assert reason.startswith("needs 2 nodes with gpu kind h100 sharing one value of label rack")
 
 
-def test_members_stay_on_nodes_sharing_the_label_value():
-    nodes = [node(f"r1-{i}", labels={"rack": "r1"}) for i in range(2)]
-    nodes += [node(f"r2-{i}", labels={"rack": "r2"}) for i in range(3)]
-    nodes += [node("bare")]  # no rack label: in no group
-    d = place_gang(nodes, member(Resources(cpu_milli=4000, memory_mb=1024)), 3, {}, same="label:rack")
-    assert sorted(d.nodes) == ["r2-0", "r2-1", "r2-2"]
-    d = place_gang([node("bare")], member(Resources()), 1, {}, same="label:rack")
-    assert d.never and d.field == "same" and d.reason == "no fitting node has a label rack"
+# --- the binder: where each member goes ------------------------------------------------
 
 
-def test_the_tightest_group_that_fits_is_taken():
-    nodes = [gpu_node(f"big{i}", "big") for i in range(8)] + [gpu_node(f"small{i}", "small") for i in range(4)]
-    d = place_gang(nodes, member(), 4, {}, same="zone")
-    assert sorted(d.nodes) == ["small0", "small1", "small2", "small3"]
+def test_spread_takes_the_roomiest_nodes_and_pack_the_fullest_that_fit():
+    nodes = {f"n{i}": node(f"n{i}") for i in range(4)}
+    allocs = {"n0": busy("n0", 2500), "n1": busy("n1", 500), "n2": busy("n2", 3500)}  # n3 is empty
+    spread = choose_gang(ready(2, list(nodes)), nodes, allocs, 0.0)
+    assert not isinstance(spread, str) and spread.nodes == ("n3", "n1")
+    pack = choose_gang(ready(2, list(nodes), spread="pack"), nodes, allocs, 0.0)
+    # n2 has 500m left: too little for a member, so the fullest that fit are n0 and n1.
+    assert not isinstance(pack, str) and pack.nodes == ("n0", "n1")
 
 
-def test_spread_doubles_up_only_when_nodes_run_out():
-    nodes = [node(f"n{i}") for i in range(3)]
-    d = place_gang(nodes, member(Resources(cpu_milli=1000, memory_mb=64)), 5, {})
-    assert sorted(d.nodes) == ["n0", "n0", "n1", "n1", "n2"]
-    assert len(set(d.nodes[:3])) == 3  # one round over every node before any second member
+def test_a_gang_without_room_for_every_member_is_refused_with_what_it_needs_and_has():
+    nodes = {f"n{i}": node(f"n{i}") for i in range(4)}
+    allocs = {"n0": busy("n0", 3500)}
+    reason = choose_gang(ready(4, list(nodes)), nodes, allocs, 0.0)
+    assert reason == "needs 4 nodes with 1000m cpu and 1024 MiB; 3 free"
+    draining = {**nodes, "n1": node("n1", draining=True)}
+    assert choose_gang(ready(3, list(nodes)), draining, allocs, 0.0) == (
+        "needs 3 nodes with 1000m cpu and 1024 MiB; 2 free"
+    )
 
 
-def test_pack_fills_the_fewest_nodes_and_best_fits_the_last():
-    nodes = [node("big", cpu_milli=8000), node("mid", cpu_milli=3000), node("small", cpu_milli=2000)]
-    d = place_gang(nodes, member(Resources(cpu_milli=1000, memory_mb=64)), 10, {}, spread="pack")
-    # 8 on big, the remaining 2 on the smallest node that holds 2 (not mid).
-    assert d.nodes == ("big",) * 8 + ("small",) * 2
-    d = place_gang(nodes, member(Resources(cpu_milli=1000, memory_mb=64)), 4, {}, spread="pack")
-    assert d.nodes == ("big",) * 4
+def test_the_tightest_zone_that_holds_the_gang_is_chosen_so_larger_zones_stay_whole():
+    nodes = {f"a{i}": node(f"a{i}", zone="a") for i in range(6)} | {f"b{i}": node(f"b{i}", zone="b") for i in range(3)}
+    plan = choose_gang(ready(3, list(nodes), same="zone"), nodes, {}, 0.0)
+    assert not isinstance(plan, str) and sorted(plan.nodes) == ["b0", "b1", "b2"]
+    plan = choose_gang(ready(4, list(nodes), same="zone"), nodes, {}, 0.0)
+    assert not isinstance(plan, str) and {n[0] for n in plan.nodes} == {"a"}
 
 
-def test_live_free_capacity_counts():
-    nodes = [node("a"), node("b")]
-    d = place_gang(nodes, member(Resources(cpu_milli=2000, memory_mb=64)), 2, {"a": (1000, 8192, 0, 0)})
-    assert d.nodes == ("b", "b")
+def test_gpus_of_another_kind_do_not_count_as_free():
+    mixed = node(
+        "m",
+        gpu=2,
+        gpu_kind="h100",
+        gpu_devices=[GpuDevice(index=0, kind="h100"), GpuDevice(index=1, kind="a10")],
+    )
+    nodes = {"m": mixed, "h": node("h", gpu=1, gpu_kind="h100")}
+    taken = Allocation(
+        node_id="m",
+        reservations={
+            "c" * 32 + ":1": Reservation(
+                resources=Resources(cpu_milli=0, memory_mb=0, gpu=1), scratch_dir="", at=0.0, gpu_devices=[0]
+            )
+        },
+    )
+    plan = choose_gang(ready(2, ["m", "h"], H100), nodes, {}, 0.0)
+    assert not isinstance(plan, str) and sorted(plan.nodes) == ["h", "m"]
+    assert choose_gang(ready(2, ["m", "h"], H100), nodes, {"m": taken}, 0.0) == (
+        "needs 2 nodes with gpu kind h100; 1 free"
+    )
 
 
-def test_no_node_takes_one_member_is_never_with_the_misfit_reason():
-    d = place_gang([node("a")], member(), 2, {})
-    assert d.never and d.field == "spec" and d.reason == "no node with gpu kind h100"
-    d = place_gang([node("a")], member(Resources(), constraints=Constraints(arch="aarch64")), 1, {})
-    assert d.never and d.reason == "no node with arch aarch64"
-    d = place_gang([gpu_node("g", "a", draining=True)], member(), 1, {})
-    assert d.never and d.reason == "every fitting node is draining"
+def test_a_member_reservation_carries_its_rank_and_a_redelivery_keeps_it():
+    n = node("n0", work_dir="/w")
+    job = ready(3, ["n0"])
+    alloc, held = reserve_member(Allocation(node_id="n0"), n, job=job, rank=2, now=5.0)
+    assert alloc is not None and held is not None
+    assert (held.rank, held.world_size, held.scratch_dir, held.at) == (2, 3, "/w/" + "a" * 32 + "-1", 5.0)
+    again, same = reserve_member(alloc, n, job=job, rank=0, now=9.0)
+    assert again is None and same == held  # already ours: nothing written, the same rank
 
 
-def test_a_gang_bigger_than_the_whole_empty_cluster_names_replicas():
-    nodes = [node(f"n{i}") for i in range(2)]  # 4 members of 1000m each per node
-    d = place_gang(nodes, member(Resources(cpu_milli=1000, memory_mb=64)), 9, {})
-    assert d.never and d.field == "replicas"
-    assert d.reason == "needs 9 member slots with 1000m cpu and 64 MiB; at most 8 even when empty"
+def test_a_member_loses_its_step_when_the_room_went_meanwhile():
+    n = node("n0")
+    alloc, held = reserve_member(busy("n0", 3500), n, job=ready(2, ["n0"]), rank=0, now=0.0)
+    assert alloc is None and held is None
+
+
+def test_peers_are_every_member_address_by_rank_on_ports_of_one_attempt():
+    nodes = [node("n0", address="10.0.0.5"), None, node("n2")]
+    out = peers("k:1", nodes, ["n0", "n1", "n2"])
+    hosts = [p.rsplit(":", 1)[0] for p in out]
+    ports = [int(p.rsplit(":", 1)[1]) for p in out]
+    assert hosts == ["10.0.0.5", "n1", "n2"]  # a node that advertises no address: its id
+    assert ports == [ports[0], ports[0] + 1, ports[0] + 2] and 20000 <= ports[0] < 40000
+    assert peers("k:1", nodes, ["n0", "n1", "n2"]) == out  # the same on a redelivery
+    assert peers("k:2", nodes, ["n0", "n1", "n2"]) != out  # the next attempt elsewhere, mostly
+
+
+def test_member_ids_keep_rank_0_as_a_plain_job_and_tell_the_others_apart():
+    assert member_event_id("j", 1, "started", 0) == "j:1:started"
+    assert member_event_id("j", 1, "started", 3) == "j:1:started:3"
+
+
+# --- bad input -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "field"),
+    ("spec", "field"),
     [
-        ({"replicas": 0}, "replicas"),
-        ({"replicas": -3}, "replicas"),
-        ({"same": "rack"}, "same"),
-        ({"same": "label:"}, "same"),
-        ({"spread": "scatter"}, "spread"),
+        ({"replicas": 3, "same": "rack"}, "spec.same"),
+        ({"replicas": 3, "same": "label:"}, "spec.same"),
+        ({"replicas": 1, "same": "zone"}, "spec.same"),
     ],
 )
-def test_malformed_requests_raise_naming_the_field(kwargs, field):
-    args = {"replicas": 2, "same": "", "spread": "spread", **kwargs}
-    with pytest.raises(InvalidSpec) as caught:
-        place_gang([node("a")], member(Resources()), args["replicas"], {}, same=args["same"], spread=args["spread"])
-    assert caught.value.field == field
+def test_a_gang_on_an_unknown_attribute_is_refused_naming_the_field(spec, field):
+    decoded = msgspec.convert({"runtime": {"kind": "noop"}, **spec}, JobSpec)
+    with pytest.raises(InvalidSpec) as err:
+        validate_spec(decoded)
+    assert err.value.field == field
 
 
-def test_deterministic_whatever_the_node_order():
-    nodes = [gpu_node(f"n{i:02}", "abc"[i % 3], gpus=1 + i % 2) for i in range(30)]
-    first = place_gang(nodes, member(), 6, {}, same="zone")
-    again = place_gang(list(reversed(nodes)), member(), 6, {}, same="zone")
-    assert first.placed and first == again
+def test_a_gang_bigger_than_any_cluster_jobmesh_places_is_refused_naming_the_field():
+    with pytest.raises(msgspec.ValidationError, match=r"<= 1024 - at `\$.replicas`"):
+        msgspec.convert({"runtime": {"kind": "noop"}, "replicas": 5000}, JobSpec)
 
 
-def test_reserved_disk_counts_now():
-    # Two members' disk each when empty; the binder holds 3000 of a's 4000 MiB.
-    nodes = [node("a", disk_mb=4000), node("b", disk_mb=4000)]
-    res = Resources(cpu_milli=1000, memory_mb=64, disk_mb=2000)
-    d = place_gang(nodes, member(res), 3, {"a": (4000, 8192, 0, 1000)}, spread="pack")
-    assert not d.placed and d.reason.endswith("; 2 free")
-    d = place_gang(nodes, member(res), 2, {"a": (4000, 8192, 0, 1000)}, spread="pack")
-    assert d.nodes == ("b", "b")
+# --- the scheduler: a gang's lease ------------------------------------------------------
 
 
-def test_free_gpus_of_another_kind_do_not_take_members():
-    devices = [GpuDevice(index=i, kind=kind) for i, kind in enumerate(("h100", "h100", "t4", "t4"))]
-    mixed = node("m", gpu=4, gpu_devices=devices)
-    # Both h100 are held, both t4 free: the caller counts free GPUs of the member's kind.
-    assert not place_gang([mixed], member(), 1, {"m": (4000, 8192, 0, 0)}).placed
-    t4 = Resources(cpu_milli=1000, memory_mb=1024, gpu=1, gpu_kind="t4")
-    assert place_gang([mixed], member(t4), 2, {"m": (4000, 8192, 2, 0)}).nodes == ("m", "m")
+def record(node_id: str, *leases: AttemptLease, ended: list[str] | None = None, incarnation: str = "i") -> NodeInfo:
+    return node(node_id, attempts=list(leases), ended=ended or [], incarnation=incarnation)
 
 
-def test_spread_prefers_a_group_with_a_node_per_member_over_a_tighter_one():
-    slots4 = Resources(cpu_milli=1000, memory_mb=64)  # four per 4000m node
-    nodes = [node("a0", zone="a")] + [node(f"b{i}", zone="b") for i in range(4)]
-    d = place_gang(nodes, member(slots4), 4, {}, same="zone")
-    assert sorted(d.nodes) == ["b0", "b1", "b2", "b3"]
-    # pack still takes the tightest group, and spread does when no group has enough nodes.
-    assert place_gang(nodes, member(slots4), 4, {}, same="zone", spread="pack").nodes == ("a0",) * 4
-    d = place_gang(
-        [node("a0", zone="a"), node("b0", zone="b"), node("b1", zone="b")], member(slots4), 4, {}, same="zone"
-    )
-    assert d.nodes == ("a0",) * 4
+def lease(rank: int) -> AttemptLease:
+    return AttemptLease(job_id="j", attempt=1, partition=0, started_at=0.0, rank=rank, world_size=3)
+
+
+def test_one_silent_member_loses_the_gang_while_its_peers_renew():
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, size=3)
+    for t in (1.0, 2.0):
+        for n, name in enumerate(("n0", "n1", "n2")):
+            leases.observe(record(name, lease(n)), t)
+    assert leases.expired(11.9) == []
+    for t in (5.0, 9.0, 13.0):  # n0 and n1 go on renewing; n2 fell silent at 2.0
+        leases.observe(record("n0", lease(0)), t)
+        leases.observe(record("n1", lease(1)), t)
+    [expiry] = leases.expired(12.5)
+    assert (expiry.kind, expiry.node_id) == ("lost", "n2")
+    assert "n2 (a gang member)" in expiry.reason
+
+
+def test_a_member_that_never_shows_up_loses_the_gang_at_the_bind_deadline():
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, size=3)
+    for t in range(1, 40, 5):
+        leases.observe(record("n0", lease(0)), float(t))
+        leases.observe(record("n1", lease(1)), float(t))
+    [expiry] = leases.expired(40.0)
+    assert expiry.kind == "lost" and expiry.reason == "only 2 of 3 gang members running 30s after its release"
+
+
+def test_an_ended_member_leaves_the_lease_to_its_peers_and_a_restart_loses_the_gang():
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, size=3)
+    for n, name in enumerate(("n0", "n1", "n2")):
+        leases.observe(record(name, lease(n)), 1.0)
+    leases.observe(record("n1", ended=["j:1"]), 2.0)  # member 1 is done
+    assert "j" in leases.leases
+    for t in (5.0, 9.0, 13.0):
+        leases.observe(record("n0", lease(0)), t)
+        leases.observe(record("n2", lease(2)), t)
+    assert leases.expired(14.0) == []  # n1's silence is no loss: it ended
+    leases.observe(record("n2", incarnation="new"), 15.0)  # n2's executor restarted without it
+    [expiry] = leases.expired(15.0)
+    assert (expiry.kind, expiry.node_id, expiry.restarted) == ("lost", "n2", True)
+
+
+def test_every_member_ended_keeps_the_lease_from_expiring_before_the_ends_arrive():
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, size=2)
+    leases.observe(record("n0", lease(0)), 1.0)
+    leases.observe(record("n1", lease(1)), 1.0)
+    leases.observe(record("n0", ended=["j:1"]), 2.0)
+    leases.observe(record("n1", ended=["j:1"]), 2.0)
+    assert leases.expired(1000.0) == []

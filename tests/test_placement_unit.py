@@ -153,7 +153,9 @@ def test_retries_walk_past_the_first_candidates():
     seen: set[str] = set()
     for releases in range(1, 4):
         ids, _, _ = p.place_job(
-            SimpleNamespace(sig=signature(s), spec=s, releases=releases, avoid=frozenset(), avoid_zones=frozenset())
+            SimpleNamespace(
+                sig=signature(s), spec=s, releases=releases, avoid=frozenset(), avoid_zones=frozenset(), replicas=1
+            )
         )
         seen.update(ids)
     assert len(seen) == 40  # every fitting node is reached over the retries

@@ -204,7 +204,7 @@ def plan(
                 free[node_id], holds[node_id], _ = free_and_holds(node, allocs.get(node_id), now)
             if not free[node_id].fits(job.spec.resources):
                 continue
-            if holds[node_id] and not _may_take(free[node_id], job, holds[node_id], now):
+            if holds[node_id] and not may_take_now(free[node_id], job, holds[node_id], now):
                 continue  # the room is promised to a waiting job; this one would overstay
             if chosen is None or _better(free[node_id], free[chosen], strategy):
                 chosen, chosen_tier = node_id, tier
@@ -269,7 +269,7 @@ def reserve(
             won.append(Binding(job, node.node_id, held.scratch_dir, False, held.gpu_devices))
             continue
         res = job.spec.resources
-        if not free.fits(res) or (holds and not _may_take(free, job, holds, now)):
+        if not free.fits(res) or (holds and not may_take_now(free, job, holds, now)):
             lost.append(job)
             continue
         gpus: list[int] = []
@@ -311,7 +311,7 @@ def new_reservation(
     )
 
 
-def _may_take(free: Free, job: JobReady, holds: list[tuple[str, Reservation]], now: float) -> bool:
+def may_take_now(free: Free, job: JobReady, holds: list[tuple[str, Reservation]], now: float) -> bool:
     """Whether ``job`` may take room now beside a node's future holds (its own excepted)."""
     spec = job.spec
     own = attempt_key(job.job_id, job.attempt)

@@ -55,6 +55,9 @@ class Allocations:
         self._kv: KeyValue | None = None
         self.records: dict[str, Record] = {}
         self._holder: dict[str, str] = {}  # reservation key -> node holding it
+        # Keys held on more nodes than that one: a gang's members (one per node), or a
+        # duplicate delivery's room. Rare, so a plain key costs no set.
+        self._extra: dict[str, set[str]] = {}
         self._ready = asyncio.Event()
         self._fresh_event = asyncio.Event()
         self._restart = asyncio.Event()
@@ -78,8 +81,17 @@ class Allocations:
         return {node: alloc for node, (alloc, _) in self.records.items()}
 
     def holder(self, key: str) -> str | None:
-        """The node that holds reservation ``key`` (``job_id:attempt``), as far as we know."""
+        """The node that holds reservation ``key`` (``job_id:attempt``), as far as we know
+        (one of them, when several do: see :meth:`holders`)."""
         return self._holder.get(key)
+
+    def holders(self, key: str) -> list[str]:
+        """Every node that holds reservation ``key``, sorted (a gang's members)."""
+        first = self._holder.get(key)
+        if first is None:
+            return []
+        more = self._extra.get(key)
+        return sorted({first, *more}) if more else [first]
 
     # --- the cache -----------------------------------------------------------------
     def _store(self, node_id: str, alloc: Allocation | None, revision: int, *, force: bool = False) -> None:
@@ -92,19 +104,38 @@ class Allocations:
         old_keys = current[0].reservations.keys() if current is not None else set()
         new_keys = alloc.reservations.keys() if alloc is not None else set()
         for key in old_keys - new_keys:
-            if self._holder.get(key) == node_id:
-                del self._holder[key]
+            self._unhold(key, node_id)
         for key in new_keys - old_keys:
-            self._holder[key] = node_id
+            first = self._holder.setdefault(key, node_id)
+            if first != node_id:
+                self._extra.setdefault(key, set()).add(node_id)
         if alloc is None:
             self.records.pop(node_id, None)
         else:
             self.records[node_id] = (alloc, revision)
 
+    def _unhold(self, key: str, node_id: str) -> None:
+        more = self._extra.get(key)
+        if more is not None:
+            more.discard(node_id)
+        if self._holder.get(key) == node_id:
+            if more:
+                self._holder[key] = more.pop()
+            else:
+                del self._holder[key]
+        if more is not None and not more:
+            del self._extra[key]
+
     def _replace(self, records: dict[str, Record]) -> None:
         """Make ``records`` (a complete read of the bucket) the whole cache."""
         self.records = records
-        self._holder = {key: node for node, (alloc, _) in records.items() for key in alloc.reservations}
+        self._holder = {}
+        self._extra = {}
+        for node, (alloc, _) in records.items():
+            for key in alloc.reservations:
+                first = self._holder.setdefault(key, node)
+                if first != node:
+                    self._extra.setdefault(key, set()).add(node)
 
     # --- the watch -----------------------------------------------------------------
     def restart(self) -> None:

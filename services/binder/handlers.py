@@ -33,6 +33,7 @@ from jobmesh.binder.backfill import (
     promised_text,
 )
 from jobmesh.binder.cancels import Forward, GiveUp, RecentAttempts, Wait, cancel_step
+from jobmesh.binder.gangs import RACE_LOST, RACE_RETRY_SECONDS, choose_gang, peers, reserve_member
 from jobmesh.binder.metrics import BinderMetrics, NodeUsage
 from jobmesh.binder.preempting import (
     HOLD_RETRY_SECONDS,
@@ -45,19 +46,24 @@ from jobmesh.binder.preempting import (
     waiting_text,
 )
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, event_id, rebound_id, release_id, split_attempt_key
+from jobmesh.contract.ids import attempt_key, event_id, member_event_id, rebound_id, release_id, split_attempt_key
 from jobmesh.contract.messages.v1 import (
     Allocation,
     AttemptCancel,
     JobBound,
     JobCancelling,
+    JobFailed,
+    JobLost,
     JobReady,
+    JobSucceeded,
     JobUnplaceable,
     NodeInfo,
     NodesReply,
     NodeView,
     QueueConfig,
+    Reservation,
 )
+from jobmesh.contract.validation import gang_need
 from jobmesh.errors import Conflict, Unavailable
 from jobmesh.runtime.fencing import binding_fence
 from jobmesh.runtime.nodes import NodeWatcher
@@ -75,6 +81,7 @@ FRESH_WAIT = 5.0
 CANCEL = "cancel"  # the event kind in an AttemptCancel's message id
 CANCELLED_REASON = "cancelled"  # JobUnplaceable.reason for an attempt cancelled before its binding
 PREEMPT = "preempt"  # the event kind in a preemption's AttemptCancel message id
+GANG_STOP = "gang_stop"  # the event kind of the cancel that stops a failed gang's other members
 
 
 class Binder:
@@ -164,8 +171,12 @@ class Binder:
         clear: list[tuple[str, str]] = []  # holds bound now: their victims have gone
         remaining = []
         stale: list[tuple[str, str]] = []
+        gangs: list[Envelope] = []
         for key, env in by_key.items():
             job = env.message
+            if job.spec.replicas > 1:
+                gangs.append(env)  # all members or none: bound apart (_bind_gangs)
+                continue
             # A redelivered JobReady whose attempt already holds a reservation (the JobBound
             # publish failed, or we crashed before acking) goes back to that node: planning
             # it afresh could reserve a second node and leak the first reservation. If that
@@ -230,7 +241,118 @@ class Binder:
             cancels = cancels + started
         if any(reason.startswith(NO_ROOM) for _, reason in refused):
             refused = await self._backfill(refused, nodes, hints)
+        if gangs:
+            # The members' JobBound go after the plain bindings (whose acks come first).
+            cancels = await self._bind_gangs(gangs, nodes, refused, hints) + cancels
         await self._announce(by_key, bound, refused, rebound, cancels, hints)
+
+    async def _bind_gangs(
+        self,
+        envs: list[Envelope],
+        nodes: dict[str, NodeInfo],
+        refused: list[tuple[JobReady, str]],
+        hints: dict[str, float],
+    ) -> list[Outgoing]:
+        """Reserve every member of each gang or none (``gangs.py``), one gang after the
+        other; returns the members' JobBound. A gang that fits nowhere, or lost a race
+        and gave back what it had reserved, joins ``refused``."""
+        out: list[Outgoing] = []
+        for env in envs:
+            job: JobReady = env.message
+            key = attempt_key(job.job_id, job.attempt)
+            replicas = job.spec.replicas
+            held = self._members(key)
+            if len(held) == replicas and {r.rank for r in held.values()} == set(range(replicas)):
+                # A redelivery of a gang bound before: the same members, the same ids.
+                by_rank = {r.rank: node_id for node_id, r in held.items()}
+                out.extend(self._member_bounds(job, [by_rank[rank] for rank in range(replicas)], held, nodes, env))
+                continue
+            if held:
+                # A delivery that died half way (it published nothing): start afresh.
+                await self._guard(self._remove([(node_id, key) for node_id in held]), "giving back a gang's room")
+            if key in self.cancelled:
+                refused.append((job, CANCELLED_REASON))
+                continue
+            now = self._clock()
+            plan = choose_gang(job, nodes, self._allocs.snapshot(), now)
+            if isinstance(plan, str):
+                refused.append((job, plan))
+                continue
+            reserved: dict[str, Reservation] = {}
+            lost = ""
+            # In node-id order: two binders racing never each hold what the other waits for.
+            for rank in sorted(range(replicas), key=lambda r: plan.nodes[r]):
+                node_id = plan.nodes[rank]
+                edit = functools.partial(reserve_member, node=nodes[node_id], job=job, rank=rank, now=now)
+                try:
+                    reservation = await self._guard(self._allocs.change(node_id, edit), "reserving a gang member")
+                except Conflict:
+                    reservation = None
+                if reservation is None:
+                    lost = node_id
+                    break
+                reserved[node_id] = reservation
+            if lost:
+                await self._guard(self._remove([(node_id, key) for node_id in reserved]), "giving back a gang's room")
+                log.info(
+                    "job %s attempt %d: gang of %d lost node %s to another binder; gave back %d members",
+                    job.job_id, job.attempt, replicas, lost, len(reserved),
+                )  # fmt: skip
+                need = gang_need(replicas, job.spec.resources, job.spec.same)
+                refused.append((job, f"{need}; {RACE_LOST} for node {lost}, and gave back its other members"))
+                hints[key] = RACE_RETRY_SECONDS
+                continue
+            log.info(
+                "job %s attempt %d: gang of %d bound on %s", job.job_id, job.attempt, replicas, ", ".join(plan.nodes)
+            )
+            self._metrics.placed(job.spec.queue, "bound", self._clock() - job.ready_at)
+            out.extend(self._member_bounds(job, list(plan.nodes), reserved, nodes, env))
+        return out
+
+    def _members(self, key: str) -> dict[str, Reservation]:
+        """The reservations of ``key`` that are a gang's members, by node."""
+        out = {}
+        for node_id in self._allocs.holders(key):
+            record = self._allocs.records.get(node_id)
+            held = record[0].reservations.get(key) if record is not None else None
+            if held is not None and held.world_size > 1 and not held.starts_at:
+                out[node_id] = held
+        return out
+
+    def _member_bounds(
+        self,
+        job: JobReady,
+        by_rank: list[str],
+        reservations: dict[str, Reservation],
+        nodes: dict[str, NodeInfo],
+        env: Envelope,
+    ) -> list[Outgoing]:
+        """One JobBound per member, each on its node's dispatch subject, with its rank and
+        every member's address."""
+        key = attempt_key(job.job_id, job.attempt)
+        addresses = peers(key, [nodes.get(node_id) for node_id in by_rank], by_rank)
+        now = self._clock()
+        out = []
+        for rank, node_id in enumerate(by_rank):
+            held = reservations[node_id]
+            message = JobBound(
+                job_id=job.job_id,
+                attempt=job.attempt,
+                partition=job.partition,
+                node_id=node_id,
+                spec=job.spec,
+                scratch_dir=held.scratch_dir,
+                submitted_at=job.submitted_at,
+                bound_at=now,
+                checkpoint=job.checkpoint,
+                gpu_devices=list(held.gpu_devices),
+                rank=rank,
+                world_size=len(by_rank),
+                peers=addresses,
+            )
+            msg_id = member_event_id(job.job_id, job.attempt, subjects.BOUND, rank)
+            out.append(Outgoing(subjects.node_dispatch(node_id), message, msg_id, env.context))
+        return out
 
     async def _backfill(
         self, refused: list[tuple[JobReady, str]], nodes: dict[str, NodeInfo], hints: dict[str, float]
@@ -512,12 +634,20 @@ class Binder:
             Unavailable: NATS does not answer (the batch comes back later).
             Conflict: a record kept changing under every compare-and-set.
         """
-        pairs = []
+        pairs: list[tuple[str, str]] = []
         unseen: list[str] = []  # attempts never bound, looked up on the server
+        stops: list[Outgoing] = []  # a failed gang's other members
         outcomes: list[Outcome] | None = None
         for n, env in enumerate(batch):
             node_id = getattr(env.message, "node_id", "")
             key = attempt_key(env.message.job_id, env.message.attempt)
+            members = self._members(key)
+            if members:
+                fenced = self._release_member(env, key, node_id, members, pairs, stops)
+                if fenced is not None:
+                    outcomes = outcomes or [ACK] * len(batch)
+                    outcomes[n] = fenced
+                continue
             if subjects.node_of_event(env.subject) is not None:
                 holder = self._allocs.holder(key) or ""
                 what = f"attempt {key} is held by"
@@ -541,10 +671,56 @@ class Binder:
             await self._guard(self._allocs.reload(), "reading the allocations")
             pairs.extend((found, key) for key in unseen if (found := self._allocs.holder(key)) is not None)
         await self._guard(self._remove(pairs), "releasing")
+        if stops:
+            await self._guard(self._publisher.publish(stops), "stopping a failed gang")
         for n, env in enumerate(batch):
             if outcomes is None or outcomes[n] is ACK:
                 self.ended.add(attempt_key(env.message.job_id, env.message.attempt))
         return outcomes
+
+    def _release_member(
+        self,
+        env: Envelope,
+        key: str,
+        node_id: str,
+        members: dict[str, Reservation],
+        pairs: list[tuple[str, str]],
+        stops: list[Outgoing],
+    ) -> Outcome | None:
+        """The end of one member of a gang (or of the whole gang's attempt): free what it
+        names; a member's failure or loss also stops every other member.
+
+        A member's own end frees its node only: the others may still run (a cancelled or
+        lost gang's members free their nodes as each stops). An end that names no node
+        (the attempt expired or was cancelled before it ran), or the scheduler's success of
+        the whole gang, frees them all."""
+        event = env.message
+        own_form = subjects.node_of_event(env.subject) is not None
+        if own_form and node_id not in members:
+            what = f"attempt {key} (a gang) is held by {', '.join(sorted(members))}, not"
+            return binding_fence(env.subject, node_id, sorted(members)[0], env.deliveries, what)
+        if not node_id or (not own_form and isinstance(event, JobSucceeded)):
+            pairs.extend((holder, key) for holder in members)
+            return None
+        if node_id in members:
+            pairs.append((node_id, key))
+        if isinstance(event, JobFailed | JobLost):
+            rank = members[node_id].rank if node_id in members else event.rank
+            how = f"failed ({event.error.code})" if isinstance(event, JobFailed) else "was lost"
+            for other, held in members.items():
+                if other == node_id:
+                    continue
+                stop = AttemptCancel(
+                    job_id=event.job_id,
+                    attempt=event.attempt,
+                    partition=event.partition,
+                    node_id=other,
+                    reason=f"gang: member {rank} on node {node_id} {how}",
+                    at=self._clock(),
+                )
+                msg_id = member_event_id(event.job_id, event.attempt, GANG_STOP, held.rank)
+                stops.append(Outgoing(subjects.node_cancel(other), stop, msg_id, env.context))
+        return None
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
         by_node: dict[str, set[str]] = {}
@@ -582,16 +758,20 @@ class Binder:
                 continue
             step = cancel_step(self._allocs.holder(key), cancelling.at, now, self._bind_timeout, env.deliveries, key)
             if isinstance(step, Forward):
-                message = AttemptCancel(
-                    job_id=cancelling.job_id,
-                    attempt=cancelling.attempt,
-                    partition=cancelling.partition,
-                    node_id=step.node_id,
-                    reason=cancelling.reason,
-                    at=now,
-                )
-                msg_id = event_id(cancelling.job_id, cancelling.attempt, CANCEL)
-                outgoing.append(Outgoing(subjects.node_cancel(step.node_id), message, msg_id, env.context))
+                # A gang's attempt runs on every member's node: each gets the cancel.
+                members = self._members(key)
+                targets = {node_id: r.rank for node_id, r in members.items()} if members else {step.node_id: 0}
+                for node_id, rank in targets.items():
+                    message = AttemptCancel(
+                        job_id=cancelling.job_id,
+                        attempt=cancelling.attempt,
+                        partition=cancelling.partition,
+                        node_id=node_id,
+                        reason=cancelling.reason,
+                        at=now,
+                    )
+                    msg_id = member_event_id(cancelling.job_id, cancelling.attempt, CANCEL, rank)
+                    outgoing.append(Outgoing(subjects.node_cancel(node_id), message, msg_id, env.context))
                 outcomes.append(ACK)
                 log.info(
                     "job %s attempt %d: cancel sent to node %s (%s)",

@@ -16,11 +16,19 @@ is durable and on its way, however far behind this scheduler's consumer is. Dead
 in a heap, so finding the expired ones is O(log n) each; entries left by renewals and
 ended attempts are dropped lazily, and the heap is rebuilt once they outnumber the live
 leases, so it stays proportional to the attempts in flight.
+
+A gang's attempt runs on several nodes, one member each, and every member's node renews
+its own part: the lease keeps a deadline per member node (``Lease.members``), and its
+deadline is the earliest of them, so one member's silent node loses the whole attempt
+while its peers' records still come. Until every member was listed once, the release's
+bind deadline counts too: a member that never showed up loses the attempt as well. A
+member that ended leaves the lease; the others keep it.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +48,11 @@ class Lease:
     progress: float | None = None
     message: str = ""
     checkpoint: str = ""
+    size: int = 1  # the gang's members (1: a plain job)
+    # A gang's: member node -> (deadline, incarnation); None for a plain job.
+    members: dict[str, tuple[float, str]] | None = None
+    listed: int = 0  # gang members a record listed so far
+    bind_deadline: float = 0.0  # a gang's, until every member was listed
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,15 +89,21 @@ class AttemptLeases:
     def __len__(self) -> int:
         return len(self.leases)
 
-    def track(self, job_id: str, attempt: int, heartbeat: float, now: float, grace: float | None = None) -> None:
+    def track(
+        self, job_id: str, attempt: int, heartbeat: float, now: float, grace: float | None = None, size: int = 1
+    ) -> None:
         """An attempt was released (or is reloaded after a take-over): start its lease.
 
         Args:
             grace: seconds until its deadline; ``bind_timeout`` when omitted.
+            size: how many members its gang has (1: a plain job).
         """
         self._unindex(job_id)
         deadline = now + (self.bind_timeout if grace is None else grace)
-        self.leases[job_id] = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
+        lease = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
+        if size > 1:
+            lease.size, lease.members, lease.bind_deadline = size, {}, deadline
+        self.leases[job_id] = lease
         self._push(deadline, job_id, attempt)
 
     def forget(self, job_id: str) -> Lease | None:
@@ -102,12 +121,15 @@ class AttemptLeases:
             if lease is None or lease.attempt != lease_info.attempt:
                 continue  # not ours, or a stale attempt (fenced)
             listed.add(lease_info.job_id)
-            if lease.node_id != record.node_id:
-                self._unindex(lease_info.job_id)
-                self._by_node.setdefault(record.node_id, set()).add(lease_info.job_id)
-            lease.node_id = record.node_id
-            lease.incarnation = record.incarnation
-            lease.deadline = at + lease.heartbeat
+            if lease.members is not None:
+                self._renew_member(lease, lease_info.job_id, record, at)
+            else:
+                if lease.node_id != record.node_id:
+                    self._unindex(lease_info.job_id)
+                    self._by_node.setdefault(record.node_id, set()).add(lease_info.job_id)
+                lease.node_id = record.node_id
+                lease.incarnation = record.incarnation
+                lease.deadline = at + lease.heartbeat
             lease.progress = lease_info.progress
             lease.message = lease_info.message
             if lease_info.checkpoint:
@@ -123,10 +145,17 @@ class AttemptLeases:
                 continue
             if attempt_key(job_id, lease.attempt) in ended:
                 # Its terminal event is durable: it is no lease's business any more, and a
-                # consumer that lags must not take it for lost meanwhile.
-                self.forget(job_id)
+                # consumer that lags must not take it for lost meanwhile. A gang member's
+                # end leaves its peers' lease.
+                if lease.members is not None:
+                    self._member_left(lease, job_id, record.node_id)
+                else:
+                    self.forget(job_id)
                 continue
-            if lease.incarnation and record.incarnation and lease.incarnation != record.incarnation:
+            incarnation = lease.incarnation
+            if lease.members is not None:
+                incarnation = lease.members.get(record.node_id, (0.0, ""))[1]
+            if incarnation and record.incarnation and incarnation != record.incarnation:
                 # The executor restarted: the new process does not run what the old one ran.
                 self._pending.append(
                     (
@@ -155,7 +184,9 @@ class AttemptLeases:
             lease = self.leases.get(job_id)
             if lease is None or lease.attempt != attempt or lease.deadline != deadline:
                 continue  # renewed, ended or superseded since this entry was filed
-            if lease.node_id:
+            if lease.members is not None and lease.node_id:
+                out.append(self._gang_expiry(job_id, lease, now))
+            elif lease.node_id:
                 reason = f"no lease renewal from node {lease.node_id} for {lease.heartbeat:g}s"
                 out.append(Expiry(job_id, attempt, "lost", lease.node_id, reason, lease))
             else:
@@ -177,6 +208,48 @@ class AttemptLeases:
             heapq.heappop(heap)
         return pending
 
+    def _renew_member(self, lease: Lease, job_id: str, record: NodeInfo, at: float) -> None:
+        """A record lists a member of ``lease``'s gang: renew that member's part."""
+        assert lease.members is not None
+        if record.node_id not in lease.members:
+            lease.listed += 1
+            self._by_node.setdefault(record.node_id, set()).add(job_id)
+        lease.members[record.node_id] = (at + lease.heartbeat, record.incarnation)
+        lease.node_id = lease.node_id or record.node_id  # the first member seen speaks for it
+        lease.incarnation = lease.incarnation or record.incarnation
+        lease.deadline = self._gang_deadline(lease)
+
+    def _member_left(self, lease: Lease, job_id: str, node_id: str) -> None:
+        """A gang member's end is durable: its node renews nothing more, and need not."""
+        assert lease.members is not None
+        lease.members.pop(node_id, None)
+        holders = self._by_node.get(node_id)
+        if holders is not None:
+            holders.discard(job_id)
+            if not holders:
+                del self._by_node[node_id]
+        lease.deadline = self._gang_deadline(lease)
+        self._push(lease.deadline, job_id, lease.attempt)
+
+    @staticmethod
+    def _gang_deadline(lease: Lease) -> float:
+        assert lease.members is not None
+        deadlines = [deadline for deadline, _ in lease.members.values()]
+        if lease.listed < lease.size:
+            deadlines.append(lease.bind_deadline)
+        # Every member ended: their ends are durable and on their way to the scheduler.
+        return min(deadlines, default=math.inf)
+
+    def _gang_expiry(self, job_id: str, lease: Lease, now: float) -> Expiry:
+        """Why a gang's lease ran out: a member's node went silent, or members never came."""
+        assert lease.members is not None
+        silent = sorted(node_id for node_id, (deadline, _) in lease.members.items() if deadline <= now)
+        if silent:
+            reason = f"no lease renewal from node {silent[0]} (a gang member) for {lease.heartbeat:g}s"
+            return Expiry(job_id, lease.attempt, "lost", silent[0], reason, lease)
+        reason = f"only {lease.listed} of {lease.size} gang members running {self.bind_timeout:g}s after its release"
+        return Expiry(job_id, lease.attempt, "lost", lease.node_id, reason, lease)
+
     def _push(self, deadline: float, job_id: str, attempt: int) -> None:
         heapq.heappush(self._heap, (deadline, job_id, attempt))
         if len(self._heap) > 2 * len(self.leases) + 1024:
@@ -187,6 +260,14 @@ class AttemptLeases:
 
     def _unindex(self, job_id: str) -> None:
         lease = self.leases.get(job_id)
+        if lease is not None and lease.members is not None:
+            for node_id in lease.members:
+                holders = self._by_node.get(node_id)
+                if holders is not None:
+                    holders.discard(job_id)
+                    if not holders:
+                        del self._by_node[node_id]
+            return
         if lease is not None and lease.node_id:
             holders = self._by_node.get(lease.node_id)
             if holders is not None:

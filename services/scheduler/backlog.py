@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from jobmesh.contract.messages.v1 import AttemptError, JobSpec, JobSubmitted, QueueConfig
+from jobmesh.contract.messages.v1 import AttemptError, JobSpec, JobSubmitted, MemberSucceeded, QueueConfig
 from jobmesh.runtime.backoff import backoff
 from jobmesh.scheduler.dependencies import satisfied, skip_reason, waiting_reason
 from jobmesh.scheduler.fairshare import Rotation, Shares
@@ -116,6 +116,9 @@ class Job:
     items_failed: int = 0  # its items that ended other than succeeded
     clock_from: float = 0.0  # when its queue timeout starts: its submission, or its deps met
     deps_met_at: float = 0.0  # when its dependencies were all met (0: it had none, or not yet)
+    replicas: int = 1  # a gang's members (JobSpec.replicas); 1 for a plain job
+    gang_done: frozenset[int] = frozenset()  # the ranks of this attempt's members that succeeded
+    gang_lead: MemberSucceeded | None = None  # rank 0's success: the gang's result and output
 
     @classmethod
     def of(cls, submitted: JobSubmitted, seq: int, raw: bytes | None = None, trace: str = "", **state) -> Job:
@@ -139,6 +142,7 @@ class Job:
             heartbeat=spec.timeouts.heartbeat,
             deps={d.job_id: (d.when, d.step or d.job_id) for d in spec.after} if spec.after else None,
             mapped=spec.map is not None,
+            replicas=spec.replicas,
             clock_from=submitted.submitted_at,
             **state,
         )
@@ -755,6 +759,7 @@ class Backlog:
         job.attempt = next_attempt
         job.releases = 0
         job.told, job.waits = "", 0
+        job.gang_done, job.gang_lead = frozenset(), None  # the next attempt's members start afresh
         job.not_before = not_before
         job.avoid, job.avoid_zones = avoid, avoid_zones
         job.errors = (*job.errors, error)

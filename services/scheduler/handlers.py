@@ -46,6 +46,7 @@ from jobmesh.contract.messages.v1 import (
     JobSucceeded,
     JobUnplaceable,
     JobWaiting,
+    MemberSucceeded,
     NodeInfo,
     TerminalEvent,
 )
@@ -275,7 +276,9 @@ class PartitionScheduler:
                 backlog.add_released(job, now)
                 # A new owner knows nothing of the attempt's renewals: every lease starts
                 # afresh, long enough for the next records to renew the running ones.
-                leases.track(job.job_id, job.attempt, job.heartbeat, mono, max(leases.bind_timeout, job.heartbeat))
+                leases.track(
+                    job.job_id, job.attempt, job.heartbeat, mono, max(leases.bind_timeout, job.heartbeat), job.replicas
+                )
             else:
                 backlog.add(job, now, ended)
         self._watchers = await store.load_watches(self._pool, self.partition)
@@ -352,7 +355,7 @@ class PartitionScheduler:
                 contexts[message.job_id] = env.context
                 if isinstance(message, JobSubmitted):
                     submits.append(env)
-                elif isinstance(message, TERMINAL):
+                elif isinstance(message, TERMINAL) or isinstance(message, MemberSucceeded):
                     fenced = self._fenced(env)
                     if fenced is not None:
                         outcomes = outcomes or [ACK] * len(batch)
@@ -433,6 +436,10 @@ class PartitionScheduler:
         lease = self.leases.leases.get(event.job_id)
         if lease is None or lease.attempt != event.attempt:
             return None
+        if lease.members is not None:
+            # A gang: every member's node speaks for the attempt, once a record listed it.
+            if parsed[1] in lease.members or lease.listed < lease.size:
+                return None
         what = f"job {event.job_id} attempt {event.attempt} is listed by the record of"
         return binding_fence(env.subject, parsed[1], lease.node_id, env.deliveries, what)
 
@@ -441,6 +448,9 @@ class PartitionScheduler:
         job = self.backlog.jobs.get(event.job_id)
         if job is None or job.attempt != event.attempt:
             return  # the job is gone, or the event is of a stale attempt (fenced)
+        if isinstance(event, MemberSucceeded):
+            self._member_succeeded(job, event, rnd, context)
+            return
         if isinstance(event, JobFailed | JobLost):
             # Usually the job is out (released). After a re-release for a missed bind it may
             # sit in the backlog again when the attempt, which did run after all, fails: it
@@ -469,6 +479,24 @@ class PartitionScheduler:
                 rnd.changes.add(event.job_id, "done", outcome=outcome)
                 rnd.end(event.job_id, outcome)
             rnd.freed(job.queue)
+
+    def _member_succeeded(self, job: Job, event: MemberSucceeded, rnd: Round, context: Context | None) -> None:
+        """One member of a gang succeeded: the attempt succeeds once every member has."""
+        if job.where != RELEASED or event.rank in job.gang_done or event.rank >= job.replicas:
+            return  # a duplicate, or a member of an attempt that is over
+        job.gang_done = job.gang_done | {event.rank}
+        if event.rank == 0:
+            job.gang_lead = event
+        if len(job.gang_done) < job.replicas:
+            # Kept durably: a new owner must not wait for members that are done already.
+            rnd.changes.keep(job.job_id, job.attempt, _retry_state(job))
+            return
+        outgoing, done = lifecycle.gang_succeeded(
+            self.partition, job.gang_lead or event, event, job.submitted_at, job.spec, context
+        )
+        log.info("job %s: all %d gang members of attempt %d succeeded", job.job_id, job.replicas, job.attempt)
+        rnd.out.append(outgoing)
+        self._attempt_ended(done, rnd, context)
 
     def _failed(
         self,
@@ -1071,7 +1099,7 @@ class PartitionScheduler:
                 msg_id = release_id(job.job_id, job.attempt, subjects.READY, job.releases)
                 outgoing.append(Outgoing(subject, ready, msg_id, context))
                 changes.add(job.job_id, "released", releases=job.releases)
-                self.leases.track(job.job_id, job.attempt, job.heartbeat, mono)
+                self.leases.track(job.job_id, job.attempt, job.heartbeat, mono, size=job.replicas)
                 if job.releases == 1:
                     # Its first release ends its wait; a release again (a lost bind, a full
                     # node) is the binder's to explain, not the queue's.
@@ -1114,6 +1142,8 @@ def _retry_state(job: Job) -> store.RetryState:
         cancelling=job.cancelling,
         deps_met_at=job.deps_met_at,
         items=job.items,
+        gang_done=sorted(job.gang_done),
+        gang_lead=job.gang_lead,
     )
 
 
@@ -1130,3 +1160,5 @@ def _restore(job: Job, state: store.RetryState) -> None:
         job.deps = None
         job.clock_from = job.deps_met_at = state.deps_met_at
     job.items = state.items
+    job.gang_done = frozenset(state.gang_done)
+    job.gang_lead = state.gang_lead

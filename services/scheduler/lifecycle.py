@@ -24,6 +24,8 @@ from jobmesh.contract.messages.v1 import (
     JobRetrying,
     JobSpec,
     JobSubmitted,
+    JobSucceeded,
+    MemberSucceeded,
 )
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
@@ -213,6 +215,37 @@ def superseded(
         at=now,
     )
     return Outgoing(subjects.node_cancel(node_id), message, event_id(job_id, attempt, "cancel"), context)
+
+
+def gang_succeeded(
+    partition: int,
+    lead: MemberSucceeded,
+    last: MemberSucceeded,
+    submitted_at: float,
+    spec: JobSpec,
+    context: Context | None,
+) -> tuple[Outgoing, JobSucceeded]:
+    """The one JobSucceeded of a gang's attempt, once every member has succeeded: rank 0's
+    node, output and result (``lead``), ended when the last member did (``last``)."""
+    message = JobSucceeded(
+        job_id=lead.job_id,
+        attempt=lead.attempt,
+        partition=partition,
+        node_id=lead.node_id,
+        exit_code=0,
+        output_tail=lead.output_tail,
+        submitted_at=submitted_at,
+        started_at=lead.started_at,
+        at=max(lead.at, last.at),
+        result=lead.result,
+        result_ref=lead.result_ref,
+        result_bytes=lead.result_bytes,
+        queue=spec.queue,
+        name=spec.name,
+        metadata=spec.metadata,
+    )
+    subject = subjects.job_event(partition, subjects.SUCCEEDED)
+    return Outgoing(subject, message, event_id(lead.job_id, lead.attempt, subjects.SUCCEEDED), context), message
 
 
 def attempt_error(event: msgspec.Struct, attempt: int, node_id: str, at: float) -> AttemptError:

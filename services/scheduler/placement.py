@@ -28,6 +28,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.contract.messages.v1 import runtime_kind as kind_of_runtime
 from jobmesh.runtime.nodes import shape
+from jobmesh.scheduler.gangs import gang_candidates
 
 CANDIDATES = 16  # how many ranked nodes travel with a JobReady
 
@@ -148,6 +149,7 @@ class Placement:
         self._best: dict[tuple, int] = {}  # how many candidates share the best tier
         self._dataset_zones: dict[str, set[str]] = {}
         self._zone = {node.node_id: node.zone for node in self.nodes}
+        self._by_id = {node.node_id: node for node in self.nodes}
         # Real clusters are pools of identical machines: rank each distinct node shape
         # once, not each node, so a new ranking over 1,000 nodes costs a handful of checks.
         classes: dict[tuple, list[NodeInfo]] = {}
@@ -169,6 +171,8 @@ class Placement:
         ranking on each new release, so over its retries it reaches every fitting node,
         not only the best ``limit`` of them.
         """
+        if job.replicas > 1:
+            return self._place_gang(job)
         ids, tiers, reason = self._place(job.sig, lambda: job.spec, window=job.releases)
         if ids and (job.avoid or job.avoid_zones):
             # Rare (a job that failed repeatedly on a node): filter its own copy, so the
@@ -183,6 +187,22 @@ class Placement:
                 return [], [], f"every fitting node is avoided after repeated failures there ({avoided})"
             return [i for i, _ in kept], [t for _, t in kept], ""
         return ids, tiers, reason
+
+    def _place_gang(self, job) -> tuple[list[str], list[int], str]:
+        """Every fitting node of a group that could hold the gang (the binder counts the
+        room), not only the best ``limit``: a gang of 64 needs 64 of them at least."""
+        spec = job.spec
+        ranked = self._cache.get(job.sig)
+        if ranked is None:
+            ranked = self._cache[job.sig] = self._rank(spec)
+            self._best[job.sig] = ranked[1].count(ranked[1][0]) if ranked[1] else 0
+        ids, tiers, reason = ranked
+        if not ids:
+            return [], [], reason
+        tier_of = dict(zip(ids, tiers, strict=True))
+        fitting = [i for i in ids if i not in job.avoid and self._zone.get(i, "") not in job.avoid_zones]
+        picked, reason = gang_candidates(fitting, self._by_id, spec.replicas, spec.same, spec.resources)
+        return picked, [tier_of[i] for i in picked], reason
 
     def zone_of(self, node_id: str) -> str:
         """The zone of a live node ("" when it has none or is not live)."""

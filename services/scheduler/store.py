@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 import msgspec
 
-from jobmesh.contract.messages.v1 import AttemptError
+from jobmesh.contract.messages.v1 import AttemptError, MemberSucceeded
 
 if TYPE_CHECKING:
     from jobmesh.contract.messages.v1 import JobSubmitted
@@ -125,6 +125,8 @@ class RetryState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     cancelling: str = ""
     deps_met_at: float = 0.0  # when its dependencies were all met (0: none, or not yet)
     items: int = -1  # a mapped step's item count once expanded (-1: not yet)
+    gang_done: list[int] = []  # a gang's members of the current attempt that succeeded
+    gang_lead: MemberSucceeded | None = None  # its rank 0's success (the gang's result)
 
 
 _retry_encoder = msgspec.json.Encoder()

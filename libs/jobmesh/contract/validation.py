@@ -21,6 +21,7 @@ from jobmesh.contract.messages.v1 import (
     JobSpecBase,
     NoopRuntime,
     ProcessRuntime,
+    Resources,
 )
 from jobmesh.errors import InvalidSpec
 
@@ -109,6 +110,24 @@ def same_problem(same: str) -> str:
         key = same[len(GANG_SAME_LABEL) :]
         return label_problem(key, "x") if key else "label: needs a key (label:<key>)"
     return f"{same!r} is no node attribute: a gang can share only 'zone' or 'label:<key>'"
+
+
+def gang_need(replicas: int, res: Resources, same: str) -> str:
+    """What a gang needs, as a person recognises it: "needs 4 nodes with gpu kind h100 in
+    one zone" (the scheduler's and the binder's wait reasons start with it)."""
+    if res.gpu_kind:
+        what = f"with gpu kind {res.gpu_kind}" if res.gpu == 1 else f"with {res.gpu} gpus of kind {res.gpu_kind}"
+    elif res.gpu:
+        what = f"with {res.gpu} gpu"
+    else:
+        what = f"with {res.cpu_milli}m cpu and {res.memory_mb} MiB"
+    if not same:
+        scope = ""
+    elif same == GANG_SAME_ZONE:
+        scope = " in one zone"
+    else:
+        scope = f" sharing one value of label {same[len(GANG_SAME_LABEL) :]}"
+    return f"needs {replicas} nodes {what}{scope}"
 
 
 def _validate_gang(spec: JobSpec, where: str) -> None:

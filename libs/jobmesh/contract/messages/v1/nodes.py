@@ -214,6 +214,9 @@ class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
             description='A hold: the attempts ("<job_id>:<attempt>") this job preempted here; it is bound once none of them is reserved any more. Empty: a plain reservation.'
         ),
     ] = []
+    # A gang's member (JobBound.rank): a redelivered JobReady re-announces the same ranks.
+    rank: Annotated[int, Meta(ge=0), Meta(description="The gang member it holds room for; 0 for a plain job.")] = 0
+    world_size: Annotated[int, Meta(ge=1), Meta(description="How many members its gang has; 1 for a plain job.")] = 1
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
