@@ -51,7 +51,7 @@ class Lease:
     size: int = 1  # the gang's members (1: a plain job)
     # A gang's: member node -> (deadline, incarnation); None for a plain job.
     members: dict[str, tuple[float, str]] | None = None
-    listed: int = 0  # gang members a record listed so far
+    listed: set[str] | None = None  # a gang's member nodes a record listed so far (ended ones too)
     bind_deadline: float = 0.0  # a gang's, until every member was listed
 
 
@@ -102,7 +102,7 @@ class AttemptLeases:
         deadline = now + (self.bind_timeout if grace is None else grace)
         lease = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
         if size > 1:
-            lease.size, lease.members, lease.bind_deadline = size, {}, deadline
+            lease.size, lease.members, lease.listed, lease.bind_deadline = size, {}, set(), deadline
         self.leases[job_id] = lease
         self._push(deadline, job_id, attempt)
 
@@ -210,9 +210,9 @@ class AttemptLeases:
 
     def _renew_member(self, lease: Lease, job_id: str, record: NodeInfo, at: float) -> None:
         """A record lists a member of ``lease``'s gang: renew that member's part."""
-        assert lease.members is not None
+        assert lease.members is not None and lease.listed is not None
         if record.node_id not in lease.members:
-            lease.listed += 1
+            lease.listed.add(record.node_id)
             self._by_node.setdefault(record.node_id, set()).add(job_id)
         lease.members[record.node_id] = (at + lease.heartbeat, record.incarnation)
         lease.node_id = lease.node_id or record.node_id  # the first member seen speaks for it
@@ -234,8 +234,9 @@ class AttemptLeases:
     @staticmethod
     def _gang_deadline(lease: Lease) -> float:
         assert lease.members is not None
+        assert lease.listed is not None
         deadlines = [deadline for deadline, _ in lease.members.values()]
-        if lease.listed < lease.size:
+        if len(lease.listed) < lease.size:
             deadlines.append(lease.bind_deadline)
         # Every member ended: their ends are durable and on their way to the scheduler.
         return min(deadlines, default=math.inf)
@@ -247,7 +248,7 @@ class AttemptLeases:
         if silent:
             reason = f"no lease renewal from node {silent[0]} (a gang member) for {lease.heartbeat:g}s"
             return Expiry(job_id, lease.attempt, "lost", silent[0], reason, lease)
-        reason = f"only {lease.listed} of {lease.size} gang members running {self.bind_timeout:g}s after its release"
+        reason = f"only {len(lease.listed or ())} of {lease.size} gang members running {self.bind_timeout:g}s after its release"
         return Expiry(job_id, lease.attempt, "lost", lease.node_id, reason, lease)
 
     def _push(self, deadline: float, job_id: str, attempt: int) -> None:

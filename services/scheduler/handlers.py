@@ -436,9 +436,10 @@ class PartitionScheduler:
         lease = self.leases.leases.get(event.job_id)
         if lease is None or lease.attempt != event.attempt:
             return None
-        if lease.members is not None:
-            # A gang: every member's node speaks for the attempt, once a record listed it.
-            if parsed[1] in lease.members or lease.listed < lease.size:
+        if lease.listed is not None:
+            # A gang: every member's node speaks for the attempt (one that ended included),
+            # and any node may while some member was never listed.
+            if parsed[1] in lease.listed or len(lease.listed) < lease.size:
                 return None
         what = f"job {event.job_id} attempt {event.attempt} is listed by the record of"
         return binding_fence(env.subject, parsed[1], lease.node_id, env.deliveries, what)
