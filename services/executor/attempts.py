@@ -42,7 +42,7 @@ import msgspec
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, log_id
+from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import (
     AttemptLease,
     ContainerRuntime,
@@ -56,6 +56,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.contract.messages.v1.jobs import FailureCode, runtime_kind
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
+from jobmesh.executor.gangs import gang_env, keeps_result, member_log_id
 from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
 from jobmesh.executor.isolation.environment import job_environment
@@ -558,6 +559,7 @@ class Attempt:
             RESULT_PATH_VAR: str(workdir / RESULT_FILE),
             PROGRESS_FD_VAR: str(channel.child_fd),
             CHECKPOINT_VAR: self.bound.checkpoint,
+            **gang_env(self.bound),
         }
         if self.bound.scratch_dir:
             job_vars["JOBMESH_SCRATCH_DIR"] = self.bound.scratch_dir
@@ -634,7 +636,7 @@ class Attempt:
         assert self._results is not None
         try:
             result = await self._results.collect(
-                self.bound.job_id, self.bound.attempt, path, keep=self.bound.spec.keep_result
+                self.bound.job_id, self.bound.attempt, path, keep=keeps_result(self.bound), rank=self.bound.rank
             )
         except Overloaded as exc:
             log.warning("%s: its result cannot be stored: %s", self.name, exc)
@@ -664,7 +666,7 @@ class Attempt:
         self._log_seq += 1
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
-        msg_id = log_id(bound.job_id, bound.attempt, self._log_seq)
+        msg_id = member_log_id(bound.job_id, bound.attempt, self._log_seq, bound.rank)
         line_out = Outgoing(subjects.job_log(bound.job_id), message, msg_id, self._trace_context, spanned=False)
         await self._reporter.emit_log(line_out)
 
@@ -850,7 +852,7 @@ class Attempts:
         runtime = bound.spec.runtime
         if isinstance(runtime, NoopRuntime):
             outcome = noop_outcome(runtime)
-            if bound.spec.keep_result and outcome.error is None and self._results is not None:
+            if keeps_result(bound) and outcome.error is None and self._results is not None:
                 # Its (empty) result is kept before its success is reported, as a process's is.
                 keeping = asyncio.get_running_loop().create_task(self._keep_noop(bound, context, started_at, outcome))
                 self._keeping.add(keeping)
@@ -860,7 +862,9 @@ class Attempts:
             return None
         if ready is None:
             raise ValueError("an attempt that runs something needs the future of its record being durable")
-        lease = self.leases.add(bound.job_id, bound.attempt, bound.partition, started_at, bound.checkpoint)
+        lease = self.leases.add(
+            bound.job_id, bound.attempt, bound.partition, started_at, bound.checkpoint, bound.rank, bound.world_size
+        )
         attempt = Attempt(
             bound,
             context,
@@ -936,7 +940,12 @@ class Attempts:
             workdir,
         )
         lease = AttemptLease(
-            job_id=bound.job_id, attempt=bound.attempt, partition=bound.partition, started_at=bound.bound_at
+            job_id=bound.job_id,
+            attempt=bound.attempt,
+            partition=bound.partition,
+            started_at=bound.bound_at,
+            rank=bound.rank,
+            world_size=bound.world_size,
         )
         # Its kept outcome, if it ended, is read first; its directories go only once the
         # report is durable and recorded, so an executor killed meanwhile leaves the next one

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, event_id
+from jobmesh.contract.ids import attempt_key, member_event_id
 from jobmesh.contract.messages.v1 import AttemptCancel, JobBound, JobStarted, NoopRuntime
 from jobmesh.errors import Unavailable
 from jobmesh.executor.attempts import Attempts, stop_code
@@ -161,8 +161,11 @@ class DispatchHandler:
                         node_id=self._node_id,
                         at=now,
                         incarnation=self._incarnation,
+                        rank=bound.rank,
+                        world_size=bound.world_size,
                     ),
-                    event_id(bound.job_id, bound.attempt, subjects.STARTED),
+                    # A member's own: the members of a gang share job and attempt.
+                    member_event_id(bound.job_id, bound.attempt, subjects.STARTED, bound.rank),
                     env.context,
                 ),
             )

@@ -48,6 +48,8 @@ class LeaseState:
     progress: float | None = None
     message: str = ""
     checkpoint: str = ""
+    rank: int = 0
+    world_size: int = 1
 
     @property
     def key(self) -> str:
@@ -63,6 +65,8 @@ class LeaseState:
             progress=self.progress,
             message=self.message,
             checkpoint=self.checkpoint,
+            rank=self.rank,
+            world_size=self.world_size,
         )
 
 
@@ -80,7 +84,16 @@ class LeaseBook:
         self._running: dict[str, LeaseState] = {}
         self._ended: OrderedDict[str, float] = OrderedDict()  # key -> when its end was durable
 
-    def add(self, job_id: str, attempt: int, partition: int, started_at: float, checkpoint: str = "") -> LeaseState:
+    def add(
+        self,
+        job_id: str,
+        attempt: int,
+        partition: int,
+        started_at: float,
+        checkpoint: str = "",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> LeaseState:
         """List a new running attempt; the next record put carries it.
 
         Args:
@@ -90,11 +103,16 @@ class LeaseBook:
             started_at: when this node started it (its JobStarted ``at``).
             checkpoint: what it starts from (``JobBound.checkpoint``): until the job reports
                 a newer one, a retry starts from the same place.
+            rank: its gang member (``JobBound.rank``): a restarted executor reports that
+                member lost, not rank 0.
+            world_size: how many members its gang has (``JobBound.world_size``).
 
         Returns:
             The lease, which the attempt updates with the job's progress.
         """
-        lease = LeaseState(job_id, attempt, partition, started_at, checkpoint=checkpoint)
+        lease = LeaseState(
+            job_id, attempt, partition, started_at, checkpoint=checkpoint, rank=rank, world_size=world_size
+        )
         self._running[lease.key] = lease
         return lease
 

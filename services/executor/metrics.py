@@ -4,7 +4,9 @@ Every instrument comes from the meter handed in (the global provider's
 ``jobmesh.executor`` meter in the service, a test's in-memory one in a test). An attempt's
 run time is recorded once its terminal event is durable (the reporter hands every
 published batch to :meth:`ExecutorMetrics.reported`), from the event's own ``started_at``
-and ``at``, so what is counted is exactly what was reported. JobFailed carries no queue:
+and ``at``, so what is counted is exactly what was reported (a gang member's
+MemberSucceeded counts as a success of its node's attempt). JobFailed and MemberSucceeded
+carry no queue:
 the dispatch handler notes each attempt's queue when it starts it (one dict entry per
 running attempt, dropped at its end). docs/metrics.md lists them all.
 """
@@ -17,7 +19,7 @@ from opentelemetry import metrics
 from opentelemetry.metrics import CallbackOptions, Observation
 
 from jobmesh.contract.ids import attempt_key
-from jobmesh.contract.messages.v1 import JobFailed, JobSucceeded
+from jobmesh.contract.messages.v1 import JobFailed, JobSucceeded, MemberSucceeded
 from jobmesh.runtime.publisher import Outgoing
 
 # Seconds: from a no-op (microseconds) to a long batch job.
@@ -55,15 +57,17 @@ class ExecutorMetrics:
         for item in batch:
             message = item.message
             kind = type(message)
-            if kind is JobSucceeded or kind is JobFailed:
+            if kind is JobSucceeded or kind is JobFailed or kind is MemberSucceeded:
                 self._ended(message)
 
-    def _ended(self, message: JobSucceeded | JobFailed) -> None:
+    def _ended(self, message: JobSucceeded | JobFailed | MemberSucceeded) -> None:
         queue = self._queues.pop(attempt_key(message.job_id, message.attempt), None)
         if not message.started_at:
             return  # refused without running (cancelled or superseded before it started)
         if isinstance(message, JobSucceeded):
             queue, error = queue if queue is not None else message.queue, ""
+        elif isinstance(message, MemberSucceeded):
+            queue, error = queue or "", ""
         else:
             queue, error = queue or "", message.error.code
         labels = self._labels.get((queue, error))

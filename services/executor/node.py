@@ -152,7 +152,8 @@ def build_node_info(
 
     Args:
         settings: the process settings (``node_*`` and ``work_dir``).
-        facts: what the machine says (:func:`read_machine_facts`).
+        facts: what the machine says (:func:`read_machine_facts`); its host name is the
+            node's address when ``JOBMESH_NODE_ADDRESS`` is not set.
         started_at: when this executor started (epoch seconds); also the first heartbeat.
         isolation: the level the isolation probe decided (None: the setting, ``auto`` as
             ``process``).
@@ -183,6 +184,7 @@ def build_node_info(
         disk_mb=settings.node_disk_mb,
         arch=facts.arch,
         zone=settings.node_zone,
+        address=settings.node_address or facts.hostname,
         isolation=level,
         network=settings.node_network,
         probe=dict(probe or {}),

@@ -12,8 +12,8 @@ import signal
 from dataclasses import dataclass
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import event_id
-from jobmesh.contract.messages.v1 import JobBound, JobError, JobFailed, JobSucceeded, NoopRuntime
+from jobmesh.contract.ids import member_event_id
+from jobmesh.contract.messages.v1 import JobBound, JobError, JobFailed, JobSucceeded, MemberSucceeded, NoopRuntime
 from jobmesh.contract.messages.v1.jobs import FailureCode
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
@@ -36,6 +36,8 @@ HANDLER_MISSING: FailureCode = "handler_missing"
 INPUT_INVALID: FailureCode = "input_invalid"  # a workflow step's templates cannot be filled
 # What a process that ran into a cgroup limit ends with: the cgroup's verdict replaces these.
 _LIMIT_MAY_EXPLAIN = frozenset({EXIT_CODE, PIDS_EXCEEDED})
+# What an executor reports at an attempt's end on this node.
+AttemptEnd = JobSucceeded | MemberSucceeded | JobFailed
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +179,23 @@ def noop_outcome(runtime: NoopRuntime) -> Outcome:
     return exit_outcome(runtime.exit_code)
 
 
+def end_kind(outcome: Outcome, world_size: int) -> str:
+    """The subject kind of the event that reports ``outcome``.
+
+    Args:
+        outcome: how the attempt ended.
+        world_size: its gang's size (``JobBound.world_size``; 1 for a plain job).
+
+    Returns:
+        ``failed`` for a failure; for a success ``member_succeeded`` when the attempt is a
+        gang member (the scheduler ends the job once every member has succeeded), else
+        ``succeeded``.
+    """
+    if outcome.error is not None:
+        return subjects.FAILED
+    return subjects.MEMBER_SUCCEEDED if world_size > 1 else subjects.SUCCEEDED
+
+
 def terminal_message(
     bound: JobBound,
     node_id: str,
@@ -198,21 +217,22 @@ def terminal_message(
         checkpoint: the attempt's last checkpoint (a failure carries it to the next attempt).
 
     Returns:
-        The Succeeded or Failed event, ready for the reporter.
+        The Succeeded, MemberSucceeded or Failed event, ready for the reporter; its id is
+        the member's own (the members of a gang share job and attempt).
     """
-    kind = subjects.SUCCEEDED if outcome.error is None else subjects.FAILED
+    kind = end_kind(outcome, bound.world_size)
     return Outgoing(
         subjects.node_event(bound.partition, kind, node_id),
         terminal_event(bound, node_id, outcome, started_at, at, checkpoint),
-        event_id(bound.job_id, bound.attempt, kind),
+        member_event_id(bound.job_id, bound.attempt, kind, bound.rank),
         context,
     )
 
 
 def terminal_event(
     bound: JobBound, node_id: str, outcome: Outcome, started_at: float, at: float, checkpoint: str = ""
-) -> JobSucceeded | JobFailed:
-    """The Succeeded or Failed event reporting ``outcome``.
+) -> AttemptEnd:
+    """The event reporting ``outcome`` (:func:`end_kind` says which).
 
     Args:
         bound: the dispatch message of the attempt.
@@ -220,40 +240,67 @@ def terminal_event(
         outcome: how the attempt ended.
         started_at: when the executor started it.
         at: when it ended.
+        checkpoint: the attempt's last checkpoint, carried by a failure.
 
     Returns:
         JobSucceeded when ``outcome`` has no error (with the job's queue, name and
-        metadata, which completion rules filter on), else JobFailed.
+        metadata, which completion rules filter on), MemberSucceeded instead for a gang
+        member, else JobFailed (with the member's rank).
     """
-    if outcome.error is None:
-        return JobSucceeded(
+    if outcome.error is not None:
+        return JobFailed(
             job_id=bound.job_id,
             attempt=bound.attempt,
             partition=bound.partition,
             node_id=node_id,
-            exit_code=outcome.exit_code or 0,
+            exit_code=outcome.exit_code,
+            error=outcome.error,
             output_tail=outcome.output_tail,
             submitted_at=bound.submitted_at,
+            started_at=started_at,
+            at=at,
+            checkpoint=checkpoint,
+            rank=bound.rank,
+            world_size=bound.world_size,
+        )
+    if end_kind(outcome, bound.world_size) == subjects.MEMBER_SUCCEEDED:
+        return MemberSucceeded(
+            job_id=bound.job_id,
+            attempt=bound.attempt,
+            partition=bound.partition,
+            node_id=node_id,
+            rank=bound.rank,
+            world_size=bound.world_size,
+            exit_code=outcome.exit_code or 0,
+            output_tail=outcome.output_tail,
             started_at=started_at,
             at=at,
             result=outcome.result,
             result_ref=outcome.result_ref,
             result_bytes=outcome.result_bytes,
-            # The spec's own str and dict, not copies: the event is frozen and encoded once.
-            queue=bound.spec.queue,
-            name=bound.spec.name,
-            metadata=bound.spec.metadata,
         )
-    return JobFailed(
+    return JobSucceeded(
         job_id=bound.job_id,
         attempt=bound.attempt,
         partition=bound.partition,
         node_id=node_id,
-        exit_code=outcome.exit_code,
-        error=outcome.error,
+        exit_code=outcome.exit_code or 0,
         output_tail=outcome.output_tail,
         submitted_at=bound.submitted_at,
         started_at=started_at,
         at=at,
-        checkpoint=checkpoint,
+        result=outcome.result,
+        result_ref=outcome.result_ref,
+        result_bytes=outcome.result_bytes,
+        # The spec's own str and dict, not copies: the event is frozen and encoded once.
+        queue=bound.spec.queue,
+        name=bound.spec.name,
+        metadata=bound.spec.metadata,
     )
+
+
+def end_kind_of(event: AttemptEnd) -> str:
+    """The subject kind of an attempt's end event (a kept one, published again)."""
+    if isinstance(event, JobFailed):
+        return subjects.FAILED
+    return subjects.MEMBER_SUCCEEDED if isinstance(event, MemberSucceeded) else subjects.SUCCEEDED

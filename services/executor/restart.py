@@ -50,8 +50,9 @@ from pathlib import Path
 import msgspec
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key, event_id
-from jobmesh.contract.messages.v1 import AttemptLease, JobFailed, JobLost, JobSucceeded, NodeInfo
+from jobmesh.contract.ids import attempt_key, member_event_id
+from jobmesh.contract.messages.v1 import AttemptLease, JobFailed, JobLost, JobSucceeded, MemberSucceeded, NodeInfo
+from jobmesh.executor.outcomes import AttemptEnd, end_kind_of
 from jobmesh.executor.secrets import remove_secret_files
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
@@ -73,10 +74,20 @@ class StoredOutcome(msgspec.Struct, frozen=True):
     Attributes:
         succeeded: the event, when the attempt succeeded.
         failed: the event, when it failed.
+        member_succeeded: the event, when it was a gang member and succeeded.
     """
 
     succeeded: JobSucceeded | None = None
     failed: JobFailed | None = None
+    member_succeeded: MemberSucceeded | None = None
+
+    @property
+    def event(self) -> AttemptEnd | None:
+        """The kept event, whichever it is."""
+        for event in (self.succeeded, self.failed, self.member_succeeded):
+            if event is not None:
+                return event
+        return None
 
 
 _lease_decoder = msgspec.json.Decoder(AttemptLease)
@@ -101,7 +112,8 @@ def orphaned_attempts(old: NodeInfo | None, incarnation: str) -> list[AttemptLea
 def lost_messages(
     orphans: Iterable[AttemptLease], node_id: str, at: float, context: Context | None = None
 ) -> list[Outgoing]:
-    """One ``JobLost`` per orphaned attempt, addressed and with its message id.
+    """One ``JobLost`` per orphaned attempt, addressed and with its message id (the lease's
+    gang member's own).
 
     Args:
         orphans: the attempts (:func:`orphaned_attempts`).
@@ -122,8 +134,10 @@ def lost_messages(
                 node_id=node_id,
                 at=at,
                 reason=LOST_REASON,
+                rank=lease.rank,
+                world_size=lease.world_size,
             ),
-            event_id(lease.job_id, lease.attempt, subjects.LOST),
+            member_event_id(lease.job_id, lease.attempt, subjects.LOST, lease.rank),
             context,
         )
         for lease in orphans
@@ -277,12 +291,14 @@ def write_outcome(private: Path, terminal: Outgoing) -> None:
     Args:
         private: ``<work_root>/.<job>-<attempt>`` (created 0700 when the attempt never
             got as far as its lease).
-        terminal: the JobSucceeded or JobFailed, addressed (``outcomes.terminal_message``).
+        terminal: the JobSucceeded, MemberSucceeded or JobFailed, addressed
+            (``outcomes.terminal_message``).
     """
     event = terminal.message
     stored = StoredOutcome(
         succeeded=event if isinstance(event, JobSucceeded) else None,
         failed=event if isinstance(event, JobFailed) else None,
+        member_succeeded=event if isinstance(event, MemberSucceeded) else None,
     )
     private.mkdir(mode=0o700, parents=True, exist_ok=True)
     partial = private / f"{OUTCOME_FILE}.partial"
@@ -300,26 +316,31 @@ def read_outcome(private: Path, lease: AttemptLease, node_id: str) -> Outgoing |
 
     Returns:
         The event on its own subject with its own message id, or None when there is none
-        (the attempt had not ended), it is cut off, or it is not this attempt's on this node
-        (a job that could write the directory must not end another attempt).
+        (the attempt had not ended), it is cut off, or it is not this attempt's (and gang
+        member's) on this node (a job that could write the directory must not end another
+        attempt).
     """
     try:
         stored = _outcome_decoder.decode((private / OUTCOME_FILE).read_bytes())
     except (OSError, msgspec.DecodeError, msgspec.ValidationError):
         return None
-    event: JobSucceeded | JobFailed | None = stored.succeeded if stored.succeeded is not None else stored.failed
+    event = stored.event
     if event is None:
         return None
-    if (event.job_id, event.attempt, event.partition, event.node_id) != (
+    rank = 0 if isinstance(event, JobSucceeded) else event.rank
+    if (event.job_id, event.attempt, event.partition, event.node_id, rank) != (
         lease.job_id,
         lease.attempt,
         lease.partition,
         node_id,
+        lease.rank,
     ):
         return None
-    kind = subjects.SUCCEEDED if isinstance(event, JobSucceeded) else subjects.FAILED
+    kind = end_kind_of(event)
     return Outgoing(
-        subjects.node_event(lease.partition, kind, node_id), event, event_id(lease.job_id, lease.attempt, kind)
+        subjects.node_event(lease.partition, kind, node_id),
+        event,
+        member_event_id(lease.job_id, lease.attempt, kind, lease.rank),
     )
 
 

@@ -6,7 +6,8 @@ may write its result there. After a successful exit the executor reads it:
 - up to ``result_inline_bytes`` (``JOBMESH_RESULT_INLINE_BYTES``, 16 KiB) of valid UTF-8
   travels inline in ``JobSucceeded.result``;
 - anything else up to ``result_max_bytes`` (``JOBMESH_RESULT_MAX_BYTES``, 64 MiB) goes to
-  the object store ``jm_results`` under ``<job_id>/<attempt>``, and ``result_ref`` is that key;
+  the object store ``jm_results`` under ``<job_id>/<attempt>`` (``<job_id>/<attempt>/<rank>``
+  for a gang member other than rank 0, :func:`result_object`), and ``result_ref`` is that key;
 - a bigger file fails the attempt with ``result_too_large``.
 
 ``result_bytes`` is the file's size. A result path that is not a regular file (a directory,
@@ -16,7 +17,7 @@ A job that keeps its result (``JobSpec.keep_result``, every workflow step) has i
 besides under ``step/<job_id>`` (:func:`~jobmesh.contract.subjects.step_result_key`),
 whatever its size, and ``null`` when it left none; the attempt stores it before it reports
 the success, so a step that starts after it always finds it there. One key per job, not per
-attempt: a later step knows only the job.
+attempt: a later step knows only the job (of a gang, rank 0 alone keeps it).
 
 :func:`plan_result` is the decision; :class:`ResultStore` is the upload.
 """
@@ -81,6 +82,24 @@ def plan_result(size: int, limits: ResultLimits) -> ResultRoute:
     return "store"
 
 
+def result_object(job_id: str, attempt: int, rank: int = 0) -> str:
+    """The object name in ``jm_results`` of an attempt's (or a gang member's) result.
+
+    The members of a gang share job and attempt, so each rank but 0 gets a name of its
+    own; rank 0's is a plain attempt's, which is what the gang's JobSucceeded carries.
+
+    Args:
+        job_id: the job.
+        attempt: the attempt.
+        rank: the gang member (``JobBound.rank``; 0 for a plain job).
+
+    Returns:
+        ``<job_id>/<attempt>``, or ``<job_id>/<attempt>/<rank>`` for a rank above 0.
+    """
+    key = subjects.result_key(job_id, attempt)
+    return key if rank == 0 else f"{key}/{rank}"
+
+
 def too_large_message(size: int, limits: ResultLimits) -> str:
     """The ``result_too_large`` explanation for a file of ``size`` bytes."""
     return (
@@ -138,7 +157,7 @@ class ResultStore:
         self._retry_base = retry_base
         self._retry_max = retry_max
 
-    async def collect(self, job_id: str, attempt: int, path: Path, keep: bool = False) -> Result | None:
+    async def collect(self, job_id: str, attempt: int, path: Path, keep: bool = False, rank: int = 0) -> Result | None:
         """The result an attempt left at ``path``, uploaded when it does not travel inline.
 
         Args:
@@ -148,6 +167,7 @@ class ResultStore:
             keep: store it besides as the job's kept result (``JobSpec.keep_result``);
                 ``null`` when there is none. Not for a result over the limit (the attempt
                 fails).
+            rank: the gang member whose result it is (:func:`result_object`).
 
         Returns:
             The result, or None when the job left no regular file there.
@@ -178,7 +198,7 @@ class ResultStore:
                     if keep:
                         await self.keep(job_id, attempt, io.BytesIO(data or EMPTY_KEPT))
                     return Result(len(data), text=text)
-            key = subjects.result_key(job_id, attempt)
+            key = result_object(job_id, attempt, rank)
             await self._upload(key, job_id, attempt, stream)
             if keep:
                 stream.seek(0)

@@ -62,6 +62,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     node_disk_mb: NonNegative = 10_240
     node_zone: str = ""
     node_labels: str = ""
+    # Executor: the host name or IP the members of a gang on other nodes reach this node's
+    # member at (NodeInfo.address); empty: the host name.
+    node_address: str = ""
     # The strongest isolation level the node may advertise: "auto" advertises the strongest
     # its probe finds it can enforce; a level caps it there (a level the probe cannot
     # enforce stops the executor at start, with what the probe found).
