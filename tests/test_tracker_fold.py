@@ -23,16 +23,19 @@ from jobmesh.contract.messages.v1 import (
     JobSubmitted,
     JobSucceeded,
     JobUnplaceable,
+    MemberSucceeded,
     NoopRuntime,
 )
 from jobmesh.tracker.fold import (
     AttemptState,
     Folded,
     JobRow,
+    MemberRow,
     fold,
     is_final,
     join_attempt,
     join_job,
+    join_member,
     shown_reason,
     updates,
 )
@@ -233,10 +236,15 @@ class FakeStore:
         self.jobs: dict[str, JobRow] = {}
         self.attempts: dict[tuple[str, int], AttemptState] = {}
         self.events: dict[str, object] = {}
+        self.members: dict[tuple[str, int, int], MemberRow] = {}
 
     def write(self, folded: Folded) -> dict[str, AttemptState]:
         for row in folded.events:
             self.events.setdefault(row.event_id, row)
+        for member in folded.members:
+            mkey = (member.job_id, member.attempt, member.rank)
+            was = self.members.get(mkey)
+            self.members[mkey] = member if was is None else join_member(was, member)
         for row in folded.attempts:
             key = (row.job_id, row.record.attempt)
             had = self.attempts.get(key)
@@ -625,3 +633,224 @@ def test_a_wait_the_scheduler_reports_shows_until_the_release_in_any_order() -> 
         assert job.current.state == "ready"
     folded = fold([submitted(), waiting, ready()])
     assert [e.kind for e in folded.events if e.kind == "waiting"] == ["waiting"]
+
+
+# --- gangs: several members in one attempt ---------------------------------------------
+
+GANG = JobSpec(runtime=NoopRuntime(), name="train", queue="ci", tenant="acme", replicas=3)
+NODES = ("n1", "n2", "n3")
+
+
+def gang_submitted(job: str = "g1") -> JobSubmitted:
+    return JobSubmitted(job_id=job, partition=0, spec=GANG, idempotency_key=job, submitted_at=T0)
+
+
+def gang_ready(job: str = "g1", attempt: int = 1, at: float = 1.0) -> JobReady:
+    return JobReady(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        spec=GANG,
+        candidates=list(NODES),
+        submitted_at=T0,
+        ready_at=T0 + at,
+    )
+
+
+def member_bound(rank: int, job: str = "g1", attempt: int = 1, at: float = 2.0) -> JobBound:
+    return JobBound(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=NODES[rank],
+        spec=GANG,
+        scratch_dir="/s",
+        submitted_at=T0,
+        bound_at=T0 + at + rank / 10,
+        rank=rank,
+        world_size=3,
+        peers=[f"{n}:7000" for n in NODES],
+    )
+
+
+def member_started(rank: int, job: str = "g1", attempt: int = 1, at: float = 3.0) -> JobStarted:
+    return JobStarted(
+        job_id=job, attempt=attempt, partition=0, node_id=NODES[rank], at=T0 + at + rank / 10, rank=rank, world_size=3
+    )
+
+
+def member_succeeded(rank: int, job: str = "g1", attempt: int = 1, at: float = 5.0) -> MemberSucceeded:
+    return MemberSucceeded(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=NODES[rank],
+        rank=rank,
+        world_size=3,
+        exit_code=0,
+        output_tail=f"rank {rank} done",
+        started_at=T0 + 3 + rank / 10,
+        at=T0 + at + rank / 10,
+    )
+
+
+def member_failed(
+    rank: int, job: str = "g1", attempt: int = 1, at: float = 6.0, error: JobError = EXIT_ERROR, exit_code: int = 7
+) -> JobFailed:
+    return JobFailed(
+        job_id=job,
+        attempt=attempt,
+        partition=0,
+        node_id=NODES[rank],
+        exit_code=exit_code,
+        error=error,
+        output_tail="boom",
+        submitted_at=T0,
+        started_at=T0 + 3,
+        at=T0 + at,
+        rank=rank,
+        world_size=3,
+    )
+
+
+STOPPED = JobError(code="cancelled", message="another member of the gang failed")
+
+
+def gang_that_fails(job: str = "g1") -> list:
+    """Rank 0 succeeds, rank 2 fails, rank 1 is stopped for it; the scheduler retries."""
+    return [
+        gang_submitted(job),
+        gang_ready(job),
+        *(member_bound(r, job) for r in range(3)),
+        *(member_started(r, job) for r in range(3)),
+        member_succeeded(0, job),
+        member_failed(2, job),
+        member_failed(1, job, at=6.5, error=STOPPED, exit_code=-15),
+        retrying(job, at=7),
+    ]
+
+
+def members_of(folded: Folded, attempt: int = 1) -> list[tuple[int, str, str, str]]:
+    return [(m.rank, m.node_id, m.state, m.detail) for m in folded.members if m.attempt == attempt]
+
+
+def test_a_plain_job_has_no_member_rows() -> None:
+    assert fold(lifecycle()).members == []
+    assert fold(fails_retries_gives_up()).members == []
+    assert fold(cancelled_while_running()).members == []
+
+
+def test_each_members_events_are_kept_apart_and_name_the_member() -> None:
+    events = [gang_submitted(), gang_ready()]
+    events += [member_bound(r) for r in range(3)] + [member_started(r) for r in range(3)]
+    events += [member_succeeded(0), member_succeeded(1), member_failed(2)]
+    folded = fold(events)
+    ids = {e.event_id for e in folded.events}
+    for kind in ("bound", "started"):
+        assert {f"g1:1:{kind}", f"g1:1:{kind}:1", f"g1:1:{kind}:2"} <= ids
+    assert {"g1:1:member_succeeded", "g1:1:member_succeeded:1", "g1:1:failed:2"} <= ids
+    assert len(folded.events) == len(events)  # nothing collapsed
+    details = {e.event_id: e.detail for e in folded.events}
+    assert details["g1:1:bound:1"] == "member 1 on node n2"
+    assert details["g1:1:started"] == "member 0 on node n1"
+    assert details["g1:1:member_succeeded:1"] == "member 1 on node n2 succeeded"
+    assert details["g1:1:failed:2"] == "member 2 on node n3: exit: exited with 7 (exit 7)"
+    assert members_of(folded) == [
+        (0, "n1", "succeeded", ""),
+        (1, "n2", "succeeded", ""),
+        (2, "n3", "failed", "exit: exited with 7 (exit 7)"),
+    ]
+    # One member's failure fails the attempt; its node is rank 0's, whoever spoke first.
+    current = only_job(folded).current
+    assert (current.state, current.node_id, current.error_code, current.exit_code) == ("failed", "n1", "exit", 7)
+    assert current.bound_at == T0 + 2 and current.started_at == T0 + 3
+    assert not is_final(current)
+
+
+def test_a_member_success_does_not_end_the_attempt() -> None:
+    running = [
+        gang_submitted(),
+        gang_ready(),
+        *(member_bound(r) for r in range(3)),
+        *(member_started(r) for r in range(3)),
+    ]
+    store = FakeStore()
+    store.write(fold(running))
+    before = store.jobs["g1"]
+    batch = fold([member_succeeded(r) for r in range(3)])
+    changed = store.write(batch)
+    job = store.jobs["g1"]
+    assert (job.current.state, job.current.attempt) == ("running", 1) and not is_final(job.current)
+    assert job.current == before.current and store.attempts[("g1", 1)] == before.current
+    assert updates(batch, changed) == []  # nothing to announce
+    assert [m.state for m in store.members.values()] == ["succeeded"] * 3
+    assert {k for k in store.events if "member_succeeded" in k} == {
+        "g1:1:member_succeeded",
+        "g1:1:member_succeeded:1",
+        "g1:1:member_succeeded:2",
+    }
+    # The scheduler's one JobSucceeded (rank 0's node) ends it.
+    store.write(fold([succeeded("g1", node="n1", at=6)]))
+    assert store.jobs["g1"].current.state == "succeeded" and is_final(store.jobs["g1"].current)
+    # Arriving before anything else of its job, a member's success moves no state either.
+    alone = only_job(fold([member_succeeded(1, job="g2")]))
+    assert (alone.current.state, alone.current.rank, alone.spec) == ("queued", 0, None)
+    assert only_job(fold([member_succeeded(1, job="g2"), member_started(1, job="g2")])).current.state == "running"
+
+
+def test_a_members_state_only_moves_forward() -> None:
+    for order in itertools.permutations([member_bound(1), member_started(1), member_succeeded(1)]):
+        assert members_of(fold(order)) == [(1, "n2", "succeeded", "")]
+    late = FakeStore()
+    late.write(fold([member_started(1)]))
+    late.write(fold([member_bound(1)]))  # an earlier state, late
+    assert late.members[("g1", 1, 1)].state == "running"
+    assert late.members[("g1", 1, 1)].at == T0 + 3.1
+    # The first ending recorded stays.
+    assert members_of(fold([member_succeeded(1), member_failed(1)]))[0][2] == "succeeded"
+
+
+def test_a_member_stopped_for_anothers_failure_yields_to_it_in_every_order() -> None:
+    stopped = member_failed(1, at=6.5, error=STOPPED, exit_code=-15)
+    for order in itertools.permutations([stopped, member_failed(2), gave_up("g1", attempt=1, node="n3", ended=6)]):
+        current = only_job(fold(order)).current
+        assert (current.state, current.error_code, current.exit_code, current.finished_at) == (
+            "failed",
+            "exit",
+            7,
+            T0 + 6,
+        )
+    # Alone, a stopped member fails the attempt, and a cancel still ends the job cancelled.
+    assert only_job(fold([stopped])).current.error_code == "cancelled"
+    assert only_job(fold([cancelled("g1"), stopped])).current.state == "cancelled"
+    # A plain job's cancelled failure keeps its level: a later own ending does not replace it.
+    assert only_job(fold([failed(error=CANCELLED_ERROR), failed(at=5)])).current.error_code == "cancelled"
+
+
+def test_a_failing_gang_ends_in_the_same_records_whatever_the_order_and_batching() -> None:
+    events = gang_that_fails() + lifecycle("plain")
+    expected = FakeStore()
+    expected.write(fold(events))
+    job = expected.jobs["g1"]
+    assert (job.current.attempt, job.current.state) == (2, "retrying")
+    first = expected.attempts[("g1", 1)]
+    assert (first.state, first.node_id, first.error_code) == ("failed", "n1", "exit")
+    assert [(k[2], m.state, m.detail) for k, m in expected.members.items()] == [
+        (0, "succeeded", ""),
+        (1, "failed", "cancelled: another member of the gang failed (exit -15)"),
+        (2, "failed", "exit: exited with 7 (exit 7)"),
+    ]
+    rng = random.Random(5)
+    for _ in range(300):
+        shuffled = events[:]
+        rng.shuffle(shuffled)
+        store = FakeStore()
+        i = 0
+        while i < len(shuffled):
+            n = rng.randint(1, 4)
+            store.write(fold(shuffled[i : i + n]))
+            i += n
+        assert store.jobs == expected.jobs
+        assert store.attempts == expected.attempts
+        assert store.members == expected.members
+        assert store.events.keys() == expected.events.keys()

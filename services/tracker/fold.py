@@ -43,6 +43,18 @@ The joins make the result independent of delivery order, of batching and of rede
   rule and event that started the job) comes only with JobSubmitted, so it fills its gap
   on its own rather than with the spec, which JobReady and JobBound bring too.
 
+* A gang (``JobSpec.replicas`` > 1) has one attempt of many members: each member's
+  JobBound, JobStarted, JobFailed and JobLost (``world_size`` > 1) move the attempt like a
+  plain job's events do, and each is an event row of its own (``member_event_id``). Only
+  rank 0's events bring the attempt's node, so it does not depend on which member spoke
+  first. A member stopped because another one failed (JobFailed, code ``cancelled``)
+  yields to the failure that stopped it, whichever the tracker hears first.
+  MemberSucceeded (one member done) changes no state: the scheduler's JobSucceeded ends
+  the attempt once every member has. Besides, every member event gives a member record
+  (:func:`member_of`, joined by :func:`join_member`): how far each member got (bound <
+  running < an ending; the first ending recorded stays), the rows behind
+  ``AttemptView.members``. A plain job has none.
+
 DependencyWatch, DependencyEnded (and ChildAdded, from the trigger) travel on JM_JOBS to
 scheduler partitions; they say nothing about the job's own state (DependencyEnded carries
 the watcher's partition, not the job's), so the fold leaves them out.
@@ -56,13 +68,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 from msgspec import Struct
 from msgspec import field as wire
 from msgspec.structs import replace
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import event_id, release_id
+from jobmesh.contract.ids import event_id, member_event_id, release_id
 from jobmesh.contract.messages.v1 import (
     ChildAdded,
     DependencyEnded,
@@ -85,16 +98,22 @@ from jobmesh.contract.messages.v1 import (
     JobUpdate,
     JobWaiting,
     LifecycleEvent,
+    MemberSucceeded,
 )
 from jobmesh.contract.messages.v1.triggers import JobOrigin
 
 # Ranks: queued and retrying 0, waiting 1, ready 2, bound 3, running 4, any terminal state 5.
 TERMINAL_RANK = 5
-# Precedence of terminal records (their seq): the scheduler's summary in JobGaveUp, then
-# the attempt's own ending, then a cancel. Rows written before issue 7 hold 0 (own).
+# Precedence of terminal records (their seq): a gang member stopped because another
+# member failed (its JobFailed, code cancelled), then the scheduler's summary in
+# JobGaveUp, then the attempt's own ending, then a cancel. So a gang's attempt shows the
+# failure that stopped the others, whichever the tracker hears first. Rows written before
+# issue 7 hold 0 (own).
+_STOPPED_MEMBER_SEQ = -2
 _SUMMARY_SEQ = -1
 _OWN_SEQ = 0
 _CANCEL_SEQ = 1
+_CANCELLED_CODE = "cancelled"
 # The record JobCancelling brings when it is the first word of its attempt: below every
 # state, so the attempt's own first event replaces it.
 _PLACEHOLDER_SEQ = -1
@@ -172,6 +191,22 @@ class EventRow(Struct, frozen=True):
     detail: str
 
 
+class MemberRow(Struct, frozen=True, kw_only=True):
+    """One member of a gang's attempt (a row of ``tracker.members``): how far it got.
+
+    Field names are column names, as for :class:`AttemptState`.
+    """
+
+    job_id: str
+    attempt: int
+    rank: int
+    node_id: str
+    state: str  # bound, running, succeeded, failed, lost
+    order: int = wire(name="state_rank")  # bound 1 < running 2 < any ending 3
+    at: float  # when it got there
+    detail: str = ""  # why it failed or was lost; empty otherwise
+
+
 @dataclass
 class Folded:
     """One batch, folded: each row once, sorted by key so concurrent writers lock in order."""
@@ -179,6 +214,8 @@ class Folded:
     jobs: list[JobRow] = field(default_factory=list)
     attempts: list[AttemptRow] = field(default_factory=list)
     events: list[EventRow] = field(default_factory=list)
+    # Gang members only: a batch of plain jobs has none, and writes none.
+    members: list[MemberRow] = field(default_factory=list)
 
 
 # --- what a record means -------------------------------------------------------------
@@ -338,6 +375,20 @@ def join_job(old: JobRow, new: JobRow) -> JobRow:
     )
 
 
+def join_member(old: MemberRow, new: MemberRow) -> MemberRow:
+    """Combine two records of one gang member; ``old`` is the one recorded first.
+
+    Mirrored by the members upsert in ``store.py``.
+
+    Returns:
+        The record that got further (bound < running < an ending; ``old`` on a tie, so the
+        first ending recorded stays), with the node filled from either.
+    """
+    base = new if new.order > old.order else old
+    node_id = old.node_id or new.node_id
+    return base if base.node_id == node_id else replace(base, node_id=node_id)
+
+
 # --- events to records ---------------------------------------------------------------
 
 
@@ -348,7 +399,8 @@ def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
     JobRetrying is the attempt that ended, not the one its record starts. Free text is
     cleaned so Postgres can store it (no NUL, bounded length).
     """
-    job, detail = _record(event)
+    member = type(event) in _MEMBER_TYPES and _is_member(event)
+    job, detail = _record(event, member)
     # A one-event record's update time is the event's own time.
     kind, n, at = _KINDS[type(event)], getattr(event, "attempt", 0), job.updated_at
     eid = event_id(job.job_id, n, kind)
@@ -358,7 +410,79 @@ def record_of(event: LifecycleEvent) -> tuple[JobRow, EventRow]:
     elif release > 1:
         # A re-release is history of its own, not a duplicate of the first release.
         eid = release_id(job.job_id, n, kind, release)
+    elif member:
+        # Each member of a gang has its own bound, started, failed, lost and success.
+        eid = member_event_id(job.job_id, n, kind, cast(_MemberEvent, event).rank)
     return job, EventRow(eid, job.job_id, n, kind, at, _clean(detail)[:_DETAIL_MAX])
+
+
+# The events each member of a gang sends of its own (with its rank and world_size).
+_MemberEvent = JobBound | JobStarted | JobFailed | JobLost | MemberSucceeded
+_MEMBER_EVENTS = (JobBound, JobStarted, JobFailed, JobLost, MemberSucceeded)
+_MEMBER_TYPES = frozenset(_MEMBER_EVENTS)  # a set lookup keeps the plain path cheap
+_BOUND_ORDER, _RUNNING_ORDER, _ENDED_ORDER = 1, 2, 3
+
+
+def _is_member(event: LifecycleEvent) -> TypeGuard[_MemberEvent]:
+    # A MemberSucceeded's world_size is at least 2 (the contract checks it on decoding).
+    return isinstance(event, _MEMBER_EVENTS) and event.world_size > 1
+
+
+def _member_name(event: _MemberEvent) -> str:
+    return f"member {event.rank} on node {_clean(event.node_id) or '-'}"
+
+
+def _attempt_node(node_id: str, member: bool, rank: int) -> str:
+    # A gang's attempt shows rank 0's node: taking whichever member spoke first would make
+    # the record depend on the delivery order.
+    return node_id if not member or rank == 0 else ""
+
+
+def _failure_text(event: JobFailed) -> str:
+    code, message = _clean(event.error.code), _clean(event.error.message)
+    exit_part = f" (exit {event.exit_code})" if event.exit_code is not None else ""
+    return f"{code}: {message}{exit_part}"
+
+
+def _lost_reason(event: JobLost) -> str:
+    return _clean(event.reason)[:_DETAIL_MAX] or _LOST_DEFAULT
+
+
+def member_of(event: LifecycleEvent) -> MemberRow | None:
+    """The member record of a gang member's event.
+
+    Args:
+        event: a decoded lifecycle event.
+
+    Returns:
+        How far the member got, from its JobBound, JobStarted, MemberSucceeded, JobFailed
+        or JobLost when its gang has several members; None for every other event, and for
+        every event of a plain job.
+    """
+    if not _is_member(event):
+        return None
+    detail = ""
+    match event:
+        case JobBound():
+            state, order, at = "bound", _BOUND_ORDER, event.bound_at
+        case JobStarted():
+            state, order, at = "running", _RUNNING_ORDER, event.at
+        case MemberSucceeded():
+            state, order, at = "succeeded", _ENDED_ORDER, event.at
+        case JobFailed():
+            state, order, at, detail = "failed", _ENDED_ORDER, event.at, _failure_text(event)[:_DETAIL_MAX]
+        case JobLost():
+            state, order, at, detail = "lost", _ENDED_ORDER, event.at, _lost_reason(event)
+    return MemberRow(
+        job_id=event.job_id,
+        attempt=event.attempt,
+        rank=event.rank,
+        node_id=_clean(event.node_id),
+        state=state,
+        order=order,
+        at=at,
+        detail=detail,
+    )
 
 
 _KINDS = {
@@ -376,10 +500,12 @@ _KINDS = {
     JobGaveUp: subjects.GAVE_UP,
     JobCancelling: subjects.CANCELLING,
     JobCancelled: subjects.CANCELLED,
+    MemberSucceeded: subjects.MEMBER_SUCCEEDED,
 }
 
 
-def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
+def _record(event: LifecycleEvent, member: bool) -> tuple[JobRow, str]:
+    # ``member``: the event is a gang member's own (:func:`_is_member`).
     p = event.partition
     match event:
         case JobSubmitted(spec=spec):
@@ -428,23 +554,36 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 state="bound",
                 rank=3,
                 state_at=event.bound_at,
-                node_id=event.node_id,
+                node_id=_attempt_node(event.node_id, member, event.rank),
                 bound_at=event.bound_at,
             )
-            return _job(event.job_id, p, state, spec, event.submitted_at), f"node {event.node_id}"
+            detail = _member_name(event) if member else f"node {event.node_id}"
+            return _job(event.job_id, p, state, spec, event.submitted_at), detail
         case JobStarted():
             state = AttemptState(
                 attempt=event.attempt,
                 state="running",
                 rank=4,
                 state_at=event.at,
-                node_id=event.node_id,
+                node_id=_attempt_node(event.node_id, member, event.rank),
                 started_at=event.at,
             )
-            detail = f"node {event.node_id}"
+            detail = _member_name(event) if member else f"node {event.node_id}"
             if event.incarnation:
                 detail += f", incarnation {_clean(event.incarnation)}"
             return _job(event.job_id, p, state), detail
+        case MemberSucceeded():
+            # One member's success is not the attempt's (the scheduler's JobSucceeded is,
+            # once every member has sent this): a record below every state, like
+            # JobCancelling's, so the job row exists and its update time moves, no more.
+            state = AttemptState(
+                attempt=event.attempt,
+                state="queued" if event.attempt == 1 else "retrying",
+                rank=0,
+                seq=_PLACEHOLDER_SEQ,
+                state_at=event.at,
+            )
+            return _job(event.job_id, p, state), f"{_member_name(event)} succeeded"
         case JobSucceeded():
             state = AttemptState(
                 attempt=event.attempt,
@@ -470,11 +609,12 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
             return _job(event.job_id, p, state, None, event.submitted_at), detail
         case JobFailed():
             code, message = _clean(event.error.code), _clean(event.error.message)
+            stopped = member and code == _CANCELLED_CODE
             state = AttemptState(
                 attempt=event.attempt,
                 state="failed",
                 rank=TERMINAL_RANK,
-                seq=_OWN_SEQ,
+                seq=_STOPPED_MEMBER_SEQ if stopped else _OWN_SEQ,
                 state_at=event.at,
                 reason=f"{code}: {message}"[:_DETAIL_MAX],
                 exit_code=event.exit_code,
@@ -482,11 +622,13 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 error_message=message,
                 output_tail=_clean(event.output_tail),
                 finished_at=event.at,
-                node_id=_clean(event.node_id),
+                node_id=_attempt_node(_clean(event.node_id), member, event.rank),
                 started_at=event.started_at or None,
             )
-            exit_part = f" (exit {event.exit_code})" if event.exit_code is not None else ""
-            return _job(event.job_id, p, state, None, event.submitted_at), f"{code}: {message}{exit_part}"
+            detail = _failure_text(event)
+            if member:
+                detail = f"{_member_name(event)}: {detail}"
+            return _job(event.job_id, p, state, None, event.submitted_at), detail
         case JobExpired():
             reason = _clean(event.reason)
             state = AttemptState(
@@ -504,7 +646,7 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
             # Whoever declared it (the scheduler for a lease, the executor after a restart)
             # says why; the error matches what the scheduler lists in JobGaveUp.errors.
             node = _clean(event.node_id)
-            reason = _clean(event.reason)[:_DETAIL_MAX] or _LOST_DEFAULT
+            reason = _lost_reason(event)
             state = AttemptState(
                 attempt=event.attempt,
                 state="lost",
@@ -515,8 +657,10 @@ def _record(event: LifecycleEvent) -> tuple[JobRow, str]:
                 error_code="lost",
                 error_message=reason,
                 finished_at=event.at,
-                node_id=node,
+                node_id=_attempt_node(node, member, event.rank),
             )
+            if member:
+                return _job(event.job_id, p, state), f"{_member_name(event)}: {reason}"
             return _job(event.job_id, p, state), f"{reason} (node {node})" if node else reason
         case JobRetrying():
             code, message = _clean(event.error.code), _clean(event.error.message)
@@ -655,12 +799,14 @@ def fold(events: Iterable[LifecycleEvent]) -> Folded:
         events: decoded lifecycle events.
 
     Returns:
-        Job rows, attempt rows (attempt >= 1) and event rows (deduplicated by event id),
-        each sorted by its key; the schedulers' own messages (:func:`recorded`) leave none.
+        Job rows, attempt rows (attempt >= 1), event rows (deduplicated by event id) and
+        gang member rows (none for plain jobs), each sorted by its key; the schedulers' own
+        messages (:func:`recorded`) leave none.
     """
     jobs: dict[str, JobRow] = {}
     attempts: dict[tuple[str, int], AttemptState] = {}
     rows: dict[str, EventRow] = {}
+    members: dict[tuple[str, int, int], MemberRow] = {}
     for event in events:
         if not recorded(event):
             continue
@@ -673,10 +819,16 @@ def fold(events: Iterable[LifecycleEvent]) -> Folded:
             had = attempts.get(key)
             attempts[key] = job.current if had is None else join_attempt(had, job.current)
         rows.setdefault(row.event_id, row)
+        member = member_of(event) if type(event) in _MEMBER_TYPES else None
+        if member is not None:
+            mkey = (member.job_id, member.attempt, member.rank)
+            was = members.get(mkey)
+            members[mkey] = member if was is None else join_member(was, member)
     return Folded(
         jobs=[jobs[k] for k in sorted(jobs)],
         attempts=[AttemptRow(k[0], attempts[k]) for k in sorted(attempts)],
         events=[rows[k] for k in sorted(rows)],
+        members=[members[k] for k in sorted(members)],
     )
 
 

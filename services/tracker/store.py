@@ -4,9 +4,10 @@ Everything lives in the ``tracker`` schema (the pool's search_path). Times are e
 in ``double precision``, exactly as they travel in the messages.
 
 A batch is one statement in one transaction, whatever its size: three set-based upserts
-(events, attempts, jobs) over rows sent as JSON arrays. The upserts apply the joins of
-``fold.py`` to the stored rows (the ``ON CONFLICT DO UPDATE`` clauses below mirror
-``join_attempt`` and ``join_job``), so there is nothing to read or lock first: Postgres
+(events, attempts, jobs) over rows sent as JSON arrays, and a fourth (members) only when
+the batch holds events of a gang's members. The upserts apply the joins of ``fold.py`` to
+the stored rows (the ``ON CONFLICT DO UPDATE`` clauses below mirror ``join_attempt``,
+``join_job`` and ``join_member``), so there is nothing to read or lock first: Postgres
 locks each conflicting row and merges against its latest committed version, and since
 the joins commute, concurrent batches from any number of replicas end in the same rows.
 Rows are sent sorted by key, so two batches lock shared rows in the same order.
@@ -22,7 +23,15 @@ from collections.abc import Iterable, Sequence
 import asyncpg
 import msgspec
 
-from jobmesh.contract.messages.v1 import AttemptView, EventView, JobError, JobSpec, JobSummary, JobView
+from jobmesh.contract.messages.v1 import (
+    AttemptView,
+    EventView,
+    JobError,
+    JobSpec,
+    JobSummary,
+    JobView,
+    MemberView,
+)
 from jobmesh.contract.messages.v1.triggers import JobOrigin
 from jobmesh.tracker.fold import AttemptState, Folded, final_of, is_final, reason_of, shown_reason
 
@@ -118,10 +127,25 @@ CREATE TABLE IF NOT EXISTS events (
     detail    text NOT NULL DEFAULT ''
 );
 
+-- A gang's members (JobSpec.replicas > 1), one row per (job, attempt, rank): how far each
+-- got (state_rank: bound 1 < running 2 < any ending 3). Written only for the events of a
+-- gang, so a plain job has no row here and its batches never touch the table.
+CREATE TABLE IF NOT EXISTS members (
+    job_id     text COLLATE "C" NOT NULL,
+    attempt    integer NOT NULL,
+    rank       integer NOT NULL,
+    node_id    text NOT NULL DEFAULT '',
+    state      text NOT NULL,
+    state_rank smallint NOT NULL,
+    at         double precision NOT NULL,
+    detail     text NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, attempt, rank)
+) WITH (fillfactor = 80);
+
 -- fold.advances: does the new state replace the old one within one attempt? A terminal
--- state (5) gives way only to a terminal one of higher precedence (seq: the give-up
--- summary -1, the attempt's own ending 0, a cancel 1); waiting (1) and ready (2) share a
--- class, ordered by release (seq), then time.
+-- state (5) gives way only to a terminal one of higher precedence (seq: a gang member
+-- stopped for another's failure -2, the give-up summary -1, the attempt's own ending 0, a
+-- cancel 1); waiting (1) and ready (2) share a class, ordered by release (seq), then time.
 CREATE OR REPLACE FUNCTION advances(old_rank smallint, old_seq integer, old_at double precision,
                                     new_rank smallint, new_seq integer, new_at double precision)
 RETURNS boolean LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
@@ -166,6 +190,18 @@ _EVENT_COLUMNS = {
     "at": "float8",
     "detail": "text",
 }
+# MemberRow's fields, in order: the member's key, then what moves when it gets further.
+_MEMBER_COLUMNS = {
+    "job_id": "text",
+    "attempt": "int",
+    "rank": "int",
+    "node_id": "text",
+    "state": "text",
+    "state_rank": "int2",
+    "at": "float8",
+    "detail": "text",
+}
+_MEMBER_MOVES = ("state", "state_rank", "at", "detail")
 # What the spec brings (the workflow step is read from it): taken with the first spec seen.
 _JOB_NAMES = {
     "name": "text",
@@ -228,10 +264,25 @@ _J_LINKS = (
     " OR (EXCLUDED.skipped AND NOT j.skipped))"
 )
 
+# join_member, in SQL: a member only gets further; its node fills a gap.
+_M_ADVANCES = "EXCLUDED.state_rank > m.state_rank"
+_M_FILLS = "(m.node_id = '' AND EXCLUDED.node_id <> '')"
+_MEMBERS_CTE = f"""
+, mem AS (
+    INSERT INTO members AS m ({_names(_MEMBER_COLUMNS)})
+    SELECT * FROM json_to_recordset($4::json) AS r({_typed(_MEMBER_COLUMNS)})
+    ON CONFLICT (job_id, attempt, rank) DO UPDATE SET
+        {_pick(_MEMBER_MOVES, "m", _M_ADVANCES, " " * 8)},
+        node_id = CASE WHEN m.node_id = '' THEN EXCLUDED.node_id ELSE m.node_id END
+    WHERE {_M_ADVANCES} OR {_M_FILLS}
+)"""
+
 # Rows arrive as three JSON arrays (events, attempts, jobs) whose objects mirror the
 # structs in fold.py: msgspec encodes a batch in one call, where binding one array per
-# column would cost asyncpg an encoding step per value.
-_WRITE = f"""
+# column would cost asyncpg an encoding step per value. A batch with gang members sends a
+# fourth (members) to a variant of the statement with one more CTE; any other batch runs
+# the statement without it, so plain jobs pay nothing for gangs.
+_WRITE_ROWS = f"""
 WITH e AS (
     INSERT INTO events ({_names(_EVENT_COLUMNS)})
     SELECT * FROM json_to_recordset($1::json) AS r({_typed(_EVENT_COLUMNS)})
@@ -249,7 +300,8 @@ WITH e AS (
         ends_job = a.ends_job OR EXCLUDED.ends_job,
         cancelling = CASE WHEN a.cancelling = '' THEN EXCLUDED.cancelling ELSE a.cancelling END
     WHERE {_A_ADVANCES} OR {_A_FILLS}
-)
+)"""
+_WRITE_JOBS = f"""
 INSERT INTO jobs AS j (job_id, {_names(_JOB_IDENTITY)}, {_names(_JOB_LINKS)}, {_names(_ATTEMPT_COLUMNS)}, updated_at)
 SELECT r.job_id, {", ".join("r." + c for c in (*_JOB_IDENTITY, *_JOB_LINKS))}, c.*, r.updated_at
 FROM json_to_recordset($3::json)
@@ -281,6 +333,8 @@ WHERE {_J_MOVES} OR {_J_LEARNS} OR {_J_FILLS} OR {_J_LINKS}
    OR (j.submitted_at IS NULL AND EXCLUDED.submitted_at IS NOT NULL)
 RETURNING job_id, {_names(_ATTEMPT_COLUMNS)}
 """
+_WRITE = _WRITE_ROWS + _WRITE_JOBS
+_WRITE_WITH_MEMBERS = _WRITE_ROWS + _MEMBERS_CTE + _WRITE_JOBS
 
 _SUMMARY = (
     "job_id, name, queue, tenant, state, attempt, node_id, exit_code, submitted_at, updated_at, ends_job,"
@@ -322,13 +376,18 @@ SELECT job_id, name, queue, tenant, spec::text AS spec, submitted_at, {_names(_A
 FROM jobs WHERE job_id = $1
 """
 _GET_ATTEMPTS = f"SELECT {_names(_ATTEMPT_COLUMNS)} FROM attempts WHERE job_id = $1 ORDER BY attempt"
-# In byte order ':' is followed by ';', and job ids contain neither.
+# Read only for a gang (its spec says replicas > 1): a plain job's get runs no such query.
+_GET_MEMBERS = "SELECT attempt, rank, node_id, state, at, detail FROM members WHERE job_id = $1 ORDER BY attempt, rank"
+# In byte order ':' is followed by ';', and job ids contain neither. The event id breaks
+# the last ties (the members of a gang, each with its own row of a kind).
 _GET_EVENTS = """
 SELECT kind, attempt, at, detail FROM events
 WHERE event_id >= $1 || ':' AND event_id < $1 || ';'
 ORDER BY at, attempt,
-    array_position(ARRAY['submitted', 'waiting', 'ready', 'unplaceable', 'bound', 'started', 'cancelling',
-                         'succeeded', 'failed', 'expired', 'lost', 'retrying', 'gave_up', 'cancelled'], kind)
+    array_position(ARRAY['submitted', 'waiting', 'ready', 'unplaceable', 'bound', 'started', 'member_succeeded',
+                         'cancelling', 'succeeded', 'failed', 'expired', 'lost', 'retrying', 'gave_up',
+                         'cancelled'], kind),
+    event_id
 """
 
 # History retention (retention.py): one batch of old rows, deleted in one short statement.
@@ -362,6 +421,8 @@ WITH doomed AS ({doomed}
     DELETE FROM attempts USING j WHERE attempts.job_id = j.job_id
 ), e AS (
     DELETE FROM events USING j WHERE events.event_id >= j.job_id || ':' AND events.event_id < j.job_id || ';'
+), m AS (
+    DELETE FROM members USING j WHERE members.job_id = j.job_id
 )
 SELECT job_id FROM j
 """
@@ -374,13 +435,20 @@ _spec_decoder = msgspec.json.Decoder(JobSpec)
 _origin_decoder = msgspec.json.Decoder(JobOrigin)
 
 
-def write_args(folded: Folded) -> tuple[str, str, str]:
-    """The batch write's three arguments: events, attempts and jobs as JSON arrays."""
-    return (
+def write_args(folded: Folded) -> tuple[str, ...]:
+    """The batch write's arguments: events, attempts and jobs as JSON arrays, and the gang
+    members as a fourth when the batch has any (the statement of :func:`write_query`)."""
+    rows = (
         _encoder.encode(folded.events).decode(),
         _encoder.encode(folded.attempts).decode(),
         _encoder.encode(folded.jobs).decode(),
     )
+    return (*rows, _encoder.encode(folded.members).decode()) if folded.members else rows
+
+
+def write_query(folded: Folded) -> str:
+    """The batch write's one statement: with the members' upsert only when there are members."""
+    return _WRITE_WITH_MEMBERS if folded.members else _WRITE
 
 
 def _attempt_of(record: asyncpg.Record) -> AttemptState:
@@ -407,7 +475,15 @@ def _attempt_of(record: asyncpg.Record) -> AttemptState:
     )
 
 
-def _attempt_view(a: AttemptState) -> AttemptView:
+def _member_views(records: Iterable[asyncpg.Record]) -> dict[int, list[MemberView]]:
+    out: dict[int, list[MemberView]] = {}
+    for r in records:  # ordered by attempt, then rank
+        view = MemberView(rank=r["rank"], node_id=r["node_id"], state=r["state"], at=r["at"], detail=r["detail"])
+        out.setdefault(r["attempt"], []).append(view)
+    return out
+
+
+def _attempt_view(a: AttemptState, members: list[MemberView] | None = None) -> AttemptView:
     return AttemptView(
         attempt=a.attempt,
         state=a.state,
@@ -421,6 +497,7 @@ def _attempt_view(a: AttemptState) -> AttemptView:
         result=a.result,
         result_ref=a.result_ref,
         result_bytes=a.result_bytes,
+        members=members or [],
     )
 
 
@@ -443,7 +520,7 @@ class Store:
         if not folded.events:
             return {}
         async with self._pool.acquire() as conn, conn.transaction():
-            records = await conn.fetch(_WRITE, *write_args(folded))
+            records = await conn.fetch(write_query(folded), *write_args(folded))
         return {r["job_id"]: _attempt_of(r) for r in records}
 
     async def get(self, job_id: str) -> tuple[JobView | None, bool]:
@@ -459,8 +536,10 @@ class Store:
                 return None, False
             if job["spec"] is None:
                 return None, True
+            spec = _spec_decoder.decode(job["spec"])
             attempts = await conn.fetch(_GET_ATTEMPTS, job_id)
             events = await conn.fetch(_GET_EVENTS, job_id)
+            members = _member_views(await conn.fetch(_GET_MEMBERS, job_id)) if spec.replicas > 1 else {}
         current = _attempt_of(job)
         view = JobView(
             job_id=job["job_id"],
@@ -473,8 +552,8 @@ class Store:
             node_id=current.node_id,
             submitted_at=job["submitted_at"] or 0.0,
             updated_at=job["updated_at"],
-            spec=_spec_decoder.decode(job["spec"]),
-            attempts=[_attempt_view(_attempt_of(a)) for a in attempts],
+            spec=spec,
+            attempts=[_attempt_view(_attempt_of(a), members.get(a["attempt"])) for a in attempts],
             events=[EventView(kind=e["kind"], attempt=e["attempt"], at=e["at"], detail=e["detail"]) for e in events],
             final=is_final(current),
             partition=job["partition"],
@@ -525,7 +604,8 @@ class Store:
 
 
 async def prune(pool: asyncpg.Pool, cutoff: float, limit: int) -> list[str]:
-    """Delete one batch of jobs (with their attempts and events) that ended before ``cutoff``.
+    """Delete one batch of jobs (with their attempts, events and gang members) that ended
+    before ``cutoff``.
 
     Args:
         pool: the pool to use (the pruner's own, so the write path never waits for one).

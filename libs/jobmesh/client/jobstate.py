@@ -184,9 +184,10 @@ def resolve(state: str, reason: str, explained: ExplainReply | None) -> tuple[st
         if explained.reason.startswith(_TURN_PREFIX):
             return "queued", ""
         return "waiting", explained.reason  # a queue gate: rate limit or in-flight cap
+    # Without words of the scheduler's, the tracker's reason (the binder's refusal) stands.
     if explained.where in WAITING_PLACES:
-        return "waiting", explained.reason
-    return state, explained.reason  # released to the binder, or a place this version does not know
+        return "waiting", explained.reason or reason
+    return state, explained.reason or reason  # released to the binder, or a place this version does not know
 
 
 def _held(state: str, explained: ExplainReply) -> bool:

@@ -1,7 +1,8 @@
 """A job's attempts as a timeline: what ran where, how each attempt ended, what came next.
 
-``jobmesh status`` shows it. Everything here is pure: it reads a ``JobView`` (attempts and
-recorded events) and returns plain data for the print code.
+``jobmesh status`` shows it, with the members of a gang's attempt under it. Everything here
+is pure: it reads a ``JobView`` (attempts and recorded events) and returns plain data for
+the print code.
 
 How the attempts hang together comes from the events: a ``retrying`` event says that the
 scheduler will run the job again after a backoff (its detail gives the delay), a
@@ -14,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobmesh.client.jobstate import PRE_RUNNING
 from jobmesh.contract import subjects
-from jobmesh.contract.messages.v1 import AttemptView, EventView, JobView
+from jobmesh.contract.messages.v1 import AttemptView, EventView, JobView, MemberView
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Step:
             backoff as it was served), None when unknown.
         notes: ``kind: detail`` of the other events that ended or stopped it (gave up,
             cancelling, cancelled), in order.
+        members: a gang's members, by rank, each with how far it got; empty for a plain
+            job.
     """
 
     attempt: int
@@ -51,6 +55,7 @@ class Step:
     retry: str = ""
     waited: float | None = None
     notes: tuple[str, ...] = ()
+    members: tuple[MemberView, ...] = ()
 
     @property
     def ran_for(self) -> float | None:
@@ -113,9 +118,30 @@ def timeline(view: JobView) -> list[Step]:
                 retry=(retry.detail or "retrying") if retry else "",
                 waited=_waited(retry, following, events),
                 notes=notes,
+                members=tuple(sorted(a.members, key=lambda m: m.rank)),
             )
         )
     return steps
+
+
+def last_refusal(view: JobView) -> EventView | None:
+    """Why the binder last refused the attempt a pending job shows (a gang that needs more
+    nodes than are free, say), for as long as the job waits.
+
+    The scheduler's explanation of a job it has released again says only that; the
+    refusal is still what the job waits on.
+
+    Args:
+        view: the tracker's view.
+
+    Returns:
+        The latest ``unplaceable`` event of the job's current attempt while the tracker
+        shows it queued, waiting or ready; None otherwise, or when there is none.
+    """
+    if view.final or view.state not in PRE_RUNNING:
+        return None
+    refusals = [e for e in view.events if e.kind == subjects.UNPLACEABLE and e.attempt == view.attempt and e.detail]
+    return max(refusals, key=lambda e: e.at) if refusals else None
 
 
 def job_notes(view: JobView) -> list[str]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobmesh.contract import subjects
-from jobmesh.contract.messages.v1 import JobFailed, JobLost, JobStarted, JobSucceeded
+from jobmesh.contract.messages.v1 import JobFailed, JobLost, JobStarted, JobSucceeded, MemberSucceeded
 from jobmesh.runtime.outcomes import Reject, Retry
 
 FORGED = "forged"  # the dead letter's code (DeadLetter.code)
@@ -34,6 +34,7 @@ _BODY_OF_KIND: dict[str, type] = {
     subjects.SUCCEEDED: JobSucceeded,
     subjects.FAILED: JobFailed,
     subjects.LOST: JobLost,
+    subjects.MEMBER_SUCCEEDED: MemberSucceeded,
 }
 # Deliveries an event waits (for a lagging view of bindings to catch up) before a
 # mismatch with the binding is taken for a forgery, and the delay between them.

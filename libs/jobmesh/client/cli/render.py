@@ -19,13 +19,14 @@ import msgspec
 from jobmesh.client.client import CancelOutcome, ClusterSettings
 from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.jobstate import Progress, Seen
-from jobmesh.client.timeline import Step, job_notes, timeline
+from jobmesh.client.timeline import Step, job_notes, last_refusal, timeline
 from jobmesh.contract.messages.v1 import (
     HealthReply,
     JobOrigin,
     JobSummary,
     JobView,
     LogLine,
+    MemberView,
     NodeInfo,
     NodeView,
     QueueConfig,
@@ -301,11 +302,18 @@ def job_status(view: JobView, seen: Seen, as_json: bool, fallback: JobView | Non
         return
     print(f"job      {view.job_id}  {view.name}")
     print(f"state    {seen.state}" + (f" ({seen.reason})" if seen.reason else ""))
+    refusal = last_refusal(view)
+    if refusal is not None and refusal.detail not in seen.reason:
+        # Released again, the scheduler only says so: the binder's refusal is what it waits on.
+        print(f"refused  {refusal.detail} ({when(refusal.at)})")
     print(f"final    {'yes' if view.final else 'no'}")
     print(f"queue    {view.queue}  tenant {view.tenant}  priority {view.spec.priority}")
     print(f"node     {view.node_id or '-'}   attempt {view.attempt}")
     print(f"timeouts {timeouts_text(view.spec.timeouts)}")
     print(f"submitted {when(view.submitted_at)}  updated {when(view.updated_at)}")
+    if view.spec.replicas > 1:
+        same = f", all with the same {view.spec.same}" if view.spec.same else ""
+        print(f"gang     {view.spec.replicas} members, one per node{same}")
     if view.origin is not None:
         print(f"started by: {origin_text(view.origin)}")
     if view.fallback_of:
@@ -413,7 +421,30 @@ def timeline_lines(step: Step) -> list[str]:
         waited = f" (the next attempt was released {step.waited:.2f}s later)" if step.waited is not None else ""
         lines.append(f"      retry: {step.retry}{waited}")
     lines.extend(f"      {note}" for note in step.notes)
+    lines.extend(member_lines(step.members))
     return lines
+
+
+def member_lines(members: Sequence[MemberView]) -> list[str]:
+    """The lines of a gang's members under their attempt: rank, node, state, and why a
+    member failed or was lost.
+
+    Args:
+        members: the attempt's members, by rank (``AttemptView.members``).
+
+    Returns:
+        ``      member 2  n3  failed     exit: exited with 7 (exit 7)``, one per member;
+        none for a plain job.
+    """
+    if not members:
+        return []
+    ranks = max(len(str(m.rank)) for m in members)
+    nodes = max(len(m.node_id or "-") for m in members)
+    states = max(len(m.state) for m in members)
+    return [
+        f"      member {m.rank:>{ranks}}  {m.node_id or '-':{nodes}}  {m.state:{states}}  {m.detail}".rstrip()
+        for m in members
+    ]
 
 
 def job_list(rows: Sequence[tuple[JobSummary, Seen]], as_json: bool) -> None:
