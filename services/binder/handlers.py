@@ -643,10 +643,7 @@ class Binder:
             key = attempt_key(env.message.job_id, env.message.attempt)
             members = self._members(key)
             if members:
-                fenced = self._release_member(env, key, node_id, members, pairs, stops)
-                if fenced is not None:
-                    outcomes = outcomes or [ACK] * len(batch)
-                    outcomes[n] = fenced
+                self._release_member(env, key, node_id, members, pairs, stops)
                 continue
             if subjects.node_of_event(env.subject) is not None:
                 holder = self._allocs.holder(key) or ""
@@ -670,9 +667,11 @@ class Binder:
             # The cache is catching up after a reconnect: it cannot show that no hold exists.
             await self._guard(self._allocs.reload(), "reading the allocations")
             pairs.extend((found, key) for key in unseen if (found := self._allocs.holder(key)) is not None)
-        await self._guard(self._remove(pairs), "releasing")
         if stops:
+            # Before the member's room goes: a redelivery finds it still held, and stops
+            # the others again (the same message ids) if this delivery died in between.
             await self._guard(self._publisher.publish(stops), "stopping a failed gang")
+        await self._guard(self._remove(pairs), "releasing")
         for n, env in enumerate(batch):
             if outcomes is None or outcomes[n] is ACK:
                 self.ended.add(attempt_key(env.message.job_id, env.message.attempt))
@@ -686,7 +685,7 @@ class Binder:
         members: dict[str, Reservation],
         pairs: list[tuple[str, str]],
         stops: list[Outgoing],
-    ) -> Outcome | None:
+    ) -> None:
         """The end of one member of a gang (or of the whole gang's attempt): free what it
         names; a member's failure or loss also stops every other member.
 
@@ -697,8 +696,10 @@ class Binder:
         event = env.message
         own_form = subjects.node_of_event(env.subject) is not None
         if own_form and node_id not in members:
-            what = f"attempt {key} (a gang) is held by {', '.join(sorted(members))}, not"
-            return binding_fence(env.subject, node_id, sorted(members)[0], env.deliveries, what)
+            # A member whose room went already (a redelivery: the stops went before the room
+            # did), or a node that holds none of the gang: nothing here to free or to stop.
+            log.info("attempt %s: %s from node %s, which holds no member now", key, type(event).__name__, node_id)
+            return None
         if not node_id or (not own_form and isinstance(event, JobSucceeded)):
             pairs.extend((holder, key) for holder in members)
             return None
