@@ -162,6 +162,13 @@ async def test_a_gang_waits_for_a_fourth_node_then_its_members_start_together_se
     # The job's one success is rank 0's (its output), after every member's.
     assert done.attempts[-1].output_tail.strip() == lines[0]
     assert done.attempts[-1].finished_at >= max(e.at for e in ended) - 0.01
+    members = done.attempts[-1].members
+    assert [(m.rank, m.state) for m in members] == [(r, "succeeded") for r in range(4)], members
+    assert {m.node_id for m in members} == {e.node_id for e in started}
+    shown = jobmesh_cli(["status", job_id], nats_server.url)
+    assert shown.returncode == 0, shown.stderr
+    for e in started:
+        assert re.search(rf"member {e.rank}\s+{e.node_id}\s+succeeded", shown.stdout), shown.stdout
     await eventually(lambda: _all_released(client), timeout=30, what="every member's room released")
 
 

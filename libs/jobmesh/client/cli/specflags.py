@@ -62,6 +62,9 @@ FLAG_OF_FIELD = {
     "priority": "--priority",
     "preempt": "--preempt",
     "preemptible": "--not-preemptible",
+    "replicas": "--replicas",
+    "same": "--same",
+    "spread": "--spread",
     "resources.cpu_milli": "--cpu",
     "resources.memory_mb": "--memory",
     "resources.gpu": "--gpu",
@@ -268,6 +271,19 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="a higher-priority job may never stop this one (default: it may)",
     )
+    gang = p.add_argument_group("gang (members on nodes of their own, all started together, or none)")
+    gang.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="run N members at once, one per node (default 1)"
+    )
+    gang.add_argument(
+        "--same", default="", metavar="zone|label:KEY", help="every member on nodes sharing this attribute's value"
+    )
+    gang.add_argument(
+        "--spread",
+        default="spread",
+        choices=["spread", "pack"],
+        help="spread: the roomiest nodes (default); pack: the fullest that fit",
+    )
     p.add_argument("--cpu", type=int, default=100, help="millicores (default 100)")
     p.add_argument("--memory", type=int, default=64, help="MiB (default 64)")
     p.add_argument("--gpu", type=int, default=0)
@@ -397,6 +413,9 @@ def spec_from(args: argparse.Namespace, now: float | None = None, inputs: JobInp
         stdin_object=inputs.stdin_object,
         files=inputs.files,
         after=list({d.job_id: d for d in args.after}.values()),  # the same job twice: the last flag
+        replicas=args.replicas,
+        same=args.same,
+        spread=args.spread,
     )
     try:
         check_secret_names(args.secret)
