@@ -245,3 +245,19 @@ def test_every_member_ended_keeps_the_lease_from_expiring_before_the_ends_arrive
     leases.observe(record("n0", ended=["j:1"]), 2.0)
     leases.observe(record("n1", ended=["j:1"]), 2.0)
     assert leases.expired(1000.0) == []
+
+
+def test_a_gpu_member_gets_the_lowest_free_devices_of_its_kind_on_its_node():
+    n = node(
+        "g",
+        gpu=4,
+        gpu_kind="h100",
+        gpu_devices=[GpuDevice(index=i, kind="a10" if i == 0 else "h100") for i in range(4)],
+    )
+    taken = Reservation(resources=Resources(cpu_milli=0, memory_mb=0, gpu=1), scratch_dir="", at=0.0, gpu_devices=[1])
+    alloc = Allocation(node_id="g", reservations={"c" * 32 + ":1": taken})
+    two = Resources(cpu_milli=100, memory_mb=64, gpu=2, gpu_kind="h100")
+    _, held = reserve_member(alloc, n, job=ready(2, ["g"], two), rank=1, now=0.0)
+    assert held is not None and held.gpu_devices == [2, 3]  # not the a10 at 0, nor 1 (taken)
+    _, none = reserve_member(alloc, n, job=ready(2, ["g"], Resources(gpu=3, gpu_kind="h100")), rank=0, now=0.0)
+    assert none is None  # only two h100s are free
