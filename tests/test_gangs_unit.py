@@ -261,3 +261,30 @@ def test_a_gpu_member_gets_the_lowest_free_devices_of_its_kind_on_its_node():
     assert held is not None and held.gpu_devices == [2, 3]  # not the a10 at 0, nor 1 (taken)
     _, none = reserve_member(alloc, n, job=ready(2, ["g"], Resources(gpu=3, gpu_kind="h100")), rank=0, now=0.0)
     assert none is None  # only two h100s are free
+
+
+def test_a_reloaded_gang_lease_counts_the_members_that_succeeded_before():
+    # A new owner reloads the attempt: member 0 ended before, so no record lists it again.
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, grace=30.0, size=3, done=frozenset({0}))
+    for t in range(1, 80, 5):
+        leases.observe(record("n1", lease(1)), float(t))
+        leases.observe(record("n2", lease(2)), float(t))
+    assert leases.expired(80.0) == []
+    # Without what the owner kept, the same records would lose it at the bind deadline.
+    forgetful = AttemptLeases(partition=0, bind_timeout=30.0)
+    forgetful.track("j", 1, heartbeat=10.0, now=0.0, grace=30.0, size=3)
+    for t in range(1, 80, 5):
+        forgetful.observe(record("n1", lease(1)), float(t))
+        forgetful.observe(record("n2", lease(2)), float(t))
+    [expiry] = forgetful.expired(80.0)
+    assert expiry.reason == "only 2 of 3 gang members running 30s after its release"
+
+
+def test_a_member_that_succeeded_between_two_records_is_accounted_for():
+    leases = AttemptLeases(partition=0, bind_timeout=30.0)
+    leases.track("j", 1, heartbeat=10.0, now=0.0, size=2)
+    leases.member_done("j", 1, 1)  # its MemberSucceeded came; no record ever listed it
+    for t in range(1, 60, 5):
+        leases.observe(record("n0", lease(0)), float(t))
+    assert leases.expired(60.0) == []

@@ -131,7 +131,7 @@ def reserve_member(
             return None, None
         gpus = picked
     reservation = msgspec.structs.replace(
-        new_reservation(node, job, now, gpus), rank=rank, world_size=job.spec.replicas
+        new_reservation(node, job, now, gpus), rank=rank, world_size=job.spec.replicas, release=job.release
     )
     reservations = dict(alloc.reservations)
     reservations[key] = reservation

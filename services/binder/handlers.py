@@ -243,13 +243,14 @@ class Binder:
             refused = await self._backfill(refused, nodes, hints)
         if gangs:
             # The members' JobBound go after the plain bindings (whose acks come first).
-            cancels = await self._bind_gangs(gangs, nodes, refused, hints) + cancels
+            cancels = await self._bind_gangs(gangs, nodes, settled, refused, hints) + cancels
         await self._announce(by_key, bound, refused, rebound, cancels, hints)
 
     async def _bind_gangs(
         self,
         envs: list[Envelope],
         nodes: dict[str, NodeInfo],
+        settled: bool,
         refused: list[tuple[JobReady, str]],
         hints: dict[str, float],
     ) -> list[Outgoing]:
@@ -262,13 +263,26 @@ class Binder:
             key = attempt_key(job.job_id, job.attempt)
             replicas = job.spec.replicas
             held = self._members(key)
-            if len(held) == replicas and {r.rank for r in held.values()} == set(range(replicas)):
-                # A redelivery of a gang bound before: the same members, the same ids.
-                by_rank = {r.rank: node_id for node_id, r in held.items()}
-                out.extend(self._member_bounds(job, [by_rank[rank] for rank in range(replicas)], held, nodes, env))
+            usable = all(self._usable(nodes.get(node_id), settled) for node_id in held)
+            later = any(job.release > r.release for r in held.values())
+            if held and usable and not later:
+                if {r.rank for r in held.values()} == set(range(replicas)):
+                    # A redelivery of a gang bound before: the same members, the same ids.
+                    by_rank = {r.rank: node_id for node_id, r in held.items()}
+                    order = [by_rank[rank] for rank in range(replicas)]
+                    out.extend(self._member_bounds(job, order, held, nodes, env))
+                else:
+                    # Some members are missing: they ended already (the gang was bound and
+                    # runs), or the delivery that reserved them died half way. Nothing here
+                    # tells which, so nothing is touched: a gang that never ran goes
+                    # unlisted, and the scheduler's next release (a later one) starts afresh.
+                    log.info(
+                        "job %s attempt %d: redelivered with %d of %d members held; left to its lease",
+                        job.job_id, job.attempt, len(held), replicas,
+                    )  # fmt: skip
                 continue
             if held:
-                # A delivery that died half way (it published nothing): start afresh.
+                # Released again (no member ever ran), or a member's node is gone or drains.
                 await self._guard(self._remove([(node_id, key) for node_id in held]), "giving back a gang's room")
             if key in self.cancelled:
                 refused.append((job, CANCELLED_REASON))
@@ -350,7 +364,8 @@ class Binder:
                 world_size=len(by_rank),
                 peers=addresses,
             )
-            msg_id = member_event_id(job.job_id, job.attempt, subjects.BOUND, rank)
+            # The node in the id: a gang bound afresh elsewhere is not dropped as a duplicate.
+            msg_id = rebound_id(job.job_id, job.attempt, f"{subjects.BOUND}:{rank}", node_id)
             out.append(Outgoing(subjects.node_dispatch(node_id), message, msg_id, env.context))
         return out
 
@@ -638,6 +653,9 @@ class Binder:
         unseen: list[str] = []  # attempts never bound, looked up on the server
         stops: list[Outgoing] = []  # a failed gang's other members
         outcomes: list[Outcome] | None = None
+        if not self._allocs.fresh and any(getattr(env.message, "world_size", 1) > 1 for env in batch):
+            # A gang's end acts on every member's record: a cache catching up could miss some.
+            await self._guard(self._allocs.reload(), "reading the allocations")
         for n, env in enumerate(batch):
             node_id = getattr(env.message, "node_id", "")
             key = attempt_key(env.message.job_id, env.message.attempt)
@@ -708,8 +726,14 @@ class Binder:
         if isinstance(event, JobFailed | JobLost):
             rank = members[node_id].rank if node_id in members else event.rank
             how = f"failed ({event.error.code})" if isinstance(event, JobFailed) else "was lost"
+            # A member whose node has gone will never report its stop: its room goes now.
+            settled = self._monotonic() - self._nodes.fresh_since >= self._node_ttl
+            alive = {n.node_id for n in self._nodes.alive()} if settled else None
             for other, held in members.items():
                 if other == node_id:
+                    continue
+                if alive is not None and other not in alive:
+                    pairs.append((other, key))
                     continue
                 stop = AttemptCancel(
                     job_id=event.job_id,

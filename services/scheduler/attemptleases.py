@@ -52,6 +52,7 @@ class Lease:
     # A gang's: member node -> (deadline, incarnation); None for a plain job.
     members: dict[str, tuple[float, str]] | None = None
     listed: set[str] | None = None  # a gang's member nodes a record listed so far (ended ones too)
+    ranks: set[int] | None = None  # a gang's ranks listed so far, or known to have succeeded
     bind_deadline: float = 0.0  # a gang's, until every member was listed
 
 
@@ -90,21 +91,32 @@ class AttemptLeases:
         return len(self.leases)
 
     def track(
-        self, job_id: str, attempt: int, heartbeat: float, now: float, grace: float | None = None, size: int = 1
+        self,
+        job_id: str,
+        attempt: int,
+        heartbeat: float,
+        now: float,
+        grace: float | None = None,
+        size: int = 1,
+        done: frozenset[int] = frozenset(),
     ) -> None:
         """An attempt was released (or is reloaded after a take-over): start its lease.
 
         Args:
             grace: seconds until its deadline; ``bind_timeout`` when omitted.
             size: how many members its gang has (1: a plain job).
+            done: the gang's ranks known to have succeeded (a reload): no record lists
+                them again, and none need.
         """
         self._unindex(job_id)
         deadline = now + (self.bind_timeout if grace is None else grace)
         lease = Lease(attempt=attempt, deadline=deadline, heartbeat=heartbeat)
         if size > 1:
-            lease.size, lease.members, lease.listed, lease.bind_deadline = size, {}, set(), deadline
+            lease.size, lease.members, lease.bind_deadline = size, {}, deadline
+            lease.listed, lease.ranks = set(), set(done)
+            lease.deadline = self._gang_deadline(lease)
         self.leases[job_id] = lease
-        self._push(deadline, job_id, attempt)
+        self._push(lease.deadline, job_id, attempt)
 
     def forget(self, job_id: str) -> Lease | None:
         """The attempt ended (or the job left): drop its lease, returning what it held."""
@@ -122,7 +134,7 @@ class AttemptLeases:
                 continue  # not ours, or a stale attempt (fenced)
             listed.add(lease_info.job_id)
             if lease.members is not None:
-                self._renew_member(lease, lease_info.job_id, record, at)
+                self._renew_member(lease, lease_info.job_id, record, lease_info.rank, at)
             else:
                 if lease.node_id != record.node_id:
                     self._unindex(lease_info.job_id)
@@ -208,11 +220,22 @@ class AttemptLeases:
             heapq.heappop(heap)
         return pending
 
-    def _renew_member(self, lease: Lease, job_id: str, record: NodeInfo, at: float) -> None:
+    def member_done(self, job_id: str, attempt: int, rank: int) -> None:
+        """Member ``rank`` of the gang's attempt succeeded: it is accounted for, whether or
+        not a record ever listed it (a short member between two records, a reload)."""
+        lease = self.leases.get(job_id)
+        if lease is None or lease.attempt != attempt or lease.ranks is None:
+            return
+        lease.ranks.add(rank)
+        lease.deadline = self._gang_deadline(lease)
+        self._push(lease.deadline, job_id, attempt)
+
+    def _renew_member(self, lease: Lease, job_id: str, record: NodeInfo, rank: int, at: float) -> None:
         """A record lists a member of ``lease``'s gang: renew that member's part."""
-        assert lease.members is not None and lease.listed is not None
+        assert lease.members is not None and lease.listed is not None and lease.ranks is not None
+        lease.ranks.add(rank)
+        lease.listed.add(record.node_id)
         if record.node_id not in lease.members:
-            lease.listed.add(record.node_id)
             self._by_node.setdefault(record.node_id, set()).add(job_id)
         lease.members[record.node_id] = (at + lease.heartbeat, record.incarnation)
         lease.node_id = lease.node_id or record.node_id  # the first member seen speaks for it
@@ -234,9 +257,9 @@ class AttemptLeases:
     @staticmethod
     def _gang_deadline(lease: Lease) -> float:
         assert lease.members is not None
-        assert lease.listed is not None
+        assert lease.ranks is not None
         deadlines = [deadline for deadline, _ in lease.members.values()]
-        if len(lease.listed) < lease.size:
+        if len(lease.ranks) < lease.size:
             deadlines.append(lease.bind_deadline)
         # Every member ended: their ends are durable and on their way to the scheduler.
         return min(deadlines, default=math.inf)
@@ -248,7 +271,7 @@ class AttemptLeases:
         if silent:
             reason = f"no lease renewal from node {silent[0]} (a gang member) for {lease.heartbeat:g}s"
             return Expiry(job_id, lease.attempt, "lost", silent[0], reason, lease)
-        reason = f"only {len(lease.listed or ())} of {lease.size} gang members running {self.bind_timeout:g}s after its release"
+        reason = f"only {len(lease.ranks or ())} of {lease.size} gang members running {self.bind_timeout:g}s after its release"
         return Expiry(job_id, lease.attempt, "lost", lease.node_id, reason, lease)
 
     def _push(self, deadline: float, job_id: str, attempt: int) -> None:

@@ -277,7 +277,13 @@ class PartitionScheduler:
                 # A new owner knows nothing of the attempt's renewals: every lease starts
                 # afresh, long enough for the next records to renew the running ones.
                 leases.track(
-                    job.job_id, job.attempt, job.heartbeat, mono, max(leases.bind_timeout, job.heartbeat), job.replicas
+                    job.job_id,
+                    job.attempt,
+                    job.heartbeat,
+                    mono,
+                    max(leases.bind_timeout, job.heartbeat),
+                    job.replicas,
+                    job.gang_done,
                 )
             else:
                 backlog.add(job, now, ended)
@@ -439,7 +445,7 @@ class PartitionScheduler:
         if lease.listed is not None:
             # A gang: every member's node speaks for the attempt (one that ended included),
             # and any node may while some member was never listed.
-            if parsed[1] in lease.listed or len(lease.listed) < lease.size:
+            if parsed[1] in lease.listed or len(lease.ranks or ()) < lease.size:
                 return None
         what = f"job {event.job_id} attempt {event.attempt} is listed by the record of"
         return binding_fence(env.subject, parsed[1], lease.node_id, env.deliveries, what)
@@ -483,9 +489,12 @@ class PartitionScheduler:
 
     def _member_succeeded(self, job: Job, event: MemberSucceeded, rnd: Round, context: Context | None) -> None:
         """One member of a gang succeeded: the attempt succeeds once every member has."""
-        if job.where != RELEASED or event.rank in job.gang_done or event.rank >= job.replicas:
-            return  # a duplicate, or a member of an attempt that is over
+        if event.rank in job.gang_done or event.rank >= job.replicas:
+            return  # a duplicate
+        # Counted whatever the job's place: a gang released again (a member's JobBound
+        # went missing) may already have members that ran.
         job.gang_done = job.gang_done | {event.rank}
+        self.leases.member_done(job.job_id, job.attempt, event.rank)
         if event.rank == 0:
             job.gang_lead = event
         if len(job.gang_done) < job.replicas:
@@ -635,14 +644,16 @@ class PartitionScheduler:
                 continue
             log.warning("job %s: attempt %d lost: %s", job.job_id, job.attempt, expiry.reason)
             message, event = lifecycle.lost(
-                job.job_id, self.partition, job.attempt, expiry.node_id, expiry.reason, rnd.now, context
+                job.job_id, self.partition, job.attempt, expiry.node_id, expiry.reason, rnd.now, context, job.replicas
             )
             rnd.out.append(message)
             # The stale attempt may still run on a node that was only stopped or cut off:
             # tell that node to stop it (the binder frees its reservation on the JobLost).
             if not expiry.restarted:
                 rnd.out.append(
-                    lifecycle.superseded(job.job_id, self.partition, job.attempt, expiry.node_id, rnd.now, context)
+                    lifecycle.superseded(
+                        job.job_id, self.partition, job.attempt, expiry.node_id, rnd.now, context, job.replicas > 1
+                    )
                 )
             ended = lifecycle.attempt_error(event, job.attempt, expiry.node_id, rnd.now)
             self._failed(job, ended, "lost", rnd, context, lease=expiry.lease)
@@ -1100,7 +1111,7 @@ class PartitionScheduler:
                 msg_id = release_id(job.job_id, job.attempt, subjects.READY, job.releases)
                 outgoing.append(Outgoing(subject, ready, msg_id, context))
                 changes.add(job.job_id, "released", releases=job.releases)
-                self.leases.track(job.job_id, job.attempt, job.heartbeat, mono, size=job.replicas)
+                self.leases.track(job.job_id, job.attempt, job.heartbeat, mono, size=job.replicas, done=job.gang_done)
                 if job.releases == 1:
                     # Its first release ends its wait; a release again (a lost bind, a full
                     # node) is the binder's to explain, not the queue's.

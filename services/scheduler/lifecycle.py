@@ -192,17 +192,38 @@ def cancelling(job_id: str, partition: int, attempt: int, reason: str, now: floa
     return Outgoing(subject, message, event_id(job_id, attempt, subjects.CANCELLING), context)
 
 
+# Appended to the ids of the scheduler's JobLost and stop for a gang's attempt: its members'
+# executors report their own losses under the member ids (rank 0's is the plain one).
+GANG_SUFFIX = ":scheduler"
+
+
 def lost(
-    job_id: str, partition: int, attempt: int, node_id: str, reason: str, now: float, context: Context | None
+    job_id: str,
+    partition: int,
+    attempt: int,
+    node_id: str,
+    reason: str,
+    now: float,
+    context: Context | None,
+    world_size: int = 1,
 ) -> tuple[Outgoing, JobLost]:
     """JobLost declared by the scheduler (a lease that ran out), and the event itself."""
-    message = JobLost(job_id=job_id, attempt=attempt, partition=partition, node_id=node_id, at=now, reason=reason)
+    message = JobLost(
+        job_id=job_id,
+        attempt=attempt,
+        partition=partition,
+        node_id=node_id,
+        at=now,
+        reason=reason,
+        world_size=world_size,
+    )
     subject = subjects.job_event(partition, subjects.LOST)
-    return Outgoing(subject, message, event_id(job_id, attempt, subjects.LOST), context), message
+    msg_id = event_id(job_id, attempt, subjects.LOST) + (GANG_SUFFIX if world_size > 1 else "")
+    return Outgoing(subject, message, msg_id, context), message
 
 
 def superseded(
-    job_id: str, partition: int, attempt: int, node_id: str, now: float, context: Context | None
+    job_id: str, partition: int, attempt: int, node_id: str, now: float, context: Context | None, gang: bool = False
 ) -> Outgoing:
     """AttemptCancel (reason ``superseded``) for a lost attempt, on its node's cancel subject:
     a node that comes back from a stop or a partition stops it at once."""
@@ -214,7 +235,8 @@ def superseded(
         reason="superseded: the scheduler declared this attempt lost",
         at=now,
     )
-    return Outgoing(subjects.node_cancel(node_id), message, event_id(job_id, attempt, "cancel"), context)
+    msg_id = event_id(job_id, attempt, "cancel") + (GANG_SUFFIX if gang else "")
+    return Outgoing(subjects.node_cancel(node_id), message, msg_id, context)
 
 
 def gang_succeeded(

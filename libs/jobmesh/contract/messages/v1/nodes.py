@@ -217,6 +217,13 @@ class Reservation(Struct, frozen=True, kw_only=True, omit_defaults=True):
     # A gang's member (JobBound.rank): a redelivered JobReady re-announces the same ranks.
     rank: Annotated[int, Meta(ge=0), Meta(description="The gang member it holds room for; 0 for a plain job.")] = 0
     world_size: Annotated[int, Meta(ge=1), Meta(description="How many members its gang has; 1 for a plain job.")] = 1
+    release: Annotated[
+        int,
+        Meta(ge=0),
+        Meta(
+            description="A gang member's: the JobReady.release that reserved it (a later one may start afresh); 0 otherwise."
+        ),
+    ] = 0
 
 
 class Allocation(Struct, frozen=True, kw_only=True, tag="node.allocation"):
