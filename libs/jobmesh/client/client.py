@@ -34,6 +34,7 @@ from jobmesh.client.deadletters import DeadLetterPage, Replayed
 from jobmesh.client.denials import Denials
 from jobmesh.client.handlercalls import decode_result, failure_of, input_data
 from jobmesh.client.logs import LogPage, read_log_lines
+from jobmesh.client.pipeline import LINGER, MAX_BATCH, JobHandle, SubmitPipeline
 from jobmesh.client.results import JobResult, result_attempt
 from jobmesh.client.triggers import rule_from_data
 from jobmesh.client.uploads import UploadProgress, plan_uploads, put_uploads, upload_items
@@ -291,6 +292,7 @@ class Client:
         # The connection's permission violations (when it was made by connect): a request
         # the server refused fails at once, saying so, rather than timing out.
         self._denials = denials
+        self._pipeline: SubmitPipeline | None = None  # enqueue's, made on first use
 
     @classmethod
     async def connect(
@@ -327,6 +329,9 @@ class Client:
         return cls(nc, timeout, denials)
 
     async def close(self) -> None:
+        """Send what :meth:`enqueue` queued (so nothing queued is dropped), then disconnect."""
+        if self._pipeline is not None:
+            await self._pipeline.close()
         await self.nc.close()
 
     async def request(self, subject: str, message: Any, reply_type: type[R], service: str) -> R:
@@ -359,8 +364,32 @@ class Client:
         return decoded
 
     async def submit(self, submissions: list[Submission]) -> SubmitReply:
-        """Submit jobs; returns their ids once every job is durably accepted."""
+        """Submit jobs; returns their ids once every job is durably accepted (one
+        request/reply per call: see :meth:`enqueue` for a loop of single submits)."""
         return await self.request(subjects.API_SUBMIT, SubmitRequest(jobs=submissions), SubmitReply, "trigger")
+
+    async def _submit_request(self, request: SubmitRequest) -> SubmitReply:
+        return await self.request(subjects.API_SUBMIT, request, SubmitReply, "trigger")
+
+    def pipeline(self, max_batch: int = MAX_BATCH, linger: float = LINGER) -> SubmitPipeline:
+        """A pipeline of its own (``pipeline.py``): submits coalesced into batched requests."""
+        return SubmitPipeline(self._submit_request, max_batch, linger)
+
+    def enqueue(self, job: JobSpec | Submission) -> JobHandle:
+        """Queue one job and return at once; submits queued meanwhile travel in one request.
+
+        The handle's ``job_id`` is known at once; ``await handle`` returns it once the job is
+        durable, or raises the error (naming ``jobs[0]...``) that kept it out. :meth:`flush`
+        waits for every job queued so far; :meth:`close` flushes first.
+        """
+        if self._pipeline is None:
+            self._pipeline = self.pipeline()
+        return self._pipeline.submit(job)
+
+    async def flush(self) -> None:
+        """Return once every job :meth:`enqueue` queued has been answered."""
+        if self._pipeline is not None:
+            await self._pipeline.flush()
 
     async def get(self, job_id: str) -> JobView:
         """Everything the tracker knows about one job."""
