@@ -11,8 +11,16 @@ import pytest
 
 from jobmesh.client.pipeline import SubmitPipeline
 from jobmesh.contract.ids import job_id_for
-from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Submission, SubmitReply, SubmitRequest
-from jobmesh.errors import InvalidSpec, Unavailable
+from jobmesh.contract.messages.v1 import (
+    Dependency,
+    JobSpec,
+    NoopRuntime,
+    ProcessRuntime,
+    Submission,
+    SubmitReply,
+    SubmitRequest,
+)
+from jobmesh.errors import InvalidSpec, NotFound, Overloaded, OversizedMessage, Unavailable
 
 SPEC = JobSpec(runtime=NoopRuntime())
 
@@ -20,12 +28,15 @@ SPEC = JobSpec(runtime=NoopRuntime())
 class FakeTrigger:
     """Answers like the trigger: the whole request, or the first bad job's error."""
 
-    def __init__(self, bad: set[str] | None = None, down: bool = False, delay: float = 0.01) -> None:
+    def __init__(
+        self, bad: set[str] | None = None, down: bool = False, delay: float = 0.01, max_jobs: int = 1000
+    ) -> None:
         self.requests: list[list[str]] = []  # each request's idempotency keys
         self.accepted: list[str] = []
         self.bad = bad or set()
         self.down = down
         self.delay = delay
+        self.max_jobs = max_jobs  # a request with more is refused as too large
 
     async def __call__(self, request: SubmitRequest) -> SubmitReply:
         keys = [s.idempotency_key for s in request.jobs]
@@ -33,6 +44,8 @@ class FakeTrigger:
         await asyncio.sleep(self.delay)  # a round trip (a deliberate sleep: the fake's latency)
         if self.down:
             raise Unavailable("the trigger service did not answer on jobmesh.v1.api.submit within 10.0s")
+        if len(keys) > self.max_jobs:
+            raise OversizedMessage("the request is larger than the limit of 262144 bytes")
         for i, s in enumerate(request.jobs):
             if s.spec.name in self.bad:
                 raise InvalidSpec(
@@ -114,3 +127,98 @@ async def test_close_sends_what_is_queued_and_refuses_what_comes_after():
 def test_a_batch_size_outside_the_contract_is_refused():
     with pytest.raises(ValueError, match="1 to 1000"):
         SubmitPipeline(FakeTrigger(), max_batch=1001)
+
+
+async def test_close_while_another_task_enqueues_answers_or_refuses_every_submit():
+    trigger = FakeTrigger(delay=0.005)
+    pipe = SubmitPipeline(trigger, linger=0.001)
+    handles = []
+    refused = 0
+
+    async def producer() -> None:
+        nonlocal refused
+        for _ in range(200):
+            try:
+                handles.append(pipe.submit(SPEC))
+            except RuntimeError:
+                refused += 1
+            await asyncio.sleep(0.0005)  # a producer that yields (a deliberate sleep)
+
+    task = asyncio.ensure_future(producer())
+    await asyncio.sleep(0.02)  # let it queue some (a deliberate sleep)
+    await pipe.close()
+    await task
+    assert refused > 0 and handles  # some came before the close, some after
+    assert all(h.done() for h in handles)  # none left hanging
+    assert sorted(trigger.accepted) == sorted(h.idempotency_key for h in handles)
+
+
+async def test_flush_waits_for_what_came_before_it_not_for_a_producer_that_goes_on():
+    trigger = FakeTrigger(delay=0.01)
+    pipe = SubmitPipeline(trigger, linger=0.002)
+    first = [pipe.submit(SPEC) for _ in range(10)]
+    stop = asyncio.Event()
+
+    async def producer() -> None:
+        while not stop.is_set():
+            pipe.submit(SPEC)
+            await asyncio.sleep(0.001)  # one job a millisecond (a deliberate sleep)
+
+    task = asyncio.ensure_future(producer())
+    await asyncio.wait_for(pipe.flush(), 2)
+    assert all(h.done() for h in first)
+    stop.set()
+    await task
+    await pipe.close()
+
+
+async def test_jobs_that_wait_for_a_refused_job_are_refused_with_it_and_the_rest_goes_in():
+    trigger = FakeTrigger(bad={"parent"})
+    pipe = SubmitPipeline(trigger, linger=0.001)
+    parent = pipe.submit(Submission(spec=JobSpec(runtime=NoopRuntime(), name="parent"), idempotency_key="p"))
+    children = [
+        pipe.submit(
+            Submission(
+                spec=JobSpec(runtime=NoopRuntime(), name=f"child-{i}", after=[Dependency(job_id=parent.job_id)]),
+                idempotency_key=f"c{i}",
+            )
+        )
+        for i in range(4)
+    ]
+    other = pipe.submit(Submission(spec=SPEC, idempotency_key="other"))
+    await pipe.flush()
+    assert isinstance(parent.error, InvalidSpec)
+    for child in children:
+        assert isinstance(child.error, NotFound) and child.error.field == "jobs[0].spec.after[0].job_id"
+        assert parent.job_id in str(child.error)
+    assert await other == job_id_for("other")
+    assert trigger.accepted == ["other"] and len(trigger.requests) == 2  # one refusal, one resend
+
+
+async def test_a_request_too_large_is_split_and_sent_again():
+    trigger = FakeTrigger(max_jobs=3)
+    pipe = SubmitPipeline(trigger, linger=0.001)
+    handles = [pipe.submit(Submission(spec=SPEC, idempotency_key=f"k{i}")) for i in range(10)]
+    await pipe.flush()
+    assert [await h for h in handles] == [job_id_for(f"k{i}") for i in range(10)]
+    assert sorted(trigger.accepted) == sorted(f"k{i}" for i in range(10))
+    assert len(trigger.accepted) == 10
+
+
+async def test_batches_keep_under_the_byte_budget():
+    trigger = FakeTrigger()
+    pipe = SubmitPipeline(trigger, linger=0.001, max_bytes=5000)
+    big = JobSpec(runtime=ProcessRuntime(argv=["sh", "-c", "x" * 1000]))
+    for _ in range(20):
+        pipe.submit(big)
+    await pipe.flush()
+    assert len(trigger.requests) >= 5 and all(len(r) <= 4 for r in trigger.requests)
+
+
+async def test_enqueue_refuses_more_than_max_pending_unanswered_submits():
+    pipe = SubmitPipeline(FakeTrigger(delay=0.05), max_pending=5)
+    for _ in range(5):
+        pipe.submit(SPEC)
+    with pytest.raises(Overloaded, match="flush"):
+        pipe.submit(SPEC)
+    await pipe.close()

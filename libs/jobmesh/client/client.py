@@ -330,9 +330,11 @@ class Client:
 
     async def close(self) -> None:
         """Send what :meth:`enqueue` queued (so nothing queued is dropped), then disconnect."""
-        if self._pipeline is not None:
-            await self._pipeline.close()
-        await self.nc.close()
+        try:
+            if self._pipeline is not None:
+                await self._pipeline.close()
+        finally:
+            await self.nc.close()
 
     async def request(self, subject: str, message: Any, reply_type: type[R], service: str) -> R:
         """Send ``message``, decode the reply as ``reply_type`` or raise its error.
@@ -379,8 +381,10 @@ class Client:
         """Queue one job and return at once; submits queued meanwhile travel in one request.
 
         The handle's ``job_id`` is known at once; ``await handle`` returns it once the job is
-        durable, or raises the error (naming ``jobs[0]...``) that kept it out. :meth:`flush`
-        waits for every job queued so far; :meth:`close` flushes first.
+        durable, or raises the error (naming ``jobs[0]...``) that kept it out; a retryable
+        error leaves its fate unknown: submit again with ``handle.idempotency_key``.
+        :meth:`flush` waits for every job queued so far; :meth:`close` flushes first. Do not
+        await each handle in the loop: that is a round trip per job again.
         """
         if self._pipeline is None:
             self._pipeline = self.pipeline()
