@@ -30,7 +30,7 @@ from jobmesh.contract.messages.v1 import (
     ProcessRuntime,
 )
 from jobmesh.executor.attempts import Attempts, AttemptSetup
-from jobmesh.executor.gangs import gang_env, keeps_result, member_log_id
+from jobmesh.executor.gangs import gang_env, keeps_result
 from jobmesh.executor.handlers import DispatchHandler
 from jobmesh.executor.isolation.probe import NodeIsolation
 from jobmesh.executor.leases import LeaseBook
@@ -39,7 +39,7 @@ from jobmesh.executor.node import build_node_info
 from jobmesh.executor.outcomes import Outcome, end_kind, exit_outcome, failed_outcome, terminal_message
 from jobmesh.executor.reporter import Reporter
 from jobmesh.executor.restart import lost_messages, read_outcome, reports_of, write_lease, write_outcome
-from jobmesh.executor.results import RESULT_PATH_VAR, ResultLimits, ResultStore, result_object
+from jobmesh.executor.results import RESULT_PATH_VAR, ResultLimits, ResultStore
 from jobmesh.executor.runrequest import RunRequest
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.settings import Settings
@@ -88,9 +88,9 @@ def test_only_rank_0_keeps_a_gangs_result():
 
 
 def test_each_members_output_lines_have_ids_of_their_own():
-    assert member_log_id("g", 1, 7, 0) == log_id("g", 1, 7) == "g:1:log:7"
-    assert member_log_id("g", 1, 7, 2) == "g:1:log:7:2"
-    assert len({member_log_id("g", 1, 1, rank) for rank in range(3)}) == 3
+    assert log_id("g", 1, 7, 0) == log_id("g", 1, 7) == "g:1:log:7"
+    assert log_id("g", 1, 7, 2) == "g:1:log:7:2"
+    assert len({log_id("g", 1, 1, rank) for rank in range(3)}) == 3
 
 
 # --- outcomes.py: which event, and its id ---------------------------------------------------
@@ -103,13 +103,13 @@ def test_a_members_success_is_a_member_succeeded_and_a_failure_stays_a_failure()
 
 @pytest.mark.parametrize("rank", [0, 1, 2])
 def test_a_members_success_reports_member_succeeded_with_its_own_id_and_never_job_succeeded(rank):
-    outcome = Outcome(0, None, "tail\n", result_ref=result_object("g", 1, rank), result_bytes=20_000)
+    outcome = Outcome(0, None, "tail\n", result_ref=subjects.result_key("g", 1, rank), result_bytes=20_000)
     out = terminal_message(member("g", rank), NODE, outcome, 5.0, 6.0, None)
     event = out.message
     assert isinstance(event, MemberSucceeded) and not isinstance(event, JobSucceeded)
     assert (event.rank, event.world_size, event.node_id) == (rank, 3, NODE)
     assert (event.exit_code, event.output_tail, event.started_at, event.at) == (0, "tail\n", 5.0, 6.0)
-    assert (event.result_ref, event.result_bytes) == (result_object("g", 1, rank), 20_000)
+    assert (event.result_ref, event.result_bytes) == (subjects.result_key("g", 1, rank), 20_000)
     assert out.subject == subjects.node_event(2, subjects.MEMBER_SUCCEEDED, NODE)
     assert out.msg_id == ("g:1:member_succeeded" if rank == 0 else f"g:1:member_succeeded:{rank}")
 
@@ -144,9 +144,9 @@ def test_a_members_success_counts_in_the_run_time_metric():
 
 # --- results.py: a member's object name ----------------------------------------------------
 def test_rank_0_keeps_the_attempts_object_name_and_the_others_get_their_own():
-    assert result_object("g", 1) == result_object("g", 1, 0) == subjects.result_key("g", 1) == "g/1"
-    assert result_object("g", 1, 2) == "g/1/2"
-    assert len({result_object("g", 1, rank) for rank in range(3)}) == 3
+    assert subjects.result_key("g", 1) == subjects.result_key("g", 1, 0) == "g/1"
+    assert subjects.result_key("g", 1, 2) == "g/1/2"
+    assert len({subjects.result_key("g", 1, rank) for rank in range(3)}) == 3
 
 
 async def test_members_results_do_not_overwrite_each_other(tmp_path):
@@ -155,7 +155,7 @@ async def test_members_results_do_not_overwrite_each_other(tmp_path):
     path = tmp_path / "result"
     for rank in range(3):
         path.write_bytes(f"rank {rank}".encode())
-        assert (await results.collect("g", 1, path, rank=rank)).ref == result_object("g", 1, rank)
+        assert (await results.collect("g", 1, path, rank=rank)).ref == subjects.result_key("g", 1, rank)
     assert store.objects == {"g/1": b"rank 0", "g/1/1": b"rank 1", "g/1/2": b"rank 2"}
 
 

@@ -27,7 +27,7 @@ import msgspec
 from jobmesh.binder.allocation import free_and_holds, may_take_now, new_reservation, pick_gpus
 from jobmesh.contract.ids import attempt_key
 from jobmesh.contract.messages.v1 import Allocation, JobReady, NodeInfo, Reservation
-from jobmesh.contract.validation import GANG_SAME_LABEL, GANG_SAME_ZONE, gang_need
+from jobmesh.contract.validation import gang_group, gang_need
 
 # Each member listens on a port of its own: the same for every member of one attempt but
 # its rank, so members that share a host (a dev cluster) do not collide, and different
@@ -45,16 +45,6 @@ class GangPlan:
     """Where each member goes: ``nodes[rank]``."""
 
     nodes: tuple[str, ...]
-
-
-def group_of(node: NodeInfo, same: str) -> str | None:
-    """The value of ``same`` on ``node`` ("" for no constraint); None when the node lacks
-    the attribute: sharing "no zone" is not sharing a zone."""
-    if not same:
-        return ""
-    if same == GANG_SAME_ZONE:
-        return node.zone or None
-    return node.labels.get(same[len(GANG_SAME_LABEL) :])
 
 
 def choose_gang(
@@ -79,7 +69,7 @@ def choose_gang(
         node = nodes.get(node_id)
         if node is None or node.draining:
             continue
-        key = group_of(node, spec.same)
+        key = gang_group(node, spec.same)
         if key is None:
             continue
         alloc = allocs.get(node_id)

@@ -16,7 +16,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import msgspec
 
@@ -349,17 +349,12 @@ class Binder:
         out = []
         for rank, node_id in enumerate(by_rank):
             held = reservations[node_id]
-            message = JobBound(
-                job_id=job.job_id,
-                attempt=job.attempt,
-                partition=job.partition,
-                node_id=node_id,
-                spec=job.spec,
-                scratch_dir=held.scratch_dir,
-                submitted_at=job.submitted_at,
-                bound_at=now,
-                checkpoint=job.checkpoint,
-                gpu_devices=list(held.gpu_devices),
+            message = _bound(
+                job,
+                node_id,
+                held.scratch_dir,
+                held.gpu_devices,
+                now,
                 rank=rank,
                 world_size=len(by_rank),
                 peers=addresses,
@@ -437,17 +432,12 @@ class Binder:
             if victim is None:
                 continue  # gone already
             job_id, attempt = split_attempt_key(victim_key)
-            message = AttemptCancel(
-                job_id=job_id,
-                attempt=attempt,
-                partition=victim.partition,
-                node_id=record.node_id,
-                reason=f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room",
-                at=self._clock(),
-            )
+            reason = f"{PREEMPTED_REASON}: job {job.job_id} of priority {job.spec.priority} needs the room"
             # Its own message id: a user's cancel of the same attempt must still get through.
             msg_id = event_id(job_id, attempt, PREEMPT)
-            out.append(Outgoing(subjects.node_cancel(record.node_id), message, msg_id, context))
+            out.append(
+                _cancel(job_id, attempt, victim.partition, record.node_id, reason, self._clock(), msg_id, context)
+            )
         return out
 
     async def _clear_holds(self, pairs: list[tuple[str, str]]) -> None:
@@ -563,18 +553,7 @@ class Binder:
         for binding in bound:
             job, node_id, scratch = binding.job, binding.node_id, binding.scratch_dir
             key = attempt_key(job.job_id, job.attempt)
-            message = JobBound(
-                job_id=job.job_id,
-                attempt=job.attempt,
-                partition=job.partition,
-                node_id=node_id,
-                spec=job.spec,
-                scratch_dir=scratch,
-                submitted_at=job.submitted_at,
-                bound_at=now,
-                checkpoint=job.checkpoint,
-                gpu_devices=list(binding.gpu_devices),
-            )
+            message = _bound(job, node_id, scratch, binding.gpu_devices, now)
             context = by_key[key].context
             if key in rebound:
                 # Its first node is gone: this binding must not be dropped as a duplicate.
@@ -735,16 +714,13 @@ class Binder:
                 if alive is not None and other not in alive:
                     pairs.append((other, key))
                     continue
-                stop = AttemptCancel(
-                    job_id=event.job_id,
-                    attempt=event.attempt,
-                    partition=event.partition,
-                    node_id=other,
-                    reason=f"gang: member {rank} on node {node_id} {how}",
-                    at=self._clock(),
-                )
+                reason = f"gang: member {rank} on node {node_id} {how}"
                 msg_id = member_event_id(event.job_id, event.attempt, GANG_STOP, held.rank)
-                stops.append(Outgoing(subjects.node_cancel(other), stop, msg_id, env.context))
+                stops.append(
+                    _cancel(
+                        event.job_id, event.attempt, event.partition, other, reason, self._clock(), msg_id, env.context
+                    )
+                )
         return None
 
     async def _remove(self, pairs: list[tuple[str, str]]) -> None:
@@ -787,16 +763,19 @@ class Binder:
                 members = self._members(key)
                 targets = {node_id: r.rank for node_id, r in members.items()} if members else {step.node_id: 0}
                 for node_id, rank in targets.items():
-                    message = AttemptCancel(
-                        job_id=cancelling.job_id,
-                        attempt=cancelling.attempt,
-                        partition=cancelling.partition,
-                        node_id=node_id,
-                        reason=cancelling.reason,
-                        at=now,
-                    )
                     msg_id = member_event_id(cancelling.job_id, cancelling.attempt, CANCEL, rank)
-                    outgoing.append(Outgoing(subjects.node_cancel(node_id), message, msg_id, env.context))
+                    outgoing.append(
+                        _cancel(
+                            cancelling.job_id,
+                            cancelling.attempt,
+                            cancelling.partition,
+                            node_id,
+                            cancelling.reason,
+                            now,
+                            msg_id,
+                            env.context,
+                        )
+                    )
                 outcomes.append(ACK)
                 log.info(
                     "job %s attempt %d: cancel sent to node %s (%s)",
@@ -845,3 +824,48 @@ class Binder:
             count = sum(1 for r in alloc.reservations.values() if not r.starts_at) if alloc is not None else 0
             out.append(NodeUsage(node, alive, allocated(alloc), count))
         return out
+
+
+def _bound(
+    job: JobReady,
+    node_id: str,
+    scratch_dir: str,
+    gpu_devices: Sequence[int],
+    now: float,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    peers: list[str] | None = None,
+) -> JobBound:
+    """The ``JobBound`` of ``job`` on ``node_id`` (a gang's member: with its place in it)."""
+    return JobBound(
+        job_id=job.job_id,
+        attempt=job.attempt,
+        partition=job.partition,
+        node_id=node_id,
+        spec=job.spec,
+        scratch_dir=scratch_dir,
+        submitted_at=job.submitted_at,
+        bound_at=now,
+        checkpoint=job.checkpoint,
+        gpu_devices=list(gpu_devices),
+        rank=rank,
+        world_size=world_size,
+        peers=peers or [],
+    )
+
+
+def _cancel(
+    job_id: str,
+    attempt: int,
+    partition: int,
+    node_id: str,
+    reason: str,
+    now: float,
+    msg_id: str,
+    context: Context | None,
+) -> Outgoing:
+    """An ``AttemptCancel`` on ``node_id``'s cancel subject: a user's, a preemption's, or
+    the stop of a failed gang's member (each kind under its own message id)."""
+    message = AttemptCancel(job_id=job_id, attempt=attempt, partition=partition, node_id=node_id, reason=reason, at=now)
+    return Outgoing(subjects.node_cancel(node_id), message, msg_id, context)

@@ -42,7 +42,7 @@ import msgspec
 from opentelemetry import trace
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import attempt_key
+from jobmesh.contract.ids import attempt_key, log_id
 from jobmesh.contract.messages.v1 import (
     AttemptLease,
     ContainerRuntime,
@@ -56,7 +56,7 @@ from jobmesh.contract.messages.v1 import (
 )
 from jobmesh.contract.messages.v1.jobs import FailureCode, runtime_kind
 from jobmesh.errors import InvalidSpec, Overloaded, Unavailable
-from jobmesh.executor.gangs import gang_env, keeps_result, member_log_id
+from jobmesh.executor.gangs import gang_env, keeps_result
 from jobmesh.executor.gpus import gpu_env
 from jobmesh.executor.inputs import InputFileError, UploadStore, fetch_stdin, materialize
 from jobmesh.executor.isolation.environment import job_environment
@@ -666,7 +666,7 @@ class Attempt:
         self._log_seq += 1
         bound = self.bound
         message = LogLine(job_id=bound.job_id, attempt=bound.attempt, stream=stream, line=line, at=self._clock())
-        msg_id = member_log_id(bound.job_id, bound.attempt, self._log_seq, bound.rank)
+        msg_id = log_id(bound.job_id, bound.attempt, self._log_seq, bound.rank)
         line_out = Outgoing(subjects.job_log(bound.job_id), message, msg_id, self._trace_context, spanned=False)
         await self._reporter.emit_log(line_out)
 

@@ -7,12 +7,12 @@ The binder puts every member of a gang on a node of its own and tells each, in i
 :func:`~jobmesh.executor.outcomes.end_kind`): the scheduler ends the job once every member
 succeeded, with rank 0's result, so rank 0 alone keeps a workflow step's result
 (:func:`keeps_result`). The members share job and attempt, so each message a member
-publishes has an id of its own (:func:`member_log_id` for its output lines).
+publishes has an id of its own (``ids.member_event_id``; ``ids.log_id`` with its rank for
+its output lines).
 """
 
 from __future__ import annotations
 
-from jobmesh.contract.ids import log_id
 from jobmesh.contract.messages.v1 import JobBound
 
 RANK_VAR = "JOBMESH_RANK"
@@ -57,23 +57,3 @@ def keeps_result(bound: JobBound) -> bool:
         ``JobSpec.keep_result``, for a plain job and a gang's rank 0; False for other ranks.
     """
     return bound.spec.keep_result and bound.rank == 0
-
-
-def member_log_id(job_id: str, attempt: int, line: int, rank: int) -> str:
-    """The Nats-Msg-Id of a member's ``line``-th output line.
-
-    Every member counts its lines from 1 on the job's one log subject: with
-    :func:`~jobmesh.contract.ids.log_id` alone, JetStream would drop each line of another
-    member as a copy of rank 0's. Rank 0's (and a plain job's) is ``log_id``'s.
-
-    Args:
-        job_id: the job.
-        attempt: the attempt.
-        line: the line's number, from 1.
-        rank: the member's rank (0 for a plain job).
-
-    Returns:
-        ``<job_id>:<attempt>:log:<line>``, with ``:<rank>`` after it for a rank above 0.
-    """
-    key = log_id(job_id, attempt, line)
-    return key if rank == 0 else f"{key}:{rank}"

@@ -7,7 +7,7 @@ may write its result there. After a successful exit the executor reads it:
   travels inline in ``JobSucceeded.result``;
 - anything else up to ``result_max_bytes`` (``JOBMESH_RESULT_MAX_BYTES``, 64 MiB) goes to
   the object store ``jm_results`` under ``<job_id>/<attempt>`` (``<job_id>/<attempt>/<rank>``
-  for a gang member other than rank 0, :func:`result_object`), and ``result_ref`` is that key;
+  for a gang member other than rank 0, ``subjects.result_key`` with its rank), and ``result_ref`` is that key;
 - a bigger file fails the attempt with ``result_too_large``.
 
 ``result_bytes`` is the file's size. A result path that is not a regular file (a directory,
@@ -82,24 +82,6 @@ def plan_result(size: int, limits: ResultLimits) -> ResultRoute:
     return "store"
 
 
-def result_object(job_id: str, attempt: int, rank: int = 0) -> str:
-    """The object name in ``jm_results`` of an attempt's (or a gang member's) result.
-
-    The members of a gang share job and attempt, so each rank but 0 gets a name of its
-    own; rank 0's is a plain attempt's, which is what the gang's JobSucceeded carries.
-
-    Args:
-        job_id: the job.
-        attempt: the attempt.
-        rank: the gang member (``JobBound.rank``; 0 for a plain job).
-
-    Returns:
-        ``<job_id>/<attempt>``, or ``<job_id>/<attempt>/<rank>`` for a rank above 0.
-    """
-    key = subjects.result_key(job_id, attempt)
-    return key if rank == 0 else f"{key}/{rank}"
-
-
 def too_large_message(size: int, limits: ResultLimits) -> str:
     """The ``result_too_large`` explanation for a file of ``size`` bytes."""
     return (
@@ -167,7 +149,7 @@ class ResultStore:
             keep: store it besides as the job's kept result (``JobSpec.keep_result``);
                 ``null`` when there is none. Not for a result over the limit (the attempt
                 fails).
-            rank: the gang member whose result it is (:func:`result_object`).
+            rank: the gang member whose result it is (``subjects.result_key``).
 
         Returns:
             The result, or None when the job left no regular file there.
@@ -198,7 +180,7 @@ class ResultStore:
                     if keep:
                         await self.keep(job_id, attempt, io.BytesIO(data or EMPTY_KEPT))
                     return Result(len(data), text=text)
-            key = result_object(job_id, attempt, rank)
+            key = subjects.result_key(job_id, attempt, rank)
             await self._upload(key, job_id, attempt, stream)
             if keep:
                 stream.seek(0)

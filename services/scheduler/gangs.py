@@ -14,15 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from jobmesh.contract.messages.v1 import NodeInfo, Resources
-from jobmesh.contract.validation import GANG_SAME_LABEL, GANG_SAME_ZONE, gang_need
-
-
-def _group_of(node: NodeInfo, same: str) -> str | None:
-    if not same:
-        return ""
-    if same == GANG_SAME_ZONE:
-        return node.zone or None
-    return node.labels.get(same[len(GANG_SAME_LABEL) :])
+from jobmesh.contract.validation import GANG_SAME_LABEL, GANG_SAME_ZONE, gang_group, gang_need
 
 
 def gang_candidates(
@@ -36,7 +28,7 @@ def gang_candidates(
         node = nodes.get(node_id)
         if node is None:
             continue
-        key = _group_of(node, same)
+        key = gang_group(node, same)
         if key is not None:
             groups.setdefault(key, []).append(node_id)
     if not groups:

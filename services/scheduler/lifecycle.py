@@ -239,6 +239,46 @@ def superseded(
     return Outgoing(subjects.node_cancel(node_id), message, msg_id, context)
 
 
+def succeeded(
+    job_id: str,
+    attempt: int,
+    partition: int,
+    spec: JobSpec,
+    *,
+    node_id: str,
+    output_tail: str,
+    submitted_at: float,
+    started_at: float,
+    at: float,
+    result: str,
+    result_ref: str,
+    result_bytes: int,
+    context: Context | None,
+) -> tuple[Outgoing, JobSucceeded]:
+    """JobSucceeded published by the scheduler itself (the partition form): an attempt it
+    ends without one executor's success, a mapped step's or a whole gang's. It carries the
+    job's queue, name and metadata, which completion rules filter on."""
+    message = JobSucceeded(
+        job_id=job_id,
+        attempt=attempt,
+        partition=partition,
+        node_id=node_id,
+        exit_code=0,
+        output_tail=output_tail,
+        submitted_at=submitted_at,
+        started_at=started_at,
+        at=at,
+        result=result,
+        result_ref=result_ref,
+        result_bytes=result_bytes,
+        queue=spec.queue,
+        name=spec.name,
+        metadata=spec.metadata,
+    )
+    subject = subjects.job_event(partition, subjects.SUCCEEDED)
+    return Outgoing(subject, message, event_id(job_id, attempt, subjects.SUCCEEDED), context), message
+
+
 def gang_succeeded(
     partition: int,
     lead: MemberSucceeded,
@@ -249,12 +289,12 @@ def gang_succeeded(
 ) -> tuple[Outgoing, JobSucceeded]:
     """The one JobSucceeded of a gang's attempt, once every member has succeeded: rank 0's
     node, output and result (``lead``), ended when the last member did (``last``)."""
-    message = JobSucceeded(
-        job_id=lead.job_id,
-        attempt=lead.attempt,
-        partition=partition,
+    return succeeded(
+        lead.job_id,
+        lead.attempt,
+        partition,
+        spec,
         node_id=lead.node_id,
-        exit_code=0,
         output_tail=lead.output_tail,
         submitted_at=submitted_at,
         started_at=lead.started_at,
@@ -262,12 +302,8 @@ def gang_succeeded(
         result=lead.result,
         result_ref=lead.result_ref,
         result_bytes=lead.result_bytes,
-        queue=spec.queue,
-        name=spec.name,
-        metadata=spec.metadata,
+        context=context,
     )
-    subject = subjects.job_event(partition, subjects.SUCCEEDED)
-    return Outgoing(subject, message, event_id(lead.job_id, lead.attempt, subjects.SUCCEEDED), context), message
 
 
 def attempt_error(event: msgspec.Struct, attempt: int, node_id: str, at: float) -> AttemptError:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import msgspec
 
 from jobmesh.contract import subjects
-from jobmesh.contract.ids import dep_ended_id, event_id, job_id_for, map_item_key, submit_id, watch_id
+from jobmesh.contract.ids import dep_ended_id, job_id_for, map_item_key, submit_id, watch_id
 from jobmesh.contract.messages.v1 import (
     AttemptError,
     DependencyEnded,
@@ -22,7 +22,6 @@ from jobmesh.contract.messages.v1 import (
     ItemRef,
     JobError,
     JobSubmitted,
-    JobSucceeded,
 )
 from jobmesh.runtime.publisher import Outgoing
 from jobmesh.runtime.tracing import Context
@@ -120,12 +119,12 @@ def step_ended(
     spec = step.spec
     if failed == 0:
         result = msgspec.json.encode({"items": items}).decode()
-        done = JobSucceeded(
-            job_id=step.job_id,
-            attempt=attempt,
-            partition=partition,
+        outgoing, _ = lifecycle.succeeded(
+            step.job_id,
+            attempt,
+            partition,
+            spec,
             node_id="",
-            exit_code=0,
             output_tail="",
             submitted_at=step.submitted_at,
             started_at=now,
@@ -133,16 +132,9 @@ def step_ended(
             result=result,
             result_ref=subjects.map_manifest_key(step.job_id),
             result_bytes=len(result),
-            queue=spec.queue,
-            name=spec.name,
-            metadata=spec.metadata,
+            context=context,
         )
-        return Outgoing(
-            subjects.job_event(partition, subjects.SUCCEEDED),
-            done,
-            event_id(step.job_id, attempt, subjects.SUCCEEDED),
-            context,
-        )
+        return outgoing
     return step_failed(
         step, attempt, partition, f"{failed} of {items} items did not succeed", "items_failed", now, context
     )

@@ -576,14 +576,7 @@ def _record(event: LifecycleEvent, member: bool) -> tuple[JobRow, str]:
             # One member's success is not the attempt's (the scheduler's JobSucceeded is,
             # once every member has sent this): a record below every state, like
             # JobCancelling's, so the job row exists and its update time moves, no more.
-            state = AttemptState(
-                attempt=event.attempt,
-                state="queued" if event.attempt == 1 else "retrying",
-                rank=0,
-                seq=_PLACEHOLDER_SEQ,
-                state_at=event.at,
-            )
-            return _job(event.job_id, p, state), f"{_member_name(event)} succeeded"
+            return _job(event.job_id, p, _placeholder(event.attempt, event.at)), f"{_member_name(event)} succeeded"
         case JobSucceeded():
             state = AttemptState(
                 attempt=event.attempt,
@@ -698,15 +691,8 @@ def _record(event: LifecycleEvent, member: bool) -> tuple[JobRow, str]:
             return _job(event.job_id, p, state, at=event.at, fallback_job_id=fallback), detail
         case JobCancelling():
             reason = _clean(event.reason)
-            state = AttemptState(
-                attempt=event.attempt,
-                state="queued" if event.attempt == 1 else "retrying",
-                rank=0,
-                seq=_PLACEHOLDER_SEQ,
-                state_at=event.at,
-                cancelling=f"cancelling: {reason}"[:_DETAIL_MAX] if reason else "cancelling",
-            )
-            return _job(event.job_id, p, state), reason
+            cancelling = f"cancelling: {reason}"[:_DETAIL_MAX] if reason else "cancelling"
+            return _job(event.job_id, p, _placeholder(event.attempt, event.at, cancelling)), reason
         case JobCancelled():
             reason = _clean(event.reason)[:_DETAIL_MAX]
             state = AttemptState(
@@ -770,6 +756,19 @@ def _job(
         step=_clean(step.step) if step is not None else "",
         index=step.index if step is not None else -1,
         skipped=skipped,
+    )
+
+
+def _placeholder(attempt: int, at: float, cancelling: str = "") -> AttemptState:
+    """A record below every state of the attempt: the job row exists and its update time
+    moves, and nothing else (what a cancel on its way, or one gang member's success, says)."""
+    return AttemptState(
+        attempt=attempt,
+        state="queued" if attempt == 1 else "retrying",
+        rank=0,
+        seq=_PLACEHOLDER_SEQ,
+        state_at=at,
+        cancelling=cancelling,
     )
 
 

@@ -128,9 +128,12 @@ def rebound_id(job_id: str, attempt: int, kind: str, node_id: str) -> str:
     return f"{job_id}:{attempt}:{kind}:{node_id}"
 
 
-def log_id(job_id: str, attempt: int, line: int) -> str:
-    """Nats-Msg-Id of an attempt's ``line``-th output line (counted from 1)."""
-    return f"{job_id}:{attempt}:log:{line}"
+def log_id(job_id: str, attempt: int, line: int, rank: int = 0) -> str:
+    """Nats-Msg-Id of an attempt's ``line``-th output line (counted from 1). A gang's
+    members count their lines apart on the job's one log subject, so a rank above 0 is
+    appended (rank 0's, and a plain job's, are the same as ever)."""
+    key = f"{job_id}:{attempt}:log:{line}"
+    return key if rank == 0 else f"{key}:{rank}"
 
 
 def replay_id(deadletter_seq: int) -> str:

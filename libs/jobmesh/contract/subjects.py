@@ -198,9 +198,12 @@ def scheduler_cancel(partition: int) -> str:
     return f"{PREFIX}.api.scheduler.{partition}.cancel"
 
 
-def result_key(job_id: str, attempt: int) -> str:
-    """Object name of an attempt's result in ``jm_results``."""
-    return f"{job_id}/{attempt}"
+def result_key(job_id: str, attempt: int, rank: int = 0) -> str:
+    """Object name of an attempt's result in ``jm_results``: ``<job_id>/<attempt>``, and
+    ``/<rank>`` after it for a gang member above rank 0 (the members share the attempt;
+    rank 0's is the gang's result)."""
+    key = f"{job_id}/{attempt}"
+    return key if rank == 0 else f"{key}/{rank}"
 
 
 def step_result_key(job_id: str) -> str:

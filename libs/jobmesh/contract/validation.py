@@ -19,6 +19,7 @@ from jobmesh.contract.messages.v1 import (
     InputFile,
     JobSpec,
     JobSpecBase,
+    NodeInfo,
     NoopRuntime,
     ProcessRuntime,
     Resources,
@@ -110,6 +111,16 @@ def same_problem(same: str) -> str:
         key = same[len(GANG_SAME_LABEL) :]
         return label_problem(key, "x") if key else "label: needs a key (label:<key>)"
     return f"{same!r} is no node attribute: a gang can share only 'zone' or 'label:<key>'"
+
+
+def gang_group(node: NodeInfo, same: str) -> str | None:
+    """The value of a gang's ``same`` attribute on ``node`` ("" when the gang names none);
+    None when the node lacks it: sharing "no zone" is not sharing a zone."""
+    if not same:
+        return ""
+    if same == GANG_SAME_ZONE:
+        return node.zone or None
+    return node.labels.get(same[len(GANG_SAME_LABEL) :])
 
 
 def gang_need(replicas: int, res: Resources, same: str) -> str:
