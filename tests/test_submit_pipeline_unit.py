@@ -41,7 +41,7 @@ class FakeTrigger:
     async def __call__(self, request: SubmitRequest) -> SubmitReply:
         keys = [s.idempotency_key for s in request.jobs]
         self.requests.append(keys)
-        await asyncio.sleep(self.delay)  # a round trip (a deliberate sleep: the fake's latency)
+        await asyncio.sleep(self.delay)  # a round trip: the fake's latency  # noqa: sleep
         if self.down:
             raise Unavailable("the trigger service did not answer on jobmesh.v1.api.submit within 10.0s")
         if len(keys) > self.max_jobs:
@@ -106,7 +106,7 @@ async def test_a_batch_never_overtakes_the_one_before_it():
     trigger = FakeTrigger(delay=0.02)
     pipe = SubmitPipeline(trigger, max_batch=3, linger=0.0)
     first = [pipe.submit(Submission(spec=SPEC, idempotency_key=f"a{i}")) for i in range(3)]
-    await asyncio.sleep(0.005)  # the first request is out (a deliberate sleep: to submit during it)
+    await asyncio.sleep(0.005)  # the first request is out: submit during it  # noqa: sleep
     second = [pipe.submit(Submission(spec=SPEC, idempotency_key=f"b{i}")) for i in range(3)]
     assert not any(h.done() for h in second)
     await pipe.flush()
@@ -142,10 +142,10 @@ async def test_close_while_another_task_enqueues_answers_or_refuses_every_submit
                 handles.append(pipe.submit(SPEC))
             except RuntimeError:
                 refused += 1
-            await asyncio.sleep(0.0005)  # a producer that yields (a deliberate sleep)
+            await asyncio.sleep(0.0005)  # a producer that yields  # noqa: sleep
 
     task = asyncio.ensure_future(producer())
-    await asyncio.sleep(0.02)  # let it queue some (a deliberate sleep)
+    await asyncio.sleep(0.02)  # let it queue some  # noqa: sleep
     await pipe.close()
     await task
     assert refused > 0 and handles  # some came before the close, some after
@@ -162,7 +162,7 @@ async def test_flush_waits_for_what_came_before_it_not_for_a_producer_that_goes_
     async def producer() -> None:
         while not stop.is_set():
             pipe.submit(SPEC)
-            await asyncio.sleep(0.001)  # one job a millisecond (a deliberate sleep)
+            await asyncio.sleep(0.001)  # one job a millisecond  # noqa: sleep
 
     task = asyncio.ensure_future(producer())
     await asyncio.wait_for(pipe.flush(), 2)
