@@ -1,18 +1,25 @@
 """``make bench``: figures, not tests.
 
-Prints, from one run on this machine:
+Prints, from one run on this machine, in two modes: the default one, on nats-server's
+default sync (every 2 minutes), and the durable one, on ``sync_interval: always`` (an
+fsync before every PubAck, as compose and Nomad ship). Each mode has its own raw relay,
+NATS server and database, one after the other:
 1. the raw JetStream limit: N messages published, pulled and republished through five
    relay stages (five processes, nats-py, batched like the services), in msg/s;
 2. end-to-end throughput: N no-op jobs through all five services with history in Postgres,
-   in jobs/s, and as a ratio of (1); and the same for a plain loop of single submits (up
-   to 2,000 jobs), one request/reply per job (``Client.submit``) and pipelined by the
-   client (``Client.enqueue``), each from the first submit to the last history row;
+   in jobs/s, and as a ratio of (1); the durable mode's also as a share of the default
+   mode's; and, in the default mode, the same for a plain loop of single submits (up to
+   2,000 jobs), one request/reply per job (``Client.submit``) and pipelined by the client
+   (``Client.enqueue``), each from the first submit to the last history row;
 3. submit-to-succeeded latency p50/p99 at light load (one job at a time, before the burst),
    twice: when JobSucceeded is durable in JetStream, and when the tracker announces the
    committed history row; and the latter under the burst of (2);
-4. what carrying trace context costs per message hop (extract from the incoming headers,
+4. where the CPU went during the burst, per job and process;
+5. what carrying trace context costs per message hop (extract from the incoming headers,
    inject into the outgoing ones): jobmesh's carry-only fast path, used while nothing is
    exported, beside OpenTelemetry's propagator, which parses and rebuilds the context.
+
+Each figure that issue 14 sets a target for is printed with it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
@@ -45,6 +53,11 @@ from jobmesh.runtime.publisher import Outgoing, Publisher
 from jobmesh.runtime.pull import PullConsumer
 
 STAGES = 5
+# The targets of issue 14, printed beside each figure.
+BULK_RATIO = 0.5  # bulk submits, end to end, against the raw relay
+LOOP_RATIO = 0.45  # a plain loop of single enqueues, against the raw relay
+LIGHT_P50, LIGHT_P99 = 3.0, 6.0  # ms, submit to history committed, one job at a time
+DURABLE_SHARE = 0.4  # the durable mode's bulk throughput against the default mode's
 _update = msgspec.json.Decoder(JobUpdate)
 
 
@@ -156,7 +169,7 @@ def postgres_pids() -> list[int]:
 
 
 async def end_to_end(
-    url: str, n: int, light: int, on_burst_start=None, on_burst_end=None
+    url: str, n: int, light: int, on_burst_start=None, on_burst_end=None, loops_of: int = 2000
 ) -> tuple[float, list[float], list[float], list[float], dict[str, float]]:
     client = await Client.connect(url, timeout=30)
     finished: dict[str, float] = {}
@@ -241,8 +254,8 @@ async def end_to_end(
     # request/reply per job (Client.submit), then coalesced by the client (Client.enqueue).
     # After the burst, so that the burst's figure is taken as it always was.
     loops: dict[str, float] = {}
-    m = min(n, 2000)
-    for mode in ("blocking", "pipelined"):
+    m = min(n, loops_of)
+    for mode in ("blocking", "pipelined") if m else ():
         finished.clear()
         ids: list[str] = []
         t = time.perf_counter()
@@ -295,17 +308,19 @@ def pct(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, round(p / 100 * (len(values) - 1)))]
 
 
-def nats_for_bench(store: Path, cluster: int) -> NatsServer | NatsCluster:
+def nats_for_bench(store: Path, cluster: int, sync_always: bool = True) -> NatsServer | NatsCluster:
     """One nats-server, or ``cluster`` of them joined by routes (streams then get as many
-    replicas), started."""
-    return NatsCluster(store, size=cluster).start() if cluster > 1 else NatsServer(store).start()
+    replicas), started; each fsyncs before every PubAck unless ``sync_always`` is False."""
+    if cluster > 1:
+        return NatsCluster(store, size=cluster, sync_always=sync_always).start()
+    return NatsServer(store, sync_always=sync_always).start()
 
 
-def raw_first(tmp: Path, n: int, into: dict[str, float], cluster: int = 1) -> None:
+def raw_first(tmp: Path, n: int, into: dict[str, float], cluster: int = 1, sync_always: bool = True) -> None:
     """Measure the raw relay on NATS of its own (a server or a cluster) before the services start."""
     import uvloop
 
-    raw_server = nats_for_bench(tmp / "nats-raw", cluster)
+    raw_server = nats_for_bench(tmp / "nats-raw", cluster, sync_always)
     try:
         where = f"a {cluster}-node cluster, R{cluster}" if cluster > 1 else "one server"
         print(f"raw JetStream relay, {STAGES} processes, {n} messages, {where} ...", file=sys.stderr, flush=True)
@@ -316,7 +331,11 @@ def raw_first(tmp: Path, n: int, into: dict[str, float], cluster: int = 1) -> No
 
 @contextlib.contextmanager
 def bench_cluster(
-    prefix: str, database: str, before: Callable[[Path], None] | None = None, nats_cluster: int = 1
+    prefix: str,
+    database: str,
+    before: Callable[[Path], None] | None = None,
+    nats_cluster: int = 1,
+    sync_always: bool = True,
 ) -> Iterator[tuple[NatsServer | NatsCluster, LocalCluster]]:
     """A NATS server, a fresh database (``JOBMESH_DATABASE_URL``, else an embedded Postgres)
     and the five services on a node that fits any job, for one benchmark; all removed after.
@@ -326,6 +345,8 @@ def bench_cluster(
         database: the database's name.
         before: run with the temporary directory before the cluster starts (the raw relay).
         nats_cluster: NATS servers; above 1 a cluster, and every stream gets that many replicas.
+        sync_always: NATS fsyncs before every PubAck (``sync_interval: always``, as compose
+            and Nomad ship); False for nats-server's default (a sync every 2 minutes).
     """
     import uvloop
 
@@ -337,7 +358,7 @@ def bench_cluster(
         base = pg.get_uri()
     if before is not None:
         before(tmp)
-    server = nats_for_bench(tmp / "nats", nats_cluster)
+    server = nats_for_bench(tmp / "nats", nats_cluster, sync_always)
     db_url = uvloop.run(create_database(base, database))
     replicas = (
         {"JOBMESH_NATS_URL": server.url, "JOBMESH_STREAM_REPLICAS": str(nats_cluster)} if nats_cluster > 1 else {}
@@ -373,31 +394,30 @@ def bench_cluster(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
-    parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
-    parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
-    parser.add_argument(
-        "--cluster",
-        type=int,
-        default=1,
-        choices=(1, 3, 5),
-        help="NATS servers: 3 or 5 run everything on a cluster with that many replicas per stream",
-    )
-    parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--url", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+@dataclass
+class ModeFigures:
+    """What one mode's run measured (see the module's docstring)."""
+
+    raw: float
+    throughput: float
+    light: list[float]
+    durable: list[float]
+    loaded: list[float]
+    loops: dict[str, float]
+    cpu: dict[str, float]  # seconds during the burst, by process
+
+
+def run_mode(args: argparse.Namespace, sync_always: bool, loops_of: int) -> ModeFigures:
+    """The raw relay, then the services, on NATS that fsyncs every write or not."""
     import uvloop
 
     raw: dict[str, float] = {}
-    if args.relay is not None:
-        uvloop.run(relay_stage(args.url, args.relay))
-        return
     with bench_cluster(
         "jobmesh-bench-",
         "jm_bench",
-        before=lambda tmp: raw_first(tmp, args.jobs, raw, args.cluster),
+        before=lambda tmp: raw_first(tmp, args.jobs, raw, args.cluster, sync_always),
         nats_cluster=args.cluster,
+        sync_always=sync_always,
     ) as (
         server,
         cluster,
@@ -421,33 +441,89 @@ def main() -> None:
 
         # The client connects to one server (it takes one URL), as the CLI would.
         first = server.url.split(",")[0]
-        throughput, light, durable, loaded, loops = uvloop.run(end_to_end(first, args.jobs, args.light, mark, mark_end))
+        throughput, light, durable, loaded, loops = uvloop.run(
+            end_to_end(first, args.jobs, args.light, mark, mark_end, loops_of)
+        )
         used = {name: after[name] - before.get(name, 0.0) for name in watched}
-    raw_rate = raw["rate"]
-    if args.cluster > 1:
-        print(f"NATS: {args.cluster}-node cluster, every stream, bucket and store R{args.cluster}")
-    print(f"raw JetStream relay ({STAGES} stages):  {raw_rate:8.0f} msg/s")
-    print(f"end-to-end no-op jobs:          {throughput:8.0f} jobs/s   ratio to raw: {throughput / raw_rate:.2f}")
+    return ModeFigures(raw["rate"], throughput, light, durable, loaded, loops, used)
+
+
+def print_mode(f: ModeFigures, jobs: int, default: ModeFigures | None = None) -> None:
+    """One mode's lines; the durable mode's throughput also as a share of the default's."""
+    print(f"raw JetStream relay ({STAGES} stages):  {f.raw:8.0f} msg/s")
+    share = ""
+    if default is not None:
+        share = f"   of the default mode: {f.throughput / default.throughput:.2f} (target >= {DURABLE_SHARE:.1f})"
+    else:
+        share = f" (target >= {BULK_RATIO:.2f})"
+    print(
+        f"end-to-end no-op jobs:          {f.throughput:8.0f} jobs/s   ratio to raw: {f.throughput / f.raw:.2f}{share}"
+    )
     for mode, words in (("blocking", "await client.submit per job"), ("pipelined", "client.enqueue per job")):
-        rate = loops[mode]
-        print(f"plain loop of single submits ({words}): {rate:8.0f} jobs/s   ratio to raw: {rate / raw_rate:.2f}")
+        if mode in f.loops:
+            rate = f.loops[mode]
+            target = f" (target >= {LOOP_RATIO:.2f})" if mode == "pipelined" else ""
+            print(
+                f"plain loop of single submits ({words}): {rate:8.0f} jobs/s   ratio to raw: {rate / f.raw:.2f}{target}"
+            )
     print(
-        f"light load (n={len(light)}), submit to JobSucceeded in JetStream: p50 {pct(durable, 50):6.2f} ms   p99 {pct(durable, 99):6.2f} ms"
+        f"light load (n={len(f.light)}), submit to JobSucceeded in JetStream: p50 {pct(f.durable, 50):6.2f} ms"
+        f"   p99 {pct(f.durable, 99):6.2f} ms"
     )
     print(
-        f"light load (n={len(light)}), submit to history committed:     p50 {pct(light, 50):6.2f} ms   p99 {pct(light, 99):6.2f} ms"
+        f"light load (n={len(f.light)}), submit to history committed:     p50 {pct(f.light, 50):6.2f} ms"
+        f"   p99 {pct(f.light, 99):6.2f} ms (target p50 <= {LIGHT_P50:.0f}, p99 <= {LIGHT_P99:.0f})"
     )
-    print(f"latency under the burst (n={len(loaded)}): p50 {pct(loaded, 50):6.0f} ms   p99 {pct(loaded, 99):6.0f} ms")
+    print(
+        f"latency under the burst (n={len(f.loaded)}): p50 {pct(f.loaded, 50):6.0f} ms   p99 {pct(f.loaded, 99):6.0f} ms"
+    )
     # Where the CPU went during the burst: what to profile first (JOBMESH_PROFILE_DIR).
-    postgres = sum(v for k, v in used.items() if k.startswith("postgres"))
-    rows = {k: v for k, v in used.items() if not k.startswith("postgres")} | {"postgres (all)": postgres}
+    postgres = sum(v for k, v in f.cpu.items() if k.startswith("postgres"))
+    rows = {k: v for k, v in f.cpu.items() if not k.startswith("postgres")} | {"postgres (all)": postgres}
     print(
         "CPU during the burst, per job: "
         + ", ".join(
-            f"{name} {seconds / args.jobs * 1e6:.0f} us"
-            for name, seconds in sorted(rows.items(), key=lambda kv: -kv[1])
+            f"{name} {seconds / jobs * 1e6:.0f} us" for name, seconds in sorted(rows.items(), key=lambda kv: -kv[1])
         )
     )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.bench")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_JOBS", "10000")))
+    parser.add_argument("--light", type=int, default=200, help="sequential jobs for the latency figure")
+    parser.add_argument(
+        "--cluster",
+        type=int,
+        default=1,
+        choices=(1, 3, 5),
+        help="NATS servers: 3 or 5 run everything on a cluster with that many replicas per stream",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("both", "default", "durable"),
+        default="both",
+        help="NATS without an fsync per write (nats-server's default), with one (sync_interval: always), or both",
+    )
+    parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import uvloop
+
+    if args.relay is not None:
+        uvloop.run(relay_stage(args.url, args.relay))
+        return
+    default = run_mode(args, sync_always=False, loops_of=2000) if args.mode != "durable" else None
+    # The durable mode's figures are its bulk throughput and latency: no plain loops.
+    durable = run_mode(args, sync_always=True, loops_of=0 if default else 2000) if args.mode != "default" else None
+    if args.cluster > 1:
+        print(f"NATS: {args.cluster}-node cluster, every stream, bucket and store R{args.cluster}")
+    if default is not None:
+        print("default mode: nats-server's default sync (every 2 minutes)")
+        print_mode(default, args.jobs)
+    if durable is not None:
+        print("durable mode: sync_interval: always (an fsync before every PubAck, as compose and Nomad ship)")
+        print_mode(durable, args.jobs, default)
     fast_us, slow_us = trace_carry_costs()
     # A job crosses about ten message hops (5 publishes, 10 deliveries), each carrying its trace.
     print(

@@ -428,9 +428,17 @@ class NatsCluster:
         auth_file: the ``auth.conf`` of ``jobmesh auth issue``, included by every member
             alike (authentication on): a client may reconnect to any member with its key.
             After issuing a key, ``reload`` makes every running member read it.
+        sync_always: every member fsyncs before each PubAck (the default, as shipped).
     """
 
-    def __init__(self, root: str | Path, size: int = 3, leafnodes: bool = False, auth_file: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: str | Path,
+        size: int = 3,
+        leafnodes: bool = False,
+        auth_file: Path | None = None,
+        sync_always: bool = True,
+    ) -> None:
         self.root = Path(root)
         self.auth_file = auth_file
         route_ports = [free_port() for _ in range(size)]
@@ -444,6 +452,7 @@ class NatsCluster:
                 leafnode_port=free_port() if leafnodes else None,
                 js_domain=HUB_DOMAIN if leafnodes else None,
                 auth_file=auth_file,
+                sync_always=sync_always,
             )
             for i in range(size)
         ]
