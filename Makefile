@@ -42,7 +42,7 @@ run: $(STAMP) system-packages
 test: $(STAMP) system-packages
 	$(BIN)/pytest -q -ra
 
-## bench: print figures: end to end beside the raw JetStream baseline, a trigger rule's event-to-job path beside a plain submit, a workflow step beside a plain job and a 1,000-item fan-out, the scheduler alone (with 10,000 workflow runs in flight too), attempt start-up per isolation level (at a job's default 100 millicores and at a full core)
+## bench: print figures: end to end beside the raw JetStream baseline (NATS with and without an fsync per write), a trigger rule's event-to-job path beside a plain submit, a workflow step beside a plain job and a 1,000-item fan-out, the scheduler alone (with 10,000 workflow runs in flight too), attempt start-up per isolation level (at a job's default 100 millicores and at a full core)
 bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.bench
 	$(BIN)/python -m jobmesh.dev.triggerbench
@@ -50,6 +50,11 @@ bench: $(STAMP) system-packages
 	$(BIN)/python -m jobmesh.dev.schedbench
 	$(BIN)/python -m jobmesh.dev.startbench
 	$(BIN)/python -m jobmesh.dev.startbench --cpu 1000
+
+.PHONY: bench-scale
+## bench-scale: 1,000,000 no-op jobs through the cluster (tens of minutes; not run in CI): throughput per 100,000-job window, history rows and each service's memory (BENCH_SCALE_ARGS="--jobs 200000 --window 20000" for a shorter run)
+bench-scale: $(STAMP) system-packages
+	$(BIN)/python -m jobmesh.dev.scalebench $(BENCH_SCALE_ARGS)
 
 .PHONY: chaos
 ## chaos: two replicas of each service and three executor nodes, supervised, under kill -9 every 2 s, a NATS and a Postgres restart and a SIGSTOPped executor; 10,000 mixed jobs; prints loss, duplication, leaks, dead letters and recovery times from the durable records (docs/chaos.md)

@@ -1,0 +1,236 @@
+"""``make bench-scale``: cost as work grows. Figures, not a test, and not run in CI.
+
+Pushes ``--jobs`` no-op jobs (1,000,000 by default) through the five services with history
+in Postgres, and prints one line per window of ``--window`` finished jobs (100,000):
+
+- the window's throughput (JobSucceeded events per second, as they reach JetStream);
+- the history rows committed by the window's end, which shows whether the tracker keeps up;
+- each service's resident memory (and nats-server's) at the window's end.
+
+It ends with the last window's throughput against the first's (the target: within 1.3x)
+and each process's memory growth from the end of the first window to the end of the last,
+per 100,000 finished jobs: the services must not keep anything per finished job.
+
+Submits go in requests of 250, four in flight, while fewer than ``--in-flight`` jobs are
+unfinished and the tracker's consumers hold fewer than ``--in-flight`` messages unacked
+(about a fifth as many jobs: five events each), so the backlog stays the same size all
+along and only history grows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+import msgspec
+
+from jobmesh.client.client import Client
+from jobmesh.contract import subjects
+from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Resources, Submission
+from jobmesh.dev.bench import bench_cluster
+from jobmesh.dev.servers import NatsServer
+
+REQUEST = 250  # jobs per submit request, as the bulk figure of make bench
+REQUESTS_IN_FLIGHT = 4
+STALL_SECONDS = 120
+BACKLOG_POLL_SECONDS = 0.5
+LAST_TO_FIRST = 1.3  # the target: the last window's throughput within 1.3x of the first's
+
+
+class _JobIdOnly(msgspec.Struct):
+    job_id: str
+
+
+_job_id = msgspec.json.Decoder(_JobIdOnly)
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process in MiB (Linux /proc); 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        pass
+    return 0.0
+
+
+@dataclass
+class Window:
+    """One window of finished jobs."""
+
+    jobs: int
+    seconds: float
+    history: int  # succeeded rows committed in the tracker's table at the window's end
+    memory: dict[str, float] = field(default_factory=dict)  # MiB by process
+
+    @property
+    def rate(self) -> float:
+        return self.jobs / self.seconds
+
+
+async def push(
+    url: str, database_url: str, total: int, window: int, in_flight: int, pids: dict[str, int]
+) -> list[Window]:
+    """Submit ``total`` jobs, at most ``in_flight`` unfinished; one Window per ``window`` finished."""
+    client = await Client.connect(url, timeout=30)
+    db = await asyncpg.connect(database_url)
+    finished: set[str] = set()  # a JobSucceeded published twice (a retried publish) counts once
+    changed = asyncio.Event()
+
+    async def on_succeeded(msg) -> None:
+        job_id = _job_id.decode(msg.data).job_id
+        if job_id not in finished:
+            finished.add(job_id)
+            changed.set()
+
+    for subject in subjects.job_events("*", (subjects.SUCCEEDED,)):
+        await client.nc.subscribe(subject, cb=on_succeeded)
+    spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0), name="scale")
+    counts = {"submitted": 0}
+    room = asyncio.Condition()
+
+    # The tracker records history after the events: its consumers' backlog (messages not
+    # yet acked) also bounds the submits, so the windows measure what the whole system
+    # sustains, history included, and not a lag that grows.
+    backlog = {"tracker": 0}
+    tracker_bound = in_flight
+
+    def has_room() -> bool:
+        unfinished = counts["submitted"] - len(finished)
+        return unfinished + REQUEST <= in_flight and backlog["tracker"] <= tracker_bound
+
+    async def tracker_backlog() -> None:
+        js = client.nc.jetstream()
+        while True:
+            pending = 0
+            for stream, purpose in ((subjects.STREAM_JOBS, "jobs"), (subjects.STREAM_DISPATCH, "dispatch")):
+                info = await js.consumer_info(stream, subjects.durable("tracker", purpose))
+                pending += (info.num_pending or 0) + (info.num_ack_pending or 0)
+            backlog["tracker"] = pending
+            async with room:
+                room.notify_all()
+            await asyncio.sleep(BACKLOG_POLL_SECONDS)
+
+    async def submitter() -> None:
+        while True:
+            async with room:
+                await room.wait_for(has_room)
+                size = min(REQUEST, total - counts["submitted"])
+                if size <= 0:
+                    return
+                counts["submitted"] += size  # counted before the await: the submitters share the room
+            await client.submit([Submission(spec=spec) for _ in range(size)])
+
+    async def history() -> int:
+        return await db.fetchval("SELECT count(*) FROM tracker.jobs WHERE state = 'succeeded'")
+
+    submitters = [asyncio.create_task(submitter()) for _ in range(REQUESTS_IN_FLIGHT)]
+    poller = asyncio.create_task(tracker_backlog())
+    windows: list[Window] = []
+    started = first_submit = time.perf_counter()
+    boundary = window
+    progress = (0, time.monotonic())
+    try:
+        while len(windows) * window < total:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), 1.0)
+            changed.clear()
+            if len(finished) != progress[0]:
+                progress = (len(finished), time.monotonic())
+            elif time.monotonic() - progress[1] > STALL_SECONDS:
+                raise TimeoutError(f"no job finished for {STALL_SECONDS} s ({len(finished)} of {total} finished)")
+            async with room:
+                room.notify_all()
+            for task in (*submitters, poller):
+                if task.done() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]  # checked just above
+            if len(finished) >= min(boundary, total):
+                now = time.perf_counter()
+                memory = {name: rss_mb(pid) for name, pid in pids.items()}
+                done = min(boundary, total) - len(windows) * window
+                windows.append(Window(done, now - started, await history(), memory))
+                print_window(len(windows), windows[-1], len(finished))
+                started = now
+                boundary += window
+        # The tracker's history holds every job in the end (it may lag the events).
+        deadline = time.monotonic() + 600
+        while await history() < total:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"history holds {await history()} of {total} succeeded jobs after 600 s")
+            await asyncio.sleep(0.5)
+        elapsed = time.perf_counter() - first_submit
+        print(f"all {total} jobs in history after {elapsed:.0f} s: {total / elapsed:.0f} jobs/s overall", flush=True)
+    finally:
+        for task in (*submitters, poller):
+            task.cancel()
+        await db.close()
+        await client.close()
+    return windows
+
+
+def print_window(i: int, w: Window, finished: int) -> None:
+    memory = "  ".join(f"{name} {mb:.0f}" for name, mb in w.memory.items())
+    print(
+        f"window {i:3d}: {finished:9d} finished  {w.rate:7.0f} jobs/s  history {w.history:9d} rows  RSS MiB: {memory}",
+        flush=True,
+    )
+
+
+def summary(windows: list[Window], window: int) -> list[str]:
+    """The closing lines: last against first window, and memory growth per 100,000 jobs."""
+    first, last = windows[0], windows[-1]
+    lines = [
+        f"throughput: first window {first.rate:.0f} jobs/s, last {last.rate:.0f} jobs/s:"
+        f" last/first {last.rate / first.rate:.2f} (target >= {1 / LAST_TO_FIRST:.2f}, within {LAST_TO_FIRST}x)"
+    ]
+    # From the first window, and from the middle one: bounded caches (the binder's and the
+    # executor's memory of recent attempts, 100,000 each) fill early and then stay level.
+    for start in sorted({0, len(windows) // 2} - {len(windows) - 1}):
+        jobs = (len(windows) - 1 - start) * window
+        growth = ", ".join(
+            f"{name} {(last.memory[name] - windows[start].memory[name]) / jobs * 100_000:+.1f}" for name in first.memory
+        )
+        lines.append(
+            f"memory growth from window {start + 1} to {len(windows)}, MiB per 100,000 finished jobs: {growth}"
+        )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m jobmesh.dev.scalebench", description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1_000_000, help="no-op jobs in all (default 1,000,000)")
+    parser.add_argument("--window", type=int, default=100_000, help="finished jobs per printed window")
+    parser.add_argument("--in-flight", type=int, default=20_000, help="unfinished jobs at most (the backlog)")
+    parser.add_argument(
+        "--durable", action="store_true", help="NATS with sync_interval: always (as shipped); slower, same shape"
+    )
+    args = parser.parse_args()
+    for name in ("jobs", "window", "in_flight"):
+        if getattr(args, name) < REQUEST:
+            parser.error(f"--{name.replace('_', '-')} must be at least {REQUEST}")
+    import uvloop
+
+    with bench_cluster("jobmesh-scalebench-", "jm_scalebench", sync_always=args.durable) as (server, cluster):
+        pids = {sp.name: sp.proc.pid for sp in cluster.procs}
+        assert isinstance(server, NatsServer) and server.proc is not None  # one server, started
+        pids["nats-server"] = server.proc.pid
+        mode = "sync_interval: always" if args.durable else "nats-server's default sync"
+        print(
+            f"{args.jobs} no-op jobs, windows of {args.window}, at most {args.in_flight} unfinished, NATS {mode}",
+            file=sys.stderr,
+            flush=True,
+        )
+        windows = uvloop.run(push(server.url, cluster.database_url, args.jobs, args.window, args.in_flight, pids))
+    for line in summary(windows, args.window):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
