@@ -169,8 +169,14 @@ def postgres_pids() -> list[int]:
 
 
 async def end_to_end(
-    url: str, n: int, light: int, on_burst_start=None, on_burst_end=None, loops_of: int = 2000
-) -> tuple[float, list[float], list[float], list[float], dict[str, float]]:
+    url: str,
+    n: int,
+    light: int,
+    on_burst_start=None,
+    on_burst_end=None,
+    loops_of: int = 2000,
+    database_url: str | None = None,
+) -> tuple[float, list[float], list[float], list[float], dict[str, float], dict[str, list[float]]]:
     client = await Client.connect(url, timeout=30)
     finished: dict[str, float] = {}
     waiters: dict[str, asyncio.Future] = {}
@@ -213,16 +219,21 @@ async def end_to_end(
     # Postgres is still vacuuming, which would be measured too.
     latencies = []
     durable = []
+    # Wall-clock times too, beside the events' own time stamps (the hops, below).
+    walls: dict[str, tuple[float, float]] = {}
     for _ in range(light):
         key = uuid.uuid4().hex
         job_id = job_id_for(key)
         fut = asyncio.get_running_loop().create_future()
         waiters[job_id] = fut
         t = time.perf_counter()
+        wall = time.time()
         await client.submit([Submission(spec=spec, idempotency_key=key)])
         await asyncio.wait_for(fut, 30)
         latencies.append((finished[job_id] - t) * 1000)
         durable.append((outcome_at[job_id] - t) * 1000)
+        walls[job_id] = (wall, wall + finished[job_id] - t)
+    hops = await light_hops(database_url, walls) if database_url else {}
 
     # Throughput: submit N in batches, several requests in flight.
     if on_burst_start is not None:
@@ -280,7 +291,50 @@ async def end_to_end(
         loops[mode] = m / (max(finished[job_id] for job_id in ids) - t)
 
     await client.close()
-    return throughput, sorted(latencies), sorted(durable), loaded, loops
+    return throughput, sorted(latencies), sorted(durable), loaded, loops, hops
+
+
+# The light-load path, hop by hop: each lifecycle event carries the time its service
+# stamped it (one machine, one clock), so the gaps between them show which hop the
+# latency is spent in: what to profile first.
+HOPS = (
+    ("submitted", "trigger"),
+    ("ready", "scheduler"),
+    ("bound", "binder"),
+    ("started", "executor starts"),
+    ("succeeded", "no-op ends"),
+)
+
+
+async def light_hops(database_url: str, walls: dict[str, tuple[float, float]]) -> dict[str, list[float]]:
+    """Per hop, the milliseconds from the previous event (the submit for the first) to
+    each light-load job's event, and from its JobSucceeded to the committed row's
+    announcement; sorted."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT split_part(event_id, ':', 1) AS job_id, kind, at FROM tracker.events"
+            " WHERE split_part(event_id, ':', 1) = ANY($1::text[])",
+            list(walls),
+        )
+    finally:
+        await conn.close()
+    stamped: dict[str, dict[str, float]] = {}
+    for r in rows:
+        stamped.setdefault(r["job_id"], {})[r["kind"]] = r["at"]
+    out: dict[str, list[float]] = {}
+    for job_id, (submit, committed) in walls.items():
+        events = stamped.get(job_id, {})
+        if not all(kind in events for kind, _ in HOPS):
+            continue
+        previous = submit
+        for kind, service in HOPS:
+            out.setdefault(service, []).append((events[kind] - previous) * 1000)
+            previous = events[kind]
+        out.setdefault("history committed", []).append((committed - previous) * 1000)
+    return {hop: sorted(values) for hop, values in out.items()}
 
 
 def trace_carry_costs(n: int = 100_000) -> tuple[float, float]:
@@ -405,6 +459,7 @@ class ModeFigures:
     loaded: list[float]
     loops: dict[str, float]
     cpu: dict[str, float]  # seconds during the burst, by process
+    hops: dict[str, list[float]]  # light load, ms per hop (light_hops)
 
 
 def run_mode(args: argparse.Namespace, sync_always: bool, loops_of: int) -> ModeFigures:
@@ -441,11 +496,11 @@ def run_mode(args: argparse.Namespace, sync_always: bool, loops_of: int) -> Mode
 
         # The client connects to one server (it takes one URL), as the CLI would.
         first = server.url.split(",")[0]
-        throughput, light, durable, loaded, loops = uvloop.run(
-            end_to_end(first, args.jobs, args.light, mark, mark_end, loops_of)
+        throughput, light, durable, loaded, loops, hops = uvloop.run(
+            end_to_end(first, args.jobs, args.light, mark, mark_end, loops_of, cluster.database_url)
         )
         used = {name: after[name] - before.get(name, 0.0) for name in watched}
-    return ModeFigures(raw["rate"], throughput, light, durable, loaded, loops, used)
+    return ModeFigures(raw["rate"], throughput, light, durable, loaded, loops, used, hops)
 
 
 def print_mode(f: ModeFigures, jobs: int, default: ModeFigures | None = None) -> None:
