@@ -519,8 +519,9 @@ class Store:
         """
         if not folded.events:
             return {}
-        async with self._pool.acquire() as conn, conn.transaction():
-            records = await conn.fetch(write_query(folded), *write_args(folded))
+        # One statement is one transaction of its own (its CTEs commit together or not at
+        # all): no BEGIN and COMMIT round trips around it.
+        records = await self._pool.fetch(write_query(folded), *write_args(folded))
         return {r["job_id"]: _attempt_of(r) for r in records}
 
     async def get(self, job_id: str) -> tuple[JobView | None, bool]:
