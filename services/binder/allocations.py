@@ -58,6 +58,11 @@ class Allocations:
         # Keys held on more nodes than that one: a gang's members (one per node), or a
         # duplicate delivery's room. Rare, so a plain key costs no set.
         self._extra: dict[str, set[str]] = {}
+        # One writer per node record at a time in this process: the binder's consumers
+        # (bindings, releases) edit the same records concurrently, and two edits from one
+        # cached revision would make one of them lose its compare-and-set, costing a
+        # re-read of the whole record and a second write. Other replicas still race by CAS.
+        self._writing: dict[str, asyncio.Lock] = {}
         self._ready = asyncio.Event()
         self._fresh_event = asyncio.Event()
         self._restart = asyncio.Event()
@@ -271,6 +276,13 @@ class Allocations:
             Conflict: when every try lost a race.
             Unavailable: when NATS does not answer.
         """
+        lock = self._writing.get(node_id)
+        if lock is None:
+            lock = self._writing[node_id] = asyncio.Lock()
+        async with lock:
+            return await self._change(node_id, edit)
+
+    async def _change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, T]]) -> T:
         for _ in range(CAS_TRIES):
             alloc, revision = self.records.get(node_id, (Allocation(node_id=node_id), 0))
             new, result = edit(alloc)
