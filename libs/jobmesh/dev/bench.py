@@ -529,6 +529,12 @@ def print_mode(f: ModeFigures, jobs: int, default: ModeFigures | None = None) ->
         f"light load (n={len(f.light)}), submit to history committed:     p50 {pct(f.light, 50):6.2f} ms"
         f"   p99 {pct(f.light, 99):6.2f} ms (target p50 <= {LIGHT_P50:.0f}, p99 <= {LIGHT_P99:.0f})"
     )
+    if f.hops:
+        print(
+            "light load, p50 per hop (from the previous event's time stamp): "
+            + ", ".join(f"{hop} {pct(values, 50):.2f}" for hop, values in f.hops.items())
+            + " ms"
+        )
     print(
         f"latency under the burst (n={len(f.loaded)}): p50 {pct(f.loaded, 50):6.0f} ms   p99 {pct(f.loaded, 99):6.0f} ms"
     )
