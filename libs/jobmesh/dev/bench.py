@@ -295,14 +295,22 @@ async def end_to_end(
 
 
 # The light-load path, hop by hop: each lifecycle event carries the time its service
-# stamped it (one machine, one clock), so the gaps between them show which hop the
-# latency is spent in: what to profile first.
+# stamped it (one machine, one clock), so the gaps between them show where the latency is
+# spent: what to profile first. Each label names the moment a hop ends:
+# - the trigger stamps JobSubmitted as it builds it (after the request's validation);
+# - the scheduler stamps JobReady with the start of the batch that released it (before
+#   that batch's Postgres work and its publish);
+# - the binder stamps JobBound once the node's compare-and-set is done (before its publish);
+# - the executor stamps JobStarted as it takes the JobBound (before its publish; a no-op
+#   puts no node record), and JobSucceeded as the no-op ends;
+# - the last hop ends when the tracker announces the committed row: it holds the
+#   executor's publishes, the tracker's delivery, write and commit.
 HOPS = (
-    ("submitted", "trigger"),
-    ("ready", "scheduler"),
-    ("bound", "binder"),
-    ("started", "executor starts"),
-    ("succeeded", "no-op ends"),
+    ("submitted", "trigger has it"),
+    ("ready", "scheduler batch starts"),
+    ("bound", "binder has reserved"),
+    ("started", "executor has it"),
+    ("succeeded", "no-op done"),
 )
 
 
