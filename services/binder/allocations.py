@@ -62,6 +62,8 @@ class Allocations:
         # (bindings, releases) edit the same records concurrently, and two edits from one
         # cached revision would make one of them lose its compare-and-set, costing a
         # re-read of the whole record and a second write. Other replicas still race by CAS.
+        # A writer that meets a NATS timeout holds its node's lock that long: the others
+        # for that node wait behind it (their batches keep sending in-progress acks).
         self._writing: dict[str, asyncio.Lock] = {}
         self._ready = asyncio.Event()
         self._fresh_event = asyncio.Event()
@@ -256,10 +258,13 @@ class Allocations:
             Unavailable: when the server does not answer.
             Conflict: when every compare-and-set lost a race.
         """
-        cached = self.records.get(node_id)
-        if cached is None or not keys & cached[0].reservations.keys():
-            await self.refresh(node_id)
-        await self.change(node_id, lambda alloc: (without(alloc, keys), None))
+        async with self._writer(node_id):
+            # The re-read under the node's lock too: a read that answered before another
+            # task's write here would put the older revision back in the cache.
+            cached = self.records.get(node_id)
+            if cached is None or not keys & cached[0].reservations.keys():
+                await self.refresh(node_id)
+            await self._change(node_id, lambda alloc: (without(alloc, keys), None))
 
     async def change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, T]]) -> T:
         """Apply ``edit`` to a node's record with compare-and-set, re-reading on conflict.
@@ -276,11 +281,15 @@ class Allocations:
             Conflict: when every try lost a race.
             Unavailable: when NATS does not answer.
         """
+        async with self._writer(node_id):
+            return await self._change(node_id, edit)
+
+    def _writer(self, node_id: str) -> asyncio.Lock:
+        """The lock of a node's record (one per node this replica has written to)."""
         lock = self._writing.get(node_id)
         if lock is None:
             lock = self._writing[node_id] = asyncio.Lock()
-        async with lock:
-            return await self._change(node_id, edit)
+        return lock
 
     async def _change(self, node_id: str, edit: Callable[[Allocation], tuple[Allocation | None, T]]) -> T:
         for _ in range(CAS_TRIES):
