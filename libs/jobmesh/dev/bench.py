@@ -65,8 +65,12 @@ class _JobIdOnly(msgspec.Struct):
     job_id: str
 
 
-def _job_id_of(data: bytes) -> str:
-    return msgspec.json.decode(data, type=_JobIdOnly).job_id
+_job_id = msgspec.json.Decoder(_JobIdOnly)
+
+
+def job_id_of(data: bytes) -> str:
+    """The job id of a lifecycle event, decoding nothing else."""
+    return _job_id.decode(data).job_id
 
 
 # --- raw relay baseline ----------------------------------------------------------------
@@ -155,6 +159,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process (Linux /proc; this one by default); 0 once it has gone."""
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except FileNotFoundError:
+        return 0
+
+
 def postgres_pids() -> list[int]:
     """Local Postgres processes (the embedded one or the machine's), for the CPU table."""
     pids = []
@@ -199,7 +212,7 @@ async def end_to_end(
     outcome_at: dict[str, float] = {}
 
     async def on_outcome(msg) -> None:
-        job_id = _job_id_of(msg.data)
+        job_id = job_id_of(msg.data)
         outcome_at.setdefault(job_id, time.perf_counter())
 
     # Both forms: executors publish on the node form, the scheduler (mapped steps) on the other.

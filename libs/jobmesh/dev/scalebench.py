@@ -30,13 +30,12 @@ import time
 from dataclasses import dataclass, field
 
 import asyncpg
-import msgspec
 import nats.errors
 
 from jobmesh.client.client import Client
 from jobmesh.contract import subjects
 from jobmesh.contract.messages.v1 import JobSpec, NoopRuntime, Resources, Submission
-from jobmesh.dev.bench import bench_cluster
+from jobmesh.dev.bench import bench_cluster, job_id_of, rss_bytes
 from jobmesh.dev.servers import NatsServer
 
 REQUEST = 250  # jobs per submit request, as the bulk figure of make bench
@@ -47,23 +46,14 @@ HISTORY_POLL_SECONDS = 5.0
 LAST_TO_FIRST = 1.3  # the target: the last window's throughput within 1.3x of the first's
 
 
-class _JobIdOnly(msgspec.Struct):
-    job_id: str
+@dataclass
+class _State:
+    """What the submitters, the poller and the window loop share."""
 
-
-_job_id = msgspec.json.Decoder(_JobIdOnly)
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process in MiB (Linux /proc); 0 once it has gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except FileNotFoundError:
-        pass
-    return 0.0
+    submitted: int = 0
+    stop: bool = False  # no more submits: every window is in
+    tracker_unacked: int = 0  # messages the tracker's consumers have not acked yet (last reading)
+    history: int = 0  # succeeded rows in the tracker's table (last reading)
 
 
 @dataclass
@@ -95,7 +85,7 @@ async def push(
     changed = asyncio.Event()
 
     async def on_succeeded(msg) -> None:
-        job_id = _job_id.decode(msg.data).job_id
+        job_id = job_id_of(msg.data)
         if job_id not in finished:
             finished.add(job_id)
             changed.set()
@@ -103,23 +93,20 @@ async def push(
     for subject in subjects.job_events("*", (subjects.SUCCEEDED,)):
         await client.nc.subscribe(subject, cb=on_succeeded)
     spec = JobSpec(runtime=NoopRuntime(), resources=Resources(cpu_milli=1, memory_mb=0), name="scale")
-    counts = {"submitted": 0, "stop": 0}
+    state = _State()
     room = asyncio.Condition()
+
+    # The JobSucceeded notices are core NATS (at most once): the committed history also
+    # counts a job as finished, so a lost notice cannot hold a slot for ever.
+    def done_count() -> int:
+        return max(len(finished), state.history)
 
     # The tracker records history after the events: its consumers' backlog (messages not
     # yet acked) also bounds the submits, so the windows measure what the whole system
     # sustains, history included, and not a lag that grows.
-    # The JobSucceeded notices are core NATS (at most once): the committed history also
-    # counts a job as finished, so a lost notice cannot hold a slot for ever.
-    backlog = {"tracker": 0, "history": 0}
-    tracker_bound = in_flight
-
-    def done_count() -> int:
-        return max(len(finished), backlog["history"])
-
     def has_room() -> bool:
-        unfinished = counts["submitted"] - done_count()
-        return unfinished + REQUEST <= in_flight and backlog["tracker"] <= tracker_bound
+        unfinished = state.submitted - done_count()
+        return unfinished + REQUEST <= in_flight and state.tracker_unacked <= in_flight
 
     async def tracker_backlog() -> None:
         js = client.nc.jetstream()
@@ -130,9 +117,9 @@ async def push(
                 for stream, purpose in ((subjects.STREAM_JOBS, "jobs"), (subjects.STREAM_DISPATCH, "dispatch")):
                     info = await js.consumer_info(stream, subjects.durable("tracker", purpose))
                     pending += (info.num_pending or 0) + (info.num_ack_pending or 0)
-                backlog["tracker"] = pending
+                state.tracker_unacked = pending
                 if time.monotonic() - history_at >= HISTORY_POLL_SECONDS:
-                    backlog["history"] = await history(polling_db)
+                    state.history = await history(polling_db)
                     history_at = time.monotonic()
             except (TimeoutError, nats.errors.Error) as exc:
                 # One slow answer keeps the last reading; it does not end a long run.
@@ -144,11 +131,11 @@ async def push(
     async def submitter() -> None:
         while True:
             async with room:
-                await room.wait_for(lambda: bool(has_room() or counts["stop"]))
-                size = min(REQUEST, submit_total - counts["submitted"])
-                if size <= 0 or counts["stop"]:
+                await room.wait_for(lambda: has_room() or state.stop)
+                size = min(REQUEST, submit_total - state.submitted)
+                if size <= 0 or state.stop:
                     return
-                counts["submitted"] += size  # counted before the await: the submitters share the room
+                state.submitted += size  # counted before the await: the submitters share the room
             await client.submit([Submission(spec=spec) for _ in range(size)])
 
     async def history(conn: asyncpg.Connection = db) -> int:
@@ -171,7 +158,7 @@ async def push(
             elif time.monotonic() - progress[1] > STALL_SECONDS:
                 raise TimeoutError(
                     f"no job finished for {STALL_SECONDS} s: {len(finished)} of {total} JobSucceeded seen,"
-                    f" {backlog['history']} in history"
+                    f" {state.history} in history"
                 )
             async with room:
                 room.notify_all()
@@ -180,7 +167,7 @@ async def push(
                     raise task.exception()  # type: ignore[misc]  # checked just above
             if count >= min(boundary, total):
                 now = time.perf_counter()
-                memory = {name: rss_mb(pid) for name, pid in pids.items()}
+                memory = {name: rss_bytes(pid) / 2**20 for name, pid in pids.items()}
                 done = min(boundary, total) - len(windows) * window
                 windows.append(Window(done, now - started, await history(), memory))
                 print_window(len(windows), windows[-1], count)
@@ -188,10 +175,10 @@ async def push(
                 boundary += window
         # No more submits; the tracker's history holds every submitted job in the end.
         async with room:
-            counts["stop"] = 1
+            state.stop = True
             room.notify_all()
         await asyncio.gather(*submitters)
-        submitted = counts["submitted"]
+        submitted = state.submitted
         deadline = time.monotonic() + 600
         while await history() < submitted:
             if time.monotonic() > deadline:

@@ -40,6 +40,7 @@ from jobmesh.contract.messages.v1 import (
     Reservation,
     Resources,
 )
+from jobmesh.dev.bench import rss_bytes
 from jobmesh.scheduler.backlog import Backlog, Job
 from jobmesh.scheduler.placement import Placement
 
@@ -47,11 +48,6 @@ SHAPES = [Resources(cpu_milli=100 * (1 + i % 8), memory_mb=64 * (1 + i // 8)) fo
 RUNTIME = NoopRuntime()
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(JobSubmitted).decode
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
 
 
 def make_nodes(n: int) -> list[NodeInfo]:
@@ -95,12 +91,12 @@ def bench_backlog(size: int, decisions: int, nodes: int) -> tuple[float, float]:
     """Returns (microseconds per decision, bytes per pending job)."""
     rng = random.Random(size)
     gc.collect()
-    before = _rss_bytes()
+    before = rss_bytes()
     backlog = Backlog()
     for i in range(size):
         backlog.add(make_job(i, rng), now=0.0)
     gc.collect()
-    per_job = (_rss_bytes() - before) / size
+    per_job = (rss_bytes() - before) / size
     gc.freeze()  # as the service does after loading a backlog (see handlers.load)
     placer = warm_placer(nodes)
     # Steady state at this depth: every released job finishes and a new one arrives, so
